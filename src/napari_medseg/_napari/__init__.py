@@ -1,0 +1,1 @@
+"""The napari face of napari-medseg: reader, sample data, widgets, demo. Thin: the work is in the core."""

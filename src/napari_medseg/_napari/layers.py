@@ -1,0 +1,44 @@
+"""How class maps become napari Labels layers: named classes, one fixed colour each."""
+
+from __future__ import annotations
+
+import numpy as np
+from napari.utils.colormaps import DirectLabelColormap
+
+from ..colors import class_colors
+
+METADATA_KEY = "medseg"
+
+
+def class_colormap(colors: list) -> DirectLabelColormap:
+    color_dict = {None: np.zeros(4), 0: np.zeros(4)}
+    for i, rgb in enumerate(colors[1:], start=1):
+        color_dict[i] = np.array([*(np.asarray(rgb, float) / 255.0), 1.0])
+    return DirectLabelColormap(color_dict=color_dict)
+
+
+def class_labels_kwargs(name: str, classes: list[str], colors: list | None = None, **extra) -> dict:
+    """Keyword arguments for ``add_labels``/layer tuples of a class map."""
+    colors = [list(c) for c in (colors or class_colors(classes))]
+    return {
+        "name": name,
+        "colormap": class_colormap(colors),
+        "features": {"index": list(range(len(classes))), "class": list(classes)},
+        "metadata": {METADATA_KEY: {"kind": "classes", "classes": list(classes), "colors": colors}},
+        **extra,
+    }
+
+
+def instance_labels_kwargs(name: str, **extra) -> dict:
+    return {"name": name, "metadata": {METADATA_KEY: {"kind": "instances"}}, **extra}
+
+
+def layer_classes(layer) -> list[str] | None:
+    """Class names recorded on a Labels layer by this plugin, if any."""
+    info = getattr(layer, "metadata", {}).get(METADATA_KEY, {})
+    return list(info["classes"]) if info.get("kind") == "classes" and info.get("classes") else None
+
+
+def image_kwargs(name: str, image: np.ndarray, **extra) -> dict:
+    rgb = image.ndim >= 3 and image.shape[-1] == 3
+    return {"name": name, "rgb": rgb, **extra}

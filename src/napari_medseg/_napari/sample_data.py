@@ -1,0 +1,37 @@
+"""Sample data contribution: real H&E with ground truth, shipped in the package."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+import numpy as np
+
+from ..io.images import read_image, read_label_map
+from .layers import class_labels_kwargs, image_kwargs, instance_labels_kwargs
+
+CONSEP_CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle"]
+
+
+def sample_path(name: str):
+    return files("napari_medseg") / "sample_data" / name
+
+
+def consep_sample() -> list[tuple]:
+    image = read_image(sample_path("consep_train_19_005.png"))
+    labels = read_label_map(sample_path("consep_train_19_005_labels.tif")).astype(np.uint8)
+    instances = read_label_map(sample_path("consep_train_19_005_instances.tif"))
+    return [
+        (image, image_kwargs("CoNSeP H&E", image), "image"),
+        (labels, class_labels_kwargs("CoNSeP ground truth", CONSEP_CLASSES), "labels"),
+        (instances, instance_labels_kwargs("CoNSeP instances", visible=False), "labels"),
+    ]
+
+
+def monuseg_sample() -> list[tuple]:
+    image = read_image(sample_path("monuseg_TCGA-A7-A13E_crop.png"))
+    instances = read_label_map(sample_path("monuseg_TCGA-A7-A13E_crop_instances.tif"))
+    return [
+        (image, image_kwargs("MoNuSeg H&E", image), "image"),
+        ((instances > 0).astype(np.uint8), class_labels_kwargs("MoNuSeg ground truth", ["background", "nucleus"]), "labels"),
+        (instances, instance_labels_kwargs("MoNuSeg instances", visible=False), "labels"),
+    ]

@@ -1,0 +1,164 @@
+"""Segment widget: pick an image layer and a model, segment off the GUI thread, get a Labels layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, PushButton, SpinBox
+
+from ..devices import available_devices
+from ..inference import Segmenter, TileSettings
+from .layers import class_labels_kwargs
+
+if TYPE_CHECKING:
+    import napari
+
+DEFAULT_MODEL = "default (shipped)"
+FILE_MODEL = "checkpoint file..."
+
+
+def _notify_error(message: str) -> None:
+    from napari.utils.notifications import show_error
+
+    show_error(message)
+
+
+class SegmentWidget(Container):
+    """Runs ``Segmenter.iter_segment`` in a napari thread worker; Cancel stops within one batch."""
+
+    def __init__(self, viewer: "napari.viewer.Viewer"):
+        super().__init__()
+        self._viewer = viewer
+        self._worker = None
+        self._segmenter_cache: tuple[tuple, Segmenter] | None = None
+        self.image_layer = ComboBox(label="image", choices=self._image_layers, nullable=True)
+        self.model_source = ComboBox(label="model", choices=[DEFAULT_MODEL, FILE_MODEL], value=DEFAULT_MODEL)
+        self.checkpoint = FileEdit(label="checkpoint", mode="r", filter="*.safetensors", visible=False)
+        self.device = ComboBox(label="device", choices=available_devices(), value="auto")
+        self.tile_size = SpinBox(label="tile size", value=256, min=32, max=4096, step=32)
+        self.overlap = SpinBox(label="overlap", value=64, min=0, max=2048, step=16)
+        self.batch_size = SpinBox(label="batch size", value=4, min=1, max=256)
+        self.run_button = PushButton(text="Segment")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(label="tiles", value=0, min=0, max=1)
+        self.status = Label(value="")
+        self.extend([self.image_layer, self.model_source, self.checkpoint, self.device, self.tile_size,
+                     self.overlap, self.batch_size, self.run_button, self.cancel_button, self.progress, self.status])
+        self.model_source.changed.connect(lambda v: setattr(self.checkpoint, "visible", v == FILE_MODEL))
+        self.run_button.changed.connect(lambda: self.run())
+        self.cancel_button.changed.connect(self.cancel)
+        viewer.layers.events.inserted.connect(self.reset_choices)
+        viewer.layers.events.removed.connect(self.reset_choices)
+        self.reset_choices()
+        self.last_layer = None
+
+    def _image_layers(self, _widget=None) -> list:
+        from napari.layers import Image
+
+        return [layer for layer in self._viewer.layers if isinstance(layer, Image)]
+
+    # -- helpers -----------------------------------------------------------------
+    def _model_ref(self) -> str:
+        if self.model_source.value == DEFAULT_MODEL:
+            return "default"
+        path = Path(str(self.checkpoint.value))
+        if not path.is_file():
+            raise ValueError(f"Choose an existing .safetensors checkpoint (got '{path}').")
+        return str(path)
+
+    def _segmenter(self) -> Segmenter:
+        key = (self._model_ref(), self.device.value)
+        if self._segmenter_cache is None or self._segmenter_cache[0] != key:
+            self._segmenter_cache = (key, Segmenter.load(key[0], device=key[1]))
+        return self._segmenter_cache[1]
+
+    def _fail(self, message: str) -> None:
+        self.status.value = f"Error: {message}"
+        self._set_running(False)
+        _notify_error(message)
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.enabled = not running
+        self.cancel_button.enabled = running
+
+    # -- actions -----------------------------------------------------------------
+    def run(self, threaded: bool = True):
+        """Segment the chosen image. ``threaded=False`` runs in the caller's thread (tests, scripts)."""
+        layer = self.image_layer.value
+        if layer is None:
+            self._fail("Choose an image layer to segment.")
+            return None
+        try:
+            segmenter = self._segmenter()
+            settings = TileSettings(self.tile_size.value, self.overlap.value, self.batch_size.value)
+            settings.checked(segmenter.meta.model.output_stride)
+            image = np.asarray(layer.data)
+            if layer.rgb is False and image.ndim == 3 and image.shape[-1] not in (3, 4):
+                raise ValueError(
+                    f"'{layer.name}' is a stack of shape {image.shape}; segmenting stacks is not supported yet, "
+                    "open a single 2-D image."
+                )
+            steps = segmenter.iter_segment(image, settings)
+        except Exception as exc:  # bad model/file/settings/image: report, add nothing
+            self._fail(str(exc))
+            return None
+        self.status.value = f"Segmenting '{layer.name}'..."
+        self.progress.value = 0
+        self._set_running(True)
+        name = f"{layer.name} segmentation"
+        if not threaded:
+            try:
+                while True:
+                    try:
+                        self._on_progress(next(steps))
+                    except StopIteration as stop:
+                        return self._on_done((stop.value, segmenter, name))
+            except Exception as exc:
+                self._fail(str(exc))
+                return None
+
+        from napari.qt.threading import thread_worker
+
+        @thread_worker
+        def job():
+            labels = yield from steps
+            return labels, segmenter, name
+
+        worker = job()
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(self._on_done)
+        worker.errored.connect(lambda exc: self._fail(str(exc)))
+        worker.aborted.connect(self._on_cancelled)
+        worker.finished.connect(lambda: setattr(self, "_worker", None))
+        self._worker = worker
+        worker.start()
+        return worker
+
+    def cancel(self) -> None:
+        if self._worker is not None:
+            self.status.value = "Cancelling..."
+            self._worker.quit()  # takes effect at the next yield, i.e. after the current batch
+
+    def _on_progress(self, step: tuple[int, int]) -> None:
+        done, total = step
+        self.progress.max = total
+        self.progress.value = done
+
+    def _on_cancelled(self) -> None:
+        self._set_running(False)
+        self.status.value = "Cancelled; nothing was added."
+        if self._segmenter_cache is not None:
+            self._segmenter_cache[1].release()
+            self._segmenter_cache = None
+
+    def _on_done(self, result):
+        labels, segmenter, name = result
+        kwargs = class_labels_kwargs(name, segmenter.classes, segmenter.meta.colors)
+        self.last_layer = self._viewer.add_labels(labels, **kwargs)
+        counts = np.bincount(labels.ravel(), minlength=len(segmenter.classes))
+        covered = ", ".join(f"{c} {100 * n / labels.size:.1f}%" for c, n in zip(segmenter.classes[1:], counts[1:]))
+        self.status.value = f"Done: {covered}"
+        self._set_running(False)
+        return self.last_layer

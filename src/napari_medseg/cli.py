@@ -1,0 +1,207 @@
+"""``medseg``: predict, evaluate, convert, train, info and the napari demo, from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub download
+
+
+class ProgressLine:
+    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, label: str):
+        self.label, self.tty, self.t0, self.last = label, sys.stderr.isatty(), time.time(), -1.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.time()
+        if done < total and now - self.last < (0.2 if self.tty else 5.0):
+            return
+        self.last = now
+        width = 30
+        filled = int(width * done / max(total, 1))
+        line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {now - self.t0:.1f}s"
+        sys.stderr.write(("\r" + line) if self.tty else line + "\n")
+        if self.tty and done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _collect_inputs(inputs: list[str]) -> list[Path]:
+    from .io.dataset import is_dataset_folder
+    from .io.images import IMAGE_SUFFIXES
+
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if is_dataset_folder(path):
+            path = path / "images"
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise SystemExit(f"medseg: no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}.")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise SystemExit(f"medseg: '{item}' does not exist.")
+    return files
+
+
+def _stem(path: Path) -> str:
+    return path.name[: -len(".ome.tif")] if path.name.lower().endswith(".ome.tif") else path.stem
+
+
+def cmd_predict(args) -> int:
+    from .inference import Segmenter, TileSettings
+    from .io.dataset import write_classes
+    from .io.images import ImageReadError, read_image, write_label_map
+
+    files = _collect_inputs(args.inputs)
+    segmenter = Segmenter.load(args.model, device=args.device)
+    settings = TileSettings(args.tile, args.overlap, args.batch_size).checked(segmenter.meta.model.output_stride)
+    out = Path(args.out)
+    write_classes(out, segmenter.classes, source=f"medseg predict --model {args.model}")
+    failures = 0
+    for i, file in enumerate(files, 1):
+        try:
+            image = read_image(file)
+        except ImageReadError as exc:
+            print(f"medseg: skipped {file}: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        labels = segmenter.segment(image, settings, progress=ProgressLine(f"[{i}/{len(files)}] {file.name}"))
+        write_label_map(out / "labels" / f"{_stem(file)}.tif", labels)
+    print(f"wrote {len(files) - failures} label map(s) to {out / 'labels'}")
+    return 1 if failures else 0
+
+
+def _fmt(value: float) -> str:
+    return "   -  " if value != value else f"{value:6.4f}"  # NaN -> '-'
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate_folders
+
+    report = evaluate_folders(args.pred_dir, args.gt_dir)
+    print(f"{'class':<16}{'IoU':>8}{'Dice':>8}{'Prec':>8}{'Recall':>8}{'GT px':>12}")
+    for name, row in report["per_class"].items():
+        print(f"{name:<16}{_fmt(row['iou']):>8}{_fmt(row['dice']):>8}{_fmt(row['precision']):>8}"
+              f"{_fmt(row['recall']):>8}{row['gt_pixels']:>12}")
+    o = report["overall"]
+    print(f"mIoU {_fmt(o['miou'])}  mean Dice {_fmt(o['mean_dice'])}  binary Dice {_fmt(o['dice'])}  "
+          f"pixel accuracy {_fmt(o['pixel_accuracy'])}  ({report['images']} images; {report['aggregation']})")
+    if args.json:
+        from .io.images import atomic_write
+
+        text = json.dumps(report, indent=1, allow_nan=True)
+        atomic_write(Path(args.json), lambda tmp: tmp.write_text(text))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .io.pannuke import convert_pannuke
+
+    out = convert_pannuke(args.fold_dir, args.out_dir, progress=ProgressLine("convert"))
+    print(f"wrote dataset folder {out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .training import BatchDone, EpochDone, load_train_config, train
+
+    cfg = load_train_config(args.config, args.set or [])
+    bar = ProgressLine("train")
+
+    def report(update):
+        if isinstance(update, BatchDone):
+            bar(update.step, update.steps)
+        elif isinstance(update, EpochDone):
+            m = update.metrics
+            print(f"epoch {update.epoch}/{update.epochs}  train_loss {update.train_loss:.4f}  "
+                  f"val_loss {update.val_loss:.4f}  val_mIoU {m.get('miou', float('nan')):.4f}  "
+                  f"val_dice {m.get('mean_dice', float('nan')):.4f}  {'*best*' if update.best else ''}  "
+                  f"{update.seconds:.0f}s", flush=True)
+            bar.t0 = time.time()
+
+    result = train(cfg, on_update=report)
+    if result.reason:
+        print(f"stopped: {result.reason}")
+    print(f"best epoch {result.best_epoch}; checkpoint {result.checkpoint}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .models import read_meta, resolve_model_path
+
+    meta = read_meta(resolve_model_path(args.model))
+    data = {k: v for k, v in meta.__dict__.items() if k != "training"}
+    data["model"] = meta.model.to_dict()
+    print(json.dumps(data, indent=1, default=str))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    # The napari face is imported only here, so the rest of the CLI runs headless.
+    from ._napari.demo import run_demo
+
+    run_demo(model=args.model, show=not args.no_show, screenshot=args.screenshot)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medseg", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="segment images, folders or dataset folders")
+    p.add_argument("inputs", nargs="+", help="image files, folders of images, or dataset folders")
+    p.add_argument("--model", default="default", help="'default' or a .safetensors checkpoint")
+    p.add_argument("--out", required=True, help="output folder: OUT/labels/<stem>.tif")
+    p.add_argument("--tile", type=int, default=256)
+    p.add_argument("--overlap", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="compare predicted label maps with ground truth")
+    p.add_argument("pred_dir", help="folder with labels/<stem>.tif (as medseg predict writes)")
+    p.add_argument("gt_dir", help="dataset folder with the ground truth")
+    p.add_argument("--json", help="write all numbers to this JSON file")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("convert", help="convert a dataset to a dataset folder")
+    p.add_argument("format", choices=["pannuke"])
+    p.add_argument("fold_dir")
+    p.add_argument("out_dir")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("train", help="train or fine-tune a model from a YAML config")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. --set epochs=5")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("info", help="print a checkpoint's metadata")
+    p.add_argument("model", nargs="?", default="default")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="open napari with the sample image segmented and evaluated")
+    p.add_argument("--model", default="default")
+    p.add_argument("--no-show", action="store_true", help="build the demo but do not start the event loop")
+    p.add_argument("--screenshot", help="save a PNG of the window (works headless under xvfb-run)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"medseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,171 @@
+"""The dataset folder: the one on-disk layout used to train, predict and evaluate.
+
+    <root>/images/<stem>.(png|tif|tiff|jpg|jpeg)   image
+    <root>/labels/<stem>.tif                       class map, 0 = background
+    <root>/instances/<stem>.tif                    optional instance ids, 0 = background
+    <root>/classes.json                            {"classes": [background, ...], "source": "..."}
+
+A folder without ``labels/`` but with ``instances/`` and two classes (e.g. MoNuSeg's
+``background, nucleus``) is read as binary: class 1 wherever an instance is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .images import IMAGE_SUFFIXES, ImageReadError, atomic_write, read_image, read_label_map, write_label_map
+
+CLASSES_FILE = "classes.json"
+
+
+class DatasetError(ValueError):
+    """A dataset folder is missing parts or its parts disagree."""
+
+
+@dataclass
+class Sample:
+    stem: str
+    image: np.ndarray
+    labels: np.ndarray | None
+    instances: np.ndarray | None = None
+
+
+@dataclass
+class DatasetFolder:
+    root: Path
+    classes: list[str]
+    stems: list[str]
+    source: str = ""
+    image_paths: dict[str, Path] = field(default_factory=dict, repr=False)
+
+    @property
+    def has_labels(self) -> bool:
+        return (self.root / "labels").is_dir()
+
+    @property
+    def has_instances(self) -> bool:
+        return (self.root / "instances").is_dir()
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def load(self, stem: str) -> Sample:
+        image = read_image(self.image_paths[stem])
+        instances = None
+        inst_path = self.root / "instances" / f"{stem}.tif"
+        if inst_path.is_file():
+            instances = read_label_map(inst_path)
+        labels = None
+        label_path = self.root / "labels" / f"{stem}.tif"
+        if label_path.is_file():
+            labels = read_label_map(label_path)
+        elif instances is not None and len(self.classes) == 2:
+            labels = (instances > 0).astype(np.uint8)
+        for name, arr in (("labels", labels), ("instances", instances)):
+            if arr is not None and arr.shape != image.shape[:2]:
+                raise DatasetError(
+                    f"{self.root.name}/{name}/{stem}.tif has shape {arr.shape} but its image is {image.shape[:2]}."
+                )
+        if labels is not None and labels.size and int(labels.max()) >= len(self.classes):
+            raise DatasetError(
+                f"{self.root.name}/labels/{stem}.tif holds class id {int(labels.max())}, but classes.json "
+                f"lists only {len(self.classes)} classes (ids 0..{len(self.classes) - 1})."
+            )
+        return Sample(stem, image, labels, instances)
+
+    def __iter__(self):
+        for stem in self.stems:
+            yield self.load(stem)
+
+
+def is_dataset_folder(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / "images").is_dir()
+
+
+def read_classes(root: Path) -> tuple[list[str], str]:
+    file = root / CLASSES_FILE
+    if not file.is_file():
+        raise DatasetError(f"{root}: missing {CLASSES_FILE} (expected {{\"classes\": [\"background\", ...]}}).")
+    try:
+        data = json.loads(file.read_text())
+        classes = [str(c) for c in data["classes"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DatasetError(f"{file}: not valid JSON with a 'classes' list ({exc}).") from exc
+    if len(classes) < 2:
+        raise DatasetError(f"{file}: needs at least two classes (background and one more), got {classes}.")
+    return classes, str(data.get("source", ""))
+
+
+def open_dataset(root: str | os.PathLike, require_labels: bool = False) -> DatasetFolder:
+    """Index a dataset folder and check that its parts match (without reading pixels)."""
+    root = Path(root)
+    if not is_dataset_folder(root):
+        raise DatasetError(f"{root} is not a dataset folder: it has no 'images/' subfolder.")
+    classes, source = read_classes(root)
+    image_paths: dict[str, Path] = {}
+    for p in sorted((root / "images").iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            stem = p.name[: -len(".ome.tif")] if p.name.lower().endswith(".ome.tif") else p.stem
+            if stem in image_paths:
+                raise DatasetError(f"{root.name}/images: two images share the stem '{stem}'.")
+            image_paths[stem] = p
+    if not image_paths:
+        raise DatasetError(f"{root}/images holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+    stems = list(image_paths)
+    for sub in ("labels", "instances"):
+        folder = root / sub
+        if not folder.is_dir():
+            continue
+        have = {p.stem for p in folder.glob("*.tif")}
+        missing = [s for s in stems if s not in have]
+        extra = sorted(have - set(stems))
+        if missing and (sub == "labels" or len(missing) < len(stems)):
+            raise DatasetError(
+                f"{root.name}/{sub} lacks masks for {len(missing)} image(s): {', '.join(missing[:5])}"
+                + (" ..." if len(missing) > 5 else "")
+            )
+        if extra:
+            raise DatasetError(
+                f"{root.name}/{sub} has {len(extra)} mask(s) without an image: {', '.join(extra[:5])}"
+                + (" ..." if len(extra) > 5 else "")
+            )
+    ds = DatasetFolder(root, classes, stems, source, image_paths)
+    if require_labels and not ds.has_labels and not (ds.has_instances and len(classes) == 2):
+        raise DatasetError(f"{root} has no 'labels/' folder, which this task needs.")
+    return ds
+
+
+def write_classes(root: Path, classes: list[str], source: str = "") -> None:
+    text = json.dumps({"classes": list(classes), "source": source}, indent=1) + "\n"
+    atomic_write(root / CLASSES_FILE, lambda tmp: tmp.write_text(text))
+
+
+def write_sample(root: Path, stem: str, image: np.ndarray | None, labels: np.ndarray | None,
+                 instances: np.ndarray | None = None) -> None:
+    """Write one sample into a dataset folder (image as PNG when 8-bit, else TIFF)."""
+    root = Path(root)
+    if image is not None:
+        if image.dtype == np.uint8:
+            from PIL import Image
+
+            atomic_write(root / "images" / f"{stem}.png", lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+        else:
+            import tifffile
+
+            atomic_write(root / "images" / f"{stem}.tif", lambda tmp: tifffile.imwrite(tmp, image, compression="zlib"))
+    if labels is not None:
+        write_label_map(root / "labels" / f"{stem}.tif", labels)
+    if instances is not None:
+        write_label_map(root / "instances" / f"{stem}.tif", instances)
+
+
+__all__ = [
+    "DatasetError", "DatasetFolder", "ImageReadError", "Sample", "is_dataset_folder",
+    "open_dataset", "read_classes", "write_classes", "write_sample",
+]

@@ -1,0 +1,185 @@
+"""Single images and label maps: reading, the rules for odd pixel types, atomic writes.
+
+Rules for what a reader hands to a model (``validate_image_array``):
+
+* a 2-D array is a gray image; ``(H, W, 3)`` is RGB; ``(H, W, 4)`` is RGBA and the
+  alpha channel is dropped; ``(3|4, H, W)`` (channel-first, as in many OME-TIFFs)
+  is moved to channel-last; singleton axes (OME's T, Z, C of size 1) are squeezed.
+* anything else (z-stacks, time series, 4-D/5-D data, more than 4 channels) is
+  refused with a message naming the shape, rather than guessed at.
+* the dtype is kept on read; ``to_rgb_float`` maps it to ``[0, 1]``: uint8 by /255,
+  other integers (e.g. 12/16-bit microscopy) and floats outside ``[0, 1]`` by the
+  image's own 0.5-99.5 percentiles (computed once per image), floats already in
+  ``[0, 1]`` as they are. NaN is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+LABEL_SUFFIXES = (".tif", ".tiff", ".png")
+
+
+class ImageReadError(ValueError):
+    """An image or label file could not be read or has a shape/dtype we do not accept."""
+
+
+def image_suffix(path: str | os.PathLike) -> str:
+    """Lower-case suffix, treating ``.ome.tif(f)`` as ``.tif``."""
+    return Path(path).suffix.lower()
+
+
+def _read_raw(path: Path) -> np.ndarray:
+    suffix = image_suffix(path)
+    if suffix not in IMAGE_SUFFIXES:
+        raise ImageReadError(
+            f"Cannot read '{path.name}': unknown extension '{suffix or '(none)'}'. "
+            f"Supported: {', '.join(IMAGE_SUFFIXES)}."
+        )
+    if not path.is_file():
+        raise ImageReadError(f"Cannot read '{path}': no such file.")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"Cannot read '{path.name}': the file is empty (0 bytes).")
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                # series[0] is the image as the file describes it (OME axes included);
+                # level 0 is full resolution for pyramidal files.
+                return np.asarray(tif.series[0].asarray())
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.load()  # forces decoding, so truncated files fail here
+            if im.mode in ("P", "PA"):
+                im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
+            elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                im = im.convert("RGB")
+            return np.asarray(im)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # tifffile/PIL raise many types for broken files
+        raise ImageReadError(
+            f"Cannot read '{path.name}': the file is corrupt, truncated or not a "
+            f"{suffix.lstrip('.').upper()} file ({type(exc).__name__}: {exc})."
+        ) from exc
+
+
+def validate_image_array(array: np.ndarray, name: str = "image") -> np.ndarray:
+    """Bring an array to ``(H, W)`` or ``(H, W, 3)`` per the module rules, or raise."""
+    array = np.asarray(array)
+    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise ImageReadError(f"{name}: unsupported pixel type {array.dtype}; expected integer or float pixels.")
+    original_shape = array.shape
+    if array.ndim > 2:
+        array = np.squeeze(array)
+    if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 3 and array.shape[-1] == 4:
+        array = array[..., :3]  # RGBA: alpha carries no stain information
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3)):
+        raise ImageReadError(
+            f"{name}: shape {original_shape} is not a 2-D gray, RGB or RGBA image. "
+            "Stacks, time series and multi-channel (>4) data are not supported; "
+            "save one 2-D plane (or an RGB image) per file."
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageReadError(f"{name}: the image is empty (shape {original_shape}).")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise ImageReadError(f"{name}: the image contains NaN or infinite pixels.")
+    return array
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a TIFF (incl. OME/multi-page with one image), PNG or JPEG as ``(H, W)`` or ``(H, W, 3)``."""
+    path = Path(path)
+    return validate_image_array(_read_raw(path), name=f"'{path.name}'")
+
+
+def to_rgb_float(image: np.ndarray, channels: int = 3) -> np.ndarray:
+    """``(H, W[, 3])`` image of any supported dtype -> float32 ``(H, W, channels)`` in [0, 1].
+
+    Gray is replicated to RGB for 3-channel models; RGB is averaged for 1-channel models.
+    """
+    image = validate_image_array(image)
+    if image.dtype == np.uint8:
+        out = image.astype(np.float32) / 255.0
+    else:
+        out = image.astype(np.float32)
+        lo, hi = float(out.min()), float(out.max())
+        if np.issubdtype(image.dtype, np.integer) or lo < 0.0 or hi > 1.0:
+            lo, hi = np.percentile(out, (0.5, 99.5))
+            if hi <= lo:
+                hi = lo + 1.0
+            out = np.clip((out - lo) / (hi - lo), 0.0, 1.0)
+    if out.ndim == 2:
+        out = out[..., None]
+    if out.shape[-1] != channels:
+        out = np.repeat(out, channels, axis=-1) if out.shape[-1] == 1 else out.mean(-1, keepdims=True)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def read_label_map(path: str | os.PathLike) -> np.ndarray:
+    """Read a class or instance map (TIFF/PNG) as a 2-D integer array."""
+    path = Path(path)
+    if image_suffix(path) not in LABEL_SUFFIXES:
+        raise ImageReadError(f"Cannot read labels '{path.name}': use .tif or .png for label maps.")
+    labels = np.squeeze(_read_raw(path))
+    if labels.ndim != 2:
+        raise ImageReadError(f"Labels '{path.name}': expected a 2-D label map, got shape {labels.shape}.")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if np.issubdtype(labels.dtype, np.floating) and np.all(np.mod(labels, 1) == 0):
+            labels = labels.astype(np.int64)
+        else:
+            raise ImageReadError(f"Labels '{path.name}': label maps need integer values, got {labels.dtype}.")
+    if labels.size and labels.min() < 0:
+        raise ImageReadError(f"Labels '{path.name}': negative label values are not allowed.")
+    return labels
+
+
+def smallest_label_dtype(labels: np.ndarray) -> np.dtype:
+    top = int(labels.max()) if labels.size else 0
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: no half-written file is ever visible."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_label_map(path: str | os.PathLike, labels: np.ndarray) -> Path:
+    """Write a label map as a zlib-compressed TIFF, in the smallest unsigned dtype, atomically."""
+    import tifffile
+
+    path = Path(path)
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"write_label_map: expected a 2-D integer array, got {labels.dtype} {labels.shape}.")
+    data = labels.astype(smallest_label_dtype(labels), copy=False)
+    big = data.shape[0] * data.shape[1] > 4096 * 4096
+    atomic_write(
+        path,
+        lambda tmp: tifffile.imwrite(
+            tmp, data, compression="zlib", tile=(512, 512) if big else None, bigtiff=big, photometric="minisblack"
+        ),
+    )
+    return path

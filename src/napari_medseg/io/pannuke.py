@@ -1,0 +1,116 @@
+"""PanNuke folds (Gamper et al. 2019/2020) -> images, class maps, instance maps, tissue types.
+
+A fold holds ``images.npy`` (N, 256, 256, 3), ``masks.npy`` (N, 256, 256, 6) with the
+instance ids of each class in channels 0-4 and background in channel 5, and
+``types.npy`` (N,) tissue names. The official archive nests them
+(``Fold 1/images/fold1/images.npy``, ``Fold 1/masks/fold1/masks.npy``); a flat folder
+works too. Files are memory-mapped and never unpickled.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .dataset import DatasetError, write_classes, write_sample
+
+PANNUKE_CLASSES = ["background", "neoplastic", "inflammatory", "connective", "dead", "epithelial"]
+
+
+@dataclass
+class PanNukeFold:
+    root: Path
+    images: np.ndarray  # (N, H, W, 3), memory-mapped
+    masks: np.ndarray  # (N, H, W, 6), memory-mapped
+    tissues: list[str]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image(self, i: int) -> np.ndarray:
+        return np.clip(np.asarray(self.images[i]), 0, 255).astype(np.uint8)
+
+    def class_and_instance_maps(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(class map uint8, instance map int32) of image ``i``; instance ids made unique per image."""
+        mask = np.asarray(self.masks[i])
+        classes = np.zeros(mask.shape[:2], np.uint8)
+        instances = np.zeros(mask.shape[:2], np.int32)
+        next_id = 1
+        for c in range(5):
+            ids = mask[..., c].astype(np.int64)
+            present = np.unique(ids[ids > 0])
+            if present.size == 0:
+                continue
+            classes[ids > 0] = c + 1
+            lut = np.zeros(int(present.max()) + 1, np.int32)
+            lut[present] = np.arange(next_id, next_id + present.size, dtype=np.int32)
+            instances[ids > 0] = lut[ids[ids > 0]]
+            next_id += present.size
+        return classes, instances
+
+
+def _find_one(root: Path, name: str) -> Path:
+    hits = [root / name] if (root / name).is_file() else sorted(root.rglob(name))
+    if not hits:
+        raise DatasetError(f"{root} is not a PanNuke fold: no {name} in it.")
+    if len(hits) > 1:
+        raise DatasetError(f"{root}: {len(hits)} files named {name}; point to a single fold.")
+    return hits[0]
+
+
+def is_pannuke_fold(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    if path.is_file():
+        return path.name == "images.npy" and is_pannuke_fold(path.parent)
+    if not path.is_dir():
+        return False
+    try:
+        _find_one(path, "images.npy"), _find_one(path, "masks.npy")
+    except DatasetError:
+        return False
+    return True
+
+
+def read_pannuke_fold(path: str | os.PathLike) -> PanNukeFold:
+    root = Path(path)
+    if root.is_file():
+        root = root.parent
+    images_path, masks_path = _find_one(root, "images.npy"), _find_one(root, "masks.npy")
+    try:
+        images = np.load(images_path, mmap_mode="r", allow_pickle=False)
+        masks = np.load(masks_path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise DatasetError(f"{root}: images.npy/masks.npy must be plain numeric arrays ({exc}).") from exc
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise DatasetError(f"{images_path}: expected (N, H, W, 3), got {images.shape}.")
+    if masks.ndim != 4 or masks.shape[-1] != 6 or masks.shape[:3] != images.shape[:3]:
+        raise DatasetError(f"{masks_path}: expected (N, H, W, 6) matching images {images.shape[:3]}, got {masks.shape}.")
+    tissues = ["unknown"] * len(images)
+    types_path = next(iter(sorted(root.rglob("types.npy"))), None)
+    if types_path is not None:
+        try:
+            types = np.load(types_path, allow_pickle=False)
+        except ValueError as exc:
+            raise DatasetError(f"{types_path}: expected an array of strings, refusing a pickled object ({exc}).") from exc
+        if len(types) != len(images):
+            raise DatasetError(f"{types_path}: {len(types)} tissue types for {len(images)} images.")
+        tissues = [str(t) for t in types]
+    return PanNukeFold(root, images, masks, tissues)
+
+
+def convert_pannuke(fold_dir: str | os.PathLike, out_dir: str | os.PathLike, progress=None) -> Path:
+    """Write a PanNuke fold as a dataset folder (stems ``<tissue>_<index>``)."""
+    fold = read_pannuke_fold(fold_dir)
+    out = Path(out_dir)
+    write_classes(out, PANNUKE_CLASSES, source=f"PanNuke fold {fold.root.name}")
+    width = len(str(len(fold)))
+    for i in range(len(fold)):
+        classes, instances = fold.class_and_instance_maps(i)
+        stem = f"{fold.tissues[i].replace(' ', '_')}_{i:0{width}d}"
+        write_sample(out, stem, fold.image(i), classes, instances)
+        if progress is not None:
+            progress(i + 1, len(fold))
+    return out

@@ -1,0 +1,185 @@
+"""The one checkpoint format: a ``.safetensors`` file whose header carries JSON metadata.
+
+Nothing is executed on load: safetensors holds raw tensors only, and the metadata is
+JSON. Pickled PyTorch checkpoints (``torch.save``) are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..colors import class_colors
+from ..io.images import atomic_write
+from .registry import ModelConfig, ModelConfigError, build_model
+
+FORMAT = "napari-medseg-checkpoint"
+FORMAT_VERSION = 1
+METADATA_KEY = "napari_medseg"
+# Mean/std applied after scaling pixels to [0, 1] (ImageNet statistics by default).
+IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is not one we can load safely and correctly."""
+
+
+@dataclass
+class CheckpointMeta:
+    model: ModelConfig
+    classes: list[str]
+    colors: list[list[int]] = field(default_factory=list)
+    normalization: dict = field(default_factory=lambda: dict(IMAGENET_NORMALIZATION))
+    pixel_size_um: float | None = None
+    training: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    model_card: str = ""
+    versions: dict = field(default_factory=dict)
+    created: str = ""
+
+    def __post_init__(self):
+        if not self.colors:
+            self.colors = [list(c) for c in class_colors(self.classes)]
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["format"], data["format_version"] = FORMAT, FORMAT_VERSION
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "checkpoint") -> "CheckpointMeta":
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise CheckpointError(f"{source}: metadata is not valid JSON ({exc}).") from exc
+        if data.pop("format", None) != FORMAT:
+            raise CheckpointError(f"{source}: not a napari-medseg checkpoint (metadata 'format' is missing or wrong).")
+        version = data.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise CheckpointError(f"{source}: checkpoint format version {version}; this napari-medseg reads {FORMAT_VERSION}.")
+        try:
+            data["model"] = ModelConfig.from_dict(data["model"])
+            meta = cls(**data)
+        except (KeyError, TypeError, ModelConfigError) as exc:
+            raise CheckpointError(f"{source}: incomplete or unknown metadata ({exc}).") from exc
+        if len(meta.classes) != meta.model.num_classes:
+            raise CheckpointError(
+                f"{source}: lists {len(meta.classes)} class names but the model has {meta.model.num_classes} outputs."
+            )
+        if len(meta.colors) != len(meta.classes):
+            raise CheckpointError(f"{source}: {len(meta.colors)} colours for {len(meta.classes)} classes.")
+        return meta
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("napari-medseg", "torch", "segmentation-models-pytorch", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _check_not_pickle(path: Path) -> None:
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        raise CheckpointError(
+            f"{path.name} is a pickled PyTorch checkpoint (torch.save). napari-medseg never unpickles "
+            "files, because unpickling can run arbitrary code. Save the weights with "
+            "napari_medseg.models.save_checkpoint (a .safetensors file) instead."
+        )
+    if len(head) < 9:
+        raise CheckpointError(f"{path.name} is too short to be a safetensors checkpoint ({len(head)} bytes).")
+    (header_len,) = struct.unpack("<Q", head[:8])
+    if head[8:9] != b"{" or header_len > os.path.getsize(path):
+        raise CheckpointError(f"{path.name} is not a safetensors file (bad header).")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file, refusing pickles."""
+    from safetensors.torch import load_file
+
+    _check_not_pickle(path)
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"{path.name}: cannot read tensors ({exc}).") from exc
+
+
+def read_meta(path: str | os.PathLike) -> CheckpointMeta:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint '{path}' does not exist.")
+    _check_not_pickle(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata() or {}
+    except Exception as exc:
+        raise CheckpointError(f"{path.name}: corrupt or truncated safetensors file ({exc}).") from exc
+    if METADATA_KEY not in header:
+        raise CheckpointError(
+            f"{path.name} has no napari-medseg metadata: it holds bare weights. Build the model "
+            "and save it with napari_medseg.models.save_checkpoint to record classes and normalisation."
+        )
+    return CheckpointMeta.from_json(header[METADATA_KEY], source=path.name)
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: CheckpointMeta, half: bool = False) -> Path:
+    """Write weights + metadata atomically; ``half`` stores float weights as fp16 (half the size)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    meta.versions = meta.versions or package_versions()
+    meta.created = meta.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    state = {}
+    for key, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu")
+        if half and tensor.is_floating_point():
+            tensor = tensor.half()
+        state[key] = tensor.contiguous()
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={METADATA_KEY: meta.to_json()}))
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta]:
+    """Build the model a checkpoint describes and load its weights, checking that both agree."""
+    path = Path(path)
+    meta = read_meta(path)
+    try:
+        model = build_model(meta.model)
+    except ModelConfigError as exc:
+        raise CheckpointError(f"{path.name}: {exc}") from exc
+    state = read_state_dict(path)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path.name}: weights do not match a {meta.model.architecture}/{meta.model.encoder} model "
+            f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[:3]})."
+        )
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{path.name}: tensor '{key}' has shape {tuple(tensor.shape)} but the model described in its "
+                f"metadata ({meta.model.num_classes} classes: {', '.join(meta.classes)}) needs "
+                f"{tuple(expected[key].shape)}. The weights were trained for another class count or architecture."
+            )
+        state[key] = tensor.to(expected[key].dtype)
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta

@@ -1,0 +1,65 @@
+"""Shared fixtures: the real data in ../shared/data and tiny models for fast tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("MEDSEG_DATA", REPO.parent / "shared" / "data"))
+CONSEP = DATA / "consep_train"
+MONUSEG = DATA / "monuseg_train"
+
+
+@pytest.fixture(scope="session")
+def consep() -> Path:
+    if not CONSEP.is_dir():
+        pytest.fail(f"Real test data missing: {CONSEP} (set MEDSEG_DATA to the folder holding consep_train).")
+    return CONSEP
+
+
+@pytest.fixture(scope="session")
+def monuseg() -> Path:
+    if not MONUSEG.is_dir():
+        pytest.fail(f"Real test data missing: {MONUSEG}.")
+    return MONUSEG
+
+
+@pytest.fixture
+def small_consep(consep, tmp_path) -> Path:
+    """A dataset folder of 6 real CoNSeP patches from 3 source images (a copy, safe to modify)."""
+    import shutil
+
+    out = tmp_path / "consep_small"
+    stems = [f"train_{i}_{j:03d}" for i in (1, 2, 3) for j in (5, 6)]
+    for sub, ext in (("images", ".png"), ("labels", ".tif"), ("instances", ".tif")):
+        (out / sub).mkdir(parents=True)
+        for stem in stems:
+            shutil.copy(consep / sub / f"{stem}{ext}", out / sub / f"{stem}{ext}")
+    shutil.copy(consep / "classes.json", out / "classes.json")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """An untrained tiny U-Net (resnet18, depth 3) for the 5 CoNSeP classes, as a checkpoint file."""
+    import torch
+
+    from napari_medseg.models import CheckpointMeta, ModelConfig, build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = ModelConfig("unet", "resnet18", num_classes=5, encoder_depth=3)
+    model = build_model(cfg).eval()
+    meta = CheckpointMeta(model=cfg, classes=["background", "other", "inflammatory", "epithelial", "spindle"])
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", model, meta)
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    from napari_medseg.io import read_image
+
+    return read_image(path)
