@@ -53,14 +53,10 @@ def _collect_inputs(inputs: list[str]) -> list[Path]:
     return files
 
 
-def _stem(path: Path) -> str:
-    return path.name[: -len(".ome.tif")] if path.name.lower().endswith(".ome.tif") else path.stem
-
-
 def cmd_predict(args) -> int:
     from .inference import Segmenter, TileSettings
     from .io.dataset import write_classes
-    from .io.images import ImageReadError, read_image, write_label_map
+    from .io.images import ImageReadError, file_stem, read_image, write_label_map
 
     files = _collect_inputs(args.inputs)
     segmenter = Segmenter.load(args.model, device=args.device)
@@ -76,7 +72,7 @@ def cmd_predict(args) -> int:
             failures += 1
             continue
         labels = segmenter.segment(image, settings, progress=ProgressLine(f"[{i}/{len(files)}] {file.name}"))
-        write_label_map(out / "labels" / f"{_stem(file)}.tif", labels)
+        write_label_map(out / "labels" / f"{file_stem(file)}.tif", labels)
     print(f"wrote {len(files) - failures} label map(s) to {out / 'labels'}")
     return 1 if failures else 0
 

@@ -17,18 +17,19 @@ if TYPE_CHECKING:
 COLUMNS = ["IoU", "Dice", "Precision", "Recall", "GT pixels", "Pred pixels"]
 
 
-def _cell(value) -> str:
+def _cell(value):
+    """Numbers rounded for reading; undefined (NaN) shown as '-'."""
     if isinstance(value, float):
-        return "-" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
+        return "-" if math.isnan(value) else round(value, 4)
+    return value
 
 
 class MetricsWidget(Container):
     def __init__(self, viewer: "napari.viewer.Viewer"):
         super().__init__()
         self._viewer = viewer
-        self.prediction = ComboBox(label="prediction", choices=self._labels_layers, nullable=True)
-        self.ground_truth = ComboBox(label="ground truth", choices=self._labels_layers, nullable=True)
+        self.prediction = ComboBox(label="prediction", choices=self._labels_layers)
+        self.ground_truth = ComboBox(label="ground truth", choices=self._labels_layers)
         self.compute_button = PushButton(text="Compute metrics")
         self.summary = Label(value="")
         self.table = Table(value={"data": [], "index": [], "columns": COLUMNS})

@@ -33,7 +33,7 @@ class SegmentWidget(Container):
         self._viewer = viewer
         self._worker = None
         self._segmenter_cache: tuple[tuple, Segmenter] | None = None
-        self.image_layer = ComboBox(label="image", choices=self._image_layers, nullable=True)
+        self.image_layer = ComboBox(label="image", choices=self._image_layers)
         self.model_source = ComboBox(label="model", choices=[DEFAULT_MODEL, FILE_MODEL], value=DEFAULT_MODEL)
         self.checkpoint = FileEdit(label="checkpoint", mode="r", filter="*.safetensors", visible=False)
         self.device = ComboBox(label="device", choices=available_devices(), value="auto")

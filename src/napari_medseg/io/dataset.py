@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import IMAGE_SUFFIXES, ImageReadError, atomic_write, read_image, read_label_map, write_label_map
+from .images import IMAGE_SUFFIXES, ImageReadError, atomic_write, file_stem, read_image, read_label_map, write_label_map
 
 CLASSES_FILE = "classes.json"
 
@@ -94,6 +94,9 @@ def read_classes(root: Path) -> tuple[list[str], str]:
         raise DatasetError(f"{root}: missing {CLASSES_FILE} (expected {{\"classes\": [\"background\", ...]}}).")
     try:
         data = json.loads(file.read_text())
+        if not isinstance(data["classes"], list):
+            # A string would otherwise be split into one class per character.
+            raise TypeError(f"'classes' is a {type(data['classes']).__name__}, not a list")
         classes = [str(c) for c in data["classes"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise DatasetError(f"{file}: not valid JSON with a 'classes' list ({exc}).") from exc
@@ -111,7 +114,7 @@ def open_dataset(root: str | os.PathLike, require_labels: bool = False) -> Datas
     image_paths: dict[str, Path] = {}
     for p in sorted((root / "images").iterdir()):
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
-            stem = p.name[: -len(".ome.tif")] if p.name.lower().endswith(".ome.tif") else p.stem
+            stem = file_stem(p)
             if stem in image_paths:
                 raise DatasetError(f"{root.name}/images: two images share the stem '{stem}'.")
             image_paths[stem] = p

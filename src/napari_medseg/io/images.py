@@ -16,7 +16,7 @@ Rules for what a reader hands to a model (``validate_image_array``):
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,15 @@ class ImageReadError(ValueError):
 def image_suffix(path: str | os.PathLike) -> str:
     """Lower-case suffix, treating ``.ome.tif(f)`` as ``.tif``."""
     return Path(path).suffix.lower()
+
+
+def file_stem(path: str | os.PathLike) -> str:
+    """Name without extension; ``x.ome.tif`` and ``x.ome.tiff`` give ``x`` (``Path.stem`` gives ``x.ome``)."""
+    name = Path(path).name
+    for suffix in (".ome.tif", ".ome.tiff"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
 
 
 def _read_raw(path: Path) -> np.ndarray:
@@ -59,6 +68,8 @@ def _read_raw(path: Path) -> np.ndarray:
             im.load()  # forces decoding, so truncated files fail here
             if im.mode in ("P", "PA"):
                 im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
+            elif im.mode in ("LA", "La"):
+                im = im.convert("L")  # gray + alpha: drop alpha as for RGBA, else (H, W, 2) is refused
             elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
                 im = im.convert("RGB")
             return np.asarray(im)
@@ -71,20 +82,32 @@ def _read_raw(path: Path) -> np.ndarray:
         ) from exc
 
 
+def _squeeze_singletons(array: np.ndarray) -> np.ndarray:
+    """Drop singleton axes outside the image plane (OME's T, Z, C of size 1) and a trailing channel of 1.
+
+    Not ``np.squeeze``: that also drops a 1-pixel-high or -wide image's own rows or columns,
+    turning a (1, W, 3) RGB strip into a (W, 3) gray image.
+    """
+    if array.ndim <= 2:
+        return array
+    keep = 3 if array.shape[-1] in (1, 3, 4) else 2  # (H, W, C) channel-last, else (..., H, W)
+    array = np.squeeze(array, axis=tuple(i for i in range(array.ndim - keep) if array.shape[i] == 1))
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return array
+
+
 def validate_image_array(array: np.ndarray, name: str = "image") -> np.ndarray:
     """Bring an array to ``(H, W)`` or ``(H, W, 3)`` per the module rules, or raise."""
     array = np.asarray(array)
     if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
         raise ImageReadError(f"{name}: unsupported pixel type {array.dtype}; expected integer or float pixels.")
     original_shape = array.shape
-    if array.ndim > 2:
-        array = np.squeeze(array)
+    array = _squeeze_singletons(array)
     if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
         array = np.moveaxis(array, 0, -1)
     if array.ndim == 3 and array.shape[-1] == 4:
         array = array[..., :3]  # RGBA: alpha carries no stain information
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3)):
         raise ImageReadError(
             f"{name}: shape {original_shape} is not a 2-D gray, RGB or RGBA image. "
@@ -132,7 +155,7 @@ def read_label_map(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if image_suffix(path) not in LABEL_SUFFIXES:
         raise ImageReadError(f"Cannot read labels '{path.name}': use .tif or .png for label maps.")
-    labels = np.squeeze(_read_raw(path))
+    labels = _squeeze_singletons(_read_raw(path))
     if labels.ndim != 2:
         raise ImageReadError(f"Labels '{path.name}': expected a 2-D label map, got shape {labels.shape}.")
     if not np.issubdtype(labels.dtype, np.integer):
@@ -156,8 +179,9 @@ def smallest_label_dtype(labels: np.ndarray) -> np.dtype:
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` then rename over ``path``: no half-written file is ever visible."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
+    # A unique name that ``write`` creates itself, so the file gets the usual umask permissions
+    # (mkstemp's file is 0600, which would make every written label map private to its owner).
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.part"
     try:
         write(Path(tmp))
         os.replace(tmp, path)
@@ -174,6 +198,9 @@ def write_label_map(path: str | os.PathLike, labels: np.ndarray) -> Path:
     labels = np.asarray(labels)
     if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"write_label_map: expected a 2-D integer array, got {labels.dtype} {labels.shape}.")
+    if labels.size and labels.min() < 0:
+        # The cast to an unsigned dtype below would silently wrap -1 to 255/65535.
+        raise ValueError("write_label_map: negative label values are not allowed.")
     data = labels.astype(smallest_label_dtype(labels), copy=False)
     big = data.shape[0] * data.shape[1] > 4096 * 4096
     atomic_write(

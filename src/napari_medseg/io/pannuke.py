@@ -61,10 +61,21 @@ def _find_one(root: Path, name: str) -> Path:
     return hits[0]
 
 
+def _fold_root(path: Path) -> Path:
+    """The fold folder for a path to the fold or to its images.npy."""
+    if not path.is_file():
+        return path
+    # The official archive nests the file as <fold>/images/fold1/images.npy, with masks.npy in a
+    # sibling tree, so its parent alone is not a fold; a flat fold holds it directly.
+    if path.parent.parent.name == "images" and not (path.parent / "masks.npy").is_file():
+        return path.parents[2]
+    return path.parent
+
+
 def is_pannuke_fold(path: str | os.PathLike) -> bool:
     path = Path(path)
     if path.is_file():
-        return path.name == "images.npy" and is_pannuke_fold(path.parent)
+        return path.name == "images.npy" and is_pannuke_fold(_fold_root(path))
     if not path.is_dir():
         return False
     try:
@@ -75,9 +86,7 @@ def is_pannuke_fold(path: str | os.PathLike) -> bool:
 
 
 def read_pannuke_fold(path: str | os.PathLike) -> PanNukeFold:
-    root = Path(path)
-    if root.is_file():
-        root = root.parent
+    root = _fold_root(Path(path))
     images_path, masks_path = _find_one(root, "images.npy"), _find_one(root, "masks.npy")
     try:
         images = np.load(images_path, mmap_mode="r", allow_pickle=False)

@@ -1,0 +1,322 @@
+"""The napari face driven through make_napari_viewer: reader, sample data, widgets, demo."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import tifffile
+from napari.layers import Image, Labels
+
+from napari_medseg._napari.metrics_widget import MetricsWidget
+from napari_medseg._napari.reader import get_reader
+from napari_medseg._napari.sample_data import consep_sample, monuseg_sample
+from napari_medseg._napari.segment_widget import DEFAULT_MODEL, FILE_MODEL, SegmentWidget
+from napari_medseg.models import DEFAULT_MODEL_PATH
+
+CONSEP_CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle"]
+
+
+def _add(viewer, layer_data):
+    return [getattr(viewer, f"add_{kind}")(data, **kwargs) for data, kwargs, kind in layer_data]
+
+
+def _use_checkpoint(widget: SegmentWidget, path) -> None:
+    widget.model_source.value = FILE_MODEL
+    widget.checkpoint.value = path
+
+
+# -- reader -------------------------------------------------------------------------------
+def test_reader_opens_real_png_through_napari(make_napari_viewer, consep):
+    viewer = make_napari_viewer()
+    path = consep / "images" / "train_1_000.png"
+    assert get_reader(str(path)) is not None
+    layers = viewer.open(str(path), plugin="napari-medseg")
+    assert len(layers) == 1 and isinstance(layers[0], Image)
+    assert layers[0].rgb and layers[0].data.shape == (256, 256, 3)
+
+
+def test_reader_opens_dataset_folder_as_stack_with_named_classes(make_napari_viewer, small_consep):
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(small_consep), plugin="napari-medseg")
+    kinds = [type(layer).__name__ for layer in layers]
+    assert kinds == ["Image", "Labels", "Labels"]
+    image, truth, instances = layers
+    assert image.data.shape == (6, 256, 256, 3)
+    assert truth.data.shape == (6, 256, 256)
+    assert truth.metadata["medseg"]["classes"] == CONSEP_CLASSES
+    assert list(truth.features["class"]) == CONSEP_CLASSES
+    # fixed colours: 'inflammatory' (id 2) is green, background transparent
+    assert np.allclose(truth.colormap.map(np.array([2]))[0][:3], [0, 200 / 255, 0])
+    assert truth.colormap.map(np.array([0]))[0][3] == 0
+    assert instances.data.max() > 10
+
+
+def test_reader_opens_pannuke_fold(make_napari_viewer, tmp_path, consep):
+    from napari_medseg.io.dataset import open_dataset
+
+    ds = open_dataset(consep)
+    samples = [ds.load(s) for s in ds.stems[:3]]
+    images = np.stack([s.image for s in samples]).astype(np.float64)
+    masks = np.zeros((3, 256, 256, 6))
+    for i, s in enumerate(samples):
+        for c in range(1, 5):
+            masks[i, ..., c - 1] = np.where(s.labels == c, s.instances, 0)
+        masks[i, ..., 5] = s.labels == 0
+    np.save(tmp_path / "images.npy", images)
+    np.save(tmp_path / "masks.npy", masks)
+    np.save(tmp_path / "types.npy", np.array(["Colon"] * 3))
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(tmp_path), plugin="napari-medseg")
+    image, classes, _ = layers
+    assert image.data.shape == (3, 256, 256, 3)
+    assert classes.metadata["medseg"]["classes"][1] == "neoplastic"
+    # PanNuke channel c holds class c+1, so the class map equals CoNSeP's labels here
+    np.testing.assert_array_equal(np.asarray(classes.data[1]), samples[1].labels)
+
+
+@pytest.mark.parametrize("bad", ["corrupt", "truncated", "rgba16", "fivedim", "empty"])
+def test_reader_bad_files_raise_clear_errors_and_add_nothing(make_napari_viewer, tmp_path, consep, bad):
+    viewer = make_napari_viewer()
+    if bad == "corrupt":
+        path = tmp_path / "corrupt.tif"
+        path.write_bytes(b"II*\x00 this is not a tiff at all")
+        match = "corrupt, truncated"
+    elif bad == "truncated":
+        path = tmp_path / "cut.png"
+        data = (consep / "images" / "train_1_000.png").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        match = "corrupt, truncated"
+    elif bad == "rgba16":  # accepted: RGBA drops alpha, 16-bit kept
+        path = tmp_path / "rgba16.tif"
+        tifffile.imwrite(path, np.random.default_rng(0).integers(0, 4096, (64, 64, 4), dtype=np.uint16))
+        match = None
+    elif bad == "fivedim":
+        path = tmp_path / "5d.tif"
+        tifffile.imwrite(path, np.zeros((2, 3, 4, 32, 32), np.uint8))
+        match = "not a 2-D gray, RGB or RGBA image"
+    else:
+        path = tmp_path / "empty.png"
+        path.write_bytes(b"")
+        match = "empty"
+    reader = get_reader(str(path))
+    if match is None:
+        (data, kwargs, kind), = reader(str(path))
+        assert data.shape == (64, 64, 3) and data.dtype == np.uint16
+        return
+    with pytest.raises(ValueError, match=match):
+        reader(str(path))
+    assert len(viewer.layers) == 0
+
+
+def test_reader_declines_unknown_things(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert get_reader(str(tmp_path / "notes.txt")) is None
+    assert get_reader(str(tmp_path)) is None  # a plain folder
+    np.save(tmp_path / "random.npy", np.zeros(3))
+    assert get_reader(str(tmp_path / "random.npy")) is None
+
+
+# -- sample data --------------------------------------------------------------------------
+def test_sample_data_is_real_and_consistent(make_napari_viewer):
+    viewer = make_napari_viewer()
+    image, truth, instances = _add(viewer, consep_sample())
+    assert image.data.shape == (256, 256, 3) and image.rgb
+    assert set(np.unique(truth.data)) <= set(range(5)) and len(np.unique(truth.data)) == 5
+    assert np.array_equal(truth.data > 0, instances.data > 0)
+    image2, truth2, inst2 = _add(viewer, monuseg_sample())
+    assert image2.data.shape == (512, 512, 3) and inst2.data.max() > 50
+    assert truth2.metadata["medseg"]["classes"] == ["background", "nucleus"]
+
+
+def test_sample_data_listed_in_napari_menu():
+    from npe2 import PluginManager
+
+    pm = PluginManager.instance()
+    pm.discover()
+    keys = {c.key for c in pm.get_manifest("napari-medseg").contributions.sample_data}
+    assert keys == {"consep", "monuseg"}
+
+
+# -- segment widget -----------------------------------------------------------------------
+def test_segment_widget_default_model_on_sample(make_napari_viewer):
+    assert DEFAULT_MODEL_PATH.is_file(), "the shipped default model is missing"
+    viewer = make_napari_viewer()
+    image, truth, _ = _add(viewer, consep_sample())
+    widget = SegmentWidget(viewer)
+    assert widget.image_layer.value is image  # the only image layer is preselected
+    assert widget.model_source.value == DEFAULT_MODEL
+    layer = widget.run(threaded=False)
+    assert isinstance(layer, Labels) and layer.name == "CoNSeP H&E segmentation"
+    assert layer.data.shape == (256, 256) and layer.data.dtype == np.uint8
+    assert layer.metadata["medseg"]["classes"] == CONSEP_CLASSES
+    # a real model: nuclei found where the pathologists drew them
+    pred_fg, gt_fg = layer.data > 0, truth.data > 0
+    dice = 2 * (pred_fg & gt_fg).sum() / (pred_fg.sum() + gt_fg.sum())
+    assert dice > 0.7, dice
+    assert widget.progress.value == widget.progress.max > 0
+
+
+def test_segment_widget_threaded_run_and_options(make_napari_viewer, qtbot, tiny_checkpoint, consep):
+    viewer = make_napari_viewer()
+    from napari_medseg.io import read_image
+
+    viewer.add_image(read_image(consep / "images" / "train_2_000.png"), name="patch")
+    widget = SegmentWidget(viewer)
+    _use_checkpoint(widget, tiny_checkpoint)
+    widget.device.value = "cpu"
+    widget.tile_size.value = 128
+    widget.overlap.value = 32
+    widget.batch_size.value = 2
+    worker = widget.run()
+    assert worker is not None, widget.status.value
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        pass
+    qtbot.waitUntil(lambda: len(viewer.layers) == 2, timeout=5_000)
+    seg = viewer.layers[-1]
+    assert seg.name == "patch segmentation" and seg.data.shape == (256, 256)
+    assert widget.progress.max == 9 and widget.progress.value == 9  # 3x3 tiles of 128 with overlap 32
+    assert widget.run_button.enabled and not widget.cancel_button.enabled
+
+
+def test_segment_widget_cancel_adds_nothing(make_napari_viewer, qtbot, tiny_checkpoint, consep):
+    viewer = make_napari_viewer()
+    big = np.tile(read_rgb(consep / "images" / "train_3_000.png"), (4, 4, 1))  # 1024x1024 real H&E
+    viewer.add_image(big, name="big")
+    widget = SegmentWidget(viewer)
+    _use_checkpoint(widget, tiny_checkpoint)
+    widget.tile_size.value = 64
+    widget.overlap.value = 32
+    widget.batch_size.value = 1
+    worker = widget.run()
+    qtbot.waitUntil(lambda: widget.progress.value >= 1, timeout=30_000)
+    with qtbot.waitSignal(worker.finished, timeout=10_000):
+        widget.cancel()
+    assert widget.progress.value < widget.progress.max
+    assert [layer.name for layer in viewer.layers] == ["big"]
+    assert "Cancelled" in widget.status.value
+    assert widget.run_button.enabled
+
+
+def read_rgb(path):
+    from napari_medseg.io import read_image
+
+    return read_image(path)
+
+
+@pytest.mark.parametrize("case", ["pickle", "missing", "wrong_classes", "overlap", "stack", "no_image"])
+def test_segment_widget_bad_input_reports_and_adds_nothing(make_napari_viewer, tmp_path, tiny_checkpoint, case):
+    import torch
+
+    viewer = make_napari_viewer()
+    if case != "no_image":
+        data = np.zeros((5, 64, 64), np.uint8) if case == "stack" else np.zeros((64, 64, 3), np.uint8)
+        viewer.add_image(data, name="img")
+    widget = SegmentWidget(viewer)
+    _use_checkpoint(widget, tiny_checkpoint)
+    if case == "pickle":
+        bad = tmp_path / "model.safetensors"
+        torch.save({"weights": torch.zeros(3)}, bad)
+        _use_checkpoint(widget, bad)
+        expected = "pickle"
+    elif case == "missing":
+        _use_checkpoint(widget, tmp_path / "nope.safetensors")
+        expected = "existing .safetensors"
+    elif case == "wrong_classes":
+        from safetensors.torch import load_file, save_file
+        from safetensors import safe_open
+
+        with safe_open(str(tiny_checkpoint), "pt") as fh:
+            meta = fh.metadata()
+        state = load_file(str(tiny_checkpoint))
+        head = [k for k in state if k.startswith("segmentation_head") and k.endswith("weight")][0]
+        state[head] = state[head][:3].clone()
+        state[head.replace("weight", "bias")] = state[head.replace("weight", "bias")][:3].clone()
+        bad = tmp_path / "three.safetensors"
+        save_file(state, str(bad), metadata=meta)
+        _use_checkpoint(widget, bad)
+        expected = "another class count"
+    elif case == "overlap":
+        widget.tile_size.value = 64
+        widget.overlap.value = 64
+        expected = "smaller than the tile"
+    elif case == "stack":
+        expected = "stack"
+    else:
+        expected = "Choose an image layer"
+    n_before = len(viewer.layers)
+    assert widget.run(threaded=False) is None
+    assert expected in widget.status.value, widget.status.value
+    assert len(viewer.layers) == n_before
+    assert widget.run_button.enabled
+
+
+# -- metrics widget -----------------------------------------------------------------------
+def test_metrics_widget_table_matches_core(make_napari_viewer):
+    from napari_medseg.metrics import evaluate_pair
+    from skimage.morphology import binary_dilation, disk
+
+    viewer = make_napari_viewer()
+    _, truth, _ = _add(viewer, consep_sample())
+    # a realistic 'prediction': ground truth grown by 2 px, spindle relabelled epithelial
+    pred = np.where(binary_dilation(truth.data > 0, disk(2)) & (truth.data == 0), 3, truth.data).astype(np.uint8)
+    pred[truth.data == 4] = 3
+    from napari_medseg._napari.layers import class_labels_kwargs
+
+    pred_layer = viewer.add_labels(pred, **class_labels_kwargs("pred", CONSEP_CLASSES))
+    widget = MetricsWidget(viewer)
+    widget.prediction.value = pred_layer
+    widget.ground_truth.value = truth
+    result = widget.compute()
+    expected = evaluate_pair(truth.data, pred, CONSEP_CLASSES)
+    assert result["miou"] == pytest.approx(expected["miou"], abs=1e-12)
+    value = widget.table.value
+    assert list(value["index"][:5]) == CONSEP_CLASSES and value["index"][-1].startswith("overall")
+    assert list(value["columns"][:4]) == ["IoU", "Dice", "Precision", "Recall"]
+    assert value["data"][4][1] == expected["per_class"]["spindle"]["dice"] == 0.0  # all spindle became epithelial
+    assert float(value["data"][3][3]) == pytest.approx(expected["per_class"]["epithelial"]["recall"], abs=1e-4)
+    assert "mIoU" in widget.summary.value
+
+
+@pytest.mark.parametrize("case", ["shape", "class_ids", "class_names", "same"])
+def test_metrics_widget_bad_input_keeps_previous_table(make_napari_viewer, case):
+    from napari_medseg._napari.layers import class_labels_kwargs
+
+    viewer = make_napari_viewer()
+    _, truth, _ = _add(viewer, consep_sample())
+    good = viewer.add_labels(truth.data.copy(), **class_labels_kwargs("copy", CONSEP_CLASSES))
+    widget = MetricsWidget(viewer)
+    widget.prediction.value, widget.ground_truth.value = good, truth
+    assert widget.compute()["miou"] == 1.0
+    before = widget.table.value
+    if case == "shape":
+        bad = viewer.add_labels(np.zeros((100, 100), np.uint8), **class_labels_kwargs("bad", CONSEP_CLASSES))
+        expected = "shape"
+    elif case == "class_ids":
+        data = truth.data.copy()
+        data[:5, :5] = 9
+        bad = viewer.add_labels(data, **class_labels_kwargs("bad", CONSEP_CLASSES))
+        expected = "class id 9"
+    elif case == "class_names":
+        bad = viewer.add_labels((truth.data > 0).astype(np.uint8), **class_labels_kwargs("bad", ["background", "nucleus"]))
+        expected = "same classes"
+    else:
+        bad = truth
+        expected = "same layer"
+    widget.prediction.value = bad
+    assert widget.compute() is None
+    assert expected in widget.summary.value
+    assert widget.table.value == before
+
+
+# -- demo ---------------------------------------------------------------------------------
+def test_demo_segments_sample_and_fills_metrics(make_napari_viewer):
+    from napari_medseg._napari.demo import build_demo
+
+    viewer = make_napari_viewer()
+    segment, metrics = build_demo(viewer)
+    names = [layer.name for layer in viewer.layers]
+    assert names == ["CoNSeP H&E", "CoNSeP ground truth", "CoNSeP instances", "CoNSeP H&E segmentation"]
+    assert metrics.result is not None and metrics.result["binary_dice"] > 0.7
+    assert len(metrics.table.value["data"]) == 6
