@@ -1,0 +1,87 @@
+"""`medseg` end to end on real data: train (smoke) -> predict -> evaluate -> info."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_medseg.cli import main
+from napari_medseg.io import read_label_map
+
+
+def test_train_predict_evaluate_round_trip(small_consep, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = main(["train", str(Path(__file__).parents[1] / "configs" / "smoke.yaml"), "--set", f"data.dataset=[{small_consep}]", "--set", f"out_dir={run}",
+               "--set", "data.val_fraction=0.34"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/1" in out and "best epoch 1" in out
+    ckpt = run / "best.safetensors"
+    assert ckpt.is_file()
+
+    pred = tmp_path / "pred"
+    assert main(["predict", str(small_consep), "--model", str(ckpt), "--out", str(pred), "--tile", "128",
+                 "--overlap", "32", "--device", "cpu"]) == 0
+    written = sorted(p.stem for p in (pred / "labels").glob("*.tif"))
+    assert written == sorted(p.stem for p in (small_consep / "images").glob("*.png"))
+    labels = read_label_map(pred / "labels" / f"{written[0]}.tif")
+    assert labels.shape == (256, 256) and labels.dtype == np.uint8 and labels.max() < 5
+
+    report_path = tmp_path / "report.json"
+    assert main(["evaluate", str(pred), str(small_consep), "--json", str(report_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "epithelial" in printed and "mIoU" in printed
+    report = json.loads(report_path.read_text())
+    assert set(report["overall"]) >= {"dice", "miou", "pixel_accuracy"}
+    assert set(report["per_class"]) == {"background", "other", "inflammatory", "epithelial", "spindle"}
+    assert set(report["per_image"]) == set(written)
+    assert 0.0 <= report["overall"]["pixel_accuracy"] <= 1.0
+
+    assert main(["info", str(ckpt)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["classes"][3] == "epithelial" and info["model"]["encoder"] == "resnet18"
+
+
+def test_evaluate_ground_truth_against_itself_is_perfect(small_consep, tmp_path):
+    report_path = tmp_path / "r.json"
+    assert main(["evaluate", str(small_consep), str(small_consep), "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["overall"]["miou"] == 1.0 and report["overall"]["dice"] == 1.0
+
+
+def test_predict_with_default_model_on_a_real_image(consep, tmp_path):
+    out = tmp_path / "out"
+    assert main(["predict", str(consep / "images" / "train_19_005.png"), "--out", str(out)]) == 0
+    labels = read_label_map(out / "labels" / "train_19_005.tif")
+    truth = read_label_map(consep / "labels" / "train_19_005.tif")
+    dice = 2 * ((labels > 0) & (truth > 0)).sum() / ((labels > 0).sum() + (truth > 0).sum())
+    assert dice > 0.7
+    assert json.loads((out / "classes.json").read_text())["classes"][2] == "inflammatory"
+
+
+@pytest.mark.parametrize("case", ["missing_input", "pickle_model", "bad_overlap", "mismatched_eval"])
+def test_cli_errors_are_clear(tmp_path, small_consep, tiny_checkpoint, capsys, case):
+    import torch
+
+    if case == "missing_input":
+        with pytest.raises(SystemExit, match="does not exist"):
+            main(["predict", str(tmp_path / "nothing.png"), "--out", str(tmp_path / "o")])
+        return
+    if case == "pickle_model":
+        bad = tmp_path / "m.pt"
+        torch.save({"x": torch.zeros(1)}, bad)
+        args, expected = ["predict", str(small_consep), "--model", str(bad), "--out", str(tmp_path / "o")], "pickle"
+    elif case == "bad_overlap":
+        args = ["predict", str(small_consep), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "o"),
+                "--tile", "64", "--overlap", "64"]
+        expected = "smaller than the tile"
+    else:
+        wrong = tmp_path / "pred"
+        (wrong / "labels").mkdir(parents=True)
+        (wrong / "classes.json").write_text('{"classes": ["background", "nucleus"]}')
+        args, expected = ["evaluate", str(wrong), str(small_consep)], "differ from the ground truth"
+    assert main(args) == 2
+    assert expected in capsys.readouterr().err

@@ -1,0 +1,146 @@
+"""The headless trainer on real CoNSeP patches with tiny models."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from napari_medseg.models import load_checkpoint, read_meta
+from napari_medseg.training import EpochDone, TrainConfig, TrainConfigError, TrainingError, load_train_config, train
+from napari_medseg.training.data import load_dataset_folders, split_by_group
+from napari_medseg.training.losses import class_weights_from_frequencies
+
+TINY = ["model.architecture=unet", "model.encoder=resnet18", "model.encoder_depth=3", "data.crop_size=64",
+        "batch_size=4", "lr=0.003"]
+
+
+def tiny_config(dataset, out_dir, *extra) -> TrainConfig:
+    return load_train_config(None, [*TINY, f"data.dataset=[{dataset}]", f"out_dir={out_dir}", *extra])
+
+
+def test_train_two_epochs_writes_a_loadable_best_checkpoint(small_consep, tmp_path):
+    cfg = tiny_config(small_consep, tmp_path / "run", "epochs=2", "data.val_fraction=0.34")
+    updates = []
+    result = train(cfg, on_update=updates.append)
+    epochs = [u for u in updates if isinstance(u, EpochDone)]
+    assert [e.epoch for e in epochs] == [1, 2]
+    assert all(np.isfinite(e.train_loss) and np.isfinite(e.val_loss) for e in epochs)
+    assert 0.0 <= epochs[-1].metrics["binary_dice"] <= 1.0
+    assert result.checkpoint.is_file() and result.best_epoch in (1, 2)
+    model, meta = load_checkpoint(result.checkpoint)
+    assert meta.classes == ["background", "other", "inflammatory", "epithelial", "spindle"]
+    assert meta.training["config"]["model"]["encoder"] == "resnet18"
+    assert len(meta.training["history"]) == result.best_epoch
+    assert meta.data["val_images"] == 2 and meta.data["train_images"] == 4  # split by source image
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 5, 64, 64)
+    assert not list((tmp_path / "run").glob("*.part"))
+
+
+def test_split_keeps_patches_of_one_image_together(consep):
+    items, classes = load_dataset_folders([str(consep)], r"^(.*)_\d+$")
+    train_items, val_items = split_by_group(items, 0.15, seed=0)
+    train_groups = {it.group for it in train_items}
+    val_groups = {it.group for it in val_items}
+    assert not train_groups & val_groups
+    assert len(val_groups) == 4 and len(val_items) == 64 and len(train_items) == 368
+    # seeded: the same split again
+    assert [it.name for it in split_by_group(items, 0.15, seed=0)[1]] == [it.name for it in val_items]
+
+
+def test_class_weights_from_real_frequencies(consep):
+    from napari_medseg.training.data import pixel_frequencies
+
+    items, classes = load_dataset_folders([str(consep)], r"^(.*)_\d+$")
+    freq = pixel_frequencies(items, len(classes))
+    w = class_weights_from_frequencies(freq)
+    assert w[0] == 1.0
+    assert w[1] == max(w)  # 'other' is the rarest CoNSeP class (0.2 % of pixels)
+    np.testing.assert_allclose(w * freq, freq[0])  # inverse frequency, background = 1
+
+
+def test_stop_request_ends_training_and_keeps_no_partial_checkpoint(small_consep, tmp_path):
+    cfg = tiny_config(small_consep, tmp_path / "run", "epochs=5")
+    result = train(cfg, should_stop=lambda: True)
+    assert result.stopped_early and result.reason == "stopped by user"
+    assert result.checkpoint is None
+    assert not list((tmp_path / "run").glob("*"))
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_best(small_consep, tmp_path, monkeypatch):
+    import napari_medseg.training.trainer as trainer_module
+
+    cfg = tiny_config(small_consep, tmp_path / "run", "epochs=3")
+    real_build_loss = trainer_module.build_loss
+    calls = {"n": 0}
+
+    def exploding_loss(name, weights=None):
+        inner = real_build_loss(name, weights)
+
+        def loss(logits, target):
+            calls["n"] += 1
+            value = inner(logits, target)
+            return value * float("nan") if calls["n"] > 3 else value  # epoch 1 (2 train + val) is fine
+
+        return loss
+
+    monkeypatch.setattr(trainer_module, "build_loss", exploding_loss)
+    with pytest.raises(TrainingError, match="loss became nan"):
+        train(cfg)
+    best = tmp_path / "run" / "best.safetensors"
+    assert best.is_file()
+    assert read_meta(best).training["best_epoch"] == 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_read_only_output_dir_fails_before_training(small_consep, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    with pytest.raises(TrainingError, match="Cannot write checkpoints"):
+        train(tiny_config(small_consep, ro / "run"))
+
+
+def test_unwritable_output_path_fails_before_training(small_consep, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(TrainingError, match="Cannot write checkpoints"):
+        train(tiny_config(small_consep, blocker / "run"))
+
+
+def test_bad_configs_are_refused_clearly(tmp_path, small_consep):
+    with pytest.raises(TrainConfigError, match="Unknown training setting"):
+        load_train_config(None, ["epoch=3"])
+    with pytest.raises(TrainConfigError, match="Unknown model setting"):
+        load_train_config(None, ["model.encodr=resnet18"])
+    with pytest.raises(TrainConfigError, match="key=value"):
+        load_train_config(None, ["epochs"])
+    with pytest.raises(TrainConfigError, match="does not exist"):
+        load_train_config(tmp_path / "missing.yaml")
+    cfg = tiny_config(small_consep, tmp_path / "run", "loss=weighted_ce", "class_weights=[1, 2]")
+    with pytest.raises(TrainConfigError, match="2 values for 5 classes"):
+        train(cfg)
+
+
+def test_empty_and_broken_datasets_are_refused_before_training(tmp_path, small_consep):
+    from napari_medseg.io.dataset import DatasetError
+
+    (small_consep / "labels" / "train_1_005.tif").unlink()
+    with pytest.raises(DatasetError, match="lacks masks"):
+        train(tiny_config(small_consep, tmp_path / "run"))
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    (empty / "classes.json").write_text('{"classes": ["background", "nucleus"]}')
+    with pytest.raises(DatasetError, match="holds no images"):
+        train(tiny_config(empty, tmp_path / "run2"))
+    assert not (tmp_path / "run" / "best.safetensors").exists()
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
+        cfg = load_train_config(path)
+        assert cfg.data.dataset, path
