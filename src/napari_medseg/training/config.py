@@ -38,6 +38,7 @@ class AugmentConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    init_checkpoint: str | None = None  # fine-tune: start from these weights (its model config wins)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: str = "ce_dice"  # ce | weighted_ce | dice | ce_dice | focal

@@ -116,11 +116,22 @@ def train(cfg: TrainConfig, on_update: Callable[[object], None] | None = None,
     out_dir = Path(cfg.out_dir)
     _check_output_dir(out_dir)
 
+    start_weights = None
+    if cfg.init_checkpoint:
+        from ..models.checkpoint import load_checkpoint
+
+        start_model, start_meta = load_checkpoint(cfg.init_checkpoint)
+        cfg.model = start_meta.model
+        start_weights = start_model.state_dict()
     data, classes = items if items is not None else load_dataset_folders(
         cfg.data.dataset, cfg.data.group_pattern, cfg.model.in_channels
     )
     if not data:
         raise TrainingError("The training data is empty.")
+    if start_weights is not None and start_meta.classes != classes:
+        raise TrainConfigError(
+            f"init_checkpoint was trained for classes {start_meta.classes}, but the data has {classes}."
+        )
     if cfg.model.num_classes != len(classes):
         cfg.model.num_classes = len(classes)  # the data decides the class count
     train_items, val_items = split_by_group(data, cfg.data.val_fraction, cfg.seed)
@@ -135,7 +146,10 @@ def train(cfg: TrainConfig, on_update: Callable[[object], None] | None = None,
                 raise TrainConfigError(f"class_weights has {w.size} values for {len(classes)} classes.")
         weights = torch.tensor(w, dtype=torch.float32, device=device)
 
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model)
+    if start_weights is not None:
+        model.load_state_dict(start_weights)
+    model = model.to(device)
     loss_fn = build_loss(cfg.loss, weights)
     generator = torch.Generator().manual_seed(cfg.seed)
     train_ds = PatchDataset(train_items, cfg.data.crop_size, cfg.data.crops_per_image, cfg.augment)
