@@ -55,12 +55,14 @@ def _collect_inputs(inputs: list[str]) -> list[Path]:
 
 def cmd_predict(args) -> int:
     from .inference import Segmenter, TileSettings
+    from .instances import InstanceSettings, semantic_to_instances
     from .io.dataset import write_classes
     from .io.images import ImageReadError, file_stem, read_image, write_label_map
 
     files = _collect_inputs(args.inputs)
     segmenter = Segmenter.load(args.model, device=args.device)
     settings = TileSettings(args.tile, args.overlap, args.batch_size).checked(segmenter.meta.model.output_stride)
+    instance_settings = InstanceSettings(min_distance=args.min_distance, min_size=args.min_size)
     out = Path(args.out)
     write_classes(out, segmenter.classes, source=f"medseg predict --model {args.model}")
     failures = 0
@@ -73,7 +75,8 @@ def cmd_predict(args) -> int:
             continue
         labels = segmenter.segment(image, settings, progress=ProgressLine(f"[{i}/{len(files)}] {file.name}"))
         write_label_map(out / "labels" / f"{file_stem(file)}.tif", labels)
-    print(f"wrote {len(files) - failures} label map(s) to {out / 'labels'}")
+        write_label_map(out / "instances" / f"{file_stem(file)}.tif", semantic_to_instances(labels, instance_settings))
+    print(f"wrote {len(files) - failures} class map(s) to {out / 'labels'} and instance map(s) to {out / 'instances'}")
     return 1 if failures else 0
 
 
@@ -83,15 +86,18 @@ def _fmt(value: float) -> str:
 
 def cmd_evaluate(args) -> int:
     from .evaluation import evaluate_folders
+    from .instances import InstanceSettings
 
-    report = evaluate_folders(args.pred_dir, args.gt_dir)
-    print(f"{'class':<16}{'IoU':>8}{'Dice':>8}{'Prec':>8}{'Recall':>8}{'GT px':>12}")
+    settings = InstanceSettings(min_distance=args.min_distance, min_size=args.min_size)
+    report = evaluate_folders(args.pred_dir, args.gt_dir, settings, progress=ProgressLine("evaluate"))
+    print(f"{'class':<14}{'IoU':>8}{'Dice':>8}{'Prec':>8}{'Recall':>8}{'PQ':>8}{'F1':>8}{'GT obj':>8}{'Pred obj':>9}")
     for name, row in report["per_class"].items():
-        print(f"{name:<16}{_fmt(row['iou']):>8}{_fmt(row['dice']):>8}{_fmt(row['precision']):>8}"
-              f"{_fmt(row['recall']):>8}{row['gt_pixels']:>12}")
+        print(f"{name:<14}{_fmt(row['iou']):>8}{_fmt(row['dice']):>8}{_fmt(row['precision']):>8}"
+              f"{_fmt(row['recall']):>8}{_fmt(row['pq']):>8}{_fmt(row['f1']):>8}{row['gt_objects']:>8}{row['pred_objects']:>9}")
     o = report["overall"]
-    print(f"mIoU {_fmt(o['miou'])}  mean Dice {_fmt(o['mean_dice'])}  binary Dice {_fmt(o['dice'])}  "
-          f"pixel accuracy {_fmt(o['pixel_accuracy'])}  ({report['images']} images; {report['aggregation']})")
+    print(f"nucleus Dice {_fmt(o['dice'])}  mIoU {_fmt(o['miou'])}  pixel accuracy {_fmt(o['pixel_accuracy'])}  "
+          f"bPQ {_fmt(o['bpq'])}  mPQ {_fmt(o['mpq'])}  mPQ+ {_fmt(o['mpq_plus'])}  F1 {_fmt(o['f1'])}  "
+          f"AJI {_fmt(o['aji'])}  ({report['images']} images; aggregations in the JSON)")
     if args.json:
         from .io.images import atomic_write
 
@@ -151,6 +157,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _instance_options(parser) -> None:
+    group = parser.add_argument_group("instances from class maps (watershed)")
+    group.add_argument("--min-distance", type=int, default=4, help="minimum distance between nucleus centres (px)")
+    group.add_argument("--min-size", type=int, default=10, help="drop objects smaller than this (px)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medseg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,12 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    _instance_options(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="compare predicted label maps with ground truth")
     p.add_argument("pred_dir", help="folder with labels/<stem>.tif (as medseg predict writes)")
     p.add_argument("gt_dir", help="dataset folder with the ground truth")
     p.add_argument("--json", help="write all numbers to this JSON file")
+    _instance_options(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("convert", help="convert a dataset to a dataset folder")

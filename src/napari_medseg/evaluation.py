@@ -1,4 +1,10 @@
-"""Evaluate a folder of predicted label maps against a dataset folder of ground truth."""
+"""Evaluate predictions against ground truth: one pair of maps, or whole folders.
+
+Semantic numbers come from pooled confusion matrices (``napari_medseg.metrics``),
+instance numbers (PQ family, F1, AJI) from per-image contingency tables
+(``napari_medseg.instance_metrics``). Where a side has no instance map, instances are
+derived from its class map with ``semantic_to_instances``.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +13,105 @@ from pathlib import Path
 
 import numpy as np
 
+from .instance_metrics import aggregate_instance_stats, image_instance_stats
+from .instances import InstanceSettings, semantic_to_instances
 from .io.dataset import DatasetError, open_dataset
 from .io.images import read_label_map
-from .metrics import confusion_matrix, semantic_metrics
+from .metrics import MetricsInputError, check_label_pair, confusion_matrix, semantic_metrics
+
+AGGREGATION = {
+    "semantic": "pooled confusion matrix over all pixels of all images",
+    "dice": "binary: all nucleus classes merged vs background, pooled",
+    "miou": "mean over nucleus classes (background excluded) of pooled IoU",
+    "bpq": "PanNuke: binary PQ per image (images without nuclei skipped), averaged",
+    "mpq": "PanNuke: per image, PQ of each class present in its ground truth, averaged over classes then images",
+    "mpq_plus": "CoNIC: tp/fp/fn/IoU summed per class over all images, PQ per class, averaged over classes",
+    "f1": "binary detection F1 at IoU > 0.5, pooled",
+    "aji": "aggregated Jaccard index, pooled (sum of intersections / sum of unions)",
+}
 
 
-def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path) -> dict:
-    """Per-class, per-image and pooled metrics (see ``napari_medseg.metrics`` for the conventions)."""
+def _instances_for(class_map: np.ndarray, instances: np.ndarray | None, settings: InstanceSettings | None) -> np.ndarray:
+    if instances is not None:
+        instances = np.asarray(instances)
+        if instances.shape != class_map.shape:
+            raise MetricsInputError(f"Instance map shape {instances.shape} differs from its class map's {class_map.shape}.")
+        return instances
+    return semantic_to_instances(class_map, settings)
+
+
+class PairEvaluation:
+    """Accumulates image pairs; ``report()`` gives overall, per-class and per-image numbers."""
+
+    def __init__(self, class_names: list[str], instance_settings: InstanceSettings | None = None):
+        self.class_names = list(class_names)
+        self.settings = instance_settings
+        self.cm = np.zeros((len(class_names), len(class_names)), np.int64)
+        self.instance_stats = []
+        self.per_image: dict[str, dict] = {}
+
+    def add(self, name: str, gt: np.ndarray, pred: np.ndarray, gt_instances: np.ndarray | None = None,
+            pred_instances: np.ndarray | None = None) -> dict:
+        n = len(self.class_names)
+        gt, pred = check_label_pair(gt, pred, n)
+        cm = confusion_matrix(gt, pred, n)
+        stats = image_instance_stats(
+            _instances_for(gt, gt_instances, self.settings), gt,
+            _instances_for(pred, pred_instances, self.settings), pred, n,
+        )
+        self.cm += cm
+        self.instance_stats.append(stats)
+        sem = semantic_metrics(cm, self.class_names)
+        inst = aggregate_instance_stats([stats], self.class_names)
+        self.per_image[name] = {
+            "dice": sem["binary_dice"], "miou": sem["miou"], "pixel_accuracy": sem["pixel_accuracy"],
+            "bpq": inst["bpq"], "mpq": inst["mpq"], "f1": inst["f1"], "aji": inst["aji"],
+        }
+        return self.per_image[name]
+
+    def report(self) -> dict:
+        sem = semantic_metrics(self.cm, self.class_names)
+        inst = aggregate_instance_stats(self.instance_stats, self.class_names)
+        per_class = {}
+        for name in self.class_names:
+            row = dict(sem["per_class"][name])
+            extra = inst["per_class"].get(name, {})
+            row["pq"] = extra.get("pq", float("nan"))
+            row["pq_plus"] = extra.get("pq_plus", float("nan"))
+            row["f1"] = extra.get("f1", float("nan"))
+            row["gt_objects"] = int(extra.get("tp", 0) + extra.get("fn", 0))
+            row["pred_objects"] = int(extra.get("tp", 0) + extra.get("fp", 0))
+            per_class[name] = row
+        return {
+            "overall": {
+                "dice": sem["binary_dice"], "miou": sem["miou"], "mean_dice": sem["mean_dice"],
+                "pixel_accuracy": sem["pixel_accuracy"], "pixel_error": sem["pixel_error"],
+                "bpq": inst["bpq"], "mpq": inst["mpq"], "mpq_plus": inst["mpq_plus"], "f1": inst["f1"],
+                "aji": inst["aji"],
+            },
+            "per_class": per_class,
+            "per_image": self.per_image,
+            "classes": self.class_names,
+            "images": len(self.per_image),
+            "aggregation": AGGREGATION,
+        }
+
+
+def evaluate_maps(gt: np.ndarray, pred: np.ndarray, class_names: list[str], gt_instances=None, pred_instances=None,
+                  instance_settings: InstanceSettings | None = None) -> dict:
+    """Everything for one image pair (the viewer's metrics panel uses this)."""
+    evaluation = PairEvaluation(class_names, instance_settings)
+    evaluation.add("image", gt, pred, gt_instances, pred_instances)
+    return evaluation.report()
+
+
+def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, instance_settings: InstanceSettings | None = None,
+                     progress=None) -> dict:
+    """Compare ``pred_dir/labels`` (and ``pred_dir/instances`` if present) with a ground-truth dataset folder."""
     gt = open_dataset(gt_dir, require_labels=True)
     pred_dir = Path(pred_dir)
     labels_dir = pred_dir / "labels" if (pred_dir / "labels").is_dir() else pred_dir
+    instances_dir = pred_dir / "instances"
     pred_classes_file = pred_dir / "classes.json"
     if pred_classes_file.is_file():
         pred_classes = json.loads(pred_classes_file.read_text()).get("classes", [])
@@ -25,32 +120,21 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path) -> dict:
                 f"The prediction's classes {pred_classes} differ from the ground truth's {gt.classes}; "
                 "evaluate with a model trained on the same classes."
             )
-    n = len(gt.classes)
-    total = np.zeros((n, n), np.int64)
-    per_image = {}
     missing = [s for s in gt.stems if not (labels_dir / f"{s}.tif").is_file()]
     if len(missing) == len(gt.stems):
         raise DatasetError(f"{labels_dir} holds no prediction for any of the {len(gt.stems)} ground-truth images.")
     if missing:
         raise DatasetError(f"{labels_dir} lacks predictions for {len(missing)} image(s): {', '.join(missing[:5])}")
-    for stem in gt.stems:
-        truth = gt.load(stem).labels
+    evaluation = PairEvaluation(gt.classes, instance_settings)
+    for i, stem in enumerate(gt.stems, 1):
+        sample = gt.load(stem)
         pred = read_label_map(labels_dir / f"{stem}.tif")
-        cm = confusion_matrix(truth, pred, n)
-        total += cm
-        m = semantic_metrics(cm, gt.classes)
-        per_image[stem] = {"dice": m["binary_dice"], "miou": m["miou"], "pixel_accuracy": m["pixel_accuracy"]}
-    pooled = semantic_metrics(total, gt.classes)
-    return {
-        "overall": {
-            "dice": pooled["binary_dice"],
-            "miou": pooled["miou"],
-            "mean_dice": pooled["mean_dice"],
-            "pixel_accuracy": pooled["pixel_accuracy"],
-        },
-        "per_class": pooled["per_class"],
-        "per_image": per_image,
-        "classes": gt.classes,
-        "images": len(gt.stems),
-        "aggregation": "pooled over images; 'dice' merges all foreground classes; mIoU/mean Dice average foreground classes",
-    }
+        inst_file = instances_dir / f"{stem}.tif"
+        pred_instances = read_label_map(inst_file) if inst_file.is_file() else None
+        try:
+            evaluation.add(stem, sample.labels, pred, sample.instances, pred_instances)
+        except MetricsInputError as exc:
+            raise MetricsInputError(f"{stem}: {exc}") from exc
+        if progress is not None:
+            progress(i, len(gt.stems))
+    return evaluation.report()

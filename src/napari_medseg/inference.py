@@ -59,9 +59,9 @@ def gaussian_weights(tile_size: int, sigma_fraction: float = 0.125) -> np.ndarra
     coords = np.arange(tile_size, dtype=np.float64) - (tile_size - 1) / 2
     g = np.exp(-0.5 * (coords / (sigma_fraction * tile_size)) ** 2)
     w = np.outer(g, g)
-    w = np.maximum(w / w.max(), 1e-3)
-    w.setflags(write=False)
-    return w.astype(np.float32)
+    w = np.maximum(w / w.max(), 1e-3).astype(np.float32)
+    w.setflags(write=False)  # cached and shared between runs: must stay read-only
+    return w
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
@@ -89,7 +89,7 @@ def iter_predict_probabilities(model: torch.nn.Module, image: np.ndarray, num_cl
     stride = tile - settings.overlap
     boxes = [(y, x) for y in tile_starts(H, tile, stride) for x in tile_starts(W, tile, stride)]
     weights = gaussian_weights(tile)
-    weights_t = torch.from_numpy(weights).to(device)
+    weights_t = torch.tensor(weights, device=device)  # a copy: from_numpy warns on read-only arrays
     probs = np.zeros((num_classes, H, W), np.float32)
     norm = np.zeros((H, W), np.float32)
     model.eval()

@@ -11,9 +11,10 @@ METADATA_KEY = "medseg"
 
 
 def class_colormap(colors: list) -> DirectLabelColormap:
+    """Background transparent; a colour of ``None`` hides that class."""
     color_dict = {None: np.zeros(4), 0: np.zeros(4)}
     for i, rgb in enumerate(colors[1:], start=1):
-        color_dict[i] = np.array([*(np.asarray(rgb, float) / 255.0), 1.0])
+        color_dict[i] = np.zeros(4) if rgb is None else np.array([*(np.asarray(rgb, float) / 255.0), 1.0])
     return DirectLabelColormap(color_dict=color_dict)
 
 

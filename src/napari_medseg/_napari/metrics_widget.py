@@ -1,20 +1,30 @@
-"""Metrics widget: compare a prediction Labels layer with a ground-truth Labels layer, per class."""
+"""Metrics panel: a prediction Labels layer against a ground-truth Labels layer, per class.
+
+Recomputes (debounced, off the GUI thread) when either layer is painted; shows TP/FP/FN
+overlays; hides classes of the prediction one by one; exports the table as CSV.
+"""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, Label, PushButton, Table
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton, Select, Table
 
-from ..metrics import MetricsInputError, evaluate_pair
-from .layers import layer_classes
+from ..evaluation import evaluate_maps
+from ..metrics import MetricsInputError
+from ..objects import write_csv
+from ..overlays import ERROR_COLORS, ERROR_NAMES, error_counts, error_map
+from .layers import METADATA_KEY, class_colormap, layer_classes
 
 if TYPE_CHECKING:
     import napari
 
-COLUMNS = ["IoU", "Dice", "Precision", "Recall", "GT pixels", "Pred pixels"]
+COLUMNS = ["IoU", "Dice", "Precision", "Recall", "PQ", "F1", "GT px", "Pred px", "GT objects", "Pred objects"]
+ALL_CLASSES = "all classes"
+DEBOUNCE_MS = 400
 
 
 def _cell(value):
@@ -24,28 +34,105 @@ def _cell(value):
     return value
 
 
+def _notify_error(message: str) -> None:
+    from napari.utils.notifications import show_error
+
+    show_error(message)
+
+
 class MetricsWidget(Container):
     def __init__(self, viewer: "napari.viewer.Viewer"):
         super().__init__()
         self._viewer = viewer
-        self.prediction = ComboBox(label="prediction", choices=self._labels_layers)
-        self.ground_truth = ComboBox(label="ground truth", choices=self._labels_layers)
+        self.prediction = ComboBox(label="prediction", choices=self._class_layers)
+        self.ground_truth = ComboBox(label="ground truth", choices=self._class_layers)
+        self.gt_instances = ComboBox(label="GT instances", choices=self._instance_choices)
+        self.live = CheckBox(text="recompute when painted", value=True)
         self.compute_button = PushButton(text="Compute metrics")
         self.summary = Label(value="")
         self.table = Table(value={"data": [], "index": [], "columns": COLUMNS})
-        self.extend([self.prediction, self.ground_truth, self.compute_button, self.summary, self.table])
+        self.csv_path = FileEdit(label="CSV", mode="w", filter="*.csv", value="metrics.csv")
+        self.export_button = PushButton(text="Export table as CSV")
+        self.error_class = ComboBox(label="errors of", choices=self._error_choices)
+        self.errors_button = PushButton(text="Show TP / FP / FN overlay")
+        self.visible_classes = Select(label="show classes", choices=self._class_choices)
+        self.extend([self.prediction, self.ground_truth, self.gt_instances, self.live, self.compute_button,
+                     self.summary, self.table, self.csv_path, self.export_button, self.error_class,
+                     self.errors_button, self.visible_classes])
         self.compute_button.changed.connect(lambda: self.compute())
+        self.export_button.changed.connect(lambda: self.export_csv())
+        self.errors_button.changed.connect(lambda: self.show_errors())
+        self.visible_classes.changed.connect(self._apply_visible_classes)
+        self.prediction.changed.connect(self._watch_layers)
+        self.ground_truth.changed.connect(self._watch_layers)
+        self.prediction.changed.connect(lambda: self.reset_choices())
         viewer.layers.events.inserted.connect(self.reset_choices)
         viewer.layers.events.removed.connect(self.reset_choices)
-        self.reset_choices()
         self.result: dict | None = None
+        self._worker = None
+        self._watched: list = []
+        self._timer = None
+        self.reset_choices()
+        self.visible_classes.value = list(self.visible_classes.choices)
 
-    def _labels_layers(self, _widget=None) -> list:
+    # -- choices ------------------------------------------------------------------------
+    def _labels_layers(self) -> list:
         from napari.layers import Labels
 
         return [layer for layer in self._viewer.layers if isinstance(layer, Labels)]
 
-    def _class_names(self, pred_layer, gt_layer, pred: np.ndarray, gt: np.ndarray) -> list[str]:
+    def _class_layers(self, _widget=None) -> list:
+        layers = self._labels_layers()
+        # layers we know hold instances are not class maps
+        return [l for l in layers if l.metadata.get(METADATA_KEY, {}).get("kind") != "instances"]
+
+    def _instance_choices(self, _widget=None) -> list:
+        instance_layers = [l for l in self._labels_layers() if l.metadata.get(METADATA_KEY, {}).get("kind") == "instances"]
+        return [("derive from class map (watershed)", None)] + [(l.name, l) for l in instance_layers]
+
+    def _names(self) -> list[str]:
+        for layer in (self.ground_truth.value, self.prediction.value):
+            names = layer_classes(layer) if layer is not None else None
+            if names:
+                return names
+        return []
+
+    def _error_choices(self, _widget=None) -> list:
+        return [ALL_CLASSES] + self._names()[1:]
+
+    def _class_choices(self, _widget=None) -> list:
+        return self._names()[1:]
+
+    # -- live recompute -----------------------------------------------------------------
+    def _watch_layers(self, *_):
+        for layer in self._watched:
+            layer.events.paint.disconnect(self._schedule)
+            layer.events.data.disconnect(self._schedule)
+        self._watched = [l for l in {id(l): l for l in (self.prediction.value, self.ground_truth.value) if l}.values()]
+        for layer in self._watched:
+            layer.events.paint.connect(self._schedule)
+            layer.events.data.connect(self._schedule)
+
+    def _schedule(self, *_):
+        """Debounce: many paint events in a stroke lead to one recompute."""
+        if not self.live.value or self.result is None:
+            return
+        from qtpy.QtCore import QTimer
+
+        if self._timer is None:
+            self._timer = QTimer()
+            self._timer.setSingleShot(True)
+            self._timer.timeout.connect(lambda: self.compute(threaded=True))
+        self._timer.start(DEBOUNCE_MS)
+
+    # -- metrics ------------------------------------------------------------------------
+    def _inputs(self):
+        pred_layer, gt_layer = self.prediction.value, self.ground_truth.value
+        if pred_layer is None or gt_layer is None:
+            raise MetricsInputError("Choose a prediction and a ground-truth Labels layer.")
+        if pred_layer is gt_layer:
+            raise MetricsInputError("Prediction and ground truth are the same layer.")
+        pred, gt = np.asarray(pred_layer.data), np.asarray(gt_layer.data)
         gt_names, pred_names = layer_classes(gt_layer), layer_classes(pred_layer)
         if gt_names and pred_names and gt_names != pred_names:
             raise MetricsInputError(
@@ -56,37 +143,114 @@ class MetricsWidget(Container):
         if names is None:
             top = int(max(gt.max(initial=0), pred.max(initial=0)))
             names = ["background"] + [f"class {i}" for i in range(1, top + 1)]
-        return names
+        gt_inst = self.gt_instances.value
+        gt_instances = np.asarray(gt_inst.data) if gt_inst is not None else None
+        if gt_instances is not None and gt_instances.shape != gt.shape:
+            raise MetricsInputError(f"'{gt_inst.name}' has shape {gt_instances.shape}, the ground truth {gt.shape}.")
+        if gt.ndim != 2:
+            raise MetricsInputError(f"Metrics compare 2-D maps; the ground truth has shape {gt.shape}.")
+        return gt, pred.copy(), names, gt_instances
 
-    def compute(self) -> dict | None:
-        """Fill the table; on bad input show why and leave the previous table as it was."""
-        pred_layer, gt_layer = self.prediction.value, self.ground_truth.value
+    def compute(self, threaded: bool = False):
+        """Fill the table; on bad input show why and leave the previous table as it was.
+
+        ``threaded=True`` computes in a worker thread (as live recomputes do).
+        """
         try:
-            if pred_layer is None or gt_layer is None:
-                raise MetricsInputError("Choose a prediction and a ground-truth Labels layer.")
-            if pred_layer is gt_layer:
-                raise MetricsInputError("Prediction and ground truth are the same layer.")
-            pred, gt = np.asarray(pred_layer.data), np.asarray(gt_layer.data)
-            names = self._class_names(pred_layer, gt_layer, pred, gt)
-            result = evaluate_pair(gt, pred, names)
+            gt, pred, names, gt_instances = self._inputs()
         except MetricsInputError as exc:
-            from napari.utils.notifications import show_error
+            return self._fail(str(exc))
+        job = lambda: evaluate_maps(gt, pred, names, gt_instances=gt_instances)  # noqa: E731
+        if not threaded:
+            try:
+                return self._show(job())
+            except MetricsInputError as exc:
+                return self._fail(str(exc))
+        from napari.qt.threading import create_worker
 
-            self.summary.value = f"Error: {exc}"
-            show_error(str(exc))
-            return None
+        if self._worker is not None:
+            self._worker.quit()
+        worker = create_worker(job)
+        worker.returned.connect(self._show)
+        worker.errored.connect(lambda exc: self._fail(str(exc)))
+        self._worker = worker
+        self.summary.value = "Computing..."
+        worker.start()
+        return worker
+
+    def _fail(self, message: str) -> None:
+        self.summary.value = f"Error: {message}"
+        _notify_error(message)
+        return None
+
+    def _show(self, report: dict) -> dict:
         rows, index = [], []
-        for name, m in result["per_class"].items():
+        for name, m in report["per_class"].items():
             index.append(name)
             rows.append([_cell(m["iou"]), _cell(m["dice"]), _cell(m["precision"]), _cell(m["recall"]),
-                         m["gt_pixels"], m["pred_pixels"]])
-        index.append("overall (foreground)")
-        rows.append([_cell(result["miou"]), _cell(result["mean_dice"]), "", "", "", ""])
+                         _cell(m["pq"]), _cell(m["f1"]), m["tp"] + m["fn"], m["tp"] + m["fp"],
+                         m["gt_objects"], m["pred_objects"]])
+        o = report["overall"]
+        index.append("overall (nuclei)")
+        rows.append([_cell(o["miou"]), _cell(o["mean_dice"]), "", "", _cell(o["mpq"]), _cell(o["f1"]), "", "", "", ""])
         self.table.value = {"data": rows, "index": index, "columns": COLUMNS}
         self.summary.value = (
-            f"mIoU {_cell(result['miou'])} · mean Dice {_cell(result['mean_dice'])} · "
-            f"nucleus Dice {_cell(result['binary_dice'])} · pixel accuracy {_cell(result['pixel_accuracy'])}\n"
-            "Overall row: mean over foreground classes present in either map."
+            f"nucleus Dice {_cell(o['dice'])} · mIoU {_cell(o['miou'])} · pixel accuracy {_cell(o['pixel_accuracy'])}\n"
+            f"bPQ {_cell(o['bpq'])} · mPQ {_cell(o['mpq'])} · F1 {_cell(o['f1'])} · AJI {_cell(o['aji'])}\n"
+            "Overall row: IoU/Dice = mean over nucleus classes; PQ = mPQ (classes present in the ground truth); "
+            "F1 = detection F1 at IoU > 0.5, all nuclei."
         )
-        self.result = result
-        return result
+        self.result = report
+        return report
+
+    def export_csv(self, path: str | Path | None = None) -> Path | None:
+        if self.result is None:
+            return self._fail("Compute the metrics before exporting them.")
+        value = self.table.value
+        columns = {"class": list(value["index"])}
+        for j, name in enumerate(value["columns"]):
+            columns[name] = [row[j] for row in value["data"]]
+        target = Path(path or str(self.csv_path.value))
+        try:
+            written = write_csv(target, columns)
+        except OSError as exc:
+            return self._fail(f"Cannot write {target}: {exc.strerror or exc}")
+        self.summary.value = f"Saved {written}"
+        return written
+
+    # -- overlays -----------------------------------------------------------------------
+    def show_errors(self):
+        """Add (or update) a Labels layer with TP / FP / FN pixels in three distinct colours."""
+        try:
+            gt, pred, names, _ = self._inputs()
+            choice = self.error_class.value
+            class_id = None if choice in (None, ALL_CLASSES) else names.index(choice)
+            errors = error_map(gt, pred, len(names), class_id)
+        except (MetricsInputError, ValueError) as exc:
+            return self._fail(str(exc))
+        from napari.utils.colormaps import DirectLabelColormap
+
+        colors = {None: np.zeros(4), 0: np.zeros(4)}
+        colors.update({k: np.array([*(np.asarray(c) / 255.0), 0.8]) for k, c in ERROR_COLORS.items()})
+        name = f"errors: {choice or ALL_CLASSES}"
+        features = {"index": [0, *ERROR_NAMES], "error": ["none", *ERROR_NAMES.values()]}
+        meta = {METADATA_KEY: {"kind": "errors"}}
+        existing = next((l for l in self._labels_layers() if l.metadata.get(METADATA_KEY, {}).get("kind") == "errors"), None)
+        if existing is not None:
+            existing.data, existing.name = errors, name
+            layer = existing
+        else:
+            layer = self._viewer.add_labels(errors, name=name, colormap=DirectLabelColormap(color_dict=colors),
+                                            features=features, metadata=meta, opacity=0.8)
+        counts = error_counts(errors)
+        self.summary.value = ", ".join(f"{k}: {v} px" for k, v in counts.items() if class_id is None or k != "wrong class")
+        return layer
+
+    def _apply_visible_classes(self, visible=None):
+        layer = self.prediction.value
+        info = layer.metadata.get(METADATA_KEY, {}) if layer is not None else {}
+        if not info.get("colors"):
+            return
+        shown = set(self.visible_classes.value)
+        colors = [c if (i == 0 or name in shown) else None for i, (name, c) in enumerate(zip(info["classes"], info["colors"]))]
+        layer.colormap = class_colormap(colors)

@@ -11,7 +11,7 @@ import json
 import os
 import platform
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -95,6 +95,13 @@ def package_versions() -> dict:
 def _check_not_pickle(path: Path) -> None:
     with open(path, "rb") as fh:
         head = fh.read(16)
+    # Recognise safetensors first: its first byte is the low byte of the header length,
+    # which is 0x80 (a pickle opcode) for about 1 valid file in 32.
+    if len(head) >= 9 and head[8:9] == b"{":
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if 8 + header_len <= os.path.getsize(path):
+            return
+        raise CheckpointError(f"{path.name}: truncated safetensors file (header runs past the end of the file).")
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         raise CheckpointError(
             f"{path.name} is a pickled PyTorch checkpoint (torch.save). napari-medseg never unpickles "
@@ -103,9 +110,7 @@ def _check_not_pickle(path: Path) -> None:
         )
     if len(head) < 9:
         raise CheckpointError(f"{path.name} is too short to be a safetensors checkpoint ({len(head)} bytes).")
-    (header_len,) = struct.unpack("<Q", head[:8])
-    if head[8:9] != b"{" or header_len > os.path.getsize(path):
-        raise CheckpointError(f"{path.name} is not a safetensors file (bad header).")
+    raise CheckpointError(f"{path.name} is not a safetensors file (bad or truncated header).")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -161,7 +166,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     path = Path(path)
     meta = read_meta(path)
     try:
-        model = build_model(meta.model)
+        # The file holds every weight: skip the encoder init file, which may not exist here.
+        model = build_model(replace(meta.model, encoder_weights=None))
     except ModelConfigError as exc:
         raise CheckpointError(f"{path.name}: {exc}") from exc
     state = read_state_dict(path)

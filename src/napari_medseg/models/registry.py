@@ -36,7 +36,7 @@ class ModelConfig:
     base_channels: int = 32  # custom architectures
     depth: int = 4  # custom architectures
     dropout: float = 0.0  # decoder dropout (custom architectures)
-    encoder_weights: str | None = None  # path to a local .safetensors/.pth of encoder weights, never a hub name
+    encoder_weights: str | None = None  # path to a local .safetensors of encoder weights (no pickles), never a hub name
     extra: dict = field(default_factory=dict)  # further keyword arguments for smp
 
     @classmethod
@@ -53,9 +53,10 @@ class ModelConfig:
     @property
     def output_stride(self) -> int:
         """Input sides must be multiples of this."""
-        if self.architecture in CUSTOM_ARCHITECTURES:
+        arch = self.architecture.lower()  # build_model accepts any case, so must this
+        if arch in CUSTOM_ARCHITECTURES:
             return 2**self.depth
-        return 2**self.encoder_depth if self.architecture != "deeplabv3plus" else 16
+        return 2**self.encoder_depth if arch != "deeplabv3plus" else 16
 
 
 def _load_local_encoder_weights(model: nn.Module, path: str) -> None:
@@ -67,9 +68,19 @@ def _load_local_encoder_weights(model: nn.Module, path: str) -> None:
             f"encoder_weights must be a local file (no downloads); '{path}' does not exist."
         )
     state = read_state_dict(file)
-    missing, unexpected = model.encoder.load_state_dict(state, strict=False)
-    if len(missing) == len(list(model.encoder.state_dict())):
+    # Match by name ourselves: smp encoders override load_state_dict (returning None, some
+    # without ``strict``), and a file may hold extra tensors (classifier, deeper stages).
+    own = model.encoder.state_dict()
+    matched = {k: v for k, v in state.items() if k in own}
+    if not matched:
         raise ModelConfigError(f"{file.name}: none of its tensors match the encoder's parameters.")
+    wrong = [k for k, v in matched.items() if v.shape != own[k].shape]
+    if wrong:
+        raise ModelConfigError(
+            f"{file.name}: {len(wrong)} tensor(s) have the wrong shape for encoder '{model.encoder.__class__.__name__}' "
+            f"(e.g. '{wrong[0]}': {tuple(matched[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}); weights of another encoder?"
+        )
+    nn.Module.load_state_dict(model.encoder, matched, strict=False)
 
 
 def build_model(config: ModelConfig) -> nn.Module:
@@ -97,6 +108,10 @@ def build_model(config: ModelConfig) -> nn.Module:
             kwargs["decoder_channels"] = list(config.decoder_channels)
         elif config.encoder_depth != 5:
             kwargs["decoder_channels"] = [256, 128, 64, 32, 16][-config.encoder_depth:]
+    if arch == "fpn":
+        # smp's FPN merges its 4 finest pyramid levels, at stride 2**(depth-3), then upsamples
+        # by a fixed 4 (right for depth 5 only); match it so output size == input size.
+        kwargs.setdefault("upsampling", 2 ** (config.encoder_depth - 3))
     if arch != "deeplabv3plus":
         kwargs["encoder_depth"] = config.encoder_depth
     try:

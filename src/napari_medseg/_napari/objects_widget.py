@@ -1,0 +1,119 @@
+"""Objects widget: count nuclei per class and measure each (area, centroid, mean intensity)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, Table
+
+from ..instances import InstanceSettings, semantic_to_instances
+from ..io.geojson import write_geojson
+from ..objects import counts_per_class, object_table, write_csv
+from .layers import METADATA_KEY, instance_labels_kwargs, layer_classes
+
+if TYPE_CHECKING:
+    import napari
+
+
+class ObjectsWidget(Container):
+    def __init__(self, viewer: "napari.viewer.Viewer"):
+        super().__init__()
+        self._viewer = viewer
+        self.class_layer = ComboBox(label="class map", choices=self._class_layers)
+        self.instance_layer = ComboBox(label="instances", choices=self._instance_choices)
+        self.image_layer = ComboBox(label="image", choices=self._image_choices)
+        self.measure_button = PushButton(text="Measure objects")
+        self.summary = Label(value="")
+        self.table = Table(value={"data": [], "columns": []})
+        self.csv_path = FileEdit(label="CSV", mode="w", filter="*.csv", value="objects.csv")
+        self.export_csv_button = PushButton(text="Export objects as CSV")
+        self.geojson_path = FileEdit(label="GeoJSON", mode="w", filter="*.geojson", value="objects.geojson")
+        self.export_geojson_button = PushButton(text="Export outlines for QuPath (GeoJSON)")
+        self.extend([self.class_layer, self.instance_layer, self.image_layer, self.measure_button, self.summary,
+                     self.table, self.csv_path, self.export_csv_button, self.geojson_path, self.export_geojson_button])
+        self.measure_button.changed.connect(lambda: self.measure())
+        self.export_csv_button.changed.connect(lambda: self.export_csv())
+        self.export_geojson_button.changed.connect(lambda: self.export_geojson())
+        viewer.layers.events.inserted.connect(self.reset_choices)
+        viewer.layers.events.removed.connect(self.reset_choices)
+        self.reset_choices()
+        self.objects: dict | None = None
+        self._instances: np.ndarray | None = None
+
+    def _labels_of_kind(self, kind_is_instances: bool) -> list:
+        from napari.layers import Labels
+
+        return [l for l in self._viewer.layers if isinstance(l, Labels)
+                and (l.metadata.get(METADATA_KEY, {}).get("kind") == "instances") == kind_is_instances
+                and l.metadata.get(METADATA_KEY, {}).get("kind") != "errors"]
+
+    def _class_layers(self, _widget=None) -> list:
+        return self._labels_of_kind(False)
+
+    def _instance_choices(self, _widget=None) -> list:
+        return [("derive from class map (watershed)", None)] + [(l.name, l) for l in self._labels_of_kind(True)]
+
+    def _image_choices(self, _widget=None) -> list:
+        from napari.layers import Image
+
+        return [("none", None)] + [(l.name, l) for l in self._viewer.layers if isinstance(l, Image)]
+
+    def _fail(self, message: str):
+        from napari.utils.notifications import show_error
+
+        self.summary.value = f"Error: {message}"
+        show_error(message)
+        return None
+
+    def measure(self, add_instances_layer: bool = True) -> dict | None:
+        layer = self.class_layer.value
+        if layer is None:
+            return self._fail("Choose a class-map Labels layer.")
+        class_map = np.asarray(layer.data)
+        names = layer_classes(layer) or ["background"] + [f"class {i}" for i in range(1, int(class_map.max(initial=0)) + 1)]
+        try:
+            if class_map.ndim != 2:
+                raise ValueError(f"Objects are measured on 2-D maps; '{layer.name}' has shape {class_map.shape}.")
+            inst_layer = self.instance_layer.value
+            if inst_layer is not None:
+                instances = np.asarray(inst_layer.data)
+            else:
+                instances = semantic_to_instances(class_map, InstanceSettings())
+            image_layer = self.image_layer.value
+            image = np.asarray(image_layer.data) if image_layer is not None else None
+            table = object_table(instances, class_map, names, image)
+        except ValueError as exc:
+            return self._fail(str(exc))
+        if inst_layer is None and add_instances_layer:
+            self._viewer.add_labels(instances, **instance_labels_kwargs(f"{layer.name} instances"))
+        columns = [c for c in table if c != "class_id"]
+        rows = [[(round(float(v), 2) if isinstance(v, (float, np.floating)) else v) for v in row]
+                for row in zip(*(table[c] for c in columns))]
+        self.table.value = {"data": rows, "columns": columns}
+        counts = counts_per_class(table)
+        self.summary.value = f"{len(table['label'])} objects: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+        self.objects, self._instances, self._names = table, instances, names
+        return table
+
+    def export_csv(self, path: str | Path | None = None) -> Path | None:
+        if self.objects is None:
+            return self._fail("Measure the objects before exporting them.")
+        target = Path(path or str(self.csv_path.value))
+        try:
+            return write_csv(target, {k: v for k, v in self.objects.items()})
+        except OSError as exc:
+            return self._fail(f"Cannot write {target}: {exc.strerror or exc}")
+
+    def export_geojson(self, path: str | Path | None = None) -> Path | None:
+        if self.objects is None:
+            return self._fail("Measure the objects before exporting them.")
+        target = Path(path or str(self.geojson_path.value))
+        classes = np.zeros(int(self._instances.max(initial=0)) + 1, np.int64)
+        classes[self.objects["label"]] = self.objects["class_id"]
+        colors = self.class_layer.value.metadata.get(METADATA_KEY, {}).get("colors")
+        try:
+            return write_geojson(target, self._instances, classes, self._names, colors)
+        except OSError as exc:
+            return self._fail(f"Cannot write {target}: {exc.strerror or exc}")

@@ -1,0 +1,70 @@
+"""Instances as GeoJSON that QuPath imports (File > Import objects): one polygon per nucleus,
+with its class name and colour."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from .images import atomic_write
+
+
+def instance_polygons(instances: np.ndarray) -> dict[int, list[list[float]]]:
+    """Outer outline of each instance as ``[[x, y], ...]`` (closed), in pixel coordinates."""
+    from scipy import ndimage as ndi
+    from skimage.measure import find_contours
+
+    polygons: dict[int, list[list[float]]] = {}
+    for index, bbox in enumerate(ndi.find_objects(instances), start=1):
+        if bbox is None:
+            continue
+        y0, x0 = bbox[0].start, bbox[1].start
+        mask = np.pad(instances[bbox] == index, 1)
+        contours = find_contours(mask.astype(np.uint8), 0.5)
+        if not contours:
+            continue
+        outline = max(contours, key=len)  # the outer boundary; holes are not exported
+        coords = [[float(x + x0 - 1), float(y + y0 - 1)] for y, x in outline]
+        if coords[0] != coords[-1]:
+            coords.append(coords[0])
+        if len(coords) >= 4:
+            polygons[index] = coords
+    return polygons
+
+
+def instances_to_geojson(instances: np.ndarray, classes: np.ndarray | None = None,
+                         class_names: list[str] | None = None, colors: list | None = None) -> dict:
+    """A FeatureCollection; ``classes[id]`` is the class index of instance ``id``."""
+    from skimage.segmentation import relabel_sequential
+
+    instances = np.asarray(instances)
+    if instances.ndim != 2 or not np.issubdtype(instances.dtype, np.integer):
+        raise ValueError(f"GeoJSON export needs a 2-D integer instance map, got {instances.dtype} {instances.shape}.")
+    relabelled, forward, _ = relabel_sequential(instances)
+    features = []
+    for new_id, coords in instance_polygons(relabelled).items():
+        old_id = int(forward.inverse[new_id]) if hasattr(forward, "inverse") else new_id
+        properties: dict = {"objectType": "detection", "label": old_id}
+        if classes is not None and class_names is not None:
+            c = int(classes[old_id])
+            properties["classification"] = {"name": class_names[c]}
+            if colors is not None:
+                properties["classification"]["color"] = [int(v) for v in colors[c][:3]]
+        features.append({
+            "type": "Feature",
+            "id": str(uuid.uuid5(uuid.NAMESPACE_OID, f"napari-medseg/{old_id}")),
+            "geometry": {"type": "Polygon", "coordinates": [coords]},
+            "properties": properties,
+        })
+    return {"type": "FeatureCollection", "features": features}
+
+
+def write_geojson(path: str | Path, instances: np.ndarray, classes: np.ndarray | None = None,
+                  class_names: list[str] | None = None, colors: list | None = None) -> Path:
+    data = instances_to_geojson(instances, classes, class_names, colors)
+    path = Path(path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data)))
+    return path

@@ -1,0 +1,148 @@
+"""Metrics panel v2 (instances, live recompute, CSV, error overlay, class visibility) and the
+Objects widget, driven through make_napari_viewer on the real sample data."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from napari_medseg._napari.layers import class_labels_kwargs
+from napari_medseg._napari.metrics_widget import ALL_CLASSES, MetricsWidget
+from napari_medseg._napari.objects_widget import ObjectsWidget
+from napari_medseg._napari.sample_data import consep_sample
+from napari_medseg.evaluation import evaluate_maps
+from napari_medseg.overlays import FN, FP, TP
+
+CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle"]
+
+
+@pytest.fixture
+def sample_viewer(make_napari_viewer):
+    viewer = make_napari_viewer()
+    layers = [getattr(viewer, f"add_{kind}")(data, **kwargs) for data, kwargs, kind in consep_sample()]
+    truth = layers[1]
+    pred = np.roll(truth.data, 2, axis=1)
+    pred[truth.data == 4] = 3  # spindle confused with epithelial
+    pred_layer = viewer.add_labels(pred, **class_labels_kwargs("prediction", CLASSES))
+    return viewer, layers[0], truth, layers[2], pred_layer
+
+
+def test_metrics_panel_reports_instance_metrics_with_gt_instances(sample_viewer):
+    viewer, _, truth, instances, pred = sample_viewer
+    widget = MetricsWidget(viewer)
+    widget.prediction.value, widget.ground_truth.value = pred, truth
+    widget.gt_instances.value = instances
+    report = widget.compute()
+    expected = evaluate_maps(truth.data, pred.data, CLASSES, gt_instances=instances.data)
+    assert report["overall"]["mpq"] == pytest.approx(expected["overall"]["mpq"], abs=1e-12)
+    value = widget.table.value
+    assert list(value["columns"][4:6]) == ["PQ", "F1"]
+    spindle = list(value["index"]).index("spindle")
+    assert value["data"][spindle][1] == 0.0  # no pixel predicted spindle
+    assert value["data"][spindle][8] == expected["per_class"]["spindle"]["gt_objects"] > 0
+    assert "bPQ" in widget.summary.value and "AJI" in widget.summary.value
+
+
+def test_metrics_panel_recomputes_after_painting(sample_viewer, qtbot):
+    viewer, _, truth, _, pred = sample_viewer
+    widget = MetricsWidget(viewer)
+    widget.prediction.value, widget.ground_truth.value = pred, truth
+    first = widget.compute()["per_class"]["epithelial"]["pred_pixels"]
+    # paint a 20x20 square of epithelial into background, as the brush would
+    pred.selected_label = 3
+    coords = np.argwhere(pred.data == 0)[:400]
+    pred.data_setitem(tuple(coords.T), 3)
+    qtbot.waitUntil(lambda: widget.result["per_class"]["epithelial"]["pred_pixels"] == first + 400, timeout=15_000)
+
+
+def test_metrics_panel_csv_export(sample_viewer, tmp_path):
+    viewer, _, truth, _, pred = sample_viewer
+    widget = MetricsWidget(viewer)
+    widget.prediction.value, widget.ground_truth.value = pred, truth
+    assert widget.export_csv(tmp_path / "m.csv") is None  # nothing computed yet: refused
+    widget.compute()
+    path = widget.export_csv(tmp_path / "m.csv")
+    rows = list(csv.DictReader(path.open()))
+    assert [r["class"] for r in rows][:5] == CLASSES
+    assert float(rows[3]["IoU"]) == pytest.approx(widget.result["per_class"]["epithelial"]["iou"], abs=1e-4)
+
+
+def test_error_overlay_per_class_and_all(sample_viewer):
+    viewer, _, truth, _, pred = sample_viewer
+    widget = MetricsWidget(viewer)
+    widget.prediction.value, widget.ground_truth.value = pred, truth
+    widget.reset_choices()
+    assert list(widget.error_class.choices) == [ALL_CLASSES, *CLASSES[1:]]
+    widget.error_class.value = "epithelial"
+    layer = widget.show_errors()
+    g, p = truth.data == 3, pred.data == 3
+    assert np.array_equal(layer.data == TP, g & p)
+    assert np.array_equal(layer.data == FP, p & ~g)
+    assert np.array_equal(layer.data == FN, g & ~p)
+    colors = {int(v): tuple(np.round(layer.colormap.map(np.array([v]))[0][:3], 3)) for v in (TP, FP, FN)}
+    assert len(set(colors.values())) == 3  # three distinct colours
+    n_layers = len(viewer.layers)
+    widget.error_class.value = ALL_CLASSES
+    again = widget.show_errors()
+    assert again is layer and len(viewer.layers) == n_layers  # updated in place, not duplicated
+    assert (again.data == 4).sum() == ((truth.data > 0) & (pred.data > 0) & (truth.data != pred.data)).sum()
+
+
+def test_hiding_classes_in_prediction_layer(sample_viewer):
+    viewer, _, truth, _, pred = sample_viewer
+    widget = MetricsWidget(viewer)
+    widget.prediction.value, widget.ground_truth.value = pred, truth
+    widget.reset_choices()
+    widget.visible_classes.value = ["inflammatory", "spindle"]
+    alpha = lambda v: pred.colormap.map(np.array([v]))[0][3]  # noqa: E731
+    assert alpha(2) == 1.0 and alpha(4) == 1.0
+    assert alpha(1) == 0.0 and alpha(3) == 0.0
+    widget.visible_classes.value = CLASSES[1:]
+    assert alpha(3) == 1.0
+
+
+def test_objects_widget_measures_counts_and_exports(sample_viewer, tmp_path):
+    viewer, image, truth, instances, _ = sample_viewer
+    widget = ObjectsWidget(viewer)
+    widget.class_layer.value = truth
+    widget.instance_layer.value = instances
+    widget.image_layer.value = image
+    table = widget.measure()
+    n = len(np.unique(instances.data[instances.data > 0]))
+    assert len(table["label"]) == n
+    assert str(n) in widget.summary.value and "epithelial" in widget.summary.value
+    csv_path = widget.export_csv(tmp_path / "objects.csv")
+    rows = list(csv.DictReader(csv_path.open()))
+    assert len(rows) == n and {"label", "class", "area", "centroid_y", "centroid_x", "mean_intensity_r"} <= set(rows[0])
+    geo = json.loads(widget.export_geojson(tmp_path / "objects.geojson").read_text())
+    assert len(geo["features"]) == n
+    assert {f["properties"]["classification"]["name"] for f in geo["features"]} <= set(CLASSES[1:])
+
+
+def test_objects_widget_derives_instances_from_class_map(sample_viewer):
+    viewer, _, truth, _, _ = sample_viewer
+    widget = ObjectsWidget(viewer)
+    widget.class_layer.value = truth
+    widget.instance_layer.value = None
+    n_before = len(viewer.layers)
+    table = widget.measure()
+    assert len(viewer.layers) == n_before + 1 and viewer.layers[-1].name.endswith("instances")
+    assert len(table["label"]) > 30
+
+
+def test_writer_contributions_save_through_napari(sample_viewer, tmp_path):
+    from napari_medseg.io import read_label_map
+
+    viewer, _, truth, _, _ = sample_viewer
+    viewer.layers.selection = {truth}
+    path = tmp_path / "nuclei.geojson"
+    written = viewer.layers.save(str(path), selected=True, plugin="napari-medseg")
+    data = json.loads(path.read_text())
+    assert written == [str(path)] and len(data["features"]) > 30
+    assert {f["properties"]["classification"]["name"] for f in data["features"]} <= set(CLASSES[1:])
+    tif = tmp_path / "labels.tif"
+    viewer.layers.save(str(tif), selected=True, plugin="napari-medseg")
+    assert np.array_equal(read_label_map(tif), truth.data)

@@ -1,0 +1,115 @@
+"""Error overlays, per-object measurements, CSV and QuPath GeoJSON export (core, no viewer)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from napari_medseg.io import read_image, read_label_map
+from napari_medseg.io.geojson import instances_to_geojson, write_geojson
+from napari_medseg.objects import counts_per_class, object_table, write_csv
+from napari_medseg.overlays import FN, FP, TP, WRONG_CLASS, error_counts, error_map
+
+CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle"]
+
+
+def _real(consep, stem="train_19_005"):
+    return (read_image(consep / "images" / f"{stem}.png"), read_label_map(consep / "labels" / f"{stem}.tif"),
+            read_label_map(consep / "instances" / f"{stem}.tif"))
+
+
+def test_error_map_per_class_matches_definition(consep):
+    _, gt, _ = _real(consep)
+    pred = np.roll(gt, 3, axis=1)
+    for c in range(1, 5):
+        errors = error_map(gt, pred, 5, class_id=c)
+        g, p = gt == c, pred == c
+        assert np.array_equal(errors == TP, g & p)
+        assert np.array_equal(errors == FP, p & ~g)
+        assert np.array_equal(errors == FN, g & ~p)
+        assert not (errors == WRONG_CLASS).any()
+
+
+def test_error_map_all_classes_partitions_disagreements(consep):
+    _, gt, _ = _real(consep)
+    pred = np.roll(gt, 2, axis=0)
+    errors = error_map(gt, pred, 5)
+    counts = error_counts(errors)
+    assert counts["true positive"] == int(((gt == pred) & (gt > 0)).sum())
+    assert counts["false positive"] == int(((pred > 0) & (gt == 0)).sum())
+    assert counts["false negative"] == int(((gt > 0) & (pred == 0)).sum())
+    assert counts["wrong class"] == int(((gt > 0) & (pred > 0) & (gt != pred)).sum()) > 0
+    with pytest.raises(ValueError, match="foreground class"):
+        error_map(gt, pred, 5, class_id=0)
+    with pytest.raises(ValueError, match="shape"):
+        error_map(gt, pred[:10], 5)
+
+
+def test_object_table_on_real_nuclei(consep):
+    image, gt, instances = _real(consep)
+    table = object_table(instances, gt, CLASSES, image)
+    ids = np.unique(instances[instances > 0])
+    assert list(table["label"]) == list(ids)
+    for row in range(0, len(ids), 7):  # spot-check against plain numpy
+        mask = instances == table["label"][row]
+        assert table["area"][row] == mask.sum()
+        ys, xs = np.nonzero(mask)
+        assert table["centroid_y"][row] == pytest.approx(ys.mean())
+        assert table["centroid_x"][row] == pytest.approx(xs.mean())
+        assert table["mean_intensity_r"][row] == pytest.approx(image[..., 0][mask].mean())
+        classes, counts = np.unique(gt[mask], return_counts=True)
+        assert table["class"][row] == CLASSES[classes[np.argmax(counts)]]
+    counts = counts_per_class(table)
+    assert sum(counts.values()) == len(ids)
+    assert set(counts) <= set(CLASSES[1:])
+
+
+def test_object_table_bad_input():
+    with pytest.raises(ValueError, match="integer instance map"):
+        object_table(np.zeros((4, 4), float))
+    with pytest.raises(ValueError, match="differs"):
+        object_table(np.zeros((4, 4), np.int32), image=np.zeros((5, 5)))
+
+
+def test_csv_export_round_trip(tmp_path, consep):
+    image, gt, instances = _real(consep)
+    table = object_table(instances, gt, CLASSES, image)
+    path = write_csv(tmp_path / "objects.csv", table)
+    rows = list(csv.DictReader(path.open()))
+    assert len(rows) == len(table["label"])
+    assert rows[0]["class"] == table["class"][0] and int(rows[0]["area"]) == table["area"][0]
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_geojson_polygons_cover_real_nuclei(tmp_path, consep):
+    from skimage.draw import polygon as fill_polygon
+
+    _, gt, instances = _real(consep)
+    classes = np.zeros(instances.max() + 1, np.int64)
+    for i in np.unique(instances[instances > 0]):
+        classes[i] = np.bincount(gt[instances == i]).argmax()
+    path = write_geojson(tmp_path / "nuclei.geojson", instances, classes, CLASSES, [[0, 0, 0]] * 5)
+    data = json.loads(path.read_text())
+    assert data["type"] == "FeatureCollection"
+    features = data["features"]
+    assert len(features) == len(np.unique(instances[instances > 0]))
+    for feature in features[::5]:
+        label = feature["properties"]["label"]
+        assert feature["properties"]["objectType"] == "detection"
+        assert feature["properties"]["classification"]["name"] == CLASSES[classes[label]]
+        ring = np.array(feature["geometry"]["coordinates"][0])
+        assert (ring[0] == ring[-1]).all()
+        rr, cc = fill_polygon(ring[:, 1], ring[:, 0], instances.shape)
+        filled = np.zeros(instances.shape, bool)
+        filled[rr, cc] = True
+        mask = instances == label
+        iou = (filled & mask).sum() / (filled | mask).sum()
+        assert iou > 0.6, (label, iou)  # the outline traces the nucleus (half-pixel contour)
+
+
+def test_geojson_refuses_non_integer():
+    with pytest.raises(ValueError, match="integer instance map"):
+        instances_to_geojson(np.zeros((3, 3), float))
