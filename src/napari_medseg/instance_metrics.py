@@ -74,22 +74,41 @@ def _relabel(ids: np.ndarray) -> tuple[np.ndarray, int]:
     return (inverse + 1).reshape(ids.shape), uniq.size
 
 
+DENSE_TABLE_LIMIT = 16_000_000  # cells of a dense (gt id x pred id) table: 128 MB of int64 at most
+
+
+def _compact(table_areas: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop ids with no pixels; map raw 0-based indices to positions among the present ids."""
+    present = table_areas > 0
+    position = np.cumsum(present) - 1
+    return table_areas[present], position[indices]
+
+
 def _pairs(gt: np.ndarray, pred: np.ndarray):
-    """(gt areas, pred areas, overlapping pairs: gt index, pred index, pixel count); 0-based indices."""
-    g, n_g = _relabel(gt)
-    p, n_p = _relabel(pred)
-    g, p = g.ravel(), p.ravel()
-    area_g = np.bincount(g, minlength=n_g + 1)[1:]
-    area_p = np.bincount(p, minlength=n_p + 1)[1:]
+    """(gt areas, pred areas, overlapping pairs: gt index, pred index, pixel count); 0-based
+    indices into the area arrays, which list only ids that occur."""
+    g_top, p_top = int(gt.max(initial=0)), int(pred.max(initial=0))
+    if (g_top + 1) * (p_top + 1) > DENSE_TABLE_LIMIT:  # sparse or huge ids: make them 1..N first
+        gt, g_top = _relabel(gt)
+        pred, p_top = _relabel(pred)
+    width = p_top + 1
+    if (g_top + 1) * width <= DENSE_TABLE_LIMIT:
+        # one bincount of paired ids gives the whole contingency table, areas included
+        codes = gt.ravel().astype(np.int64) * width + pred.ravel()
+        table = np.bincount(codes, minlength=(g_top + 1) * width).reshape(g_top + 1, width)
+        inter = table[1:, 1:]
+        gi, pi = np.nonzero(inter)
+        counts = inter[gi, pi]
+        area_g, gi = _compact(table[1:].sum(1), gi)
+        area_p, pi = _compact(table[:, 1:].sum(0), pi)
+        return area_g, area_p, gi, pi, counts
+    # very many instances: count only the pairs that occur
+    g, p = gt.ravel(), pred.ravel()
+    area_g = np.bincount(g, minlength=g_top + 1)[1:]
+    area_p = np.bincount(p, minlength=p_top + 1)[1:]
     both = (g > 0) & (p > 0)
-    codes = (g[both] - 1).astype(np.int64) * n_p + (p[both] - 1)
-    if n_g * n_p <= 8_000_000:  # dense contingency table: one bincount
-        table = np.bincount(codes, minlength=n_g * n_p)
-        pairs = np.flatnonzero(table)
-        counts = table[pairs]
-    else:  # many instances: count only the pairs that occur
-        pairs, counts = np.unique(codes, return_counts=True)
-    return area_g, area_p, pairs // max(n_p, 1), pairs % max(n_p, 1), counts
+    pairs, counts = np.unique((g[both] - 1).astype(np.int64) * p_top + (p[both] - 1), return_counts=True)
+    return area_g, area_p, pairs // p_top, pairs % p_top, counts
 
 
 def _iou_table(gt: np.ndarray, pred: np.ndarray):
