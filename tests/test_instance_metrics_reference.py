@@ -234,3 +234,27 @@ def test_semantic_to_instances_recovers_real_nuclei(consep):
     assert np.mean(pqs) > 0.6, pqs
     assert 0.6 < np.mean(ratios) < 1.4, ratios
     assert semantic_to_instances(np.zeros((16, 16), np.uint8)).max() == 0
+
+
+def test_threshold_search_matches_brute_force(consep):
+    from napari_medseg.metrics import binary_confusion, threshold_search
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(3)
+    pairs = []
+    for stem in ("train_19_005", "train_1_003", "train_7_010"):
+        gt = read_label_map(consep / "labels" / f"{stem}.tif") > 0
+        prob = np.clip(ndi.gaussian_filter(gt.astype(float), 2) * 0.8 + rng.random(gt.shape) * 0.3, 0, 1)
+        pairs.append((gt, prob))
+    grid = np.round(np.arange(0.05, 1.0, 0.05), 2)
+    result = threshold_search(pairs, thresholds=grid)
+    brute = {}
+    for t in grid:
+        cm = sum(binary_confusion(g, p >= t - 1e-12, 0.5) for g, p in pairs)  # p >= t, as the search counts
+        tp, fp, fn = cm[1, 1], cm[0, 1], cm[1, 0]
+        brute[t] = 2 * tp / (2 * tp + fp + fn)
+    best = max(brute, key=brute.get)
+    assert result["threshold"] == pytest.approx(best, abs=1e-9)
+    assert result["dice"] == pytest.approx(brute[best], abs=1e-9)
+    with pytest.raises(MetricsInputError, match=r"\[0, 1\]"):
+        threshold_search([(pairs[0][0], pairs[0][1] * 2)])
