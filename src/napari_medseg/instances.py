@@ -1,5 +1,9 @@
 """Class maps -> nucleus instances (distance transform + marker watershed), and the class of
-each instance by majority vote."""
+each instance by majority vote.
+
+Conventions: instance maps hold non-negative integer ids, 0 = background. Class maps hold
+class ids, 0 = background; background pixels never vote for an instance's class.
+"""
 
 from __future__ import annotations
 
@@ -8,42 +12,73 @@ from dataclasses import dataclass
 import numpy as np
 
 
+class InstanceInputError(ValueError):
+    """An instance map or class map cannot be used as given."""
+
+
 @dataclass
 class InstanceSettings:
-    min_distance: int = 4  # px between nucleus centres: smaller splits more (0.25 µm/px: ~1 µm)
-    sigma: float = 1.0  # gaussian smoothing of the distance map: fewer spurious seeds on ragged edges
-    min_size: int = 10  # px: objects smaller than this are dropped (noise, not nuclei)
-    fill_holes: bool = True  # nuclei are solid; holes are prediction noise
+    # px between two seeds (nucleus centres); smaller splits more. CoNSeP/MoNuSeg are 40x
+    # (~0.25 µm/px), where nuclei are 15-40 px across.
+    min_distance: int = 4
+    # gaussian sigma (px) smoothing the distance map: fewer spurious seeds on ragged edges; 0 = off
+    sigma: float = 1.0
+    # objects smaller than this many px are dropped as noise (0 or 1 keeps everything)
+    min_size: int = 10
+    # fill background regions enclosed by foreground (nuclei are solid; holes are prediction noise)
+    fill_holes: bool = True
+
+
+def _check_ids(name: str, ids: np.ndarray) -> np.ndarray:
+    ids = np.asarray(ids)
+    if not (np.issubdtype(ids.dtype, np.integer) or ids.dtype == bool):
+        raise InstanceInputError(f"The {name} must hold integer ids, not {ids.dtype}.")
+    if ids.size and np.issubdtype(ids.dtype, np.signedinteger) and ids.min() < 0:
+        raise InstanceInputError(f"The {name} holds negative ids (min {int(ids.min())}); ids must be >= 0.")
+    return ids
+
+
+def table_size_ok(top: int, size: int) -> bool:
+    """Whether ids up to ``top`` may index a table directly (else relabel them 1..N first)."""
+    return top < 2**31 and top <= 4 * size + 65536
 
 
 def semantic_to_instances(class_map: np.ndarray, settings: InstanceSettings | None = None) -> np.ndarray:
-    """Split the foreground (class > 0) into nuclei; int32 ids 1..N, 0 = background.
+    """Split the foreground (class > 0) into nuclei: int32 ids 1..N, 0 = background.
 
-    Touching nuclei are separated by a watershed on the (smoothed) distance transform,
-    seeded at its local maxima; every connected component keeps at least one seed.
+    Foreground (optionally hole-filled, objects under ``min_size`` px removed) -> Euclidean
+    distance transform, smoothed by ``sigma`` -> seeds at its local maxima at least
+    ``min_distance`` apart within each connected component -> watershed of the negated
+    distance, restricted to the foreground. A component without a seed gets one at its
+    maximum, so every connected component yields at least one instance.
     """
     from scipy import ndimage as ndi
     from skimage.feature import peak_local_max
-    from skimage.morphology import remove_small_objects
     from skimage.segmentation import watershed
 
     s = settings or InstanceSettings()
     class_map = np.asarray(class_map)
     if class_map.ndim != 2:
-        raise ValueError(f"Instances are derived from 2-D class maps, got shape {class_map.shape}.")
+        raise InstanceInputError(f"Instances are derived from 2-D class maps, got shape {class_map.shape}.")
+    if not (np.issubdtype(class_map.dtype, np.integer) or class_map.dtype == bool):
+        raise InstanceInputError(f"The class map must hold integer class ids, not {class_map.dtype}.")
     foreground = class_map > 0
     if s.fill_holes:
         foreground = ndi.binary_fill_holes(foreground)
-    if s.min_size > 1:
-        foreground = remove_small_objects(foreground, max_size=s.min_size - 1) if _has_max_size() else \
-            remove_small_objects(foreground, min_size=s.min_size)
-    components, n = ndi.label(foreground)
+    components, n = ndi.label(foreground)  # 4-connectivity, as the watershed below
+    if n and s.min_size > 1:
+        keep = np.bincount(components.ravel(), minlength=n + 1) >= s.min_size
+        keep[0] = False
+        if not keep[1:].all():
+            foreground = keep[components]
+            components, n = ndi.label(foreground)
     if n == 0:
         return np.zeros(class_map.shape, np.int32)
     distance = ndi.distance_transform_edt(foreground)
     if s.sigma > 0:
         distance = ndi.gaussian_filter(distance, s.sigma)
-    peaks = peak_local_max(distance, min_distance=max(1, s.min_distance), labels=components, exclude_border=False)
+    peaks = peak_local_max(distance, min_distance=max(1, int(s.min_distance)), labels=components,
+                           exclude_border=False)
     markers = np.zeros(class_map.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
     # components without a peak (tiny or flat) get one seed at their own maximum
@@ -55,35 +90,52 @@ def semantic_to_instances(class_map: np.ndarray, settings: InstanceSettings | No
         for k, pos in enumerate(where, start=len(peaks) + 1):
             markers[pos] = k
     instances = watershed(-distance, markers, mask=foreground)
-    return instances.astype(np.int32)
-
-
-def _has_max_size() -> bool:
-    import inspect
-
-    from skimage.morphology import remove_small_objects
-
-    return "max_size" in inspect.signature(remove_small_objects).parameters
+    return instances.astype(np.int32, copy=False)
 
 
 def instance_classes(instances: np.ndarray, class_map: np.ndarray) -> np.ndarray:
-    """``votes[id]`` = the majority class of instance ``id`` (background pixels do not vote;
-    ties go to the lower class id; instances with no foreground pixel get 0)."""
-    instances, class_map = np.asarray(instances), np.asarray(class_map)
+    """``votes[id]`` = the majority class of instance ``id``, for ids 0..max (int64).
+
+    One ``np.bincount`` of ``id * C + class`` over the instance pixels. Background pixels
+    (class 0) do not vote; ties go to the lower class id; ids that do not occur, id 0 and
+    instances with no foreground pixel get 0. Ids must be small enough to index an array
+    (see ``table_size_ok``); relabel huge ids with ``skimage.segmentation.relabel_sequential``.
+    """
+    instances = _check_ids("instance map", instances)
+    class_map = _check_ids("class map", class_map)
     if instances.shape != class_map.shape:
-        raise ValueError(f"Instance map {instances.shape} and class map {class_map.shape} differ in shape.")
+        raise InstanceInputError(f"Instance map {instances.shape} and class map {class_map.shape} differ in shape.")
     n_ids = int(instances.max(initial=0)) + 1
+    if not table_size_ok(n_ids - 1, instances.size):
+        raise InstanceInputError(
+            f"Instance ids go up to {n_ids - 1}, too large to index a table for {instances.size} pixels; "
+            "relabel them first (skimage.segmentation.relabel_sequential)."
+        )
     n_classes = int(class_map.max(initial=0)) + 1
     keep = (instances > 0) & (class_map > 0)
-    counts = np.bincount(instances[keep].astype(np.int64) * n_classes + class_map[keep].astype(np.int64),
-                         minlength=n_ids * n_classes).reshape(n_ids, n_classes)
+    codes = instances[keep].astype(np.intp) * n_classes + class_map[keep].astype(np.intp)
+    counts = np.bincount(codes, minlength=n_ids * n_classes).reshape(n_ids, n_classes)
     votes = counts.argmax(1)  # argmax returns the first (lowest) class on ties
     votes[counts.max(1) == 0] = 0
-    return votes
+    return votes.astype(np.int64, copy=False)
 
 
 def classify_instances(instances: np.ndarray, class_map: np.ndarray) -> np.ndarray:
-    """The class map rewritten so every instance carries its majority class."""
+    """The class map rewritten so every instance carries its majority class.
+
+    Pixels of an instance all get its vote (an instance without any foreground pixel becomes
+    background); pixels outside every instance keep their class. Same dtype as ``class_map``.
+    """
+    instances = _check_ids("instance map", instances)
+    class_map = _check_ids("class map", class_map)
+    if instances.shape != class_map.shape:
+        raise InstanceInputError(f"Instance map {instances.shape} and class map {class_map.shape} differ in shape.")
+    if not table_size_ok(int(instances.max(initial=0)), instances.size):
+        from skimage.segmentation import relabel_sequential
+
+        instances = relabel_sequential(instances)[0]
     votes = instance_classes(instances, class_map)
-    out = votes[np.asarray(instances)].astype(np.asarray(class_map).dtype)
+    out = class_map.copy()
+    inside = instances > 0
+    out[inside] = votes[instances[inside]].astype(class_map.dtype)
     return out
