@@ -11,6 +11,7 @@ from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, 
 from ..devices import available_devices
 from ..inference import Segmenter, TileSettings
 from .layers import class_labels_kwargs
+from .model_list import trained_models
 
 if TYPE_CHECKING:
     import napari
@@ -34,7 +35,7 @@ class SegmentWidget(Container):
         self._worker = None
         self._segmenter_cache: tuple[tuple, Segmenter] | None = None
         self.image_layer = ComboBox(label="image", choices=self._image_layers)
-        self.model_source = ComboBox(label="model", choices=[DEFAULT_MODEL, FILE_MODEL], value=DEFAULT_MODEL)
+        self.model_source = ComboBox(label="model", choices=self._model_choices, value=DEFAULT_MODEL)
         self.checkpoint = FileEdit(label="checkpoint", mode="r", filter="*.safetensors", visible=False)
         self.device = ComboBox(label="device", choices=available_devices(), value="auto")
         self.tile_size = SpinBox(label="tile size", value=256, min=32, max=4096, step=32)
@@ -47,6 +48,7 @@ class SegmentWidget(Container):
         self.extend([self.image_layer, self.model_source, self.checkpoint, self.device, self.tile_size,
                      self.overlap, self.batch_size, self.run_button, self.cancel_button, self.progress, self.status])
         self.model_source.changed.connect(lambda v: setattr(self.checkpoint, "visible", v == FILE_MODEL))
+        trained_models.changed.connect(self.model_source.reset_choices)  # models from the Train widget
         self.run_button.changed.connect(lambda: self.run())
         self.cancel_button.changed.connect(self.cancel)
         viewer.layers.events.inserted.connect(self.reset_choices)
@@ -60,9 +62,14 @@ class SegmentWidget(Container):
         return [layer for layer in self._viewer.layers if isinstance(layer, Image)]
 
     # -- helpers -----------------------------------------------------------------
+    def _model_choices(self, _widget=None) -> list:
+        return [DEFAULT_MODEL, *trained_models.names(), FILE_MODEL]
+
     def _model_ref(self) -> str:
         if self.model_source.value == DEFAULT_MODEL:
             return "default"
+        if self.model_source.value in trained_models:
+            return str(trained_models.path(self.model_source.value))
         path = Path(str(self.checkpoint.value))
         if not path.is_file():
             raise ValueError(f"Choose an existing .safetensors checkpoint (got '{path}').")
