@@ -55,10 +55,23 @@ def test_class_weights_from_real_frequencies(consep):
 
     items, classes = load_dataset_folders([str(consep)], r"^(.*)_\d+$")
     freq = pixel_frequencies(items, len(classes))
-    w = class_weights_from_frequencies(freq)
-    assert w[0] == 1.0
-    assert w[1] == max(w)  # 'other' is the rarest CoNSeP class (0.2 % of pixels)
-    np.testing.assert_allclose(w * freq, freq[0])  # inverse frequency, background = 1
+    # CoNSeP's pixel shares, computed independently of the trainer's helpers
+    counts = np.zeros(5)
+    for it in items:
+        counts += np.bincount(it.labels.ravel(), minlength=5)
+    np.testing.assert_allclose(freq, counts / counts.sum())
+    assert 0.0015 < freq[1] < 0.0020  # 'other' is 0.2 % of pixels (data README)
+    w = class_weights_from_frequencies(freq)  # auto = median-frequency balancing
+    np.testing.assert_allclose(w * freq, freq[4])  # spindle holds the median share: weight 1
+    assert w[4] == pytest.approx(1.0)
+    np.testing.assert_allclose(w, [0.0588, 27.58, 1.837, 0.570, 1.0], rtol=2e-3)
+    assert np.argmax(w) == 1  # 'other', the rarest class, weighs most
+    inverse = class_weights_from_frequencies(freq, "inverse")
+    assert inverse[0] == 1.0
+    np.testing.assert_allclose(inverse * freq, freq[0])
+    assert inverse[1] == pytest.approx(469.2, rel=1e-3)
+    # a class absent from the training data cannot be learned: weight 0
+    assert class_weights_from_frequencies(np.array([0.9, 0.1, 0.0]))[2] == 0.0
 
 
 def test_stop_request_ends_training_and_keeps_no_partial_checkpoint(small_consep, tmp_path):
@@ -76,8 +89,8 @@ def test_nan_loss_stops_with_clear_message_and_keeps_best(small_consep, tmp_path
     real_build_loss = trainer_module.build_loss
     calls = {"n": 0}
 
-    def exploding_loss(name, weights=None):
-        inner = real_build_loss(name, weights)
+    def exploding_loss(name, weights=None, **kwargs):
+        inner = real_build_loss(name, weights, **kwargs)
 
         def loss(logits, target):
             calls["n"] += 1

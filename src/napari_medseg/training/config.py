@@ -21,6 +21,33 @@ class DataConfig:
     crop_size: int = 256
     crops_per_image: int = 1  # random crops drawn from each training image per epoch
     group_pattern: str = r"^(.*)_\d+$"  # stem -> source image; patches of one image stay on one side
+    split_seed: int | None = None  # seed of the train/validation split; None = the run's seed
+    binary: bool = False  # nucleus (any class > 0) vs background: classes become [background, nucleus]
+    num_workers: int = 0  # DataLoader worker processes (0 = in the training process)
+
+
+@dataclass
+class OversampleConfig:
+    """Minority-class oversampling: training images rich in rare classes are repeated (each copy
+    gets its own random crop and augmentation)."""
+
+    factor: int = 0  # extra copies of every rich image per epoch; 0 = off
+    classes: list[int] | None = None  # rare class ids; None = foreground classes rarer than ``below``
+    below: float = 0.02  # auto: a foreground class is rare when its training pixel share is below this
+    min_share: float = 0.005  # an image is rich when rare-class pixels are at least this share of it
+
+
+@dataclass
+class QuadraticStopConfig:
+    """EBHI early stop: fit a quadratic through the last ``window`` monitored losses with the
+    first and last fixed; stop when the fitted decrease per epoch at the current epoch is below
+    ``threshold`` for more than ``patience`` consecutive epochs, counting from epoch ``start``."""
+
+    enabled: bool = False
+    window: int = 10
+    threshold: float = 1e-3
+    patience: int = 5
+    start: int = 10
 
 
 @dataclass
@@ -41,20 +68,28 @@ class TrainConfig:
     init_checkpoint: str | None = None  # fine-tune: start from these weights (its model config wins)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    loss: str = "ce_dice"  # ce | weighted_ce | dice | ce_dice | focal
-    class_weights: list[float] | str | None = None  # explicit list, or "auto" (from pixel frequencies)
+    oversample: OversampleConfig = field(default_factory=OversampleConfig)
+    loss: str = "ce_dice"  # ce | weighted_ce | bce | dice | log_cosh_dice | focal | ce_dice (see losses.py)
+    class_weights: list[float] | str | None = None  # explicit list, "auto" (median frequency) or "inverse"
+    normalization: str | dict = "imagenet"  # imagenet | none | {mean: [...], std: [...]}; written to the checkpoint
     optimizer: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    schedule: str = "cosine"  # cosine | constant
+    schedule: str = "cosine"  # cosine (warm-up then cosine, per step) | constant | plateau (halve on val plateau)
     epochs: int = 30
     batch_size: int = 8
     patience: int = 0  # early stop after this many epochs without improvement; 0 = off
     min_delta: float = 0.0
     monitor: str = "val_loss"  # val_loss (lower is better) or a metric name such as val_miou
+    quadratic_stop: QuadraticStopConfig = field(default_factory=QuadraticStopConfig)
     seed: int = 0
+    repeats: int = 1  # train this many times with seeds seed, seed+1, ...; report mean +- std
+    deterministic: bool = True  # deterministic algorithms where torch has them
+    amp: str = "auto"  # auto (on for CUDA) | on | off: mixed precision
+    channels_last: str = "auto"  # auto (on for CUDA) | on | off
     device: str = "auto"
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
+    resume: str | None = None  # a resume.safetensors written by an earlier run: continue it exactly
     out_dir: str = "runs/model"
     save_half: bool = False  # store fp16 weights in the checkpoint
     model_card: str = ""
@@ -66,7 +101,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         data = dict(data)
-        sections = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig}
+        sections = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig,
+                    "oversample": OversampleConfig, "quadratic_stop": QuadraticStopConfig}
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -78,12 +114,49 @@ class TrainConfig:
                 if bad:
                     raise TrainConfigError(f"Unknown {key} setting(s): {', '.join(sorted(bad))}.")
                 data[key] = section(**data[key])
+            elif key in data and not isinstance(data[key], section):
+                raise TrainConfigError(f"'{key}' must be a mapping of settings, not {data[key]!r}.")
         cfg = cls(**data)
         if isinstance(cfg.data.dataset, str):
             cfg.data.dataset = [cfg.data.dataset]
         if cfg.augment.scale is not None:
             cfg.augment.scale = tuple(cfg.augment.scale)
+        cfg.check()
         return cfg
+
+    def check(self) -> None:
+        """Refuse contradictions that would otherwise surface mid-training."""
+        from .losses import LOSSES
+
+        def bad(msg):
+            raise TrainConfigError(msg)
+
+        if self.loss.lower() not in LOSSES:
+            bad(f"Unknown loss '{self.loss}'. Choose one of: {', '.join(LOSSES)}.")
+        if self.optimizer.lower() not in ("adam", "adamw"):
+            bad(f"Unknown optimizer '{self.optimizer}' (adam, adamw).")
+        if self.schedule not in ("cosine", "constant", "plateau"):
+            bad(f"Unknown schedule '{self.schedule}' (cosine, constant, plateau).")
+        for name in ("amp", "channels_last"):
+            if str(getattr(self, name)).lower() not in ("auto", "on", "off", "true", "false"):
+                bad(f"{name} must be auto, on or off, not '{getattr(self, name)}'.")
+        if isinstance(self.class_weights, str) and self.class_weights not in ("auto", "inverse"):
+            bad(f"class_weights must be a list of numbers, 'auto' or 'inverse', not '{self.class_weights}'.")
+        if isinstance(self.normalization, str) and self.normalization not in ("imagenet", "none"):
+            bad(f"normalization must be 'imagenet', 'none' or {{mean: [...], std: [...]}}, not '{self.normalization}'.")
+        if isinstance(self.normalization, dict) and set(self.normalization) != {"mean", "std"}:
+            bad("normalization as a mapping needs exactly 'mean' and 'std'.")
+        for name, value, low in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1),
+                                 ("repeats", self.repeats, 1), ("data.crop_size", self.data.crop_size, 0),
+                                 ("quadratic_stop.window", self.quadratic_stop.window, 3)):
+            if not isinstance(value, int) or value < low:
+                bad(f"{name} must be an integer of at least {low}, got {value!r}.")
+        if not 0 <= self.data.val_fraction < 1:
+            bad(f"data.val_fraction must lie in [0, 1), got {self.data.val_fraction}.")
+        if self.lr <= 0:
+            bad(f"lr must be positive, got {self.lr}.")
+        if self.data.crop_size and self.data.crop_size % self.model.output_stride:
+            bad(f"data.crop_size {self.data.crop_size} must be a multiple of {self.model.output_stride} for this model.")
 
 
 def _parse_value(text: str):

@@ -1,10 +1,17 @@
-"""Training data: samples from dataset folders or in-memory arrays, split by source image."""
+"""Training data: dataset folders, PanNuke folds or in-memory arrays, split by source image.
+
+Large images are sampled as random crops (``crops_per_image``; 0 = as many as the image
+holds crops); validation runs on whole images, padded to a size the network accepts with
+padded pixels ignored. Minority-class oversampling repeats training images rich in rare
+classes; every copy gets its own random crop and augmentation.
+"""
 
 from __future__ import annotations
 
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,16 +30,42 @@ class LabelledImage:
     labels: np.ndarray  # uint8 (H, W)
 
 
+def _load_pannuke(path: str, in_channels: int) -> tuple[list[LabelledImage], list[str]]:
+    from ..io.pannuke import PANNUKE_CLASSES, read_pannuke_fold
+
+    fold = read_pannuke_fold(path)
+    items = []
+    for i in range(len(fold)):
+        labels, _ = fold.class_and_instance_maps(i)
+        # PanNuke patches are independent 256x256 fields of view: each is its own group.
+        items.append(LabelledImage(f"{fold.tissues[i]}_{i}", f"{fold.root.name}/{i}",
+                                   to_rgb_float(fold.image(i), in_channels), labels))
+    return items, list(PANNUKE_CLASSES)
+
+
 def load_dataset_folders(paths: list[str], group_pattern: str, in_channels: int = 3,
                          progress=None) -> tuple[list[LabelledImage], list[str]]:
-    """Read every labelled sample of one or more dataset folders that share a class list."""
+    """Read every labelled sample of one or more dataset folders (or PanNuke folds) that share a class list."""
+    from ..io.pannuke import is_pannuke_fold
+
     if not paths:
         raise DatasetError("No dataset folder given (data.dataset).")
     pattern = re.compile(group_pattern)
     items: list[LabelledImage] = []
     classes: list[str] | None = None
-    folders = [open_dataset(p, require_labels=True) for p in paths]
-    total = sum(len(f) for f in folders)
+    folders = []
+    for p in paths:
+        if not Path(p).exists():
+            raise DatasetError(f"Dataset '{p}' does not exist.")
+        if is_pannuke_fold(p) and not (Path(p) / "images").is_dir():
+            fold_items, fold_classes = _load_pannuke(p, in_channels)
+            if classes is not None and fold_classes != classes:
+                raise DatasetError(f"{p} has classes {fold_classes}, but the first dataset has {classes}.")
+            classes = fold_classes
+            items += fold_items
+        else:
+            folders.append(open_dataset(p, require_labels=True))
+    total = len(items) + sum(len(f) for f in folders)
     for folder in folders:
         if classes is None:
             classes = folder.classes
@@ -45,7 +78,39 @@ def load_dataset_folders(paths: list[str], group_pattern: str, in_channels: int 
             items.append(LabelledImage(stem, group, to_rgb_float(sample.image, in_channels), sample.labels.astype(np.uint8)))
             if progress is not None:
                 progress(len(items), total)
+    if not items:
+        raise DatasetError(f"No labelled images in {', '.join(map(str, paths))}.")
     return items, classes
+
+
+def check_items(items: list[LabelledImage], classes: list[str]) -> None:
+    """Refuse in-memory data that cannot train (what the viewer hands over is not pre-checked)."""
+    if len(classes) < 2:
+        raise DatasetError(f"Training needs at least two classes (background and one more), got {classes}.")
+    if not items:
+        raise DatasetError("The training data is empty: no labelled images.")
+    for it in items:
+        if it.image.ndim != 3 or it.labels.shape != it.image.shape[:2]:
+            raise DatasetError(
+                f"'{it.name}': labels of shape {it.labels.shape} do not match its image {it.image.shape[:2]}."
+            )
+        if not np.issubdtype(it.labels.dtype, np.integer):
+            raise DatasetError(f"'{it.name}': labels must be integer class ids, not {it.labels.dtype}.")
+        if it.labels.size and (int(it.labels.max()) >= len(classes) or int(it.labels.min()) < 0):
+            raise DatasetError(
+                f"'{it.name}' holds class id {int(it.labels.max())}, but there are only {len(classes)} classes "
+                f"(ids 0..{len(classes) - 1}: {', '.join(classes)})."
+            )
+        if not np.isfinite(it.image).all():
+            raise DatasetError(f"'{it.name}': the image contains NaN or infinite values.")
+
+
+def to_binary(items: list[LabelledImage], classes: list[str]) -> tuple[list[LabelledImage], list[str]]:
+    """Nucleus (any class > 0) vs background."""
+    if len(classes) == 2:
+        return items, list(classes)
+    return ([LabelledImage(it.name, it.group, it.image, (it.labels > 0).astype(np.uint8)) for it in items],
+            ["background", "nucleus"])
 
 
 def split_by_group(items: list[LabelledImage], val_fraction: float, seed: int) -> tuple[list, list]:
@@ -72,27 +137,80 @@ def pixel_frequencies(items: list[LabelledImage], num_classes: int) -> np.ndarra
     return counts / max(counts.sum(), 1)
 
 
+def rare_classes(freq: np.ndarray, cfg) -> list[int]:
+    """The oversampling's rare classes: given, or foreground classes rarer than ``cfg.below``."""
+    if cfg.classes is not None:
+        bad = [c for c in cfg.classes if not 0 < int(c) < len(freq)]
+        if bad:
+            raise DatasetError(f"oversample.classes {bad} are not foreground class ids (1..{len(freq) - 1}).")
+        return sorted(int(c) for c in cfg.classes)
+    return [c for c in range(1, len(freq)) if 0 < freq[c] < cfg.below]
+
+
+def oversample_indices(items: list[LabelledImage], rare: list[int], factor: int, min_share: float) -> list[int]:
+    """Item indices for one epoch: every item once, plus ``factor`` more copies of each item whose
+    rare-class pixels are at least ``min_share`` of it."""
+    index = list(range(len(items)))
+    if factor <= 0 or not rare:
+        return index
+    for i, it in enumerate(items):
+        share = np.isin(it.labels, rare).mean() if it.labels.size else 0.0
+        if share >= min_share and share > 0:
+            index += [i] * factor
+    return index
+
+
+def crops_for(item: LabelledImage, crop_size: int, crops_per_image: int) -> int:
+    if crops_per_image > 0:
+        return crops_per_image
+    h, w = item.labels.shape
+    return max(1, round(h * w / crop_size**2))  # auto: about as many crops as the image holds
+
+
+def normalization_stats(normalization) -> tuple[list[float], list[float]]:
+    from ..models.checkpoint import IMAGENET_NORMALIZATION
+
+    if normalization == "imagenet":
+        return list(IMAGENET_NORMALIZATION["mean"]), list(IMAGENET_NORMALIZATION["std"])
+    if normalization in ("none", None):
+        return [0.0], [1.0]
+    return [float(v) for v in normalization["mean"]], [float(v) for v in normalization["std"]]
+
+
 class PatchDataset(Dataset):
-    """Random (augmented) crops for training, or whole images for validation."""
+    """Random (augmented) crops for training, or whole images for validation.
+
+    ``index`` lists the item of every sample (repeats = oversampling); images are
+    normalised with ``mean``/``std`` after augmentation, exactly as inference does.
+    """
 
     def __init__(self, items: list[LabelledImage], crop_size: int | None, crops_per_image: int = 1,
-                 augment=None, multiple_of: int = 32):
+                 augment=None, multiple_of: int = 32, index: list[int] | None = None,
+                 mean=(0.0,), std=(1.0,)):
         self.items = items
         self.crop_size = crop_size
-        self.crops_per_image = max(1, crops_per_image) if crop_size else 1
+        base = index if index is not None else list(range(len(items)))
+        if crop_size:
+            self.index = [i for i in base for _ in range(crops_for(items[i], crop_size, crops_per_image))]
+        else:
+            self.index = base
         self.transform = build_augmentation(augment, crop_size) if crop_size else None
         self.multiple_of = multiple_of
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
     def __len__(self) -> int:
-        return len(self.items) * self.crops_per_image
+        return len(self.index)
 
     def __getitem__(self, index: int):
-        item = self.items[index % len(self.items)]
+        item = self.items[self.index[index]]
         image = torch.from_numpy(item.image).permute(2, 0, 1)
         labels = torch.from_numpy(item.labels.astype(np.int64))
         if self.transform is not None:
             image, labels = self.transform(image, labels)
-        else:  # validation: pad to a size the network accepts; padded pixels are ignored (-100)
+            image = (image - self.mean) / self.std
+        else:
+            image = (image - self.mean) / self.std  # validation: pad to a size the network accepts; padded pixels are ignored (-100)
             h, w = labels.shape
             ph, pw = (-h) % self.multiple_of, (-w) % self.multiple_of
             if ph or pw:

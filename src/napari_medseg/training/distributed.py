@@ -1,0 +1,97 @@
+"""DistributedDataParallel over several GPUs or machines, started by ``torchrun``.
+
+``torchrun --nproc_per_node N -m napari_medseg train CONFIG.yaml`` sets ``WORLD_SIZE``,
+``RANK`` and ``LOCAL_RANK``; ``train`` then joins the process group (NCCL on CUDA, gloo on
+CPU), shards the training crops with a ``DistributedSampler``, shards validation images
+without padding and sums the confusion matrices, so every rank takes the same decisions.
+Only rank 0 reports progress and writes files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    backend: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_min_flag(self, ok: bool, device) -> bool:
+        """True only if ``ok`` on every rank."""
+        if not self.enabled:
+            return ok
+        flag = torch.tensor([1 if ok else 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def gather_ints(self, value: int, device) -> list[int]:
+        if not self.enabled:
+            return [value]
+        mine = torch.tensor([value], dtype=torch.int64, device=device)
+        out = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(out, mine)
+        return [int(t.item()) for t in out]
+
+    def sync_buffers(self, model: torch.nn.Module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics), e.g. before validating."""
+        if self.enabled:
+            for buf in model.buffers():
+                dist.broadcast(buf, 0)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def init_distributed(device_name: str) -> tuple[DistContext, str]:
+    """Join the process group when launched by torchrun; returns the context and the device to use."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext(), device_name
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or str(device_name).startswith("cuda")
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device_name = f"cuda:{local_rank}"
+    elif device_name == "auto":
+        device_name = "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return DistContext(world, rank, local_rank, backend), device_name
+
+
+def shutdown_distributed(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parameter_hash(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter's bytes, in name order (buffers excluded: BatchNorm running
+    statistics are per rank in DDP; rank 0's are the ones saved)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()

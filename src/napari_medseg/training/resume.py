@@ -1,0 +1,119 @@
+"""Resume state without pickle: one ``resume.safetensors`` per run, written atomically each epoch.
+
+Tensors (full-precision weights and buffers, optimizer moments, RNG states) are safetensors
+entries; everything else (config, history, optimizer hyper-parameters, scheduler and
+early-stopping state, Python and NumPy RNG positions) is JSON in the header. Loading never
+executes code.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..io.images import atomic_write
+
+RESUME_KEY = "napari_medseg_resume"
+RESUME_VERSION = 1
+
+
+class ResumeError(ValueError):
+    """A resume file is missing, not ours, or does not fit this run."""
+
+
+def _rng_state(loader_generator: torch.Generator) -> tuple[dict, dict]:
+    tensors = {"rng.torch": torch.get_rng_state(), "rng.loader": loader_generator.get_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, internal, gauss = random.getstate()
+    info = {"numpy": [kind, int(pos), int(has_gauss), float(cached)],
+            "python": [version, list(internal), gauss]}
+    return tensors, info
+
+
+def _set_rng_state(tensors: dict, info: dict, loader_generator: torch.Generator) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    loader_generator.set_state(tensors["rng.loader"])
+    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda][: torch.cuda.device_count()])
+    kind, pos, has_gauss, cached = info["numpy"]
+    np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = info["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_resume(path: Path, model: torch.nn.Module, optimizer, scheduler, loader_generator: torch.Generator,
+                info: dict) -> Path:
+    """``info``: JSON-able run state (epoch, config, history, early-stopping state, ...)."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for idx, entry in opt["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value.detach().to("cpu").contiguous().clone()
+            else:
+                info.setdefault("optimizer_scalars", {}).setdefault(str(idx), {})[key] = value
+    info["optimizer_groups"] = opt["param_groups"]
+    info["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+    rng_tensors, rng_info = _rng_state(loader_generator)
+    tensors.update(rng_tensors)
+    info["rng"] = rng_info
+    info["version"] = RESUME_VERSION
+    text = json.dumps(info)
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={RESUME_KEY: text}))
+    return Path(path)
+
+
+def read_resume(path: str | Path) -> tuple[dict, dict]:
+    """(tensors, info) of a resume file, refusing pickles and other files."""
+    from safetensors import safe_open
+
+    from ..models.checkpoint import CheckpointError, read_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise ResumeError(f"Resume file '{path}' does not exist.")
+    try:
+        tensors = read_state_dict(path)
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata() or {}
+    except CheckpointError as exc:
+        raise ResumeError(str(exc)) from exc
+    if RESUME_KEY not in header:
+        raise ResumeError(f"{path.name} is not a napari-medseg resume file (a best checkpoint cannot be resumed: "
+                          "use the resume.safetensors next to it).")
+    info = json.loads(header[RESUME_KEY])
+    if info.get("version") != RESUME_VERSION:
+        raise ResumeError(f"{path.name}: resume format {info.get('version')}, this version reads {RESUME_VERSION}.")
+    return tensors, info
+
+
+def restore(tensors: dict, info: dict, model: torch.nn.Module, optimizer, scheduler,
+            loader_generator: torch.Generator) -> None:
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    opt_state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            opt_state.setdefault(int(idx), {})[name] = value
+    for idx, scalars in info.get("optimizer_scalars", {}).items():
+        opt_state.setdefault(int(idx), {}).update(scalars)
+    groups = info["optimizer_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    if scheduler is not None and info.get("scheduler") is not None:
+        scheduler.load_state_dict(info["scheduler"])
+    _set_rng_state(tensors, info["rng"], loader_generator)
