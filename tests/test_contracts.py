@@ -14,7 +14,8 @@ GUI_MODULES = ("napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicg
 def test_core_imports_no_gui_in_a_fresh_interpreter():
     code = (
         "import sys\n"
-        "import napari_medseg.io, napari_medseg.io.dataset, napari_medseg.io.pannuke\n"
+        "import napari_medseg.io, napari_medseg.io.dataset, napari_medseg.io.pannuke, napari_medseg.io.lazy\n"
+        "import napari_medseg.tiling, napari_medseg.postprocess, napari_medseg.io.lazy\n"
         "import napari_medseg.models, napari_medseg.inference, napari_medseg.metrics\n"
         "import napari_medseg.training, napari_medseg.evaluation, napari_medseg.cli\n"
         f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {GUI_MODULES!r})\n"

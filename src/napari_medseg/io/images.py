@@ -127,21 +127,50 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return validate_image_array(_read_raw(path), name=f"'{path.name}'")
 
 
-def to_rgb_float(image: np.ndarray, channels: int = 3) -> np.ndarray:
+def intensity_range(image, sample_rows: int = 2048) -> tuple[float, float] | None:
+    """The ``(lo, hi)`` that ``to_rgb_float`` maps to ``[0, 1]``, or None for identity/255.
+
+    uint8 is fixed (/255); floats already in ``[0, 1]`` are kept; other integers and floats
+    outside ``[0, 1]`` get their 0.5-99.5 percentiles. Computed once per image, never per tile.
+    An image taller than ``sample_rows`` (e.g. a lazy whole-slide array) is sampled at evenly
+    spaced rows, so the statistics never need the whole image in memory.
+    """
+    dtype = np.dtype(image.dtype)
+    if dtype == np.uint8:
+        return None
+    height = image.shape[0]
+    if height > sample_rows:
+        rows = np.linspace(0, height - 1, sample_rows).astype(int)
+        sample = np.concatenate([np.asarray(image[r:r + 1]) for r in rows])
+    else:
+        sample = np.asarray(image)
+    sample = sample.astype(np.float32)
+    if np.issubdtype(dtype, np.floating) and not np.isfinite(sample).all():
+        raise ImageReadError("image: the image contains NaN or infinite pixels.")
+    lo, hi = float(sample.min()), float(sample.max())
+    if np.issubdtype(dtype, np.integer) or lo < 0.0 or hi > 1.0:
+        lo, hi = (float(v) for v in np.percentile(sample, (0.5, 99.5)))
+        return lo, (hi if hi > lo else lo + 1.0)
+    return 0.0, 1.0
+
+
+def to_rgb_float(image: np.ndarray, channels: int = 3,
+                 value_range: tuple[float, float] | None | str = "auto") -> np.ndarray:
     """``(H, W[, 3])`` image of any supported dtype -> float32 ``(H, W, channels)`` in [0, 1].
 
     Gray is replicated to RGB for 3-channel models; RGB is averaged for 1-channel models.
+    ``value_range`` (from ``intensity_range``) lets a caller reuse one image's statistics for
+    each of its tiles or strips; ``"auto"`` computes them from ``image`` itself.
     """
     image = validate_image_array(image)
+    if isinstance(value_range, str):
+        value_range = intensity_range(image)
     if image.dtype == np.uint8:
         out = image.astype(np.float32) / 255.0
     else:
         out = image.astype(np.float32)
-        lo, hi = float(out.min()), float(out.max())
-        if np.issubdtype(image.dtype, np.integer) or lo < 0.0 or hi > 1.0:
-            lo, hi = np.percentile(out, (0.5, 99.5))
-            if hi <= lo:
-                hi = lo + 1.0
+        if value_range is not None and value_range != (0.0, 1.0):
+            lo, hi = value_range
             out = np.clip((out - lo) / (hi - lo), 0.0, 1.0)
     if out.ndim == 2:
         out = out[..., None]

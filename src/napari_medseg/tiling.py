@@ -1,0 +1,108 @@
+"""How an image is cut into overlapping tiles, and how tile predictions are weighted.
+
+Every pixel's prediction is a weighted mean over the tiles that cover it; the weight map
+is highest in a tile's centre, so each pixel is decided mostly by the tiles that saw it with
+the most context. That is what removes seams at tile borders.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+BLENDS = ("gaussian", "cosine")
+AMP_DTYPES = ("float16", "bfloat16")
+
+
+class InferenceSettingsError(ValueError):
+    """Tile size, overlap, batch size or another inference setting cannot work."""
+
+
+@dataclass
+class TileSettings:
+    """Everything that decides how an image is run through a model."""
+
+    tile_size: int = 256
+    overlap: int = 64  # px shared by neighbouring tiles; the blend hides seams inside it
+    batch_size: int = 4  # tiles per forward pass; halves by itself on GPU out-of-memory
+    blend: str = "gaussian"  # gaussian | cosine (a raised-cosine taper)
+    tta: bool = False  # test-time augmentation: mean over the 4 horizontal/vertical flips (4x the work)
+    # H&E: a tile whose pixels are (almost) all near-white glass is background without running
+    # the model. Only for RGB images and 3-channel models; fluorescence has dark backgrounds.
+    skip_background: bool = True
+    background_level: float = 0.85  # a pixel is glass when all its channels are >= this (0..1 scale)
+    max_tissue_fraction: float = 0.001  # skip a tile with at most this share of non-glass pixels
+    amp: bool = True  # CUDA only: autocast to ``amp_dtype``; CPU always runs float32
+    amp_dtype: str = "float16"
+    channels_last: bool = True  # NHWC memory layout: faster convolutions on CPU and GPU
+
+    def checked(self, multiple_of: int = 1) -> "TileSettings":
+        """Self, if every setting can work for a model whose input must be a multiple of ``multiple_of``."""
+        if self.tile_size < multiple_of or self.tile_size <= 0 or self.tile_size % multiple_of:
+            raise InferenceSettingsError(
+                f"Tile size {self.tile_size} must be a positive multiple of {multiple_of} for this model."
+            )
+        if not 0 <= self.overlap < self.tile_size:
+            raise InferenceSettingsError(
+                f"Overlap {self.overlap} must be at least 0 and smaller than the tile ({self.tile_size})."
+            )
+        if self.batch_size < 1:
+            raise InferenceSettingsError(f"Batch size must be at least 1, got {self.batch_size}.")
+        if self.blend not in BLENDS:
+            raise InferenceSettingsError(f"Unknown blend '{self.blend}'; choose one of: {', '.join(BLENDS)}.")
+        if self.amp_dtype not in AMP_DTYPES:
+            raise InferenceSettingsError(f"Unknown AMP dtype '{self.amp_dtype}'; choose one of: {', '.join(AMP_DTYPES)}.")
+        if not 0.0 < self.background_level <= 1.0:
+            raise InferenceSettingsError(f"background_level must be in (0, 1], got {self.background_level}.")
+        if not 0.0 <= self.max_tissue_fraction < 1.0:
+            raise InferenceSettingsError(f"max_tissue_fraction must be in [0, 1), got {self.max_tissue_fraction}.")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@functools.lru_cache(maxsize=8)
+def gaussian_weights(tile_size: int, sigma_fraction: float = 0.125) -> np.ndarray:
+    """2-D gaussian, 1 in the centre, floored so that border pixels still count a little."""
+    coords = np.arange(tile_size, dtype=np.float64) - (tile_size - 1) / 2
+    g = np.exp(-0.5 * (coords / (sigma_fraction * tile_size)) ** 2)
+    w = np.outer(g, g)
+    w = np.maximum(w / w.max(), 1e-3).astype(np.float32)
+    w.setflags(write=False)  # cached and shared between runs: must stay read-only
+    return w
+
+
+@functools.lru_cache(maxsize=8)
+def cosine_weights(tile_size: int) -> np.ndarray:
+    """Separable raised-cosine (Hann) taper, floored like the gaussian; flatter in the centre."""
+    t = (np.arange(tile_size, dtype=np.float64) + 0.5) / tile_size
+    c = np.sin(np.pi * t) ** 2
+    w = np.outer(c, c)
+    w = np.maximum(w / w.max(), 1e-3).astype(np.float32)
+    w.setflags(write=False)
+    return w
+
+
+def blend_weights(tile_size: int, blend: str = "gaussian") -> np.ndarray:
+    if blend == "gaussian":
+        return gaussian_weights(tile_size)
+    if blend == "cosine":
+        return cosine_weights(tile_size)
+    raise InferenceSettingsError(f"Unknown blend '{blend}'; choose one of: {', '.join(BLENDS)}.")
+
+
+def tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    """Start offsets covering ``[0, length)``; the last tile is flush with the end."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)
+    return starts
+
+
+def glass_fraction(tile01: np.ndarray, level: float) -> float:
+    """Share of pixels of an RGB tile in ``[0, 1]`` whose every channel is at least ``level``."""
+    return float((tile01.min(axis=-1) >= level).mean())
