@@ -19,7 +19,8 @@ class DataConfig:
     dataset: list[str] = field(default_factory=list)  # dataset folders, merged (same classes)
     val_fraction: float = 0.15  # of source images (split by image, never by patch)
     crop_size: int = 256
-    crops_per_image: int = 1  # random crops drawn from each training image per epoch
+    crops_per_image: int = 1  # random crops drawn from each training image per epoch; 0 = image area / crop area
+    samples_per_epoch: int = 0  # train on a seeded random subset of this many crops per epoch; 0 = all
     group_pattern: str = r"^(.*)_\d+$"  # stem -> source image; patches of one image stay on one side
     split_seed: int | None = None  # seed of the train/validation split; None = the run's seed
     binary: bool = False  # nucleus (any class > 0) vs background: classes become [background, nucleus]
@@ -117,6 +118,8 @@ class TrainConfig:
             elif key in data and not isinstance(data[key], section):
                 raise TrainConfigError(f"'{key}' must be a mapping of settings, not {data[key]!r}.")
         cfg = cls(**data)
+        for obj in (cfg, cfg.data, cfg.augment, cfg.oversample, cfg.quadratic_stop):
+            _coerce_floats(obj)
         if isinstance(cfg.data.dataset, str):
             cfg.data.dataset = [cfg.data.dataset]
         if cfg.augment.scale is not None:
@@ -157,6 +160,17 @@ class TrainConfig:
             bad(f"lr must be positive, got {self.lr}.")
         if self.data.crop_size and self.data.crop_size % self.model.output_stride:
             bad(f"data.crop_size {self.data.crop_size} must be a multiple of {self.model.output_stride} for this model.")
+
+
+def _coerce_floats(obj) -> None:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string: accept it where a number is expected."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, str) and str(f.type) in ("float", "float | None"):
+            try:
+                setattr(obj, f.name, float(value))
+            except ValueError:
+                raise TrainConfigError(f"{f.name} must be a number, got '{value}'.") from None
 
 
 def _parse_value(text: str):

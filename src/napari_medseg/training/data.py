@@ -207,7 +207,16 @@ class PatchDataset(Dataset):
         image = torch.from_numpy(item.image).permute(2, 0, 1)
         labels = torch.from_numpy(item.labels.astype(np.int64))
         if self.transform is not None:
-            image, labels = self.transform(image, labels)
+            # Small tensors: one thread is several times faster than a thread pool (and does not
+            # fight the training step for cores); restored at once.
+            threads = torch.get_num_threads()
+            if threads > 1:
+                torch.set_num_threads(1)
+            try:
+                image, labels = self.transform(image, labels)
+            finally:
+                if threads > 1:
+                    torch.set_num_threads(threads)
             image = (image - self.mean) / self.std
         else:
             image = (image - self.mean) / self.std  # validation: pad to a size the network accepts; padded pixels are ignored (-100)

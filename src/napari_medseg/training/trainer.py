@@ -285,8 +285,9 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
 
         sampler = DistributedSampler(train_ds, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed)
     else:
-        sampler = RandomSampler(train_ds, generator=generator)
-    per_rank = math.ceil(len(train_ds) / ctx.world_size)
+        sampler = RandomSampler(train_ds, generator=generator,
+                                num_samples=min(cfg.data.samples_per_epoch, len(train_ds)) or None)
+    per_rank = len(sampler) if not ctx.enabled else math.ceil(len(train_ds) / ctx.world_size)
     pin = device.type == "cuda"
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=per_rank > cfg.batch_size,
                               generator=generator, num_workers=cfg.data.num_workers, pin_memory=pin,
