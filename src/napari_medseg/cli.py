@@ -118,7 +118,11 @@ def cmd_convert(args) -> int:
 def cmd_train(args) -> int:
     from .training import BatchDone, EpochDone, load_train_config, train
 
-    cfg = load_train_config(args.config, args.set or [])
+    overrides = list(args.set or [])
+    if args.resume:
+        overrides.append(f"resume={args.resume}")
+    cfg = load_train_config(args.config, overrides)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints
     bar = ProgressLine("train")
 
     def report(update):
@@ -128,14 +132,18 @@ def cmd_train(args) -> int:
             m = update.metrics
             print(f"epoch {update.epoch}/{update.epochs}  train_loss {update.train_loss:.4f}  "
                   f"val_loss {update.val_loss:.4f}  val_mIoU {m.get('miou', float('nan')):.4f}  "
-                  f"val_dice {m.get('mean_dice', float('nan')):.4f}  {'*best*' if update.best else ''}  "
-                  f"{update.seconds:.0f}s", flush=True)
+                  f"val_dice {m.get('mean_dice', float('nan')):.4f}  "
+                  f"val_nucleus_dice {m.get('binary_dice', float('nan')):.4f}  lr {update.lr:.2e}  "
+                  f"{'*best*' if update.best else ''}  {update.seconds:.0f}s", flush=True)
             bar.t0 = time.time()
 
     result = train(cfg, on_update=report)
-    if result.reason:
-        print(f"stopped: {result.reason}")
-    print(f"best epoch {result.best_epoch}; checkpoint {result.checkpoint}")
+    if main_rank:
+        if result.reason:
+            print(f"stopped: {result.reason}")
+        print(f"best epoch {result.best_epoch}; checkpoint {result.checkpoint}")
+        if result.resume:
+            print(f"resume with: medseg train {args.config} --resume {result.resume}")
     return 0
 
 
@@ -179,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="compare predicted label maps with ground truth")
+            bar.label = f"epoch {update.epoch}/{cfg.epochs}"
     p.add_argument("pred_dir", help="folder with labels/<stem>.tif (as medseg predict writes)")
     p.add_argument("gt_dir", help="dataset folder with the ground truth")
     p.add_argument("--json", help="write all numbers to this JSON file")
@@ -188,6 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a dataset to a dataset folder")
     p.add_argument("format", choices=["pannuke"])
     p.add_argument("fold_dir")
+    if cfg.repeats > 1:
+        from .training.repeat import format_summary, train_repeats
+
+        def run_done(seed, result):
+            if main_rank:
+                print(f"seed {seed}: best epoch {result.best_epoch}; checkpoint {result.checkpoint}", flush=True)
+
+        done = train_repeats(cfg, on_update=report, on_run=run_done)
+        if main_rank:
+            print(f"{len(done.runs)} runs (seeds {', '.join(map(str, done.seeds))}), best epochs, mean ± std: "
+                  f"{format_summary(done.summary)}")
+            print(f"wrote {done.path}")
+        return 0
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_convert)
 
@@ -215,3 +237,4 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"medseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    p.add_argument("--resume", metavar="RESUME.safetensors", help="continue a run exactly from its resume file")
