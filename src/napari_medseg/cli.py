@@ -127,6 +127,7 @@ def cmd_train(args) -> int:
 
     def report(update):
         if isinstance(update, BatchDone):
+            bar.label = f"epoch {update.epoch}/{cfg.epochs}"
             bar(update.step, update.steps)
         elif isinstance(update, EpochDone):
             m = update.metrics
@@ -137,6 +138,19 @@ def cmd_train(args) -> int:
                   f"{'*best*' if update.best else ''}  {update.seconds:.0f}s", flush=True)
             bar.t0 = time.time()
 
+    if cfg.repeats > 1:
+        from .training.repeat import format_summary, train_repeats
+
+        def run_done(seed, result):
+            if main_rank:
+                print(f"seed {seed}: best epoch {result.best_epoch}; checkpoint {result.checkpoint}", flush=True)
+
+        done = train_repeats(cfg, on_update=report, on_run=run_done)
+        if main_rank:
+            print(f"{len(done.runs)} runs (seeds {', '.join(map(str, done.seeds))}), best epochs, mean ± std: "
+                  f"{format_summary(done.summary)}")
+            print(f"wrote {done.path}")
+        return 0
     result = train(cfg, on_update=report)
     if main_rank:
         if result.reason:
@@ -187,7 +201,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="compare predicted label maps with ground truth")
-            bar.label = f"epoch {update.epoch}/{cfg.epochs}"
     p.add_argument("pred_dir", help="folder with labels/<stem>.tif (as medseg predict writes)")
     p.add_argument("gt_dir", help="dataset folder with the ground truth")
     p.add_argument("--json", help="write all numbers to this JSON file")
@@ -197,25 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a dataset to a dataset folder")
     p.add_argument("format", choices=["pannuke"])
     p.add_argument("fold_dir")
-    if cfg.repeats > 1:
-        from .training.repeat import format_summary, train_repeats
-
-        def run_done(seed, result):
-            if main_rank:
-                print(f"seed {seed}: best epoch {result.best_epoch}; checkpoint {result.checkpoint}", flush=True)
-
-        done = train_repeats(cfg, on_update=report, on_run=run_done)
-        if main_rank:
-            print(f"{len(done.runs)} runs (seeds {', '.join(map(str, done.seeds))}), best epochs, mean ± std: "
-                  f"{format_summary(done.summary)}")
-            print(f"wrote {done.path}")
-        return 0
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("train", help="train or fine-tune a model from a YAML config")
     p.add_argument("config")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. --set epochs=5")
+    p.add_argument("--resume", metavar="RESUME.safetensors", help="continue a run exactly from its resume file")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("info", help="print a checkpoint's metadata")
@@ -237,4 +238,3 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"medseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    p.add_argument("--resume", metavar="RESUME.safetensors", help="continue a run exactly from its resume file")
