@@ -1,0 +1,256 @@
+"""The Train widget driven through make_napari_viewer on real CoNSeP patches with tiny models.
+
+Non-threaded runs train in the test's thread; the threaded run goes through the real path
+(training thread -> queue -> napari thread worker -> GUI slots) and waits with qtbot.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_medseg._napari.model_list import trained_models
+from napari_medseg._napari.segment_widget import SegmentWidget
+from napari_medseg._napari.train_widget import (DEFAULT_MODEL, FILE_MODEL, FROM_FOLDER, FROM_LAYERS,
+                                                HAS_FREEZE_ENCODER, NEW_MODEL, PREVIEW_KIND, InputError,
+                                                TrainWidget, layer_items, tile_bounds)
+from napari_medseg.models import load_checkpoint, read_meta
+from napari_medseg.training.trainer import BatchDone, TrainingDone
+
+CONSEP_CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle"]
+
+
+def _tiny(widget: TrainWidget, out_dir, epochs: int = 2, name: str = "tiny") -> None:
+    """A tiny U-Net from scratch, 64-pixel crops, CPU."""
+    widget.start_from.value = NEW_MODEL
+    widget.architecture.value = "unet"
+    widget.encoder.value = "resnet18"
+    widget.encoder_depth.value = 3
+    _fast(widget, out_dir, epochs, name)
+
+
+def _fast(widget: TrainWidget, out_dir, epochs: int, name: str) -> None:
+    widget.crop_size.value = 64
+    widget.batch_size.value = 4
+    widget.epochs.value = epochs
+    widget.lr.value = 0.003
+    widget.device.value = "cpu"
+    widget.output_dir.value = str(out_dir)
+    widget.model_name.value = name
+
+
+def _painted(viewer, consep, stem="train_1_005"):
+    from napari_medseg.io import read_image
+
+    image = viewer.add_image(read_image(consep / "images" / f"{stem}.png"), name="H&E", rgb=True)
+    labels = viewer.add_labels(tifffile.imread(consep / "labels" / f"{stem}.tif").astype(np.uint8), name="painted")
+    return image, labels
+
+
+def _preview_layers(viewer):
+    return [l for l in viewer.layers if l.metadata.get("medseg", {}).get("kind") in (PREVIEW_KIND, "preview-image")]
+
+
+# -- tiles of a painted image ------------------------------------------------------------------------
+def test_painted_image_is_cut_into_tiles_that_are_their_own_groups(consep):
+    from napari_medseg.io import read_image
+
+    assert tile_bounds(600, 256) == [(0, 300), (300, 600)]
+    assert tile_bounds(100, 256) == [(0, 100)]
+    image = read_image(consep / "images" / "train_1_005.png")
+    labels = tifffile.imread(consep / "labels" / "train_1_005.tif").astype(np.uint8)
+    items, regions = layer_items(image, True, labels, 5, 3, 128, "H&E")
+    assert len(items) == 4 and len({it.group for it in items}) == 4
+    assert all(it.image.shape == (128, 128, 3) and it.image.dtype == np.float32 for it in items)
+    p, y0, y1, x0, x1 = regions[items[3].name]
+    np.testing.assert_array_equal(items[3].labels, labels[y0:y1, x0:x1])
+    # a stack (as the reader opens a dataset folder): tiles of every plane
+    stack_items, stack_regions = layer_items(np.stack([image, image]), True, np.stack([labels, labels]), 5, 3, 256, "s")
+    assert len(stack_items) == 2 and stack_regions[stack_items[1].name][0] == 1
+    with pytest.raises(InputError, match="class id"):
+        layer_items(image, True, labels, 3, 3, 128, "H&E")  # CoNSeP labels go up to 4
+    with pytest.raises(InputError, match="shape"):
+        layer_items(image, True, labels[:100], 5, 3, 128, "H&E")
+
+
+# -- training from a dataset folder, in the caller's thread --------------------------------------------
+def test_train_from_folder_writes_model_plots_previews_and_lists_it_in_segment(make_napari_viewer, small_consep,
+                                                                                tmp_path):
+    viewer = make_napari_viewer()
+    segment = SegmentWidget(viewer)  # opened before training: its model list must update
+    widget = TrainWidget(viewer)
+    _tiny(widget, tmp_path / "models")
+    widget.source.value = FROM_FOLDER
+    widget.dataset.value = str(small_consep)
+    widget.val_fraction.value = 0.34  # 1 of the 3 source images
+    (tmp_path / "models" / "tiny").mkdir(parents=True)  # an earlier run's folder is never written into
+    seen = []
+    widget.update_received.connect(seen.append)
+
+    done = widget.run(threaded=False)
+
+    assert isinstance(done, TrainingDone) and not done.stopped_early and done.best_epoch in (1, 2)
+    assert done.checkpoint == tmp_path / "models" / "tiny-2" / "best.safetensors" and done.checkpoint.is_file()
+    meta = read_meta(done.checkpoint)
+    assert meta.classes == CONSEP_CLASSES and meta.model.encoder == "resnet18"
+    assert meta.data["val_images"] == 2 and meta.data["train_images"] == 4
+    assert meta.data["datasets"] == [str(small_consep)]
+    # the plot got a point per epoch for training and validation loss and the metrics
+    data = widget.plot.data
+    assert data["train_loss"][0] == [1.0, 2.0] and data["val_loss"][0] == [1.0, 2.0]
+    assert len(data["miou"][1]) == 2 and all(0.0 <= v <= 1.0 for v in data["mean_dice"][1])
+    assert len(data["batch_loss"][0]) == len([u for u in seen if isinstance(u, BatchDone)]) >= 2
+    assert list(widget.plot.lines["train_loss"].get_xdata()) == [1.0, 2.0]
+    assert widget.progress.value == widget.progress.max
+    # the validation prediction: the sample and the best checkpoint's class map over it
+    image_layer, labels_layer = _preview_layers(viewer)
+    assert image_layer.data.shape == (256, 256, 3) and labels_layer.data.shape == (256, 256)
+    assert labels_layer.metadata["medseg"]["classes"] == CONSEP_CLASSES
+    # listed in the Segment widget, and segmenting with it works
+    assert widget.trained_name == "trained: tiny-2"
+    assert widget.trained_name in segment.model_source.choices
+    assert widget.trained_name in widget.start_from.choices  # and fine-tunable further
+    segment.image_layer.value = image_layer
+    segment.model_source.value = widget.trained_name
+    segment.tile_size.value, segment.overlap.value = 128, 32
+    layer = segment.run(threaded=False)
+    assert layer is not None and layer.data.shape == (256, 256), segment.status.value
+    assert "Done" in widget.status.value and widget.train_button.enabled and not widget.stop_button.enabled
+
+
+# -- fine-tuning on painted layers, threaded, stopped mid-run ----------------------------------------------
+def test_threaded_fine_tune_on_layers_stops_after_a_batch_and_keeps_best(make_napari_viewer, qtbot, consep,
+                                                                         tiny_checkpoint, tmp_path):
+    viewer = make_napari_viewer()
+    image, labels = _painted(viewer, consep)
+    widget = TrainWidget(viewer)
+    widget.source.value = FROM_LAYERS
+    assert widget.start_from.value == DEFAULT_MODEL  # painted corrections fine-tune the current model
+    widget.start_from.value = FILE_MODEL
+    widget.checkpoint.value = tiny_checkpoint
+    widget.image_layer.value, widget.labels_layer.value = image, labels
+    widget.tile_size.value = 128  # 4 tiles: 3 to train, 1 to validate
+    widget.val_fraction.value = 0.25
+    widget.crops_per_image.value = 4
+    if HAS_FREEZE_ENCODER:
+        widget.freeze_encoder.value = True
+    _fast(widget, tmp_path / "models", epochs=10, name="finetuned")
+
+    def stop_in_epoch_two(update):
+        if isinstance(update, BatchDone) and update.epoch == 2:
+            widget.stop()
+
+    widget.update_received.connect(stop_in_epoch_two)
+    worker = widget.run()
+    assert worker is not None and not widget.train_button.enabled and widget.stop_button.enabled
+    qtbot.waitUntil(lambda: widget.result is not None or widget.error is not None, timeout=60_000)
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=10_000)
+
+    done = widget.result
+    assert widget.error is None and done is not None
+    assert done.stopped_early and done.reason == "stopped by user" and len(done.history) < 10
+    assert done.checkpoint.is_file() and done.best_epoch >= 1  # the best checkpoint is kept
+    model, meta = load_checkpoint(done.checkpoint)
+    assert meta.classes == CONSEP_CLASSES and meta.training["config"]["init_checkpoint"] == str(tiny_checkpoint)
+    assert meta.data["train_images"] == 3 and meta.data["val_images"] == 1
+    if HAS_FREEZE_ENCODER:
+        assert meta.training["config"]["freeze_encoder"] is True
+    assert len(widget.plot.data["batch_loss"][0]) >= 4 and len(widget.plot.data["val_loss"][0]) >= 1
+    assert "stopped by user" in widget.status.value and widget.train_button.enabled
+    # the validation tile's prediction sits on the painted image
+    (preview,) = _preview_layers(viewer)
+    assert preview.data.shape == labels.data.shape and preview.data.any()
+    assert widget.trained_name in trained_models.names()
+
+
+# -- Stop before the first epoch ends: nothing is kept, and the status says why -------------------------------
+def test_stop_after_first_batch_keeps_nothing_and_says_why(make_napari_viewer, consep, tmp_path):
+    viewer = make_napari_viewer()
+    image, labels = _painted(viewer, consep)
+    widget = TrainWidget(viewer)
+    widget.source.value = FROM_LAYERS
+    _tiny(widget, tmp_path / "models", epochs=3)
+    widget.tile_size.value = 128
+    widget.crops_per_image.value = 4
+    batches = []
+
+    def stop_at_once(update):
+        if isinstance(update, BatchDone):
+            batches.append(update)
+            widget.stop()
+
+    widget.update_received.connect(stop_at_once)
+    before = set(trained_models.names())
+    done = widget.run(threaded=False)
+    assert len(batches) == 1  # ended after the current batch
+    assert done.stopped_early and done.reason == "stopped by user" and done.checkpoint is None
+    assert "no model was saved" in widget.status.value
+    assert not (tmp_path / "models" / "tiny").exists()  # the empty run folder is removed
+    assert set(trained_models.names()) == before and not _preview_layers(viewer)
+    assert widget.train_button.enabled and not widget.stop_button.enabled
+
+
+# -- bad input: a clear message, the viewer as it was, nothing made ------------------------------------------
+BAD_INPUTS = {  # case -> what the message must say
+    "no image": "Choose an image layer", "no labels": "Choose a Labels layer", "labels shape": "shape",
+    "labels beyond classes": "class id 9", "empty labels": "empty", "empty folder": "not a dataset folder",
+    "no images": "holds no images", "classes differ": "was trained for classes", "unwritable output": "Cannot write",
+    "crop size": "multiple of 8",
+}
+
+
+def _set_up_bad_input(bad, viewer, widget, consep, tmp_path):
+    """Make the widget's inputs wrong in one way; returns the output folder that must not appear."""
+    tmp_path.mkdir(parents=True)
+    out = tmp_path / "models"
+    if bad not in ("no image", "no labels"):
+        image, labels = _painted(viewer, consep)
+    if bad == "no labels":
+        viewer.add_image(np.zeros((64, 64, 3), np.uint8), name="H&E", rgb=True)
+    elif bad == "labels shape":
+        viewer.layers.remove(labels)
+        widget.labels_layer.value = viewer.add_labels(np.ones((128, 128), np.uint8))
+    elif bad == "labels beyond classes":
+        labels.data[:5, :5] = 9
+    elif bad == "empty labels":
+        labels.data = np.zeros_like(labels.data)
+    elif bad in ("empty folder", "no images", "classes differ"):
+        folder = tmp_path / "data"
+        (folder / "images").mkdir(parents=True) if bad != "empty folder" else folder.mkdir()
+        (folder / "classes.json").write_text('{"classes": %s}' % str(CONSEP_CLASSES).replace("'", '"'))
+        widget.source.value = FROM_FOLDER
+        widget.dataset.value = str(folder)
+        if bad == "classes differ":
+            tifffile.imwrite(folder / "images" / "a.tif", np.zeros((64, 64, 3), np.uint8))
+            (folder / "labels").mkdir()
+            tifffile.imwrite(folder / "labels" / "a.tif", np.zeros((64, 64), np.uint8))
+            (folder / "classes.json").write_text('{"classes": ["background", "nucleus"]}')
+    elif bad == "unwritable output":
+        blocker = tmp_path / "a-file"
+        blocker.write_text("not a folder")
+        out = blocker / "models"
+        widget.output_dir.value = str(out)
+    elif bad == "crop size":
+        widget.crop_size.value = 36  # the tiny model needs multiples of 8
+    return out
+
+
+def test_bad_input_reports_clearly_and_makes_nothing(make_napari_viewer, consep, tiny_checkpoint, tmp_path):
+    viewer = make_napari_viewer()  # one viewer for every case: a fresh widget and fresh layers each time
+    for bad, expected in BAD_INPUTS.items():
+        viewer.layers.clear()
+        widget = TrainWidget(viewer)
+        _tiny(widget, tmp_path / bad / "models")
+        widget.source.value = FROM_LAYERS
+        widget.start_from.value = FILE_MODEL
+        widget.checkpoint.value = tiny_checkpoint
+        out = _set_up_bad_input(bad, viewer, widget, consep, tmp_path / bad)
+        layers_before = [(l.name, l.data.shape) for l in viewer.layers]
+
+        assert widget.run(threaded=False) is None, bad
+        assert widget.error and expected in widget.error, (bad, widget.error)
+        assert widget.status.value.startswith("Error:"), bad
+        assert [(l.name, l.data.shape) for l in viewer.layers] == layers_before, bad
+        assert not out.exists() and widget.result is None, bad
+        assert widget.train_button.enabled and not widget.stop_button.enabled, bad
