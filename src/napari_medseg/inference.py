@@ -31,6 +31,7 @@ import torch
 from .devices import resolve_device
 from .io.images import ImageReadError, intensity_range, validate_image_array
 from .models import CheckpointMeta, load_checkpoint, resolve_model_path
+from .models.optimise import optimise_for_inference
 from .postprocess import PostprocessSettings, postprocess_class_map
 from .tiling import (
     InferenceSettingsError, TileSettings, blend_weights, gaussian_weights, glass_fraction, tile_starts,
@@ -386,7 +387,9 @@ class Segmenter:
     def load(cls, model: str | os.PathLike = "default", device: str = "auto") -> "Segmenter":
         dev = resolve_device(device)
         net, meta = load_checkpoint(resolve_model_path(str(model)), device=dev)
-        return cls(net, meta, dev)
+        side = max(64, 2 * meta.model.output_stride)
+        probe = torch.rand(1, meta.model.in_channels, side, side, generator=torch.Generator().manual_seed(0)).to(dev)
+        return cls(optimise_for_inference(net, check_input=probe), meta, dev)
 
     @property
     def classes(self) -> list[str]:

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from ..io.dataset import is_dataset_folder, open_dataset
-from ..io.images import IMAGE_SUFFIXES, read_image
+from ..io.images import IMAGE_SUFFIXES, file_stem, read_image
+from ..io.lazy import open_tiff_lazy, should_open_lazily
 from ..io.pannuke import PANNUKE_CLASSES, is_pannuke_fold, read_pannuke_fold
 from .layers import class_labels_kwargs, image_kwargs, instance_labels_kwargs
 
@@ -37,8 +38,13 @@ def read_image_files(path) -> list[tuple]:
     paths = [Path(p) for p in (path if isinstance(path, (list, tuple)) else [path])]
     layers = []
     for p in paths:  # read all first: a bad file adds no layer at all
+        if should_open_lazily(p):  # whole slides: lazy, and multiscale when the file has a pyramid
+            levels = open_tiff_lazy(p)
+            data = levels if len(levels) > 1 else levels[0]
+            layers.append((data, image_kwargs(file_stem(p), levels[0], multiscale=len(levels) > 1), "image"))
+            continue
         image = read_image(p)
-        layers.append((image, image_kwargs(p.stem, image), "image"))
+        layers.append((image, image_kwargs(file_stem(p), image), "image"))
     return layers
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, ProgressBar, PushButton, SpinBox
 
 from ..devices import available_devices
-from ..inference import Segmenter, TileSettings
+from ..inference import PostprocessSettings, Segmenter, TileSettings
 from .layers import class_labels_kwargs
 from .model_list import trained_models
 
@@ -41,12 +41,19 @@ class SegmentWidget(Container):
         self.tile_size = SpinBox(label="tile size", value=256, min=32, max=4096, step=32)
         self.overlap = SpinBox(label="overlap", value=64, min=0, max=2048, step=16)
         self.batch_size = SpinBox(label="batch size", value=4, min=1, max=256)
+        self.blend = ComboBox(label="blend", choices=["gaussian", "cosine"], value="gaussian")
+        self.tta = CheckBox(text="flip test-time augmentation (4x slower)", value=False)
+        self.skip_background = CheckBox(text="skip near-white glass tiles (H&E)", value=True)
+        self.min_object_size = SpinBox(label="min object (px)", value=0, min=0, max=100_000)
+        self.fill_holes = SpinBox(label="fill holes up to (px)", value=0, min=0, max=100_000)
         self.run_button = PushButton(text="Segment")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="tiles", value=0, min=0, max=1)
         self.status = Label(value="")
         self.extend([self.image_layer, self.model_source, self.checkpoint, self.device, self.tile_size,
-                     self.overlap, self.batch_size, self.run_button, self.cancel_button, self.progress, self.status])
+                     self.overlap, self.batch_size, self.blend, self.tta, self.skip_background,
+                     self.min_object_size, self.fill_holes, self.run_button, self.cancel_button, self.progress,
+                     self.status])
         self.model_source.changed.connect(lambda v: setattr(self.checkpoint, "visible", v == FILE_MODEL))
         trained_models.changed.connect(self.model_source.reset_choices)  # models from the Train widget
         self.run_button.changed.connect(lambda: self.run())
@@ -99,15 +106,16 @@ class SegmentWidget(Container):
             return None
         try:
             segmenter = self._segmenter()
-            settings = TileSettings(self.tile_size.value, self.overlap.value, self.batch_size.value)
-            settings.checked(segmenter.meta.model.output_stride)
-            image = np.asarray(layer.data)
+            settings = self.tile_settings().checked(segmenter.meta.model.output_stride)
+            # full resolution of a pyramid; lazy (dask/zarr) data stays lazy: the engine reads strips
+            image = layer.data[0] if layer.multiscale else layer.data
             if layer.rgb is False and image.ndim == 3 and image.shape[-1] not in (3, 4):
                 raise ValueError(
-                    f"'{layer.name}' is a stack of shape {image.shape}; segmenting stacks is not supported yet, "
-                    "open a single 2-D image."
+                    f"'{layer.name}' is a stack of shape {tuple(image.shape)}; segmenting stacks is not supported, "
+                    "open a single 2-D image (or one plane of the stack as its own layer)."
                 )
-            steps = segmenter.iter_segment(image, settings)
+            cleanup = PostprocessSettings(self.min_object_size.value, self.fill_holes.value)
+            steps = segmenter.iter_segment(image, settings, postprocess=cleanup)
         except Exception as exc:  # bad model/file/settings/image: report, add nothing
             self._fail(str(exc))
             return None
@@ -136,12 +144,16 @@ class SegmentWidget(Container):
         worker = job()
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_done)
-        worker.errored.connect(lambda exc: self._fail(str(exc)))
+        worker.errored.connect(self._on_error)
         worker.aborted.connect(self._on_cancelled)
         worker.finished.connect(lambda: setattr(self, "_worker", None))
         self._worker = worker
         worker.start()
         return worker
+
+    def tile_settings(self) -> TileSettings:
+        return TileSettings(self.tile_size.value, self.overlap.value, self.batch_size.value, blend=self.blend.value,
+                            tta=self.tta.value, skip_background=self.skip_background.value)
 
     def cancel(self) -> None:
         if self._worker is not None:
@@ -152,6 +164,11 @@ class SegmentWidget(Container):
         done, total = step
         self.progress.max = total
         self.progress.value = done
+
+    def _on_error(self, exc: Exception) -> None:
+        self._fail(str(exc))
+        if self._segmenter_cache is not None and self._segmenter_cache[1].device.type != "cpu":
+            self._segmenter_cache[1].release()
 
     def _on_cancelled(self) -> None:
         self._set_running(False)
@@ -166,6 +183,10 @@ class SegmentWidget(Container):
         self.last_layer = self._viewer.add_labels(labels, **kwargs)
         counts = np.bincount(labels.ravel(), minlength=len(segmenter.classes))
         covered = ", ".join(f"{c} {100 * n / labels.size:.1f}%" for c, n in zip(segmenter.classes[1:], counts[1:]))
-        self.status.value = f"Done: {covered}"
+        report = segmenter.last_report
+        skipped = f"; {report.skipped_background}/{report.tiles} glass tiles skipped" if report.skipped_background else ""
+        self.status.value = f"Done: {covered}{skipped}" + (f" ({'; '.join(report.notes)})" if report.notes else "")
         self._set_running(False)
+        if segmenter.device.type != "cpu":
+            segmenter.release()  # give the GPU memory back between runs
         return self.last_layer

@@ -33,7 +33,10 @@ def should_open_lazily(path: str | os.PathLike, min_pixels: int = LAZY_MIN_PIXEL
     """TIFFs with a pyramid or with more than ``min_pixels`` pixels per plane."""
     if image_suffix(path) not in (".tif", ".tiff") or not Path(path).is_file():
         return False
-    shape, axes, levels, _ = tiff_levels_info(path)
+    try:
+        shape, axes, levels, _ = tiff_levels_info(path)
+    except ImageReadError:
+        return False  # the eager reader says what is wrong with the file
     plane = 1
     for size, axis in zip(shape, axes):
         if axis in "YX":
