@@ -176,6 +176,21 @@ def _compare_for_resume(given: dict, stored: dict, prefix: str = "") -> list[str
     return diffs
 
 
+def _freeze_unused_parameters(model: torch.nn.Module, model_cfg, device) -> None:
+    """smp keeps every encoder stage even with ``encoder_depth`` < 5; DDP needs each trainable
+    parameter to get a gradient, so parameters that no forward pass uses are frozen (this changes
+    nothing else: they never train anyway). One eval-mode pass: BatchNorm statistics are untouched."""
+    side = 2 * model_cfg.output_stride
+    was_training = model.training
+    model.eval()
+    model(torch.zeros(1, model_cfg.in_channels, side, side, device=device)).float().sum().backward()
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.requires_grad_(False)
+        p.grad = None
+    model.train(was_training)
+
+
 def _estimated_bytes(model: torch.nn.Module, half: bool) -> int:
     params = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     best = params // 2 if half else params
@@ -270,6 +285,7 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
         model = model.to(memory_format=torch.channels_last)
     net = model
     if ctx.enabled:
+        _freeze_unused_parameters(model, cfg.model, device)
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     # Different augmentation draws on every rank (the model itself is broadcast from rank 0).
@@ -386,7 +402,7 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
         if ctx.enabled:
             sampler.set_epoch(epoch)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        steps_done = 0
+        steps_done, lr = 0, optimizer.param_groups[0]["lr"]
         for step, (image, labels) in enumerate(train_loader, 1):
             if stop():
                 reason = "stopped by user"
@@ -412,6 +428,7 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
             else:
                 loss.backward()
                 optimizer.step()
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
             if scheduler is not None and plateau is None:
                 scheduler.step()
             loss_sum += value
@@ -437,7 +454,6 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
         value, _ = _monitor_value(monitor, val_loss, metrics)
         if plateau is not None:
             plateau.step(val_loss)
-        lr = optimizer.param_groups[0]["lr"]
         record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr, **metrics}
         history.append(record)
         improved, patience_stop = patience.update(value)
