@@ -85,3 +85,31 @@ def test_cli_errors_are_clear(tmp_path, small_consep, tiny_checkpoint, capsys, c
         args, expected = ["evaluate", str(wrong), str(small_consep)], "differ from the ground truth"
     assert main(args) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_predict_streams_a_pyramidal_tiff_with_every_engine_option(consep, tiny_checkpoint, tmp_path, capsys):
+    import tifffile
+
+    from napari_medseg.inference import PostprocessSettings, Segmenter, TileSettings
+    from napari_medseg.io import read_image
+    from napari_medseg.io.images import read_label_map
+
+    image = np.tile(read_image(consep / "images" / "train_5_000.png"), (1, 2, 1))  # 256 x 512
+    path = tmp_path / "slide.ome.tif"
+    with tifffile.TiffWriter(path) as tw:  # a pyramid: always opened lazily
+        tw.write(image, subifds=1, tile=(128, 128), metadata={"axes": "YXS"})
+        tw.write(image[::2, ::2], subfiletype=1, tile=(128, 128))
+    out = tmp_path / "pred"
+    args = ["predict", str(path), "--model", str(tiny_checkpoint), "--out", str(out), "--device", "cpu",
+            "--tile", "128", "--overlap", "32", "--batch-size", "3", "--blend", "cosine", "--tta",
+            "--no-skip-background", "--min-object-size", "30", "--fill-holes", "20", "--probabilities"]
+    assert main(args) == 0
+    settings = TileSettings(128, 32, 3, blend="cosine", tta=True, skip_background=False)
+    seg = Segmenter.load(tiny_checkpoint, device="cpu")
+    expected = seg.segment(image, settings, postprocess=PostprocessSettings(30, 20))
+    np.testing.assert_array_equal(read_label_map(out / "labels" / "slide.tif"), expected)
+    probs = np.load(out / "probabilities" / "slide.npy", mmap_mode="r")
+    assert probs.shape == (5, 256, 512) and probs.dtype == np.float16
+    np.testing.assert_allclose(np.asarray(probs, np.float32), seg.probabilities(image, settings), atol=1e-3)
+    assert not list((out / "probabilities").glob(".*part"))  # no temporary file left behind
+    assert (out / "instances" / "slide.tif").is_file()

@@ -32,6 +32,9 @@ class ProgressLine:
         sys.stderr.flush()
 
 
+INSTANCE_MAX_PIXELS = 64_000_000  # the watershed holds float64 maps of the whole image
+
+
 def _collect_inputs(inputs: list[str]) -> list[Path]:
     from .io.dataset import is_dataset_folder
     from .io.images import IMAGE_SUFFIXES
@@ -53,30 +56,83 @@ def _collect_inputs(inputs: list[str]) -> list[Path]:
     return files
 
 
+def _tile_settings(args):
+    from .inference import TileSettings
+
+    return TileSettings(args.tile, args.overlap, args.batch_size, blend=args.blend, tta=args.tta,
+                        skip_background=not args.no_skip_background, amp=not args.no_amp)
+
+
+def _open_for_prediction(path: Path):
+    """Large or pyramidal TIFFs lazily (full resolution), anything else in memory."""
+    from .io.images import read_image
+    from .io.lazy import open_tiff_lazy, should_open_lazily
+
+    if should_open_lazily(path):
+        return open_tiff_lazy(path)[0]
+    return read_image(path)
+
+
 def cmd_predict(args) -> int:
-    from .inference import Segmenter, TileSettings
+    from .inference import PostprocessSettings, Segmenter
     from .instances import InstanceSettings, semantic_to_instances
     from .io.dataset import write_classes
-    from .io.images import ImageReadError, file_stem, read_image, write_label_map
+    from .io.images import ImageReadError, file_stem, write_label_map
 
     files = _collect_inputs(args.inputs)
     segmenter = Segmenter.load(args.model, device=args.device)
-    settings = TileSettings(args.tile, args.overlap, args.batch_size).checked(segmenter.meta.model.output_stride)
+    settings = _tile_settings(args).checked(segmenter.meta.model.output_stride)
+    cleanup = PostprocessSettings(args.min_object_size, args.fill_holes)
     instance_settings = InstanceSettings(min_distance=args.min_distance, min_size=args.min_size)
     out = Path(args.out)
     write_classes(out, segmenter.classes, source=f"medseg predict --model {args.model}")
     failures = 0
     for i, file in enumerate(files, 1):
+        stem = file_stem(file)
         try:
-            image = read_image(file)
+            image = _open_for_prediction(file)
         except ImageReadError as exc:
             print(f"medseg: skipped {file}: {exc}", file=sys.stderr)
             failures += 1
             continue
-        labels = segmenter.segment(image, settings, progress=ProgressLine(f"[{i}/{len(files)}] {file.name}"))
-        write_label_map(out / "labels" / f"{file_stem(file)}.tif", labels)
-        write_label_map(out / "instances" / f"{file_stem(file)}.tif", semantic_to_instances(labels, instance_settings))
-    print(f"wrote {len(files) - failures} class map(s) to {out / 'labels'} and instance map(s) to {out / 'instances'}")
+        probs = probs_path = None
+        if args.probabilities:
+            import numpy as np
+
+            probs_path = out / "probabilities" / f"{stem}.npy"
+            probs_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = probs_path.with_name(f".{probs_path.name}.{os.getpid()}.part")
+            height, width = image.shape[:2]  # readers hand over (H, W[, C])
+            probs = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+                                              shape=(len(segmenter.classes), height, width))
+        try:
+            labels = segmenter.segment(image, settings, progress=ProgressLine(f"[{i}/{len(files)}] {file.name}"),
+                                       postprocess=cleanup, probabilities_out=probs)
+        except ImageReadError as exc:
+            print(f"medseg: skipped {file}: {exc}", file=sys.stderr)
+            failures += 1
+            if probs is not None:
+                del probs
+                tmp.unlink(missing_ok=True)
+            continue
+        report = segmenter.last_report
+        if report.skipped_background or report.notes:
+            extra = "; ".join([f"{report.skipped_background}/{report.tiles} tiles skipped as glass", *report.notes])
+            print(f"  {file.name}: {extra}", file=sys.stderr)
+        write_label_map(out / "labels" / f"{stem}.tif", labels)  # tiled + compressed when large
+        if probs is not None:
+            probs.flush()
+            del probs
+            os.replace(tmp, probs_path)
+        if args.no_instances:
+            continue
+        if labels.size > INSTANCE_MAX_PIXELS:
+            print(f"  {file.name}: instances not derived ({labels.shape[0]}x{labels.shape[1]} px is above "
+                  f"{INSTANCE_MAX_PIXELS / 1e6:.0f} Mpx; the class map was written)", file=sys.stderr)
+            continue
+        write_label_map(out / "instances" / f"{stem}.tif", semantic_to_instances(labels, instance_settings))
+    print(f"wrote {len(files) - failures} class map(s) to {out / 'labels'}"
+          + ("" if args.no_instances else f" and instance map(s) to {out / 'instances'}"))
     return 1 if failures else 0
 
 
@@ -193,10 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files, folders of images, or dataset folders")
     p.add_argument("--model", default="default", help="'default' or a .safetensors checkpoint")
     p.add_argument("--out", required=True, help="output folder: OUT/labels/<stem>.tif")
-    p.add_argument("--tile", type=int, default=256)
-    p.add_argument("--overlap", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--tile", type=int, default=256, help="tile size in px (a multiple of the model's stride)")
+    p.add_argument("--overlap", type=int, default=64, help="px shared by neighbouring tiles")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (halved on GPU out-of-memory)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--blend", default="gaussian", choices=["gaussian", "cosine"], help="tile weight map")
+    p.add_argument("--tta", action="store_true", help="average over flips (4x slower, a little smoother)")
+    p.add_argument("--no-skip-background", action="store_true",
+                   help="run the model on near-white glass tiles too (they are background by default)")
+    p.add_argument("--no-amp", action="store_true", help="CUDA: run in float32 instead of float16 autocast")
+    p.add_argument("--min-object-size", type=int, default=0, help="drop predicted objects under this many px")
+    p.add_argument("--fill-holes", type=int, default=0, metavar="PX", help="fill holes up to this many px")
+    p.add_argument("--probabilities", action="store_true",
+                   help="also write OUT/probabilities/<stem>.npy (float16, classes x H x W, memory-mapped)")
+    p.add_argument("--no-instances", action="store_true", help="write class maps only")
     _instance_options(p)
     p.set_defaults(func=cmd_predict)
 
