@@ -635,7 +635,7 @@ class TrainWidget(Container):
         if not threaded:
             job.run_here(self._on_update)
             return self.result
-        self.native.destroyed.connect(job.stop)  # widget or viewer closed: end the run too
+        self.native.destroyed.connect(lambda *_: job.stop())  # widget or viewer closed: end the run too
 
         from napari.qt.threading import create_worker
 
