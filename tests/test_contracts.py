@@ -44,7 +44,7 @@ def test_manifest_commands_point_to_real_callables():
     from npe2 import PluginManifest
 
     manifest = PluginManifest.from_distribution("napari-medseg")
-    assert {w.display_name for w in manifest.contributions.widgets} == {"Segment", "Metrics", "Objects"}
+    assert {w.display_name for w in manifest.contributions.widgets} == {"Segment", "Metrics", "Objects", "Train"}
     assert {w.display_name for w in manifest.contributions.writers} == {"QuPath GeoJSON (nuclei outlines)", "label TIFF"}
     for command in manifest.contributions.commands:
         module, _, attr = command.python_name.partition(":")
