@@ -349,3 +349,17 @@ def test_experiment_configs_match_the_reports():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         c = load_train_config(path)
         assert all(Path(d).parts[:3] == ("..", "shared", "data") for d in c.data.dataset), path
+
+
+def test_freeze_encoder_keeps_encoder_weights(small_consep, tmp_path):
+    from napari_medseg.models import build_model
+
+    cfg = tiny_config(small_consep, tmp_path / "f", "epochs=1", "freeze_encoder=true", "data.val_fraction=0")
+    torch.manual_seed(cfg.seed)
+    initial = build_model(load_train_config(None, TINY[:3] + ["model.num_classes=5"]).model).state_dict()
+    model, _ = load_checkpoint(train(cfg).checkpoint)
+    state = model.state_dict()
+    enc = [k for k in state if k.startswith("encoder.") and "running" not in k and "num_batches" not in k]
+    dec = [k for k in state if k.startswith("decoder.") and k.endswith("weight")]
+    assert enc and all(torch.equal(state[k], initial[k]) for k in enc)
+    assert any(not torch.equal(state[k], initial[k]) for k in dec)

@@ -67,6 +67,7 @@ class AugmentConfig:
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     init_checkpoint: str | None = None  # fine-tune: start from these weights (its model config wins)
+    freeze_encoder: bool = False  # fine-tune the decoder and head only (encoder parameters fixed)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     oversample: OversampleConfig = field(default_factory=OversampleConfig)

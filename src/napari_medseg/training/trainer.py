@@ -276,6 +276,11 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
     model = build_model(cfg.model)
     if start_weights is not None:
         model.load_state_dict(start_weights)
+    if cfg.freeze_encoder:
+        # smp models have .encoder; the custom U-Nets' encoder is their stem and down path
+        parts = [model.encoder] if hasattr(model, "encoder") else [model.stem, model.down]
+        for part in parts:
+            part.requires_grad_(False)
     if ctx.is_main:
         _check_output_dir(out_dir, _estimated_bytes(model, cfg.save_half))
     use_amp, channels_last = _switch(cfg.amp, device), _switch(cfg.channels_last, device)
