@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import json
 import pickle
 import struct
@@ -169,7 +171,12 @@ def test_fp32_round_trip_is_exact_and_keeps_metadata(tmp_path, architecture):
     cfg = tiny_config(architecture)
     model = tiny_model(cfg)
     meta = full_meta(cfg)
-    path = save_checkpoint(tmp_path / "m.safetensors", model, meta)
+    umask = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "m.safetensors", model, meta)
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644  # shareable like any file, not safetensors' 0600
     loaded, meta2 = load_checkpoint(path)
     assert not loaded.training
     assert_same_weights(model, loaded)

@@ -157,7 +157,14 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: CheckpointM
         if half and tensor.is_floating_point():
             tensor = tensor.half()
         state[key] = tensor.contiguous()
-    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={METADATA_KEY: meta.to_json()}))
+    def write(tmp: Path) -> None:
+        save_file(state, str(tmp), metadata={METADATA_KEY: meta.to_json()})
+        # safetensors creates its file 0600; a checkpoint is meant to be shared like any file
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+
+    atomic_write(path, write)
     return path
 
 
