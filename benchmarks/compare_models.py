@@ -10,9 +10,10 @@ epochs. The seconds are CPU seconds of this process (``--clock cpu``, the defaul
 torch thread that is compute time, unaffected by other jobs on a shared machine) or
 wall-clock seconds (``--clock wall``, for a dedicated machine or a GPU). With a time budget
 the script first times a few training steps and one validation pass of each model on this
-machine, then trains for the number of whole epochs that fits in the budget (at least 1),
-so the learning-rate schedule always runs to its end; a run that overruns 1.5x its budget
-is stopped (marked in the table). The
+machine (once per architecture, so both losses get the same epochs), then trains for the
+number of whole epochs that fits in the budget (at least 1), so the learning-rate schedule
+always runs to its end; a run that overruns 1.5x its budget is stopped (marked in the
+table). ``--val-crop`` makes the per-epoch validation (checkpoint choice) cheaper. The
 validation split is the same for every run: the trainer's seeded split by source image,
 checked against the reference model's ``val_groups`` (``--split-from-model``, default the
 shipped default model: CoNSeP train_12/19/22/25). Every run is then scored like
@@ -203,6 +204,7 @@ def main(argv=None) -> int:
                             "torch": torch.__version__, "budget": budget_text},
                "baseline": baseline, "runs": {}}
     t_start = time.time()
+    timings: dict[str, tuple[float, float]] = {}
     for arch in archs:
         for loss in losses:
             run = f"{arch}/{loss}"
@@ -218,7 +220,9 @@ def main(argv=None) -> int:
             if args.epochs:
                 epochs, limit = args.epochs, None
             else:
-                step_s, val_s = time_model(cfg, n_train, n_val, clock, val_size=args.val_crop or 256)
+                if arch not in timings:  # timed once per architecture: both losses get the same epochs
+                    timings[arch] = time_model(cfg, n_train, n_val, clock, val_size=args.val_crop or 256)
+                step_s, val_s = timings[arch]
                 per_epoch = steps_per_epoch * step_s + val_s
                 epochs = max(1, int((args.budget_s - 5.0) // per_epoch))
                 limit = HARD_CAP * args.budget_s
