@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
+FINALISE_COLUMNS = 1024  # finished rows are divided and argmaxed this many columns at a time
 _OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
 
 
@@ -97,13 +98,21 @@ class ImageSource:
             return np.moveaxis(np.asarray(self._array[:, top:bottom]), 0, -1)
         return np.asarray(self._array[top:bottom])
 
-    def rows01(self, top: int, bottom: int) -> np.ndarray:
-        """Rows ``[top, bottom)`` as float32 ``(h, W, channels)`` in ``[0, 1]``."""
+    def rows(self, top: int, bottom: int) -> np.ndarray:
+        """Rows ``[top, bottom)`` as stored (``(h, W)`` or ``(h, W, 3)``), checked for NaN."""
         raw = self.raw_rows(top, bottom)
-        if raw.shape[-1] == 4 and raw.ndim == 3:
+        if raw.ndim == 3 and raw.shape[-1] == 4:
             raw = raw[..., :3]
         if self._lazy and np.issubdtype(raw.dtype, np.floating) and not np.isfinite(raw).all():
             raise ImageReadError(f"image: rows {top}-{bottom} contain NaN or infinite pixels.")
+        return raw
+
+    def rows01(self, top: int, bottom: int) -> np.ndarray:
+        """Rows ``[top, bottom)`` as float32 ``(h, W, channels)`` in ``[0, 1]``."""
+        return self.to01(self.rows(top, bottom))
+
+    def to01(self, raw: np.ndarray) -> np.ndarray:
+        """Pixels as stored -> float32 ``(..., channels)`` in ``[0, 1]``, with the image's statistics."""
         if raw.dtype == np.uint8:
             out = raw.astype(np.float32) * np.float32(1 / 255)
         else:
@@ -260,11 +269,12 @@ def iter_blend(model: torch.nn.Module, source: ImageSource, num_classes: int, se
         if n <= 0:
             return
         rows_out = min(until, height) - base
-        if rows_out > 0:
-            probs = acc[:, :rows_out, :width] / norm[:rows_out, :width]
-            out[base:base + rows_out] = probs.argmax(0).astype(out.dtype, copy=False)
+        for left in range(0, width if rows_out > 0 else 0, FINALISE_COLUMNS):  # column chunks: small temporaries
+            right = min(width, left + FINALISE_COLUMNS)
+            probs = acc[:, :rows_out, left:right] / norm[:rows_out, left:right]
+            out[base:base + rows_out, left:right] = probs.argmax(0).astype(out.dtype, copy=False)
             if probabilities_out is not None:
-                probabilities_out[:, base:base + rows_out] = probs
+                probabilities_out[:, base:base + rows_out, left:right] = probs
         acc[:, :band - n] = acc[:, n:]
         acc[:, band - n:] = 0
         norm[:band - n] = norm[n:]
@@ -299,21 +309,21 @@ def iter_blend(model: torch.nn.Module, source: ImageSource, num_classes: int, se
             if done > reported:
                 reported = done
                 yield done, total
-        strip01 = source.rows01(y, min(y + tile, height))
-        if strip01.shape[0] < tile or strip01.shape[1] < tile:  # image smaller than a tile
-            strip01 = np.pad(strip01, ((0, tile - min(tile, strip01.shape[0])),
-                                       (0, max(0, tile - strip01.shape[1])), (0, 0)), mode="symmetric")
-        strip = normalise(strip01) if normalise is not None else strip01
+        # The strip stays as stored (uint8 for H&E); tiles are converted one at a time.
+        strip = source.rows(y, min(y + tile, height))
+        if strip.shape[0] < tile or strip.shape[1] < tile:  # image smaller than a tile
+            pad = ((0, tile - min(tile, strip.shape[0])), (0, max(0, tile - strip.shape[1])))
+            strip = np.pad(strip, pad + ((0, 0),) * (strip.ndim - 2), mode="symmetric")
         skipped_in_row = 0
         for x in xs:
-            if skip and 1.0 - glass_fraction(strip01[:, x:x + tile], settings.background_level) \
-                    <= settings.max_tissue_fraction:
+            tile01 = source.to01(strip[:, x:x + tile])
+            if skip and 1.0 - glass_fraction(tile01, settings.background_level) <= settings.max_tissue_fraction:
                 add(row, x, None)
                 report.skipped_background += 1
                 done += 1
                 skipped_in_row += 1
                 continue
-            pending.append((row, x, strip[:, x:x + tile]))
+            pending.append((row, x, normalise(tile01) if normalise is not None else tile01))
             if len(pending) >= settings.batch_size:
                 flush()
                 reported = done
@@ -362,8 +372,11 @@ class _PreparedSource(ImageSource):
         self.height, self.width, self.channels = image.shape[0], image.shape[1], image.shape[2]
         self.rgb, self.value_range = False, None
 
-    def rows01(self, top: int, bottom: int) -> np.ndarray:
+    def rows(self, top: int, bottom: int) -> np.ndarray:
         return self._array[top:bottom]
+
+    def to01(self, raw: np.ndarray) -> np.ndarray:
+        return raw
 
 
 def predict_probabilities(model: torch.nn.Module, image: np.ndarray, num_classes: int, settings: TileSettings,
