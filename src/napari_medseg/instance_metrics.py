@@ -110,7 +110,7 @@ def _small_ids(ids: np.ndarray) -> tuple[np.ndarray, int]:
 
         ids = relabel_sequential(ids)[0]
         top = int(ids.max(initial=0))
-    return ids.astype(np.intp, copy=False), top
+    return ids, top
 
 
 @dataclass
@@ -142,8 +142,12 @@ def _contingency(gt: np.ndarray, pred: np.ndarray) -> _Table:
     g, p = gt.ravel(), pred.ravel()
     width = p_top + 1
     if (g_top + 1) * width <= DENSE_TABLE_LIMIT:
-        # one bincount of paired ids is the whole table, areas included (row/column sums)
-        table = np.bincount(g * width + p, minlength=(g_top + 1) * width).reshape(g_top + 1, width)
+        # one bincount of paired ids is the whole table, areas included (row/column sums);
+        # the codes are built in place: one int64 copy of the ground truth, nothing else
+        codes = g.astype(np.intp)
+        codes *= width
+        codes += p
+        table = np.bincount(codes, minlength=(g_top + 1) * width).reshape(g_top + 1, width)
         area_g_all, area_p_all = table.sum(1), table.sum(0)
         gi, pi = np.nonzero(table[1:, 1:])
         inter = table[1:, 1:][gi, pi]
@@ -153,7 +157,7 @@ def _contingency(gt: np.ndarray, pred: np.ndarray) -> _Table:
         area_g_all = np.bincount(g, minlength=g_top + 1)
         area_p_all = np.bincount(p, minlength=p_top + 1)
         both = (g > 0) & (p > 0)
-        codes, inter = np.unique(g[both] * width + p[both], return_counts=True)
+        codes, inter = np.unique(g[both].astype(np.intp) * width + p[both], return_counts=True)
         gi, pi = np.divmod(codes, width)
     gt_ids = np.flatnonzero(area_g_all[1:]) + 1
     pred_ids = np.flatnonzero(area_p_all[1:]) + 1
