@@ -13,7 +13,7 @@ import tifffile
 from napari_medseg._napari.model_list import trained_models
 from napari_medseg._napari.segment_widget import SegmentWidget
 from napari_medseg._napari.train_widget import (DEFAULT_MODEL, FILE_MODEL, FROM_FOLDER, FROM_LAYERS,
-                                                HAS_FREEZE_ENCODER, NEW_MODEL, PREVIEW_KIND, InputError,
+                                                NEW_MODEL, PREVIEW_KIND, InputError,
                                                 TrainWidget, layer_items, tile_bounds)
 from napari_medseg.models import load_checkpoint, read_meta
 from napari_medseg.training.trainer import BatchDone, TrainingDone
@@ -133,8 +133,7 @@ def test_threaded_fine_tune_on_layers_stops_after_a_batch_and_keeps_best(make_na
     widget.tile_size.value = 128  # 4 tiles: 3 to train, 1 to validate
     widget.val_fraction.value = 0.25
     widget.crops_per_image.value = 4
-    if HAS_FREEZE_ENCODER:
-        widget.freeze_encoder.value = True
+    widget.freeze_encoder.value = True
     _fast(widget, tmp_path / "models", epochs=10, name="finetuned")
 
     def stop_in_epoch_two(update):
@@ -154,8 +153,7 @@ def test_threaded_fine_tune_on_layers_stops_after_a_batch_and_keeps_best(make_na
     model, meta = load_checkpoint(done.checkpoint)
     assert meta.classes == CONSEP_CLASSES and meta.training["config"]["init_checkpoint"] == str(tiny_checkpoint)
     assert meta.data["train_images"] == 3 and meta.data["val_images"] == 1
-    if HAS_FREEZE_ENCODER:
-        assert meta.training["config"]["freeze_encoder"] is True
+    assert meta.training["config"]["freeze_encoder"] is True
     assert len(widget.plot.data["batch_loss"][0]) >= 4 and len(widget.plot.data["val_loss"][0]) >= 1
     assert "stopped by user" in widget.status.value and widget.train_button.enabled
     # the validation tile's prediction sits on the painted image

@@ -26,7 +26,7 @@ import queue
 import re
 import shutil
 import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -59,8 +59,6 @@ NO_AUGMENTATION = AugmentConfig(flip=False, rotate90=False, scale=None, brightne
                                 hue=0.0, sharpness=0.0)  # random crops only
 MONITORS = {"validation loss": "val_loss", "validation mIoU": "val_miou", "validation Dice": "val_mean_dice"}
 PREVIEW_KIND = "training-preview"
-# The trainer gained this switch for the widget; the checkbox works only where it exists.
-HAS_FREEZE_ENCODER = "freeze_encoder" in {f.name for f in fields(TrainConfig)}
 
 
 class InputError(ValueError):
@@ -411,9 +409,7 @@ class TrainWidget(Container):
         self.architecture = ComboBox(label="architecture", choices=list(ARCHITECTURES), value="unet")
         self.encoder = ComboBox(label="encoder", choices=list(TESTED_ENCODERS), value="resnet34")
         self.encoder_depth = SpinBox(label="encoder depth", value=5, min=3, max=5)
-        self.freeze_encoder = CheckBox(text="freeze encoder", value=False, enabled=HAS_FREEZE_ENCODER,
-                                       tooltip="Train the decoder only." if HAS_FREEZE_ENCODER else
-                                       "This version of the trainer has no 'freeze_encoder' setting.")
+        self.freeze_encoder = CheckBox(text="freeze encoder", value=False, tooltip="Train the decoder only.")
         # optimisation
         self.loss = ComboBox(label="loss", choices=list(LOSSES), value="ce_dice")
         self.epochs = SpinBox(label="epochs", value=20, min=1, max=10000)
@@ -598,14 +594,12 @@ class TrainWidget(Container):
             patience=self.patience.value, monitor=MONITORS[self.monitor.value], device=self.device.value,
             pixel_size_um=start_meta.pixel_size_um if start_meta else None,
         )
-        if HAS_FREEZE_ENCODER:
-            settings["freeze_encoder"] = bool(self.freeze_encoder.value)
+        settings["freeze_encoder"] = bool(self.freeze_encoder.value)
         cfg = TrainConfig(**settings)
-        if hasattr(cfg, "check"):  # the trainer's own consistency checks, before anything is made
-            try:
-                cfg.check()
-            except ValueError as exc:
-                raise InputError(str(exc)) from exc
+        try:  # the trainer's own consistency checks, before anything is made
+            cfg.check()
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
         run_dir, created = self._run_dir()  # last: nothing is made unless every other input is fine
         cfg.out_dir = str(run_dir)
         return TrainingJob(cfg, items, preview=self.show_preview.value, layer_source=layer_source, cleanup=created)
