@@ -16,6 +16,21 @@ CONSEP = DATA / "consep_train"
 MONUSEG = DATA / "monuseg_train"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module (use with ``pytest.mark.usefixtures``).
+
+    Few shared cores: more torch threads than free cores spin at OpenMP barriers (a 64x64
+    forward went from 15 ms to 700 ms with 2 threads beside a training run).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def consep() -> Path:
     if not CONSEP.is_dir():

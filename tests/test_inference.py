@@ -17,14 +17,7 @@ CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle"]
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # Few shared cores: more torch threads than free cores spin at OpenMP barriers
-    # (a 64x64 forward went from 15 ms to 700 ms with 2 threads beside a training run).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

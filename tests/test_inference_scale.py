@@ -29,12 +29,7 @@ def plain(tile: int, overlap: int, batch: int = 4, **kw) -> TileSettings:
     return TileSettings(tile, overlap, batch, skip_background=False, **kw)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

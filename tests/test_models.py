@@ -22,14 +22,7 @@ CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle"]
 REPORT_ENCODERS = ("resnet34", "resnet50", "vgg19", "densenet121", "mobilenet_v2", "efficientnet-b0")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # Few shared cores: more torch threads than free cores spin at OpenMP barriers
-    # (a 64x64 forward went from 15 ms to 700 ms with 2 threads beside a training run).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(architecture: str = "unet", num_classes: int = 5, **kw) -> ModelConfig:
