@@ -35,6 +35,12 @@ def run_demo(model: str = "default", show: bool = True, screenshot: str | None =
     if metrics.result is not None:
         print(metrics.summary.value)
     if screenshot:
+        # lay the window out at a readable size (docks included) before grabbing it
+        viewer.window.resize(1600, 1000)
+        viewer.window.show()
+        from qtpy.QtWidgets import QApplication
+
+        QApplication.processEvents()
         viewer.screenshot(screenshot, canvas_only=False)
         print(f"wrote {screenshot}")
     if show:

@@ -51,6 +51,7 @@ class MetricsWidget(Container):
         self.compute_button = PushButton(text="Compute metrics")
         self.summary = Label(value="")
         self.table = Table(value={"data": [], "index": [], "columns": COLUMNS})
+        self.table.min_height = 190  # the overall row and every class row without scrolling
         self.csv_path = FileEdit(label="CSV", mode="w", filter="*.csv", value="metrics.csv")
         self.export_button = PushButton(text="Export table as CSV")
         self.error_class = ComboBox(label="errors of", choices=self._error_choices)
