@@ -45,6 +45,18 @@ def monuseg() -> Path:
     return MONUSEG
 
 
+@pytest.fixture(scope="session")
+def real_512(consep) -> np.ndarray:
+    """A larger real image: four CoNSeP patches of one source image, 2x2, 512x512 (read-only)."""
+    from napari_medseg.io import read_image
+
+    p = [read_image(consep / "images" / f"train_4_{i:03d}.png") for i in (0, 1, 4, 5)]
+    image = np.concatenate([np.concatenate(p[:2], axis=1), np.concatenate(p[2:], axis=1)], axis=0)
+    assert image.shape == (512, 512, 3) and image.dtype == np.uint8
+    image.setflags(write=False)  # shared by many tests: none may change it
+    return image
+
+
 @pytest.fixture
 def small_consep(consep, tmp_path) -> Path:
     """A dataset folder of 6 real CoNSeP patches from 3 source images (a copy, safe to modify)."""

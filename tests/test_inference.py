@@ -33,17 +33,6 @@ def real_rgb(consep) -> np.ndarray:
     return read_image(consep / "images" / "train_1_005.png")
 
 
-@pytest.fixture(scope="module")
-def real_512(consep) -> np.ndarray:
-    """A larger real image: four CoNSeP patches of one source image, 2x2, 512x512."""
-    from napari_medseg.io import read_image
-
-    p = [read_image(consep / "images" / f"train_4_{i:03d}.png") for i in (0, 1, 4, 5)]
-    image = np.concatenate([np.concatenate(p[:2], axis=1), np.concatenate(p[2:], axis=1)], axis=0)
-    assert image.shape == (512, 512, 3) and image.dtype == np.uint8
-    return image
-
-
 def custom_segmenter(architecture: str = "attention_res_unet", in_channels: int = 3, seed: int = 0) -> Segmenter:
     torch.manual_seed(seed)
     cfg = ModelConfig(architecture, num_classes=len(CLASSES), in_channels=in_channels, base_channels=8, depth=3)

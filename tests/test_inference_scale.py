@@ -38,14 +38,6 @@ def segmenter(tiny_checkpoint) -> Segmenter:
 
 
 @pytest.fixture(scope="module")
-def real_512(consep) -> np.ndarray:
-    from napari_medseg.io import read_image
-
-    p = [read_image(consep / "images" / f"train_4_{i:03d}.png") for i in (0, 1, 4, 5)]
-    return np.concatenate([np.concatenate(p[:2], axis=1), np.concatenate(p[2:], axis=1)], axis=0)
-
-
-@pytest.fixture(scope="module")
 def consep_labels(consep) -> np.ndarray:
     from napari_medseg.io.images import read_label_map
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .devices import resolve_device
-from .io.images import ImageReadError, intensity_range, validate_image_array
+from .io.images import ImageReadError, intensity_range, scale_to_unit, validate_image_array
 from .models import CheckpointMeta, load_checkpoint, resolve_model_path
 from .models.optimise import optimise_for_inference
 from .postprocess import PostprocessSettings, postprocess_class_map
@@ -113,18 +113,7 @@ class ImageSource:
 
     def to01(self, raw: np.ndarray) -> np.ndarray:
         """Pixels as stored -> float32 ``(..., channels)`` in ``[0, 1]``, with the image's statistics."""
-        if raw.dtype == np.uint8:
-            out = raw.astype(np.float32) * np.float32(1 / 255)
-        else:
-            out = raw.astype(np.float32)
-            if self.value_range is not None and self.value_range != (0.0, 1.0):
-                lo, hi = self.value_range
-                out = np.clip((out - lo) / (hi - lo), 0.0, 1.0)
-        if out.ndim == 2:
-            out = out[..., None]
-        if out.shape[-1] != self.channels:
-            out = np.repeat(out, self.channels, axis=-1) if out.shape[-1] == 1 else out.mean(-1, keepdims=True)
-        return out
+        return scale_to_unit(raw, self.channels, self.value_range)
 
 
 class _RowsView:
@@ -431,11 +420,11 @@ class Segmenter:
                      postprocess: PostprocessSettings | None = None, out=None, probabilities_out=None):
         """Generator: yields ``(done, total)`` tiles, returns the class map (uint8 ``(H, W)``).
 
-        ``image``: numpy or lazy array (see ``ImageSource``); ``out``/``probabilities_out``:
+        ``image``: numpy or lazy array (see ``ImageSource``), or an ``ImageSource``; ``out``/``probabilities_out``:
         optional writable arrays for the class map ``(H, W)`` and probabilities ``(C, H, W)``.
         """
         settings = (settings or TileSettings()).checked(self.meta.model.output_stride)
-        source = ImageSource(image, self.meta.model.in_channels)
+        source = image if isinstance(image, ImageSource) else ImageSource(image, self.meta.model.in_channels)
         n = len(self.classes)
         if out is not None and tuple(out.shape) != (source.height, source.width):
             raise InferenceSettingsError(f"Output array {tuple(out.shape)} does not match the image {(source.height, source.width)}.")
@@ -455,7 +444,7 @@ class Segmenter:
         """Generator: yields ``(done, total)`` tiles, returns float32 probabilities ``(C, H, W)`` in memory."""
         source = ImageSource(image, self.meta.model.in_channels)
         probs = np.zeros((len(self.classes), source.height, source.width), np.float32)
-        yield from self.iter_segment(image, settings, probabilities_out=probs)
+        yield from self.iter_segment(source, settings, probabilities_out=probs)  # checked and measured once
         return probs
 
     def probabilities(self, image, settings: TileSettings | None = None,

@@ -165,10 +165,19 @@ def to_rgb_float(image: np.ndarray, channels: int = 3,
     image = validate_image_array(image)
     if isinstance(value_range, str):
         value_range = intensity_range(image)
-    if image.dtype == np.uint8:
-        out = image.astype(np.float32) / 255.0
+    return np.ascontiguousarray(scale_to_unit(image, channels, value_range), dtype=np.float32)
+
+
+def scale_to_unit(pixels: np.ndarray, channels: int, value_range: tuple[float, float] | None) -> np.ndarray:
+    """Already-validated ``(..., [C])`` pixels -> float32 ``(..., channels)`` in ``[0, 1]``.
+
+    The conversion behind ``to_rgb_float``, without its checks, for callers that validated
+    the image once and convert it piece by piece (the tiled engine).
+    """
+    if pixels.dtype == np.uint8:
+        out = pixels.astype(np.float32) / np.float32(255)
     else:
-        out = image.astype(np.float32)
+        out = pixels.astype(np.float32)
         if value_range is not None and value_range != (0.0, 1.0):
             lo, hi = value_range
             out = np.clip((out - lo) / (hi - lo), 0.0, 1.0)
@@ -176,7 +185,7 @@ def to_rgb_float(image: np.ndarray, channels: int = 3,
         out = out[..., None]
     if out.shape[-1] != channels:
         out = np.repeat(out, channels, axis=-1) if out.shape[-1] == 1 else out.mean(-1, keepdims=True)
-    return np.ascontiguousarray(out, dtype=np.float32)
+    return out
 
 
 def read_label_map(path: str | os.PathLike) -> np.ndarray:
