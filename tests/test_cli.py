@@ -113,3 +113,17 @@ def test_predict_streams_a_pyramidal_tiff_with_every_engine_option(consep, tiny_
     np.testing.assert_allclose(np.asarray(probs, np.float32), seg.probabilities(image, settings), atol=1e-3)
     assert not list((out / "probabilities").glob(".*part"))  # no temporary file left behind
     assert (out / "instances" / "slide.tif").is_file()
+
+
+def test_predict_failure_leaves_no_partial_probability_file(consep, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    from napari_medseg.inference import Segmenter
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("simulated failure inside the engine")
+
+    monkeypatch.setattr(Segmenter, "segment", broken)
+    out = tmp_path / "pred"
+    rc = main(["predict", str(consep / "images" / "train_5_000.png"), "--model", str(tiny_checkpoint), "--out", str(out),
+               "--device", "cpu", "--probabilities"])
+    assert rc != 0 and "simulated failure" in capsys.readouterr().err
+    assert list((out / "probabilities").iterdir()) == []  # neither the .npy nor a hidden .part file

@@ -108,22 +108,24 @@ def cmd_predict(args) -> int:
         try:
             labels = segmenter.segment(image, settings, progress=ProgressLine(f"[{i}/{len(files)}] {file.name}"),
                                        postprocess=cleanup, probabilities_out=probs)
+            report = segmenter.last_report
+            if report.skipped_background or report.notes:
+                extra = "; ".join([f"{report.skipped_background}/{report.tiles} tiles skipped as glass", *report.notes])
+                print(f"  {file.name}: {extra}", file=sys.stderr)
+            write_label_map(out / "labels" / f"{stem}.tif", labels)  # tiled + compressed when large
+            if probs is not None:
+                probs.flush()
+                probs = None  # closes the memmap before the rename
+                os.replace(tmp, probs_path)
         except ImageReadError as exc:
             print(f"medseg: skipped {file}: {exc}", file=sys.stderr)
             failures += 1
-            if probs is not None:
-                del probs
-                tmp.unlink(missing_ok=True)
             continue
-        report = segmenter.last_report
-        if report.skipped_background or report.notes:
-            extra = "; ".join([f"{report.skipped_background}/{report.tiles} tiles skipped as glass", *report.notes])
-            print(f"  {file.name}: {extra}", file=sys.stderr)
-        write_label_map(out / "labels" / f"{stem}.tif", labels)  # tiled + compressed when large
-        if probs is not None:
-            probs.flush()
-            del probs
-            os.replace(tmp, probs_path)
+        finally:
+            # a failed or interrupted run leaves no hidden partial probability file behind
+            if probs is not None:
+                probs = None
+                tmp.unlink(missing_ok=True)
         if args.no_instances:
             continue
         if labels.size > INSTANCE_MAX_PIXELS:
