@@ -137,6 +137,14 @@ def test_resume_continues_exactly(small_consep, tmp_path):
         train(tiny_config(small_consep, tmp_path / "y", *extra, f"resume={full.checkpoint}"))
 
 
+def test_save_resume_off_writes_only_the_best_checkpoint(small_consep, tmp_path):
+    result = train(tiny_config(small_consep, tmp_path / "run", "epochs=1", "data.val_fraction=0.34",
+                               "data.crops_per_image=1", "save_resume=false"))
+    assert result.checkpoint is not None and result.checkpoint.is_file()
+    assert result.resume is None
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.safetensors"]
+
+
 # -- oversampling ---------------------------------------------------------------------------
 def test_oversampling_raises_the_share_of_rare_class_patches(consep_items):
     items, classes = consep_items

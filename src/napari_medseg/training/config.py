@@ -92,6 +92,9 @@ class TrainConfig:
     device: str = "auto"
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     resume: str | None = None  # a resume.safetensors written by an earlier run: continue it exactly
+    # write resume.safetensors after every epoch; it holds the weights and both Adam moments, so
+    # about 3x a full-precision checkpoint on disk: turn it off where disk is tight
+    save_resume: bool = True
     out_dir: str = "runs/model"
     save_half: bool = False  # store fp16 weights in the checkpoint
     model_card: str = ""

@@ -74,7 +74,7 @@ class TrainingDone:
 
 
 # Settings that may differ between a run and its resumption (they do not change the result).
-RESUME_FREE = ("resume", "out_dir", "device", "num_threads", "repeats")
+RESUME_FREE = ("resume", "save_resume", "out_dir", "device", "num_threads", "repeats")
 
 
 def seed_everything(seed: int) -> None:
@@ -191,10 +191,10 @@ def _freeze_unused_parameters(model: torch.nn.Module, model_cfg, device) -> None
     model.train(was_training)
 
 
-def _estimated_bytes(model: torch.nn.Module, half: bool) -> int:
+def _estimated_bytes(model: torch.nn.Module, half: bool, with_resume: bool = True) -> int:
     params = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     best = params // 2 if half else params
-    resume = params * 3  # weights + two Adam moments
+    resume = params * 3 if with_resume else 0  # weights + two Adam moments
     return 2 * (best + resume) + (1 << 20)  # atomic replace: old file + new file at once
 
 
@@ -282,7 +282,7 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
         for part in parts:
             part.requires_grad_(False)
     if ctx.is_main:
-        _check_output_dir(out_dir, _estimated_bytes(model, cfg.save_half))
+        _check_output_dir(out_dir, _estimated_bytes(model, cfg.save_half, cfg.save_resume))
     use_amp, channels_last = _switch(cfg.amp, device), _switch(cfg.channels_last, device)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     model = model.to(device)
@@ -388,7 +388,7 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
                                 "The previous best checkpoint, if any, is unchanged.") from exc
 
     def save_resume_state(epoch: int) -> None:
-        if not ctx.is_main:
+        if not ctx.is_main or not cfg.save_resume:
             return
         from .resume import save_resume
 
