@@ -172,7 +172,9 @@ def test_out_of_memory_halves_the_batch_and_finishes(segmenter, real_512):
     wrapper = RaisesOOMAbove(segmenter.model, limit=2)
     seg = Segmenter(wrapper, segmenter.meta, CPU)
     got = seg.probabilities(real_512[:256], plain(64, 16, 8))
-    np.testing.assert_allclose(got, expected, atol=1e-6)
+    # oneDNN may pick another kernel for another batch size: equal to float rounding, same argmax
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_array_equal(got.argmax(0), expected.argmax(0))
     report = seg.last_report
     assert report.batch_size == 2 and report.out_of_memory_retries == 2  # 8 -> 4 -> 2
     assert wrapper.sizes[:3] == [8, 4, 2] and max(wrapper.sizes[3:]) == 2  # never tries 8 again

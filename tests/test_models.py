@@ -347,3 +347,27 @@ def test_load_never_calls_torch_load(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "loads", forbidden)
     loaded, _ = load_checkpoint(path)
     assert_same_weights(model, loaded)
+
+
+# --------------------------------------------------------------------------- inference rewrites
+
+
+@pytest.mark.parametrize("architecture,encoder", [(a, "resnet18") for a in ARCHITECTURES] + [("unet", "mobilenet_v2")])
+def test_folded_and_fused_model_gives_the_same_outputs(architecture, encoder):
+    from napari_medseg.models.optimise import ConvActivation, _onednn_fusion_available, optimise_for_inference
+
+    model = tiny_model(tiny_config(architecture, num_classes=4, encoder=encoder))
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    fast = optimise_for_inference(model, check_input=None)  # unchecked: the rewrite itself is on trial
+    def count(net, kind):
+        return sum(isinstance(m, kind) for m in net.modules())
+
+    # DeepLabV3+'s separable convs are containers, so the batch norm after them stays
+    assert count(fast, torch.nn.BatchNorm2d) < count(model, torch.nn.BatchNorm2d)
+    if _onednn_fusion_available() and architecture != "fpn":  # FPN's heads use GroupNorm between conv and ReLU
+        assert any(isinstance(m, ConvActivation) for m in fast.modules())
+    with torch.inference_mode():
+        expected, got = model(x), fast(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # the rewrite works on a copy: the original keeps its layers
+    assert not any(isinstance(m, ConvActivation) for m in model.modules())
