@@ -2,7 +2,8 @@
 
 Order: a random crop (with room for scaling), random scaling about its centre, the centre
 crop of the requested size, flips, exact 90-degree rotations (``torch.rot90``, no
-interpolation), then colour jitter of brightness, contrast, saturation, hue and sharpness.
+interpolation), then stain jitter in haematoxylin-eosin-DAB space (RGB images), then colour
+jitter of brightness, contrast, saturation, hue and sharpness.
 Cropping before scaling gives the same distribution as scaling the whole image first, at a
 fraction of the cost. Pixels brought in from outside the image get the ignore index
 (-100) in the mask, so they never count in the loss.
@@ -31,6 +32,37 @@ class RandomRot90(v2.Transform):
         return torch.rot90(inpt, params["k"], dims=(-2, -1))
 
 
+class RandomStainJitter(v2.Transform):
+    """H&E stain augmentation (Tellez et al., IEEE TMI 2018): RGB -> optical density -> stain
+    concentrations by colour deconvolution (Ruifrok & Johnston; scikit-image's H-E-DAB
+    matrices), each stain scaled by ``U[1 - sigma, 1 + sigma]`` and shifted by
+    ``U[-sigma, sigma]`` optical-density units, then recombined. Mimics differences in staining
+    between labs and batches; labels are untouched, and ``sigma = 0`` gives the image back.
+    """
+
+    _transformed_types = (tv_tensors.Image,)
+
+    def __init__(self, sigma: float):
+        super().__init__()
+        from skimage.color import hed_from_rgb, rgb_from_hed
+
+        self.sigma = float(sigma)
+        self.to_stains = torch.as_tensor(hed_from_rgb, dtype=torch.float32)
+        self.to_density = torch.as_tensor(rgb_from_hed, dtype=torch.float32)
+
+    def make_params(self, flat_inputs):
+        s = self.sigma
+        return {"scale": 1.0 + (2 * torch.rand(3) - 1) * s, "shift": (2 * torch.rand(3) - 1) * s}
+
+    def transform(self, inpt, params):
+        if inpt.ndim < 3 or inpt.shape[-3] != 3:  # stains are defined for RGB only
+            return inpt
+        density = -torch.log(inpt.as_subclass(torch.Tensor).float().clamp(min=1e-6)).movedim(-3, -1)
+        stains = density @ self.to_stains * params["scale"] + params["shift"]
+        rgb = torch.exp(-(stains @ self.to_density)).movedim(-1, -3).clamp_(0, 1)
+        return tv_tensors.wrap(rgb.to(inpt.dtype), like=inpt)
+
+
 def build_augmentation(cfg, crop_size: int):
     """A callable ``(image float CxHxW, labels int64 HxW) -> same``; ``cfg=None`` crops only."""
     steps = []
@@ -47,6 +79,8 @@ def build_augmentation(cfg, crop_size: int):
             steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
         if cfg.rotate90:
             steps.append(RandomRot90())
+        if getattr(cfg, "stain", 0.0):
+            steps.append(RandomStainJitter(cfg.stain))
         if any((cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)):
             steps.append(v2.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue))
         if cfg.sharpness:

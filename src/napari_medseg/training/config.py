@@ -60,6 +60,9 @@ class AugmentConfig:
     contrast: float = 0.15
     saturation: float = 0.15
     hue: float = 0.04
+    # H&E stain jitter (RGB only): each stain's concentration scaled by 1 +- stain and shifted
+    # by +- stain optical-density units (Tellez et al. 2018); 0 = off
+    stain: float = 0.0
     sharpness: float = 0.0  # probability of a random sharpness change
 
 
@@ -162,6 +165,8 @@ class TrainConfig:
             bad(f"data.val_fraction must lie in [0, 1), got {self.data.val_fraction}.")
         if self.lr <= 0:
             bad(f"lr must be positive, got {self.lr}.")
+        if not 0 <= self.augment.stain < 1:
+            bad(f"augment.stain must lie in [0, 1), got {self.augment.stain}.")
         if self.data.crop_size and self.data.crop_size % self.model.output_stride:
             bad(f"data.crop_size {self.data.crop_size} must be a multiple of {self.model.output_stride} for this model.")
 
