@@ -187,7 +187,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    segmenter = Segmenter.load("default", device=args.device)  # ours: batch norm folded, channels-last
+    segmenter = Segmenter.load("default", device=args.device)  # ours: batch norm folded, conv+activation fused, channels-last
     plain_model = load_checkpoint(resolve_model_path("default"), device=segmenter.device)[0].eval()  # as a user has it
     print(f"model: {segmenter.meta.model.architecture} {segmenter.meta.model.encoder}, device {segmenter.device}, "
           f"torch threads {torch.get_num_threads()}, tile {args.tile}, overlap {args.overlap}, batch {args.batch_size}")
@@ -225,7 +225,7 @@ def main() -> None:
     ratio_throughput = monai[1] / ours[1]
     ratio_memory = ours[2] / max(monai[2], 1)
     agreement = float((ours[0] == monai[0]).mean())
-    print("monai+ = MONAI running our inference-optimised model (batch norm folded, channels-last)")
+    print("monai+ = MONAI running our inference-optimised model (batch norm folded, conv+activation fused, channels-last)")
     print(f"throughput ratio (ours/MONAI) {ratio_throughput:.2f}x, memory ratio {ratio_memory:.3f}, "
           f"argmax agreement {100 * agreement:.3f}%")
 
