@@ -86,6 +86,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", model, meta)
 
 
+@pytest.fixture(scope="module")
+def segmenter(tiny_checkpoint):
+    """The untrained tiny U-Net (resnet18, depth 3: output stride 8) loaded for inference, once per module."""
+    from napari_medseg.inference import Segmenter
+
+    return Segmenter.load(tiny_checkpoint, device="cpu")
+
+
 def read_rgb(path: Path) -> np.ndarray:
     from napari_medseg.io import read_image
 

@@ -21,12 +21,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def segmenter(tiny_checkpoint) -> Segmenter:
-    """The untrained tiny U-Net (resnet18, depth 3: output stride 8) from its checkpoint file."""
-    return Segmenter.load(tiny_checkpoint, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def real_rgb(consep) -> np.ndarray:
     from napari_medseg.io import read_image
 

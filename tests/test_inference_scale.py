@@ -33,11 +33,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def segmenter(tiny_checkpoint) -> Segmenter:
-    return Segmenter.load(tiny_checkpoint, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def consep_labels(consep) -> np.ndarray:
     from napari_medseg.io.images import read_label_map
 

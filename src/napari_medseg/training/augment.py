@@ -79,7 +79,7 @@ def build_augmentation(cfg, crop_size: int):
             steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
         if cfg.rotate90:
             steps.append(RandomRot90())
-        if getattr(cfg, "stain", 0.0):
+        if cfg.stain:
             steps.append(RandomStainJitter(cfg.stain))
         if any((cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)):
             steps.append(v2.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue))
