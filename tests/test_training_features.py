@@ -371,3 +371,74 @@ def test_freeze_encoder_keeps_encoder_weights(small_consep, tmp_path):
     dec = [k for k in state if k.startswith("decoder.") and k.endswith("weight")]
     assert enc and all(torch.equal(state[k], initial[k]) for k in enc)
     assert any(not torch.equal(state[k], initial[k]) for k in dec)
+
+
+# -- contact gaps: touching nuclei parted in the training targets ------------------------------
+def _contact_pixels_by_loops(instances: np.ndarray, width: int) -> np.ndarray:
+    """Obviously-correct reference: look at every neighbour of every nucleus pixel."""
+    h, w = instances.shape
+    out = np.zeros((h, w), bool)
+    for y in range(h):
+        for x in range(w):
+            i = instances[y, x]
+            if i == 0:
+                continue
+            window = instances[max(0, y - width):y + width + 1, max(0, x - width):x + width + 1]
+            out[y, x] = bool(((window != 0) & (window != i)).any())
+    return out
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_contact_pixels_match_a_per_pixel_reference_on_real_nuclei(consep, width):
+    from napari_medseg.instances import contact_pixels
+    from napari_medseg.io import read_label_map
+
+    instances = read_label_map(consep / "instances" / "train_1_006.tif")[64:160, 64:160]
+    got = contact_pixels(instances, width)
+    assert got.any(), "this crop has touching nuclei"
+    np.testing.assert_array_equal(got, _contact_pixels_by_loops(instances, width))
+
+
+def test_contact_pixels_leave_lone_nuclei_whole():
+    from napari_medseg.instances import contact_pixels
+
+    ids = np.zeros((12, 20), np.int32)
+    ids[2:8, 2:6] = 1  # touches 2 along a column
+    ids[2:8, 6:10] = 2
+    ids[2:8, 14:18] = 3  # alone
+    got = contact_pixels(ids, 1)
+    assert got[2:8, 5].all() and got[2:8, 6].all()
+    assert got.sum() == 12 and not got[:, 14:].any()
+    assert not contact_pixels(ids, 0).any()
+
+
+def test_contact_gaps_part_touching_nuclei_in_training_targets(consep_items):
+    from napari_medseg.instances import contact_pixels
+    from napari_medseg.training.data import with_contact_gaps
+
+    items, _ = consep_items
+    items = items[:40]
+    gapped = with_contact_gaps(items, 1)
+    removed = 0
+    for before, after in zip(items, gapped):
+        changed = before.labels != after.labels
+        assert (after.labels[changed] == 0).all() and (before.labels[changed] > 0).all()  # only nucleus -> background
+        kept = np.where(after.labels > 0, before.instances, 0)
+        assert not contact_pixels(kept, 1).any()  # no two nuclei within 1 px of each other are left
+        removed += changed.sum()
+        assert after.image is before.image
+    assert removed > 0
+    assert with_contact_gaps(items, 0) is items
+
+
+def test_contact_gaps_need_instance_maps(consep_items, tmp_path):
+    from napari_medseg.training.config import TrainConfigError
+
+    items, classes = consep_items
+    no_instances = [LabelledImage(it.name, it.group, it.image, it.labels) for it in items[:4]]
+    cfg = tiny_config("unused", tmp_path / "m", "epochs=1", "data.val_fraction=0", "data.contact_gap=1")
+    with pytest.raises(DatasetError, match="contact_gap needs instance maps.*4 training image"):
+        train(cfg, items=(no_instances, classes))
+    assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
+    with pytest.raises(TrainConfigError, match="contact_gap must be an integer of at least 0"):
+        tiny_config("unused", tmp_path / "m", "data.contact_gap=-1")
