@@ -43,28 +43,6 @@ def table_size_ok(top: int, size: int) -> bool:
     return top < 2**31 and top <= 4 * size + 65536
 
 
-def contact_pixels(instances: np.ndarray, width: int = 1) -> np.ndarray:
-    """Pixels of a nucleus within ``width`` px (chessboard distance) of a different nucleus.
-
-    Bool ``(H, W)``. Background never counts as a different nucleus, so lone nuclei keep
-    every pixel. Ids must be integers >= 0.
-    """
-    from scipy import ndimage as ndi
-
-    instances = _check_ids("instance map", instances)
-    if instances.ndim != 2:
-        raise InstanceInputError(f"Contacts are found in 2-D instance maps, got shape {instances.shape}.")
-    if width <= 0 or not instances.size:
-        return np.zeros(instances.shape, bool)
-    ids = instances.astype(np.int64, copy=False)
-    size = 2 * int(width) + 1
-    # a neighbour with another id shows as a larger maximum, or (background read as a sentinel
-    # above every id) a smaller minimum; a small sentinel, as scipy's filters overflow near int64's max
-    highest = ndi.maximum_filter(ids, size=size, mode="nearest")
-    lowest = ndi.minimum_filter(np.where(ids > 0, ids, int(ids.max()) + 1), size=size, mode="nearest")
-    return (ids > 0) & ((highest != ids) | (lowest != ids))
-
-
 def semantic_to_instances(class_map: np.ndarray, settings: InstanceSettings | None = None) -> np.ndarray:
     """Split the foreground (class > 0) into nuclei: int32 ids 1..N, 0 = background.
 

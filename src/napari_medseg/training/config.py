@@ -25,9 +25,6 @@ class DataConfig:
     split_seed: int | None = None  # seed of the train/validation split; None = the run's seed
     binary: bool = False  # nucleus (any class > 0) vs background: classes become [background, nucleus]
     num_workers: int = 0  # DataLoader worker processes (0 = in the training process)
-    # training targets only: nucleus pixels within this many px of another nucleus become
-    # background, so the model learns to part touching nuclei (needs instance maps); 0 = off
-    contact_gap: int = 0
 
 
 @dataclass
@@ -161,7 +158,6 @@ class TrainConfig:
             bad("normalization as a mapping needs exactly 'mean' and 'std'.")
         for name, value, low in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1),
                                  ("repeats", self.repeats, 1), ("data.crop_size", self.data.crop_size, 0),
-                                 ("data.contact_gap", self.data.contact_gap, 0),
                                  ("quadratic_stop.window", self.quadratic_stop.window, 3)):
             if not isinstance(value, int) or value < low:
                 bad(f"{name} must be an integer of at least {low}, got {value!r}.")

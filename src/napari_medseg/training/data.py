@@ -28,7 +28,6 @@ class LabelledImage:
     group: str  # source image: the unit of the train/validation split
     image: np.ndarray  # float32 (H, W, C) in [0, 1]
     labels: np.ndarray  # uint8 (H, W)
-    instances: np.ndarray | None = None  # int32 (H, W) nucleus ids, 0 = background, where the data has them
 
 
 def _load_pannuke(path: str, in_channels: int) -> tuple[list[LabelledImage], list[str]]:
@@ -37,10 +36,10 @@ def _load_pannuke(path: str, in_channels: int) -> tuple[list[LabelledImage], lis
     fold = read_pannuke_fold(path)
     items = []
     for i in range(len(fold)):
-        labels, instances = fold.class_and_instance_maps(i)
+        labels, _ = fold.class_and_instance_maps(i)
         # PanNuke patches are independent 256x256 fields of view: each is its own group.
         items.append(LabelledImage(f"{fold.tissues[i]}_{i}", f"{fold.root.name}/{i}",
-                                   to_rgb_float(fold.image(i), in_channels), labels, instances))
+                                   to_rgb_float(fold.image(i), in_channels), labels))
     return items, list(PANNUKE_CLASSES)
 
 
@@ -76,9 +75,7 @@ def load_dataset_folders(paths: list[str], group_pattern: str, in_channels: int 
             sample = folder.load(stem)
             match = pattern.match(stem)
             group = f"{folder.root.name}/{match.group(1) if match else stem}"
-            instances = None if sample.instances is None else sample.instances.astype(np.int32, copy=False)
-            items.append(LabelledImage(stem, group, to_rgb_float(sample.image, in_channels),
-                                       sample.labels.astype(np.uint8), instances))
+            items.append(LabelledImage(stem, group, to_rgb_float(sample.image, in_channels), sample.labels.astype(np.uint8)))
             if progress is not None:
                 progress(len(items), total)
     if not items:
@@ -112,35 +109,8 @@ def to_binary(items: list[LabelledImage], classes: list[str]) -> tuple[list[Labe
     """Nucleus (any class > 0) vs background."""
     if len(classes) == 2:
         return items, list(classes)
-    return ([LabelledImage(it.name, it.group, it.image, (it.labels > 0).astype(np.uint8), it.instances)
-             for it in items], ["background", "nucleus"])
-
-
-def with_contact_gaps(items: list[LabelledImage], width: int) -> list[LabelledImage]:
-    """Training targets in which touching nuclei are parted by background ``2 * width`` px wide.
-
-    Class maps paint touching nuclei as one blob, so a model trained on them merges them too;
-    with a line of background between them it learns to part them (U-Net's separation
-    borders, Ronneberger et al. 2015). Needs every item's instance map.
-    """
-    from ..instances import contact_pixels
-
-    if width <= 0:
-        return items
-    missing = [it.name for it in items if it.instances is None]
-    if missing:
-        raise DatasetError(
-            f"data.contact_gap needs instance maps, and {len(missing)} training image(s) have none "
-            f"(e.g. '{missing[0]}'). Add an instances/ folder to the dataset or set data.contact_gap: 0."
-        )
-    out = []
-    for it in items:
-        if it.instances.shape != it.labels.shape:
-            raise DatasetError(f"'{it.name}': instance map {it.instances.shape} and labels {it.labels.shape} differ in shape.")
-        labels = it.labels.copy()
-        labels[contact_pixels(it.instances, width)] = 0
-        out.append(LabelledImage(it.name, it.group, it.image, labels, it.instances))
-    return out
+    return ([LabelledImage(it.name, it.group, it.image, (it.labels > 0).astype(np.uint8)) for it in items],
+            ["background", "nucleus"])
 
 
 def split_by_group(items: list[LabelledImage], val_fraction: float, seed: int) -> tuple[list, list]:

@@ -30,7 +30,7 @@ from ..models.checkpoint import CheckpointMeta, save_checkpoint
 from ..models.registry import build_model
 from .config import TrainConfig, TrainConfigError
 from .data import (LabelledImage, PatchDataset, check_items, load_dataset_folders, normalization_stats,
-                   oversample_indices, pixel_frequencies, rare_classes, split_by_group, to_binary, with_contact_gaps)
+                   oversample_indices, pixel_frequencies, rare_classes, split_by_group, to_binary)
 from .distributed import DistContext, init_distributed, parameter_hash, shutdown_distributed
 from .early_stopping import PatienceStop, QuadraticStop
 from .losses import IGNORE_INDEX, build_loss, class_weights_from_frequencies
@@ -267,8 +267,6 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
     train_items, val_items = split_by_group(data, cfg.data.val_fraction, split_seed)
     if not train_items:
         raise TrainingError("No training images are left after holding out validation data.")
-    # validation keeps the true targets: its numbers stay comparable with runs without gaps
-    train_items = with_contact_gaps(train_items, cfg.data.contact_gap)
     freq = pixel_frequencies(train_items, len(classes))
     w = _class_weights(cfg, freq, len(classes))
     weights = None if w is None else torch.tensor(w, dtype=torch.float32, device=device)
