@@ -44,6 +44,8 @@ def main(argv=None) -> int:
         "model": {k: results["model"][k] for k in HEADLINE} | {"per_class": results["model"]["per_class"]},
         "classical_baseline": {k: results["baseline"][k] for k in HEADLINE},
     }
+    if "model_tta" in results:  # accuracy.py --tta
+        meta.metrics["held_out"]["model_with_flips"] = {k: results["model_tta"][k] for k in HEADLINE}
     out = save_checkpoint(args.out, model, meta, half=True)
     size = out.stat().st_size
     print(f"wrote {out} ({size / 2**20:.1f} MiB)")
