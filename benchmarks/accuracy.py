@@ -200,17 +200,12 @@ def main(argv=None) -> int:
               "records none: the trainer fed it [0, 1] pixels. Segmenter (predict, the napari widget) applies the "
               "metadata's normalisation, so the first row is what users get; the second row shows the same weights "
               "fed as they were trained. The targets below are checked on the first row.")
-    checks = [
-        ("binary Dice", model["dice"], TARGETS["dice"]),
-        ("bPQ", model["bpq"], TARGETS["bpq"]),
-        ("Dice margin over the baseline", margin, TARGETS["margin"]),
-    ]
-    if args.tta:
-        checks += [("binary Dice with flips", with_tta["dice"], TARGETS["dice"]),
-                   ("bPQ with flips", with_tta["bpq"], TARGETS["bpq"]),
-                   ("Dice margin with flips", with_tta["dice"] - baseline["dice"], TARGETS["margin"])]
-    for name, value, target in checks:
-        print(f"target {name} >= {target:.2f}: {value:.4f}  {'met' if value >= target else 'NOT met'}")
+    for suffix, scored in [("", model)] + ([(" with flips", with_tta)] if args.tta else []):
+        for name, value, target in ((f"binary Dice{suffix}", scored["dice"], TARGETS["dice"]),
+                                    (f"bPQ{suffix}", scored["bpq"], TARGETS["bpq"]),
+                                    (f"Dice margin over the baseline{suffix}", scored["dice"] - baseline["dice"],
+                                     TARGETS["margin"])):
+            print(f"target {name} >= {target:.2f}: {value:.4f}  {'met' if value >= target else 'NOT met'}")
     if args.json:
         out = {"model": args.model, "data": args.data, "val_groups": val_groups, "images": len(samples),
                "results": {"model": model, "baseline": baseline, **({"model_input_as_trained": as_trained} if fixed else {}),
