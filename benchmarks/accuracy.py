@@ -3,8 +3,9 @@
 The validation split is the source images a model was validated on (its metadata's
 ``data.val_groups``, e.g. CoNSeP train_12/19/22/25 for the shipped default): every 256²
 patch of those images, never seen in training. The model runs tiled (``Segmenter``); its
-instances come from its class map by the distance-transform watershed
-(``napari_medseg.instances.semantic_to_instances``); the classical baseline
+instances come from its class map by a marker watershed
+(``napari_medseg.instances.semantic_to_instances``), seeded by the model's own distance map
+where it has a distance head, by the class map's distance transform otherwise; the classical baseline
 (``napari_medseg.baseline.classical_nuclei``: haematoxylin deconvolution, Otsu, watershed)
 runs on the same patches. Both are scored against the dataset's class maps and instance
 maps with ``napari_medseg.evaluation.PairEvaluation``.
@@ -99,14 +100,15 @@ def trained_normalization(meta) -> dict | None:
 
 def evaluate_segmenter(segmenter, classes: list[str], samples, instance_settings: InstanceSettings | None = None,
                        tile_settings=None) -> tuple[dict, float]:
-    """(summary, seconds) of a ``Segmenter`` on ``samples``; instances by watershed of its class map."""
+    """(summary, seconds) of a ``Segmenter`` on ``samples``; instances as ``Segmenter.segment_nuclei`` makes them."""
     if segmenter.classes != classes:
         raise DatasetError(f"The model's classes {segmenter.classes} differ from the data's {classes}.")
-    evaluation = PairEvaluation(classes, instance_settings or InstanceSettings())
+    instance_settings = instance_settings or InstanceSettings()
+    evaluation = PairEvaluation(classes, instance_settings)
     t0 = time.perf_counter()
     for s in samples:
-        pred = segmenter.segment(s.image, tile_settings)
-        evaluation.add(s.stem, s.labels, pred, s.instances, None)
+        pred, pred_instances = segmenter.segment_nuclei(s.image, tile_settings, instance_settings=instance_settings)
+        evaluation.add(s.stem, s.labels, pred, s.instances, pred_instances)
     return summarise(evaluation.report(), classes), time.perf_counter() - t0
 
 
@@ -147,6 +149,8 @@ def main(argv=None) -> int:
     parser.add_argument("--min-distance", type=int, default=InstanceSettings.min_distance,
                         help="watershed seed distance for the model's instances (px)")
     parser.add_argument("--min-size", type=int, default=InstanceSettings.min_size, help="drop smaller model objects (px)")
+    parser.add_argument("--marker-threshold", type=float, default=InstanceSettings.marker_threshold,
+                        help="models with a distance head: watershed seeds where the distance map exceeds this")
     parser.add_argument("--tta", action="store_true",
                         help="also score the model with test-time augmentation (mean over 4 flips; 4x the time)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -170,7 +174,10 @@ def main(argv=None) -> int:
     model_name = "default" if args.model == "default" else Path(args.model).name
     m = segmenter.meta.model
     model_label = f"{model_name} ({m.architecture}/{m.encoder})" if m.architecture not in ("vanilla_unet", "attention_res_unet") else f"{model_name} ({m.architecture})"
-    instance_settings = InstanceSettings(min_distance=args.min_distance, min_size=args.min_size)
+    instance_settings = InstanceSettings(min_distance=args.min_distance, min_size=args.min_size,
+                                         marker_threshold=args.marker_threshold)
+    seeds = "distance head" if segmenter.has_distance_head else "class map's distance transform"
+    print(f"model instances: watershed seeded by the {seeds}")
     model, model_s = evaluate_segmenter(segmenter, classes, samples, instance_settings)
     rows = {f"{model_label}, as loaded by Segmenter": model}
     fixed = trained_normalization(segmenter.meta)

@@ -174,9 +174,11 @@ def test_segment_widget_threaded_run_and_options(make_napari_viewer, qtbot, tiny
     assert worker is not None, widget.status.value
     with qtbot.waitSignal(worker.finished, timeout=60_000):
         pass
-    qtbot.waitUntil(lambda: len(viewer.layers) == 2, timeout=5_000)
-    seg = viewer.layers[-1]
+    qtbot.waitUntil(lambda: len(viewer.layers) == 3, timeout=5_000)
+    seg, nuclei = viewer.layers[-2], viewer.layers[-1]
     assert seg.name == "patch segmentation" and seg.data.shape == (256, 256)
+    assert nuclei.name == "patch nuclei" and nuclei.metadata["medseg"]["kind"] == "instances"
+    assert nuclei.data.shape == (256, 256) and ((nuclei.data > 0) <= (seg.data > 0)).all()
     assert widget.progress.max == 9 and widget.progress.value == 9  # 3x3 tiles of 128 with overlap 32
     assert widget.run_button.enabled and not widget.cancel_button.enabled
 
@@ -280,6 +282,30 @@ def test_metrics_widget_table_matches_core(make_napari_viewer):
     assert "mIoU" in widget.summary.value
 
 
+def test_metrics_widget_uses_chosen_instance_layers_until_the_prediction_is_painted(make_napari_viewer):
+    from napari_medseg._napari.layers import class_labels_kwargs, instance_labels_kwargs
+    from napari_medseg.evaluation import evaluate_maps
+
+    viewer = make_napari_viewer()
+    _, truth, truth_instances = _add(viewer, consep_sample())
+    pred_layer = viewer.add_labels(truth.data.copy(), **class_labels_kwargs("pred", CONSEP_CLASSES))
+    # the annotated nuclei as the 'predicted' instances: instance metrics become perfect
+    inst_layer = viewer.add_labels(truth_instances.data.copy(), **instance_labels_kwargs("pred nuclei"))
+    widget = MetricsWidget(viewer)
+    widget.prediction.value, widget.ground_truth.value = pred_layer, truth
+    widget.gt_instances.value = truth_instances
+    derived = widget.compute()["overall"]
+    assert derived["bpq"] < 0.95  # the watershed of the class map does not find every annotated nucleus
+    widget.pred_instances.value = inst_layer
+    given = widget.compute()["overall"]
+    assert given["bpq"] == pytest.approx(1.0) and given["aji"] == pytest.approx(1.0)
+    expected = evaluate_maps(truth.data, truth.data, CONSEP_CLASSES, truth_instances.data, truth_instances.data)
+    assert given["mpq"] == pytest.approx(expected["overall"]["mpq"])
+    # painting the class map makes the instance layer stale: the widget derives instances again
+    pred_layer.paint((10, 10), 0, refresh=True)
+    assert widget.pred_instances.value is None
+
+
 @pytest.mark.parametrize("case", ["shape", "class_ids", "class_names", "same"])
 def test_metrics_widget_bad_input_keeps_previous_table(make_napari_viewer, case):
     from napari_medseg._napari.layers import class_labels_kwargs
@@ -318,6 +344,10 @@ def test_demo_segments_sample_and_fills_metrics(make_napari_viewer):
     viewer = make_napari_viewer()
     segment, metrics = build_demo(viewer)
     names = [layer.name for layer in viewer.layers]
-    assert names == ["CoNSeP H&E", "CoNSeP ground truth", "CoNSeP instances", "CoNSeP H&E segmentation"]
+    assert names == ["CoNSeP H&E", "CoNSeP ground truth", "CoNSeP instances", "CoNSeP H&E segmentation",
+                     "CoNSeP H&E nuclei"]
     assert metrics.result is not None and metrics.result["overall"]["dice"] > 0.6
+    # instance metrics against the annotated nuclei, with the nuclei the Segment widget made
+    assert metrics.gt_instances.value is viewer.layers["CoNSeP instances"]
+    assert metrics.pred_instances.value is viewer.layers["CoNSeP H&E nuclei"]
     assert len(metrics.table.value["data"]) == 6

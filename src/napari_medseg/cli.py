@@ -32,7 +32,6 @@ class ProgressLine:
         sys.stderr.flush()
 
 
-INSTANCE_MAX_PIXELS = 64_000_000  # the watershed holds float64 maps of the whole image
 
 
 def _collect_inputs(inputs: list[str]) -> list[Path]:
@@ -74,8 +73,10 @@ def _open_for_prediction(path: Path):
 
 
 def cmd_predict(args) -> int:
+    import numpy as np
+
     from .inference import PostprocessSettings, Segmenter
-    from .instances import InstanceSettings, semantic_to_instances
+    from .instances import INSTANCE_MAX_PIXELS, InstanceSettings, semantic_to_instances
     from .io.dataset import write_classes
     from .io.images import ImageReadError, file_stem, write_label_map
 
@@ -83,7 +84,8 @@ def cmd_predict(args) -> int:
     segmenter = Segmenter.load(args.model, device=args.device)
     settings = _tile_settings(args).checked(segmenter.meta.model.output_stride)
     cleanup = PostprocessSettings(args.min_object_size, args.fill_holes)
-    instance_settings = InstanceSettings(min_distance=args.min_distance, min_size=args.min_size)
+    instance_settings = InstanceSettings(min_distance=args.min_distance, min_size=args.min_size,
+                                         marker_threshold=args.marker_threshold)
     out = Path(args.out)
     write_classes(out, segmenter.classes, source=f"medseg predict --model {args.model}")
     failures = 0
@@ -95,19 +97,20 @@ def cmd_predict(args) -> int:
             print(f"medseg: skipped {file}: {exc}", file=sys.stderr)
             failures += 1
             continue
+        height, width = image.shape[:2]  # readers hand over (H, W[, C])
+        want_instances = not args.no_instances and height * width <= INSTANCE_MAX_PIXELS
+        # a model with a distance head seeds the instances with its distance map
+        distance = np.zeros((height, width), np.float32) if want_instances and segmenter.has_distance_head else None
         probs = probs_path = None
         if args.probabilities:
-            import numpy as np
-
             probs_path = out / "probabilities" / f"{stem}.npy"
             probs_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = probs_path.with_name(f".{probs_path.name}.{os.getpid()}.part")
-            height, width = image.shape[:2]  # readers hand over (H, W[, C])
             probs = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
                                               shape=(len(segmenter.classes), height, width))
         try:
             labels = segmenter.segment(image, settings, progress=ProgressLine(f"[{i}/{len(files)}] {file.name}"),
-                                       postprocess=cleanup, probabilities_out=probs)
+                                       postprocess=cleanup, probabilities_out=probs, distance_out=distance)
             report = segmenter.last_report
             if report.skipped_background or report.notes:
                 extra = "; ".join([f"{report.skipped_background}/{report.tiles} tiles skipped as glass", *report.notes])
@@ -128,11 +131,11 @@ def cmd_predict(args) -> int:
                 tmp.unlink(missing_ok=True)
         if args.no_instances:
             continue
-        if labels.size > INSTANCE_MAX_PIXELS:
+        if not want_instances:
             print(f"  {file.name}: instances not derived ({labels.shape[0]}x{labels.shape[1]} px is above "
                   f"{INSTANCE_MAX_PIXELS / 1e6:.0f} Mpx; the class map was written)", file=sys.stderr)
             continue
-        write_label_map(out / "instances" / f"{stem}.tif", semantic_to_instances(labels, instance_settings))
+        write_label_map(out / "instances" / f"{stem}.tif", semantic_to_instances(labels, instance_settings, distance))
     print(f"wrote {len(files) - failures} class map(s) to {out / 'labels'}"
           + ("" if args.no_instances else f" and instance map(s) to {out / 'instances'}"))
     return 1 if failures else 0
@@ -267,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write OUT/probabilities/<stem>.npy (float16, classes x H x W, memory-mapped)")
     p.add_argument("--no-instances", action="store_true", help="write class maps only")
     _instance_options(p)
+    p.add_argument("--marker-threshold", type=float, default=0.5,
+                   help="models with a distance head: nucleus cores (watershed seeds) are where it exceeds this")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="compare predicted label maps with ground truth")

@@ -14,6 +14,10 @@ batch that runs out of memory is split in halves until it fits.
 The work is a generator yielding ``(tiles_done, tiles_total)`` after every batch; stopping it
 between yields abandons the run (that is how cancelling works: within one batch, and nothing
 half-made is returned). ``run_steps`` drives it with progress and cancel callbacks.
+
+A model with a distance head has one more output channel after its classes: a sigmoid
+nucleus distance map, blended like the probabilities, that seeds the watershed splitting
+the class map into nuclei (``Segmenter.segment_nuclei``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 import torch
 
 from .devices import resolve_device
+from .instances import InstanceSettings, semantic_to_instances
 from .io.images import ImageReadError, intensity_range, scale_to_unit, validate_image_array
 from .models import CheckpointMeta, load_checkpoint, resolve_model_path
 from .models.optimise import optimise_for_inference
@@ -161,8 +166,10 @@ def _prepare_model(model: torch.nn.Module, settings: TileSettings, device: torch
     return model
 
 
-def _forward_probabilities(model, x: torch.Tensor, settings: TileSettings, device: torch.device) -> torch.Tensor:
-    """Softmax of the model (mean over flips with TTA), float32, on ``device``."""
+def _forward_probabilities(model, x: torch.Tensor, settings: TileSettings, device: torch.device,
+                           num_classes: int | None = None) -> torch.Tensor:
+    """Softmax of the model's class channels (mean over flips with TTA), float32, on ``device``;
+    channels after the first ``num_classes`` (a distance head) go through a sigmoid instead."""
     if settings.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     use_amp = settings.amp and device.type == "cuda"
@@ -172,7 +179,11 @@ def _forward_probabilities(model, x: torch.Tensor, settings: TileSettings, devic
     with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_amp):
         for dims in flips:
             xin = torch.flip(x, dims) if dims else x
-            p = torch.softmax(model(xin).float(), dim=1)
+            logits = model(xin).float()
+            if num_classes is None or logits.shape[1] == num_classes:
+                p = torch.softmax(logits, dim=1)
+            else:
+                p = torch.cat([torch.softmax(logits[:, :num_classes], dim=1), torch.sigmoid(logits[:, num_classes:])], 1)
             p = torch.flip(p, dims) if dims else p
             total = p if total is None else total + p
     return total / len(flips) if len(flips) > 1 else total
@@ -181,8 +192,10 @@ def _forward_probabilities(model, x: torch.Tensor, settings: TileSettings, devic
 class _Batcher:
     """Runs batches of normalised tiles, halving the batch on out-of-memory (GPU) errors."""
 
-    def __init__(self, model, settings: TileSettings, device: torch.device, report: RunReport):
+    def __init__(self, model, settings: TileSettings, device: torch.device, report: RunReport,
+                 num_classes: int | None = None):
         self.model, self.settings, self.device, self.report = model, settings, device, report
+        self.num_classes = num_classes
         self.limit = settings.batch_size
         self.weights = torch.tensor(blend_weights(settings.tile_size, settings.blend), device=device)
 
@@ -194,7 +207,7 @@ class _Batcher:
             try:
                 with torch.inference_mode():
                     x = torch.from_numpy(chunk).permute(0, 3, 1, 2).to(self.device)
-                    p = _forward_probabilities(self.model, x, self.settings, self.device) * self.weights
+                    p = _forward_probabilities(self.model, x, self.settings, self.device, self.num_classes) * self.weights
                     outs.append(p.cpu().numpy())
                 self.report.forward_passes += 1
                 start += len(chunk)
@@ -220,13 +233,16 @@ class _Batcher:
 def iter_blend(model: torch.nn.Module, source: ImageSource, num_classes: int, settings: TileSettings,
                device: torch.device, normalise: Callable[[np.ndarray], np.ndarray] | None = None,
                out=None, probabilities_out=None, report: RunReport | None = None,
+               distance_head: bool = False, distance_out=None,
                ) -> Generator[tuple[int, int], None, object]:
     """Generator: yields ``(tiles_done, tiles_total)`` after every batch; returns the class map.
 
     ``normalise`` maps ``[0, 1]`` pixels to model input (mean/std); ``out`` (``(H, W)``, any
     writable array, default a new uint8 numpy array) receives the class map row by row;
     ``probabilities_out`` (``(C, H, W)``, e.g. a float16 memmap) receives the blended
-    probabilities when given.
+    probabilities when given. ``distance_head``: the model has one more output channel, a
+    sigmoid distance map, blended like the probabilities and written to ``distance_out``
+    (``(H, W)``) when given.
     """
     report = report if report is not None else RunReport()
     height, width = source.height, source.width
@@ -240,12 +256,13 @@ def iter_blend(model: torch.nn.Module, source: ImageSource, num_classes: int, se
     weights = blend_weights(tile, settings.blend)
     skip = settings.skip_background and source.rgb and source.channels == 3
     model = _prepare_model(model, settings, device)
-    run_batch = _Batcher(model, settings, device, report)
+    run_batch = _Batcher(model, settings, device, report, num_classes)
+    channels = num_classes + int(distance_head)
 
     # The band buffer holds rows [base, base + band): the open tile rows a batch can span.
     rows_per_batch = math.ceil(settings.batch_size / len(xs))
     band = min(padded_h, tile + stride * rows_per_batch)
-    acc = np.zeros((num_classes, band, padded_w), np.float32)
+    acc = np.zeros((channels, band, padded_w), np.float32)
     norm = np.zeros((band, padded_w), np.float32)
     base = 0
     pending: list[tuple[int, int, np.ndarray]] = []  # (row index, x, normalised tile)
@@ -261,9 +278,11 @@ def iter_blend(model: torch.nn.Module, source: ImageSource, num_classes: int, se
         for left in range(0, width if rows_out > 0 else 0, FINALISE_COLUMNS):  # column chunks: small temporaries
             right = min(width, left + FINALISE_COLUMNS)
             probs = acc[:, :rows_out, left:right] / norm[:rows_out, left:right]
-            out[base:base + rows_out, left:right] = probs.argmax(0).astype(out.dtype, copy=False)
+            out[base:base + rows_out, left:right] = probs[:num_classes].argmax(0).astype(out.dtype, copy=False)
             if probabilities_out is not None:
-                probabilities_out[:, base:base + rows_out, left:right] = probs
+                probabilities_out[:, base:base + rows_out, left:right] = probs[:num_classes]
+            if distance_out is not None:
+                distance_out[base:base + rows_out, left:right] = probs[num_classes]
         acc[:, :band - n] = acc[:, n:]
         acc[:, band - n:] = 0
         norm[:band - n] = norm[n:]
@@ -342,14 +361,17 @@ def run_steps(steps: Generator, progress: ProgressCallback | None = None, should
 
 
 def iter_predict_probabilities(model: torch.nn.Module, image: np.ndarray, num_classes: int,
-                               settings: TileSettings, device: torch.device) -> Generator[tuple[int, int], None, np.ndarray]:
+                               settings: TileSettings, device: torch.device,
+                               distance_head: bool = False) -> Generator[tuple[int, int], None, np.ndarray]:
     """Blended probabilities ``(C, H, W)`` float32 of an image already in model input scale
-    (normalised ``(H, W, Cin)`` float32), without background skipping."""
+    (normalised ``(H, W, Cin)`` float32), without background skipping; classes only when the
+    model has a distance head."""
     image = np.asarray(image, np.float32)
     source = _PreparedSource(image)
     probs = np.zeros((num_classes, *image.shape[:2]), np.float32)
     plain = TileSettings(**{**settings.to_dict(), "skip_background": False})
-    yield from iter_blend(model, source, num_classes, plain, device, None, probabilities_out=probs)
+    yield from iter_blend(model, source, num_classes, plain, device, None, probabilities_out=probs,
+                          distance_head=distance_head)
     return probs
 
 
@@ -370,9 +392,10 @@ class _PreparedSource(ImageSource):
 
 def predict_probabilities(model: torch.nn.Module, image: np.ndarray, num_classes: int, settings: TileSettings,
                           device: torch.device, progress: ProgressCallback | None = None,
-                          should_cancel: CancelCheck | None = None) -> np.ndarray:
+                          should_cancel: CancelCheck | None = None, distance_head: bool = False) -> np.ndarray:
     """Blended class probabilities ``(C, H, W)``; see ``iter_predict_probabilities``."""
-    return run_steps(iter_predict_probabilities(model, image, num_classes, settings, device), progress, should_cancel)
+    return run_steps(iter_predict_probabilities(model, image, num_classes, settings, device, distance_head),
+                     progress, should_cancel)
 
 
 # --------------------------------------------------------------------------- the user-facing object
@@ -397,6 +420,11 @@ class Segmenter:
     def classes(self) -> list[str]:
         return self.meta.classes
 
+    @property
+    def has_distance_head(self) -> bool:
+        """Whether the model also predicts the nucleus distance map that separates touching nuclei."""
+        return bool(self.meta.model.distance_head)
+
     def _mean_std(self, channels: int) -> tuple[np.ndarray, np.ndarray]:
         mean = np.asarray(self.meta.normalization.get("mean", [0.0]), np.float32)
         std = np.asarray(self.meta.normalization.get("std", [1.0]), np.float32)
@@ -417,11 +445,14 @@ class Segmenter:
         return lambda x: (x - mean) * scale
 
     def iter_segment(self, image, settings: TileSettings | None = None,
-                     postprocess: PostprocessSettings | None = None, out=None, probabilities_out=None):
+                     postprocess: PostprocessSettings | None = None, out=None, probabilities_out=None,
+                     distance_out=None):
         """Generator: yields ``(done, total)`` tiles, returns the class map (uint8 ``(H, W)``).
 
         ``image``: numpy or lazy array (see ``ImageSource``), or an ``ImageSource``; ``out``/``probabilities_out``:
-        optional writable arrays for the class map ``(H, W)`` and probabilities ``(C, H, W)``.
+        optional writable arrays for the class map ``(H, W)`` and probabilities ``(C, H, W)``;
+        ``distance_out``: ``(H, W)`` array for the predicted nucleus distance map (models with a
+        distance head only).
         """
         settings = (settings or TileSettings()).checked(self.meta.model.output_stride)
         source = image if isinstance(image, ImageSource) else ImageSource(image, self.meta.model.in_channels)
@@ -432,10 +463,17 @@ class Segmenter:
             raise InferenceSettingsError(
                 f"Probability array {tuple(probabilities_out.shape)} does not match {(n, source.height, source.width)}."
             )
+        if distance_out is not None:
+            if not self.has_distance_head:
+                raise InferenceSettingsError("This model has no distance head: it predicts no distance map.")
+            if tuple(distance_out.shape) != (source.height, source.width):
+                raise InferenceSettingsError(
+                    f"Distance array {tuple(distance_out.shape)} does not match the image {(source.height, source.width)}.")
         self.last_report = RunReport()
         self.model.to(self.device)  # back from ``release``, if it was released
         labels = yield from iter_blend(self.model, source, n, settings, self.device, self._normaliser(),
-                                       out=out, probabilities_out=probabilities_out, report=self.last_report)
+                                       out=out, probabilities_out=probabilities_out, report=self.last_report,
+                                       distance_head=self.has_distance_head, distance_out=distance_out)
         if postprocess is not None and postprocess.active:
             postprocess_class_map(labels, postprocess)
         return labels
@@ -453,8 +491,31 @@ class Segmenter:
 
     def segment(self, image, settings: TileSettings | None = None,
                 progress: ProgressCallback | None = None, should_cancel: CancelCheck | None = None,
-                postprocess: PostprocessSettings | None = None, out=None, probabilities_out=None):
-        return run_steps(self.iter_segment(image, settings, postprocess, out, probabilities_out), progress, should_cancel)
+                postprocess: PostprocessSettings | None = None, out=None, probabilities_out=None, distance_out=None):
+        return run_steps(self.iter_segment(image, settings, postprocess, out, probabilities_out, distance_out),
+                         progress, should_cancel)
+
+    def iter_segment_nuclei(self, image, settings: TileSettings | None = None,
+                            postprocess: PostprocessSettings | None = None,
+                            instance_settings: InstanceSettings | None = None, probabilities_out=None):
+        """Generator like ``iter_segment``; returns ``(class map, instances)``, int32 nucleus ids.
+
+        Instances are seeded from the model's distance map where it has a distance head,
+        from the distance transform of its class map otherwise (``semantic_to_instances``).
+        """
+        source = image if isinstance(image, ImageSource) else ImageSource(image, self.meta.model.in_channels)
+        distance = np.zeros((source.height, source.width), np.float32) if self.has_distance_head else None
+        labels = yield from self.iter_segment(source, settings, postprocess, probabilities_out=probabilities_out,
+                                              distance_out=distance)
+        return labels, semantic_to_instances(labels, instance_settings, distance)
+
+    def segment_nuclei(self, image, settings: TileSettings | None = None,
+                       progress: ProgressCallback | None = None, should_cancel: CancelCheck | None = None,
+                       postprocess: PostprocessSettings | None = None,
+                       instance_settings: InstanceSettings | None = None, probabilities_out=None):
+        """``(class map, instances)``; see ``iter_segment_nuclei``."""
+        return run_steps(self.iter_segment_nuclei(image, settings, postprocess, instance_settings, probabilities_out),
+                         progress, should_cancel)
 
     def release(self) -> None:
         """Free GPU memory held by the model (after a run or a cancel)."""

@@ -1,5 +1,11 @@
-"""Class maps -> nucleus instances (distance transform + marker watershed), and the class of
-each instance by majority vote.
+"""Class maps -> nucleus instances (marker watershed), and the class of each instance by
+majority vote.
+
+Markers come from the distance transform of the predicted foreground or, for models with a
+distance head, from the distance map the model predicts: every nucleus's distance to its own
+edge, scaled to 1 at its centre (``nucleus_distance_map``). That map drops to 0 where two
+nuclei touch, so it separates nuclei whose joint outline is round enough to fool the
+foreground's distance transform.
 
 Conventions: instance maps hold non-negative integer ids, 0 = background. Class maps hold
 class ids, 0 = background; background pixels never vote for an instance's class.
@@ -10,6 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+
+# Instances are derived for images up to this size: the watershed holds float64 maps of the whole image.
+INSTANCE_MAX_PIXELS = 64_000_000
 
 
 class InstanceInputError(ValueError):
@@ -27,6 +37,10 @@ class InstanceSettings:
     min_size: int = 10
     # fill background regions enclosed by foreground (nuclei are solid; holes are prediction noise)
     fill_holes: bool = True
+    # with a predicted distance map: seeds are its connected regions above this value (a
+    # nucleus core), dropped when smaller than min_marker_size px
+    marker_threshold: float = 0.5
+    min_marker_size: int = 4
 
 
 def _check_ids(name: str, ids: np.ndarray) -> np.ndarray:
@@ -43,14 +57,17 @@ def table_size_ok(top: int, size: int) -> bool:
     return top < 2**31 and top <= 4 * size + 65536
 
 
-def semantic_to_instances(class_map: np.ndarray, settings: InstanceSettings | None = None) -> np.ndarray:
+def semantic_to_instances(class_map: np.ndarray, settings: InstanceSettings | None = None,
+                          distance: np.ndarray | None = None) -> np.ndarray:
     """Split the foreground (class > 0) into nuclei: int32 ids 1..N, 0 = background.
 
-    Foreground (optionally hole-filled, objects under ``min_size`` px removed) -> Euclidean
-    distance transform, smoothed by ``sigma`` -> seeds at its local maxima at least
-    ``min_distance`` apart within each connected component -> watershed of the negated
-    distance, restricted to the foreground. A component without a seed gets one at its
-    maximum, so every connected component yields at least one instance.
+    Foreground (optionally hole-filled, objects under ``min_size`` px removed) -> a distance
+    map -> seeds -> watershed of the negated distance, restricted to the foreground.
+    Without ``distance``: the Euclidean distance transform of the foreground, smoothed by
+    ``sigma``, seeded at its local maxima at least ``min_distance`` apart. With ``distance``
+    (a model's predicted nucleus distance map, ``(H, W)`` in [0, 1]): seeded at its regions
+    above ``marker_threshold``. A component without a seed gets one at its maximum, so every
+    connected component yields at least one instance.
     """
     from scipy import ndimage as ndi
     from skimage.feature import peak_local_max
@@ -74,23 +91,59 @@ def semantic_to_instances(class_map: np.ndarray, settings: InstanceSettings | No
             components, n = ndi.label(foreground)
     if n == 0:
         return np.zeros(class_map.shape, np.int32)
-    distance = ndi.distance_transform_edt(foreground)
-    if s.sigma > 0:
-        distance = ndi.gaussian_filter(distance, s.sigma)
-    peaks = peak_local_max(distance, min_distance=max(1, int(s.min_distance)), labels=components,
-                           exclude_border=False)
-    markers = np.zeros(class_map.shape, np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
-    # components without a peak (tiny or flat) get one seed at their own maximum
+    if distance is None:
+        distance = ndi.distance_transform_edt(foreground)
+        if s.sigma > 0:
+            distance = ndi.gaussian_filter(distance, s.sigma)
+        peaks = peak_local_max(distance, min_distance=max(1, int(s.min_distance)), labels=components,
+                               exclude_border=False)
+        markers = np.zeros(class_map.shape, np.int32)
+        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
+    else:
+        distance = np.asarray(distance, np.float32)
+        if distance.shape != class_map.shape:
+            raise InstanceInputError(f"The distance map {distance.shape} and the class map {class_map.shape} differ in shape.")
+        markers, _ = ndi.label(foreground & (distance > s.marker_threshold))
+        if s.min_marker_size > 1 and markers.max():
+            small = np.bincount(markers.ravel()) < s.min_marker_size
+            small[0] = False
+            markers[small[markers]] = 0
+    # components without a seed (tiny or flat) get one at their own maximum
     seeded = np.zeros(n + 1, bool)
-    seeded[components[tuple(peaks.T)]] = True
+    seeded[components[markers > 0]] = True
     missing = np.flatnonzero(~seeded[1:]) + 1
     if missing.size:
+        top = int(markers.max())
         where = ndi.maximum_position(distance, components, missing)
-        for k, pos in enumerate(where, start=len(peaks) + 1):
+        for k, pos in enumerate(where, start=top + 1):
             markers[pos] = k
     instances = watershed(-distance, markers, mask=foreground)
     return instances.astype(np.int32, copy=False)
+
+
+def nucleus_distance_map(instances: np.ndarray) -> np.ndarray:
+    """Every instance's Euclidean distance to its own edge, divided by its maximum: float32 in
+    [0, 1], 1 at each nucleus's centre, falling to 0 at its outline (also where it touches
+    another nucleus); 0 on background. The training target of a model's distance head.
+    """
+    from scipy import ndimage as ndi
+
+    instances = _check_ids("instance map", instances)
+    if instances.ndim != 2:
+        raise InstanceInputError(f"Distance maps are made from 2-D instance maps, got shape {instances.shape}.")
+    out = np.zeros(instances.shape, np.float32)
+    for index, box in enumerate(ndi.find_objects(instances), start=1):
+        if box is None:
+            continue
+        # one pixel of margin, so an instance touching the crop's edge still has an outside
+        grown = tuple(slice(max(0, b.start - 1), b.stop + 1) for b in box)
+        inside = instances[grown] == index
+        dist = ndi.distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1]
+        top = dist.max()
+        if top > 0:
+            region = out[grown]
+            region[inside] = (dist[inside] / top).astype(np.float32)
+    return out
 
 
 def instance_classes(instances: np.ndarray, class_map: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ from .segment_widget import FILE_MODEL, SegmentWidget
 
 def build_demo(viewer, model: str = "default") -> tuple[SegmentWidget, MetricsWidget]:
     layers = [getattr(viewer, f"add_{kind}")(data, **kwargs) for data, kwargs, kind in consep_sample()]
-    image, truth = layers[0], layers[1]
+    image, truth, truth_instances = layers[0], layers[1], layers[2]
     segment = SegmentWidget(viewer)
     viewer.window.add_dock_widget(segment, name="Segment (napari-medseg)", area="right")
     if model != "default":
@@ -23,6 +23,9 @@ def build_demo(viewer, model: str = "default") -> tuple[SegmentWidget, MetricsWi
     if prediction is not None:
         metrics.prediction.value = prediction
         metrics.ground_truth.value = truth
+        metrics.gt_instances.value = truth_instances
+        if segment.last_instances_layer is not None:
+            metrics.pred_instances.value = segment.last_instances_layer
         metrics.compute()
     return segment, metrics
 

@@ -47,6 +47,8 @@ class MetricsWidget(Container):
         self.prediction = ComboBox(label="prediction", choices=self._class_layers)
         self.ground_truth = ComboBox(label="ground truth", choices=self._class_layers)
         self.gt_instances = ComboBox(label="GT instances", choices=self._instance_choices)
+        # e.g. the Segment widget's nuclei layer, seeded by the model's distance map
+        self.pred_instances = ComboBox(label="predicted instances", choices=self._instance_choices)
         self.live = CheckBox(text="recompute when painted", value=True)
         self.compute_button = PushButton(text="Compute metrics")
         self.summary = Label(value="")
@@ -57,7 +59,7 @@ class MetricsWidget(Container):
         self.error_class = ComboBox(label="errors of", choices=self._error_choices)
         self.errors_button = PushButton(text="Show TP / FP / FN overlay")
         self.visible_classes = Select(label="show classes", choices=self._class_choices)
-        self.extend([self.prediction, self.ground_truth, self.gt_instances, self.live, self.compute_button,
+        self.extend([self.prediction, self.ground_truth, self.gt_instances, self.pred_instances, self.live, self.compute_button,
                      self.summary, self.table, self.csv_path, self.export_button, self.error_class,
                      self.errors_button, self.visible_classes])
         self.compute_button.changed.connect(lambda: self.compute())
@@ -109,10 +111,18 @@ class MetricsWidget(Container):
         for layer in self._watched:
             layer.events.paint.disconnect(self._schedule)
             layer.events.data.disconnect(self._schedule)
+            layer.events.paint.disconnect(self._prediction_painted)
         self._watched = [l for l in {id(l): l for l in (self.prediction.value, self.ground_truth.value) if l}.values()]
         for layer in self._watched:
             layer.events.paint.connect(self._schedule)
             layer.events.data.connect(self._schedule)
+        if self.prediction.value is not None:
+            self.prediction.value.events.paint.connect(self._prediction_painted)
+
+    def _prediction_painted(self, *_):
+        """A painted class map no longer matches instances made from it: derive them anew."""
+        if self.pred_instances.value is not None:
+            self.pred_instances.value = None
 
     def _schedule(self, *_):
         """Debounce: many paint events in a stroke lead to one recompute."""
@@ -148,9 +158,13 @@ class MetricsWidget(Container):
         gt_instances = np.asarray(gt_inst.data) if gt_inst is not None else None
         if gt_instances is not None and gt_instances.shape != gt.shape:
             raise MetricsInputError(f"'{gt_inst.name}' has shape {gt_instances.shape}, the ground truth {gt.shape}.")
+        pred_inst = self.pred_instances.value
+        pred_instances = np.asarray(pred_inst.data).copy() if pred_inst is not None else None
+        if pred_instances is not None and pred_instances.shape != pred.shape:
+            raise MetricsInputError(f"'{pred_inst.name}' has shape {pred_instances.shape}, the prediction {pred.shape}.")
         if gt.ndim != 2:
             raise MetricsInputError(f"Metrics compare 2-D maps; the ground truth has shape {gt.shape}.")
-        return gt, pred.copy(), names, gt_instances
+        return gt, pred.copy(), names, gt_instances, pred_instances
 
     def compute(self, threaded: bool = False):
         """Fill the table; on bad input show why and leave the previous table as it was.
@@ -158,10 +172,10 @@ class MetricsWidget(Container):
         ``threaded=True`` computes in a worker thread (as live recomputes do).
         """
         try:
-            gt, pred, names, gt_instances = self._inputs()
+            gt, pred, names, gt_instances, pred_instances = self._inputs()
         except MetricsInputError as exc:
             return self._fail(str(exc))
-        job = lambda: evaluate_maps(gt, pred, names, gt_instances=gt_instances)  # noqa: E731
+        job = lambda: evaluate_maps(gt, pred, names, gt_instances=gt_instances, pred_instances=pred_instances)  # noqa: E731
         if not threaded:
             try:
                 return self._show(job())
@@ -223,7 +237,7 @@ class MetricsWidget(Container):
     def show_errors(self):
         """Add (or update) a Labels layer with TP / FP / FN pixels in three distinct colours."""
         try:
-            gt, pred, names, _ = self._inputs()
+            gt, pred, names, *_ = self._inputs()
             choice = self.error_class.value
             class_id = None if choice in (None, ALL_CLASSES) else names.index(choice)
             errors = error_map(gt, pred, len(names), class_id)

@@ -10,7 +10,8 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, Pro
 
 from ..devices import available_devices
 from ..inference import PostprocessSettings, Segmenter, TileSettings
-from .layers import class_labels_kwargs
+from ..instances import INSTANCE_MAX_PIXELS
+from .layers import class_labels_kwargs, instance_labels_kwargs
 from .model_list import trained_models
 
 if TYPE_CHECKING:
@@ -46,13 +47,15 @@ class SegmentWidget(Container):
         self.skip_background = CheckBox(text="skip near-white glass tiles (H&E)", value=True)
         self.min_object_size = SpinBox(label="min object (px)", value=0, min=0, max=100_000)
         self.fill_holes = SpinBox(label="fill holes up to (px)", value=0, min=0, max=100_000)
+        self.nuclei = CheckBox(text="add nucleus instances (seeded by the model's distance map if it has one)",
+                               value=True)
         self.run_button = PushButton(text="Segment")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="tiles", value=0, min=0, max=1)
         self.status = Label(value="")
         self.extend([self.image_layer, self.model_source, self.checkpoint, self.device, self.tile_size,
                      self.overlap, self.batch_size, self.blend, self.tta, self.skip_background,
-                     self.min_object_size, self.fill_holes, self.run_button, self.cancel_button, self.progress,
+                     self.min_object_size, self.fill_holes, self.nuclei, self.run_button, self.cancel_button, self.progress,
                      self.status])
         self.model_source.changed.connect(lambda v: setattr(self.checkpoint, "visible", v == FILE_MODEL))
         trained_models.changed.connect(self.model_source.reset_choices)  # models from the Train widget
@@ -61,7 +64,7 @@ class SegmentWidget(Container):
         viewer.layers.events.inserted.connect(self.reset_choices)
         viewer.layers.events.removed.connect(self.reset_choices)
         self.reset_choices()
-        self.last_layer = None
+        self.last_layer = self.last_instances_layer = None
 
     def _image_layers(self, _widget=None) -> list:
         from napari.layers import Image
@@ -115,7 +118,11 @@ class SegmentWidget(Container):
                     "open a single 2-D image (or one plane of the stack as its own layer)."
                 )
             cleanup = PostprocessSettings(self.min_object_size.value, self.fill_holes.value)
-            steps = segmenter.iter_segment(image, settings, postprocess=cleanup)
+            nuclei = self.nuclei.value and image.shape[0] * image.shape[1] <= INSTANCE_MAX_PIXELS
+            if nuclei:
+                steps = segmenter.iter_segment_nuclei(image, settings, postprocess=cleanup)
+            else:
+                steps = segmenter.iter_segment(image, settings, postprocess=cleanup)
         except Exception as exc:  # bad model/file/settings/image: report, add nothing
             self._fail(str(exc))
             return None
@@ -178,14 +185,21 @@ class SegmentWidget(Container):
             self._segmenter_cache = None
 
     def _on_done(self, result):
+        """``result``: (class map or (class map, instances), segmenter, layer name)."""
         labels, segmenter, name = result
+        labels, instances = labels if isinstance(labels, tuple) else (labels, None)
         kwargs = class_labels_kwargs(name, segmenter.classes, segmenter.meta.colors)
         self.last_layer = self._viewer.add_labels(labels, **kwargs)
+        self.last_instances_layer = None
+        if instances is not None:
+            self.last_instances_layer = self._viewer.add_labels(
+                instances, **instance_labels_kwargs(name.replace(" segmentation", " nuclei")))
         counts = np.bincount(labels.ravel(), minlength=len(segmenter.classes))
         covered = ", ".join(f"{c} {100 * n / labels.size:.1f}%" for c, n in zip(segmenter.classes[1:], counts[1:]))
         report = segmenter.last_report
         skipped = f"; {report.skipped_background}/{report.tiles} glass tiles skipped" if report.skipped_background else ""
-        self.status.value = f"Done: {covered}{skipped}" + (f" ({'; '.join(report.notes)})" if report.notes else "")
+        nuclei = f"; {int(instances.max())} nuclei" if instances is not None else ""
+        self.status.value = f"Done: {covered}{nuclei}{skipped}" + (f" ({'; '.join(report.notes)})" if report.notes else "")
         self._set_running(False)
         if segmenter.device.type != "cpu":
             segmenter.release()  # give the GPU memory back between runs

@@ -37,6 +37,9 @@ class ModelConfig:
     depth: int = 4  # custom architectures
     dropout: float = 0.0  # decoder dropout (custom architectures)
     encoder_weights: str | None = None  # path to a local .safetensors of encoder weights (no pickles), never a hub name
+    # one more output channel after the classes: each nucleus's distance to its own edge, scaled
+    # to [0, 1] (sigmoid), whose peaks seed the watershed that separates touching nuclei
+    distance_head: bool = False
     extra: dict = field(default_factory=dict)  # further keyword arguments for smp
 
     @classmethod
@@ -49,6 +52,11 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def out_channels(self) -> int:
+        """Network outputs: one logit per class, then the distance map's logit if it has one."""
+        return self.num_classes + int(self.distance_head)
 
     @property
     def output_stride(self) -> int:
@@ -90,11 +98,11 @@ def build_model(config: ModelConfig) -> nn.Module:
     if arch == "vanilla_unet":
         from .vanilla_unet import VanillaUNet
 
-        return VanillaUNet(config.in_channels, config.num_classes, config.base_channels, config.depth, config.dropout)
+        return VanillaUNet(config.in_channels, config.out_channels, config.base_channels, config.depth, config.dropout)
     if arch == "attention_res_unet":
         from .attention_res_unet import AttentionResUNet
 
-        return AttentionResUNet(config.in_channels, config.num_classes, config.base_channels, config.depth, config.dropout)
+        return AttentionResUNet(config.in_channels, config.out_channels, config.base_channels, config.depth, config.dropout)
     if arch not in SMP_ARCHITECTURES:
         raise ModelConfigError(f"Unknown architecture '{config.architecture}'. Choose one of: {', '.join(ARCHITECTURES)}.")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast rather than retry a download
@@ -117,7 +125,7 @@ def build_model(config: ModelConfig) -> nn.Module:
     try:
         model = smp.create_model(
             SMP_ARCHITECTURES[arch], encoder_name=config.encoder, encoder_weights=None,
-            in_channels=config.in_channels, classes=config.num_classes, **kwargs,
+            in_channels=config.in_channels, classes=config.out_channels, **kwargs,
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelConfigError(f"Cannot build {arch} with encoder {config.encoder}: {exc}") from exc

@@ -76,6 +76,8 @@ class TrainConfig:
     oversample: OversampleConfig = field(default_factory=OversampleConfig)
     loss: str = "ce_dice"  # ce | weighted_ce | bce | dice | log_cosh_dice | focal | ce_dice (see losses.py)
     class_weights: list[float] | str | None = None  # explicit list, "auto" (median frequency) or "inverse"
+    # weight of the distance head's loss (model.distance_head), added to the class loss
+    distance_loss_weight: float = 1.0
     normalization: str | dict = "imagenet"  # imagenet | none | {mean: [...], std: [...]}; written to the checkpoint
     optimizer: str = "adamw"
     lr: float = 1e-3
@@ -165,6 +167,8 @@ class TrainConfig:
             bad(f"data.val_fraction must lie in [0, 1), got {self.data.val_fraction}.")
         if self.lr <= 0:
             bad(f"lr must be positive, got {self.lr}.")
+        if not (isinstance(self.distance_loss_weight, (int, float)) and self.distance_loss_weight >= 0):
+            bad(f"distance_loss_weight must be a number of at least 0, got {self.distance_loss_weight!r}.")
         if not 0 <= self.augment.stain < 1:
             bad(f"augment.stain must lie in [0, 1), got {self.augment.stain}.")
         if self.data.crop_size and self.data.crop_size % self.model.output_stride:

@@ -28,6 +28,7 @@ class LabelledImage:
     group: str  # source image: the unit of the train/validation split
     image: np.ndarray  # float32 (H, W, C) in [0, 1]
     labels: np.ndarray  # uint8 (H, W)
+    instances: np.ndarray | None = None  # nucleus ids (H, W), 0 = background: targets of a distance head
 
 
 def _load_pannuke(path: str, in_channels: int) -> tuple[list[LabelledImage], list[str]]:
@@ -36,10 +37,10 @@ def _load_pannuke(path: str, in_channels: int) -> tuple[list[LabelledImage], lis
     fold = read_pannuke_fold(path)
     items = []
     for i in range(len(fold)):
-        labels, _ = fold.class_and_instance_maps(i)
+        labels, instances = fold.class_and_instance_maps(i)
         # PanNuke patches are independent 256x256 fields of view: each is its own group.
         items.append(LabelledImage(f"{fold.tissues[i]}_{i}", f"{fold.root.name}/{i}",
-                                   to_rgb_float(fold.image(i), in_channels), labels))
+                                   to_rgb_float(fold.image(i), in_channels), labels, instances))
     return items, list(PANNUKE_CLASSES)
 
 
@@ -75,7 +76,8 @@ def load_dataset_folders(paths: list[str], group_pattern: str, in_channels: int 
             sample = folder.load(stem)
             match = pattern.match(stem)
             group = f"{folder.root.name}/{match.group(1) if match else stem}"
-            items.append(LabelledImage(stem, group, to_rgb_float(sample.image, in_channels), sample.labels.astype(np.uint8)))
+            items.append(LabelledImage(stem, group, to_rgb_float(sample.image, in_channels), sample.labels.astype(np.uint8),
+                                       sample.instances))
             if progress is not None:
                 progress(len(items), total)
     if not items:
@@ -103,13 +105,15 @@ def check_items(items: list[LabelledImage], classes: list[str]) -> None:
             )
         if not np.isfinite(it.image).all():
             raise DatasetError(f"'{it.name}': the image contains NaN or infinite values.")
+        if it.instances is not None and it.instances.shape != it.labels.shape:
+            raise DatasetError(f"'{it.name}': instances of shape {it.instances.shape} do not match its labels {it.labels.shape}.")
 
 
 def to_binary(items: list[LabelledImage], classes: list[str]) -> tuple[list[LabelledImage], list[str]]:
     """Nucleus (any class > 0) vs background."""
     if len(classes) == 2:
         return items, list(classes)
-    return ([LabelledImage(it.name, it.group, it.image, (it.labels > 0).astype(np.uint8)) for it in items],
+    return ([LabelledImage(it.name, it.group, it.image, (it.labels > 0).astype(np.uint8), it.instances) for it in items],
             ["background", "nucleus"])
 
 
@@ -182,12 +186,16 @@ class PatchDataset(Dataset):
 
     ``index`` lists the item of every sample (repeats = oversampling); images are
     normalised with ``mean``/``std`` after augmentation, exactly as inference does.
+    ``distance_targets``: samples are ``(image, labels, distance)``, the distance being the
+    nucleus distance map of the item's instances (derived from its labels by the watershed
+    where it has none, e.g. classes painted in the viewer), made once here.
     """
 
     def __init__(self, items: list[LabelledImage], crop_size: int | None, crops_per_image: int = 1,
                  augment=None, multiple_of: int = 32, index: list[int] | None = None,
-                 mean=(0.0,), std=(1.0,)):
+                 mean=(0.0,), std=(1.0,), distance_targets: bool = False):
         self.items = items
+        self.distances = [distance_target(it) for it in items] if distance_targets else None
         self.crop_size = crop_size
         base = index if index is not None else list(range(len(items)))
         if crop_size:
@@ -203,9 +211,11 @@ class PatchDataset(Dataset):
         return len(self.index)
 
     def __getitem__(self, index: int):
-        item = self.items[self.index[index]]
+        item_index = self.index[index]
+        item = self.items[item_index]
         image = torch.from_numpy(item.image).permute(2, 0, 1)
         labels = torch.from_numpy(item.labels.astype(np.int64))
+        targets = [labels] if self.distances is None else [labels, torch.from_numpy(self.distances[item_index])]
         if self.transform is not None:
             # Small tensors: one thread is several times faster than a thread pool (and does not
             # fight the training step for cores); restored at once.
@@ -213,7 +223,7 @@ class PatchDataset(Dataset):
             if threads > 1:
                 torch.set_num_threads(1)
             try:
-                image, labels = self.transform(image, labels)
+                image, *targets = self.transform(image, *targets)
             finally:
                 if threads > 1:
                     torch.set_num_threads(threads)
@@ -224,5 +234,13 @@ class PatchDataset(Dataset):
             ph, pw = (-h) % self.multiple_of, (-w) % self.multiple_of
             if ph or pw:
                 image = torch.nn.functional.pad(image, (0, pw, 0, ph), mode="reflect")
-                labels = torch.nn.functional.pad(labels, (0, pw, 0, ph), value=-100)
-        return image.contiguous(), labels.contiguous()
+                targets = [torch.nn.functional.pad(t, (0, pw, 0, ph), value=-100) for t in targets]
+        return (image.contiguous(), *(t.contiguous() for t in targets))
+
+
+def distance_target(item: LabelledImage) -> np.ndarray:
+    """The distance head's target for one item: float32 ``(H, W)`` in [0, 1]."""
+    from ..instances import nucleus_distance_map, semantic_to_instances
+
+    instances = item.instances if item.instances is not None else semantic_to_instances(item.labels)
+    return nucleus_distance_map(instances)

@@ -13,6 +13,11 @@ so a *binary* model is a 2-class model {background, nucleus}. Its foreground log
 * ``ce`` / ``weighted_ce`` / ``ce_dice``: softmax cross-entropy (+ Dice).
 
 Pixels labelled ``IGNORE_INDEX`` (padding, borders filled by augmentation) never count.
+
+A model with a distance head (``ModelConfig.distance_head``) has one more channel after the
+classes; ``WithDistanceHead`` adds its loss: BCE-with-logits of that channel against the
+nucleus distance map in [0, 1] (soft targets: the gradient on the logit is simply
+``sigmoid - target``, where a squared error on the sigmoid would flatten near 0 and 1).
 """
 
 from __future__ import annotations
@@ -148,3 +153,22 @@ def build_loss(name: str, weights: torch.Tensor | None = None, num_classes: int 
     if binary:
         return ForegroundLogit(smp_losses.FocalLoss("binary", ignore_index=IGNORE_INDEX))
     return smp_losses.FocalLoss("multiclass", ignore_index=IGNORE_INDEX)
+
+
+class WithDistanceHead(nn.Module):
+    """``class_loss`` on the first ``num_classes`` channels plus ``weight`` x BCE of the last
+    channel against the distance target, over the pixels whose label is not ignored."""
+
+    def __init__(self, class_loss: nn.Module, num_classes: int, weight: float = 1.0):
+        super().__init__()
+        self.class_loss, self.num_classes, self.weight = class_loss, num_classes, float(weight)
+
+    def forward(self, logits, target, distance=None):
+        if distance is None:
+            raise ValueError("A model with a distance head needs distance targets (instance maps) to train.")
+        loss = self.class_loss(logits[:, :self.num_classes], target)
+        keep = _valid(target)
+        if self.weight and keep.any():
+            z = logits[:, self.num_classes]
+            loss = loss + self.weight * F.binary_cross_entropy_with_logits(z[keep], distance[keep].to(z.dtype))
+        return loss

@@ -33,7 +33,7 @@ from .data import (LabelledImage, PatchDataset, check_items, load_dataset_folder
                    oversample_indices, pixel_frequencies, rare_classes, split_by_group, to_binary)
 from .distributed import DistContext, init_distributed, parameter_hash, shutdown_distributed
 from .early_stopping import PatienceStop, QuadraticStop
-from .losses import IGNORE_INDEX, build_loss, class_weights_from_frequencies
+from .losses import IGNORE_INDEX, WithDistanceHead, build_loss, class_weights_from_frequencies
 
 
 class TrainingError(RuntimeError):
@@ -122,16 +122,17 @@ def validate(model, loader, loss_fn, num_classes: int, device, ctx: DistContext 
     model.eval()
     cm = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
-    for image, labels in loader or ():
+    for image, labels, *extra in loader or ():
         image, labels = image.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        extra = [t.to(device, non_blocking=True) for t in extra]
         if channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         with autocast():
             logits = model(image)
         logits = logits.float()
-        loss_sum[0] += float(loss_fn(logits, labels)) * len(image)
+        loss_sum[0] += float(loss_fn(logits, labels, *extra)) * len(image)
         loss_sum[1] += len(image)
-        pred = logits.argmax(1)
+        pred = logits[:, :num_classes].argmax(1)  # a distance head's channel comes after the classes
         keep = labels != IGNORE_INDEX
         cm += torch.bincount(labels[keep] * num_classes + pred[keep], minlength=num_classes**2)
     if ctx is not None:
@@ -174,6 +175,23 @@ def _compare_for_resume(given: dict, stored: dict, prefix: str = "") -> list[str
         elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
             diffs.append(f"{prefix}{key}: {b!r} -> {a!r}")
     return diffs
+
+
+def load_growing_head(model: torch.nn.Module, state: dict) -> None:
+    """Load ``state`` into ``model``, where tensors may have fewer output rows than the model's
+    (a start checkpoint without the distance head): those fill their first rows, and the rows
+    beyond (the new head channel) keep their fresh initialisation. Anything else must match.
+    """
+    own = model.state_dict()
+    grown = {}
+    for key, value in state.items():
+        mine = own.get(key)
+        if mine is not None and mine.shape != value.shape and mine.ndim == value.ndim \
+                and mine.shape[1:] == value.shape[1:] and mine.shape[0] > value.shape[0]:
+            merged = mine.clone()
+            merged[:value.shape[0]] = value.to(mine.dtype)
+            grown[key] = merged
+    model.load_state_dict({**state, **grown})
 
 
 def _freeze_unused_parameters(model: torch.nn.Module, model_cfg, device) -> None:
@@ -248,7 +266,10 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
         from ..models.checkpoint import load_checkpoint
 
         start_model, start_meta = load_checkpoint(cfg.init_checkpoint)
+        # its model config wins, but a distance head may be added to a model without one
+        wants_distance = cfg.model.distance_head
         cfg.model = start_meta.model
+        cfg.model.distance_head = cfg.model.distance_head or wants_distance
         cfg.normalization = dict(start_meta.normalization)  # the weights were trained with these
         start_weights = start_model.state_dict()
     if items is not None:
@@ -275,7 +296,7 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
 
     model = build_model(cfg.model)
     if start_weights is not None:
-        model.load_state_dict(start_weights)
+        load_growing_head(model, start_weights)
     if cfg.freeze_encoder:
         # smp models have .encoder; the custom U-Nets' encoder is their stem and down path
         parts = [model.encoder] if hasattr(model, "encoder") else [model.stem, model.down]
@@ -297,10 +318,12 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
     torch.manual_seed(cfg.seed + 1000 * ctx.rank)
 
     loss_fn = build_loss(cfg.loss, weights, num_classes=len(classes))
+    if cfg.model.distance_head:
+        loss_fn = WithDistanceHead(loss_fn, len(classes), cfg.distance_loss_weight)
     mean, std = normalization_stats(cfg.normalization)
     generator = torch.Generator().manual_seed(cfg.seed)
     train_ds = PatchDataset(train_items, cfg.data.crop_size, cfg.data.crops_per_image, cfg.augment,
-                            index=index, mean=mean, std=std)
+                            index=index, mean=mean, std=std, distance_targets=cfg.model.distance_head)
     if ctx.enabled:
         from torch.utils.data.distributed import DistributedSampler
 
@@ -314,7 +337,8 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
                               generator=generator, num_workers=cfg.data.num_workers, pin_memory=pin,
                               persistent_workers=cfg.data.num_workers > 0)
     val_shard = val_items[ctx.rank::ctx.world_size]
-    val_loader = DataLoader(PatchDataset(val_shard, None, multiple_of=cfg.model.output_stride, mean=mean, std=std),
+    val_loader = DataLoader(PatchDataset(val_shard, None, multiple_of=cfg.model.output_stride, mean=mean, std=std,
+                                         distance_targets=cfg.model.distance_head),
                             batch_size=cfg.batch_size, num_workers=cfg.data.num_workers, pin_memory=pin) if val_items else None
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -408,16 +432,17 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
             sampler.set_epoch(epoch)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         steps_done, lr = 0, optimizer.param_groups[0]["lr"]
-        for step, (image, labels) in enumerate(train_loader, 1):
+        for step, (image, labels, *extra) in enumerate(train_loader, 1):
             if stop():
                 reason = "stopped by user"
                 break
             image, labels = image.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            extra = [t.to(device, non_blocking=True) for t in extra]  # the distance target, with a distance head
             if channels_last:
                 image = image.contiguous(memory_format=torch.channels_last)
             with autocast():
                 logits = net(image)
-            loss = loss_fn(logits.float(), labels)
+            loss = loss_fn(logits.float(), labels, *extra)
             value = float(loss.detach())
             if not ctx.all_min_flag(math.isfinite(value), device):
                 raise TrainingError(

@@ -1,0 +1,198 @@
+"""The distance head: its training target, its loss, its growth from a checkpoint without one,
+and the instances it seeds, on real CoNSeP patches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_medseg.evaluation import PairEvaluation
+from napari_medseg.instances import InstanceInputError, InstanceSettings, nucleus_distance_map, semantic_to_instances
+from napari_medseg.io.dataset import open_dataset
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle"]
+STEMS = ["train_1_005", "train_3_006", "train_12_003", "train_19_005", "train_22_007", "train_25_012"]
+
+
+@pytest.fixture(scope="module")
+def samples(consep):
+    folder = open_dataset(consep, require_labels=True)
+    return [folder.load(s) for s in STEMS]
+
+
+def reference_distance_map(instances: np.ndarray) -> np.ndarray:
+    """Slow and obvious: one whole-image distance transform per nucleus."""
+    from scipy import ndimage as ndi
+
+    out = np.zeros(instances.shape, np.float64)
+    for i in np.unique(instances[instances > 0]):
+        inside = instances == i
+        d = ndi.distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1]
+        out[inside] = d[inside] / d.max()
+    return out
+
+
+def test_distance_map_matches_reference_on_real_instances(samples):
+    for s in samples:
+        fast = nucleus_distance_map(s.instances)
+        assert fast.dtype == np.float32 and fast.shape == s.instances.shape
+        np.testing.assert_allclose(fast, reference_distance_map(s.instances), atol=1e-6)
+        inside = s.instances > 0
+        assert (fast[~inside] == 0).all() and (fast[inside] > 0).all() and fast.max() == 1.0
+        # every nucleus reaches exactly 1 at its centre
+        tops = np.zeros(s.instances.max() + 1)
+        np.maximum.at(tops, s.instances[inside], fast[inside])
+        assert np.allclose(tops[np.unique(s.instances[inside])], 1.0)
+
+
+def test_distance_map_separates_touching_nuclei():
+    two = np.zeros((12, 20), np.int32)
+    two[2:10, 2:10], two[2:10, 10:18] = 1, 2  # two squares sharing an edge
+    d = nucleus_distance_map(two)
+    assert d[5, 9] < 0.3 and d[5, 10] < 0.3  # the shared edge is low on both sides
+    instances = semantic_to_instances((two > 0).astype(np.uint8), InstanceSettings(min_size=1), distance=d)
+    assert instances.max() == 2 and len(np.unique(instances[two == 1])) == 1
+
+
+def test_instances_from_true_distance_maps_recover_the_ground_truth(samples):
+    """Seeded by a perfect distance map, the watershed gives back the annotated nuclei (upper
+    bound of the distance head); the class map's own distance transform cannot."""
+    with_map, without = PairEvaluation(CLASSES), PairEvaluation(CLASSES)
+    for s in samples:
+        d = nucleus_distance_map(s.instances)
+        with_map.add(s.stem, s.labels, s.labels, s.instances, semantic_to_instances(s.labels, None, d))
+        without.add(s.stem, s.labels, s.labels, s.instances, semantic_to_instances(s.labels))
+    seeded, plain = with_map.report()["overall"], without.report()["overall"]
+    assert seeded["bpq"] > 0.95 and seeded["aji"] > 0.95, seeded
+    assert seeded["bpq"] > plain["bpq"] + 0.1, (seeded["bpq"], plain["bpq"])
+
+
+def test_distance_map_shape_must_match(samples):
+    s = samples[0]
+    with pytest.raises(InstanceInputError, match="distance map"):
+        semantic_to_instances(s.labels, None, np.zeros((10, 10), np.float32))
+
+
+def test_distance_loss_is_class_loss_plus_bce_on_valid_pixels():
+    from napari_medseg.training.losses import IGNORE_INDEX, WithDistanceHead, build_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 16, 16)
+    labels = torch.randint(0, 5, (2, 16, 16))
+    labels[:, :3] = IGNORE_INDEX
+    distance = torch.rand(2, 16, 16)
+    ce = build_loss("ce", num_classes=5)
+    loss = WithDistanceHead(ce, 5, weight=0.5)(logits, labels, distance)
+    keep = labels != IGNORE_INDEX
+    z, t = logits[:, 5][keep], distance[keep]
+    bce = -(t * torch.log(torch.sigmoid(z)) + (1 - t) * torch.log(1 - torch.sigmoid(z))).mean()
+    assert torch.allclose(loss, ce(logits[:, :5], labels) + 0.5 * bce, atol=1e-5)
+    with pytest.raises(ValueError, match="distance targets"):
+        WithDistanceHead(ce, 5)(logits, labels)
+
+
+def test_patch_dataset_moves_distance_with_labels(samples):
+    from napari_medseg.io.images import to_rgb_float
+    from napari_medseg.training.config import AugmentConfig
+    from napari_medseg.training.data import LabelledImage, PatchDataset
+
+    items = [LabelledImage(s.stem, s.stem, to_rgb_float(s.image, 3), s.labels, s.instances) for s in samples[:3]]
+    items.append(LabelledImage("painted", "painted", items[0].image, samples[0].labels, None))  # no instance map
+    torch.manual_seed(0)
+    ds = PatchDataset(items, 96, 4, AugmentConfig(scale=(0.8, 1.25)), distance_targets=True)
+    nucleus_px = positive_px = 0
+    for i in range(len(ds)):
+        image, labels, distance = ds[i]
+        assert image.shape == (3, 96, 96) and labels.shape == distance.shape == (96, 96)
+        ignored = labels == -100
+        assert (distance[ignored] == -100).all() and (distance[~ignored] >= 0).all() and (distance[~ignored] <= 1).all()
+        assert (distance[labels == 0] == 0).all()  # background is never a nucleus core
+        nucleus_px += int((labels > 0).sum())
+        positive_px += int((distance[labels > 0] > 0).sum())
+    assert nucleus_px > 1000 and positive_px == nucleus_px  # labels and distance moved together
+    val = PatchDataset(items[:1], None, distance_targets=True, multiple_of=32)
+    _, labels, distance = val[0]
+    np.testing.assert_array_equal(distance.numpy(), nucleus_distance_map(samples[0].instances))
+
+
+def test_one_batch_overfits_with_distance_head(samples):
+    """The head learns: a few steps on one real batch lower both parts of the loss."""
+    from napari_medseg.io.images import to_rgb_float
+    from napari_medseg.models import ModelConfig, build_model
+    from napari_medseg.training.losses import WithDistanceHead, build_loss
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig("unet", "resnet18", num_classes=5, encoder_depth=3, distance_head=True))
+    x = torch.stack([torch.from_numpy(to_rgb_float(s.image, 3)[:64, :64]).permute(2, 0, 1) for s in samples[:4]])
+    y = torch.stack([torch.from_numpy(s.labels[:64, :64].astype(np.int64)) for s in samples[:4]])
+    d = torch.stack([torch.from_numpy(nucleus_distance_map(s.instances)[:64, :64]) for s in samples[:4]])
+    loss_fn = WithDistanceHead(build_loss("ce", num_classes=5), 5)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    model.train()
+
+    def mse():
+        with torch.no_grad():
+            return float(((torch.sigmoid(model(x)[:, 5]) - d) ** 2).mean())
+
+    first = mse()
+    for _ in range(25):
+        opt.zero_grad()
+        loss_fn(model(x), y, d).backward()
+        opt.step()
+    assert mse() < 0.5 * first, (first, mse())
+
+
+def test_growing_head_keeps_the_class_channels(tiny_checkpoint):
+    from napari_medseg.models import build_model, load_checkpoint
+    from napari_medseg.training.trainer import load_growing_head
+
+    start, meta = load_checkpoint(tiny_checkpoint)
+    meta.model.distance_head = True
+    grown = build_model(meta.model)
+    load_growing_head(grown, start.state_dict())
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = start.eval()(x), grown.eval()(x)
+    assert b.shape[1] == 6 and torch.equal(a, b[:, :5])
+    other = build_model(type(meta.model)("unet", "resnet34", num_classes=5, encoder_depth=3))
+    with pytest.raises(RuntimeError):
+        load_growing_head(other, start.state_dict())
+
+
+def test_fine_tune_adds_distance_head_and_predicts_nuclei(tiny_checkpoint, small_consep, tmp_path):
+    """init_checkpoint without a head + model.distance_head: the run trains it and the checkpoint
+    predicts classes, a distance map in [0, 1] and instances through every entry point."""
+    from napari_medseg.cli import main
+    from napari_medseg.inference import Segmenter, TileSettings
+    from napari_medseg.io.images import read_label_map
+    from napari_medseg.training.config import TrainConfig
+    from napari_medseg.training.trainer import train
+
+    cfg = TrainConfig.from_dict({
+        "init_checkpoint": str(tiny_checkpoint), "model": {"distance_head": True},
+        "data": {"dataset": [str(small_consep)], "crop_size": 64, "val_fraction": 0.34},
+        "epochs": 2, "batch_size": 4, "num_threads": 1, "out_dir": str(tmp_path / "run"), "save_resume": False,
+    })
+    done = train(cfg)
+    assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["val_loss"]) for r in done.history)
+    seg = Segmenter.load(tmp_path / "run" / "best.safetensors", device="cpu")
+    assert seg.has_distance_head and seg.classes == CLASSES
+    image = open_dataset(small_consep).load("train_1_005").image
+    settings = TileSettings(128, 32, 4, skip_background=False)
+    distance = np.full(image.shape[:2], -1, np.float32)
+    probs = np.zeros((5, *image.shape[:2]), np.float32)
+    labels = seg.segment(image, settings, probabilities_out=probs, distance_out=distance)
+    assert labels.max() < 5 and np.allclose(probs.sum(0), 1, atol=1e-4)
+    assert (distance >= 0).all() and (distance <= 1).all()
+    np.testing.assert_array_equal(labels, probs.argmax(0))
+    classes, instances = seg.segment_nuclei(image, settings)
+    np.testing.assert_array_equal(classes, labels)
+    np.testing.assert_array_equal(instances, semantic_to_instances(labels, None, distance))
+    # the CLI writes the same instances
+    out = tmp_path / "pred"
+    assert main(["predict", str(small_consep / "images" / "train_1_005.png"), "--model",
+                 str(tmp_path / "run" / "best.safetensors"), "--out", str(out), "--device", "cpu",
+                 "--tile", "128", "--overlap", "32", "--batch-size", "4", "--no-skip-background"]) == 0
+    np.testing.assert_array_equal(read_label_map(out / "instances" / "train_1_005.tif"), instances)
