@@ -84,6 +84,7 @@ def test_train_from_folder_writes_model_plots_previews_and_lists_it_in_segment(m
     widget.source.value = FROM_FOLDER
     widget.dataset.value = str(small_consep)
     widget.val_fraction.value = 0.34  # 1 of the 3 source images
+    widget.distance_head.value = True  # learnt from the folder's instances/
     (tmp_path / "models" / "tiny").mkdir(parents=True)  # an earlier run's folder is never written into
     seen = []
     widget.update_received.connect(seen.append)
@@ -93,7 +94,7 @@ def test_train_from_folder_writes_model_plots_previews_and_lists_it_in_segment(m
     assert isinstance(done, TrainingDone) and not done.stopped_early and done.best_epoch in (1, 2)
     assert done.checkpoint == tmp_path / "models" / "tiny-2" / "best.safetensors" and done.checkpoint.is_file()
     meta = read_meta(done.checkpoint)
-    assert meta.classes == CONSEP_CLASSES and meta.model.encoder == "resnet18"
+    assert meta.classes == CONSEP_CLASSES and meta.model.encoder == "resnet18" and meta.model.distance_head
     assert meta.data["val_images"] == 2 and meta.data["train_images"] == 4
     assert meta.data["datasets"] == [str(small_consep)]
     # the plot got a point per epoch for training and validation loss and the metrics
@@ -116,6 +117,7 @@ def test_train_from_folder_writes_model_plots_previews_and_lists_it_in_segment(m
     segment.tile_size.value, segment.overlap.value = 128, 32
     layer = segment.run(threaded=False)
     assert layer is not None and layer.data.shape == (256, 256), segment.status.value
+    assert segment.last_instances_layer is not None and segment.last_instances_layer.data.shape == (256, 256)
     assert "Done" in widget.status.value and widget.train_button.enabled and not widget.stop_button.enabled
 
 

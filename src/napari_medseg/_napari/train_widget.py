@@ -410,6 +410,11 @@ class TrainWidget(Container):
         self.encoder = ComboBox(label="encoder", choices=list(TESTED_ENCODERS), value="resnet34")
         self.encoder_depth = SpinBox(label="encoder depth", value=5, min=3, max=5)
         self.freeze_encoder = CheckBox(text="freeze encoder", value=False, tooltip="Train the decoder only.")
+        self.distance_head = CheckBox(
+            text="distance head (separates touching nuclei)", value=False,
+            tooltip="One more output: each nucleus's distance to its edge, learnt from the dataset's instances/ "
+                    "(or from the watershed of the labels where there are none). Added to a model without one "
+                    "when fine-tuning.")
         # optimisation
         self.loss = ComboBox(label="loss", choices=list(LOSSES), value="ce_dice")
         self.epochs = SpinBox(label="epochs", value=20, min=1, max=10000)
@@ -436,7 +441,7 @@ class TrainWidget(Container):
         self.status = Label(value="")
         self.extend([self.source, self.dataset, self.image_layer, self.labels_layer, self.tile_size,
                      self.val_fraction, self.start_from, self.checkpoint, self.architecture, self.encoder,
-                     self.encoder_depth, self.freeze_encoder, self.loss, self.epochs, self.lr, self.batch_size,
+                     self.encoder_depth, self.freeze_encoder, self.distance_head, self.loss, self.epochs, self.lr, self.batch_size,
                      self.crop_size, self.crops_per_image, self.augment, self.patience, self.monitor, self.device,
                      self.output_dir, self.model_name, self.show_preview, self.train_button, self.stop_button,
                      self.progress, self.status])
@@ -578,9 +583,11 @@ class TrainWidget(Container):
 
         if start_meta is not None:
             model = start_meta.model
+            model.distance_head = model.distance_head or bool(self.distance_head.value)
         else:
             model = ModelConfig(self.architecture.value, self.encoder.value, in_channels=in_channels,
-                                num_classes=len(classes), encoder_depth=self.encoder_depth.value)
+                                num_classes=len(classes), encoder_depth=self.encoder_depth.value,
+                                distance_head=bool(self.distance_head.value))
         stride = model.output_stride
         if self.crop_size.value % stride:
             raise InputError(f"The crop size must be a multiple of {stride} for this model "
