@@ -146,6 +146,8 @@ def main(argv=None) -> int:
     parser.add_argument("--split-from-model", default=None,
                         help="take the validation groups from this checkpoint's metadata (default: from --model)")
     parser.add_argument("--all-images", action="store_true", help="evaluate every image of --data, not the validation split")
+    parser.add_argument("--groups", help="evaluate these source images instead (comma-separated, e.g. train_1,train_2: "
+                                         "training images, to tune post-processing without touching the held-out ones)")
     parser.add_argument("--min-distance", type=int, default=InstanceSettings.min_distance,
                         help="watershed seed distance for the model's instances (px)")
     parser.add_argument("--min-size", type=int, default=InstanceSettings.min_size, help="drop smaller model objects (px)")
@@ -166,6 +168,8 @@ def main(argv=None) -> int:
     segmenter = Segmenter.load(args.model, device=args.device)
     split_meta = Segmenter.load(args.split_from_model, device="cpu").meta if args.split_from_model else segmenter.meta
     val_groups = None if args.all_images else split_meta.data.get("val_groups")
+    if args.groups:
+        val_groups = [g.strip() for g in args.groups.split(",") if g.strip()]
     if not args.all_images and not val_groups:
         parser.error("the model's metadata names no validation groups; pass --split-from-model or --all-images")
     classes, samples = validation_samples(args.data, val_groups)

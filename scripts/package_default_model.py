@@ -41,7 +41,8 @@ def main(argv=None) -> int:
     results = acc["results"]
     meta.metrics["held_out"] = {
         "what": "benchmarks/accuracy.py: every 256² patch of the validation source images, tiled inference, "
-                "instances by distance-transform watershed of the class map",
+                + ("instances by the watershed of the class map seeded by the model's distance head"
+                   if meta.model.distance_head else "instances by distance-transform watershed of the class map"),
         "val_groups": acc["val_groups"], "images": acc["images"],
         "model": {k: results["model"][k] for k in HEADLINE} | {"per_class": results["model"]["per_class"]},
         "classical_baseline": {k: results["baseline"][k] for k in HEADLINE},
