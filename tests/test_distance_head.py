@@ -174,9 +174,12 @@ def test_fine_tune_adds_distance_head_and_predicts_nuclei(tiny_checkpoint, small
         "init_checkpoint": str(tiny_checkpoint), "model": {"distance_head": True},
         "data": {"dataset": [str(small_consep)], "crop_size": 64, "val_fraction": 0.34},
         "epochs": 2, "batch_size": 4, "num_threads": 1, "out_dir": str(tmp_path / "run"), "save_resume": False,
+        "monitor": "val_bpq",
     })
     done = train(cfg)
     assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["val_loss"]) for r in done.history)
+    assert all(0 <= r["bpq"] <= 1 for r in done.history)
+    assert done.history[done.best_epoch - 1]["bpq"] == max(r["bpq"] for r in done.history)
     seg = Segmenter.load(tmp_path / "run" / "best.safetensors", device="cpu")
     assert seg.has_distance_head and seg.classes == CLASSES
     image = open_dataset(small_consep).load("train_1_005").image
@@ -196,3 +199,46 @@ def test_fine_tune_adds_distance_head_and_predicts_nuclei(tiny_checkpoint, small
                  str(tmp_path / "run" / "best.safetensors"), "--out", str(out), "--device", "cpu",
                  "--tile", "128", "--overlap", "32", "--batch-size", "4", "--no-skip-background"]) == 0
     np.testing.assert_array_equal(read_label_map(out / "instances" / "train_1_005.tif"), instances)
+
+
+def test_validation_bpq_matches_the_evaluation_of_the_same_nuclei(samples):
+    """validate()'s bPQ on padded validation images equals PairEvaluation's on the same output."""
+    from napari_medseg.io.images import to_rgb_float
+    from napari_medseg.training.data import LabelledImage, PatchDataset
+    from napari_medseg.training.losses import WithDistanceHead, build_loss
+    from napari_medseg.training.trainer import validate
+    from torch.utils.data import DataLoader
+
+    crop = (slice(0, 250), slice(3, 253))  # not a multiple of 32: validation pads, bPQ must not see the padding
+    items = [LabelledImage(s.stem, s.stem, to_rgb_float(s.image, 3)[crop], s.labels[crop], s.instances[crop])
+             for s in samples]
+    # an 'output' per image: the labels one-hot (slightly wrong) and the true distance map as logits
+    outputs = []
+    for it in items:
+        labels = np.where(np.roll(it.labels, 2, axis=1) > 0, it.labels.max(initial=1), 0)  # shifted, one class
+        onehot = np.eye(5, dtype=np.float32)[labels].transpose(2, 0, 1) * 10
+        d = np.clip(nucleus_distance_map(it.instances), 1e-4, 1 - 1e-4)
+        logits = np.concatenate([onehot, np.log(d / (1 - d))[None]])
+        outputs.append(np.pad(logits, ((0, 0), (0, 6), (0, 6))))  # padded to 256 like the images
+
+    class Replay(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.k = 0
+
+        def forward(self, x):
+            out = torch.from_numpy(np.stack(outputs[self.k:self.k + len(x)]))
+            self.k += len(x)
+            return out
+
+    loader = DataLoader(PatchDataset(items, None, multiple_of=32, distance_targets=True), batch_size=4)
+    loss_fn = WithDistanceHead(build_loss("ce", num_classes=5), 5)
+    _, metrics = validate(Replay(), loader, loss_fn, 5, torch.device("cpu"), gt_instances=[it.instances for it in items])
+    evaluation = PairEvaluation(CLASSES)
+    for it, out in zip(items, outputs):
+        h, w = it.labels.shape
+        pred = out[:5, :h, :w].argmax(0)
+        found = semantic_to_instances(pred, None, 1 / (1 + np.exp(-out[5, :h, :w])))
+        evaluation.add(it.name, it.labels, pred, it.instances, found)
+    expected = evaluation.report()["overall"]["bpq"]
+    assert 0.3 < expected < 0.99 and metrics["bpq"] == pytest.approx(expected, abs=1e-9)

@@ -195,7 +195,8 @@ def cmd_train(args) -> int:
             print(f"epoch {update.epoch}/{update.epochs}  train_loss {update.train_loss:.4f}  "
                   f"val_loss {update.val_loss:.4f}  val_mIoU {m.get('miou', float('nan')):.4f}  "
                   f"val_dice {m.get('mean_dice', float('nan')):.4f}  "
-                  f"val_nucleus_dice {m.get('binary_dice', float('nan')):.4f}  lr {update.lr:.2e}  "
+                  f"val_nucleus_dice {m.get('binary_dice', float('nan')):.4f}  val_bPQ {m.get('bpq', float('nan')):.4f}  "
+                  f"lr {update.lr:.2e}  "
                   f"{'*best*' if update.best else ''}  {update.seconds:.0f}s", flush=True)
             bar.t0 = time.time()
 

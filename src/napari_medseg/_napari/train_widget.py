@@ -57,7 +57,8 @@ FILE_MODEL = "checkpoint file..."
 LOSSES = ("ce_dice", *(name for name in CORE_LOSSES if name != "ce_dice"))  # the trainer's list, its default first
 NO_AUGMENTATION = AugmentConfig(flip=False, rotate90=False, scale=None, brightness=0.0, contrast=0.0, saturation=0.0,
                                 hue=0.0, sharpness=0.0)  # random crops only
-MONITORS = {"validation loss": "val_loss", "validation mIoU": "val_miou", "validation Dice": "val_mean_dice"}
+MONITORS = {"validation loss": "val_loss", "validation mIoU": "val_miou", "validation Dice": "val_mean_dice",
+            "validation bPQ (nuclei)": "val_bpq"}
 PREVIEW_KIND = "training-preview"
 
 

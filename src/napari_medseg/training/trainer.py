@@ -25,6 +25,8 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from ..devices import resolve_device
+from ..instance_metrics import match_instances
+from ..instances import semantic_to_instances
 from ..metrics import semantic_metrics
 from ..models.checkpoint import CheckpointMeta, save_checkpoint
 from ..models.registry import build_model
@@ -107,6 +109,9 @@ def _monitor_value(monitor: str, val_loss: float, metrics: dict) -> tuple[float,
     key = monitor.removeprefix("val_")
     if key not in metrics:
         raise TrainConfigError(f"monitor '{monitor}' is not a validation metric ({', '.join(sorted(metrics))}).")
+    if not math.isfinite(metrics[key]):
+        raise TrainingError(f"monitor '{monitor}' is undefined on this validation data (e.g. bPQ without any "
+                            "nucleus in the validation images); choose another monitor.")
     return float(metrics[key]), True
 
 
@@ -117,11 +122,19 @@ def _switch(value, device: torch.device) -> bool:
 
 @torch.inference_mode()
 def validate(model, loader, loss_fn, num_classes: int, device, ctx: DistContext | None = None,
-             autocast=nullcontext, channels_last: bool = False) -> tuple[float, dict]:
-    """Mean loss per image and metrics from one pooled confusion matrix (summed over ranks)."""
+             autocast=nullcontext, channels_last: bool = False,
+             gt_instances: list[np.ndarray] | None = None) -> tuple[float, dict]:
+    """Mean loss per image and metrics from one pooled confusion matrix (summed over ranks).
+
+    With ``gt_instances`` (one map per validation image, in the loader's order) also ``bpq``:
+    binary PQ per image of the nuclei the model's output gives (``semantic_to_instances``,
+    seeded by its distance head if it has one), averaged over images with nuclei.
+    """
     model.eval()
     cm = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
+    pq_sum = torch.zeros(2, dtype=torch.float64, device=device)
+    seen = 0
     for image, labels, *extra in loader or ():
         image, labels = image.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         extra = [t.to(device, non_blocking=True) for t in extra]
@@ -135,11 +148,26 @@ def validate(model, loader, loss_fn, num_classes: int, device, ctx: DistContext 
         pred = logits[:, :num_classes].argmax(1)  # a distance head's channel comes after the classes
         keep = labels != IGNORE_INDEX
         cm += torch.bincount(labels[keep] * num_classes + pred[keep], minlength=num_classes**2)
+        if gt_instances is not None:
+            pred_np = pred.cpu().numpy()
+            dist = torch.sigmoid(logits[:, num_classes]).cpu().numpy() if logits.shape[1] > num_classes else None
+            for b in range(len(image)):
+                gt = gt_instances[seen + b]
+                if gt.max() == 0:
+                    continue
+                h, w = gt.shape  # validation images are padded to the network's stride
+                found = semantic_to_instances(pred_np[b, :h, :w], None, None if dist is None else dist[b, :h, :w])
+                pq_sum[0] += match_instances(gt, found).pq
+                pq_sum[1] += 1
+        seen += len(image)
     if ctx is not None:
         ctx.all_sum(cm)
         ctx.all_sum(loss_sum)
+        ctx.all_sum(pq_sum)
     metrics = semantic_metrics(cm.view(num_classes, num_classes).cpu().numpy())
     summary = {k: metrics[k] for k in ("miou", "mean_dice", "binary_dice", "pixel_accuracy")}
+    if gt_instances is not None:
+        summary["bpq"] = float(pq_sum[0] / pq_sum[1]) if pq_sum[1] > 0 else float("nan")
     summary["per_class_iou"] = [metrics["per_class"][str(c)]["iou"] for c in range(num_classes)]
     loss = float(loss_sum[0] / loss_sum[1]) if loss_sum[1] > 0 else float("nan")
     return loss, summary
@@ -337,6 +365,8 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
                               generator=generator, num_workers=cfg.data.num_workers, pin_memory=pin,
                               persistent_workers=cfg.data.num_workers > 0)
     val_shard = val_items[ctx.rank::ctx.world_size]
+    # ground-truth nuclei of each validation image, for the validation bPQ
+    val_instances = [it.instances if it.instances is not None else semantic_to_instances(it.labels) for it in val_shard]
     val_loader = DataLoader(PatchDataset(val_shard, None, multiple_of=cfg.model.output_stride, mean=mean, std=std,
                                          distance_targets=cfg.model.distance_head),
                             batch_size=cfg.batch_size, num_workers=cfg.data.num_workers, pin_memory=pin) if val_items else None
@@ -472,7 +502,8 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
             train_loss = float(ctx.all_sum(t)) / ctx.world_size
         ctx.sync_buffers(model)
         if val_loader is not None:
-            val_loss, metrics = validate(model, val_loader, loss_fn, len(classes), device, ctx, autocast, channels_last)
+            val_loss, metrics = validate(model, val_loader, loss_fn, len(classes), device, ctx, autocast, channels_last,
+                                         val_instances)
         else:
             val_loss, metrics = train_loss, {}
         if not math.isfinite(val_loss):
