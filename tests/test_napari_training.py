@@ -101,6 +101,7 @@ def test_train_from_folder_writes_model_plots_previews_and_lists_it_in_segment(m
     data = widget.plot.data
     assert data["train_loss"][0] == [1.0, 2.0] and data["val_loss"][0] == [1.0, 2.0]
     assert len(data["miou"][1]) == 2 and all(0.0 <= v <= 1.0 for v in data["mean_dice"][1])
+    assert len(data["bpq"][1]) == 2 and all(0.0 <= v <= 1.0 for v in data["bpq"][1])  # nuclei of the head
     assert len(data["batch_loss"][0]) == len([u for u in seen if isinstance(u, BatchDone)]) >= 2
     assert list(widget.plot.lines["train_loss"].get_xdata()) == [1.0, 2.0]
     assert widget.progress.value == widget.progress.max

@@ -309,6 +309,7 @@ class LossPlot:
             "val_loss": self.loss_ax.plot([], [], "o-", ms=3, color="tab:orange", label="validation")[0],
             "miou": self.metric_ax.plot([], [], "o-", ms=3, color="tab:green", label="mIoU")[0],
             "mean_dice": self.metric_ax.plot([], [], "o-", ms=3, color="tab:purple", label="Dice")[0],
+            "bpq": self.metric_ax.plot([], [], "o-", ms=3, color="tab:red", label="bPQ")[0],
         }
         self.loss_ax.set_ylabel("loss")
         self.metric_ax.set_ylabel("validation")
@@ -704,11 +705,13 @@ class TrainWidget(Container):
                 self.plot.add("val_loss", e.epoch, e.val_loss)
                 self.plot.add("miou", e.epoch, e.metrics.get("miou"))
                 self.plot.add("mean_dice", e.epoch, e.metrics.get("mean_dice"))
+                self.plot.add("bpq", e.epoch, e.metrics.get("bpq"))
             if e.best:
                 self.plot.mark_best(e.epoch)
             self.plot.draw()
         scores = (f", validation loss {e.val_loss:.3f}, mIoU {e.metrics.get('miou', float('nan')):.3f}, "
-                  f"Dice {e.metrics.get('mean_dice', float('nan')):.3f}") if e.metrics else ""
+                  f"Dice {e.metrics.get('mean_dice', float('nan')):.3f}, "
+                  f"bPQ {e.metrics.get('bpq', float('nan')):.3f}") if e.metrics else ""
         stopping = " Stopping after the current batch..." if self._job is not None and self._job.stop_requested else ""
         self.status.value = (f"Epoch {e.epoch}/{e.epochs}: training loss {e.train_loss:.3f}{scores}"
                              f"{' (best so far, saved)' if e.best else ''} in {e.seconds:.1f} s.{stopping}")
