@@ -242,3 +242,25 @@ def test_validation_bpq_matches_the_evaluation_of_the_same_nuclei(samples):
         evaluation.add(it.name, it.labels, pred, it.instances, found)
     expected = evaluation.report()["overall"]["bpq"]
     assert 0.3 < expected < 0.99 and metrics["bpq"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_bpq_monitor_without_validation_nuclei_says_why(consep, tmp_path):
+    """Validation images without a single nucleus leave bPQ undefined: a clear error, not a run
+    that never saves."""
+    from napari_medseg.io.images import to_rgb_float
+    from napari_medseg.training.config import TrainConfig
+    from napari_medseg.training.data import LabelledImage, split_by_group
+    from napari_medseg.training.trainer import TrainingError, train
+
+    folder = open_dataset(consep, require_labels=True)
+    with_nuclei, empty = folder.load("train_1_005"), folder.load("train_4_010")  # the second has no nucleus
+    items = [LabelledImage(s.stem, g, to_rgb_float(s.image, 3), s.labels, s.instances)
+             for s, g in ((with_nuclei, "a"), (empty, "b"))]
+    seed = next(k for k in range(20) if [it.group for it in split_by_group(items, 0.5, k)[1]] == ["b"])
+    cfg = TrainConfig.from_dict({
+        "model": {"architecture": "unet", "encoder": "resnet18", "encoder_depth": 3},
+        "data": {"crop_size": 64, "val_fraction": 0.5, "split_seed": seed}, "epochs": 1, "batch_size": 2,
+        "num_threads": 1, "out_dir": str(tmp_path / "run"), "save_resume": False, "monitor": "val_bpq",
+    })
+    with pytest.raises(TrainingError, match="no nucleus"):
+        train(cfg, items=(items, CLASSES))

@@ -32,8 +32,6 @@ class ProgressLine:
         sys.stderr.flush()
 
 
-
-
 def _collect_inputs(inputs: list[str]) -> list[Path]:
     from .io.dataset import is_dataset_folder
     from .io.images import IMAGE_SUFFIXES

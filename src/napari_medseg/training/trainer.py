@@ -109,9 +109,9 @@ def _monitor_value(monitor: str, val_loss: float, metrics: dict) -> tuple[float,
     key = monitor.removeprefix("val_")
     if key not in metrics:
         raise TrainConfigError(f"monitor '{monitor}' is not a validation metric ({', '.join(sorted(metrics))}).")
-    if not math.isfinite(metrics[key]):
-        raise TrainingError(f"monitor '{monitor}' is undefined on this validation data (e.g. bPQ without any "
-                            "nucleus in the validation images); choose another monitor.")
+    if key == "bpq" and not math.isfinite(metrics[key]):  # no validation image has a nucleus: never defined
+        raise TrainingError(f"monitor '{monitor}' is undefined: the validation images hold no nucleus. "
+                            "Choose another monitor or other validation images.")
     return float(metrics[key]), True
 
 
