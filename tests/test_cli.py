@@ -118,10 +118,11 @@ def test_predict_streams_a_pyramidal_tiff_with_every_engine_option(consep, tiny_
 def test_predict_failure_leaves_no_partial_probability_file(consep, tiny_checkpoint, tmp_path, monkeypatch, capsys):
     from napari_medseg.inference import Segmenter
 
-    def broken(self, *args, **kwargs):
+    def broken(self, *args, **kwargs):  # every predict path (class maps, nuclei) runs this generator
         raise RuntimeError("simulated failure inside the engine")
+        yield
 
-    monkeypatch.setattr(Segmenter, "segment", broken)
+    monkeypatch.setattr(Segmenter, "iter_segment", broken)
     out = tmp_path / "pred"
     rc = main(["predict", str(consep / "images" / "train_5_000.png"), "--model", str(tiny_checkpoint), "--out", str(out),
                "--device", "cpu", "--probabilities"])

@@ -74,7 +74,7 @@ def cmd_predict(args) -> int:
     import numpy as np
 
     from .inference import PostprocessSettings, Segmenter
-    from .instances import INSTANCE_MAX_PIXELS, InstanceSettings, semantic_to_instances
+    from .instances import INSTANCE_MAX_PIXELS, InstanceSettings
     from .io.dataset import write_classes
     from .io.images import ImageReadError, file_stem, write_label_map
 
@@ -95,20 +95,23 @@ def cmd_predict(args) -> int:
             print(f"medseg: skipped {file}: {exc}", file=sys.stderr)
             failures += 1
             continue
-        height, width = image.shape[:2]  # readers hand over (H, W[, C])
-        want_instances = not args.no_instances and height * width <= INSTANCE_MAX_PIXELS
-        # a model with a distance head seeds the instances with its distance map
-        distance = np.zeros((height, width), np.float32) if want_instances and segmenter.has_distance_head else None
         probs = probs_path = None
+        instances = None
         if args.probabilities:
             probs_path = out / "probabilities" / f"{stem}.npy"
             probs_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = probs_path.with_name(f".{probs_path.name}.{os.getpid()}.part")
+            height, width = image.shape[:2]  # readers hand over (H, W[, C])
             probs = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
                                               shape=(len(segmenter.classes), height, width))
         try:
-            labels = segmenter.segment(image, settings, progress=ProgressLine(f"[{i}/{len(files)}] {file.name}"),
-                                       postprocess=cleanup, probabilities_out=probs, distance_out=distance)
+            progress = ProgressLine(f"[{i}/{len(files)}] {file.name}")
+            if args.no_instances:
+                labels = segmenter.segment(image, settings, progress, postprocess=cleanup, probabilities_out=probs)
+            else:  # nuclei seeded by the model's distance head where it has one
+                labels, instances = segmenter.segment_nuclei(image, settings, progress, postprocess=cleanup,
+                                                             instance_settings=instance_settings,
+                                                             probabilities_out=probs)
             report = segmenter.last_report
             if report.skipped_background or report.notes:
                 extra = "; ".join([f"{report.skipped_background}/{report.tiles} tiles skipped as glass", *report.notes])
@@ -129,11 +132,11 @@ def cmd_predict(args) -> int:
                 tmp.unlink(missing_ok=True)
         if args.no_instances:
             continue
-        if not want_instances:
+        if instances is None:
             print(f"  {file.name}: instances not derived ({labels.shape[0]}x{labels.shape[1]} px is above "
                   f"{INSTANCE_MAX_PIXELS / 1e6:.0f} Mpx; the class map was written)", file=sys.stderr)
             continue
-        write_label_map(out / "instances" / f"{stem}.tif", semantic_to_instances(labels, instance_settings, distance))
+        write_label_map(out / "instances" / f"{stem}.tif", instances)
     print(f"wrote {len(files) - failures} class map(s) to {out / 'labels'}"
           + ("" if args.no_instances else f" and instance map(s) to {out / 'instances'}"))
     return 1 if failures else 0

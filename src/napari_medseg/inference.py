@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .devices import resolve_device
-from .instances import InstanceSettings, semantic_to_instances
+from .instances import INSTANCE_MAX_PIXELS, InstanceSettings, semantic_to_instances
 from .io.images import ImageReadError, intensity_range, scale_to_unit, validate_image_array
 from .models import CheckpointMeta, load_checkpoint, resolve_model_path
 from .models.optimise import optimise_for_inference
@@ -502,18 +502,20 @@ class Segmenter:
 
         Instances are seeded from the model's distance map where it has a distance head,
         from the distance transform of its class map otherwise (``semantic_to_instances``).
+        Above ``INSTANCE_MAX_PIXELS`` only the class map is made and instances are ``None``.
         """
         source = image if isinstance(image, ImageSource) else ImageSource(image, self.meta.model.in_channels)
-        distance = np.zeros((source.height, source.width), np.float32) if self.has_distance_head else None
+        fits = source.height * source.width <= INSTANCE_MAX_PIXELS
+        distance = np.zeros((source.height, source.width), np.float32) if fits and self.has_distance_head else None
         labels = yield from self.iter_segment(source, settings, postprocess, probabilities_out=probabilities_out,
                                               distance_out=distance)
-        return labels, semantic_to_instances(labels, instance_settings, distance)
+        return labels, semantic_to_instances(labels, instance_settings, distance) if fits else None
 
     def segment_nuclei(self, image, settings: TileSettings | None = None,
                        progress: ProgressCallback | None = None, should_cancel: CancelCheck | None = None,
                        postprocess: PostprocessSettings | None = None,
                        instance_settings: InstanceSettings | None = None, probabilities_out=None):
-        """``(class map, instances)``; see ``iter_segment_nuclei``."""
+        """``(class map, instances or None)``; see ``iter_segment_nuclei``."""
         return run_steps(self.iter_segment_nuclei(image, settings, postprocess, instance_settings, probabilities_out),
                          progress, should_cancel)
 

@@ -118,8 +118,7 @@ class SegmentWidget(Container):
                     "open a single 2-D image (or one plane of the stack as its own layer)."
                 )
             cleanup = PostprocessSettings(self.min_object_size.value, self.fill_holes.value)
-            nuclei = self.nuclei.value and image.shape[0] * image.shape[1] <= INSTANCE_MAX_PIXELS
-            if nuclei:
+            if self.nuclei.value:
                 steps = segmenter.iter_segment_nuclei(image, settings, postprocess=cleanup)
             else:
                 steps = segmenter.iter_segment(image, settings, postprocess=cleanup)
@@ -187,7 +186,7 @@ class SegmentWidget(Container):
     def _on_done(self, result):
         """``result``: (class map or (class map, instances), segmenter, layer name)."""
         labels, segmenter, name = result
-        labels, instances = labels if isinstance(labels, tuple) else (labels, None)
+        labels, instances = labels if isinstance(labels, tuple) else (labels, None)  # iter_segment_nuclei's pair
         kwargs = class_labels_kwargs(name, segmenter.classes, segmenter.meta.colors)
         self.last_layer = self._viewer.add_labels(labels, **kwargs)
         self.last_instances_layer = None
@@ -198,7 +197,9 @@ class SegmentWidget(Container):
         covered = ", ".join(f"{c} {100 * n / labels.size:.1f}%" for c, n in zip(segmenter.classes[1:], counts[1:]))
         report = segmenter.last_report
         skipped = f"; {report.skipped_background}/{report.tiles} glass tiles skipped" if report.skipped_background else ""
-        nuclei = f"; {int(instances.max())} nuclei" if instances is not None else ""
+        nuclei = "" if instances is None else f"; {int(instances.max())} nuclei"
+        if instances is None and self.nuclei.value:
+            nuclei = f"; no nuclei layer above {INSTANCE_MAX_PIXELS / 1e6:.0f} Mpx"
         self.status.value = f"Done: {covered}{nuclei}{skipped}" + (f" ({'; '.join(report.notes)})" if report.notes else "")
         self._set_running(False)
         if segmenter.device.type != "cpu":
