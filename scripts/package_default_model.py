@@ -1,10 +1,9 @@
 """Make a trained checkpoint the shipped default model, with its held-out accuracy in its metadata.
 
-    medseg train configs/default.yaml && medseg train configs/default_finetune.yaml \
-        && medseg train configs/default_distance.yaml
-    python benchmarks/accuracy.py --model runs/default_distance/best.safetensors --tta \
-        --json runs/default_distance/accuracy.json
-    python scripts/package_default_model.py runs/default_distance/best.safetensors runs/default_distance/accuracy.json
+    medseg train configs/default.yaml     # three stages -> runs/default/<stage>
+    python benchmarks/accuracy.py --model runs/default/distance_head/best.safetensors --tta \
+        --json runs/default/accuracy.json
+    python scripts/package_default_model.py runs/default/distance_head/best.safetensors runs/default/accuracy.json
 
 The weights are stored as float16 (the package keeps the model under 20 MB); the metadata keeps
 the trainer's config, data description and validation record, and gains ``metrics.held_out``:

@@ -154,6 +154,8 @@ def test_empty_and_broken_datasets_are_refused_before_training(tmp_path, small_c
 def test_shipped_configs_parse():
     from pathlib import Path
 
+    from napari_medseg.training.stages import load_train_stages
+
     for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
-        cfg = load_train_config(path)
-        assert cfg.data.dataset, path
+        for stage in load_train_stages(path):
+            assert stage.config.data.dataset, path

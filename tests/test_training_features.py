@@ -354,9 +354,11 @@ def test_experiment_configs_match_the_reports():
         for loss in ("bce", "log_cosh_dice"):
             c = cfg(f"grid_{enc}_{loss}")
             assert (c.model.encoder, c.loss, c.data.binary) == (enc, loss, True)
+    from napari_medseg.training.stages import load_train_stages
+
     for path in sorted((REPO / "configs").glob("*.yaml")):
-        c = load_train_config(path)
-        assert all(Path(d).parts[:3] == ("..", "shared", "data") for d in c.data.dataset), path
+        for stage in load_train_stages(path):
+            assert all(Path(d).parts[:3] == ("..", "shared", "data") for d in stage.config.data.dataset), path
 
 
 def test_freeze_encoder_keeps_encoder_weights(small_consep, tmp_path):

@@ -178,22 +178,26 @@ def cmd_convert(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .training import BatchDone, EpochDone, load_train_config, train
+    from .training import BatchDone, EpochDone
+    from .training.stages import load_train_stages, train_stages
 
-    overrides = list(args.set or [])
+    stages = load_train_stages(args.config, list(args.set or []), args.from_stage)
     if args.resume:
-        overrides.append(f"resume={args.resume}")
-    cfg = load_train_config(args.config, overrides)
+        # the resume file belongs to the first stage that runs; its config must match it
+        stages[0].config.resume = args.resume
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints
     bar = ProgressLine("train")
+    current = {"stage": stages[0]}
 
     def report(update):
+        stage = current["stage"]
+        prefix = f"[{stage.name}] " if stage.name else ""
         if isinstance(update, BatchDone):
-            bar.label = f"epoch {update.epoch}/{cfg.epochs}"
+            bar.label = f"{prefix}epoch {update.epoch}/{stage.config.epochs}"
             bar(update.step, update.steps)
         elif isinstance(update, EpochDone):
             m = update.metrics
-            print(f"epoch {update.epoch}/{update.epochs}  train_loss {update.train_loss:.4f}  "
+            print(f"{prefix}epoch {update.epoch}/{update.epochs}  train_loss {update.train_loss:.4f}  "
                   f"val_loss {update.val_loss:.4f}  val_mIoU {m.get('miou', float('nan')):.4f}  "
                   f"val_dice {m.get('mean_dice', float('nan')):.4f}  "
                   f"val_nucleus_dice {m.get('binary_dice', float('nan')):.4f}  val_bPQ {m.get('bpq', float('nan')):.4f}  "
@@ -201,26 +205,42 @@ def cmd_train(args) -> int:
                   f"{'*best*' if update.best else ''}  {update.seconds:.0f}s", flush=True)
             bar.t0 = time.time()
 
-    if cfg.repeats > 1:
+    if stages[0].config.repeats > 1:  # a config without stages (stages refuse repeats)
         from .training.repeat import format_summary, train_repeats
 
         def run_done(seed, result):
             if main_rank:
                 print(f"seed {seed}: best epoch {result.best_epoch}; checkpoint {result.checkpoint}", flush=True)
 
-        done = train_repeats(cfg, on_update=report, on_run=run_done)
+        done = train_repeats(stages[0].config, on_update=report, on_run=run_done)
         if main_rank:
             print(f"{len(done.runs)} runs (seeds {', '.join(map(str, done.seeds))}), best epochs, mean ± std: "
                   f"{format_summary(done.summary)}")
             print(f"wrote {done.path}")
         return 0
-    result = train(cfg, on_update=report)
+
+    def stage_event(index, stage, result):
+        current["stage"] = stage
+        if not main_rank or not stage.name:
+            return
+        if result is None:
+            start = stage.config.init_checkpoint or "new weights"
+            print(f"stage {index + 1}/{len(stages)} '{stage.name}': {stage.config.epochs} epochs from {start} "
+                  f"-> {stage.config.out_dir}", flush=True)
+        else:
+            print(f"stage '{stage.name}': best epoch {result.best_epoch}; checkpoint {result.checkpoint}", flush=True)
+
+    done = train_stages(stages, on_update=report, on_stage=stage_event)
     if main_rank:
+        result, stage = done.results[-1], done.stages[len(done.results) - 1]
         if result.reason:
             print(f"stopped: {result.reason}")
         print(f"best epoch {result.best_epoch}; checkpoint {result.checkpoint}")
+        if done.path is not None:
+            print(f"wrote {done.path}")
         if result.resume:
-            print(f"resume with: medseg train {args.config} --resume {result.resume}")
+            again = f" --from-stage {stage.name}" if stage.name else ""
+            print(f"resume with: medseg train {args.config}{again} --resume {result.resume}")
     return 0
 
 
@@ -293,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. --set epochs=5")
     p.add_argument("--resume", metavar="RESUME.safetensors", help="continue a run exactly from its resume file")
+    p.add_argument("--from-stage", metavar="NAME",
+                   help="configs with stages: start at this stage (the ones before it have written their checkpoints)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("info", help="print a checkpoint's metadata")

@@ -190,18 +190,22 @@ def _parse_value(text: str):
     return yaml.safe_load(text)
 
 
-def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """Read a YAML config and apply ``key.sub=value`` overrides (values parsed as YAML)."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise TrainConfigError(f"Config file '{path}' does not exist.")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise TrainConfigError(f"{path}: the top level must be a mapping of settings.")
-        # Relative dataset paths are relative to the config file's folder's parent project,
-        # i.e. to the current directory, as users type them.
+def read_config_mapping(path: str | Path | None) -> dict:
+    """The settings of a YAML config file as a plain mapping (empty for ``None``)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise TrainConfigError(f"Config file '{path}' does not exist.")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"{path}: the top level must be a mapping of settings.")
+    # Relative dataset paths are relative to the current directory, as users type them.
+    return data
+
+
+def apply_overrides(data: dict, overrides) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to ``data`` in place."""
     for item in overrides:
         if "=" not in item:
             raise TrainConfigError(f"--set expects key=value, got '{item}'.")
@@ -210,5 +214,19 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise TrainConfigError(f"--set {key}: '{part}' is not a section of settings.")
         node[parts[-1]] = _parse_value(value)
-    return TrainConfig.from_dict(data)
+    return data
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML config and apply ``key.sub=value`` overrides (values parsed as YAML).
+
+    A config with ``stages`` describes several runs: read it with ``load_train_stages``.
+    """
+    data = read_config_mapping(path)
+    if "stages" in data:
+        raise TrainConfigError(f"{path} describes training stages: run it with 'medseg train' "
+                               "or read it with load_train_stages.")
+    return TrainConfig.from_dict(apply_overrides(data, overrides))

@@ -1,0 +1,165 @@
+"""Several training runs in one config, each starting from the one before (``stages:``).
+
+A config may end with a list of stages; each stage is the top-level settings with its own
+changes merged in (sections such as ``model`` or ``data`` merge key by key)::
+
+    lr: 0.002
+    epochs: 32
+    out_dir: runs/default
+    stages:
+      - name: scratch                 # runs/default/scratch
+      - name: warm_restart            # starts from runs/default/scratch/best.safetensors
+        lr: 0.0005
+        epochs: 20
+
+Stage ``k > 1`` starts from stage ``k - 1``'s best checkpoint unless it names its own
+``init_checkpoint``; each writes to ``<out_dir>/<name>``, and ``<out_dir>/stages.json`` records
+what every finished stage produced. Command-line overrides (``--set``) apply to every stage,
+except ``out_dir`` and ``init_checkpoint``, which set the run's folder and the first stage's start.
+So one ``medseg train`` command reproduces a model that took several schedules to make.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..io.images import atomic_write
+from .config import TrainConfig, TrainConfigError, apply_overrides, read_config_mapping
+from .trainer import TrainingDone, TrainingError, train
+
+STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+RUN_LEVEL = ("out_dir", "init_checkpoint")  # overrides that belong to the run, not to each stage
+
+
+@dataclass
+class Stage:
+    name: str  # "" for a config without stages
+    config: TrainConfig
+
+
+@dataclass
+class StagesDone:
+    stages: list[Stage]
+    results: list[TrainingDone] = field(default_factory=list)
+    path: Path | None = None  # stages.json
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """The last finished stage's best checkpoint: the model the run was for."""
+        return self.results[-1].checkpoint if self.results else None
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` merged in; mappings merge key by key, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].strip()
+
+
+def load_train_stages(path: str | Path | None, overrides: list[str] = (), from_stage: str | None = None) -> list[Stage]:
+    """The runs a config describes: one unnamed stage, or its ``stages`` from ``from_stage`` on.
+
+    An ``init_checkpoint`` override sets where the first stage that runs starts; ``out_dir``
+    the folder that holds every stage's; any other override applies to every stage.
+    """
+    data = read_config_mapping(path)
+    specs = data.pop("stages", None)
+    if specs is None:
+        if from_stage is not None:
+            raise TrainConfigError(f"--from-stage {from_stage}: {path} has no stages.")
+        return [Stage("", TrainConfig.from_dict(apply_overrides(data, overrides)))]
+    if not isinstance(specs, list) or not specs or not all(isinstance(s, dict) for s in specs):
+        raise TrainConfigError("'stages' must be a non-empty list of mappings, each with a 'name'.")
+    names = [str(spec.get("name", "")) for spec in specs]
+    for number, name in enumerate(names, 1):
+        if not STAGE_NAME.match(name):
+            raise TrainConfigError(f"Stage {number} needs a 'name' of letters, digits, '_', '.' or '-' "
+                                   f"(it names its folder), got {name!r}.")
+        if names.count(name) > 1:
+            raise TrainConfigError(f"Two stages are called '{name}': stage names must differ.")
+    if from_stage is not None and from_stage not in names:
+        raise TrainConfigError(f"No stage is called '{from_stage}'; the stages are: {', '.join(names)}.")
+    first = from_stage or names[0]
+    start = [o for o in overrides if _key(o) == "init_checkpoint"]
+    per_stage = [o for o in overrides if _key(o) not in RUN_LEVEL]
+    apply_overrides(data, [o for o in overrides if _key(o) == "out_dir"])
+    base_out = Path(str(data.get("out_dir", TrainConfig.out_dir)))
+    stages: list[Stage] = []
+    for name, spec in zip(names, specs):
+        spec = {k: v for k, v in spec.items() if k != "name"}
+        for key in ("out_dir", "stages", "resume"):
+            if key in spec:
+                raise TrainConfigError(f"Stage '{name}' sets '{key}', which belongs to the whole run.")
+        merged = apply_overrides(_merge(data, spec), per_stage)
+        merged["out_dir"] = str(base_out / name)
+        if stages and "init_checkpoint" not in spec:
+            merged["init_checkpoint"] = str(Path(stages[-1].config.out_dir) / "best.safetensors")
+        if name == first:
+            apply_overrides(merged, start)
+        try:
+            cfg = TrainConfig.from_dict(merged)
+        except TrainConfigError as exc:
+            raise TrainConfigError(f"Stage '{name}': {exc}") from None
+        if cfg.repeats > 1:
+            raise TrainConfigError(f"Stage '{name}': repeats > 1 cannot be combined with stages "
+                                   "(which seed's checkpoint would the next stage start from?).")
+        stages.append(Stage(name, cfg))
+    return stages[names.index(first):]
+
+
+def train_stages(stages: list[Stage], on_update=None, should_stop=None, on_stage=None, items=None) -> StagesDone:
+    """Train ``stages`` in order; ``on_stage(index, stage, result_or_None)`` before and after each.
+
+    A stage that ends without a checkpoint (stopped before its first epoch finished) or that
+    the user stopped ends the run: the next stage would have nothing, or not the intended
+    weights, to start from.
+    """
+    done = StagesDone(list(stages))
+    if not stages:
+        return done
+    first = stages[0].config.init_checkpoint
+    if first and not Path(first).is_file():
+        raise TrainingError(f"Stage '{stages[0].name}' starts from '{first}', which does not exist"
+                            + (": run the stages before it first." if stages[0].name else "."))
+    if stages[0].name:
+        done.path = Path(stages[0].config.out_dir).parent / "stages.json"
+    for index, stage in enumerate(stages):
+        if on_stage is not None:
+            on_stage(index, stage, None)
+        result = train(stage.config, on_update, should_stop, items)
+        done.results.append(result)
+        if done.path is not None:
+            _write_summary(done)
+        if on_stage is not None:
+            on_stage(index, stage, result)
+        if result.reason == "stopped by user":
+            break
+        if result.checkpoint is None and index + 1 < len(stages):
+            raise TrainingError(f"Stage '{stage.name}' saved no checkpoint, so stage "
+                                f"'{stages[index + 1].name}' has nothing to start from.")
+    return done
+
+
+def _write_summary(done: StagesDone) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes
+        return
+    report = {"stages": [
+        {"name": s.name, "init_checkpoint": s.config.init_checkpoint, "out_dir": s.config.out_dir,
+         "checkpoint": str(r.checkpoint) if r.checkpoint else None, "best_epoch": r.best_epoch,
+         "stopped": r.reason or None, "best": r.best_metrics}
+        for s, r in zip(done.stages, done.results)]}
+    text = json.dumps(report, indent=1, default=float)
+    atomic_write(done.path, lambda tmp: tmp.write_text(text))

@@ -1,0 +1,155 @@
+"""Staged training configs (``stages:``): one command runs schedules that build on each other."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from napari_medseg.models import load_checkpoint, read_meta, resolve_model_path
+from napari_medseg.training import TrainConfigError, TrainingError, load_train_config
+from napari_medseg.training.stages import load_train_stages, train_stages
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "normalization":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def test_default_config_resolves_to_the_shipped_models_recorded_config():
+    stages = load_train_stages(REPO / "configs" / "default.yaml")
+    assert [s.name for s in stages] == ["scratch", "warm_restart", "distance_head"]
+    scratch, restart, head = (s.config for s in stages)
+    assert [c.out_dir for c in (scratch, restart, head)] == [
+        "runs/default/scratch", "runs/default/warm_restart", "runs/default/distance_head"]
+    assert scratch.init_checkpoint is None
+    assert restart.init_checkpoint == "runs/default/scratch/best.safetensors"
+    assert head.init_checkpoint == "runs/default/warm_restart/best.safetensors"
+    assert (scratch.lr, scratch.epochs, scratch.monitor) == (0.002, 32, "val_mean_dice")
+    assert (restart.lr, restart.epochs, restart.monitor, restart.model.distance_head) == (0.0005, 20, "val_mean_dice", False)
+    assert (head.lr, head.epochs, head.monitor, head.model.distance_head) == (0.0005, 20, "val_bpq", True)
+
+    # The shipped weights were trained by the last stage's settings, run as separate configs then:
+    # only the run folders differ (and the trainer records "none" as its identity mean/std).
+    recorded = read_meta(resolve_model_path("default")).training["config"]
+    assert recorded["normalization"] == {"mean": [0.0], "std": [1.0]} and head.normalization == "none"
+    ours, theirs = _flat(head.to_dict()), _flat(recorded)
+    differ = {k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)}
+    assert differ == {"init_checkpoint", "out_dir", "normalization"}
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "staged.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+BASE = {"model": {"architecture": "unet", "encoder": "resnet18", "encoder_depth": 3, "num_classes": 5},
+        "data": {"crop_size": 64}, "batch_size": 4, "lr": 0.003, "epochs": 1, "save_resume": False}
+
+
+def test_overrides_apply_to_every_stage_and_the_run_level_ones_to_the_run(tmp_path):
+    path = _write(tmp_path, {**BASE, "out_dir": "runs/x", "stages": [
+        {"name": "a"}, {"name": "b", "epochs": 3, "augment": {"hue": 0.0}}, {"name": "c", "init_checkpoint": "own.safetensors"}]})
+    a, b, c = (s.config for s in load_train_stages(path))
+    assert (a.epochs, b.epochs, c.epochs) == (1, 3, 1)
+    assert b.augment.hue == 0.0 and a.augment.hue == c.augment.hue == 0.04  # sections merge key by key
+    assert b.augment.brightness == a.augment.brightness
+    assert c.init_checkpoint == "own.safetensors"  # a stage may name its own start
+
+    stages = load_train_stages(path, ["epochs=7", "out_dir=elsewhere", "init_checkpoint=pre.safetensors"])
+    assert [s.config.epochs for s in stages] == [7, 7, 7]
+    assert [s.config.out_dir for s in stages] == ["elsewhere/a", "elsewhere/b", "elsewhere/c"]
+    assert [s.config.init_checkpoint for s in stages] == ["pre.safetensors", "elsewhere/a/best.safetensors", "own.safetensors"]
+
+    later = load_train_stages(path, ["init_checkpoint=pre.safetensors"], from_stage="b")
+    assert [s.name for s in later] == ["b", "c"] and later[0].config.init_checkpoint == "pre.safetensors"
+    assert load_train_stages(path, from_stage="b")[0].config.init_checkpoint == "runs/x/a/best.safetensors"
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([], "non-empty list"),
+    ([{"epochs": 2}], "needs a 'name'"),
+    ([{"name": "a/b"}], "needs a 'name'"),
+    ([{"name": "a"}, {"name": "a"}], "Two stages are called 'a'"),
+    ([{"name": "a", "out_dir": "x"}], "belongs to the whole run"),
+    ([{"name": "a", "repeats": 3}], "repeats > 1"),
+    ([{"name": "a", "lr": -1}], "Stage 'a': lr must be positive"),
+])
+def test_bad_stage_lists_are_refused_clearly(tmp_path, stages, message):
+    with pytest.raises(TrainConfigError, match=message):
+        load_train_stages(_write(tmp_path, {**BASE, "stages": stages}))
+
+
+def test_staged_configs_are_not_read_as_one_run_and_unknown_stages_are_named(tmp_path):
+    path = _write(tmp_path, {**BASE, "stages": [{"name": "a"}, {"name": "b"}]})
+    with pytest.raises(TrainConfigError, match="describes training stages"):
+        load_train_config(path)
+    with pytest.raises(TrainConfigError, match="No stage is called 'z'; the stages are: a, b"):
+        load_train_stages(path, from_stage="z")
+    with pytest.raises(TrainConfigError, match="has no stages"):
+        load_train_stages(_write(tmp_path, BASE), from_stage="a")
+
+
+def test_two_real_stages_chain_and_the_second_grows_a_distance_head(small_consep, tmp_path):
+    """Stage 2 starts from stage 1's best weights (so its encoder differs from a fresh model's
+    only by its own epoch) and adds a distance head; stages.json records both."""
+    path = _write(tmp_path, {**BASE, "data": {"dataset": [str(small_consep)], "crop_size": 64, "val_fraction": 0.34},
+                             "out_dir": str(tmp_path / "run"),
+                             "stages": [{"name": "plain"},
+                                        {"name": "head", "model": {"distance_head": True}, "monitor": "val_bpq",
+                                         "lr": 1e-9, "schedule": "constant"}]})
+    stages = load_train_stages(path)
+    events = []
+    done = train_stages(stages, on_stage=lambda i, s, r: events.append((i, s.name, r is not None)))
+    assert events == [(0, "plain", False), (0, "plain", True), (1, "head", False), (1, "head", True)]
+    first, second = done.results
+    assert second.checkpoint == done.checkpoint == tmp_path / "run" / "head" / "best.safetensors"
+    meta = read_meta(second.checkpoint)
+    assert meta.training["config"]["init_checkpoint"] == str(first.checkpoint)
+    assert meta.model.distance_head and meta.model.out_channels == 6
+    # lr 1e-9 for one epoch: the class weights are still stage 1's (to float tolerance)
+    a, _ = load_checkpoint(first.checkpoint)
+    b, _ = load_checkpoint(second.checkpoint)
+    sa, sb = a.state_dict(), b.state_dict()
+    enc = [k for k in sa if k.startswith("encoder.") and k.endswith("weight")]
+    assert enc and all(torch.allclose(sa[k], sb[k], atol=1e-5) for k in enc)
+    summary = json.loads((tmp_path / "run" / "stages.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == ["plain", "head"]
+    assert summary["stages"][1]["init_checkpoint"] == str(first.checkpoint)
+    assert summary["stages"][1]["best"]["bpq"] == pytest.approx(second.best_metrics["bpq"])
+
+
+def test_a_later_stage_alone_needs_the_earlier_checkpoint(small_consep, tmp_path):
+    path = _write(tmp_path, {**BASE, "data": {"dataset": [str(small_consep)], "crop_size": 64},
+                             "out_dir": str(tmp_path / "run"), "stages": [{"name": "a"}, {"name": "b"}]})
+    with pytest.raises(TrainingError, match="starts from .*a/best.safetensors.*which does not exist: run the stages before it"):
+        train_stages(load_train_stages(path, from_stage="b"))
+    assert not (tmp_path / "run" / "b").exists()
+
+
+def test_cli_runs_every_stage_then_one_again(small_consep, tmp_path, capsys):
+    from napari_medseg.cli import main
+
+    path = _write(tmp_path, {**BASE, "data": {"dataset": [str(small_consep)], "crop_size": 64, "val_fraction": 0.34},
+                             "out_dir": str(tmp_path / "run"), "stages": [{"name": "a"}, {"name": "b"}]})
+    assert main(["train", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "stage 1/2 'a': 1 epochs from new weights" in out and "[b] epoch 1/1" in out
+    assert f"checkpoint {tmp_path / 'run' / 'b' / 'best.safetensors'}" in out
+    first = (tmp_path / "run" / "a" / "best.safetensors").read_bytes()
+    assert main(["train", str(path), "--from-stage", "b", "--set", "epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 1/1 'b': 2 epochs from" in out and "[b] epoch 2/2" in out
+    assert (tmp_path / "run" / "a" / "best.safetensors").read_bytes() == first  # stage a untouched
+    assert len(read_meta(tmp_path / "run" / "b" / "best.safetensors").training["history"]) >= 1
