@@ -12,6 +12,11 @@ maps with ``napari_medseg.evaluation.PairEvaluation``.
 
     python benchmarks/accuracy.py                          # default model, CoNSeP validation split
     python benchmarks/accuracy.py --model runs/x/best.safetensors --json acc.json
+    python benchmarks/accuracy.py --data ../shared/data/monuseg_train --all-images   # external: MoNuSeg
+
+On data with a single foreground class (MoNuSeg's 'nucleus') the model's classes are merged
+into it and only the binary numbers mean anything: a test on images from other organs and
+hospitals that no training run or checkpoint choice has seen.
 
 The baseline cannot classify nuclei: it is scored with its nuclei in an extra
 "unclassified" class, so they count in the binary numbers (Dice, bPQ, F1, AJI) and score
@@ -98,16 +103,29 @@ def trained_normalization(meta) -> dict | None:
     return {"mean": [0.0], "std": [1.0]}
 
 
+def scores_nuclei_only(model_classes: list[str], classes: list[str]) -> bool:
+    """Whether a model is scored as nucleus vs background: the data has one foreground class
+    (e.g. MoNuSeg's 'nucleus') and the model other classes. Raises if neither fits."""
+    if model_classes == classes:
+        return False
+    if len(classes) == 2:
+        return True
+    raise DatasetError(f"The model's classes {model_classes} differ from the data's {classes}.")
+
+
 def evaluate_segmenter(segmenter, classes: list[str], samples, instance_settings: InstanceSettings | None = None,
                        tile_settings=None) -> tuple[dict, float]:
-    """(summary, seconds) of a ``Segmenter`` on ``samples``; instances as ``Segmenter.segment_nuclei`` makes them."""
-    if segmenter.classes != classes:
-        raise DatasetError(f"The model's classes {segmenter.classes} differ from the data's {classes}.")
+    """(summary, seconds) of a ``Segmenter`` on ``samples``; instances as ``Segmenter.segment_nuclei`` makes them.
+
+    On data with one foreground class every predicted class counts as that class."""
+    merge = scores_nuclei_only(segmenter.classes, classes)
     instance_settings = instance_settings or InstanceSettings()
     evaluation = PairEvaluation(classes, instance_settings)
     t0 = time.perf_counter()
     for s in samples:
         pred, pred_instances = segmenter.segment_nuclei(s.image, tile_settings, instance_settings=instance_settings)
+        if merge:
+            pred = (pred > 0).astype(np.uint8)
         evaluation.add(s.stem, s.labels, pred, s.instances, pred_instances)
     return summarise(evaluation.report(), classes), time.perf_counter() - t0
 
@@ -182,6 +200,9 @@ def main(argv=None) -> int:
                                          marker_threshold=args.marker_threshold)
     seeds = "distance head" if segmenter.has_distance_head else "class map's distance transform"
     print(f"model instances: watershed seeded by the {seeds}")
+    if scores_nuclei_only(segmenter.classes, classes):
+        print(f"data classes {classes}: the model's {len(segmenter.classes) - 1} classes are scored as one "
+              f"'{classes[1]}' class (binary numbers only)")
     model, model_s = evaluate_segmenter(segmenter, classes, samples, instance_settings)
     rows = {f"{model_label}, as loaded by Segmenter": model}
     fixed = trained_normalization(segmenter.meta)

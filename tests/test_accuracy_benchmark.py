@@ -1,0 +1,48 @@
+"""benchmarks/accuracy.py scores a model on data with other classes only where that is sound."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    spec = importlib.util.spec_from_file_location("accuracy_benchmark", REPO / "benchmarks" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_classifying_model_is_scored_as_nuclei_on_single_class_data(accuracy, monuseg):
+    from napari_medseg.evaluation import PairEvaluation
+    from napari_medseg.inference import Segmenter
+    from napari_medseg.instances import InstanceSettings
+    from napari_medseg.io.dataset import DatasetError
+
+    classes, samples = accuracy.validation_samples(monuseg, None)
+    assert classes == ["background", "nucleus"] and len(samples) == 13
+    s = samples[0]
+    crop = SimpleNamespace(stem=s.stem, image=s.image[:256, :256], labels=s.labels[:256, :256],
+                           instances=s.instances[:256, :256])
+    segmenter = Segmenter.load("default", device="cpu")
+    summary, _ = accuracy.evaluate_segmenter(segmenter, classes, [crop])
+
+    # by hand: every predicted class is a nucleus, instances as the model makes them
+    pred, pred_instances = segmenter.segment_nuclei(crop.image, instance_settings=InstanceSettings())
+    by_hand = PairEvaluation(classes, InstanceSettings())
+    by_hand.add(crop.stem, crop.labels, (pred > 0).astype(np.uint8), crop.instances, pred_instances)
+    overall = by_hand.report()["overall"]
+    assert summary["dice"] == pytest.approx(overall["dice"]) and summary["bpq"] == pytest.approx(overall["bpq"])
+    assert 0.3 < summary["dice"] < 1  # the nuclei are found at all (merged classes, not class 1 only)
+
+    with pytest.raises(DatasetError, match="differ from the data's"):
+        accuracy.scores_nuclei_only(segmenter.classes, ["background", "a", "b"])
