@@ -264,3 +264,31 @@ def test_bpq_monitor_without_validation_nuclei_says_why(consep, tmp_path):
     })
     with pytest.raises(TrainingError, match="no nucleus"):
         train(cfg, items=(items, CLASSES))
+
+
+def test_nuclei_step_reports_progress_and_can_be_cancelled_before_the_watershed(real_512, monkeypatch):
+    """segment_nuclei reports the tiles and then the watershed's whole-image steps on one scale;
+    a cancel seen after the first of those steps stops before the watershed runs."""
+    import skimage.segmentation
+
+    from napari_medseg.inference import Cancelled, Segmenter, TileSettings
+    from napari_medseg.instances import INSTANCE_STEPS
+
+    seg = Segmenter.load("default", device="cpu")
+    settings = TileSettings(256, 64, 4, skip_background=False)
+    seen = []
+    labels, instances = seg.segment_nuclei(real_512, settings, progress=lambda d, t: seen.append((d, t)))
+    tiles = seg.last_report.tiles
+    assert {t for _, t in seen} == {tiles + INSTANCE_STEPS}
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert [d for d, _ in seen][-INSTANCE_STEPS:] == [tiles + k for k in range(1, INSTANCE_STEPS + 1)]
+    assert instances.max() > 10 and (instances > 0).sum() > 0.95 * (labels > 0).sum()  # nuclei cover the foreground
+
+    calls = []
+    real_watershed = skimage.segmentation.watershed
+    monkeypatch.setattr(skimage.segmentation, "watershed", lambda *a, **k: calls.append(1) or real_watershed(*a, **k))
+    seen.clear()
+    with pytest.raises(Cancelled):
+        seg.segment_nuclei(real_512, settings, progress=lambda d, t: seen.append((d, t)),
+                           should_cancel=lambda: bool(seen) and seen[-1][0] > tiles)
+    assert seen[-1][0] == tiles + 1 and not calls

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .devices import resolve_device
-from .instances import INSTANCE_MAX_PIXELS, InstanceSettings, semantic_to_instances
+from .instances import INSTANCE_MAX_PIXELS, INSTANCE_STEPS, InstanceSettings, iter_semantic_to_instances
 from .io.images import ImageReadError, intensity_range, scale_to_unit, validate_image_array
 from .models import CheckpointMeta, load_checkpoint, resolve_model_path
 from .models.optimise import optimise_for_inference
@@ -500,6 +500,9 @@ class Segmenter:
                             instance_settings: InstanceSettings | None = None, probabilities_out=None):
         """Generator like ``iter_segment``; returns ``(class map, instances)``, int32 nucleus ids.
 
+        Yields ``(done, total)`` over the tiles and then the watershed's ``INSTANCE_STEPS``
+        whole-image steps (``total`` counts both), so a cancel also gets in between those.
+
         Instances are seeded from the model's distance map where it has a distance head,
         from the distance transform of its class map otherwise (``semantic_to_instances``).
         Above ``INSTANCE_MAX_PIXELS`` only the class map is made and instances are ``None``.
@@ -507,9 +510,28 @@ class Segmenter:
         source = image if isinstance(image, ImageSource) else ImageSource(image, self.meta.model.in_channels)
         fits = source.height * source.width <= INSTANCE_MAX_PIXELS
         distance = np.zeros((source.height, source.width), np.float32) if fits and self.has_distance_head else None
-        labels = yield from self.iter_segment(source, settings, postprocess, probabilities_out=probabilities_out,
-                                              distance_out=distance)
-        return labels, semantic_to_instances(labels, instance_settings, distance) if fits else None
+        tiles = self.iter_segment(source, settings, postprocess, probabilities_out=probabilities_out,
+                                  distance_out=distance)
+        if not fits:
+            labels = yield from tiles
+            return labels, None
+        # one progress scale for both phases: the tiles, then the watershed's whole-image steps
+        # (seconds each on large images), between which a cancel gets in
+        total = 0
+        while True:
+            try:
+                done, total = next(tiles)
+            except StopIteration as finished:
+                labels = finished.value
+                break
+            yield done, total + INSTANCE_STEPS
+        nuclei = iter_semantic_to_instances(labels, instance_settings, distance)
+        while True:
+            try:
+                step, _ = next(nuclei)
+            except StopIteration as finished:
+                return labels, finished.value
+            yield total + step, total + INSTANCE_STEPS
 
     def segment_nuclei(self, image, settings: TileSettings | None = None,
                        progress: ProgressCallback | None = None, should_cancel: CancelCheck | None = None,

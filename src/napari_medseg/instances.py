@@ -20,6 +20,8 @@ import numpy as np
 
 # Instances are derived for images up to this size: the watershed holds float64 maps of the whole image.
 INSTANCE_MAX_PIXELS = 64_000_000
+# whole-image steps of iter_semantic_to_instances: foreground, distance map, seeds, watershed
+INSTANCE_STEPS = 4
 
 
 class InstanceInputError(ValueError):
@@ -61,6 +63,22 @@ def semantic_to_instances(class_map: np.ndarray, settings: InstanceSettings | No
                           distance: np.ndarray | None = None) -> np.ndarray:
     """Split the foreground (class > 0) into nuclei: int32 ids 1..N, 0 = background.
 
+    See ``iter_semantic_to_instances``, which this runs to the end.
+    """
+    steps = iter_semantic_to_instances(class_map, settings, distance)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def iter_semantic_to_instances(class_map: np.ndarray, settings: InstanceSettings | None = None,
+                               distance: np.ndarray | None = None):
+    """Generator: yields ``(step, INSTANCE_STEPS)`` after each of its whole-image steps
+    (foreground, distance map, seeds, watershed), so a caller can report progress and stop
+    between them (each takes seconds near ``INSTANCE_MAX_PIXELS``); returns the instance map.
+
     Foreground (optionally hole-filled, objects under ``min_size`` px removed) -> a distance
     map -> seeds -> watershed of the negated distance, restricted to the foreground.
     Without ``distance``: the Euclidean distance transform of the foreground, smoothed by
@@ -91,10 +109,12 @@ def semantic_to_instances(class_map: np.ndarray, settings: InstanceSettings | No
             components, n = ndi.label(foreground)
     if n == 0:
         return np.zeros(class_map.shape, np.int32)
+    yield 1, INSTANCE_STEPS
     if distance is None:
         distance = ndi.distance_transform_edt(foreground)
         if s.sigma > 0:
             distance = ndi.gaussian_filter(distance, s.sigma)
+        yield 2, INSTANCE_STEPS
         peaks = peak_local_max(distance, min_distance=max(1, int(s.min_distance)), labels=components,
                                exclude_border=False)
         markers = np.zeros(class_map.shape, np.int32)
@@ -103,6 +123,7 @@ def semantic_to_instances(class_map: np.ndarray, settings: InstanceSettings | No
         distance = np.asarray(distance, np.float32)
         if distance.shape != class_map.shape:
             raise InstanceInputError(f"The distance map {distance.shape} and the class map {class_map.shape} differ in shape.")
+        yield 2, INSTANCE_STEPS
         markers, _ = ndi.label(foreground & (distance > s.marker_threshold))
         if s.min_marker_size > 1 and markers.max():
             small = np.bincount(markers.ravel()) < s.min_marker_size
@@ -117,7 +138,9 @@ def semantic_to_instances(class_map: np.ndarray, settings: InstanceSettings | No
         where = ndi.maximum_position(distance, components, missing)
         for k, pos in enumerate(where, start=top + 1):
             markers[pos] = k
+    yield 3, INSTANCE_STEPS
     instances = watershed(-distance, markers, mask=foreground)
+    yield 4, INSTANCE_STEPS
     return instances.astype(np.int32, copy=False)
 
 

@@ -51,7 +51,7 @@ class SegmentWidget(Container):
                                value=True)
         self.run_button = PushButton(text="Segment")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
-        self.progress = ProgressBar(label="tiles", value=0, min=0, max=1)
+        self.progress = ProgressBar(label="progress", value=0, min=0, max=1)  # tiles, then nuclei steps
         self.status = Label(value="")
         self.extend([self.image_layer, self.model_source, self.checkpoint, self.device, self.tile_size,
                      self.overlap, self.batch_size, self.blend, self.tta, self.skip_background,
@@ -164,7 +164,8 @@ class SegmentWidget(Container):
     def cancel(self) -> None:
         if self._worker is not None:
             self.status.value = "Cancelling..."
-            self._worker.quit()  # takes effect at the next yield, i.e. after the current batch
+            # takes effect at the next yield: after the current batch, or the current watershed step
+            self._worker.quit()
 
     def _on_progress(self, step: tuple[int, int]) -> None:
         done, total = step
