@@ -152,4 +152,6 @@ def test_cli_runs_every_stage_then_one_again(small_consep, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "stage 1/1 'b': 2 epochs from" in out and "[b] epoch 2/2" in out
     assert (tmp_path / "run" / "a" / "best.safetensors").read_bytes() == first  # stage a untouched
+    records = json.loads((tmp_path / "run" / "stages.json").read_text())["stages"]
+    assert [r["name"] for r in records] == ["a", "b"]  # the rerun replaced b's record, kept a's
     assert len(read_meta(tmp_path / "run" / "b" / "best.safetensors").training["history"]) >= 1

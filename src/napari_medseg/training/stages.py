@@ -154,12 +154,18 @@ def train_stages(stages: list[Stage], on_update=None, should_stop=None, on_stage
 
 
 def _write_summary(done: StagesDone) -> None:
+    """stages.json: every finished stage's record; a rerun (``--from-stage``) replaces the records
+    of the stages it ran and keeps the others."""
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes
         return
-    report = {"stages": [
-        {"name": s.name, "init_checkpoint": s.config.init_checkpoint, "out_dir": s.config.out_dir,
-         "checkpoint": str(r.checkpoint) if r.checkpoint else None, "best_epoch": r.best_epoch,
-         "stopped": r.reason or None, "best": r.best_metrics}
-        for s, r in zip(done.stages, done.results)]}
-    text = json.dumps(report, indent=1, default=float)
+    records = {}
+    try:
+        records = {r["name"]: r for r in json.loads(done.path.read_text())["stages"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no earlier record (or an unreadable one): start afresh
+    for s, r in zip(done.stages, done.results):
+        records[s.name] = {"name": s.name, "init_checkpoint": s.config.init_checkpoint, "out_dir": s.config.out_dir,
+                           "checkpoint": str(r.checkpoint) if r.checkpoint else None, "best_epoch": r.best_epoch,
+                           "stopped": r.reason or None, "best": r.best_metrics}
+    text = json.dumps({"stages": list(records.values())}, indent=1, default=float)
     atomic_write(done.path, lambda tmp: tmp.write_text(text))
