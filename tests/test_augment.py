@@ -74,3 +74,46 @@ def test_pipeline_with_stain_jitter_keeps_labels_and_range(he_patch):
 def test_stain_setting_is_checked():
     with pytest.raises(TrainConfigError, match="augment.stain"):
         load_train_config(None, ["augment.stain=1.5"])
+
+
+def test_stain_scale_draws_log_uniform_factors_in_its_range():
+    """Factors from ``stain_scale`` fill [low, high] with log-uniform density (as many below 1
+    as above for [0.5, 2]); the shift keeps to +- sigma."""
+    torch.manual_seed(0)
+    t = RandomStainJitter(0.02, (0.5, 2.0))
+    params = [t.make_params([]) for _ in range(4000)]
+    scales = torch.stack([p["scale"] for p in params])
+    shifts = torch.stack([p["shift"] for p in params])
+    assert float(scales.min()) >= 0.5 and float(scales.max()) <= 2.0
+    assert float(scales.min()) < 0.52 and float(scales.max()) > 1.9  # the whole range is used
+    assert abs(float((scales < 1).float().mean()) - 0.5) < 0.03  # log-uniform: median 1
+    assert abs(float((scales < 2 ** -0.5).float().mean()) - 0.25) < 0.03
+    assert float(shifts.abs().max()) <= 0.02
+
+
+def test_stain_scale_darkens_real_nuclei_as_drawn(he_patch):
+    """The drawn factor reaches the pixels: the haematoxylin scikit-image measures in nuclei
+    after a pipeline run follows the factor the transform drew."""
+    image, labels = he_patch
+    cfg = AugmentConfig(flip=False, rotate90=False, scale=None, brightness=0, contrast=0, saturation=0, hue=0,
+                        stain=0.0, stain_scale=(0.5, 3.0))
+    apply = build_augmentation(cfg, 256)
+    x = torch.from_numpy(image).permute(2, 0, 1).contiguous()
+    nuclei = labels > 0
+    before = rgb2hed(image)[..., 0][nuclei].mean()
+    ratios = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        drawn = RandomStainJitter(0.0, (0.5, 3.0)).make_params([])["scale"][0].item()
+        torch.manual_seed(seed)
+        out, _ = apply(x, torch.from_numpy(labels))
+        after = rgb2hed(out.permute(1, 2, 0).numpy())[..., 0][nuclei].mean()
+        ratios.append((drawn, after / before))
+    for drawn, measured in ratios:
+        assert measured == pytest.approx(drawn, rel=0.15), ratios
+
+
+@pytest.mark.parametrize("value", ["[2, 3]", "[0.5]", "[0, 2]", "abc", "[0.5, 20]"])
+def test_stain_scale_setting_is_checked(value):
+    with pytest.raises(TrainConfigError, match="augment.stain_scale"):
+        load_train_config(None, [f"augment.stain_scale={value}"])

@@ -63,6 +63,9 @@ class AugmentConfig:
     # H&E stain jitter (RGB only): each stain's concentration scaled by 1 +- stain and shifted
     # by +- stain optical-density units (Tellez et al. 2018); 0 = off
     stain: float = 0.0
+    # [low, high]: each stain's concentration scaled by a factor drawn log-uniformly from this
+    # range instead of 1 +- stain (the shift stays +- stain); for slides from other labs
+    stain_scale: tuple[float, float] | None = None
     sharpness: float = 0.0  # probability of a random sharpness change
 
 
@@ -133,6 +136,11 @@ class TrainConfig:
             cfg.data.dataset = [cfg.data.dataset]
         if cfg.augment.scale is not None:
             cfg.augment.scale = tuple(cfg.augment.scale)
+        if cfg.augment.stain_scale is not None:
+            try:
+                cfg.augment.stain_scale = tuple(float(v) for v in cfg.augment.stain_scale)
+            except (TypeError, ValueError):
+                raise TrainConfigError(f"augment.stain_scale must be [low, high], got {cfg.augment.stain_scale!r}.") from None
         cfg.check()
         return cfg
 
@@ -171,6 +179,9 @@ class TrainConfig:
             bad(f"distance_loss_weight must be a number of at least 0, got {self.distance_loss_weight!r}.")
         if not 0 <= self.augment.stain < 1:
             bad(f"augment.stain must lie in [0, 1), got {self.augment.stain}.")
+        ss = self.augment.stain_scale
+        if ss is not None and not (len(ss) == 2 and 0 < ss[0] <= 1 <= ss[1] <= 10):
+            bad(f"augment.stain_scale must be [low, high] with 0 < low <= 1 <= high <= 10, got {list(ss)}.")
         if self.data.crop_size and self.data.crop_size % self.model.output_stride:
             bad(f"data.crop_size {self.data.crop_size} must be a multiple of {self.model.output_stride} for this model.")
 
