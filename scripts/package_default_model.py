@@ -1,14 +1,18 @@
 """Make a trained checkpoint the shipped default model, with its held-out accuracy in its metadata.
 
-    medseg train configs/default.yaml     # three stages -> runs/default/<stage>
-    python benchmarks/accuracy.py --model runs/default/distance_head/best.safetensors --tta \
+    medseg train configs/default.yaml     # four stages -> runs/default/<stage>
+    python benchmarks/accuracy.py --model runs/default/stain_robust/best.safetensors --tta \
         --json runs/default/accuracy.json
-    python scripts/package_default_model.py runs/default/distance_head/best.safetensors runs/default/accuracy.json
+    python benchmarks/accuracy.py --model runs/default/stain_robust/best.safetensors --tta \
+        --data ../shared/data/monuseg_train --all-images --json runs/default/monuseg.json
+    python scripts/package_default_model.py runs/default/stain_robust/best.safetensors runs/default/accuracy.json \
+        --external runs/default/monuseg.json
 
 The weights are stored as float16 (the package keeps the model under 20 MB); the metadata keeps
 the trainer's config, data description and validation record, and gains ``metrics.held_out``:
 the numbers ``benchmarks/accuracy.py`` measured for the model (with test-time flips too, if
-it ran with ``--tta``) and the classical baseline.
+it ran with ``--tta``) and the classical baseline, and ``metrics.external``: the same on
+datasets it never saw (``--external``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="best.safetensors of the training run")
     parser.add_argument("accuracy", help="the --json written by benchmarks/accuracy.py for that checkpoint")
+    parser.add_argument("--external", action="append", default=[], metavar="JSON",
+                        help="accuracy.py --json of the same checkpoint on other data (e.g. MoNuSeg, --all-images): "
+                             "recorded under metrics.external.<dataset folder>")
     parser.add_argument("--out", default=str(DEFAULT_MODEL_PATH))
     args = parser.parse_args(argv)
 
@@ -49,6 +56,18 @@ def main(argv=None) -> int:
     }
     if "model_tta" in results:  # accuracy.py --tta
         meta.metrics["held_out"]["model_with_flips"] = {k: results["model_tta"][k] for k in HEADLINE}
+    for path in args.external:
+        ext = json.loads(Path(path).read_text())
+        if Path(ext["model"]).resolve() != Path(args.checkpoint).resolve():
+            parser.error(f"{path} measured {ext['model']}, not {args.checkpoint}")
+        # binary numbers only where the data has one foreground class (accuracy.py merges the model's classes)
+        record = {"data": ext["data"], "images": ext["images"],
+                  "what": "benchmarks/accuracy.py on every image of a dataset no training run or checkpoint choice used",
+                  "model": {k: ext["results"]["model"][k] for k in ("dice", "bpq", "f1", "aji")},
+                  "classical_baseline": {k: ext["results"]["baseline"][k] for k in ("dice", "bpq", "f1", "aji")}}
+        if "model_tta" in ext["results"]:
+            record["model_with_flips"] = {k: ext["results"]["model_tta"][k] for k in ("dice", "bpq", "f1", "aji")}
+        meta.metrics.setdefault("external", {})[Path(ext["data"]).name] = record
     out = save_checkpoint(args.out, model, meta, half=True)
     size = out.stat().st_size
     print(f"wrote {out} ({size / 2**20:.1f} MiB)")

@@ -28,22 +28,25 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def test_default_config_resolves_to_the_shipped_models_recorded_config():
     stages = load_train_stages(REPO / "configs" / "default.yaml")
-    assert [s.name for s in stages] == ["scratch", "warm_restart", "distance_head"]
-    scratch, restart, head = (s.config for s in stages)
-    assert [c.out_dir for c in (scratch, restart, head)] == [
-        "runs/default/scratch", "runs/default/warm_restart", "runs/default/distance_head"]
+    assert [s.name for s in stages] == ["scratch", "warm_restart", "distance_head", "stain_robust"]
+    scratch, restart, head, robust = (s.config for s in stages)
+    assert [c.out_dir for c in (scratch, restart, head, robust)] == [
+        "runs/default/scratch", "runs/default/warm_restart", "runs/default/distance_head", "runs/default/stain_robust"]
     assert scratch.init_checkpoint is None
     assert restart.init_checkpoint == "runs/default/scratch/best.safetensors"
     assert head.init_checkpoint == "runs/default/warm_restart/best.safetensors"
+    assert robust.init_checkpoint == "runs/default/distance_head/best.safetensors"
     assert (scratch.lr, scratch.epochs, scratch.monitor) == (0.002, 32, "val_mean_dice")
     assert (restart.lr, restart.epochs, restart.monitor, restart.model.distance_head) == (0.0005, 20, "val_mean_dice", False)
     assert (head.lr, head.epochs, head.monitor, head.model.distance_head) == (0.0005, 20, "val_bpq", True)
+    assert (robust.augment.stain_scale, robust.augment.scale, robust.augment.stain) == ((0.5, 3.0), (0.8, 1.7), 0.02)
+    assert head.augment.stain_scale is None and robust.augment.hue == head.augment.hue  # augment merges key by key
 
-    # The shipped weights were trained by the last stage's settings, run as separate configs then:
-    # only the run folders differ (and the trainer records "none" as its identity mean/std).
+    # The shipped weights were trained by the last stage's settings, run before the stages were
+    # one config: only the run folders differ (and the trainer records "none" as identity mean/std).
     recorded = read_meta(resolve_model_path("default")).training["config"]
-    assert recorded["normalization"] == {"mean": [0.0], "std": [1.0]} and head.normalization == "none"
-    ours, theirs = _flat(head.to_dict()), _flat(recorded)
+    assert recorded["normalization"] == {"mean": [0.0], "std": [1.0]} and robust.normalization == "none"
+    ours, theirs = _flat(robust.to_dict()), _flat(recorded)
     differ = {k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)}
     assert differ == {"init_checkpoint", "out_dir", "normalization"}
 
