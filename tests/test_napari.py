@@ -179,7 +179,10 @@ def test_segment_widget_threaded_run_and_options(make_napari_viewer, qtbot, tiny
     assert seg.name == "patch segmentation" and seg.data.shape == (256, 256)
     assert nuclei.name == "patch nuclei" and nuclei.metadata["medseg"]["kind"] == "instances"
     assert nuclei.data.shape == (256, 256) and ((nuclei.data > 0) <= (seg.data > 0)).all()
-    assert widget.progress.max == 9 and widget.progress.value == 9  # 3x3 tiles of 128 with overlap 32
+    # 3x3 tiles of 128 with overlap 32, then the nuclei step's whole-image steps
+    from napari_medseg.instances import INSTANCE_STEPS
+
+    assert widget.progress.max == 9 + INSTANCE_STEPS and widget.progress.value == widget.progress.max
     assert widget.run_button.enabled and not widget.cancel_button.enabled
 
 

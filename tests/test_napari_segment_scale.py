@@ -42,7 +42,10 @@ def test_every_option_reaches_the_engine(make_napari_viewer, tiny_checkpoint, co
         image, TileSettings(128, 32, 3, blend="cosine", tta=True, skip_background=False),
         postprocess=PostprocessSettings(40, 25))
     np.testing.assert_array_equal(layer.data, expected)
-    assert widget.progress.value == widget.progress.max == 15  # 5 x 3 tiles
+    from napari_medseg.instances import INSTANCE_STEPS
+
+    # 5 x 3 tiles, then the nuclei step, complete even where (untrained model) it finds none
+    assert widget.progress.value == widget.progress.max == 15 + INSTANCE_STEPS
 
 
 def test_large_pyramidal_tiff_opens_lazily_and_segments(make_napari_viewer, tiny_checkpoint, consep, tmp_path):

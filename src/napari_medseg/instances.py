@@ -108,6 +108,7 @@ def iter_semantic_to_instances(class_map: np.ndarray, settings: InstanceSettings
             foreground = keep[components]
             components, n = ndi.label(foreground)
     if n == 0:
+        yield INSTANCE_STEPS, INSTANCE_STEPS  # nothing to split: every step is done
         return np.zeros(class_map.shape, np.int32)
     yield 1, INSTANCE_STEPS
     if distance is None:
