@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -48,7 +47,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from napari_medseg.baseline import ClassicalSettings, as_unclassified, classical_nuclei  # noqa: E402
 from napari_medseg.evaluation import PairEvaluation  # noqa: E402
 from napari_medseg.instances import InstanceSettings  # noqa: E402
-from napari_medseg.io.dataset import DatasetError, open_dataset  # noqa: E402
+from napari_medseg.io.dataset import DatasetError  # noqa: E402
+from napari_medseg.tuning import samples_of_groups  # noqa: E402
 
 # Targets from the issue (CoNSeP-style data; HoVer-Net reports Dice 0.8525 / bPQ 0.5477 on CoNSeP).
 TARGETS = {"dice": 0.85, "bpq": 0.55, "margin": 0.15}
@@ -60,17 +60,7 @@ def validation_samples(data: str | Path, val_groups: list[str] | None, group_pat
 
     ``val_groups=None`` takes every sample. Raises ``DatasetError`` if none match.
     """
-    folder = open_dataset(data, require_labels=True)
-    pattern = re.compile(group_pattern)
-    stems = []
-    for stem in folder.stems:
-        m = pattern.match(stem)
-        group = f"{folder.root.name}/{m.group(1) if m else stem}"
-        if val_groups is None or group in val_groups or (m.group(1) if m else stem) in val_groups:
-            stems.append(stem)
-    if not stems:
-        raise DatasetError(f"No image of {folder.root} belongs to the validation groups {val_groups}.")
-    return folder.classes, [folder.load(s) for s in stems]
+    return samples_of_groups(data, val_groups, group_pattern)
 
 
 def summarise(report: dict, classes: list[str]) -> dict:

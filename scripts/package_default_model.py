@@ -1,11 +1,12 @@
 """Make a trained checkpoint the shipped default model, with its held-out accuracy in its metadata.
 
     medseg train configs/default.yaml     # four stages -> runs/default/<stage>
-    python benchmarks/accuracy.py --model runs/default/stain_robust/best.safetensors --tta \
-        --json runs/default/accuracy.json
-    python benchmarks/accuracy.py --model runs/default/stain_robust/best.safetensors --tta \
+    medseg tune-threshold runs/default/stain_robust/best.safetensors ../shared/data/consep_train \
+        --out runs/default/tuned.safetensors
+    python benchmarks/accuracy.py --model runs/default/tuned.safetensors --tta --json runs/default/accuracy.json
+    python benchmarks/accuracy.py --model runs/default/tuned.safetensors --tta \
         --data ../shared/data/monuseg_train --all-images --json runs/default/monuseg.json
-    python scripts/package_default_model.py runs/default/stain_robust/best.safetensors runs/default/accuracy.json \
+    python scripts/package_default_model.py runs/default/tuned.safetensors runs/default/accuracy.json \
         --external runs/default/monuseg.json
 
 The weights are stored as float16 (the package keeps the model under 20 MB); the metadata keeps

@@ -230,10 +230,19 @@ class _Batcher:
 # --------------------------------------------------------------------------- the engine
 
 
+def classify(probs: np.ndarray, foreground_threshold: float | None = None) -> np.ndarray:
+    """Class ids from probabilities ``(C, ...)``: the argmax, or, with ``foreground_threshold``,
+    the likeliest foreground class where the foreground probability ``1 - p[0]`` exceeds the
+    threshold and background elsewhere (a tuned operating point, e.g. for under-calling models)."""
+    if foreground_threshold is None or probs.shape[0] < 2:
+        return probs.argmax(0)
+    return np.where(1.0 - probs[0] > foreground_threshold, probs[1:].argmax(0) + 1, 0)
+
+
 def iter_blend(model: torch.nn.Module, source: ImageSource, num_classes: int, settings: TileSettings,
                device: torch.device, normalise: Callable[[np.ndarray], np.ndarray] | None = None,
                out=None, probabilities_out=None, report: RunReport | None = None,
-               distance_head: bool = False, distance_out=None,
+               distance_head: bool = False, distance_out=None, foreground_threshold: float | None = None,
                ) -> Generator[tuple[int, int], None, object]:
     """Generator: yields ``(tiles_done, tiles_total)`` after every batch; returns the class map.
 
@@ -242,7 +251,7 @@ def iter_blend(model: torch.nn.Module, source: ImageSource, num_classes: int, se
     ``probabilities_out`` (``(C, H, W)``, e.g. a float16 memmap) receives the blended
     probabilities when given. ``distance_head``: the model has one more output channel, a
     sigmoid distance map, blended like the probabilities and written to ``distance_out``
-    (``(H, W)``) when given.
+    (``(H, W)``) when given. ``foreground_threshold``: see ``classify``.
     """
     report = report if report is not None else RunReport()
     height, width = source.height, source.width
@@ -278,7 +287,8 @@ def iter_blend(model: torch.nn.Module, source: ImageSource, num_classes: int, se
         for left in range(0, width if rows_out > 0 else 0, FINALISE_COLUMNS):  # column chunks: small temporaries
             right = min(width, left + FINALISE_COLUMNS)
             probs = acc[:, :rows_out, left:right] / norm[:rows_out, left:right]
-            out[base:base + rows_out, left:right] = probs[:num_classes].argmax(0).astype(out.dtype, copy=False)
+            out[base:base + rows_out, left:right] = classify(probs[:num_classes], foreground_threshold).astype(
+                out.dtype, copy=False)
             if probabilities_out is not None:
                 probabilities_out[:, base:base + rows_out, left:right] = probs[:num_classes]
             if distance_out is not None:
@@ -407,6 +417,8 @@ class Segmenter:
     def __init__(self, model: torch.nn.Module, meta: CheckpointMeta, device: torch.device):
         self.model, self.meta, self.device = model, meta, device
         self.last_report = RunReport()
+        # the model's tuned operating point (None: argmax); callers may override it per run
+        self.foreground_threshold = meta.foreground_threshold
 
     @classmethod
     def load(cls, model: str | os.PathLike = "default", device: str = "auto") -> "Segmenter":
@@ -473,7 +485,8 @@ class Segmenter:
         self.model.to(self.device)  # back from ``release``, if it was released
         labels = yield from iter_blend(self.model, source, n, settings, self.device, self._normaliser(),
                                        out=out, probabilities_out=probabilities_out, report=self.last_report,
-                                       distance_head=self.has_distance_head, distance_out=distance_out)
+                                       distance_head=self.has_distance_head, distance_out=distance_out,
+                                       foreground_threshold=self.foreground_threshold)
         if postprocess is not None and postprocess.active:
             postprocess_class_map(labels, postprocess)
         return labels

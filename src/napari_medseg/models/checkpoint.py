@@ -43,6 +43,9 @@ class CheckpointMeta:
     data: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     model_card: str = ""
+    # nucleus (foreground) probability above which a pixel gets its likeliest foreground class;
+    # None = plain argmax over all classes. Tuned on validation images (``medseg tune-threshold``).
+    foreground_threshold: float | None = None
     versions: dict = field(default_factory=dict)
     created: str = ""
 
