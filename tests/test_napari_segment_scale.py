@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 import tifffile
 from napari.layers import Labels
 
@@ -83,3 +84,30 @@ def test_cancel_takes_effect_within_a_second(make_napari_viewer, qtbot, tiny_che
     assert time.perf_counter() - t0 < 1.0
     assert [layer.name for layer in viewer.layers] == ["big"]  # nothing half-made
     assert "Cancelled" in widget.status.value and widget.run_button.enabled
+
+
+def test_nucleus_threshold_is_the_models_unless_set(make_napari_viewer, consep):
+    """0 uses the model's tuned threshold (the default carries one), a value overrides it for
+    that run only; the layer equals the engine's output with the same threshold."""
+    from napari_medseg.inference import classify
+
+    viewer = make_napari_viewer()
+    image = read_image(consep / "images" / "train_19_005.png")
+    viewer.add_image(image, name="patch")
+    widget = SegmentWidget(viewer)
+    widget.device.value = "cpu"
+    widget.nuclei.value = False
+    reference = Segmenter.load("default", device="cpu")
+    assert reference.foreground_threshold == pytest.approx(0.43)
+    probs = reference.probabilities(image, widget.tile_settings())
+
+    layer = widget.run(threaded=False)
+    np.testing.assert_array_equal(layer.data, classify(probs, 0.43))
+    assert "nucleus threshold 0.43" in widget.status.value
+    widget.threshold.value = 0.8
+    layer = widget.run(threaded=False)
+    np.testing.assert_array_equal(layer.data, classify(probs, 0.8))
+    assert (layer.data > 0).sum() < (viewer.layers["patch segmentation"].data > 0).sum()  # stricter: fewer nuclei px
+    widget.threshold.value = 0.0
+    layer = widget.run(threaded=False)
+    np.testing.assert_array_equal(layer.data, classify(probs, 0.43))

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, ProgressBar, PushButton, SpinBox
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton,
+                              SpinBox)
 
 from ..devices import available_devices
 from ..inference import PostprocessSettings, Segmenter, TileSettings
@@ -47,6 +48,8 @@ class SegmentWidget(Container):
         self.skip_background = CheckBox(text="skip near-white glass tiles (H&E)", value=True)
         self.min_object_size = SpinBox(label="min object (px)", value=0, min=0, max=100_000)
         self.fill_holes = SpinBox(label="fill holes up to (px)", value=0, min=0, max=100_000)
+        # 0 = the model's own (tuned by medseg tune-threshold; argmax if it has none)
+        self.threshold = FloatSpinBox(label="nucleus threshold (0 = model's)", value=0.0, min=0.0, max=0.99, step=0.01)
         self.nuclei = CheckBox(text="add nucleus instances (seeded by the model's distance map if it has one)",
                                value=True)
         self.run_button = PushButton(text="Segment")
@@ -55,7 +58,7 @@ class SegmentWidget(Container):
         self.status = Label(value="")
         self.extend([self.image_layer, self.model_source, self.checkpoint, self.device, self.tile_size,
                      self.overlap, self.batch_size, self.blend, self.tta, self.skip_background,
-                     self.min_object_size, self.fill_holes, self.nuclei, self.run_button, self.cancel_button, self.progress,
+                     self.min_object_size, self.fill_holes, self.threshold, self.nuclei, self.run_button, self.cancel_button, self.progress,
                      self.status])
         self.model_source.changed.connect(lambda v: setattr(self.checkpoint, "visible", v == FILE_MODEL))
         trained_models.changed.connect(self.model_source.reset_choices)  # models from the Train widget
@@ -118,6 +121,7 @@ class SegmentWidget(Container):
                     "open a single 2-D image (or one plane of the stack as its own layer)."
                 )
             cleanup = PostprocessSettings(self.min_object_size.value, self.fill_holes.value)
+            segmenter.foreground_threshold = self.threshold.value or segmenter.meta.foreground_threshold
             if self.nuclei.value:
                 steps = segmenter.iter_segment_nuclei(image, settings, postprocess=cleanup)
             else:
@@ -201,7 +205,9 @@ class SegmentWidget(Container):
         nuclei = "" if instances is None else f"; {int(instances.max())} nuclei"
         if instances is None and self.nuclei.value:
             nuclei = f"; no nuclei layer above {INSTANCE_MAX_PIXELS / 1e6:.0f} Mpx"
-        self.status.value = f"Done: {covered}{nuclei}{skipped}" + (f" ({'; '.join(report.notes)})" if report.notes else "")
+        threshold = "" if segmenter.foreground_threshold is None else f"; nucleus threshold {segmenter.foreground_threshold:.2f}"
+        self.status.value = (f"Done: {covered}{nuclei}{threshold}{skipped}"
+                             + (f" ({'; '.join(report.notes)})" if report.notes else ""))
         self._set_running(False)
         if segmenter.device.type != "cpu":
             segmenter.release()  # give the GPU memory back between runs
