@@ -146,3 +146,40 @@ def test_writer_contributions_save_through_napari(sample_viewer, tmp_path):
     tif = tmp_path / "labels.tif"
     viewer.layers.save(str(tif), selected=True, plugin="napari-medseg")
     assert np.array_equal(read_label_map(tif), truth.data)
+
+
+def test_nuclei_layers_save_as_geojson_with_each_nucleus_class(sample_viewer, tmp_path):
+    """The Segment widget's nuclei layer (and the sample's annotated instances) save through
+    napari's writer with each nucleus's majority class; a nucleus painted in later has none."""
+    from napari_medseg._napari.segment_widget import SegmentWidget
+    from napari_medseg.instances import instance_classes
+
+    viewer, image, truth, instances, _ = sample_viewer
+    widget = SegmentWidget(viewer)
+    widget.image_layer.value, widget.device.value = image, "cpu"
+    seg = widget.run(threaded=False)
+    nuclei = widget.last_instances_layer
+    votes = instance_classes(nuclei.data, seg.data)
+    path = tmp_path / "pred_nuclei.geojson"
+    viewer.layers.selection = {nuclei}
+    viewer.layers.save(str(path), selected=True, plugin="napari-medseg")
+    features = json.loads(path.read_text())["features"]
+    ids = np.unique(nuclei.data)[1:]
+    assert ids[-1] > len(ids) > 30  # the watershed's ids are not 1..N: labels must be the layer's own
+    assert sorted(f["properties"]["label"] for f in features) == ids.tolist()
+    for f in features:
+        assert f["properties"]["classification"]["name"] == CLASSES[votes[f["properties"]["label"]]]
+
+    new_id = int(nuclei.data.max()) + 1
+    painted = nuclei.data.copy()
+    painted[:6, :6] = new_id  # a corner the model left empty or not: a new nucleus either way
+    nuclei.data = painted
+    viewer.layers.save(str(path), selected=True, plugin="napari-medseg")
+    by_label = {f["properties"]["label"]: f["properties"] for f in json.loads(path.read_text())["features"]}
+    assert "classification" not in by_label[new_id]
+
+    viewer.layers.selection = {instances}
+    viewer.layers.save(str(path), selected=True, plugin="napari-medseg")
+    truth_votes = instance_classes(instances.data, truth.data)
+    for f in json.loads(path.read_text())["features"]:
+        assert f["properties"]["classification"]["name"] == CLASSES[truth_votes[f["properties"]["label"]]]

@@ -113,3 +113,20 @@ def test_geojson_polygons_cover_real_nuclei(tmp_path, consep):
 def test_geojson_refuses_non_integer():
     with pytest.raises(ValueError, match="integer instance map"):
         instances_to_geojson(np.zeros((3, 3), float))
+
+
+def test_geojson_keeps_non_sequential_ids_and_their_classes():
+    """Watershed ids skip numbers; each feature keeps its own id and the class of that id."""
+    from napari_medseg.io.geojson import instances_to_geojson
+
+    instances = np.zeros((40, 40), np.int32)
+    for k, (i, y, x) in enumerate([(5, 2, 2), (9, 2, 20), (12, 20, 2), (3, 20, 20)]):
+        instances[y:y + 8 + k, x:x + 8] = i
+    classes = np.zeros(13, np.int64)
+    classes[[3, 5, 9, 12]] = [1, 2, 3, 4]
+    geo = instances_to_geojson(instances, classes, CLASSES)
+    got = {f["properties"]["label"]: f["properties"]["classification"]["name"] for f in geo["features"]}
+    assert got == {3: CLASSES[1], 5: CLASSES[2], 9: CLASSES[3], 12: CLASSES[4]}
+    for f in geo["features"]:  # the outline is that nucleus's: its box height is 8 + k
+        ys = [p[1] for p in f["geometry"]["coordinates"][0]]
+        assert max(ys) - min(ys) == {5: 8, 9: 9, 12: 10, 3: 11}[f["properties"]["label"]]

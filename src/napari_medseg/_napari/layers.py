@@ -30,8 +30,16 @@ def class_labels_kwargs(name: str, classes: list[str], colors: list | None = Non
     }
 
 
-def instance_labels_kwargs(name: str, **extra) -> dict:
-    return {"name": name, "metadata": {METADATA_KEY: {"kind": "instances"}}, **extra}
+def instance_labels_kwargs(name: str, classes: list[str] | None = None, colors: list | None = None,
+                           instance_classes=None, **extra) -> dict:
+    """Keyword arguments for an instance map's layer; with ``classes`` and ``instance_classes``
+    (``[id] -> class index``, e.g. the majority vote of a class map) its GeoJSON export names
+    each nucleus's class. The table is what the nuclei were when made: ids painted later get none."""
+    info: dict = {"kind": "instances"}
+    if classes is not None and instance_classes is not None:
+        info.update(classes=list(classes), colors=[list(c) for c in (colors or class_colors(classes))],
+                    instance_classes=np.asarray(instance_classes, np.int64))
+    return {"name": name, "metadata": {METADATA_KEY: info}, **extra}
 
 
 def layer_classes(layer) -> list[str] | None:

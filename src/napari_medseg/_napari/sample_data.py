@@ -6,6 +6,7 @@ from importlib.resources import files
 
 import numpy as np
 
+from ..instances import instance_classes
 from ..io.images import read_image, read_label_map
 from .layers import class_labels_kwargs, image_kwargs, instance_labels_kwargs
 
@@ -23,7 +24,8 @@ def consep_sample() -> list[tuple]:
     return [
         (image, image_kwargs("CoNSeP H&E", image), "image"),
         (labels, class_labels_kwargs("CoNSeP ground truth", CONSEP_CLASSES), "labels"),
-        (instances, instance_labels_kwargs("CoNSeP instances", visible=False), "labels"),
+        (instances, instance_labels_kwargs("CoNSeP instances", CONSEP_CLASSES, None,
+                                           instance_classes(instances, labels), visible=False), "labels"),
     ]
 
 

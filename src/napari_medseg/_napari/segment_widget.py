@@ -11,7 +11,7 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpin
 
 from ..devices import available_devices
 from ..inference import PostprocessSettings, Segmenter, TileSettings
-from ..instances import INSTANCE_MAX_PIXELS
+from ..instances import INSTANCE_MAX_PIXELS, instance_classes
 from .layers import class_labels_kwargs, instance_labels_kwargs
 from .model_list import trained_models
 
@@ -196,8 +196,9 @@ class SegmentWidget(Container):
         self.last_layer = self._viewer.add_labels(labels, **kwargs)
         self.last_instances_layer = None
         if instances is not None:
-            self.last_instances_layer = self._viewer.add_labels(
-                instances, **instance_labels_kwargs(name.replace(" segmentation", " nuclei")))
+            self.last_instances_layer = self._viewer.add_labels(instances, **instance_labels_kwargs(
+                name.replace(" segmentation", " nuclei"), segmenter.classes, segmenter.meta.colors,
+                instance_classes(instances, labels)))
         counts = np.bincount(labels.ravel(), minlength=len(segmenter.classes))
         covered = ", ".join(f"{c} {100 * n / labels.size:.1f}%" for c, n in zip(segmenter.classes[1:], counts[1:]))
         report = segmenter.last_report

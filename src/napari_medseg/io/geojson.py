@@ -43,13 +43,13 @@ def instances_to_geojson(instances: np.ndarray, classes: np.ndarray | None = Non
     instances = np.asarray(instances)
     if instances.ndim != 2 or not np.issubdtype(instances.dtype, np.integer):
         raise ValueError(f"GeoJSON export needs a 2-D integer instance map, got {instances.dtype} {instances.shape}.")
-    relabelled, forward, _ = relabel_sequential(instances)
+    relabelled, _, inverse = relabel_sequential(instances)
     features = []
     for new_id, coords in instance_polygons(relabelled).items():
-        old_id = int(forward.inverse[new_id]) if hasattr(forward, "inverse") else new_id
+        old_id = int(inverse[new_id])  # the layer's own id: its label, and the key of its class
         properties: dict = {"objectType": "detection", "label": old_id}
-        if classes is not None and class_names is not None:
-            c = int(classes[old_id])
+        c = int(classes[old_id]) if classes is not None and class_names is not None else 0
+        if c > 0:  # class 0 (background): a nucleus without a class, left unclassified
             properties["classification"] = {"name": class_names[c]}
             if colors is not None:
                 properties["classification"]["color"] = [int(v) for v in colors[c][:3]]
