@@ -48,11 +48,10 @@ from napari_medseg.baseline import ClassicalSettings, as_unclassified, classical
 from napari_medseg.evaluation import PairEvaluation  # noqa: E402
 from napari_medseg.instances import InstanceSettings  # noqa: E402
 from napari_medseg.io.dataset import DatasetError  # noqa: E402
-from napari_medseg.tuning import samples_of_groups  # noqa: E402
+from napari_medseg.tuning import GROUP_PATTERN, samples_of_groups  # noqa: E402
 
 # Targets from the issue (CoNSeP-style data; HoVer-Net reports Dice 0.8525 / bPQ 0.5477 on CoNSeP).
 TARGETS = {"dice": 0.85, "bpq": 0.55, "margin": 0.15}
-GROUP_PATTERN = r"^(.*)_\d+$"
 
 
 def validation_samples(data: str | Path, val_groups: list[str] | None, group_pattern: str = GROUP_PATTERN):

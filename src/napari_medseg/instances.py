@@ -61,7 +61,8 @@ def table_size_ok(top: int, size: int) -> bool:
 
 def semantic_to_instances(class_map: np.ndarray, settings: InstanceSettings | None = None,
                           distance: np.ndarray | None = None) -> np.ndarray:
-    """Split the foreground (class > 0) into nuclei: int32 ids 1..N, 0 = background.
+    """Split the foreground (class > 0) into nuclei: int32 ids > 0 (not always consecutive:
+    seeds dropped by the watershed leave gaps), 0 = background.
 
     See ``iter_semantic_to_instances``, which this runs to the end.
     """

@@ -16,9 +16,10 @@ import numpy as np
 
 from .io.dataset import DatasetError, open_dataset
 from .metrics import threshold_search
+from .training.config import DataConfig
 
 GRID = np.round(np.arange(0.10, 0.9001, 0.01), 2)
-GROUP_PATTERN = r"^(.*)_\d+$"  # stem -> source image, as the trainer splits
+GROUP_PATTERN = DataConfig.group_pattern  # stem -> source image, as the trainer splits
 
 
 def samples_of_groups(data: str | Path, groups: list[str] | None = None, group_pattern: str = GROUP_PATTERN):
