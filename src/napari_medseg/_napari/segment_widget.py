@@ -58,8 +58,8 @@ class SegmentWidget(Container):
         self.status = Label(value="")
         self.extend([self.image_layer, self.model_source, self.checkpoint, self.device, self.tile_size,
                      self.overlap, self.batch_size, self.blend, self.tta, self.skip_background,
-                     self.min_object_size, self.fill_holes, self.threshold, self.nuclei, self.run_button, self.cancel_button, self.progress,
-                     self.status])
+                     self.min_object_size, self.fill_holes, self.threshold, self.nuclei, self.run_button,
+                     self.cancel_button, self.progress, self.status])
         self.model_source.changed.connect(lambda v: setattr(self.checkpoint, "visible", v == FILE_MODEL))
         trained_models.changed.connect(self.model_source.reset_choices)  # models from the Train widget
         self.run_button.changed.connect(lambda: self.run())
