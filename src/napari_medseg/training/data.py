@@ -238,9 +238,15 @@ class PatchDataset(Dataset):
         return (image.contiguous(), *(t.contiguous() for t in targets))
 
 
+def item_instances(item: LabelledImage) -> np.ndarray:
+    """An item's nuclei: its instance map, or the watershed of its labels where it has none."""
+    from ..instances import semantic_to_instances
+
+    return item.instances if item.instances is not None else semantic_to_instances(item.labels)
+
+
 def distance_target(item: LabelledImage) -> np.ndarray:
     """The distance head's target for one item: float32 ``(H, W)`` in [0, 1]."""
-    from ..instances import nucleus_distance_map, semantic_to_instances
+    from ..instances import nucleus_distance_map
 
-    instances = item.instances if item.instances is not None else semantic_to_instances(item.labels)
-    return nucleus_distance_map(instances)
+    return nucleus_distance_map(item_instances(item))

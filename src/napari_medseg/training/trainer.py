@@ -31,8 +31,9 @@ from ..metrics import semantic_metrics
 from ..models.checkpoint import CheckpointMeta, save_checkpoint
 from ..models.registry import build_model
 from .config import TrainConfig, TrainConfigError
-from .data import (LabelledImage, PatchDataset, check_items, load_dataset_folders, normalization_stats,
-                   oversample_indices, pixel_frequencies, rare_classes, split_by_group, to_binary)
+from .data import (LabelledImage, PatchDataset, check_items, item_instances, load_dataset_folders,
+                   normalization_stats, oversample_indices, pixel_frequencies, rare_classes, split_by_group,
+                   to_binary)
 from .distributed import DistContext, init_distributed, parameter_hash, shutdown_distributed
 from .early_stopping import PatienceStop, QuadraticStop
 from .losses import IGNORE_INDEX, WithDistanceHead, build_loss, class_weights_from_frequencies
@@ -366,7 +367,7 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
                               persistent_workers=cfg.data.num_workers > 0)
     val_shard = val_items[ctx.rank::ctx.world_size]
     # ground-truth nuclei of each validation image, for the validation bPQ
-    val_instances = [it.instances if it.instances is not None else semantic_to_instances(it.labels) for it in val_shard]
+    val_instances = [item_instances(it) for it in val_shard]
     val_loader = DataLoader(PatchDataset(val_shard, None, multiple_of=cfg.model.output_stride, mean=mean, std=std,
                                          distance_targets=cfg.model.distance_head),
                             batch_size=cfg.batch_size, num_workers=cfg.data.num_workers, pin_memory=pin) if val_items else None
