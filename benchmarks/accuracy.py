@@ -6,7 +6,7 @@ patch of those images, never seen in training. The model runs tiled (``Segmenter
 instances come from its class map by a marker watershed
 (``napari_medseg.instances.semantic_to_instances``), seeded by the model's own distance map
 where it has a distance head, by the class map's distance transform otherwise; the classical baseline
-(``napari_medseg.baseline.classical_nuclei``: haematoxylin deconvolution, Otsu, watershed)
+(``napari_medseg.nuclei.classical.classical_nuclei``: haematoxylin deconvolution, Otsu, watershed)
 runs on the same patches. Both are scored against the dataset's class maps and instance
 maps with ``napari_medseg.evaluation.PairEvaluation``.
 
@@ -44,14 +44,14 @@ DATA = Path(os.environ.get("MEDSEG_DATA", REPO.parent / "shared" / "data"))
 sys.path.insert(0, str(REPO / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from napari_medseg.baseline import ClassicalSettings, as_unclassified, classical_nuclei  # noqa: E402
-from napari_medseg.evaluation import PairEvaluation  # noqa: E402
-from napari_medseg.instances import InstanceSettings  # noqa: E402
+from napari_medseg.nuclei.classical import ClassicalSettings, as_unclassified, classical_nuclei
+from napari_medseg.evaluation.report import PairEvaluation
+from napari_medseg.nuclei.watershed import InstanceSettings
 from napari_medseg.io.dataset import DatasetError  # noqa: E402
-from napari_medseg.tuning import GROUP_PATTERN, samples_of_groups  # noqa: E402
+from napari_medseg.evaluation.threshold import GROUP_PATTERN, samples_of_groups
 
 # Targets from the issue (CoNSeP-style data; HoVer-Net reports Dice 0.8525 / bPQ 0.5477 on CoNSeP).
-TARGETS = {"dice": 0.85, "bpq": 0.55, "margin": 0.15}
+TARGETS = {"nucleus_dice": 0.85, "bpq": 0.55, "margin": 0.15}
 
 
 def validation_samples(data: str | Path, val_groups: list[str] | None, group_pattern: str = GROUP_PATTERN):
@@ -70,7 +70,7 @@ def summarise(report: dict, classes: list[str]) -> dict:
                  for c in classes[1:]}
     ious = [v["iou"] for v in per_class.values() if not math.isnan(v["iou"])]
     return {
-        "dice": o["dice"], "bpq": o["bpq"], "mpq": o["mpq"], "f1": o["f1"], "aji": o["aji"],
+        "nucleus_dice": o["nucleus_dice"], "bpq": o["bpq"], "mpq": o["mpq"], "f1": o["f1"], "aji": o["aji"],
         "miou": float(np.mean(ious)) if ious else float("nan"),
         "per_class": per_class, "images": report["images"],
     }
@@ -140,7 +140,7 @@ def format_table(rows: dict[str, dict], classes: list[str]) -> list[str]:
     head += [f"F1 {c}" for c in classes[1:]] + [f"IoU {c}" for c in classes[1:]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
-        cells = [name] + [_f(r[k]) for k in ("dice", "bpq", "mpq", "f1", "aji", "miou")]
+        cells = [name] + [_f(r[k]) for k in ("nucleus_dice", "bpq", "mpq", "f1", "aji", "miou")]
         cells += [_f(r["per_class"][c]["f1"]) for c in classes[1:]] + [_f(r["per_class"][c]["iou"]) for c in classes[1:]]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -202,13 +202,13 @@ def main(argv=None) -> int:
         segmenter.meta.normalization = shipped_norm
         rows[f"{model_label}, input as trained ([0, 1], no mean/std)"] = as_trained
     if args.tta:
-        from napari_medseg.tiling import TileSettings
+        from napari_medseg.inference.settings import TileSettings
 
         with_tta, tta_s = evaluate_segmenter(segmenter, classes, samples, instance_settings, TileSettings(tta=True))
         rows[f"{model_label}, with test-time flips (--tta)"] = with_tta
     baseline, baseline_s = evaluate_baseline(classes, samples)
     rows["classical baseline (H + Otsu + watershed)"] = baseline
-    margin = model["dice"] - baseline["dice"]
+    margin = model["nucleus_dice"] - baseline["nucleus_dice"]
 
     print()
     for line in format_table(rows, classes):
@@ -222,9 +222,9 @@ def main(argv=None) -> int:
               "metadata's normalisation, so the first row is what users get; the second row shows the same weights "
               "fed as they were trained. The targets below are checked on the first row.")
     for suffix, scored in [("", model)] + ([(" with flips", with_tta)] if args.tta else []):
-        for name, value, target in ((f"binary Dice{suffix}", scored["dice"], TARGETS["dice"]),
+        for name, value, target in ((f"nucleus Dice{suffix}", scored["nucleus_dice"], TARGETS["nucleus_dice"]),
                                     (f"bPQ{suffix}", scored["bpq"], TARGETS["bpq"]),
-                                    (f"Dice margin over the baseline{suffix}", scored["dice"] - baseline["dice"],
+                                    (f"Dice margin over the baseline{suffix}", scored["nucleus_dice"] - baseline["nucleus_dice"],
                                      TARGETS["margin"])):
             print(f"target {name} >= {target:.2f}: {value:.4f}  {'met' if value >= target else 'NOT met'}")
     if args.json:
@@ -235,8 +235,8 @@ def main(argv=None) -> int:
                "seconds": {"model": model_s, "baseline": baseline_s, **({"model_tta": tta_s} if args.tta else {})}}
         Path(args.json).write_text(json.dumps(out, indent=1))
         print(f"wrote {args.json}")
-    print(f"model_dice={model['dice']:.4f} model_bpq={model['bpq']:.4f} model_mpq={model['mpq']:.4f} "
-          f"model_aji={model['aji']:.4f} baseline_dice={baseline['dice']:.4f} baseline_bpq={baseline['bpq']:.4f} "
+    print(f"model_dice={model['nucleus_dice']:.4f} model_bpq={model['bpq']:.4f} model_mpq={model['mpq']:.4f} "
+          f"model_aji={model['aji']:.4f} baseline_dice={baseline['nucleus_dice']:.4f} baseline_bpq={baseline['bpq']:.4f} "
           f"margin={margin:.4f}")
     return 0
 

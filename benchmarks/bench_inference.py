@@ -86,7 +86,7 @@ def consep_mosaic(size: int, seed: int = 0) -> np.ndarray:
 
 
 def run_ours(segmenter, image, settings):
-    from napari_medseg.inference import run_steps
+    from napari_medseg.steps import run_steps
 
     return run_steps(segmenter.iter_segment(image, settings))
 

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDSEG_DATA", REPO.parent / "shared" / "data")) / "consep_train"
 sys.path.insert(0, str(REPO / "src"))
 
-from napari_medseg.instance_metrics import match_instances  # noqa: E402
+from napari_medseg.evaluation.instance import match_instances
 from napari_medseg.io import read_label_map  # noqa: E402
 
 

@@ -23,7 +23,7 @@ per-class F1 and IoU), as is the classical baseline.
     python benchmarks/compare_models.py --budget-s 240 --json runs/compare/results.json
     python benchmarks/compare_models.py --epochs 30 --threads 8 --device cuda   # a real budget
 
-Machine-readable lines: ``run=<arch>/<loss> epochs=.. train_s=.. dice=.. bpq=.. mpq=.. aji=..``.
+Machine-readable lines: ``run=<arch>/<loss> epochs=.. train_s=.. nucleus_dice=.. bpq=.. mpq=.. aji=..``.
 """
 
 from __future__ import annotations
@@ -98,16 +98,16 @@ def print_report(results: dict, classes: list[str], json_path=None) -> None:
     s = results["settings"]
     clock, budget_text, baseline = s.get("clock", "cpu"), s["budget"], results["baseline"]
     n_val, val_groups = s["n_val"], s["val_groups"]
-    ok = {k: v for k, v in results["runs"].items() if "dice" in v}
+    ok = {k: v for k, v in results["runs"].items() if "nucleus_dice" in v}
     print(f"\nSmall-budget comparison ({budget_text} per run), {n_val} validation patches of {', '.join(val_groups)}:\n")
     print(f"| run | params (M) | epochs | train {clock} s | Dice | bPQ | mPQ | F1 | AJI | mIoU |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for run, r in sorted(ok.items(), key=lambda kv: -kv[1]["dice"]):
+    for run, r in sorted(ok.items(), key=lambda kv: -kv[1]["nucleus_dice"]):
         cap = " (capped)" if r["stopped"] else ""
-        print(f"| {run} | {r['params_m']:.1f} | {r['epochs_done']}{cap} | {r['train_s']:.0f} | {r['dice']:.4f} | {r['bpq']:.4f} "
+        print(f"| {run} | {r['params_m']:.1f} | {r['epochs_done']}{cap} | {r['train_s']:.0f} | {r['nucleus_dice']:.4f} | {r['bpq']:.4f} "
               f"| {r['mpq']:.4f} | {r['f1']:.4f} | {r['aji']:.4f} | {r['miou']:.4f} |")
     b = baseline
-    print(f"| classical baseline | - | - | - | {b['dice']:.4f} | {b['bpq']:.4f} | {b['mpq']:.4f} | {b['f1']:.4f} "
+    print(f"| classical baseline | - | - | - | {b['nucleus_dice']:.4f} | {b['bpq']:.4f} | {b['mpq']:.4f} | {b['f1']:.4f} "
           f"| {b['aji']:.4f} | - |")
     print("\nPer-class F1 and IoU:\n")
     for line in format_table({run: r for run, r in ok.items()}, classes):
@@ -118,9 +118,9 @@ def print_report(results: dict, classes: list[str], json_path=None) -> None:
     if json_path is not None:
         print(f"\nwrote {json_path}; total {results.get('total_s', float('nan')) / 60:.1f} min")
     for run, r in ok.items():
-        print(f"run={run} epochs={r['epochs_done']} train_s={r['train_s']:.0f} dice={r['dice']:.4f} bpq={r['bpq']:.4f} "
+        print(f"run={run} epochs={r['epochs_done']} train_s={r['train_s']:.0f} nucleus_dice={r['nucleus_dice']:.4f} bpq={r['bpq']:.4f} "
               f"mpq={r['mpq']:.4f} f1={r['f1']:.4f} aji={r['aji']:.4f}")
-    print(f"run=baseline dice={b['dice']:.4f} bpq={b['bpq']:.4f} aji={b['aji']:.4f}")
+    print(f"run=baseline nucleus_dice={b['nucleus_dice']:.4f} bpq={b['bpq']:.4f} aji={b['aji']:.4f}")
 
 
 def main(argv=None) -> int:
@@ -240,8 +240,8 @@ def main(argv=None) -> int:
                 if type(update).__name__ == "EpochDone":
                     m = update.metrics
                     print(f"  epoch {update.epoch}/{update.epochs} train_loss {update.train_loss:.4f} "
-                          f"val_loss {update.val_loss:.4f} val_binary_dice {m.get('binary_dice', float('nan')):.4f} "
-                          f"val_mean_dice {m.get('mean_dice', float('nan')):.4f} {'*' if update.best else ''} "
+                          f"val_loss {update.val_loss:.4f} val_nucleus_dice {m.get('nucleus_dice', float('nan')):.4f} "
+                          f"val_mean_class_dice {m.get('mean_dice', float('nan')):.4f} {'*' if update.best else ''} "
                           f"{update.seconds:.0f}s", flush=True)
 
             try:
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
             entry["eval_s"] = eval_s
             entry["params_m"] = sum(p.numel() for p in segmenter.model.parameters()) / 1e6
             results["runs"][run] = entry
-            print(f"  -> {train_s:.0f} {args.clock} s ({train_wall_s:.0f} s wall) training, best epoch {done.best_epoch}: Dice {summary['dice']:.4f} "
+            print(f"  -> {train_s:.0f} {args.clock} s ({train_wall_s:.0f} s wall) training, best epoch {done.best_epoch}: nucleus Dice {summary['nucleus_dice']:.4f} "
                   f"bPQ {summary['bpq']:.4f} mPQ {summary['mpq']:.4f} AJI {summary['aji']:.4f}", flush=True)
             json_path.write_text(json.dumps(results, indent=1))  # after every run: partial results survive
     results["total_s"] = time.time() - t_start

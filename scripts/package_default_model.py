@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "src"))
 from napari_medseg.models import DEFAULT_MODEL_PATH, load_checkpoint, save_checkpoint  # noqa: E402
 
 MAX_BYTES = 20 * 1024 * 1024
-HEADLINE = ("dice", "bpq", "mpq", "f1", "aji", "miou")
+HEADLINE = ("nucleus_dice", "bpq", "mpq", "f1", "aji", "miou")
 
 
 def main(argv=None) -> int:
@@ -64,10 +64,10 @@ def main(argv=None) -> int:
         # binary numbers only where the data has one foreground class (accuracy.py merges the model's classes)
         record = {"data": ext["data"], "images": ext["images"],
                   "what": "benchmarks/accuracy.py on every image of a dataset no training run or checkpoint choice used",
-                  "model": {k: ext["results"]["model"][k] for k in ("dice", "bpq", "f1", "aji")},
-                  "classical_baseline": {k: ext["results"]["baseline"][k] for k in ("dice", "bpq", "f1", "aji")}}
+                  "model": {k: ext["results"]["model"][k] for k in ("nucleus_dice", "bpq", "f1", "aji")},
+                  "classical_baseline": {k: ext["results"]["baseline"][k] for k in ("nucleus_dice", "bpq", "f1", "aji")}}
         if "model_tta" in ext["results"]:
-            record["model_with_flips"] = {k: ext["results"]["model_tta"][k] for k in ("dice", "bpq", "f1", "aji")}
+            record["model_with_flips"] = {k: ext["results"]["model_tta"][k] for k in ("nucleus_dice", "bpq", "f1", "aji")}
         meta.metrics.setdefault("external", {})[Path(ext["data"]).name] = record
     out = save_checkpoint(args.out, model, meta, half=True)
     size = out.stat().st_size

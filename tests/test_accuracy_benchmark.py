@@ -23,9 +23,9 @@ def accuracy():
 
 
 def test_a_classifying_model_is_scored_as_nuclei_on_single_class_data(accuracy, monuseg):
-    from napari_medseg.evaluation import PairEvaluation
+    from napari_medseg.evaluation.report import PairEvaluation
     from napari_medseg.inference import Segmenter
-    from napari_medseg.instances import InstanceSettings
+    from napari_medseg.nuclei.watershed import InstanceSettings
     from napari_medseg.io.dataset import DatasetError
 
     classes, samples = accuracy.validation_samples(monuseg, None)
@@ -41,8 +41,8 @@ def test_a_classifying_model_is_scored_as_nuclei_on_single_class_data(accuracy, 
     by_hand = PairEvaluation(classes, InstanceSettings())
     by_hand.add(crop.stem, crop.labels, (pred > 0).astype(np.uint8), crop.instances, pred_instances)
     overall = by_hand.report()["overall"]
-    assert summary["dice"] == pytest.approx(overall["dice"]) and summary["bpq"] == pytest.approx(overall["bpq"])
-    assert 0.3 < summary["dice"] < 1  # the nuclei are found at all (merged classes, not class 1 only)
+    assert summary["nucleus_dice"] == pytest.approx(overall["nucleus_dice"]) and summary["bpq"] == pytest.approx(overall["bpq"])
+    assert 0.3 < summary["nucleus_dice"] < 1  # the nuclei are found at all (merged classes, not class 1 only)
 
     with pytest.raises(DatasetError, match="differ from the data's"):
         accuracy.scores_nuclei_only(segmenter.classes, ["background", "a", "b"])

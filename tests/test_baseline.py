@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_medseg.baseline import (BaselineInputError, ClassicalSettings, as_unclassified, classical_foreground,
-                                    classical_nuclei, haematoxylin)
-from napari_medseg.evaluation import PairEvaluation
+from napari_medseg.nuclei.classical import BaselineInputError, ClassicalSettings, as_unclassified, classical_foreground, classical_nuclei, haematoxylin
+from napari_medseg.evaluation.report import PairEvaluation
 from napari_medseg.io.dataset import open_dataset
 
 # patches of the default model's held-out source images (train_12, 19, 22, 25), 2 each
@@ -20,11 +19,11 @@ def samples(consep):
     return folder.classes, [folder.load(s) for s in STEMS]
 
 
-def _binary_dice(samples, predict) -> float:
+def _nucleus_dice(samples, predict) -> float:
     evaluation = PairEvaluation(["background", "nucleus"])
     for s in samples:
         evaluation.add(s.stem, (s.labels > 0).astype(np.uint8), predict(s).astype(np.uint8))
-    return evaluation.report()["overall"]["dice"]
+    return evaluation.report()["overall"]["nucleus_dice"]
 
 
 def test_outputs_are_consistent_binary_maps(samples):
@@ -42,11 +41,11 @@ def test_outputs_are_consistent_binary_maps(samples):
 
 def test_real_dice_far_above_trivial_answers(samples):
     _, items = samples
-    dice = _binary_dice(items, lambda s: classical_nuclei(s.image)[0])
-    all_fg = _binary_dice(items, lambda s: np.ones_like(s.labels))
+    dice = _nucleus_dice(items, lambda s: classical_nuclei(s.image)[0])
+    all_fg = _nucleus_dice(items, lambda s: np.ones_like(s.labels))
     # a mask of the right pixel share but no spatial sense: the ground truth of a patch of another source image
-    shuffled = _binary_dice(items, lambda s: items[(items.index(s) + 2) % len(items)].labels > 0)
-    all_bg = _binary_dice(items, lambda s: np.zeros_like(s.labels))
+    shuffled = _nucleus_dice(items, lambda s: items[(items.index(s) + 2) % len(items)].labels > 0)
+    all_bg = _nucleus_dice(items, lambda s: np.zeros_like(s.labels))
     assert all_bg == 0.0
     trivial = max(all_fg, shuffled)
     assert trivial < 0.45, (all_fg, shuffled)
@@ -113,7 +112,7 @@ def test_unclassified_nuclei_count_in_binary_numbers_only(samples):
     report = evaluation.report()
     binary = PairEvaluation(["background", "nucleus"])
     binary.add(s.stem, (s.labels > 0).astype(np.uint8), class_map, s.instances, instances)
-    assert report["overall"]["dice"] == pytest.approx(binary.report()["overall"]["dice"])
+    assert report["overall"]["nucleus_dice"] == pytest.approx(binary.report()["overall"]["nucleus_dice"])
     assert report["overall"]["bpq"] == pytest.approx(binary.report()["overall"]["bpq"])
     for name in classes[1:]:  # no class is claimed, so none is found
         assert report["per_class"][name]["iou"] in (0.0,) or np.isnan(report["per_class"][name]["iou"])
@@ -124,9 +123,9 @@ def test_baseline_is_core_without_gui_or_torch():
     import subprocess
     import sys
 
-    code = ("import sys, napari_medseg.baseline\n"
+    code = ("import sys, napari_medseg.nuclei.classical\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
             "('napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'magicgui', 'superqt', 'vispy', 'torch'))\n"
             "print(','.join(bad))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "", f"napari_medseg.baseline imported: {out.stdout}"
+    assert out.stdout.strip() == "", f"napari_medseg.nuclei.classical imported: {out.stdout}"

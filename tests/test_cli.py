@@ -35,7 +35,7 @@ def test_train_predict_evaluate_round_trip(small_consep, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "epithelial" in printed and "mIoU" in printed
     report = json.loads(report_path.read_text())
-    assert set(report["overall"]) >= {"dice", "miou", "pixel_accuracy"}
+    assert set(report["overall"]) >= {"nucleus_dice", "miou", "pixel_accuracy"}
     assert set(report["per_class"]) == {"background", "other", "inflammatory", "epithelial", "spindle"}
     assert set(report["per_image"]) == set(written)
     assert 0.0 <= report["overall"]["pixel_accuracy"] <= 1.0
@@ -49,7 +49,7 @@ def test_evaluate_ground_truth_against_itself_is_perfect(small_consep, tmp_path)
     report_path = tmp_path / "r.json"
     assert main(["evaluate", str(small_consep), str(small_consep), "--json", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
-    assert report["overall"]["miou"] == 1.0 and report["overall"]["dice"] == 1.0
+    assert report["overall"]["miou"] == 1.0 and report["overall"]["nucleus_dice"] == 1.0
 
 
 def test_predict_with_default_model_on_a_real_image(consep, tmp_path):

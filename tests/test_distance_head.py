@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from napari_medseg.evaluation import PairEvaluation
-from napari_medseg.instances import InstanceInputError, InstanceSettings, nucleus_distance_map, semantic_to_instances
+from napari_medseg.evaluation.report import PairEvaluation
+from napari_medseg.nuclei.watershed import InstanceInputError, InstanceSettings, semantic_to_instances
+from napari_medseg.nuclei.distance import nucleus_distance_map
 from napari_medseg.io.dataset import open_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -271,8 +272,9 @@ def test_nuclei_step_reports_progress_and_can_be_cancelled_before_the_watershed(
     a cancel seen after the first of those steps stops before the watershed runs."""
     import skimage.segmentation
 
-    from napari_medseg.inference import Cancelled, Segmenter, TileSettings
-    from napari_medseg.instances import INSTANCE_STEPS
+    from napari_medseg.steps import Cancelled
+    from napari_medseg.inference import Segmenter, TileSettings
+    from napari_medseg.nuclei.watershed import INSTANCE_STEPS
 
     seg = Segmenter.load("default", device="cpu")
     settings = TileSettings(256, 64, 4, skip_background=False)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from napari_medseg.inference import (
-    Cancelled, ImageReadError, InferenceSettingsError, Segmenter, TileSettings, gaussian_weights, segment_file,
-    tile_starts,
-)
+from napari_medseg.steps import Cancelled
+from napari_medseg.io.images import ImageReadError
+from napari_medseg.inference import InferenceSettingsError, Segmenter, TileSettings, segment_file
+from napari_medseg.inference.windows import gaussian_weights, tile_starts
 from napari_medseg.models import CheckpointMeta, ModelConfig, build_model
 
 CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle"]

@@ -12,14 +12,13 @@ import torch
 from scipy import ndimage as ndi
 from torch import nn
 
-from napari_medseg.inference import (
-    ImageReadError, InferenceMemoryError, InferenceSettingsError, PostprocessSettings, Segmenter, TileSettings,
-)
+from napari_medseg.io.images import ImageReadError
+from napari_medseg.inference import InferenceMemoryError, InferenceSettingsError, PostprocessSettings, Segmenter, TileSettings
 from napari_medseg.io.lazy import open_tiff_lazy, should_open_lazily
 from napari_medseg.models import CheckpointMeta, ModelConfig, build_model, load_checkpoint
 from napari_medseg.models.optimise import fold_batchnorm, optimise_for_inference
-from napari_medseg.postprocess import postprocess_class_map
-from napari_medseg.tiling import blend_weights, cosine_weights, glass_fraction, tile_starts
+from napari_medseg.inference.postprocess import postprocess_class_map
+from napari_medseg.inference.windows import blend_weights, cosine_weights, glass_fraction, tile_starts
 
 CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle"]
 CPU = torch.device("cpu")

@@ -10,12 +10,11 @@ from skimage.draw import disk
 from skimage.morphology import binary_dilation, binary_erosion
 from skimage.morphology import disk as selem
 
-from napari_medseg.instance_metrics import (
-    PQCounts, aggregate_instance_stats, aji_parts, image_instance_stats, match_instances,
-)
-from napari_medseg.instances import InstanceSettings, classify_instances, instance_classes, semantic_to_instances
+from napari_medseg.evaluation.instance import PQCounts, aggregate_instance_stats, aji_parts, image_instance_stats, match_instances
+from napari_medseg.nuclei.watershed import InstanceSettings, semantic_to_instances
+from napari_medseg.nuclei.votes import classify_instances, instance_classes
 from napari_medseg.io import read_label_map
-from napari_medseg.metrics import MetricsInputError
+from napari_medseg.evaluation.semantic import MetricsInputError
 
 CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle"]
 
@@ -237,7 +236,7 @@ def test_semantic_to_instances_recovers_real_nuclei(consep):
 
 
 def test_threshold_search_matches_brute_force(consep):
-    from napari_medseg.metrics import binary_confusion, threshold_search
+    from napari_medseg.evaluation.semantic import binary_confusion, threshold_search
     from scipy import ndimage as ndi
 
     rng = np.random.default_rng(3)

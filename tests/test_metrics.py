@@ -1,7 +1,7 @@
 """Metrics against a slow, obviously-correct reference (torchmetrics-style testing).
 
 The reference below counts with one boolean mask per class and plain Python arithmetic,
-following the conventions in the docstring of ``napari_medseg.metrics``; the fast code
+following the conventions in the docstring of ``napari_medseg.evaluation.semantic``; the fast code
 (one bincount) must agree to 1e-9 on random and on real CoNSeP label maps.
 """
 
@@ -14,7 +14,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from napari_medseg.metrics import MetricsInputError, confusion_matrix, evaluate_pair, semantic_metrics
+from napari_medseg.evaluation.semantic import MetricsInputError, confusion_matrix, evaluate_pair, semantic_metrics
 
 CONSEP_CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle"]
 # Real patches from different source images; train_1_005 etc. are also used by other tests.
@@ -59,8 +59,8 @@ def reference_metrics(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> dic
         "pixel_error": div(total - correct, total),
         "miou": nan_mean([m["iou"] for m in per_class[1:]]),
         "mean_dice": nan_mean([m["dice"] for m in per_class[1:]]),
-        "binary_dice": div(2 * btp, 2 * btp + bfp + bfn),
-        "binary_iou": div(btp, btp + bfp + bfn),
+        "nucleus_dice": div(2 * btp, 2 * btp + bfp + bfn),
+        "nucleus_iou": div(btp, btp + bfp + bfn),
         "pixels": total,
     }
 
@@ -87,7 +87,7 @@ def assert_matches_reference(gt: np.ndarray, pred: np.ndarray, num_classes: int)
     for c, name in enumerate(names):
         for key, value in ref["per_class"][c].items():
             assert same(got["per_class"][name][key], value), (name, key, got["per_class"][name][key], value)
-    for key in ("pixel_accuracy", "pixel_error", "miou", "mean_dice", "binary_dice", "binary_iou"):
+    for key in ("pixel_accuracy", "pixel_error", "miou", "mean_dice", "nucleus_dice", "nucleus_iou"):
         assert isinstance(got[key], float), key
         assert same(got[key], ref[key]), (key, got[key], ref[key])
     assert got["pixels"] == ref["pixels"]
@@ -138,7 +138,7 @@ def test_pooled_aggregation_equals_concatenation():
     assert pooled.tolist() == brute_force_confusion(gt, pred, 5)
     ref = reference_metrics(gt, pred, 5)
     got = semantic_metrics(pooled)
-    for key in ("pixel_accuracy", "miou", "mean_dice", "binary_dice"):
+    for key in ("pixel_accuracy", "miou", "mean_dice", "nucleus_dice"):
         assert same(got[key], ref[key]), key
 
 
@@ -182,12 +182,12 @@ def test_real_consep_maps_match_reference(consep_labels):
             got = assert_matches_reference(gt, pred, len(CONSEP_CLASSES))
             if name == "identity":
                 assert got["pixel_accuracy"] == 1.0
-                assert got["binary_dice"] == 1.0 or gt.max() == 0
+                assert got["nucleus_dice"] == 1.0 or gt.max() == 0
             if name == "all_background" and gt.max() > 0:
-                assert got["binary_dice"] == 0.0 and got["miou"] == 0.0
+                assert got["nucleus_dice"] == 0.0 and got["miou"] == 0.0
             # The metrics are about the real thing: a shift or erosion costs overlap.
             if name in ("shift", "eroded") and gt.max() > 0:
-                assert got["binary_dice"] < 1.0
+                assert got["nucleus_dice"] < 1.0
     assert len(seen_classes) >= 4  # the sample covers most CoNSeP classes
 
 
@@ -204,7 +204,7 @@ def test_real_consep_pooled_over_images(consep_labels):
         preds.append(pred.ravel())
     got = semantic_metrics(sum(cms), CONSEP_CLASSES)
     ref = reference_metrics(np.concatenate(gts), np.concatenate(preds), 5)
-    for key in ("pixel_accuracy", "miou", "mean_dice", "binary_dice", "binary_iou"):
+    for key in ("pixel_accuracy", "miou", "mean_dice", "nucleus_dice", "nucleus_iou"):
         assert same(got[key], ref[key]), key
     # Erosion never invents nucleus pixels: precision is perfect wherever it is defined.
     for name in CONSEP_CLASSES[1:]:
@@ -262,20 +262,20 @@ def test_all_background_ground_truth_is_nan_where_undefined():
     gt = np.zeros((8, 8), np.uint8)
     got = assert_matches_reference(gt, gt.copy(), 3)
     assert got["pixel_accuracy"] == 1.0 and got["pixel_error"] == 0.0
-    for key in ("miou", "mean_dice", "binary_dice", "binary_iou"):
+    for key in ("miou", "mean_dice", "nucleus_dice", "nucleus_iou"):
         assert math.isnan(got[key]), key
     pred = gt.copy()
     pred[0, :4] = 2  # false positives only
     got = assert_matches_reference(gt, pred, 3)
     assert got["per_class"]["class2"]["iou"] == 0.0 and math.isnan(got["per_class"]["class2"]["recall"])
-    assert got["miou"] == 0.0 and got["binary_dice"] == 0.0
+    assert got["miou"] == 0.0 and got["nucleus_dice"] == 0.0
 
 
 def test_empty_maps_give_nan_without_warnings():
     empty = np.zeros((0, 0), np.uint8)
     got = assert_matches_reference(empty, empty, 5)
     assert got["pixels"] == 0
-    for key in ("pixel_accuracy", "pixel_error", "miou", "mean_dice", "binary_dice", "binary_iou"):
+    for key in ("pixel_accuracy", "pixel_error", "miou", "mean_dice", "nucleus_dice", "nucleus_iou"):
         assert math.isnan(got[key]), key
     for name, metrics in got["per_class"].items():
         assert metrics["tp"] == metrics["fp"] == metrics["fn"] == 0

@@ -180,7 +180,7 @@ def test_segment_widget_threaded_run_and_options(make_napari_viewer, qtbot, tiny
     assert nuclei.name == "patch nuclei" and nuclei.metadata["medseg"]["kind"] == "instances"
     assert nuclei.data.shape == (256, 256) and ((nuclei.data > 0) <= (seg.data > 0)).all()
     # 3x3 tiles of 128 with overlap 32, then the nuclei step's whole-image steps
-    from napari_medseg.instances import INSTANCE_STEPS
+    from napari_medseg.nuclei.watershed import INSTANCE_STEPS
 
     assert widget.progress.max == 9 + INSTANCE_STEPS and widget.progress.value == widget.progress.max
     assert widget.run_button.enabled and not widget.cancel_button.enabled
@@ -260,7 +260,7 @@ def test_segment_widget_bad_input_reports_and_adds_nothing(make_napari_viewer, t
 
 # -- metrics widget -----------------------------------------------------------------------
 def test_metrics_widget_table_matches_core(make_napari_viewer):
-    from napari_medseg.evaluation import evaluate_maps
+    from napari_medseg.evaluation.report import evaluate_maps
     from skimage.morphology import binary_dilation, disk
 
     viewer = make_napari_viewer()
@@ -287,7 +287,7 @@ def test_metrics_widget_table_matches_core(make_napari_viewer):
 
 def test_metrics_widget_uses_chosen_instance_layers_until_the_prediction_is_painted(make_napari_viewer):
     from napari_medseg._napari.layers import class_labels_kwargs, instance_labels_kwargs
-    from napari_medseg.evaluation import evaluate_maps
+    from napari_medseg.evaluation.report import evaluate_maps
 
     viewer = make_napari_viewer()
     _, truth, truth_instances = _add(viewer, consep_sample())
@@ -349,7 +349,7 @@ def test_demo_segments_sample_and_fills_metrics(make_napari_viewer):
     names = [layer.name for layer in viewer.layers]
     assert names == ["CoNSeP H&E", "CoNSeP ground truth", "CoNSeP instances", "CoNSeP H&E segmentation",
                      "CoNSeP H&E nuclei"]
-    assert metrics.result is not None and metrics.result["overall"]["dice"] > 0.6
+    assert metrics.result is not None and metrics.result["overall"]["nucleus_dice"] > 0.6
     # instance metrics against the annotated nuclei, with the nuclei the Segment widget made
     assert metrics.gt_instances.value is viewer.layers["CoNSeP instances"]
     assert metrics.pred_instances.value is viewer.layers["CoNSeP H&E nuclei"]

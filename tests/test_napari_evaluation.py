@@ -13,8 +13,8 @@ from napari_medseg._napari.layers import class_labels_kwargs
 from napari_medseg._napari.metrics_widget import ALL_CLASSES, MetricsWidget
 from napari_medseg._napari.objects_widget import ObjectsWidget
 from napari_medseg._napari.sample_data import consep_sample
-from napari_medseg.evaluation import evaluate_maps
-from napari_medseg.overlays import FN, FP, TP
+from napari_medseg.evaluation.report import evaluate_maps
+from napari_medseg.evaluation.error_maps import FN, FP, TP
 
 CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle"]
 
@@ -152,7 +152,7 @@ def test_nuclei_layers_save_as_geojson_with_each_nucleus_class(sample_viewer, tm
     """The Segment widget's nuclei layer (and the sample's annotated instances) save through
     napari's writer with each nucleus's majority class; a nucleus painted in later has none."""
     from napari_medseg._napari.segment_widget import SegmentWidget
-    from napari_medseg.instances import instance_classes
+    from napari_medseg.nuclei.votes import instance_classes
 
     viewer, image, truth, instances, _ = sample_viewer
     widget = SegmentWidget(viewer)

@@ -43,7 +43,7 @@ def test_every_option_reaches_the_engine(make_napari_viewer, tiny_checkpoint, co
         image, TileSettings(128, 32, 3, blend="cosine", tta=True, skip_background=False),
         postprocess=PostprocessSettings(40, 25))
     np.testing.assert_array_equal(layer.data, expected)
-    from napari_medseg.instances import INSTANCE_STEPS
+    from napari_medseg.nuclei.watershed import INSTANCE_STEPS
 
     # 5 x 3 tiles, then the nuclei step, complete even where (untrained model) it finds none
     assert widget.progress.value == widget.progress.max == 15 + INSTANCE_STEPS

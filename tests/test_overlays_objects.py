@@ -10,8 +10,9 @@ import pytest
 
 from napari_medseg.io import read_image, read_label_map
 from napari_medseg.io.geojson import instances_to_geojson, write_geojson
-from napari_medseg.objects import counts_per_class, object_table, write_csv
-from napari_medseg.overlays import FN, FP, TP, WRONG_CLASS, error_counts, error_map
+from napari_medseg.nuclei.measure import counts_per_class, object_table
+from napari_medseg.io.tables import write_csv
+from napari_medseg.evaluation.error_maps import FN, FP, TP, WRONG_CLASS, error_counts, error_map
 
 CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle"]
 

@@ -7,7 +7,7 @@ import pytest
 
 from napari_medseg.inference import Segmenter, TileSettings, classify
 from napari_medseg.models import read_meta
-from napari_medseg.tuning import GRID, samples_of_groups, tune_foreground_threshold
+from napari_medseg.evaluation.threshold import GRID, samples_of_groups, tune_foreground_threshold
 
 SETTINGS = TileSettings(128, 32, 4, skip_background=False)
 
@@ -50,10 +50,10 @@ def test_tuned_threshold_gives_the_dice_it_reports_and_the_best_on_its_grid(segm
         finally:
             segmenter.foreground_threshold = None
 
-    assert pooled_dice(result["threshold"]) == pytest.approx(result["dice"], abs=2e-3)
-    assert pooled_dice(None) == pytest.approx(result["argmax_dice"], abs=1e-9)
-    assert result["dice"] >= max(result["curve"]["dice"]) - 1e-12
-    assert result["dice"] >= result["argmax_dice"] - 2e-3  # argmax is near some grid point, never far above
+    assert pooled_dice(result["threshold"]) == pytest.approx(result["nucleus_dice"], abs=2e-3)
+    assert pooled_dice(None) == pytest.approx(result["argmax_nucleus_dice"], abs=1e-9)
+    assert result["nucleus_dice"] >= max(result["curve"]["nucleus_dice"]) - 1e-12
+    assert result["nucleus_dice"] >= result["argmax_nucleus_dice"] - 2e-3  # argmax is near some grid point, never far above
 
 
 def test_cli_writes_a_checkpoint_that_applies_its_threshold(tiny_checkpoint, small_consep, tmp_path):

@@ -28,7 +28,7 @@ def test_train_two_epochs_writes_a_loadable_best_checkpoint(small_consep, tmp_pa
     epochs = [u for u in updates if isinstance(u, EpochDone)]
     assert [e.epoch for e in epochs] == [1, 2]
     assert all(np.isfinite(e.train_loss) and np.isfinite(e.val_loss) for e in epochs)
-    assert 0.0 <= epochs[-1].metrics["binary_dice"] <= 1.0
+    assert 0.0 <= epochs[-1].metrics["nucleus_dice"] <= 1.0
     assert result.checkpoint.is_file() and result.best_epoch in (1, 2)
     model, meta = load_checkpoint(result.checkpoint)
     assert meta.classes == ["background", "other", "inflammatory", "epithelial", "spindle"]

@@ -54,7 +54,7 @@ def _collect_inputs(inputs: list[str]) -> list[Path]:
 
 
 def _tile_settings(args):
-    from .inference import TileSettings
+    from .inference.segmenter import TileSettings
 
     return TileSettings(args.tile, args.overlap, args.batch_size, blend=args.blend, tta=args.tta,
                         skip_background=not args.no_skip_background, amp=not args.no_amp)
@@ -85,8 +85,8 @@ def _threshold_arg(text: str) -> float | None:
 def cmd_predict(args) -> int:
     import numpy as np
 
-    from .inference import PostprocessSettings, Segmenter
-    from .instances import INSTANCE_MAX_PIXELS, InstanceSettings
+    from .inference.segmenter import PostprocessSettings, Segmenter
+    from .nuclei.watershed import INSTANCE_MAX_PIXELS, InstanceSettings
     from .io.dataset import write_classes
     from .io.images import ImageReadError, file_stem, write_label_map
 
@@ -161,8 +161,8 @@ def _fmt(value: float) -> str:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import evaluate_folders
-    from .instances import InstanceSettings
+    from .evaluation.report import evaluate_folders
+    from .nuclei.watershed import InstanceSettings
 
     settings = InstanceSettings(min_distance=args.min_distance, min_size=args.min_size)
     report = evaluate_folders(args.pred_dir, args.gt_dir, settings, progress=ProgressLine("evaluate"))
@@ -171,7 +171,7 @@ def cmd_evaluate(args) -> int:
         print(f"{name:<14}{_fmt(row['iou']):>8}{_fmt(row['dice']):>8}{_fmt(row['precision']):>8}"
               f"{_fmt(row['recall']):>8}{_fmt(row['pq']):>8}{_fmt(row['f1']):>8}{row['gt_objects']:>8}{row['pred_objects']:>9}")
     o = report["overall"]
-    print(f"nucleus Dice {_fmt(o['dice'])}  mIoU {_fmt(o['miou'])}  pixel accuracy {_fmt(o['pixel_accuracy'])}  "
+    print(f"nucleus Dice {_fmt(o['nucleus_dice'])}  mIoU {_fmt(o['miou'])}  pixel accuracy {_fmt(o['pixel_accuracy'])}  "
           f"bPQ {_fmt(o['bpq'])}  mPQ {_fmt(o['mpq'])}  mPQ+ {_fmt(o['mpq_plus'])}  F1 {_fmt(o['f1'])}  "
           f"AJI {_fmt(o['aji'])}  ({report['images']} images; aggregations in the JSON)")
     if args.json:
@@ -213,8 +213,8 @@ def cmd_train(args) -> int:
             m = update.metrics
             print(f"{prefix}epoch {update.epoch}/{update.epochs}  train_loss {update.train_loss:.4f}  "
                   f"val_loss {update.val_loss:.4f}  val_mIoU {m.get('miou', float('nan')):.4f}  "
-                  f"val_dice {m.get('mean_dice', float('nan')):.4f}  "
-                  f"val_nucleus_dice {m.get('binary_dice', float('nan')):.4f}  val_bPQ {m.get('bpq', float('nan')):.4f}  "
+                  f"val_mean_class_dice {m.get('mean_dice', float('nan')):.4f}  "
+                  f"val_nucleus_dice {m.get('nucleus_dice', float('nan')):.4f}  val_bPQ {m.get('bpq', float('nan')):.4f}  "
                   f"lr {update.lr:.2e}  "
                   f"{'*best*' if update.best else ''}  {update.seconds:.0f}s", flush=True)
             bar.t0 = time.time()
@@ -261,10 +261,10 @@ def cmd_train(args) -> int:
 def cmd_tune_threshold(args) -> int:
     import torch
 
-    from .inference import Segmenter, TileSettings
+    from .inference.segmenter import Segmenter, TileSettings
     from .models import load_checkpoint, resolve_model_path, save_checkpoint
-    from .models.checkpoint import read_state_dict
-    from .tuning import samples_of_groups, tune_foreground_threshold
+    from .models.weights import read_state_dict
+    from .evaluation.threshold import samples_of_groups, tune_foreground_threshold
 
     source = resolve_model_path(args.model)
     segmenter = Segmenter.load(source, device=args.device)
@@ -278,12 +278,12 @@ def cmd_tune_threshold(args) -> int:
         raise ValueError(f"the data's classes {classes} differ from the model's {segmenter.classes}")
     result = tune_foreground_threshold(segmenter, samples, TileSettings(tta=args.tta),
                                        progress=ProgressLine(f"tuning on {len(samples)} images"))
-    print(f"foreground threshold {result['threshold']:.2f}: pooled nucleus Dice {result['dice']:.4f} "
-          f"(argmax {result['argmax_dice']:.4f}) on {result['images']} images")
+    print(f"foreground threshold {result['threshold']:.2f}: pooled nucleus Dice {result['nucleus_dice']:.4f} "
+          f"(argmax {result['argmax_nucleus_dice']:.4f}) on {result['images']} images")
     model, meta = load_checkpoint(source)
     meta.foreground_threshold = round(float(result["threshold"]), 2)
     meta.metrics["threshold_tuning"] = {
-        "threshold": meta.foreground_threshold, "dice": result["dice"], "argmax_dice": result["argmax_dice"],
+        "threshold": meta.foreground_threshold, "nucleus_dice": result["nucleus_dice"], "argmax_nucleus_dice": result["argmax_nucleus_dice"],
         "data": str(args.data), "groups": groups, "images": result["images"], "tta": bool(args.tta)}
     half = any(t.dtype == torch.float16 for t in read_state_dict(source).values())  # keep the stored precision
     save_checkpoint(args.out, model, meta, half=half)  # atomic: the input is never half-overwritten

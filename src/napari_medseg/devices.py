@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .errors import MedsegError
 
-class DeviceError(ValueError):
+
+class DeviceError(MedsegError, ValueError):
     """The requested compute device does not exist here."""
 
 

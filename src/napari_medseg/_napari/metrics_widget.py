@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton, Select, Table
 
-from ..evaluation import evaluate_maps
-from ..metrics import MetricsInputError
-from ..objects import write_csv
-from ..overlays import ERROR_COLORS, ERROR_NAMES, error_counts, error_map
+from ..evaluation.report import evaluate_maps
+from ..evaluation.semantic import MetricsInputError
+from ..io.tables import write_csv
+from ..evaluation.error_maps import ERROR_COLORS, ERROR_NAMES, error_counts, error_map
 from .layers import METADATA_KEY, class_colormap, layer_classes
 
 if TYPE_CHECKING:
@@ -210,7 +210,7 @@ class MetricsWidget(Container):
         rows.append([_cell(o["miou"]), _cell(o["mean_dice"]), "", "", _cell(o["mpq"]), _cell(o["f1"]), "", "", "", ""])
         self.table.value = {"data": rows, "index": index, "columns": COLUMNS}
         self.summary.value = (
-            f"nucleus Dice {_cell(o['dice'])} · mIoU {_cell(o['miou'])} · pixel accuracy {_cell(o['pixel_accuracy'])}\n"
+            f"nucleus Dice {_cell(o['nucleus_dice'])} · mIoU {_cell(o['miou'])} · pixel accuracy {_cell(o['pixel_accuracy'])}\n"
             f"bPQ {_cell(o['bpq'])} · mPQ {_cell(o['mpq'])} · F1 {_cell(o['f1'])} · AJI {_cell(o['aji'])}\n"
             "Overall row: IoU/Dice = mean over nucleus classes; PQ = mPQ (classes present in the ground truth); "
             "F1 = detection F1 at IoU > 0.5, all nuclei."

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, Table
 
-from ..instances import InstanceSettings, semantic_to_instances
+from ..nuclei.watershed import InstanceSettings, semantic_to_instances
 from ..io.geojson import write_geojson
-from ..objects import counts_per_class, object_table, write_csv
+from ..nuclei.measure import counts_per_class, object_table
+from ..io.tables import write_csv
 from .layers import METADATA_KEY, instance_labels_kwargs, layer_classes
 
 if TYPE_CHECKING:

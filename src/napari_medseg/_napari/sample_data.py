@@ -6,7 +6,7 @@ from importlib.resources import files
 
 import numpy as np
 
-from ..instances import instance_classes
+from ..nuclei.votes import instance_classes
 from ..io.images import read_image, read_label_map
 from .layers import class_labels_kwargs, image_kwargs, instance_labels_kwargs
 

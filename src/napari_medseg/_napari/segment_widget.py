@@ -10,8 +10,9 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpin
                               SpinBox)
 
 from ..devices import available_devices
-from ..inference import PostprocessSettings, Segmenter, TileSettings
-from ..instances import INSTANCE_MAX_PIXELS, instance_classes
+from ..inference.segmenter import PostprocessSettings, Segmenter, TileSettings
+from ..nuclei.watershed import INSTANCE_MAX_PIXELS
+from ..nuclei.votes import instance_classes
 from .layers import class_labels_kwargs, instance_labels_kwargs
 from .model_list import trained_models
 

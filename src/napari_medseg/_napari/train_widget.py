@@ -35,8 +35,9 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpin
                               PushButton, SpinBox)
 from psygnal import Signal
 
+from ..errors import MedsegError
 from ..devices import available_devices
-from ..io.dataset import open_dataset
+from ..io.dataset import open_dataset, source_group
 from ..io.images import to_rgb_float
 from ..models import ARCHITECTURES, TESTED_ENCODERS, ModelConfig, read_meta, resolve_model_path
 from ..training.config import AugmentConfig, DataConfig, TrainConfig
@@ -57,12 +58,12 @@ FILE_MODEL = "checkpoint file..."
 LOSSES = ("ce_dice", *(name for name in CORE_LOSSES if name != "ce_dice"))  # the trainer's list, its default first
 NO_AUGMENTATION = AugmentConfig(flip=False, rotate90=False, scale=None, brightness=0.0, contrast=0.0, saturation=0.0,
                                 hue=0.0, sharpness=0.0)  # random crops only
-MONITORS = {"validation loss": "val_loss", "validation mIoU": "val_miou", "validation Dice": "val_mean_dice",
+MONITORS = {"validation loss": "val_loss", "validation mIoU": "val_miou", "validation mean class Dice": "val_mean_dice",
             "validation bPQ (nuclei)": "val_bpq"}
 PREVIEW_KIND = "training-preview"
 
 
-class InputError(ValueError):
+class InputError(MedsegError, ValueError):
     """The widget's inputs cannot start a training run (message is for the user)."""
 
 
@@ -212,12 +213,10 @@ class TrainingJob:
         """The first sample of the validation groups the trainer recorded (else the first sample)."""
         if self.items is not None:
             return next((it for it in self.items[0] if it.group in val_groups), self.items[0][0])
-        pattern = re.compile(self.cfg.data.group_pattern)
         for folder in self.cfg.data.dataset:  # grouped as load_dataset_folders groups them
             ds = open_dataset(folder, require_labels=True)
             for stem in ds.stems:
-                match = pattern.match(stem)
-                group = f"{ds.root.name}/{match.group(1) if match else stem}"
+                group = source_group(stem, ds.root.name, self.cfg.data.group_pattern)
                 if group in val_groups or not val_groups:
                     sample = ds.load(stem)
                     return LabelledImage(stem, group, to_rgb_float(sample.image, self.cfg.model.in_channels),
@@ -239,7 +238,7 @@ class TrainingJob:
 
         A preview is a view, never a reason to stop training: its errors are swallowed.
         """
-        from ..inference import Segmenter
+        from ..inference.segmenter import Segmenter
 
         checkpoint = Path(self.cfg.out_dir) / "best.safetensors"
         try:
@@ -308,7 +307,7 @@ class LossPlot:
             "train_loss": self.loss_ax.plot([], [], "o-", ms=3, color="tab:blue", label="train")[0],
             "val_loss": self.loss_ax.plot([], [], "o-", ms=3, color="tab:orange", label="validation")[0],
             "miou": self.metric_ax.plot([], [], "o-", ms=3, color="tab:green", label="mIoU")[0],
-            "mean_dice": self.metric_ax.plot([], [], "o-", ms=3, color="tab:purple", label="Dice")[0],
+            "mean_dice": self.metric_ax.plot([], [], "o-", ms=3, color="tab:purple", label="mean class Dice")[0],
             "bpq": self.metric_ax.plot([], [], "o-", ms=3, color="tab:red", label="bPQ")[0],
         }
         self.loss_ax.set_ylabel("loss")
@@ -710,7 +709,7 @@ class TrainWidget(Container):
                 self.plot.mark_best(e.epoch)
             self.plot.draw()
         scores = (f", validation loss {e.val_loss:.3f}, mIoU {e.metrics.get('miou', float('nan')):.3f}, "
-                  f"Dice {e.metrics.get('mean_dice', float('nan')):.3f}, "
+                  f"mean class Dice {e.metrics.get('mean_dice', float('nan')):.3f}, "
                   f"bPQ {e.metrics.get('bpq', float('nan')):.3f}") if e.metrics else ""
         stopping = " Stopping after the current batch..." if self._job is not None and self._job.stop_requested else ""
         self.status.value = (f"Epoch {e.epoch}/{e.epochs}: training loss {e.train_loss:.3f}{scores}"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..instances import instance_classes, semantic_to_instances
+from ..nuclei.votes import instance_classes
+from ..nuclei.watershed import semantic_to_instances
 from ..io.geojson import write_geojson
 from ..io.images import write_label_map
 from .layers import METADATA_KEY

@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import MedsegError
 from .images import IMAGE_SUFFIXES, ImageReadError, atomic_write, file_stem, read_image, read_label_map, write_label_map
 
 CLASSES_FILE = "classes.json"
+# stem -> source image: ``<image>_<n>`` is patch n of one image. Splits and validation sets keep
+# every patch of one source image on one side (never split by patch).
+GROUP_PATTERN = r"^(.*)_\d+$"
 
 
-class DatasetError(ValueError):
+class DatasetError(MedsegError, ValueError):
     """A dataset folder is missing parts or its parts disagree."""
 
 
@@ -81,6 +86,14 @@ class DatasetFolder:
     def __iter__(self):
         for stem in self.stems:
             yield self.load(stem)
+
+
+def source_group(stem: str, folder: str = "", pattern: str = GROUP_PATTERN) -> str:
+    """The source image a stem was cut from (the stem itself when ``pattern`` does not match),
+    prefixed by its ``folder`` name when given: ``consep_train/train_12`` for ``train_12_003``."""
+    match = re.match(pattern, stem)
+    group = match.group(1) if match else stem
+    return f"{folder}/{group}" if folder else group
 
 
 def is_dataset_folder(path: str | os.PathLike) -> bool:

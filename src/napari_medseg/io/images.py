@@ -21,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import MedsegError
+
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 LABEL_SUFFIXES = (".tif", ".tiff", ".png")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(MedsegError, ValueError):
     """An image or label file could not be read or has a shape/dtype we do not accept."""
 
 

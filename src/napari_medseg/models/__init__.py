@@ -2,8 +2,10 @@
 
 from pathlib import Path
 
-from .checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, read_meta, save_checkpoint
-from .registry import ARCHITECTURES, TESTED_ENCODERS, ModelConfig, ModelConfigError, build_model
+from .checkpoint import CheckpointMeta, load_checkpoint, read_meta, save_checkpoint
+from .config import ARCHITECTURES, TESTED_ENCODERS, ModelConfig, ModelConfigError
+from .registry import build_model
+from .weights import CheckpointError
 
 DEFAULT_MODEL_PATH = Path(__file__).parent / "default" / "default.safetensors"
 

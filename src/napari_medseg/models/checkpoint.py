@@ -10,7 +10,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import struct
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -19,17 +18,33 @@ from torch import nn
 
 from ..colors import class_colors
 from ..io.images import atomic_write
-from .registry import ModelConfig, ModelConfigError, build_model
+from .config import ModelConfig, ModelConfigError
+from .registry import build_model
+from .weights import CheckpointError, check_not_pickle, read_state_dict
 
 FORMAT = "napari-medseg-checkpoint"
 FORMAT_VERSION = 1
 METADATA_KEY = "napari_medseg"
 # Mean/std applied after scaling pixels to [0, 1] (ImageNet statistics by default).
 IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+# Metric names of checkpoints written before each number had one name.
+LEGACY_METRIC_NAMES = {"binary_dice": "nucleus_dice", "binary_iou": "nucleus_iou", "argmax_dice": "argmax_nucleus_dice"}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is not one we can load safely and correctly."""
+def current_metric_names(record):
+    """``record`` (metadata, nested) with old metric names replaced: ``binary_dice`` and the
+    summaries' bare ``dice`` (beside ``bpq`` or a tuned threshold) are ``nucleus_dice``; a
+    per-class ``dice`` stays the class's Dice."""
+    if isinstance(record, list):
+        return [current_metric_names(r) for r in record]
+    if not isinstance(record, dict):
+        return record
+    summary = "bpq" in record or "argmax_dice" in record
+    out = {}
+    for key, value in record.items():
+        key = "nucleus_dice" if key == "dice" and summary else LEGACY_METRIC_NAMES.get(key, key)
+        out[key] = current_metric_names(value)
+    return out
 
 
 @dataclass
@@ -69,6 +84,8 @@ class CheckpointMeta:
         version = data.pop("format_version", None)
         if version != FORMAT_VERSION:
             raise CheckpointError(f"{source}: checkpoint format version {version}; this napari-medseg reads {FORMAT_VERSION}.")
+        for section in ("metrics", "training"):
+            data[section] = current_metric_names(data.get(section, {}))
         try:
             data["model"] = ModelConfig.from_dict(data["model"])
             meta = cls(**data)
@@ -95,45 +112,13 @@ def package_versions() -> dict:
     return out
 
 
-def _check_not_pickle(path: Path) -> None:
-    with open(path, "rb") as fh:
-        head = fh.read(16)
-    # Recognise safetensors first: its first byte is the low byte of the header length,
-    # which is 0x80 (a pickle opcode) for about 1 valid file in 32.
-    if len(head) >= 9 and head[8:9] == b"{":
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if 8 + header_len <= os.path.getsize(path):
-            return
-        raise CheckpointError(f"{path.name}: truncated safetensors file (header runs past the end of the file).")
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        raise CheckpointError(
-            f"{path.name} is a pickled PyTorch checkpoint (torch.save). napari-medseg never unpickles "
-            "files, because unpickling can run arbitrary code. Save the weights with "
-            "napari_medseg.models.save_checkpoint (a .safetensors file) instead."
-        )
-    if len(head) < 9:
-        raise CheckpointError(f"{path.name} is too short to be a safetensors checkpoint ({len(head)} bytes).")
-    raise CheckpointError(f"{path.name} is not a safetensors file (bad or truncated header).")
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file, refusing pickles."""
-    from safetensors.torch import load_file
-
-    _check_not_pickle(path)
-    try:
-        return load_file(str(path))
-    except Exception as exc:
-        raise CheckpointError(f"{path.name}: cannot read tensors ({exc}).") from exc
-
-
 def read_meta(path: str | os.PathLike) -> CheckpointMeta:
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint '{path}' does not exist.")
-    _check_not_pickle(path)
+    check_not_pickle(path)
     try:
         with safe_open(str(path), framework="pt") as fh:
             header = fh.metadata() or {}

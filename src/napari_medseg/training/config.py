@@ -7,10 +7,12 @@ from pathlib import Path
 
 import yaml
 
-from ..models.registry import ModelConfig
+from ..errors import MedsegError
+from ..io.dataset import GROUP_PATTERN
+from ..models.config import ModelConfig
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(MedsegError, ValueError):
     """A training configuration is incomplete or contradicts itself."""
 
 
@@ -21,7 +23,7 @@ class DataConfig:
     crop_size: int = 256
     crops_per_image: int = 1  # random crops drawn from each training image per epoch; 0 = image area / crop area
     samples_per_epoch: int = 0  # train on a seeded random subset of this many crops per epoch; 0 = all
-    group_pattern: str = r"^(.*)_\d+$"  # stem -> source image; patches of one image stay on one side
+    group_pattern: str = GROUP_PATTERN  # stem -> source image; patches of one image stay on one side
     split_seed: int | None = None  # seed of the train/validation split; None = the run's seed
     binary: bool = False  # nucleus (any class > 0) vs background: classes become [background, nucleus]
     num_workers: int = 0  # DataLoader worker processes (0 = in the training process)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..io.dataset import DatasetError, open_dataset
+from ..io.dataset import DatasetError, open_dataset, source_group
 from ..io.images import to_rgb_float
 from .augment import build_augmentation
 
@@ -51,7 +51,6 @@ def load_dataset_folders(paths: list[str], group_pattern: str, in_channels: int 
 
     if not paths:
         raise DatasetError("No dataset folder given (data.dataset).")
-    pattern = re.compile(group_pattern)
     items: list[LabelledImage] = []
     classes: list[str] | None = None
     folders = []
@@ -74,8 +73,7 @@ def load_dataset_folders(paths: list[str], group_pattern: str, in_channels: int 
             raise DatasetError(f"{folder.root} has classes {folder.classes}, but the first dataset has {classes}.")
         for stem in folder.stems:
             sample = folder.load(stem)
-            match = pattern.match(stem)
-            group = f"{folder.root.name}/{match.group(1) if match else stem}"
+            group = source_group(stem, folder.root.name, group_pattern)
             items.append(LabelledImage(stem, group, to_rgb_float(sample.image, in_channels), sample.labels.astype(np.uint8),
                                        sample.instances))
             if progress is not None:
@@ -240,13 +238,13 @@ class PatchDataset(Dataset):
 
 def item_instances(item: LabelledImage) -> np.ndarray:
     """An item's nuclei: its instance map, or the watershed of its labels where it has none."""
-    from ..instances import semantic_to_instances
+    from ..nuclei.watershed import semantic_to_instances
 
     return item.instances if item.instances is not None else semantic_to_instances(item.labels)
 
 
 def distance_target(item: LabelledImage) -> np.ndarray:
     """The distance head's target for one item: float32 ``(H, W)`` in [0, 1]."""
-    from ..instances import nucleus_distance_map
+    from ..nuclei.distance import nucleus_distance_map
 
     return nucleus_distance_map(item_instances(item))

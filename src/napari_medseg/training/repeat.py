@@ -21,7 +21,7 @@ from ..io.images import atomic_write
 from .config import TrainConfig
 from .trainer import TrainingDone, train
 
-SUMMARY_KEYS = ("val_loss", "miou", "mean_dice", "binary_dice", "bpq", "pixel_accuracy")
+SUMMARY_KEYS = ("val_loss", "miou", "mean_dice", "nucleus_dice", "bpq", "pixel_accuracy")
 
 
 @dataclass

@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import MedsegError
 from ..io.images import atomic_write
 
 RESUME_KEY = "napari_medseg_resume"
 RESUME_VERSION = 1
 
 
-class ResumeError(ValueError):
+class ResumeError(MedsegError, ValueError):
     """A resume file is missing, not ours, or does not fit this run."""
 
 
@@ -78,7 +79,7 @@ def read_resume(path: str | Path) -> tuple[dict, dict]:
     """(tensors, info) of a resume file, refusing pickles and other files."""
     from safetensors import safe_open
 
-    from ..models.checkpoint import CheckpointError, read_state_dict
+    from ..models.weights import CheckpointError, read_state_dict
 
     path = Path(path)
     if not path.is_file():

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
+from ..errors import MedsegError
 from ..devices import resolve_device
-from ..instance_metrics import match_instances
-from ..instances import semantic_to_instances
-from ..metrics import semantic_metrics
+from ..evaluation.instance import match_instances
+from ..nuclei.watershed import semantic_to_instances
+from ..evaluation.semantic import semantic_metrics
 from ..models.checkpoint import CheckpointMeta, save_checkpoint
 from ..models.registry import build_model
 from .config import TrainConfig, TrainConfigError
@@ -39,7 +40,7 @@ from .early_stopping import PatienceStop, QuadraticStop
 from .losses import IGNORE_INDEX, WithDistanceHead, build_loss, class_weights_from_frequencies
 
 
-class TrainingError(RuntimeError):
+class TrainingError(MedsegError, RuntimeError):
     """Training cannot start or cannot go on (NaN loss, unusable data, unwritable output)."""
 
 
@@ -166,7 +167,7 @@ def validate(model, loader, loss_fn, num_classes: int, device, ctx: DistContext 
         ctx.all_sum(loss_sum)
         ctx.all_sum(pq_sum)
     metrics = semantic_metrics(cm.view(num_classes, num_classes).cpu().numpy())
-    summary = {k: metrics[k] for k in ("miou", "mean_dice", "binary_dice", "pixel_accuracy")}
+    summary = {k: metrics[k] for k in ("miou", "mean_dice", "nucleus_dice", "pixel_accuracy")}
     if gt_instances is not None:
         summary["bpq"] = float(pq_sum[0] / pq_sum[1]) if pq_sum[1] > 0 else float("nan")
     summary["per_class_iou"] = [metrics["per_class"][str(c)]["iou"] for c in range(num_classes)]

@@ -9,17 +9,14 @@ histograms, no re-thresholding), on a grid of 0.01 from 0.10 to 0.90.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 
-from .io.dataset import DatasetError, open_dataset
-from .metrics import threshold_search
-from .training.config import DataConfig
+from ..io.dataset import GROUP_PATTERN, DatasetError, open_dataset, source_group
+from .semantic import threshold_search
 
 GRID = np.round(np.arange(0.10, 0.9001, 0.01), 2)
-GROUP_PATTERN = DataConfig.group_pattern  # stem -> source image, as the trainer splits
 
 
 def samples_of_groups(data: str | Path, groups: list[str] | None = None, group_pattern: str = GROUP_PATTERN):
@@ -27,11 +24,9 @@ def samples_of_groups(data: str | Path, groups: list[str] | None = None, group_p
     ``groups`` (``<folder name>/<group>`` as a checkpoint's ``data.val_groups`` names them, or
     the bare group); every image for ``None``. Raises ``DatasetError`` if none match."""
     folder = open_dataset(data, require_labels=True)
-    pattern = re.compile(group_pattern)
     stems = []
     for stem in folder.stems:
-        m = pattern.match(stem)
-        group = m.group(1) if m else stem
+        group = source_group(stem, pattern=group_pattern)
         if groups is None or group in groups or f"{folder.root.name}/{group}" in groups:
             stems.append(stem)
     if not stems:
@@ -43,8 +38,8 @@ def tune_foreground_threshold(segmenter, samples, settings=None, thresholds=GRID
     """The foreground threshold that maximises pooled nucleus Dice of ``segmenter`` on ``samples``
     (objects with ``.image`` and ``.labels``); ``progress(done, total)`` after each image.
 
-    Returns ``threshold``, ``dice`` at it, ``argmax_dice`` (the model without a threshold),
-    ``images`` and the Dice ``curve`` over the grid.
+    Returns ``threshold``, ``nucleus_dice`` at it, ``argmax_nucleus_dice`` (the model without a
+    threshold), ``images`` and the ``curve`` (``thresholds``, ``nucleus_dice``) over the grid.
     """
     samples = list(samples)
     if not samples:
@@ -62,7 +57,11 @@ def tune_foreground_threshold(segmenter, samples, settings=None, thresholds=GRID
             if progress is not None:
                 progress(done, len(samples))
 
-    result = threshold_search(pairs(), thresholds=thresholds)
-    result["argmax_dice"] = 2 * counts["inter"] / counts["total"] if counts["total"] else float("nan")
-    result["images"] = len(samples)
-    return result
+    found = threshold_search(pairs(), thresholds=thresholds, metric="dice")
+    return {
+        "threshold": found["threshold"],
+        "nucleus_dice": found["dice"],
+        "argmax_nucleus_dice": 2 * counts["inter"] / counts["total"] if counts["total"] else float("nan"),
+        "images": len(samples),
+        "curve": {"thresholds": found["curve"]["thresholds"], "nucleus_dice": found["curve"]["dice"]},
+    }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .metrics import check_label_pair
+from .semantic import check_label_pair
 
 # Values of an error map. 0 = nothing to show (true negative).
 TP, FP, FN, WRONG_CLASS = 1, 2, 3, 4

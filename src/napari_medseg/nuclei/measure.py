@@ -1,14 +1,10 @@
-"""Per-object measurements (scikit-image regionprops) and their CSV export."""
+"""Per-nucleus measurements (scikit-image regionprops): the object table."""
 
 from __future__ import annotations
 
-import csv
-import io as _io
-from pathlib import Path
-
 import numpy as np
 
-from .io.images import atomic_write
+from .votes import instance_classes
 
 
 def object_table(instances: np.ndarray, class_map: np.ndarray | None = None, class_names: list[str] | None = None,
@@ -38,8 +34,6 @@ def object_table(instances: np.ndarray, class_map: np.ndarray | None = None, cla
         "centroid_x": table["centroid-1"],
     }
     if class_map is not None:
-        from .instances import instance_classes
-
         votes = instance_classes(instances, class_map)
         ids = votes[out["label"]]
         out["class_id"] = ids
@@ -59,16 +53,3 @@ def counts_per_class(table: dict[str, np.ndarray]) -> dict[str, int]:
         return {"all": int(len(table["label"]))}
     names, counts = np.unique(table["class"].astype(str), return_counts=True)
     return {str(n): int(c) for n, c in zip(names, counts)}
-
-
-def write_csv(path: str | Path, columns: dict[str, np.ndarray]) -> Path:
-    """Write columns as CSV atomically (temp file, then rename)."""
-    buffer = _io.StringIO()
-    writer = csv.writer(buffer)
-    names = list(columns)
-    writer.writerow(names)
-    for row in zip(*(columns[n] for n in names)):
-        writer.writerow([f"{v:.6g}" if isinstance(v, (float, np.floating)) else v for v in row])
-    path = Path(path)
-    atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
-    return path

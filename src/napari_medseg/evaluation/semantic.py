@@ -8,7 +8,9 @@ number below is a cheap reduction of it. Conventions, stated once:
   is absent from both maps, or predicted nowhere for precision) and is left out of means.
 * ``miou`` / ``mean_dice`` average the foreground classes (background excluded) over the
   classes that are defined; ``pixel_accuracy`` = trace / total, over all classes.
-* ``binary_dice`` merges all foreground classes into one (nucleus vs background).
+* ``nucleus_dice`` (and ``nucleus_iou``) merge all foreground classes into one: nucleus vs
+  background. It is *the* Dice this project reports (CLI, widgets, checkpoints, README);
+  ``mean_dice`` is the mean of the per-class Dice, called "mean class Dice" wherever shown.
 * Aggregation over images: add the confusion matrices, then compute (pooled, not a
   mean of per-image scores).
 """
@@ -17,8 +19,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import MedsegError
 
-class MetricsInputError(ValueError):
+
+class MetricsInputError(MedsegError, ValueError):
     """Prediction and ground truth cannot be compared as given."""
 
 
@@ -83,7 +87,7 @@ def semantic_metrics(cm: np.ndarray, class_names: list[str] | None = None) -> di
     fg_tp = int(cm[1:, 1:].sum())
     fg_fp = int(cm[0, 1:].sum())
     fg_fn = int(cm[1:, 0].sum())
-    binary_dice = _ratio(2 * fg_tp, 2 * fg_tp + fg_fp + fg_fn)
+    nucleus_dice = _ratio(2 * fg_tp, 2 * fg_tp + fg_fp + fg_fn)
     accuracy = _ratio(tp.sum(), total)
     return {
         "per_class": per_class,
@@ -91,8 +95,8 @@ def semantic_metrics(cm: np.ndarray, class_names: list[str] | None = None) -> di
         "pixel_error": float(1 - accuracy) if total else float("nan"),
         "miou": _nanmean(iou[1:]),
         "mean_dice": _nanmean(dice[1:]),
-        "binary_dice": float(binary_dice),
-        "binary_iou": float(_ratio(fg_tp, fg_tp + fg_fp + fg_fn)),
+        "nucleus_dice": float(nucleus_dice),
+        "nucleus_iou": float(_ratio(fg_tp, fg_tp + fg_fp + fg_fn)),
         "pixels": total,
         "aggregation": "pooled confusion matrix; means over defined foreground classes",
     }

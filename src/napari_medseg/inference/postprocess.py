@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..nuclei.masks import without_small_objects
+
 
 @dataclass
 class PostprocessSettings:
@@ -33,12 +35,8 @@ def _clean_block(block: np.ndarray, settings: PostprocessSettings) -> np.ndarray
 
     out = block.copy()
     if settings.min_object_size > 1:
-        components, n = ndi.label(out > 0)
-        if n:
-            sizes = np.bincount(components.ravel(), minlength=n + 1)
-            small = sizes < settings.min_object_size
-            small[0] = False
-            out[small[components]] = 0
+        kept = without_small_objects(out > 0, settings.min_object_size)[0]
+        out[~kept] = 0
     if settings.max_hole_size > 0:
         background, n = ndi.label(out == 0)
         if n:

@@ -1,8 +1,8 @@
 """Evaluate predictions against ground truth: one pair of maps, or whole folders.
 
-Semantic numbers come from pooled confusion matrices (``napari_medseg.metrics``),
+Semantic numbers come from pooled confusion matrices (``napari_medseg.evaluation.semantic``),
 instance numbers (PQ family, F1, AJI) from per-image contingency tables
-(``napari_medseg.instance_metrics``). Where a side has no instance map, instances are
+(``napari_medseg.evaluation.instance``). Where a side has no instance map, instances are
 derived from its class map with ``semantic_to_instances``.
 """
 
@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .instance_metrics import aggregate_instance_stats, image_instance_stats
-from .instances import InstanceSettings, semantic_to_instances
-from .io.dataset import DatasetError, open_dataset
-from .io.images import read_label_map
-from .metrics import MetricsInputError, check_label_pair, confusion_matrix, semantic_metrics
+from .instance import aggregate_instance_stats, image_instance_stats
+from ..nuclei.watershed import InstanceSettings, semantic_to_instances
+from ..io.dataset import DatasetError, open_dataset
+from ..io.images import read_label_map
+from .semantic import MetricsInputError, check_label_pair, confusion_matrix, semantic_metrics
 
 AGGREGATION = {
     "semantic": "pooled confusion matrix over all pixels of all images",
-    "dice": "binary: all nucleus classes merged vs background, pooled",
+    "nucleus_dice": "all nucleus classes merged vs background, pooled",
     "miou": "mean over nucleus classes (background excluded) of pooled IoU",
     "bpq": "PanNuke: binary PQ per image (images without nuclei skipped), averaged",
     "mpq": "PanNuke: per image, PQ of each class present in its ground truth, averaged over classes then images",
@@ -64,7 +64,7 @@ class PairEvaluation:
         sem = semantic_metrics(cm, self.class_names)
         inst = aggregate_instance_stats([stats], self.class_names)
         self.per_image[name] = {
-            "dice": sem["binary_dice"], "miou": sem["miou"], "pixel_accuracy": sem["pixel_accuracy"],
+            "nucleus_dice": sem["nucleus_dice"], "miou": sem["miou"], "pixel_accuracy": sem["pixel_accuracy"],
             "bpq": inst["bpq"], "mpq": inst["mpq"], "f1": inst["f1"], "aji": inst["aji"],
         }
         return self.per_image[name]
@@ -84,7 +84,7 @@ class PairEvaluation:
             per_class[name] = row
         return {
             "overall": {
-                "dice": sem["binary_dice"], "miou": sem["miou"], "mean_dice": sem["mean_dice"],
+                "nucleus_dice": sem["nucleus_dice"], "miou": sem["miou"], "mean_dice": sem["mean_dice"],
                 "pixel_accuracy": sem["pixel_accuracy"], "pixel_error": sem["pixel_error"],
                 "bpq": inst["bpq"], "mpq": inst["mpq"], "mpq_plus": inst["mpq_plus"], "f1": inst["f1"],
                 "aji": inst["aji"],

@@ -31,10 +31,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .instances import InstanceSettings, semantic_to_instances
+from ..errors import MedsegError
+from .masks import without_small_objects
+from .watershed import InstanceSettings, semantic_to_instances
 
 
-class BaselineInputError(ValueError):
+class BaselineInputError(MedsegError, ValueError):
     """The image cannot be colour-deconvolved as given."""
 
 
@@ -120,12 +122,7 @@ def classical_foreground(image_rgb, settings: ClassicalSettings | None = None) -
         mask = ndi.binary_opening(mask, structure=disk(s.opening_radius).astype(bool))
     if s.fill_holes:
         mask = ndi.binary_fill_holes(mask)
-    if s.min_size > 1 and mask.any():
-        components, n = ndi.label(mask)  # 4-connectivity, as the watershed
-        keep = np.bincount(components.ravel(), minlength=n + 1) >= s.min_size
-        keep[0] = False
-        mask = keep[components]
-    return mask
+    return without_small_objects(mask, s.min_size)[0]
 
 
 def classical_nuclei(image_rgb, settings: ClassicalSettings | None = None) -> tuple[np.ndarray, np.ndarray]:

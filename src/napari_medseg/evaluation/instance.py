@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .instances import instance_classes, table_size_ok
-from .metrics import MetricsInputError, check_label_pair
+from ..nuclei.votes import instance_classes, table_size_ok
+from .semantic import MetricsInputError, check_label_pair
 
 AJI_EPS = 1e-6  # as HoVer-Net's get_fast_aji: decides ties between equal IoUs (larger union wins)
 DENSE_TABLE_LIMIT = 16_000_000  # cells of a dense (gt id x pred id) table: 128 MB of int64 at most

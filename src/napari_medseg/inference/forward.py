@@ -1,0 +1,103 @@
+"""The model call: batches of tiles through the network (flip TTA, CUDA autocast), halving the
+batch when the GPU runs out of memory."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import MedsegError
+from .settings import TileSettings
+from .windows import blend_weights
+
+log = logging.getLogger(__name__)
+_OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
+
+
+class InferenceMemoryError(MedsegError, RuntimeError):
+    """Even one tile does not fit in the device's memory."""
+
+
+@dataclass
+class RunReport:
+    """What one run did, for logs, status lines and tests."""
+
+    tiles: int = 0
+    skipped_background: int = 0
+    forward_passes: int = 0
+    batch_size: int = 0  # after any out-of-memory halving
+    out_of_memory_retries: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def prepare_model(model: torch.nn.Module, settings: TileSettings, device: torch.device) -> torch.nn.Module:
+    model.eval()
+    if settings.channels_last:
+        first = next((p for p in model.parameters() if p.ndim == 4), None)
+        if first is not None and not first.is_contiguous(memory_format=torch.channels_last):
+            model.to(memory_format=torch.channels_last)
+    return model
+
+
+def forward_probabilities(model, x: torch.Tensor, settings: TileSettings, device: torch.device,
+                           num_classes: int | None = None) -> torch.Tensor:
+    """Softmax of the model's class channels (mean over flips with TTA), float32, on ``device``;
+    channels after the first ``num_classes`` (a distance head) go through a sigmoid instead."""
+    if settings.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    use_amp = settings.amp and device.type == "cuda"
+    dtype = torch.float16 if settings.amp_dtype == "float16" else torch.bfloat16
+    flips = ([], [3], [2], [2, 3]) if settings.tta else ([],)
+    total = None
+    with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_amp):
+        for dims in flips:
+            xin = torch.flip(x, dims) if dims else x
+            logits = model(xin).float()
+            if num_classes is None or logits.shape[1] == num_classes:
+                p = torch.softmax(logits, dim=1)
+            else:
+                p = torch.cat([torch.softmax(logits[:, :num_classes], dim=1), torch.sigmoid(logits[:, num_classes:])], 1)
+            p = torch.flip(p, dims) if dims else p
+            total = p if total is None else total + p
+    return total / len(flips) if len(flips) > 1 else total
+
+
+class Batcher:
+    """Runs batches of normalised tiles, halving the batch on out-of-memory (GPU) errors."""
+
+    def __init__(self, model, settings: TileSettings, device: torch.device, report: RunReport,
+                 num_classes: int | None = None):
+        self.model, self.settings, self.device, self.report = model, settings, device, report
+        self.num_classes = num_classes
+        self.limit = settings.batch_size
+        self.weights = torch.tensor(blend_weights(settings.tile_size, settings.blend), device=device)
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        """``(B, t, t, Cin)`` float32 -> weighted probabilities ``(B, C, t, t)`` float32 numpy."""
+        outs, start = [], 0
+        while start < len(tiles):
+            chunk = tiles[start:start + self.limit]
+            try:
+                with torch.inference_mode():
+                    x = torch.from_numpy(chunk).permute(0, 3, 1, 2).to(self.device)
+                    p = forward_probabilities(self.model, x, self.settings, self.device, self.num_classes) * self.weights
+                    outs.append(p.cpu().numpy())
+                self.report.forward_passes += 1
+                start += len(chunk)
+            except _OOM_ERRORS as exc:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if self.limit == 1:
+                    raise InferenceMemoryError(
+                        f"Out of memory on {self.device} with a single {self.settings.tile_size}² tile; "
+                        "use a smaller tile size or the CPU."
+                    ) from exc
+                self.limit = max(1, self.limit // 2)
+                self.report.out_of_memory_retries += 1
+                self.report.notes.append(f"out of memory: batch size lowered to {self.limit}")
+                log.warning("Out of memory on %s: batch size lowered to %d.", self.device, self.limit)
+        self.report.batch_size = self.limit
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)

@@ -1,0 +1,173 @@
+"""The user-facing object: a loaded model and its metadata that segments images of any size.
+
+``Segmenter.load`` builds the network a checkpoint describes, folds and fuses it for inference
+(checked against the original outputs) and keeps its tuned foreground threshold; ``segment``
+cuts, stitches and drives (``windows``, ``blend``, ``steps``) at flat memory; ``segment_nuclei``
+also splits the class map into nuclei (``nuclei.watershed``), seeded by the model's distance
+head where it has one. Every method has an ``iter_`` twin: a step generator that a GUI worker
+drives with progress and cancel.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..devices import resolve_device
+from ..nuclei.watershed import INSTANCE_MAX_PIXELS, INSTANCE_STEPS, InstanceSettings, iter_semantic_to_instances
+from ..models import CheckpointMeta, load_checkpoint, resolve_model_path
+from ..models.optimise import optimise_for_inference
+from ..steps import CancelCheck, ProgressCallback, chain, run_steps
+from .blend import iter_blend
+from .forward import RunReport
+from .postprocess import PostprocessSettings, postprocess_class_map
+from .settings import InferenceSettingsError, TileSettings
+from .source import ImageSource
+
+
+class Segmenter:
+    """A loaded model with its metadata: ``segment(image) -> uint8 class map``."""
+
+    def __init__(self, model: torch.nn.Module, meta: CheckpointMeta, device: torch.device):
+        self.model, self.meta, self.device = model, meta, device
+        self.last_report = RunReport()
+        # the model's tuned operating point (None: argmax); callers may override it per run
+        self.foreground_threshold = meta.foreground_threshold
+
+    @classmethod
+    def load(cls, model: str | os.PathLike = "default", device: str = "auto") -> "Segmenter":
+        dev = resolve_device(device)
+        net, meta = load_checkpoint(resolve_model_path(str(model)), device=dev)
+        side = max(64, 2 * meta.model.output_stride)
+        probe = torch.rand(1, meta.model.in_channels, side, side, generator=torch.Generator().manual_seed(0)).to(dev)
+        return cls(optimise_for_inference(net, check_input=probe), meta, dev)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta.classes
+
+    @property
+    def has_distance_head(self) -> bool:
+        """Whether the model also predicts the nucleus distance map that separates touching nuclei."""
+        return bool(self.meta.model.distance_head)
+
+    def _mean_std(self, channels: int) -> tuple[np.ndarray, np.ndarray]:
+        mean = np.asarray(self.meta.normalization.get("mean", [0.0]), np.float32)
+        std = np.asarray(self.meta.normalization.get("std", [1.0]), np.float32)
+        if mean.size not in (1, channels) or std.size not in (1, channels):
+            mean, std = mean.mean(keepdims=True), std.mean(keepdims=True)
+        return mean, std
+
+    def normalise(self, image: np.ndarray) -> np.ndarray:
+        """A whole image -> model input ``(H, W, Cin)`` float32 (the statistics of this image)."""
+        source = ImageSource(image, self.meta.model.in_channels)
+        return self._normaliser()(source.rows01(0, source.height))
+
+    def _normaliser(self) -> Callable[[np.ndarray], np.ndarray]:
+        mean, std = self._mean_std(self.meta.model.in_channels)
+        if np.all(mean == 0) and np.all(std == 1):
+            return lambda x: x
+        scale = (1.0 / std).astype(np.float32)
+        return lambda x: (x - mean) * scale
+
+    def iter_segment(self, image, settings: TileSettings | None = None,
+                     postprocess: PostprocessSettings | None = None, out=None, probabilities_out=None,
+                     distance_out=None):
+        """Generator: yields ``(done, total)`` tiles, returns the class map (uint8 ``(H, W)``).
+
+        ``image``: numpy or lazy array (see ``ImageSource``), or an ``ImageSource``; ``out``/``probabilities_out``:
+        optional writable arrays for the class map ``(H, W)`` and probabilities ``(C, H, W)``;
+        ``distance_out``: ``(H, W)`` array for the predicted nucleus distance map (models with a
+        distance head only).
+        """
+        settings = (settings or TileSettings()).checked(self.meta.model.output_stride)
+        source = image if isinstance(image, ImageSource) else ImageSource(image, self.meta.model.in_channels)
+        n = len(self.classes)
+        if out is not None and tuple(out.shape) != (source.height, source.width):
+            raise InferenceSettingsError(f"Output array {tuple(out.shape)} does not match the image {(source.height, source.width)}.")
+        if probabilities_out is not None and tuple(probabilities_out.shape) != (n, source.height, source.width):
+            raise InferenceSettingsError(
+                f"Probability array {tuple(probabilities_out.shape)} does not match {(n, source.height, source.width)}."
+            )
+        if distance_out is not None:
+            if not self.has_distance_head:
+                raise InferenceSettingsError("This model has no distance head: it predicts no distance map.")
+            if tuple(distance_out.shape) != (source.height, source.width):
+                raise InferenceSettingsError(
+                    f"Distance array {tuple(distance_out.shape)} does not match the image {(source.height, source.width)}.")
+        self.last_report = RunReport()
+        self.model.to(self.device)  # back from ``release``, if it was released
+        labels = yield from iter_blend(self.model, source, n, settings, self.device, self._normaliser(),
+                                       out=out, probabilities_out=probabilities_out, report=self.last_report,
+                                       distance_head=self.has_distance_head, distance_out=distance_out,
+                                       foreground_threshold=self.foreground_threshold)
+        if postprocess is not None and postprocess.active:
+            postprocess_class_map(labels, postprocess)
+        return labels
+
+    def iter_probabilities(self, image, settings: TileSettings | None = None):
+        """Generator: yields ``(done, total)`` tiles, returns float32 probabilities ``(C, H, W)`` in memory."""
+        source = ImageSource(image, self.meta.model.in_channels)
+        probs = np.zeros((len(self.classes), source.height, source.width), np.float32)
+        yield from self.iter_segment(source, settings, probabilities_out=probs)  # checked and measured once
+        return probs
+
+    def probabilities(self, image, settings: TileSettings | None = None,
+                      progress: ProgressCallback | None = None, should_cancel: CancelCheck | None = None) -> np.ndarray:
+        return run_steps(self.iter_probabilities(image, settings), progress, should_cancel)
+
+    def segment(self, image, settings: TileSettings | None = None,
+                progress: ProgressCallback | None = None, should_cancel: CancelCheck | None = None,
+                postprocess: PostprocessSettings | None = None, out=None, probabilities_out=None, distance_out=None):
+        return run_steps(self.iter_segment(image, settings, postprocess, out, probabilities_out, distance_out),
+                         progress, should_cancel)
+
+    def iter_segment_nuclei(self, image, settings: TileSettings | None = None,
+                            postprocess: PostprocessSettings | None = None,
+                            instance_settings: InstanceSettings | None = None, probabilities_out=None):
+        """Generator like ``iter_segment``; returns ``(class map, instances)``, int32 nucleus ids.
+
+        Yields ``(done, total)`` over the tiles and then the watershed's ``INSTANCE_STEPS``
+        whole-image steps (``total`` counts both), so a cancel also gets in between those.
+
+        Instances are seeded from the model's distance map where it has a distance head,
+        from the distance transform of its class map otherwise (``semantic_to_instances``).
+        Above ``INSTANCE_MAX_PIXELS`` only the class map is made and instances are ``None``.
+        """
+        source = image if isinstance(image, ImageSource) else ImageSource(image, self.meta.model.in_channels)
+        fits = source.height * source.width <= INSTANCE_MAX_PIXELS
+        distance = np.zeros((source.height, source.width), np.float32) if fits and self.has_distance_head else None
+        tiles = self.iter_segment(source, settings, postprocess, probabilities_out=probabilities_out,
+                                  distance_out=distance)
+        if not fits:
+            labels = yield from tiles
+            return labels, None
+        # one progress scale for both phases: the tiles, then the watershed's whole-image steps
+        # (seconds each on large images), between which a cancel gets in
+        return (yield from chain(tiles, INSTANCE_STEPS,
+                                 lambda labels: iter_semantic_to_instances(labels, instance_settings, distance)))
+
+    def segment_nuclei(self, image, settings: TileSettings | None = None,
+                       progress: ProgressCallback | None = None, should_cancel: CancelCheck | None = None,
+                       postprocess: PostprocessSettings | None = None,
+                       instance_settings: InstanceSettings | None = None, probabilities_out=None):
+        """``(class map, instances or None)``; see ``iter_segment_nuclei``."""
+        return run_steps(self.iter_segment_nuclei(image, settings, postprocess, instance_settings, probabilities_out),
+                         progress, should_cancel)
+
+    def release(self) -> None:
+        """Free GPU memory held by the model (after a run or a cancel)."""
+        self.model.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def segment_file(path: str | Path, segmenter: Segmenter, settings: TileSettings | None = None,
+                 progress: ProgressCallback | None = None) -> np.ndarray:
+    from ..io.images import read_image
+
+    return segmenter.segment(read_image(path), settings, progress)

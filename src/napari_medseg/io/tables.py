@@ -1,0 +1,24 @@
+"""Tables (columns of equal length) written as CSV."""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+from pathlib import Path
+
+import numpy as np
+
+from .images import atomic_write
+
+
+def write_csv(path: str | Path, columns: dict[str, np.ndarray]) -> Path:
+    """Write columns as CSV atomically (temp file, then rename)."""
+    buffer = _io.StringIO()
+    writer = csv.writer(buffer)
+    names = list(columns)
+    writer.writerow(names)
+    for row in zip(*(columns[n] for n in names)):
+        writer.writerow([f"{v:.6g}" if isinstance(v, (float, np.floating)) else v for v in row])
+    path = Path(path)
+    atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
+    return path

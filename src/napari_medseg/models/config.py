@@ -1,0 +1,65 @@
+"""What a network is: the ``ModelConfig`` a checkpoint records and ``build_model`` turns into one."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from ..errors import MedsegError
+
+# smp architectures we expose, by our config name.
+SMP_ARCHITECTURES = {
+    "unet": "Unet",
+    "unetplusplus": "UnetPlusPlus",
+    "deeplabv3plus": "DeepLabV3Plus",
+    "fpn": "FPN",
+}
+CUSTOM_ARCHITECTURES = ("vanilla_unet", "attention_res_unet")
+ARCHITECTURES = tuple(SMP_ARCHITECTURES) + CUSTOM_ARCHITECTURES
+# Encoders from the reports, tested to build offline. Any other smp encoder name works too.
+TESTED_ENCODERS = ("resnet18", "resnet34", "resnet50", "vgg19", "densenet121", "mobilenet_v2", "efficientnet-b0")
+
+
+class ModelConfigError(MedsegError, ValueError):
+    """A model configuration names something we cannot build."""
+
+
+@dataclass
+class ModelConfig:
+    architecture: str = "unet"
+    encoder: str = "resnet34"  # ignored by the custom architectures
+    in_channels: int = 3
+    num_classes: int = 2
+    encoder_depth: int = 5
+    decoder_channels: list[int] | None = None  # smp U-Net family; None = smp default
+    base_channels: int = 32  # custom architectures
+    depth: int = 4  # custom architectures
+    dropout: float = 0.0  # decoder dropout (custom architectures)
+    encoder_weights: str | None = None  # path to a local .safetensors of encoder weights (no pickles), never a hub name
+    # one more output channel after the classes: each nucleus's distance to its own edge, scaled
+    # to [0, 1] (sigmoid), whose peaks seed the watershed that separates touching nuclei
+    distance_head: bool = False
+    extra: dict = field(default_factory=dict)  # further keyword arguments for smp
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ModelConfigError(f"Unknown model setting(s): {', '.join(sorted(unknown))}.")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def out_channels(self) -> int:
+        """Network outputs: one logit per class, then the distance map's logit if it has one."""
+        return self.num_classes + int(self.distance_head)
+
+    @property
+    def output_stride(self) -> int:
+        """Input sides must be multiples of this."""
+        arch = self.architecture.lower()  # build_model accepts any case, so must this
+        if arch in CUSTOM_ARCHITECTURES:
+            return 2**self.depth
+        return 2**self.encoder_depth if arch != "deeplabv3plus" else 16
