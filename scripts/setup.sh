@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(python3-venv xvfb xauth libgl1 libegl1 libfontconfig1 libdbus-1-3 libxkbcommon-x11-0
   libxcb-icccm4 libxcb-keysyms1 libxcb-image0 libxcb-render-util0 libxcb-xinerama0 libxcb-xkb1
-  libxcb-randr0 libxcb-shape0 libxcb-cursor0)
+  libxcb-randr0 libxcb-shape0 libxcb-cursor0
+  chromium chromium-driver)  # the browser front's end-to-end test (Selenium)
 if command -v dpkg >/dev/null 2>&1; then
   missing=()
   for pkg in "${APT_PACKAGES[@]}"; do

@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import numpy as np
 
-from .votes import instance_classes
+from .votes import InstanceInputError, instance_classes
 
 
 def object_table(instances: np.ndarray, class_map: np.ndarray | None = None, class_names: list[str] | None = None,
-                 image: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                 image: np.ndarray | None = None, pixel_size_um: float | None = None) -> dict[str, np.ndarray]:
     """Columns ``label, class, area, centroid_y, centroid_x[, mean_intensity...]``, one row per object.
 
     The class of an object is the majority class of its pixels in ``class_map``.
-    ``mean_intensity`` is per channel for RGB images (``mean_intensity_r/g/b``).
+    ``mean_intensity`` is per channel for RGB images (``mean_intensity_r/g/b``). With
+    ``pixel_size_um`` (the side of a pixel in µm) also ``area_um2``.
     """
     from skimage.measure import regionprops_table
 
     instances = np.asarray(instances)
     if instances.ndim != 2 or not np.issubdtype(instances.dtype, np.integer):
-        raise ValueError(f"Objects need a 2-D integer instance map, got {instances.dtype} {instances.shape}.")
+        raise InstanceInputError(f"Objects need a 2-D integer instance map, got {instances.dtype} {instances.shape}.")
     props = ["label", "area", "centroid"]
     intensity = None
     if image is not None:
         intensity = np.asarray(image)
         if intensity.shape[:2] != instances.shape:
-            raise ValueError(f"Image shape {intensity.shape[:2]} differs from the instance map's {instances.shape}.")
+            raise InstanceInputError(f"Image shape {intensity.shape[:2]} differs from the instance map's {instances.shape}.")
         props.append("intensity_mean")
     table = regionprops_table(instances, intensity_image=intensity, properties=props)
     out: dict[str, np.ndarray] = {
@@ -33,6 +34,8 @@ def object_table(instances: np.ndarray, class_map: np.ndarray | None = None, cla
         "centroid_y": table["centroid-0"],
         "centroid_x": table["centroid-1"],
     }
+    if pixel_size_um:
+        out["area_um2"] = out["area"] * float(pixel_size_um) ** 2
     if class_map is not None:
         votes = instance_classes(instances, class_map)
         ids = votes[out["label"]]

@@ -67,53 +67,77 @@ def iter_semantic_to_instances(class_map: np.ndarray, settings: InstanceSettings
     above ``marker_threshold``. A component without a seed gets one at its maximum, so every
     connected component yields at least one instance.
     """
-    from scipy import ndimage as ndi
-    from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
 
     s = settings or InstanceSettings()
-    class_map = np.asarray(class_map)
-    if class_map.ndim != 2:
-        raise InstanceInputError(f"Instances are derived from 2-D class maps, got shape {class_map.shape}.")
-    if not (np.issubdtype(class_map.dtype, np.integer) or class_map.dtype == bool):
-        raise InstanceInputError(f"The class map must hold integer class ids, not {class_map.dtype}.")
-    foreground = class_map > 0
-    if s.fill_holes:
-        foreground = ndi.binary_fill_holes(foreground)
-    foreground, components, n = without_small_objects(foreground, s.min_size)
+    class_map = _checked_class_map(class_map)
+    foreground, components, n = _foreground(class_map, s)
     if n == 0:
         yield INSTANCE_STEPS, INSTANCE_STEPS  # nothing to split: every step is done
         return np.zeros(class_map.shape, np.int32)
     yield 1, INSTANCE_STEPS
     if distance is None:
-        distance = ndi.distance_transform_edt(foreground)
-        if s.sigma > 0:
-            distance = ndi.gaussian_filter(distance, s.sigma)
+        distance = _smoothed_distance_transform(foreground, s.sigma)
         yield 2, INSTANCE_STEPS
-        peaks = peak_local_max(distance, min_distance=max(1, int(s.min_distance)), labels=components,
-                               exclude_border=False)
-        markers = np.zeros(class_map.shape, np.int32)
-        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
+        markers = _peak_seeds(distance, components, s.min_distance)
     else:
         distance = np.asarray(distance, np.float32)
         if distance.shape != class_map.shape:
             raise InstanceInputError(f"The distance map {distance.shape} and the class map {class_map.shape} differ in shape.")
         yield 2, INSTANCE_STEPS
-        markers, _ = ndi.label(foreground & (distance > s.marker_threshold))
-        if s.min_marker_size > 1 and markers.max():
-            small = np.bincount(markers.ravel()) < s.min_marker_size
-            small[0] = False
-            markers[small[markers]] = 0
-    # components without a seed (tiny or flat) get one at their own maximum
+        markers = without_small_objects(foreground & (distance > s.marker_threshold), s.min_marker_size)[1]
+    _seed_unseeded_components(markers, components, n, distance)
+    yield 3, INSTANCE_STEPS
+    instances = watershed(-distance, markers, mask=foreground)
+    yield 4, INSTANCE_STEPS
+    return instances.astype(np.int32, copy=False)
+
+
+def _checked_class_map(class_map) -> np.ndarray:
+    class_map = np.asarray(class_map)
+    if class_map.ndim != 2:
+        raise InstanceInputError(f"Instances are derived from 2-D class maps, got shape {class_map.shape}.")
+    if not (np.issubdtype(class_map.dtype, np.integer) or class_map.dtype == bool):
+        raise InstanceInputError(f"The class map must hold integer class ids, not {class_map.dtype}.")
+    return class_map
+
+
+def _foreground(class_map: np.ndarray, s: InstanceSettings) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(foreground, its components, their count)``: holes filled, specks dropped, per ``s``."""
+    from scipy import ndimage as ndi
+
+    foreground = class_map > 0
+    if s.fill_holes:
+        foreground = ndi.binary_fill_holes(foreground)
+    return without_small_objects(foreground, s.min_size)
+
+
+def _smoothed_distance_transform(foreground: np.ndarray, sigma: float) -> np.ndarray:
+    from scipy import ndimage as ndi
+
+    distance = ndi.distance_transform_edt(foreground)
+    return ndi.gaussian_filter(distance, sigma) if sigma > 0 else distance
+
+
+def _peak_seeds(distance: np.ndarray, components: np.ndarray, min_distance: int) -> np.ndarray:
+    """One seed (id 1..k) at each local maximum of ``distance``, at least ``min_distance`` px apart."""
+    from skimage.feature import peak_local_max
+
+    peaks = peak_local_max(distance, min_distance=max(1, int(min_distance)), labels=components, exclude_border=False)
+    markers = np.zeros(distance.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
+    return markers
+
+
+def _seed_unseeded_components(markers: np.ndarray, components: np.ndarray, n: int, distance: np.ndarray) -> None:
+    """Components without a seed (tiny or flat) get one at their own maximum, in place: every
+    component yields at least one nucleus."""
+    from scipy import ndimage as ndi
+
     seeded = np.zeros(n + 1, bool)
     seeded[components[markers > 0]] = True
     missing = np.flatnonzero(~seeded[1:]) + 1
     if missing.size:
         top = int(markers.max())
-        where = ndi.maximum_position(distance, components, missing)
-        for k, pos in enumerate(where, start=top + 1):
+        for k, pos in enumerate(ndi.maximum_position(distance, components, missing), start=top + 1):
             markers[pos] = k
-    yield 3, INSTANCE_STEPS
-    instances = watershed(-distance, markers, mask=foreground)
-    yield 4, INSTANCE_STEPS
-    return instances.astype(np.int32, copy=False)

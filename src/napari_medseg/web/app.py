@@ -1,0 +1,150 @@
+"""``medseg web``: the browser front, a Gradio page over ``web.session`` (which calls the core).
+
+The page keeps each visitor's results in its own session state; runs go through Gradio's
+queue one at a time (the model is loaded once and shared), and every error the user can fix
+comes back as a message in the page.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+
+from ..errors import MedsegError
+from . import render
+from .session import (DEFAULT_MODEL, METRIC_HEADERS, ModelStore, compare_upload, metrics_rows, nucleus_summary,
+                      segment_upload)
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
+SAMPLE_FILES = {"CoNSeP H&E patch (40x)": "consep_train_19_005.png",
+                "MoNuSeg H&E crop (40x)": "monuseg_TCGA-A7-A13E_crop.png"}
+COUNT_HEADERS = ["class", "nuclei", "mean area", "total area"]
+MAX_UPLOAD = "200mb"
+
+
+def _user_errors(handler):
+    """A ``MedsegError`` becomes a message in the page; anything else stays a (logged) bug."""
+    @functools.wraps(handler)
+    def wrapped(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except MedsegError as exc:
+            raise gr.Error(str(exc)) from exc
+    return wrapped
+
+
+def _upload_paths(files) -> list[str]:
+    files = files if isinstance(files, list) else ([files] if files else [])
+    return [f if isinstance(f, str) else f.name for f in files]
+
+
+def _view(results: dict, name: str | None, opacity: float):
+    """Overlay, legend, counts and downloads of one result."""
+    if not results or name not in results:
+        return None, "", None, []
+    r = results[name]
+    unit = "µm²" if r.pixel_size_um else "px"
+    counts = gr.Dataframe(value=nucleus_summary(r), headers=[*COUNT_HEADERS[:2], f"mean area ({unit})",
+                                                               f"total area ({unit})"])
+    overlay = render.enlarged(render.class_overlay(r.display, r.class_map, r.instances, r.colors, opacity))
+    return overlay, render.class_legend(r.classes, r.colors), counts, [str(p) for p in r.downloads]
+
+
+def build_app(store: ModelStore) -> gr.Blocks:
+    with gr.Blocks(title="napari-medseg") as app:
+        results = gr.State({})
+        gr.Markdown("## napari-medseg: nuclei in your images\nUpload H&E or fluorescence images, segment them, "
+                    "and check the result against your own annotation. Research use only.")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=300):
+                files = gr.File(label="Images (PNG, JPEG, TIFF)", file_count="multiple",
+                                file_types=[".png", ".jpg", ".jpeg", ".tif", ".tiff"], elem_id="images")
+                sample = gr.Dropdown(list(SAMPLE_FILES), value=None, label="or a shipped sample", elem_id="sample")
+                model = gr.Dropdown(store.names(), value=DEFAULT_MODEL, label="model", elem_id="model")
+                pixel_size = gr.Number(value=None, label="pixel size (µm/px, for areas in µm²; 0 = unknown)",
+                                       minimum=0, elem_id="pixel-size")
+                threshold = gr.Slider(0, 0.95, value=0, step=0.01, label="nucleus threshold (0 = the model's own)",
+                                      elem_id="threshold")
+                tta = gr.Checkbox(value=False, label="test-time flips (4x slower, a little more accurate)")
+                segment = gr.Button("Segment", variant="primary", elem_id="segment")
+                status = gr.Markdown("", elem_id="status")
+                gt = gr.File(label="ground truth (label TIFF/PNG: class map, mask or nucleus ids)",
+                             file_types=[".png", ".tif", ".tiff"], elem_id="ground-truth")
+                compare = gr.Button("Compare with ground truth", elem_id="compare")
+            with gr.Column(scale=2):
+                shown = gr.Dropdown([], label="image", elem_id="shown")
+                overlay = gr.Image(label="classes and nucleus outlines", type="numpy", elem_id="overlay",
+                                   format="png", interactive=False, height=520)
+                opacity = gr.Slider(0, 1, value=0.4, step=0.05, label="fill opacity", elem_id="opacity")
+                legend = gr.HTML(elem_id="legend")
+                counts = gr.Dataframe(headers=COUNT_HEADERS, label="nuclei per class", elem_id="counts",
+                                      interactive=False)
+                metrics = gr.Dataframe(headers=METRIC_HEADERS, label="metrics against the ground truth",
+                                       elem_id="metrics", interactive=False)
+                note = gr.Markdown("", elem_id="metrics-note")
+                errors = gr.Image(label="TP / FP / FN against the ground truth", type="numpy", format="png",
+                                  interactive=False, elem_id="errors", height=520)
+                downloads = gr.File(label="downloads", file_count="multiple", interactive=False, elem_id="downloads")
+
+        @_user_errors
+        def pick_sample(choice):
+            if not choice:
+                return None
+            folder = Path(tempfile.mkdtemp(prefix="medseg-sample-"))
+            return [shutil.copy(SAMPLES / SAMPLE_FILES[choice], folder)]  # served from a temp copy only
+
+        @_user_errors
+        def run(files_in, model_name, px, thr, flips, progress=gr.Progress()):
+            paths = _upload_paths(files_in)
+            if not paths:
+                raise gr.Error("Upload an image (or pick a sample) first.")
+            done = {}
+            with store.lock:
+                segmenter = store.get(model_name)
+                for i, path in enumerate(paths, 1):
+                    label = f"[{i}/{len(paths)}] {Path(path).name}"
+                    result = segment_upload(path, segmenter, thr or None, flips, px or None,
+                                            lambda d, t: progress((d, t), desc=label, unit="steps"))
+                    done[result.name] = result
+            first = next(iter(done))
+            found = sum(len(r.table["label"]) for r in done.values())
+            message = f"Segmented {len(done)} image(s): {found} nuclei."
+            return (done, gr.Dropdown(choices=list(done), value=first), *_view(done, first, 0.4), message,
+                    None, "", None)
+
+        @_user_errors
+        def check(gt_file, name, state):
+            if not state:
+                raise gr.Error("Segment an image first.")
+            if not gt_file:
+                raise gr.Error("Upload a ground-truth label map first.")
+            comparison = compare_upload(state[name], _upload_paths(gt_file)[0])
+            r = state[name]
+            r.downloads = [p for p in r.downloads if p != comparison.metrics_csv] + [comparison.metrics_csv]
+            legend = render.error_legend()
+            note_text = (comparison.report["note"] + "\n\n" + legend) if comparison.report["note"] else legend
+            return (metrics_rows(comparison.report), note_text,
+                    render.enlarged(render.error_overlay(r.display, comparison.errors)), [str(p) for p in r.downloads])
+
+        sample.change(pick_sample, sample, files)
+        segment.click(run, [files, model, pixel_size, threshold, tta],
+                      [results, shown, overlay, legend, counts, downloads, status, metrics, note, errors],
+                      concurrency_limit=1)
+        shown.change(_view, [results, shown, opacity], [overlay, legend, counts, downloads])
+        opacity.release(_view, [results, shown, opacity], [overlay, legend, counts, downloads])
+        compare.click(check, [gt, shown, results], [metrics, note, errors, downloads], concurrency_limit=1)
+    return app
+
+
+def serve(host: str = "127.0.0.1", port: int = 7860, models_dir: str | None = None, device: str = "auto",
+          block: bool = True):
+    """Start the page (localhost unless told otherwise); returns the Gradio app."""
+    app = build_app(ModelStore(models_dir, device))
+    app.queue(max_size=32, default_concurrency_limit=1)
+    app.launch(server_name=host, server_port=port, show_error=True, max_file_size=MAX_UPLOAD,
+               prevent_thread_lock=not block, quiet=not block, footer_links=[])
+    return app

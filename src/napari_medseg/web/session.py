@@ -1,0 +1,188 @@
+"""What the browser front does, free of Gradio: load models once, segment uploads, compare with
+ground truth, write the downloads. Every step calls the core; this module only arranges it.
+
+Files are read only from what the browser uploaded (paths Gradio hands over) and written only
+into a fresh temporary folder per run; model files are offered by name, never by path.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MedsegError
+from ..evaluation.error_maps import error_map
+from ..evaluation.ground_truth import compare_to_ground_truth, ground_truth_from_label_map
+from ..inference import Segmenter, TileSettings
+from ..io.geojson import write_geojson
+from ..io.images import file_stem, read_image, read_label_map, to_rgb_float, write_label_map
+from ..io.tables import write_csv
+from ..models import read_meta
+from ..nuclei.measure import object_table
+from ..nuclei.votes import instance_classes
+from ..nuclei.watershed import INSTANCE_MAX_PIXELS
+
+DEFAULT_MODEL = "default (shipped)"
+MAX_PIXELS = INSTANCE_MAX_PIXELS  # above this the nuclei step cannot run; refuse rather than half-serve
+
+
+class WebInputError(MedsegError, ValueError):
+    """An upload or a choice in the page cannot be used (the message is shown in the page)."""
+
+
+class ModelStore:
+    """The shipped model and the checkpoints of one folder, offered by name, each loaded once.
+
+    Loading and running share one lock: the CPU runs one image at a time, and a model is never
+    loaded twice by two users who ask at once.
+    """
+
+    def __init__(self, models_dir: str | Path | None = None, device: str = "auto"):
+        self.models_dir = Path(models_dir).expanduser() if models_dir else None
+        self.device = device
+        self.lock = threading.Lock()
+        self._loaded: dict[str, Segmenter] = {}
+
+    def names(self) -> list[str]:
+        names = [DEFAULT_MODEL]
+        if self.models_dir is not None and self.models_dir.is_dir():
+            for path in sorted(self.models_dir.rglob("*.safetensors")):
+                try:
+                    read_meta(path)  # only real napari-medseg checkpoints are offered
+                except MedsegError:
+                    continue
+                names.append(path.relative_to(self.models_dir).as_posix())
+        return names
+
+    def _path(self, name: str) -> str:
+        if name == DEFAULT_MODEL:
+            return "default"
+        if name not in self.names():  # a name from the list, never a path typed by a client
+            raise WebInputError(f"Unknown model '{name}'. Choose one of the list.")
+        return str(self.models_dir / name)
+
+    def get(self, name: str) -> Segmenter:
+        """The loaded model (call with ``lock`` held)."""
+        if name not in self._loaded:
+            self._loaded[name] = Segmenter.load(self._path(name), device=self.device)
+        return self._loaded[name]
+
+
+@dataclass
+class ImageResult:
+    """One segmented upload and everything the page shows or offers for it."""
+
+    name: str
+    display: np.ndarray  # uint8 RGB, what the browser shows under the overlays
+    class_map: np.ndarray
+    instances: np.ndarray
+    classes: list[str]
+    colors: list
+    table: dict
+    pixel_size_um: float | None
+    folder: Path
+    downloads: list[Path] = field(default_factory=list)
+
+
+def display_rgb(image: np.ndarray) -> np.ndarray:
+    """Any readable image as uint8 RGB for the browser (16-bit and gray included)."""
+    return np.round(to_rgb_float(image, 3) * 255).astype(np.uint8)
+
+
+def read_upload(path: str | Path) -> np.ndarray:
+    image = read_image(path)  # clear messages for unreadable files, NaN, stacks, odd shapes
+    if image.shape[0] * image.shape[1] > MAX_PIXELS:
+        raise WebInputError(f"'{Path(path).name}' has {image.shape[0]}x{image.shape[1]} pixels; the browser front "
+                            f"takes images up to {MAX_PIXELS / 1e6:.0f} Mpx. Use `medseg predict` for larger ones.")
+    return image
+
+
+def segment_upload(path: str | Path, segmenter: Segmenter, threshold: float | None = None, tta: bool = False,
+                   pixel_size_um: float | None = None, progress=None) -> ImageResult:
+    """Segment one uploaded file into classes and nuclei and write its downloads."""
+    image = read_upload(path)
+    segmenter.foreground_threshold = threshold or segmenter.meta.foreground_threshold
+    class_map, instances = segmenter.segment_nuclei(image, TileSettings(tta=tta), progress)
+    votes = instance_classes(instances, class_map)
+    classes, colors = segmenter.classes, segmenter.meta.colors
+    table = object_table(instances, class_map, classes, pixel_size_um=pixel_size_um)
+    result = ImageResult(file_stem(path), display_rgb(image), class_map, instances, classes, colors, table,
+                         pixel_size_um, Path(tempfile.mkdtemp(prefix="medseg-web-")))
+    stem = result.name
+    result.downloads = [
+        write_label_map(result.folder / f"{stem}_labels.tif", class_map),
+        write_label_map(result.folder / f"{stem}_instances.tif", instances),
+        write_geojson(result.folder / f"{stem}_nuclei.geojson", instances, votes, classes, colors),
+        write_csv(result.folder / f"{stem}_nuclei.csv", table),
+    ]
+    return result
+
+
+def nucleus_summary(result: ImageResult) -> list[list]:
+    """Rows ``class, nuclei, mean area, total area`` (µm² with a pixel size, px otherwise), then all."""
+    column = "area_um2" if "area_um2" in result.table else "area"
+    names = np.asarray(result.table.get("class", np.array([], object))).astype(str)
+    areas = np.asarray(result.table[column], float)
+    rows = []
+    for name in result.classes[1:]:
+        mine = areas[names == name]
+        rows.append([name, int(mine.size), _round(mine.mean()) if mine.size else "-", _round(mine.sum())])
+    rows.append(["all nuclei", int(areas.size), _round(areas.mean()) if areas.size else "-", _round(areas.sum())])
+    return rows
+
+
+def _round(value: float) -> float:
+    return float(np.round(value, 1))
+
+
+@dataclass
+class Comparison:
+    report: dict
+    errors: np.ndarray  # TP / FP / FN / wrong class per pixel (evaluation.error_maps)
+    metrics_csv: Path
+
+
+def compare_upload(result: ImageResult, gt_path: str | Path) -> Comparison:
+    """Score ``result`` against an uploaded ground-truth label map (class map, mask or instances)."""
+    labels = read_label_map(gt_path)
+    if labels.shape != result.class_map.shape:
+        raise WebInputError(f"The ground truth '{Path(gt_path).name}' is {labels.shape[0]}x{labels.shape[1]} px but "
+                            f"the image '{result.name}' is {result.class_map.shape[0]}x{result.class_map.shape[1]}.")
+    truth = ground_truth_from_label_map(labels, result.classes)
+    report = compare_to_ground_truth(result.class_map, result.classes, truth, pred_instances=result.instances)
+    pred = (result.class_map > 0).astype(np.uint8) if report["classes_merged"] else result.class_map
+    errors = error_map(truth.class_map, pred, len(report["classes"]))
+    path = write_csv(result.folder / f"{result.name}_metrics.csv", metrics_columns(report))
+    return Comparison(report, errors, path)
+
+
+def metrics_rows(report: dict) -> list[list]:
+    """The page's table: one row per foreground class, then the nucleus-level row."""
+    rows = [[name, *(_cell(row[k]) for k in ("iou", "dice", "precision", "recall", "pq", "f1"))]
+            for name, row in list(report["per_class"].items())[1:]]
+    o = report["overall"]
+    rows.append(["nuclei (all classes)", "-", _cell(o["nucleus_dice"]), "-", "-", _cell(o["bpq"]), _cell(o["f1"])])
+    return rows
+
+
+METRIC_HEADERS = ["class", "IoU", "Dice", "precision", "recall", "PQ", "F1"]
+
+
+def metrics_columns(report: dict) -> dict[str, np.ndarray]:
+    o = report["overall"]
+    names = ["nucleus Dice", "mIoU", "pixel accuracy", "bPQ", "mPQ", "F1", "AJI"]
+    keys = ["nucleus_dice", "miou", "pixel_accuracy", "bpq", "mpq", "f1", "aji"]
+    for name, row in list(report["per_class"].items())[1:]:
+        for k in ("iou", "dice", "precision", "recall", "pq", "f1"):
+            names.append(f"{name} {k}")
+            keys.append((name, k))
+    values = [o[k] if isinstance(k, str) else report["per_class"][k[0]][k[1]] for k in keys]
+    return {"metric": np.array(names, object), "value": np.array(values, float)}
+
+
+def _cell(value) -> float | str:
+    return "-" if value is None or value != value else float(np.round(value, 4))

@@ -1,0 +1,116 @@
+"""The browser front's handlers (no browser, no Gradio): real patches through the shipped model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_medseg.errors import MedsegError
+from napari_medseg.evaluation.ground_truth import compare_to_ground_truth, ground_truth_from_label_map
+from napari_medseg.evaluation.report import evaluate_maps
+from napari_medseg.io.images import read_label_map
+from napari_medseg.web.render import class_overlay, enlarged
+from napari_medseg.web.session import (DEFAULT_MODEL, ModelStore, WebInputError, compare_upload, metrics_rows,
+                                       nucleus_summary, segment_upload)
+
+STEM = "train_19_005"
+
+
+@pytest.fixture(scope="module")
+def store():
+    return ModelStore()
+
+
+@pytest.fixture(scope="module")
+def result(store, consep):
+    with store.lock:
+        return segment_upload(consep / "images" / f"{STEM}.png", store.get(DEFAULT_MODEL), pixel_size_um=0.25)
+
+
+def test_segment_upload_gives_nuclei_counts_and_downloads(result):
+    n = len(np.unique(result.instances)) - 1
+    assert n > 20 and len(result.table["label"]) == n
+    rows = {r[0]: r for r in nucleus_summary(result)}
+    assert rows["all nuclei"][1] == n == sum(rows[c][1] for c in result.classes[1:])
+    # areas in µm² at 0.25 µm/px: a sixteenth of the pixel count
+    assert rows["all nuclei"][3] == pytest.approx(float(np.count_nonzero(result.instances)) / 16, rel=1e-3)
+    names = sorted(p.name for p in result.downloads)
+    assert names == sorted(f"{STEM}_{s}" for s in ("labels.tif", "instances.tif", "nuclei.geojson", "nuclei.csv"))
+    assert all(p.parent == result.folder and str(p).startswith(tempfile.gettempdir()) for p in result.downloads)
+    assert np.array_equal(read_label_map(result.folder / f"{STEM}_labels.tif"), result.class_map)
+    geojson = json.loads((result.folder / f"{STEM}_nuclei.geojson").read_text())
+    assert len(geojson["features"]) == n
+
+
+def test_class_ground_truth_scores_as_the_core_does(result, consep):
+    comparison = compare_upload(result, consep / "labels" / f"{STEM}.tif")
+    expected = evaluate_maps(read_label_map(consep / "labels" / f"{STEM}.tif"), result.class_map, result.classes,
+                             pred_instances=result.instances)
+    assert comparison.report["overall"]["nucleus_dice"] == pytest.approx(expected["overall"]["nucleus_dice"])
+    assert not comparison.report["classes_merged"]
+    rows = metrics_rows(comparison.report)
+    assert [r[0] for r in rows] == [*result.classes[1:], "nuclei (all classes)"]
+    assert comparison.metrics_csv.is_file() and comparison.errors.shape == result.class_map.shape
+
+
+def test_nucleus_only_instances_merge_the_classes(result, consep):
+    """An instance map without classes: the prediction's classes are merged into 'nucleus'."""
+    comparison = compare_upload(result, consep / "instances" / f"{STEM}.tif")
+    report = comparison.report
+    assert report["classes_merged"] and "merged" in report["note"]
+    assert report["classes"] == ["background", "nucleus"]
+    truth = read_label_map(consep / "labels" / f"{STEM}.tif")
+    merged = evaluate_maps((truth > 0).astype(np.uint8), (result.class_map > 0).astype(np.uint8),
+                           ["background", "nucleus"])
+    assert report["overall"]["nucleus_dice"] == pytest.approx(merged["overall"]["nucleus_dice"])
+
+
+def test_ground_truth_kinds_are_told_apart(consep):
+    classes = ["background", "other", "inflammatory", "epithelial", "spindle"]
+    labels = read_label_map(consep / "labels" / f"{STEM}.tif")
+    instances = read_label_map(consep / "instances" / f"{STEM}.tif")
+    assert ground_truth_from_label_map(labels, classes).classes == classes
+    mask = ground_truth_from_label_map((labels > 0).astype(np.uint8) * 255, classes)
+    assert mask.nucleus_only and mask.instances is None and mask.class_map.max() == 1
+    by_ids = ground_truth_from_label_map(instances, classes)
+    assert by_ids.nucleus_only and np.array_equal(by_ids.instances, instances)
+    with pytest.raises(MedsegError, match="differ"):
+        compare_to_ground_truth(labels, ["background", "a", "b"], ground_truth_from_label_map(labels, classes))
+
+
+def test_bad_uploads_get_clear_messages(result, store, tmp_path):
+    small = tmp_path / "small.png"
+    import imageio.v3 as iio
+
+    iio.imwrite(small, np.zeros((10, 12), np.uint8))
+    with pytest.raises(WebInputError, match="10x12"):
+        compare_upload(result, small)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with store.lock, pytest.raises(MedsegError, match="notes.png"):
+        segment_upload(text, store.get(DEFAULT_MODEL))
+
+
+def test_models_are_offered_by_name_never_by_path(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    default = Path(__file__).resolve().parents[1] / "src/napari_medseg/models/default/default.safetensors"
+    shutil.copy(default, models / "mine.safetensors")
+    (models / "junk.safetensors").write_bytes(b"junk")
+    store = ModelStore(models)
+    assert store.names() == [DEFAULT_MODEL, "mine.safetensors"]
+    for name in ("junk.safetensors", "../models/mine.safetensors", str(models / "mine.safetensors")):
+        with pytest.raises(WebInputError, match="Unknown model"):
+            store.get(name)
+
+
+def test_overlay_outlines_nuclei_in_their_class_colour(result):
+    picture = class_overlay(result.display, result.class_map, result.instances, result.colors, opacity=0.0)
+    outline = np.any(picture != result.display, axis=-1)
+    assert outline.any() and not outline[result.class_map == 0].any()  # fill off: only outlines, only on nuclei
+    assert enlarged(picture).shape[:2] == (512, 512)
