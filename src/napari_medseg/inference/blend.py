@@ -1,18 +1,19 @@
 """Stitching: tile predictions blended into a band buffer and finalised row by row.
 
 The engine walks the image in rows of overlapping tiles (``windows``). Each tile's softmax
-is weighted by a blend map and added into a band buffer a few tile rows high; as soon as no
-later tile can touch a row, that row is final: it is divided by the summed weights, turned
-into a uint8 class map (and, on request, float16 probabilities) and dropped from the buffer.
-Memory therefore grows with the image *width*, never its area, and the input may be a lazy
-array (dask/zarr/memmap, e.g. a tiled whole-slide TIFF) read one strip of rows at a time.
+is weighted by a blend map and added into a band buffer a few tile rows high (``BandMerger``);
+as soon as no later tile can touch a row, that row is final: it is divided by the summed
+weights, turned into a uint8 class map (and, on request, float16 probabilities) and dropped
+from the buffer. Memory therefore grows with the image *width*, never its area, and the input
+may be a lazy array (dask/zarr/memmap, e.g. a tiled whole-slide TIFF) read one strip of rows
+at a time. ``iter_blend`` drives it: cut (``windows``), run (``forward``), stitch (here).
 
 Near-white glass tiles of H&E images are background without running the model.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Callable, Generator
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 from .forward import Batcher, RunReport, prepare_model
 from .settings import TileSettings
 from .source import ImageSource
-from .windows import blend_weights, glass_fraction, tile_starts
+from .windows import TileGrid, blend_weights, glass_fraction
 
 FINALISE_COLUMNS = 1024  # finished rows are divided and argmaxed this many columns at a time
 
@@ -33,6 +34,83 @@ def classify(probs: np.ndarray, foreground_threshold: float | None = None) -> np
     if foreground_threshold is None or probs.shape[0] < 2:
         return probs.argmax(0)
     return np.where(1.0 - probs[0] > foreground_threshold, probs[1:].argmax(0) + 1, 0)
+
+
+@dataclass
+class Outputs:
+    """Where finished rows go: the class map, and on request the probabilities and distance map."""
+
+    classes: object  # (H, W), any writable array
+    num_classes: int
+    foreground_threshold: float | None = None
+    probabilities: object = None  # (C, H, W)
+    distance: object = None  # (H, W): the distance head's channel, after the class channels
+
+    def write(self, top: int, left: int, probs: np.ndarray) -> None:
+        """Final blended ``probs`` (``(C[+1], h, w)``) of the block at ``(top, left)``."""
+        rows, cols = slice(top, top + probs.shape[1]), slice(left, left + probs.shape[2])
+        class_probs = probs[:self.num_classes]
+        self.classes[rows, cols] = classify(class_probs, self.foreground_threshold).astype(
+            self.classes.dtype, copy=False)
+        if self.probabilities is not None:
+            self.probabilities[:, rows, cols] = class_probs
+        if self.distance is not None:
+            self.distance[rows, cols] = probs[self.num_classes]
+
+
+class BandMerger:
+    """Weighted tile predictions summed into a buffer of image rows ``[base, base + band)``.
+
+    ``add`` and ``add_glass`` accumulate a tile and its blend weights; ``finalise(until)``
+    divides rows ``[base, until)`` by their summed weights, hands them to ``Outputs`` a
+    column chunk at a time (small temporaries) and slides the buffer down. Rows and columns
+    past the image (a tile larger than the image is padded) are never written out.
+    """
+
+    def __init__(self, outputs: Outputs, channels: int, band: int, size: tuple[int, int],
+                 padded_width: int, weights: np.ndarray):
+        self.outputs, self.band, self.weights = outputs, band, weights
+        self.height, self.width = size
+        self.tile = weights.shape[0]
+        self.acc = np.zeros((channels, band, padded_width), np.float32)
+        self.norm = np.zeros((band, padded_width), np.float32)
+        self.base = 0
+
+    def has_room_for(self, y: int) -> bool:
+        """Whether a tile row starting at image row ``y`` fits in the buffer as it stands."""
+        return y + self.tile <= self.base + self.band
+
+    def add(self, y: int, x: int, weighted_probs: np.ndarray) -> None:
+        top = y - self.base
+        self.acc[:, top:top + self.tile, x:x + self.tile] += weighted_probs
+        self.norm[top:top + self.tile, x:x + self.tile] += self.weights
+
+    def add_glass(self, y: int, x: int) -> None:
+        """A glass tile: certain background, at the tile's blend weight."""
+        top = y - self.base
+        self.acc[0, top:top + self.tile, x:x + self.tile] += self.weights
+        self.norm[top:top + self.tile, x:x + self.tile] += self.weights
+
+    def finalise(self, until: int) -> None:
+        """Rows ``[base, until)`` are complete: write them out and slide the buffer."""
+        n = until - self.base
+        if n <= 0:
+            return
+        rows_out = min(until, self.height) - self.base
+        for left in range(0, self.width if rows_out > 0 else 0, FINALISE_COLUMNS):
+            right = min(self.width, left + FINALISE_COLUMNS)
+            probs = self.acc[:, :rows_out, left:right] / self.norm[:rows_out, left:right]
+            self.outputs.write(self.base, left, probs)
+        self._slide(n)
+        self.base = until
+
+    def _slide(self, n: int) -> None:
+        """Drop the buffer's first ``n`` rows; the rows freed at the bottom start from zero."""
+        keep = self.band - n
+        self.acc[:, :keep] = self.acc[:, n:]
+        self.acc[:, keep:] = 0
+        self.norm[:keep] = self.norm[n:]
+        self.norm[keep:] = 0
 
 
 def iter_blend(model: torch.nn.Module, source: ImageSource, num_classes: int, settings: TileSettings,
@@ -50,103 +128,72 @@ def iter_blend(model: torch.nn.Module, source: ImageSource, num_classes: int, se
     (``(H, W)``) when given. ``foreground_threshold``: see ``classify``.
     """
     report = report if report is not None else RunReport()
-    height, width = source.height, source.width
-    tile, stride = settings.tile_size, settings.tile_size - settings.overlap
-    padded_h, padded_w = max(height, tile), max(width, tile)
-    ys, xs = tile_starts(padded_h, tile, stride), tile_starts(padded_w, tile, stride)
-    total = len(ys) * len(xs)
+    grid = TileGrid.cover(source.height, source.width, settings.tile_size, settings.overlap)
+    tile, total = grid.tile, grid.total
     report.tiles, report.batch_size = total, settings.batch_size
     if out is None:
-        out = np.zeros((height, width), np.uint8 if num_classes <= 256 else np.uint16)
-    weights = blend_weights(tile, settings.blend)
+        out = np.zeros((source.height, source.width), np.uint8 if num_classes <= 256 else np.uint16)
+    merger = BandMerger(Outputs(out, num_classes, foreground_threshold, probabilities_out, distance_out),
+                        num_classes + int(distance_head), grid.band(settings.batch_size),
+                        (source.height, source.width), grid.padded_width, blend_weights(tile, settings.blend))
     skip = settings.skip_background and source.rgb and source.channels == 3
-    model = prepare_model(model, settings, device)
-    run_batch = Batcher(model, settings, device, report, num_classes)
-    channels = num_classes + int(distance_head)
-
-    # The band buffer holds rows [base, base + band): the open tile rows a batch can span.
-    rows_per_batch = math.ceil(settings.batch_size / len(xs))
-    band = min(padded_h, tile + stride * rows_per_batch)
-    acc = np.zeros((channels, band, padded_w), np.float32)
-    norm = np.zeros((band, padded_w), np.float32)
-    base = 0
-    pending: list[tuple[int, int, np.ndarray]] = []  # (row index, x, normalised tile)
-    done = 0
-
-    def finalise(until: int) -> None:
-        """Rows [base, until) are complete: write them out and slide the buffer."""
-        nonlocal base
-        n = until - base
-        if n <= 0:
-            return
-        rows_out = min(until, height) - base
-        for left in range(0, width if rows_out > 0 else 0, FINALISE_COLUMNS):  # column chunks: small temporaries
-            right = min(width, left + FINALISE_COLUMNS)
-            probs = acc[:, :rows_out, left:right] / norm[:rows_out, left:right]
-            out[base:base + rows_out, left:right] = classify(probs[:num_classes], foreground_threshold).astype(
-                out.dtype, copy=False)
-            if probabilities_out is not None:
-                probabilities_out[:, base:base + rows_out, left:right] = probs[:num_classes]
-            if distance_out is not None:
-                distance_out[base:base + rows_out, left:right] = probs[num_classes]
-        acc[:, :band - n] = acc[:, n:]
-        acc[:, band - n:] = 0
-        norm[:band - n] = norm[n:]
-        norm[band - n:] = 0
-        base = until
-
-    def add(row: int, x: int, probs: np.ndarray | None) -> None:
-        top = ys[row] - base
-        if probs is None:  # glass: certain background
-            acc[0, top:top + tile, x:x + tile] += weights
-        else:
-            acc[:, top:top + tile, x:x + tile] += probs
-        norm[top:top + tile, x:x + tile] += weights
-
-    def flush() -> None:
-        nonlocal pending, done
-        if not pending:
-            return
-        probs = run_batch(np.stack([t for _, _, t in pending]))
-        for (row, x, _), p in zip(pending, probs):
-            add(row, x, p)
-        done += len(pending)
-        pending = []
-
-    reported = 0
-    for row, y in enumerate(ys):
-        # Rows above the oldest tile row still in play are final.
-        finalise(ys[pending[0][0]] if pending else y)
-        if y + tile > base + band:  # no room for this row: run what is pending (a partial batch) first
-            flush()
-            finalise(y)
+    run_batch = Batcher(prepare_model(model, settings, device), settings, device, report, num_classes)
+    pending: list[tuple[int, int, np.ndarray]] = []  # (y, x, model input) waiting for a batch
+    done = reported = 0
+    for y in grid.ys:
+        merger.finalise(pending[0][0] if pending else y)  # rows above the oldest open tile row are final
+        if not merger.has_room_for(y):  # run what is pending (a partial batch) first
+            done += _run(pending, run_batch, merger)
+            merger.finalise(y)
             if done > reported:
                 reported = done
                 yield done, total
-        # The strip stays as stored (uint8 for H&E); tiles are converted one at a time.
-        strip = source.rows(y, min(y + tile, height))
-        if strip.shape[0] < tile or strip.shape[1] < tile:  # image smaller than a tile
-            pad = ((0, tile - min(tile, strip.shape[0])), (0, max(0, tile - strip.shape[1])))
-            strip = np.pad(strip, pad + ((0, 0),) * (strip.ndim - 2), mode="symmetric")
-        skipped_in_row = 0
-        for x in xs:
+        strip = _strip(source, y, tile)
+        all_glass = True
+        for x in grid.xs:
             tile01 = source.to01(strip[:, x:x + tile])
-            if skip and 1.0 - glass_fraction(tile01, settings.background_level) <= settings.max_tissue_fraction:
-                add(row, x, None)
+            if skip and _is_glass(tile01, settings):
+                merger.add_glass(y, x)
                 report.skipped_background += 1
                 done += 1
-                skipped_in_row += 1
                 continue
-            pending.append((row, x, normalise(tile01) if normalise is not None else tile01))
+            all_glass = False
+            pending.append((y, x, normalise(tile01) if normalise is not None else tile01))
             if len(pending) >= settings.batch_size:
-                flush()
+                done += _run(pending, run_batch, merger)
                 reported = done
                 yield done, total
-        if skipped_in_row == len(xs) and done > reported:
+        if all_glass and done > reported:
             reported = done
             yield done, total  # a row of glass: still report (and let a cancel in)
-    flush()
-    finalise(padded_h)
+    done += _run(pending, run_batch, merger)
+    merger.finalise(grid.padded_height)
     if done > reported:
         yield done, total
     return out
+
+
+def _run(pending: list[tuple[int, int, np.ndarray]], run_batch: Batcher, merger: BandMerger) -> int:
+    """Run the pending tiles as one batch into the merger; empties ``pending``, returns how many ran."""
+    if not pending:
+        return 0
+    probs = run_batch(np.stack([t for _, _, t in pending]))
+    for (y, x, _), p in zip(pending, probs):
+        merger.add(y, x, p)
+    n = len(pending)
+    pending.clear()
+    return n
+
+
+def _is_glass(tile01: np.ndarray, settings: TileSettings) -> bool:
+    return 1.0 - glass_fraction(tile01, settings.background_level) <= settings.max_tissue_fraction
+
+
+def _strip(source: ImageSource, y: int, tile: int) -> np.ndarray:
+    """Rows ``[y, y + tile)`` as stored (uint8 for H&E; tiles are converted one at a time),
+    mirrored out to a whole tile where the image is smaller than one."""
+    strip = source.rows(y, min(y + tile, source.height))
+    if strip.shape[0] < tile or strip.shape[1] < tile:
+        pad = ((0, tile - min(tile, strip.shape[0])), (0, max(0, tile - strip.shape[1])))
+        strip = np.pad(strip, pad + ((0, 0),) * (strip.ndim - 2), mode="symmetric")
+    return strip

@@ -10,7 +10,7 @@ as on the whole map.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,9 +25,6 @@ class PostprocessSettings:
     @property
     def active(self) -> bool:
         return self.min_object_size > 1 or self.max_hole_size > 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _clean_block(block: np.ndarray, settings: PostprocessSettings) -> np.ndarray:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..devices import resolve_device
+from ..io.images import read_image
 from ..nuclei.watershed import INSTANCE_MAX_PIXELS, INSTANCE_STEPS, InstanceSettings, iter_semantic_to_instances
 from ..models import CheckpointMeta, load_checkpoint, resolve_model_path
 from ..models.optimise import optimise_for_inference
@@ -168,6 +169,5 @@ class Segmenter:
 
 def segment_file(path: str | Path, segmenter: Segmenter, settings: TileSettings | None = None,
                  progress: ProgressCallback | None = None) -> np.ndarray:
-    from ..io.images import read_image
-
+    """The class map of one image file (read whole: see ``io.lazy`` for whole slides)."""
     return segmenter.segment(read_image(path), settings, progress)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from ..errors import MedsegError
 
@@ -53,6 +53,3 @@ class TileSettings:
         if not 0.0 <= self.max_tissue_fraction < 1.0:
             raise InferenceSettingsError(f"max_tissue_fraction must be in [0, 1), got {self.max_tissue_fraction}.")
         return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)

@@ -8,6 +8,8 @@ the most context. That is what removes seams at tile borders.
 from __future__ import annotations
 
 import functools
+import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -51,6 +53,33 @@ def tile_starts(length: int, tile: int, stride: int) -> list[int]:
     starts = list(range(0, length - tile, stride))
     starts.append(length - tile)
     return starts
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """The tiles covering an image: row starts ``ys`` and column starts ``xs``, overlapping by
+    ``tile - stride``. An image smaller than a tile is padded up to one (``padded_*``)."""
+
+    tile: int
+    stride: int
+    padded_height: int
+    padded_width: int
+    ys: list[int]
+    xs: list[int]
+
+    @classmethod
+    def cover(cls, height: int, width: int, tile: int, overlap: int) -> "TileGrid":
+        stride, padded_h, padded_w = tile - overlap, max(height, tile), max(width, tile)
+        return cls(tile, stride, padded_h, padded_w, tile_starts(padded_h, tile, stride),
+                   tile_starts(padded_w, tile, stride))
+
+    @property
+    def total(self) -> int:
+        return len(self.ys) * len(self.xs)
+
+    def band(self, batch_size: int) -> int:
+        """Image rows the tile rows still open during one batch of ``batch_size`` tiles can span."""
+        return min(self.padded_height, self.tile + self.stride * math.ceil(batch_size / len(self.xs)))
 
 
 def glass_fraction(tile01: np.ndarray, level: float) -> float:

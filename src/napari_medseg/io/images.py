@@ -1,6 +1,7 @@
 """Single images and label maps: reading, the rules for odd pixel types, atomic writes.
 
-Rules for what a reader hands to a model (``validate_image_array``):
+Rules for what a reader hands to a model, one rule for eager and lazy arrays (``plane_layout``
+decides from shape and dtype alone; ``validate_image_array`` applies it to a numpy array):
 
 * a 2-D array is a gray image; ``(H, W, 3)`` is RGB; ``(H, W, 4)`` is RGBA and the
   alpha channel is dropped; ``(3|4, H, W)`` (channel-first, as in many OME-TIFFs)
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,10 @@ LABEL_SUFFIXES = (".tif", ".tiff", ".png")
 
 class ImageReadError(MedsegError, ValueError):
     """An image or label file could not be read or has a shape/dtype we do not accept."""
+
+
+class LabelWriteError(MedsegError, ValueError):
+    """An array cannot be written as a label map (not 2-D, not integer, or negative)."""
 
 
 def image_suffix(path: str | os.PathLike) -> str:
@@ -84,40 +90,80 @@ def _read_raw(path: Path) -> np.ndarray:
         ) from exc
 
 
-def _squeeze_singletons(array: np.ndarray) -> np.ndarray:
-    """Drop singleton axes outside the image plane (OME's T, Z, C of size 1) and a trailing channel of 1.
+def _plane_index(shape: tuple[int, ...]) -> tuple[tuple, tuple[int, ...]]:
+    """An index that drops the singleton axes outside the image plane (OME's T, Z, C of size 1)
+    and a trailing channel of 1, and the shape it leaves.
 
     Not ``np.squeeze``: that also drops a 1-pixel-high or -wide image's own rows or columns,
     turning a (1, W, 3) RGB strip into a (W, 3) gray image.
     """
-    if array.ndim <= 2:
-        return array
-    keep = 3 if array.shape[-1] in (1, 3, 4) else 2  # (H, W, C) channel-last, else (..., H, W)
-    array = np.squeeze(array, axis=tuple(i for i in range(array.ndim - keep) if array.shape[i] == 1))
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    return array
+    dropped: list[int] = []
+    if len(shape) > 2:
+        keep = 3 if shape[-1] in (1, 3, 4) else 2  # (H, W, C) channel-last, else (..., H, W)
+        dropped = [i for i in range(len(shape) - keep) if shape[i] == 1]
+        if len(shape) - len(dropped) == 3 and shape[-1] == 1:
+            dropped.append(len(shape) - 1)
+    index = tuple(0 if i in dropped else slice(None) for i in range(len(shape)))
+    return index, tuple(n for i, n in enumerate(shape) if i not in dropped)
+
+
+@dataclass(frozen=True)
+class PlaneLayout:
+    """Where the 2-D image sits in an array, decided from its shape and dtype alone (no pixel is
+    read, so it serves lazy arrays too): see ``plane_layout``."""
+
+    index: tuple  # selects the plane: 0 on each dropped singleton axis, a full slice elsewhere
+    channel_first: bool  # the selected plane is (C, H, W)
+    height: int
+    width: int
+    channels: int  # 1 (gray), 3 (RGB) or 4 (RGBA: readers of pixels drop the alpha, ``without_alpha``)
+
+    def select(self, array):
+        """The plane of ``array`` (numpy or lazy), its channels where the array keeps them."""
+        return array[self.index] if any(isinstance(i, int) for i in self.index) else array
+
+    def to_channel_last(self, array):
+        """The plane of ``array`` as ``(H, W)`` or ``(H, W, C)``; a view, lazy for dask arrays."""
+        plane = self.select(array)
+        return plane.transpose(1, 2, 0) if self.channel_first else plane
+
+
+def plane_layout(shape, dtype, name: str = "image", axes: str | None = None) -> PlaneLayout:
+    """The layout of a 2-D gray, RGB or RGBA image in an array of ``shape`` and ``dtype``, per the
+    module rules, or an ``ImageReadError`` naming ``name`` and the shape.
+
+    ``axes`` (a TIFF's, e.g. ``"TZCYX"``) when known: an axis other than Y, X and samples or
+    channels must then have size 1, so that a 3-plane z-stack is not taken for RGB.
+    """
+    shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+    if dtype == bool or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise ImageReadError(f"{name}: unsupported pixel type {dtype}; expected integer or float pixels.")
+    index, plane = _plane_index(shape)
+    channel_first = len(plane) == 3 and plane[0] in (3, 4) and plane[-1] not in (3, 4)
+    stray_axes = axes is not None and any(a not in "YXSC" and n != 1 for a, n in zip(axes, shape))
+    if stray_axes or not (len(plane) == 2 or (len(plane) == 3 and (plane[-1] in (3, 4) or channel_first))):
+        described = f"shape {shape}" + (f" (axes '{axes}')" if axes is not None else "")
+        raise ImageReadError(
+            f"{name}: {described} is not a 2-D gray, RGB or RGBA image. "
+            "Stacks, time series and multi-channel (>4) data are not supported; "
+            "save one 2-D plane (or an RGB image) per file."
+        )
+    height, width = plane[1:] if channel_first else plane[:2]
+    if height == 0 or width == 0:
+        raise ImageReadError(f"{name}: the image is empty (shape {shape}).")
+    channels = 1 if len(plane) == 2 else plane[0] if channel_first else plane[-1]
+    return PlaneLayout(index, channel_first, height, width, channels)
+
+
+def without_alpha(pixels: np.ndarray) -> np.ndarray:
+    """RGBA -> RGB (a view): alpha carries no stain information. Other pixels as they are."""
+    return pixels[..., :3] if pixels.ndim == 3 and pixels.shape[-1] == 4 else pixels
 
 
 def validate_image_array(array: np.ndarray, name: str = "image") -> np.ndarray:
     """Bring an array to ``(H, W)`` or ``(H, W, 3)`` per the module rules, or raise."""
     array = np.asarray(array)
-    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-        raise ImageReadError(f"{name}: unsupported pixel type {array.dtype}; expected integer or float pixels.")
-    original_shape = array.shape
-    array = _squeeze_singletons(array)
-    if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
-        array = np.moveaxis(array, 0, -1)
-    if array.ndim == 3 and array.shape[-1] == 4:
-        array = array[..., :3]  # RGBA: alpha carries no stain information
-    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3)):
-        raise ImageReadError(
-            f"{name}: shape {original_shape} is not a 2-D gray, RGB or RGBA image. "
-            "Stacks, time series and multi-channel (>4) data are not supported; "
-            "save one 2-D plane (or an RGB image) per file."
-        )
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ImageReadError(f"{name}: the image is empty (shape {original_shape}).")
+    array = without_alpha(plane_layout(array.shape, array.dtype, name).to_channel_last(array))
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise ImageReadError(f"{name}: the image contains NaN or infinite pixels.")
     return array
@@ -195,7 +241,8 @@ def read_label_map(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if image_suffix(path) not in LABEL_SUFFIXES:
         raise ImageReadError(f"Cannot read labels '{path.name}': use .tif or .png for label maps.")
-    labels = _squeeze_singletons(_read_raw(path))
+    raw = _read_raw(path)
+    labels = raw[_plane_index(raw.shape)[0]]
     if labels.ndim != 2:
         raise ImageReadError(f"Labels '{path.name}': expected a 2-D label map, got shape {labels.shape}.")
     if not np.issubdtype(labels.dtype, np.integer):
@@ -237,10 +284,11 @@ def write_label_map(path: str | os.PathLike, labels: np.ndarray) -> Path:
     path = Path(path)
     labels = np.asarray(labels)
     if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"write_label_map: expected a 2-D integer array, got {labels.dtype} {labels.shape}.")
+        raise LabelWriteError(
+            f"Cannot write labels '{path.name}': expected a 2-D integer array, got {labels.dtype} {labels.shape}.")
     if labels.size and labels.min() < 0:
         # The cast to an unsigned dtype below would silently wrap -1 to 255/65535.
-        raise ValueError("write_label_map: negative label values are not allowed.")
+        raise LabelWriteError(f"Cannot write labels '{path.name}': negative label values are not allowed.")
     data = labels.astype(smallest_label_dtype(labels), copy=False)
     big = data.shape[0] * data.shape[1] > 4096 * 4096
     atomic_write(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import ImageReadError, image_suffix
+from .images import ImageReadError, image_suffix, plane_layout
 
 LAZY_MIN_PIXELS = 50_000_000  # above ~7000²: an eager read would take GBs and seconds
 
@@ -44,41 +44,24 @@ def should_open_lazily(path: str | os.PathLike, min_pixels: int = LAZY_MIN_PIXEL
     return levels > 1 or plane > min_pixels
 
 
-def _to_plane(array, axes: str):
-    """Drop singleton non-spatial axes and put samples/channels last: ``(Y, X[, C])``."""
-    keep = []
-    for i, axis in enumerate(axes):
-        if axis in "YXSC" or array.shape[i] != 1:
-            keep.append(i)
-    index = tuple(slice(None) if i in keep else 0 for i in range(len(axes)))
-    array = array[index]
-    axes = "".join(axes[i] for i in keep)
-    if axes in ("YX", "YXS", "YXC"):
-        return array
-    if axes in ("CYX", "SYX"):
-        return array.transpose(1, 2, 0)
-    raise ImageReadError(
-        f"TIFF axes '{axes}' (shape {tuple(array.shape)}) are not one 2-D gray or RGB image; "
-        "stacks and multi-channel series are not supported."
-    )
-
-
 def open_tiff_lazy(path: str | os.PathLike) -> list:
-    """Pyramid levels of a TIFF's first series as dask arrays ``(Y, X[, C])``, full resolution first."""
+    """Pyramid levels of a TIFF's first series as dask arrays ``(Y, X[, C])``, full resolution first.
+
+    The plane is found as for an eager read (``images.plane_layout``); RGBA keeps its alpha here,
+    for display: whoever reads pixels for a model drops it.
+    """
     import dask.array as da
     import tifffile
     import zarr
 
     path = Path(path)
-    shape, axes, n_levels, _ = tiff_levels_info(path)
+    shape, axes, n_levels, dtype = tiff_levels_info(path)
+    # the same plane rule as for eager reads, from the header; the axes keep z-stacks from passing as RGB
+    layout = plane_layout(shape, dtype, f"'{path.name}'", axes=axes)
     try:
         store = tifffile.imread(path, aszarr=True)
         root = zarr.open(store, mode="r")
     except Exception as exc:
         raise ImageReadError(f"Cannot open '{path.name}' lazily ({type(exc).__name__}: {exc}).") from exc
     arrays = [root[str(i)] for i in range(n_levels)] if n_levels > 1 else [root]
-    levels = [_to_plane(da.from_zarr(a), axes) for a in arrays]
-    channels = levels[0].shape[-1] if levels[0].ndim == 3 else 1
-    if levels[0].ndim == 3 and channels not in (1, 3, 4):
-        raise ImageReadError(f"'{path.name}': {channels} channels; only gray, RGB and RGBA are supported.")
-    return levels
+    return [layout.to_channel_last(da.from_zarr(a)) for a in arrays]
