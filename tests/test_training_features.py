@@ -283,10 +283,10 @@ def test_bad_dataset_folders_are_refused_before_training(small_consep, tmp_path)
 def test_full_disk_is_refused_before_training(small_consep, tmp_path, monkeypatch):
     import shutil
 
-    import napari_medseg.training.trainer as trainer_module
+    import napari_medseg.training.checkpoints as checkpoints_module
 
     real = shutil.disk_usage
-    monkeypatch.setattr(trainer_module.shutil, "disk_usage", lambda p: real(p)._replace(free=10_000_000))
+    monkeypatch.setattr(checkpoints_module.shutil, "disk_usage", lambda p: real(p)._replace(free=10_000_000))
     with pytest.raises(TrainingError, match="Not enough free space"):
         train(tiny_config(small_consep, tmp_path / "run"))
 

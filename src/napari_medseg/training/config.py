@@ -199,8 +199,12 @@ def _coerce_floats(obj) -> None:
                 raise TrainConfigError(f"{f.name} must be a number, got '{value}'.") from None
 
 
-def _parse_value(text: str):
-    return yaml.safe_load(text)
+def _parse_value(key: str, text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or exc
+        raise TrainConfigError(f"--set {key}: '{text}' is not a value YAML can read ({problem}).") from None
 
 
 def read_config_mapping(path: str | Path | None) -> dict:
@@ -210,7 +214,10 @@ def read_config_mapping(path: str | Path | None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise TrainConfigError(f"Config file '{path}' does not exist.")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise TrainConfigError(f"Config file '{path}' is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise TrainConfigError(f"{path}: the top level must be a mapping of settings.")
     # Relative dataset paths are relative to the current directory, as users type them.
@@ -229,7 +236,7 @@ def apply_overrides(data: dict, overrides) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise TrainConfigError(f"--set {key}: '{part}' is not a section of settings.")
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = _parse_value(key, value)
     return data
 
 

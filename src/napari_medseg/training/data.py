@@ -9,7 +9,6 @@ classes; every copy gets its own random crop and augmentation.
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from .config import TrainConfigError
+
 
 def quadratic_slope(values: list[float]) -> float:
     """Slope at the last point of the quadratic through ``values`` with the first and last fixed.
@@ -26,7 +28,7 @@ def quadratic_slope(values: list[float]) -> float:
     """
     n = len(values)
     if n < 3:
-        raise ValueError("A constrained quadratic fit needs at least 3 values.")
+        raise TrainConfigError("A constrained quadratic fit needs at least 3 values (quadratic_stop.window).")
     last = n - 1
     v0, vl = float(values[0]), float(values[-1])
     num = den = 0.0

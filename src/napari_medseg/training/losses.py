@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import TrainConfigError
+
 IGNORE_INDEX = -100
 LOSSES = ("ce", "weighted_ce", "bce", "dice", "log_cosh_dice", "focal", "ce_dice")
 
@@ -52,7 +54,7 @@ def class_weights_from_frequencies(freq: np.ndarray, rule: str = "auto") -> np.n
         weights[present] = 1.0 / freq[present]
         return weights / weights[0] if weights[0] > 0 else weights / weights[present].min()
     if rule != "auto":
-        raise ValueError(f"Unknown class-weight rule '{rule}' (auto, inverse).")
+        raise TrainConfigError(f"Unknown class-weight rule '{rule}' (auto, inverse).")
     weights[present] = np.median(freq[present]) / freq[present]
     return weights
 
@@ -129,7 +131,7 @@ def build_loss(name: str, weights: torch.Tensor | None = None, num_classes: int 
 
     name = name.lower()
     if name not in LOSSES:
-        raise ValueError(f"Unknown loss '{name}'. Choose one of: {', '.join(LOSSES)}.")
+        raise TrainConfigError(f"Unknown loss '{name}'. Choose one of: {', '.join(LOSSES)}.")
     binary = num_classes == 2
     if name in ("ce", "weighted_ce", "ce_dice"):
         ce = nn.CrossEntropyLoss(weight=weights if name != "ce" else None, ignore_index=IGNORE_INDEX)

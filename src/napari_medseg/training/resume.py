@@ -20,6 +20,8 @@ from ..io.images import atomic_write
 
 RESUME_KEY = "napari_medseg_resume"
 RESUME_VERSION = 1
+# Settings that may differ between a run and its resumption (they do not change the result).
+RESUME_FREE = ("resume", "save_resume", "out_dir", "device", "num_threads", "repeats")
 
 
 class ResumeError(MedsegError, ValueError):
@@ -93,10 +95,43 @@ def read_resume(path: str | Path) -> tuple[dict, dict]:
     if RESUME_KEY not in header:
         raise ResumeError(f"{path.name} is not a napari-medseg resume file (a best checkpoint cannot be resumed: "
                           "use the resume.safetensors next to it).")
-    info = json.loads(header[RESUME_KEY])
+    try:
+        info = json.loads(header[RESUME_KEY])
+    except ValueError:
+        raise ResumeError(f"{path.name}: the resume state in its header is damaged (not JSON).") from None
     if info.get("version") != RESUME_VERSION:
         raise ResumeError(f"{path.name}: resume format {info.get('version')}, this version reads {RESUME_VERSION}.")
     return tensors, info
+
+
+def config_differences(given: dict, stored: dict, prefix: str = "") -> list[str]:
+    """``key: stored -> given`` for every setting that differs, except those in ``RESUME_FREE``."""
+    diffs = []
+    for key in sorted(set(given) | set(stored)):
+        if not prefix and key in RESUME_FREE:
+            continue
+        a, b = given.get(key), stored.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, f"{prefix}{key}.")
+        elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            diffs.append(f"{prefix}{key}: {b!r} -> {a!r}")
+    return diffs
+
+
+def read_resume_for(path: str | Path, given: dict) -> tuple[dict, dict]:
+    """``read_resume``, refusing a file written by a run with other settings than ``given``."""
+    tensors, info = read_resume(path)
+    diffs = config_differences(given, info["config_given"])
+    if diffs:
+        raise ResumeError("The config differs from the run being resumed (" + "; ".join(diffs) + "). "
+                          "Resume with the same settings, or start a new run.")
+    return tensors, info
+
+
+def check_same_data(info: dict, data: dict) -> None:
+    """Refuse to resume on other data (``data``: the run's data description)."""
+    if info["data"]["val_groups"] != data["val_groups"] or info["data"]["classes"] != data["classes"]:
+        raise ResumeError("The data differ from the run being resumed (classes or validation images changed).")
 
 
 def restore(tensors: dict, info: dict, model: torch.nn.Module, optimizer, scheduler,

@@ -1,0 +1,103 @@
+"""The files a run writes: ``best.safetensors`` (the project's checkpoint format) and
+``resume.safetensors`` (see resume.py), both atomically, only on rank 0, into a folder checked
+for write access and free space before training starts."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..models.checkpoint import CheckpointMeta, save_checkpoint
+from .config import TrainConfig
+from .distributed import DistContext, parameter_hash
+from .events import TrainingError
+from .progress import Progress
+
+
+def check_output_dir(out_dir: Path, need_bytes: int = 0) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_bytes(b"0" * 1024)
+        probe.unlink()
+    except OSError as exc:
+        raise TrainingError(f"Cannot write checkpoints to '{out_dir}': {exc.strerror or exc}.") from exc
+    if need_bytes:
+        free = shutil.disk_usage(out_dir).free
+        if free < need_bytes:
+            raise TrainingError(
+                f"Not enough free space in '{out_dir}': checkpoints need about {need_bytes / 1e6:.0f} MB, "
+                f"{free / 1e6:.0f} MB are free."
+            )
+
+
+def estimated_bytes(model: torch.nn.Module, half: bool, with_resume: bool = True) -> int:
+    params = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    best = params // 2 if half else params
+    resume = params * 3 if with_resume else 0  # weights + two Adam moments
+    return 2 * (best + resume) + (1 << 20)  # atomic replace: old file + new file at once
+
+
+@dataclass
+class CheckpointWriter:
+    """Writes a run's best checkpoint and resume file with what the run was made of."""
+
+    cfg: TrainConfig  # as trained (the start checkpoint's model config, the data's class count)
+    given: dict  # the config as given: a resumption must match it
+    ctx: DistContext
+    device: torch.device
+    classes: list[str]
+    normalization: dict  # {"mean": [...], "std": [...]}
+    data: dict  # the data description recorded in the checkpoint
+
+    @property
+    def best_path(self) -> Path:
+        return Path(self.cfg.out_dir) / "best.safetensors"
+
+    @property
+    def resume_path(self) -> Path:
+        return Path(self.cfg.out_dir) / "resume.safetensors"
+
+    def kept_best(self, best_epoch: int) -> str:
+        """How an error message says which best checkpoint survives it."""
+        return "the best checkpoint so far is kept" + (
+            f" ({self.best_path}, epoch {best_epoch})." if best_epoch > 0 else " (none yet).")
+
+    def save_best(self, model: torch.nn.Module, epoch: int, record: dict, history: list[dict]) -> None:
+        """Every rank calls this (DDP records each rank's parameter hash); rank 0 writes."""
+        ctx = self.ctx
+        hashes = ctx.gather_ints(int(parameter_hash(model)[:15], 16), self.device) if ctx.enabled else None
+        if not ctx.is_main:
+            return
+        training = {"config": self.cfg.to_dict(), "best_epoch": epoch, "history": history}
+        if ctx.enabled:
+            training["distributed"] = {"world_size": ctx.world_size, "backend": ctx.backend,
+                                       "parameter_hash_prefixes": [f"{h:015x}" for h in hashes]}
+        meta = CheckpointMeta(
+            model=self.cfg.model, classes=self.classes, normalization=self.normalization,
+            pixel_size_um=self.cfg.pixel_size_um, training=training, data=self.data,
+            metrics={"validation": record}, model_card=self.cfg.model_card,
+        )
+        try:
+            save_checkpoint(self.best_path, model, meta, half=self.cfg.save_half)
+        except OSError as exc:
+            raise TrainingError(f"Cannot write the checkpoint {self.best_path}: {exc.strerror or exc}. "
+                                "The previous best checkpoint, if any, is unchanged.") from exc
+
+    def save_resume(self, epoch: int, progress: Progress, model: torch.nn.Module, optimizer, scheduler,
+                    loader_generator: torch.Generator) -> None:
+        if not self.ctx.is_main or not self.cfg.save_resume:
+            return
+        from .resume import save_resume
+
+        info = {"epoch": epoch, "config_given": self.given, "history": progress.history,
+                "best_epoch": progress.best_epoch,
+                "data": {"val_groups": self.data["val_groups"], "classes": self.classes},
+                **progress.stop_rule_states()}
+        try:
+            save_resume(self.resume_path, model, optimizer, scheduler, loader_generator, info)
+        except OSError as exc:
+            raise TrainingError(f"Cannot write {self.resume_path}: {exc.strerror or exc}.") from exc

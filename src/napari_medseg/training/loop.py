@@ -1,0 +1,119 @@
+"""The epochs: train on one epoch's crops, validate, keep the best checkpoint, write the resume
+file, report; until the last epoch, an early-stopping rule or the user ends the run."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .checkpoints import CheckpointWriter
+from .config import TrainConfig
+from .distributed import DistContext
+from .events import BatchDone, EpochDone, TrainingError
+from .network import Precision
+from .optimisation import Optimisation
+from .progress import Progress
+from .setup import Loaders
+from .validation import validate
+
+USER_STOP = "stopped by user"
+
+
+@dataclass
+class Run:
+    """Everything the epochs use, built once before the first."""
+
+    cfg: TrainConfig
+    ctx: DistContext
+    device: torch.device
+    model: torch.nn.Module  # the bare model: validated and saved
+    net: torch.nn.Module  # what trains: the model, or its DDP wrapper
+    loss_fn: Callable
+    num_classes: int
+    precision: Precision
+    loaders: Loaders
+    optim: Optimisation
+    writer: CheckpointWriter
+    progress: Progress
+    emit: Callable[[object], None]
+    should_stop: Callable[[], bool]
+
+
+def run_epochs(run: Run) -> None:
+    """Train from ``run.progress.next_epoch`` on; ``run.progress.reason`` says why it ended early."""
+    for epoch in range(run.progress.next_epoch, run.cfg.epochs + 1):
+        started = time.time()
+        trained = train_one_epoch(run, epoch)
+        if trained is None:
+            run.progress.reason = USER_STOP
+            return
+        finish_epoch(run, epoch, *trained, started)
+        if run.progress.reason:
+            return
+
+
+def train_one_epoch(run: Run, epoch: int) -> tuple[float, float] | None:
+    """One pass over the epoch's crops: (mean loss, averaged over ranks; the last step's learning
+    rate), or None when the user stopped it."""
+    ctx, device = run.ctx, run.device
+    run.net.train()
+    if ctx.enabled:
+        run.loaders.sampler.set_epoch(epoch)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    steps, steps_done, lr = len(run.loaders.train), 0, run.optim.lr
+    for step, (image, labels, *extra) in enumerate(run.loaders.train, 1):
+        if run.should_stop():
+            return None
+        loss = _batch_loss(run, image, labels, extra)
+        value = float(loss.detach())
+        if not ctx.all_min_flag(math.isfinite(value), device):
+            raise TrainingError(
+                f"The loss became {value} at epoch {epoch}, step {step}. Lower the learning rate "
+                f"(now {run.cfg.lr}) or check the labels; " + run.writer.kept_best(run.progress.best_epoch))
+        lr = run.optim.step(loss)
+        loss_sum += value
+        steps_done += 1
+        run.emit(BatchDone(epoch, step, steps, value))
+    train_loss = float(loss_sum) / steps_done if steps_done else float("nan")
+    if ctx.enabled:
+        t = torch.tensor([train_loss], dtype=torch.float64, device=device)
+        train_loss = float(ctx.all_sum(t)) / ctx.world_size
+    return train_loss, lr
+
+
+def _batch_loss(run: Run, image: torch.Tensor, labels: torch.Tensor, extra: list[torch.Tensor]) -> torch.Tensor:
+    device = run.device
+    image, labels = image.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    extra = [t.to(device, non_blocking=True) for t in extra]  # the distance target, with a distance head
+    image = run.precision.prepare(image)
+    with run.precision.autocast():
+        logits = run.net(image)
+    return run.loss_fn(logits.float(), labels, *extra)
+
+
+def finish_epoch(run: Run, epoch: int, train_loss: float, lr: float, started: float) -> None:
+    """Validate, record, step a plateau schedule, write the best checkpoint and the resume file, report."""
+    run.ctx.sync_buffers(run.model)
+    if run.loaders.val is not None:
+        val_loss, metrics = validate(run.model, run.loaders.val, run.loss_fn, run.num_classes, run.device, run.ctx,
+                                     run.precision.autocast, run.precision.channels_last, run.loaders.val_instances)
+    else:
+        val_loss, metrics = train_loss, {}
+    progress = run.progress
+    if not math.isfinite(val_loss):
+        raise TrainingError(
+            f"The validation loss became {val_loss} at epoch {epoch}. Lower the learning rate (now {run.cfg.lr}) "
+            "or check the data; " + run.writer.kept_best(progress.best_epoch))
+    record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr, **metrics}
+    improved = progress.add_epoch(record, metrics)
+    run.optim.after_validation(val_loss)
+    if improved:
+        run.writer.save_best(run.model, epoch, record, progress.history)
+    run.writer.save_resume(epoch, progress, run.model, run.optim.optimizer, run.optim.scheduler,
+                           run.loaders.generator)
+    run.emit(EpochDone(epoch, run.cfg.epochs, train_loss, val_loss, metrics, improved, time.time() - started, lr,
+                       progress.reason))

@@ -1,0 +1,74 @@
+"""A run's progress from epoch to epoch: history, best epoch, the early-stopping rules' state.
+
+It is what a resume file restores besides weights, optimiser and random states.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .config import TrainConfig, TrainConfigError
+from .early_stopping import PatienceStop, QuadraticStop
+from .events import TrainingError
+
+
+def monitor_value(monitor: str, val_loss: float, metrics: dict) -> float:
+    """The monitored number of one epoch (``val_loss`` or a validation metric)."""
+    if monitor == "val_loss":
+        return val_loss
+    key = monitor.removeprefix("val_")
+    if key not in metrics:
+        raise TrainConfigError(f"monitor '{monitor}' is not a validation metric ({', '.join(sorted(metrics))}).")
+    if key == "bpq" and not math.isfinite(metrics[key]):  # no validation image has a nucleus: never defined
+        raise TrainingError(f"monitor '{monitor}' is undefined: the validation images hold no nucleus. "
+                            "Choose another monitor or other validation images.")
+    return float(metrics[key])
+
+
+@dataclass
+class Progress:
+    monitor: str
+    patience: PatienceStop
+    quadratic: QuadraticStop | None
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = -1
+    next_epoch: int = 1
+    reason: str = ""  # why the run ends before its last epoch ("" while it goes on)
+
+    @classmethod
+    def start(cls, cfg: TrainConfig, has_validation: bool) -> "Progress":
+        monitor = cfg.monitor if has_validation else "val_loss"  # without validation images only a loss
+        q = cfg.quadratic_stop
+        return cls(monitor, PatienceStop(cfg.patience, cfg.min_delta, higher_is_better=monitor != "val_loss"),
+                   QuadraticStop(q.window, q.threshold, q.patience, q.start) if q.enabled else None)
+
+    def restore(self, info: dict) -> None:
+        """Continue from a resume file's ``info``."""
+        self.history = info["history"]
+        self.best_epoch = info["best_epoch"]
+        self.next_epoch = info["epoch"] + 1
+        self.patience = PatienceStop(**info["patience"])
+        if info.get("quadratic") is not None and self.quadratic is not None:
+            self.quadratic = QuadraticStop(**info["quadratic"])
+
+    def stop_rule_states(self) -> dict:
+        return {"patience": self.patience.state(), "quadratic": self.quadratic.state() if self.quadratic else None}
+
+    def add_epoch(self, record: dict, metrics: dict) -> bool:
+        """Record one validated epoch and feed the stopping rules; True when it is the best so far."""
+        epoch, val_loss = record["epoch"], record["val_loss"]
+        value = monitor_value(self.monitor, val_loss, metrics)
+        self.history.append(record)
+        improved, patience_stop = self.patience.update(value)
+        if improved:
+            self.best_epoch = epoch
+        if patience_stop:
+            self.reason = self.patience.reason(self.monitor)
+        if self.quadratic is not None and self.quadratic.update(epoch, val_loss) and not self.reason:
+            self.reason = self.quadratic.reason()
+        return improved
+
+    @property
+    def best_record(self) -> dict:
+        return next((r for r in self.history if r["epoch"] == self.best_epoch), {})
