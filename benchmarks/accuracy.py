@@ -2,13 +2,13 @@
 
 The validation split is the source images a model was validated on (its metadata's
 ``data.val_groups``, e.g. CoNSeP train_12/19/22/25 for the shipped default): every 256²
-patch of those images, never seen in training. The model runs tiled (``Segmenter``); its
-instances come from its class map by a marker watershed
-(``napari_medseg.instances.semantic_to_instances``), seeded by the model's own distance map
-where it has a distance head, by the class map's distance transform otherwise; the classical baseline
-(``napari_medseg.nuclei.classical.classical_nuclei``: haematoxylin deconvolution, Otsu, watershed)
-runs on the same patches. Both are scored against the dataset's class maps and instance
-maps with ``napari_medseg.evaluation.PairEvaluation``.
+patch of those images, never seen in training. The scoring is
+``napari_medseg.evaluation.benchmark``: the model runs tiled (``Segmenter``); its instances
+come from its class map by a marker watershed (``napari_medseg.nuclei.watershed``), seeded by
+the model's own distance map where it has a distance head, by the class map's distance
+transform otherwise; the classical baseline (``napari_medseg.nuclei.classical.classical_nuclei``:
+haematoxylin deconvolution, Otsu, watershed) runs on the same patches. Both are scored against
+the dataset's class maps and instance maps with ``napari_medseg.evaluation.report.PairEvaluation``.
 
     python benchmarks/accuracy.py                          # default model, CoNSeP validation split
     python benchmarks/accuracy.py --model runs/x/best.safetensors --json acc.json
@@ -31,103 +31,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
-import time
 from pathlib import Path
-
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDSEG_DATA", REPO.parent / "shared" / "data"))
 sys.path.insert(0, str(REPO / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from napari_medseg.nuclei.classical import ClassicalSettings, as_unclassified, classical_nuclei
-from napari_medseg.evaluation.report import PairEvaluation
-from napari_medseg.nuclei.watershed import InstanceSettings
-from napari_medseg.io.dataset import DatasetError  # noqa: E402
-from napari_medseg.evaluation.threshold import GROUP_PATTERN, samples_of_groups
+from napari_medseg.evaluation.benchmark import score_model_and_baseline, scores_nuclei_only  # noqa: E402
+from napari_medseg.evaluation.threshold import samples_of_groups  # noqa: E402
+from napari_medseg.nuclei.watershed import InstanceSettings  # noqa: E402
 
 # Targets from the issue (CoNSeP-style data; HoVer-Net reports Dice 0.8525 / bPQ 0.5477 on CoNSeP).
 TARGETS = {"nucleus_dice": 0.85, "bpq": 0.55, "margin": 0.15}
-
-
-def validation_samples(data: str | Path, val_groups: list[str] | None, group_pattern: str = GROUP_PATTERN):
-    """The samples of ``data`` whose source image (``<folder name>/<group>``) is in ``val_groups``.
-
-    ``val_groups=None`` takes every sample. Raises ``DatasetError`` if none match.
-    """
-    return samples_of_groups(data, val_groups, group_pattern)
-
-
-def summarise(report: dict, classes: list[str]) -> dict:
-    """The headline numbers of a ``PairEvaluation`` report; per-class numbers for ``classes[1:]`` only."""
-    o = report["overall"]
-    per_class = {c: {"f1": report["per_class"][c]["f1"], "iou": report["per_class"][c]["iou"],
-                     "dice": report["per_class"][c]["dice"], "pq": report["per_class"][c]["pq"]}
-                 for c in classes[1:]}
-    ious = [v["iou"] for v in per_class.values() if not math.isnan(v["iou"])]
-    return {
-        "nucleus_dice": o["nucleus_dice"], "bpq": o["bpq"], "mpq": o["mpq"], "f1": o["f1"], "aji": o["aji"],
-        "miou": float(np.mean(ious)) if ious else float("nan"),
-        "per_class": per_class, "images": report["images"],
-    }
-
-
-def trained_normalization(meta) -> dict | None:
-    """The input normalisation a checkpoint's weights were trained with, where it differs from its metadata's.
-
-    Checkpoints written by the trainer before it recorded ``normalization`` in its config were
-    trained on pixels scaled to [0, 1] only, while their metadata (and so ``Segmenter``) names
-    ImageNet mean/std. For those this returns the identity (mean 0, std 1); ``None`` otherwise.
-    """
-    config = (meta.training or {}).get("config") or {}
-    if not config or "normalization" in config:
-        return None
-    norm = meta.normalization or {}
-    if list(norm.get("mean", [0.0])) in ([0.0], [0.0, 0.0, 0.0]) and list(norm.get("std", [1.0])) in ([1.0], [1.0, 1.0, 1.0]):
-        return None
-    return {"mean": [0.0], "std": [1.0]}
-
-
-def scores_nuclei_only(model_classes: list[str], classes: list[str]) -> bool:
-    """Whether a model is scored as nucleus vs background: the data has one foreground class
-    (e.g. MoNuSeg's 'nucleus') and the model other classes. Raises if neither fits."""
-    if model_classes == classes:
-        return False
-    if len(classes) == 2:
-        return True
-    raise DatasetError(f"The model's classes {model_classes} differ from the data's {classes}.")
-
-
-def evaluate_segmenter(segmenter, classes: list[str], samples, instance_settings: InstanceSettings | None = None,
-                       tile_settings=None) -> tuple[dict, float]:
-    """(summary, seconds) of a ``Segmenter`` on ``samples``; instances as ``Segmenter.segment_nuclei`` makes them.
-
-    On data with one foreground class every predicted class counts as that class."""
-    merge = scores_nuclei_only(segmenter.classes, classes)
-    instance_settings = instance_settings or InstanceSettings()
-    evaluation = PairEvaluation(classes, instance_settings)
-    t0 = time.perf_counter()
-    for s in samples:
-        pred, pred_instances = segmenter.segment_nuclei(s.image, tile_settings, instance_settings=instance_settings)
-        if merge:
-            pred = (pred > 0).astype(np.uint8)
-        evaluation.add(s.stem, s.labels, pred, s.instances, pred_instances)
-    return summarise(evaluation.report(), classes), time.perf_counter() - t0
-
-
-def evaluate_baseline(classes: list[str], samples, settings: ClassicalSettings | None = None) -> tuple[dict, float]:
-    """(summary, seconds) of the classical pipeline; its nuclei carry no class (see module docstring)."""
-    names = list(classes) + (["unclassified"] if len(classes) > 2 else [])
-    evaluation = PairEvaluation(names)
-    t0 = time.perf_counter()
-    for s in samples:
-        class_map, instances = classical_nuclei(s.image, settings)
-        evaluation.add(s.stem, s.labels, as_unclassified(class_map, len(classes)), s.instances, instances)
-    return summarise(evaluation.report(), classes), time.perf_counter() - t0
 
 
 def _f(v: float) -> str:
@@ -146,7 +64,7 @@ def format_table(rows: dict[str, dict], classes: list[str]) -> list[str]:
     return lines
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="'default' or a .safetensors checkpoint")
     parser.add_argument("--data", default=str(DATA / "consep_train"), help="dataset folder with labels/ and instances/")
@@ -165,6 +83,47 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="write all numbers here")
+    return parser
+
+
+def _model_label(model: str, meta) -> str:
+    name = "default" if model == "default" else Path(model).name
+    m = meta.model
+    return f"{name} ({m.architecture})" if m.architecture in ("vanilla_unet", "attention_res_unet") else \
+        f"{name} ({m.architecture}/{m.encoder})"
+
+
+def _print_targets(scores: dict) -> None:
+    model, baseline = scores["model"][0], scores["baseline"][0]
+    for suffix, scored in [("", model)] + ([(" with flips", scores["model_tta"][0])] if "model_tta" in scores else []):
+        for name, value, target in ((f"nucleus Dice{suffix}", scored["nucleus_dice"], TARGETS["nucleus_dice"]),
+                                    (f"bPQ{suffix}", scored["bpq"], TARGETS["bpq"]),
+                                    (f"Dice margin over the baseline{suffix}", scored["nucleus_dice"] - baseline["nucleus_dice"],
+                                     TARGETS["margin"])):
+            print(f"target {name} >= {target:.2f}: {value:.4f}  {'met' if value >= target else 'NOT met'}")
+
+
+def _print_results(scores: dict, classes: list[str], label: str, images: int, normalization: dict) -> None:
+    rows = {"model": f"{label}, as loaded by Segmenter",
+            "model_input_as_trained": f"{label}, input as trained ([0, 1], no mean/std)",
+            "model_tta": f"{label}, with test-time flips (--tta)",
+            "baseline": "classical baseline (H + Otsu + watershed)"}
+    print()
+    for line in format_table({rows[key]: summary for key, (summary, _) in scores.items()}, classes):
+        print(line)
+    print()
+    tta = f"with flips {scores['model_tta'][1]:.1f} s, " if "model_tta" in scores else ""
+    print(f"time: model {scores['model'][1]:.1f} s, {tta}baseline {scores['baseline'][1]:.1f} s for {images} images")
+    if "model_input_as_trained" in scores:
+        print(f"WARNING: this checkpoint's metadata names input normalisation {normalization}, but its training config "
+              "records none: the trainer fed it [0, 1] pixels. Segmenter (predict, the napari widget) applies the "
+              "metadata's normalisation, so the first row is what users get; the second row shows the same weights "
+              "fed as they were trained. The targets below are checked on the first row.")
+    _print_targets(scores)
+
+
+def main(argv=None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
 
     import torch
@@ -179,60 +138,25 @@ def main(argv=None) -> int:
         val_groups = [g.strip() for g in args.groups.split(",") if g.strip()]
     if not args.all_images and not val_groups:
         parser.error("the model's metadata names no validation groups; pass --split-from-model or --all-images")
-    classes, samples = validation_samples(args.data, val_groups)
+    classes, samples = samples_of_groups(args.data, val_groups)
     print(f"data: {args.data}  validation groups: {', '.join(val_groups) if val_groups else 'all'}  ({len(samples)} images)")
-
-    model_name = "default" if args.model == "default" else Path(args.model).name
-    m = segmenter.meta.model
-    model_label = f"{model_name} ({m.architecture}/{m.encoder})" if m.architecture not in ("vanilla_unet", "attention_res_unet") else f"{model_name} ({m.architecture})"
-    instance_settings = InstanceSettings(min_distance=args.min_distance, min_size=args.min_size,
-                                         marker_threshold=args.marker_threshold)
     seeds = "distance head" if segmenter.has_distance_head else "class map's distance transform"
     print(f"model instances: watershed seeded by the {seeds}")
     if scores_nuclei_only(segmenter.classes, classes):
         print(f"data classes {classes}: the model's {len(segmenter.classes) - 1} classes are scored as one "
               f"'{classes[1]}' class (binary numbers only)")
-    model, model_s = evaluate_segmenter(segmenter, classes, samples, instance_settings)
-    rows = {f"{model_label}, as loaded by Segmenter": model}
-    fixed = trained_normalization(segmenter.meta)
-    if fixed is not None:
-        shipped_norm = dict(segmenter.meta.normalization)
-        segmenter.meta.normalization = fixed
-        as_trained, _ = evaluate_segmenter(segmenter, classes, samples, instance_settings)
-        segmenter.meta.normalization = shipped_norm
-        rows[f"{model_label}, input as trained ([0, 1], no mean/std)"] = as_trained
-    if args.tta:
-        from napari_medseg.inference.settings import TileSettings
-
-        with_tta, tta_s = evaluate_segmenter(segmenter, classes, samples, instance_settings, TileSettings(tta=True))
-        rows[f"{model_label}, with test-time flips (--tta)"] = with_tta
-    baseline, baseline_s = evaluate_baseline(classes, samples)
-    rows["classical baseline (H + Otsu + watershed)"] = baseline
+    instance_settings = InstanceSettings(min_distance=args.min_distance, min_size=args.min_size,
+                                         marker_threshold=args.marker_threshold)
+    scores = score_model_and_baseline(segmenter, classes, samples, instance_settings, tta=args.tta)
+    _print_results(scores, classes, _model_label(args.model, segmenter.meta), len(samples),
+                   segmenter.meta.normalization)
+    model, baseline = scores["model"][0], scores["baseline"][0]
     margin = model["nucleus_dice"] - baseline["nucleus_dice"]
-
-    print()
-    for line in format_table(rows, classes):
-        print(line)
-    print()
-    print(f"time: model {model_s:.1f} s, {f'with flips {tta_s:.1f} s, ' if args.tta else ''}"
-          f"baseline {baseline_s:.1f} s for {len(samples)} images")
-    if fixed is not None:
-        print(f"WARNING: this checkpoint's metadata names input normalisation {shipped_norm}, but its training config "
-              "records none: the trainer fed it [0, 1] pixels. Segmenter (predict, the napari widget) applies the "
-              "metadata's normalisation, so the first row is what users get; the second row shows the same weights "
-              "fed as they were trained. The targets below are checked on the first row.")
-    for suffix, scored in [("", model)] + ([(" with flips", with_tta)] if args.tta else []):
-        for name, value, target in ((f"nucleus Dice{suffix}", scored["nucleus_dice"], TARGETS["nucleus_dice"]),
-                                    (f"bPQ{suffix}", scored["bpq"], TARGETS["bpq"]),
-                                    (f"Dice margin over the baseline{suffix}", scored["nucleus_dice"] - baseline["nucleus_dice"],
-                                     TARGETS["margin"])):
-            print(f"target {name} >= {target:.2f}: {value:.4f}  {'met' if value >= target else 'NOT met'}")
     if args.json:
+        order = [key for key in ("model", "baseline", "model_input_as_trained", "model_tta") if key in scores]
         out = {"model": args.model, "data": args.data, "val_groups": val_groups, "images": len(samples),
-               "results": {"model": model, "baseline": baseline, **({"model_input_as_trained": as_trained} if fixed else {}),
-                           **({"model_tta": with_tta} if args.tta else {})},
-               "margin": margin, "targets": TARGETS,
-               "seconds": {"model": model_s, "baseline": baseline_s, **({"model_tta": tta_s} if args.tta else {})}}
+               "results": {key: scores[key][0] for key in order}, "margin": margin, "targets": TARGETS,
+               "seconds": {key: scores[key][1] for key in order if key != "model_input_as_trained"}}
         Path(args.json).write_text(json.dumps(out, indent=1))
         print(f"wrote {args.json}")
     print(f"model_dice={model['nucleus_dice']:.4f} model_bpq={model['bpq']:.4f} model_mpq={model['mpq']:.4f} "

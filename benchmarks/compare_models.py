@@ -41,8 +41,11 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from accuracy import (DATA, evaluate_baseline, evaluate_segmenter, format_table, trained_normalization,  # noqa: E402
-                      validation_samples)
+from accuracy import DATA, format_table  # noqa: E402
+
+from napari_medseg.evaluation.benchmark import evaluate_baseline, evaluate_segmenter, trained_normalization  # noqa: E402
+from napari_medseg.evaluation.threshold import samples_of_groups  # noqa: E402
+from napari_medseg.io.dataset import GROUP_PATTERN, open_dataset  # noqa: E402
 
 ARCHITECTURES = {
     "vanilla_unet": "configs/compare_vanilla_unet.yaml",
@@ -123,7 +126,7 @@ def print_report(results: dict, classes: list[str], json_path=None) -> None:
     print(f"run=baseline nucleus_dice={b['nucleus_dice']:.4f} bpq={b['bpq']:.4f} aji={b['aji']:.4f}")
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--budget-s", type=float, default=240.0, help="seconds per run (default 240), see --clock")
@@ -145,6 +148,139 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override for every run")
     parser.add_argument("--json", help="write all results here (default OUT/results.json)")
     parser.add_argument("--report", metavar="JSON", help="only print the tables of an earlier run's results file")
+    return parser
+
+
+def _centre_cropped_items(data: str, val_groups: list[str], size: int):
+    """The training data with every validation image cut to its centre ``size`` crop (cheaper checkpoint choice)."""
+    from napari_medseg.training.data import load_dataset_folders
+
+    data_items, data_classes = load_dataset_folders([data], GROUP_PATTERN, 3)
+    for it in data_items:
+        if it.group in val_groups:
+            h, w = it.labels.shape
+            c = min(size, h, w)
+            y, x = (h - c) // 2, (w - c) // 2
+            it.image, it.labels = it.image[y:y + c, x:x + c].copy(), it.labels[y:y + c, x:x + c].copy()
+            if it.instances is not None:  # the validation bPQ needs them cut alike
+                it.instances = it.instances[y:y + c, x:x + c].copy()
+    return data_items, data_classes
+
+
+def _plan_epochs(plan, arch: str, cfg) -> tuple[int, float | None, float, float]:
+    """(epochs, stop after this many seconds or None, seconds per step, seconds per validation) of one run."""
+    args = plan.args
+    if args.epochs:
+        return args.epochs, None, float("nan"), float("nan")
+    if arch not in plan.timings:  # timed once per architecture: both losses get the same epochs
+        plan.timings[arch] = time_model(cfg, plan.n_train, plan.n_val, plan.clock, val_size=args.val_crop or 256)
+    step_s, val_s = plan.timings[arch]
+    per_epoch = plan.steps_per_epoch(cfg) * step_s + val_s
+    return max(1, int((args.budget_s - 5.0) // per_epoch)), HARD_CAP * args.budget_s, step_s, val_s
+
+
+def _epoch_printer(update) -> None:
+    if type(update).__name__ == "EpochDone":
+        m = update.metrics
+        print(f"  epoch {update.epoch}/{update.epochs} train_loss {update.train_loss:.4f} "
+              f"val_loss {update.val_loss:.4f} val_nucleus_dice {m.get('nucleus_dice', float('nan')):.4f} "
+              f"val_mean_class_dice {m.get('mean_dice', float('nan')):.4f} {'*' if update.best else ''} "
+              f"{update.seconds:.0f}s", flush=True)
+
+
+def _train_run(plan, arch: str, loss: str) -> dict:
+    """Train one architecture x loss within the budget and score its best checkpoint; the results entry."""
+    from napari_medseg.training import load_train_config, train
+
+    args, run = plan.args, f"{arch}/{loss}"
+    out_dir = Path(args.out) / f"{arch}_{loss}"
+    overrides = LOSSES[loss] + [
+        f"data.dataset=[{args.data}]", f"data.crop_size={args.crop}", f"batch_size={args.batch_size}",
+        f"num_threads={args.threads}", f"device={args.device}", f"out_dir={out_dir}", f"seed={plan.split_seed}",
+        f"data.val_fraction={plan.val_fraction}", *args.set,
+    ]
+    cfg = load_train_config(REPO / ARCHITECTURES[arch], overrides)
+    epochs, limit, step_s, val_s = _plan_epochs(plan, arch, cfg)
+    cfg.epochs = epochs
+    cfg.model_card = (cfg.model_card + f" Budget: {plan.budget_text} ({epochs} epochs) on {args.device} "
+                      f"with {args.threads} thread(s): a small-budget comparison run, not a finished model.")
+    print(f"\n[{run}] {epochs} epoch(s) of {plan.steps_per_epoch(cfg)} steps"
+          + (f" (timed {step_s:.2f} s/step, {val_s:.1f} s/validation)" if not args.epochs else ""), flush=True)
+    t0, wall0 = plan.clock(), time.time()
+    try:
+        done = train(cfg, on_update=_epoch_printer, items=plan.items,
+                     should_stop=lambda: limit is not None and plan.clock() - t0 > limit)
+    except Exception as exc:  # one failing run must not lose the others
+        print(f"  FAILED: {type(exc).__name__}: {exc}", flush=True)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    entry = {"arch": arch, "loss": loss, "epochs_planned": epochs, "best_epoch": done.best_epoch,
+             "epochs_done": len(done.history), "train_s": plan.clock() - t0, "train_wall_s": time.time() - wall0,
+             "clock": args.clock, "stopped": done.reason,
+             "step_s": step_s, "val_s": val_s, "checkpoint": str(done.checkpoint)}
+    if done.checkpoint is None:
+        entry["error"] = "no checkpoint (stopped before the first epoch ended)"
+        print(f"  no checkpoint: {done.reason}", flush=True)
+        return entry
+    _score_run(plan, run, done.checkpoint, entry)
+    return entry
+
+
+def _score_run(plan, run: str, checkpoint, entry: dict) -> None:
+    """Score a run's checkpoint on the validation split, into ``entry``."""
+    from napari_medseg.inference import Segmenter
+
+    segmenter = Segmenter.load(checkpoint, device=plan.args.device)
+    got = sorted(segmenter.meta.data.get("val_groups") or [])
+    if got != plan.val_groups:
+        raise SystemExit(f"{run}: the trainer held out {got}, not the reference split {plan.val_groups}; "
+                         "the comparison would not be on one split.")
+    fixed = trained_normalization(segmenter.meta)
+    if fixed is not None:  # score the weights as they were trained (see evaluation.benchmark.trained_normalization)
+        segmenter.meta.normalization = fixed
+        entry["evaluated_normalization"] = fixed
+    summary, eval_s = evaluate_segmenter(segmenter, plan.classes, plan.samples)
+    entry.update(summary)
+    entry["eval_s"] = eval_s
+    entry["params_m"] = sum(p.numel() for p in segmenter.model.parameters()) / 1e6
+    print(f"  -> {entry['train_s']:.0f} {plan.args.clock} s ({entry['train_wall_s']:.0f} s wall) training, best epoch "
+          f"{entry['best_epoch']}: nucleus Dice {summary['nucleus_dice']:.4f} "
+          f"bPQ {summary['bpq']:.4f} mPQ {summary['mpq']:.4f} AJI {summary['aji']:.4f}", flush=True)
+
+
+class _Plan:
+    """What every run shares: the arguments, the validation split, the clock and budget."""
+
+    def __init__(self, args, parser):
+        from napari_medseg.inference import Segmenter
+
+        self.args, self.timings = args, {}
+        reference = Segmenter.load(args.split_from_model, device="cpu").meta
+        self.val_groups = sorted(reference.data.get("val_groups") or [])
+        if not self.val_groups:
+            parser.error(f"{args.split_from_model} names no validation groups")
+        self.split_seed = reference.training.get("config", {}).get("seed", 0)
+        self.val_fraction = reference.training.get("config", {}).get("data", {}).get("val_fraction", 0.15)
+        self.classes, self.samples = samples_of_groups(args.data, self.val_groups)
+        self.n_val = len(self.samples)
+        self.n_train = len(open_dataset(args.data).stems) - self.n_val
+        self.clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        self.budget_text = f"{args.epochs} epochs" if args.epochs else f"{args.budget_s:.0f} {args.clock} s"
+        self.items = None
+
+    def steps_per_epoch(self, cfg) -> int:
+        return max(1, math.ceil(self.n_train * cfg.data.crops_per_image / cfg.batch_size))
+
+
+def _choices(parser, text: str, known: dict) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in known]
+    if bad:
+        parser.error(f"unknown: {', '.join(bad)} (choose from {', '.join(known)})")
+    return names
+
+
+def main(argv=None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.report:
         results = json.loads(Path(args.report).read_text())
@@ -155,132 +291,33 @@ def main(argv=None) -> int:
 
     import torch
 
-    from napari_medseg.inference import Segmenter
-    from napari_medseg.training import load_train_config, train
-
     torch.set_num_threads(args.threads)
-    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
-    losses = [x.strip() for x in args.losses.split(",") if x.strip()]
-    for name, known in ((archs, ARCHITECTURES), (losses, LOSSES)):
-        bad = [n for n in name if n not in known]
-        if bad:
-            parser.error(f"unknown: {', '.join(bad)} (choose from {', '.join(known)})")
+    archs, losses = _choices(parser, args.archs, ARCHITECTURES), _choices(parser, args.losses, LOSSES)
     out_root = Path(args.out)
     out_root.mkdir(parents=True, exist_ok=True)
     json_path = Path(args.json) if args.json else out_root / "results.json"
-
-    reference = Segmenter.load(args.split_from_model, device="cpu").meta
-    val_groups = sorted(reference.data.get("val_groups") or [])
-    if not val_groups:
-        parser.error(f"{args.split_from_model} names no validation groups")
-    split_seed = reference.training.get("config", {}).get("seed", 0)
-    val_fraction = reference.training.get("config", {}).get("data", {}).get("val_fraction", 0.15)
-    classes, samples = validation_samples(args.data, val_groups)
-    from napari_medseg.io.dataset import open_dataset
-
-    n_all = len(open_dataset(args.data).stems)
-    n_val, n_train = len(samples), n_all - len(samples)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    budget_text = f"{args.epochs} epochs" if args.epochs else f"{args.budget_s:.0f} {args.clock} s"
-    print(f"data {args.data}: {n_train} training / {n_val} validation images; validation groups {', '.join(val_groups)}")
-    print(f"budget per run: {budget_text}; crop {args.crop}, batch {args.batch_size}, {args.threads} thread(s), "
+    plan = _Plan(args, parser)
+    print(f"data {args.data}: {plan.n_train} training / {plan.n_val} validation images; "
+          f"validation groups {', '.join(plan.val_groups)}")
+    print(f"budget per run: {plan.budget_text}; crop {args.crop}, batch {args.batch_size}, {args.threads} thread(s), "
           f"device {args.device}; {len(archs) * len(losses)} runs", flush=True)
-
-    items = None
     if args.val_crop:
-        from napari_medseg.training.data import load_dataset_folders
+        plan.items = _centre_cropped_items(args.data, plan.val_groups, args.val_crop)
 
-        data_items, data_classes = load_dataset_folders([args.data], r"^(.*)_\d+$", 3)
-        for it in data_items:
-            if it.group in val_groups:
-                h, w = it.labels.shape
-                c = min(args.val_crop, h, w)
-                y, x = (h - c) // 2, (w - c) // 2
-                it.image, it.labels = it.image[y:y + c, x:x + c].copy(), it.labels[y:y + c, x:x + c].copy()
-        items = (data_items, data_classes)
-
-    baseline, _ = evaluate_baseline(classes, samples)
-    results = {"settings": {**vars(args), "val_groups": val_groups, "n_train": n_train, "n_val": n_val,
-                            "torch": torch.__version__, "budget": budget_text},
+    baseline, _ = evaluate_baseline(plan.classes, plan.samples)
+    results = {"settings": {**vars(args), "val_groups": plan.val_groups, "n_train": plan.n_train, "n_val": plan.n_val,
+                            "torch": torch.__version__, "budget": plan.budget_text},
                "baseline": baseline, "runs": {}}
     t_start = time.time()
-    timings: dict[str, tuple[float, float]] = {}
     for arch in archs:
         for loss in losses:
-            run = f"{arch}/{loss}"
-            out_dir = out_root / f"{arch}_{loss}"
-            overrides = LOSSES[loss] + [
-                f"data.dataset=[{args.data}]", f"data.crop_size={args.crop}", f"batch_size={args.batch_size}",
-                f"num_threads={args.threads}", f"device={args.device}", f"out_dir={out_dir}", f"seed={split_seed}",
-                f"data.val_fraction={val_fraction}", *args.set,
-            ]
-            cfg = load_train_config(REPO / ARCHITECTURES[arch], overrides)
-            steps_per_epoch = max(1, math.ceil(n_train * cfg.data.crops_per_image / cfg.batch_size))
-            step_s = val_s = float("nan")
-            if args.epochs:
-                epochs, limit = args.epochs, None
-            else:
-                if arch not in timings:  # timed once per architecture: both losses get the same epochs
-                    timings[arch] = time_model(cfg, n_train, n_val, clock, val_size=args.val_crop or 256)
-                step_s, val_s = timings[arch]
-                per_epoch = steps_per_epoch * step_s + val_s
-                epochs = max(1, int((args.budget_s - 5.0) // per_epoch))
-                limit = HARD_CAP * args.budget_s
-            cfg.epochs = epochs
-            cfg.model_card = (cfg.model_card + f" Budget: {budget_text} ({epochs} epochs) on {args.device} "
-                              f"with {args.threads} thread(s): a small-budget comparison run, not a finished model.")
-            print(f"\n[{run}] {epochs} epoch(s) of {steps_per_epoch} steps"
-                  + (f" (timed {step_s:.2f} s/step, {val_s:.1f} s/validation)" if not args.epochs else ""), flush=True)
-            t0, wall0 = clock(), time.time()
-
-            def should_stop(t0=t0, limit=limit):
-                return limit is not None and clock() - t0 > limit
-
-            def report(update):
-                if type(update).__name__ == "EpochDone":
-                    m = update.metrics
-                    print(f"  epoch {update.epoch}/{update.epochs} train_loss {update.train_loss:.4f} "
-                          f"val_loss {update.val_loss:.4f} val_nucleus_dice {m.get('nucleus_dice', float('nan')):.4f} "
-                          f"val_mean_class_dice {m.get('mean_dice', float('nan')):.4f} {'*' if update.best else ''} "
-                          f"{update.seconds:.0f}s", flush=True)
-
-            try:
-                done = train(cfg, on_update=report, should_stop=should_stop, items=items)
-            except Exception as exc:  # one failing run must not lose the others
-                print(f"  FAILED: {type(exc).__name__}: {exc}", flush=True)
-                results["runs"][run] = {"error": f"{type(exc).__name__}: {exc}"}
-                continue
-            train_s, train_wall_s = clock() - t0, time.time() - wall0
-            entry = {"arch": arch, "loss": loss, "epochs_planned": epochs, "best_epoch": done.best_epoch,
-                     "epochs_done": len(done.history), "train_s": train_s, "train_wall_s": train_wall_s,
-                     "clock": args.clock, "stopped": done.reason,
-                     "step_s": step_s, "val_s": val_s, "checkpoint": str(done.checkpoint)}
-            if done.checkpoint is None:
-                entry["error"] = "no checkpoint (stopped before the first epoch ended)"
-                results["runs"][run] = entry
-                print(f"  no checkpoint: {done.reason}", flush=True)
-                continue
-            segmenter = Segmenter.load(done.checkpoint, device=args.device)
-            got = sorted(segmenter.meta.data.get("val_groups") or [])
-            if got != val_groups:
-                raise SystemExit(f"{run}: the trainer held out {got}, not the reference split {val_groups}; "
-                                 "the comparison would not be on one split.")
-            fixed = trained_normalization(segmenter.meta)
-            if fixed is not None:  # score the weights as they were trained (see accuracy.trained_normalization)
-                segmenter.meta.normalization = fixed
-                entry["evaluated_normalization"] = fixed
-            summary, eval_s = evaluate_segmenter(segmenter, classes, samples)
-            entry.update(summary)
-            entry["eval_s"] = eval_s
-            entry["params_m"] = sum(p.numel() for p in segmenter.model.parameters()) / 1e6
-            results["runs"][run] = entry
-            print(f"  -> {train_s:.0f} {args.clock} s ({train_wall_s:.0f} s wall) training, best epoch {done.best_epoch}: nucleus Dice {summary['nucleus_dice']:.4f} "
-                  f"bPQ {summary['bpq']:.4f} mPQ {summary['mpq']:.4f} AJI {summary['aji']:.4f}", flush=True)
-            json_path.write_text(json.dumps(results, indent=1))  # after every run: partial results survive
+            results["runs"][f"{arch}/{loss}"] = _train_run(plan, arch, loss)
+            if "nucleus_dice" in results["runs"][f"{arch}/{loss}"]:
+                json_path.write_text(json.dumps(results, indent=1))  # after every scored run: partial results survive
     results["total_s"] = time.time() - t_start
     json_path.write_text(json.dumps(results, indent=1))
 
-    print_report(results, classes, json_path)
+    print_report(results, plan.classes, json_path)
     return 0
 
 

@@ -1,40 +1,29 @@
-"""benchmarks/accuracy.py scores a model on data with other classes only where that is sound."""
+"""evaluation.benchmark (benchmarks/accuracy.py) scores a model on data with other classes only where that is sound."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from napari_medseg.evaluation.benchmark import evaluate_segmenter, scores_nuclei_only
+from napari_medseg.evaluation.threshold import samples_of_groups
 
 
-@pytest.fixture(scope="module")
-def accuracy():
-    spec = importlib.util.spec_from_file_location("accuracy_benchmark", REPO / "benchmarks" / "accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_a_classifying_model_is_scored_as_nuclei_on_single_class_data(accuracy, monuseg):
+def test_a_classifying_model_is_scored_as_nuclei_on_single_class_data(monuseg):
     from napari_medseg.evaluation.report import PairEvaluation
     from napari_medseg.inference import Segmenter
     from napari_medseg.nuclei.watershed import InstanceSettings
     from napari_medseg.io.dataset import DatasetError
 
-    classes, samples = accuracy.validation_samples(monuseg, None)
+    classes, samples = samples_of_groups(monuseg, None)
     assert classes == ["background", "nucleus"] and len(samples) == 13
     s = samples[0]
     crop = SimpleNamespace(stem=s.stem, image=s.image[:256, :256], labels=s.labels[:256, :256],
                            instances=s.instances[:256, :256])
     segmenter = Segmenter.load("default", device="cpu")
-    summary, _ = accuracy.evaluate_segmenter(segmenter, classes, [crop])
+    summary, _ = evaluate_segmenter(segmenter, classes, [crop])
 
     # by hand: every predicted class is a nucleus, instances as the model makes them
     pred, pred_instances = segmenter.segment_nuclei(crop.image, instance_settings=InstanceSettings())
@@ -45,4 +34,4 @@ def test_a_classifying_model_is_scored_as_nuclei_on_single_class_data(accuracy, 
     assert 0.3 < summary["nucleus_dice"] < 1  # the nuclei are found at all (merged classes, not class 1 only)
 
     with pytest.raises(DatasetError, match="differ from the data's"):
-        accuracy.scores_nuclei_only(segmenter.classes, ["background", "a", "b"])
+        scores_nuclei_only(segmenter.classes, ["background", "a", "b"])

@@ -115,16 +115,72 @@ def test_predict_streams_a_pyramidal_tiff_with_every_engine_option(consep, tiny_
     assert (out / "instances" / "slide.tif").is_file()
 
 
-def test_predict_failure_leaves_no_partial_probability_file(consep, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+def _break_the_engine(monkeypatch, error):
     from napari_medseg.inference import Segmenter
 
     def broken(self, *args, **kwargs):  # every predict path (class maps, nuclei) runs this generator
-        raise RuntimeError("simulated failure inside the engine")
+        raise error
         yield
 
     monkeypatch.setattr(Segmenter, "iter_segment", broken)
+
+
+def _predict_with_probabilities(image, checkpoint, out):
+    return main(["predict", str(image), "--model", str(checkpoint), "--out", str(out), "--device", "cpu", "--probabilities"])
+
+
+def test_predict_failure_leaves_no_partial_probability_file(consep, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    from napari_medseg.inference import InferenceMemoryError
+
+    _break_the_engine(monkeypatch, InferenceMemoryError("simulated failure inside the engine"))
     out = tmp_path / "pred"
-    rc = main(["predict", str(consep / "images" / "train_5_000.png"), "--model", str(tiny_checkpoint), "--out", str(out),
-               "--device", "cpu", "--probabilities"])
+    rc = _predict_with_probabilities(consep / "images" / "train_5_000.png", tiny_checkpoint, out)
     assert rc != 0 and "simulated failure" in capsys.readouterr().err
     assert list((out / "probabilities").iterdir()) == []  # neither the .npy nor a hidden .part file
+
+
+@pytest.mark.parametrize("error", [RuntimeError("a bug inside the engine"), KeyboardInterrupt()])
+def test_a_bug_keeps_its_traceback_and_ctrl_c_exits_130_leaving_no_partial_file(
+        consep, tiny_checkpoint, tmp_path, monkeypatch, capsys, error):
+    _break_the_engine(monkeypatch, error)
+    out = tmp_path / "pred"
+    image = consep / "images" / "train_5_000.png"
+    if isinstance(error, KeyboardInterrupt):
+        assert _predict_with_probabilities(image, tiny_checkpoint, out) == 130
+        assert capsys.readouterr().err.strip().splitlines()[-1] == "medseg predict: interrupted"
+    else:  # not a MedsegError: main does not swallow it
+        with pytest.raises(RuntimeError, match="a bug inside the engine"):
+            _predict_with_probabilities(image, tiny_checkpoint, out)
+    assert list((out / "probabilities").iterdir()) == []
+
+
+def test_an_os_error_names_its_file(small_consep, tmp_path, capsys):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the report's folder should be")
+    assert main(["evaluate", str(small_consep), str(small_consep), "--json", str(blocker / "r.json")]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"medseg evaluate: error: {blocker}")
+
+
+def test_argument_values_are_checked_by_the_parser(capsys):
+    assert main(["predict", "x.png", "--out", "o", "--foreground-threshold", "1.5"]) == 2
+    assert "argument --foreground-threshold: takes a number between 0 and 1 or 'argmax', not '1.5'" in capsys.readouterr().err
+    assert main(["tune-threshold", "m.safetensors", "data", "--out", "o", "--groups", " , "]) == 2
+    assert "argument --groups: names no source image" in capsys.readouterr().err
+
+
+def test_options_not_given_keep_the_settings_defaults():
+    from napari_medseg.cli import _batch_settings, _instance_settings, build_parser
+    from napari_medseg.inference import PostprocessSettings, TileSettings
+    from napari_medseg.nuclei.watershed import InstanceSettings
+
+    settings = _batch_settings(build_parser().parse_args(["predict", "x.png", "--out", "o"]))
+    assert settings.tiles == TileSettings() and settings.postprocess == PostprocessSettings()
+    assert settings.instances == InstanceSettings() and settings.foreground_threshold is None
+    given = _batch_settings(build_parser().parse_args(
+        ["predict", "x.png", "--out", "o", "--tile", "128", "--blend", "cosine", "--fill-holes", "7", "--min-size", "3",
+         "--no-instances"]))
+    assert (given.tiles.tile_size, given.tiles.overlap, given.tiles.blend) == (128, TileSettings().overlap, "cosine")
+    assert given.postprocess == PostprocessSettings(max_hole_size=7) and given.instances is None
+    evaluate = build_parser().parse_args(["evaluate", "p", "g", "--min-size", "3"])
+    assert _instance_settings(evaluate) == InstanceSettings(min_size=3)

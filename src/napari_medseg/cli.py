@@ -1,4 +1,4 @@
-"""``medseg``: predict, evaluate, convert, train, info and the napari demo, from the shell."""
+"""``medseg``: predict, evaluate, convert, train, tune-threshold, info and the napari demo, from the shell."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub download
+from .errors import MedsegError
 
 
 class ProgressLine:
@@ -53,107 +53,97 @@ def _collect_inputs(inputs: list[str]) -> list[Path]:
     return files
 
 
+# option -> setting, for the options whose default is their settings class's (one place for each default):
+# they parse to None when not given, and only the given ones reach the settings
+TILE_OPTIONS = {"tile": "tile_size", "overlap": "overlap", "batch_size": "batch_size", "blend": "blend"}
+CLEANUP_OPTIONS = {"min_object_size": "min_object_size", "fill_holes": "max_hole_size"}
+INSTANCE_OPTIONS = {"min_distance": "min_distance", "min_size": "min_size", "marker_threshold": "marker_threshold"}
+
+
+def _given(args, options: dict[str, str]) -> dict:
+    """``{setting: value}`` of the ``options`` given on the command line."""
+    values = {setting: getattr(args, option, None) for option, setting in options.items()}
+    return {setting: value for setting, value in values.items() if value is not None}
+
+
 def _tile_settings(args):
-    from .inference.segmenter import TileSettings
+    from .inference.settings import TileSettings
 
-    return TileSettings(args.tile, args.overlap, args.batch_size, blend=args.blend, tta=args.tta,
-                        skip_background=not args.no_skip_background, amp=not args.no_amp)
-
-
-def _open_for_prediction(path: Path):
-    """Large or pyramidal TIFFs lazily (full resolution), anything else in memory."""
-    from .io.images import read_image
-    from .io.lazy import open_tiff_lazy, should_open_lazily
-
-    if should_open_lazily(path):
-        return open_tiff_lazy(path)[0]
-    return read_image(path)
+    return TileSettings(**_given(args, TILE_OPTIONS), tta=args.tta, skip_background=not args.no_skip_background,
+                        amp=not args.no_amp)
 
 
-def _threshold_arg(text: str) -> float | None:
-    if text == "argmax":
-        return None
+def _instance_settings(args):
+    from .nuclei.watershed import InstanceSettings
+
+    return InstanceSettings(**_given(args, INSTANCE_OPTIONS))
+
+
+def _batch_settings(args):
+    """``medseg predict``'s options as the settings of ``predict_to_folder``."""
+    from .inference.batch import BatchSettings
+    from .inference.postprocess import PostprocessSettings
+
+    return BatchSettings(_tile_settings(args), PostprocessSettings(**_given(args, CLEANUP_OPTIONS)),
+                         None if args.no_instances else _instance_settings(args),
+                         probabilities=args.probabilities, foreground_threshold=args.foreground_threshold)
+
+
+def _foreground_threshold(text: str) -> float | str:
+    """``--foreground-threshold``: a probability strictly between 0 and 1, or 'argmax'."""
+    from .inference.batch import ARGMAX
+
+    if text == ARGMAX:
+        return text
     try:
         value = float(text)
     except ValueError:
         value = -1.0
     if not 0 < value < 1:
-        raise ValueError(f"--foreground-threshold takes a number between 0 and 1 or 'argmax', not '{text}'")
+        raise argparse.ArgumentTypeError(f"takes a number between 0 and 1 or 'argmax', not '{text}'")
     return value
 
 
-def cmd_predict(args) -> int:
-    import numpy as np
+def _group_list(text: str) -> list[str]:
+    """``--groups``: comma-separated source image names."""
+    groups = [g.strip() for g in text.split(",") if g.strip()]
+    if not groups:
+        raise argparse.ArgumentTypeError(f"names no source image: '{text}'")
+    return groups
 
-    from .inference.segmenter import PostprocessSettings, Segmenter
-    from .nuclei.watershed import INSTANCE_MAX_PIXELS, InstanceSettings
-    from .io.dataset import write_classes
-    from .io.images import ImageReadError, file_stem, write_label_map
+
+def cmd_predict(args) -> int:
+    from .inference.batch import predict_to_folder
 
     files = _collect_inputs(args.inputs)
-    segmenter = Segmenter.load(args.model, device=args.device)
-    if args.foreground_threshold is not None:
-        segmenter.foreground_threshold = _threshold_arg(args.foreground_threshold)
-    settings = _tile_settings(args).checked(segmenter.meta.model.output_stride)
-    cleanup = PostprocessSettings(args.min_object_size, args.fill_holes)
-    instance_settings = InstanceSettings(min_distance=args.min_distance, min_size=args.min_size,
-                                         marker_threshold=args.marker_threshold)
     out = Path(args.out)
-    write_classes(out, segmenter.classes, source=f"medseg predict --model {args.model}")
     failures = 0
-    for i, file in enumerate(files, 1):
-        stem = file_stem(file)
-        try:
-            image = _open_for_prediction(file)
-        except ImageReadError as exc:
-            print(f"medseg: skipped {file}: {exc}", file=sys.stderr)
-            failures += 1
-            continue
-        probs = probs_path = None
-        instances = None
-        if args.probabilities:
-            probs_path = out / "probabilities" / f"{stem}.npy"
-            probs_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = probs_path.with_name(f".{probs_path.name}.{os.getpid()}.part")
-            height, width = image.shape[:2]  # readers hand over (H, W[, C])
-            probs = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
-                                              shape=(len(segmenter.classes), height, width))
-        try:
-            progress = ProgressLine(f"[{i}/{len(files)}] {file.name}")
-            if args.no_instances:
-                labels = segmenter.segment(image, settings, progress, postprocess=cleanup, probabilities_out=probs)
-            else:  # nuclei seeded by the model's distance head where it has one
-                labels, instances = segmenter.segment_nuclei(image, settings, progress, postprocess=cleanup,
-                                                             instance_settings=instance_settings,
-                                                             probabilities_out=probs)
-            report = segmenter.last_report
-            if report.skipped_background or report.notes:
-                extra = "; ".join([f"{report.skipped_background}/{report.tiles} tiles skipped as glass", *report.notes])
-                print(f"  {file.name}: {extra}", file=sys.stderr)
-            write_label_map(out / "labels" / f"{stem}.tif", labels)  # tiled + compressed when large
-            if probs is not None:
-                probs.flush()
-                probs = None  # closes the memmap before the rename
-                os.replace(tmp, probs_path)
-        except ImageReadError as exc:
-            print(f"medseg: skipped {file}: {exc}", file=sys.stderr)
-            failures += 1
-            continue
-        finally:
-            # a failed or interrupted run leaves no hidden partial probability file behind
-            if probs is not None:
-                probs = None
-                tmp.unlink(missing_ok=True)
-        if args.no_instances:
-            continue
-        if instances is None:
-            print(f"  {file.name}: instances not derived ({labels.shape[0]}x{labels.shape[1]} px is above "
-                  f"{INSTANCE_MAX_PIXELS / 1e6:.0f} Mpx; the class map was written)", file=sys.stderr)
-            continue
-        write_label_map(out / "instances" / f"{stem}.tif", instances)
+    for done in predict_to_folder(files, out, args.model, _batch_settings(args), device=args.device,
+                                  source=f"medseg predict --model {args.model}",
+                                  progress_for=lambda i, n, file: ProgressLine(f"[{i}/{n}] {file.name}")):
+        failures += _print_prediction(done, with_instances=not args.no_instances)
     print(f"wrote {len(files) - failures} class map(s) to {out / 'labels'}"
           + ("" if args.no_instances else f" and instance map(s) to {out / 'instances'}"))
     return 1 if failures else 0
+
+
+def _print_prediction(done, with_instances: bool) -> bool:
+    """Prints what became of one file (on stderr, and only what needs saying); whether it was skipped."""
+    from .nuclei.watershed import INSTANCE_MAX_PIXELS
+
+    name = done.file.name
+    if done.skipped is not None:
+        print(f"medseg: skipped {done.file}: {done.skipped}", file=sys.stderr)
+        return True
+    report = done.report
+    if report.skipped_background or report.notes:
+        extra = "; ".join([f"{report.skipped_background}/{report.tiles} tiles skipped as glass", *report.notes])
+        print(f"  {name}: {extra}", file=sys.stderr)
+    if with_instances and done.instances is None:
+        height, width = done.shape
+        print(f"  {name}: instances not derived ({height}x{width} px is above "
+              f"{INSTANCE_MAX_PIXELS / 1e6:.0f} Mpx; the class map was written)", file=sys.stderr)
+    return False
 
 
 def _fmt(value: float) -> str:
@@ -162,10 +152,8 @@ def _fmt(value: float) -> str:
 
 def cmd_evaluate(args) -> int:
     from .evaluation.report import evaluate_folders
-    from .nuclei.watershed import InstanceSettings
 
-    settings = InstanceSettings(min_distance=args.min_distance, min_size=args.min_size)
-    report = evaluate_folders(args.pred_dir, args.gt_dir, settings, progress=ProgressLine("evaluate"))
+    report = evaluate_folders(args.pred_dir, args.gt_dir, _instance_settings(args), progress=ProgressLine("evaluate"))
     print(f"{'class':<14}{'IoU':>8}{'Dice':>8}{'Prec':>8}{'Recall':>8}{'PQ':>8}{'F1':>8}{'GT obj':>8}{'Pred obj':>9}")
     for name, row in report["per_class"].items():
         print(f"{name:<14}{_fmt(row['iou']):>8}{_fmt(row['dice']):>8}{_fmt(row['precision']):>8}"
@@ -191,61 +179,66 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _epoch_line(prefix: str, update) -> str:
+    m = update.metrics
+    return (f"{prefix}epoch {update.epoch}/{update.epochs}  train_loss {update.train_loss:.4f}  "
+            f"val_loss {update.val_loss:.4f}  val_mIoU {m.get('miou', float('nan')):.4f}  "
+            f"val_mean_class_dice {m.get('mean_dice', float('nan')):.4f}  "
+            f"val_nucleus_dice {m.get('nucleus_dice', float('nan')):.4f}  val_bPQ {m.get('bpq', float('nan')):.4f}  "
+            f"lr {update.lr:.2e}  "
+            f"{'*best*' if update.best else ''}  {update.seconds:.0f}s")
+
+
+class _TrainPrinter:
+    """A training run on the terminal: a bar through each epoch, a line per epoch, a line per stage.
+    Under torchrun only rank 0 prints stage and run lines."""
+
+    def __init__(self, stages):
+        self.stages, self.stage = stages, stages[0]
+        self.main_rank = int(os.environ.get("RANK", "0")) == 0
+        self.bar = ProgressLine("train")
+
+    def _prefix(self) -> str:
+        return f"[{self.stage.name}] " if self.stage.name else ""
+
+    def update(self, update) -> None:
+        from .training import BatchDone, EpochDone
+
+        if isinstance(update, BatchDone):
+            self.bar.label = f"{self._prefix()}epoch {update.epoch}/{self.stage.config.epochs}"
+            self.bar(update.step, update.steps)
+        elif isinstance(update, EpochDone):
+            print(_epoch_line(self._prefix(), update), flush=True)
+            self.bar.t0 = time.time()
+
+    def stage_event(self, index, stage, result) -> None:
+        self.stage = stage
+        if not self.main_rank or not stage.name:
+            return
+        if result is None:
+            start = stage.config.init_checkpoint or "new weights"
+            print(f"stage {index + 1}/{len(self.stages)} '{stage.name}': {stage.config.epochs} epochs from {start} "
+                  f"-> {stage.config.out_dir}", flush=True)
+        else:
+            print(f"stage '{stage.name}': best epoch {result.best_epoch}; checkpoint {result.checkpoint}", flush=True)
+
+    def run_done(self, seed, result) -> None:
+        if self.main_rank:
+            print(f"seed {seed}: best epoch {result.best_epoch}; checkpoint {result.checkpoint}", flush=True)
+
+
 def cmd_train(args) -> int:
-    from .training import BatchDone, EpochDone
     from .training.stages import load_train_stages, train_stages
 
     stages = load_train_stages(args.config, list(args.set or []), args.from_stage)
     if args.resume:
         # the resume file belongs to the first stage that runs; its config must match it
         stages[0].config.resume = args.resume
-    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints
-    bar = ProgressLine("train")
-    current = {"stage": stages[0]}
-
-    def report(update):
-        stage = current["stage"]
-        prefix = f"[{stage.name}] " if stage.name else ""
-        if isinstance(update, BatchDone):
-            bar.label = f"{prefix}epoch {update.epoch}/{stage.config.epochs}"
-            bar(update.step, update.steps)
-        elif isinstance(update, EpochDone):
-            m = update.metrics
-            print(f"{prefix}epoch {update.epoch}/{update.epochs}  train_loss {update.train_loss:.4f}  "
-                  f"val_loss {update.val_loss:.4f}  val_mIoU {m.get('miou', float('nan')):.4f}  "
-                  f"val_mean_class_dice {m.get('mean_dice', float('nan')):.4f}  "
-                  f"val_nucleus_dice {m.get('nucleus_dice', float('nan')):.4f}  val_bPQ {m.get('bpq', float('nan')):.4f}  "
-                  f"lr {update.lr:.2e}  "
-                  f"{'*best*' if update.best else ''}  {update.seconds:.0f}s", flush=True)
-            bar.t0 = time.time()
-
+    printer = _TrainPrinter(stages)
     if stages[0].config.repeats > 1:  # a config without stages (stages refuse repeats)
-        from .training.repeat import format_summary, train_repeats
-
-        def run_done(seed, result):
-            if main_rank:
-                print(f"seed {seed}: best epoch {result.best_epoch}; checkpoint {result.checkpoint}", flush=True)
-
-        done = train_repeats(stages[0].config, on_update=report, on_run=run_done)
-        if main_rank:
-            print(f"{len(done.runs)} runs (seeds {', '.join(map(str, done.seeds))}), best epochs, mean ± std: "
-                  f"{format_summary(done.summary)}")
-            print(f"wrote {done.path}")
-        return 0
-
-    def stage_event(index, stage, result):
-        current["stage"] = stage
-        if not main_rank or not stage.name:
-            return
-        if result is None:
-            start = stage.config.init_checkpoint or "new weights"
-            print(f"stage {index + 1}/{len(stages)} '{stage.name}': {stage.config.epochs} epochs from {start} "
-                  f"-> {stage.config.out_dir}", flush=True)
-        else:
-            print(f"stage '{stage.name}': best epoch {result.best_epoch}; checkpoint {result.checkpoint}", flush=True)
-
-    done = train_stages(stages, on_update=report, on_stage=stage_event)
-    if main_rank:
+        return _train_repeats(stages[0].config, printer)
+    done = train_stages(stages, on_update=printer.update, on_stage=printer.stage_event)
+    if printer.main_rank:
         result, stage = done.results[-1], done.stages[len(done.results) - 1]
         if result.reason:
             print(f"stopped: {result.reason}")
@@ -258,35 +251,25 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _train_repeats(config, printer: _TrainPrinter) -> int:
+    from .training.repeat import format_summary, train_repeats
+
+    done = train_repeats(config, on_update=printer.update, on_run=printer.run_done)
+    if printer.main_rank:
+        print(f"{len(done.runs)} runs (seeds {', '.join(map(str, done.seeds))}), best epochs, mean ± std: "
+              f"{format_summary(done.summary)}")
+        print(f"wrote {done.path}")
+    return 0
+
+
 def cmd_tune_threshold(args) -> int:
-    import torch
+    from .evaluation.threshold import tune_checkpoint
 
-    from .inference.segmenter import Segmenter, TileSettings
-    from .models import load_checkpoint, resolve_model_path, save_checkpoint
-    from .models.weights import read_state_dict
-    from .evaluation.threshold import samples_of_groups, tune_foreground_threshold
-
-    source = resolve_model_path(args.model)
-    segmenter = Segmenter.load(source, device=args.device)
-    segmenter.foreground_threshold = None  # tune from the model's raw probabilities
-    groups = None if args.all_images else (
-        [g.strip() for g in args.groups.split(",") if g.strip()] if args.groups else segmenter.meta.data.get("val_groups"))
-    if not args.all_images and not groups:
-        raise ValueError("the model's metadata names no validation images; pass --groups or --all-images")
-    classes, samples = samples_of_groups(args.data, groups)
-    if len(classes) != 2 and classes != segmenter.classes:
-        raise ValueError(f"the data's classes {classes} differ from the model's {segmenter.classes}")
-    result = tune_foreground_threshold(segmenter, samples, TileSettings(tta=args.tta),
-                                       progress=ProgressLine(f"tuning on {len(samples)} images"))
+    result = tune_checkpoint(args.model, args.data, args.out, groups=args.groups, all_images=args.all_images,
+                             tta=args.tta, device=args.device,
+                             progress_for=lambda images: ProgressLine(f"tuning on {images} images"))
     print(f"foreground threshold {result['threshold']:.2f}: pooled nucleus Dice {result['nucleus_dice']:.4f} "
           f"(argmax {result['argmax_nucleus_dice']:.4f}) on {result['images']} images")
-    model, meta = load_checkpoint(source)
-    meta.foreground_threshold = round(float(result["threshold"]), 2)
-    meta.metrics["threshold_tuning"] = {
-        "threshold": meta.foreground_threshold, "nucleus_dice": result["nucleus_dice"], "argmax_nucleus_dice": result["argmax_nucleus_dice"],
-        "data": str(args.data), "groups": groups, "images": result["images"], "tta": bool(args.tta)}
-    half = any(t.dtype == torch.float16 for t in read_state_dict(source).values())  # keep the stored precision
-    save_checkpoint(args.out, model, meta, half=half)  # atomic: the input is never half-overwritten
     print(f"wrote {args.out}")
     return 0
 
@@ -309,43 +292,72 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_web(args) -> int:
+    try:  # an optional extra: the rest of the CLI works without it
+        from .web.app import serve
+    except ImportError as exc:
+        raise MedsegError(f"the browser front needs Gradio ({exc.name} is missing): "
+                          'pip install "napari-medseg[web]"') from exc
+    if args.models and not Path(args.models).is_dir():
+        raise MedsegError(f"--models: '{args.models}' is not a folder.")
+    print(f"napari-medseg web: http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
+    serve(args.host, args.port, args.models, args.device)
+    return 0
+
+
 def _instance_options(parser) -> None:
+    from .nuclei.watershed import InstanceSettings
+
     group = parser.add_argument_group("instances from class maps (watershed)")
-    group.add_argument("--min-distance", type=int, default=4, help="minimum distance between nucleus centres (px)")
-    group.add_argument("--min-size", type=int, default=10, help="drop objects smaller than this (px)")
+    defaults = InstanceSettings()
+    group.add_argument("--min-distance", type=int,
+                       help=f"minimum distance between nucleus centres (px; default {defaults.min_distance})")
+    group.add_argument("--min-size", type=int, help=f"drop objects smaller than this (px; default {defaults.min_size})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medseg", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _engine_options(p) -> None:
+    """How the model runs over an image: tiles, device, blending, flips, precision."""
+    from .inference.settings import BLENDS, TileSettings
 
-    p = sub.add_parser("predict", help="segment images, folders or dataset folders")
-    p.add_argument("inputs", nargs="+", help="image files, folders of images, or dataset folders")
-    p.add_argument("--model", default="default", help="'default' or a .safetensors checkpoint")
-    p.add_argument("--out", required=True, help="output folder: OUT/labels/<stem>.tif")
-    p.add_argument("--tile", type=int, default=256, help="tile size in px (a multiple of the model's stride)")
-    p.add_argument("--overlap", type=int, default=64, help="px shared by neighbouring tiles")
-    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (halved on GPU out-of-memory)")
+    defaults = TileSettings()
+    p.add_argument("--tile", type=int,
+                   help=f"tile size in px, a multiple of the model's stride (default {defaults.tile_size})")
+    p.add_argument("--overlap", type=int, help=f"px shared by neighbouring tiles (default {defaults.overlap})")
+    p.add_argument("--batch-size", type=int,
+                   help=f"tiles per forward pass, halved on GPU out-of-memory (default {defaults.batch_size})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--blend", default="gaussian", choices=["gaussian", "cosine"], help="tile weight map")
+    p.add_argument("--blend", choices=BLENDS, help=f"tile weight map (default {defaults.blend})")
     p.add_argument("--tta", action="store_true",
                    help="average over the 4 flips (4x slower; held-out nucleus Dice of the default 0.773 -> 0.786)")
     p.add_argument("--no-skip-background", action="store_true",
                    help="run the model on near-white glass tiles too (they are background by default)")
     p.add_argument("--no-amp", action="store_true", help="CUDA: run in float32 instead of float16 autocast")
-    p.add_argument("--min-object-size", type=int, default=0, help="drop predicted objects under this many px")
-    p.add_argument("--fill-holes", type=int, default=0, metavar="PX", help="fill holes up to this many px")
+
+
+def _add_predict(sub) -> None:
+    from .nuclei.watershed import InstanceSettings
+
+    p = sub.add_parser("predict", help="segment images, folders or dataset folders")
+    p.add_argument("inputs", nargs="+", help="image files, folders of images, or dataset folders")
+    p.add_argument("--model", default="default", help="'default' or a .safetensors checkpoint")
+    p.add_argument("--out", required=True, help="output folder: OUT/labels/<stem>.tif")
+    _engine_options(p)
+    p.add_argument("--min-object-size", type=int, help="drop predicted objects under this many px")
+    p.add_argument("--fill-holes", type=int, metavar="PX", help="fill holes up to this many px")
     p.add_argument("--probabilities", action="store_true",
                    help="also write OUT/probabilities/<stem>.npy (float16, classes x H x W, memory-mapped)")
     p.add_argument("--no-instances", action="store_true", help="write class maps only")
-    p.add_argument("--foreground-threshold", metavar="T",
+    p.add_argument("--foreground-threshold", metavar="T", type=_foreground_threshold,
                    help="nucleus probability above which a pixel is a nucleus (0-1), or 'argmax'; "
                         "default: the model's tuned threshold (medseg tune-threshold), argmax if it has none")
     _instance_options(p)
-    p.add_argument("--marker-threshold", type=float, default=0.5,
-                   help="models with a distance head: nucleus cores (watershed seeds) are where it exceeds this")
+    p.add_argument("--marker-threshold", type=float,
+                   help="models with a distance head: nucleus cores (watershed seeds) are where it exceeds this "
+                        f"(default {InstanceSettings.marker_threshold})")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="compare predicted label maps with ground truth")
     p.add_argument("pred_dir", help="folder with labels/<stem>.tif (as medseg predict writes)")
     p.add_argument("gt_dir", help="dataset folder with the ground truth")
@@ -353,12 +365,16 @@ def build_parser() -> argparse.ArgumentParser:
     _instance_options(p)
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert a dataset to a dataset folder")
     p.add_argument("format", choices=["pannuke"])
     p.add_argument("fold_dir")
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_convert)
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train or fine-tune a model from a YAML config")
     p.add_argument("config")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. --set epochs=5")
@@ -367,32 +383,77 @@ def build_parser() -> argparse.ArgumentParser:
                    help="configs with stages: start at this stage (the ones before it have written their checkpoints)")
     p.set_defaults(func=cmd_train)
 
+
+def _add_tune_threshold(sub) -> None:
     p = sub.add_parser("tune-threshold", help="tune a model's foreground threshold on labelled images")
     p.add_argument("model", help="'default' or a .safetensors checkpoint")
     p.add_argument("data", help="dataset folder with labels/")
     p.add_argument("--out", required=True, help="the checkpoint to write, with the threshold in its metadata")
-    p.add_argument("--groups", help="source images to tune on (comma-separated; default: the model's validation images)")
+    p.add_argument("--groups", type=_group_list,
+                   help="source images to tune on (comma-separated; default: the model's validation images)")
     p.add_argument("--all-images", action="store_true", help="tune on every image of the dataset")
     p.add_argument("--tta", action="store_true", help="tune the probabilities averaged over 4 flips")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_tune_threshold)
 
+
+def _add_info(sub) -> None:
     p = sub.add_parser("info", help="print a checkpoint's metadata")
     p.add_argument("model", nargs="?", default="default")
     p.set_defaults(func=cmd_info)
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="open napari with the sample image segmented and evaluated")
     p.add_argument("--model", default="default")
     p.add_argument("--no-show", action="store_true", help="build the demo but do not start the event loop")
     p.add_argument("--screenshot", help="save a PNG of the window (works headless under xvfb-run)")
     p.set_defaults(func=cmd_demo)
+
+
+def _add_web(sub) -> None:
+    p = sub.add_parser("web", help="the browser front: segment, count and check nuclei in a web page")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--models", metavar="DIR", help="also offer the .safetensors checkpoints found in this folder")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.set_defaults(func=cmd_web)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medseg", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_predict, _add_evaluate, _add_convert, _add_train, _add_tune_threshold, _add_info, _add_demo,
+                _add_web):
+        add(sub)
     return parser
 
 
+def _os_error_message(exc: OSError) -> str:
+    """The file an operating-system error is about, then why."""
+    if exc.filename is None:
+        return str(exc)
+    files = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+    return f"{files}: {exc.strerror or exc}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Runs one ``medseg`` command; returns its exit status. A ``MedsegError`` (a problem the user can
+    fix) or an ``OSError`` is printed as one line; anything else is a bug and keeps its traceback."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub download
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad argument: argparse has printed why
+        return exc.code
     try:
         return args.func(args)
-    except (ValueError, OSError, RuntimeError) as exc:
+    except MedsegError as exc:
         print(f"medseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"medseg {args.command}: error: {_os_error_message(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"medseg {args.command}: interrupted", file=sys.stderr)
+        return 130

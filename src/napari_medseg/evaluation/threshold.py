@@ -3,20 +3,35 @@ point on validation data rather than taking argmax or 0.5).
 
 The threshold applies to the nucleus (foreground) probability ``1 - p(background)``; pixels
 above it get their likeliest foreground class (``inference.classify``). It is chosen to
-maximise the pooled binary Dice over the given images (``metrics.threshold_search``: one pass,
-histograms, no re-thresholding), on a grid of 0.01 from 0.10 to 0.90.
+maximise the pooled binary Dice over the given images (``semantic.threshold_search``: one pass,
+histograms, no re-thresholding), on a grid of 0.01 from 0.10 to 0.90. ``tune_checkpoint``
+writes it, with a record of the tuning, into a copy of the checkpoint, which applies it from
+then on (``Segmenter.foreground_threshold``).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import torch
 
+from ..errors import MedsegError
+from ..inference.segmenter import Segmenter
+from ..inference.settings import TileSettings
 from ..io.dataset import GROUP_PATTERN, DatasetError, open_dataset, source_group
+from ..models import load_checkpoint, resolve_model_path, save_checkpoint
+from ..models.weights import read_state_dict
+from ..steps import ProgressCallback
 from .semantic import threshold_search
 
 GRID = np.round(np.arange(0.10, 0.9001, 0.01), 2)
+
+
+class ThresholdTuningError(MedsegError, ValueError):
+    """The model and the data cannot be tuned together: no images named, or other classes."""
 
 
 def samples_of_groups(data: str | Path, groups: list[str] | None = None, group_pattern: str = GROUP_PATTERN):
@@ -65,3 +80,43 @@ def tune_foreground_threshold(segmenter, samples, settings=None, thresholds=GRID
         "images": len(samples),
         "curve": {"thresholds": found["curve"]["thresholds"], "nucleus_dice": found["curve"]["dice"]},
     }
+
+
+def tune_checkpoint(model: str | os.PathLike, data: str | Path, out: str | os.PathLike,
+                    groups: list[str] | None = None, all_images: bool = False, tta: bool = False,
+                    device: str = "auto", progress_for: Callable[[int], ProgressCallback | None] | None = None) -> dict:
+    """Tune ``model``'s foreground threshold on the labelled images of ``data`` and write the
+    checkpoint with it to ``out`` (atomically, in the precision the input was stored in; the
+    input is never touched). Returns ``tune_foreground_threshold``'s result.
+
+    The images: those of the source images ``groups``, the model's validation images
+    (``data.val_groups``) without them, every image with ``all_images``.
+    ``progress_for(images)`` gives the progress callback once the number of images is known.
+    """
+    source = resolve_model_path(model)
+    segmenter = Segmenter.load(source, device=device)
+    segmenter.foreground_threshold = None  # tune from the model's raw probabilities
+    if not all_images:
+        groups = groups or segmenter.meta.data.get("val_groups")
+        if not groups:
+            raise ThresholdTuningError("the model's metadata names no validation images; pass --groups or --all-images")
+    classes, samples = samples_of_groups(data, None if all_images else groups)
+    if len(classes) != 2 and classes != segmenter.classes:
+        raise ThresholdTuningError(f"the data's classes {classes} differ from the model's {segmenter.classes}")
+    progress = progress_for(len(samples)) if progress_for is not None else None
+    result = tune_foreground_threshold(segmenter, samples, TileSettings(tta=tta), progress=progress)
+    record = {"data": str(data), "groups": None if all_images else groups, "images": result["images"], "tta": bool(tta)}
+    write_threshold(source, out, result, record)
+    return result
+
+
+def write_threshold(source: Path, out: str | os.PathLike, result: dict, record: dict) -> Path:
+    """A copy of the checkpoint ``source`` at ``out`` with the tuned threshold in its metadata
+    and ``metrics.threshold_tuning``: the Dice at it and with argmax, plus ``record``."""
+    model, meta = load_checkpoint(source)
+    meta.foreground_threshold = round(float(result["threshold"]), 2)
+    meta.metrics["threshold_tuning"] = {
+        "threshold": meta.foreground_threshold, "nucleus_dice": result["nucleus_dice"],
+        "argmax_nucleus_dice": result["argmax_nucleus_dice"], **record}
+    half = any(t.dtype == torch.float16 for t in read_state_dict(source).values())  # keep the stored precision
+    return save_checkpoint(out, model, meta, half=half)  # atomic: the input is never half-overwritten

@@ -2,15 +2,24 @@
 
 ``settings`` (what to do) -> ``source`` (the image, read on demand) -> ``windows`` (where the
 tiles are, how they are weighted) -> ``forward`` (the model call) -> ``blend`` (stitching into
-a band buffer) -> ``postprocess`` (clean-up); ``segmenter`` drives it all for one loaded model.
+a band buffer) -> ``postprocess`` (clean-up); ``segmenter`` drives it all for one loaded model;
+``batch`` writes a folder of predictions.
+
+The names below load their module (and torch) on first use, so that reading the settings'
+defaults (e.g. for ``medseg --help``) stays instant.
 """
 
-from .blend import classify
-from .forward import InferenceMemoryError, RunReport
-from .postprocess import PostprocessSettings
-from .segmenter import Segmenter, segment_file
-from .settings import InferenceSettingsError, TileSettings
-from .source import ImageSource
+from importlib import import_module
 
-__all__ = ["ImageSource", "InferenceMemoryError", "InferenceSettingsError", "PostprocessSettings", "RunReport",
-           "Segmenter", "TileSettings", "classify", "segment_file"]
+_EXPORTS = {
+    "classify": "blend", "InferenceMemoryError": "forward", "RunReport": "forward",
+    "PostprocessSettings": "postprocess", "Segmenter": "segmenter", "segment_file": "segmenter",
+    "InferenceSettingsError": "settings", "TileSettings": "settings", "ImageSource": "source",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
