@@ -13,9 +13,9 @@ import tifffile
 from napari_medseg._napari.model_list import trained_models
 from napari_medseg._napari.segment_widget import SegmentWidget
 from napari_medseg._napari.train_widget import (DEFAULT_MODEL, FILE_MODEL, FROM_FOLDER, FROM_LAYERS,
-                                                NEW_MODEL, PREVIEW_KIND, InputError,
-                                                TrainWidget, layer_items, tile_bounds)
+                                                NEW_MODEL, PREVIEW_KIND, TrainWidget)
 from napari_medseg.models import load_checkpoint, read_meta
+from napari_medseg.training.tiles import TileInputError, layer_items, tile_bounds
 from napari_medseg.training.trainer import BatchDone, TrainingDone
 
 CONSEP_CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle"]
@@ -68,9 +68,9 @@ def test_painted_image_is_cut_into_tiles_that_are_their_own_groups(consep):
     # a stack (as the reader opens a dataset folder): tiles of every plane
     stack_items, stack_regions = layer_items(np.stack([image, image]), True, np.stack([labels, labels]), 5, 3, 256, "s")
     assert len(stack_items) == 2 and stack_regions[stack_items[1].name][0] == 1
-    with pytest.raises(InputError, match="class id"):
+    with pytest.raises(TileInputError, match="class id"):
         layer_items(image, True, labels, 3, 3, 128, "H&E")  # CoNSeP labels go up to 4
-    with pytest.raises(InputError, match="shape"):
+    with pytest.raises(TileInputError, match="shape"):
         layer_items(image, True, labels[:100], 5, 3, 128, "H&E")
 
 

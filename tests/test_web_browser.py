@@ -33,13 +33,29 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def page_url():
-    from napari_medseg.web.app import serve
-
+def page_url(tmp_path_factory):
+    """`medseg web` started as a user starts it, on a free local port."""
     port = _free_port()
-    app = serve(port=port, block=False)
-    yield f"http://127.0.0.1:{port}/"
-    app.close()
+    log = tmp_path_factory.mktemp("web") / "server.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "napari_medseg", "web", "--port", str(port)],
+                                  stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            break
+        except OSError:
+            assert server.poll() is None, log.read_text()
+            time.sleep(0.5)
+    else:
+        server.kill()
+        raise AssertionError("medseg web did not answer within 120 s:\n" + log.read_text())
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

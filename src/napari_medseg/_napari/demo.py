@@ -4,8 +4,9 @@ truth, with the metrics panel filled in."""
 from __future__ import annotations
 
 from .metrics_widget import MetricsWidget
+from .model_list import FILE_MODEL
 from .sample_data import consep_sample
-from .segment_widget import FILE_MODEL, SegmentWidget
+from .segment_widget import SegmentWidget
 
 
 def build_demo(viewer, model: str = "default") -> tuple[SegmentWidget, MetricsWidget]:

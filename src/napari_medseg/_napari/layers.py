@@ -42,6 +42,24 @@ def instance_labels_kwargs(name: str, classes: list[str] | None = None, colors: 
     return {"name": name, "metadata": {METADATA_KEY: info}, **extra}
 
 
+def layer_kind(layer) -> str | None:
+    """What this plugin recorded a layer to be ("classes", "instances", "errors", ...), if anything."""
+    return getattr(layer, "metadata", {}).get(METADATA_KEY, {}).get("kind")
+
+
+def image_layers(viewer) -> list:
+    from napari.layers import Image
+
+    return [layer for layer in viewer.layers if isinstance(layer, Image)]
+
+
+def labels_layers(viewer, exclude: tuple[str, ...] = ()) -> list:
+    """The viewer's Labels layers, without those of the kinds in ``exclude``."""
+    from napari.layers import Labels
+
+    return [layer for layer in viewer.layers if isinstance(layer, Labels) and layer_kind(layer) not in exclude]
+
+
 def layer_classes(layer) -> list[str] | None:
     """Class names recorded on a Labels layer by this plugin, if any."""
     info = getattr(layer, "metadata", {}).get(METADATA_KEY, {})

@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton, Select, Table
 
+from ..errors import MedsegError
+from ..evaluation.error_maps import ERROR_COLORS, ERROR_NAMES, error_counts, error_map
 from ..evaluation.report import evaluate_maps
 from ..evaluation.semantic import MetricsInputError
 from ..io.tables import write_csv
-from ..evaluation.error_maps import ERROR_COLORS, ERROR_NAMES, error_counts, error_map
-from .layers import METADATA_KEY, class_colormap, layer_classes
+from .common import WidgetInputError, report_error, start_worker
+from .layers import METADATA_KEY, class_colormap, labels_layers, layer_classes, layer_kind
 
 if TYPE_CHECKING:
     import napari
@@ -34,16 +36,11 @@ def _cell(value):
     return value
 
 
-def _notify_error(message: str) -> None:
-    from napari.utils.notifications import show_error
-
-    show_error(message)
-
-
 class MetricsWidget(Container):
-    def __init__(self, viewer: "napari.viewer.Viewer"):
+    # napari passes its viewer to a parameter of this name: see common.py
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__()
-        self._viewer = viewer
+        self._viewer = napari_viewer
         self.prediction = ComboBox(label="prediction", choices=self._class_layers)
         self.ground_truth = ComboBox(label="ground truth", choices=self._class_layers)
         self.gt_instances = ComboBox(label="GT instances", choices=self._instance_choices)
@@ -69,8 +66,8 @@ class MetricsWidget(Container):
         self.prediction.changed.connect(self._watch_layers)
         self.ground_truth.changed.connect(self._watch_layers)
         self.prediction.changed.connect(lambda: self.reset_choices())
-        viewer.layers.events.inserted.connect(self.reset_choices)
-        viewer.layers.events.removed.connect(self.reset_choices)
+        self._viewer.layers.events.inserted.connect(self.reset_choices)
+        self._viewer.layers.events.removed.connect(self.reset_choices)
         self.result: dict | None = None
         self._worker = None
         self._watched: list = []
@@ -79,18 +76,12 @@ class MetricsWidget(Container):
         self.visible_classes.value = list(self.visible_classes.choices)
 
     # -- choices ------------------------------------------------------------------------
-    def _labels_layers(self) -> list:
-        from napari.layers import Labels
-
-        return [layer for layer in self._viewer.layers if isinstance(layer, Labels)]
-
     def _class_layers(self, _widget=None) -> list:
-        layers = self._labels_layers()
         # layers we know hold instances are not class maps
-        return [l for l in layers if l.metadata.get(METADATA_KEY, {}).get("kind") != "instances"]
+        return labels_layers(self._viewer, exclude=("instances",))
 
     def _instance_choices(self, _widget=None) -> list:
-        instance_layers = [l for l in self._labels_layers() if l.metadata.get(METADATA_KEY, {}).get("kind") == "instances"]
+        instance_layers = [l for l in labels_layers(self._viewer) if layer_kind(l) == "instances"]
         return [("derive from class map (watershed)", None)] + [(l.name, l) for l in instance_layers]
 
     def _names(self) -> list[str]:
@@ -173,30 +164,22 @@ class MetricsWidget(Container):
         """
         try:
             gt, pred, names, gt_instances, pred_instances = self._inputs()
-        except MetricsInputError as exc:
-            return self._fail(str(exc))
+        except MedsegError as exc:
+            return self._fail(exc)
         job = lambda: evaluate_maps(gt, pred, names, gt_instances=gt_instances, pred_instances=pred_instances)  # noqa: E731
         if not threaded:
             try:
                 return self._show(job())
-            except MetricsInputError as exc:
-                return self._fail(str(exc))
-        from napari.qt.threading import create_worker
-
+            except MedsegError as exc:
+                return self._fail(exc)
         if self._worker is not None:
             self._worker.quit()
-        worker = create_worker(job)
-        worker.returned.connect(self._show)
-        worker.errored.connect(lambda exc: self._fail(str(exc)))
-        self._worker = worker
         self.summary.value = "Computing..."
-        worker.start()
-        return worker
+        self._worker = start_worker(job, on_error=self._fail, returned=self._show)
+        return self._worker
 
-    def _fail(self, message: str) -> None:
-        self.summary.value = f"Error: {message}"
-        _notify_error(message)
-        return None
+    def _fail(self, error: BaseException | str) -> None:
+        report_error(self.summary, error)
 
     def _show(self, report: dict) -> dict:
         rows, index = [], []
@@ -228,7 +211,7 @@ class MetricsWidget(Container):
         target = Path(path or str(self.csv_path.value))
         try:
             written = write_csv(target, columns)
-        except OSError as exc:
+        except OSError as exc:  # a folder that is not there or not writable: the user's to fix
             return self._fail(f"Cannot write {target}: {exc.strerror or exc}")
         self.summary.value = f"Saved {written}"
         return written
@@ -239,10 +222,12 @@ class MetricsWidget(Container):
         try:
             gt, pred, names, *_ = self._inputs()
             choice = self.error_class.value
+            if choice not in (None, ALL_CLASSES, *names[1:]):
+                raise WidgetInputError(f"The layers have no class '{choice}'; choose one of {names[1:]}.")
             class_id = None if choice in (None, ALL_CLASSES) else names.index(choice)
             errors = error_map(gt, pred, len(names), class_id)
-        except (MetricsInputError, ValueError) as exc:
-            return self._fail(str(exc))
+        except MedsegError as exc:
+            return self._fail(exc)
         from napari.utils.colormaps import DirectLabelColormap
 
         colors = {None: np.zeros(4), 0: np.zeros(4)}
@@ -250,7 +235,7 @@ class MetricsWidget(Container):
         name = f"errors: {choice or ALL_CLASSES}"
         features = {"index": [0, *ERROR_NAMES], "error": ["none", *ERROR_NAMES.values()]}
         meta = {METADATA_KEY: {"kind": "errors"}}
-        existing = next((l for l in self._labels_layers() if l.metadata.get(METADATA_KEY, {}).get("kind") == "errors"), None)
+        existing = next((l for l in labels_layers(self._viewer) if layer_kind(l) == "errors"), None)
         if existing is not None:
             existing.data, existing.name = errors, name
             layer = existing

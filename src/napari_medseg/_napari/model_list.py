@@ -11,6 +11,8 @@ from pathlib import Path
 from psygnal import Signal
 
 TRAINED_PREFIX = "trained: "
+DEFAULT_MODEL = "default (shipped)"  # the model choices every widget offers besides the trained ones
+FILE_MODEL = "checkpoint file..."
 
 
 class TrainedModels:

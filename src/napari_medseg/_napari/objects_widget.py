@@ -8,20 +8,23 @@ from typing import TYPE_CHECKING
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, Table
 
-from ..nuclei.watershed import InstanceSettings, semantic_to_instances
+from ..errors import MedsegError
 from ..io.geojson import write_geojson
-from ..nuclei.measure import counts_per_class, object_table
 from ..io.tables import write_csv
-from .layers import METADATA_KEY, instance_labels_kwargs, layer_classes
+from ..nuclei.measure import counts_per_class, object_table
+from ..nuclei.watershed import InstanceSettings, semantic_to_instances
+from .common import WidgetInputError, report_error
+from .layers import METADATA_KEY, image_layers, instance_labels_kwargs, labels_layers, layer_classes, layer_kind
 
 if TYPE_CHECKING:
     import napari
 
 
 class ObjectsWidget(Container):
-    def __init__(self, viewer: "napari.viewer.Viewer"):
+    # napari passes its viewer to a parameter of this name: see common.py
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__()
-        self._viewer = viewer
+        self._viewer = napari_viewer
         self.class_layer = ComboBox(label="class map", choices=self._class_layers)
         self.instance_layer = ComboBox(label="instances", choices=self._instance_choices)
         self.image_layer = ComboBox(label="image", choices=self._image_choices)
@@ -37,36 +40,24 @@ class ObjectsWidget(Container):
         self.measure_button.changed.connect(lambda: self.measure())
         self.export_csv_button.changed.connect(lambda: self.export_csv())
         self.export_geojson_button.changed.connect(lambda: self.export_geojson())
-        viewer.layers.events.inserted.connect(self.reset_choices)
-        viewer.layers.events.removed.connect(self.reset_choices)
+        self._viewer.layers.events.inserted.connect(self.reset_choices)
+        self._viewer.layers.events.removed.connect(self.reset_choices)
         self.reset_choices()
         self.objects: dict | None = None
         self._instances: np.ndarray | None = None
 
-    def _labels_of_kind(self, kind_is_instances: bool) -> list:
-        from napari.layers import Labels
-
-        return [l for l in self._viewer.layers if isinstance(l, Labels)
-                and (l.metadata.get(METADATA_KEY, {}).get("kind") == "instances") == kind_is_instances
-                and l.metadata.get(METADATA_KEY, {}).get("kind") != "errors"]
-
     def _class_layers(self, _widget=None) -> list:
-        return self._labels_of_kind(False)
+        return labels_layers(self._viewer, exclude=("instances", "errors"))
 
     def _instance_choices(self, _widget=None) -> list:
-        return [("derive from class map (watershed)", None)] + [(l.name, l) for l in self._labels_of_kind(True)]
+        instances = [l for l in labels_layers(self._viewer) if layer_kind(l) == "instances"]
+        return [("derive from class map (watershed)", None)] + [(l.name, l) for l in instances]
 
     def _image_choices(self, _widget=None) -> list:
-        from napari.layers import Image
+        return [("none", None)] + [(l.name, l) for l in image_layers(self._viewer)]
 
-        return [("none", None)] + [(l.name, l) for l in self._viewer.layers if isinstance(l, Image)]
-
-    def _fail(self, message: str):
-        from napari.utils.notifications import show_error
-
-        self.summary.value = f"Error: {message}"
-        show_error(message)
-        return None
+    def _fail(self, error: BaseException | str) -> None:
+        report_error(self.summary, error)
 
     def measure(self, add_instances_layer: bool = True) -> dict | None:
         layer = self.class_layer.value
@@ -76,7 +67,7 @@ class ObjectsWidget(Container):
         names = layer_classes(layer) or ["background"] + [f"class {i}" for i in range(1, int(class_map.max(initial=0)) + 1)]
         try:
             if class_map.ndim != 2:
-                raise ValueError(f"Objects are measured on 2-D maps; '{layer.name}' has shape {class_map.shape}.")
+                raise WidgetInputError(f"Objects are measured on 2-D maps; '{layer.name}' has shape {class_map.shape}.")
             inst_layer = self.instance_layer.value
             if inst_layer is not None:
                 instances = np.asarray(inst_layer.data)
@@ -85,8 +76,8 @@ class ObjectsWidget(Container):
             image_layer = self.image_layer.value
             image = np.asarray(image_layer.data) if image_layer is not None else None
             table = object_table(instances, class_map, names, image)
-        except ValueError as exc:
-            return self._fail(str(exc))
+        except MedsegError as exc:
+            return self._fail(exc)
         if inst_layer is None and add_instances_layer:
             self._viewer.add_labels(instances, **instance_labels_kwargs(f"{layer.name} instances"))
         columns = [c for c in table if c != "class_id"]
@@ -104,7 +95,7 @@ class ObjectsWidget(Container):
         target = Path(path or str(self.csv_path.value))
         try:
             return write_csv(target, {k: v for k, v in self.objects.items()})
-        except OSError as exc:
+        except OSError as exc:  # a folder that is not there or not writable: the user's to fix
             return self._fail(f"Cannot write {target}: {exc.strerror or exc}")
 
     def export_geojson(self, path: str | Path | None = None) -> Path | None:
@@ -116,5 +107,5 @@ class ObjectsWidget(Container):
         colors = self.class_layer.value.metadata.get(METADATA_KEY, {}).get("colors")
         try:
             return write_geojson(target, self._instances, classes, self._names, colors)
-        except OSError as exc:
+        except OSError as exc:  # a folder that is not there or not writable: the user's to fix
             return self._fail(f"Cannot write {target}: {exc.strerror or exc}")

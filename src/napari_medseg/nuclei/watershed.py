@@ -85,7 +85,7 @@ def iter_semantic_to_instances(class_map: np.ndarray, settings: InstanceSettings
         if distance.shape != class_map.shape:
             raise InstanceInputError(f"The distance map {distance.shape} and the class map {class_map.shape} differ in shape.")
         yield 2, INSTANCE_STEPS
-        markers = without_small_objects(foreground & (distance > s.marker_threshold), s.min_marker_size)[1]
+        markers = _core_seeds(foreground & (distance > s.marker_threshold), s.min_marker_size)
     _seed_unseeded_components(markers, components, n, distance)
     yield 3, INSTANCE_STEPS
     instances = watershed(-distance, markers, mask=foreground)
@@ -126,6 +126,19 @@ def _peak_seeds(distance: np.ndarray, components: np.ndarray, min_distance: int)
     peaks = peak_local_max(distance, min_distance=max(1, int(min_distance)), labels=components, exclude_border=False)
     markers = np.zeros(distance.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
+    return markers
+
+
+def _core_seeds(cores: np.ndarray, min_size: int) -> np.ndarray:
+    """One seed per nucleus core of at least ``min_size`` px. Dropped cores leave their ids unused
+    (nucleus ids are not always consecutive; exports keep a layer's own ids)."""
+    from scipy import ndimage as ndi
+
+    markers, _ = ndi.label(cores)
+    if min_size > 1 and markers.max():
+        small = np.bincount(markers.ravel()) < min_size
+        small[0] = False
+        markers[small[markers]] = 0
     return markers
 
 

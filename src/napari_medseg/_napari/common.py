@@ -1,0 +1,50 @@
+"""What every widget shares: how a failure reaches the user, and how work leaves the GUI thread.
+
+Every widget takes the viewer as ``napari_viewer``: napari passes its viewer (behind a proxy
+that hides private attributes) to a parameter of that name, or to one annotated
+``napari.viewer.Viewer``. It compares annotations as text, so under ``from __future__ import
+annotations`` a quoted one reads "'napari.viewer.Viewer'", is missed, and the Plugins menu
+entry fails with "missing 1 required positional argument: 'viewer'".
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..errors import MedsegError
+
+
+class WidgetInputError(MedsegError, ValueError):
+    """A widget's inputs cannot work (nothing chosen, a missing file); the message says what to do."""
+
+
+def report_error(status, error: BaseException | str, prefix: str = "") -> str:
+    """Tell the user why an action failed; returns what follows ``'Error: '`` on ``status``.
+
+    A ``MedsegError`` (or a plain message) is the user's to fix: its message goes on the status
+    line and into a notification, as it is. Anything else is a bug: napari's notification
+    carries its traceback, and the status line names it.
+    """
+    from napari.utils.notifications import notification_manager, show_error
+
+    if isinstance(error, (str, MedsegError)):
+        message = f"{prefix}{error}"
+        status.value = f"Error: {message}"
+        show_error(message)
+        return message
+    message = f"{prefix}{type(error).__name__}: {error}"
+    status.value = f"Error: {message} (unexpected: the traceback is in napari's notifications)"
+    notification_manager.receive_error(type(error), error, error.__traceback__)
+    return message
+
+
+def start_worker(work: Callable, on_error: Callable[[BaseException], None], **slots: Callable):
+    """Run ``work`` (a function or a generator function) in a napari thread worker, started.
+
+    ``on_error`` gets every exception (napari would otherwise re-raise it as well, showing a
+    user's mistake as a traceback); ``slots`` connect the worker's other signals by name
+    (``yielded``, ``returned``, ``aborted``, ``finished``).
+    """
+    from napari.qt.threading import create_worker
+
+    return create_worker(work, _connect={"errored": on_error, **slots})

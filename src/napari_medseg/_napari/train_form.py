@@ -1,0 +1,204 @@
+"""The Train widget's form as plain values, and the one function that turns it into a run.
+
+Free of Qt and of the viewer (as careamics-napari does it: form state -> pure config ->
+worker): the widget reads its controls into a ``TrainForm``, ``plan_training`` checks every
+input and builds the ``TrainConfig`` (plus the tiles of painted layers), and ``TrainingJob``
+runs it. A form's defaults are the core's, so the widget, the CLI and a YAML config start
+from the same numbers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .torch_import import import_torch_dynamo
+
+import_torch_dynamo()  # before the training imports below (torchvision): see torch_import
+
+from ..errors import MedsegError  # noqa: E402
+from ..io.dataset import open_dataset  # noqa: E402
+from ..models import ModelConfig, read_meta, resolve_model_path  # noqa: E402
+from ..models.checkpoint import CheckpointMeta  # noqa: E402
+from ..training.config import AugmentConfig, DataConfig, TrainConfig  # noqa: E402
+from ..training.data import LabelledImage  # noqa: E402
+from ..training.losses import LOSSES as CORE_LOSSES  # noqa: E402
+from ..training.tiles import DEFAULT_TILE, layer_items  # noqa: E402
+from .common import WidgetInputError  # noqa: E402
+from .model_list import DEFAULT_MODEL, FILE_MODEL, trained_models  # noqa: E402
+from .training_job import LayerSource  # noqa: E402
+
+FROM_FOLDER = "dataset folder"
+FROM_LAYERS = "image + labels layers"
+NEW_MODEL = "new model (from scratch)"
+LOSSES = ("ce_dice", *(name for name in CORE_LOSSES if name != "ce_dice"))  # the trainer's list, its default first
+NO_AUGMENTATION = AugmentConfig(flip=False, rotate90=False, scale=None, brightness=0.0, contrast=0.0, saturation=0.0,
+                                hue=0.0, sharpness=0.0)  # random crops only
+MONITORS = {"validation loss": "val_loss", "validation mIoU": "val_miou", "validation mean class Dice": "val_mean_dice",
+            "validation bPQ (nuclei)": "val_bpq"}
+INTERACTIVE_EPOCHS = 20  # fewer than a scripted run's default: a first look in the viewer comes sooner
+
+_TRAIN, _DATA, _MODEL = TrainConfig(), DataConfig(), ModelConfig()
+
+
+@dataclass
+class PaintedLayers:
+    """The chosen image and Labels layers as the config needs them (``None``: not chosen)."""
+
+    image: np.ndarray | None
+    labels: np.ndarray | None
+    rgb: bool = False
+    name: str = "image"  # the image layer's name: tiles are named after it
+    labels_name: str = "labels"
+    classes: list[str] | None = None  # recorded on the labels layer by this plugin
+    multiscale: bool = False
+    scale: tuple = ()
+    translate: tuple = ()
+
+
+@dataclass
+class TrainForm:
+    """Every value of the Train widget's form. The defaults are the core's (``TrainConfig``,
+    ``DataConfig``, ``ModelConfig``) but for fewer epochs; the widget's controls start at them."""
+
+    source: str = FROM_FOLDER
+    dataset: str = ""
+    layers: PaintedLayers | None = None
+    tile_size: int = DEFAULT_TILE
+    val_fraction: float = _DATA.val_fraction
+    start_from: str = NEW_MODEL
+    checkpoint: str = ""
+    architecture: str = _MODEL.architecture
+    encoder: str = _MODEL.encoder
+    encoder_depth: int = _MODEL.encoder_depth
+    freeze_encoder: bool = _TRAIN.freeze_encoder
+    distance_head: bool = _MODEL.distance_head
+    loss: str = _TRAIN.loss
+    epochs: int = INTERACTIVE_EPOCHS
+    lr: float = _TRAIN.lr
+    batch_size: int = _TRAIN.batch_size
+    crop_size: int = _DATA.crop_size
+    crops_per_image: int = _DATA.crops_per_image
+    augment: bool = True
+    patience: int = _TRAIN.patience
+    monitor: str = next(name for name, key in MONITORS.items() if key == _TRAIN.monitor)
+    device: str = _TRAIN.device
+    output_dir: str = str(Path.home() / "napari-medseg" / "models")
+    model_name: str = "model"
+    show_preview: bool = True
+
+
+@dataclass
+class TrainingPlan:
+    """A checked run: its config (``out_dir`` still to be made) and, for painted layers, the tiles."""
+
+    cfg: TrainConfig
+    items: tuple[list[LabelledImage], list[str]] | None = None  # (tiles, classes); None: cfg.data.dataset
+    layer_source: LayerSource | None = None
+
+
+def plan_training(form: TrainForm) -> TrainingPlan:
+    """Check every input of ``form`` and build the run; raises a ``MedsegError`` whose message
+    tells the user what to change. Reads the start checkpoint and the dataset folder; writes nothing."""
+    check_model_name(form.model_name)
+    start, start_meta = start_checkpoint(form)
+    in_channels = start_meta.model.in_channels if start_meta else _MODEL.in_channels
+    if form.source == FROM_FOLDER:
+        classes = folder_classes(form, start, start_meta)
+        datasets, val_fraction = [str(Path(form.dataset).expanduser())], form.val_fraction
+        items, layer_source = None, None
+    else:
+        items, layer_source = painted_tiles(form, start_meta, in_channels)
+        classes, datasets = items[1], []
+        # one tile: nothing to hold out, so it trains on it alone and picks the best by training loss
+        val_fraction = form.val_fraction if len(items[0]) > 1 else 0.0
+    model = _model_config(form, start_meta, classes, in_channels)
+    if form.crop_size % model.output_stride:
+        raise WidgetInputError(f"The crop size must be a multiple of {model.output_stride} for this model "
+                               f"(got {form.crop_size}).")
+    cfg = TrainConfig(
+        model=model, init_checkpoint=str(start) if start else None, freeze_encoder=form.freeze_encoder,
+        data=DataConfig(dataset=datasets, val_fraction=val_fraction, crop_size=form.crop_size,
+                        crops_per_image=form.crops_per_image),
+        augment=AugmentConfig() if form.augment else NO_AUGMENTATION,
+        loss=form.loss, lr=float(form.lr), epochs=form.epochs, batch_size=form.batch_size, patience=form.patience,
+        monitor=MONITORS[form.monitor], device=form.device,
+        pixel_size_um=start_meta.pixel_size_um if start_meta else None,
+    )
+    cfg.check()  # the trainer's own consistency checks, before anything is made
+    return TrainingPlan(cfg, items, layer_source)
+
+
+def check_model_name(name: str) -> None:
+    name = name.strip()
+    if not name or not re.fullmatch(r"[\w.\- ]+", name) or name in (".", ".."):
+        raise WidgetInputError(f"Give the model a plain name (letters, digits, '-', '_', '.'), not '{name}'.")
+
+
+def start_checkpoint(form: TrainForm) -> tuple[Path | None, CheckpointMeta | None]:
+    """The checkpoint to start from and its metadata; ``(None, None)`` for a new model."""
+    choice = form.start_from
+    if choice == NEW_MODEL:
+        return None, None
+    if choice == DEFAULT_MODEL:
+        path = resolve_model_path("default")
+    elif choice == FILE_MODEL:
+        path = Path(form.checkpoint)
+        if not path.is_file():
+            raise WidgetInputError(f"Choose an existing .safetensors checkpoint to start from (got '{path}').")
+    else:
+        path = trained_models.path(choice)
+        if path is None:
+            raise WidgetInputError(f"The model '{choice}' is no longer on disk.")
+    try:
+        return path, read_meta(path)
+    except MedsegError as exc:  # not a checkpoint we can use
+        raise WidgetInputError(f"Cannot start from '{path.name}': {exc}") from exc
+
+
+def folder_classes(form: TrainForm, start: Path | None, start_meta: CheckpointMeta | None) -> list[str]:
+    """The dataset folder's classes, checked against the model to fine-tune."""
+    folder = Path(form.dataset).expanduser()
+    classes = open_dataset(folder, require_labels=True).classes
+    if start_meta is not None and start_meta.classes != classes:
+        raise WidgetInputError(f"'{start.name}' was trained for classes {start_meta.classes}, but {folder.name} "
+                               f"has {classes}; start from a new model or a model with these classes.")
+    return classes
+
+
+def painted_tiles(form: TrainForm, start_meta: CheckpointMeta | None,
+                  in_channels: int) -> tuple[tuple[list[LabelledImage], list[str]], LayerSource]:
+    """The tiles of the painted layers (each its own validation group) with their classes, and
+    where each tile came from."""
+    layers = form.layers
+    if layers is not None and layers.multiscale:
+        raise WidgetInputError("Multiscale layers cannot be trained on; use a single-resolution image.")
+    if layers is None or layers.image is None:
+        raise WidgetInputError("Choose an image layer to train on (open or paint over an image first).")
+    if layers.labels is None:
+        raise WidgetInputError("Choose a Labels layer with the class of every pixel (paint or correct one).")
+    if start_meta is not None:
+        classes = list(start_meta.classes)
+        if layers.classes and layers.classes != classes:
+            raise WidgetInputError(f"'{layers.labels_name}' has classes {layers.classes}, but the model to fine-tune "
+                                   f"has {classes}.")
+    else:
+        top = int(layers.labels.max(initial=0))
+        classes = layers.classes or ["background"] + [f"class {i}" for i in range(1, max(top, 1) + 1)]
+    items, regions = layer_items(layers.image, layers.rgb, layers.labels, len(classes), in_channels,
+                                 form.tile_size, layers.name)
+    return (items, classes), LayerSource(layers.labels.shape, layers.scale, layers.translate, regions)
+
+
+def _model_config(form: TrainForm, start_meta: CheckpointMeta | None, classes: list[str],
+                  in_channels: int) -> ModelConfig:
+    """The start checkpoint's model (a distance head added if asked for), else a new one."""
+    if start_meta is not None:
+        model = start_meta.model
+        model.distance_head = model.distance_head or form.distance_head
+        return model
+    return ModelConfig(form.architecture, form.encoder, in_channels=in_channels, num_classes=len(classes),
+                       encoder_depth=form.encoder_depth, distance_head=form.distance_head)

@@ -1,0 +1,136 @@
+"""Every contribution in napari.yaml, driven the way napari drives it: widgets from
+Plugins > napari-medseg (``add_plugin_dock_widget``), samples from File > Open Sample,
+files through ``viewer.open(..., plugin=...)`` and layers saved through napari's save path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from napari.layers import Image, Labels
+
+from napari_medseg.io import read_label_map
+
+PLUGIN = "napari-medseg"
+MANIFEST = yaml.safe_load((Path(__file__).parents[1] / "napari.yaml").read_text())
+WIDGETS = [w["display_name"] for w in MANIFEST["contributions"]["widgets"]]
+SAMPLES = {s["key"]: s["display_name"] for s in MANIFEST["contributions"]["sample_data"]}
+CONSEP_CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle"]
+
+
+def _unproxied(obj):
+    """napari hands plugins its viewer wrapped in a proxy that hides private attributes."""
+    return getattr(obj, "__wrapped__", obj)
+
+
+def test_manifest_lists_the_four_widgets_and_two_samples():
+    assert WIDGETS == ["Segment", "Metrics", "Objects", "Train"]
+    assert set(SAMPLES) == {"consep", "monuseg"}
+
+
+@pytest.mark.parametrize("name", WIDGETS)
+def test_each_widget_opens_from_the_plugins_menu_with_the_viewer(make_napari_viewer, name):
+    viewer = make_napari_viewer()
+    dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    assert dock is not None and type(widget).__name__ == f"{name}Widget"
+    assert _unproxied(widget._viewer) is viewer
+    # it follows this viewer's layers: layers added afterwards are offered
+    image = viewer.add_image(np.zeros((32, 32, 3), np.uint8), name="H&E", rgb=True)
+    labels = viewer.add_labels(np.zeros((32, 32), np.uint8), name="painted")
+    offered = [_unproxied(layer) for w in widget if hasattr(w, "choices") for layer in w.choices
+               if layer is not None and not isinstance(layer, str)]
+    assert labels in offered or image in offered, name
+
+
+def test_samples_open_from_the_file_menu(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "consep")
+    assert [type(l).__name__ for l in viewer.layers] == ["Image", "Labels", "Labels"]
+    image, truth, instances = viewer.layers
+    assert image.rgb and image.data.shape == (256, 256, 3)
+    assert truth.metadata["medseg"]["classes"] == CONSEP_CLASSES
+    assert np.array_equal(truth.data > 0, instances.data > 0)
+    viewer.layers.clear()
+    viewer.open_sample(PLUGIN, "monuseg")
+    assert [l.name for l in viewer.layers] == ["MoNuSeg H&E", "MoNuSeg ground truth", "MoNuSeg instances"]
+    assert viewer.layers[0].data.shape == (512, 512, 3) and viewer.layers[2].data.max() > 50
+
+
+def test_files_open_through_the_plugin_reader(make_napari_viewer, consep, small_consep):
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(str(consep / "images" / "train_1_005.png"), plugin=PLUGIN)
+    assert isinstance(image, Image) and image.rgb and image.data.shape == (256, 256, 3)
+    layers = viewer.open(str(small_consep), plugin=PLUGIN)
+    assert [type(l) for l in layers] == [Image, Labels, Labels]
+    assert layers[1].metadata["medseg"]["classes"] == CONSEP_CLASSES
+
+
+def test_labels_save_through_napari_with_both_writers(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "consep")
+    truth, instances = viewer.layers["CoNSeP ground truth"], viewer.layers["CoNSeP instances"]
+
+    viewer.layers.selection = {truth}
+    tif = tmp_path / "truth.tif"
+    assert viewer.layers.save(str(tif), selected=True, plugin=PLUGIN) == [str(tif)]
+    assert np.array_equal(read_label_map(tif), truth.data)
+
+    viewer.layers.selection = {instances}
+    geojson = tmp_path / "nuclei.geojson"
+    assert viewer.layers.save(str(geojson), selected=True, plugin=PLUGIN) == [str(geojson)]
+    features = json.loads(geojson.read_text())["features"]
+    assert sorted(f["properties"]["label"] for f in features) == np.unique(instances.data)[1:].tolist()
+    assert {f["properties"]["classification"]["name"] for f in features} <= set(CONSEP_CLASSES[1:])
+
+
+def test_segment_and_metrics_from_the_menu_work_on_the_sample(make_napari_viewer):
+    """The widgets as napari makes them (with its viewer proxy) do their work, not just open."""
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "consep")
+    _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    segment.image_layer.value = viewer.layers["CoNSeP H&E"]
+    segment.device.value = "cpu"
+    assert segment.run(threaded=False) is not None, segment.status.value
+    assert "CoNSeP H&E segmentation" in viewer.layers and "CoNSeP H&E nuclei" in viewer.layers
+    _, metrics = viewer.window.add_plugin_dock_widget(PLUGIN, "Metrics")
+    metrics.prediction.value = viewer.layers["CoNSeP H&E segmentation"]
+    metrics.ground_truth.value = viewer.layers["CoNSeP ground truth"]
+    result = metrics.compute()
+    assert result is not None and result["overall"]["nucleus_dice"] > 0.6, metrics.summary.value
+
+
+# A fresh session, as a user meets it: the viewer (and its OpenGL) first, the plugin's torch
+# stack afterwards. Under Mesa's llvmpipe (Xvfb) importing Triton at that point segfaults
+# unless torch_import hides it; the guard must not leave Triton hidden for the session.
+FRESH_SESSION = textwrap.dedent("""
+    import sys
+    import napari
+    from qtpy.QtWidgets import QApplication
+    from napari_medseg._napari.torch_import import system_llvm_loaded
+
+    viewer = napari.Viewer()
+    viewer.open_sample("napari-medseg", "consep")
+    QApplication.processEvents()
+    viewer.screenshot(canvas_only=True)  # the canvas has drawn: its OpenGL is loaded
+    print("system LLVM loaded:", system_llvm_loaded(), flush=True)
+    _, segment = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
+    segment.image_layer.value = viewer.layers["CoNSeP H&E"]
+    segment.device.value = "cpu"
+    assert segment.run(threaded=False) is not None, segment.status.value
+    viewer.window.add_plugin_dock_widget("napari-medseg", "Train")
+    assert sys.modules.get("triton", "absent") is not None, "Triton left hidden for the session"
+    viewer.close()
+    print("fresh session fine", flush=True)
+""")
+
+
+def test_fresh_session_opens_segment_and_train_without_crashing():
+    done = subprocess.run([sys.executable, "-c", FRESH_SESSION], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "fresh session fine" in done.stdout, (done.returncode, done.stdout,
+                                                                          done.stderr[-3000:])
