@@ -114,3 +114,41 @@ def test_overlay_outlines_nuclei_in_their_class_colour(result):
     outline = np.any(picture != result.display, axis=-1)
     assert outline.any() and not outline[result.class_map == 0].any()  # fill off: only outlines, only on nuclei
     assert enlarged(picture).shape[:2] == (512, 512)
+
+
+def test_nan_pixels_are_refused_with_the_file_name(store, tmp_path):
+    import tifffile
+
+    image = np.random.default_rng(0).random((64, 64, 3)).astype(np.float32)
+    image[5, 5, 0] = np.nan
+    path = tmp_path / "nan.tif"
+    tifffile.imwrite(path, image)
+    with store.lock, pytest.raises(MedsegError, match="NaN"):
+        segment_upload(path, store.get(DEFAULT_MODEL))
+
+
+def test_two_users_at_once_share_one_model_and_both_get_their_result(consep, monkeypatch):
+    """Concurrent requests queue on the store's lock; the model is loaded once."""
+    import threading
+
+    from napari_medseg.inference import Segmenter
+    from napari_medseg.web.session import segment_uploads
+
+    loads = []
+    real_load = Segmenter.load.__func__
+    monkeypatch.setattr(Segmenter, "load", classmethod(lambda cls, *a, **k: loads.append(a) or real_load(cls, *a, **k)))
+    store, results, errors = ModelStore(), {}, []
+
+    def user(stem):
+        try:
+            results[stem] = segment_uploads(store, DEFAULT_MODEL, [str(consep / "images" / f"{stem}.png")])
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=user, args=(s,)) for s in ("train_19_005", "train_12_001")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(loads) == 1
+    assert {next(iter(r)) for r in results.values()} == {"train_19_005", "train_12_001"}

@@ -11,13 +11,14 @@ import functools
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 
 from ..errors import MedsegError
 from . import render
 from .session import (DEFAULT_MODEL, METRIC_HEADERS, ModelStore, compare_upload, metrics_rows, nucleus_summary,
-                      segment_upload)
+                      segment_uploads)
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
 SAMPLE_FILES = {"CoNSeP H&E patch (40x)": "consep_train_19_005.png",
@@ -54,6 +55,77 @@ def _view(results: dict, name: str | None, opacity: float):
     return overlay, render.class_legend(r.classes, r.colors), counts, [str(p) for p in r.downloads]
 
 
+def _inputs_column(store: ModelStore) -> SimpleNamespace:
+    ui = SimpleNamespace()
+    ui.files = gr.File(label="Images (PNG, JPEG, TIFF)", file_count="multiple",
+                       file_types=[".png", ".jpg", ".jpeg", ".tif", ".tiff"], elem_id="images")
+    ui.sample = gr.Dropdown(list(SAMPLE_FILES), value=None, label="or a shipped sample", elem_id="sample")
+    ui.model = gr.Dropdown(store.names(), value=DEFAULT_MODEL, label="model", elem_id="model")
+    ui.pixel_size = gr.Number(value=None, label="pixel size (µm/px, for areas in µm²; 0 = unknown)", minimum=0,
+                              elem_id="pixel-size")
+    ui.threshold = gr.Slider(0, 0.95, value=0, step=0.01, label="nucleus threshold (0 = the model's own)",
+                             elem_id="threshold")
+    ui.tta = gr.Checkbox(value=False, label="test-time flips (4x slower, a little more accurate)")
+    ui.segment = gr.Button("Segment", variant="primary", elem_id="segment")
+    ui.status = gr.Markdown("", elem_id="status")
+    ui.gt = gr.File(label="ground truth (label TIFF/PNG: class map, mask or nucleus ids)",
+                    file_types=[".png", ".tif", ".tiff"], elem_id="ground-truth")
+    ui.compare = gr.Button("Compare with ground truth", elem_id="compare")
+    return ui
+
+
+def _results_column(ui: SimpleNamespace) -> None:
+    ui.shown = gr.Dropdown([], label="image", elem_id="shown")
+    ui.overlay = gr.Image(label="classes and nucleus outlines", type="numpy", elem_id="overlay", format="png",
+                          interactive=False, height=520)
+    ui.opacity = gr.Slider(0, 1, value=0.4, step=0.05, label="fill opacity", elem_id="opacity")
+    ui.legend = gr.HTML(elem_id="legend")
+    ui.counts = gr.Dataframe(headers=COUNT_HEADERS, label="nuclei per class", elem_id="counts", interactive=False)
+    ui.metrics = gr.Dataframe(headers=METRIC_HEADERS, label="metrics against the ground truth", elem_id="metrics",
+                              interactive=False)
+    ui.note = gr.Markdown("", elem_id="metrics-note")
+    ui.errors = gr.Image(label="TP / FP / FN against the ground truth", type="numpy", format="png",
+                         interactive=False, elem_id="errors", height=520)
+    ui.downloads = gr.File(label="downloads", file_count="multiple", interactive=False, elem_id="downloads")
+
+
+@_user_errors
+def _pick_sample(choice):
+    if not choice:
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="medseg-sample-"))
+    return [shutil.copy(SAMPLES / SAMPLE_FILES[choice], folder)]  # served from a temp copy only
+
+
+def _run(store: ModelStore):
+    @_user_errors
+    def run(files_in, model_name, px, thr, flips, opacity, progress=gr.Progress()):
+        done = segment_uploads(store, model_name, _upload_paths(files_in), thr or None, flips, px or None,
+                               lambda label: lambda d, t: progress((d, t), desc=label, unit="steps"))
+        first = next(iter(done))
+        found = sum(len(r.table["label"]) for r in done.values())
+        message = f"Segmented {len(done)} image(s): {found} nuclei."
+        return (done, gr.Dropdown(choices=list(done), value=first), *_view(done, first, opacity), message,
+                None, "", None)
+    return run
+
+
+@_user_errors
+def _check(gt_file, name, state):
+    if not state:
+        raise gr.Error("Segment an image first.")
+    if not gt_file:
+        raise gr.Error("Upload a ground-truth label map first.")
+    result = state[name]
+    comparison = compare_upload(result, _upload_paths(gt_file)[0])
+    result.downloads = [p for p in result.downloads if p != comparison.metrics_csv] + [comparison.metrics_csv]
+    legend = render.error_legend()
+    note = (comparison.report["note"] + "\n\n" + legend) if comparison.report["note"] else legend
+    return (metrics_rows(comparison.report), note, render.enlarged(render.error_overlay(result.display,
+                                                                                          comparison.errors)),
+            [str(p) for p in result.downloads])
+
+
 def build_app(store: ModelStore) -> gr.Blocks:
     with gr.Blocks(title="napari-medseg") as app:
         results = gr.State({})
@@ -61,82 +133,17 @@ def build_app(store: ModelStore) -> gr.Blocks:
                     "and check the result against your own annotation. Research use only.")
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
-                files = gr.File(label="Images (PNG, JPEG, TIFF)", file_count="multiple",
-                                file_types=[".png", ".jpg", ".jpeg", ".tif", ".tiff"], elem_id="images")
-                sample = gr.Dropdown(list(SAMPLE_FILES), value=None, label="or a shipped sample", elem_id="sample")
-                model = gr.Dropdown(store.names(), value=DEFAULT_MODEL, label="model", elem_id="model")
-                pixel_size = gr.Number(value=None, label="pixel size (µm/px, for areas in µm²; 0 = unknown)",
-                                       minimum=0, elem_id="pixel-size")
-                threshold = gr.Slider(0, 0.95, value=0, step=0.01, label="nucleus threshold (0 = the model's own)",
-                                      elem_id="threshold")
-                tta = gr.Checkbox(value=False, label="test-time flips (4x slower, a little more accurate)")
-                segment = gr.Button("Segment", variant="primary", elem_id="segment")
-                status = gr.Markdown("", elem_id="status")
-                gt = gr.File(label="ground truth (label TIFF/PNG: class map, mask or nucleus ids)",
-                             file_types=[".png", ".tif", ".tiff"], elem_id="ground-truth")
-                compare = gr.Button("Compare with ground truth", elem_id="compare")
+                ui = _inputs_column(store)
             with gr.Column(scale=2):
-                shown = gr.Dropdown([], label="image", elem_id="shown")
-                overlay = gr.Image(label="classes and nucleus outlines", type="numpy", elem_id="overlay",
-                                   format="png", interactive=False, height=520)
-                opacity = gr.Slider(0, 1, value=0.4, step=0.05, label="fill opacity", elem_id="opacity")
-                legend = gr.HTML(elem_id="legend")
-                counts = gr.Dataframe(headers=COUNT_HEADERS, label="nuclei per class", elem_id="counts",
-                                      interactive=False)
-                metrics = gr.Dataframe(headers=METRIC_HEADERS, label="metrics against the ground truth",
-                                       elem_id="metrics", interactive=False)
-                note = gr.Markdown("", elem_id="metrics-note")
-                errors = gr.Image(label="TP / FP / FN against the ground truth", type="numpy", format="png",
-                                  interactive=False, elem_id="errors", height=520)
-                downloads = gr.File(label="downloads", file_count="multiple", interactive=False, elem_id="downloads")
-
-        @_user_errors
-        def pick_sample(choice):
-            if not choice:
-                return None
-            folder = Path(tempfile.mkdtemp(prefix="medseg-sample-"))
-            return [shutil.copy(SAMPLES / SAMPLE_FILES[choice], folder)]  # served from a temp copy only
-
-        @_user_errors
-        def run(files_in, model_name, px, thr, flips, progress=gr.Progress()):
-            paths = _upload_paths(files_in)
-            if not paths:
-                raise gr.Error("Upload an image (or pick a sample) first.")
-            done = {}
-            with store.lock:
-                segmenter = store.get(model_name)
-                for i, path in enumerate(paths, 1):
-                    label = f"[{i}/{len(paths)}] {Path(path).name}"
-                    result = segment_upload(path, segmenter, thr or None, flips, px or None,
-                                            lambda d, t: progress((d, t), desc=label, unit="steps"))
-                    done[result.name] = result
-            first = next(iter(done))
-            found = sum(len(r.table["label"]) for r in done.values())
-            message = f"Segmented {len(done)} image(s): {found} nuclei."
-            return (done, gr.Dropdown(choices=list(done), value=first), *_view(done, first, 0.4), message,
-                    None, "", None)
-
-        @_user_errors
-        def check(gt_file, name, state):
-            if not state:
-                raise gr.Error("Segment an image first.")
-            if not gt_file:
-                raise gr.Error("Upload a ground-truth label map first.")
-            comparison = compare_upload(state[name], _upload_paths(gt_file)[0])
-            r = state[name]
-            r.downloads = [p for p in r.downloads if p != comparison.metrics_csv] + [comparison.metrics_csv]
-            legend = render.error_legend()
-            note_text = (comparison.report["note"] + "\n\n" + legend) if comparison.report["note"] else legend
-            return (metrics_rows(comparison.report), note_text,
-                    render.enlarged(render.error_overlay(r.display, comparison.errors)), [str(p) for p in r.downloads])
-
-        sample.change(pick_sample, sample, files)
-        segment.click(run, [files, model, pixel_size, threshold, tta],
-                      [results, shown, overlay, legend, counts, downloads, status, metrics, note, errors],
-                      concurrency_limit=1)
-        shown.change(_view, [results, shown, opacity], [overlay, legend, counts, downloads])
-        opacity.release(_view, [results, shown, opacity], [overlay, legend, counts, downloads])
-        compare.click(check, [gt, shown, results], [metrics, note, errors, downloads], concurrency_limit=1)
+                _results_column(ui)
+        view = [ui.overlay, ui.legend, ui.counts, ui.downloads]
+        ui.sample.change(_pick_sample, ui.sample, ui.files)
+        ui.segment.click(_run(store), [ui.files, ui.model, ui.pixel_size, ui.threshold, ui.tta, ui.opacity],
+                         [results, ui.shown, *view, ui.status, ui.metrics, ui.note, ui.errors], concurrency_limit=1)
+        ui.shown.change(_view, [results, ui.shown, ui.opacity], view)
+        ui.opacity.release(_view, [results, ui.shown, ui.opacity], view)
+        ui.compare.click(_check, [ui.gt, ui.shown, results], [ui.metrics, ui.note, ui.errors, ui.downloads],
+                         concurrency_limit=1)
     return app
 
 

@@ -122,6 +122,22 @@ def segment_upload(path: str | Path, segmenter: Segmenter, threshold: float | No
     return result
 
 
+def segment_uploads(store: ModelStore, model_name: str, paths: list[str], threshold: float | None = None,
+                    tta: bool = False, pixel_size_um: float | None = None, progress_for=None) -> dict[str, ImageResult]:
+    """Every upload through one model, one run at a time (``store.lock``); ``progress_for(label)``
+    gives each file its ``(done, total)`` callback."""
+    if not paths:
+        raise WebInputError("Upload an image (or pick a sample) first.")
+    results: dict[str, ImageResult] = {}
+    with store.lock:
+        segmenter = store.get(model_name)
+        for i, path in enumerate(paths, 1):
+            progress = None if progress_for is None else progress_for(f"[{i}/{len(paths)}] {Path(path).name}")
+            result = segment_upload(path, segmenter, threshold, tta, pixel_size_um, progress)
+            results[result.name] = result
+    return results
+
+
 def nucleus_summary(result: ImageResult) -> list[list]:
     """Rows ``class, nuclei, mean area, total area`` (µm² with a pixel size, px otherwise), then all."""
     column = "area_um2" if "area_um2" in result.table else "area"
