@@ -151,7 +151,12 @@ def test_cli_runs_every_stage_then_one_again(small_consep, tmp_path, capsys):
     assert "stage 1/2 'a': 1 epochs from new weights" in out and "[b] epoch 1/1" in out
     assert f"checkpoint {tmp_path / 'run' / 'b' / 'best.safetensors'}" in out
     first = (tmp_path / "run" / "a" / "best.safetensors").read_bytes()
-    assert main(["train", str(path), "--from-stage", "b", "--set", "epochs=2"]) == 0
+    # stage b's folder holds a model: a rerun replaces it only when asked to, and says how
+    b_before = (tmp_path / "run" / "b" / "best.safetensors").read_bytes()
+    assert main(["train", str(path), "--from-stage", "b", "--set", "epochs=2"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "run" / "b" / "best.safetensors").read_bytes() == b_before
+    assert main(["train", str(path), "--from-stage", "b", "--set", "epochs=2", "--overwrite"]) == 0
     out = capsys.readouterr().out
     assert "stage 1/1 'b': 2 epochs from" in out and "[b] epoch 2/2" in out
     assert (tmp_path / "run" / "a" / "best.safetensors").read_bytes() == first  # stage a untouched

@@ -8,14 +8,13 @@ derived from its class map with ``semantic_to_instances``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .instance import aggregate_instance_stats, image_instance_stats
 from ..nuclei.watershed import InstanceSettings, semantic_to_instances
-from ..io.dataset import DatasetError, open_dataset
+from ..io.dataset import CLASSES_FILE, DatasetError, open_dataset, read_classes
 from ..io.images import read_label_map
 from .semantic import MetricsInputError, check_label_pair, confusion_matrix, semantic_metrics
 
@@ -112,10 +111,9 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, instance_settings
     pred_dir = Path(pred_dir)
     labels_dir = pred_dir / "labels" if (pred_dir / "labels").is_dir() else pred_dir
     instances_dir = pred_dir / "instances"
-    pred_classes_file = pred_dir / "classes.json"
-    if pred_classes_file.is_file():
-        pred_classes = json.loads(pred_classes_file.read_text()).get("classes", [])
-        if pred_classes and pred_classes != gt.classes:
+    if (pred_dir / CLASSES_FILE).is_file():
+        pred_classes, _ = read_classes(pred_dir)  # refuses a classes.json it cannot read, naming it
+        if pred_classes != gt.classes:
             raise DatasetError(
                 f"The prediction's classes {pred_classes} differ from the ground truth's {gt.classes}; "
                 "evaluate with a model trained on the same classes."

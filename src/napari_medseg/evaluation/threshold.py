@@ -22,6 +22,7 @@ from ..errors import MedsegError
 from ..inference.segmenter import Segmenter
 from ..inference.settings import TileSettings
 from ..io.dataset import GROUP_PATTERN, DatasetError, open_dataset, source_group
+from ..io.outputs import remove_stale_temps
 from ..models import load_checkpoint, resolve_model_path, save_checkpoint
 from ..models.weights import read_state_dict
 from ..steps import ProgressCallback
@@ -84,7 +85,8 @@ def tune_foreground_threshold(segmenter, samples, settings=None, thresholds=GRID
 
 def tune_checkpoint(model: str | os.PathLike, data: str | Path, out: str | os.PathLike,
                     groups: list[str] | None = None, all_images: bool = False, tta: bool = False,
-                    device: str = "auto", progress_for: Callable[[int], ProgressCallback | None] | None = None) -> dict:
+                    device: str = "auto", progress_for: Callable[[int], ProgressCallback | None] | None = None,
+                    overwrite: bool = False) -> dict:
     """Tune ``model``'s foreground threshold on the labelled images of ``data`` and write the
     checkpoint with it to ``out`` (atomically, in the precision the input was stored in; the
     input is never touched). Returns ``tune_foreground_threshold``'s result.
@@ -92,8 +94,10 @@ def tune_checkpoint(model: str | os.PathLike, data: str | Path, out: str | os.Pa
     The images: those of the source images ``groups``, the model's validation images
     (``data.val_groups``) without them, every image with ``all_images``.
     ``progress_for(images)`` gives the progress callback once the number of images is known.
+    An existing ``out`` is replaced only with ``overwrite``, and never when it is the input.
     """
     source = resolve_model_path(model)
+    check_checkpoint_target(source, Path(out), overwrite)
     segmenter = Segmenter.load(source, device=device)
     segmenter.foreground_threshold = None  # tune from the model's raw probabilities
     if not all_images:
@@ -108,6 +112,19 @@ def tune_checkpoint(model: str | os.PathLike, data: str | Path, out: str | os.Pa
     record = {"data": str(data), "groups": None if all_images else groups, "images": result["images"], "tta": bool(tta)}
     write_threshold(source, out, result, record)
     return result
+
+
+def check_checkpoint_target(source: Path, out: Path, overwrite: bool) -> None:
+    """Refuses an ``out`` that is the input checkpoint, a folder, or (without ``overwrite``) an
+    existing file; removes the temp files a killed run left beside it."""
+    if out.exists() and os.path.realpath(out) == os.path.realpath(source):
+        raise ThresholdTuningError(f"--out {out} is the input checkpoint: write the tuned copy to another file.")
+    if out.is_dir():
+        raise ThresholdTuningError(f"--out {out} is a folder: give the checkpoint file to write, "
+                                   f"e.g. {out / 'tuned.safetensors'}.")
+    if out.exists() and not overwrite:
+        raise ThresholdTuningError(f"--out {out} exists: choose another file or pass --overwrite to replace it.")
+    remove_stale_temps(out.parent)
 
 
 def write_threshold(source: Path, out: str | os.PathLike, result: dict, record: dict) -> Path:

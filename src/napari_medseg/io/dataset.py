@@ -23,6 +23,7 @@ from ..errors import MedsegError
 from .images import IMAGE_SUFFIXES, ImageReadError, atomic_write, file_stem, read_image, read_label_map, write_label_map
 
 CLASSES_FILE = "classes.json"
+DATASET_FOLDERS = ("images", "labels", "instances")
 # stem -> source image: ``<image>_<n>`` is patch n of one image. Splits and validation sets keep
 # every patch of one source image on one side (never split by patch).
 GROUP_PATTERN = r"^(.*)_\d+$"
@@ -142,9 +143,12 @@ def open_dataset(root: str | os.PathLike, require_labels: bool = False) -> Datas
         missing = [s for s in stems if s not in have]
         extra = sorted(have - set(stems))
         if missing and (sub == "labels" or len(missing) < len(stems)):
+            others = sorted(p.name for p in folder.iterdir() if p.suffix.lower() != ".tif" and file_stem(p) in missing)
+            hint = (f"; {', '.join(others[:3])} must be saved as .tif (masks are read from <stem>.tif only)"
+                    if others else "")
             raise DatasetError(
                 f"{root.name}/{sub} lacks masks for {len(missing)} image(s): {', '.join(missing[:5])}"
-                + (" ..." if len(missing) > 5 else "")
+                + (" ..." if len(missing) > 5 else "") + hint
             )
         if extra:
             raise DatasetError(

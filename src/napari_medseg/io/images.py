@@ -17,13 +17,13 @@ decides from shape and dtype alone; ``validate_image_array`` applies it to a num
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import MedsegError
+from .outputs import temp_path, write_error
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 LABEL_SUFFIXES = (".tif", ".tiff", ".png")
@@ -264,16 +264,20 @@ def smallest_label_dtype(labels: np.ndarray) -> np.dtype:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: no half-written file is ever visible."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Call ``write(tmp_path)`` then rename over ``path``: no half-written file is ever visible.
+    The temp file goes on every exit path; a write error names ``path``, not the temp file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # its error names the folder it could not make
     # A unique name that ``write`` creates itself, so the file gets the usual umask permissions
     # (mkstemp's file is 0600, which would make every written label map private to its owner).
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.part"
+    tmp = temp_path(path)
     try:
-        write(Path(tmp))
+        write(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:  # Ctrl-C and SIGTERM (cli.Terminated) included
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, MedsegError):
+            raise write_error(path, exc) from None
         raise
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import DatasetError, write_classes, write_sample
+from .dataset import DATASET_FOLDERS, DatasetError, write_classes, write_sample
+from .outputs import claim_classes, remove_stale_temps
 
 PANNUKE_CLASSES = ["background", "neoplastic", "inflammatory", "connective", "dead", "epithelial"]
 
@@ -32,6 +33,25 @@ class PanNukeFold:
 
     def image(self, i: int) -> np.ndarray:
         return np.clip(np.asarray(self.images[i]), 0, 255).astype(np.uint8)
+
+    def check(self, block: int = 16) -> None:
+        """Refuses NaN or infinite pixels and negative, fractional or NaN instance ids, naming the
+        first image that has them; read in blocks of images, before anything is written."""
+        for start in range(0, len(self), block):
+            images = np.asarray(self.images[start:start + block])
+            images = images.reshape(len(images), -1)
+            if images.dtype.kind == "f":
+                bad = ~np.isfinite(images).all(1)
+                if bad.any():
+                    raise DatasetError(f"{self.root}: image {start + int(np.argmax(bad))} of images.npy holds NaN "
+                                       "or infinite pixels; fix or drop it before converting.")
+            ids = np.asarray(self.masks[start:start + block, ..., :5]).reshape(len(images), -1)
+            bad = (ids < 0).any(1)
+            if ids.dtype.kind == "f":
+                bad |= (~np.isfinite(ids) | (ids % 1 != 0)).any(1)
+            if bad.any():
+                raise DatasetError(f"{self.root}: mask {start + int(np.argmax(bad))} of masks.npy holds negative, "
+                                   "fractional or NaN instance ids; PanNuke ids are whole numbers, 0 for none.")
 
     def class_and_instance_maps(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(class map uint8, instance map int32) of image ``i``; instance ids made unique per image."""
@@ -97,6 +117,11 @@ def read_pannuke_fold(path: str | os.PathLike) -> PanNukeFold:
         raise DatasetError(f"{images_path}: expected (N, H, W, 3), got {images.shape}.")
     if masks.ndim != 4 or masks.shape[-1] != 6 or masks.shape[:3] != images.shape[:3]:
         raise DatasetError(f"{masks_path}: expected (N, H, W, 6) matching images {images.shape[:3]}, got {masks.shape}.")
+    if len(images) == 0 or 0 in images.shape[1:3]:
+        raise DatasetError(f"{images_path}: the fold is empty (shape {images.shape}); nothing to convert.")
+    for name, array in ((images_path, images), (masks_path, masks)):
+        if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+            raise DatasetError(f"{name}: expected numbers, got {array.dtype}.")
     tissues = ["unknown"] * len(images)
     types_path = next(iter(sorted(root.rglob("types.npy"))), None)
     if types_path is not None:
@@ -111,10 +136,16 @@ def read_pannuke_fold(path: str | os.PathLike) -> PanNukeFold:
 
 
 def convert_pannuke(fold_dir: str | os.PathLike, out_dir: str | os.PathLike, progress=None) -> Path:
-    """Write a PanNuke fold as a dataset folder (stems ``<tissue>_<index>``)."""
+    """Write a PanNuke fold as a dataset folder (stems ``<tissue>_<index>``). ``out_dir`` may be
+    new, empty, or a PanNuke dataset folder (the same fold again); never another dataset's."""
     fold = read_pannuke_fold(fold_dir)
+    fold.check()
     out = Path(out_dir)
-    write_classes(out, PANNUKE_CLASSES, source=f"PanNuke fold {fold.root.name}")
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"out_dir {out} is a file, not a folder.")
+    if claim_classes(out, PANNUKE_CLASSES, DATASET_FOLDERS, flag="out_dir"):
+        write_classes(out, PANNUKE_CLASSES, source=f"PanNuke fold {fold.root.name}")
+    remove_stale_temps(out, *(out / sub for sub in DATASET_FOLDERS))
     width = len(str(len(fold)))
     for i in range(len(fold)):
         classes, instances = fold.class_and_instance_maps(i)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 from dataclasses import asdict, dataclass, field, replace
@@ -20,9 +21,11 @@ from ..colors import class_colors
 from ..io.images import atomic_write
 from .config import ModelConfig, ModelConfigError
 from .registry import build_model
-from .weights import CheckpointError, check_not_pickle, read_state_dict
+from .fields import type_errors
+from .weights import CheckpointError, check_not_pickle, read_state_dict, write_safetensors
 
 FORMAT = "napari-medseg-checkpoint"
+RESUME_KEY = "napari_medseg_resume"  # the header key of a training run's resume file (training.resume)
 FORMAT_VERSION = 1
 METADATA_KEY = "napari_medseg"
 # Mean/std applied after scaling pixels to [0, 1] (ImageNet statistics by default).
@@ -68,6 +71,15 @@ class CheckpointMeta:
         if not self.colors:
             self.colors = [list(c) for c in class_colors(self.classes)]
 
+    def check(self, source: str) -> None:
+        """Refuses metadata whose values cannot work (types, ranges), naming the key."""
+        wrong = type_errors(self)
+        if not wrong:
+            wrong = _value_errors(self)
+        if wrong:
+            raise CheckpointError(f"{source}: invalid metadata: {'; '.join(wrong)}. "
+                                  "The file was edited or written by another program; use the checkpoint as trained.")
+
     def to_json(self) -> str:
         data = asdict(self)
         data["format"], data["format_version"] = FORMAT, FORMAT_VERSION
@@ -91,6 +103,7 @@ class CheckpointMeta:
             meta = cls(**data)
         except (KeyError, TypeError, ModelConfigError) as exc:
             raise CheckpointError(f"{source}: incomplete or unknown metadata ({exc}).") from exc
+        meta.check(source)
         if len(meta.classes) != meta.model.num_classes:
             raise CheckpointError(
                 f"{source}: lists {len(meta.classes)} class names but the model has {meta.model.num_classes} outputs."
@@ -98,6 +111,36 @@ class CheckpointMeta:
         if len(meta.colors) != len(meta.classes):
             raise CheckpointError(f"{source}: {len(meta.colors)} colours for {len(meta.classes)} classes.")
         return meta
+
+
+def _finite_numbers(values) -> bool:
+    return isinstance(values, list) and bool(values) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
+def _value_errors(meta: CheckpointMeta) -> list[str]:
+    """Ranges and shapes of the metadata values whose types fit."""
+    wrong = []
+    if not all(isinstance(c, str) and c for c in meta.classes):
+        wrong.append(f"classes must be a list of names, got {meta.classes!r}")
+    if not all(isinstance(c, (list, tuple)) and len(c) in (3, 4) and all(isinstance(v, int) and 0 <= v <= 255 for v in c)
+               for c in meta.colors):
+        wrong.append("colors must be [r, g, b] lists of integers 0-255")
+    norm = meta.normalization
+    if set(norm) != {"mean", "std"} or not _finite_numbers(norm["mean"]) or not _finite_numbers(norm["std"]):
+        wrong.append(f"normalization must be {{mean: [...], std: [...]}} of finite numbers, got {norm!r}")
+    elif min(norm["std"]) <= 0:
+        wrong.append(f"normalization std must be above 0, got {norm['std']}")
+    elif len(norm["mean"]) != len(norm["std"]) or len(norm["std"]) not in (1, meta.model.in_channels):
+        wrong.append(f"normalization needs 1 or {meta.model.in_channels} values per list, got {norm!r}")
+    threshold = meta.foreground_threshold
+    if threshold is not None and not 0 < threshold < 1:
+        wrong.append(f"foreground_threshold must lie strictly between 0 and 1, got {threshold!r}")
+    if meta.pixel_size_um is not None and not meta.pixel_size_um > 0:
+        wrong.append(f"pixel_size_um must be above 0, got {meta.pixel_size_um!r}")
+    if meta.model.num_classes < 2 or meta.model.in_channels < 1:
+        wrong.append("model.num_classes must be at least 2 and model.in_channels at least 1")
+    return wrong
 
 
 def package_versions() -> dict:
@@ -116,6 +159,10 @@ def read_meta(path: str | os.PathLike) -> CheckpointMeta:
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(path.glob("*.safetensors"))
+        hint = f" such as {inside[0]}" if inside else ""
+        raise CheckpointError(f"Checkpoint '{path}' is a folder, not a file: give a .safetensors checkpoint{hint}.")
     if not path.is_file():
         raise CheckpointError(f"Checkpoint '{path}' does not exist.")
     check_not_pickle(path)
@@ -124,6 +171,10 @@ def read_meta(path: str | os.PathLike) -> CheckpointMeta:
             header = fh.metadata() or {}
     except Exception as exc:
         raise CheckpointError(f"{path.name}: corrupt or truncated safetensors file ({exc}).") from exc
+    if METADATA_KEY not in header and RESUME_KEY in header:
+        raise CheckpointError(
+            f"{path.name} is a resume file (for 'medseg train --resume'), not a model checkpoint: "
+            f"use the best.safetensors in {path.parent}.")
     if METADATA_KEY not in header:
         raise CheckpointError(
             f"{path.name} has no napari-medseg metadata: it holds bare weights. Build the model "
@@ -134,8 +185,6 @@ def read_meta(path: str | os.PathLike) -> CheckpointMeta:
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: CheckpointMeta, half: bool = False) -> Path:
     """Write weights + metadata atomically; ``half`` stores float weights as fp16 (half the size)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     meta.versions = meta.versions or package_versions()
     meta.created = meta.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -146,7 +195,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: CheckpointM
             tensor = tensor.half()
         state[key] = tensor.contiguous()
     def write(tmp: Path) -> None:
-        save_file(state, str(tmp), metadata={METADATA_KEY: meta.to_json()})
+        write_safetensors(state, tmp, {METADATA_KEY: meta.to_json()}, path)
         # safetensors creates its file 0600; a checkpoint is meant to be shared like any file
         umask = os.umask(0)
         os.umask(umask)
@@ -181,6 +230,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
                 f"metadata ({meta.model.num_classes} classes: {', '.join(meta.classes)}) needs "
                 f"{tuple(expected[key].shape)}. The weights were trained for another class count or architecture."
             )
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(
+                f"{path.name}: tensor '{key}' holds NaN or infinite weights (the training diverged, or the file "
+                "was damaged); such a model segments nothing. Use an earlier checkpoint or retrain, e.g. with a lower lr.")
         state[key] = tensor.to(expected[key].dtype)
     model.load_state_dict(state)
     return model.to(device).eval(), meta

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import MedsegError
+from .fields import type_errors
 
 # smp architectures we expose, by our config name.
 SMP_ARCHITECTURES = {
@@ -46,7 +47,11 @@ class ModelConfig:
         unknown = set(data) - known
         if unknown:
             raise ModelConfigError(f"Unknown model setting(s): {', '.join(sorted(unknown))}.")
-        return cls(**data)
+        config = cls(**data)
+        wrong = type_errors(config, "model.")
+        if wrong:
+            raise ModelConfigError(f"Wrong model setting(s): {'; '.join(wrong)}.")
+        return config
 
     def to_dict(self) -> dict:
         return asdict(self)

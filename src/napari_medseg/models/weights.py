@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import MedsegError
+from ..io.outputs import write_error
 from .config import ModelConfigError
 
 
@@ -36,6 +37,18 @@ def check_not_pickle(path: Path) -> None:
     if len(head) < 9:
         raise CheckpointError(f"{path.name} is too short to be a safetensors checkpoint ({len(head)} bytes).")
     raise CheckpointError(f"{path.name} is not a safetensors file (bad or truncated header).")
+
+
+def write_safetensors(tensors: dict, tmp: Path, metadata: dict, target: Path) -> None:
+    """safetensors' ``save_file`` into ``tmp`` (an ``atomic_write`` temp of ``target``); its
+    errors (a full disk among them) become one naming ``target``, not the hidden temp file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+    except SafetensorError as exc:
+        raise write_error(target, exc) from None
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MedsegError
+from ..io.outputs import remove_stale_temps, temp_path
 from ..models.checkpoint import CheckpointMeta, save_checkpoint
 from .config import TrainConfig
 from .distributed import DistContext, parameter_hash
@@ -17,12 +19,29 @@ from .events import TrainingError
 from .progress import Progress
 
 
+def check_fresh_run(out_dirs: list[Path]) -> None:
+    """Refuses to train into a folder that holds an earlier run's best checkpoint (also a
+    repeated run's, under ``seed_<n>/``): a new run would replace it without a word."""
+    for out_dir in out_dirs:
+        earlier = sorted(out_dir.glob("best.safetensors")) + sorted(out_dir.glob("seed_*/best.safetensors"))
+        if earlier:
+            raise TrainingError(
+                f"{out_dir} already holds a trained model ({earlier[0]}). Choose another out_dir "
+                f"(--set out_dir=...), continue that run with --resume {out_dir / 'resume.safetensors'}, "
+                "or pass --overwrite to replace it.")
+
+
 def check_output_dir(out_dir: Path, need_bytes: int = 0) -> None:
+    """Checks that ``out_dir`` can take the run's files (and removes the temp files a killed run
+    left there)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_bytes(b"0" * 1024)
-        probe.unlink()
+        remove_stale_temps(out_dir)
+        probe = temp_path(out_dir / "write-test")
+        try:
+            probe.write_bytes(b"0" * 1024)
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as exc:
         raise TrainingError(f"Cannot write checkpoints to '{out_dir}': {exc.strerror or exc}.") from exc
     if need_bytes:
@@ -84,7 +103,9 @@ class CheckpointWriter:
         try:
             save_checkpoint(self.best_path, model, meta, half=self.cfg.save_half)
         except OSError as exc:
-            raise TrainingError(f"Cannot write the checkpoint {self.best_path}: {exc.strerror or exc}. "
+            raise TrainingError(f"{exc.strerror or exc} The previous best checkpoint, if any, is unchanged."
+                                if isinstance(exc, MedsegError) else
+                                f"Cannot write the checkpoint {self.best_path}: {exc.strerror or exc}. "
                                 "The previous best checkpoint, if any, is unchanged.") from exc
 
     def save_resume(self, epoch: int, progress: Progress, model: torch.nn.Module, optimizer, scheduler,
@@ -100,4 +121,5 @@ class CheckpointWriter:
         try:
             save_resume(self.resume_path, model, optimizer, scheduler, loader_generator, info)
         except OSError as exc:
-            raise TrainingError(f"Cannot write {self.resume_path}: {exc.strerror or exc}.") from exc
+            raise TrainingError(str(exc) if isinstance(exc, MedsegError) else
+                                f"Cannot write {self.resume_path}: {exc.strerror or exc}.") from exc

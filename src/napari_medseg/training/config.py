@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -10,10 +11,15 @@ import yaml
 from ..errors import MedsegError
 from ..io.dataset import GROUP_PATTERN
 from ..models.config import ModelConfig
+from ..models.fields import type_errors
 
 
 class TrainConfigError(MedsegError, ValueError):
     """A training configuration is incomplete or contradicts itself."""
+
+
+# what ``monitor`` may name: the validation loss or a number validation reports (training.validation)
+MONITORS = ("val_loss", "val_miou", "val_mean_dice", "val_nucleus_dice", "val_pixel_accuracy", "val_bpq")
 
 
 @dataclass
@@ -114,8 +120,18 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        data = dict(data)
+    def from_dict(cls, data: dict, source: str | Path | None = None) -> "TrainConfig":
+        """Settings from a mapping, checked (types, ranges, contradictions); errors name ``source``
+        (the config file) when given."""
+        try:
+            return cls._from_dict(dict(data))
+        except TrainConfigError as exc:
+            if source is None:
+                raise
+            raise TrainConfigError(f"{source}: {exc}") from None
+
+    @classmethod
+    def _from_dict(cls, data: dict) -> "TrainConfig":
         sections = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig,
                     "oversample": OversampleConfig, "quadratic_stop": QuadraticStopConfig}
         known = {f.name for f in fields(cls)}
@@ -132,11 +148,12 @@ class TrainConfig:
             elif key in data and not isinstance(data[key], section):
                 raise TrainConfigError(f"'{key}' must be a mapping of settings, not {data[key]!r}.")
         cfg = cls(**data)
-        for obj in (cfg, cfg.data, cfg.augment, cfg.oversample, cfg.quadratic_stop):
-            _coerce_floats(obj)
+        for prefix, obj in (("", cfg), ("data.", cfg.data), ("augment.", cfg.augment),
+                            ("oversample.", cfg.oversample), ("quadratic_stop.", cfg.quadratic_stop)):
+            _coerce_floats(obj, prefix)
         if isinstance(cfg.data.dataset, str):
             cfg.data.dataset = [cfg.data.dataset]
-        if cfg.augment.scale is not None:
+        if isinstance(cfg.augment.scale, list):
             cfg.augment.scale = tuple(cfg.augment.scale)
         if cfg.augment.stain_scale is not None:
             try:
@@ -153,6 +170,10 @@ class TrainConfig:
         def bad(msg):
             raise TrainConfigError(msg)
 
+        wrong = type_errors(self)
+        if wrong:  # before the checks below, which compare values of the declared types
+            bad("; ".join(wrong) + ".")
+
         if self.loss.lower() not in LOSSES:
             bad(f"Unknown loss '{self.loss}'. Choose one of: {', '.join(LOSSES)}.")
         if self.optimizer.lower() not in ("adam", "adamw"):
@@ -166,13 +187,22 @@ class TrainConfig:
             bad(f"class_weights must be a list of numbers, 'auto' or 'inverse', not '{self.class_weights}'.")
         if isinstance(self.normalization, str) and self.normalization not in ("imagenet", "none"):
             bad(f"normalization must be 'imagenet', 'none' or {{mean: [...], std: [...]}}, not '{self.normalization}'.")
-        if isinstance(self.normalization, dict) and set(self.normalization) != {"mean", "std"}:
-            bad("normalization as a mapping needs exactly 'mean' and 'std'.")
+        if isinstance(self.normalization, dict):
+            norm = self.normalization
+            if set(norm) != {"mean", "std"}:
+                bad("normalization as a mapping needs exactly 'mean' and 'std'.")
+            numbers = [v for key in ("mean", "std") for v in (norm[key] if isinstance(norm[key], list) else [None])]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
+                bad(f"normalization mean and std must be lists of numbers, got {norm}.")
+            if min(norm["std"], default=0) <= 0:
+                bad(f"normalization std must be above 0, got {norm['std']}.")
         for name, value, low in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1),
                                  ("repeats", self.repeats, 1), ("data.crop_size", self.data.crop_size, 0),
                                  ("quadratic_stop.window", self.quadratic_stop.window, 3)):
             if not isinstance(value, int) or value < low:
                 bad(f"{name} must be an integer of at least {low}, got {value!r}.")
+        if self.monitor not in MONITORS and f"val_{self.monitor}" not in MONITORS:
+            bad(f"monitor '{self.monitor}' is not one of {', '.join(MONITORS)}.")
         if not 0 <= self.data.val_fraction < 1:
             bad(f"data.val_fraction must lie in [0, 1), got {self.data.val_fraction}.")
         if self.lr <= 0:
@@ -188,7 +218,7 @@ class TrainConfig:
             bad(f"data.crop_size {self.data.crop_size} must be a multiple of {self.model.output_stride} for this model.")
 
 
-def _coerce_floats(obj) -> None:
+def _coerce_floats(obj, prefix: str = "") -> None:
     """YAML 1.1 reads ``1e-3`` (no dot) as a string: accept it where a number is expected."""
     for f in fields(obj):
         value = getattr(obj, f.name)
@@ -196,7 +226,7 @@ def _coerce_floats(obj) -> None:
             try:
                 setattr(obj, f.name, float(value))
             except ValueError:
-                raise TrainConfigError(f"{f.name} must be a number, got '{value}'.") from None
+                raise TrainConfigError(f"{prefix}{f.name} must be a number, got '{value}'.") from None
 
 
 def _parse_value(key: str, text: str):
@@ -212,12 +242,19 @@ def read_config_mapping(path: str | Path | None) -> dict:
     if path is None:
         return {}
     path = Path(path)
+    if path.is_dir():
+        raise TrainConfigError(f"Config file '{path}' is a folder: give the YAML file (e.g. configs/default.yaml).")
     if not path.is_file():
         raise TrainConfigError(f"Config file '{path}' does not exist.")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise TrainConfigError(f"Config file '{path}' is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or exc
+        raise TrainConfigError(f"Config file '{path}' is not valid YAML{where}: {problem}.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TrainConfigError(f"Config file '{path}' cannot be read as text ({exc}).") from None
     if not isinstance(data, dict):
         raise TrainConfigError(f"{path}: the top level must be a mapping of settings.")
     # Relative dataset paths are relative to the current directory, as users type them.
@@ -249,4 +286,4 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     if "stages" in data:
         raise TrainConfigError(f"{path} describes training stages: run it with 'medseg train' "
                                "or read it with load_train_stages.")
-    return TrainConfig.from_dict(apply_overrides(data, overrides))
+    return TrainConfig.from_dict(apply_overrides(data, overrides), source=path)

@@ -17,8 +17,9 @@ import torch
 
 from ..errors import MedsegError
 from ..io.images import atomic_write
+from ..models.checkpoint import RESUME_KEY
+from ..models.weights import write_safetensors
 
-RESUME_KEY = "napari_medseg_resume"
 RESUME_VERSION = 1
 # Settings that may differ between a run and its resumption (they do not change the result).
 RESUME_FREE = ("resume", "save_resume", "out_dir", "device", "num_threads", "repeats")
@@ -56,8 +57,6 @@ def _set_rng_state(tensors: dict, info: dict, loader_generator: torch.Generator)
 def save_resume(path: Path, model: torch.nn.Module, optimizer, scheduler, loader_generator: torch.Generator,
                 info: dict) -> Path:
     """``info``: JSON-able run state (epoch, config, history, early-stopping state, ...)."""
-    from safetensors.torch import save_file
-
     tensors = {f"model.{k}": v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
     for idx, entry in opt["state"].items():
@@ -73,7 +72,8 @@ def save_resume(path: Path, model: torch.nn.Module, optimizer, scheduler, loader
     info["rng"] = rng_info
     info["version"] = RESUME_VERSION
     text = json.dumps(info)
-    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={RESUME_KEY: text}))
+    path = Path(path)
+    atomic_write(path, lambda tmp: write_safetensors(tensors, tmp, {RESUME_KEY: text}, path))
     return Path(path)
 
 

@@ -80,16 +80,16 @@ def load_train_stages(path: str | Path | None, overrides: list[str] = (), from_s
     if specs is None:
         if from_stage is not None:
             raise TrainConfigError(f"--from-stage {from_stage}: {path} has no stages.")
-        return [Stage("", TrainConfig.from_dict(apply_overrides(data, overrides)))]
+        return [Stage("", TrainConfig.from_dict(apply_overrides(data, overrides), source=path))]
     if not isinstance(specs, list) or not specs or not all(isinstance(s, dict) for s in specs):
-        raise TrainConfigError("'stages' must be a non-empty list of mappings, each with a 'name'.")
+        raise TrainConfigError(f"{path}: 'stages' must be a non-empty list of mappings, each with a 'name'.")
     names = [str(spec.get("name", "")) for spec in specs]
     for number, name in enumerate(names, 1):
         if not STAGE_NAME.match(name):
-            raise TrainConfigError(f"Stage {number} needs a 'name' of letters, digits, '_', '.' or '-' "
+            raise TrainConfigError(f"{path}: Stage {number} needs a 'name' of letters, digits, '_', '.' or '-' "
                                    f"(it names its folder), got {name!r}.")
         if names.count(name) > 1:
-            raise TrainConfigError(f"Two stages are called '{name}': stage names must differ.")
+            raise TrainConfigError(f"{path}: Two stages are called '{name}': stage names must differ.")
     if from_stage is not None and from_stage not in names:
         raise TrainConfigError(f"No stage is called '{from_stage}'; the stages are: {', '.join(names)}.")
     first = from_stage or names[0]
@@ -102,7 +102,7 @@ def load_train_stages(path: str | Path | None, overrides: list[str] = (), from_s
         spec = {k: v for k, v in spec.items() if k != "name"}
         for key in ("out_dir", "stages", "resume"):
             if key in spec:
-                raise TrainConfigError(f"Stage '{name}' sets '{key}', which belongs to the whole run.")
+                raise TrainConfigError(f"{path}: Stage '{name}' sets '{key}', which belongs to the whole run.")
         merged = apply_overrides(_merge(data, spec), per_stage)
         merged["out_dir"] = str(base_out / name)
         if stages and "init_checkpoint" not in spec:
@@ -112,9 +112,9 @@ def load_train_stages(path: str | Path | None, overrides: list[str] = (), from_s
         try:
             cfg = TrainConfig.from_dict(merged)
         except TrainConfigError as exc:
-            raise TrainConfigError(f"Stage '{name}': {exc}") from None
+            raise TrainConfigError(f"{path}: Stage '{name}': {exc}") from None
         if cfg.repeats > 1:
-            raise TrainConfigError(f"Stage '{name}': repeats > 1 cannot be combined with stages "
+            raise TrainConfigError(f"{path}: Stage '{name}': repeats > 1 cannot be combined with stages "
                                    "(which seed's checkpoint would the next stage start from?).")
         stages.append(Stage(name, cfg))
     return stages[names.index(first):]
