@@ -2,16 +2,20 @@
 
 Part 1, in one process, same model (the shipped default), same tile, overlap, batch and
 gaussian blending (sigma = tile/8 in both), on a 4096² image assembled from real CoNSeP
-H&E patches: throughput (Mpx/s), peak RSS increase during the call, their ratios (ours /
-MONAI's) and the argmax agreement. Both timings include everything from the uint8 image to
-the uint8 class map (normalisation, padding, blending, argmax). Ours runs without glass
-skipping here so that both do the same work; a second line shows it with our defaults.
+H&E patches: a per-batch table of the backends (PyTorch, and the ONNX export through
+OpenVINO / ONNX Runtime where installed), then whole-image rows for each backend and for
+MONAI: throughput (Mpx/s), peak RSS increase during the call, class-map agreement with our
+float32 PyTorch run, and the ratios (ours with the backend ``auto`` picks / MONAI's). Both
+sides compute the same thing: the softmax of the class channels (a distance head's channel
+is no class) and the model's decision rule (``classify``: its tuned foreground threshold).
+Both timings include everything from the uint8 image to the uint8 class map. Ours runs
+without glass skipping here so that both do the same work; a last row shows our defaults.
 
 Part 2 writes a tiled 20,000² TIFF (real H&E patches on a tissue-shaped region, glass
 elsewhere, as on a slide), opens it lazily and streams it through the engine with the
 default settings, printing peak RSS.
 
-    pip install -e ".[bench]"     # MONAI, for this script only
+    pip install -e ".[bench,openvino,onnxruntime]"     # MONAI (this script only) and the runtimes
     python benchmarks/bench_inference.py [--size 4096] [--stream-size 20000] [--threads 2]
 
 The last line is machine-readable:
@@ -92,9 +96,15 @@ def run_ours(segmenter, image, settings):
 
 
 def run_monai(model, segmenter, image, tile, overlap, batch):
+    """MONAI's sliding window computing what our engine computes: the softmax of the class
+    channels only (a distance head's channel is no class), blended, then our decision rule
+    (``classify`` with the model's foreground threshold)."""
     import torch
     from monai.inferers import sliding_window_inference
 
+    from napari_medseg.inference import classify
+
+    n = len(segmenter.classes)
     model = model.eval()
     x = torch.from_numpy(segmenter.normalise(image)).permute(2, 0, 1)[None]
     if next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
@@ -102,10 +112,68 @@ def run_monai(model, segmenter, image, tile, overlap, batch):
     with torch.inference_mode():
         probs = sliding_window_inference(
             x, roi_size=(tile, tile), sw_batch_size=batch,
-            predictor=lambda t: torch.softmax(model(t), dim=1),
+            predictor=lambda t: torch.softmax(model(t)[:, :n], dim=1),
             overlap=overlap / tile, mode="gaussian", sigma_scale=0.125, padding_mode="reflect",
         )
-        return probs[0].argmax(0).to(torch.uint8).numpy()
+        return classify(probs[0].numpy(), segmenter.foreground_threshold).astype(np.uint8)
+
+
+def load_backends(device: str) -> dict:
+    """One segmenter per backend that loads as itself here (a runtime not installed is left out)."""
+    from napari_medseg.inference import Segmenter
+
+    loaded = {}
+    for name in ("torch", "openvino", "onnxruntime"):
+        seg = Segmenter.load("default", device=device, backend=name)
+        if seg.backend.name == name:
+            loaded[name] = seg
+        else:
+            print(f"backend {name}: not used ({'; '.join(seg.backend.notes)})")
+    return loaded
+
+
+def per_batch_table(segmenters: dict, image: np.ndarray, tile: int, batch: int, repeats: int = 7) -> None:
+    """Best time of one batch of ``batch`` normalised real tiles through each backend's network."""
+    import torch
+
+    first = next(iter(segmenters.values()))
+    tiles = np.stack([first.normalise(image[i * tile:(i + 1) * tile, :tile]) for i in range(batch)])
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    print(f"per batch ({batch} x {tile}², best of {repeats}):")
+    reference = None
+    for name, seg in segmenters.items():
+        run = seg.model if name == "torch" else seg.backend
+        times = []
+        with torch.inference_mode():
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                logits = run(x)
+                times.append(time.perf_counter() - t0)
+        n = len(seg.classes)
+        labels = logits[:, :n].argmax(1)
+        reference = labels if reference is None else reference
+        print(f"  {name:>12} {seg.backend.precision:>5}: {min(times[1:]):6.3f} s  "
+              f"argmax agreement with torch {100 * float((labels == reference).float().mean()):.3f}%")
+
+
+def time_engines(engines: list, rounds: int, mpx: float) -> dict[str, tuple]:
+    """``{name: (class map, best seconds, largest peak RSS increase)}`` over interleaved rounds.
+
+    The fastest time of each engine is its figure (timeit's rule: noise from other processes
+    only ever adds time); the largest memory increase is kept."""
+    results: dict[str, tuple] = {}
+    for round_ in range(1, rounds + 1):
+        for name, fn in engines:
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                labels = fn()
+                seconds = time.perf_counter() - t0
+            print(f"round {round_} {name:>15}: {seconds:7.1f} s  {mpx / seconds:6.3f} Mpx/s  "
+                  f"peak RSS +{mem.increase / 2**20:7.1f} MB", flush=True)
+            old = results.get(name)
+            results[name] = (labels, min(seconds, old[1]) if old else seconds,
+                             max(mem.increase, old[2]) if old else mem.increase)
+    return results
 
 
 def write_slide(path: Path, size: int, seed: int = 0) -> float:
@@ -148,7 +216,7 @@ def stream(args) -> None:
         share = write_slide(path, args.stream_size)
         print(f"stream: wrote a {args.stream_size}² slide ({path.stat().st_size / 2**20:.0f} MB on disk, "
               f"tissue {100 * share:.0f}%) in {time.perf_counter() - t0:.0f} s, in a fresh process")
-        segmenter = Segmenter.load("default", device=args.device)
+        segmenter = Segmenter.load("default", device=args.device, backend="auto")
         lazy = open_tiff_lazy(path)[0]
         before = rss_bytes()
         t0 = time.perf_counter()
@@ -156,7 +224,7 @@ def stream(args) -> None:
         seconds = time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's lifetime peak
         report = segmenter.last_report
-        print(f"stream: {lazy.shape[0]}x{lazy.shape[1]} in {seconds:.0f} s "
+        print(f"stream: backend {report.backend} ({report.precision}), {lazy.shape[0]}x{lazy.shape[1]} in {seconds:.0f} s "
               f"({lazy.shape[0] * lazy.shape[1] / 1e6 / seconds:.2f} Mpx/s), {report.tiles} tiles, "
               f"{report.skipped_background} skipped as glass; process peak RSS {peak / 2**30:.2f} GB "
               f"(before segmenting {before / 2**30:.2f} GB; the uint8 class map is {labels.nbytes / 2**30:.2f} GB)")
@@ -187,47 +255,44 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    segmenter = Segmenter.load("default", device=args.device)  # ours: batch norm folded, conv+activation fused, channels-last
+    backends = load_backends(args.device)  # ours: batch norm folded, conv+activation fused, channels-last
+    auto = Segmenter.load("default", device=args.device, backend="auto")
+    backends[auto.backend.name] = auto  # the same engine as that row: one warm-up, one compiled model
+    segmenter = backends["torch"]
     plain_model = load_checkpoint(resolve_model_path("default"), device=segmenter.device)[0].eval()  # as a user has it
     print(f"model: {segmenter.meta.model.architecture} {segmenter.meta.model.encoder}, device {segmenter.device}, "
-          f"torch threads {torch.get_num_threads()}, tile {args.tile}, overlap {args.overlap}, batch {args.batch_size}")
+          f"torch threads {torch.get_num_threads()}, tile {args.tile}, overlap {args.overlap}, batch {args.batch_size}, "
+          f"foreground threshold {segmenter.foreground_threshold}; auto picks {auto.backend.name} "
+          f"({auto.backend.precision}){': ' + '; '.join(auto.backend.notes) if auto.backend.notes else ''}")
     image = consep_mosaic(args.size)
     mpx = image.shape[0] * image.shape[1] / 1e6
+    per_batch_table(backends, image, args.tile, args.batch_size)
     same_work = TileSettings(args.tile, args.overlap, args.batch_size, skip_background=False)
     # warm-up: first calls pay for kernel selection and allocator growth
-    run_ours(segmenter, image[:512, :512], same_work)
+    for seg in backends.values():
+        run_ours(seg, image[:512, :512], same_work)
     run_monai(plain_model, segmenter, image[:512, :512], args.tile, args.overlap, args.batch_size)
 
-    engines = (("ours", lambda: run_ours(segmenter, image, same_work)),
-               ("monai", lambda: run_monai(plain_model, segmenter, image, args.tile, args.overlap, args.batch_size)),
-               # MONAI handed our optimised model: what is left is the engines' own difference
-               ("monai+", lambda: run_monai(segmenter.model, segmenter, image, args.tile, args.overlap,
-                                            args.batch_size)),
-               ("ours, glass skipping on (default)",
-                lambda: run_ours(segmenter, image, TileSettings(args.tile, args.overlap, args.batch_size))))
-    # Interleaved rounds; the fastest time of each engine is its figure (timeit's rule: noise
-    # from other processes only ever adds time), the largest memory increase is kept.
-    results: dict[str, tuple] = {}
-    for round_ in range(1, args.rounds + 1):
-        for name, fn in engines:
-            with PeakRSS() as mem:
-                t0 = time.perf_counter()
-                labels = fn()
-                seconds = time.perf_counter() - t0
-            print(f"round {round_} {name:>6}: {seconds:7.1f} s  {mpx / seconds:6.3f} Mpx/s  "
-                  f"peak RSS +{mem.increase / 2**20:7.1f} MB", flush=True)
-            old = results.get(name)
-            results[name] = (labels, min(seconds, old[1]) if old else seconds, max(mem.increase, old[2]) if old else mem.increase)
-    for name, (_, seconds, increase) in results.items():
-        print(f"{name:>6}: best {seconds:7.1f} s  {mpx / seconds:6.3f} Mpx/s  peak RSS +{increase / 2**20:7.1f} MB")
-    print(f"glass tiles skipped with the defaults: {segmenter.last_report.skipped_background}/{segmenter.last_report.tiles}")
-    ours, monai = results["ours"], results["monai"]
+    engines = [(f"ours[{name}]", lambda seg=seg: run_ours(seg, image, same_work)) for name, seg in backends.items()]
+    engines += [("monai", lambda: run_monai(plain_model, segmenter, image, args.tile, args.overlap, args.batch_size)),
+                # MONAI handed our optimised model: what is left is the engines' own difference
+                ("monai+", lambda: run_monai(segmenter.model, segmenter, image, args.tile, args.overlap,
+                                             args.batch_size)),
+                ("ours[auto], glass skipping on (default)",
+                 lambda: run_ours(auto, image, TileSettings(args.tile, args.overlap, args.batch_size)))]
+    results = time_engines(engines, args.rounds, mpx)
+    reference = results["ours[torch]"][0]
+    for name, (labels, seconds, increase) in results.items():
+        print(f"{name:>15}: best {seconds:7.1f} s  {mpx / seconds:6.3f} Mpx/s  peak RSS +{increase / 2**20:7.1f} MB  "
+              f"agreement with ours[torch] {100 * float((labels == reference).mean()):.3f}%")
+    print(f"glass tiles skipped with the defaults: {auto.last_report.skipped_background}/{auto.last_report.tiles}")
+    ours, monai = results[f"ours[{auto.backend.name}]"], results["monai"]
     ratio_throughput = monai[1] / ours[1]
     ratio_memory = ours[2] / max(monai[2], 1)
     agreement = float((ours[0] == monai[0]).mean())
     print("monai+ = MONAI running our inference-optimised model (batch norm folded, conv+activation fused, channels-last)")
-    print(f"throughput ratio (ours/MONAI) {ratio_throughput:.2f}x, memory ratio {ratio_memory:.3f}, "
-          f"argmax agreement {100 * agreement:.3f}%")
+    print(f"auto = {auto.backend.name} ({auto.backend.precision}): throughput ratio (ours/MONAI) {ratio_throughput:.2f}x, "
+          f"memory ratio {ratio_memory:.3f}, class-map agreement with MONAI {100 * agreement:.3f}%")
 
     stream_gb = float("nan")
     if args.stream_size:

@@ -113,13 +113,14 @@ class BandMerger:
         self.norm[keep:] = 0
 
 
-def iter_blend(model: torch.nn.Module, source: ImageSource, num_classes: int, settings: TileSettings,
+def iter_blend(model, source: ImageSource, num_classes: int, settings: TileSettings,
                device: torch.device, normalise: Callable[[np.ndarray], np.ndarray] | None = None,
                out=None, probabilities_out=None, report: RunReport | None = None,
                distance_head: bool = False, distance_out=None, foreground_threshold: float | None = None,
                ) -> Generator[tuple[int, int], None, object]:
     """Generator: yields ``(tiles_done, tiles_total)`` after every batch; returns the class map.
 
+    ``model``: a PyTorch module or any callable from a float32 NCHW tensor to logits (``backends``).
     ``normalise`` maps ``[0, 1]`` pixels to model input (mean/std); ``out`` (``(H, W)``, any
     writable array, default a new uint8 numpy array) receives the class map row by row;
     ``probabilities_out`` (``(C, H, W)``, e.g. a float16 memmap) receives the blended
@@ -133,11 +134,13 @@ def iter_blend(model: torch.nn.Module, source: ImageSource, num_classes: int, se
     report.tiles, report.batch_size = total, settings.batch_size
     if out is None:
         out = np.zeros((source.height, source.width), np.uint8 if num_classes <= 256 else np.uint16)
+    # the distance channel is blended only when someone reads it (half again the buffer of a 2-class model)
+    channels = num_classes + int(distance_head and distance_out is not None)
     merger = BandMerger(Outputs(out, num_classes, foreground_threshold, probabilities_out, distance_out),
-                        num_classes + int(distance_head), grid.band(settings.batch_size),
+                        channels, grid.band(settings.batch_size),
                         (source.height, source.width), grid.padded_width, blend_weights(tile, settings.blend))
     skip = settings.skip_background and source.rgb and source.channels == 3
-    run_batch = Batcher(prepare_model(model, settings, device), settings, device, report, num_classes)
+    run_batch = Batcher(prepare_model(model, settings, device), settings, device, report, num_classes, channels)
     pending: list[tuple[int, int, np.ndarray]] = []  # (y, x, model input) waiting for a batch
     done = reported = 0
     for y in grid.ys:

@@ -30,10 +30,15 @@ class RunReport:
     forward_passes: int = 0
     batch_size: int = 0  # after any out-of-memory halving
     out_of_memory_retries: int = 0
+    backend: str = "torch"  # who ran the network (``backends``)
+    precision: str = "fp32"
     notes: list[str] = field(default_factory=list)
 
 
-def prepare_model(model: torch.nn.Module, settings: TileSettings, device: torch.device) -> torch.nn.Module:
+def prepare_model(model, settings: TileSettings, device: torch.device):
+    """A PyTorch model in eval mode (channels-last on request); any other runner (``backends``) as it is."""
+    if not isinstance(model, torch.nn.Module):
+        return model
     model.eval()
     if settings.channels_last:
         first = next((p for p in model.parameters() if p.ndim == 4), None)
@@ -69,9 +74,10 @@ class Batcher:
     """Runs batches of normalised tiles, halving the batch on out-of-memory (GPU) errors."""
 
     def __init__(self, model, settings: TileSettings, device: torch.device, report: RunReport,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, channels: int | None = None):
         self.model, self.settings, self.device, self.report = model, settings, device, report
         self.num_classes = num_classes
+        self.channels = channels  # output channels kept (None: all): a distance map nobody asked for is dropped
         self.limit = settings.batch_size
         self.weights = torch.tensor(blend_weights(settings.tile_size, settings.blend), device=device)
 
@@ -83,7 +89,8 @@ class Batcher:
             try:
                 with torch.inference_mode():
                     x = torch.from_numpy(chunk).permute(0, 3, 1, 2).to(self.device)
-                    p = forward_probabilities(self.model, x, self.settings, self.device, self.num_classes) * self.weights
+                    p = forward_probabilities(self.model, x, self.settings, self.device, self.num_classes)
+                    p = p[:, :self.channels] * self.weights
                     outs.append(p.cpu().numpy())
                 self.report.forward_passes += 1
                 start += len(chunk)

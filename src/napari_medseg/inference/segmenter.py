@@ -1,7 +1,8 @@
 """The user-facing object: a loaded model and its metadata that segments images of any size.
 
 ``Segmenter.load`` builds the network a checkpoint describes, folds and fuses it for inference
-(checked against the original outputs) and keeps its tuned foreground threshold; ``segment``
+(checked against the original outputs), picks who runs it (``backends``: PyTorch, or its ONNX
+export through OpenVINO / ONNX Runtime on the CPU) and keeps its tuned foreground threshold; ``segment``
 cuts, stitches and drives (``windows``, ``blend``, ``steps``) at flat memory; ``segment_nuclei``
 also splits the class map into nuclei (``nuclei.watershed``), seeded by the model's distance
 head where it has one. Every method has an ``iter_`` twin: a step generator that a GUI worker
@@ -23,6 +24,7 @@ from ..nuclei.watershed import INSTANCE_MAX_PIXELS, INSTANCE_STEPS, InstanceSett
 from ..models import CheckpointMeta, load_checkpoint, resolve_model_path
 from ..models.optimise import optimise_for_inference
 from ..steps import CancelCheck, ProgressCallback, chain, run_steps
+from .backends import Backend, choose_backend, torch_backend
 from .blend import iter_blend
 from .forward import RunReport
 from .postprocess import PostprocessSettings, postprocess_class_map
@@ -30,22 +32,56 @@ from .settings import InferenceSettingsError, TileSettings
 from .source import ImageSource
 
 
+# a real CoNSeP H&E tile shipped with the package (also napari's sample): the runtime check's probe
+SAMPLE_TILE = Path(__file__).resolve().parents[1] / "sample_data" / "consep_train_19_005.png"
+
+
 class Segmenter:
     """A loaded model with its metadata: ``segment(image) -> uint8 class map``."""
 
-    def __init__(self, model: torch.nn.Module, meta: CheckpointMeta, device: torch.device):
+    def __init__(self, model: torch.nn.Module, meta: CheckpointMeta, device: torch.device,
+                 backend: Backend | None = None):
         self.model, self.meta, self.device = model, meta, device
-        self.last_report = RunReport()
+        # who runs the network; PyTorch (``model``) unless ``load`` found a faster runtime that agrees
+        self.backend = backend if backend is not None else torch_backend(model)
+        self.last_report = self._new_report()
         # the model's tuned operating point (None: argmax); callers may override it per run
         self.foreground_threshold = meta.foreground_threshold
 
     @classmethod
-    def load(cls, model: str | os.PathLike = "default", device: str = "auto") -> "Segmenter":
+    def load(cls, model: str | os.PathLike = "default", device: str = "auto", backend: str = "torch",
+             precision: str = "auto") -> "Segmenter":
+        """``backend``: ``torch``, ``openvino``, ``onnxruntime`` or ``auto`` (the fastest that is installed
+        and agrees with PyTorch on this machine; see ``backends``). ``precision``: ``auto`` lets a runtime
+        use bf16 where the CPU has it and the class maps agree, ``fp32`` never."""
         dev = resolve_device(device)
-        net, meta = load_checkpoint(resolve_model_path(str(model)), device=dev)
+        path = resolve_model_path(str(model))
+        net, meta = load_checkpoint(path, device=dev)
         side = max(64, 2 * meta.model.output_stride)
         probe = torch.rand(1, meta.model.in_channels, side, side, generator=torch.Generator().manual_seed(0)).to(dev)
-        return cls(optimise_for_inference(net, check_input=probe), meta, dev)
+        segmenter = cls(optimise_for_inference(net, check_input=probe), meta, dev)
+        probe = segmenter._runtime_probe() if backend != "torch" else None
+        segmenter.backend = choose_backend(backend, net, segmenter.model, path, meta.model.in_channels,
+                                           len(meta.classes), dev, probe, precision)
+        segmenter.last_report = segmenter._new_report()
+        return segmenter
+
+    def _runtime_probe(self) -> torch.Tensor:
+        """What a runtime's outputs are checked on at load: the real H&E tile shipped with the
+        package, normalised as a run would (class maps on noise say little about a reduced
+        precision), or noise for models that do not take RGB."""
+        channels, stride = self.meta.model.in_channels, self.meta.model.output_stride
+        if channels == 3 and SAMPLE_TILE.is_file():
+            image = read_image(SAMPLE_TILE)[:, :, :3]
+            side = min(image.shape[0], image.shape[1]) // stride * stride
+            if side:
+                return torch.from_numpy(self.normalise(image[:side, :side])).permute(2, 0, 1)[None].contiguous()
+        side = max(128, 2 * stride)
+        return torch.rand(2, channels, side, side, generator=torch.Generator().manual_seed(1))
+
+    def _new_report(self) -> RunReport:
+        return RunReport(backend=self.backend.name, precision=self.backend.precision,
+                         notes=list(self.backend.notes))
 
     @property
     def classes(self) -> list[str]:
@@ -100,9 +136,10 @@ class Segmenter:
             if tuple(distance_out.shape) != (source.height, source.width):
                 raise InferenceSettingsError(
                     f"Distance array {tuple(distance_out.shape)} does not match the image {(source.height, source.width)}.")
-        self.last_report = RunReport()
+        self.last_report = self._new_report()
         self.model.to(self.device)  # back from ``release``, if it was released
-        labels = yield from iter_blend(self.model, source, n, settings, self.device, self._normaliser(),
+        runner = self.model if self.backend.name == "torch" else self.backend
+        labels = yield from iter_blend(runner, source, n, settings, self.device, self._normaliser(),
                                        out=out, probabilities_out=probabilities_out, report=self.last_report,
                                        distance_head=self.has_distance_head, distance_out=distance_out,
                                        foreground_threshold=self.foreground_threshold)

@@ -1,0 +1,169 @@
+"""Who runs the network: PyTorch, or its ONNX export through OpenVINO or ONNX Runtime (CPU).
+
+``choose_backend`` turns a name (``auto``, ``torch``, ``openvino``, ``onnxruntime``) into a
+``Backend``: a callable from a float32 NCHW tensor to the network's logits, which ``forward``
+uses exactly as it uses a PyTorch model (flips, softmax, blending stay where they are). A runtime
+is used only once its output matches PyTorch's on a probe, as the fusion rewrite in
+``models.optimise`` is checked; otherwise (not installed, no export, disagreement) PyTorch runs
+and the reason is kept as a one-line note for every run's report.
+
+``auto`` on the CPU tries OpenVINO, then ONNX Runtime, then PyTorch: the order measured fastest
+by ``benchmarks/bench_inference.py`` (OpenVINO's CPU plugin ahead of ONNX Runtime ahead of the
+fused PyTorch model). On CUDA, PyTorch runs (autocast, out-of-memory halving).
+
+Reduced precision: where OpenVINO reports bf16 support (AMX / AVX512-BF16 CPUs) its bf16 mode is
+kept only if the class-map argmax agrees with float32 on >= ``MIN_AGREEMENT`` of the probe's
+pixels; the report names the precision that runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import MedsegError
+from ..models.export import INPUT_NAME, ExportError, cached_onnx
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
+PRECISIONS = ("auto", "fp32")
+RUNTIMES = ("openvino", "onnxruntime")  # auto's order on the CPU, fastest first
+MIN_AGREEMENT = 0.999  # class-map argmax agreement a reduced precision must keep with float32
+EXTRA = {"openvino": "openvino", "onnxruntime": "onnxruntime"}  # pip extra of each runtime
+
+
+class BackendError(MedsegError, ValueError):
+    """An unknown backend or precision name."""
+
+
+@dataclass
+class Backend:
+    """A way to run the network: ``run(x) -> logits`` (torch tensors), its name and precision."""
+
+    name: str
+    run: Callable[[torch.Tensor], torch.Tensor]
+    precision: str = "fp32"
+    notes: list[str] = field(default_factory=list)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)
+
+
+def runtime_installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _numpy_runner(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(fn(np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)))
+    return run
+
+
+def onnxruntime_runner(onnx_path: os.PathLike) -> Callable[[torch.Tensor], torch.Tensor]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = _threads()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return _numpy_runner(lambda x: session.run(None, {INPUT_NAME: x})[0])
+
+
+def openvino_supports_bf16() -> bool:
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def openvino_runner(onnx_path: os.PathLike, precision: str = "fp32") -> Callable[[torch.Tensor], torch.Tensor]:
+    import openvino as ov
+
+    config = {"INFERENCE_NUM_THREADS": _threads(), "PERFORMANCE_HINT": "LATENCY",
+              "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+    compiled = ov.Core().compile_model(str(onnx_path), "CPU", config)
+    request = compiled.create_infer_request()
+    return _numpy_runner(lambda x: request.infer({0: x})[0].copy())
+
+
+def same_outputs(expected: torch.Tensor, got: torch.Tensor) -> bool:
+    """Equal to float rounding: the tolerance ``models.optimise`` checks its fusion with."""
+    return got.shape == expected.shape and torch.allclose(
+        got.float(), expected.float(), rtol=1e-3, atol=1e-3 * (1.0 + float(expected.abs().max())))
+
+
+def argmax_agreement(expected: torch.Tensor, got: torch.Tensor, num_classes: int) -> float:
+    """Share of pixels whose class-channel argmax is the same (a distance channel is not a class)."""
+    return float((expected[:, :num_classes].argmax(1) == got[:, :num_classes].argmax(1)).float().mean())
+
+
+def torch_backend(model: torch.nn.Module, *notes: str) -> Backend:
+    return Backend("torch", model, "fp32", [n for n in notes if n])
+
+
+def _runtime_backend(name: str, onnx_path, expected: torch.Tensor, probe: torch.Tensor, num_classes: int,
+                     precision: str) -> tuple[Backend | None, str]:
+    """The runtime ``name`` if it matches PyTorch on the probe, else ``(None, why)``."""
+    if name == "onnxruntime":
+        run = onnxruntime_runner(onnx_path)
+    else:
+        run = openvino_runner(onnx_path, "fp32")
+    got = run(probe)
+    if not same_outputs(expected, got):
+        diff = float((got.float() - expected.float()).abs().max()) if got.shape == expected.shape else float("nan")
+        return None, f"{name} disagrees with PyTorch at load (max difference {diff:.3g})"
+    backend = Backend(name, run, "fp32")
+    if name == "openvino" and precision == "auto" and openvino_supports_bf16():
+        fast = openvino_runner(onnx_path, "bf16")
+        agreement = argmax_agreement(got, fast(probe), num_classes)
+        if agreement >= MIN_AGREEMENT:
+            backend = Backend(name, fast, "bf16")
+        else:
+            backend.notes.append(f"openvino bf16 kept float32: argmax agreement {100 * agreement:.2f}% < "
+                                 f"{100 * MIN_AGREEMENT:.1f}%")
+    return backend, ""
+
+
+def choose_backend(name: str, model: torch.nn.Module, fast_model: torch.nn.Module, checkpoint, in_channels: int,
+                   num_classes: int, device: torch.device, probe: torch.Tensor | None, precision: str = "auto") -> Backend:
+    """The backend to run: ``name`` if it is installed, exports and agrees with PyTorch, else PyTorch
+    (``fast_model``) with a note saying why. ``model`` is the plain network (exported, the reference);
+    ``probe`` a CPU float32 batch for the checks (unused, may be None, for ``torch``)."""
+    if name not in BACKENDS:
+        raise BackendError(f"Unknown backend '{name}'; choose one of: {', '.join(BACKENDS)}.")
+    if precision not in PRECISIONS:
+        raise BackendError(f"Unknown precision '{precision}'; choose one of: {', '.join(PRECISIONS)}.")
+    if name == "torch":
+        return torch_backend(fast_model)
+    if device.type != "cpu":
+        return torch_backend(fast_model, "" if name == "auto" else f"{name} runs on the CPU only: PyTorch on {device}")
+    wanted = RUNTIMES if name == "auto" else (name,)
+    installed = [r for r in wanted if runtime_installed(r)]
+    if not installed:
+        return torch_backend(fast_model, f"{' and '.join(wanted)} not installed (pip install "
+                                         f"'napari-medseg[{EXTRA[wanted[0]]}]'): PyTorch used")
+    try:
+        onnx_path = cached_onnx(checkpoint, model, in_channels)
+    except ExportError as exc:
+        return torch_backend(fast_model, f"{exc} PyTorch used")
+    with torch.inference_mode():
+        expected = model(probe).float()
+    reasons = []
+    for runtime in installed:
+        try:
+            backend, why = _runtime_backend(runtime, onnx_path, expected, probe, num_classes, precision)
+        except Exception as exc:  # a runtime that cannot load the file is a reason to fall back, not to fail
+            backend, why = None, f"{runtime} failed at load ({type(exc).__name__}: {exc})"
+        if backend is not None:
+            return backend
+        reasons.append(why)
+    return torch_backend(fast_model, "; ".join(reasons) + ": PyTorch used")

@@ -1,0 +1,159 @@
+"""Inference backends: the ONNX export (once per checkpoint, cached by hash, atomic), the runtimes
+behind ``Segmenter`` checked against PyTorch at load, and the fallbacks with their notes."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from napari_medseg.errors import MedsegError
+from napari_medseg.inference import Segmenter, TileSettings
+from napari_medseg.inference import backends
+from napari_medseg.inference.backends import BackendError, runtime_installed
+from napari_medseg.models import export
+from napari_medseg.steps import Cancelled
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+needs_openvino = pytest.mark.skipif(not runtime_installed("openvino"),
+                                    reason="openvino is not installed (extra: napari-medseg[openvino])")
+needs_onnxruntime = pytest.mark.skipif(not runtime_installed("onnxruntime"),
+                                       reason="onnxruntime is not installed (extra: napari-medseg[onnxruntime])")
+MIN_AGREEMENT = 0.999
+
+
+@pytest.fixture(scope="module")
+def tissue(consep) -> np.ndarray:
+    """A real CoNSeP H&E crop, 200 x 256, with 200 columns of glass beside it (as on a slide's edge)."""
+    from napari_medseg.io import read_image
+
+    image = read_image(consep / "images" / "train_1_005.png")[:200, :256]
+    return np.ascontiguousarray(np.concatenate([image, np.full((200, 200, 3), 245, np.uint8)], 1))
+
+
+@pytest.fixture(scope="module")
+def fresh_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """A copy of the tiny checkpoint in its own folder, so its exports are this module's alone."""
+    folder = tmp_path_factory.mktemp("fresh")
+    return shutil.copy(tiny_checkpoint, folder / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def torch_reference(fresh_checkpoint) -> Segmenter:
+    return Segmenter.load(fresh_checkpoint, device="cpu", backend="torch")
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a == b).mean())
+
+
+@pytest.mark.parametrize("name", [pytest.param("openvino", marks=needs_openvino),
+                                  pytest.param("onnxruntime", marks=needs_onnxruntime)])
+def test_runtime_matches_pytorch_and_says_so(name, fresh_checkpoint, torch_reference, tissue):
+    seg = Segmenter.load(fresh_checkpoint, device="cpu", backend=name)
+    assert seg.backend.name == name and seg.backend.notes == []
+    settings = TileSettings(128, 32, 2)
+    probs = seg.probabilities(tissue, settings)
+    expected = torch_reference.probabilities(tissue, settings)
+    assert np.abs(probs - expected).max() < 1e-3
+    labels = seg.segment(tissue, settings)
+    assert agreement(labels, torch_reference.segment(tissue, settings)) >= MIN_AGREEMENT
+    report = seg.last_report
+    assert (report.backend, report.precision) == (name, "fp32")
+    assert report.skipped_background > 0  # glass skipping is the engine's, whoever runs the network
+
+
+@needs_openvino
+def test_auto_prefers_openvino_on_the_cpu(fresh_checkpoint):
+    assert Segmenter.load(fresh_checkpoint, device="cpu", backend="auto").backend.name == "openvino"
+
+
+@needs_onnxruntime
+def test_tta_progress_and_cancel_with_a_runtime(fresh_checkpoint, torch_reference, tissue):
+    seg = Segmenter.load(fresh_checkpoint, device="cpu", backend="onnxruntime")
+    settings = TileSettings(128, 32, 2, tta=True)
+    steps = []
+    labels = seg.segment(tissue, settings, progress=lambda done, total: steps.append((done, total)))
+    assert steps[-1][0] == steps[-1][1] == seg.last_report.tiles
+    assert agreement(labels, torch_reference.segment(tissue, settings)) >= MIN_AGREEMENT
+    with pytest.raises(Cancelled):
+        seg.segment(tissue, settings, should_cancel=lambda: True)
+
+
+@needs_onnxruntime
+def test_export_is_cached_by_hash_and_reused(fresh_checkpoint, monkeypatch):
+    Segmenter.load(fresh_checkpoint, device="cpu", backend="onnxruntime")
+    files = sorted(fresh_checkpoint.parent.glob("*.onnx"))
+    assert [f.name for f in files] == [f"tiny.{export.checkpoint_hash(fresh_checkpoint)}.v{export.EXPORT_VERSION}.onnx"]
+    assert not list(fresh_checkpoint.parent.glob("*.part"))  # written atomically: no leftovers
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(export, "export_onnx", no_export)
+    assert Segmenter.load(fresh_checkpoint, device="cpu", backend="onnxruntime").backend.name == "onnxruntime"
+
+
+@needs_onnxruntime
+def test_read_only_folder_exports_to_the_user_cache(tiny_checkpoint, tmp_path, monkeypatch):
+    checkpoint = shutil.copy(tiny_checkpoint, tmp_path / "tiny.safetensors")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    real_export = export.export_onnx
+
+    def read_only_beside(model, in_channels, path, *args):
+        if path.parent == checkpoint.parent:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_export(model, in_channels, path, *args)
+
+    monkeypatch.setattr(export, "export_onnx", read_only_beside)
+    seg = Segmenter.load(checkpoint, device="cpu", backend="onnxruntime")
+    assert seg.backend.name == "onnxruntime"
+    assert not list(tmp_path.glob("*.onnx"))
+    assert len(list((tmp_path / "cache" / "napari-medseg" / "onnx").glob("tiny.*.onnx"))) == 1
+
+
+def test_missing_runtime_falls_back_to_pytorch_with_a_note(fresh_checkpoint, tissue, monkeypatch):
+    monkeypatch.setattr(backends, "runtime_installed", lambda name: False)
+    seg = Segmenter.load(fresh_checkpoint, device="cpu", backend="openvino")
+    assert seg.backend.name == "torch"
+    seg.segment(tissue, TileSettings(128, 32, 2))
+    assert seg.last_report.backend == "torch"
+    assert len(seg.last_report.notes) == 1 and "openvino not installed" in seg.last_report.notes[0]
+
+
+@needs_onnxruntime
+def test_a_runtime_that_disagrees_is_not_used(fresh_checkpoint, monkeypatch):
+    monkeypatch.setattr(backends, "onnxruntime_runner", lambda path: (lambda x: torch.zeros(1)))
+    seg = Segmenter.load(fresh_checkpoint, device="cpu", backend="onnxruntime")
+    assert seg.backend.name == "torch"
+    assert "onnxruntime disagrees with PyTorch" in seg.last_report.notes[0]
+
+
+@needs_openvino
+def test_bf16_is_kept_only_where_the_class_maps_agree(fresh_checkpoint, monkeypatch):
+    monkeypatch.setattr(backends, "openvino_supports_bf16", lambda: True)
+    real_runner = backends.openvino_runner
+
+    def runner(path, precision="fp32"):
+        run = real_runner(path, "fp32")
+        if precision == "fp32":
+            return run
+        return lambda x: run(x).flip(1)  # a "bf16" that swaps the classes around
+
+    monkeypatch.setattr(backends, "openvino_runner", runner)
+    seg = Segmenter.load(fresh_checkpoint, device="cpu", backend="openvino")
+    assert (seg.backend.name, seg.backend.precision) == ("openvino", "fp32")
+    assert "kept float32" in seg.last_report.notes[0]
+    monkeypatch.setattr(backends, "openvino_runner", lambda path, precision="fp32": real_runner(path, "fp32"))
+    faithful = Segmenter.load(fresh_checkpoint, device="cpu", backend="openvino")
+    assert (faithful.backend.name, faithful.backend.precision) == ("openvino", "bf16")
+    assert Segmenter.load(fresh_checkpoint, device="cpu", backend="openvino", precision="fp32").backend.precision == "fp32"
+
+
+def test_unknown_backend_or_precision_is_a_user_error(fresh_checkpoint):
+    with pytest.raises(BackendError, match="Unknown backend 'tensorrt'"):
+        Segmenter.load(fresh_checkpoint, device="cpu", backend="tensorrt")
+    with pytest.raises(MedsegError, match="Unknown precision 'int4'"):
+        Segmenter.load(fresh_checkpoint, device="cpu", precision="int4")
