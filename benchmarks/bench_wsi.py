@@ -1,0 +1,150 @@
+"""A whole synthetic slide segmented end to end, as ``medseg predict SLIDE --whole-slide`` does.
+
+Writes a tiled pyramidal TIFF (JPEG-free, zlib) of ``--width x --height`` px at 0.25 µm/px: glass
+everywhere but ``--tissue`` of the 2048-px cells, which hold real CoNSeP H&E patches (a
+different patch per 256² cell). The slide is written tile by tile, so making it costs no
+memory either. Then ``inference.slide.predict_slide``: tissue found on a low level, the model
+over tissue blocks only, nuclei stitched block by block, GeoJSON + CSV + label pyramids.
+
+Prints: slide size, tissue share, seconds per phase (from the progress scale), tissue Mpx/s,
+peak RSS over the run (sampled every 20 ms), nuclei per class. Nothing downloads.
+
+    python benchmarks/bench_wsi.py --width 16384 --height 12288 --threads 2        # as run here (CPU)
+    python benchmarks/bench_wsi.py --width 61440 --height 40960 --device cuda      # the issue's 40x size
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+DATA = Path(os.environ.get("MEDSEG_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+CELL = 2048  # tissue is placed in cells of this size (a segmentation block)
+TILE = 512  # TIFF tile
+GLASS = 242
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """The largest resident set size seen while inside the block (sampled every 20 ms)."""
+
+    def __enter__(self):
+        self.peak, self._stop = rss_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def tissue_cells(height: int, width: int, share: float, seed: int = 0) -> np.ndarray:
+    """Which CELL-sized cells hold tissue: a blob of about ``share`` of the cells."""
+    rows, cols = -(-height // CELL), -(-width // CELL)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:rows, :cols]
+    score = -(((yy - rows / 2) / rows) ** 2 + ((xx - cols / 2) / cols) ** 2) + rng.normal(0, 0.03, (rows, cols))
+    return score >= np.quantile(score, 1 - share)
+
+
+def patches() -> list[np.ndarray]:
+    from napari_medseg.io.dataset import open_dataset
+
+    ds = open_dataset(DATA / "consep_train")
+    return [ds.load(stem).image for stem in ds.stems[:64]]
+
+
+def level_tiles(cells: np.ndarray, tissue: list[np.ndarray], height: int, width: int, step: int):
+    """Tiles of the slide at downsample ``step`` (1, 4, 16, ...), made from level 0 on the fly."""
+    for y in range(0, -(-height // step), TILE):
+        for x in range(0, -(-width // step), TILE):
+            yield region(cells, tissue, y * step, x * step, TILE * step, height, width)[::step, ::step]
+
+
+def region(cells, tissue, y0: int, x0: int, side: int, height: int, width: int) -> np.ndarray:
+    out = np.full((side, side, 3), GLASS, np.uint8)
+    for y in range(y0, min(y0 + side, height), 256):
+        for x in range(x0, min(x0 + side, width), 256):
+            if cells[y // CELL, x // CELL]:
+                out[y - y0:y - y0 + 256, x - x0:x - x0 + 256] = tissue[(y // 256 * 7 + x // 256) % len(tissue)]
+    return out
+
+
+def write_slide(path: Path, height: int, width: int, share: float) -> float:
+    import tifffile
+
+    cells, tissue = tissue_cells(height, width, share), patches()
+    steps = [4 ** i for i in range(4) if max(height, width) // 4 ** i >= 256]
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for i, step in enumerate(steps):
+            shape = (-(-height // step), -(-width // step), 3)
+            extra = ({"subifds": len(steps) - 1, "metadata": {"axes": "YXS"}, "resolution": (1e4 / 0.25, 1e4 / 0.25),
+                      "resolutionunit": "CENTIMETER"} if i == 0 else {"subfiletype": 1})
+            tw.write(level_tiles(cells, tissue, height, width, step), shape=shape, dtype=np.uint8,
+                     tile=(TILE, TILE), compression="zlib", **extra)
+    return float(cells.mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--width", type=int, default=16384)
+    parser.add_argument("--height", type=int, default=12288)
+    parser.add_argument("--tissue", type=float, default=0.25)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--tile", type=int, default=256)
+    parser.add_argument("--workdir", default=None, help="where the slide and results go (a temp folder if unset)")
+    args = parser.parse_args()
+
+    import torch
+
+    from napari_medseg.inference import Segmenter
+    from napari_medseg.inference.settings import TileSettings
+    from napari_medseg.inference.slide import predict_slide
+    from napari_medseg.io.slides import open_slide
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_wsi_"))
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    share = write_slide(work / "slide.tif", args.height, args.width, args.tissue)
+    print(f"slide: {args.width} x {args.height} px ({args.width * args.height / 1e6:.0f} Mpx), tissue {share:.1%} "
+          f"of the cells, written in {time.perf_counter() - started:.0f} s ({(work / 'slide.tif').stat().st_size / 1e6:.0f} MB)")
+    segmenter = Segmenter.load(args.model, device=args.device)
+    slide = open_slide(work / "slide.tif")
+    settings = TileSettings(tile_size=args.tile)
+    with PeakRSS() as rss:
+        start_rss, t0 = rss_bytes(), time.perf_counter()
+        result = predict_slide(segmenter, slide, work / "out", settings=settings)
+        seconds = time.perf_counter() - t0
+    tissue_mpx = result.segmented_px / 1e6
+    print(f"segmented (tissue blocks): {tissue_mpx:.0f} Mpx of {args.width * args.height / 1e6:.0f}; "
+          f"tissue mask {result.tissue_fraction:.1%}")
+    phases = ", ".join(f"{name} {value:.1f} s" for name, value in result.seconds.items())
+    print(f"total {seconds:.1f} s ({phases}): {tissue_mpx / seconds:.2f} Mpx/s of tissue end to end, "
+          f"{tissue_mpx / result.seconds['model']:.2f} Mpx/s in the model phase")
+    print(f"peak RSS {rss.peak / 2**30:.2f} GiB (start {start_rss / 2**30:.2f} GiB); nuclei {result.nuclei}: {result.counts}")
+    print(f"device {segmenter.device}, torch threads {torch.get_num_threads()}, results in {work / 'out'}")
+    print(f"mpx_per_s={tissue_mpx / seconds:.3f} peak_rss_gb={rss.peak / 2**30:.2f} nuclei={result.nuclei}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Whole-slide images: every pyramid level as a lazy array, and the physical pixel size.
+
+Aperio ``.svs``, Hamamatsu ``.ndpi``, Leica ``.scn``, Ventana ``.bif`` and pyramidal (OME-)TIFF
+are TIFFs that tifffile reads natively (``series[0].levels``, decoded tile by tile through a
+zarr store). Other vendor formats (MIRAX ``.mrxs``, ...) go through OpenSlide when its optional
+Python wheels are installed. Nothing is decoded until a region is sliced.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MedsegError
+from .images import ImageReadError
+from .lazy import open_tiff_lazy, should_open_lazily
+
+TIFF_SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif")
+OPENSLIDE_SUFFIXES = (".mrxs", ".vms", ".vmu", ".svslide")
+SLIDE_SUFFIXES = TIFF_SLIDE_SUFFIXES + OPENSLIDE_SUFFIXES
+# TIFF ResolutionUnit -> micrometres per unit
+_UNIT_UM = {2: 25_400.0, 3: 10_000.0}
+
+
+class SlideError(MedsegError, ValueError):
+    """A slide cannot be opened (unknown format, missing optional reader, broken file)."""
+
+
+@dataclass
+class Slide:
+    """A whole-slide image: ``levels[0]`` is full resolution, ``(H, W[, C])`` lazy arrays."""
+
+    path: Path
+    levels: list
+    pixel_size_um: float | None = None  # side of a level-0 pixel
+    vendor: str = "tiff"
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.levels[0].shape[:2])
+
+    @property
+    def downsamples(self) -> list[float]:
+        """Level-0 pixels per pixel of each level (along Y)."""
+        return [self.shape[0] / level.shape[0] for level in self.levels]
+
+    def level_for(self, max_side: int) -> int:
+        """The finest level whose longer side is at most ``max_side`` (the coarsest if none is)."""
+        for i, level in enumerate(self.levels):
+            if max(level.shape[:2]) <= max_side:
+                return i
+        return len(self.levels) - 1
+
+
+def is_slide_path(path: str | os.PathLike) -> bool:
+    """A vendor slide file, or a TIFF large or pyramidal enough to be read lazily."""
+    p = Path(path)
+    return p.is_file() and (p.suffix.lower() in SLIDE_SUFFIXES or should_open_lazily(p))
+
+
+def open_slide(path: str | os.PathLike) -> Slide:
+    """Open a slide lazily: its pyramid levels and its pixel size (None when not recorded)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SlideError(f"Slide '{p}' does not exist.")
+    if p.suffix.lower() in OPENSLIDE_SUFFIXES:
+        return _open_with_openslide(p)
+    try:
+        levels = open_tiff_lazy(p)
+    except ImageReadError as exc:
+        if p.suffix.lower() in TIFF_SLIDE_SUFFIXES:
+            return _open_with_openslide(p, cause=exc)
+        raise SlideError(str(exc)) from exc
+    size, vendor, meta = tiff_pixel_size_um(p)
+    return Slide(p, levels, size, vendor, meta)
+
+
+def tiff_pixel_size_um(path: str | os.PathLike) -> tuple[float | None, str, dict]:
+    """``(µm per level-0 pixel or None, vendor, metadata)`` from a slide TIFF's header:
+    Aperio's ``MPP`` in the ImageDescription, OME-XML ``PhysicalSizeX``, else the resolution tags."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.series[0].levels[0].keyframe
+        if tif.is_svs:
+            meta = aperio_fields(page.description)
+            mpp = meta.get("MPP")
+            return (float(mpp) if mpp else None), "aperio", meta
+        if tif.is_ome:
+            match = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata or "")
+            unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata or "")
+            if match and (unit is None or unit.group(1) in ("µm", "um", "\u00b5m")):
+                return float(match.group(1)), "ome", {}
+        vendor = "hamamatsu" if tif.is_ndpi else "leica" if tif.is_scn else "tiff"
+        return _resolution_tag_um(page), vendor, {}
+
+
+def _resolution_tag_um(page) -> float | None:
+    tag, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
+    if tag is None or unit is None or int(unit.value) not in _UNIT_UM:
+        return None
+    num, den = tag.value
+    return _UNIT_UM[int(unit.value)] * den / num if num else None
+
+
+def aperio_fields(description: str) -> dict[str, str]:
+    """``key = value`` fields of an Aperio ImageDescription (``...|AppMag = 20|MPP = 0.499``)."""
+    pairs = (part.split("=", 1) for part in description.split("|")[1:] if "=" in part)
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def _open_with_openslide(path: Path, cause: Exception | None = None) -> Slide:
+    try:
+        import openslide
+    except ImportError:
+        raise SlideError(
+            f"'{path.name}' needs OpenSlide, which is not installed: "
+            "pip install 'napari-medseg[openslide]' (openslide-python and openslide-bin)."
+        ) from cause
+    try:
+        osr = openslide.OpenSlide(str(path))
+    except Exception as exc:  # OpenSlide raises its own types for unknown or broken files
+        raise SlideError(f"Cannot open '{path.name}' as a slide ({type(exc).__name__}: {exc}).") from exc
+    import dask.array as da
+
+    levels = [_openslide_level(osr, i, da) for i in range(osr.level_count)]
+    mpp = osr.properties.get("openslide.mpp-x")
+    return Slide(path, levels, float(mpp) if mpp else None, osr.properties.get("openslide.vendor", "openslide"),
+                 dict(osr.properties))
+
+
+def _openslide_level(osr, index: int, da, chunk: int = 1024):
+    """One OpenSlide level as a dask array ``(H, W, 3)`` uint8, read region by region."""
+    width, height = osr.level_dimensions[index]
+    scale = osr.level_downsamples[index]
+
+    def block(block_info=None):
+        (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
+        region = osr.read_region((int(x0 * scale), int(y0 * scale)), index, (x1 - x0, y1 - y0))
+        return np.asarray(region.convert("RGB"))
+
+    chunks = (_chunk_sizes(height, chunk), _chunk_sizes(width, chunk), (3,))
+    return da.map_blocks(block, chunks=chunks, dtype=np.uint8)
+
+
+def _chunk_sizes(n: int, chunk: int) -> tuple[int, ...]:
+    return tuple(min(chunk, n - i) for i in range(0, n, chunk))

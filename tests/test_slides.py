@@ -1,0 +1,272 @@
+"""Whole-slide images: real SVS / NDPI opened lazily with their pixel size, regions segmented
+block by block with glass skipped, nuclei stitched across block borders exactly as the
+whole-image watershed cuts them, and results out (GeoJSON in slide coordinates, CSV in µm²,
+OME-TIFF and zarr label pyramids)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import DATA
+
+SLIDES = DATA / "slides"
+SVS = SLIDES / "CMU-1-Small-Region.svs"
+NDPI = SLIDES / "test3-DAPI-2-(387).ndpi"
+
+
+# -- opening ------------------------------------------------------------------------------
+def test_aperio_svs_opens_lazily_with_its_mpp():
+    import dask.array as da
+
+    from napari_medseg.io.slides import open_slide
+
+    slide = open_slide(SVS)
+    assert slide.vendor == "aperio" and slide.pixel_size_um == pytest.approx(0.499)
+    assert slide.metadata["AppMag"] == "20"
+    assert slide.shape == (2967, 2220) and isinstance(slide.levels[0], da.Array)
+    expected = tifffile.imread(SVS, series=0)[1000:1100, 500:700]
+    np.testing.assert_array_equal(np.asarray(slide.levels[0][1000:1100, 500:700]), expected)
+
+
+def test_ndpi_opens_every_pyramid_level_with_its_pixel_size():
+    from napari_medseg.io.slides import open_slide
+
+    slide = open_slide(NDPI)
+    assert slide.vendor == "hamamatsu"
+    assert slide.pixel_size_um == pytest.approx(10_000 / 43826)  # XResolution 43826 px/cm
+    assert [tuple(level.shape) for level in slide.levels] == [(4864, 3968, 3), (2432, 1984, 3), (1216, 992, 3), (608, 496, 3)]
+    assert slide.downsamples == [1.0, 2.0, 4.0, 8.0]
+    assert slide.level_for(1000) == 3 and slide.level_for(2500) == 1
+    np.testing.assert_array_equal(np.asarray(slide.levels[3]), tifffile.imread(NDPI, series=0, level=3))
+
+
+def test_other_vendor_formats_say_how_to_get_openslide(tmp_path, monkeypatch):
+    from napari_medseg.io.slides import SlideError, open_slide
+
+    path = tmp_path / "slide.mrxs"
+    path.write_bytes(b"not a slide")
+    monkeypatch.setitem(sys.modules, "openslide", None)  # as if the optional extra were not installed
+    with pytest.raises(SlideError, match=r"needs OpenSlide.*openslide-python"):
+        open_slide(path)
+    with pytest.raises(SlideError, match="does not exist"):
+        open_slide(tmp_path / "missing.svs")
+
+
+def test_regions_parse_and_clip():
+    from napari_medseg.inference.regions import Region, RegionError
+
+    assert Region.parse("10,20,300,400") == Region(10, 20, 300, 400)
+    assert Region(-5, 10, 100, 100).checked((50, 80)) == Region(0, 10, 80, 40)
+    with pytest.raises(RegionError, match="four integers"):
+        Region.parse("10,20,300")
+    with pytest.raises(RegionError, match="not on the slide"):
+        Region(500, 0, 10, 10).checked((100, 100))
+
+
+# -- a synthetic slide from real H&E tiles -----------------------------------------------------
+def _mosaic(consep, kind: str, side: int, first: int = 0) -> np.ndarray:
+    from napari_medseg.io.dataset import open_dataset
+
+    ds = open_dataset(consep)
+    tiles = [getattr(ds.load(stem), kind) for stem in ds.stems[first:first + side * side]]
+    return np.block([[tiles[r * side + c] for c in range(side)] for r in range(side)]) if kind != "image" else \
+        np.concatenate([np.concatenate(tiles[r * side:(r + 1) * side], axis=1) for r in range(side)], axis=0)
+
+
+def _write_slide(path, image: np.ndarray, pixel_size_um: float = 0.25) -> None:
+    """A tiled pyramidal TIFF (levels /1, /4) with the pixel size in its resolution tags."""
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        tw.write(image, subifds=1, tile=(256, 256), metadata={"axes": "YXS"},
+                 resolution=(1e4 / pixel_size_um, 1e4 / pixel_size_um), resolutionunit="CENTIMETER")
+        tw.write(image[::4, ::4], subfiletype=1, tile=(256, 256))
+
+
+@pytest.fixture(scope="module")
+def he_slide(consep, tmp_path_factory):
+    """2560 x 2560 px of glass with a 4 x 4 block of real CoNSeP H&E tiles (1024² px of tissue)."""
+    image = np.full((2560, 2560, 3), 242, np.uint8)
+    image[256:1280, 1280:2304] = _mosaic(consep, "image", 4)
+    path = tmp_path_factory.mktemp("slide") / "synthetic.tif"
+    _write_slide(path, image)
+    return path, image
+
+
+class _Recorder:
+    """A level-0 array that records the rectangles read from it."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype, self.reads = array, array.shape, array.dtype, []
+
+    def __getitem__(self, key):
+        self.reads.append((key[0].start, key[0].stop, key[1].start, key[1].stop))
+        return self.array[key]
+
+
+class _DarkNuclei:
+    """A stand-in model: hematoxylin-dark pixels are nuclei (class 1), as the classical baseline."""
+
+    classes, has_distance_head = ["background", "nucleus"], False
+
+    def iter_segment(self, image, settings=None, postprocess=None, distance_out=None):
+        yield 1, 2
+        labels = (np.asarray(image).mean(-1) < 120).astype(np.uint8)
+        yield 2, 2
+        return labels
+
+
+def test_glass_is_never_read_at_full_resolution(he_slide):
+    from napari_medseg.inference.regions import find_tissue, iter_segment_region
+    from napari_medseg.io.slides import open_slide
+    from napari_medseg.steps import run_steps
+
+    path, image = he_slide
+    slide = open_slide(path)
+    assert slide.pixel_size_um == pytest.approx(0.25) and len(slide.levels) == 2
+    tissue = find_tissue(slide)
+    # 1024² of 2560² is H&E (0.16), less its white lumens; found on level 1 (640 px), not level 0
+    assert 0.12 < tissue.fraction <= 0.16 and tissue.downsample == 4.0
+    recorder = _Recorder(slide.levels[0])
+    slide.levels[0] = recorder
+    out = np.zeros(slide.shape, np.uint8)
+    progress = []
+    px = run_steps(iter_segment_region(_DarkNuclei(), slide, None, out, block=512, halo=32),
+                   lambda d, t: progress.append((d, t)))
+    for y0, y1, x0, x1 in recorder.reads:  # every read touches the tissue (grown by the halo)
+        assert y1 > 256 - 32 and y0 < 1280 + 32 and x1 > 1280 - 32 and x0 < 2304 + 32
+    assert px == 9 * 512 * 512  # the 3 x 3 blocks under the tissue, of 25
+    np.testing.assert_array_equal(out[256:1280, 1280:2304], (image[256:1280, 1280:2304].mean(-1) < 120))
+    assert not out[:200].any() and not out[:, :1200].any()
+    assert progress[-1][0] == progress[-1][1] and all(a[0] <= b[0] for a, b in zip(progress, progress[1:]))
+
+
+# -- nuclei across block borders ----------------------------------------------------------------
+def test_stitched_nuclei_equal_the_whole_image_watershed(consep):
+    """No nucleus split or duplicated at a seam: block by block gives the whole-image result."""
+    from skimage.segmentation import relabel_sequential
+
+    from napari_medseg.nuclei.stitch import stitched_instances
+    from napari_medseg.nuclei.watershed import semantic_to_instances
+
+    class_map = _mosaic(consep, "labels", 4)  # 1024 x 1024, real CoNSeP nuclei
+    whole = semantic_to_instances(class_map)
+    out = np.zeros(class_map.shape, np.int32)
+    blocks = []
+    n = stitched_instances(class_map, out, block=300, halo=48, on_block=blocks.append)
+    # nuclei that cross a block border (x or y = 300, 600, 900) exist, so the seams are tested
+    crossing = [i for i in np.unique(whole[:, 295:305])[1:] if np.any(whole[:, 300] == i) and np.any(whole[:, 299] == i)]
+    assert len(crossing) > 10
+    assert n == len(np.unique(whole)) - 1 == len(np.unique(out)) - 1
+    np.testing.assert_array_equal(relabel_sequential(out)[0] > 0, whole > 0)
+    pairs = np.unique(np.stack([whole.ravel(), out.ravel()], 1), axis=0)
+    assert len(pairs) == n + 1  # a one-to-one map: every whole-image nucleus is one stitched nucleus
+    # each block hands its own nuclei, with their majority class, once
+    ids = [i for b in blocks for i in b.classes]
+    assert sorted(ids) == list(range(1, n + 1))
+    assert all(c in (1, 2, 3, 4) for b in blocks for c in b.classes.values())
+
+
+def test_blocks_without_a_halo_would_split_seam_nuclei(consep):
+    """The check above has teeth: with no context around a block, seam nuclei are cut in two."""
+    from napari_medseg.nuclei.stitch import stitched_instances
+    from napari_medseg.nuclei.watershed import semantic_to_instances
+
+    class_map = _mosaic(consep, "labels", 4)
+    out = np.zeros(class_map.shape, np.int32)
+    n = stitched_instances(class_map, out, block=300, halo=0)
+    assert n > len(np.unique(semantic_to_instances(class_map))) - 1
+
+
+# -- a slide run end to end ---------------------------------------------------------------------
+def test_predict_slide_region_writes_aligned_results(he_slide, tmp_path):
+    import zarr
+
+    from napari_medseg.inference.regions import Region
+    from napari_medseg.inference.slide import predict_slide
+    from napari_medseg.io.slides import open_slide
+
+    path, image = he_slide
+    slide = open_slide(path)
+    region = Region(1200, 200, 700, 600)
+    result = predict_slide(_DarkNuclei(), slide, tmp_path, region, block=256)
+    store = zarr.open_group(str(tmp_path / "synthetic.zarr"), mode="r")
+    classes, instances = np.asarray(store["classes/0"]), np.asarray(store["instances/0"])
+    assert classes.shape == slide.shape and not classes[:200].any() and not classes[:, 1900:].any()
+    inside = classes[200:800, 1280:1900]
+    np.testing.assert_array_equal(inside > 0, image[200:800, 1280:1900].mean(-1) < 120)
+    assert result.nuclei == len(np.unique(instances)) - 1 > 50
+    assert sum(result.counts.values()) == result.nuclei
+
+    # GeoJSON: QuPath detections in slide (level-0) coordinates, over their own nuclei
+    collection = json.loads(result.files["geojson"].read_text())
+    assert len(collection["features"]) > 0.9 * result.nuclei
+    for feature in collection["features"][:50]:
+        ring = np.asarray(feature["geometry"]["coordinates"][0])
+        cx, cy = ring.mean(0)
+        label = feature["properties"]["label"]
+        ys, xs = np.nonzero(instances == label)
+        assert abs(cx - xs.mean()) < 3 and abs(cy - ys.mean()) < 3
+        assert feature["properties"]["classification"]["name"] == "nucleus"
+
+    # CSV: one row per nucleus, centroids in slide px, areas in µm² (0.25 µm/px)
+    import csv
+
+    rows = list(csv.DictReader(result.files["csv"].open()))
+    assert len(rows) == result.nuclei
+    row = rows[len(rows) // 2]
+    ys, xs = np.nonzero(instances == int(row["label"]))
+    assert float(row["area"]) == len(ys) and float(row["area_um2"]) == pytest.approx(len(ys) * 0.0625, rel=1e-5)
+    assert float(row["centroid_x"]) == pytest.approx(xs.mean(), abs=0.01)
+
+    # label pyramids: OME-TIFF with SubIFD levels and the pixel size; zarr multiscales
+    with tifffile.TiffFile(result.files["instances_tiff"]) as tif:
+        levels = tif.series[0].levels
+        assert len(levels) == 4 and levels[0].shape == slide.shape
+        np.testing.assert_array_equal(levels[0].asarray(), instances)
+        np.testing.assert_array_equal(levels[1].asarray(), instances[::2, ::2])
+        assert 'PhysicalSizeX="0.25"' in tif.ome_metadata
+    datasets = store["classes"].attrs["multiscales"][0]["datasets"]
+    assert [d["coordinateTransformations"][0]["scale"] for d in datasets][:2] == [[0.25, 0.25], [0.5, 0.5]]
+
+
+def test_predict_slide_runs_a_real_model(he_slide, tmp_path, tiny_checkpoint):
+    from napari_medseg.inference import Segmenter
+    from napari_medseg.inference.regions import Region
+    from napari_medseg.inference.settings import TileSettings
+    from napari_medseg.inference.slide import predict_slide
+    from napari_medseg.io.slides import open_slide
+
+    slide = open_slide(he_slide[0])
+    segmenter = Segmenter.load(tiny_checkpoint, device="cpu")
+    settings = TileSettings(128, 32, 4)
+    region = Region(1280, 256, 384, 256)
+    result = predict_slide(segmenter, slide, tmp_path / "a", region, settings=settings, block=256)
+    expected = segmenter.segment(np.asarray(slide.levels[0][256:512, 1280:1664]), settings)
+    import zarr
+
+    got = np.asarray(zarr.open_group(str(tmp_path / "a" / "synthetic.zarr"), mode="r")["classes/0"])[256:512, 1280:1664]
+    assert (got == expected).mean() > 0.98  # blocks see a halo of context, not the region's edges
+    assert result.segmented_px == 384 * 256
+
+
+def test_a_cancelled_slide_run_leaves_no_half_written_export(he_slide, tmp_path):
+    from napari_medseg.inference.regions import Region
+    from napari_medseg.inference.slide import predict_slide
+    from napari_medseg.io.slides import open_slide
+    from napari_medseg.steps import Cancelled
+
+    calls = []
+    with pytest.raises(Cancelled):  # cancelled in the nuclei step, with the exports open
+        predict_slide(_DarkNuclei(), open_slide(he_slide[0]), tmp_path, Region(1200, 200, 700, 600), block=256,
+                      nuclei_block=256, progress=lambda d, t: calls.append((d, t)),
+                      should_cancel=lambda: bool(calls) and calls[-1][0] >= calls[-1][1] - 10)  # 9 nuclei blocks + 4
+    import zarr
+
+    store = zarr.open_group(str(tmp_path / "synthetic.zarr"), mode="r")
+    assert np.asarray(store["instances/0"]).any()  # it was cut in the nuclei step, some blocks done
+    assert not list(tmp_path.glob("*.part"))
+    assert not list(tmp_path.glob("*.geojson")) and not list(tmp_path.glob("*.csv"))
