@@ -48,3 +48,39 @@ def start_worker(work: Callable, on_error: Callable[[BaseException], None], **sl
     from napari.qt.threading import create_worker
 
     return create_worker(work, _connect={"errored": on_error, **slots})
+
+
+def export_target(path_widget, given=None, confirm: Callable[[str], bool] | None = None):
+    """Where an export goes: ``given``, else the path in ``path_widget``, else one the user picks
+    in a save dialog; ``None`` when they cancel, or decline to replace an existing file.
+
+    A relative path is taken from the home folder, not from wherever napari was started.
+    """
+    from pathlib import Path
+
+    text = str(given or path_widget.value or "").strip()
+    if text in ("", "."):
+        from qtpy.QtWidgets import QFileDialog
+
+        text, _ = QFileDialog.getSaveFileName(None, "Export to", str(Path.home()), path_widget.filter or "")
+        if not text:
+            return None
+        path_widget.value = text  # the dialog itself asked before replacing a file
+        return Path(text)
+    target = Path(text).expanduser()
+    if not target.is_absolute():
+        target = Path.home() / target
+    if target.exists() and not (confirm or confirm_replace)(str(target)):
+        return None
+    return target
+
+
+def confirm_replace(path: str) -> bool:
+    """Ask before replacing a file (a modal question; tests replace this function)."""
+    from qtpy.QtWidgets import QMessageBox
+
+    answer = QMessageBox.question(None, "Replace file?", f"{path} exists. Replace it?")
+    return answer == QMessageBox.StandardButton.Yes
+
+# a tall (scrollable) dock asks for no more height than this, so docks share a 1000 px screen
+SCROLL_MIN_HEIGHT = 200

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from html import escape
+
 import numpy as np
 from napari.utils.colormaps import DirectLabelColormap
 
@@ -69,3 +71,46 @@ def layer_classes(layer) -> list[str] | None:
 def image_kwargs(name: str, image: np.ndarray, **extra) -> dict:
     rgb = image.ndim >= 3 and image.shape[-1] == 3
     return {"name": name, "rgb": rgb, **extra}
+
+
+def placement(layer) -> dict:
+    """The ``scale`` and ``translate`` of ``layer``'s last two (y, x) axes, for a 2-D result of it,
+    so that results line up with their image however it was placed."""
+    return {"scale": tuple(layer.scale[-2:]), "translate": tuple(layer.translate[-2:])}
+
+
+def pixel_size_um(layer) -> float | None:
+    """The side of a pixel in µm where the layer says so: square, non-unit ``scale`` (napari's
+    world units, taken as µm) or ``metadata['pixel_size_um']``; else ``None``."""
+    size = getattr(layer, "metadata", {}).get("pixel_size_um")
+    if size:
+        return float(size)
+    sy, sx = (float(s) for s in layer.scale[-2:])
+    return sy if sy == sx and sy != 1.0 else None
+
+
+def legend_html(classes: list[str], colors: list | None = None) -> str:
+    """A one-paragraph legend, a coloured square and the name of each foreground class (rich text
+    for a Qt label; it wraps with the dock)."""
+    colors = colors or class_colors(classes)
+    items = []
+    for name, rgb in zip(classes[1:], colors[1:]):
+        if rgb is None:
+            continue
+        hex_colour = "#{:02x}{:02x}{:02x}".format(*(int(c) for c in rgb[:3]))
+        items.append(f'<span style="color:{hex_colour}; font-size:large">&#9632;</span>&nbsp;{escape(name)}')
+    return " &nbsp; ".join(items)
+
+
+def wrapping_label(**kwargs):
+    """A magicgui Label whose text wraps inside the dock rather than widening it."""
+    from magicgui.widgets import Label
+    from qtpy.QtWidgets import QSizePolicy
+
+    label = Label(**kwargs)
+    label.native.setWordWrap(True)
+    policy = QSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Minimum)
+    policy.setHeightForWidth(True)  # as tall as its wrapped lines need
+    label.native.setSizePolicy(policy)
+    label.native.setMinimumWidth(50)
+    return label

@@ -11,15 +11,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton, Select, Table
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, PushButton, Select, Table
 
 from ..errors import MedsegError
 from ..evaluation.error_maps import ERROR_COLORS, ERROR_NAMES, error_counts, error_map
-from ..evaluation.report import evaluate_maps
+from ..evaluation.ground_truth import (NUCLEUS_CLASSES, GroundTruth, compare_to_ground_truth,
+                                       ground_truth_from_label_map)
 from ..evaluation.semantic import MetricsInputError
 from ..io.tables import write_csv
-from .common import WidgetInputError, report_error, start_worker
-from .layers import METADATA_KEY, class_colormap, labels_layers, layer_classes, layer_kind
+from .common import SCROLL_MIN_HEIGHT, WidgetInputError, export_target, report_error, start_worker
+from .layers import (METADATA_KEY, class_colormap, labels_layers, layer_classes, layer_kind, legend_html,
+                     wrapping_label)
+from .table_format import fixed_decimals
 
 if TYPE_CHECKING:
     import napari
@@ -39,7 +42,8 @@ def _cell(value):
 class MetricsWidget(Container):
     # napari passes its viewer to a parameter of this name: see common.py
     def __init__(self, napari_viewer: napari.viewer.Viewer):
-        super().__init__()
+        super().__init__(scrollable=True)  # docks never push the window past the screen
+        self.native.setMinimumHeight(SCROLL_MIN_HEIGHT)
         self._viewer = napari_viewer
         self.prediction = ComboBox(label="prediction", choices=self._class_layers)
         self.ground_truth = ComboBox(label="ground truth", choices=self._class_layers)
@@ -48,27 +52,30 @@ class MetricsWidget(Container):
         self.pred_instances = ComboBox(label="predicted instances", choices=self._instance_choices)
         self.live = CheckBox(text="recompute when painted", value=True)
         self.compute_button = PushButton(text="Compute metrics")
-        self.summary = Label(value="")
+        self.summary = wrapping_label(value="")
+        self.legend = wrapping_label(value="")
         self.table = Table(value={"data": [], "index": [], "columns": COLUMNS})
         self.table.min_height = 190  # the overall row and every class row without scrolling
-        self.csv_path = FileEdit(label="CSV", mode="w", filter="*.csv", value="metrics.csv")
+        fixed_decimals(self.table)
+        self.csv_path = FileEdit(label="CSV", mode="w", filter="*.csv")
         self.export_button = PushButton(text="Export table as CSV")
         self.error_class = ComboBox(label="errors of", choices=self._error_choices)
         self.errors_button = PushButton(text="Show TP / FP / FN overlay")
         self.visible_classes = Select(label="show classes", choices=self._class_choices)
         self.extend([self.prediction, self.ground_truth, self.gt_instances, self.pred_instances, self.live, self.compute_button,
-                     self.summary, self.table, self.csv_path, self.export_button, self.error_class,
+                     self.summary, self.legend, self.table, self.csv_path, self.export_button, self.error_class,
                      self.errors_button, self.visible_classes])
-        self.compute_button.changed.connect(lambda: self.compute())
+        self.compute_button.changed.connect(lambda: self.compute(threaded=True))
         self.export_button.changed.connect(lambda: self.export_csv())
         self.errors_button.changed.connect(lambda: self.show_errors())
         self.visible_classes.changed.connect(self._apply_visible_classes)
         self.prediction.changed.connect(self._watch_layers)
         self.ground_truth.changed.connect(self._watch_layers)
-        self.prediction.changed.connect(lambda: self.reset_choices())
+        self.prediction.changed.connect(self._show_all_classes)
         self._viewer.layers.events.inserted.connect(self.reset_choices)
         self._viewer.layers.events.removed.connect(self.reset_choices)
         self.result: dict | None = None
+        self._instances_note = ""
         self._worker = None
         self._watched: list = []
         self._timer = None
@@ -95,7 +102,13 @@ class MetricsWidget(Container):
         return [ALL_CLASSES] + self._names()[1:]
 
     def _class_choices(self, _widget=None) -> list:
-        return self._names()[1:]
+        names = layer_classes(self.prediction.value) if self.prediction.value is not None else None
+        return (names or self._names())[1:]
+
+    def _show_all_classes(self, *_):
+        """A newly chosen prediction shows all its classes (the list's choices follow it)."""
+        self.reset_choices()
+        self.visible_classes.value = list(self.visible_classes.choices)
 
     # -- live recompute -----------------------------------------------------------------
     def _watch_layers(self, *_):
@@ -113,6 +126,8 @@ class MetricsWidget(Container):
     def _prediction_painted(self, *_):
         """A painted class map no longer matches instances made from it: derive them anew."""
         if self.pred_instances.value is not None:
+            self._instances_note = (f"'{self.pred_instances.value.name}' no longer matches the painted prediction: "
+                                    "its nuclei are now derived from the class map.")
             self.pred_instances.value = None
 
     def _schedule(self, *_):
@@ -129,33 +144,52 @@ class MetricsWidget(Container):
 
     # -- metrics ------------------------------------------------------------------------
     def _inputs(self):
+        """(ground truth, prediction, its class names, predicted instances or None), checked."""
         pred_layer, gt_layer = self.prediction.value, self.ground_truth.value
         if pred_layer is None or gt_layer is None:
             raise MetricsInputError("Choose a prediction and a ground-truth Labels layer.")
         if pred_layer is gt_layer:
             raise MetricsInputError("Prediction and ground truth are the same layer.")
         pred, gt = np.asarray(pred_layer.data), np.asarray(gt_layer.data)
-        gt_names, pred_names = layer_classes(gt_layer), layer_classes(pred_layer)
-        if gt_names and pred_names and gt_names != pred_names:
-            raise MetricsInputError(
-                f"'{pred_layer.name}' has classes {pred_names} but '{gt_layer.name}' has {gt_names}; "
-                "compare layers that use the same classes."
-            )
-        names = gt_names or pred_names
-        if names is None:
+        if gt.ndim != 2:
+            raise MetricsInputError(f"Metrics compare 2-D maps; the ground truth has shape {gt.shape}.")
+        pred_names = layer_classes(pred_layer) or layer_classes(gt_layer)
+        if pred_names is None:
             top = int(max(gt.max(initial=0), pred.max(initial=0)))
-            names = ["background"] + [f"class {i}" for i in range(1, top + 1)]
+            pred_names = ["background"] + [f"class {i}" for i in range(1, top + 1)]
+        truth = self._truth(gt_layer, gt, pred_names)
         gt_inst = self.gt_instances.value
-        gt_instances = np.asarray(gt_inst.data) if gt_inst is not None else None
-        if gt_instances is not None and gt_instances.shape != gt.shape:
-            raise MetricsInputError(f"'{gt_inst.name}' has shape {gt_instances.shape}, the ground truth {gt.shape}.")
+        if gt_inst is not None:
+            if gt_inst.data.shape != gt.shape:
+                raise MetricsInputError(f"'{gt_inst.name}' has shape {gt_inst.data.shape}, the ground truth {gt.shape}.")
+            truth.instances = np.asarray(gt_inst.data)
         pred_inst = self.pred_instances.value
         pred_instances = np.asarray(pred_inst.data).copy() if pred_inst is not None else None
         if pred_instances is not None and pred_instances.shape != pred.shape:
             raise MetricsInputError(f"'{pred_inst.name}' has shape {pred_instances.shape}, the prediction {pred.shape}.")
-        if gt.ndim != 2:
-            raise MetricsInputError(f"Metrics compare 2-D maps; the ground truth has shape {gt.shape}.")
-        return gt, pred.copy(), names, gt_instances, pred_instances
+        return truth, pred.copy(), pred_names, pred_instances
+
+    @staticmethod
+    def _truth(layer, gt: np.ndarray, pred_names: list[str]) -> GroundTruth:
+        """The ground truth as its layer names it; unnamed, as its values suggest (a class map with
+        the prediction's classes, a nucleus mask or an instance map: ``ground_truth_from_label_map``)."""
+        names = layer_classes(layer)
+        if names is None:
+            return ground_truth_from_label_map(gt, pred_names)
+        if len(names) == 2:  # nucleus / background: any label > 0 is nucleus
+            return GroundTruth((gt > 0).astype(np.uint8), list(NUCLEUS_CLASSES))
+        if names != pred_names:
+            raise MetricsInputError(f"'{layer.name}' has classes {names} but the prediction has {pred_names}; "
+                                    "compare layers that use the same classes (or nucleus-only ground truth).")
+        return GroundTruth(gt, names)
+
+    def _scored_maps(self):
+        """(ground-truth class map, prediction, class names) as scored: classes merged into
+        'nucleus' when the ground truth names none."""
+        truth, pred, pred_names, _ = self._inputs()
+        if truth.nucleus_only and len(pred_names) > 2:
+            return truth.class_map, (pred > 0).astype(np.uint8), list(NUCLEUS_CLASSES)
+        return truth.class_map, pred, list(truth.classes) if truth.nucleus_only else pred_names
 
     def compute(self, threaded: bool = False):
         """Fill the table; on bad input show why and leave the previous table as it was.
@@ -163,10 +197,10 @@ class MetricsWidget(Container):
         ``threaded=True`` computes in a worker thread (as live recomputes do).
         """
         try:
-            gt, pred, names, gt_instances, pred_instances = self._inputs()
+            truth, pred, names, pred_instances = self._inputs()
         except MedsegError as exc:
             return self._fail(exc)
-        job = lambda: evaluate_maps(gt, pred, names, gt_instances=gt_instances, pred_instances=pred_instances)  # noqa: E731
+        job = lambda: compare_to_ground_truth(pred, names, truth, pred_instances)  # noqa: E731
         if not threaded:
             try:
                 return self._show(job())
@@ -198,6 +232,16 @@ class MetricsWidget(Container):
             "Overall row: IoU/Dice = mean over nucleus classes; PQ = mPQ (classes present in the ground truth); "
             "F1 = detection F1 at IoU > 0.5, all nuclei."
         )
+        merged = report.get("classes_merged")
+        notes = [report["note"]] if merged else []
+        notes += [self._instances_note] if self._instances_note else []
+        if notes:
+            self.summary.value = "\n".join([*notes, self.summary.value])
+        pred_layer = self.prediction.value
+        info = pred_layer.metadata.get(METADATA_KEY, {}) if pred_layer is not None else {}
+        classes = list(NUCLEUS_CLASSES) if merged or not info.get("classes") else info["classes"]
+        colors = None if merged or not info.get("colors") else info["colors"]
+        self.legend.value = legend_html(classes, colors)
         self.result = report
         return report
 
@@ -208,19 +252,22 @@ class MetricsWidget(Container):
         columns = {"class": list(value["index"])}
         for j, name in enumerate(value["columns"]):
             columns[name] = [row[j] for row in value["data"]]
-        target = Path(path or str(self.csv_path.value))
+        target = export_target(self.csv_path, path)
+        if target is None:
+            self.summary.value = "Nothing exported."
+            return None
         try:
             written = write_csv(target, columns)
         except OSError as exc:  # a folder that is not there or not writable: the user's to fix
             return self._fail(f"Cannot write {target}: {exc.strerror or exc}")
-        self.summary.value = f"Saved {written}"
+        self.summary.value = f"Wrote the table ({len(columns['class'])} rows) to {written}"
         return written
 
     # -- overlays -----------------------------------------------------------------------
     def show_errors(self):
         """Add (or update) a Labels layer with TP / FP / FN pixels in three distinct colours."""
         try:
-            gt, pred, names, *_ = self._inputs()
+            gt, pred, names = self._scored_maps()
             choice = self.error_class.value
             if choice not in (None, ALL_CLASSES, *names[1:]):
                 raise WidgetInputError(f"The layers have no class '{choice}'; choose one of {names[1:]}.")

@@ -1,4 +1,6 @@
-"""Models trained in this napari session, shared by the Train and Segment widgets.
+"""Trained models, shared by the Train and Segment widgets: those trained in this session, and
+those saved in the models folder by earlier sessions (``MODELS_DIR``, the Train widget's default
+"save in"; ``MEDSEG_MODELS_DIR`` moves it).
 
 The Train widget adds each finished model here; every widget that offers a model choice
 lists these names and resets its choices when ``trained_models.changed`` fires.
@@ -6,6 +8,7 @@ lists these names and resets its choices when ``trained_models.changed`` fires.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from psygnal import Signal
@@ -13,6 +16,17 @@ from psygnal import Signal
 TRAINED_PREFIX = "trained: "
 DEFAULT_MODEL = "default (shipped)"  # the model choices every widget offers besides the trained ones
 FILE_MODEL = "checkpoint file..."
+SAVED_PREFIX = "saved: "
+MODELS_DIR = Path(os.environ.get("MEDSEG_MODELS_DIR") or Path.home() / "napari-medseg" / "models")
+
+
+def saved_models(folder: Path | None = None) -> dict[str, Path]:
+    """``'saved: <run>' -> <run>/best.safetensors`` for each training run in the models folder,
+    newest first."""
+    folder = Path(folder or MODELS_DIR).expanduser()
+    runs = sorted(folder.glob("*/best.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True) \
+        if folder.is_dir() else []
+    return {f"{SAVED_PREFIX}{p.parent.name}": p for p in runs}
 
 
 class TrainedModels:
@@ -33,11 +47,16 @@ class TrainedModels:
         self.changed.emit()
         return label
 
+    def _all(self) -> dict[str, Path]:
+        """This session's models, then the models folder's others (each checkpoint once)."""
+        mine = set(self._paths.values())
+        return {**self._paths, **{n: p for n, p in saved_models().items() if p not in mine}}
+
     def names(self) -> list[str]:
-        return [name for name, path in self._paths.items() if path.is_file()]
+        return [name for name, path in self._all().items() if path.is_file()]
 
     def path(self, name: str) -> Path | None:
-        path = self._paths.get(name)
+        path = self._all().get(name)
         return path if path is not None and path.is_file() else None
 
     def __contains__(self, name: object) -> bool:
@@ -45,3 +64,16 @@ class TrainedModels:
 
 
 trained_models = TrainedModels()
+
+
+def follow_trained_models(combo) -> None:
+    """Refresh ``combo``'s choices whenever the model list changes, until its Qt widget is gone
+    (closed with its viewer: the global list must not call into it)."""
+
+    def refresh():
+        try:
+            combo.reset_choices()
+        except RuntimeError:  # "wrapped C/C++ object ... has been deleted"
+            trained_models.changed.disconnect(refresh)
+
+    trained_models.changed.connect(refresh)

@@ -1,4 +1,5 @@
-"""Objects widget: count nuclei per class and measure each (area, centroid, mean intensity)."""
+"""Objects widget: count nuclei per class and measure each (area, in µm² where the pixel size is
+known; centroid; mean intensity), off the GUI thread."""
 
 from __future__ import annotations
 
@@ -6,106 +7,174 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, Table
+from magicgui.widgets import ComboBox, Container, FileEdit, PushButton, Table
 
 from ..errors import MedsegError
 from ..io.geojson import write_geojson
 from ..io.tables import write_csv
-from ..nuclei.measure import counts_per_class, object_table
+from ..nuclei.measure import counts_per_class, nucleus_count, object_table
 from ..nuclei.watershed import InstanceSettings, semantic_to_instances
-from .common import WidgetInputError, report_error
-from .layers import METADATA_KEY, image_layers, instance_labels_kwargs, labels_layers, layer_classes, layer_kind
+from .common import SCROLL_MIN_HEIGHT, WidgetInputError, export_target, report_error, start_worker
+from .table_format import fixed_decimals
+from .layers import (METADATA_KEY, image_layers, instance_labels_kwargs, labels_layers, layer_classes, layer_kind,
+                     legend_html, pixel_size_um, placement, wrapping_label)
 
 if TYPE_CHECKING:
     import napari
+
+DERIVE = "derive from class map (watershed)"
+
+
+def table_rows(table: dict) -> dict:
+    """The object table as a magicgui ``Table`` value: one row per nucleus, named by its id."""
+    columns = [c for c in table if c not in ("label", "class_id")]
+    rows = [[_cell(v) for v in row] for row in zip(*(table[c] for c in columns))]
+    return {"data": rows, "index": [str(int(i)) for i in table["label"]], "columns": columns}
+
+
+def _cell(value):
+    if isinstance(value, (float, np.floating)):
+        return round(float(value), 2)
+    return value.item() if isinstance(value, np.generic) else value
 
 
 class ObjectsWidget(Container):
     # napari passes its viewer to a parameter of this name: see common.py
     def __init__(self, napari_viewer: napari.viewer.Viewer):
-        super().__init__()
+        super().__init__(scrollable=True)  # docks never push the window past the screen
+        self.native.setMinimumHeight(SCROLL_MIN_HEIGHT)
         self._viewer = napari_viewer
+        self._worker = None
+        self.objects: dict | None = None
+        self._instances: np.ndarray | None = None
         self.class_layer = ComboBox(label="class map", choices=self._class_layers)
         self.instance_layer = ComboBox(label="instances", choices=self._instance_choices)
         self.image_layer = ComboBox(label="image", choices=self._image_choices)
         self.measure_button = PushButton(text="Measure objects")
-        self.summary = Label(value="")
-        self.table = Table(value={"data": [], "columns": []})
-        self.csv_path = FileEdit(label="CSV", mode="w", filter="*.csv", value="objects.csv")
+        self.summary = wrapping_label(value="")
+        self.legend = wrapping_label(value="")
+        self.table = Table(value={"data": [], "index": [], "columns": []})
+        self.table.min_height = 240
+        fixed_decimals(self.table, 2)
+        self.csv_path = FileEdit(label="CSV", mode="w", filter="*.csv")
         self.export_csv_button = PushButton(text="Export objects as CSV")
-        self.geojson_path = FileEdit(label="GeoJSON", mode="w", filter="*.geojson", value="objects.geojson")
+        self.geojson_path = FileEdit(label="GeoJSON", mode="w", filter="*.geojson")
         self.export_geojson_button = PushButton(text="Export outlines for QuPath (GeoJSON)")
         self.extend([self.class_layer, self.instance_layer, self.image_layer, self.measure_button, self.summary,
-                     self.table, self.csv_path, self.export_csv_button, self.geojson_path, self.export_geojson_button])
-        self.measure_button.changed.connect(lambda: self.measure())
+                     self.legend, self.table, self.csv_path, self.export_csv_button, self.geojson_path,
+                     self.export_geojson_button])
+        self.measure_button.changed.connect(lambda: self.measure(threaded=True))
         self.export_csv_button.changed.connect(lambda: self.export_csv())
         self.export_geojson_button.changed.connect(lambda: self.export_geojson())
+        self.class_layer.changed.connect(self._pick_instances)
         self._viewer.layers.events.inserted.connect(self.reset_choices)
         self._viewer.layers.events.removed.connect(self.reset_choices)
         self.reset_choices()
-        self.objects: dict | None = None
-        self._instances: np.ndarray | None = None
+        self._pick_instances()
 
     def _class_layers(self, _widget=None) -> list:
         return labels_layers(self._viewer, exclude=("instances", "errors"))
 
     def _instance_choices(self, _widget=None) -> list:
         instances = [l for l in labels_layers(self._viewer) if layer_kind(l) == "instances"]
-        return [("derive from class map (watershed)", None)] + [(l.name, l) for l in instances]
+        return [(DERIVE, None)] + [(l.name, l) for l in instances]
 
     def _image_choices(self, _widget=None) -> list:
         return [("none", None)] + [(l.name, l) for l in image_layers(self._viewer)]
 
+    def _pick_instances(self, *_):
+        """The class map's own nuclei (Segment's '<image> nuclei' beside '<image> segmentation'), so
+        that Objects counts the nuclei Segment counted; derived by a watershed only without them."""
+        layer = self.class_layer.value
+        if layer is None:
+            return
+        twin = layer.name.replace(" segmentation", " nuclei")
+        for _name, candidate in self._instance_choices():
+            if candidate is not None and candidate.name == twin and candidate.data.shape == layer.data.shape:
+                self.instance_layer.value = candidate
+
     def _fail(self, error: BaseException | str) -> None:
         report_error(self.summary, error)
 
-    def measure(self, add_instances_layer: bool = True) -> dict | None:
+    def _inputs(self):
         layer = self.class_layer.value
         if layer is None:
-            return self._fail("Choose a class-map Labels layer.")
+            raise WidgetInputError("Choose a class-map Labels layer.")
         class_map = np.asarray(layer.data)
+        if class_map.ndim != 2:
+            raise WidgetInputError(f"Objects are measured on 2-D maps; '{layer.name}' has shape {class_map.shape}.")
         names = layer_classes(layer) or ["background"] + [f"class {i}" for i in range(1, int(class_map.max(initial=0)) + 1)]
+        inst_layer, image_layer = self.instance_layer.value, self.image_layer.value
+        instances = np.asarray(inst_layer.data) if inst_layer is not None else None
+        image = np.asarray(image_layer.data) if image_layer is not None else None
+        pixel_size = pixel_size_um(image_layer or layer)
+        return layer, class_map, names, instances, image, pixel_size
+
+    def measure(self, add_instances_layer: bool = True, threaded: bool = False):
+        """Measure every nucleus; returns the table (or, ``threaded``, the started worker)."""
         try:
-            if class_map.ndim != 2:
-                raise WidgetInputError(f"Objects are measured on 2-D maps; '{layer.name}' has shape {class_map.shape}.")
-            inst_layer = self.instance_layer.value
-            if inst_layer is not None:
-                instances = np.asarray(inst_layer.data)
-            else:
-                instances = semantic_to_instances(class_map, InstanceSettings())
-            image_layer = self.image_layer.value
-            image = np.asarray(image_layer.data) if image_layer is not None else None
-            table = object_table(instances, class_map, names, image)
+            layer, class_map, names, instances, image, pixel_size = self._inputs()
         except MedsegError as exc:
             return self._fail(exc)
-        if inst_layer is None and add_instances_layer:
-            self._viewer.add_labels(instances, **instance_labels_kwargs(f"{layer.name} instances"))
-        columns = [c for c in table if c != "class_id"]
-        rows = [[(round(float(v), 2) if isinstance(v, (float, np.floating)) else v) for v in row]
-                for row in zip(*(table[c] for c in columns))]
-        self.table.value = {"data": rows, "columns": columns}
+
+        def job():
+            derived = instances is None
+            found = semantic_to_instances(class_map, InstanceSettings()) if derived else instances
+            return object_table(found, class_map, names, image, pixel_size), found, derived
+
+        def done(result):
+            return self._show(result, layer, names, add_instances_layer)
+
+        if not threaded:
+            try:
+                return done(job())
+            except MedsegError as exc:
+                return self._fail(exc)
+        self.summary.value = "Measuring..."
+        self.measure_button.enabled = False
+        self._worker = start_worker(job, on_error=self._fail, returned=done,
+                                    finished=lambda: setattr(self.measure_button, "enabled", True))
+        return self._worker
+
+    def _show(self, result, layer, names: list[str], add_instances_layer: bool) -> dict:
+        table, instances, derived = result
+        if derived and add_instances_layer:
+            added = self._viewer.add_labels(instances, **instance_labels_kwargs(f"{layer.name} instances"),
+                                            **placement(layer))
+            added.contour = 2
+        self.table.value = table_rows(table)
         counts = counts_per_class(table)
-        self.summary.value = f"{len(table['label'])} objects: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+        area = (f"; mean area {np.mean(table['area_um2']):.1f} µm²" if "area_um2" in table and len(table["label"])
+                else "")
+        self.summary.value = (f"{nucleus_count(instances)} nuclei: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+                              + area)
+        info = layer.metadata.get(METADATA_KEY, {})
+        self.legend.value = legend_html(names, info.get("colors"))
         self.objects, self._instances, self._names = table, instances, names
         return table
 
     def export_csv(self, path: str | Path | None = None) -> Path | None:
         if self.objects is None:
             return self._fail("Measure the objects before exporting them.")
-        target = Path(path or str(self.csv_path.value))
-        try:
-            return write_csv(target, {k: v for k, v in self.objects.items()})
-        except OSError as exc:  # a folder that is not there or not writable: the user's to fix
-            return self._fail(f"Cannot write {target}: {exc.strerror or exc}")
+        return self._export(self.csv_path, path, lambda target: write_csv(target, dict(self.objects)))
 
     def export_geojson(self, path: str | Path | None = None) -> Path | None:
         if self.objects is None:
             return self._fail("Measure the objects before exporting them.")
-        target = Path(path or str(self.geojson_path.value))
         classes = np.zeros(int(self._instances.max(initial=0)) + 1, np.int64)
         classes[self.objects["label"]] = self.objects["class_id"]
         colors = self.class_layer.value.metadata.get(METADATA_KEY, {}).get("colors")
+        return self._export(self.geojson_path, path,
+                            lambda target: write_geojson(target, self._instances, classes, self._names, colors))
+
+    def _export(self, path_widget, path, write) -> Path | None:
+        target = export_target(path_widget, path)
+        if target is None:
+            self.summary.value = "Nothing exported."
+            return None
         try:
-            return write_geojson(target, self._instances, classes, self._names, colors)
+            written = write(target)
         except OSError as exc:  # a folder that is not there or not writable: the user's to fix
             return self._fail(f"Cannot write {target}: {exc.strerror or exc}")
+        self.summary.value = f"Wrote {len(self.objects['label'])} nuclei to {written}"
+        return written

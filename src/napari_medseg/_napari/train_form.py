@@ -28,7 +28,7 @@ from ..training.data import LabelledImage  # noqa: E402
 from ..training.losses import LOSSES as CORE_LOSSES  # noqa: E402
 from ..training.tiles import DEFAULT_TILE, layer_items  # noqa: E402
 from .common import WidgetInputError  # noqa: E402
-from .model_list import DEFAULT_MODEL, FILE_MODEL, trained_models  # noqa: E402
+from .model_list import DEFAULT_MODEL, FILE_MODEL, MODELS_DIR, trained_models  # noqa: E402
 from .training_job import LayerSource  # noqa: E402
 
 FROM_FOLDER = "dataset folder"
@@ -86,7 +86,7 @@ class TrainForm:
     patience: int = _TRAIN.patience
     monitor: str = next(name for name, key in MONITORS.items() if key == _TRAIN.monitor)
     device: str = _TRAIN.device
-    output_dir: str = str(Path.home() / "napari-medseg" / "models")
+    output_dir: str = str(MODELS_DIR)
     model_name: str = "model"
     show_preview: bool = True
 
@@ -98,6 +98,7 @@ class TrainingPlan:
     cfg: TrainConfig
     items: tuple[list[LabelledImage], list[str]] | None = None  # (tiles, classes); None: cfg.data.dataset
     layer_source: LayerSource | None = None
+    start_threshold: float | None = None  # the start model's tuned foreground threshold, kept by fine-tuning
 
 
 def plan_training(form: TrainForm) -> TrainingPlan:
@@ -129,7 +130,7 @@ def plan_training(form: TrainForm) -> TrainingPlan:
         pixel_size_um=start_meta.pixel_size_um if start_meta else None,
     )
     cfg.check()  # the trainer's own consistency checks, before anything is made
-    return TrainingPlan(cfg, items, layer_source)
+    return TrainingPlan(cfg, items, layer_source, start_meta.foreground_threshold if start_meta else None)
 
 
 def check_model_name(name: str) -> None:

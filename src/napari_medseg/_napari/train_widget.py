@@ -30,11 +30,11 @@ from ..devices import available_devices  # noqa: E402
 from ..errors import MedsegError  # noqa: E402
 from ..models import ARCHITECTURES, TESTED_ENCODERS  # noqa: E402
 from ..training.trainer import BatchDone, EpochDone, TrainingDone  # noqa: E402
-from .common import report_error, start_worker  # noqa: E402
+from .common import SCROLL_MIN_HEIGHT, report_error, start_worker  # noqa: E402
 from .layers import (METADATA_KEY, class_labels_kwargs, image_layers, labels_layers, layer_classes,  # noqa: E402
                      layer_kind)
 from .loss_plot import LossPlot  # noqa: E402
-from .model_list import DEFAULT_MODEL, FILE_MODEL, trained_models  # noqa: E402
+from .model_list import DEFAULT_MODEL, FILE_MODEL, follow_trained_models, trained_models  # noqa: E402
 from .train_form import (FROM_FOLDER, FROM_LAYERS, LOSSES, MONITORS, NEW_MODEL, PaintedLayers,  # noqa: E402
                          TrainForm, plan_training)
 from .training_job import Preview, TrainingFailed, TrainingJob, failure, make_run_dir  # noqa: E402
@@ -53,7 +53,8 @@ class TrainWidget(Container):
 
     # napari passes its viewer to a parameter of this name: see common.py
     def __init__(self, napari_viewer: napari.viewer.Viewer):
-        super().__init__()
+        super().__init__(scrollable=True)  # docks never push the window past the screen
+        self.native.setMinimumHeight(SCROLL_MIN_HEIGHT)
         self._viewer = napari_viewer
         self._worker = None
         self._job: TrainingJob | None = None
@@ -144,7 +145,7 @@ class TrainWidget(Container):
         self.stop_button.changed.connect(lambda: self.stop())
         self._viewer.layers.events.inserted.connect(self.reset_choices)
         self._viewer.layers.events.removed.connect(self.reset_choices)
-        trained_models.changed.connect(self.start_from.reset_choices)
+        follow_trained_models(self.start_from)
         self.reset_choices()
         self._update_visibility()
 
@@ -201,7 +202,7 @@ class TrainWidget(Container):
         run_dir, created = make_run_dir(Path(form.output_dir).expanduser(), form.model_name.strip())
         plan.cfg.out_dir = str(run_dir)
         return TrainingJob(plan.cfg, plan.items, preview=form.show_preview, layer_source=plan.layer_source,
-                           cleanup=created)
+                           cleanup=created, start_threshold=plan.start_threshold)
 
     def run(self, threaded: bool = True):
         """Train. ``threaded=False`` trains in the caller's thread (tests, scripts) and returns the result."""

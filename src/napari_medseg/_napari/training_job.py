@@ -113,6 +113,21 @@ def remove_run_dir(run_dir: Path, top: Path) -> None:
         folder = folder.parent
 
 
+def keep_threshold(checkpoint: Path, threshold: float) -> None:
+    """Give a fine-tuned checkpoint its start model's foreground threshold where training left
+    none (``medseg tune-threshold`` re-tunes it on the validation images)."""
+    from ..models.checkpoint import load_checkpoint, save_checkpoint
+    from ..models.weights import read_state_dict
+    import torch
+
+    model, meta = load_checkpoint(checkpoint)
+    if meta.foreground_threshold is not None:
+        return
+    meta.foreground_threshold = float(threshold)
+    half = any(t.dtype == torch.float16 for t in read_state_dict(checkpoint).values())  # keep the stored precision
+    save_checkpoint(checkpoint, model, meta, half=half)
+
+
 def failure(exc: Exception) -> TrainingFailed:
     """The update for a run that raised ``exc``: its message, and the exception itself if it is a bug."""
     if isinstance(exc, MedsegError):
@@ -128,8 +143,9 @@ class TrainingJob:
 
     def __init__(self, cfg: TrainConfig, items: tuple[list[LabelledImage], list[str]] | None = None,
                  preview: bool = True, layer_source: LayerSource | None = None,
-                 cleanup: Path | None = None):
+                 cleanup: Path | None = None, start_threshold: float | None = None):
         self.cfg = cfg
+        self.start_threshold = start_threshold  # fine-tuning keeps the start model's operating point
         self.items = items  # None: the trainer reads cfg.data.dataset itself
         self.preview = preview
         self.layer_source = layer_source
@@ -153,6 +169,8 @@ class TrainingJob:
         outcome: object
         try:
             outcome = train(self.cfg, on_update=emit, should_stop=self._stop.is_set, items=self.items)
+            if self.start_threshold is not None and getattr(outcome, "checkpoint", None) is not None:
+                keep_threshold(Path(outcome.checkpoint), self.start_threshold)
         except Exception as exc:  # noqa: BLE001 - ends the run; the widget shows a message or a traceback
             outcome = failure(exc)
         finally:

@@ -56,3 +56,10 @@ def counts_per_class(table: dict[str, np.ndarray]) -> dict[str, int]:
         return {"all": int(len(table["label"]))}
     names, counts = np.unique(table["class"].astype(str), return_counts=True)
     return {str(n): int(c) for n, c in zip(names, counts)}
+
+
+def nucleus_count(instances: np.ndarray) -> int:
+    """How many nuclei an instance map holds: its distinct ids above 0 (ids need not be
+    consecutive, so the highest id over-counts)."""
+    ids = np.unique(np.asarray(instances))
+    return int(np.count_nonzero(ids > 0))

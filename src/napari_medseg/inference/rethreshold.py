@@ -1,0 +1,90 @@
+"""Segment once, re-threshold many times: keep a run's probabilities and distance map, and
+remake the class map and nuclei from them for a new nucleus threshold, marker threshold or
+minimum size without running the network again (as stardist-napari and cellpose offer).
+
+Kept only for images up to ``KEEP_MAX_PIXELS``: the probabilities are ``(C, H, W)`` float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ..nuclei.watershed import INSTANCE_MAX_PIXELS, INSTANCE_STEPS, InstanceSettings, iter_semantic_to_instances
+from ..steps import chain, run_steps
+from .blend import classify
+from .postprocess import PostprocessSettings, postprocess_class_map
+from .segmenter import Segmenter
+from .settings import TileSettings
+from .source import ImageSource
+
+# 16 Mpx x 5 classes x 4 bytes = 320 MB of kept probabilities at most
+KEEP_MAX_PIXELS = 16_000_000
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What re-thresholding may change; ``nucleus=None`` is the argmax."""
+
+    nucleus: float | None = None
+    marker: float = InstanceSettings.marker_threshold
+    min_size: int = InstanceSettings.min_size
+
+
+@dataclass
+class KeptRun:
+    """A network run's outputs: probabilities ``(C, H, W)``, the distance map (or ``None`` for
+    models without a distance head) and the clean-up that follows the threshold."""
+
+    probabilities: np.ndarray
+    distance: np.ndarray | None
+    postprocess: PostprocessSettings
+    instance_settings: InstanceSettings
+
+    def class_map(self, thresholds: Thresholds) -> np.ndarray:
+        labels = classify(self.probabilities, thresholds.nucleus).astype(np.uint8)
+        return postprocess_class_map(labels, self.postprocess)
+
+    def iter_result(self, thresholds: Thresholds, nuclei: bool = True):
+        """Generator: yields ``(step, INSTANCE_STEPS)``; returns ``(class map, instances or None)``."""
+        labels = self.class_map(thresholds)
+        if not nuclei:
+            return labels, None
+        settings = replace(self.instance_settings, marker_threshold=thresholds.marker, min_size=thresholds.min_size)
+        instances = yield from iter_semantic_to_instances(labels, settings, self.distance)
+        return labels, instances
+
+    def result(self, thresholds: Thresholds, nuclei: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        return run_steps(self.iter_result(thresholds, nuclei))
+
+
+def iter_segment_keeping(segmenter: Segmenter, image, settings: TileSettings | None = None,
+                         postprocess: PostprocessSettings | None = None,
+                         instance_settings: InstanceSettings | None = None, nuclei: bool = True):
+    """Generator like ``Segmenter.iter_segment_nuclei`` (tiles, then the watershed's steps);
+    returns ``(class map, instances or None, KeptRun or None)``.
+
+    The run is kept when the image is small enough (``KEEP_MAX_PIXELS``); nuclei are made up to
+    ``INSTANCE_MAX_PIXELS``. The class map is the segmenter's own (its threshold, then clean-up).
+    """
+    postprocess = postprocess or PostprocessSettings()
+    instance_settings = instance_settings or InstanceSettings()
+    source = image if isinstance(image, ImageSource) else ImageSource(image, segmenter.meta.model.in_channels)
+    height, width, image = source.height, source.width, source
+    if height * width > KEEP_MAX_PIXELS:
+        if not nuclei:
+            labels = yield from segmenter.iter_segment(image, settings, postprocess)
+            return labels, None, None
+        labels, instances = yield from segmenter.iter_segment_nuclei(image, settings, postprocess, instance_settings)
+        return labels, instances, None
+    probabilities = np.zeros((len(segmenter.classes), height, width), np.float32)
+    distance = np.zeros((height, width), np.float32) if segmenter.has_distance_head else None
+    kept = KeptRun(probabilities, distance, postprocess, instance_settings)
+    tiles = segmenter.iter_segment(image, settings, postprocess, probabilities_out=probabilities, distance_out=distance)
+    if not nuclei or height * width > INSTANCE_MAX_PIXELS:
+        labels = yield from tiles
+        return labels, None, kept
+    labels, instances = yield from chain(
+        tiles, INSTANCE_STEPS, lambda labels: iter_semantic_to_instances(labels, instance_settings, distance))
+    return labels, instances, kept

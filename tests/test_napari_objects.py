@@ -1,0 +1,90 @@
+"""The Objects widget as a user meets it: opened from the Plugins menu, its table readable (one
+row per nucleus, named columns), the same nucleus count as Segment, areas in µm² where the image
+says its pixel size, Measure off the GUI thread, exports that never replace a file unasked."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_medseg._napari import common
+from napari_medseg._napari.layers import class_labels_kwargs, instance_labels_kwargs
+from napari_medseg._napari.sample_data import consep_sample
+
+PLUGIN = "napari-medseg"
+CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle"]
+
+
+@pytest.fixture
+def objects(make_napari_viewer):
+    viewer = make_napari_viewer()
+    image, truth, instances = [getattr(viewer, f"add_{kind}")(data, **kwargs) for data, kwargs, kind in consep_sample()]
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Objects")
+    return viewer, widget, image, truth, instances
+
+
+def test_table_shows_one_row_per_nucleus_with_named_columns(objects):
+    viewer, widget, image, truth, instances = objects
+    widget.class_layer.value, widget.instance_layer.value, widget.image_layer.value = truth, instances, image
+    table = widget.measure()
+    shown = widget.table.value
+    ids = np.unique(instances.data[instances.data > 0])
+    assert list(shown["columns"][:4]) == ["area", "centroid_y", "centroid_x", "class"]
+    assert [int(i) for i in shown["index"]] == list(ids)
+    assert len(shown["data"]) == len(ids) and len(shown["data"][0]) == len(shown["columns"])
+    row = dict(zip(shown["columns"], shown["data"][0]))
+    assert row["area"] == int((instances.data == ids[0]).sum()) and row["class"] in CLASSES[1:]
+    assert f"{len(ids)} nuclei" in widget.summary.value
+    assert "epithelial" in widget.legend.value
+    # the Qt table itself shows the same cells (not 'data' / 'columns' headers)
+    qt = widget.table.native
+    assert qt.rowCount() == len(ids) and qt.horizontalHeaderItem(0).text() == "area"
+    assert table is widget.objects
+
+
+def test_area_in_square_microns_from_the_image_scale(objects):
+    viewer, widget, image, truth, instances = objects
+    image.scale = (0.25, 0.25)
+    widget.class_layer.value, widget.instance_layer.value, widget.image_layer.value = truth, instances, image
+    table = widget.measure()
+    np.testing.assert_allclose(table["area_um2"], table["area"] * 0.0625)
+    assert "µm²" in widget.summary.value and "area_um2" in widget.table.value["columns"]
+
+
+def test_segment_nuclei_are_the_default_and_counted_once(make_napari_viewer):
+    """Objects picks '<image> nuclei' for '<image> segmentation': one count for one result."""
+    viewer = make_napari_viewer()
+    truth = consep_sample()[2][0]
+    seg = viewer.add_labels((truth > 0).astype(np.uint8), **class_labels_kwargs("x segmentation", CLASSES))
+    nuclei = viewer.add_labels(truth, **instance_labels_kwargs("x nuclei"))
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Objects")
+    widget.class_layer.value = seg
+    assert widget.instance_layer.value is nuclei
+    widget.measure()
+    assert widget.summary.value.startswith(f"{len(np.unique(truth)) - 1} nuclei")
+
+
+def test_measure_runs_in_a_worker(objects, qtbot):
+    viewer, widget, image, truth, instances = objects
+    widget.class_layer.value, widget.instance_layer.value = truth, None
+    worker = widget.measure(threaded=True)
+    assert not widget.measure_button.enabled
+    with qtbot.waitSignal(worker.finished, timeout=30_000):
+        pass
+    qtbot.waitUntil(lambda: widget.objects is not None, timeout=5_000)
+    assert viewer.layers[-1].name == "CoNSeP H&E labels instances" or viewer.layers[-1].name.endswith("instances")
+    assert widget.measure_button.enabled and len(widget.table.value["data"]) == len(widget.objects["label"])
+
+
+def test_export_refuses_to_replace_unasked_and_says_where(objects, tmp_path, monkeypatch):
+    viewer, widget, image, truth, instances = objects
+    widget.class_layer.value, widget.instance_layer.value = truth, instances
+    widget.measure()
+    target = tmp_path / "objects.csv"
+    written = widget.export_csv(target)
+    assert written == target and str(target) in widget.summary.value
+    asked = []
+    monkeypatch.setattr(common, "confirm_replace", lambda path: asked.append(path) or False)
+    before = target.stat().st_mtime_ns
+    assert widget.export_csv(target) is None and asked == [str(target)]
+    assert target.stat().st_mtime_ns == before and "Nothing exported" in widget.summary.value
