@@ -184,3 +184,16 @@ def test_options_not_given_keep_the_settings_defaults():
     assert given.postprocess == PostprocessSettings(max_hole_size=7) and given.instances is None
     evaluate = build_parser().parse_args(["evaluate", "p", "g", "--min-size", "3"])
     assert _instance_settings(evaluate) == InstanceSettings(min_size=3)
+
+
+def test_predict_a_region_of_a_real_svs_slide(tmp_path, tiny_checkpoint, capsys):
+    """`medseg predict SLIDE --region` writes the slide's results; without a region it says what to add."""
+    slide = Path(__file__).resolve().parents[2] / "shared/data/slides/CMU-1-Small-Region.svs"
+    out = tmp_path / "out"
+    assert main(["predict", str(slide), "--out", str(out), "--model", str(tiny_checkpoint)]) == 2
+    assert "--region" in capsys.readouterr().err and not out.exists()
+    assert main(["predict", str(slide), "--region", "700,700,256,256", "--out", str(out),
+                 "--model", str(tiny_checkpoint), "--backend", "torch"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"CMU-1-Small-Region_labels.ome.tif", "CMU-1-Small-Region_nuclei.geojson",
+            "CMU-1-Small-Region_nuclei.csv"} <= names

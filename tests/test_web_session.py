@@ -152,3 +152,13 @@ def test_two_users_at_once_share_one_model_and_both_get_their_result(consep, mon
         t.join()
     assert not errors and len(loads) == 1
     assert {next(iter(r)) for r in results.values()} == {"train_19_005", "train_12_001"}
+
+
+def test_a_region_of_an_uploaded_slide_is_segmented_at_the_slide_pixel_size(store):
+    slide = Path(__file__).resolve().parents[2] / "shared/data/slides/CMU-1-Small-Region.svs"
+    with store.lock:
+        result = segment_upload(slide, store.get(DEFAULT_MODEL), region="700,700,384,256")
+        assert result.class_map.shape == (256, 384) and result.pixel_size_um == pytest.approx(0.499, abs=1e-3)
+        assert "area_um2" in result.table and len(result.table["label"]) > 5
+        with pytest.raises(MedsegError, match="not on the slide"):
+            segment_upload(slide, store.get(DEFAULT_MODEL), region="99999,0,10,10")

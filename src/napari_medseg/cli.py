@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -104,6 +106,25 @@ def _foreground_threshold(text: str) -> float | str:
     return value
 
 
+def _count(text: str) -> int:
+    """A whole number of at least 0 (pixels, tiles)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"takes a whole number of at least 0, not '{text}'")
+    return value
+
+
+def _positive(text: str) -> int:
+    """A whole number of at least 1."""
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"takes a whole number of at least 1, not '{text}'")
+    return value
+
+
 def _group_list(text: str) -> list[str]:
     """``--groups``: comma-separated source image names."""
     groups = [g.strip() for g in text.split(",") if g.strip()]
@@ -115,16 +136,57 @@ def _group_list(text: str) -> list[str]:
 def cmd_predict(args) -> int:
     from .inference.batch import predict_to_folder
 
+    from .io.slides import SLIDE_SUFFIXES
+
+    # vendor slides always take the slide path; a pyramidal TIFF does with --region / --whole-slide
+    # (without, it streams like any large image)
+    if args.region or args.whole_slide or any(Path(i).suffix.lower() in SLIDE_SUFFIXES for i in args.inputs):
+        return _predict_slides(args)
     files = _collect_inputs(args.inputs)
     out = Path(args.out)
     failures = 0
     for done in predict_to_folder(files, out, args.model, _batch_settings(args), device=args.device,
                                   source=f"medseg predict --model {args.model}",
-                                  progress_for=lambda i, n, file: ProgressLine(f"[{i}/{n}] {file.name}")):
+                                  progress_for=lambda i, n, file: ProgressLine(f"[{i}/{n}] {file.name}"),
+                                  backend=args.backend):
         failures += _print_prediction(done, with_instances=not args.no_instances)
     print(f"wrote {len(files) - failures} class map(s) to {out / 'labels'}"
           + ("" if args.no_instances else f" and instance map(s) to {out / 'instances'}"))
     return 1 if failures else 0
+
+
+def _predict_slides(args) -> int:
+    """Whole slides (or a region of each) into OUT: zarr pyramids, OME-TIFFs, GeoJSON, CSV."""
+    from .inference import Segmenter
+    from .inference.postprocess import PostprocessSettings
+    from .inference.regions import Region
+    from .inference.slide import predict_slide
+    from .io.outputs import check_not_input
+    from .io.slides import is_slide_path, open_slide
+
+    slides = [Path(i) for i in args.inputs]
+    not_slides = [str(s) for s in slides if not is_slide_path(s)]
+    if not_slides:
+        raise MedsegError(f"--region / --whole-slide take whole-slide files; not slides: {', '.join(not_slides)}.")
+    if not (args.region or args.whole_slide):
+        raise MedsegError("a whole slide needs --region X,Y,W,H (level-0 px) or --whole-slide.")
+    region = Region.parse(args.region) if args.region else None
+    out = Path(args.out)
+    check_not_input(out, slides, ())
+    segmenter = Segmenter.load(args.model, device=args.device, backend=args.backend)
+    if args.foreground_threshold is not None:
+        segmenter.foreground_threshold = None if args.foreground_threshold == "argmax" else args.foreground_threshold
+    for path in slides:
+        result = predict_slide(segmenter, open_slide(path), out, region, progress=ProgressLine(path.name),
+                               settings=_tile_settings(args), instance_settings=_instance_settings(args),
+                               postprocess=PostprocessSettings(**_given(args, CLEANUP_OPTIONS)),
+                               nuclei=not args.no_instances)
+        counts = ", ".join(f"{name} {n}" for name, n in result.counts.items())
+        print(f"{path.name}: region {result.region}, {100 * result.tissue_fraction:.0f}% tissue, "
+              f"{result.nuclei} nuclei ({counts})")
+        for kind, file in result.files.items():
+            print(f"  {kind}: {file}")
+    return 0
 
 
 def _print_prediction(done, with_instances: bool) -> bool:
@@ -228,12 +290,15 @@ class _TrainPrinter:
 
 
 def cmd_train(args) -> int:
+    from .training.checkpoints import check_fresh_run
     from .training.stages import load_train_stages, train_stages
 
     stages = load_train_stages(args.config, list(args.set or []), args.from_stage)
     if args.resume:
         # the resume file belongs to the first stage that runs; its config must match it
         stages[0].config.resume = args.resume
+    elif not args.overwrite:
+        check_fresh_run([Path(stage.config.out_dir) for stage in stages])
     printer = _TrainPrinter(stages)
     if stages[0].config.repeats > 1:  # a config without stages (stages refuse repeats)
         return _train_repeats(stages[0].config, printer)
@@ -266,7 +331,7 @@ def cmd_tune_threshold(args) -> int:
     from .evaluation.threshold import tune_checkpoint
 
     result = tune_checkpoint(args.model, args.data, args.out, groups=args.groups, all_images=args.all_images,
-                             tta=args.tta, device=args.device,
+                             tta=args.tta, device=args.device, overwrite=args.overwrite,
                              progress_for=lambda images: ProgressLine(f"tuning on {images} images"))
     print(f"foreground threshold {result['threshold']:.2f}: pooled nucleus Dice {result['nucleus_dice']:.4f} "
           f"(argmax {result['argmax_nucleus_dice']:.4f}) on {result['images']} images")
@@ -310,9 +375,9 @@ def _instance_options(parser) -> None:
 
     group = parser.add_argument_group("instances from class maps (watershed)")
     defaults = InstanceSettings()
-    group.add_argument("--min-distance", type=int,
+    group.add_argument("--min-distance", type=_count,
                        help=f"minimum distance between nucleus centres (px; default {defaults.min_distance})")
-    group.add_argument("--min-size", type=int, help=f"drop objects smaller than this (px; default {defaults.min_size})")
+    group.add_argument("--min-size", type=_count, help=f"drop objects smaller than this (px; default {defaults.min_size})")
 
 
 def _engine_options(p) -> None:
@@ -320,12 +385,15 @@ def _engine_options(p) -> None:
     from .inference.settings import BLENDS, TileSettings
 
     defaults = TileSettings()
-    p.add_argument("--tile", type=int,
+    p.add_argument("--tile", type=_positive,
                    help=f"tile size in px, a multiple of the model's stride (default {defaults.tile_size})")
-    p.add_argument("--overlap", type=int, help=f"px shared by neighbouring tiles (default {defaults.overlap})")
-    p.add_argument("--batch-size", type=int,
+    p.add_argument("--overlap", type=_count, help=f"px shared by neighbouring tiles (default {defaults.overlap})")
+    p.add_argument("--batch-size", type=_positive,
                    help=f"tiles per forward pass, halved on GPU out-of-memory (default {defaults.batch_size})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "openvino", "onnxruntime"),
+                   help="who runs the network on the CPU: auto picks the fastest installed runtime that matches "
+                        "PyTorch at load (CUDA always uses torch)")
     p.add_argument("--blend", choices=BLENDS, help=f"tile weight map (default {defaults.blend})")
     p.add_argument("--tta", action="store_true",
                    help="average over the 4 flips (4x slower; held-out nucleus Dice of the default 0.773 -> 0.786)")
@@ -342,11 +410,14 @@ def _add_predict(sub) -> None:
     p.add_argument("--model", default="default", help="'default' or a .safetensors checkpoint")
     p.add_argument("--out", required=True, help="output folder: OUT/labels/<stem>.tif")
     _engine_options(p)
-    p.add_argument("--min-object-size", type=int, help="drop predicted objects under this many px")
-    p.add_argument("--fill-holes", type=int, metavar="PX", help="fill holes up to this many px")
+    p.add_argument("--min-object-size", type=_count, help="drop predicted objects under this many px")
+    p.add_argument("--fill-holes", type=_count, metavar="PX", help="fill holes up to this many px")
     p.add_argument("--probabilities", action="store_true",
                    help="also write OUT/probabilities/<stem>.npy (float16, classes x H x W, memory-mapped)")
     p.add_argument("--no-instances", action="store_true", help="write class maps only")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--region", metavar="X,Y,W,H", help="whole slides: segment this region (level-0 px)")
+    where.add_argument("--whole-slide", action="store_true", help="whole slides: segment all of it (glass skipped)")
     p.add_argument("--foreground-threshold", metavar="T", type=_foreground_threshold,
                    help="nucleus probability above which a pixel is a nucleus (0-1), or 'argmax'; "
                         "default: the model's tuned threshold (medseg tune-threshold), argmax if it has none")
@@ -379,6 +450,8 @@ def _add_train(sub) -> None:
     p.add_argument("config")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. --set epochs=5")
     p.add_argument("--resume", metavar="RESUME.safetensors", help="continue a run exactly from its resume file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train into an out_dir that holds an earlier run's checkpoints, replacing them")
     p.add_argument("--from-stage", metavar="NAME",
                    help="configs with stages: start at this stage (the ones before it have written their checkpoints)")
     p.set_defaults(func=cmd_train)
@@ -392,6 +465,7 @@ def _add_tune_threshold(sub) -> None:
     p.add_argument("--groups", type=_group_list,
                    help="source images to tune on (comma-separated; default: the model's validation images)")
     p.add_argument("--all-images", action="store_true", help="tune on every image of the dataset")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never the input model)")
     p.add_argument("--tta", action="store_true", help="tune the probabilities averaged over 4 flips")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_tune_threshold)
@@ -438,14 +512,38 @@ def _os_error_message(exc: OSError) -> str:
     return f"{files}: {exc.strerror or exc}"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that every ``finally`` and temp-file cleanup runs."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one ``medseg`` command; returns its exit status. A ``MedsegError`` (a problem the user can
-    fix) or an ``OSError`` is printed as one line; anything else is a bug and keeps its traceback."""
+    fix) or an ``OSError`` is printed as one line; anything else is a bug and keeps its traceback.
+    Ctrl-C and SIGTERM end it cleanly: no temp file is left behind, nothing half-written is visible."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub download
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a bad argument: argparse has printed why
         return exc.code
+    # only where no one else handles SIGTERM (signals can be set in the main thread only)
+    handle = (threading.current_thread() is threading.main_thread()
+              and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None))
+    if handle:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run(args)
+    finally:
+        if handle:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run(args) -> int:
+    """``args.func(args)``, its errors as messages and exit statuses (see ``main``)."""
     try:
         return args.func(args)
     except MedsegError as exc:
@@ -454,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"medseg {args.command}: error: {_os_error_message(exc)}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"medseg {args.command}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"medseg {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -19,6 +19,9 @@ import numpy as np
 from ..io.dataset import write_classes
 from ..io.images import ImageReadError, file_stem, read_image, write_label_map
 from ..io.lazy import open_tiff_lazy, should_open_lazily
+from ..io.outputs import (
+    check_not_input, check_unique_stems, claim_classes, remove_stale_temps, reserve, temp_path, write_error,
+)
 from ..nuclei.watershed import InstanceSettings
 from ..steps import ProgressCallback
 from .forward import RunReport
@@ -27,6 +30,7 @@ from .segmenter import Segmenter
 from .settings import TileSettings
 
 ARGMAX = "argmax"  # a foreground threshold that means: no threshold, the likeliest class
+RESULT_FOLDERS = ("labels", "instances", "probabilities")  # what a prediction folder holds, beside classes.json
 
 
 @dataclass
@@ -64,22 +68,29 @@ def open_for_prediction(path: Path):
 def predict_to_folder(files: list[Path], out: str | Path, model: str | os.PathLike = "default",
                       settings: BatchSettings | None = None, device: str = "auto", source: str = "",
                       progress_for: Callable[[int, int, Path], ProgressCallback | None] | None = None,
-                      ) -> Iterator[FilePrediction]:
+                      backend: str = "auto") -> Iterator[FilePrediction]:
     """Generator: segments ``files`` one by one into ``out``, yielding a ``FilePrediction`` after each.
 
     The model loads (and the settings are checked against it) on the first step.
     ``progress_for(index, count, file)`` gives the tile progress callback of each file (1-based
     ``index``); ``source`` is recorded in ``classes.json``. A file that cannot be read is skipped
     (``FilePrediction.skipped``); any other error stops the run, leaving no partial file behind.
+    ``backend``: who runs the network (``inference.backends``; ``auto`` = the fastest that matches PyTorch).
+    ``out`` may not be an input's folder nor hold another model's results (``io.outputs``), and two
+    files may not share a stem.
     """
     settings = settings or BatchSettings()
-    segmenter = Segmenter.load(model, device=device)
+    out, files = Path(out), [Path(f) for f in files]
+    check_not_input(out, files, RESULT_FOLDERS)
+    check_unique_stems(files, file_stem)
+    segmenter = Segmenter.load(model, device=device, backend=backend)
     if settings.foreground_threshold is not None:
         threshold = settings.foreground_threshold
         segmenter.foreground_threshold = None if threshold == ARGMAX else float(threshold)
     settings.tiles.checked(segmenter.meta.model.output_stride)
-    out = Path(out)
-    write_classes(out, segmenter.classes, source=source)
+    if claim_classes(out, segmenter.classes, RESULT_FOLDERS):
+        write_classes(out, segmenter.classes, source=source)
+    remove_stale_temps(out, *(out / sub for sub in RESULT_FOLDERS))
     for index, file in enumerate(files, 1):
         progress = progress_for(index, len(files), file) if progress_for is not None else None
         yield predict_file(segmenter, file, out, settings, progress)
@@ -94,9 +105,26 @@ def predict_file(segmenter: Segmenter, file: Path, out: Path, settings: BatchSet
         labels, instances = _segment_into(segmenter, image, out, file_stem(result.file), settings, progress, result)
     except ImageReadError as exc:  # also raised mid-run by a lazily read file
         return FilePrediction(result.file, skipped=str(exc))
+    except Exception as exc:
+        if not _raised_by_reader(exc):
+            raise  # a bug: keeps its traceback
+        # a lazily read file whose header promises tiles its data lacks fails only when they are read
+        return FilePrediction(result.file, skipped=f"Cannot read '{result.file.name}': part of the file is corrupt "
+                                                   f"or truncated ({type(exc).__name__}: {exc}).")
     if instances is not None:
         result.instances = write_label_map(out / "instances" / f"{file_stem(result.file)}.tif", instances)
     return result
+
+
+READER_MODULES = ("/tifffile/", "/imagecodecs/", "imagecodecs/_", "/zarr/", "/numcodecs/")
+
+
+def _raised_by_reader(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside the TIFF readers (decoding a file's data), not by our code."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and any(part in tb.tb_frame.f_code.co_filename for part in READER_MODULES)
 
 
 def _segment_into(segmenter: Segmenter, image, out: Path, stem: str, settings: BatchSettings,
@@ -104,15 +132,11 @@ def _segment_into(segmenter: Segmenter, image, out: Path, stem: str, settings: B
     """Segments ``image``, writes its class map (and probabilities), fills in ``result``;
     returns ``(class map, instances or None)``."""
     probs = tmp = None
-    if settings.probabilities:
-        result.probabilities = out / "probabilities" / f"{stem}.npy"
-        result.probabilities.parent.mkdir(parents=True, exist_ok=True)
-        # written under a hidden name and renamed when complete: never a half-written .npy
-        tmp = result.probabilities.with_name(f".{result.probabilities.name}.{os.getpid()}.part")
-        height, width = image.shape[:2]  # readers hand over (H, W[, C])
-        probs = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
-                                          shape=(len(segmenter.classes), height, width))
     try:
+        if settings.probabilities:
+            result.probabilities = out / "probabilities" / f"{stem}.npy"
+            tmp = temp_path(result.probabilities)  # renamed when complete: never a half-written .npy
+            probs = _probability_file(tmp, result.probabilities, (len(segmenter.classes), *image.shape[:2]))
         if settings.instances is None:
             labels, instances = segmenter.segment(image, settings.tiles, progress, postprocess=settings.postprocess,
                                                   probabilities_out=probs), None
@@ -129,7 +153,23 @@ def _segment_into(segmenter: Segmenter, image, out: Path, stem: str, settings: B
             os.replace(tmp, result.probabilities)
     finally:
         # a failed or interrupted run leaves no hidden partial probability file behind
-        if probs is not None:
-            probs = None
+        probs = None
+        if tmp is not None:
             tmp.unlink(missing_ok=True)
     return labels, instances
+
+
+def _probability_file(tmp: Path, target: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A float16 .npy memory map at ``tmp`` with all its bytes allocated on disk now: a disk that
+    fills later would otherwise kill the process (SIGBUS) when a page is written."""
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        probs = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+    except OSError as exc:
+        raise write_error(target, exc) from None
+    fd = os.open(tmp, os.O_RDWR)
+    try:
+        reserve(fd, target, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    return probs

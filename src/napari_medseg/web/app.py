@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from ..errors import MedsegError
+from ..io.slides import SLIDE_SUFFIXES
 from . import render
 from .session import (DEFAULT_MODEL, METRIC_HEADERS, ModelStore, compare_upload, metrics_rows, nucleus_summary,
                       segment_uploads)
@@ -57,8 +58,9 @@ def _view(results: dict, name: str | None, opacity: float):
 
 def _inputs_column(store: ModelStore) -> SimpleNamespace:
     ui = SimpleNamespace()
-    ui.files = gr.File(label="Images (PNG, JPEG, TIFF)", file_count="multiple",
-                       file_types=[".png", ".jpg", ".jpeg", ".tif", ".tiff"], elem_id="images")
+    ui.files = gr.File(label="Images (PNG, JPEG, TIFF) or small whole slides (SVS, NDPI, ...)", file_count="multiple",
+                       file_types=[".png", ".jpg", ".jpeg", ".tif", ".tiff", *SLIDE_SUFFIXES], elem_id="images")
+    ui.region = gr.Textbox(label="slide region x,y,w,h (level-0 px; empty = the whole slide)", elem_id="region")
     ui.sample = gr.Dropdown(list(SAMPLE_FILES), value=None, label="or a shipped sample", elem_id="sample")
     ui.model = gr.Dropdown(store.names(), value=DEFAULT_MODEL, label="model", elem_id="model")
     ui.pixel_size = gr.Number(value=None, label="pixel size (µm/px, for areas in µm²; 0 = unknown)", minimum=0,
@@ -99,9 +101,10 @@ def _pick_sample(choice):
 
 def _run(store: ModelStore):
     @_user_errors
-    def run(files_in, model_name, px, thr, flips, opacity, progress=gr.Progress()):
+    def run(files_in, model_name, px, thr, flips, opacity, region, progress=gr.Progress()):
         done = segment_uploads(store, model_name, _upload_paths(files_in), thr or None, flips, px or None,
-                               lambda label: lambda d, t: progress((d, t), desc=label, unit="steps"))
+                               lambda label: lambda d, t: progress((d, t), desc=label, unit="steps"),
+                               region.strip() or None)
         first = next(iter(done))
         found = sum(len(r.table["label"]) for r in done.values())
         message = f"Segmented {len(done)} image(s): {found} nuclei."
@@ -138,7 +141,7 @@ def build_app(store: ModelStore) -> gr.Blocks:
                 _results_column(ui)
         view = [ui.overlay, ui.legend, ui.counts, ui.downloads]
         ui.sample.change(_pick_sample, ui.sample, ui.files)
-        ui.segment.click(_run(store), [ui.files, ui.model, ui.pixel_size, ui.threshold, ui.tta, ui.opacity],
+        ui.segment.click(_run(store), [ui.files, ui.model, ui.pixel_size, ui.threshold, ui.tta, ui.opacity, ui.region],
                          [results, ui.shown, *view, ui.status, ui.metrics, ui.note, ui.errors], concurrency_limit=1)
         ui.shown.change(_view, [results, ui.shown, ui.opacity], view)
         ui.opacity.release(_view, [results, ui.shown, ui.opacity], view)

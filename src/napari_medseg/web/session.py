@@ -18,8 +18,10 @@ from ..errors import MedsegError
 from ..evaluation.error_maps import error_map
 from ..evaluation.ground_truth import compare_to_ground_truth, ground_truth_from_label_map
 from ..inference import Segmenter, TileSettings
+from ..inference.regions import Region, whole_slide
 from ..io.geojson import write_geojson
 from ..io.images import file_stem, read_image, read_label_map, to_rgb_float, write_label_map
+from ..io.slides import is_slide_path, open_slide
 from ..io.tables import write_csv
 from ..models import read_meta
 from ..nuclei.measure import object_table
@@ -93,8 +95,20 @@ def display_rgb(image: np.ndarray) -> np.ndarray:
     return np.round(to_rgb_float(image, 3) * 255).astype(np.uint8)
 
 
-def read_upload(path: str | Path) -> np.ndarray:
-    image = read_image(path)  # clear messages for unreadable files, NaN, stacks, odd shapes
+def read_upload(path: str | Path, region: str | None = None) -> tuple[np.ndarray, float | None]:
+    """``(image, its pixel size in µm or None)``: an image file, or a region of a whole slide
+    (``"x,y,w,h"`` in level-0 px; a small slide may be taken whole)."""
+    if is_slide_path(path):
+        slide = open_slide(path)
+        area = Region.parse(region).checked(slide.shape) if region else whole_slide(slide)
+        if area.width * area.height > MAX_PIXELS:
+            raise WebInputError(f"'{Path(path).name}' is {slide.shape[1]}x{slide.shape[0]} px: give a region "
+                                f"x,y,w,h (level-0 px) of at most {MAX_PIXELS / 1e6:.0f} Mpx.")
+        return _checked_size(np.asarray(slide.levels[0][area.slices]), path), slide.pixel_size_um
+    return _checked_size(read_image(path), path), None  # clear messages for unreadable files, NaN, odd shapes
+
+
+def _checked_size(image: np.ndarray, path) -> np.ndarray:
     if image.shape[0] * image.shape[1] > MAX_PIXELS:
         raise WebInputError(f"'{Path(path).name}' has {image.shape[0]}x{image.shape[1]} pixels; the browser front "
                             f"takes images up to {MAX_PIXELS / 1e6:.0f} Mpx. Use `medseg predict` for larger ones.")
@@ -102,9 +116,11 @@ def read_upload(path: str | Path) -> np.ndarray:
 
 
 def segment_upload(path: str | Path, segmenter: Segmenter, threshold: float | None = None, tta: bool = False,
-                   pixel_size_um: float | None = None, progress=None) -> ImageResult:
-    """Segment one uploaded file into classes and nuclei and write its downloads."""
-    image = read_upload(path)
+                   pixel_size_um: float | None = None, progress=None, region: str | None = None) -> ImageResult:
+    """Segment one uploaded file (or a region of an uploaded slide) into classes and nuclei and
+    write its downloads; a slide's own pixel size serves where none is given."""
+    image, own_pixel_size = read_upload(path, region)
+    pixel_size_um = pixel_size_um or own_pixel_size
     segmenter.foreground_threshold = threshold or segmenter.meta.foreground_threshold
     class_map, instances = segmenter.segment_nuclei(image, TileSettings(tta=tta), progress)
     votes = instance_classes(instances, class_map)
@@ -123,7 +139,8 @@ def segment_upload(path: str | Path, segmenter: Segmenter, threshold: float | No
 
 
 def segment_uploads(store: ModelStore, model_name: str, paths: list[str], threshold: float | None = None,
-                    tta: bool = False, pixel_size_um: float | None = None, progress_for=None) -> dict[str, ImageResult]:
+                    tta: bool = False, pixel_size_um: float | None = None, progress_for=None,
+                    region: str | None = None) -> dict[str, ImageResult]:
     """Every upload through one model, one run at a time (``store.lock``); ``progress_for(label)``
     gives each file its ``(done, total)`` callback."""
     if not paths:
@@ -133,7 +150,7 @@ def segment_uploads(store: ModelStore, model_name: str, paths: list[str], thresh
         segmenter = store.get(model_name)
         for i, path in enumerate(paths, 1):
             progress = None if progress_for is None else progress_for(f"[{i}/{len(paths)}] {Path(path).name}")
-            result = segment_upload(path, segmenter, threshold, tta, pixel_size_um, progress)
+            result = segment_upload(path, segmenter, threshold, tta, pixel_size_um, progress, region)
             results[result.name] = result
     return results
 
