@@ -31,6 +31,18 @@ def build_demo(viewer, model: str = "default") -> tuple[SegmentWidget, MetricsWi
     return segment, metrics
 
 
+def _give_metrics_room(viewer) -> None:
+    """Segment's dock as tall as its controls, the rest of the column for the metrics table."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QDockWidget
+
+    window = viewer.window._qt_window
+    docks = {d.windowTitle(): d for d in window.findChildren(QDockWidget)}
+    segment, metrics = docks.get("Segment (napari-medseg)"), docks.get("Metrics (napari-medseg)")
+    if segment is not None and metrics is not None:
+        window.resizeDocks([segment, metrics], [360, 600], Qt.Orientation.Vertical)
+
+
 def run_demo(model: str = "default", show: bool = True, screenshot: str | None = None) -> None:
     import napari
 
@@ -39,11 +51,16 @@ def run_demo(model: str = "default", show: bool = True, screenshot: str | None =
     if metrics.result is not None:
         print(metrics.summary.value)
     if screenshot:
-        # lay the window out at a readable size (docks included) before grabbing it
-        viewer.window.resize(1600, 1000)
-        viewer.window.show()
+        # lay the window out at a readable size (docks included) before grabbing it: shown first,
+        # since showing a window may give it back its saved or minimum geometry
         from qtpy.QtWidgets import QApplication
 
+        viewer.window.show()
+        QApplication.processEvents()
+        viewer.window._qt_window.resize(1600, 1000)
+        _give_metrics_room(viewer)
+        QApplication.processEvents()
+        viewer.reset_view()
         QApplication.processEvents()
         viewer.screenshot(screenshot, canvas_only=False)
         print(f"wrote {screenshot}")
