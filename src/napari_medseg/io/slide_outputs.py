@@ -18,6 +18,7 @@ import numpy as np
 
 from .geojson import instances_to_geojson
 from .outputs import temp_path, write_error
+from .tables import csv_row
 
 CHUNK = 1024
 PYRAMID_MIN_SIDE = 512  # the coarsest level is the first whose longer side is at most this
@@ -108,7 +109,25 @@ def _tiles(array, tile: int):
             yield np.pad(part, ((0, tile - part.shape[0]), (0, tile - part.shape[1])))
 
 
-class GeoJSONStream:
+class _StreamedFile:
+    """A file written piece by piece under a hidden temp name, renamed when complete."""
+
+    def close(self) -> Path:
+        self._finish()
+        self._file.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the half-written file (a cancelled run leaves nothing behind)."""
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def _finish(self) -> None:
+        """What the file needs at its end."""
+
+
+class GeoJSONStream(_StreamedFile):
     """A QuPath GeoJSON FeatureCollection written nucleus block by nucleus block, in slide
     coordinates (level-0 px): each block's outlines shifted by its offset and scaled by ``scale``."""
 
@@ -130,19 +149,11 @@ class GeoJSONStream:
             self._first = False
         self.count += len(features)
 
-    def close(self) -> Path:
+    def _finish(self) -> None:
         self._file.write("\n]}\n")
-        self._file.close()
-        os.replace(self._tmp, self.path)
-        return self.path
-
-    def abort(self) -> None:
-        """Drop the half-written file (a cancelled run leaves nothing behind)."""
-        self._file.close()
-        self._tmp.unlink(missing_ok=True)
 
 
-class CSVStream:
+class CSVStream(_StreamedFile):
     """Rows of a table (dict of equal-length columns) appended block by block, formatted as ``tables.write_csv``."""
 
     def __init__(self, path: str | os.PathLike):
@@ -156,17 +167,8 @@ class CSVStream:
             self._names = list(columns)
             self._writer.writerow(self._names)
         for row in zip(*(columns[n] for n in self._names)):
-            self._writer.writerow([f"{v:.6g}" if isinstance(v, (float, np.floating)) else v for v in row])
+            self._writer.writerow(csv_row(row))
             self.count += 1
-
-    def close(self) -> Path:
-        self._file.close()
-        os.replace(self._tmp, self.path)
-        return self.path
-
-    def abort(self) -> None:
-        self._file.close()
-        self._tmp.unlink(missing_ok=True)
 
 
 def _open_for_writing(path: Path, tmp: Path, **kwargs):

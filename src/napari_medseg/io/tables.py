@@ -11,6 +11,11 @@ import numpy as np
 from .images import atomic_write
 
 
+def csv_row(values) -> list:
+    """One CSV row: floats to 6 significant digits, anything else as it is."""
+    return [f"{v:.6g}" if isinstance(v, (float, np.floating)) else v for v in values]
+
+
 def write_csv(path: str | Path, columns: dict[str, np.ndarray]) -> Path:
     """Write columns as CSV atomically (temp file, then rename)."""
     buffer = _io.StringIO()
@@ -18,7 +23,7 @@ def write_csv(path: str | Path, columns: dict[str, np.ndarray]) -> Path:
     names = list(columns)
     writer.writerow(names)
     for row in zip(*(columns[n] for n in names)):
-        writer.writerow([f"{v:.6g}" if isinstance(v, (float, np.floating)) else v for v in row])
+        writer.writerow(csv_row(row))
     path = Path(path)
     atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
     return path
