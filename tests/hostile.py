@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 
 def medseg(*args, process: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -113,3 +114,14 @@ def rewrite_checkpoint(source: Path, target: Path, meta_change=None, tensor_chan
         tensor_change(tensors)
     save_file(tensors, str(target), metadata=header)
     return target
+
+
+# The fixtures every hostile-input module uses (imported there by name, so pytest finds them).
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return tiny_dataset(tmp_path / "data")

@@ -9,17 +9,7 @@ import math
 
 import pytest
 import torch
-from hostile import assert_refused, medseg, rewrite_checkpoint, tiny_dataset, tiny_model, tree
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("model") / "tiny.safetensors")
-
-
-@pytest.fixture
-def dataset(tmp_path):
-    return tiny_dataset(tmp_path / "data")
+from hostile import assert_refused, dataset, medseg, model, rewrite_checkpoint, tiny_dataset, tiny_model, tree  # noqa: F401 (fixtures)
 
 
 def _set(key, value):

@@ -8,17 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
-from hostile import assert_refused, medseg, tiny_dataset, tiny_model, tree
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("model") / "tiny.safetensors")
-
-
-@pytest.fixture
-def dataset(tmp_path):
-    return tiny_dataset(tmp_path / "data")
+from hostile import assert_refused, dataset, medseg, model, tiny_dataset, tiny_model, tree  # noqa: F401 (fixtures)
 
 
 def _truncated_tiff(path, shape=(256, 256, 3)):

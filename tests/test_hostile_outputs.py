@@ -14,17 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from hostile import assert_refused, medseg, no_temp_files, tiny_dataset, tiny_model, tree
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("model") / "tiny.safetensors")
-
-
-@pytest.fixture
-def dataset(tmp_path):
-    return tiny_dataset(tmp_path / "data")
+from hostile import assert_refused, dataset, medseg, model, no_temp_files, tiny_dataset, tiny_model, tree  # noqa: F401 (fixtures)
 
 
 def test_predict_into_its_own_dataset_is_refused_and_the_labels_are_kept(dataset, model):  # was LOSS
