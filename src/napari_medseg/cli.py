@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import MedsegError
@@ -88,7 +89,25 @@ def _batch_settings(args):
 
     return BatchSettings(_tile_settings(args), PostprocessSettings(**_given(args, CLEANUP_OPTIONS)),
                          None if args.no_instances else _instance_settings(args),
-                         probabilities=args.probabilities, foreground_threshold=args.foreground_threshold)
+                         probabilities=args.probabilities, foreground_threshold=args.foreground_threshold,
+                         pixel_size_um=args.pixel_size if args.pixel_size != NO_PIXEL_SIZE else None,
+                         use_file_pixel_size=args.pixel_size != NO_PIXEL_SIZE)
+
+
+NO_PIXEL_SIZE = "none"  # --pixel-size none: take every image at the model's pixel size
+
+
+def _pixel_size(text: str) -> float | str:
+    """``--pixel-size``: µm per pixel above 0, or 'none'."""
+    if text == NO_PIXEL_SIZE:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected µm per pixel above 0 (e.g. 0.5 for 20x), or 'none'; got {text!r}")
+    return value
 
 
 def _foreground_threshold(text: str) -> float | str:
@@ -176,8 +195,14 @@ def _predict_slides(args) -> int:
     segmenter = Segmenter.load(args.model, device=args.device, backend=args.backend)
     if args.foreground_threshold is not None:
         segmenter.foreground_threshold = None if args.foreground_threshold == "argmax" else args.foreground_threshold
+    if args.pixel_size == NO_PIXEL_SIZE:
+        raise MedsegError("--pixel-size none: slides are segmented at the pixel size they record; to override it "
+                          "give a number (e.g. --pixel-size 0.25).")
     for path in slides:
-        result = predict_slide(segmenter, open_slide(path), out, region, progress=ProgressLine(path.name),
+        slide = open_slide(path)
+        if args.pixel_size is not None:
+            slide = replace(slide, pixel_size_um=args.pixel_size)
+        result = predict_slide(segmenter, slide, out, region, progress=ProgressLine(path.name),
                                settings=_tile_settings(args), instance_settings=_instance_settings(args),
                                postprocess=PostprocessSettings(**_given(args, CLEANUP_OPTIONS)),
                                nuclei=not args.no_instances)
@@ -415,6 +440,10 @@ def _add_predict(sub) -> None:
     p.add_argument("--probabilities", action="store_true",
                    help="also write OUT/probabilities/<stem>.npy (float16, classes x H x W, memory-mapped)")
     p.add_argument("--no-instances", action="store_true", help="write class maps only")
+    p.add_argument("--pixel-size", type=_pixel_size, metavar="UM",
+                   help="µm per pixel of the inputs (e.g. 0.5 for 20x): images are resampled to the model's pixel "
+                        "size and results mapped back; default: what each file records (slides, OME-TIFF, "
+                        "TIFF resolution), else none; 'none': ignore recorded sizes")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--region", metavar="X,Y,W,H", help="whole slides: segment this region (level-0 px)")
     where.add_argument("--whole-slide", action="store_true", help="whole slides: segment all of it (glass skipped)")

@@ -47,6 +47,18 @@ def offset_steps(steps: Steps, before: int, after: int):
         yield before + done, before + total + after
 
 
+def part_steps(steps: Steps, index: int, part: int, total: int):
+    """Generator: ``steps`` re-reported as part ``index`` of a job cut into equal parts of ``part``
+    units each (``total`` in all), e.g. one block of a slide; returns its value. The part's own
+    total may be known only once it reports, so it is rescaled to ``part`` units."""
+    while True:
+        try:
+            done, count = next(steps)
+        except StopIteration as finished:
+            return finished.value
+        yield index * part + (part - 1) * done // max(count, 1), total
+
+
 def chain(first: Steps, second_total: int, then: Callable[[object], Steps]):
     """Generator: ``first``, then ``then(first's result)`` (which takes ``second_total`` steps), on
     one progress scale; returns both results. ``first``'s total is known only once it reports."""

@@ -19,6 +19,7 @@ import numpy as np
 from ..io.dataset import write_classes
 from ..io.images import ImageReadError, file_stem, read_image, write_label_map
 from ..io.lazy import open_tiff_lazy, should_open_lazily
+from ..io.pixel_size import file_pixel_size_um
 from ..io.outputs import (
     check_not_input, check_unique_stems, claim_classes, remove_stale_temps, reserve, temp_path, write_error,
 )
@@ -43,6 +44,9 @@ class BatchSettings:
     probabilities: bool = False
     # None: the model's tuned threshold (argmax if it has none); ARGMAX; or a probability in (0, 1)
     foreground_threshold: float | str | None = None
+    # µm/px of every input (resampled to the model's pixel size); None: each file's own, if it records one
+    pixel_size_um: float | None = None
+    use_file_pixel_size: bool = True  # False: images are taken at the model's pixel size, whatever they record
 
 
 @dataclass
@@ -55,6 +59,7 @@ class FilePrediction:
     instances: Path | None = None  # None also when the image is too large for instances
     probabilities: Path | None = None
     shape: tuple[int, int] | None = None
+    pixel_size_um: float | None = None  # the pixel size the file was segmented at (None: taken as the model's)
     report: RunReport = field(default_factory=RunReport)
 
 
@@ -102,6 +107,8 @@ def predict_file(segmenter: Segmenter, file: Path, out: Path, settings: BatchSet
     result = FilePrediction(Path(file))
     try:
         image = open_for_prediction(result.file)
+        result.pixel_size_um = settings.pixel_size_um or (
+            file_pixel_size_um(result.file) if settings.use_file_pixel_size else None)
         labels, instances = _segment_into(segmenter, image, out, file_stem(result.file), settings, progress, result)
     except ImageReadError as exc:  # also raised mid-run by a lazily read file
         return FilePrediction(result.file, skipped=str(exc))
@@ -139,12 +146,12 @@ def _segment_into(segmenter: Segmenter, image, out: Path, stem: str, settings: B
             probs = _probability_file(tmp, result.probabilities, (len(segmenter.classes), *image.shape[:2]))
         if settings.instances is None:
             labels, instances = segmenter.segment(image, settings.tiles, progress, postprocess=settings.postprocess,
-                                                  probabilities_out=probs), None
+                                                  probabilities_out=probs, pixel_size_um=result.pixel_size_um), None
         else:  # nuclei seeded by the model's distance head where it has one
             labels, instances = segmenter.segment_nuclei(image, settings.tiles, progress,
                                                          postprocess=settings.postprocess,
                                                          instance_settings=settings.instances,
-                                                         probabilities_out=probs)
+                                                         probabilities_out=probs, pixel_size_um=result.pixel_size_um)
         result.report, result.shape = segmenter.last_report, labels.shape
         result.labels = write_label_map(out / "labels" / f"{stem}.tif", labels)  # tiled + compressed when large
         if probs is not None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import MedsegError
+from ..steps import part_steps
 from .postprocess import PostprocessSettings
 from .settings import TileSettings
 
@@ -133,6 +134,7 @@ def iter_segment_region(segmenter, slide, region: Region | None = None, out=None
     zeros where nothing is written; ``distance_out`` only for models with a distance head.
     ``tissue``: a mask from ``find_tissue`` (found here if None); blocks without tissue are skipped.
     ``postprocess`` (small objects, holes) applies per block, as ``Segmenter.iter_segment`` does.
+    Blocks are resampled to the model's pixel size where the slide's differs (``rescale``).
     """
     region = (region or whole_slide(slide)).checked(slide.shape)
     if out is None or tuple(out.shape) != slide.shape:
@@ -144,8 +146,9 @@ def iter_segment_region(segmenter, slide, region: Region | None = None, out=None
         window = _window(slide.shape, region, (y0, y1, x0, x1), halo)
         pixels = np.asarray(slide.levels[0][window[0]:window[1], window[2]:window[3]])
         local_distance = np.zeros(pixels.shape[:2], np.float32) if distance_out is not None else None
-        steps = segmenter.iter_segment(pixels, settings, postprocess, distance_out=local_distance)
-        labels = yield from _scaled(steps, index, total)
+        steps = segmenter.iter_segment(pixels, settings, postprocess, distance_out=local_distance,
+                                       pixel_size_um=slide.pixel_size_um)  # at the model's pixel size
+        labels = yield from part_steps(steps, index, PROGRESS_PER_BLOCK, total)
         core = (slice(y0 - window[0], y1 - window[0]), slice(x0 - window[2], x1 - window[2]))
         out[y0:y1, x0:x1] = labels[core]
         if distance_out is not None:
@@ -161,12 +164,3 @@ def _window(shape, region: Region, block: tuple[int, int, int, int], halo: int) 
     return (max(region.y, y0 - halo), min(region.y + region.height, y1 + halo),
             max(region.x, x0 - halo), min(region.x + region.width, x1 + halo))
 
-
-def _scaled(steps, index: int, total: int):
-    """A block's tile steps on the region's scale: block ``index`` spans ``PROGRESS_PER_BLOCK`` units."""
-    while True:
-        try:
-            done, count = next(steps)
-        except StopIteration as finished:
-            return finished.value
-        yield index * PROGRESS_PER_BLOCK + (PROGRESS_PER_BLOCK - 1) * done // max(count, 1), total

@@ -15,6 +15,7 @@ from ..nuclei.watershed import INSTANCE_MAX_PIXELS, INSTANCE_STEPS, InstanceSett
 from ..steps import chain, run_steps
 from .blend import classify
 from .postprocess import PostprocessSettings, postprocess_class_map
+from .rescale import settings_at_image_scale
 from .segmenter import Segmenter
 from .settings import TileSettings
 from .source import ImageSource
@@ -35,16 +36,18 @@ class Thresholds:
 @dataclass
 class KeptRun:
     """A network run's outputs: probabilities ``(C, H, W)``, the distance map (or ``None`` for
-    models without a distance head) and the clean-up that follows the threshold."""
+    models without a distance head) and the clean-up that follows the threshold. Sizes in the
+    settings are model pixels; ``scale`` (model pixels per image pixel) converts them."""
 
     probabilities: np.ndarray
     distance: np.ndarray | None
     postprocess: PostprocessSettings
     instance_settings: InstanceSettings
+    scale: float = 1.0
 
     def class_map(self, thresholds: Thresholds) -> np.ndarray:
         labels = classify(self.probabilities, thresholds.nucleus).astype(np.uint8)
-        return postprocess_class_map(labels, self.postprocess)
+        return postprocess_class_map(labels, settings_at_image_scale(self.scale, self.postprocess)[0])
 
     def iter_result(self, thresholds: Thresholds, nuclei: bool = True):
         """Generator: yields ``(step, INSTANCE_STEPS)``; returns ``(class map, instances or None)``."""
@@ -52,6 +55,7 @@ class KeptRun:
         if not nuclei:
             return labels, None
         settings = replace(self.instance_settings, marker_threshold=thresholds.marker, min_size=thresholds.min_size)
+        settings = settings_at_image_scale(self.scale, None, settings)[1]
         instances = yield from iter_semantic_to_instances(labels, settings, self.distance)
         return labels, instances
 
@@ -61,9 +65,11 @@ class KeptRun:
 
 def iter_segment_keeping(segmenter: Segmenter, image, settings: TileSettings | None = None,
                          postprocess: PostprocessSettings | None = None,
-                         instance_settings: InstanceSettings | None = None, nuclei: bool = True):
+                         instance_settings: InstanceSettings | None = None, nuclei: bool = True,
+                         pixel_size_um: float | None = None):
     """Generator like ``Segmenter.iter_segment_nuclei`` (tiles, then the watershed's steps);
-    returns ``(class map, instances or None, KeptRun or None)``.
+    returns ``(class map, instances or None, KeptRun or None)``. ``pixel_size_um``: the image's, if
+    known (the network then sees it at the model's pixel size; results are on the image's grid).
 
     The run is kept when the image is small enough (``KEEP_MAX_PIXELS``); nuclei are made up to
     ``INSTANCE_MAX_PIXELS``. The class map is the segmenter's own (its threshold, then clean-up).
@@ -74,17 +80,20 @@ def iter_segment_keeping(segmenter: Segmenter, image, settings: TileSettings | N
     height, width, image = source.height, source.width, source
     if height * width > KEEP_MAX_PIXELS:
         if not nuclei:
-            labels = yield from segmenter.iter_segment(image, settings, postprocess)
+            labels = yield from segmenter.iter_segment(image, settings, postprocess, pixel_size_um=pixel_size_um)
             return labels, None, None
-        labels, instances = yield from segmenter.iter_segment_nuclei(image, settings, postprocess, instance_settings)
+        labels, instances = yield from segmenter.iter_segment_nuclei(image, settings, postprocess, instance_settings,
+                                                                     pixel_size_um=pixel_size_um)
         return labels, instances, None
     probabilities = np.zeros((len(segmenter.classes), height, width), np.float32)
     distance = np.zeros((height, width), np.float32) if segmenter.has_distance_head else None
-    kept = KeptRun(probabilities, distance, postprocess, instance_settings)
-    tiles = segmenter.iter_segment(image, settings, postprocess, probabilities_out=probabilities, distance_out=distance)
+    kept = KeptRun(probabilities, distance, postprocess, instance_settings, segmenter.scale_for(pixel_size_um))
+    tiles = segmenter.iter_segment(image, settings, postprocess, probabilities_out=probabilities, distance_out=distance,
+                                   pixel_size_um=pixel_size_um)
     if not nuclei or height * width > INSTANCE_MAX_PIXELS:
         labels = yield from tiles
         return labels, None, kept
+    image_settings = settings_at_image_scale(kept.scale, None, instance_settings)[1]
     labels, instances = yield from chain(
-        tiles, INSTANCE_STEPS, lambda labels: iter_semantic_to_instances(labels, instance_settings, distance))
+        tiles, INSTANCE_STEPS, lambda labels: iter_semantic_to_instances(labels, image_settings, distance))
     return labels, instances, kept

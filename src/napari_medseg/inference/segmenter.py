@@ -28,6 +28,7 @@ from .backends import Backend, choose_backend, torch_backend
 from .blend import iter_blend
 from .forward import RunReport
 from .postprocess import PostprocessSettings, postprocess_class_map
+from .rescale import iter_segment_rescaled, model_scale, settings_at_image_scale
 from .settings import InferenceSettingsError, TileSettings
 from .source import ImageSource
 
@@ -113,13 +114,15 @@ class Segmenter:
 
     def iter_segment(self, image, settings: TileSettings | None = None,
                      postprocess: PostprocessSettings | None = None, out=None, probabilities_out=None,
-                     distance_out=None):
+                     distance_out=None, pixel_size_um: float | None = None):
         """Generator: yields ``(done, total)`` tiles, returns the class map (uint8 ``(H, W)``).
 
         ``image``: numpy or lazy array (see ``ImageSource``), or an ``ImageSource``; ``out``/``probabilities_out``:
         optional writable arrays for the class map ``(H, W)`` and probabilities ``(C, H, W)``;
         ``distance_out``: ``(H, W)`` array for the predicted nucleus distance map (models with a
-        distance head only).
+        distance head only). ``pixel_size_um``: the image's µm/px, if known; where it differs from
+        the model's, the network sees the image resampled to the model's pixel size (``rescale``)
+        and every output is on the image's own grid. ``postprocess`` sizes are model pixels.
         """
         settings = (settings or TileSettings()).checked(self.meta.model.output_stride)
         source = image if isinstance(image, ImageSource) else ImageSource(image, self.meta.model.in_channels)
@@ -138,14 +141,25 @@ class Segmenter:
                     f"Distance array {tuple(distance_out.shape)} does not match the image {(source.height, source.width)}.")
         self.last_report = self._new_report()
         self.model.to(self.device)  # back from ``release``, if it was released
-        runner = self.model if self.backend.name == "torch" else self.backend
-        labels = yield from iter_blend(runner, source, n, settings, self.device, self._normaliser(),
-                                       out=out, probabilities_out=probabilities_out, report=self.last_report,
-                                       distance_head=self.has_distance_head, distance_out=distance_out,
-                                       foreground_threshold=self.foreground_threshold)
+        factor = self.scale_for(pixel_size_um)
+        if factor != 1.0:
+            out = out if out is not None else np.zeros((source.height, source.width), np.uint8)
+            labels = yield from iter_segment_rescaled(self, source, factor, settings, out, probabilities_out,
+                                                      distance_out)
+            postprocess, _ = settings_at_image_scale(factor, postprocess)
+        else:
+            runner = self.model if self.backend.name == "torch" else self.backend
+            labels = yield from iter_blend(runner, source, n, settings, self.device, self._normaliser(),
+                                           out=out, probabilities_out=probabilities_out, report=self.last_report,
+                                           distance_head=self.has_distance_head, distance_out=distance_out,
+                                           foreground_threshold=self.foreground_threshold)
         if postprocess is not None and postprocess.active:
             postprocess_class_map(labels, postprocess)
         return labels
+
+    def scale_for(self, pixel_size_um: float | None) -> float:
+        """Model pixels per pixel of an image of ``pixel_size_um`` µm/px (1.0: the image is used as it is)."""
+        return model_scale(pixel_size_um, self.meta.pixel_size_um)
 
     def iter_probabilities(self, image, settings: TileSettings | None = None):
         """Generator: yields ``(done, total)`` tiles, returns float32 probabilities ``(C, H, W)`` in memory."""
@@ -160,13 +174,15 @@ class Segmenter:
 
     def segment(self, image, settings: TileSettings | None = None,
                 progress: ProgressCallback | None = None, should_cancel: CancelCheck | None = None,
-                postprocess: PostprocessSettings | None = None, out=None, probabilities_out=None, distance_out=None):
-        return run_steps(self.iter_segment(image, settings, postprocess, out, probabilities_out, distance_out),
-                         progress, should_cancel)
+                postprocess: PostprocessSettings | None = None, out=None, probabilities_out=None, distance_out=None,
+                pixel_size_um: float | None = None):
+        return run_steps(self.iter_segment(image, settings, postprocess, out, probabilities_out, distance_out,
+                                           pixel_size_um), progress, should_cancel)
 
     def iter_segment_nuclei(self, image, settings: TileSettings | None = None,
                             postprocess: PostprocessSettings | None = None,
-                            instance_settings: InstanceSettings | None = None, probabilities_out=None):
+                            instance_settings: InstanceSettings | None = None, probabilities_out=None,
+                            pixel_size_um: float | None = None):
         """Generator like ``iter_segment``; returns ``(class map, instances)``, int32 nucleus ids.
 
         Yields ``(done, total)`` over the tiles and then the watershed's ``INSTANCE_STEPS``
@@ -175,12 +191,15 @@ class Segmenter:
         Instances are seeded from the model's distance map where it has a distance head,
         from the distance transform of its class map otherwise (``semantic_to_instances``).
         Above ``INSTANCE_MAX_PIXELS`` only the class map is made and instances are ``None``.
+        Sizes in ``instance_settings`` are model pixels, converted for an image of ``pixel_size_um``.
         """
         source = image if isinstance(image, ImageSource) else ImageSource(image, self.meta.model.in_channels)
+        _, instance_settings = settings_at_image_scale(self.scale_for(pixel_size_um), None,
+                                                       instance_settings or InstanceSettings())
         fits = source.height * source.width <= INSTANCE_MAX_PIXELS
         distance = np.zeros((source.height, source.width), np.float32) if fits and self.has_distance_head else None
         tiles = self.iter_segment(source, settings, postprocess, probabilities_out=probabilities_out,
-                                  distance_out=distance)
+                                  distance_out=distance, pixel_size_um=pixel_size_um)
         if not fits:
             labels = yield from tiles
             return labels, None
@@ -192,10 +211,11 @@ class Segmenter:
     def segment_nuclei(self, image, settings: TileSettings | None = None,
                        progress: ProgressCallback | None = None, should_cancel: CancelCheck | None = None,
                        postprocess: PostprocessSettings | None = None,
-                       instance_settings: InstanceSettings | None = None, probabilities_out=None):
+                       instance_settings: InstanceSettings | None = None, probabilities_out=None,
+                       pixel_size_um: float | None = None):
         """``(class map, instances or None)``; see ``iter_segment_nuclei``."""
-        return run_steps(self.iter_segment_nuclei(image, settings, postprocess, instance_settings, probabilities_out),
-                         progress, should_cancel)
+        return run_steps(self.iter_segment_nuclei(image, settings, postprocess, instance_settings, probabilities_out,
+                                                  pixel_size_um), progress, should_cancel)
 
     def release(self) -> None:
         """Free GPU memory held by the model (after a run or a cancel)."""

@@ -39,12 +39,25 @@ class ImageSource:
             return np.moveaxis(np.asarray(self._array[:, top:bottom]), 0, -1)
         return np.asarray(self._array[top:bottom])
 
+    def window(self, top: int, bottom: int, left: int, right: int) -> np.ndarray:
+        """The window ``[top, bottom) x [left, right)`` as stored (``(h, w)`` or ``(h, w, 3)``),
+        checked for NaN; only those columns of a lazy image are read."""
+        if self._channel_first:
+            raw = np.moveaxis(np.asarray(self._array[:, top:bottom, left:right]), 0, -1)
+        else:
+            raw = np.asarray(self._array[top:bottom, left:right])
+        raw = without_alpha(raw)
+        if self._lazy and np.issubdtype(raw.dtype, np.floating) and not np.isfinite(raw).all():
+            raise ImageReadError(f"image: rows {top}-{bottom}, columns {left}-{right} contain NaN or infinite pixels.")
+        return raw
+
     def rows(self, top: int, bottom: int) -> np.ndarray:
         """Rows ``[top, bottom)`` as stored (``(h, W)`` or ``(h, W, 3)``), checked for NaN."""
-        raw = without_alpha(self.raw_rows(top, bottom))
-        if self._lazy and np.issubdtype(raw.dtype, np.floating) and not np.isfinite(raw).all():
-            raise ImageReadError(f"image: rows {top}-{bottom} contain NaN or infinite pixels.")
-        return raw
+        return self.window(top, bottom, 0, self.width)
+
+    def window01(self, top: int, bottom: int, left: int, right: int) -> np.ndarray:
+        """A window as float32 ``(h, w, channels)`` in ``[0, 1]`` (a band of a slide is too wide to read whole)."""
+        return self.to01(self.window(top, bottom, left, right))
 
     def rows01(self, top: int, bottom: int) -> np.ndarray:
         """Rows ``[top, bottom)`` as float32 ``(h, W, channels)`` in ``[0, 1]``."""

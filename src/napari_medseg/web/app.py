@@ -63,7 +63,7 @@ def _inputs_column(store: ModelStore) -> SimpleNamespace:
     ui.region = gr.Textbox(label="slide region x,y,w,h (level-0 px; empty = the whole slide)", elem_id="region")
     ui.sample = gr.Dropdown(list(SAMPLE_FILES), value=None, label="or a shipped sample", elem_id="sample")
     ui.model = gr.Dropdown(store.names(), value=DEFAULT_MODEL, label="model", elem_id="model")
-    ui.pixel_size = gr.Number(value=None, label="pixel size (µm/px, for areas in µm²; 0 = unknown)", minimum=0,
+    ui.pixel_size = gr.Number(value=None, label="pixel size (µm/px; 0 = what the file records): the model sees the image at its own pixel size, areas in µm²", minimum=0,
                               elem_id="pixel-size")
     ui.threshold = gr.Slider(0, 0.95, value=0, step=0.01, label="nucleus threshold (0 = the model's own)",
                              elem_id="threshold")

@@ -21,6 +21,7 @@ from ..inference import Segmenter, TileSettings
 from ..inference.regions import Region, whole_slide
 from ..io.geojson import write_geojson
 from ..io.images import file_stem, read_image, read_label_map, to_rgb_float, write_label_map
+from ..io.pixel_size import file_pixel_size_um
 from ..io.slides import is_slide_path, open_slide
 from ..io.tables import write_csv
 from ..models import read_meta
@@ -105,7 +106,8 @@ def read_upload(path: str | Path, region: str | None = None) -> tuple[np.ndarray
             raise WebInputError(f"'{Path(path).name}' is {slide.shape[1]}x{slide.shape[0]} px: give a region "
                                 f"x,y,w,h (level-0 px) of at most {MAX_PIXELS / 1e6:.0f} Mpx.")
         return _checked_size(np.asarray(slide.levels[0][area.slices]), path), slide.pixel_size_um
-    return _checked_size(read_image(path), path), None  # clear messages for unreadable files, NaN, odd shapes
+    # clear messages for unreadable files, NaN, odd shapes; a TIFF's recorded pixel size where believable
+    return _checked_size(read_image(path), path), file_pixel_size_um(path)
 
 
 def _checked_size(image: np.ndarray, path) -> np.ndarray:
@@ -118,11 +120,13 @@ def _checked_size(image: np.ndarray, path) -> np.ndarray:
 def segment_upload(path: str | Path, segmenter: Segmenter, threshold: float | None = None, tta: bool = False,
                    pixel_size_um: float | None = None, progress=None, region: str | None = None) -> ImageResult:
     """Segment one uploaded file (or a region of an uploaded slide) into classes and nuclei and
-    write its downloads; a slide's own pixel size serves where none is given."""
+    write its downloads; the file's own pixel size serves where none is given. With a pixel size,
+    the model sees the image at its own pixel size and areas are in µm²."""
     image, own_pixel_size = read_upload(path, region)
     pixel_size_um = pixel_size_um or own_pixel_size
     segmenter.foreground_threshold = threshold or segmenter.meta.foreground_threshold
-    class_map, instances = segmenter.segment_nuclei(image, TileSettings(tta=tta), progress)
+    class_map, instances = segmenter.segment_nuclei(image, TileSettings(tta=tta), progress,
+                                                    pixel_size_um=pixel_size_um)
     votes = instance_classes(instances, class_map)
     classes, colors = segmenter.classes, segmenter.meta.colors
     table = object_table(instances, class_map, classes, pixel_size_um=pixel_size_um)
