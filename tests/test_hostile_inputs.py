@@ -118,3 +118,21 @@ def test_inputs_that_are_not_images(tmp_path, model):
     assert_refused(medseg("predict", tmp_path / "missing.png", "--model", model, "--out", out), "does not exist")
     (tmp_path / "nothing").mkdir()
     assert_refused(medseg("predict", tmp_path / "nothing", "--model", model, "--out", out), "no images")
+
+
+def test_a_gray_image_through_a_colour_model_is_warned_about(tmp_path, model, consep):  # was silent
+    """A gray copy of a real H&E patch: the run goes on, with a note that names the cause."""
+    from PIL import Image
+
+    from napari_medseg.io import read_image
+
+    colour = read_image(consep / "images" / "train_1_005.png")[:96, :96]
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    Image.fromarray(colour.mean(-1).astype(np.uint8)).save(tmp_path / "gray.png")
+    Image.fromarray(np.repeat(colour.mean(-1, keepdims=True), 3, -1).astype(np.uint8)).save(tmp_path / "gray_rgb.png")
+    proc = medseg("predict", tmp_path / "colour.png", tmp_path / "gray.png", tmp_path / "gray_rgb.png",
+                  "--model", model, "--out", tmp_path / "out", "--no-instances")
+    assert proc.returncode == 0, proc.stderr
+    warned = [line.split(":")[0].strip() for line in proc.stderr.splitlines() if "image is gray" in line]
+    assert warned == ["gray.png", "gray_rgb.png"], proc.stderr
+    assert (tmp_path / "out" / "labels" / "gray.tif").is_file()  # warned, not refused

@@ -63,6 +63,21 @@ class ImageSource:
         """Rows ``[top, bottom)`` as float32 ``(h, W, channels)`` in ``[0, 1]``."""
         return self.to01(self.rows(top, bottom))
 
+    def looks_gray(self, sample_rows: int = 64) -> bool:
+        """Whether the image holds no colour: one channel, or RGB whose channels agree at every
+        sampled row (a gray or fluorescence image saved as RGB). Reads ``sample_rows`` rows at most."""
+        if not self.rgb:
+            return True
+        tolerance = 2 if np.issubdtype(self._array.dtype, np.integer) and self._array.dtype.itemsize == 1 else 0.01
+        for top in np.linspace(0, self.height - 1, min(sample_rows, self.height)).astype(int):
+            row = self.window(top, top + 1, 0, self.width).astype(np.float32)
+            spread = row.max(-1) - row.min(-1)
+            if self.value_range is not None and tolerance < 1:
+                spread = spread / (self.value_range[1] - self.value_range[0])
+            if spread.max() > tolerance:
+                return False
+        return True
+
     def to01(self, raw: np.ndarray) -> np.ndarray:
         """Pixels as stored -> float32 ``(..., channels)`` in ``[0, 1]``, with the image's statistics."""
         return scale_to_unit(raw, self.channels, self.value_range)
