@@ -160,5 +160,19 @@ def test_a_region_of_an_uploaded_slide_is_segmented_at_the_slide_pixel_size(stor
         result = segment_upload(slide, store.get(DEFAULT_MODEL), region="700,700,384,256")
         assert result.class_map.shape == (256, 384) and result.pixel_size_um == pytest.approx(0.499, abs=1e-3)
         assert "area_um2" in result.table and len(result.table["label"]) > 5
+        assert any("resampled x2" in note for note in result.notes)  # seen by the 40x model at 0.25 µm/px
         with pytest.raises(MedsegError, match="not on the slide"):
             segment_upload(slide, store.get(DEFAULT_MODEL), region="99999,0,10,10")
+
+
+def test_a_gray_upload_is_segmented_with_a_warning(store, result, consep, tmp_path):
+    from PIL import Image
+
+    from napari_medseg.io.images import read_image
+
+    gray = read_image(consep / "images" / f"{STEM}.png").mean(-1).astype(np.uint8)
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    with store.lock:
+        gray_result = segment_upload(tmp_path / "gray.png", store.get(DEFAULT_MODEL))
+    assert any("image is gray" in note for note in gray_result.notes)
+    assert not result.notes  # the colour original at the model's pixel size: nothing to say

@@ -108,6 +108,8 @@ def _run(store: ModelStore):
         first = next(iter(done))
         found = sum(len(r.table["label"]) for r in done.values())
         message = f"Segmented {len(done)} image(s): {found} nuclei."
+        notes = [f"{name}: {note}" for name, r in done.items() for note in r.notes]
+        message = "\n\n".join([message, *notes])
         return (done, gr.Dropdown(choices=list(done), value=first), *_view(done, first, opacity), message,
                 None, "", None)
     return run

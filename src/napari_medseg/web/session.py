@@ -89,6 +89,7 @@ class ImageResult:
     pixel_size_um: float | None
     folder: Path
     downloads: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the run report says the user should know
 
 
 def display_rgb(image: np.ndarray) -> np.ndarray:
@@ -131,7 +132,8 @@ def segment_upload(path: str | Path, segmenter: Segmenter, threshold: float | No
     classes, colors = segmenter.classes, segmenter.meta.colors
     table = object_table(instances, class_map, classes, pixel_size_um=pixel_size_um)
     result = ImageResult(file_stem(path), display_rgb(image), class_map, instances, classes, colors, table,
-                         pixel_size_um, Path(tempfile.mkdtemp(prefix="medseg-web-")))
+                         pixel_size_um, Path(tempfile.mkdtemp(prefix="medseg-web-")),
+                         notes=list(segmenter.last_report.notes))
     stem = result.name
     result.downloads = [
         write_label_map(result.folder / f"{stem}_labels.tif", class_map),
