@@ -275,3 +275,20 @@ def test_loaded_segmenter_is_in_eval_mode_on_cpu(segmenter):
     assert not segmenter.model.training
     assert segmenter.classes == CLASSES
     assert all(p.device.type == "cpu" for p in segmenter.model.parameters())
+
+
+def test_alpha_never_enters_the_intensity_statistics():
+    """A 16-bit RGBA image (opaque alpha at 65535): eager, lazy and channel-first sources
+    normalise alike, and as the RGB image without its alpha does."""
+    import dask.array as da
+
+    from napari_medseg.inference.source import ImageSource
+
+    rgb = (np.random.default_rng(0).random((300, 200, 3)) * 4000).astype(np.uint16)
+    rgba = np.concatenate([rgb, np.full((300, 200, 1), 65535, np.uint16)], -1)
+    sources = [ImageSource(rgba, 3), ImageSource(da.from_array(rgba, chunks=(64, 64, 4)), 3),
+               ImageSource(da.from_array(np.moveaxis(rgba, -1, 0).copy(), chunks=(4, 64, 64)), 3)]
+    reference = ImageSource(rgb, 3)
+    for source in sources:
+        assert source.value_range == reference.value_range
+        assert np.array_equal(source.rows01(0, 300), reference.rows01(0, 300))

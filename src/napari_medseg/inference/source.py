@@ -32,7 +32,8 @@ class ImageSource:
         self.value_range = intensity_range(self._array_hwc_rows_view())
 
     def _array_hwc_rows_view(self):
-        return _RowsView(self) if self._channel_first else self._array
+        """Channel-last rows without alpha, for the statistics (alpha says nothing of the stain)."""
+        return _RowsView(self) if self._channel_first or self._lazy else without_alpha(self._array)
 
     def raw_rows(self, top: int, bottom: int) -> np.ndarray:
         if self._channel_first:
@@ -84,12 +85,19 @@ class ImageSource:
 
 
 class _RowsView:
-    """A channel-last view of a channel-first lazy array, for row sampling only."""
+    """A channel-last view of a lazy array without alpha, for row sampling only."""
 
     def __init__(self, source: ImageSource):
-        self._source, self.shape = source, (source.height, source.width, source._array.shape[0])
-        self.dtype = source._array.dtype
+        channels = (source._array.shape[0] if source._channel_first
+                    else source._array.shape[2] if source._array.ndim == 3 else None)
+        plane = (source.height, source.width)
+        self.shape = plane if channels is None else (*plane, min(channels, 3))
+        self._source, self.dtype = source, source._array.dtype
 
     def __getitem__(self, rows: slice):
-        return self._source.raw_rows(rows.start, rows.stop)
+        return without_alpha(self._source.raw_rows(rows.start, rows.stop))
+
+    def __array__(self, dtype=None, copy=None):  # a short image is sampled whole
+        rows = self[0:self.shape[0]]
+        return rows if dtype is None else rows.astype(dtype)
 
