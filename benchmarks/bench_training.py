@@ -11,6 +11,14 @@ is compared, so background load hits both alike.
 
 On a GPU it also compares AMP + channels_last with fp32 and reports images/s of U-Net
 ResNet34 and ResNet50 at 256x256. The last line is machine-readable: ``ratio=<ours/bare>``.
+
+``--precision`` times instead one train step (forward, loss, backward, AdamW step) of the
+default model (U-Net MobileNetV2 with a distance head, channels_last as configs/default.yaml)
+in fp32 and under bf16 autocast (what ``amp: on`` does on a CPU), for each crop size, on real
+CoNSeP crops: seconds per step and megapixels per second, fp32 and bf16 steps alternating so
+background load hits both alike::
+
+    python benchmarks/bench_training.py --precision [--crops 64,128,256] [--batch 8] [--threads 2]
 """
 
 from __future__ import annotations
@@ -86,6 +94,52 @@ def run_bare(cfg, items, warmup: int) -> float:
     return cfg.batch_size * (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
+def step_seconds(model, optimizer, loss_fn, batches, precision) -> list[float]:
+    """Wall time of each train step over ``batches`` (image, labels, distance), with the
+    trainer's ``Precision`` (its autocast and memory format)."""
+    times = []
+    for image, labels, distance in batches:
+        started = time.perf_counter()
+        with precision.autocast():
+            logits = model(precision.prepare(image))
+        loss = loss_fn(logits.float(), labels, distance)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def precision_sweep(args, items) -> None:
+    """fp32 vs bf16 autocast per crop size: the median step of ``rounds`` alternating runs."""
+    from napari_medseg.training.losses import WithDistanceHead
+    from napari_medseg.training.network import Precision
+
+    print(f"CPU ({os.cpu_count()} cores seen), {args.threads} torch threads, bf16 supported: "
+          f"{torch.backends.mkldnn.is_available()}; U-Net MobileNetV2 + distance head, channels_last, batch "
+          f"{args.batch}, {args.steps} timed steps after {args.warmup} warm-up per run, {args.rounds} rounds")
+    print(f"{'crop':>6} {'fp32 s/step':>12} {'bf16 s/step':>12} {'bf16 speed-up':>14} {'fp32 Mpx/s':>11} {'bf16 Mpx/s':>11}")
+    for crop in args.crops:
+        mc = ModelConfig("unet", "mobilenet_v2", num_classes=len(items[1]), distance_head=True)
+        mean, std = normalization_stats("none")
+        ds = PatchDataset(items[0], crop, 1, None, mean=mean, std=std, distance_targets=True)
+        loader = DataLoader(ds, batch_size=args.batch, shuffle=True, drop_last=True,
+                            generator=torch.Generator().manual_seed(0))
+        batches = [b for b, _ in zip(loader, range(args.steps + args.warmup))]
+        loss_fn = WithDistanceHead(build_loss("ce_dice", num_classes=len(items[1])), len(items[1]))
+        medians = {}
+        for amp in (False, True) * args.rounds:
+            torch.manual_seed(0)
+            model = build_model(mc).to(memory_format=torch.channels_last).train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            times = step_seconds(model, optimizer, loss_fn, batches, Precision(amp, True, "cpu"))[args.warmup:]
+            medians.setdefault(amp, []).append(statistics.median(times))
+        fp32, bf16 = statistics.median(medians[False]), statistics.median(medians[True])
+        mpx = args.batch * crop * crop / 1e6
+        print(f"{crop:>5}² {fp32:>12.3f} {bf16:>12.3f} {fp32 / bf16:>13.2f}x {mpx / fp32:>11.3f} {mpx / bf16:>11.3f}",
+              flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--encoder", default="resnet18")
@@ -96,10 +150,17 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="alternating runs per side")
     p.add_argument("--images", type=int, default=96, help="CoNSeP patches to train on")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--precision", action="store_true", help="time fp32 vs bf16 autocast steps per crop size instead")
+    p.add_argument("--crops", type=lambda text: [int(v) for v in text.split(",")], default=[64, 128, 256],
+                   help="crop sizes for --precision (comma-separated)")
     args = p.parse_args(argv)
 
     items, classes = load_dataset_folders([str(DATA)], r"^(.*)_\d+$")
     items = (items[:args.images], classes)
+    if args.precision:
+        torch.set_num_threads(args.threads)
+        precision_sweep(args, items)
+        return 0
     print(f"CPU, {args.threads} threads: U-Net {args.encoder}, {args.crop}x{args.crop} crops, batch {args.batch}, "
           f"{args.steps} timed steps after {args.warmup} warm-up, {args.rounds} alternating rounds, "
           f"{args.images} real CoNSeP patches (augmented)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -86,3 +88,60 @@ def test_tuning_without_validation_images_says_what_to_pass(tiny_checkpoint, sma
                  "--device", "cpu"]) == 2
     assert "pass --groups or --all-images" in capsys.readouterr().err
     assert not (tmp_path / "t.safetensors").exists()
+
+
+def _thresholded_start(tiny_checkpoint, path, threshold=0.43):
+    """The tiny model as a checkpoint with a tuned foreground threshold."""
+    from napari_medseg.models import load_checkpoint, save_checkpoint
+
+    model, meta = load_checkpoint(tiny_checkpoint)
+    meta.foreground_threshold = threshold
+    return save_checkpoint(path, model, meta)
+
+
+def _train_config(path, start, data, out_dir, *extra: str):
+    path.write_text("\n".join([
+        f"init_checkpoint: {start}", f"data: {{dataset: [{data}], crop_size: 64, val_fraction: 0.34}}",
+        "epochs: 1", "batch_size: 4", "num_threads: 1", f"out_dir: {out_dir}", "save_resume: false", *extra]))
+    return path
+
+
+def test_fine_tuning_with_medseg_train_retunes_the_threshold_on_its_validation_images(tiny_checkpoint, small_consep,
+                                                                                      tmp_path):
+    """`medseg train` from a checkpoint with a tuned threshold: the new checkpoint carries the
+    threshold that maximises nucleus Dice on the run's own validation images."""
+    import subprocess
+    import sys
+
+    start = _thresholded_start(tiny_checkpoint, tmp_path / "start.safetensors")
+    config = _train_config(tmp_path / "fine.yaml", start, small_consep, tmp_path / "run")
+    medseg = Path(sys.executable).with_name("medseg")
+    done = subprocess.run([str(medseg), "train", str(config)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    checkpoint = tmp_path / "run" / "best.safetensors"
+    meta = read_meta(checkpoint)
+    tuning = meta.metrics["threshold_tuning"]
+    assert meta.foreground_threshold is not None and meta.foreground_threshold == tuning["threshold"]
+    assert tuning["groups"] == meta.data["val_groups"] and tuning["images"] == meta.data["val_images"] == 2
+    # the same tuning, done independently on the validation images read from the folder
+    segmenter = Segmenter.load(checkpoint, device="cpu")
+    segmenter.foreground_threshold = None
+    _, samples = samples_of_groups(small_consep, meta.data["val_groups"])
+    again = tune_foreground_threshold(segmenter, samples)
+    assert again["threshold"] == tuning["threshold"]
+    assert again["nucleus_dice"] == pytest.approx(tuning["nucleus_dice"], abs=1e-6)
+
+
+def test_fine_tuning_without_retuning_keeps_the_start_threshold(tiny_checkpoint, small_consep, tmp_path):
+    from napari_medseg.training import load_train_config, train
+
+    start = _thresholded_start(tiny_checkpoint, tmp_path / "start.safetensors", 0.37)
+    config = _train_config(tmp_path / "keep.yaml", start, small_consep, tmp_path / "run", "tune_threshold: false")
+    result = train(load_train_config(config))
+    meta = read_meta(result.checkpoint)
+    assert meta.foreground_threshold == pytest.approx(0.37) and "threshold_tuning" not in meta.metrics
+    # a run from scratch stays argmax unless asked (tune_threshold: auto)
+    scratch = train(load_train_config(config, ["init_checkpoint=null", f"out_dir={tmp_path / 'scratch'}",
+                                               "model.architecture=unet", "model.encoder=resnet18",
+                                               "model.encoder_depth=3", "tune_threshold=auto"]))
+    assert read_meta(scratch.checkpoint).foreground_threshold is None

@@ -158,4 +158,32 @@ def test_shipped_configs_parse():
 
     for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
         for stage in load_train_stages(path):
-            assert stage.config.data.dataset, path
+            assert stage.config.data.dataset or stage.config.data.datasets, path
+            stage.config.for_device("cuda")  # its GPU settings are valid too
+
+
+def test_all_data_config_trains_every_set_and_takes_gpu_settings_on_a_gpu():
+    from pathlib import Path
+
+    from napari_medseg.training.stages import load_train_stages
+
+    first, second = (s.config for s in load_train_stages(Path(__file__).parents[1] / "configs" / "all_data.yaml"))
+    assert [(Path(d.path).name, d.labels) for d in first.data.datasets] == [
+        ("consep_train", "classes"), ("monuseg_train", "binary"), ("tnbc_train", "binary")]
+    assert Path(first.init_checkpoint).is_file()  # the shipped weights, from the repository root
+    assert second.init_checkpoint == "runs/all_data/mixed/best.safetensors"
+    assert first.model.distance_head and first.model.encoder == "mobilenet_v2" and first.amp == "auto"
+    on_cpu, on_gpu = first.for_device("cpu"), first.for_device("cuda")
+    assert on_cpu is first and (on_cpu.batch_size, on_cpu.data.crop_size, on_cpu.num_threads) == (16, 128, 2)
+    assert (on_gpu.batch_size, on_gpu.data.crop_size, on_gpu.data.num_workers, on_gpu.num_threads) == (64, 256, 8, 0)
+    assert on_gpu.data.datasets == first.data.datasets and on_gpu.augment == first.augment  # sections merge key by key
+    assert on_gpu.on_cuda == {}
+
+
+def test_gpu_settings_are_checked_when_the_config_is_read():
+    with pytest.raises(TrainConfigError, match="on_cuda: Unknown training setting"):
+        TrainConfig.from_dict({"on_cuda": {"batchsize": 64}})
+    with pytest.raises(TrainConfigError, match="on_cuda: batch_size must be an integer"):
+        TrainConfig.from_dict({"on_cuda": {"batch_size": "big"}})
+    with pytest.raises(TrainConfigError, match="tune_threshold must be true, false or auto"):
+        TrainConfig.from_dict({"tune_threshold": "sometimes"})

@@ -71,6 +71,7 @@ class CheckpointWriter:
     classes: list[str]
     normalization: dict  # {"mean": [...], "std": [...]}
     data: dict  # the data description recorded in the checkpoint
+    foreground_threshold: float | None = None  # the start checkpoint's, until the run tunes its own
 
     @property
     def best_path(self) -> Path:
@@ -99,6 +100,7 @@ class CheckpointWriter:
             model=self.cfg.model, classes=self.classes, normalization=self.normalization,
             pixel_size_um=self.cfg.pixel_size_um, training=training, data=self.data,
             metrics={"validation": record}, model_card=self.cfg.model_card,
+            foreground_threshold=self.foreground_threshold,
         )
         try:
             save_checkpoint(self.best_path, model, meta, half=self.cfg.save_half)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -22,9 +23,29 @@ class TrainConfigError(MedsegError, ValueError):
 MONITORS = ("val_loss", "val_miou", "val_mean_dice", "val_nucleus_dice", "val_pixel_accuracy", "val_bpq")
 
 
+LABEL_KINDS = ("classes", "binary")
+DISTANCE_TRUST = ("all", "convex", "none")
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset folder of a mixed training set (``data.datasets``)."""
+
+    path: str = ""
+    # classes: its class ids train every class; binary: only nucleus vs background, through the
+    # summed nucleus class probabilities (its class names are ignored; see training/mixed.py)
+    labels: str = "classes"
+    weight: float = 1.0  # share of each epoch's crops drawn from this set, relative to the others
+    # how far its instance maps are trusted for the distance head: all | convex (nuclei of
+    # solidity >= 0.85 only; for connected components that may merge touching nuclei) | none
+    distance: str = "all"
+
+
 @dataclass
 class DataConfig:
     dataset: list[str] = field(default_factory=list)  # dataset folders, merged (same classes)
+    # or: dataset folders each with its label kind and sampling weight (mixed label sets)
+    datasets: list[DatasetSpec] = field(default_factory=list)
     val_fraction: float = 0.15  # of source images (split by image, never by patch)
     crop_size: int = 256
     crops_per_image: int = 1  # random crops drawn from each training image per epoch; 0 = image area / crop area
@@ -115,6 +136,19 @@ class TrainConfig:
     save_half: bool = False  # store fp16 weights in the checkpoint
     model_card: str = ""
     pixel_size_um: float | None = None
+    # at the end, tune the best checkpoint's foreground threshold on the validation images
+    # (as ``medseg tune-threshold`` does): true | false | auto (when the init_checkpoint has a
+    # tuned threshold). Untuned, a fine-tuned checkpoint keeps its init_checkpoint's threshold.
+    tune_threshold: bool | str = "auto"
+    # settings that replace the ones above when the run's device is a CUDA GPU (a larger batch
+    # and crops, loader workers, ...); sections merge key by key, as stages do
+    on_cuda: dict = field(default_factory=dict)
+
+    def for_device(self, device_type: str) -> "TrainConfig":
+        """This config as it runs on ``device_type``: with ``on_cuda`` applied on a CUDA GPU."""
+        if device_type != "cuda" or not self.on_cuda:
+            return self
+        return TrainConfig.from_dict({**merge_settings(self.to_dict(), self.on_cuda), "on_cuda": {}})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,6 +187,8 @@ class TrainConfig:
             _coerce_floats(obj, prefix)
         if isinstance(cfg.data.dataset, str):
             cfg.data.dataset = [cfg.data.dataset]
+        if isinstance(cfg.data.datasets, list):
+            cfg.data.datasets = [_dataset_spec(spec, number) for number, spec in enumerate(cfg.data.datasets, 1)]
         if isinstance(cfg.augment.scale, list):
             cfg.augment.scale = tuple(cfg.augment.scale)
         if cfg.augment.stain_scale is not None:
@@ -214,8 +250,74 @@ class TrainConfig:
         ss = self.augment.stain_scale
         if ss is not None and not (len(ss) == 2 and 0 < ss[0] <= 1 <= ss[1] <= 10):
             bad(f"augment.stain_scale must be [low, high] with 0 < low <= 1 <= high <= 10, got {list(ss)}.")
+        self._check_datasets()
+        if isinstance(self.tune_threshold, str) and self.tune_threshold != "auto":
+            bad(f"tune_threshold must be true, false or auto, not '{self.tune_threshold}'.")
+        if self.on_cuda:
+            if "on_cuda" in self.on_cuda or "stages" in self.on_cuda:
+                bad("on_cuda cannot hold 'on_cuda' or 'stages'.")
+            try:
+                self.for_device("cuda")
+            except TrainConfigError as exc:
+                bad(f"on_cuda: {exc}")
         if self.data.crop_size and self.data.crop_size % self.model.output_stride:
             bad(f"data.crop_size {self.data.crop_size} must be a multiple of {self.model.output_stride} for this model.")
+
+
+    def _check_datasets(self) -> None:
+        specs = self.data.datasets
+        if specs and self.data.dataset:
+            raise TrainConfigError("data.dataset and data.datasets are both set: list every folder under "
+                                   "data.datasets (each with its labels kind and weight) and drop data.dataset.")
+        for number, spec in enumerate(specs, 1):
+            where = f"data.datasets[{number}] ({spec.path or 'no path'})"
+            if not spec.path:
+                raise TrainConfigError(f"{where}: give the dataset folder as 'path'.")
+            if spec.labels not in LABEL_KINDS:
+                raise TrainConfigError(f"{where}: labels must be {' or '.join(LABEL_KINDS)}, not '{spec.labels}'.")
+            if spec.distance not in DISTANCE_TRUST:
+                raise TrainConfigError(f"{where}: distance must be one of {', '.join(DISTANCE_TRUST)}, "
+                                       f"not '{spec.distance}'.")
+            if not spec.weight > 0:
+                raise TrainConfigError(f"{where}: weight must be above 0, got {spec.weight}.")
+        paths = [spec.path for spec in specs]
+        if len(set(paths)) < len(paths):
+            raise TrainConfigError(f"data.datasets names a folder twice: {', '.join(paths)}.")
+
+    def dataset_specs(self) -> list[DatasetSpec]:
+        """Every training folder as a spec: ``data.datasets``, or ``data.dataset``'s folders as class sets."""
+        return list(self.data.datasets) or [DatasetSpec(path) for path in self.data.dataset]
+
+
+def merge_settings(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` merged in; mappings merge key by key, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_settings(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _dataset_spec(spec, number: int) -> DatasetSpec:
+    """One ``data.datasets`` entry: a mapping of DatasetSpec settings, or a folder (a class set)."""
+    if isinstance(spec, DatasetSpec):
+        return spec
+    if isinstance(spec, str):
+        return DatasetSpec(spec)
+    if not isinstance(spec, dict):
+        raise TrainConfigError(f"data.datasets[{number}] must be a folder or a mapping "
+                               f"{{path: ..., labels: classes|binary, weight: ...}}, not {spec!r}.")
+    bad = set(spec) - {f.name for f in fields(DatasetSpec)}
+    if bad:
+        raise TrainConfigError(f"Unknown data.datasets[{number}] setting(s): {', '.join(sorted(bad))}.")
+    out = DatasetSpec(**spec)
+    _coerce_floats(out, f"data.datasets[{number}].")
+    wrong = type_errors(out, f"data.datasets[{number}].")
+    if wrong:
+        raise TrainConfigError("; ".join(wrong) + ".")
+    return out
 
 
 def _coerce_floats(obj, prefix: str = "") -> None:

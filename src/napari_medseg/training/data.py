@@ -9,7 +9,7 @@ classes; every copy gets its own random crop and augmentation.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,9 @@ from ..io.images import to_rgb_float
 from .augment import build_augmentation
 
 
+DISTANCE_IGNORE = -1.0  # distance-target pixels that never count in the loss
+
+
 @dataclass
 class LabelledImage:
     name: str
@@ -28,6 +31,9 @@ class LabelledImage:
     image: np.ndarray  # float32 (H, W, C) in [0, 1]
     labels: np.ndarray  # uint8 (H, W)
     instances: np.ndarray | None = None  # nucleus ids (H, W), 0 = background: targets of a distance head
+    dataset: str = ""  # the dataset folder's name (validation reports each set on its own)
+    binary: bool = False  # labels are BINARY_BACKGROUND / BINARY_NUCLEUS codes (training/mixed.py)
+    distance_trust: str = "all"  # which of its instances train the distance head (DatasetSpec.distance)
 
 
 def _load_pannuke(path: str, in_channels: int) -> tuple[list[LabelledImage], list[str]]:
@@ -95,6 +101,8 @@ def check_items(items: list[LabelledImage], classes: list[str]) -> None:
             )
         if not np.issubdtype(it.labels.dtype, np.integer):
             raise DatasetError(f"'{it.name}': labels must be integer class ids, not {it.labels.dtype}.")
+        if it.binary:
+            continue  # nucleus / background codes, made by training.mixed
         if it.labels.size and (int(it.labels.max()) >= len(classes) or int(it.labels.min()) < 0):
             raise DatasetError(
                 f"'{it.name}' holds class id {int(it.labels.max())}, but there are only {len(classes)} classes "
@@ -107,10 +115,12 @@ def check_items(items: list[LabelledImage], classes: list[str]) -> None:
 
 
 def to_binary(items: list[LabelledImage], classes: list[str]) -> tuple[list[LabelledImage], list[str]]:
-    """Nucleus (any class > 0) vs background."""
-    if len(classes) == 2:
+    """Nucleus (any class > 0) vs background; binary sets' codes become the same two classes."""
+    from .mixed import nucleus_mask
+
+    if len(classes) == 2 and not any(it.binary for it in items):
         return items, list(classes)
-    return ([LabelledImage(it.name, it.group, it.image, (it.labels > 0).astype(np.uint8), it.instances) for it in items],
+    return ([replace(it, labels=nucleus_mask(it).astype(np.uint8), binary=False) for it in items],
             ["background", "nucleus"])
 
 
@@ -243,7 +253,12 @@ def item_instances(item: LabelledImage) -> np.ndarray:
 
 
 def distance_target(item: LabelledImage) -> np.ndarray:
-    """The distance head's target for one item: float32 ``(H, W)`` in [0, 1]."""
+    """The distance head's target for one item: float32 ``(H, W)`` in [0, 1], and
+    ``DISTANCE_IGNORE`` on the nuclei its set does not trust (``item.distance_trust``)."""
     from ..nuclei.distance import nucleus_distance_map
+    from .mixed import untrusted_nuclei
 
-    return nucleus_distance_map(item_instances(item))
+    instances = item_instances(item)
+    target = nucleus_distance_map(instances)
+    target[untrusted_nuclei(instances, item.distance_trust)] = DISTANCE_IGNORE
+    return target

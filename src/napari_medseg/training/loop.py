@@ -18,7 +18,7 @@ from .network import Precision
 from .optimisation import Optimisation
 from .progress import Progress
 from .setup import Loaders
-from .validation import validate
+from .validation import validate_sets
 
 USER_STOP = "stopped by user"
 
@@ -61,7 +61,7 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, float] | None:
     rate), or None when the user stopped it."""
     ctx, device = run.ctx, run.device
     run.net.train()
-    if ctx.enabled:
+    if hasattr(run.loaders.sampler, "set_epoch"):  # DDP's sampler, and the mixed sets' weighted one
         run.loaders.sampler.set_epoch(epoch)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     steps, steps_done, lr = len(run.loaders.train), 0, run.optim.lr
@@ -98,9 +98,9 @@ def _batch_loss(run: Run, image: torch.Tensor, labels: torch.Tensor, extra: list
 def finish_epoch(run: Run, epoch: int, train_loss: float, lr: float, started: float) -> None:
     """Validate, record, step a plateau schedule, write the best checkpoint and the resume file, report."""
     run.ctx.sync_buffers(run.model)
-    if run.loaders.val is not None:
-        val_loss, metrics = validate(run.model, run.loaders.val, run.loss_fn, run.num_classes, run.device, run.ctx,
-                                     run.precision.autocast, run.precision.channels_last, run.loaders.val_instances)
+    if run.loaders.val_sets:
+        val_loss, metrics = validate_sets(run.model, run.loaders.val_sets, run.loss_fn, run.num_classes, run.device,
+                                          run.ctx, run.precision.autocast, run.precision.channels_last)
     else:
         val_loss, metrics = train_loss, {}
     progress = run.progress

@@ -14,6 +14,13 @@ so a *binary* model is a 2-class model {background, nucleus}. Its foreground log
 
 Pixels labelled ``IGNORE_INDEX`` (padding, borders filled by augmentation) never count.
 
+Mixed label sets (``training.mixed``): ``MixedLabels`` trains the class-labelled pixels with
+the loss above and the pixels of binary sets (nucleus / background codes) with the same loss in
+its 2-class form on two logits, ``l0`` and ``logsumexp(l1, ..., lC-1)``: their softmax is
+exactly ``(p(background), p(nucleus) = sum of the nucleus class probabilities)``, so the loss of
+a binary pixel depends on the class logits only through that sum, and its gradient never moves
+the split between the nucleus classes.
+
 A model with a distance head (``ModelConfig.distance_head``) has one more channel after the
 classes; ``WithDistanceHead`` adds its loss: BCE-with-logits of that channel against the
 nucleus distance map in [0, 1] (soft targets: the gradient on the logit is simply
@@ -28,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfigError
+from .mixed import BINARY_BACKGROUND, BINARY_NUCLEUS
 
 IGNORE_INDEX = -100
 LOSSES = ("ce", "weighted_ce", "bce", "dice", "log_cosh_dice", "focal", "ce_dice")
@@ -157,9 +165,38 @@ def build_loss(name: str, weights: torch.Tensor | None = None, num_classes: int 
     return smp_losses.FocalLoss("multiclass", ignore_index=IGNORE_INDEX)
 
 
+def nucleus_logits(logits: torch.Tensor) -> torch.Tensor:
+    """``(B, 2, H, W)``: the background logit and the log-sum-exp of the nucleus class logits."""
+    return torch.stack([logits[:, 0], torch.logsumexp(logits[:, 1:], dim=1)], dim=1)
+
+
+class MixedLabels(nn.Module):
+    """``class_loss`` on class-labelled pixels, ``nucleus_loss`` (a 2-class loss) on ``nucleus_logits``
+    for binary sets' pixels; each part weighs its share of the batch's labelled pixels."""
+
+    def __init__(self, class_loss: nn.Module, nucleus_loss: nn.Module):
+        super().__init__()
+        self.class_loss, self.nucleus_loss = class_loss, nucleus_loss
+
+    def forward(self, logits, target):
+        coded = target >= BINARY_BACKGROUND
+        n_binary = int(coded.sum())
+        n_class = int((_valid(target) & ~coded).sum())
+        loss = logits.sum() * 0.0  # a graph even for a batch without labelled pixels
+        ignored = torch.full_like(target, IGNORE_INDEX)
+        if n_class:
+            class_target = torch.where(coded, ignored, target)
+            loss = loss + self.class_loss(logits, class_target) * (n_class / (n_class + n_binary))
+        if n_binary:
+            nucleus_target = torch.where(coded, (target == BINARY_NUCLEUS).long(), ignored)
+            loss = loss + self.nucleus_loss(nucleus_logits(logits), nucleus_target) * (n_binary / (n_class + n_binary))
+        return loss
+
+
 class WithDistanceHead(nn.Module):
     """``class_loss`` on the first ``num_classes`` channels plus ``weight`` x BCE of the last
-    channel against the distance target, over the pixels whose label is not ignored."""
+    channel against the distance target, over the pixels whose label is not ignored and whose
+    target is trusted (``data.DISTANCE_IGNORE``, below 0, is not)."""
 
     def __init__(self, class_loss: nn.Module, num_classes: int, weight: float = 1.0):
         super().__init__()
@@ -169,7 +206,7 @@ class WithDistanceHead(nn.Module):
         if distance is None:
             raise ValueError("A model with a distance head needs distance targets (instance maps) to train.")
         loss = self.class_loss(logits[:, :self.num_classes], target)
-        keep = _valid(target)
+        keep = _valid(target) & (distance >= 0)
         if self.weight and keep.any():
             z = logits[:, self.num_classes]
             loss = loss + self.weight * F.binary_cross_entropy_with_logits(z[keep], distance[keep].to(z.dtype))

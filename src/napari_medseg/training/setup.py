@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -23,6 +23,8 @@ from .data import (LabelledImage, PatchDataset, check_items, item_instances, loa
 from .distributed import DistContext
 from .events import TrainingError
 from .losses import class_weights_from_frequencies
+from .mixed import load_mixed_sets, sampling_weights, split_each_set
+from .validation import ValidationSet
 
 
 def seed_everything(seed: int) -> None:
@@ -46,6 +48,7 @@ def configure_runtime(cfg: TrainConfig) -> None:
 class StartCheckpoint:
     weights: dict  # state dict
     classes: list[str]
+    foreground_threshold: float | None  # its tuned threshold, kept until the run tunes its own
 
 
 def load_start_checkpoint(cfg: TrainConfig) -> StartCheckpoint | None:
@@ -60,7 +63,7 @@ def load_start_checkpoint(cfg: TrainConfig) -> StartCheckpoint | None:
     cfg.model = start_meta.model
     cfg.model.distance_head = cfg.model.distance_head or wants_distance
     cfg.normalization = dict(start_meta.normalization)  # the weights were trained with these
-    return StartCheckpoint(start_model.state_dict(), start_meta.classes)
+    return StartCheckpoint(start_model.state_dict(), start_meta.classes, start_meta.foreground_threshold)
 
 
 @dataclass
@@ -73,6 +76,11 @@ class TrainingData:
     class_weights: np.ndarray | None
     rare: list[int]  # oversampled classes
     index: list[int]  # the training item of each sample of an epoch (repeats = oversampling)
+    mixed: bool = False  # read from data.datasets: sampled by set weight, validated per set
+
+    @property
+    def has_binary_sets(self) -> bool:
+        return any(it.binary for it in self.train_items + self.val_items)
 
 
 def prepare_data(cfg: TrainConfig, items: tuple[list[LabelledImage], list[str]] | None,
@@ -81,8 +89,11 @@ def prepare_data(cfg: TrainConfig, items: tuple[list[LabelledImage], list[str]] 
 
     Sets ``cfg.model.num_classes``: the data decide the class count.
     """
+    mixed = items is None and bool(cfg.data.datasets)
     if items is not None:
         data, classes = list(items[0]), list(items[1])
+    elif mixed:
+        data, classes = load_mixed_sets(cfg.data.datasets, cfg.data.group_pattern, cfg.model.in_channels)
     else:
         data, classes = load_dataset_folders(cfg.data.dataset, cfg.data.group_pattern, cfg.model.in_channels)
     check_items(data, classes)
@@ -94,14 +105,15 @@ def prepare_data(cfg: TrainConfig, items: tuple[list[LabelledImage], list[str]] 
         )
     cfg.model.num_classes = len(classes)
     split_seed = cfg.seed if cfg.data.split_seed is None else cfg.data.split_seed
-    train_items, val_items = split_by_group(data, cfg.data.val_fraction, split_seed)
+    split = split_each_set if mixed else split_by_group
+    train_items, val_items = split(data, cfg.data.val_fraction, split_seed)
     if not train_items:
         raise TrainingError("No training images are left after holding out validation data.")
     freq = pixel_frequencies(train_items, len(classes))
     weights = class_weights_for(cfg, freq, len(classes))
     rare = rare_classes(freq, cfg.oversample) if cfg.oversample.factor > 0 else []
     index = oversample_indices(train_items, rare, cfg.oversample.factor, cfg.oversample.min_share)
-    return TrainingData(classes, train_items, val_items, split_seed, freq, weights, rare, index)
+    return TrainingData(classes, train_items, val_items, split_seed, freq, weights, rare, index, mixed)
 
 
 def class_weights_for(cfg: TrainConfig, freq: np.ndarray, num_classes: int) -> np.ndarray | None:
@@ -127,12 +139,14 @@ def describe_data(cfg: TrainConfig, in_memory: bool, data: TrainingData, crops_p
     """The data record of every checkpoint (and what a resumption must match)."""
     w = data.class_weights
     return {
-        "datasets": ["in-memory"] if in_memory else list(cfg.data.dataset),
+        "datasets": ["in-memory"] if in_memory else ([asdict(spec) for spec in cfg.data.datasets]
+                                                      or list(cfg.data.dataset)),
         "classes": data.classes,
         "binary": bool(cfg.data.binary),
         "train_images": len(data.train_items),
         "val_images": len(data.val_items),
         "val_groups": sorted({it.group for it in data.val_items}),
+        **({"val_images_per_set": _count_by_set(data.val_items)} if data.mixed else {}),
         "split_seed": data.split_seed,
         "train_pixel_frequencies": [float(f) for f in data.frequencies],
         "class_weights": None if w is None else [float(x) for x in w],
@@ -142,13 +156,19 @@ def describe_data(cfg: TrainConfig, in_memory: bool, data: TrainingData, crops_p
     }
 
 
+def _count_by_set(items: list[LabelledImage]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for it in items:
+        counts[it.dataset] = counts.get(it.dataset, 0) + 1
+    return counts
+
+
 @dataclass
 class Loaders:
     train: DataLoader
     sampler: torch.utils.data.Sampler  # a DistributedSampler is told each epoch's number
     generator: torch.Generator  # the training loader's random state (saved for resume)
-    val: DataLoader | None  # this rank's share of the validation images; None without any
-    val_instances: list[np.ndarray]  # their ground-truth nuclei, for the validation bPQ
+    val_sets: list[ValidationSet]  # this rank's share of the validation images, per set; [] without any
 
     @property
     def crops_per_epoch(self) -> int:
@@ -161,24 +181,70 @@ def build_loaders(cfg: TrainConfig, data: TrainingData, ctx: DistContext, device
     generator = torch.Generator().manual_seed(cfg.seed)
     train_ds = PatchDataset(data.train_items, cfg.data.crop_size, cfg.data.crops_per_image, cfg.augment,
                             index=data.index, mean=mean, std=std, distance_targets=cfg.model.distance_head)
-    if ctx.enabled:
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler = DistributedSampler(train_ds, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed)
-        per_rank = math.ceil(len(train_ds) / ctx.world_size)
-    else:
-        sampler = RandomSampler(train_ds, generator=generator,
-                                num_samples=min(cfg.data.samples_per_epoch, len(train_ds)) or None)
-        per_rank = len(sampler)
+    sampler = _train_sampler(cfg, data, train_ds, ctx, generator)
+    per_rank = len(sampler)
     pin = device.type == "cuda"
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=per_rank > cfg.batch_size,
                               generator=generator, num_workers=cfg.data.num_workers, pin_memory=pin,
                               persistent_workers=cfg.data.num_workers > 0)
-    val_shard = data.val_items[ctx.rank::ctx.world_size]
-    val_instances = [item_instances(it) for it in val_shard]
-    val_loader = None
-    if data.val_items:
-        val_ds = PatchDataset(val_shard, None, multiple_of=cfg.model.output_stride, mean=mean, std=std,
+    return Loaders(train_loader, sampler, generator, _validation_sets(cfg, data, ctx, mean, std, pin))
+
+
+def _train_sampler(cfg: TrainConfig, data: TrainingData, train_ds: PatchDataset, ctx: DistContext,
+                   generator: torch.Generator) -> torch.utils.data.Sampler:
+    """Mixed sets: crops drawn per set weight; otherwise every crop once per epoch (or a random
+    ``samples_per_epoch`` of them), sharded over ranks under DDP."""
+    wanted = cfg.data.samples_per_epoch or len(train_ds)
+    if data.mixed:
+        weights = sampling_weights(data.train_items, train_ds.index, cfg.data.datasets)
+        return WeightedEpochSampler(weights, wanted, cfg.seed, ctx.rank, ctx.world_size)
+    if ctx.enabled:
+        from torch.utils.data.distributed import DistributedSampler
+
+        return DistributedSampler(train_ds, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed)
+    return RandomSampler(train_ds, generator=generator, num_samples=min(wanted, len(train_ds)))
+
+
+def _validation_sets(cfg: TrainConfig, data: TrainingData, ctx: DistContext, mean, std, pin: bool
+                     ) -> list[ValidationSet]:
+    """Whole padded validation images, one set per dataset of a mixed run (images of one size
+    each) or one unnamed set; batches hold about ``batch_size`` 256² images' worth of pixels."""
+    if not data.val_items:
+        return []
+    names = list(dict.fromkeys(it.dataset for it in data.val_items)) if data.mixed else [""]
+    sets = []
+    for name in names:
+        members = [it for it in data.val_items if it.dataset == name] if name else data.val_items
+        shard = members[ctx.rank::ctx.world_size]
+        largest = max(it.labels.size for it in members)
+        batch = max(1, min(cfg.batch_size, cfg.batch_size * 256 * 256 // largest))
+        loader = None
+        if shard:
+            ds = PatchDataset(shard, None, multiple_of=cfg.model.output_stride, mean=mean, std=std,
                               distance_targets=cfg.model.distance_head)
-        val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers, pin_memory=pin)
-    return Loaders(train_loader, sampler, generator, val_loader, val_instances)
+            loader = DataLoader(ds, batch_size=batch if name else cfg.batch_size,
+                                num_workers=cfg.data.num_workers, pin_memory=pin)
+        sets.append(ValidationSet(name, members[0].binary, loader, [item_instances(it) for it in shard]))
+    return sets
+
+
+class WeightedEpochSampler(torch.utils.data.Sampler):
+    """``num_samples`` crops per epoch drawn with replacement in proportion to ``weights``, from
+    a generator seeded by (seed, epoch): every rank draws the same list and takes its share, and a
+    resumed run the same draws as an uninterrupted one (``set_epoch`` is called each epoch)."""
+
+    def __init__(self, weights: list[float], num_samples: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.weights = torch.tensor(weights, dtype=torch.float64)
+        self.per_rank = math.ceil(num_samples / world_size)
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        drawn = torch.multinomial(self.weights, self.per_rank * self.world_size, replacement=True, generator=generator)
+        return iter(drawn[self.rank::self.world_size].tolist())

@@ -21,7 +21,6 @@ So one ``medseg train`` command reproduces a model that took several schedules t
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io.images import atomic_write
-from .config import TrainConfig, TrainConfigError, apply_overrides, read_config_mapping
+from .config import TrainConfig, TrainConfigError, apply_overrides, merge_settings, read_config_mapping
 from .trainer import TrainingDone, TrainingError, train
 
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -52,17 +51,6 @@ class StagesDone:
     def checkpoint(self) -> Path | None:
         """The last finished stage's best checkpoint: the model the run was for."""
         return self.results[-1].checkpoint if self.results else None
-
-
-def _merge(base: dict, changes: dict) -> dict:
-    """``base`` with ``changes`` merged in; mappings merge key by key, anything else replaces."""
-    out = copy.deepcopy(base)
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def _key(override: str) -> str:
@@ -103,7 +91,7 @@ def load_train_stages(path: str | Path | None, overrides: list[str] = (), from_s
         for key in ("out_dir", "stages", "resume"):
             if key in spec:
                 raise TrainConfigError(f"{path}: Stage '{name}' sets '{key}', which belongs to the whole run.")
-        merged = apply_overrides(_merge(data, spec), per_stage)
+        merged = apply_overrides(merge_settings(data, spec), per_stage)
         merged["out_dir"] = str(base_out / name)
         if stages and "init_checkpoint" not in spec:
             merged["init_checkpoint"] = str(Path(stages[-1].config.out_dir) / "best.safetensors")

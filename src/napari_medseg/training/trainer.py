@@ -25,14 +25,15 @@ from .config import TrainConfig
 from .data import LabelledImage, normalization_stats
 from .distributed import DistContext, init_distributed, shutdown_distributed
 from .events import BatchDone, EpochDone, TrainingDone, TrainingError
-from .loop import Run, run_epochs
-from .losses import WithDistanceHead, build_loss
+from .loop import USER_STOP, Run, run_epochs
+from .losses import MixedLabels, WithDistanceHead, build_loss
 from .network import Precision, build_training_model, load_growing_head, place_model
 from .optimisation import build_optimisation
 from .progress import Progress
 from .resume import check_same_data, read_resume_for, restore
 from .setup import (TrainingData, build_loaders, configure_runtime, describe_data, load_start_checkpoint,
                     prepare_data)
+from .threshold import retune_threshold
 from .validation import validate
 
 __all__ = ["BatchDone", "EpochDone", "TrainingDone", "TrainingError", "load_growing_head", "train", "validate"]
@@ -59,10 +60,11 @@ def train(cfg: TrainConfig, on_update: Callable[[object], None] | None = None,
 
 def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, device_name: str) -> TrainingDone:
     cfg.check()
+    device = resolve_device(device_name)
+    cfg = cfg.for_device(device.type)  # on a GPU: its on_cuda settings
     given = cfg.to_dict()  # before the start checkpoint and the data change it
     resumed = read_resume_for(cfg.resume, given) if cfg.resume else None
     configure_runtime(cfg)
-    device = resolve_device(device_name)
     out_dir = Path(cfg.out_dir)
     if ctx.is_main:
         check_output_dir(out_dir)
@@ -80,8 +82,9 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
     loaders = build_loaders(cfg, data, ctx, device, mean, std)
     optim = build_optimisation(cfg, model, len(loaders.train), precision.grad_scaler())
     writer = CheckpointWriter(cfg, given, ctx, device, data.classes, {"mean": mean, "std": std},
-                              describe_data(cfg, items is not None, data, loaders.crops_per_epoch))
-    progress = Progress.start(cfg, has_validation=loaders.val is not None)
+                              describe_data(cfg, items is not None, data, loaders.crops_per_epoch),
+                              None if start is None else start.foreground_threshold)
+    progress = Progress.start(cfg, has_validation=bool(loaders.val_sets))
     if resumed is not None:
         tensors, info = resumed
         check_same_data(info, writer.data)
@@ -91,10 +94,20 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
     run_epochs(Run(cfg, ctx, device, model, net, loss_fn, len(data.classes), precision, loaders, optim, writer,
                    progress, emit, should_stop or (lambda: False)))
     ctx.barrier()
+    if ctx.is_main and _tunes_threshold(cfg, start) and data.val_items and progress.best_epoch > 0 \
+            and progress.reason != USER_STOP:
+        retune_threshold(writer.best_path, data.val_items, str(device))
     resume_path = writer.resume_path
     return TrainingDone(writer.best_path if progress.best_epoch > 0 else None, progress.best_epoch, progress.history,
                         bool(progress.reason), progress.reason, resume_path if resume_path.is_file() else None,
                         progress.best_record, cfg.seed)
+
+
+def _tunes_threshold(cfg: TrainConfig, start) -> bool:
+    """``tune_threshold``: auto tunes a model fine-tuned from one whose threshold was tuned."""
+    if cfg.tune_threshold == "auto":
+        return start is not None and start.foreground_threshold is not None
+    return bool(cfg.tune_threshold)
 
 
 def _ignore(update) -> None:
@@ -106,6 +119,8 @@ def _loss_function(cfg: TrainConfig, data: TrainingData, device: torch.device):
     w = data.class_weights
     weights = None if w is None else torch.tensor(w, dtype=torch.float32, device=device)
     loss_fn = build_loss(cfg.loss, weights, num_classes=len(data.classes))
+    if data.has_binary_sets:  # their pixels train the summed nucleus probability only
+        loss_fn = MixedLabels(loss_fn, build_loss(cfg.loss, None, num_classes=2))
     if cfg.model.distance_head:
         loss_fn = WithDistanceHead(loss_fn, len(data.classes), cfg.distance_loss_weight)
     return loss_fn

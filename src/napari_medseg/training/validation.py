@@ -1,8 +1,11 @@
-"""Validation after each epoch: loss, pooled pixel metrics and the binary PQ of the nuclei found."""
+"""Validation after each epoch: loss, pooled pixel metrics and the binary PQ of the nuclei found,
+for the run's validation images, or for each dataset of a mixed run (``validate_sets``)."""
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -12,20 +15,33 @@ from ..evaluation.semantic import semantic_metrics
 from ..nuclei.watershed import semantic_to_instances
 from .distributed import DistContext
 from .losses import IGNORE_INDEX
+from .mixed import BINARY_NUCLEUS
+
+CLASS_METRICS = ("miou", "mean_dice", "per_class_iou")  # about the class split: not for binary sets
+
+
+@dataclass
+class ValidationSet:
+    name: str  # the dataset folder's name; "" for a run's only validation data
+    binary: bool  # nucleus / background codes (training.mixed): scored as nucleus vs background
+    loader: object | None  # this rank's share of its images; None without any
+    instances: list[np.ndarray]  # their ground-truth nuclei, for the bPQ
 
 
 @torch.inference_mode()
 def validate(model, loader, loss_fn, num_classes: int, device, ctx: DistContext | None = None,
              autocast=nullcontext, channels_last: bool = False,
-             gt_instances: list[np.ndarray] | None = None) -> tuple[float, dict]:
+             gt_instances: list[np.ndarray] | None = None, binary: bool = False) -> tuple[float, dict]:
     """Mean loss per image and metrics from one pooled confusion matrix (summed over ranks).
 
     With ``gt_instances`` (one map per validation image, in the loader's order) also ``bpq``:
     binary PQ per image of the nuclei the model's output gives (``semantic_to_instances``,
     seeded by its distance head if it has one), averaged over images with nuclei.
+    ``binary``: the labels are a binary set's codes; the matrix is nucleus vs background.
     """
     model.eval()
-    cm = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    scored = 2 if binary else num_classes
+    cm = torch.zeros(scored * scored, dtype=torch.int64, device=device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
     pq_sum = torch.zeros(2, dtype=torch.float64, device=device)
     seen = 0
@@ -41,7 +57,8 @@ def validate(model, loader, loss_fn, num_classes: int, device, ctx: DistContext 
         loss_sum[1] += len(image)
         pred = logits[:, :num_classes].argmax(1)  # a distance head's channel comes after the classes
         keep = labels != IGNORE_INDEX
-        cm += torch.bincount(labels[keep] * num_classes + pred[keep], minlength=num_classes**2)
+        truth, found = ((labels == BINARY_NUCLEUS).long(), (pred > 0).long()) if binary else (labels, pred)
+        cm += torch.bincount(truth[keep] * scored + found[keep], minlength=scored**2)
         if gt_instances is not None:
             _add_binary_pq(pq_sum, logits, pred, num_classes, gt_instances[seen:seen + len(image)])
         seen += len(image)
@@ -49,13 +66,43 @@ def validate(model, loader, loss_fn, num_classes: int, device, ctx: DistContext 
         ctx.all_sum(cm)
         ctx.all_sum(loss_sum)
         ctx.all_sum(pq_sum)
-    metrics = semantic_metrics(cm.view(num_classes, num_classes).cpu().numpy())
+    metrics = semantic_metrics(cm.view(scored, scored).cpu().numpy())
     summary = {k: metrics[k] for k in ("miou", "mean_dice", "nucleus_dice", "pixel_accuracy")}
     if gt_instances is not None:
         summary["bpq"] = float(pq_sum[0] / pq_sum[1]) if pq_sum[1] > 0 else float("nan")
-    summary["per_class_iou"] = [metrics["per_class"][str(c)]["iou"] for c in range(num_classes)]
+    summary["per_class_iou"] = [metrics["per_class"][str(c)]["iou"] for c in range(scored)]
+    if binary and num_classes > 2:
+        summary = {k: v for k, v in summary.items() if k not in CLASS_METRICS}
     loss = float(loss_sum[0] / loss_sum[1]) if loss_sum[1] > 0 else float("nan")
     return loss, summary
+
+
+def validate_sets(model, sets: list[ValidationSet], loss_fn, num_classes: int, device, ctx: DistContext | None = None,
+                  autocast=nullcontext, channels_last: bool = False) -> tuple[float, dict]:
+    """``validate`` for each set; a run's only unnamed set as it is, several sets as the mean of
+    their figures (class metrics over the class sets) with each set's own under ``sets``."""
+    scores = {s.name: validate(model, s.loader, loss_fn, num_classes, device, ctx, autocast, channels_last,
+                               s.instances, s.binary) for s in sets}
+    if len(sets) == 1 and not sets[0].name:
+        return scores[""]
+    per_set = {name: {"loss": loss, **metrics} for name, (loss, metrics) in scores.items()}
+    summary = _mean_over_sets(list(per_set.values()))
+    summary["sets"] = per_set
+    return summary.pop("loss"), summary
+
+
+def _mean_over_sets(records: list[dict]) -> dict:
+    """Each figure averaged over the sets that have it (a set's undefined bPQ left out)."""
+    keys = dict.fromkeys(k for r in records for k in r)
+    out = {}
+    for key in keys:
+        values = [r[key] for r in records if key in r]
+        if key == "per_class_iou":
+            out[key] = [float(v) for v in np.nanmean(np.array(values, float), axis=0)]
+            continue
+        defined = [v for v in values if math.isfinite(v)]
+        out[key] = float(np.mean(defined)) if defined else float("nan")
+    return out
 
 
 def _add_binary_pq(pq_sum: torch.Tensor, logits: torch.Tensor, pred: torch.Tensor, num_classes: int,
