@@ -6,10 +6,17 @@ different patch per 256² cell). The slide is written tile by tile, so making it
 memory either. Then ``inference.slide.predict_slide``: tissue found on a low level, the model
 over tissue blocks only, nuclei stitched block by block, GeoJSON + CSV + label pyramids.
 
-Prints: slide size, tissue share, seconds per phase (from the progress scale), tissue Mpx/s,
-peak RSS over the run (sampled every 20 ms), nuclei per class. Nothing downloads.
+Prints: slide size, tissue share, seconds per phase, tissue Mpx/s, peak RSS over the run
+(sampled every 20 ms), nuclei per class. Nothing downloads.
+
+``--viewer``: the same from napari's Segment widget instead, as a user does it: the slide opened
+by the reader, a rectangle drawn over ``--region X,Y,W,H`` (level-0 px; default the whole slide),
+the widget's worker writing to the results folder, the results shown as lazy label pyramids.
+A 50 ms QTimer on the GUI thread measures the GUI stall: its largest gap while the worker runs,
+and the gap while the finished results are added as layers (needs a display: xvfb-run).
 
     python benchmarks/bench_wsi.py --width 16384 --height 12288 --threads 2        # as run here (CPU)
+    xvfb-run -a python benchmarks/bench_wsi.py --viewer --width 8192 --height 8192 --region 2048,2048,4096,4096
     python benchmarks/bench_wsi.py --width 61440 --height 40960 --device cuda      # the issue's 40x size
 """
 
@@ -101,6 +108,77 @@ def write_slide(path: Path, height: int, width: int, share: float) -> float:
     return float(cells.mean())
 
 
+def segment_in_viewer(slide_path: Path, out: Path, args) -> None:
+    """The slide segmented from the Segment widget in a shown viewer; prints the GUI stall."""
+    import napari
+    from qtpy.QtCore import QEventLoop, QTimer
+
+    from napari_medseg._napari.segment_widget import FILE_MODEL, SHAPE, WHOLE_SLIDE
+
+    viewer = napari.Viewer(show=True)
+    viewer.window.resize(1600, 1000)
+    (layer,) = viewer.open(str(slide_path), plugin="napari-medseg")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
+    widget.device.value, widget.tile_size.value, widget.results_folder.value = args.device, args.tile, out
+    if args.model != "default":
+        widget.model_source.value, widget.checkpoint.value = FILE_MODEL, args.model
+    if args.region:
+        x, y, w, h = (int(v) for v in args.region.split(","))
+        corners = np.array([[y, x], [y, x + w], [y + h, x + w], [y + h, x]], float) - 0.5  # pixel edges
+        shapes = viewer.add_shapes([corners * np.asarray(layer.scale) + np.asarray(layer.translate)],
+                                   shape_type="rectangle", name="region")
+        widget.target.value, widget.shapes_layer.value = SHAPE, shapes
+    else:
+        widget.target.value = WHOLE_SLIDE
+    ticks, steps, loop = [], [], QEventLoop()
+    timer = QTimer()
+    timer.setInterval(50)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    with PeakRSS() as rss:
+        start_rss, t0 = rss_bytes(), time.perf_counter()
+        worker = widget.run()
+        worker.yielded.connect(lambda _: steps.append(time.perf_counter()))
+        worker.finished.connect(loop.quit)
+        loop.exec()
+        seconds = time.perf_counter() - t0
+    timer.stop()
+    result = widget.last_slide_result
+    if result is None or not steps:
+        raise SystemExit(f"the run failed: {widget.status.value}")
+    _print_result(result, seconds, rss, start_rss, f"from the viewer (device {widget.device.value})")
+    stalls = gui_stalls(np.asarray(ticks), t0, steps[0], steps[-1], time.perf_counter())
+    print("GUI stall, largest gap of a 50 ms QTimer on the GUI thread: " + "; ".join(
+        f"{gap:.0f} ms {what} ({seconds_in:.0f} s)" for what, (gap, seconds_in) in stalls.items()))
+    print(f"status: {widget.status.value}")
+    print(f"gui_gap_segmenting_ms={stalls['while segmenting'][0]:.0f} "
+          f"mpx_per_s={result.segmented_px / 1e6 / seconds:.3f} peak_rss_gb={rss.peak / 2**30:.2f}")
+    viewer.close()
+
+
+def gui_stalls(ticks: np.ndarray, start: float, first_step: float, last_step: float, end: float) -> dict:
+    """The largest gap between timer ticks (ms) and the seconds of each part of a run: loading the
+    model and finding tissue (before the first step), segmenting (the steps), adding the layers."""
+    parts = {"loading the model": (start, first_step), "while segmenting": (first_step, last_step),
+             "adding the result layers": (last_step, end)}
+    stalls = {}
+    for what, (t0, t1) in parts.items():
+        inside = np.concatenate([[t0], ticks[(ticks > t0) & (ticks < t1)], [t1]])
+        stalls[what] = (np.diff(inside).max() * 1000, t1 - t0)
+    return stalls
+
+
+def _print_result(result, seconds: float, rss, start_rss: int, how: str) -> None:
+    tissue_mpx = result.segmented_px / 1e6
+    print(f"segmented {how}: region {result.region}, {tissue_mpx:.0f} Mpx of tissue blocks; "
+          f"tissue mask {result.tissue_fraction:.1%} of the slide")
+    phases = ", ".join(f"{name} {value:.1f} s" for name, value in result.seconds.items())
+    print(f"total {seconds:.1f} s ({phases}): {tissue_mpx / seconds:.2f} Mpx/s of tissue end to end, "
+          f"{tissue_mpx / result.seconds['model']:.2f} Mpx/s in the model phase")
+    print(f"peak RSS {rss.peak / 2**30:.2f} GiB (start {start_rss / 2**30:.2f} GiB); "
+          f"nuclei {result.nuclei}: {result.counts}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--width", type=int, default=16384)
@@ -111,6 +189,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--workdir", default=None, help="where the slide and results go (a temp folder if unset)")
+    parser.add_argument("--viewer", action="store_true", help="segment from napari's Segment widget; GUI stall")
+    parser.add_argument("--region", metavar="X,Y,W,H", help="with --viewer: a rectangle drawn over this region")
     args = parser.parse_args()
 
     import torch
@@ -118,6 +198,7 @@ def main() -> None:
     from napari_medseg.inference import Segmenter
     from napari_medseg.inference.settings import TileSettings
     from napari_medseg.inference.slide import predict_slide
+    from napari_medseg.io.slide_outputs import fresh_results_folder
     from napari_medseg.io.slides import open_slide
 
     if args.threads:
@@ -128,21 +209,19 @@ def main() -> None:
     share = write_slide(work / "slide.tif", args.height, args.width, args.tissue)
     print(f"slide: {args.width} x {args.height} px ({args.width * args.height / 1e6:.0f} Mpx), tissue {share:.1%} "
           f"of the cells, written in {time.perf_counter() - started:.0f} s ({(work / 'slide.tif').stat().st_size / 1e6:.0f} MB)")
+    out = fresh_results_folder(work, "out")  # never into an earlier run's results
+    if args.viewer:
+        return segment_in_viewer(work / "slide.tif", out, args)
     segmenter = Segmenter.load(args.model, device=args.device)
     slide = open_slide(work / "slide.tif")
     settings = TileSettings(tile_size=args.tile)
     with PeakRSS() as rss:
         start_rss, t0 = rss_bytes(), time.perf_counter()
-        result = predict_slide(segmenter, slide, work / "out", settings=settings)
+        result = predict_slide(segmenter, slide, out, settings=settings)
         seconds = time.perf_counter() - t0
     tissue_mpx = result.segmented_px / 1e6
-    print(f"segmented (tissue blocks): {tissue_mpx:.0f} Mpx of {args.width * args.height / 1e6:.0f}; "
-          f"tissue mask {result.tissue_fraction:.1%}")
-    phases = ", ".join(f"{name} {value:.1f} s" for name, value in result.seconds.items())
-    print(f"total {seconds:.1f} s ({phases}): {tissue_mpx / seconds:.2f} Mpx/s of tissue end to end, "
-          f"{tissue_mpx / result.seconds['model']:.2f} Mpx/s in the model phase")
-    print(f"peak RSS {rss.peak / 2**30:.2f} GiB (start {start_rss / 2**30:.2f} GiB); nuclei {result.nuclei}: {result.counts}")
-    print(f"device {segmenter.device}, torch threads {torch.get_num_threads()}, results in {work / 'out'}")
+    _print_result(result, seconds, rss, start_rss, "by predict_slide")
+    print(f"device {segmenter.device}, torch threads {torch.get_num_threads()}, results in {out}")
     print(f"mpx_per_s={tissue_mpx / seconds:.3f} peak_rss_gb={rss.peak / 2**30:.2f} nuclei={result.nuclei}")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -112,11 +113,14 @@ class _DarkNuclei:
 
     classes, has_distance_head = ["background", "nucleus"], False
 
-    def iter_segment(self, image, settings=None, postprocess=None, distance_out=None):
+    def iter_segment(self, image, settings=None, postprocess=None, distance_out=None, pixel_size_um=None):
         yield 1, 2
         labels = (np.asarray(image).mean(-1) < 120).astype(np.uint8)
         yield 2, 2
         return labels
+
+    def scale_for(self, pixel_size_um):
+        return 1.0  # it works at any pixel size
 
 
 def test_glass_is_never_read_at_full_resolution(he_slide):
@@ -253,20 +257,85 @@ def test_predict_slide_runs_a_real_model(he_slide, tmp_path, tiny_checkpoint):
     assert result.segmented_px == 384 * 256
 
 
-def test_a_cancelled_slide_run_leaves_no_half_written_export(he_slide, tmp_path):
+def test_a_cancelled_slide_run_leaves_nothing(he_slide, tmp_path):
+    """Cancelled in the nuclei step, with the outlines half-written: no store, export or temp file is left."""
     from napari_medseg.inference.regions import Region
     from napari_medseg.inference.slide import predict_slide
     from napari_medseg.io.slides import open_slide
     from napari_medseg.steps import Cancelled
 
-    calls = []
-    with pytest.raises(Cancelled):  # cancelled in the nuclei step, with the exports open
+    def outlines_written() -> bool:
+        return any(p.stat().st_size > 1000 for p in tmp_path.glob(".synthetic_nuclei.geojson.*.part"))
+
+    with pytest.raises(Cancelled):
         predict_slide(_DarkNuclei(), open_slide(he_slide[0]), tmp_path, Region(1200, 200, 700, 600), block=256,
-                      nuclei_block=256, progress=lambda d, t: calls.append((d, t)),
-                      should_cancel=lambda: bool(calls) and calls[-1][0] >= calls[-1][1] - 10)  # 9 nuclei blocks + 4
+                      nuclei_block=256, should_cancel=outlines_written)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_results_are_never_overwritten(he_slide, tmp_path):
+    """A second run into a folder holding this slide's results is refused before any work, naming
+    the folder and the fix; the first run's files stay as they were."""
+    from napari_medseg.inference.regions import Region
+    from napari_medseg.inference.slide import predict_slide
+    from napari_medseg.io.outputs import OutputFolderError
+    from napari_medseg.io.slides import open_slide
+
+    slide = open_slide(he_slide[0])
+    first = predict_slide(_DarkNuclei(), slide, tmp_path, Region(1280, 256, 256, 256), block=256, nuclei=False)
+    assert sorted(first.files) == ["classes_tiff", "store"]
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    refused = f"{tmp_path} already holds results of 'synthetic'.*another output folder"
+    with pytest.raises(OutputFolderError, match=refused):
+        predict_slide(_DarkNuclei(), slide, tmp_path, Region(1280, 512, 256, 256), block=256, nuclei=False)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+
+
+def test_a_polygon_region_is_background_outside(he_slide, tmp_path):
+    """A polygon's bounding box is segmented, its outside set to background, its classes counted inside."""
+    import zarr
+    from skimage.draw import polygon2mask
+
+    from napari_medseg.inference.slide import predict_slide
+    from napari_medseg.io.slides import open_slide
+
+    path, image = he_slide
+    triangle = np.array([[300.0, 1300.0], [1200.0, 1350.0], [700.0, 2200.0]])  # (y, x) level-0 px
+    result = predict_slide(_DarkNuclei(), open_slide(path), tmp_path, polygon=triangle, block=256)
+    assert (result.region.x, result.region.y, result.region.width, result.region.height) == (1300, 300, 901, 901)
+    classes = np.asarray(zarr.open_group(str(tmp_path / "synthetic.zarr"), mode="r")["classes/0"])
+    inside = polygon2mask(classes.shape, triangle)
+    dark = image.mean(-1) < 120
+    np.testing.assert_array_equal(classes[inside] > 0, dark[inside])
+    assert dark[~inside & (classes == 0)].any() and not classes[~inside].any()
+    assert result.class_px == {"nucleus": int(dark[inside].sum())} and result.region_px == int(inside.sum())
+    assert 0 < result.nuclei and sum(result.counts.values()) == result.nuclei
+
+
+def test_a_cancel_lands_within_a_pyramid_or_tiff_step(tmp_path):
+    """Pyramid levels and the OME-TIFF are written a block / a row of tiles per step, so a cancel
+    waits for one of those, not a level or a whole file; the cancelled TIFF is removed."""
     import zarr
 
-    store = zarr.open_group(str(tmp_path / "synthetic.zarr"), mode="r")
-    assert np.asarray(store["instances/0"]).any()  # it was cut in the nuclei step, some blocks done
-    assert not list(tmp_path.glob("*.part"))
-    assert not list(tmp_path.glob("*.geojson")) and not list(tmp_path.glob("*.csv"))
+    from napari_medseg.io.slide_outputs import (create_result_store, iter_build_pyramid, iter_write_pyramid_tiff,
+                                                pyramid_levels, pyramid_steps)
+    from napari_medseg.steps import Cancelled, run_steps
+
+    store = create_result_store(tmp_path / "s.zarr", (6000, 5000), {"instances": "int32"})
+    rng = np.random.default_rng(0)
+    store["instances/0"][:] = rng.integers(0, 1 << 20, (6000, 5000), dtype=np.int32)
+    steps = list(iter_build_pyramid(store["instances"]))
+    assert len(steps) == pyramid_steps((6000, 5000)) == 9 + 4 + 1 + 1 and steps[-1] == (15, 15)
+    assert pyramid_steps((6000, 5000), bounds=(0, 100, 0, 3000)) == 2 + 1 + 1 + 1  # a region's blocks only
+    levels = pyramid_levels(zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["instances"])
+    np.testing.assert_array_equal(levels[2], store["instances/0"][::4, ::4][:1500, :1250])
+
+    target = tmp_path / "s.ome.tif"
+    calls = []
+    with pytest.raises(Cancelled):
+        run_steps(iter_write_pyramid_tiff(target, store["instances"]), lambda d, t: calls.append(time.perf_counter()),
+                  should_cancel=lambda: len(calls) == 3)
+    gaps = np.diff(calls)
+    cancelled = time.perf_counter() - calls[-1]
+    assert gaps.max() < 1.0 and cancelled < 1.0, (gaps, cancelled)
+    assert not target.exists() and [p.name for p in tmp_path.iterdir()] == ["s.zarr"]

@@ -1,9 +1,17 @@
 """Segment widget: pick an image layer and a model, segment off the GUI thread (the model loads
 there too), get a class map and its nuclei (outlined over the class colours), then re-threshold
-them without running the network again."""
+them without running the network again.
+
+What to segment: the whole image (in memory), the field of view or a rectangle / polygon drawn in
+a Shapes layer (a crop of an image; of a slide, a region streamed to disk), or a whole slide. A
+slide opened by the reader (``metadata['slide']``) runs ``inference.slide.iter_predict_slide``:
+the results land in a results folder and come back as multiscale Labels read lazily from zarr.
+"""
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,17 +22,23 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpin
 from ..devices import available_devices
 from ..errors import MedsegError
 from ..inference.postprocess import PostprocessSettings
+from ..inference.regions import Region
 from ..inference.rethreshold import KeptRun, Thresholds, iter_segment_keeping
 from ..inference.segmenter import Segmenter
 from ..inference.settings import BLENDS, TileSettings
+from ..inference.slide import SlideResult, iter_predict_slide
+from ..io.images import file_stem
+from ..io.slide_outputs import fresh_results_folder, pyramid_levels
+from ..io.slides import open_slide
 from ..nuclei.measure import nucleus_count
 from ..nuclei.votes import instance_classes
 from ..nuclei.watershed import INSTANCE_MAX_PIXELS, InstanceSettings
-from ..steps import run_steps
+from ..steps import Cancelled, run_steps
 from .common import WidgetInputError, report_error, start_worker
-from .layers import (class_labels_kwargs, image_layers, instance_labels_kwargs, legend_html, placement,
-                     wrapping_label)
+from .layers import (class_labels_kwargs, image_layers, instance_labels_kwargs, legend_html, pixel_size_um,
+                     placement, wrapping_label)
 from .model_list import DEFAULT_MODEL, FILE_MODEL, follow_trained_models, trained_models
+from .view_regions import drawn_shape, field_of_view, inside, region_placement, shapes_layers
 from .torch_import import import_torch_dynamo
 
 if TYPE_CHECKING:
@@ -32,6 +46,9 @@ if TYPE_CHECKING:
 
 RETHRESHOLD_DEBOUNCE_MS = 150
 NUCLEUS_OUTLINE_PX = 2
+WHOLE_IMAGE, FIELD_OF_VIEW, SHAPE, WHOLE_SLIDE = "whole image", "field of view", "drawn shape", "whole slide"
+TARGETS = (WHOLE_IMAGE, FIELD_OF_VIEW, SHAPE, WHOLE_SLIDE)
+RESULTS_HOME = Path("napari-medseg") / "results"  # under the home folder: a slide's own folder may be read-only
 
 
 class SegmentWidget(Container):
@@ -45,9 +62,11 @@ class SegmentWidget(Container):
         self._viewer = napari_viewer
         self._worker = self._rethreshold_worker = self._timer = None
         self._segmenter_cache: tuple[tuple, Segmenter] | None = None
+        self._cancel_requested = threading.Event()
+        self._mask: np.ndarray | None = None  # the last in-memory run's polygon, over its crop
         self._model_threshold: float | None = None
         self.kept: KeptRun | None = None
-        self.last_layer = self.last_instances_layer = None
+        self.last_layer = self.last_instances_layer = self.last_slide_result = None
         self.advanced = Container(widgets=self._setting_controls(), labels=True)
         self.extend([*self._input_controls(), *self._threshold_controls(), self.show_advanced, self.advanced,
                      *self._action_controls()])
@@ -61,7 +80,22 @@ class SegmentWidget(Container):
         self.device = ComboBox(label="device", choices=available_devices(), value="auto")
         self.nuclei = CheckBox(text="nucleus instances (outlined)", value=True,
                                tooltip="Seeded by the model's distance map where it has one.")
-        return [self.image_layer, self.model_source, self.checkpoint, self.device, self.nuclei]
+        return [self.image_layer, *self._target_controls(), self.model_source, self.checkpoint, self.device,
+                self.nuclei]
+
+    def _target_controls(self) -> list:
+        """What to segment, the Shapes layer of a drawn shape, and where a slide's results go."""
+        self.target = ComboBox(label="segment", choices=TARGETS, value=WHOLE_IMAGE,
+                               tooltip="The whole image (in memory: small images), what the canvas shows, the "
+                                       "selected (else last) rectangle or polygon of a Shapes layer, or a whole "
+                                       "slide opened by napari-medseg (streamed to disk, glass skipped).")
+        self.shapes_layer = ComboBox(label="shapes", choices=lambda _w=None: shapes_layers(self._viewer),
+                                     visible=False)
+        self.results_folder = FileEdit(label="results folder", mode="d", visible=False,
+                                       tooltip=f"Where a slide's results go (zarr, OME-TIFF, GeoJSON, CSV); empty: "
+                                               f"~/{RESULTS_HOME}/<slide>, a new folder each run. A folder that "
+                                               "holds results of the slide is refused, never overwritten.")
+        return [self.target, self.shapes_layer, self.results_folder]
 
     def _threshold_controls(self) -> list:
         """What re-thresholding changes: these update the last result without the network."""
@@ -105,6 +139,8 @@ class SegmentWidget(Container):
         self.advanced.visible = False
         self.show_advanced.changed.connect(lambda v: setattr(self.advanced, "visible", v))
         self.model_source.changed.connect(lambda v: setattr(self.checkpoint, "visible", v == FILE_MODEL))
+        self.target.changed.connect(self._show_target_controls)
+        self.image_layer.changed.connect(self._show_target_controls)
         follow_trained_models(self.model_source)  # models from the Train widget
         self.run_button.changed.connect(lambda: self.run())
         self.cancel_button.changed.connect(self.cancel)
@@ -113,7 +149,24 @@ class SegmentWidget(Container):
         self._viewer.layers.events.inserted.connect(self.reset_choices)
         self._viewer.layers.events.removed.connect(self.reset_choices)
 
+    def _show_target_controls(self, *_) -> None:
+        self.shapes_layer.visible = self.target.value == SHAPE
+        self.results_folder.visible = self._slide_info() is not None and self.target.value != WHOLE_IMAGE
+
     # -- helpers -----------------------------------------------------------------
+    def _slide_info(self) -> dict | None:
+        """The chosen layer's slide (path, pixel size, vendor), when the reader opened it as one."""
+        layer = self.image_layer.value
+        return getattr(layer, "metadata", {}).get("slide") if layer is not None else None
+
+    def _results_folder(self, slide_path: str) -> Path:
+        """The chosen results folder, else a new one under ``~/napari-medseg/results``."""
+        text = str(self.results_folder.value or "").strip()
+        if text not in ("", "."):
+            folder = Path(text).expanduser()
+            return folder if folder.is_absolute() else Path.home() / folder
+        return fresh_results_folder(Path.home() / RESULTS_HOME, file_stem(Path(slide_path)))
+
     def _model_choices(self, _widget=None) -> list:
         return [DEFAULT_MODEL, *trained_models.names(), FILE_MODEL]
 
@@ -153,31 +206,81 @@ class SegmentWidget(Container):
 
     # -- actions -----------------------------------------------------------------
     def _prepare(self):
-        """A step generator for the chosen image and settings (it loads the model first), and the
-        image layer; raises a ``MedsegError`` on a bad file, setting or image."""
+        """A generator function for the chosen image, part and settings (it loads the model
+        first); raises a ``MedsegError`` on a bad file, setting, image or region."""
         layer = self.image_layer.value
         if layer is None:
             raise WidgetInputError("Choose an image layer to segment.")
         key = (self._model_ref(), self.device.value)
-        # full resolution of a pyramid; lazy (dask/zarr) data stays lazy: the engine reads strips
-        image = layer.data[0] if layer.multiscale else layer.data
+        image = layer.data[0] if layer.multiscale else layer.data  # lazy (dask/zarr) data stays lazy
         if layer.rgb is False and image.ndim == 3 and image.shape[-1] not in (3, 4):
             raise WidgetInputError(
                 f"'{layer.name}' is a stack of shape {tuple(image.shape)}; segmenting stacks is not supported, "
                 "open a single 2-D image (or one plane of the stack as its own layer)."
             )
+        region, polygon = self._part(layer)
+        if region is not None:
+            region = region.checked(tuple(image.shape[:2]))
+        slide = self._slide_info()
+        if self.target.value == WHOLE_SLIDE and slide is None:
+            raise WidgetInputError(f"'{layer.name}' was not opened as a slide (drag the slide file into napari, or "
+                                   f"open it with the napari-medseg reader); choose '{WHOLE_IMAGE}' for an image.")
+        if slide is not None and self.target.value != WHOLE_IMAGE:
+            return self._slide_job(key, layer, slide, region, polygon)
+        return self._image_job(key, layer, image, region, polygon)
+
+    def _part(self, layer) -> tuple[Region | None, np.ndarray | None]:
+        """The chosen part of ``layer`` in its level-0 px: a rectangle, and the polygon inside it."""
+        if self.target.value == FIELD_OF_VIEW:
+            return field_of_view(self._viewer, layer), None
+        if self.target.value == SHAPE:
+            return drawn_shape(self.shapes_layer.value, layer)
+        return None, None
+
+    def _configure(self):
+        """The settings of a run, read here on the GUI thread: a function that, given the loaded
+        segmenter (in the worker), sets its threshold and returns its tile and nucleus settings."""
+        tiles, chosen = self.tile_settings(), (self.threshold.value, self.marker_threshold.value,
+                                               self.min_nucleus.value)
+
+        def configure(segmenter: Segmenter) -> tuple[TileSettings, InstanceSettings]:
+            thresholds = Thresholds(chosen[0] or segmenter.meta.foreground_threshold, *chosen[1:])
+            segmenter.foreground_threshold = thresholds.nucleus
+            return (tiles.checked(segmenter.meta.model.output_stride),
+                    InstanceSettings(marker_threshold=thresholds.marker, min_size=thresholds.min_size))
+
+        return configure
+
+    def _image_job(self, key, layer, image, region: Region | None, polygon: np.ndarray | None):
+        """In memory, the whole image or a crop of it (outside a polygon: background)."""
+        if region is not None:
+            image = image[region.slices]
+        mask = None if polygon is None else inside(polygon, region)
         cleanup = PostprocessSettings(self.min_object_size.value, self.fill_holes.value)
-        tiles, nuclei = self.tile_settings(), self.nuclei.value
-        chosen = (self.threshold.value, self.marker_threshold.value, self.min_nucleus.value)
+        configure, nuclei, size = self._configure(), self.nuclei.value, pixel_size_um(layer)
 
         def job():  # in the worker: widgets are read above, on the GUI thread
             segmenter = self._segmenter(key)
-            settings = tiles.checked(segmenter.meta.model.output_stride)
-            thresholds = Thresholds(chosen[0] or segmenter.meta.foreground_threshold, *chosen[1:])
-            segmenter.foreground_threshold = thresholds.nucleus
-            instance_settings = InstanceSettings(marker_threshold=thresholds.marker, min_size=thresholds.min_size)
-            result = yield from iter_segment_keeping(segmenter, image, settings, cleanup, instance_settings, nuclei)
-            return (*result, segmenter, layer)
+            settings, instance_settings = configure(segmenter)
+            result = yield from iter_segment_keeping(segmenter, image, settings, cleanup, instance_settings, nuclei,
+                                                     pixel_size_um=size)
+            return _ImageRun(*result, segmenter, layer, region, mask)
+
+        return job
+
+    def _slide_job(self, key, layer, slide: dict, region: Region | None, polygon: np.ndarray | None):
+        """A slide's region (or all of it) streamed to the results folder, as ``medseg predict SLIDE``."""
+        out = self._results_folder(slide["path"])
+        cleanup = PostprocessSettings(self.min_object_size.value, self.fill_holes.value)
+        configure, nuclei = self._configure(), self.nuclei.value
+
+        def job():
+            segmenter = self._segmenter(key)
+            settings, instance_settings = configure(segmenter)
+            result = yield from iter_predict_slide(segmenter, open_slide(slide["path"]), out, region, settings,
+                                                   instance_settings, nuclei=nuclei, postprocess=cleanup,
+                                                   polygon=polygon, flag="results folder")
+            return _SlideRun(result, segmenter, layer)
 
         return job
 
@@ -186,14 +289,16 @@ class SegmentWidget(Container):
         and returns the class-map layer; otherwise returns the started worker."""
         try:
             job = self._prepare()
-        except MedsegError as exc:  # bad model/file/settings/image: report, add nothing
+        except MedsegError as exc:  # bad model/file/settings/image/region: report, add nothing
             return self._fail(exc)
         self.status.value = f"Loading the model, then segmenting '{self.image_layer.value.name}'..."
         self.progress.max, self.progress.value = 0, 0  # busy until the first tile reports
         self._set_running(True)
+        self._cancel_requested = threading.Event()
+        steps = _until_cancelled(job, self._cancel_requested)
         if not threaded:
-            return self._run_here(job())
-        self._worker = start_worker(job, on_error=self._on_error, yielded=self._on_progress, returned=self._on_done,
+            return self._run_here(steps())
+        self._worker = start_worker(steps, on_error=self._on_error, yielded=self._on_progress, returned=self._on_done,
                                     aborted=self._on_cancelled, finished=lambda: setattr(self, "_worker", None))
         return self._worker
 
@@ -210,8 +315,9 @@ class SegmentWidget(Container):
     def cancel(self) -> None:
         if self._worker is not None:
             self.status.value = "Cancelling..."
-            # takes effect at the next yield: after the current batch, or the current watershed step
-            self._worker.quit()
+            # takes effect at the next step (a batch, a watershed step, a block or a row of tiles): the
+            # job is closed in the worker, so a slide run's half-written files are removed there
+            self._cancel_requested.set()
 
     def _on_progress(self, step: tuple[int, int]) -> None:
         done, total = step
@@ -221,6 +327,8 @@ class SegmentWidget(Container):
         self.progress.value = done
 
     def _on_error(self, exc: BaseException) -> None:
+        if isinstance(exc, Cancelled):
+            return self._on_cancelled()
         self._fail(exc)
         if self._segmenter_cache is not None and self._segmenter_cache[1].device.type != "cpu":
             self._segmenter_cache[1].release()
@@ -233,26 +341,55 @@ class SegmentWidget(Container):
             self._segmenter_cache[1].release()
             self._segmenter_cache = None
 
-    def _on_done(self, result):
-        """``result``: (class map, instances or None, KeptRun or None, segmenter, image layer)."""
-        labels, instances, kept, segmenter, image_layer = result
-        self.kept, self._classes, self._colors = kept, segmenter.classes, segmenter.meta.colors
+    def _on_done(self, run):
+        """``run``: an ``_ImageRun`` (arrays in memory) or a ``_SlideRun`` (files on disk)."""
+        segmenter = run.segmenter
+        self._classes, self._colors = segmenter.classes, segmenter.meta.colors
         self._model_threshold = segmenter.meta.foreground_threshold
-        self._report = segmenter.last_report
-        name = f"{image_layer.name} segmentation"
-        self.last_layer = self._viewer.add_labels(labels, **class_labels_kwargs(
-            name, self._classes, self._colors, **placement(image_layer)))
-        self.last_instances_layer = None
-        if instances is not None:
-            self.last_instances_layer = self._viewer.add_labels(instances, **self._instance_kwargs(
-                f"{image_layer.name} nuclei", labels, instances), **placement(image_layer))
-            self.last_instances_layer.contour = NUCLEUS_OUTLINE_PX
-        self.status.value = self._summary(labels, instances, segmenter.foreground_threshold)
+        if isinstance(run, _SlideRun):
+            self._show_slide_result(run)
+        else:
+            self._show_image_result(run)
         self.legend.value = legend_html(self._classes, self._colors)
         self._set_running(False)
         if segmenter.device.type != "cpu":
             segmenter.release()  # give the GPU memory back between runs
         return self.last_layer
+
+    def _show_image_result(self, run: "_ImageRun") -> None:
+        self.kept, self._mask, self._report = run.kept, run.mask, run.segmenter.last_report
+        self.last_slide_result = None
+        labels, instances = self._masked(run.labels), self._masked(run.instances)
+        where = region_placement(run.layer, run.region)
+        self.last_layer = self._viewer.add_labels(labels, **class_labels_kwargs(
+            f"{run.layer.name} segmentation", self._classes, self._colors, **where))
+        self.last_instances_layer = None
+        if instances is not None:
+            self.last_instances_layer = self._viewer.add_labels(instances, **self._instance_kwargs(
+                f"{run.layer.name} nuclei", labels, instances), **where)
+            self.last_instances_layer.contour = NUCLEUS_OUTLINE_PX
+        self.status.value = self._summary(labels, instances, run.segmenter.foreground_threshold)
+
+    def _show_slide_result(self, run: "_SlideRun") -> None:
+        """The run's zarr pyramids as multiscale Labels, read lazily, placed as the slide is."""
+        import zarr
+
+        # nothing is kept in memory: the thresholds apply to the next run
+        self.kept, self.last_slide_result = None, run.result
+        root = zarr.open_group(str(run.result.files["store"]), mode="r")
+        where, name = placement(run.layer), run.layer.name
+        self.last_layer = self._viewer.add_labels(**_pyramid(root["classes"]), **class_labels_kwargs(
+            f"{name} segmentation", self._classes, self._colors, **where))
+        self.last_instances_layer = None
+        if "instances" in root:
+            self.last_instances_layer = self._viewer.add_labels(
+                **_pyramid(root["instances"]), **instance_labels_kwargs(f"{name} nuclei", **where))
+            self.last_instances_layer.contour = NUCLEUS_OUTLINE_PX
+        self.status.value = slide_summary(run.result)
+
+    def _masked(self, array: np.ndarray | None) -> np.ndarray | None:
+        """``array`` with the outside of the run's polygon as background."""
+        return array if array is None or self._mask is None else np.where(self._mask, array, 0).astype(array.dtype)
 
     def _instance_kwargs(self, name: str, labels: np.ndarray, instances: np.ndarray) -> dict:
         return instance_labels_kwargs(name, self._classes, self._colors, instance_classes(instances, labels))
@@ -293,6 +430,7 @@ class SegmentWidget(Container):
         labels, instances, thresholds = result
         if self.last_layer is None or self.last_layer not in self._viewer.layers:
             return None
+        labels, instances = self._masked(labels), self._masked(instances)
         self.last_layer.data = labels
         if instances is not None and self.last_instances_layer in self._viewer.layers:
             meta = self._instance_kwargs(self.last_instances_layer.name, labels, instances)["metadata"]
@@ -315,3 +453,64 @@ class SegmentWidget(Container):
             parts.append(f"{self._report.skipped_background}/{self._report.tiles} glass tiles skipped")
         parts += self._report.notes
         return "Done: " + "; ".join(parts)
+
+
+@dataclass
+class _ImageRun:
+    """An in-memory run: its arrays, and where they sit in the image (``region``, ``mask``)."""
+
+    labels: np.ndarray
+    instances: np.ndarray | None
+    kept: KeptRun | None
+    segmenter: Segmenter
+    layer: object
+    region: Region | None
+    mask: np.ndarray | None
+
+
+@dataclass
+class _SlideRun:
+    """A slide run: what ``iter_predict_slide`` made, on disk."""
+
+    result: SlideResult
+    segmenter: Segmenter
+    layer: object
+
+
+def _until_cancelled(job, cancel: threading.Event):
+    """A generator function: ``job()``'s steps until ``cancel`` is set, then ``job``'s generator is
+    closed where it runs (its half-written files go, off the GUI thread) and ``Cancelled`` raised."""
+
+    def steps():
+        inner = job()
+        while True:
+            if cancel.is_set():
+                inner.close()
+                raise Cancelled("Cancelled.")
+            try:
+                step = next(inner)
+            except StopIteration as finished:
+                return finished.value
+            yield step
+
+    return steps
+
+
+def _pyramid(group) -> dict:
+    """A zarr multiscale group as ``add_labels`` arguments (levels read lazily)."""
+    levels = pyramid_levels(group)
+    return {"data": levels if len(levels) > 1 else levels[0], "multiscale": len(levels) > 1}
+
+
+def slide_summary(result: SlideResult) -> str:
+    """What a slide run found: nuclei per class and each class's share of the region, and where
+    its files are."""
+    r, parts = result.region, []
+    if "geojson" in result.files:
+        counts = ", ".join(f"{name} {n}" for name, n in result.counts.items())
+        parts.append(f"{result.nuclei} nuclei" + (f" ({counts})" if counts else ""))
+    shares = ", ".join(f"{name} {100 * n / max(result.region_px, 1):.1f}%" for name, n in result.class_px.items())
+    parts.append(f"{shares} of the region x={r.x}, y={r.y}, {r.width} x {r.height} px")
+    parts.append(f"{result.segmented_px / 1e6:.1f} Mpx of tissue segmented")
+    parts.append(f"results in {result.files['store'].parent}")
+    return "Done: " + "; ".join(parts)

@@ -1,9 +1,12 @@
 """``medseg predict SLIDE``: a region (or the whole slide) segmented at flat memory, its nuclei
 cut block by block, and the results written for QuPath and napari.
 
-One step generator over three phases on one progress scale: the model over tissue blocks
-(``regions``), nuclei stitched block by block (``nuclei.stitch``, with the GeoJSON outlines and
-CSV rows of each block written as it is done), then the label pyramids (zarr, OME-TIFF).
+One step generator over the phases of a run on one progress scale: the model over tissue blocks
+(``regions``), the class map cut to the region's polygon and counted, nuclei stitched block by
+block (``nuclei.stitch``, with the GeoJSON outlines and CSV rows of each block written as it is
+done), then the label pyramids (zarr, OME-TIFF). Every phase steps block by block or tile row by
+tile row, so a cancel lands within about a second; the files are renamed into place only when
+the whole run is done (``SlideResultFiles``), so a cancelled run leaves none.
 """
 
 from __future__ import annotations
@@ -17,71 +20,66 @@ import numpy as np
 
 from ..colors import class_colors
 from ..io.images import file_stem
-from ..io.slide_outputs import (CSVStream, GeoJSONStream, build_pyramid, create_result_store, write_pyramid_tiff)
+from ..io.slide_outputs import (CSVStream, GeoJSONStream, SlideResultFiles, create_result_store, iter_build_pyramid,
+                                iter_write_pyramid_tiff, pyramid_shapes, pyramid_steps, tiff_steps)
 from ..nuclei.measure import object_table
 from ..nuclei.stitch import BLOCK as NUCLEI_BLOCK
 from ..nuclei.stitch import NucleiBlock, block_grid, iter_stitched_instances
 from ..nuclei.watershed import InstanceSettings
 from ..steps import offset_steps, run_steps
-from .regions import (BLOCK, PROGRESS_PER_BLOCK, Region, TissueSettings, find_tissue, iter_segment_region,
-                      region_blocks, whole_slide)
+from .regions import (BLOCK, PROGRESS_PER_BLOCK, Region, TissueMask, TissueSettings, find_tissue,
+                      iter_segment_region, region_blocks, whole_slide)
 from .postprocess import PostprocessSettings
+from .rescale import settings_at_image_scale
 from .settings import TileSettings
 
 
 @dataclass
 class SlideResult:
-    """What a slide run made: the region, how much of it was tissue, the nuclei per class, the files."""
+    """What a slide run made: the region, how much of it was tissue, the nuclei and the class
+    map's pixels per class (of the region, or of its polygon), the files."""
 
     region: Region
     tissue_fraction: float
     segmented_px: int
     nuclei: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    class_px: dict[str, int] = field(default_factory=dict)
+    region_px: int = 0  # level-0 px of the region (inside its polygon, when it has one)
     files: dict[str, Path] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)  # per phase: model, nuclei, pyramids
+    seconds: dict[str, float] = field(default_factory=dict)  # per phase: model, classes, nuclei, pyramids
 
 
 def iter_predict_slide(segmenter, slide, out_dir: str | os.PathLike, region: Region | None = None,
                        settings: TileSettings | None = None, instance_settings: InstanceSettings | None = None,
                        tissue_settings: TissueSettings | None = None, nuclei: bool = True, block: int = BLOCK,
-                       nuclei_block: int = NUCLEI_BLOCK, postprocess: PostprocessSettings | None = None):
+                       nuclei_block: int = NUCLEI_BLOCK, postprocess: PostprocessSettings | None = None,
+                       polygon: np.ndarray | None = None, flag: str = "--out"):
     """Generator: yields ``(done, total)``; returns a ``SlideResult``. Files go to ``out_dir``:
     ``<slide>.zarr`` (multiscale ``classes`` and ``instances``, aligned with the slide),
     ``<slide>_labels.ome.tif`` (class map), and with ``nuclei``: ``<slide>_instances.ome.tif``,
-    ``<slide>_nuclei.geojson`` (QuPath, level-0 px) and ``<slide>_nuclei.csv`` (areas in µm²)."""
-    started = time.perf_counter()
-    region = (region or whole_slide(slide)).checked(slide.shape)
-    out_dir, stem = Path(out_dir), file_stem(slide.path)
-    tissue = find_tissue(slide, tissue_settings)
-    seg_total = PROGRESS_PER_BLOCK * sum(tissue.any_in(*b) for b in region_blocks(region, block))
-    nuc_total = len(block_grid(region.height, region.width, nuclei_block)) if nuclei else 0
-    maps = ("classes", "instances") if nuclei else ("classes",)
-    end = seg_total + nuc_total + 2 * len(maps)  # then a pyramid and an OME-TIFF per map
+    ``<slide>_nuclei.geojson`` (QuPath, level-0 px) and ``<slide>_nuclei.csv`` (areas in µm²).
+
+    ``polygon``: ``(N, 2)`` level-0 ``(y, x)`` vertices; the run covers their bounding box and its
+    outside is background. A folder that already holds results of this slide is refused
+    (``OutputFolderError``, naming ``flag``): results are never overwritten."""
+    region = (region or (_bounding_region(polygon) if polygon is not None else whole_slide(slide))).checked(slide.shape)
+    files = SlideResultFiles(out_dir, file_stem(slide.path), flag)  # refused here, before any work
+    tissue = _within(find_tissue(slide, tissue_settings), polygon)
     names = {"classes": "uint8", **({"instances": "int32"} if nuclei else {})}
     if nuclei and segmenter.has_distance_head:
         names["distance"] = "float16"
-    store = create_result_store(out_dir / f"{stem}.zarr", slide.shape, names, block // 2, slide.pixel_size_um)
-    classes, distance = store["classes/0"], store["distance/0"] if "distance" in names else None
-    result = SlideResult(region, tissue.fraction, 0, files={"store": out_dir / f"{stem}.zarr"})
-    result.segmented_px = yield from offset_steps(
-        iter_segment_region(segmenter, slide, region, classes, distance, settings, tissue, block,
-                            postprocess=postprocess),
-        0, end - seg_total)
-    result.seconds["model"] = time.perf_counter() - started
-    if nuclei:
-        yield from offset_steps(_iter_nuclei(segmenter, slide, store, region, instance_settings, out_dir / stem,
-                                             result, nuclei_block), seg_total, 2 * len(maps))
-        result.seconds["nuclei"] = time.perf_counter() - started - result.seconds["model"]
-    pyramids_started = time.perf_counter()
-    for i, name in enumerate(maps):
-        build_pyramid(store[name], pixel_size_um=slide.pixel_size_um)
-        yield end - 2 * (len(maps) - i) + 1, end
-        suffix = "labels" if name == "classes" else name  # as the reader and `medseg predict` name class maps
-        result.files[f"{name}_tiff"] = write_pyramid_tiff(out_dir / f"{stem}_{suffix}.ome.tif", store[name],
-                                                          slide.pixel_size_um)
-        yield end - 2 * (len(maps) - i) + 2, end
-    result.seconds["pyramids"] = time.perf_counter() - pyramids_started
+    maps = [name for name in ("classes", "instances") if name in names]
+    result = SlideResult(region, tissue.fraction, 0)
+    try:
+        store = create_result_store(files.temp("store"), slide.shape, names, block // 2, slide.pixel_size_um)
+        phases = _phases(segmenter, slide, store, files, result, maps, tissue, polygon, block, nuclei_block,
+                         settings, postprocess, instance_settings)
+        yield from _run_phases(phases, result.seconds)
+        result.files = files.commit()
+    except BaseException:  # cancelled (GeneratorExit) or failed: nothing half-made is left
+        files.abort()
+        raise
     return result
 
 
@@ -91,12 +89,97 @@ def predict_slide(segmenter, slide, out_dir, region: Region | None = None, progr
     return run_steps(iter_predict_slide(segmenter, slide, out_dir, region, **options), progress, should_cancel)
 
 
-def _iter_nuclei(segmenter, slide, store, region: Region, instance_settings, prefix: Path, result: SlideResult,
-                 block: int):
+def _phases(segmenter, slide, store, files, result, maps, tissue, polygon, block, nuclei_block, settings,
+            postprocess, instance_settings) -> list[tuple[str, int, object]]:
+    """The run as ``(name, steps, start())`` phases, each a step generator of known length."""
+    region, size = result.region, slide.pixel_size_um
+    distance = store["distance/0"] if "distance" in store else None
+
+    def segment():
+        result.segmented_px = yield from iter_segment_region(segmenter, slide, region, store["classes/0"], distance,
+                                                             settings, tissue, block, postprocess=postprocess)
+
+    seg_steps = PROGRESS_PER_BLOCK * sum(tissue.any_in(*b) for b in region_blocks(region, block))
+    phases = [("model", seg_steps, segment),
+              ("classes", len(region_blocks(region, block)),
+               lambda: _iter_cut_and_count(store, region, polygon, segmenter.classes, result, block))]
+    if "instances" in maps:
+        phases.append(("nuclei", len(block_grid(region.height, region.width, nuclei_block)),
+                       lambda: _iter_nuclei(segmenter, slide, store, region, instance_settings, files, result,
+                                            nuclei_block)))
+    shapes, bounds = pyramid_shapes(slide.shape), (region.y, region.y + region.height, region.x,
+                                                   region.x + region.width)  # outside: zeros, never read
+    for name in maps:
+        kind = f"{name}_tiff"
+        phases.append(("pyramids", pyramid_steps(slide.shape, bounds=bounds),
+                       lambda name=name: iter_build_pyramid(store[name], pixel_size_um=size, bounds=bounds)))
+        phases.append(("pyramids", tiff_steps(shapes, store[f"{name}/0"].chunks[1]),
+                       lambda name=name, kind=kind: iter_write_pyramid_tiff(files.temp(kind), store[name], size,
+                                                                            named=files.path(kind), bounds=bounds)))
+    return phases
+
+
+def _run_phases(phases, seconds: dict[str, float]):
+    """Generator: the phases one after the other on one progress scale; their times in ``seconds``."""
+    end, before = sum(steps for _, steps, _ in phases), 0
+    for name, steps, start in phases:
+        started = time.perf_counter()
+        yield from offset_steps(start(), before, end - before - steps)
+        before += steps
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
+
+
+def _bounding_region(polygon: np.ndarray) -> Region:
+    """The level-0 rectangle around a polygon's vertices (the pixels they fall on included)."""
+    (y0, x0), (y1, x1) = np.floor(polygon.min(0)).astype(int), np.floor(polygon.max(0)).astype(int) + 1
+    return Region(int(x0), int(y0), int(x1 - x0), int(y1 - y0))
+
+
+def _polygon_mask(polygon: np.ndarray, shape: tuple[int, int], top: float, left: float, scale: float = 1.0):
+    """Pixels of a ``shape`` window at ``(top, left)`` (level-0 px, ``scale`` level-0 px a pixel) inside ``polygon``."""
+    from skimage.draw import polygon2mask
+
+    return polygon2mask(shape, (polygon - (top, left)) / scale)
+
+
+def _within(tissue: TissueMask, polygon: np.ndarray | None) -> TissueMask:
+    """The tissue mask cut to the polygon (grown by a mask pixel): blocks outside it are never read."""
+    if polygon is None:
+        return tissue
+    from scipy import ndimage as ndi
+
+    inside = ndi.binary_dilation(_polygon_mask(polygon, tissue.mask.shape, 0, 0, tissue.downsample))
+    return TissueMask(tissue.mask & inside, tissue.downsample)
+
+
+def _iter_cut_and_count(store, region: Region, polygon: np.ndarray | None, classes: list[str], result: SlideResult,
+                        block: int):
+    """Generator, a step per block: outside ``polygon`` the class map (and distance map) become
+    background; ``result`` gets each class's pixels in the region (inside the polygon)."""
+    counts, blocks, region_px = np.zeros(len(classes), np.int64), region_blocks(region, block), 0
+    for done, (y0, y1, x0, x1) in enumerate(blocks, start=1):
+        part = np.asarray(store["classes/0"][y0:y1, x0:x1])
+        inside = np.ones(part.shape, bool) if polygon is None else _polygon_mask(polygon, part.shape, y0, x0)
+        if polygon is not None and part[~inside].any():
+            store["classes/0"][y0:y1, x0:x1] = np.where(inside, part, 0)
+            if "distance" in store:
+                store["distance/0"][y0:y1, x0:x1] = np.where(inside, store["distance/0"][y0:y1, x0:x1], 0)
+        counts += np.bincount(part[inside], minlength=len(classes))[:len(classes)]
+        region_px += int(inside.sum())
+        yield done, len(blocks)
+    result.class_px = {name: int(n) for name, n in zip(classes[1:], counts[1:])}
+    result.region_px = region_px
+
+
+def _iter_nuclei(segmenter, slide, store, region: Region, instance_settings, files: SlideResultFiles,
+                 result: SlideResult, block: int):
     """Nuclei of the region, block by block, each block's outlines and rows written as it is done."""
     names = segmenter.classes
-    geojson = GeoJSONStream(prefix.with_name(prefix.name + "_nuclei.geojson"), names, class_colors(names))
-    table = CSVStream(prefix.with_name(prefix.name + "_nuclei.csv"))
+    # sizes are given at the model's pixel size; the nuclei are cut on the slide's own grid
+    instance_settings = settings_at_image_scale(segmenter.scale_for(slide.pixel_size_um), None,
+                                                instance_settings or InstanceSettings())[1]
+    geojson = GeoJSONStream(files.path("geojson"), names, class_colors(names), file=files.temp("geojson"))
+    table = CSVStream(files.path("csv"), file=files.temp("csv"))
     counts = np.zeros(len(names), np.int64)
 
     def write_block(block: NucleiBlock) -> None:
@@ -116,7 +199,8 @@ def _iter_nuclei(segmenter, slide, store, region: Region, instance_settings, pre
         geojson.abort()
         table.abort()
         raise
-    result.files["geojson"], result.files["csv"] = geojson.close(), table.close()
+    geojson.close()
+    table.close()
     result.counts = {name: int(c) for name, c in zip(names[1:], counts[1:])}
     if counts[0]:
         result.counts["unclassified"] = int(counts[0])

@@ -5,6 +5,10 @@ A result store is a zarr group with one multiscale group per map (``classes``, `
 ``<name>/0`` full resolution, each next level half the size, nearest-neighbour) and the OME-NGFF
 ``multiscales`` attributes, so napari and OME-Zarr viewers open it as a pyramid aligned with the
 slide. Nothing here holds more than one block of a map in memory.
+
+A run's files are written under hidden temp names and renamed together when it completes
+(``SlideResultFiles``): results are never overwritten, and a cancelled run leaves nothing. The
+long writes are step generators with a step per block or row of tiles, so a cancel lands soon.
 """
 
 from __future__ import annotations
@@ -12,57 +16,163 @@ from __future__ import annotations
 import csv
 import json
 import os
+import queue
+import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from .geojson import instances_to_geojson
-from .outputs import temp_path, write_error
+from .outputs import OutputFolderError, remove_stale_temps, temp_path, write_error
 from .tables import csv_row
 
 CHUNK = 1024
 PYRAMID_MIN_SIDE = 512  # the coarsest level is the first whose longer side is at most this
+# what one slide run writes, by kind: ``<stem><suffix>`` in the output folder
+RESULT_SUFFIXES = {"store": ".zarr", "classes_tiff": "_labels.ome.tif", "instances_tiff": "_instances.ome.tif",
+                   "geojson": "_nuclei.geojson", "csv": "_nuclei.csv"}
+TIFF_QUEUE_TILES = 16  # tiles read ahead of the TIFF writer thread (16 MB of int32 at most)
+
+
+def check_no_slide_results(out_dir: str | os.PathLike, stem: str, flag: str = "--out") -> None:
+    """Refuses a folder that already holds results of a slide named ``stem``: a new run would
+    replace them (results are never overwritten; choose another folder)."""
+    out_dir = Path(out_dir)
+    held = [out_dir / (stem + suffix) for suffix in RESULT_SUFFIXES.values() if (out_dir / (stem + suffix)).exists()]
+    if held:
+        raise OutputFolderError(
+            f"{flag} {out_dir} already holds results of '{stem}' ({', '.join(p.name for p in held)}): a new run "
+            "would replace them. Choose another output folder, or move those files away first. Nothing was written.")
+
+
+def fresh_results_folder(base: str | os.PathLike, name: str) -> Path:
+    """``base/name``, or ``name-2``, ``name-3``, ... : the first that does not exist yet (a default
+    output folder never receives a second run)."""
+    folder, n = Path(base) / name, 2
+    while folder.exists():
+        folder, n = Path(base) / f"{name}-{n}", n + 1
+    return folder
+
+
+class SlideResultFiles:
+    """The files of one slide run in ``out_dir``, each written under a hidden temp name (``temp``)
+    and all renamed at the end (``commit``): a cancelled or failed run leaves none (``abort``),
+    and a folder that already holds this slide's results is refused before any work."""
+
+    def __init__(self, out_dir: str | os.PathLike, stem: str, flag: str = "--out"):
+        self.out_dir, self.stem, self.flag = Path(out_dir), stem, flag
+        check_no_slide_results(self.out_dir, stem, flag)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(self.out_dir, exc) from None
+        remove_stale_temps(self.out_dir)
+        self._temps: dict[str, Path] = {}
+
+    def path(self, kind: str) -> Path:
+        return self.out_dir / (self.stem + RESULT_SUFFIXES[kind])
+
+    def temp(self, kind: str) -> Path:
+        """Where ``kind`` (a key of ``RESULT_SUFFIXES``) is written until ``commit``."""
+        self._temps[kind] = temp_path(self.path(kind))
+        return self._temps[kind]
+
+    def commit(self) -> dict[str, Path]:
+        """Renames every written file to its name; returns them by kind."""
+        check_no_slide_results(self.out_dir, self.stem, self.flag)  # another run may have finished meanwhile
+        for kind, tmp in self._temps.items():
+            os.replace(tmp, self.path(kind))
+        return {kind: self.path(kind) for kind in self._temps}
+
+    def abort(self) -> None:
+        """Removes every file written so far (the zarr store is a folder)."""
+        for tmp in self._temps.values():
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
 
 def create_result_store(path: str | os.PathLike, shape: tuple[int, int], names: dict[str, str],
                         chunk: int = CHUNK, pixel_size_um: float | None = None):
     """A new zarr group at ``path`` with a full-resolution array ``<name>/0`` per ``names``
-    entry (``{"classes": "uint8", "instances": "int32", ...}``), zeros until written."""
+    entry (``{"classes": "uint8", "instances": "int32", ...}``), zeros until written. An
+    existing store is never replaced."""
     import zarr
 
+    path = Path(path)
+    if path.exists():
+        raise OutputFolderError(f"{path} exists: results are never overwritten. Choose another output folder.")
     try:
-        root = zarr.open_group(str(path), mode="w")
+        root = zarr.open_group(str(path), mode="w-")
     except OSError as exc:
-        raise write_error(Path(path), exc) from None
+        raise write_error(path, exc) from None
     root.attrs["pixel_size_um"] = pixel_size_um
     for name, dtype in names.items():
         root.create_group(name).create_array("0", shape=shape, chunks=(chunk, chunk), dtype=dtype, fill_value=0)
     return root
 
 
-def build_pyramid(group, min_side: int = PYRAMID_MIN_SIDE, pixel_size_um: float | None = None,
-                  block: int = 4 * CHUNK) -> int:
-    """Add levels ``1, 2, ...`` to a multiscale group (each half the last, nearest-neighbour),
-    block by block, and its OME-NGFF ``multiscales`` metadata; returns the number of levels."""
-    level = 0
-    while max(group[str(level)].shape) > min_side:
+def pyramid_shapes(shape: tuple[int, int], min_side: int = PYRAMID_MIN_SIDE) -> list[tuple[int, int]]:
+    """The level shapes of a label pyramid over ``shape``: each half the last, down to ``min_side``."""
+    shapes = [tuple(shape)]
+    while max(shapes[-1]) > min_side:
+        shapes.append(tuple(max(1, s // 2) for s in shapes[-1]))
+    return shapes
+
+
+def _grid(shape: tuple[int, int], step_y: int, step_x: int) -> list[tuple[int, int]]:
+    return [(y, x) for y in range(0, shape[0], step_y) for x in range(0, shape[1], step_x)]
+
+
+def _meets(bounds: tuple[int, int, int, int] | None, y: int, x: int, height: int, width: int, scale: int) -> bool:
+    """Whether the ``height x width`` piece at ``(y, x)`` of a level ``scale`` times smaller than
+    level 0 meets ``bounds`` (level-0 ``y0, y1, x0, x1``; None: everything)."""
+    if bounds is None:
+        return True
+    y0, y1, x0, x1 = bounds
+    return y * scale < y1 and (y + height) * scale > y0 and x * scale < x1 and (x + width) * scale > x0
+
+
+def pyramid_steps(shape: tuple[int, int], min_side: int = PYRAMID_MIN_SIDE, block: int = 2 * CHUNK,
+                  bounds: tuple[int, int, int, int] | None = None) -> int:
+    """How many steps ``iter_build_pyramid`` takes for a map of ``shape`` written within ``bounds``."""
+    return sum(len(_pyramid_blocks(level, 2 ** (i + 1), block, bounds))
+               for i, level in enumerate(pyramid_shapes(shape, min_side)[1:]))
+
+
+def _pyramid_blocks(shape: tuple[int, int], scale: int, block: int, bounds) -> list[tuple[int, int]]:
+    """The blocks of a level (``scale`` level-0 px a pixel) that hold something of ``bounds``."""
+    step = block // 2
+    return [(y, x) for y, x in _grid(shape, step, step) if _meets(bounds, y, x, step, step, scale)]
+
+
+def iter_build_pyramid(group, min_side: int = PYRAMID_MIN_SIDE, pixel_size_um: float | None = None,
+                       block: int = 2 * CHUNK, bounds: tuple[int, int, int, int] | None = None):
+    """Generator: adds levels ``1, 2, ...`` to a multiscale group (each half the last,
+    nearest-neighbour), one ``block``-sized piece of the level above per step (a cancel lands
+    within a piece), then its OME-NGFF ``multiscales`` metadata; returns the number of levels.
+    ``bounds`` (level-0 ``y0, y1, x0, x1``): where level 0 was written; elsewhere stays zeros unread."""
+    shapes = pyramid_shapes(group["0"].shape, min_side)
+    total, done = pyramid_steps(shapes[0], min_side, block, bounds), 0
+    for level, (height, width) in enumerate(shapes[1:]):
         source = group[str(level)]
-        height, width = (s // 2 for s in source.shape)
         target = group.create_array(str(level + 1), shape=(height, width), chunks=source.chunks,
                                     dtype=source.dtype, fill_value=0)
-        for y in range(0, height, block // 2):
-            for x in range(0, width, block // 2):
-                part = np.asarray(source[2 * y:2 * (y + block // 2), 2 * x:2 * (x + block // 2)])[::2, ::2]
-                target[y:y + part.shape[0], x:x + part.shape[1]] = part[:height - y, :width - x]
-        level += 1
+        for y, x in _pyramid_blocks((height, width), 2 ** (level + 1), block, bounds):
+            part = np.asarray(source[2 * y:2 * (y + block // 2), 2 * x:2 * (x + block // 2)])[::2, ::2]
+            target[y:y + part.shape[0], x:x + part.shape[1]] = part[:height - y, :width - x]
+            done += 1
+            yield done, total
     size = pixel_size_um or 1.0
     group.attrs["multiscales"] = [{
         "version": "0.4",
         "axes": [{"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}],
         "datasets": [{"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": [size * 2**i] * 2}]}
-                     for i in range(level + 1)],
+                     for i in range(len(shapes))],
     }]
-    return level + 1
+    return len(shapes)
 
 
 def pyramid_levels(group) -> list:
@@ -73,55 +183,147 @@ def pyramid_levels(group) -> list:
     return levels
 
 
-def write_pyramid_tiff(path: str | os.PathLike, group, pixel_size_um: float | None = None, tile: int = 512) -> Path:
-    """A multiscale group as a tiled, compressed pyramidal OME-TIFF (levels as SubIFDs), tile by tile;
-    QuPath and napari open it as a label pyramid aligned with the slide."""
+def _tiff_spans(shape: tuple[int, int], chunk_width: int, tile: int) -> list[tuple[int, int]]:
+    """The ``(y, x)`` corners of the pieces a level is read in: one tile row high, a whole number
+    of tiles about a chunk wide (so each piece decodes one chunk row once)."""
+    return _grid(shape, tile, max(tile, chunk_width // tile * tile))
+
+
+def tiff_steps(shapes: list[tuple[int, int]], chunk_width: int = CHUNK, tile: int = 512) -> int:
+    """How many steps ``iter_write_pyramid_tiff`` takes for levels of ``shapes``."""
+    return sum(len(_tiff_spans(shape, chunk_width, tile)) for shape in shapes)
+
+
+def iter_write_pyramid_tiff(file: str | os.PathLike, group, pixel_size_um: float | None = None, tile: int = 512,
+                            named: str | os.PathLike | None = None, bounds: tuple[int, int, int, int] | None = None):
+    """Generator: a multiscale group as a tiled, compressed pyramidal OME-TIFF at ``file``
+    (levels as SubIFDs; QuPath and napari open it as a label pyramid aligned with the slide),
+    one chunk-wide row of tiles per step; returns ``file``. tifffile compresses and writes in a
+    thread of its own, fed tiles through a short queue, so a cancel lands within a step; a
+    cancelled or failed write removes ``file``. Errors name ``named`` (the file the user sees).
+    ``bounds`` (level-0 ``y0, y1, x0, x1``): where the maps were written; elsewhere is zeros, not read."""
+    levels, file = pyramid_levels(group), Path(file)
+    chunk_width = levels[0].chunks[1]
+    total, done = tiff_steps([lv.shape for lv in levels], chunk_width, tile), 0
+    feed = _TileFeed()
+    writer = threading.Thread(target=_write_tiff_levels, args=(file, levels, pixel_size_um, tile, feed), daemon=True)
+    writer.start()
+    try:
+        for index, level in enumerate(levels):
+            span = max(tile, chunk_width // tile * tile)
+            for y, x in _tiff_spans(level.shape, chunk_width, tile):
+                if _meets(bounds, y, x, tile, span, 2 ** index):
+                    part = np.asarray(level[y:y + tile, x:x + span])
+                else:
+                    part = np.zeros((min(tile, level.shape[0] - y), min(span, level.shape[1] - x)), level.dtype)
+                for left in range(0, part.shape[1], tile):
+                    piece = part[:, left:left + tile]
+                    feed.put(np.pad(piece, ((0, tile - piece.shape[0]), (0, tile - piece.shape[1]))), writer)
+                done += 1
+                yield done, total
+        feed.finish(writer)
+    except BaseException as exc:
+        feed.stop(writer)
+        file.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_error(Path(named or file), exc) from None
+        raise
+    return file
+
+
+def _write_tiff_levels(file: Path, levels: list, pixel_size_um: float | None, tile: int, feed: "_TileFeed") -> None:
+    """The TIFF writer thread: each level's tiles, as ``feed`` hands them over."""
     import tifffile
 
-    levels = pyramid_levels(group)
-    path = Path(path)
     metadata = {"axes": "YX"}
     if pixel_size_um:
         metadata.update(PhysicalSizeX=pixel_size_um, PhysicalSizeY=pixel_size_um,
                         PhysicalSizeXUnit="µm", PhysicalSizeYUnit="µm")
-    tmp = temp_path(path)
     try:
-        with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
+        with tifffile.TiffWriter(file, bigtiff=True, ome=True) as tw:
             for i, level in enumerate(levels):
                 extra = {"subifds": len(levels) - 1, "metadata": metadata} if i == 0 else {"subfiletype": 1}
-                tw.write(_tiles(level, tile), shape=level.shape, dtype=level.dtype, tile=(tile, tile),
+                count = len(_grid(level.shape, tile, tile))
+                tw.write(feed.tiles(count), shape=level.shape, dtype=level.dtype, tile=(tile, tile),
                          compression="zlib", **extra)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise write_error(path, exc) from None
-        raise
-    return path
+    except BaseException as exc:  # handed to the generator, which raises it in its own thread
+        feed.error = exc
 
 
-def _tiles(array, tile: int):
-    """Tiles of a 2-D array in TIFF order (row by row), padded to full tiles."""
-    height, width = array.shape
-    for y in range(0, height, tile):
-        for x in range(0, width, tile):
-            part = np.asarray(array[y:y + tile, x:x + tile])
-            yield np.pad(part, ((0, tile - part.shape[0]), (0, tile - part.shape[1])))
+class _WriteStopped(Exception):
+    """Raised inside tifffile's tile loop when the write is abandoned."""
+
+
+class _TileFeed:
+    """Tiles handed from the step generator to the TIFF writer thread; bounded, so memory stays flat."""
+
+    _STOP = object()
+
+    def __init__(self):
+        self.queue: queue.Queue = queue.Queue(TIFF_QUEUE_TILES)
+        self.error: BaseException | None = None
+
+    def tiles(self, count: int):
+        """In the writer thread: the next ``count`` tiles."""
+        for _ in range(count):
+            tile = self.queue.get()
+            if tile is self._STOP:
+                raise _WriteStopped
+            yield tile
+
+    def put(self, tile: np.ndarray, writer: threading.Thread) -> None:
+        while True:
+            self._raise_error()
+            try:
+                self.queue.put(tile, timeout=0.1)
+                return
+            except queue.Full:
+                if not writer.is_alive():
+                    self._raise_error()
+                    raise RuntimeError("the TIFF writer thread stopped early")
+
+    def finish(self, writer: threading.Thread) -> None:
+        writer.join()
+        self._raise_error()
+
+    def stop(self, writer: threading.Thread) -> None:
+        """Abandon the write: the writer's next tile request raises, and it closes the file."""
+        while writer.is_alive():
+            try:
+                self.queue.get_nowait()  # room for the stop mark
+            except queue.Empty:
+                pass
+            try:
+                self.queue.put_nowait(self._STOP)
+            except queue.Full:
+                continue
+            writer.join(timeout=0.5)
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 class _StreamedFile:
-    """A file written piece by piece under a hidden temp name, renamed when complete."""
+    """A file written piece by piece at ``file`` (a temp name, see ``SlideResultFiles``); errors
+    name ``path``, the file the user asked for."""
+
+    def __init__(self, path: str | os.PathLike, file: str | os.PathLike | None = None, **open_kwargs):
+        self.path = Path(path)
+        self.file = Path(file) if file is not None else temp_path(self.path)
+        self._file = _open_for_writing(self.path, self.file, **open_kwargs)
 
     def close(self) -> Path:
+        """Completes and closes the file; returns where it is (its owner renames it)."""
         self._finish()
         self._file.close()
-        os.replace(self._tmp, self.path)
-        return self.path
+        return self.file
 
     def abort(self) -> None:
         """Drop the half-written file (a cancelled run leaves nothing behind)."""
         self._file.close()
-        self._tmp.unlink(missing_ok=True)
+        self.file.unlink(missing_ok=True)
 
     def _finish(self) -> None:
         """What the file needs at its end."""
@@ -132,10 +334,9 @@ class GeoJSONStream(_StreamedFile):
     coordinates (level-0 px): each block's outlines shifted by its offset and scaled by ``scale``."""
 
     def __init__(self, path: str | os.PathLike, class_names: list[str] | None = None, colors: list | None = None,
-                 scale: float = 1.0):
-        self.path, self.class_names, self.colors, self.scale = Path(path), class_names, colors, scale
-        self._tmp = temp_path(self.path)
-        self._file = _open_for_writing(self.path, self._tmp)
+                 scale: float = 1.0, file: str | os.PathLike | None = None):
+        super().__init__(path, file)
+        self.class_names, self.colors, self.scale = class_names, colors, scale
         self._file.write('{"type": "FeatureCollection", "features": [\n')
         self._first, self.count = True, 0
 
@@ -156,10 +357,8 @@ class GeoJSONStream(_StreamedFile):
 class CSVStream(_StreamedFile):
     """Rows of a table (dict of equal-length columns) appended block by block, formatted as ``tables.write_csv``."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._tmp = temp_path(self.path)
-        self._file = _open_for_writing(self.path, self._tmp, newline="")
+    def __init__(self, path: str | os.PathLike, file: str | os.PathLike | None = None):
+        super().__init__(path, file, newline="")
         self._writer, self._names, self.count = csv.writer(self._file), None, 0
 
     def add(self, columns: dict[str, np.ndarray]) -> None:

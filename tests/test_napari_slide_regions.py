@@ -1,0 +1,176 @@
+"""Segmenting a part of a slide from the Segment widget, through napari's own machinery: the
+field of view or a drawn shape of a slide opened by the reader, streamed to a results folder and
+shown as lazy multiscale Labels aligned with the slide; crops of an ordinary image in memory."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import zarr
+from napari.layers import Labels
+from skimage.draw import polygon2mask
+
+from napari_medseg._napari.segment_widget import FIELD_OF_VIEW, FILE_MODEL, SHAPE, WHOLE_SLIDE, SegmentWidget
+from napari_medseg.inference import Segmenter
+from napari_medseg.io import read_image
+from test_slides import _mosaic, _write_slide
+
+PLUGIN = "napari-medseg"
+SCALE, TRANSLATE = 0.25, (100.0, -40.0)  # µm per px (the slide's resolution tags), where it is placed
+
+
+@pytest.fixture(scope="module")
+def slide_file(consep, tmp_path_factory):
+    """2560 x 2560 px of glass at 0.25 µm/px, real CoNSeP H&E over [256:1280, 1280:2304]."""
+    image = np.full((2560, 2560, 3), 242, np.uint8)
+    image[256:1280, 1280:2304] = _mosaic(consep, "image", 4)
+    path = tmp_path_factory.mktemp("slide") / "synthetic.tif"
+    _write_slide(path, image, SCALE)
+    return path
+
+
+def _slide_widget(viewer, slide_file, checkpoint, results=None):
+    (layer,) = viewer.open(str(slide_file), plugin=PLUGIN)
+    layer.translate = TRANSLATE
+    widget = SegmentWidget(viewer)
+    widget.model_source.value = FILE_MODEL
+    widget.checkpoint.value = checkpoint
+    widget.device.value = "cpu"
+    widget.tile_size.value, widget.overlap.value = 128, 32
+    if results is not None:
+        widget.results_folder.value = results
+    return layer, widget
+
+
+def _world(pixel_yx) -> np.ndarray:
+    """A level-0 (y, x) pixel of the slide in world µm."""
+    return np.asarray(TRANSLATE) + SCALE * np.asarray(pixel_yx, float)
+
+
+def _shown(control) -> bool:
+    """Whether a control shows once its dock does (the dock itself is not shown in these tests)."""
+    return not control.native.isHidden()
+
+
+def test_the_field_of_view_of_a_slide_becomes_lazy_label_pyramids(make_napari_viewer, slide_file, tiny_checkpoint,
+                                                                   tmp_path):
+    viewer = make_napari_viewer()
+    image, widget = _slide_widget(viewer, slide_file, tiny_checkpoint, tmp_path / "results")
+    widget.target.value = FIELD_OF_VIEW
+    assert _shown(widget.results_folder) and not _shown(widget.shapes_layer)
+    # the canvas shows 512 px of the slide's height around level-0 pixel (768.5, 1792.5)
+    viewer.camera.center = tuple(_world((768.5, 1792.5)))
+    viewer.camera.zoom = viewer.canvas.size[0] / (512 * SCALE)
+    half_width = viewer.canvas.size[1] / viewer.camera.zoom / SCALE / 2
+
+    classes = widget.run(threaded=False)
+    result = widget.last_slide_result
+    r = result.region
+    assert abs(r.y - 513) <= 1 and abs(r.height - 512) <= 1, r
+    assert abs(r.x - (1792.5 - half_width)) <= 1 and abs(r.x + r.width - (1792.5 + half_width)) <= 1, r
+    nuclei = viewer.layers["synthetic nuclei"]
+    for layer in (classes, nuclei):
+        assert isinstance(layer, Labels) and layer.multiscale
+        assert all(isinstance(level, zarr.Array) for level in layer.data)  # read lazily, from disk
+        assert layer.data[0].shape == (2560, 2560)
+        assert tuple(layer.scale) == tuple(image.scale) and tuple(layer.translate) == tuple(image.translate)
+    store = zarr.open_group(str(tmp_path / "results" / "synthetic.zarr"), mode="r")
+    full = np.asarray(store["classes/0"])
+    inside = full[r.slices]
+    assert inside.any() and full.sum() == inside.sum()  # the model ran on the view only
+    counts = np.bincount(inside.ravel(), minlength=5)
+    assert result.class_px == dict(zip(widget._classes[1:], counts[1:].tolist()))
+    assert result.region_px == r.width * r.height
+    assert f"of the region x={r.x}, y={r.y}, {r.width} x {r.height} px" in widget.status.value
+    share = f"{widget._classes[1]} {100 * counts[1] / inside.size:.1f}%"
+    assert share in widget.status.value and f"results in {tmp_path / 'results'}" in widget.status.value
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == [
+        "synthetic.zarr", "synthetic_instances.ome.tif", "synthetic_labels.ome.tif", "synthetic_nuclei.csv",
+        "synthetic_nuclei.geojson"]
+
+
+def test_a_polygon_on_a_slide_and_results_never_overwritten(make_napari_viewer, slide_file, tiny_checkpoint,
+                                                            tmp_path, monkeypatch):
+    """A polygon drawn in µm over a placed slide: its bounding box is segmented, its outside is
+    background. The default results folder is new each run; a chosen one holding results is refused."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    viewer = make_napari_viewer()
+    image, widget = _slide_widget(viewer, slide_file, tiny_checkpoint)
+    widget.nuclei.value = False
+    pixels = np.array([[300.0, 1400.0], [700.0, 1450.0], [500.0, 1800.0]])  # (y, x) level-0
+    shapes = viewer.add_shapes([_world(pixels)], shape_type="polygon", name="outline")
+    widget.target.value = SHAPE
+    widget.shapes_layer.value = shapes
+    assert _shown(widget.shapes_layer)
+
+    classes = widget.run(threaded=False)
+    assert isinstance(classes, Labels), widget.status.value
+    r = widget.last_slide_result.region
+    assert (r.x, r.y, r.x + r.width, r.y + r.height) == (1400, 300, 1801, 701)
+    full = np.asarray(classes.data[0])
+    inside = polygon2mask(full.shape, pixels)
+    assert full[inside].any() and not full[~inside].any()
+    first = tmp_path / "napari-medseg" / "results" / "synthetic"
+    assert (first / "synthetic.zarr").is_dir() and not (first / "synthetic_nuclei.csv").exists()
+
+    widget.run(threaded=False)  # the same again: a new folder, the first one untouched
+    assert (tmp_path / "napari-medseg" / "results" / "synthetic-2" / "synthetic.zarr").is_dir()
+
+    widget.results_folder.value = first
+    layers = len(viewer.layers)
+    assert widget.run(threaded=False) is None
+    assert f"results folder {first} already holds results of 'synthetic'" in widget.status.value
+    assert "Choose another output folder" in widget.status.value and len(viewer.layers) == layers
+
+
+def test_cancelling_a_slide_run_within_a_second_leaves_nothing(make_napari_viewer, qtbot, slide_file,
+                                                               tiny_checkpoint, tmp_path):
+    viewer = make_napari_viewer()
+    _, widget = _slide_widget(viewer, slide_file, tiny_checkpoint, tmp_path / "results")
+    widget.target.value = WHOLE_SLIDE
+    worker = widget.run()
+    qtbot.waitUntil(lambda: widget.progress.value >= 1, timeout=60_000)
+    t0 = time.perf_counter()
+    with qtbot.waitSignal(worker.finished, timeout=5_000):
+        widget.cancel()
+    assert time.perf_counter() - t0 < 1.0
+    assert [layer.name for layer in viewer.layers] == ["synthetic"]
+    assert "Cancelled" in widget.status.value and widget.run_button.enabled
+    assert list((tmp_path / "results").iterdir()) == []  # no store, no temp file
+
+
+def test_a_shape_over_an_ordinary_image_segments_that_crop(make_napari_viewer, consep, tiny_checkpoint):
+    """Not a slide: the crop is segmented in memory and placed over it (the layer's scale and
+    translate); outside a polygon is background. 'whole slide' is refused with what to do."""
+    viewer = make_napari_viewer()
+    image = np.tile(read_image(consep / "images" / "train_2_000.png"), (2, 2, 1))  # 512 x 512
+    layer = viewer.add_image(image, name="patch", scale=(0.5, 0.5), translate=(10.0, 20.0))
+    widget = SegmentWidget(viewer)
+    widget.model_source.value = FILE_MODEL
+    widget.checkpoint.value = tiny_checkpoint
+    widget.device.value = "cpu"
+    widget.tile_size.value, widget.overlap.value = 128, 32
+    widget.nuclei.value = False
+    world = lambda yx: np.asarray((10.0, 20.0)) + 0.5 * np.asarray(yx, float)  # noqa: E731
+    widget.target.value = WHOLE_SLIDE
+    assert widget.run(threaded=False) is None and "was not opened as a slide" in widget.status.value
+    assert not _shown(widget.results_folder)
+
+    rectangle = viewer.add_shapes([world([[99.5, 49.5], [99.5, 349.5], [299.5, 349.5], [299.5, 49.5]])],
+                                  shape_type="rectangle", name="box")
+    widget.target.value = SHAPE
+    widget.shapes_layer.value = rectangle
+    labels = widget.run(threaded=False)
+    assert labels.data.shape == (200, 300) and tuple(labels.translate) == (10.0 + 50.0, 20.0 + 25.0)
+    assert tuple(labels.scale) == tuple(layer.scale)
+    expected = Segmenter.load(tiny_checkpoint, device="cpu").segment(image[100:300, 50:350], widget.tile_settings())
+    np.testing.assert_array_equal(labels.data, expected)
+
+    triangle = np.array([[100.0, 60.0], [300.0, 100.0], [180.0, 340.0]])
+    rectangle.add_polygons([world(triangle)])
+    labels = widget.run(threaded=False)
+    assert tuple(labels.translate) == (10.0 + 50.0, 20.0 + 30.0) and labels.data.shape == (201, 281)
+    inside = polygon2mask(labels.data.shape, triangle - (100, 60))
+    assert labels.data[inside].any() and not labels.data[~inside].any()
