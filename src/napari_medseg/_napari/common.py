@@ -1,4 +1,5 @@
-"""What every widget shares: how a failure reaches the user, and how work leaves the GUI thread.
+"""What every widget shares: how a failure reaches the user, how work leaves the GUI thread, and
+which Labels layers can be class maps.
 
 Every widget takes the viewer as ``napari_viewer``: napari passes its viewer (behind a proxy
 that hides private attributes) to a parameter of that name, or to one annotated
@@ -9,7 +10,12 @@ entry fails with "missing 1 required positional argument: 'viewer'".
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 from typing import Callable
+
+import numpy as np
 
 from ..errors import MedsegError
 
@@ -38,16 +44,109 @@ def report_error(status, error: BaseException | str, prefix: str = "") -> str:
     return message
 
 
+# class maps are 8-bit where they are trained and scored: class ids 0-255 (a few classes)
+CLASS_ID_LIMIT = 256
+
+
+def class_map_top(name: str, data: np.ndarray, classes: list[str] | None = None, instead: str = "") -> int:
+    """The highest id of the layer ``name``'s ``data`` read as a class map (of ``classes`` where it
+    has names; unnamed, any id below ``CLASS_ID_LIMIT``). Raises ``WidgetInputError`` naming the
+    layer otherwise; ``instead`` says where an instance map goes, for one that looks like it."""
+    if not (np.issubdtype(data.dtype, np.integer) or data.dtype == bool):
+        raise WidgetInputError(f"'{name}' holds {data.dtype} values; a class map holds integer class ids.")
+    if data.size == 0:
+        raise WidgetInputError(f"'{name}' is empty (shape {data.shape}).")
+    low, top = int(data.min()), int(data.max())
+    if low < 0:
+        raise WidgetInputError(f"'{name}' holds the negative id {low}; class ids are 0 (background) and up: "
+                               "paint those pixels with a class (or 0).")
+    if top >= CLASS_ID_LIMIT:
+        raise WidgetInputError(f"'{name}' holds id {top}: it looks like an instance map (one id per nucleus), not a "
+                               f"class map (a few class ids, below {CLASS_ID_LIMIT}). {instead}".rstrip())
+    if classes is not None and top >= len(classes):
+        raise WidgetInputError(f"'{name}' holds class id {top}, but the classes are {classes} "
+                               f"(ids 0 to {len(classes) - 1}); paint those pixels with one of them.")
+    return top
+
+
+def class_names(layer) -> list[str] | None:
+    """The class names recorded on ``layer`` (``layers.layer_classes``), but none for more than
+    ``CLASS_ID_LIMIT`` of them: numbered names given to an instance map's every id, whose per-class
+    tables and menus would hold thousands of rows."""
+    from .layers import layer_classes  # napari's colormaps: imported by the widgets, not by train_form
+
+    names = layer_classes(layer) if layer is not None else None
+    return names if names and len(names) <= CLASS_ID_LIMIT else None
+
+
+def numbered_classes(top: int) -> list[str]:
+    """Names for an unnamed class map whose highest id is ``top``."""
+    return ["background"] + [f"class {i}" for i in range(1, top + 1)]
+
+
 def start_worker(work: Callable, on_error: Callable[[BaseException], None], **slots: Callable):
     """Run ``work`` (a function or a generator function) in a napari thread worker, started.
 
-    ``on_error`` gets every exception (napari would otherwise re-raise it as well, showing a
-    user's mistake as a traceback); ``slots`` connect the worker's other signals by name
-    (``yielded``, ``returned``, ``aborted``, ``finished``).
+    Each failure of ``work`` reaches ``on_error`` once, and nothing else shows it (superqt would
+    drop a generator's ``RuntimeError``, torch's usual error, as a warning and never finish).
+    ``slots`` connect the worker's other signals by name (``yielded``, ``returned``, ``aborted``,
+    ``finished``). A slot that raises, ``on_error`` included, shows its traceback as a napari
+    notification: raised into Qt it would abort the process (exit 134) where napari's exception
+    hook is not installed.
     """
     from napari.qt.threading import create_worker
 
-    return create_worker(work, _connect={"errored": on_error, **slots})
+    def report(error: BaseException) -> None:
+        _guarded(on_error)(error.error if isinstance(error, _WorkFailed) else error)
+
+    connections = {"errored": report, **{name: _guarded(slot) for name, slot in slots.items()}}
+    worker = create_worker(_carrying_errors(work), _connect=connections)
+    relay = getattr(worker, "_relay_error", None)  # napari's own notification of the same error
+    if relay is not None:
+        with contextlib.suppress(TypeError, RuntimeError):  # not connected (PyQt6 skips its mixin's __init__)
+            worker.errored.disconnect(relay)
+    return worker
+
+
+class _WorkFailed(Exception):
+    """Carries an exception out of a worker's job; never a ``RuntimeError``, which superqt swallows."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _carrying_errors(work: Callable) -> Callable:
+    """``work`` with its exceptions wrapped in ``_WorkFailed`` (a generator stays a generator)."""
+    if inspect.isgeneratorfunction(work):
+        @functools.wraps(work)
+        def steps(*args, **kwargs):
+            try:
+                return (yield from work(*args, **kwargs))
+            except Exception as exc:  # noqa: BLE001 - handed to on_error as it is
+                raise _WorkFailed(exc) from exc
+        return steps
+
+    @functools.wraps(work)
+    def call(*args, **kwargs):
+        try:
+            return work(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - handed to on_error as it is
+            raise _WorkFailed(exc) from exc
+    return call
+
+
+def _guarded(slot: Callable) -> Callable:
+    """``slot``, its own exceptions shown as napari notifications instead of raised into Qt."""
+    @functools.wraps(slot)
+    def run(*args):
+        try:
+            return slot(*args)
+        except Exception as exc:  # noqa: BLE001 - a bug in a slot: its traceback, and the viewer lives on
+            from napari.utils.notifications import notification_manager
+
+            notification_manager.receive_error(type(exc), exc, exc.__traceback__)
+    return run
 
 
 def export_target(path_widget, given=None, confirm: Callable[[str], bool] | None = None):

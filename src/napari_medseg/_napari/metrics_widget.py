@@ -19,9 +19,9 @@ from ..evaluation.ground_truth import (NUCLEUS_CLASSES, GroundTruth, compare_to_
                                        ground_truth_from_label_map)
 from ..evaluation.semantic import MetricsInputError
 from ..io.tables import write_csv
-from .common import SCROLL_MIN_HEIGHT, WidgetInputError, export_target, report_error, start_worker
-from .layers import (METADATA_KEY, class_colormap, labels_layers, layer_classes, layer_kind, legend_html,
-                     wrapping_label)
+from .common import (CLASS_ID_LIMIT, SCROLL_MIN_HEIGHT, WidgetInputError, class_map_top, class_names, export_target,
+                     numbered_classes, report_error, start_worker)
+from .layers import METADATA_KEY, class_colormap, labels_layers, layer_kind, legend_html, wrapping_label
 from .table_format import fixed_decimals
 
 if TYPE_CHECKING:
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 COLUMNS = ["IoU", "Dice", "Precision", "Recall", "PQ", "F1", "GT px", "Pred px", "GT objects", "Pred objects"]
 ALL_CLASSES = "all classes"
 DEBOUNCE_MS = 400
+PREDICTION_INSTEAD = "Choose it under 'predicted instances', and a class map (e.g. Segment's) as the prediction."
+TRUTH_INSTEAD = "Choose it under 'GT instances', and a class map or nucleus mask as the ground truth."
 
 
 def _cell(value):
@@ -37,6 +39,18 @@ def _cell(value):
     if isinstance(value, float):
         return "-" if math.isnan(value) else round(value, 4)
     return value
+
+
+def _instance_map(layer, class_layer) -> np.ndarray:
+    """The nuclei of ``layer``, checked against the class map ``class_layer`` they belong to."""
+    data = np.asarray(layer.data)
+    if data.shape != class_layer.data.shape:
+        raise MetricsInputError(f"'{layer.name}' has shape {data.shape}, '{class_layer.name}' "
+                                f"{class_layer.data.shape}; choose the nuclei of the same image.")
+    if data.min(initial=0) < 0:
+        raise MetricsInputError(f"'{layer.name}' holds the negative id {int(data.min())}; nucleus ids are 1 and up "
+                                "(0 = background).")
+    return data
 
 
 class MetricsWidget(Container):
@@ -88,12 +102,14 @@ class MetricsWidget(Container):
         return labels_layers(self._viewer, exclude=("instances",))
 
     def _instance_choices(self, _widget=None) -> list:
-        instance_layers = [l for l in labels_layers(self._viewer) if layer_kind(l) == "instances"]
-        return [("derive from class map (watershed)", None)] + [(l.name, l) for l in instance_layers]
+        # the plugin's instance maps first; any other (e.g. a file napari's own reader opened) may be one
+        layers = labels_layers(self._viewer, exclude=("errors",))
+        layers.sort(key=lambda l: layer_kind(l) != "instances")
+        return [("derive from class map (watershed)", None)] + [(l.name, l) for l in layers]
 
     def _names(self) -> list[str]:
         for layer in (self.ground_truth.value, self.prediction.value):
-            names = layer_classes(layer) if layer is not None else None
+            names = class_names(layer)
             if names:
                 return names
         return []
@@ -102,8 +118,7 @@ class MetricsWidget(Container):
         return [ALL_CLASSES] + self._names()[1:]
 
     def _class_choices(self, _widget=None) -> list:
-        names = layer_classes(self.prediction.value) if self.prediction.value is not None else None
-        return (names or self._names())[1:]
+        return (class_names(self.prediction.value) or self._names())[1:]
 
     def _show_all_classes(self, *_):
         """A newly chosen prediction shows all its classes (the list's choices follow it)."""
@@ -151,37 +166,52 @@ class MetricsWidget(Container):
         if pred_layer is gt_layer:
             raise MetricsInputError("Prediction and ground truth are the same layer.")
         pred, gt = np.asarray(pred_layer.data), np.asarray(gt_layer.data)
-        if gt.ndim != 2:
-            raise MetricsInputError(f"Metrics compare 2-D maps; the ground truth has shape {gt.shape}.")
-        pred_names = layer_classes(pred_layer) or layer_classes(gt_layer)
-        if pred_names is None:
-            top = int(max(gt.max(initial=0), pred.max(initial=0)))
-            pred_names = ["background"] + [f"class {i}" for i in range(1, top + 1)]
+        for layer, data in ((gt_layer, gt), (pred_layer, pred)):
+            if data.ndim != 2:
+                raise MetricsInputError(f"Metrics compare 2-D maps; '{layer.name}' has shape {data.shape}.")
+        if pred.shape != gt.shape:
+            raise MetricsInputError(f"'{pred_layer.name}' has shape {pred.shape} but '{gt_layer.name}' {gt.shape}; "
+                                    "compare a prediction with the ground truth of the same image.")
+        pred_names = self._prediction_classes(pred_layer, pred, gt)
         truth = self._truth(gt_layer, gt, pred_names)
         gt_inst = self.gt_instances.value
         if gt_inst is not None:
-            if gt_inst.data.shape != gt.shape:
-                raise MetricsInputError(f"'{gt_inst.name}' has shape {gt_inst.data.shape}, the ground truth {gt.shape}.")
-            truth.instances = np.asarray(gt_inst.data)
+            truth.instances = _instance_map(gt_inst, gt_layer)
         pred_inst = self.pred_instances.value
-        pred_instances = np.asarray(pred_inst.data).copy() if pred_inst is not None else None
-        if pred_instances is not None and pred_instances.shape != pred.shape:
-            raise MetricsInputError(f"'{pred_inst.name}' has shape {pred_instances.shape}, the prediction {pred.shape}.")
+        pred_instances = _instance_map(pred_inst, pred_layer).copy() if pred_inst is not None else None
         return truth, pred.copy(), pred_names, pred_instances
+
+    def _prediction_classes(self, layer, pred: np.ndarray, gt: np.ndarray) -> list[str]:
+        """The prediction's class names: its own; unnamed, the ground truth's where its ids fit them,
+        else numbered up to the highest id of the two (of the ground truth only where that can be a
+        class id: an unnamed instance map is nucleus-only ground truth)."""
+        names = class_names(layer)
+        top = class_map_top(layer.name, pred, names, instead=PREDICTION_INSTEAD)
+        if names:
+            return names
+        gt_names = class_names(self.ground_truth.value)
+        if gt_names and top < len(gt_names):
+            return gt_names
+        gt_top = int(gt.max(initial=0))
+        return numbered_classes(max(top, gt_top if gt_top < CLASS_ID_LIMIT else 0))
 
     @staticmethod
     def _truth(layer, gt: np.ndarray, pred_names: list[str]) -> GroundTruth:
         """The ground truth as its layer names it; unnamed, as its values suggest (a class map with
         the prediction's classes, a nucleus mask or an instance map: ``ground_truth_from_label_map``)."""
-        names = layer_classes(layer)
-        if names is None:
-            return ground_truth_from_label_map(gt, pred_names)
-        if len(names) == 2:  # nucleus / background: any label > 0 is nucleus
+        names = class_names(layer)
+        if names is not None and len(names) > 2:
+            class_map_top(layer.name, gt, names, instead=TRUTH_INSTEAD)
+            if names != pred_names:
+                raise MetricsInputError(f"'{layer.name}' has classes {names} but the prediction has {pred_names}; "
+                                        "compare layers that use the same classes (or nucleus-only ground truth).")
+            return GroundTruth(gt, names)
+        if gt.min(initial=0) < 0:
+            raise MetricsInputError(f"'{layer.name}' holds the negative id {int(gt.min())}; label ids are 0 "
+                                    "(background) and up.")
+        if names is not None:  # nucleus / background: any label > 0 is nucleus
             return GroundTruth((gt > 0).astype(np.uint8), list(NUCLEUS_CLASSES))
-        if names != pred_names:
-            raise MetricsInputError(f"'{layer.name}' has classes {names} but the prediction has {pred_names}; "
-                                    "compare layers that use the same classes (or nucleus-only ground truth).")
-        return GroundTruth(gt, names)
+        return ground_truth_from_label_map(gt, pred_names)
 
     def _scored_maps(self):
         """(ground-truth class map, prediction, class names) as scored: classes merged into

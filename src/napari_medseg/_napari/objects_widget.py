@@ -14,15 +14,17 @@ from ..io.geojson import write_geojson
 from ..io.tables import write_csv
 from ..nuclei.measure import counts_per_class, nucleus_count, object_table
 from ..nuclei.watershed import InstanceSettings, semantic_to_instances
-from .common import SCROLL_MIN_HEIGHT, WidgetInputError, export_target, report_error, start_worker
+from .common import (SCROLL_MIN_HEIGHT, WidgetInputError, class_map_top, class_names, export_target, numbered_classes,
+                     report_error, start_worker)
 from .table_format import fixed_decimals
-from .layers import (METADATA_KEY, image_layers, instance_labels_kwargs, labels_layers, layer_classes, layer_kind,
+from .layers import (METADATA_KEY, image_layers, instance_labels_kwargs, labels_layers, layer_kind,
                      legend_html, pixel_size_um, placement, wrapping_label)
 
 if TYPE_CHECKING:
     import napari
 
 DERIVE = "derive from class map (watershed)"
+CLASS_MAP_INSTEAD = "Choose it under 'instances', and a class map (e.g. Segment's) as the class map."
 
 
 def table_rows(table: dict) -> dict:
@@ -36,6 +38,16 @@ def _cell(value):
     if isinstance(value, (float, np.floating)):
         return round(float(value), 2)
     return value.item() if isinstance(value, np.generic) else value
+
+
+def _matching(layer, class_layer, what: str) -> np.ndarray:
+    """``layer``'s pixels, which must cover the class map ``class_layer`` pixel for pixel."""
+    data = np.asarray(layer.data)
+    spatial = data.shape[:-1] if getattr(layer, "rgb", False) else data.shape
+    if spatial != class_layer.data.shape:
+        raise WidgetInputError(f"'{layer.name}' has shape {data.shape}, the class map '{class_layer.name}' "
+                               f"{class_layer.data.shape}; choose the {what} of the same 2-D image.")
+    return data
 
 
 class ObjectsWidget(Container):
@@ -76,8 +88,10 @@ class ObjectsWidget(Container):
         return labels_layers(self._viewer, exclude=("instances", "errors"))
 
     def _instance_choices(self, _widget=None) -> list:
-        instances = [l for l in labels_layers(self._viewer) if layer_kind(l) == "instances"]
-        return [(DERIVE, None)] + [(l.name, l) for l in instances]
+        # the plugin's instance maps first; any other (e.g. a file napari's own reader opened) may be one
+        layers = labels_layers(self._viewer, exclude=("errors",))
+        layers.sort(key=lambda l: layer_kind(l) != "instances")
+        return [(DERIVE, None)] + [(l.name, l) for l in layers]
 
     def _image_choices(self, _widget=None) -> list:
         return [("none", None)] + [(l.name, l) for l in image_layers(self._viewer)]
@@ -103,10 +117,14 @@ class ObjectsWidget(Container):
         class_map = np.asarray(layer.data)
         if class_map.ndim != 2:
             raise WidgetInputError(f"Objects are measured on 2-D maps; '{layer.name}' has shape {class_map.shape}.")
-        names = layer_classes(layer) or ["background"] + [f"class {i}" for i in range(1, int(class_map.max(initial=0)) + 1)]
+        top = class_map_top(layer.name, class_map, class_names(layer), instead=CLASS_MAP_INSTEAD)
+        names = class_names(layer) or numbered_classes(top)
         inst_layer, image_layer = self.instance_layer.value, self.image_layer.value
-        instances = np.asarray(inst_layer.data) if inst_layer is not None else None
-        image = np.asarray(image_layer.data) if image_layer is not None else None
+        instances = _matching(inst_layer, layer, "nuclei") if inst_layer is not None else None
+        if instances is not None and instances.min(initial=0) < 0:
+            raise WidgetInputError(f"'{inst_layer.name}' holds the negative id {int(instances.min())}; nucleus ids "
+                                   "are 1 and up (0 = background).")
+        image = _matching(image_layer, layer, "image") if image_layer is not None else None
         pixel_size = pixel_size_um(image_layer or layer)
         return layer, class_map, names, instances, image, pixel_size
 

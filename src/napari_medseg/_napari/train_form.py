@@ -27,7 +27,7 @@ from ..training.config import AugmentConfig, DataConfig, TrainConfig  # noqa: E4
 from ..training.data import LabelledImage  # noqa: E402
 from ..training.losses import LOSSES as CORE_LOSSES  # noqa: E402
 from ..training.tiles import DEFAULT_TILE, layer_items  # noqa: E402
-from .common import WidgetInputError  # noqa: E402
+from .common import CLASS_ID_LIMIT, WidgetInputError, class_map_top, numbered_classes  # noqa: E402
 from .model_list import DEFAULT_MODEL, FILE_MODEL, MODELS_DIR, trained_models  # noqa: E402
 from .training_job import LayerSource  # noqa: E402
 
@@ -37,6 +37,7 @@ NEW_MODEL = "new model (from scratch)"
 LOSSES = ("ce_dice", *(name for name in CORE_LOSSES if name != "ce_dice"))  # the trainer's list, its default first
 NO_AUGMENTATION = AugmentConfig(flip=False, rotate90=False, scale=None, brightness=0.0, contrast=0.0, saturation=0.0,
                                 hue=0.0, sharpness=0.0)  # random crops only
+PAINT_CLASSES = "Train on a class map: one id per class (e.g. 1 = nucleus), not one per nucleus."
 MONITORS = {"validation loss": "val_loss", "validation mIoU": "val_miou", "validation mean class Dice": "val_mean_dice",
             "validation bPQ (nuclei)": "val_bpq"}
 INTERACTIVE_EPOCHS = 20  # fewer than a scripted run's default: a first look in the viewer comes sooner
@@ -117,6 +118,8 @@ def plan_training(form: TrainForm) -> TrainingPlan:
         # one tile: nothing to hold out, so it trains on it alone and picks the best by training loss
         val_fraction = form.val_fraction if len(items[0]) > 1 else 0.0
     model = _model_config(form, start_meta, classes, in_channels)
+    if items is not None:
+        check_tile_sizes(form, items[0], model.output_stride)
     if form.crop_size % model.output_stride:
         raise WidgetInputError(f"The crop size must be a multiple of {model.output_stride} for this model "
                                f"(got {form.crop_size}).")
@@ -181,17 +184,38 @@ def painted_tiles(form: TrainForm, start_meta: CheckpointMeta | None,
         raise WidgetInputError("Choose an image layer to train on (open or paint over an image first).")
     if layers.labels is None:
         raise WidgetInputError("Choose a Labels layer with the class of every pixel (paint or correct one).")
+    spatial = layers.image.shape[:-1] if layers.rgb else layers.image.shape
+    if layers.labels.shape != spatial:
+        raise WidgetInputError(f"'{layers.labels_name}' has shape {layers.labels.shape}, but the pixels of "
+                               f"'{layers.name}' are {spatial}; choose a Labels layer painted on this image.")
+    names = layers.classes if layers.classes and len(layers.classes) <= CLASS_ID_LIMIT else None
     if start_meta is not None:
-        classes = list(start_meta.classes)
-        if layers.classes and layers.classes != classes:
-            raise WidgetInputError(f"'{layers.labels_name}' has classes {layers.classes}, but the model to fine-tune "
-                                   f"has {classes}.")
-    else:
-        top = int(layers.labels.max(initial=0))
-        classes = layers.classes or ["background"] + [f"class {i}" for i in range(1, max(top, 1) + 1)]
+        if names and names != start_meta.classes:
+            raise WidgetInputError(f"'{layers.labels_name}' has classes {names}, but the model to fine-tune "
+                                   f"has {start_meta.classes}.")
+        names = list(start_meta.classes)
+    top = class_map_top(layers.labels_name, layers.labels, names, instead=PAINT_CLASSES)
+    if top == 0:
+        raise WidgetInputError(f"'{layers.labels_name}' is empty (all background): paint some nuclei first.")
+    classes = names or numbered_classes(top)
     items, regions = layer_items(layers.image, layers.rgb, layers.labels, len(classes), in_channels,
                                  form.tile_size, layers.name)
     return (items, classes), LayerSource(layers.labels.shape, layers.scale, layers.translate, regions)
+
+
+def check_tile_sizes(form: TrainForm, tiles: list[LabelledImage], least: int) -> None:
+    """Refuse painted layers, or tiles of them, smaller than ``least`` px (the model's output
+    stride) on a side: padded up to a crop, a few pixels train on nothing (the loss became NaN)."""
+    layers = form.layers
+    height, width = layers.labels.shape[-2:]
+    if min(height, width) < least:
+        raise WidgetInputError(f"'{layers.name}' is {height} x {width} px, smaller than the {least} x {least} px this "
+                               "model takes (its output stride); paint on a larger image region.")
+    tile_h, tile_w = min(t.image.shape[0] for t in tiles), min(t.image.shape[1] for t in tiles)
+    if min(tile_h, tile_w) < least:
+        raise WidgetInputError(f"A tile size of {form.tile_size} px cuts '{layers.name}' ({height} x {width} px) into "
+                               f"tiles as small as {tile_h} x {tile_w} px, under the {least} px this model takes; "
+                               "choose a larger tile size.")
 
 
 def _model_config(form: TrainForm, start_meta: CheckpointMeta | None, classes: list[str],

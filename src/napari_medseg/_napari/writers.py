@@ -1,34 +1,86 @@
-"""Writer contributions: Labels layers as QuPath GeoJSON outlines or as label TIFFs."""
+"""Writer contributions: Labels layers as QuPath GeoJSON outlines or as label TIFFs.
+
+napari reports a writer's ``ValueError`` as "not a valid writer" and drops its message, so a
+refusal leaves here as an ``OutputWriteError`` (an ``OSError``): napari shows its message as it
+is. Both formats are written to a temp file and renamed: a refused or failed save leaves nothing.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import numpy as np
 
-from ..nuclei.votes import instance_classes
-from ..nuclei.watershed import semantic_to_instances
+from ..errors import MedsegError
 from ..io.geojson import write_geojson
 from ..io.images import write_label_map
+from ..io.outputs import OutputWriteError, write_error
+from ..nuclei.votes import instance_classes
+from ..nuclei.watershed import semantic_to_instances
+from .common import CLASS_ID_LIMIT, WidgetInputError, class_map_top
 from .layers import METADATA_KEY
 
 
 def write_labels_geojson(path: str, data, meta: dict) -> list[str]:
-    labels = np.asarray(data)
-    info = meta.get("metadata", {}).get(METADATA_KEY, {})
-    if info.get("kind") == "instances":
-        table = info.get("instance_classes")
-        if table is None or not info.get("classes"):
-            write_geojson(path, labels)
-        else:  # the classes the nuclei had when made; ids added since are left unclassified (0)
-            votes = np.zeros(int(labels.max(initial=0)) + 1, np.int64)
-            n = min(len(votes), len(table))
-            votes[:n] = np.asarray(table)[:n]
-            write_geojson(path, labels, votes, info["classes"], info.get("colors"))
-    else:  # a class map: nuclei by watershed, each with its majority class
-        instances = semantic_to_instances(labels)
-        write_geojson(path, instances, instance_classes(instances, labels), info.get("classes"), info.get("colors"))
+    with _save_errors_shown(path, meta):
+        labels = _plane(data)
+        info = meta.get("metadata", {}).get(METADATA_KEY, {})
+        # more names than a class map has: numbered names given to an instance map's every id
+        classes = info.get("classes") if len(info.get("classes") or ()) <= CLASS_ID_LIMIT else None
+        if info.get("kind") == "instances" or (not classes and int(labels.max(initial=0)) >= CLASS_ID_LIMIT):
+            _write_instances(path, labels, info)  # ids no class map has: nuclei, as they are
+        else:  # a class map: nuclei by watershed, each with its majority class
+            class_map_top(_name(meta), labels, classes)
+            instances = semantic_to_instances(labels)
+            write_geojson(path, instances, instance_classes(instances, labels), classes, info.get("colors"))
     return [path]
 
 
 def write_labels_tiff(path: str, data, meta: dict) -> list[str]:
-    write_label_map(path, np.asarray(data))
+    with _save_errors_shown(path, meta):
+        write_label_map(path, _plane(data))
     return [path]
+
+
+def _write_instances(path: str, labels: np.ndarray, info: dict) -> None:
+    table = info.get("instance_classes")
+    if info.get("kind") != "instances" or table is None or not info.get("classes"):
+        write_geojson(path, labels)
+        return
+    # the classes the nuclei had when made; ids added since are left unclassified (0)
+    votes = np.zeros(int(labels.max(initial=0)) + 1, np.int64)
+    n = min(len(votes), len(table))
+    votes[:n] = np.asarray(table)[:n]
+    write_geojson(path, labels, votes, info["classes"], info.get("colors"))
+
+
+def _plane(data) -> np.ndarray:
+    labels = np.asarray(data)
+    if labels.ndim != 2:
+        raise WidgetInputError(f"it has shape {labels.shape}; only a 2-D Labels layer can be saved this way "
+                               "(save one plane of a stack as its own layer).")
+    if labels.min(initial=0) < 0:
+        raise WidgetInputError(f"it holds the negative id {int(labels.min())}; label ids are 0 (background) and up: "
+                               "paint those pixels with 0 or a class first.")
+    return labels
+
+
+def _name(meta: dict) -> str:
+    return meta.get("name") or "the layer"
+
+
+@contextlib.contextmanager
+def _save_errors_shown(path: str, meta: dict):
+    """Every refusal as an ``OutputWriteError`` that names the target ``path`` (and the layer)."""
+    target = Path(path)
+    try:
+        if target.parent.exists() and not target.parent.is_dir():
+            raise WidgetInputError(f"{target.parent} is a file, not a folder; save into a folder.")
+        yield
+    except OutputWriteError:
+        raise  # it names the target already
+    except MedsegError as exc:  # a ValueError, which napari would hide
+        raise OutputWriteError(f"Cannot save '{_name(meta)}' to {target}: {exc}") from exc
+    except OSError as exc:
+        raise write_error(target, exc) from exc
