@@ -139,6 +139,20 @@ def test_train_removes_the_temp_files_a_killed_train_left(tmp_path, dataset, mon
     assert not stale.exists() and os.listdir(run) == []
 
 
+def test_a_killed_slide_runs_temp_store_folder_is_removed_and_nothing_else(tmp_path):
+    from napari_medseg.io.outputs import remove_stale_temps
+
+    out = tmp_path / "out"
+    stale = out / f".slide.zarr.{_dead_pid()}.0123456789ab.part"
+    (stale / "classes" / "0").mkdir(parents=True)
+    (stale / "classes" / "0" / "c0").write_bytes(b"x" * 100)
+    live = out / f".other.zarr.{os.getpid()}.0123456789ab.part"
+    live.mkdir()
+    (out / "slide.zarr").mkdir()  # a finished store: not a temp
+    assert remove_stale_temps(out) == [stale]
+    assert not stale.exists() and live.is_dir() and (out / "slide.zarr").is_dir()
+
+
 def _engine_that(monkeypatch, action):
     from napari_medseg.inference import Segmenter
 

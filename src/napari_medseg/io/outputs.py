@@ -54,17 +54,17 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temps(*folders: str | os.PathLike) -> list[Path]:
-    """Removes the temp files that killed runs left in ``folders`` (ours only: the
-    ``temp_path`` pattern, of a process that no longer runs); returns what it removed."""
+    """Removes the temp files (and temp folders: zarr stores) that killed runs left in ``folders``
+    (ours only: the ``temp_path`` pattern, of a process that no longer runs); returns what it removed."""
     removed = []
     for folder in map(Path, folders):
         if not folder.is_dir():
             continue
         for entry in folder.iterdir():
             match = TEMP_PATTERN.match(entry.name)
-            if match and entry.is_file() and not _pid_alive(int(match["pid"])):
-                try:
-                    entry.unlink()
+            if match and not entry.is_symlink() and not _pid_alive(int(match["pid"])):
+                try:  # a folder too: a zarr store is written under a temp name as a whole
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
                     removed.append(entry)
                 except OSError:
                     pass  # not ours to fight over: the next run tries again
