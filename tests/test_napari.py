@@ -37,20 +37,55 @@ def test_reader_opens_real_png_through_napari(make_napari_viewer, consep):
     assert layers[0].rgb and layers[0].data.shape == (256, 256, 3)
 
 
-def test_reader_opens_dataset_folder_as_stack_with_named_classes(make_napari_viewer, small_consep):
+def test_reader_opens_a_dataset_folder_as_layers_per_image_and_says_what_it_left(make_napari_viewer,
+                                                                                  small_consep):
+    from napari.utils.notifications import notification_manager
+
+    from napari_medseg._napari.reader import DATASET_OPEN_LIMIT
+    from napari_medseg.io import read_image, read_label_map
+
     viewer = make_napari_viewer()
+    before = len(notification_manager.records)
     layers = viewer.open(str(small_consep), plugin="napari-medseg")
-    kinds = [type(layer).__name__ for layer in layers]
-    assert kinds == ["Image", "Labels", "Labels"]
-    image, truth, instances = layers
-    assert image.data.shape == (6, 256, 256, 3)
-    assert truth.data.shape == (6, 256, 256)
-    assert truth.metadata["medseg"]["classes"] == CONSEP_CLASSES
-    assert list(truth.features["class"]) == CONSEP_CLASSES
+    stems = sorted(p.stem for p in (small_consep / "images").iterdir())[:DATASET_OPEN_LIMIT]
+    assert DATASET_OPEN_LIMIT == 4 and len(stems) == 4  # 6 images: 4 opened, 2 left
+    assert [layer.name for layer in layers] == [f"{s}{suffix}" for s in stems
+                                                for suffix in ("", " ground truth", " instances")]
+    assert [type(layer).__name__ for layer in layers] == ["Image", "Labels", "Labels"] * 4
+    for i, stem in enumerate(stems):  # each set holds that image's own pixels and maps
+        image, truth, instances = layers[3 * i: 3 * i + 3]
+        assert image.rgb and np.array_equal(image.data, read_image(small_consep / "images" / f"{stem}.png"))
+        assert np.array_equal(truth.data, read_label_map(small_consep / "labels" / f"{stem}.tif"))
+        assert np.array_equal(instances.data, read_label_map(small_consep / "instances" / f"{stem}.tif"))
+        assert image.metadata == {"dataset": str(small_consep), "stem": stem}
+        assert truth.metadata["medseg"]["classes"] == CONSEP_CLASSES
+        assert list(truth.features["class"]) == CONSEP_CLASSES
+        # the first image is in view; the others wait hidden; instances are hidden under the classes
+        assert (image.visible, truth.visible, instances.visible) == ((True, True, False) if i == 0 else
+                                                                     (False, False, False))
+        assert instances.data.max() > 10
+    truth = layers[1]
     # fixed colours: 'inflammatory' (id 2) is green, background transparent
     assert np.allclose(truth.colormap.map(np.array([2]))[0][:3], [0, 200 / 255, 0])
     assert truth.colormap.map(np.array([0]))[0][3] == 0
-    assert instances.data.max() > 10
+    messages = [str(n.message) for n in notification_manager.records[before:]]
+    assert any("Opened 4 of the 6 images of 'consep_small'" in m and "2 more not opened" in m
+               and "images/" in m for m in messages), messages
+
+
+def test_reader_opens_a_small_dataset_folder_whole_without_a_notification(make_napari_viewer, small_consep):
+    from napari.utils.notifications import notification_manager
+
+    for stem in ("train_3_005", "train_3_006"):  # 4 images left: all open
+        for sub, ext in (("images", ".png"), ("labels", ".tif"), ("instances", ".tif")):
+            (small_consep / sub / f"{stem}{ext}").unlink()
+    viewer = make_napari_viewer()
+    before = len(notification_manager.records)
+    layers = viewer.open(str(small_consep), plugin="napari-medseg")
+    assert [layer.name for layer in layers if isinstance(layer, Image)] == [
+        "train_1_005", "train_1_006", "train_2_005", "train_2_006"]
+    assert len(layers) == 12
+    assert not [n for n in notification_manager.records[before:] if "Opened" in str(n.message)]
 
 
 def test_reader_opens_pannuke_fold(make_napari_viewer, tmp_path, consep):

@@ -66,9 +66,28 @@ def test_files_open_through_the_plugin_reader(make_napari_viewer, consep, small_
     viewer = make_napari_viewer()
     (image,) = viewer.open(str(consep / "images" / "train_1_005.png"), plugin=PLUGIN)
     assert isinstance(image, Image) and image.rgb and image.data.shape == (256, 256, 3)
-    layers = viewer.open(str(small_consep), plugin=PLUGIN)
-    assert [type(l) for l in layers] == [Image, Labels, Labels]
+    viewer.layers.clear()  # its layer would share a name with the folder's first image
+    layers = viewer.open(str(small_consep), plugin=PLUGIN)  # 6 images: the first 4, each as its own set
+    assert [type(l) for l in layers] == [Image, Labels, Labels] * 4
+    assert [l.name for l in layers[:3]] == ["train_1_005", "train_1_005 ground truth", "train_1_005 instances"]
     assert layers[1].metadata["medseg"]["classes"] == CONSEP_CLASSES
+
+
+def test_a_dataset_folder_image_segments_and_scores_against_its_own_ground_truth(make_napari_viewer, small_consep):
+    """A dataset folder's image is a plain 2-D image: Segment takes it (a stack it refused) and
+    Metrics scores the result against that image's ground truth."""
+    viewer = make_napari_viewer()
+    viewer.open(str(small_consep), plugin=PLUGIN)
+    _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    segment.image_layer.value = viewer.layers["train_1_005"]
+    segment.device.value = "cpu"
+    assert segment.run(threaded=False) is not None, segment.status.value
+    assert viewer.layers["train_1_005 segmentation"].data.shape == (256, 256)
+    _, metrics = viewer.window.add_plugin_dock_widget(PLUGIN, "Metrics")
+    metrics.prediction.value = viewer.layers["train_1_005 segmentation"]
+    metrics.ground_truth.value = viewer.layers["train_1_005 ground truth"]
+    result = metrics.compute()
+    assert result is not None and result["overall"]["nucleus_dice"] > 0.6, metrics.summary.value
 
 
 def test_labels_save_through_napari_with_both_writers(make_napari_viewer, tmp_path):

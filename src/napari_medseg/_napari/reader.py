@@ -64,9 +64,29 @@ def _slide_layer(path: Path) -> tuple:
     size, extra = slide.pixel_size_um, _scale_kwargs(slide)
     metadata = {"slide": {"path": str(slide.path), "pixel_size_um": size, "vendor": slide.vendor,
                           "level_shapes": [tuple(level.shape) for level in slide.levels]}}
-    data = slide.levels if len(slide.levels) > 1 else slide.levels[0]
-    return data, image_kwargs(file_stem(path), slide.levels[0], multiscale=len(slide.levels) > 1,
+    levels = display_levels(slide.levels)
+    data = levels if len(levels) > 1 else levels[0]
+    return data, image_kwargs(file_stem(path), slide.levels[0], multiscale=len(levels) > 1,
                               metadata=metadata, **extra), "image"
+
+
+# napari draws a big single-level image from the whole plane (copies of it, several GB for a
+# large TIFF); given coarser levels it reads only what the view shows, at the level it needs
+DISPLAY_MAX_SIDE = 4096
+
+
+def display_levels(levels: list) -> list:
+    """``levels`` for display: while the coarsest is larger than ``DISPLAY_MAX_SIDE``, a lazy
+    level of every 2nd pixel of it is added. The coarsest level, which napari draws first, is read
+    here (and kept, lazily wrapped): a part of the file that does not decode fails now, before
+    any layer is added."""
+    import dask.array as da
+
+    levels = list(levels)
+    while max(levels[-1].shape[:2]) > DISPLAY_MAX_SIDE:
+        levels.append(levels[-1][::2, ::2])
+    levels[-1] = da.from_array(np.asarray(levels[-1]), name=False)
+    return levels
 
 
 def _slide_labels_layer(path: Path) -> tuple:
@@ -74,13 +94,14 @@ def _slide_labels_layer(path: Path) -> tuple:
     slide = open_slide(path)
     if slide.levels[0].ndim != 2 or not np.issubdtype(slide.levels[0].dtype, np.integer):
         return _slide_layer(path)
-    data, extra = (slide.levels if len(slide.levels) > 1 else slide.levels[0]), _scale_kwargs(slide)
+    levels = display_levels(slide.levels)
+    data, extra = (levels if len(levels) > 1 else levels[0]), _scale_kwargs(slide)
     if _is_instance_path(path):
         kwargs = instance_labels_kwargs(file_stem(path), **extra)
     else:  # class names from a dataset's classes.json, else numbered up to the highest id (coarsest level)
-        top = int(np.asarray(slide.levels[-1]).max(initial=0))
+        top = int(np.asarray(levels[-1]).max(initial=0))
         kwargs = class_labels_kwargs(file_stem(path), _class_names(path, top), **extra)
-    return data, {**kwargs, "multiscale": len(slide.levels) > 1}, "labels"
+    return data, {**kwargs, "multiscale": len(levels) > 1}, "labels"
 
 
 def _scale_kwargs(slide) -> dict:
@@ -133,27 +154,42 @@ def _dataset_classes(path: Path) -> list[str] | None:
     return None
 
 
+# a few images of a dataset open at once, each as its own image, ground truth and instances:
+# hundreds of patches as ~1300 layers would bury the viewer (and a stack cannot be segmented)
+DATASET_OPEN_LIMIT = 4
+
+
 def read_dataset_folder(path) -> list[tuple]:
-    """Images (a stack when they share a size) plus their class and instance maps."""
+    """The first ``DATASET_OPEN_LIMIT`` images, each with its class and instance maps as layers
+    named by its stem; the first set shown, the others hidden. A notification says what was left."""
     ds = open_dataset(path)
-    samples = [ds.load(stem) for stem in ds.stems]
-    name = Path(path).name
-    shapes = {s.image.shape for s in samples}
-    layers = []
-    if len(shapes) == 1:
-        groups = [(name, samples)]
-    else:  # different sizes cannot share a stack: one set of layers per image
-        groups = [(f"{name}/{s.stem}", [s]) for s in samples]
-    for label, group in groups:
-        images = np.stack([s.image for s in group]) if len(group) > 1 else group[0].image
-        layers.append((images, image_kwargs(label, images, metadata={"stems": [s.stem for s in group]}), "image"))
-        if all(s.labels is not None for s in group):
-            labels = np.stack([s.labels for s in group]) if len(group) > 1 else group[0].labels
-            layers.append((labels.astype(np.uint8), class_labels_kwargs(f"{label} ground truth", ds.classes), "labels"))
-        if all(s.instances is not None for s in group):
-            inst = np.stack([s.instances for s in group]) if len(group) > 1 else group[0].instances
-            layers.append((inst, instance_labels_kwargs(f"{label} instances", visible=False), "labels"))
+    stems = ds.stems[:DATASET_OPEN_LIMIT]
+    samples = [ds.load(stem) for stem in stems]  # all read first: a bad file adds no layer at all
+    layers = [layer for i, s in enumerate(samples) for layer in _sample_layers(ds, s, visible=i == 0)]
+    if len(ds.stems) > len(stems):
+        _notify_left_out(ds, stems)
     return layers
+
+
+def _sample_layers(ds, sample, visible: bool) -> list[tuple]:
+    """One image of a dataset folder: its image, class map and instance map, named by its stem."""
+    metadata = {"dataset": str(ds.root), "stem": sample.stem}
+    layers = [(sample.image, image_kwargs(sample.stem, sample.image, visible=visible, metadata=metadata), "image")]
+    if sample.labels is not None:
+        kwargs = class_labels_kwargs(f"{sample.stem} ground truth", ds.classes, visible=visible)
+        layers.append((sample.labels, kwargs, "labels"))
+    if sample.instances is not None:
+        layers.append((sample.instances, instance_labels_kwargs(f"{sample.stem} instances", visible=False), "labels"))
+    return layers
+
+
+def _notify_left_out(ds, opened: list[str]) -> None:
+    from napari.utils.notifications import show_info
+
+    rest = len(ds.stems) - len(opened)
+    show_info(f"Opened {len(opened)} of the {len(ds.stems)} images of '{ds.root.name}' ({', '.join(opened)}); "
+              f"{rest} more not opened. To open another, drag in its image from images/, then its "
+              "labels/ and instances/ .tif files (or open a folder holding only the images you want).")
 
 
 def read_pannuke(path) -> list[tuple]:

@@ -16,7 +16,9 @@ decides from shape and dtype alone; ``validate_image_array`` applies it to a num
 
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +53,19 @@ def file_stem(path: str | os.PathLike) -> str:
     return Path(name).stem
 
 
+@contextmanager
+def tifffile_quiet():
+    """tifffile's log lines about a broken header ("incorrect StripOffsets count" ...) silenced:
+    the ``ImageReadError`` raised for the file says what is wrong, once, naming it."""
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _read_raw(path: Path) -> np.ndarray:
     suffix = image_suffix(path)
     if suffix not in IMAGE_SUFFIXES:
@@ -66,9 +81,10 @@ def _read_raw(path: Path) -> np.ndarray:
         if suffix in (".tif", ".tiff"):
             import tifffile
 
-            with tifffile.TiffFile(path) as tif:
+            with tifffile_quiet(), tifffile.TiffFile(path) as tif:
                 # series[0] is the image as the file describes it (OME axes included);
                 # level 0 is full resolution for pyramidal files.
+                check_tiff_data(tif.series[0], path)
                 return np.asarray(tif.series[0].asarray())
         from PIL import Image
 
@@ -88,6 +104,30 @@ def _read_raw(path: Path) -> np.ndarray:
             f"Cannot read '{path.name}': the file is corrupt, truncated or not a "
             f"{suffix.lstrip('.').upper()} file ({type(exc).__name__}: {exc})."
         ) from exc
+
+
+def check_tiff_data(series, path: Path) -> None:
+    """Refuse a TIFF whose header promises image data that the file lacks: fewer strips or tiles
+    than its image size needs, or strips or tiles past the end of the file (a cut-off copy or
+    download). tifffile would fill the missing parts with zeros (a silently wrong image) or fail
+    deep inside a lazy read; a memory map of such a file would crash with SIGBUS."""
+    size = path.stat().st_size
+    for level in series.levels:
+        for page in level.pages:
+            if page is None:
+                continue
+            offsets = np.asarray(page.dataoffsets, np.int64)
+            expected = int(np.prod(getattr(page, "keyframe", page).chunked))
+            end = int((offsets + np.asarray(page.databytecounts, np.int64)).max(initial=0))
+            if len(offsets) != expected:
+                found = (f" or wrongly written: its header describes {level.shape} pixels in {expected} strips "
+                         f"or tiles but lists {len(offsets)}")
+            elif end > size:
+                found = f": its header places image data up to byte {end:,} but the file ends at byte {size:,}"
+            else:
+                continue
+            raise ImageReadError(f"Cannot read '{path.name}': the file is corrupt, truncated{found}. "
+                                 "Copy or export it again from the original.")
 
 
 def _plane_index(shape: tuple[int, ...]) -> tuple[tuple, tuple[int, ...]]:
