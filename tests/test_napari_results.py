@@ -5,6 +5,7 @@ truth with the classes merged, and a layout at 1600x1000 that leaves the image m
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -38,6 +39,7 @@ def test_segment_result_reads_at_a_glance_and_rethresholds(make_napari_viewer):
     for layer in (seg, nuclei):  # placed on the image
         assert tuple(layer.scale) == (0.5, 0.5) and tuple(layer.translate) == (10.0, 20.0)
     assert nuclei.contour > 0  # outlines over the class colours
+    _assert_outlines_take_their_class_colour(viewer, seg, nuclei)
     count = len(np.unique(nuclei.data)) - 1
     assert segment.status.value.startswith(f"Done: {count} nuclei")
     assert all(name in segment.legend.value for name in ("inflammatory", "epithelial"))
@@ -55,6 +57,76 @@ def test_segment_result_reads_at_a_glance_and_rethresholds(make_napari_viewer):
     assert seg.data is labels and int((labels > 0).sum()) < before
     assert segment.status.value.startswith(f"Done: {len(np.unique(instances)) - 1} nuclei")
     assert "nucleus threshold 0.90" in segment.status.value
+    # new nuclei in place take their own classes' colours, not those of the old ids
+    from napari_medseg._napari.layers import instance_labels_kwargs, replace_instances
+    from napari_medseg.nuclei.votes import instance_classes
+
+    classes = seg.metadata["medseg"]["classes"]
+    replace_instances(nuclei, instances, instance_labels_kwargs(nuclei.name, classes, None,
+                                                                instance_classes(instances, labels)))
+    _assert_outlines_take_their_class_colour(viewer, seg, nuclei)
+
+
+def _assert_outlines_take_their_class_colour(viewer, seg, nuclei):
+    """Each nucleus is drawn in the colour of its class (its majority in the class map), over the
+    class map at a lower opacity; hovering a nucleus names its class."""
+    from napari_medseg.nuclei.votes import instance_classes
+
+    votes = instance_classes(nuclei.data, seg.data)
+    ids = np.flatnonzero(votes)
+    assert len(ids) > 20
+    for nucleus in ids[:: max(1, len(ids) // 25)]:
+        np.testing.assert_allclose(nuclei.colormap.map(int(nucleus))[:3], seg.colormap.map(int(votes[nucleus]))[:3])
+    assert nuclei.opacity > seg.opacity and seg.opacity <= 0.5
+    nucleus = int(ids[0])
+    y, x = np.argwhere(nuclei.data == nucleus)[0]
+    status = nuclei.get_status(nuclei.data_to_world((y, x)), world=True)
+    assert f"class: {seg.metadata['medseg']['classes'][votes[nucleus]]}" in str(status), status
+
+
+def test_legend_names_pick_the_class_to_paint(make_napari_viewer):
+    """napari's label picker shows numbers only: a pickable legend picks classes by name."""
+    from napari_medseg._napari.layers import legend_html, pick_classes_from
+
+    viewer, segment, image, seg = _segmented(make_napari_viewer)
+    classes = seg.metadata["medseg"]["classes"]
+    segment.legend.value = legend_html(classes, pickable=True)
+    assert 'href="class:3">epithelial</a>' in segment.legend.value
+    pick_classes_from(segment.legend, lambda: seg, viewer)
+    viewer.layers.selection.active = image
+    segment.legend.native.linkActivated.emit("class:3")
+    assert seg.selected_label == 3 and seg.mode == "paint" and viewer.layers.selection.active is seg
+
+
+def test_train_dock_folds_and_scrolls_beside_segment_and_metrics(make_napari_viewer, shots):
+    """At 1600x1000 with Segment, Metrics and Train docked the window keeps its size and the
+    canvas most of the width; Train's advanced settings start folded and its form scrolls."""
+    from qtpy.QtWidgets import QApplication, QScrollArea
+
+    viewer = make_napari_viewer(show=True)
+    window = viewer.window._qt_window
+    window.resize(1600, 1000)
+    viewer.open_sample(PLUGIN, "monuseg")
+    for name in ("Segment", "Metrics"):
+        viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    dock, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train")
+    QApplication.processEvents()
+    assert (window.width(), window.height()) == (1600, 1000)
+    canvas = viewer.window._qt_viewer.canvas.native
+    assert canvas.width() >= 0.5 * window.width(), canvas.width()
+    assert not train.show_advanced.value and not train.advanced.native.isVisible()
+    assert not train.lr.native.isVisible() and train.epochs.native.isVisible()
+    scroll = dock.widget()
+    assert isinstance(scroll, QScrollArea) and scroll.widget().isAncestorOf(train.train_button.native)
+    scroll.ensureWidgetVisible(train.train_button.native)
+    QApplication.processEvents()
+    assert not train.train_button.native.visibleRegion().isEmpty()  # reachable by scrolling
+    train.show_advanced.value = True
+    QApplication.processEvents()
+    assert train.lr.native.isVisible() and (window.width(), window.height()) == (1600, 1000)
+    path = shots / "segment_metrics_train_1600x1000.png"
+    window.grab().save(str(path))
+    assert path.stat().st_size > 10_000
 
 
 def test_rethreshold_is_fast_on_a_1000_px_image(tiny_checkpoint, consep):
@@ -83,6 +155,11 @@ def test_metrics_scores_against_nucleus_only_truth_with_classes_merged(make_napa
     assert list(metrics.table.value["index"])[:2] == ["background", "nucleus"]
     assert report["per_class"]["nucleus"]["dice"] > 0.6
     assert "nucleus" in metrics.legend.value
+    # one number format: every score with four decimals ("-" where undefined, blank where none)
+    table, delegate = metrics.table.native, metrics.table.native.itemDelegate()
+    shown = {delegate.displayText(table.model().index(r, c).data(), table.locale())
+             for r in range(table.rowCount()) for c in range(table.columnCount())}
+    assert shown and all(text in ("", "-") or re.fullmatch(r"-?\d+(\.\d{4})?", text) for text in shown), shown
     # the layout keeps the image first: docks stay narrow whatever the status says
     from qtpy.QtWidgets import QApplication
 

@@ -52,6 +52,15 @@ def _preview_layers(viewer):
     return [l for l in viewer.layers if l.metadata.get("medseg", {}).get("kind") in (PREVIEW_KIND, "preview-image")]
 
 
+def _assert_plot_shows_every_point(plot):
+    """Every drawn point lies inside the axes (none on the frame), the first epoch's too."""
+    (x0, x1), (y0, y1) = plot.loss_ax.get_xlim(), plot.loss_ax.get_ylim()
+    for name in ("batch_loss", "train_loss", "val_loss"):
+        xs, ys = plot.lines[name].get_data()
+        assert len(xs) >= 1 and plot.lines[name].get_marker() not in (None, "None", ""), name
+        assert x0 <= min(xs) and max(xs) < x1 and y0 < min(ys) and max(ys) < y1, (name, xs, ys, x1, y0, y1)
+
+
 # -- tiles of a painted image ------------------------------------------------------------------------
 def test_painted_image_is_cut_into_tiles_that_are_their_own_groups(consep):
     from napari_medseg.io import read_image
@@ -158,6 +167,7 @@ def test_threaded_fine_tune_on_layers_stops_after_a_batch_and_keeps_best(make_na
     assert meta.data["train_images"] == 3 and meta.data["val_images"] == 1
     assert meta.training["config"]["freeze_encoder"] is True
     assert len(widget.plot.data["batch_loss"][0]) >= 4 and len(widget.plot.data["val_loss"][0]) >= 1
+    _assert_plot_shows_every_point(widget.plot)  # one finished epoch: its points are drawn
     assert "stopped by user" in widget.status.value and widget.train_button.enabled
     # the validation tile's prediction sits on the painted image
     (preview,) = _preview_layers(viewer)

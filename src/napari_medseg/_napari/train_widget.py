@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, ProgressBar,
-                              PushButton, SpinBox)
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, LineEdit, ProgressBar, PushButton,
+                              SpinBox)
 from psygnal import Signal
 
 from .torch_import import import_torch_dynamo
@@ -32,7 +32,7 @@ from ..models import ARCHITECTURES, TESTED_ENCODERS  # noqa: E402
 from ..training.trainer import BatchDone, EpochDone, TrainingDone  # noqa: E402
 from .common import SCROLL_MIN_HEIGHT, report_error, start_worker  # noqa: E402
 from .layers import (METADATA_KEY, class_labels_kwargs, image_layers, labels_layers, layer_classes,  # noqa: E402
-                     layer_kind)
+                     layer_kind, wrapping_label)
 from .loss_plot import LossPlot  # noqa: E402
 from .model_list import DEFAULT_MODEL, FILE_MODEL, follow_trained_models, trained_models  # noqa: E402
 from .train_form import (FROM_FOLDER, FROM_LAYERS, LOSSES, MONITORS, NEW_MODEL, PaintedLayers,  # noqa: E402
@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 
 PREVIEW_KIND = "training-preview"
 PREVIEW_IMAGE_KIND = "preview-image"
+# folded under "advanced settings" (closed at first): the widget fits a 1000 px screen beside others
+ADVANCED = ("tile_size", "val_fraction", "architecture", "encoder", "encoder_depth", "freeze_encoder",
+            "distance_head", "loss", "lr", "batch_size", "crop_size", "crops_per_image", "augment", "patience",
+            "monitor", "show_preview")
 
 
 class TrainWidget(Container):
@@ -54,7 +58,7 @@ class TrainWidget(Container):
     # napari passes its viewer to a parameter of this name: see common.py
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(scrollable=True)  # docks never push the window past the screen
-        self.native.setMinimumHeight(SCROLL_MIN_HEIGHT)
+        self.root_native_widget.setMinimumHeight(SCROLL_MIN_HEIGHT)
         self._viewer = napari_viewer
         self._worker = None
         self._job: TrainingJob | None = None
@@ -64,10 +68,21 @@ class TrainWidget(Container):
         self.preview_layers: list = []
         self._steps = self._epochs = 1
         form = TrainForm()  # every control starts at the form's defaults (the core's)
-        self.extend([*self._data_controls(form), *self._model_controls(form), *self._optimiser_controls(form),
-                     *self._output_controls(form)])
+        settings = [*self._data_controls(form), *self._model_controls(form), *self._optimiser_controls(form),
+                    *self._output_controls(form)]
+        folded = [getattr(self, name) for name in ADVANCED]
+        self.show_advanced = CheckBox(text="advanced settings (model, optimiser, tiles)", value=False)
+        self.advanced = Container(widgets=folded, labels=True)
+        self.extend([*(w for w in settings if w not in folded), self.show_advanced, self.advanced,
+                     *self._action_controls()])
         self.plot = self._add_plot()
         self._connect()
+
+    @property
+    def native(self):
+        """The scroll area round the form: napari docks a widget's ``native``, which magicgui
+        makes the form inside it, so the form would be cut off in a short dock, not scrolled."""
+        return self.root_native_widget
 
     # -- the form ---------------------------------------------------------------------------------
     def _data_controls(self, form: TrainForm) -> list:
@@ -121,13 +136,14 @@ class TrainWidget(Container):
         self.output_dir = FileEdit(label="save in", mode="d", value=form.output_dir)
         self.model_name = LineEdit(label="model name", value=form.model_name)
         self.show_preview = CheckBox(text="show validation prediction", value=form.show_preview)
+        return [self.output_dir, self.model_name, self.show_preview]
+
+    def _action_controls(self) -> list:
         self.train_button = PushButton(text="Train")
         self.stop_button = PushButton(text="Stop", enabled=False)
         self.progress = ProgressBar(label="batches", value=0, min=0, max=1)
-        self.status = Label(value="")
-        self.status.native.setWordWrap(True)
-        return [self.output_dir, self.model_name, self.show_preview, self.train_button, self.stop_button,
-                self.progress, self.status]
+        self.status = wrapping_label(value="")
+        return [self.train_button, self.stop_button, self.progress, self.status]
 
     def _add_plot(self) -> LossPlot | None:
         try:
@@ -135,10 +151,12 @@ class TrainWidget(Container):
         except ImportError:  # matplotlib missing: train without the plot
             self.status.value = "(install matplotlib for the loss plot)"
             return None
-        self.native.layout().addWidget(plot.canvas)
+        self.root_native_widget.widget().layout().addWidget(plot.canvas)
         return plot
 
     def _connect(self) -> None:
+        self.advanced.visible = False
+        self.show_advanced.changed.connect(lambda shown: setattr(self.advanced, "visible", shown))
         self.source.changed.connect(self._on_source_changed)
         self.start_from.changed.connect(self._update_visibility)
         self.train_button.changed.connect(lambda: self.run())
@@ -275,8 +293,7 @@ class TrainWidget(Container):
         self.progress.value = min(self.progress.max, (b.epoch - 1) * b.steps + b.step)
         if self.plot is not None:
             self.plot.add("batch_loss", b.epoch - 1 + b.step / b.steps, b.loss)
-            if b.step == b.steps or b.step % 5 == 0:
-                self.plot.draw()
+            self.plot.draw_now_and_then()  # each epoch's end draws too
 
     def _on_epoch(self, e: EpochDone) -> None:
         self.progress.value = min(self.progress.max, e.epoch * self._steps)
