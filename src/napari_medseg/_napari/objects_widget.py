@@ -100,9 +100,10 @@ class ObjectsWidget(Container):
         """The class map's own nuclei (Segment's '<image> nuclei' beside '<image> segmentation'), so
         that Objects counts the nuclei Segment counted; derived by a watershed only without them."""
         layer = self.class_layer.value
-        if layer is None:
-            return
+        if layer is None or " segmentation" not in layer.name:
+            return  # only Segment's results have a twin (a class map is never its own nuclei)
         twin = layer.name.replace(" segmentation", " nuclei")
+        self.instance_layer.reset_choices()  # a layer being inserted may not be among its choices yet
         for _name, candidate in self._instance_choices():
             if candidate is not None and candidate.name == twin and candidate.data.shape == layer.data.shape:
                 self.instance_layer.value = candidate
