@@ -35,8 +35,8 @@ from ..nuclei.votes import instance_classes
 from ..nuclei.watershed import INSTANCE_MAX_PIXELS, InstanceSettings
 from ..steps import Cancelled, run_steps
 from .common import WidgetInputError, report_error, start_worker
-from .layers import (class_labels_kwargs, image_layers, instance_labels_kwargs, legend_html, pixel_size_um,
-                     placement, wrapping_label)
+from .layers import (class_labels_kwargs, image_layers, instance_labels_kwargs, legend_html, pick_classes_from,
+                     pixel_size_um, placement, replace_instances, wrapping_label)
 from .model_list import DEFAULT_MODEL, FILE_MODEL, follow_trained_models, trained_models
 from .view_regions import drawn_shape, field_of_view, inside, region_placement, shapes_layers
 from .torch_import import import_torch_dynamo
@@ -142,6 +142,7 @@ class SegmentWidget(Container):
         self.target.changed.connect(self._show_target_controls)
         self.image_layer.changed.connect(self._show_target_controls)
         follow_trained_models(self.model_source)  # models from the Train widget
+        pick_classes_from(self.legend, lambda: self.last_layer, self._viewer)  # a click on a class paints it
         self.run_button.changed.connect(lambda: self.run())
         self.cancel_button.changed.connect(self.cancel)
         for control in (self.threshold, self.marker_threshold, self.min_nucleus):
@@ -259,12 +260,18 @@ class SegmentWidget(Container):
         cleanup = PostprocessSettings(self.min_object_size.value, self.fill_holes.value)
         configure, nuclei, size = self._configure(), self.nuclei.value, pixel_size_um(layer)
 
+        where = region_placement(layer, region)
+
         def job():  # in the worker: widgets are read above, on the GUI thread
             segmenter = self._segmenter(key)
             settings, instance_settings = configure(segmenter)
-            result = yield from iter_segment_keeping(segmenter, image, settings, cleanup, instance_settings, nuclei,
-                                                     pixel_size_um=size)
-            return _ImageRun(*result, segmenter, layer, region, mask)
+            labels, instances, kept = yield from iter_segment_keeping(
+                segmenter, image, settings, cleanup, instance_settings, nuclei, pixel_size_um=size)
+            labels, instances = _masked(labels, mask), _masked(instances, mask)
+            # the layers' settings (colour tables, class votes, features) are made here, off the
+            # GUI thread, which then only hands the arrays to napari
+            kwargs = _result_layer_kwargs(layer.name, segmenter, labels, instances, where)
+            return _ImageRun(labels, instances, kept, segmenter, layer, region, mask, kwargs)
 
         return job
 
@@ -350,7 +357,7 @@ class SegmentWidget(Container):
             self._show_slide_result(run)
         else:
             self._show_image_result(run)
-        self.legend.value = legend_html(self._classes, self._colors)
+        self.legend.value = legend_html(self._classes, self._colors, pickable=True)
         self._set_running(False)
         if segmenter.device.type != "cpu":
             segmenter.release()  # give the GPU memory back between runs
@@ -359,16 +366,13 @@ class SegmentWidget(Container):
     def _show_image_result(self, run: "_ImageRun") -> None:
         self.kept, self._mask, self._report = run.kept, run.mask, run.segmenter.last_report
         self.last_slide_result = None
-        labels, instances = self._masked(run.labels), self._masked(run.instances)
-        where = region_placement(run.layer, run.region)
-        self.last_layer = self._viewer.add_labels(labels, **class_labels_kwargs(
-            f"{run.layer.name} segmentation", self._classes, self._colors, **where))
+        class_kwargs, instance_kwargs = run.layer_kwargs
+        self.last_layer = self._viewer.add_labels(run.labels, **class_kwargs)
         self.last_instances_layer = None
-        if instances is not None:
-            self.last_instances_layer = self._viewer.add_labels(instances, **self._instance_kwargs(
-                f"{run.layer.name} nuclei", labels, instances), **where)
+        if run.instances is not None:
+            self.last_instances_layer = self._viewer.add_labels(run.instances, **instance_kwargs)
             self.last_instances_layer.contour = NUCLEUS_OUTLINE_PX
-        self.status.value = self._summary(labels, instances, run.segmenter.foreground_threshold)
+        self.status.value = self._summary(run.labels, run.instances, run.segmenter.foreground_threshold)
 
     def _show_slide_result(self, run: "_SlideRun") -> None:
         """The run's zarr pyramids as multiscale Labels, read lazily, placed as the slide is."""
@@ -386,10 +390,6 @@ class SegmentWidget(Container):
                 **_pyramid(root["instances"]), **instance_labels_kwargs(f"{name} nuclei", **where))
             self.last_instances_layer.contour = NUCLEUS_OUTLINE_PX
         self.status.value = slide_summary(run.result)
-
-    def _masked(self, array: np.ndarray | None) -> np.ndarray | None:
-        """``array`` with the outside of the run's polygon as background."""
-        return array if array is None or self._mask is None else np.where(self._mask, array, 0).astype(array.dtype)
 
     def _instance_kwargs(self, name: str, labels: np.ndarray, instances: np.ndarray) -> dict:
         return instance_labels_kwargs(name, self._classes, self._colors, instance_classes(instances, labels))
@@ -430,12 +430,12 @@ class SegmentWidget(Container):
         labels, instances, thresholds = result
         if self.last_layer is None or self.last_layer not in self._viewer.layers:
             return None
-        labels, instances = self._masked(labels), self._masked(instances)
+        labels, instances = _masked(labels, self._mask), _masked(instances, self._mask)
         self.last_layer.data = labels
         if instances is not None and self.last_instances_layer in self._viewer.layers:
-            meta = self._instance_kwargs(self.last_instances_layer.name, labels, instances)["metadata"]
-            self.last_instances_layer.metadata = meta
-            self.last_instances_layer.data = instances
+            # new ids take their own class colours and names, not those of the old ids
+            replace_instances(self.last_instances_layer, instances,
+                              self._instance_kwargs(self.last_instances_layer.name, labels, instances))
         self.status.value = self._summary(labels, instances, thresholds.nucleus)
         return labels, instances
 
@@ -466,6 +466,7 @@ class _ImageRun:
     layer: object
     region: Region | None
     mask: np.ndarray | None
+    layer_kwargs: tuple[dict, dict | None]  # ``add_labels`` settings of the class map and the nuclei
 
 
 @dataclass
@@ -475,6 +476,22 @@ class _SlideRun:
     result: SlideResult
     segmenter: Segmenter
     layer: object
+
+
+def _masked(array: np.ndarray | None, mask: np.ndarray | None) -> np.ndarray | None:
+    """``array`` with the outside of a run's polygon (``mask``) as background."""
+    return array if array is None or mask is None else np.where(mask, array, 0).astype(array.dtype)
+
+
+def _result_layer_kwargs(name: str, segmenter, labels: np.ndarray, instances: np.ndarray | None,
+                         where: dict) -> tuple[dict, dict | None]:
+    """The ``add_labels`` settings of a run's class map and nuclei, placed ``where`` on the canvas."""
+    classes, colors = segmenter.classes, segmenter.meta.colors
+    class_kwargs = class_labels_kwargs(f"{name} segmentation", classes, colors, **where)
+    if instances is None:
+        return class_kwargs, None
+    votes = instance_classes(instances, labels)
+    return class_kwargs, instance_labels_kwargs(f"{name} nuclei", classes, colors, votes, **where)
 
 
 def _until_cancelled(job, cancel: threading.Event):
