@@ -3,9 +3,9 @@
 Part 1, in one process, same model (the shipped default), same tile, overlap, batch and
 gaussian blending (sigma = tile/8 in both), on a 4096² image assembled from real CoNSeP
 H&E patches: a per-batch table of the backends (PyTorch, and the ONNX export through
-OpenVINO / ONNX Runtime where installed), then whole-image rows for each backend and for
-MONAI: throughput (Mpx/s), peak RSS increase during the call, class-map agreement with our
-float32 PyTorch run, and the ratios (ours with the backend ``auto`` picks / MONAI's). Both
+OpenVINO / ONNX Runtime where installed, also int8 where it loads), then whole-image rows for
+each backend and for MONAI: throughput (Mpx/s), peak RSS increase during the call, class-map
+agreement with our float32 PyTorch run, and the ratios (ours with the backend ``auto`` picks / MONAI's). Both
 sides compute the same thing: the softmax of the class channels (a distance head's channel
 is no class) and the model's decision rule (``classify``: its tuned foreground threshold).
 Both timings include everything from the uint8 image to the uint8 class map. Ours runs
@@ -16,7 +16,7 @@ elsewhere, as on a slide), opens it lazily and streams it through the engine wit
 default settings, printing peak RSS.
 
     pip install -e ".[bench,openvino,onnxruntime]"     # MONAI (this script only) and the runtimes
-    python benchmarks/bench_inference.py [--size 4096] [--stream-size 20000] [--threads 2]
+    python benchmarks/bench_inference.py [--size 4096] [--stream-size 20000] [--threads 2] [--rounds 3] [--rows ...]
 
 The last line is machine-readable:
 ``ratio_throughput=<x> ratio_memory=<y> agreement=<z> stream_peak_rss_gb=<g>``.
@@ -118,17 +118,18 @@ def run_monai(model, segmenter, image, tile, overlap, batch):
         return classify(probs[0].numpy(), segmenter.foreground_threshold).astype(np.uint8)
 
 
-def load_backends(device: str) -> dict:
-    """One segmenter per backend that loads as itself here (a runtime not installed is left out)."""
+def load_backends(device: str, precision: str = "auto", names=("torch", "openvino", "onnxruntime")) -> dict:
+    """One segmenter per backend that loads as itself, at ``precision``, here (a runtime not
+    installed, or a precision it does not keep, is left out with its reason)."""
     from napari_medseg.inference import Segmenter
 
     loaded = {}
-    for name in ("torch", "openvino", "onnxruntime"):
-        seg = Segmenter.load("default", device=device, backend=name)
-        if seg.backend.name == name:
-            loaded[name] = seg
+    for name in names:
+        seg = Segmenter.load("default", device=device, backend=name, precision=precision)
+        if seg.backend.name == name and precision in ("auto", seg.backend.precision):
+            loaded[name if precision == "auto" else f"{name} {precision}"] = seg
         else:
-            print(f"backend {name}: not used ({'; '.join(seg.backend.notes)})")
+            print(f"backend {name} {precision}: not used ({'; '.join(seg.backend.notes)})")
     return loaded
 
 
@@ -142,7 +143,7 @@ def per_batch_table(segmenters: dict, image: np.ndarray, tile: int, batch: int, 
     print(f"per batch ({batch} x {tile}², best of {repeats}):")
     reference = None
     for name, seg in segmenters.items():
-        run = seg.model if name == "torch" else seg.backend
+        run = seg.model if seg.backend.name == "torch" else seg.backend
         times = []
         with torch.inference_mode():
             for _ in range(repeats + 1):
@@ -152,7 +153,7 @@ def per_batch_table(segmenters: dict, image: np.ndarray, tile: int, batch: int, 
         n = len(seg.classes)
         labels = logits[:, :n].argmax(1)
         reference = labels if reference is None else reference
-        print(f"  {name:>12} {seg.backend.precision:>5}: {min(times[1:]):6.3f} s  "
+        print(f"  {name:>17} {seg.backend.precision:>5}: {min(times[1:]):6.3f} s  "
               f"argmax agreement with torch {100 * float((labels == reference).float().mean()):.3f}%")
 
 
@@ -240,8 +241,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rows", default="", help="whole-image rows to time, comma-separated, of torch, openvino, "
+                        "onnxruntime, monai, monai+, defaults (default: all; auto's backend and monai always run)")
     parser.add_argument("--stream-only", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best time counts")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the best time counts")
     args = parser.parse_args()
 
     if args.stream_only:
@@ -266,26 +269,33 @@ def main() -> None:
           f"({auto.backend.precision}){': ' + '; '.join(auto.backend.notes) if auto.backend.notes else ''}")
     image = consep_mosaic(args.size)
     mpx = image.shape[0] * image.shape[1] / 1e6
-    per_batch_table(backends, image, args.tile, args.batch_size)
+    # int8 (opt-in, never auto's: see inference.backends) in the per-batch table only
+    per_batch_table({**backends, **load_backends(args.device, "int8", ("onnxruntime",))}, image,
+                    args.tile, args.batch_size)
     same_work = TileSettings(args.tile, args.overlap, args.batch_size, skip_background=False)
+    rows = set(args.rows.split(",")) | {auto.backend.name, "monai"} if args.rows else None  # the ratios need both
+    timed = {name: seg for name, seg in backends.items() if rows is None or name in rows}
     # warm-up: first calls pay for kernel selection and allocator growth
-    for seg in backends.values():
+    for seg in timed.values():
         run_ours(seg, image[:512, :512], same_work)
     run_monai(plain_model, segmenter, image[:512, :512], args.tile, args.overlap, args.batch_size)
 
-    engines = [(f"ours[{name}]", lambda seg=seg: run_ours(seg, image, same_work)) for name, seg in backends.items()]
+    engines = [(f"ours[{name}]", lambda seg=seg: run_ours(seg, image, same_work)) for name, seg in timed.items()]
     engines += [("monai", lambda: run_monai(plain_model, segmenter, image, args.tile, args.overlap, args.batch_size)),
                 # MONAI handed our optimised model: what is left is the engines' own difference
                 ("monai+", lambda: run_monai(segmenter.model, segmenter, image, args.tile, args.overlap,
                                              args.batch_size)),
                 ("ours[auto], glass skipping on (default)",
                  lambda: run_ours(auto, image, TileSettings(args.tile, args.overlap, args.batch_size)))]
+    short = {"monai": "monai", "monai+": "monai+", "ours[auto], glass skipping on (default)": "defaults"}
+    engines = [(name, fn) for name, fn in engines if rows is None or short.get(name, name[5:-1]) in rows]
     results = time_engines(engines, args.rounds, mpx)
-    reference = results["ours[torch]"][0]
+    ref_name = "ours[torch]" if "ours[torch]" in results else f"ours[{auto.backend.name}]"
     for name, (labels, seconds, increase) in results.items():
         print(f"{name:>15}: best {seconds:7.1f} s  {mpx / seconds:6.3f} Mpx/s  peak RSS +{increase / 2**20:7.1f} MB  "
-              f"agreement with ours[torch] {100 * float((labels == reference).mean()):.3f}%")
-    print(f"glass tiles skipped with the defaults: {auto.last_report.skipped_background}/{auto.last_report.tiles}")
+              f"agreement with {ref_name} {100 * float((labels == results[ref_name][0]).mean()):.3f}%")
+    if "ours[auto], glass skipping on (default)" in results:
+        print(f"glass tiles skipped with the defaults: {auto.last_report.skipped_background}/{auto.last_report.tiles}")
     ours, monai = results[f"ours[{auto.backend.name}]"], results["monai"]
     ratio_throughput = monai[1] / ours[1]
     ratio_memory = ours[2] / max(monai[2], 1)

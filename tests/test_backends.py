@@ -157,3 +157,43 @@ def test_unknown_backend_or_precision_is_a_user_error(fresh_checkpoint):
         Segmenter.load(fresh_checkpoint, device="cpu", backend="tensorrt")
     with pytest.raises(MedsegError, match="Unknown precision 'int4'"):
         Segmenter.load(fresh_checkpoint, device="cpu", precision="int4")
+
+
+@needs_onnxruntime
+def test_a_new_export_removes_the_stale_ones_of_its_checkpoint(tiny_checkpoint, tmp_path):
+    checkpoint = shutil.copy(tiny_checkpoint, tmp_path / "tiny.safetensors")
+    current = export.checkpoint_hash(checkpoint)
+    stale = [f"tiny.0123456789abcdef.v{export.EXPORT_VERSION}.onnx",  # an older content of tiny.safetensors
+             f"tiny.0123456789abcdef.v{export.EXPORT_VERSION}.int8q1.onnx",
+             f"tiny.{current}.v0.onnx"]  # an older export version
+    others = ["other.0123456789abcdef.v1.onnx", "tiny-b.0123456789abcdef.v1.onnx", "tiny.notes.onnx"]
+    for name in stale + others:
+        (tmp_path / name).write_bytes(b"old")
+    assert Segmenter.load(checkpoint, device="cpu", backend="onnxruntime").backend.name == "onnxruntime"
+    assert sorted(p.name for p in tmp_path.glob("*.onnx")) == sorted(others + [export.export_name(checkpoint)])
+
+
+def test_the_user_cache_keeps_the_most_recently_used_exports(tiny_checkpoint, tmp_path, monkeypatch):
+    import os
+
+    checkpoint = shutil.copy(tiny_checkpoint, tmp_path / "tiny.safetensors")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cache = export.user_cache_dir()
+    cache.mkdir(parents=True)
+    old = [cache / f"model{i}.{i:016x}.v1.onnx" for i in range(export.CACHE_KEEP + 2)]
+    for age, path in enumerate(reversed(old)):  # model0 the most recently used
+        path.write_bytes(b"x")
+        os.utime(path, (1e9 + age, 1e9 + age))
+    export._mark_used(old[-1])  # read again just now: the most recent of all
+
+    def make(path):
+        if path.parent != cache:
+            raise PermissionError(13, "Permission denied", str(path))
+        path.write_bytes(b"new")
+        return path
+
+    written = export.cached_export(checkpoint, make)
+    assert written.parent == cache
+    kept = set(cache.glob("*.onnx"))
+    assert len(kept) == export.CACHE_KEEP
+    assert kept == {written, old[-1], *old[:export.CACHE_KEEP - 2]}

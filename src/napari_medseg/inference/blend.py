@@ -61,19 +61,20 @@ class Outputs:
 class BandMerger:
     """Weighted tile predictions summed into a buffer of image rows ``[base, base + band)``.
 
-    ``add`` and ``add_glass`` accumulate a tile and its blend weights; ``finalise(until)``
-    divides rows ``[base, until)`` by their summed weights, hands them to ``Outputs`` a
-    column chunk at a time (small temporaries) and slides the buffer down. Rows and columns
-    past the image (a tile larger than the image is padded) are never written out.
+    ``add`` and ``add_glass`` accumulate a tile; ``finalise(until)`` divides rows
+    ``[base, until)`` by their summed blend weights, hands them to ``Outputs`` a column chunk
+    at a time (small temporaries) and slides the buffer down. Every tile of the grid is added
+    once at its blend weight (glass too), so the summed weights follow from the grid alone and
+    are summed per chunk (``weight_sum``) instead of kept in a buffer. Rows and columns past
+    the image (a tile larger than the image is padded) are never written out.
     """
 
     def __init__(self, outputs: Outputs, channels: int, band: int, size: tuple[int, int],
-                 padded_width: int, weights: np.ndarray):
-        self.outputs, self.band, self.weights = outputs, band, weights
+                 grid: TileGrid, weights: np.ndarray):
+        self.outputs, self.band, self.weights, self.grid = outputs, band, weights, grid
         self.height, self.width = size
         self.tile = weights.shape[0]
-        self.acc = np.zeros((channels, band, padded_width), np.float32)
-        self.norm = np.zeros((band, padded_width), np.float32)
+        self.acc = np.zeros((channels, band, grid.padded_width), np.float32)
         self.base = 0
 
     def has_room_for(self, y: int) -> bool:
@@ -83,13 +84,11 @@ class BandMerger:
     def add(self, y: int, x: int, weighted_probs: np.ndarray) -> None:
         top = y - self.base
         self.acc[:, top:top + self.tile, x:x + self.tile] += weighted_probs
-        self.norm[top:top + self.tile, x:x + self.tile] += self.weights
 
     def add_glass(self, y: int, x: int) -> None:
         """A glass tile: certain background, at the tile's blend weight."""
         top = y - self.base
         self.acc[0, top:top + self.tile, x:x + self.tile] += self.weights
-        self.norm[top:top + self.tile, x:x + self.tile] += self.weights
 
     def finalise(self, until: int) -> None:
         """Rows ``[base, until)`` are complete: write them out and slide the buffer."""
@@ -99,18 +98,38 @@ class BandMerger:
         rows_out = min(until, self.height) - self.base
         for left in range(0, self.width if rows_out > 0 else 0, FINALISE_COLUMNS):
             right = min(self.width, left + FINALISE_COLUMNS)
-            probs = self.acc[:, :rows_out, left:right] / self.norm[:rows_out, left:right]
+            probs = self.acc[:, :rows_out, left:right]
+            probs /= self.weight_sum(self.base, self.base + rows_out, left, right)  # in place: rows done
             self.outputs.write(self.base, left, probs)
         self._slide(n)
         self.base = until
 
     def _slide(self, n: int) -> None:
-        """Drop the buffer's first ``n`` rows; the rows freed at the bottom start from zero."""
+        """Drop the buffer's first ``n`` rows; the rows freed at the bottom start from zero.
+
+        Moved at most ``n`` rows of one channel at a time: source and destination then never
+        overlap, so numpy copies in place instead of through a temporary of the whole buffer."""
         keep = self.band - n
-        self.acc[:, :keep] = self.acc[:, n:]
+        for top in range(0, keep, n):
+            rows = min(n, keep - top)
+            for plane in self.acc:
+                plane[top:top + rows] = plane[n + top:n + top + rows]
         self.acc[:, keep:] = 0
-        self.norm[:keep] = self.norm[n:]
-        self.norm[keep:] = 0
+
+    def weight_sum(self, top: int, bottom: int, left: int, right: int) -> np.ndarray:
+        """The summed blend weights of the grid's tiles over image rows ``[top, bottom)`` and
+        columns ``[left, right)``, added in the tiles' order (row by row, left to right)."""
+        total = np.zeros((bottom - top, right - left), np.float32)
+        t = self.tile
+        for y in self.grid.ys:
+            if y >= bottom or y + t <= top:
+                continue
+            r0, r1 = max(y, top), min(y + t, bottom)
+            for x in self.grid.xs:
+                if x < right and x + t > left:
+                    c0, c1 = max(x, left), min(x + t, right)
+                    total[r0 - top:r1 - top, c0 - left:c1 - left] += self.weights[r0 - y:r1 - y, c0 - x:c1 - x]
+        return total
 
 
 def iter_blend(model, source: ImageSource, num_classes: int, settings: TileSettings,
@@ -138,7 +157,7 @@ def iter_blend(model, source: ImageSource, num_classes: int, settings: TileSetti
     channels = num_classes + int(distance_head and distance_out is not None)
     merger = BandMerger(Outputs(out, num_classes, foreground_threshold, probabilities_out, distance_out),
                         channels, grid.band(settings.batch_size),
-                        (source.height, source.width), grid.padded_width, blend_weights(tile, settings.blend))
+                        (source.height, source.width), grid, blend_weights(tile, settings.blend))
     skip = settings.skip_background and source.rgb and source.channels == 3
     run_batch = Batcher(prepare_model(model, settings, device), settings, device, report, num_classes, channels)
     pending: list[tuple[int, int, np.ndarray]] = []  # (y, x, model input) waiting for a batch

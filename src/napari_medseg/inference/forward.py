@@ -48,9 +48,11 @@ def prepare_model(model, settings: TileSettings, device: torch.device):
 
 
 def forward_probabilities(model, x: torch.Tensor, settings: TileSettings, device: torch.device,
-                           num_classes: int | None = None) -> torch.Tensor:
+                           num_classes: int | None = None, channels: int | None = None) -> torch.Tensor:
     """Softmax of the model's class channels (mean over flips with TTA), float32, on ``device``;
-    channels after the first ``num_classes`` (a distance head) go through a sigmoid instead."""
+    channels after the first ``num_classes`` (a distance head) go through a sigmoid instead.
+    ``channels``: how many output channels to keep (None: all); a distance channel nobody reads
+    is never computed (a batch-sized tensor less at the engine's peak)."""
     if settings.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     use_amp = settings.amp and device.type == "cuda"
@@ -63,6 +65,8 @@ def forward_probabilities(model, x: torch.Tensor, settings: TileSettings, device
             logits = model(xin).float()
             if num_classes is None or logits.shape[1] == num_classes:
                 p = torch.softmax(logits, dim=1)
+            elif channels is not None and channels <= num_classes:
+                p = torch.softmax(logits[:, :num_classes], dim=1)
             else:
                 p = torch.cat([torch.softmax(logits[:, :num_classes], dim=1), torch.sigmoid(logits[:, num_classes:])], 1)
             p = torch.flip(p, dims) if dims else p
@@ -89,8 +93,9 @@ class Batcher:
             try:
                 with torch.inference_mode():
                     x = torch.from_numpy(chunk).permute(0, 3, 1, 2).to(self.device)
-                    p = forward_probabilities(self.model, x, self.settings, self.device, self.num_classes)
-                    p = p[:, :self.channels] * self.weights
+                    p = forward_probabilities(self.model, x, self.settings, self.device, self.num_classes,
+                                              self.channels)
+                    p = p[:, :self.channels].mul_(self.weights)  # in place: no second batch-sized tensor
                     outs.append(p.cpu().numpy())
                 self.report.forward_passes += 1
                 start += len(chunk)

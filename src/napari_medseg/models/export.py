@@ -2,30 +2,37 @@
 
 ONNX runtimes (OpenVINO, ONNX Runtime) run the same network faster than PyTorch on many CPUs;
 ``inference.backends`` loads the file this module makes. The file lies beside the checkpoint
-(``<name>.<hash>.v<version>.onnx``) or, where that folder is not writable and for the models
-shipped inside the package, in the user's cache folder. It is written to a temporary name and renamed,
-so a crash or a concurrent export never leaves a half-written file under the final name.
+(``<name>.<hash>.v<version>[.<variant>].onnx``, e.g. the int8 variant of ``models.quantise``) or,
+where that folder is not writable and for the models shipped inside the package, in the user's
+cache folder. It is written to a temporary name and renamed, so a crash or a concurrent export
+never leaves a half-written file under the final name. A new export removes the stale ones of
+the same checkpoint name (older content or export version) from its folder; the user cache,
+shared by all checkpoints, keeps the ``CACHE_KEEP`` most recently used.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import os
+import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ..errors import MedsegError
+from ..io.images import atomic_write
 
 log = logging.getLogger(__name__)
 EXPORT_VERSION = 1  # bump when the exported graph changes (opset, axes, names): old files are ignored
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
+CACHE_KEEP = 8  # exports the user cache keeps (all checkpoints together), the most recently used
 
 
 class ExportError(MedsegError, RuntimeError):
@@ -50,48 +57,97 @@ def user_cache_dir() -> Path:
     return base / "napari-medseg" / "onnx"
 
 
-def onnx_candidates(checkpoint: str | os.PathLike) -> list[Path]:
+def export_name(checkpoint: str | os.PathLike, variant: str = "") -> str:
+    """``<stem>.<hash>.v<version>[.<variant>].onnx``: one name per checkpoint content and export version."""
+    checkpoint = Path(checkpoint)
+    return f"{checkpoint.stem}.{checkpoint_hash(checkpoint)}.v{EXPORT_VERSION}{'.' + variant if variant else ''}.onnx"
+
+
+def onnx_candidates(checkpoint: str | os.PathLike, variant: str = "") -> list[Path]:
     """Where the export of ``checkpoint`` may lie, in the order looked at: beside it, then the cache."""
     checkpoint = Path(checkpoint)
-    name = f"{checkpoint.stem}.{checkpoint_hash(checkpoint)}.v{EXPORT_VERSION}.onnx"
+    name = export_name(checkpoint, variant)
     cache = user_cache_dir() / name
     # the package's own files (the default model) are never written to, installed or not
     inside_package = Path(__file__).resolve().parents[1] in checkpoint.resolve().parents
     return [cache] if inside_package else [checkpoint.parent / name, cache]
 
 
+def _family(folder: Path, stem: str) -> list[Path]:
+    """The exports of checkpoints named ``stem`` in ``folder``, any content, version or variant."""
+    pattern = re.compile(rf"{re.escape(stem)}\.[0-9a-f]{{16}}\.v\d+(\.[\w-]+)?\.onnx")
+    return [p for p in folder.glob(f"{glob.escape(stem)}.*.onnx") if pattern.fullmatch(p.name)]
+
+
+def remove_stale(written: Path, checkpoint: str | os.PathLike) -> None:
+    """After ``written`` (an export of ``checkpoint``): its folder keeps no export of an older
+    content or export version of a checkpoint of that name, and the user cache, shared by all
+    checkpoints, keeps at most ``CACHE_KEEP`` exports, the least recently used going first."""
+    checkpoint = Path(checkpoint)
+    current = f"{checkpoint.stem}.{checkpoint_hash(checkpoint)}.v{EXPORT_VERSION}."
+    stale = [p for p in _family(written.parent, checkpoint.stem) if not p.name.startswith(current)]
+    if written.parent == user_cache_dir():
+        kept = sorted((p for p in written.parent.glob("*.onnx") if p not in stale and p != written),
+                      key=lambda p: p.stat().st_mtime, reverse=True)
+        stale += kept[CACHE_KEEP - 1:]
+    for path in stale:
+        try:
+            path.unlink()
+            log.info("Removed the stale export %s.", path)
+        except OSError as exc:  # in use elsewhere (Windows) or read-only: left for a later export
+            log.info("Could not remove the stale export %s (%s).", path, exc)
+
+
+def _mark_used(path: Path) -> None:
+    """Touch an export that is read again, so the user cache's bound drops the least recently used."""
+    try:
+        os.utime(path)
+    except OSError:  # a read-only folder: its files are not in the bounded cache anyway
+        pass
+
+
 def export_onnx(model: nn.Module, in_channels: int, path: Path, side: int = 64) -> Path:
     """Write ``model`` (eval mode, float32, CPU) to ``path`` with free batch, height and width."""
     example = torch.zeros(1, in_channels, side, side)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx.part", dir=path.parent)
-    os.close(fd)
     axes = {0: "batch", 2: "height", 3: "width"}
-    try:
+
+    def write(tmp: Path) -> None:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-            torch.onnx.export(model.eval(), (example,), tmp, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            torch.onnx.export(model.eval(), (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes}, opset_version=OPSET, dynamo=False)
-        os.replace(tmp, path)
+
+    try:
+        atomic_write(path, write)
+    except OSError:
+        raise
     except Exception as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise
         raise ExportError(f"Could not export the network to ONNX ({type(exc).__name__}: {exc}).") from exc
     return path
 
 
-def cached_onnx(checkpoint: str | os.PathLike, model: nn.Module, in_channels: int) -> Path:
-    """The ONNX file of ``checkpoint``'s network: an earlier export if there is one, else a new one
-    beside the checkpoint, or in the user cache where that folder cannot be written."""
-    candidates = onnx_candidates(checkpoint)
+def cached_export(checkpoint: str | os.PathLike, make: Callable[[Path], Path], variant: str = "",
+                  what: str = "ONNX") -> Path:
+    """The file ``variant`` of ``checkpoint``'s export: an earlier one if there is one, else
+    ``make(path)`` beside the checkpoint, or in the user cache where that folder cannot be
+    written; a new file replaces the stale exports of its folder (``remove_stale``)."""
+    candidates = onnx_candidates(checkpoint, variant)
     for path in candidates:
         if path.is_file():
+            _mark_used(path)
             return path
     for path in candidates:
         try:
-            log.info("Exporting %s to ONNX (once per checkpoint): %s", Path(checkpoint).name, path)
-            return export_onnx(model, in_channels, path)
+            log.info("Writing the %s export of %s (once per checkpoint): %s", what, Path(checkpoint).name, path)
+            made = make(path)
         except OSError as exc:  # read-only folder: try the next place
             log.info("Cannot write %s (%s).", path, exc)
-    raise ExportError(f"Nowhere to write the ONNX export of {checkpoint}: tried {', '.join(map(str, candidates))}.")
+            continue
+        remove_stale(made, checkpoint)
+        return made
+    raise ExportError(f"Nowhere to write the {what} export of {checkpoint}: tried {', '.join(map(str, candidates))}.")
+
+
+def cached_onnx(checkpoint: str | os.PathLike, model: nn.Module, in_channels: int) -> Path:
+    """The ONNX file of ``checkpoint``'s network (see ``cached_export``)."""
+    return cached_export(checkpoint, lambda path: export_onnx(model, in_channels, path))
