@@ -197,3 +197,19 @@ def test_the_user_cache_keeps_the_most_recently_used_exports(tiny_checkpoint, tm
     kept = set(cache.glob("*.onnx"))
     assert len(kept) == export.CACHE_KEEP
     assert kept == {written, old[-1], *old[:export.CACHE_KEEP - 2]}
+
+
+@needs_onnxruntime
+def test_medseg_predict_takes_the_precision(fresh_checkpoint, tissue, tmp_path):
+    """``--precision`` reaches the runtime; an unknown one is refused by the parser."""
+    from PIL import Image
+
+    from hostile import assert_refused, medseg
+
+    Image.fromarray(tissue).save(tmp_path / "tissue.png")
+    proc = medseg("predict", tmp_path / "tissue.png", "--model", fresh_checkpoint, "--out", tmp_path / "out",
+                  "--backend", "onnxruntime", "--precision", "fp32", "--no-instances")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "labels" / "tissue.tif").is_file()
+    assert_refused(medseg("predict", tmp_path / "tissue.png", "--out", tmp_path / "o", "--precision", "fp8"),
+                   "--precision")

@@ -183,7 +183,7 @@ class TrainingJob:
         """The first sample of the validation groups the trainer recorded (else the first sample)."""
         if self.items is not None:
             return next((it for it in self.items[0] if it.group in val_groups), self.items[0][0])
-        for folder in self.cfg.data.dataset:  # grouped as load_dataset_folders groups them
+        for folder in (spec.path for spec in self.cfg.dataset_specs()):  # grouped as the trainer groups them
             ds = open_dataset(folder, require_labels=True)
             for stem in ds.stems:
                 group = source_group(stem, ds.root.name, self.cfg.data.group_pattern)

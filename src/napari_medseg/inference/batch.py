@@ -73,14 +73,15 @@ def open_for_prediction(path: Path):
 def predict_to_folder(files: list[Path], out: str | Path, model: str | os.PathLike = "default",
                       settings: BatchSettings | None = None, device: str = "auto", source: str = "",
                       progress_for: Callable[[int, int, Path], ProgressCallback | None] | None = None,
-                      backend: str = "auto") -> Iterator[FilePrediction]:
+                      backend: str = "auto", precision: str = "auto") -> Iterator[FilePrediction]:
     """Generator: segments ``files`` one by one into ``out``, yielding a ``FilePrediction`` after each.
 
     The model loads (and the settings are checked against it) on the first step.
     ``progress_for(index, count, file)`` gives the tile progress callback of each file (1-based
     ``index``); ``source`` is recorded in ``classes.json``. A file that cannot be read is skipped
     (``FilePrediction.skipped``); any other error stops the run, leaving no partial file behind.
-    ``backend``: who runs the network (``inference.backends``; ``auto`` = the fastest that matches PyTorch).
+    ``backend``: who runs the network (``inference.backends``; ``auto`` = the fastest that matches PyTorch),
+    ``precision``: ``auto``, ``fp32`` or the opt-in ``int8`` (see ``Segmenter.load``).
     ``out`` may not be an input's folder nor hold another model's results (``io.outputs``), and two
     files may not share a stem.
     """
@@ -88,7 +89,7 @@ def predict_to_folder(files: list[Path], out: str | Path, model: str | os.PathLi
     out, files = Path(out), [Path(f) for f in files]
     check_not_input(out, files, RESULT_FOLDERS)
     check_unique_stems(files, file_stem)
-    segmenter = Segmenter.load(model, device=device, backend=backend)
+    segmenter = Segmenter.load(model, device=device, backend=backend, precision=precision)
     if settings.foreground_threshold is not None:
         threshold = settings.foreground_threshold
         segmenter.foreground_threshold = None if threshold == ARGMAX else float(threshold)
@@ -110,28 +111,11 @@ def predict_file(segmenter: Segmenter, file: Path, out: Path, settings: BatchSet
         result.pixel_size_um = settings.pixel_size_um or (
             file_pixel_size_um(result.file) if settings.use_file_pixel_size else None)
         labels, instances = _segment_into(segmenter, image, out, file_stem(result.file), settings, progress, result)
-    except ImageReadError as exc:  # also raised mid-run by a lazily read file
+    except ImageReadError as exc:  # also raised mid-run by a lazily read file (io.lazy names it)
         return FilePrediction(result.file, skipped=str(exc))
-    except Exception as exc:
-        if not _raised_by_reader(exc):
-            raise  # a bug: keeps its traceback
-        # a lazily read file whose header promises tiles its data lacks fails only when they are read
-        return FilePrediction(result.file, skipped=f"Cannot read '{result.file.name}': part of the file is corrupt "
-                                                   f"or truncated ({type(exc).__name__}: {exc}).")
     if instances is not None:
         result.instances = write_label_map(out / "instances" / f"{file_stem(result.file)}.tif", instances)
     return result
-
-
-READER_MODULES = ("/tifffile/", "/imagecodecs/", "imagecodecs/_", "/zarr/", "/numcodecs/")
-
-
-def _raised_by_reader(exc: BaseException) -> bool:
-    """Whether ``exc`` was raised inside the TIFF readers (decoding a file's data), not by our code."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and any(part in tb.tb_frame.f_code.co_filename for part in READER_MODULES)
 
 
 def _segment_into(segmenter: Segmenter, image, out: Path, stem: str, settings: BatchSettings,
