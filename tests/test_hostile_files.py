@@ -191,3 +191,15 @@ def test_a_pyramid_with_a_damaged_full_resolution_is_refused_by_segment_by_name(
     assert segment.run(threaded=False) is None
     assert "'slide.ome.tif'" in segment.status.value and "corrupt or truncated" in segment.status.value
     assert "Traceback" not in segment.status.value and [l.name for l in viewer.layers] == ["slide"]
+
+
+def test_a_labels_file_holding_nucleus_ids_opens_as_an_instance_map(make_napari_viewer, tmp_path):
+    """A '_labels' file with ids beyond any class map's (200000) opens as nuclei: naming and
+    colouring every id as a class made napari refuse the layer."""
+    labels = np.zeros((64, 64), np.int32)
+    labels[5:10, 5:10], labels[20:30, 20:30] = 200000, 3
+    tifffile.imwrite(tmp_path / "cells_labels.tif", labels)
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(tmp_path / "cells_labels.tif"), plugin=PLUGIN)
+    assert layer.metadata["medseg"]["kind"] == "instances"
+    np.testing.assert_array_equal(layer.data, labels)

@@ -11,6 +11,7 @@ from ..io.dataset import CLASSES_FILE, DatasetError, is_dataset_folder, open_dat
 from ..io.images import IMAGE_SUFFIXES, LABEL_SUFFIXES, file_stem, read_image, read_label_map
 from ..io.pannuke import PANNUKE_CLASSES, is_pannuke_fold, read_pannuke_fold
 from ..io.slides import SLIDE_SUFFIXES, is_slide_path, open_slide
+from .common import CLASS_ID_LIMIT
 from .layers import class_labels_kwargs, image_kwargs, instance_labels_kwargs
 
 
@@ -131,10 +132,12 @@ def _label_map_or_none(path: Path) -> np.ndarray | None:
 
 
 def _labels_layer(path: Path, labels: np.ndarray) -> tuple:
-    name = file_stem(path)
-    if _is_instance_path(path):
+    name, top = file_stem(path), int(labels.max(initial=0))
+    # ids beyond any class map's (a '_labels' file that holds nuclei): an instance map, else a
+    # name and colour per id would be made for up to millions of ids
+    if _is_instance_path(path) or top >= CLASS_ID_LIMIT:
         return labels, instance_labels_kwargs(name), "labels"
-    return labels, class_labels_kwargs(name, _class_names(path, int(labels.max(initial=0)))), "labels"
+    return labels, class_labels_kwargs(name, _class_names(path, top)), "labels"
 
 
 def _class_names(path: Path, top: int) -> list[str]:
