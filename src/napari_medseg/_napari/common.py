@@ -180,6 +180,3 @@ def confirm_replace(path: str) -> bool:
 
     answer = QMessageBox.question(None, "Replace file?", f"{path} exists. Replace it?")
     return answer == QMessageBox.StandardButton.Yes
-
-# a tall (scrollable) dock asks for no more height than this, so docks share a 1000 px screen
-SCROLL_MIN_HEIGHT = 200

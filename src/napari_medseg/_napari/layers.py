@@ -156,7 +156,9 @@ def legend_html(classes: list[str], colors: list | None = None, pickable: bool =
         if rgb is None:
             continue
         hex_colour = "#{:02x}{:02x}{:02x}".format(*(int(c) for c in rgb[:3]))
-        shown = f'<a href="{CLASS_LINK}{index}">{escape(name)}</a>' if pickable else escape(name)
+        # a link in the class's own colour: Qt's default link blue is unreadable on napari's dark theme
+        shown = (f'<a href="{CLASS_LINK}{index}" style="color:{hex_colour}">{escape(name)}</a>' if pickable
+                 else escape(name))
         items.append(f'<span style="color:{hex_colour}; font-size:large">&#9632;</span>&nbsp;{shown}')
     return " &nbsp; ".join(items)
 

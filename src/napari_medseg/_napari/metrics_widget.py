@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, PushButton, Select, Table
+from magicgui.widgets import CheckBox, ComboBox, FileEdit, PushButton, Select, Table
 
 from ..errors import MedsegError
 from ..evaluation.error_maps import ERROR_COLORS, ERROR_NAMES, error_counts, error_map
@@ -19,8 +19,9 @@ from ..evaluation.ground_truth import (NUCLEUS_CLASSES, GroundTruth, compare_to_
                                        ground_truth_from_label_map)
 from ..evaluation.semantic import MetricsInputError
 from ..io.tables import write_csv
-from .common import (CLASS_ID_LIMIT, SCROLL_MIN_HEIGHT, WidgetInputError, class_map_top, class_names, export_target,
+from .common import (CLASS_ID_LIMIT, WidgetInputError, class_map_top, class_names, export_target,
                      numbered_classes, report_error, start_worker)
+from .dock import ScrollingDock
 from .layers import METADATA_KEY, class_colormap, labels_layers, layer_kind, legend_html, wrapping_label
 from .table_format import fixed_decimals
 
@@ -53,11 +54,10 @@ def _instance_map(layer, class_layer) -> np.ndarray:
     return data
 
 
-class MetricsWidget(Container):
+class MetricsWidget(ScrollingDock):
     # napari passes its viewer to a parameter of this name: see common.py
     def __init__(self, napari_viewer: napari.viewer.Viewer):
-        super().__init__(scrollable=True)  # docks never push the window past the screen
-        self.native.setMinimumHeight(SCROLL_MIN_HEIGHT)
+        super().__init__()
         self._viewer = napari_viewer
         self.prediction = ComboBox(label="prediction", choices=self._class_layers)
         self.ground_truth = ComboBox(label="ground truth", choices=self._class_layers)

@@ -7,15 +7,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, PushButton, Table
+from magicgui.widgets import ComboBox, FileEdit, PushButton, Table
 
 from ..errors import MedsegError
 from ..io.geojson import write_geojson
 from ..io.tables import write_csv
 from ..nuclei.measure import counts_per_class, nucleus_count, object_table
 from ..nuclei.watershed import InstanceSettings, semantic_to_instances
-from .common import (SCROLL_MIN_HEIGHT, WidgetInputError, class_map_top, class_names, export_target, numbered_classes,
+from .common import (WidgetInputError, class_map_top, class_names, export_target, numbered_classes,
                      report_error, start_worker)
+from .dock import ScrollingDock
 from .table_format import fixed_decimals
 from .layers import (METADATA_KEY, image_layers, instance_labels_kwargs, labels_layers, layer_kind,
                      legend_html, pixel_size_um, placement, wrapping_label)
@@ -50,11 +51,10 @@ def _matching(layer, class_layer, what: str) -> np.ndarray:
     return data
 
 
-class ObjectsWidget(Container):
+class ObjectsWidget(ScrollingDock):
     # napari passes its viewer to a parameter of this name: see common.py
     def __init__(self, napari_viewer: napari.viewer.Viewer):
-        super().__init__(scrollable=True)  # docks never push the window past the screen
-        self.native.setMinimumHeight(SCROLL_MIN_HEIGHT)
+        super().__init__()
         self._viewer = napari_viewer
         self._worker = None
         self.objects: dict | None = None

@@ -30,7 +30,8 @@ from ..devices import available_devices  # noqa: E402
 from ..errors import MedsegError  # noqa: E402
 from ..models import ARCHITECTURES, TESTED_ENCODERS  # noqa: E402
 from ..training.trainer import BatchDone, EpochDone, TrainingDone  # noqa: E402
-from .common import SCROLL_MIN_HEIGHT, report_error, start_worker  # noqa: E402
+from .common import report_error, start_worker  # noqa: E402
+from .dock import ScrollingDock  # noqa: E402
 from .layers import (METADATA_KEY, class_labels_kwargs, image_layers, labels_layers, layer_classes,  # noqa: E402
                      layer_kind, wrapping_label)
 from .loss_plot import LossPlot  # noqa: E402
@@ -50,15 +51,14 @@ ADVANCED = ("tile_size", "val_fraction", "architecture", "encoder", "encoder_dep
             "monitor", "show_preview")
 
 
-class TrainWidget(Container):
+class TrainWidget(ScrollingDock):
     """Train a model, or fine-tune one on corrected layers, with a live loss plot and Stop."""
 
     update_received = Signal(object)  # every update, after the widget has handled it
 
     # napari passes its viewer to a parameter of this name: see common.py
     def __init__(self, napari_viewer: napari.viewer.Viewer):
-        super().__init__(scrollable=True)  # docks never push the window past the screen
-        self.root_native_widget.setMinimumHeight(SCROLL_MIN_HEIGHT)
+        super().__init__()
         self._viewer = napari_viewer
         self._worker = None
         self._job: TrainingJob | None = None
@@ -77,12 +77,6 @@ class TrainWidget(Container):
                      *self._action_controls()])
         self.plot = self._add_plot()
         self._connect()
-
-    @property
-    def native(self):
-        """The scroll area round the form: napari docks a widget's ``native``, which magicgui
-        makes the form inside it, so the form would be cut off in a short dock, not scrolled."""
-        return self.root_native_widget
 
     # -- the form ---------------------------------------------------------------------------------
     def _data_controls(self, form: TrainForm) -> list:
