@@ -202,3 +202,25 @@ def _with_pixel_size(checkpoint: Path, target: Path, pixel_size: float) -> None:
 
     model, meta = load_checkpoint(checkpoint)
     save_checkpoint(target, model, replace(meta, pixel_size_um=pixel_size))
+
+
+def test_napari_opens_a_tiff_at_its_pixel_size_and_segment_uses_it(make_napari_viewer, tmp_path, real_512,
+                                                                   tiny_checkpoint):
+    """A TIFF recording 0.5 µm/px opens in µm (scale and metadata); Segment sees it at the
+    model's 0.25 µm/px and its results sit on the image's grid and place."""
+    from napari_medseg._napari.segment_widget import FILE_MODEL
+
+    tifffile.imwrite(tmp_path / "at20x.tif", np.ascontiguousarray(real_512[:96, :96]),
+                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    at_40x = tmp_path / "tiny40x.safetensors"
+    _with_pixel_size(tiny_checkpoint, at_40x, 0.25)
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(str(tmp_path / "at20x.tif"), plugin="napari-medseg")
+    assert tuple(image.scale) == (0.5, 0.5) and image.metadata["pixel_size_um"] == pytest.approx(0.5)
+    _, segment = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
+    segment.model_source.value = FILE_MODEL
+    segment.checkpoint.value = at_40x
+    segment.image_layer.value = image
+    labels = segment.run(threaded=False)
+    assert labels.data.shape == (96, 96) and tuple(labels.scale) == (0.5, 0.5)
+    assert "resampled x2" in segment.status.value

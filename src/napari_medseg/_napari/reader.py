@@ -10,6 +10,7 @@ import numpy as np
 from ..io.dataset import CLASSES_FILE, DatasetError, is_dataset_folder, open_dataset, read_classes
 from ..io.images import IMAGE_SUFFIXES, LABEL_SUFFIXES, file_stem, read_image, read_label_map
 from ..io.pannuke import PANNUKE_CLASSES, is_pannuke_fold, read_pannuke_fold
+from ..io.pixel_size import file_pixel_size_um
 from ..io.slides import SLIDE_SUFFIXES, is_slide_path, open_slide
 from .common import CLASS_ID_LIMIT
 from .layers import class_labels_kwargs, image_kwargs, instance_labels_kwargs
@@ -55,14 +56,16 @@ def read_image_files(path) -> list[tuple]:
             layers.append(_labels_layer(p, labels))
             continue
         image = read_image(p)
-        layers.append((image, image_kwargs(file_stem(p), image), "image"))
+        size = file_pixel_size_um(p)  # a TIFF's believable µm/px, else None
+        extra = {**_scale_kwargs(size), "metadata": {"pixel_size_um": size}} if size else {}
+        layers.append((image, image_kwargs(file_stem(p), image, **extra), "image"))
     return layers
 
 
 def _slide_layer(path: Path) -> tuple:
     """Every pyramid level lazily; the pixel size (µm) as the layer's scale and in its metadata."""
     slide = open_slide(path)
-    size, extra = slide.pixel_size_um, _scale_kwargs(slide)
+    size, extra = slide.pixel_size_um, _scale_kwargs(slide.pixel_size_um)
     metadata = {"slide": {"path": str(slide.path), "pixel_size_um": size, "vendor": slide.vendor,
                           "level_shapes": [tuple(level.shape) for level in slide.levels]}}
     levels = display_levels(slide.levels)
@@ -96,7 +99,7 @@ def _slide_labels_layer(path: Path) -> tuple:
     if slide.levels[0].ndim != 2 or not np.issubdtype(slide.levels[0].dtype, np.integer):
         return _slide_layer(path)
     levels = display_levels(slide.levels)
-    data, extra = (levels if len(levels) > 1 else levels[0]), _scale_kwargs(slide)
+    data, extra = (levels if len(levels) > 1 else levels[0]), _scale_kwargs(slide.pixel_size_um)
     if _is_instance_path(path):
         kwargs = instance_labels_kwargs(file_stem(path), **extra)
     else:  # class names from a dataset's classes.json, else numbered up to the highest id (coarsest level)
@@ -105,9 +108,9 @@ def _slide_labels_layer(path: Path) -> tuple:
     return data, {**kwargs, "multiscale": len(levels) > 1}, "labels"
 
 
-def _scale_kwargs(slide) -> dict:
-    """The layer's scale in µm per pixel, where the slide records it (napari's scale bar then reads µm)."""
-    size = slide.pixel_size_um
+def _scale_kwargs(size: float | None) -> dict:
+    """The layer's scale in µm per pixel, where the file records it (napari's scale bar then reads
+    µm, and Segment sees the image at its model's pixel size)."""
     return {"scale": (size, size), "units": ("micrometer", "micrometer")} if size else {}
 
 
