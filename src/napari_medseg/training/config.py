@@ -251,18 +251,22 @@ class TrainConfig:
         if ss is not None and not (len(ss) == 2 and 0 < ss[0] <= 1 <= ss[1] <= 10):
             bad(f"augment.stain_scale must be [low, high] with 0 < low <= 1 <= high <= 10, got {list(ss)}.")
         self._check_datasets()
-        if isinstance(self.tune_threshold, str) and self.tune_threshold != "auto":
-            bad(f"tune_threshold must be true, false or auto, not '{self.tune_threshold}'.")
-        if self.on_cuda:
-            if "on_cuda" in self.on_cuda or "stages" in self.on_cuda:
-                bad("on_cuda cannot hold 'on_cuda' or 'stages'.")
-            try:
-                self.for_device("cuda")
-            except TrainConfigError as exc:
-                bad(f"on_cuda: {exc}")
+        self._check_run_options()
         if self.data.crop_size and self.data.crop_size % self.model.output_stride:
             bad(f"data.crop_size {self.data.crop_size} must be a multiple of {self.model.output_stride} for this model.")
 
+    def _check_run_options(self) -> None:
+        """``tune_threshold`` and the ``on_cuda`` settings (checked as the config they make on CUDA)."""
+        if isinstance(self.tune_threshold, str) and self.tune_threshold != "auto":
+            raise TrainConfigError(f"tune_threshold must be true, false or auto, not '{self.tune_threshold}'.")
+        if not self.on_cuda:
+            return
+        if "on_cuda" in self.on_cuda or "stages" in self.on_cuda:
+            raise TrainConfigError("on_cuda cannot hold 'on_cuda' or 'stages'.")
+        try:
+            self.for_device("cuda")
+        except TrainConfigError as exc:
+            raise TrainConfigError(f"on_cuda: {exc}") from None
 
     def _check_datasets(self) -> None:
         specs = self.data.datasets
