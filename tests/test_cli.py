@@ -164,7 +164,7 @@ def test_an_os_error_names_its_file(small_consep, tmp_path, capsys):
 
 def test_argument_values_are_checked_by_the_parser(capsys):
     assert main(["predict", "x.png", "--out", "o", "--foreground-threshold", "1.5"]) == 2
-    assert "argument --foreground-threshold: takes a number between 0 and 1 or 'argmax', not '1.5'" in capsys.readouterr().err
+    assert "argument --foreground-threshold: expected a number between 0 and 1 or 'argmax'; got '1.5'" in capsys.readouterr().err
     assert main(["tune-threshold", "m.safetensors", "data", "--out", "o", "--groups", " , "]) == 2
     assert "argument --groups: names no source image" in capsys.readouterr().err
 

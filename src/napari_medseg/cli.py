@@ -97,32 +97,30 @@ def _batch_settings(args):
 NO_PIXEL_SIZE = "none"  # --pixel-size none: take every image at the model's pixel size
 
 
-def _pixel_size(text: str) -> float | str:
-    """``--pixel-size``: µm per pixel above 0, or 'none'."""
-    if text == NO_PIXEL_SIZE:
+def _number_or_word(text: str, word: str, accept, expected: str) -> float | str:
+    """An option that takes a number for which ``accept(number)`` holds, or ``word``."""
+    if text == word:
         return text
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected µm per pixel above 0 (e.g. 0.5 for 20x), or 'none'; got {text!r}")
+    if not accept(value):
+        raise argparse.ArgumentTypeError(f"expected {expected} or '{word}'; got {text!r}")
     return value
+
+
+def _pixel_size(text: str) -> float | str:
+    """``--pixel-size``: µm per pixel above 0, or 'none'."""
+    return _number_or_word(text, NO_PIXEL_SIZE, lambda v: 0 < v < float("inf"),
+                           "µm per pixel above 0 (e.g. 0.5 for 20x)")
 
 
 def _foreground_threshold(text: str) -> float | str:
     """``--foreground-threshold``: a probability strictly between 0 and 1, or 'argmax'."""
     from .inference.batch import ARGMAX
 
-    if text == ARGMAX:
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"takes a number between 0 and 1 or 'argmax', not '{text}'")
-    return value
+    return _number_or_word(text, ARGMAX, lambda v: 0 < v < 1, "a number between 0 and 1")
 
 
 def _count(text: str) -> int:
