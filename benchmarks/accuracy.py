@@ -13,6 +13,13 @@ the dataset's class maps and instance maps with ``napari_medseg.evaluation.repor
     python benchmarks/accuracy.py                          # default model, CoNSeP validation split
     python benchmarks/accuracy.py --model runs/x/best.safetensors --json acc.json
     python benchmarks/accuracy.py --data ../shared/data/monuseg_train --all-images   # external: MoNuSeg
+    python benchmarks/accuracy.py --per-set --model default --model runs/all_data/mixed/best.safetensors
+
+``--per-set`` scores every ``--model`` and the baseline on each validation set
+(``--sets``: CoNSeP, MoNuSeg and TNBC by default) using the source images the split model
+(``--split-from-model``, by default the last ``--model``) held out of each, says which sets
+each model saw in training (other images of them), and checks the rule for shipping a new
+default: the last model above every other model and the baseline in Dice and bPQ on every set.
 
 On data with a single foreground class (MoNuSeg's 'nucleus') the model's classes are merged
 into it and only the binary numbers mean anything: a test on images from other organs and
@@ -46,6 +53,7 @@ from napari_medseg.nuclei.watershed import InstanceSettings  # noqa: E402
 
 # Targets from the issue (CoNSeP-style data; HoVer-Net reports Dice 0.8525 / bPQ 0.5477 on CoNSeP).
 TARGETS = {"nucleus_dice": 0.85, "bpq": 0.55, "margin": 0.15}
+DEFAULT_SETS = ("consep_train", "monuseg_train", "tnbc_train")
 
 
 def _f(v: float) -> str:
@@ -66,7 +74,8 @@ def format_table(rows: dict[str, dict], classes: list[str]) -> list[str]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="default", help="'default' or a .safetensors checkpoint")
+    parser.add_argument("--model", action="append", help="'default' or a .safetensors checkpoint (default: 'default'; "
+                                                        "with --per-set, repeat it to compare models)")
     parser.add_argument("--data", default=str(DATA / "consep_train"), help="dataset folder with labels/ and instances/")
     parser.add_argument("--split-from-model", default=None,
                         help="take the validation groups from this checkpoint's metadata (default: from --model)")
@@ -83,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="write all numbers here")
+    parser.add_argument("--per-set", action="store_true",
+                        help="score every --model and the baseline on each of --sets' held-out images")
+    parser.add_argument("--sets", default=",".join(str(DATA / n) for n in DEFAULT_SETS),
+                        help="comma-separated dataset folders for --per-set")
     return parser
 
 
@@ -122,9 +135,95 @@ def _print_results(scores: dict, classes: list[str], label: str, images: int, no
     _print_targets(scores)
 
 
+def trained_sets(meta) -> set[str]:
+    """Folder names of the datasets a checkpoint's training config names (other images of them were trained on)."""
+    data = ((meta.training or {}).get("config") or {}).get("data") or {}
+    paths = [d.get("path") for d in data.get("datasets") or []] + list(data.get("dataset") or [])
+    return {Path(p).name for p in paths if p}
+
+
+def ship_rule(per_set: dict, candidate: str) -> list[str]:
+    """The sets on which ``candidate`` is not above every other row (models and baseline) in both Dice and bPQ."""
+    failing = []
+    for name, rows in per_set.items():
+        mine = rows[candidate]
+        if any(other != candidate and (r["nucleus_dice"] >= mine["nucleus_dice"] or r["bpq"] >= mine["bpq"])
+               for other, r in rows.items()):
+            failing.append(name)
+    return failing
+
+
+def main_per_set(args, parser) -> int:
+    """Every model and the baseline on each set's held-out source images; the shipping rule."""
+    import torch
+
+    from napari_medseg.evaluation.benchmark import evaluate_baseline, evaluate_segmenter
+    from napari_medseg.inference import Segmenter, TileSettings
+
+    torch.set_num_threads(args.threads)
+    models = args.model or ["default"]
+    segmenters = {m: Segmenter.load(m, device=args.device) for m in models}
+    split_from = args.split_from_model or models[-1]
+    val_groups = Segmenter.load(split_from, device="cpu").meta.data.get("val_groups") or []
+    if not val_groups:
+        parser.error(f"{split_from} names no validation groups")
+    labels = {m: _model_label(m, s.meta) for m, s in segmenters.items()}
+    if len(set(labels.values())) < len(labels):
+        labels = {m: f"{m}" for m in models}
+    instance_settings = InstanceSettings(min_distance=args.min_distance, min_size=args.min_size,
+                                         marker_threshold=args.marker_threshold)
+    tiles = TileSettings(tta=args.tta)
+    per_set, seen, out = {}, {}, {"models": models, "split_from": split_from, "tta": args.tta, "sets": {}}
+    print(f"validation split from {split_from}; instances by each model's own watershed"
+          f"{'; test-time flips' if args.tta else ''}")
+    for folder in [f.strip() for f in args.sets.split(",") if f.strip()]:
+        name = Path(folder).name
+        groups = [g for g in val_groups if g.startswith(f"{name}/")] or \
+            [g for g in val_groups if "/" not in g and name == "consep_train"]
+        if not groups:
+            print(f"\n{name}: the split names none of its images; skipped")
+            continue
+        classes, samples = samples_of_groups(folder, groups)
+        rows, seconds = {}, {}
+        for m, segmenter in segmenters.items():
+            rows[labels[m]], seconds[labels[m]] = evaluate_segmenter(segmenter, classes, samples, instance_settings, tiles)
+        rows["classical baseline"], seconds["classical baseline"] = evaluate_baseline(classes, samples)
+        per_set[name] = rows
+        seen[name] = [labels[m] for m, s in segmenters.items() if name in trained_sets(s.meta)]
+        print(f"\n{name}: {len(samples)} images of {len(groups)} held-out source images ({', '.join(groups)})")
+        print("seen in training (other images of this set): " + (", ".join(seen[name]) or "none of the models"))
+        for line in format_table(rows, classes if len(classes) > 2 else classes[:1]):
+            print(line)
+        out["sets"][name] = {"groups": groups, "images": len(samples), "seen_by": seen[name], "results": rows,
+                             "seconds": seconds}
+    if not per_set:
+        parser.error("no set has held-out images in the split")
+    names = list(next(iter(per_set.values())))
+    print("\n| set | " + " | ".join(f"{n} Dice / bPQ" for n in names) + " |")
+    print("|---|" + "---|" * len(names))
+    for name, rows in per_set.items():
+        print(f"| {name} | " + " | ".join(f"{r['nucleus_dice']:.3f} / {r['bpq']:.3f}" for r in rows.values()) + " |")
+    candidate = labels[models[-1]]
+    failing = ship_rule(per_set, candidate)
+    verdict = "met" if not failing else "NOT met (" + ", ".join(failing) + ")"
+    print(f"\nship rule (the last model above every other row in Dice and bPQ on every set): {verdict}")
+    out["ship_rule_failing"] = failing
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.json}")
+    print(" ".join(f"{name}_dice={rows[candidate]['nucleus_dice']:.4f} {name}_bpq={rows[candidate]['bpq']:.4f}"
+                   for name, rows in per_set.items()) + f" ship_rule={'met' if not failing else 'not_met'}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.per_set:
+        return main_per_set(args, parser)
+    if args.model and len(args.model) > 1:
+        parser.error("several --model need --per-set")
+    args.model = (args.model or ["default"])[0]
 
     import torch
 

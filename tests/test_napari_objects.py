@@ -9,6 +9,7 @@ import pytest
 
 from napari_medseg._napari import common
 from napari_medseg._napari.layers import class_labels_kwargs, instance_labels_kwargs
+from napari_medseg._napari.objects_widget import table_rows
 from napari_medseg._napari.sample_data import consep_sample
 
 PLUGIN = "napari-medseg"
@@ -71,9 +72,32 @@ def test_measure_runs_in_a_worker(objects, qtbot):
     assert not widget.measure_button.enabled
     with qtbot.waitSignal(worker.finished, timeout=30_000):
         pass
-    qtbot.waitUntil(lambda: widget.objects is not None, timeout=5_000)
+    qtbot.waitUntil(lambda: widget.objects is not None and not widget.table.filling, timeout=5_000)
     assert viewer.layers[-1].name == "CoNSeP H&E labels instances" or viewer.layers[-1].name.endswith("instances")
     assert widget.measure_button.enabled and len(widget.table.value["data"]) == len(widget.objects["label"])
+    shown, measured = widget.table.value, table_rows(widget.objects)
+    assert shown["data"] == measured["data"] and list(shown["columns"]) == measured["columns"]
+    assert [str(i) for i in shown["index"]] == measured["index"]
+
+
+def test_fast_table_fills_in_steps_and_ends_as_magicguis_table(qtbot):
+    """A long table arrives a slice of rows per event-loop turn and then holds what magicgui's own
+    Table holds for the same value (numbers stay numbers)."""
+    from magicgui.widgets import Table
+
+    from napari_medseg._napari.fast_table import ROWS_PER_STEP, FastTable
+
+    rows = [[i, round(i / 7, 2), f"class {i % 4}"] for i in range(3 * ROWS_PER_STEP + 5)]
+    value = {"data": rows, "index": [str(i + 1) for i in range(len(rows))], "columns": ["area", "ratio", "class"]}
+    fast, reference = FastTable(value={"data": [], "index": [], "columns": []}), Table(value=value)
+    fast.fill(value)
+    assert fast.filling and fast.native.item(len(rows) - 1, 0) is None  # the last rows come later
+    qtbot.waitUntil(lambda: not fast.filling, timeout=5_000)
+    assert fast.value == reference.value and fast.value["data"][-1][1] == rows[-1][1]
+    fast.fill(value)
+    fast.value = {"data": rows[:2], "index": ["a", "b"], "columns": ["area", "ratio", "class"]}  # a newer fill wins
+    qtbot.wait(50)
+    assert not fast.filling and list(fast.value["index"]) == ["a", "b"] and fast.value["data"] == rows[:2]
 
 
 def test_export_refuses_to_replace_unasked_and_says_where(objects, tmp_path, monkeypatch):

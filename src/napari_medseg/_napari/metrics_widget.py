@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, FileEdit, PushButton, Select, Table
+from magicgui.widgets import CheckBox, ComboBox, FileEdit, PushButton, Select
 
 from ..errors import MedsegError
 from ..evaluation.error_maps import ERROR_COLORS, ERROR_NAMES, error_counts, error_map
@@ -23,6 +23,7 @@ from .common import (CLASS_ID_LIMIT, WidgetInputError, class_map_top, class_name
                      numbered_classes, report_error, start_worker)
 from .dock import ScrollingDock
 from .layers import METADATA_KEY, class_colormap, labels_layers, layer_kind, legend_html, wrapping_label
+from .fast_table import FastTable
 from .table_format import fixed_decimals
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ class MetricsWidget(ScrollingDock):
         self.compute_button = PushButton(text="Compute metrics")
         self.summary = wrapping_label(value="")
         self.legend = wrapping_label(value="")
-        self.table = Table(value={"data": [], "index": [], "columns": COLUMNS})
+        self.table = FastTable(value={"data": [], "index": [], "columns": COLUMNS})
         self.table.min_height = 190  # the overall row and every class row without scrolling
         fixed_decimals(self.table)
         self.csv_path = FileEdit(label="CSV", mode="w", filter="*.csv")

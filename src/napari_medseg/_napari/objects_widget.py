@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import ComboBox, FileEdit, PushButton, Table
+from magicgui.widgets import ComboBox, FileEdit, PushButton
 
 from ..errors import MedsegError
 from ..io.geojson import write_geojson
@@ -17,6 +17,7 @@ from ..nuclei.watershed import InstanceSettings, semantic_to_instances
 from .common import (WidgetInputError, class_map_top, class_names, export_target, numbered_classes,
                      report_error, start_worker)
 from .dock import ScrollingDock
+from .fast_table import FastTable
 from .table_format import fixed_decimals
 from .layers import (METADATA_KEY, image_layers, instance_labels_kwargs, labels_layers, layer_kind,
                      legend_html, pixel_size_um, placement, wrapping_label)
@@ -65,7 +66,7 @@ class ObjectsWidget(ScrollingDock):
         self.measure_button = PushButton(text="Measure objects")
         self.summary = wrapping_label(value="")
         self.legend = wrapping_label(value="")
-        self.table = Table(value={"data": [], "index": [], "columns": []})
+        self.table = FastTable(value={"data": [], "index": [], "columns": []})
         self.table.min_height = 240
         fixed_decimals(self.table, 2)
         self.csv_path = FileEdit(label="CSV", mode="w", filter="*.csv")
@@ -141,12 +142,12 @@ class ObjectsWidget(ScrollingDock):
             found = semantic_to_instances(class_map, InstanceSettings()) if derived else instances
             return object_table(found, class_map, names, image, pixel_size), found, derived
 
-        def done(result):
-            return self._show(result, layer, names, add_instances_layer)
+        def done(result, in_steps=True):
+            return self._show(result, layer, names, add_instances_layer, in_steps)
 
         if not threaded:
             try:
-                return done(job())
+                return done(job(), in_steps=False)
             except MedsegError as exc:
                 return self._fail(exc)
         self.summary.value = "Measuring..."
@@ -155,13 +156,13 @@ class ObjectsWidget(ScrollingDock):
                                     finished=lambda: setattr(self.measure_button, "enabled", True))
         return self._worker
 
-    def _show(self, result, layer, names: list[str], add_instances_layer: bool) -> dict:
+    def _show(self, result, layer, names: list[str], add_instances_layer: bool, in_steps: bool) -> dict:
         table, instances, derived = result
         if derived and add_instances_layer:
             added = self._viewer.add_labels(instances, **instance_labels_kwargs(f"{layer.name} instances"),
                                             **placement(layer))
             added.contour = 2
-        self.table.value = table_rows(table)
+        self.table.fill(table_rows(table), in_steps)  # thousands of rows: a slice per event-loop turn
         counts = counts_per_class(table)
         area = (f"; mean area {np.mean(table['area_um2']):.1f} µm²" if "area_um2" in table and len(table["label"])
                 else "")
