@@ -153,3 +153,22 @@ def test_fresh_session_opens_segment_and_train_without_crashing():
     done = subprocess.run([sys.executable, "-c", FRESH_SESSION], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "fresh session fine" in done.stdout, (done.returncode, done.stdout,
                                                                           done.stderr[-3000:])
+
+
+def test_every_form_fits_its_dock_with_long_layer_names(make_napari_viewer, qtbot):
+    """Docked side by side at 1600 x 1000, no widget's form is wider than its dock, even when the
+    layer lists hold long names (a combo box grows to its longest choice; the dock does not
+    scroll sideways, so a wider form was cut off on the right)."""
+    from qtpy.QtWidgets import QScrollArea
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(1600, 1000)
+    long = "slide 2024-03-17 patient 0042 region of interest 7 (re-scanned at 40x)"
+    viewer.add_image(np.zeros((64, 64, 3), np.uint8), name=long, rgb=True)
+    viewer.add_labels(np.zeros((64, 64), np.uint8), name=f"{long} segmentation")
+    for name in WIDGETS:
+        _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+        qtbot.wait(50)
+        outer = widget.native
+        form = outer.widget() if isinstance(outer, QScrollArea) else outer
+        assert form.minimumSizeHint().width() <= outer.width(), name

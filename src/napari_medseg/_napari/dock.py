@@ -7,15 +7,26 @@ the window past the screen. These docks hand napari the scroll area itself.
 
 from __future__ import annotations
 
-from magicgui.widgets import Container
+from magicgui.widgets import ComboBox, Container
 
 SCROLL_MIN_HEIGHT = 200  # px a dock keeps however many docks share the column
+CHOICE_MIN_CHARS = 12  # a layer or model list may shrink to this many characters; its popup shows whole names
 
 
 class ScrollingDock(Container):
     def __init__(self, **kwargs):
         super().__init__(scrollable=True, **kwargs)  # docks never push the window past the screen
         self.root_native_widget.setMinimumHeight(SCROLL_MIN_HEIGHT)
+
+    def insert(self, key, widget) -> None:
+        super().insert(key, widget)
+        if isinstance(widget, ComboBox):
+            # a combo box is as wide as its longest choice ('CoNSeP H&E segmentation', a checkpoint's
+            # path): wider than the dock, the form was cut off on the right (no horizontal scrolling)
+            from qtpy.QtWidgets import QComboBox
+
+            widget.native.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            widget.native.setMinimumContentsLength(CHOICE_MIN_CHARS)
 
     @property
     def native(self):

@@ -257,6 +257,7 @@ class MetricsWidget(ScrollingDock):
         index.append("overall (nuclei)")
         rows.append([_cell(o["miou"]), _cell(o["mean_dice"]), "", "", _cell(o["mpq"]), _cell(o["f1"]), "", "", "", ""])
         self.table.value = {"data": rows, "index": index, "columns": COLUMNS}
+        self.table.native.resizeColumnsToContents()  # a few rows: 4-decimal columns, not 100 px each
         self.summary.value = (
             f"nucleus Dice {_cell(o['nucleus_dice'])} · mIoU {_cell(o['miou'])} · pixel accuracy {_cell(o['pixel_accuracy'])}\n"
             f"bPQ {_cell(o['bpq'])} · mPQ {_cell(o['mpq'])} · F1 {_cell(o['f1'])} · AJI {_cell(o['aji'])}\n"
