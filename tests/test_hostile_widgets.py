@@ -187,6 +187,33 @@ def test_objects_refuses_an_instance_map_as_class_map_then_measures_it_as_nuclei
     assert len(viewer.layers) == n_layers  # given nuclei: none derived, no layer added
 
 
+def test_objects_measures_and_exports_ids_too_large_for_a_table(make_napari_viewer, tmp_path):
+    """Another tool's nucleus ids in the billions: measured and exported under their own ids, with
+    no table as long as the largest id (which was 24 GB, or 'relabel them first')."""
+    import json
+
+    viewer = make_napari_viewer()
+    image, export = _monuseg_unnamed(viewer)
+    ids = export.data.astype(np.int64)
+    ids[ids > 0] += 3_000_000_000
+    huge = viewer.add_labels(ids, name="billions")
+    mask = viewer.add_labels((ids > 0).astype(np.uint8), **class_labels_kwargs("mask", ["background", "nucleus"]))
+    widget = _dock(viewer, "Objects")
+    widget.class_layer.value, widget.instance_layer.value, widget.image_layer.value = mask, huge, image
+    tracemalloc.start()
+    table = widget.measure()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert table is not None, widget.summary.value
+    assert sorted(table["label"].tolist()) == sorted(np.unique(ids[ids > 0]).tolist())
+    assert set(table["class"]) == {"nucleus"} and peak < 500 * 2**20
+    written = widget.export_geojson(tmp_path / "nuclei.geojson")
+    features = json.loads(written.read_text())["features"]
+    assert {f["properties"]["label"] for f in features} <= set(table["label"].tolist())
+    assert len(features) >= 0.9 * len(table["label"])  # every nucleus but specks too small for a polygon
+    assert all(f["properties"]["classification"]["name"] == "nucleus" for f in features)
+
+
 def _objects_case(viewer, image, truth, instances, case: str):
     """(class layer, instance layer, image layer, expected fragments) of one bad choice."""
     if case == "stack":

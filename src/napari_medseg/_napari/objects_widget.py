@@ -181,8 +181,8 @@ class ObjectsWidget(ScrollingDock):
     def export_geojson(self, path: str | Path | None = None) -> Path | None:
         if self.objects is None:
             return self._fail("Measure the objects before exporting them.")
-        classes = np.zeros(int(self._instances.max(initial=0)) + 1, np.int64)
-        classes[self.objects["label"]] = self.objects["class_id"]
+        # id -> class as a mapping: another tool's ids may be huge and sparse (no table up to the largest)
+        classes = dict(zip(self.objects["label"].tolist(), self.objects["class_id"].tolist()))
         colors = self.class_layer.value.metadata.get(METADATA_KEY, {}).get("colors")
         return self._export(self.geojson_path, path,
                             lambda target: write_geojson(target, self._instances, classes, self._names, colors))

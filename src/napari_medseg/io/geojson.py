@@ -37,7 +37,7 @@ def instance_polygons(instances: np.ndarray) -> dict[int, list[list[float]]]:
 
 def instances_to_geojson(instances: np.ndarray, classes: np.ndarray | None = None,
                          class_names: list[str] | None = None, colors: list | None = None) -> dict:
-    """A FeatureCollection; ``classes[id]`` is the class index of instance ``id``."""
+    """A FeatureCollection; ``classes[id]`` (an array or a dict) is the class index of instance ``id``."""
     from skimage.segmentation import relabel_sequential
 
     instances = np.asarray(instances)

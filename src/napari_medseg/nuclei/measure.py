@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .votes import InstanceInputError, instance_classes
+from .votes import InstanceInputError, instance_classes, table_size_ok
 
 
 def object_table(instances: np.ndarray, class_map: np.ndarray | None = None, class_names: list[str] | None = None,
@@ -27,9 +27,16 @@ def object_table(instances: np.ndarray, class_map: np.ndarray | None = None, cla
         if intensity.shape[:2] != instances.shape:
             raise InstanceInputError(f"Image shape {intensity.shape[:2]} differs from the instance map's {instances.shape}.")
         props.append("intensity_mean")
+    original_ids = None
+    if not table_size_ok(int(instances.max(initial=0)), instances.size):
+        # sparse huge ids (another tool's): measured as 1..N (tables indexed by id stay small),
+        # reported with their own ids
+        from skimage.segmentation import relabel_sequential
+
+        instances, _, original_ids = relabel_sequential(instances)
     table = regionprops_table(instances, intensity_image=intensity, properties=props)
     out: dict[str, np.ndarray] = {
-        "label": table["label"],
+        "label": table["label"] if original_ids is None else np.asarray(original_ids[table["label"]]),
         "area": table["area"].astype(np.int64),
         "centroid_y": table["centroid-0"],
         "centroid_x": table["centroid-1"],
@@ -38,7 +45,7 @@ def object_table(instances: np.ndarray, class_map: np.ndarray | None = None, cla
         out["area_um2"] = out["area"] * float(pixel_size_um) ** 2
     if class_map is not None:
         votes = instance_classes(instances, class_map)
-        ids = votes[out["label"]]
+        ids = votes[table["label"]]
         out["class_id"] = ids
         if class_names is not None:
             out["class"] = np.array([class_names[i] if i < len(class_names) else str(i) for i in ids], dtype=object)
