@@ -35,3 +35,39 @@ def test_a_classifying_model_is_scored_as_nuclei_on_single_class_data(monuseg):
 
     with pytest.raises(DatasetError, match="differ from the data's"):
         scores_nuclei_only(segmenter.classes, ["background", "a", "b"])
+
+
+def _accuracy_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
+    spec = importlib.util.spec_from_file_location("accuracy_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_shipping_rule_wants_both_numbers_above_every_other_row_on_every_set():
+    ship_rule = _accuracy_script().ship_rule
+
+    def row(dice, bpq):
+        return {"nucleus_dice": dice, "bpq": bpq}
+
+    per_set = {"consep": {"old": row(0.77, 0.32), "new": row(0.78, 0.33), "baseline": row(0.63, 0.19)},
+               "monuseg": {"old": row(0.71, 0.35), "new": row(0.76, 0.40), "baseline": row(0.74, 0.33)}}
+    assert ship_rule(per_set, "new") == []
+    per_set["consep"]["new"] = row(0.76, 0.34)  # better nuclei, a little less nucleus area: not shipped
+    assert ship_rule(per_set, "new") == ["consep"]
+    per_set["monuseg"]["baseline"] = row(0.77, 0.30)  # the baseline's Dice alone is enough to refuse
+    assert ship_rule(per_set, "new") == ["consep", "monuseg"]
+    assert ship_rule({"tie": {"old": row(0.7, 0.3), "new": row(0.7, 0.31)}}, "new") == ["tie"]
+
+
+def test_the_sets_a_checkpoint_trained_on_come_from_its_config():
+    trained_sets = _accuracy_script().trained_sets
+    mixed = SimpleNamespace(training={"config": {"data": {"datasets": [
+        {"path": "../shared/data/consep_train"}, {"path": "/data/tnbc_train"}], "dataset": []}}})
+    single = SimpleNamespace(training={"config": {"data": {"dataset": ["../shared/data/consep_train"]}}})
+    assert trained_sets(mixed) == {"consep_train", "tnbc_train"}
+    assert trained_sets(single) == {"consep_train"} and trained_sets(SimpleNamespace(training={})) == set()
