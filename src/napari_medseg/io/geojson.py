@@ -22,12 +22,14 @@ def instance_polygons(instances: np.ndarray) -> dict[int, list[list[float]]]:
         if bbox is None:
             continue
         y0, x0 = bbox[0].start, bbox[1].start
-        mask = np.pad(instances[bbox] == index, 1)
-        contours = find_contours(mask.astype(np.uint8), 0.5)
+        inside = instances[bbox] == index
+        mask = np.zeros((inside.shape[0] + 2, inside.shape[1] + 2), np.uint8)  # a margin: closed outlines
+        mask[1:-1, 1:-1] = inside
+        contours = find_contours(mask, 0.5)
         if not contours:
             continue
         outline = max(contours, key=len)  # the outer boundary; holes are not exported
-        coords = [[float(x + x0 - 1), float(y + y0 - 1)] for y, x in outline]
+        coords = (outline[:, ::-1] + (x0 - 1, y0 - 1)).tolist()  # (x, y) in image pixels
         if coords[0] != coords[-1]:
             coords.append(coords[0])
         if len(coords) >= 4:
