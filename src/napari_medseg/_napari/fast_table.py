@@ -52,7 +52,10 @@ class FastTable(Table):
             if generation != self._fill_generation:
                 return
             stop = min(start + ROWS_PER_STEP, len(data))
-            self._put_rows(data, start, stop)
+            try:
+                self._put_rows(data, start, stop)
+            except RuntimeError:  # the dock was closed while rows were arriving
+                return
             if stop < len(data):
                 QTimer.singleShot(0, lambda: step(stop))
             else:

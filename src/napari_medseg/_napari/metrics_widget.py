@@ -22,8 +22,8 @@ from ..io.tables import write_csv
 from .common import (CLASS_ID_LIMIT, WidgetInputError, class_map_top, class_names, export_target,
                      numbered_classes, report_error, start_worker)
 from .dock import ScrollingDock
-from .layers import METADATA_KEY, class_colormap, labels_layers, layer_kind, legend_html, wrapping_label
 from .fast_table import FastTable
+from .layers import METADATA_KEY, class_colormap, labels_layers, layer_kind, legend_html, wrapping_label
 from .table_format import fixed_decimals
 
 if TYPE_CHECKING:
