@@ -19,7 +19,8 @@ the dataset's class maps and instance maps with ``napari_medseg.evaluation.repor
 (``--sets``: CoNSeP, MoNuSeg and TNBC by default) using the source images the split model
 (``--split-from-model``, by default the last ``--model``) held out of each, says which sets
 each model saw in training (other images of them), and checks the rule for shipping a new
-default: the last model above every other model and the baseline in Dice and bPQ on every set.
+default: the last model above the first (the current default) and the baseline in Dice and bPQ
+on every set.
 
 On data with a single foreground class (MoNuSeg's 'nucleus') the model's classes are merged
 into it and only the binary numbers mean anything: a test on images from other organs and
@@ -142,13 +143,14 @@ def trained_sets(meta) -> set[str]:
     return {Path(p).name for p in paths if p}
 
 
-def ship_rule(per_set: dict, candidate: str) -> list[str]:
-    """The sets on which ``candidate`` is not above every other row (models and baseline) in both Dice and bPQ."""
+def ship_rule(per_set: dict, candidate: str, against: list[str]) -> list[str]:
+    """The sets on which ``candidate`` is not above each row of ``against`` (the current default,
+    the baseline) in both Dice and bPQ."""
     failing = []
     for name, rows in per_set.items():
         mine = rows[candidate]
-        if any(other != candidate and (r["nucleus_dice"] >= mine["nucleus_dice"] or r["bpq"] >= mine["bpq"])
-               for other, r in rows.items()):
+        if any(r["nucleus_dice"] >= mine["nucleus_dice"] or r["bpq"] >= mine["bpq"]
+               for other, r in rows.items() if other in against):
             failing.append(name)
     return failing
 
@@ -203,10 +205,11 @@ def main_per_set(args, parser) -> int:
     print("|---|" + "---|" * len(names))
     for name, rows in per_set.items():
         print(f"| {name} | " + " | ".join(f"{r['nucleus_dice']:.3f} / {r['bpq']:.3f}" for r in rows.values()) + " |")
-    candidate = labels[models[-1]]
-    failing = ship_rule(per_set, candidate)
+    candidate, against = labels[models[-1]], [labels[models[0]], "classical baseline"]
+    failing = ship_rule(per_set, candidate, against if len(models) > 1 else against[1:])
     verdict = "met" if not failing else "NOT met (" + ", ".join(failing) + ")"
-    print(f"\nship rule (the last model above every other row in Dice and bPQ on every set): {verdict}")
+    print(f"\nship rule ({candidate} above {' and '.join(against if len(models) > 1 else against[1:])} "
+          f"in Dice and bPQ on every set): {verdict}")
     out["ship_rule_failing"] = failing
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

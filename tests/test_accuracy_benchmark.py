@@ -56,12 +56,15 @@ def test_the_shipping_rule_wants_both_numbers_above_every_other_row_on_every_set
 
     per_set = {"consep": {"old": row(0.77, 0.32), "new": row(0.78, 0.33), "baseline": row(0.63, 0.19)},
                "monuseg": {"old": row(0.71, 0.35), "new": row(0.76, 0.40), "baseline": row(0.74, 0.33)}}
-    assert ship_rule(per_set, "new") == []
+    against = ["old", "baseline"]
+    assert ship_rule(per_set, "new", against) == []
     per_set["consep"]["new"] = row(0.76, 0.34)  # better nuclei, a little less nucleus area: not shipped
-    assert ship_rule(per_set, "new") == ["consep"]
+    assert ship_rule(per_set, "new", against) == ["consep"]
     per_set["monuseg"]["baseline"] = row(0.77, 0.30)  # the baseline's Dice alone is enough to refuse
-    assert ship_rule(per_set, "new") == ["consep", "monuseg"]
-    assert ship_rule({"tie": {"old": row(0.7, 0.3), "new": row(0.7, 0.31)}}, "new") == ["tie"]
+    assert ship_rule(per_set, "new", against) == ["consep", "monuseg"]
+    assert ship_rule({"tie": {"old": row(0.7, 0.3), "new": row(0.7, 0.31)}}, "new", against) == ["tie"]
+    # another candidate in the table is no reason to refuse: only the default and the baseline count
+    assert ship_rule({"s": {"old": row(0.7, 0.3), "other": row(0.9, 0.5), "new": row(0.8, 0.4)}}, "new", against) == []
 
 
 def test_the_sets_a_checkpoint_trained_on_come_from_its_config():
