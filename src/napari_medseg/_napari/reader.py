@@ -51,11 +51,11 @@ def read_image_files(path) -> list[tuple]:
         if is_slide_path(p):
             layers.append(_slide_labels_layer(p) if _named_as_labels(p) else _slide_layer(p))
             continue
-        labels = _label_map_or_none(p)
+        labels, pixels = _label_map_or_pixels(p)
         if labels is not None:
             layers.append(_labels_layer(p, labels))
             continue
-        image = read_image(p)
+        image = pixels if pixels is not None else read_image(p)  # read once (it is on napari's GUI thread)
         size = file_pixel_size_um(p)  # a TIFF's believable µm/px, else None
         extra = {**_scale_kwargs(size), "metadata": {"pixel_size_um": size}} if size else {}
         layers.append((image, image_kwargs(file_stem(p), image, **extra), "image"))
@@ -122,16 +122,16 @@ def _is_instance_path(path: Path) -> bool:
     return path.parent.name.lower() == "instances" or file_stem(path).lower().endswith("_instances")
 
 
-def _label_map_or_none(path: Path) -> np.ndarray | None:
-    """The file as a label map if it is one: named or filed as one, or a 2-D integer map with
-    few distinct values; None for an image."""
+def _label_map_or_pixels(path: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(label map, None)`` if the file is one: named or filed as one, or a 2-D integer map with
+    few distinct values; else ``(None, the pixels if they were read to decide)``."""
     if path.suffix.lower() not in LABEL_SUFFIXES:
-        return None
+        return None, None
     pixels = read_image(path) if not _named_as_labels(path) else None
     if pixels is not None and (pixels.ndim != 2 or not np.issubdtype(pixels.dtype, np.integer)
                                or len(np.unique(pixels)) > LABEL_MAX_VALUES):
-        return None
-    return read_label_map(path)
+        return None, pixels
+    return read_label_map(path), None
 
 
 def _labels_layer(path: Path, labels: np.ndarray) -> tuple:
