@@ -18,6 +18,7 @@ from napari_medseg.training.data import DISTANCE_IGNORE, PatchDataset, distance_
 from napari_medseg.training.losses import MixedLabels, WithDistanceHead, build_loss, nucleus_logits
 from napari_medseg.training.mixed import (BINARY_BACKGROUND, BINARY_NUCLEUS, MIN_SOLIDITY, load_mixed_sets,
                                           split_each_set)
+from napari_medseg.training.progress import Progress, monitor_value
 from napari_medseg.training.setup import WeightedEpochSampler
 
 from conftest import DATA
@@ -216,6 +217,9 @@ def test_a_mixed_run_reports_each_set_and_tunes_its_threshold(sets, tmp_path):
             assert record[key] == pytest.approx(np.mean(values))
         assert record["val_loss"] == pytest.approx(np.mean([per_set[name]["loss"] for name in SETS]))
         assert record["miou"] == pytest.approx(per_set["consep_train"]["miou"])
+        finite = [per_set[name]["bpq"] for name in SETS if np.isfinite(per_set[name]["bpq"])]
+        if finite:  # the weakest set's figure, as the worst-set monitor reads a real record
+            assert monitor_value("val_worst_set_bpq", record["val_loss"], record) == min(finite)
     meta = read_meta(result.checkpoint)
     assert meta.classes == ["background", "other", "inflammatory", "epithelial", "spindle"]
     assert [d["labels"] for d in meta.data["datasets"]] == ["classes", "binary", "binary"]
@@ -223,3 +227,23 @@ def test_a_mixed_run_reports_each_set_and_tunes_its_threshold(sets, tmp_path):
     tuning = meta.metrics["threshold_tuning"]
     assert meta.foreground_threshold == tuning["threshold"] and 0.1 <= tuning["threshold"] <= 0.9
     assert tuning["images"] == meta.data["val_images"] and set(tuning["groups"]) == set(meta.data["val_groups"])
+
+
+def test_the_worst_set_monitor_keeps_the_epoch_whose_weakest_set_is_best():
+    """A mean over sets lets a big gain on one set hide a loss on another (the all-data run's
+    CoNSeP); ``val_worst_set_bpq`` keeps the epoch whose weakest set scores highest."""
+    def epoch(n, consep, tnbc):
+        sets = {"consep_train": {"bpq": consep, "nucleus_dice": 0.7}, "tnbc_train": {"bpq": tnbc, "nucleus_dice": 0.8}}
+        return {"epoch": n, "val_loss": 0.5}, {"bpq": (consep + tnbc) / 2, "nucleus_dice": 0.75, "sets": sets}
+
+    epochs = [epoch(1, 0.28, 0.53), epoch(2, 0.31, 0.47), epoch(3, 0.30, 0.50)]
+    for monitor, best in (("val_bpq", 1), ("val_worst_set_bpq", 2)):
+        cfg = TrainConfig.from_dict({"monitor": monitor})
+        progress = Progress.start(cfg, has_validation=True)
+        for record, metrics in epochs:
+            progress.add_epoch(dict(record), metrics)
+        assert progress.best_epoch == best, monitor
+    single = {"bpq": 0.4}  # one validation set: its own figure
+    assert monitor_value("val_worst_set_bpq", 0.5, single) == 0.4
+    with pytest.raises(TrainConfigError, match="monitor 'val_worst_bpq'"):
+        TrainConfig.from_dict({"monitor": "val_worst_bpq"})

@@ -20,7 +20,9 @@ class TrainConfigError(MedsegError, ValueError):
 
 
 # what ``monitor`` may name: the validation loss or a number validation reports (training.validation)
-MONITORS = ("val_loss", "val_miou", "val_mean_dice", "val_nucleus_dice", "val_pixel_accuracy", "val_bpq")
+MONITORS = ("val_loss", "val_miou", "val_mean_dice", "val_nucleus_dice", "val_pixel_accuracy", "val_bpq",
+            # mixed label sets: the weakest set's figure, so a gain on one set cannot hide a loss on another
+            "val_worst_set_nucleus_dice", "val_worst_set_bpq")
 
 
 LABEL_KINDS = ("classes", "binary")

@@ -12,12 +12,22 @@ from .config import TrainConfig, TrainConfigError
 from .early_stopping import PatienceStop, QuadraticStop
 from .events import TrainingError
 
+WORST_SET = "worst_set_"
+
 
 def monitor_value(monitor: str, val_loss: float, metrics: dict) -> float:
-    """The monitored number of one epoch (``val_loss`` or a validation metric)."""
+    """The monitored number of one epoch (``val_loss`` or a validation metric). ``val_worst_set_X``:
+    the lowest of the validation sets' ``X`` (a run with one set: its ``X``)."""
     if monitor == "val_loss":
         return val_loss
     key = monitor.removeprefix("val_")
+    if key.startswith(WORST_SET) and metrics.get("sets"):
+        figure = key.removeprefix(WORST_SET)
+        values = [s[figure] for s in metrics["sets"].values() if math.isfinite(s.get(figure, math.nan))]
+        if not values:
+            raise TrainingError(f"monitor '{monitor}' is undefined: no validation set has a finite {figure}.")
+        return float(min(values))
+    key = key.removeprefix(WORST_SET)
     if key not in metrics:
         raise TrainConfigError(f"monitor '{monitor}' is not a validation metric ({', '.join(sorted(metrics))}).")
     if key == "bpq" and not math.isfinite(metrics[key]):  # no validation image has a nucleus: never defined
