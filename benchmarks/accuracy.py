@@ -166,7 +166,8 @@ def main_per_set(args, parser) -> int:
     models = args.model or ["default"]
     segmenters = {m: Segmenter.load(m, device=args.device) for m in models}
     split_from = args.split_from_model or models[-1]
-    val_groups = Segmenter.load(split_from, device="cpu").meta.data.get("val_groups") or []
+    split_meta = Segmenter.load(split_from, device="cpu").meta
+    val_groups, split_sets = split_meta.data.get("val_groups") or [], trained_sets(split_meta)
     if not val_groups:
         parser.error(f"{split_from} names no validation groups")
     labels = {m: _model_label(m, s.meta) for m, s in segmenters.items()}
@@ -180,8 +181,9 @@ def main_per_set(args, parser) -> int:
           f"{'; test-time flips' if args.tta else ''}")
     for folder in [f.strip() for f in args.sets.split(",") if f.strip()]:
         name = Path(folder).name
+        # a mixed run names its groups '<set>/<group>'; a one-set run bare, for the set it trained on
         groups = [g for g in val_groups if g.startswith(f"{name}/")] or \
-            [g for g in val_groups if "/" not in g and name == "consep_train"]
+            [g for g in val_groups if "/" not in g and split_sets == {name}]
         if not groups:
             print(f"\n{name}: the split names none of its images; skipped")
             continue
