@@ -391,9 +391,6 @@ class SegmentWidget(Container):
             self.last_instances_layer.contour = NUCLEUS_OUTLINE_PX
         self.status.value = slide_summary(run.result)
 
-    def _instance_kwargs(self, name: str, labels: np.ndarray, instances: np.ndarray) -> dict:
-        return instance_labels_kwargs(name, self._classes, self._colors, instance_classes(instances, labels))
-
     # -- re-thresholding ---------------------------------------------------------
     def _schedule_rethreshold(self, *_):
         """Debounced: a spin box held down re-thresholds once it settles."""
@@ -414,28 +411,34 @@ class SegmentWidget(Container):
         if self.kept is None or self.last_layer is None:
             return None
         thresholds, nuclei = self.thresholds(), self.last_instances_layer is not None
+        mask, classes, colors = self._mask, self._classes, self._colors
+        name = self.last_instances_layer.name if nuclei else ""
+
+        def prepared(labels, instances):  # in the worker: the GUI thread only swaps the arrays in
+            labels, instances = _masked(labels, mask), _masked(instances, mask)
+            kwargs = None if instances is None else _nuclei_kwargs(name, classes, colors, labels, instances)
+            return labels, instances, thresholds, kwargs
+
         if not threaded:
-            return self._show_rethresholded((*self.kept.result(thresholds, nuclei), thresholds))
+            return self._show_rethresholded(prepared(*self.kept.result(thresholds, nuclei)))
         if self._rethreshold_worker is not None:
             self._rethreshold_worker.quit()
 
         def job():
             labels, instances = yield from self.kept.iter_result(thresholds, nuclei)
-            return labels, instances, thresholds
+            return prepared(labels, instances)
 
         self._rethreshold_worker = start_worker(job, on_error=self._fail, returned=self._show_rethresholded)
         return self._rethreshold_worker
 
     def _show_rethresholded(self, result):
-        labels, instances, thresholds = result
+        labels, instances, thresholds, instance_kwargs = result
         if self.last_layer is None or self.last_layer not in self._viewer.layers:
             return None
-        labels, instances = _masked(labels, self._mask), _masked(instances, self._mask)
         self.last_layer.data = labels
         if instances is not None and self.last_instances_layer in self._viewer.layers:
             # new ids take their own class colours and names, not those of the old ids
-            replace_instances(self.last_instances_layer, instances,
-                              self._instance_kwargs(self.last_instances_layer.name, labels, instances))
+            replace_instances(self.last_instances_layer, instances, instance_kwargs)
         self.status.value = self._summary(labels, instances, thresholds.nucleus)
         return labels, instances
 
@@ -490,8 +493,13 @@ def _result_layer_kwargs(name: str, segmenter, labels: np.ndarray, instances: np
     class_kwargs = class_labels_kwargs(f"{name} segmentation", classes, colors, **where)
     if instances is None:
         return class_kwargs, None
-    votes = instance_classes(instances, labels)
-    return class_kwargs, instance_labels_kwargs(f"{name} nuclei", classes, colors, votes, **where)
+    return class_kwargs, _nuclei_kwargs(f"{name} nuclei", classes, colors, labels, instances, **where)
+
+
+def _nuclei_kwargs(name: str, classes: list[str], colors, labels: np.ndarray, instances: np.ndarray,
+                   **where) -> dict:
+    """The nuclei layer's settings: each nucleus in the colour and name of its majority class."""
+    return instance_labels_kwargs(name, classes, colors, instance_classes(instances, labels), **where)
 
 
 def _until_cancelled(job, cancel: threading.Event):
