@@ -54,6 +54,7 @@ def _preview_layers(viewer):
 
 def _assert_plot_shows_every_point(plot):
     """Every drawn point lies inside the axes (none on the frame), the first epoch's too."""
+    plot.join()  # drawn on the plot's own thread
     (x0, x1), (y0, y1) = plot.loss_ax.get_xlim(), plot.loss_ax.get_ylim()
     for name in ("batch_loss", "train_loss", "val_loss"):
         xs, ys = plot.lines[name].get_data()
@@ -112,6 +113,7 @@ def test_train_from_folder_writes_model_plots_previews_and_lists_it_in_segment(m
     assert len(data["miou"][1]) == 2 and all(0.0 <= v <= 1.0 for v in data["mean_dice"][1])
     assert len(data["bpq"][1]) == 2 and all(0.0 <= v <= 1.0 for v in data["bpq"][1])  # nuclei of the head
     assert len(data["batch_loss"][0]) == len([u for u in seen if isinstance(u, BatchDone)]) >= 2
+    widget.plot.join()
     assert list(widget.plot.lines["train_loss"].get_xdata()) == [1.0, 2.0]
     assert widget.progress.value == widget.progress.max
     # the validation prediction: the sample and the best checkpoint's class map over it
@@ -265,3 +267,33 @@ def test_bad_input_reports_clearly_and_makes_nothing(make_napari_viewer, consep,
         assert [(l.name, l.data.shape) for l in viewer.layers] == layers_before, bad
         assert not out.exists() and widget.result is None, bad
         assert widget.train_button.enabled and not widget.stop_button.enabled, bad
+
+
+def test_loss_plot_is_drawn_off_the_gui_thread_at_the_views_size(qtbot):
+    """matplotlib's text layout cost the GUI thread 0.1-0.5 s a redraw: the figure is drawn on
+    the plot's thread and the view only paints the picture, at the size it was given."""
+    import threading
+
+    from napari_medseg._napari.loss_plot import LossPlot
+
+    plot = LossPlot("dark")
+    qtbot.addWidget(plot.canvas)
+    plot.canvas.resize(420, 300)
+    drawn_on = []
+    render = plot._render
+    plot._render = lambda *a: (drawn_on.append(threading.current_thread()), render(*a))[1]
+    for epoch, loss in ((1, 0.9), (2, 0.6), (3, 0.5)):
+        plot.add("train_loss", epoch, loss)
+        plot.add("val_loss", epoch, loss + 0.1)
+        plot.add("miou", epoch, 0.2 * epoch)
+    plot.mark_best(3)
+    plot.draw()
+    plot.join()
+    qtbot.waitUntil(lambda: plot.canvas._image is not None and plot.canvas._image.width() == 420 * plot.canvas.devicePixelRatioF())
+    assert drawn_on and all(t is not threading.main_thread() for t in drawn_on)
+    assert plot.canvas._image.height() == round(300 * plot.canvas.devicePixelRatioF())
+    assert list(plot.lines["val_loss"].get_ydata()) == [1.0, 0.7, 0.6]
+    assert list(plot.best_marker.get_xdata()) == [3.0, 3.0]
+    # the picture is not blank: the lines and the axes are drawn in it
+    image = plot.canvas._image
+    assert len({image.pixel(x, y) for x in range(0, image.width(), 5) for y in range(0, image.height(), 5)}) > 20

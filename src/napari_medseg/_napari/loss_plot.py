@@ -1,26 +1,43 @@
-"""The Train widget's live plot: training and validation loss, and the validation metrics, by epoch."""
+"""The Train widget's live plot: training and validation loss, and the validation metrics, by epoch.
+
+matplotlib lays out and rasterises text for every redraw (0.1-0.5 s for this figure), so the
+figure is drawn by Agg on a thread of its own from a copy of the data; the GUI thread only
+paints the finished picture.
+"""
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from qtpy.QtCore import QSize, Signal
+from qtpy.QtGui import QImage, QPainter
+from qtpy.QtWidgets import QSizePolicy, QWidget
 
 REDRAW_EVERY_S = 2.0
 EPOCH_PAD = 0.25  # room right of the last point: a first epoch's points sit inside the frame
+DPI = 100
+FIGURE_INCHES = 3.6  # the figure's size before the dock gives it one
+MIN_HEIGHT_PX = 260
 
 class LossPlot:
     """Training and validation loss (top) and validation mIoU / Dice (bottom), by epoch."""
 
     def __init__(self, theme: str | None = None):
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        # fixed margins: constrained layout took over half of each redraw on the GUI thread
-        self.figure = Figure(figsize=(3.6, 3.6))
+        # fixed margins: constrained layout doubled the cost of each redraw
+        self.figure = Figure(figsize=(FIGURE_INCHES, FIGURE_INCHES), dpi=DPI)
         self.figure.subplots_adjust(left=0.17, right=0.97, top=0.97, bottom=0.14, hspace=0.08)
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(260)
+        FigureCanvasAgg(self.figure)
+        self.canvas = PlotView(self)  # the Qt widget that shows the drawn figure
+        self._lock = threading.Lock()  # guards _wanted, the latest drawing asked for
+        self._wanted: tuple | None = None
+        self._drawing = None  # the future of the drawing thread's current run
+        self._drawer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-loss-plot")
         self.loss_ax, self.metric_ax = self.figure.subplots(2, 1, sharex=True)
         self.lines = {
             # small dots as well as the line: one batch of a short run is a point, not nothing
@@ -74,6 +91,7 @@ class LossPlot:
 
     def clear(self) -> None:
         self.data = {name: ([], []) for name in self.lines}
+        self.best_epoch = np.nan
         self.draw()
 
     def add(self, name: str, x: float, y: float) -> None:
@@ -84,7 +102,7 @@ class LossPlot:
         ys.append(float(y))
 
     def mark_best(self, epoch: int) -> None:
-        self.best_marker.set_xdata([epoch, epoch])
+        self.best_epoch = float(epoch)
 
     def draw_now_and_then(self) -> None:
         """``draw`` unless the last draw was under ``REDRAW_EVERY_S`` ago: per-batch updates
@@ -93,13 +111,85 @@ class LossPlot:
             self.draw()
 
     def draw(self) -> None:
+        """Ask for the figure with the data so far, at the view's size; drawn on the plot's
+        thread (a newer request replaces one not yet started)."""
+        data = {name: (list(xs), list(ys)) for name, (xs, ys) in self.data.items()}
+        with self._lock:
+            self._wanted = (data, self.best_epoch, self.canvas.pixel_size())
+            if self._drawing is None or self._drawing.done():
+                self._drawing = self._drawer.submit(self._draw_wanted)
+        self._drawn_at = time.monotonic()
+
+    def join(self, timeout: float = 30.0) -> None:
+        """Wait until every drawing asked for is done (tests; closing)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                drawing = self._drawing
+            if drawing is None or drawing.done():
+                return
+            drawing.result(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _draw_wanted(self) -> None:
+        """On the plot's thread: draw the latest request until none is left."""
+        while True:
+            with self._lock:
+                wanted, self._wanted = self._wanted, None
+            if wanted is None:
+                return
+            image = self._render(*wanted)
+            try:
+                self.canvas.drawn.emit(image)
+            except RuntimeError:  # the widget was closed while drawing
+                return
+
+    def _render(self, data: dict, best_epoch: float, size: tuple[int, int]) -> QImage:
         """Epochs from 0 to just past the last point (both plots share it), whole epochs ticked;
-        the loss scaled to its values."""
+        the loss scaled to its values. Returns the picture as a QImage (safe off the GUI thread)."""
         for name, line in self.lines.items():
-            line.set_data(*self.data[name])
+            line.set_data(*data[name])
         self.loss_ax.relim()
         self.loss_ax.autoscale_view(scalex=False)
-        last = max((xs[-1] for xs, _ in self.data.values() if xs), default=1.0)
+        last = max((xs[-1] for xs, _ in data.values() if xs), default=1.0)
         self.loss_ax.set_xlim(0, max(1.0, last) + EPOCH_PAD)
-        self.canvas.draw_idle()
-        self._drawn_at = time.monotonic()
+        self.best_marker.set_xdata([best_epoch, best_epoch])
+        width, height = size
+        self.figure.set_size_inches(width / DPI, height / DPI)
+        self.figure.canvas.draw()
+        rgba = np.asarray(self.figure.canvas.buffer_rgba())
+        return QImage(rgba.tobytes(), rgba.shape[1], rgba.shape[0], QImage.Format.Format_RGBA8888).copy()
+
+
+class PlotView(QWidget):
+    """Shows the latest picture of the figure; a new size asks the plot to draw again."""
+
+    drawn = Signal(object)  # emitted by the drawing thread; Qt queues it to the GUI thread
+
+    def __init__(self, plot: LossPlot):
+        super().__init__()
+        self._plot, self._image = plot, None
+        self.setMinimumHeight(MIN_HEIGHT_PX)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+        self.drawn.connect(self._show)
+
+    def sizeHint(self) -> QSize:  # noqa: N802 - Qt's name
+        return QSize(round(FIGURE_INCHES * DPI), round(FIGURE_INCHES * DPI))
+
+    def pixel_size(self) -> tuple[int, int]:
+        ratio = self.devicePixelRatioF()
+        return max(1, round(self.width() * ratio)), max(1, round(self.height() * ratio))
+
+    def _show(self, image: QImage) -> None:
+        image.setDevicePixelRatio(self.devicePixelRatioF())
+        self._image = image
+        self.update()
+
+    def paintEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        if self._image is not None:
+            painter = QPainter(self)
+            painter.drawImage(self.rect(), self._image)  # stretched until the drawing at this size lands
+            painter.end()
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        super().resizeEvent(event)
+        self._plot.draw()
