@@ -44,6 +44,31 @@ def report_error(status, error: BaseException | str, prefix: str = "") -> str:
     return message
 
 
+_warming = None
+
+
+def warm_label_visuals() -> None:
+    """Make vispy's line dash patterns on a background thread, once per process.
+
+    Every napari Labels layer carries a polygon-drawing overlay whose line visuals build vispy's
+    dash atlas; its 13 patterns are made in pure Python (0.2-0.4 s here) and cached, so the first
+    result layer of a session paid for them on the GUI thread. Made here while the user works.
+    """
+    global _warming
+    if _warming is not None:
+        return
+    import threading
+
+    def make_patterns():
+        with contextlib.suppress(Exception):  # a vispy without it: the first layer pays, as before
+            from vispy.visuals.line.dash_atlas import DashAtlas
+
+            DashAtlas()
+
+    _warming = threading.Thread(target=make_patterns, name="medseg-warm-visuals", daemon=True)
+    _warming.start()
+
+
 # class maps are 8-bit where they are trained and scored: class ids 0-255 (a few classes)
 CLASS_ID_LIMIT = 256
 

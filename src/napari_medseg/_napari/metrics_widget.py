@@ -19,7 +19,7 @@ from ..evaluation.ground_truth import (NUCLEUS_CLASSES, GroundTruth, compare_to_
                                        ground_truth_from_label_map)
 from ..evaluation.semantic import MetricsInputError
 from ..io.tables import write_csv
-from .common import (CLASS_ID_LIMIT, WidgetInputError, class_map_top, class_names, export_target,
+from .common import (CLASS_ID_LIMIT, warm_label_visuals, WidgetInputError, class_map_top, class_names, export_target,
                      numbered_classes, report_error, start_worker)
 from .dock import ScrollingDock
 from .fast_table import FastTable
@@ -58,6 +58,7 @@ def _instance_map(layer, class_layer) -> np.ndarray:
 class MetricsWidget(ScrollingDock):
     # napari passes its viewer to a parameter of this name: see common.py
     def __init__(self, napari_viewer: napari.viewer.Viewer):
+        warm_label_visuals()  # off the GUI thread: the first result layer is added sooner
         super().__init__()
         self._viewer = napari_viewer
         self.prediction = ComboBox(label="prediction", choices=self._class_layers)

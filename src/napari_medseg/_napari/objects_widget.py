@@ -14,7 +14,7 @@ from ..io.geojson import write_geojson
 from ..io.tables import write_csv
 from ..nuclei.measure import counts_per_class, nucleus_count, object_table
 from ..nuclei.watershed import InstanceSettings, semantic_to_instances
-from .common import (WidgetInputError, class_map_top, class_names, export_target, numbered_classes,
+from .common import (WidgetInputError, warm_label_visuals, class_map_top, class_names, export_target, numbered_classes,
                      report_error, start_worker)
 from .dock import ScrollingDock
 from .fast_table import FastTable
@@ -55,6 +55,7 @@ def _matching(layer, class_layer, what: str) -> np.ndarray:
 class ObjectsWidget(ScrollingDock):
     # napari passes its viewer to a parameter of this name: see common.py
     def __init__(self, napari_viewer: napari.viewer.Viewer):
+        warm_label_visuals()  # off the GUI thread: the first result layer is added sooner
         super().__init__()
         self._viewer = napari_viewer
         self._worker = None

@@ -34,7 +34,7 @@ from ..nuclei.measure import nucleus_count
 from ..nuclei.votes import instance_classes
 from ..nuclei.watershed import INSTANCE_MAX_PIXELS, InstanceSettings
 from ..steps import Cancelled, run_steps
-from .common import WidgetInputError, report_error, start_worker
+from .common import WidgetInputError, report_error, start_worker, warm_label_visuals
 from .layers import (class_labels_kwargs, image_layers, instance_labels_kwargs, legend_html, pick_classes_from,
                      pixel_size_um, placement, replace_instances, wrapping_label)
 from .model_list import DEFAULT_MODEL, FILE_MODEL, follow_trained_models, trained_models
@@ -58,6 +58,7 @@ class SegmentWidget(Container):
 
     # napari passes its viewer to a parameter of this name: see common.py
     def __init__(self, napari_viewer: napari.viewer.Viewer):
+        warm_label_visuals()  # off the GUI thread: the first result layer is added sooner
         super().__init__()
         self._viewer = napari_viewer
         self._worker = self._rethreshold_worker = self._timer = None

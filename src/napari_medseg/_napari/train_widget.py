@@ -30,7 +30,7 @@ from ..devices import available_devices  # noqa: E402
 from ..errors import MedsegError  # noqa: E402
 from ..models import ARCHITECTURES, TESTED_ENCODERS  # noqa: E402
 from ..training.trainer import BatchDone, EpochDone, TrainingDone  # noqa: E402
-from .common import report_error, start_worker  # noqa: E402
+from .common import report_error, start_worker, warm_label_visuals  # noqa: E402
 from .dock import ScrollingDock  # noqa: E402
 from .layers import (METADATA_KEY, class_labels_kwargs, image_layers, labels_layers, layer_classes,  # noqa: E402
                      layer_kind, wrapping_label)
@@ -58,6 +58,7 @@ class TrainWidget(ScrollingDock):
 
     # napari passes its viewer to a parameter of this name: see common.py
     def __init__(self, napari_viewer: napari.viewer.Viewer):
+        warm_label_visuals()  # off the GUI thread: the first result layer is added sooner
         super().__init__()
         self._viewer = napari_viewer
         self._worker = None
