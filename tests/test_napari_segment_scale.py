@@ -49,6 +49,29 @@ def test_every_option_reaches_the_engine(make_napari_viewer, tiny_checkpoint, co
     assert widget.progress.value == widget.progress.max == 15 + INSTANCE_STEPS
 
 
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime", "openvino"])
+def test_the_runtime_choice_reaches_the_engine_and_the_status(make_napari_viewer, tiny_checkpoint, consep, runtime):
+    """The Segment widget runs the network by the chosen runtime (auto, its default, picks the
+    fastest that agrees with PyTorch); the status line says which ran it."""
+    if runtime != "torch":
+        pytest.importorskip(runtime)
+    viewer = make_napari_viewer()
+    image = read_image(consep / "images" / "train_2_000.png")
+    viewer.add_image(image, name="patch")
+    widget = _widget(viewer, tiny_checkpoint)
+    assert widget.backend.value == "auto"
+    widget.backend.value = runtime
+    layer = widget.run(threaded=False)
+    assert isinstance(layer, Labels), widget.status.value
+    segmenter = widget._segmenter_cache[1]
+    name = {"torch": "PyTorch", "onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}[segmenter.backend.name]
+    assert f"run by {name} (fp32)" in widget.status.value
+    # the runtime asked for runs it, unless it disagreed with PyTorch at load (then the status says so)
+    assert segmenter.backend.name == runtime or "PyTorch" in widget.status.value and segmenter.backend.notes
+    expected = Segmenter.load(tiny_checkpoint, device="cpu").segment(image, widget.tile_settings())
+    assert (layer.data == expected).mean() >= 0.999
+
+
 def test_large_pyramidal_tiff_opens_lazily_and_segments(make_napari_viewer, tiny_checkpoint, consep, tmp_path):
     import dask.array as da
 

@@ -21,6 +21,7 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpin
 
 from ..devices import available_devices
 from ..errors import MedsegError
+from ..inference.backends import BACKENDS
 from ..inference.postprocess import PostprocessSettings
 from ..inference.regions import Region
 from ..inference.rethreshold import KeptRun, Thresholds, iter_segment_keeping
@@ -111,7 +112,7 @@ class SegmentWidget(Container):
                                                      "lower merges touching nuclei less often.")
         self.min_nucleus = SpinBox(label="min nucleus (px)", value=instances.min_size, min=0, max=100_000,
                                    tooltip="Nuclei smaller than this are dropped as noise.")
-        self.show_advanced = CheckBox(text="advanced settings (tiles, clean-up)", value=False)
+        self.show_advanced = CheckBox(text="advanced settings (tiles, clean-up, runtime)", value=False)
         return [self.threshold, self.marker_threshold, self.min_nucleus]
 
     def _setting_controls(self) -> list:
@@ -125,8 +126,13 @@ class SegmentWidget(Container):
         self.skip_background = CheckBox(text="skip near-white glass tiles (H&&E)", value=tiles.skip_background)
         self.min_object_size = SpinBox(label="min object (px)", value=cleanup.min_object_size, min=0, max=100_000)
         self.fill_holes = SpinBox(label="fill holes up to (px)", value=cleanup.max_hole_size, min=0, max=100_000)
+        self.backend = ComboBox(label="runtime", choices=list(BACKENDS), value="auto",
+                                tooltip="Who runs the network on a CPU: auto = the fastest installed runtime "
+                                        "(OpenVINO, ONNX Runtime) that agrees with PyTorch on a real tile, else "
+                                        "PyTorch. The first run of a model exports it once (seconds); GPUs use "
+                                        "PyTorch.")
         return [self.tile_size, self.overlap, self.batch_size, self.blend, self.tta, self.skip_background,
-                self.min_object_size, self.fill_holes]
+                self.min_object_size, self.fill_holes, self.backend]
 
     def _action_controls(self) -> list:
         self.run_button = PushButton(text="Segment")
@@ -183,10 +189,11 @@ class SegmentWidget(Container):
         return str(path)
 
     def _segmenter(self, key: tuple) -> Segmenter:
-        """The model for ``key`` = (model, device), loaded once (in the worker: it takes seconds)."""
+        """The model for ``key`` = (model, device, runtime), loaded once (in the worker: it takes
+        seconds; a runtime's first use of a checkpoint exports it, once)."""
         if self._segmenter_cache is None or self._segmenter_cache[0] != key:
             import_torch_dynamo()  # building the network imports torchvision: see torch_import
-            self._segmenter_cache = (key, Segmenter.load(key[0], device=key[1]))
+            self._segmenter_cache = (key, Segmenter.load(key[0], device=key[1], backend=key[2]))
         return self._segmenter_cache[1]
 
     def tile_settings(self) -> TileSettings:
@@ -213,7 +220,7 @@ class SegmentWidget(Container):
         layer = self.image_layer.value
         if layer is None:
             raise WidgetInputError("Choose an image layer to segment.")
-        key = (self._model_ref(), self.device.value)
+        key = (self._model_ref(), self.device.value, self.backend.value)
         image = layer.data[0] if layer.multiscale else layer.data  # lazy (dask/zarr) data stays lazy
         if layer.rgb is False and image.ndim == 3 and image.shape[-1] not in (3, 4):
             raise WidgetInputError(
@@ -472,6 +479,9 @@ class _SlideRun:
     layer: object
 
 
+RUNTIME_NAMES = {"torch": "PyTorch", "openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}
+
+
 def result_summary(labels: np.ndarray, instances: np.ndarray | None, threshold: float | None,
                    classes: list[str], nuclei_asked: bool, report) -> str:
     """What a run found: the nuclei, each class's share of the image, the threshold used (made
@@ -486,6 +496,7 @@ def result_summary(labels: np.ndarray, instances: np.ndarray | None, threshold: 
         parts.append(f"nucleus threshold {threshold:.2f}")
     if report.skipped_background:
         parts.append(f"{report.skipped_background}/{report.tiles} glass tiles skipped")
+    parts.append(f"run by {RUNTIME_NAMES.get(report.backend, report.backend)} ({report.precision})")
     parts += report.notes
     return "Done: " + "; ".join(parts)
 

@@ -19,8 +19,10 @@ def shapes_layers(viewer) -> list:
 
 def field_of_view(viewer, layer) -> Region:
     """What the canvas shows, in ``layer``'s level-0 px (its scale and translate undone)."""
-    center = np.asarray(viewer.camera.center[-2:], float)
-    half = np.asarray(viewer.canvas.size, float) / (2 * viewer.camera.zoom)
+    scene = getattr(viewer, "scene", None)  # napari >= 0.9 keeps the camera there
+    camera = scene.camera if scene is not None else viewer.camera
+    center = np.asarray(camera.center[-2:], float)
+    half = np.asarray(viewer.canvas.size, float) / (2 * camera.zoom)
     corners = [center + half * (sy, sx) for sy in (-1, 1) for sx in (-1, 1)]
     return pixel_box(to_pixels(layer, corners))
 
