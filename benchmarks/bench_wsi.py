@@ -120,6 +120,7 @@ def segment_in_viewer(slide_path: Path, out: Path, args) -> None:
     (layer,) = viewer.open(str(slide_path), plugin="napari-medseg")
     _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
     widget.device.value, widget.tile_size.value, widget.results_folder.value = args.device, args.tile, out
+    widget.backend.value = args.backend
     if args.model != "default":
         widget.model_source.value, widget.checkpoint.value = FILE_MODEL, args.model
     if args.region:
@@ -187,6 +188,8 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "openvino", "onnxruntime"),
+                        help="who runs the network, as medseg predict --backend (default auto)")
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--workdir", default=None, help="where the slide and results go (a temp folder if unset)")
     parser.add_argument("--viewer", action="store_true", help="segment from napari's Segment widget; GUI stall")
@@ -212,7 +215,7 @@ def main() -> None:
     out = fresh_results_folder(work, "out")  # never into an earlier run's results
     if args.viewer:
         return segment_in_viewer(work / "slide.tif", out, args)
-    segmenter = Segmenter.load(args.model, device=args.device)
+    segmenter = Segmenter.load(args.model, device=args.device, backend=args.backend)
     slide = open_slide(work / "slide.tif")
     settings = TileSettings(tile_size=args.tile)
     with PeakRSS() as rss:
@@ -221,7 +224,8 @@ def main() -> None:
         seconds = time.perf_counter() - t0
     tissue_mpx = result.segmented_px / 1e6
     _print_result(result, seconds, rss, start_rss, "by predict_slide")
-    print(f"device {segmenter.device}, torch threads {torch.get_num_threads()}, results in {out}")
+    print(f"device {segmenter.device}, run by {segmenter.backend.name} ({segmenter.backend.precision}), "
+          f"torch threads {torch.get_num_threads()}, results in {out}")
     print(f"mpx_per_s={tissue_mpx / seconds:.3f} peak_rss_gb={rss.peak / 2**30:.2f} nuclei={result.nuclei}")
 
 
