@@ -297,3 +297,10 @@ def test_loss_plot_is_drawn_off_the_gui_thread_at_the_views_size(qtbot):
     # the picture is not blank: the lines and the axes are drawn in it
     image = plot.canvas._image
     assert len({image.pixel(x, y) for x in range(0, image.width(), 5) for y in range(0, image.height(), 5)}) > 20
+    # a new run's empty axes are drawn once per size, then shown as they were
+    plot.clear()
+    plot.join()
+    drawings = len(drawn_on)
+    plot.clear()
+    plot.join()
+    assert len(drawn_on) == drawings and plot.canvas._image is plot._blank.image

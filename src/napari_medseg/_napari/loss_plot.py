@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 from qtpy.QtCore import QSize, Signal
@@ -38,6 +39,7 @@ class LossPlot:
         self._wanted: tuple | None = None
         self._drawing = None  # the future of the drawing thread's current run
         self._drawer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-loss-plot")
+        self._blank: _Picture | None = None  # the empty axes, kept: every run starts with them
         self.loss_ax, self.metric_ax = self.figure.subplots(2, 1, sharex=True)
         self.lines = {
             # small dots as well as the line: one batch of a short run is a point, not nothing
@@ -114,8 +116,14 @@ class LossPlot:
         """Ask for the figure with the data so far, at the view's size; drawn on the plot's
         thread (a newer request replaces one not yet started)."""
         data = {name: (list(xs), list(ys)) for name, (xs, ys) in self.data.items()}
+        size, blank = self.canvas.pixel_size(), self._blank
+        if not any(xs for xs, _ in data.values()) and blank is not None and blank.size == size:
+            # a new run's empty axes: the picture drawn before, not a drawing that would compete
+            # for the GIL with the model being built
+            self.canvas.show_image(blank.image)
+            return
         with self._lock:
-            self._wanted = (data, self.best_epoch, self.canvas.pixel_size())
+            self._wanted = (data, self.best_epoch, size)
             if self._drawing is None or self._drawing.done():
                 self._drawing = self._drawer.submit(self._draw_wanted)
         self._drawn_at = time.monotonic()
@@ -138,6 +146,9 @@ class LossPlot:
             if wanted is None:
                 return
             image = self._render(*wanted)
+            data, _, size = wanted
+            if not any(xs for xs, _ in data.values()):
+                self._blank = _Picture(image, size)
             try:
                 self.canvas.drawn.emit(image)
             except RuntimeError:  # the widget was closed while drawing
@@ -160,6 +171,12 @@ class LossPlot:
         return QImage(rgba.tobytes(), rgba.shape[1], rgba.shape[0], QImage.Format.Format_RGBA8888).copy()
 
 
+@dataclass(frozen=True)
+class _Picture:
+    image: QImage
+    size: tuple[int, int]
+
+
 class PlotView(QWidget):
     """Shows the latest picture of the figure; a new size asks the plot to draw again."""
 
@@ -170,7 +187,7 @@ class PlotView(QWidget):
         self._plot, self._image = plot, None
         self.setMinimumHeight(MIN_HEIGHT_PX)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
-        self.drawn.connect(self._show)
+        self.drawn.connect(self.show_image)
 
     def sizeHint(self) -> QSize:  # noqa: N802 - Qt's name
         return QSize(round(FIGURE_INCHES * DPI), round(FIGURE_INCHES * DPI))
@@ -179,7 +196,7 @@ class PlotView(QWidget):
         ratio = self.devicePixelRatioF()
         return max(1, round(self.width() * ratio)), max(1, round(self.height() * ratio))
 
-    def _show(self, image: QImage) -> None:
+    def show_image(self, image: QImage) -> None:
         image.setDevicePixelRatio(self.devicePixelRatioF())
         self._image = image
         self.update()
