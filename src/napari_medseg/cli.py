@@ -1,4 +1,4 @@
-"""``medseg``: predict, evaluate, convert, train, tune-threshold, info and the napari demo, from the shell."""
+"""``medseg``: predict, evaluate, convert, train, average, tune-threshold, info and the napari demo, from the shell."""
 
 from __future__ import annotations
 
@@ -358,6 +358,21 @@ def _train_repeats(config, printer: _TrainPrinter) -> int:
     return 0
 
 
+def cmd_average(args) -> int:
+    from .models import resolve_model_path
+    from .training.average import average_checkpoints
+    from .training.stages import load_train_stages
+
+    cfg = load_train_stages(args.config, list(args.set or []))[0].config  # stages share their data
+    done = average_checkpoints(resolve_model_path(args.start), resolve_model_path(args.tuned), args.weight, cfg,
+                               args.out, crops=args.crops, device=args.device)
+    print(f"{1 - done.weight:.2f} x {args.start} + {done.weight:.2f} x {args.tuned}; batch norm measured on "
+          f"{done.bn_crops} training crops; foreground threshold {done.threshold['threshold']:.2f} "
+          f"(pooled nucleus Dice {done.threshold['nucleus_dice']:.4f} on {done.threshold['images']} validation images)")
+    print(f"wrote {done.path}")
+    return 0
+
+
 def cmd_tune_threshold(args) -> int:
     from .evaluation.threshold import tune_checkpoint
 
@@ -496,6 +511,23 @@ def _add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _add_average(sub) -> None:
+    from .training.average import BN_CROPS
+
+    p = sub.add_parser("average", help="average a fine-tuned model with the model it started from (weight by weight)")
+    p.add_argument("start", help="'default' or the .safetensors checkpoint the fine-tuning started from")
+    p.add_argument("tuned", help="the fine-tuned .safetensors checkpoint")
+    p.add_argument("--weight", type=float, required=True, help="the fine-tuned model's share, 0 to 1")
+    p.add_argument("--config", required=True,
+                   help="the fine-tuning's YAML config: its training crops re-measure batch norm, its validation "
+                        "images tune the threshold")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config setting, as for train")
+    p.add_argument("--out", required=True, help="the checkpoint to write (never overwritten)")
+    p.add_argument("--crops", type=int, default=BN_CROPS, help=f"training crops for batch norm (default {BN_CROPS})")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_average)
+
+
 def _add_tune_threshold(sub) -> None:
     p = sub.add_parser("tune-threshold", help="tune a model's foreground threshold on labelled images")
     p.add_argument("model", help="'default' or a .safetensors checkpoint")
@@ -537,8 +569,8 @@ def _add_web(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medseg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_predict, _add_evaluate, _add_convert, _add_train, _add_tune_threshold, _add_info, _add_demo,
-                _add_web):
+    for add in (_add_predict, _add_evaluate, _add_convert, _add_train, _add_average, _add_tune_threshold, _add_info,
+                _add_demo, _add_web):
         add(sub)
     return parser
 

@@ -1,0 +1,139 @@
+"""A fine-tuned model averaged, weight by weight, with the model it started from.
+
+Fine-tuning the CoNSeP-trained default on all the data gained a lot on the added sets and lost
+a little on CoNSeP. Averaging the two models' weights (weight-space ensembling, as in WiSE-FT)
+keeps most of both when the fine-tuned model started from the other: they lie in one basin.
+Batch-norm running statistics do not average like weights (a mean of two variances is not the
+variance of the averaged network's activations), so they are measured again on training crops
+of the data, and the foreground threshold is tuned again on the validation images, as at the
+end of a training run.
+
+    medseg average START TUNED --weight 0.3 --config configs/all_data.yaml --out averaged.safetensors
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..errors import MedsegError
+from ..models import load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import PatchDataset, normalization_stats
+from .mixed import sampling_weights
+from .setup import WeightedEpochSampler, prepare_data
+from .threshold import retune_threshold
+
+BN_CROPS = 1024  # training crops whose activations give the averaged model's batch-norm statistics
+
+
+class AverageError(MedsegError, ValueError):
+    """The two checkpoints cannot be averaged (other networks, other classes) or the data does not fit."""
+
+
+@dataclass
+class Averaged:
+    path: Path
+    weight: float
+    bn_crops: int  # crops the batch-norm statistics were measured on
+    threshold: dict  # the re-tuning's result (``retune_threshold``)
+
+
+def interpolate(start: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], weight: float) -> dict:
+    """``(1 - weight) * start + weight * tuned`` for every floating-point tensor; counters (batch
+    norm's ``num_batches_tracked``) from ``tuned``."""
+    if start.keys() != tuned.keys():
+        missing = sorted(start.keys() ^ tuned.keys())[:3]
+        raise AverageError(f"The two models have different layers (e.g. {', '.join(missing)}): only a model and "
+                           "one fine-tuned from it can be averaged.")
+    mixed = {}
+    for name, value in tuned.items():
+        if value.shape != start[name].shape:
+            raise AverageError(f"Layer '{name}' has shape {tuple(start[name].shape)} in one model and "
+                               f"{tuple(value.shape)} in the other.")
+        if value.is_floating_point():
+            mixed[name] = torch.lerp(start[name].float(), value.float(), weight).to(value.dtype)
+        else:
+            mixed[name] = value.clone()
+    return mixed
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, batches, device: torch.device) -> int:
+    """Measure every batch-norm layer's running mean and variance again over ``batches`` (a
+    cumulative average, not a moving one); returns the images seen. Leaves the model in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative: every batch counts the same
+    model.train()
+    seen = 0
+    try:
+        for batch in batches:
+            images = batch[0].to(device)
+            model(images)
+            seen += images.shape[0]
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
+        model.eval()
+    return seen
+
+
+def training_crops(cfg: TrainConfig, data, mean, std, crops: int) -> DataLoader:
+    """``crops`` unaugmented training crops, drawn as the run drew them (by set weight)."""
+    dataset = PatchDataset(data.train_items, cfg.data.crop_size, cfg.data.crops_per_image, None,
+                           index=data.index, mean=mean, std=std)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if data.mixed:
+        sampler = WeightedEpochSampler(sampling_weights(data.train_items, dataset.index, cfg.data.datasets),
+                                       crops, cfg.seed)
+    else:
+        sampler = torch.utils.data.RandomSampler(dataset, num_samples=crops, generator=generator)
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, generator=generator)
+
+
+def average_checkpoints(start_path: str | Path, tuned_path: str | Path, weight: float, cfg: TrainConfig,
+                        out: str | Path, crops: int = BN_CROPS, device: str = "cpu") -> Averaged:
+    """Write ``out``: ``tuned`` averaged with ``start`` (``weight`` on ``tuned``), its batch-norm
+    statistics measured on ``cfg``'s training crops and its threshold tuned on ``cfg``'s
+    validation images (the split ``tuned`` was trained with: checked)."""
+    if not 0.0 <= weight <= 1.0:
+        raise AverageError(f"--weight {weight}: the share of the fine-tuned model must lie between 0 and 1.")
+    out = Path(out)
+    if out.exists():
+        raise AverageError(f"{out} exists; choose a new file (nothing is overwritten).")
+    dev = torch.device(device)
+    start, start_meta = load_checkpoint(start_path, dev)
+    tuned, tuned_meta = load_checkpoint(tuned_path, dev)
+    if start_meta.model != tuned_meta.model or start_meta.classes != tuned_meta.classes:
+        raise AverageError(f"{start_path} ({start_meta.model.architecture}/{start_meta.model.encoder}, "
+                           f"{len(start_meta.classes)} classes) and {tuned_path} ({tuned_meta.model.architecture}/"
+                           f"{tuned_meta.model.encoder}, {len(tuned_meta.classes)} classes) are different networks.")
+    data = prepare_data(cfg, None, None)
+    val_groups = sorted({it.group for it in data.val_items})
+    recorded = tuned_meta.data.get("val_groups")
+    if recorded is not None and sorted(recorded) != val_groups:
+        raise AverageError(f"The config's validation images are not those {tuned_path} was trained with "
+                           f"(its split: {len(recorded)} source images, the config's: {len(val_groups)}); "
+                           "use the config (and --set overrides) of that run.")
+    tuned.load_state_dict(interpolate(start.state_dict(), tuned.state_dict(), weight))
+    mean, std = normalization_stats(tuned_meta.normalization)
+    seen = recompute_batchnorm(tuned, training_crops(cfg, data, mean, std, crops), dev)
+    meta = dataclasses.replace(
+        tuned_meta, foreground_threshold=None,
+        training={**tuned_meta.training, "averaged": {
+            "start": str(start_path), "tuned": str(tuned_path), "weight_on_tuned": weight,
+            "batchnorm_crops": seen, "crop_size": cfg.data.crop_size}})
+    partial = out.with_name(f".{out.stem}.partial{out.suffix}")  # renamed once complete
+    save_checkpoint(partial, tuned, meta, half=True)
+    threshold = retune_threshold(partial, data.val_items, device)
+    partial.replace(out)
+    return Averaged(out, weight, seen, threshold)
+

@@ -1,0 +1,114 @@
+"""A fine-tuned model averaged with its start: the weights interpolated, batch norm re-measured on
+training crops, the threshold re-tuned; on real CoNSeP patches with tiny models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from napari_medseg.models import ModelConfig, build_model, load_checkpoint, read_meta
+from napari_medseg.training import train
+from napari_medseg.training.average import AverageError, average_checkpoints, interpolate, recompute_batchnorm
+
+from test_training import tiny_config
+
+TINY_MODEL = ModelConfig("unet", "resnet18", num_classes=5, encoder_depth=3)
+
+
+def _tiny(seed: int):
+    torch.manual_seed(seed)
+    return build_model(TINY_MODEL).eval()
+
+
+def test_interpolate_mixes_float_tensors_and_keeps_counters():
+    start, tuned = _tiny(0).state_dict(), _tiny(1).state_dict()
+    name = next(k for k, v in start.items() if v.is_floating_point() and v.ndim == 4)
+    for weight in (0.0, 0.3, 1.0):
+        mixed = interpolate(start, tuned, weight)
+        torch.testing.assert_close(mixed[name], (1 - weight) * start[name] + weight * tuned[name])
+    counter = next(k for k in start if k.endswith("num_batches_tracked"))
+    assert mixed[counter].dtype == torch.int64 and torch.equal(mixed[counter], tuned[counter])
+    other = build_model(ModelConfig("unet", "resnet18", num_classes=5, encoder_depth=4)).state_dict()
+    with pytest.raises(AverageError, match="different layers"):
+        interpolate(start, other, 0.5)
+
+
+def test_batchnorm_is_measured_again_as_a_plain_average_over_the_batches():
+    model = _tiny(0)
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    momentum = first.momentum
+    seen_inputs = []
+    hook = first.register_forward_hook(lambda m, args, out: seen_inputs.append(args[0].detach().clone()))
+    torch.manual_seed(2)
+    batches = [(torch.rand(3, 3, 64, 64) * (i + 1),) for i in range(4)]  # batches unlike each other
+    assert recompute_batchnorm(model, batches, torch.device("cpu")) == 12
+    hook.remove()
+    means = torch.stack([x.mean(dim=(0, 2, 3)) for x in seen_inputs])
+    variances = torch.stack([x.var(dim=(0, 2, 3), unbiased=True) for x in seen_inputs])
+    torch.testing.assert_close(first.running_mean, means.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(first.running_var, variances.mean(0), rtol=1e-4, atol=1e-5)
+    assert not model.training and first.momentum == momentum
+
+
+def test_average_of_a_start_and_its_fine_tuning_on_real_patches(small_consep, tmp_path):
+    start_cfg = tiny_config(small_consep, tmp_path / "start", "epochs=1", "data.val_fraction=0.34")
+    start = train(start_cfg).checkpoint
+    tuned_cfg = tiny_config(small_consep, tmp_path / "tuned", "epochs=1", "data.val_fraction=0.34",
+                            f"init_checkpoint={start}", "lr=0.01")
+    tuned = train(tuned_cfg).checkpoint
+    out = tmp_path / "averaged.safetensors"
+    cfg = tiny_config(small_consep, tmp_path / "unused", "data.val_fraction=0.34")
+    done = average_checkpoints(start, tuned, 0.25, cfg, out, crops=16)
+    assert done.path == out and out.is_file() and done.bn_crops == 16
+    assert not list(tmp_path.glob(".averaged*"))  # written under a temp name, renamed when complete
+    meta = read_meta(out)
+    assert meta.training["averaged"]["weight_on_tuned"] == 0.25 and meta.training["averaged"]["batchnorm_crops"] == 16
+    assert meta.foreground_threshold is not None and 0.0 < meta.foreground_threshold < 1.0
+    assert meta.data["val_groups"] == read_meta(tuned).data["val_groups"]
+    averaged, _ = load_checkpoint(out)
+    a, b = load_checkpoint(start)[0].state_dict(), load_checkpoint(tuned)[0].state_dict()
+    got = averaged.state_dict()
+    conv = next(k for k, v in a.items() if v.is_floating_point() and v.ndim == 4)
+    torch.testing.assert_close(got[conv], 0.75 * a[conv] + 0.25 * b[conv], rtol=2e-3, atol=2e-3)  # saved as fp16
+    norm = next(k for k in a if k.endswith("running_var"))
+    assert not torch.allclose(got[norm], 0.75 * a[norm] + 0.25 * b[norm], rtol=1e-2)  # measured, not mixed
+
+    with pytest.raises(AverageError, match="exists"):
+        average_checkpoints(start, tuned, 0.25, cfg, out, crops=16)
+    # a config that holds out other source images than the fine-tuning did is refused
+    splits = (tiny_config(small_consep, tmp_path / "unused", "data.val_fraction=0.34", f"seed={seed}")
+              for seed in range(1, 20))
+    other_split = next(c for c in splits if _val_groups(c) != meta.data["val_groups"])
+    with pytest.raises(AverageError, match="validation images"):
+        average_checkpoints(start, tuned, 0.25, other_split, tmp_path / "other.safetensors", crops=16)
+    with pytest.raises(AverageError, match="between 0 and 1"):
+        average_checkpoints(start, tuned, 1.5, cfg, tmp_path / "x.safetensors", crops=16)
+
+
+def _val_groups(cfg) -> list[str]:
+    from napari_medseg.training.setup import prepare_data
+
+    return sorted({it.group for it in prepare_data(cfg, None, None).val_items})
+
+
+def test_medseg_average_as_installed(small_consep, tmp_path):
+    """The command a user runs: two checkpoints of one network with other classes are refused."""
+    start_cfg = tiny_config(small_consep, tmp_path / "start", "epochs=1", "data.val_fraction=0.34")
+    start = train(start_cfg).checkpoint
+    binary = tiny_config(small_consep, tmp_path / "binary", "epochs=1", "data.val_fraction=0.34", "data.binary=true")
+    other = train(binary).checkpoint
+    done = subprocess.run([sys.executable, "-m", "napari_medseg", "average", str(start), str(other), "--weight", "0.5",
+                           "--config", str(_yaml(tmp_path, small_consep)), "--out", str(tmp_path / "o.safetensors")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "different networks" in done.stderr, done.stderr
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def _yaml(tmp_path, dataset):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(f"model: {{architecture: unet, encoder: resnet18, encoder_depth: 3}}\n"
+                    f"data: {{dataset: [{dataset}], crop_size: 64, val_fraction: 0.34}}\nbatch_size: 4\n")
+    return path
