@@ -61,8 +61,8 @@ def test_average_of_a_start_and_its_fine_tuning_on_real_patches(small_consep, tm
     tuned = train(tuned_cfg).checkpoint
     out = tmp_path / "averaged.safetensors"
     cfg = tiny_config(small_consep, tmp_path / "unused", "data.val_fraction=0.34")
-    done = average_checkpoints(start, tuned, 0.25, cfg, out, crops=16)
-    assert done.path == out and out.is_file() and done.bn_crops == 16
+    done = average_checkpoints(start, tuned, 0.25, out, cfg, batchnorm="measure", threshold="tune", crops=16)
+    assert done.path == out and out.is_file() and done.bn_crops == 16 and done.tuning is not None
     assert not list(tmp_path.glob(".averaged*"))  # written under a temp name, renamed when complete
     meta = read_meta(out)
     assert meta.training["averaged"]["weight_on_tuned"] == 0.25 and meta.training["averaged"]["batchnorm_crops"] == 16
@@ -77,15 +77,28 @@ def test_average_of_a_start_and_its_fine_tuning_on_real_patches(small_consep, tm
     assert not torch.allclose(got[norm], 0.75 * a[norm] + 0.25 * b[norm], rtol=1e-2)  # measured, not mixed
 
     with pytest.raises(AverageError, match="exists"):
-        average_checkpoints(start, tuned, 0.25, cfg, out, crops=16)
+        average_checkpoints(start, tuned, 0.25, out, cfg, batchnorm="measure", crops=16)
     # a config that holds out other source images than the fine-tuning did is refused
     splits = (tiny_config(small_consep, tmp_path / "unused", "data.val_fraction=0.34", f"seed={seed}")
               for seed in range(1, 20))
     other_split = next(c for c in splits if _val_groups(c) != meta.data["val_groups"])
     with pytest.raises(AverageError, match="validation images"):
-        average_checkpoints(start, tuned, 0.25, other_split, tmp_path / "other.safetensors", crops=16)
+        average_checkpoints(start, tuned, 0.25, tmp_path / "other.safetensors", other_split, threshold="tune")
     with pytest.raises(AverageError, match="between 0 and 1"):
-        average_checkpoints(start, tuned, 1.5, cfg, tmp_path / "x.safetensors", crops=16)
+        average_checkpoints(start, tuned, 1.5, tmp_path / "x.safetensors")
+    with pytest.raises(AverageError, match="needs the fine-tuning's config"):
+        average_checkpoints(start, tuned, 0.5, tmp_path / "x.safetensors", batchnorm="measure")
+    with pytest.raises(AverageError, match="a number"):
+        average_checkpoints(start, tuned, 0.5, tmp_path / "x.safetensors", threshold="high")
+    assert not (tmp_path / "x.safetensors").exists()
+
+    # the defaults need no data: batch norm averaged like the weights, the fine-tuned model's threshold
+    plain = average_checkpoints(start, tuned, 0.25, tmp_path / "plain.safetensors")
+    got = load_checkpoint(plain.path)[0].state_dict()
+    torch.testing.assert_close(got[norm], 0.75 * a[norm] + 0.25 * b[norm], rtol=2e-3, atol=2e-3)
+    assert plain.bn_crops == 0 and read_meta(plain.path).foreground_threshold == read_meta(tuned).foreground_threshold
+    fixed = average_checkpoints(start, tuned, 0.25, tmp_path / "fixed.safetensors", threshold="0.4")
+    assert read_meta(fixed.path).foreground_threshold == 0.4
 
 
 def _val_groups(cfg) -> list[str]:
@@ -101,14 +114,8 @@ def test_medseg_average_as_installed(small_consep, tmp_path):
     binary = tiny_config(small_consep, tmp_path / "binary", "epochs=1", "data.val_fraction=0.34", "data.binary=true")
     other = train(binary).checkpoint
     done = subprocess.run([sys.executable, "-m", "napari_medseg", "average", str(start), str(other), "--weight", "0.5",
-                           "--config", str(_yaml(tmp_path, small_consep)), "--out", str(tmp_path / "o.safetensors")],
+                           "--out", str(tmp_path / "o.safetensors")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "different networks" in done.stderr, done.stderr
     assert not (tmp_path / "o.safetensors").exists()
 
-
-def _yaml(tmp_path, dataset):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(f"model: {{architecture: unet, encoder: resnet18, encoder_depth: 3}}\n"
-                    f"data: {{dataset: [{dataset}], crop_size: 64, val_fraction: 0.34}}\nbatch_size: 4\n")
-    return path

@@ -363,12 +363,18 @@ def cmd_average(args) -> int:
     from .training.average import average_checkpoints
     from .training.stages import load_train_stages
 
-    cfg = load_train_stages(args.config, list(args.set or []))[0].config  # stages share their data
-    done = average_checkpoints(resolve_model_path(args.start), resolve_model_path(args.tuned), args.weight, cfg,
-                               args.out, crops=args.crops, device=args.device)
-    print(f"{1 - done.weight:.2f} x {args.start} + {done.weight:.2f} x {args.tuned}; batch norm measured on "
-          f"{done.bn_crops} training crops; foreground threshold {done.threshold['threshold']:.2f} "
-          f"(pooled nucleus Dice {done.threshold['nucleus_dice']:.4f} on {done.threshold['images']} validation images)")
+    # stages share their data: the first stage's config has the split and the crops
+    cfg = load_train_stages(args.config, list(args.set or []))[0].config if args.config else None
+    done = average_checkpoints(resolve_model_path(args.start), resolve_model_path(args.tuned), args.weight, args.out,
+                               cfg, batchnorm=args.batchnorm, threshold=args.threshold, crops=args.crops,
+                               device=args.device)
+    norm = (f"batch norm measured on {done.bn_crops} training crops" if done.bn_crops
+            else "batch norm averaged with the weights")
+    chosen = "argmax (no threshold)" if done.threshold is None else f"{done.threshold:.2f}"
+    tuned = (f" (tuned: pooled nucleus Dice {done.tuning['nucleus_dice']:.4f} on {done.tuning['images']} validation "
+             "images)") if done.tuning else ""
+    print(f"{1 - done.weight:.2f} x {args.start} + {done.weight:.2f} x {args.tuned}; {norm}; foreground threshold "
+          f"{chosen}{tuned}")
     print(f"wrote {done.path}")
     return 0
 
@@ -512,18 +518,23 @@ def _add_train(sub) -> None:
 
 
 def _add_average(sub) -> None:
-    from .training.average import BN_CROPS
+    from .training.average import BATCHNORM, BN_CROPS
 
     p = sub.add_parser("average", help="average a fine-tuned model with the model it started from (weight by weight)")
     p.add_argument("start", help="'default' or the .safetensors checkpoint the fine-tuning started from")
     p.add_argument("tuned", help="the fine-tuned .safetensors checkpoint")
     p.add_argument("--weight", type=float, required=True, help="the fine-tuned model's share, 0 to 1")
-    p.add_argument("--config", required=True,
-                   help="the fine-tuning's YAML config: its training crops re-measure batch norm, its validation "
-                        "images tune the threshold")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config setting, as for train")
     p.add_argument("--out", required=True, help="the checkpoint to write (never overwritten)")
-    p.add_argument("--crops", type=int, default=BN_CROPS, help=f"training crops for batch norm (default {BN_CROPS})")
+    p.add_argument("--batchnorm", choices=BATCHNORM, default="average",
+                   help="batch-norm statistics averaged like the weights (default) or measured on the config's "
+                        "training crops")
+    p.add_argument("--threshold", default="tuned",
+                   help="foreground threshold: the fine-tuned model's (tuned, default), the start model's (start), "
+                        "tune (on the config's validation images) or a number")
+    p.add_argument("--config", help="the fine-tuning's YAML config (for --batchnorm measure or --threshold tune)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config setting, as for train")
+    p.add_argument("--crops", type=int, default=BN_CROPS, help=f"training crops for --batchnorm measure "
+                                                               f"(default {BN_CROPS})")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_average)
 

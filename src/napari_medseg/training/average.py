@@ -3,12 +3,14 @@
 Fine-tuning the CoNSeP-trained default on all the data gained a lot on the added sets and lost
 a little on CoNSeP. Averaging the two models' weights (weight-space ensembling, as in WiSE-FT)
 keeps most of both when the fine-tuned model started from the other: they lie in one basin.
-Batch-norm running statistics do not average like weights (a mean of two variances is not the
-variance of the averaged network's activations), so they are measured again on training crops
-of the data, and the foreground threshold is tuned again on the validation images, as at the
-end of a training run.
 
-    medseg average START TUNED --weight 0.3 --config configs/all_data.yaml --out averaged.safetensors
+Batch-norm running statistics are averaged like the weights by default; they can instead be
+measured again on training crops of the data (``batchnorm="measure"``), and the foreground
+threshold is the fine-tuned model's unless asked otherwise (``threshold``: ``tuned``,
+``start``, ``tune`` on the validation images, or a number). On the all-data fine-tune both
+alternatives measured worse on CoNSeP (README, *Default model*), hence the defaults.
+
+    medseg average START TUNED --weight 0.3 --out averaged.safetensors
 """
 
 from __future__ import annotations
@@ -36,12 +38,16 @@ class AverageError(MedsegError, ValueError):
     """The two checkpoints cannot be averaged (other networks, other classes) or the data does not fit."""
 
 
+BATCHNORM = ("average", "measure")
+
+
 @dataclass
 class Averaged:
     path: Path
     weight: float
-    bn_crops: int  # crops the batch-norm statistics were measured on
-    threshold: dict  # the re-tuning's result (``retune_threshold``)
+    bn_crops: int  # crops the batch-norm statistics were measured on (0: averaged like the weights)
+    threshold: float | None  # the foreground threshold written
+    tuning: dict | None = None  # the re-tuning's result (``retune_threshold``), when tuned
 
 
 def interpolate(start: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], weight: float) -> dict:
@@ -99,16 +105,23 @@ def training_crops(cfg: TrainConfig, data, mean, std, crops: int) -> DataLoader:
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, generator=generator)
 
 
-def average_checkpoints(start_path: str | Path, tuned_path: str | Path, weight: float, cfg: TrainConfig,
-                        out: str | Path, crops: int = BN_CROPS, device: str = "cpu") -> Averaged:
-    """Write ``out``: ``tuned`` averaged with ``start`` (``weight`` on ``tuned``), its batch-norm
-    statistics measured on ``cfg``'s training crops and its threshold tuned on ``cfg``'s
-    validation images (the split ``tuned`` was trained with: checked)."""
+def average_checkpoints(start_path: str | Path, tuned_path: str | Path, weight: float, out: str | Path,
+                        cfg: TrainConfig | None = None, batchnorm: str = "average", threshold: str = "tuned",
+                        crops: int = BN_CROPS, device: str = "cpu") -> Averaged:
+    """Write ``out``: ``tuned`` averaged with ``start`` (``weight`` on ``tuned``). ``cfg`` (the
+    fine-tuning's config) is needed to measure batch norm on its training crops or tune the
+    threshold on its validation images (the split ``tuned`` was trained with: checked)."""
     if not 0.0 <= weight <= 1.0:
         raise AverageError(f"--weight {weight}: the share of the fine-tuned model must lie between 0 and 1.")
+    if batchnorm not in BATCHNORM:
+        raise AverageError(f"batch norm '{batchnorm}': choose one of {', '.join(BATCHNORM)}.")
+    fixed = _threshold_value(threshold)
     out = Path(out)
     if out.exists():
         raise AverageError(f"{out} exists; choose a new file (nothing is overwritten).")
+    needs_data = batchnorm == "measure" or threshold == "tune"
+    if needs_data and cfg is None:
+        raise AverageError("Measuring batch norm or tuning the threshold needs the fine-tuning's config (--config).")
     dev = torch.device(device)
     start, start_meta = load_checkpoint(start_path, dev)
     tuned, tuned_meta = load_checkpoint(tuned_path, dev)
@@ -116,6 +129,43 @@ def average_checkpoints(start_path: str | Path, tuned_path: str | Path, weight: 
         raise AverageError(f"{start_path} ({start_meta.model.architecture}/{start_meta.model.encoder}, "
                            f"{len(start_meta.classes)} classes) and {tuned_path} ({tuned_meta.model.architecture}/"
                            f"{tuned_meta.model.encoder}, {len(tuned_meta.classes)} classes) are different networks.")
+    data = _checked_data(cfg, tuned_meta, tuned_path) if needs_data else None
+    tuned.load_state_dict(interpolate(start.state_dict(), tuned.state_dict(), weight))
+    seen = 0
+    if batchnorm == "measure":
+        mean, std = normalization_stats(tuned_meta.normalization)
+        seen = recompute_batchnorm(tuned, training_crops(cfg, data, mean, std, crops), dev)
+    chosen = {"tuned": tuned_meta.foreground_threshold, "start": start_meta.foreground_threshold}.get(threshold, fixed)
+    meta = dataclasses.replace(
+        tuned_meta, foreground_threshold=chosen,
+        training={**tuned_meta.training, "averaged": {
+            "start": str(start_path), "tuned": str(tuned_path), "weight_on_tuned": weight, "batchnorm": batchnorm,
+            "batchnorm_crops": seen, "threshold": threshold}})
+    partial = out.with_name(f".{out.stem}.partial{out.suffix}")  # renamed once complete
+    try:
+        save_checkpoint(partial, tuned, meta, half=True)
+        tuning = retune_threshold(partial, data.val_items, device) if threshold == "tune" else None
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return Averaged(out, weight, seen, tuning["threshold"] if tuning else chosen, tuning)
+
+
+def _threshold_value(threshold: str) -> float | None:
+    """A number given as the threshold, else None for the named choices; refuses anything else."""
+    if threshold in ("tuned", "start", "tune"):
+        return None
+    try:
+        value = float(threshold)
+    except ValueError:
+        raise AverageError(f"threshold '{threshold}': give tuned, start, tune or a number between 0 and 1.") from None
+    if not 0.0 < value < 1.0:
+        raise AverageError(f"threshold {value}: a foreground threshold lies between 0 and 1.")
+    return value
+
+
+def _checked_data(cfg: TrainConfig, tuned_meta, tuned_path):
+    """The config's data, whose validation images must be those ``tuned`` was trained with."""
     data = prepare_data(cfg, None, None)
     val_groups = sorted({it.group for it in data.val_items})
     recorded = tuned_meta.data.get("val_groups")
@@ -123,17 +173,4 @@ def average_checkpoints(start_path: str | Path, tuned_path: str | Path, weight: 
         raise AverageError(f"The config's validation images are not those {tuned_path} was trained with "
                            f"(its split: {len(recorded)} source images, the config's: {len(val_groups)}); "
                            "use the config (and --set overrides) of that run.")
-    tuned.load_state_dict(interpolate(start.state_dict(), tuned.state_dict(), weight))
-    mean, std = normalization_stats(tuned_meta.normalization)
-    seen = recompute_batchnorm(tuned, training_crops(cfg, data, mean, std, crops), dev)
-    meta = dataclasses.replace(
-        tuned_meta, foreground_threshold=None,
-        training={**tuned_meta.training, "averaged": {
-            "start": str(start_path), "tuned": str(tuned_path), "weight_on_tuned": weight,
-            "batchnorm_crops": seen, "crop_size": cfg.data.crop_size}})
-    partial = out.with_name(f".{out.stem}.partial{out.suffix}")  # renamed once complete
-    save_checkpoint(partial, tuned, meta, half=True)
-    threshold = retune_threshold(partial, data.val_items, device)
-    partial.replace(out)
-    return Averaged(out, weight, seen, threshold)
-
+    return data
