@@ -38,6 +38,7 @@ class LossPlot:
         self._lock = threading.Lock()  # guards _wanted, the latest drawing asked for
         self._wanted: tuple | None = None
         self._drawing = None  # the future of the drawing thread's current run
+        self._busy = False  # a drawing run is on and will take any new request (under _lock)
         self._drawer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-loss-plot")
         self._blank: _Picture | None = None  # the empty axes, kept: every run starts with them
         self.loss_ax, self.metric_ax = self.figure.subplots(2, 1, sharex=True)
@@ -124,7 +125,8 @@ class LossPlot:
             return
         with self._lock:
             self._wanted = (data, self.best_epoch, size)
-            if self._drawing is None or self._drawing.done():
+            if not self._busy:  # else the running drawing takes this request before it stops
+                self._busy = True
                 self._drawing = self._drawer.submit(self._draw_wanted)
         self._drawn_at = time.monotonic()
 
@@ -143,15 +145,23 @@ class LossPlot:
         while True:
             with self._lock:
                 wanted, self._wanted = self._wanted, None
-            if wanted is None:
-                return
-            image = self._render(*wanted)
+                if wanted is None:
+                    self._busy = False
+                    return
+            try:
+                image = self._render(*wanted)
+            except BaseException:
+                with self._lock:
+                    self._busy = False  # the next request starts a new drawing
+                raise
             data, _, size = wanted
             if not any(xs for xs, _ in data.values()):
                 self._blank = _Picture(image, size)
             try:
                 self.canvas.drawn.emit(image)
             except RuntimeError:  # the widget was closed while drawing
+                with self._lock:
+                    self._busy = False
                 return
 
     def _render(self, data: dict, best_epoch: float, size: tuple[int, int]) -> QImage:
