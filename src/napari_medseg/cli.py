@@ -418,7 +418,7 @@ def cmd_web(args) -> int:
     if args.models and not Path(args.models).is_dir():
         raise MedsegError(f"--models: '{args.models}' is not a folder.")
     print(f"napari-medseg web: http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
-    serve(args.host, args.port, args.models, args.device)
+    serve(args.host, args.port, args.models, args.device, backend=args.backend)
     return 0
 
 
@@ -574,6 +574,9 @@ def _add_web(sub) -> None:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--models", metavar="DIR", help="also offer the .safetensors checkpoints found in this folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "openvino", "onnxruntime"),
+                   help="who runs the network on a CPU, as for predict (default auto: the fastest installed "
+                        "runtime that agrees with PyTorch)")
     p.set_defaults(func=cmd_web)
 
 

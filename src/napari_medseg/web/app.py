@@ -153,9 +153,10 @@ def build_app(store: ModelStore) -> gr.Blocks:
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, models_dir: str | None = None, device: str = "auto",
-          block: bool = True):
-    """Start the page (localhost unless told otherwise); returns the Gradio app."""
-    app = build_app(ModelStore(models_dir, device))
+          block: bool = True, backend: str = "auto"):
+    """Start the page (localhost unless told otherwise); returns the Gradio app. ``backend``: who
+    runs the network on a CPU, as ``medseg predict --backend`` (auto: the fastest that agrees)."""
+    app = build_app(ModelStore(models_dir, device, backend))
     app.queue(max_size=32, default_concurrency_limit=1)
     app.launch(server_name=host, server_port=port, show_error=True, max_file_size=MAX_UPLOAD,
                prevent_thread_lock=not block, quiet=not block, footer_links=[])

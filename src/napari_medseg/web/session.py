@@ -44,9 +44,9 @@ class ModelStore:
     loaded twice by two users who ask at once.
     """
 
-    def __init__(self, models_dir: str | Path | None = None, device: str = "auto"):
+    def __init__(self, models_dir: str | Path | None = None, device: str = "auto", backend: str = "torch"):
         self.models_dir = Path(models_dir).expanduser() if models_dir else None
-        self.device = device
+        self.device, self.backend = device, backend  # backend: who runs the network (``inference.backends``)
         self.lock = threading.Lock()
         self._loaded: dict[str, Segmenter] = {}
 
@@ -71,7 +71,7 @@ class ModelStore:
     def get(self, name: str) -> Segmenter:
         """The loaded model (call with ``lock`` held)."""
         if name not in self._loaded:
-            self._loaded[name] = Segmenter.load(self._path(name), device=self.device)
+            self._loaded[name] = Segmenter.load(self._path(name), device=self.device, backend=self.backend)
         return self._loaded[name]
 
 
