@@ -1,9 +1,10 @@
 """Per-nucleus measurements: the object table.
 
 Sums per id with ``np.bincount`` over bands of rows (area, centroid, mean intensity): the same
-numbers as scikit-image's ``regionprops_table`` (tested against it), several times faster, in
-bounded memory, without a Python step per nucleus (which also held the GIL against napari's
-GUI thread while the Objects widget measured).
+numbers as scikit-image's ``regionprops_table`` (tested against it), in bounded memory, without
+a Python step per nucleus (which held the GIL against napari's GUI thread while the Objects
+widget measured) and without importing ``skimage.measure`` (1.1 s the first time). A 1000²
+MoNuSeg image, 398 nuclei, with class votes and RGB means: 0.12 s -> 0.08 s (busy machine).
 """
 
 from __future__ import annotations
