@@ -108,7 +108,8 @@ def _val_groups(cfg) -> list[str]:
 
 
 def test_medseg_average_as_installed(small_consep, tmp_path):
-    """The command a user runs: two checkpoints of one network with other classes are refused."""
+    """The command a user runs: two checkpoints of one network with other classes are refused; a
+    model and itself average to a checkpoint with the threshold asked for."""
     start_cfg = tiny_config(small_consep, tmp_path / "start", "epochs=1", "data.val_fraction=0.34")
     start = train(start_cfg).checkpoint
     binary = tiny_config(small_consep, tmp_path / "binary", "epochs=1", "data.val_fraction=0.34", "data.binary=true")
@@ -118,4 +119,11 @@ def test_medseg_average_as_installed(small_consep, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "different networks" in done.stderr, done.stderr
     assert not (tmp_path / "o.safetensors").exists()
+    done = subprocess.run([sys.executable, "-m", "napari_medseg", "average", str(start), str(start), "--weight", "0.5",
+                           "--threshold", "0.45", "--out", str(tmp_path / "o.safetensors")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "batch norm averaged with the weights; foreground threshold 0.45" in done.stdout
+    assert f"wrote {tmp_path / 'o.safetensors'}" in done.stdout
+    assert read_meta(tmp_path / "o.safetensors").foreground_threshold == 0.45
 
