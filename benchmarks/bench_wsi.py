@@ -81,15 +81,20 @@ def level_tiles(cells: np.ndarray, tissue: list[np.ndarray], height: int, width:
     """Tiles of the slide at downsample ``step`` (1, 4, 16, ...), made from level 0 on the fly."""
     for y in range(0, -(-height // step), TILE):
         for x in range(0, -(-width // step), TILE):
-            yield region(cells, tissue, y * step, x * step, TILE * step, height, width)[::step, ::step]
+            yield region(cells, tissue, y * step, x * step, TILE * step, height, width, step)
 
 
-def region(cells, tissue, y0: int, x0: int, side: int, height: int, width: int) -> np.ndarray:
-    out = np.full((side, side, 3), GLASS, np.uint8)
+def region(cells, tissue, y0: int, x0: int, side: int, height: int, width: int, step: int = 1) -> np.ndarray:
+    """Level-0 px ``[y0, y0 + side)²`` at downsample ``step`` (dividing 256): each 256² patch is
+    subsampled before it is placed, so a coarse tile never builds its level-0 block (a 64x tile's
+    would be 32768² x 3 bytes: the writer peaked at 6.4 GB for a 61440 x 40960 slide)."""
+    out = np.full((side // step, side // step, 3), GLASS, np.uint8)
     for y in range(y0, min(y0 + side, height), 256):
         for x in range(x0, min(x0 + side, width), 256):
             if cells[y // CELL, x // CELL]:
-                out[y - y0:y - y0 + 256, x - x0:x - x0 + 256] = tissue[(y // 256 * 7 + x // 256) % len(tissue)]
+                patch = tissue[(y // 256 * 7 + x // 256) % len(tissue)][::step, ::step]
+                top, left = (y - y0) // step, (x - x0) // step
+                out[top:top + patch.shape[0], left:left + patch.shape[1]] = patch
     return out
 
 
