@@ -34,11 +34,11 @@ from .threshold import retune_threshold
 BN_CROPS = 1024  # training crops whose activations give the averaged model's batch-norm statistics
 
 
+BATCHNORM = ("average", "measure")  # batch-norm statistics: mixed like the weights, or measured again
+
+
 class AverageError(MedsegError, ValueError):
     """The two checkpoints cannot be averaged (other networks, other classes) or the data does not fit."""
-
-
-BATCHNORM = ("average", "measure")
 
 
 @dataclass
@@ -72,24 +72,16 @@ def interpolate(start: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], 
 @torch.no_grad()
 def recompute_batchnorm(model: nn.Module, batches, device: torch.device) -> int:
     """Measure every batch-norm layer's running mean and variance again over ``batches`` (a
-    cumulative average, not a moving one); returns the images seen. Leaves the model in eval mode."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative: every batch counts the same
-    model.train()
-    seen = 0
-    try:
+    cumulative average, not a moving one: torch's ``update_bn``); returns the images seen."""
+    seen = []
+
+    def counted():
         for batch in batches:
-            images = batch[0].to(device)
-            model(images)
-            seen += images.shape[0]
-    finally:
-        for m, momentum in zip(norms, saved):
-            m.momentum = momentum
-        model.eval()
-    return seen
+            seen.append(batch[0].shape[0])
+            yield batch
+
+    torch.optim.swa_utils.update_bn(counted(), model, device)
+    return sum(seen)
 
 
 def training_crops(cfg: TrainConfig, data, mean, std, crops: int) -> DataLoader:
