@@ -106,6 +106,8 @@ def test_segment_compare_and_download_in_a_real_browser(page_url, browser, conse
     browser.find_element(By.CSS_SELECTOR, "#segment").click()
     wait.until(EC.text_to_be_present_in_element((By.CSS_SELECTOR, "#status"), "nuclei"))
     overlay = browser.find_element(By.CSS_SELECTOR, "#overlay img")
+    # the status can arrive before the browser has decoded the new picture: wait for its pixels
+    wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", overlay))
     width = browser.execute_script("return arguments[0].naturalWidth", overlay)
     assert overlay.get_attribute("src") and width >= 256 and width % 256 == 0  # the 256² patch, enlarged whole
     wait.until(lambda d: any(r[0] == "all nuclei" for r in _table(d, "counts")))
