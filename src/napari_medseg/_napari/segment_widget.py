@@ -4,14 +4,15 @@ them without running the network again.
 
 What to segment: the whole image (in memory), the field of view or a rectangle / polygon drawn in
 a Shapes layer (a crop of an image; of a slide, a region streamed to disk), or a whole slide. A
-slide opened by the reader (``metadata['slide']``) runs ``inference.slide.iter_predict_slide``:
-the results land in a results folder and come back as multiscale Labels read lazily from zarr.
+slide opened by the reader (``metadata['slide']``) runs ``inference.slide.iter_predict_slide`` in
+a process of its own (``inference.slide_process``: the GUI never waits on its work); the results
+land in a results folder and come back as multiscale Labels read lazily from zarr.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,10 +28,10 @@ from ..inference.regions import Region
 from ..inference.rethreshold import KeptRun, Thresholds, iter_segment_keeping
 from ..inference.segmenter import Segmenter
 from ..inference.settings import BLENDS, TileSettings
-from ..inference.slide import SlideResult, iter_predict_slide
+from ..inference.slide import SlideResult
+from ..inference.slide_process import SlideJob, SlideModelInfo, iter_predict_slide_in_process
 from ..io.images import file_stem
-from ..io.slide_outputs import fresh_results_folder, pyramid_levels
-from ..io.slides import open_slide
+from ..io.slide_outputs import check_no_slide_results, fresh_results_folder, pyramid_levels
 from ..nuclei.measure import nucleus_count
 from ..nuclei.votes import instance_classes
 from ..nuclei.watershed import INSTANCE_MAX_PIXELS, InstanceSettings
@@ -286,18 +287,25 @@ class SegmentWidget(Container):
         return job
 
     def _slide_job(self, key, layer, slide: dict, region: Region | None, polygon: np.ndarray | None):
-        """A slide's region (or all of it) streamed to the results folder, as ``medseg predict SLIDE``."""
+        """A slide's region (or all of it) streamed to the results folder, as ``medseg predict SLIDE``,
+        in a process of its own (``inference.slide_process``: its long steps would hold the GUI's
+        interpreter lock); the layers' arrays are opened in the worker, the GUI only adds them."""
         out = self._results_folder(slide["path"])
-        cleanup = PostprocessSettings(self.min_object_size.value, self.fill_holes.value)
-        configure, nuclei = self._configure(), self.nuclei.value
+        check_no_slide_results(out, file_stem(Path(slide["path"])), "results folder")  # before any work
+        import torch
+
+        slide_job = SlideJob(model=key[0], slide=slide["path"], out_dir=str(out), device=key[1], backend=key[2],
+                       region=None if region is None else (region.x, region.y, region.width, region.height),
+                       polygon=None if polygon is None else np.asarray(polygon, float).tolist(),
+                       tiles=asdict(self.tile_settings()), nucleus_threshold=self.threshold.value,
+                       marker_threshold=self.marker_threshold.value, min_nucleus=self.min_nucleus.value,
+                       nuclei=self.nuclei.value, min_object_size=self.min_object_size.value,
+                       max_hole_size=self.fill_holes.value, flag="results folder", threads=torch.get_num_threads())
+        where, name = placement(layer), layer.name
 
         def job():
-            segmenter = self._segmenter(key)
-            settings, instance_settings = configure(segmenter)
-            result = yield from iter_predict_slide(segmenter, open_slide(slide["path"]), out, region, settings,
-                                                   instance_settings, nuclei=nuclei, postprocess=cleanup,
-                                                   polygon=polygon, flag="results folder")
-            return _SlideRun(result, segmenter, layer)
+            result, model = yield from iter_predict_slide_in_process(slide_job)
+            return _SlideRun(result, model, layer, _slide_layer_kwargs(result, model, name, where))
 
         return job
 
@@ -360,17 +368,19 @@ class SegmentWidget(Container):
 
     def _on_done(self, run):
         """``run``: an ``_ImageRun`` (arrays in memory) or a ``_SlideRun`` (files on disk)."""
-        segmenter = run.segmenter
-        self._classes, self._colors = segmenter.classes, segmenter.meta.colors
-        self._model_threshold = segmenter.meta.foreground_threshold
         if isinstance(run, _SlideRun):
+            self._classes, self._colors = run.model.classes, run.model.colors
+            self._model_threshold = run.model.foreground_threshold
             self._show_slide_result(run)
         else:
+            segmenter = run.segmenter
+            self._classes, self._colors = segmenter.classes, segmenter.meta.colors
+            self._model_threshold = segmenter.meta.foreground_threshold
             self._show_image_result(run)
+            if segmenter.device.type != "cpu":
+                segmenter.release()  # give the GPU memory back between runs
         self.legend.value = legend_html(self._classes, self._colors, pickable=True)
         self._set_running(False)
-        if segmenter.device.type != "cpu":
-            segmenter.release()  # give the GPU memory back between runs
         return self.last_layer
 
     def _show_image_result(self, run: "_ImageRun") -> None:
@@ -386,18 +396,13 @@ class SegmentWidget(Container):
 
     def _show_slide_result(self, run: "_SlideRun") -> None:
         """The run's zarr pyramids as multiscale Labels, read lazily, placed as the slide is."""
-        import zarr
-
         # nothing is kept in memory: the thresholds apply to the next run
         self.kept, self.last_slide_result = None, run.result
-        root = zarr.open_group(str(run.result.files["store"]), mode="r")
-        where, name = placement(run.layer), run.layer.name
-        self.last_layer = self._viewer.add_labels(**_pyramid(root["classes"]), **class_labels_kwargs(
-            f"{name} segmentation", self._classes, self._colors, **where))
+        class_kwargs, instance_kwargs = run.layer_kwargs
+        self.last_layer = self._viewer.add_labels(**class_kwargs)
         self.last_instances_layer = None
-        if "instances" in root:
-            self.last_instances_layer = self._viewer.add_labels(
-                **_pyramid(root["instances"]), **instance_labels_kwargs(f"{name} nuclei", **where))
+        if instance_kwargs is not None:
+            self.last_instances_layer = self._viewer.add_labels(**instance_kwargs)
             self.last_instances_layer.contour = NUCLEUS_OUTLINE_PX
         self.status.value = slide_summary(run.result)
 
@@ -472,11 +477,25 @@ class _ImageRun:
 
 @dataclass
 class _SlideRun:
-    """A slide run: what ``iter_predict_slide`` made, on disk."""
+    """A slide run: what ``iter_predict_slide`` made, on disk, and the ``add_labels`` arguments
+    of its class map and nuclei (``None`` without nuclei), opened lazily in the worker."""
 
     result: SlideResult
-    segmenter: Segmenter
+    model: SlideModelInfo
     layer: object
+    layer_kwargs: tuple[dict, dict | None]
+
+
+def _slide_layer_kwargs(result: SlideResult, model: SlideModelInfo, name: str, where: dict) -> tuple:
+    import zarr
+
+    root = zarr.open_group(str(result.files["store"]), mode="r")
+    classes = {**_pyramid(root["classes"]),
+               **class_labels_kwargs(f"{name} segmentation", model.classes, model.colors, **where)}
+    nuclei = None
+    if "instances" in root:
+        nuclei = {**_pyramid(root["instances"]), **instance_labels_kwargs(f"{name} nuclei", **where)}
+    return classes, nuclei
 
 
 RUNTIME_NAMES = {"torch": "PyTorch", "openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}

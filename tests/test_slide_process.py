@@ -1,0 +1,80 @@
+"""A slide run in its own process (what the Segment widget runs, so its GUI never waits): the
+same files and figures as the run in this process, the child's errors as clear messages, and a
+child that dies or is cancelled leaves no file behind."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import zarr
+
+from napari_medseg.inference import Segmenter
+from napari_medseg.inference.regions import Region
+from napari_medseg.inference.settings import TileSettings
+from napari_medseg.inference.slide import predict_slide
+from napari_medseg.inference.slide_process import SlideJob, SlideProcessError, iter_predict_slide_in_process
+from napari_medseg.io.slides import open_slide
+from napari_medseg.steps import run_steps
+from test_slides import _mosaic, _write_slide
+
+TILES = TileSettings(tile_size=128, overlap=32)
+REGION = (1024, 0, 512, 512)  # x, y, width, height: real H&E, with glass at its right
+
+
+@pytest.fixture(scope="module")
+def slide_file(consep, tmp_path_factory):
+    image = np.full((1024, 2048, 3), 242, np.uint8)
+    image[:1024, 1024:1536] = _mosaic(consep, "image", 4)[:, :512]
+    path = tmp_path_factory.mktemp("slide") / "he.tif"
+    _write_slide(path, image, 0.25)
+    return path
+
+
+def _job(checkpoint, slide, out, **changes) -> SlideJob:
+    return SlideJob(**{**dict(model=str(checkpoint), slide=str(slide), out_dir=str(out), device="cpu",
+                              region=REGION, tiles=asdict(TILES), threads=1), **changes})
+
+
+def test_the_child_makes_what_the_run_in_this_process_makes(slide_file, tiny_checkpoint, tmp_path):
+    steps = []
+    result, model = run_steps(iter_predict_slide_in_process(_job(tiny_checkpoint, slide_file, tmp_path / "child")),
+                              lambda done, total: steps.append((done, total)))
+    here = predict_slide(Segmenter.load(tiny_checkpoint, device="cpu"), open_slide(slide_file), tmp_path / "here",
+                         Region(*REGION), settings=TILES)
+    assert steps[0] == (0, 0) and steps[-1][0] == steps[-1][1] > 0  # busy at once, then the run's own steps
+    assert result.region == here.region and result.nuclei == here.nuclei and result.counts == here.counts
+    assert result.class_px == here.class_px and result.segmented_px == here.segmented_px > 0
+    assert sorted(result.files) == sorted(here.files) and all(p.exists() for p in result.files.values())
+    child, mine = (zarr.open_group(str(r.files["store"]), mode="r") for r in (result, here))
+    for name in ("classes/0", "instances/0"):
+        assert np.array_equal(np.asarray(child[name]), np.asarray(mine[name]))
+    assert model.classes == ["background", "other", "inflammatory", "epithelial", "spindle"]
+    assert len(model.colors) == 5 and model.foreground_threshold is None
+    assert result.files["geojson"].read_text() == here.files["geojson"].read_text()
+
+
+def test_a_bad_job_comes_back_as_the_childs_message(slide_file, tmp_path):
+    missing = tmp_path / "nowhere.safetensors"
+    with pytest.raises(SlideProcessError, match="nowhere.safetensors"):
+        run_steps(iter_predict_slide_in_process(_job(missing, slide_file, tmp_path / "out")))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_child_that_dies_is_reported_not_waited_for(slide_file, tiny_checkpoint, tmp_path):
+    dies = tmp_path / "dies.py"
+    dies.write_text("import sys\nsys.stderr.write('out of memory, say')\nsys.exit(9)\n")
+    steps = iter_predict_slide_in_process(_job(tiny_checkpoint, slide_file, tmp_path / "out"),
+                                          command=[sys.executable, str(dies)])
+    with pytest.raises(SlideProcessError, match=r"stopped unexpectedly \(exit code 9\).*out of memory, say"):
+        run_steps(steps)
+
+
+def test_closing_the_run_cancels_the_child_and_leaves_no_file(slide_file, tiny_checkpoint, tmp_path):
+    steps = iter_predict_slide_in_process(_job(tiny_checkpoint, slide_file, tmp_path / "out", region=None))
+    while next(steps)[0] < 1:  # until the model runs on the first block
+        pass
+    steps.close()
+    assert not any((tmp_path / "out").iterdir())  # no store, no temp file
