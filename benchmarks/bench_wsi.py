@@ -11,7 +11,8 @@ Prints: slide size, tissue share, seconds per phase, tissue Mpx/s, peak RSS over
 
 ``--viewer``: the same from napari's Segment widget instead, as a user does it: the slide opened
 by the reader, a rectangle drawn over ``--region X,Y,W,H`` (level-0 px; default the whole slide),
-the widget's worker writing to the results folder, the results shown as lazy label pyramids.
+the run in its own process writing to the results folder, the results shown as lazy label
+pyramids (peak RSS: the viewer's process and the run's together).
 A 50 ms QTimer on the GUI thread measures the GUI stall: its largest gap while the worker runs,
 and the gap while the finished results are added as layers (needs a display: xvfb-run).
 
@@ -38,23 +39,46 @@ TILE = 512  # TIFF tile
 GLASS = 242
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
+def rss_bytes(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def children(pid: int) -> list[int]:
+    """``pid``'s child processes, and theirs (the viewer's slide run is a child process)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found + [g for c in found for g in children(c)]
+
+
+def tree_rss_bytes() -> int:
+    """The resident set of this process and its children together."""
+    total = rss_bytes()
+    for pid in children(os.getpid()):
+        try:
+            total += rss_bytes(pid)
+        except OSError:  # it has just ended
+            continue
+    return total
+
+
 class PeakRSS:
-    """The largest resident set size seen while inside the block (sampled every 20 ms)."""
+    """The largest resident set size, of this process and its children together, seen while
+    inside the block (sampled every 20 ms)."""
 
     def __enter__(self):
-        self.peak, self._stop = rss_bytes(), threading.Event()
+        self.peak, self._stop = tree_rss_bytes(), threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
     def _sample(self):
         while not self._stop.wait(0.02):
-            self.peak = max(self.peak, rss_bytes())
+            self.peak = max(self.peak, tree_rss_bytes())
 
     def __exit__(self, *exc):
         self._stop.set()

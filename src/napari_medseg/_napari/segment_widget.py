@@ -279,10 +279,11 @@ class SegmentWidget(Container):
             labels, instances = _masked(labels, mask), _masked(instances, mask)
             # the layers' settings (colour tables, class votes, features) are made here, off the
             # GUI thread, which then only hands the arrays to napari
-            kwargs = _result_layer_kwargs(layer.name, segmenter, labels, instances, where)
+            class_kwargs, instance_kwargs = _result_layer_kwargs(layer.name, segmenter, labels, instances, where)
             summary = result_summary(labels, instances, segmenter.foreground_threshold, segmenter.classes,
                                      nuclei, segmenter.last_report)
-            return _ImageRun(labels, instances, kept, segmenter, layer, region, mask, kwargs, summary)
+            layers = _labels_layers(labels, class_kwargs, instances, instance_kwargs)
+            return _ImageRun(labels, instances, kept, segmenter, layer, region, mask, layers, summary)
 
         return job
 
@@ -305,7 +306,7 @@ class SegmentWidget(Container):
 
         def job():
             result, model = yield from iter_predict_slide_in_process(slide_job)
-            return _SlideRun(result, model, layer, _slide_layer_kwargs(result, model, name, where))
+            return _SlideRun(result, model, layer, _labels_layers(*_slide_layer_args(result, model, name, where)))
 
         return job
 
@@ -386,24 +387,20 @@ class SegmentWidget(Container):
     def _show_image_result(self, run: "_ImageRun") -> None:
         self.kept, self._mask, self._report = run.kept, run.mask, run.segmenter.last_report
         self.last_slide_result = None
-        class_kwargs, instance_kwargs = run.layer_kwargs
-        self.last_layer = self._viewer.add_labels(run.labels, **class_kwargs)
-        self.last_instances_layer = None
-        if run.instances is not None:
-            self.last_instances_layer = self._viewer.add_labels(run.instances, **instance_kwargs)
-            self.last_instances_layer.contour = NUCLEUS_OUTLINE_PX
+        self.last_layer, self.last_instances_layer = run.layers
+        self._viewer.add_layer(self.last_layer)
+        if self.last_instances_layer is not None:
+            self._viewer.add_layer(self.last_instances_layer)
         self.status.value = run.summary
 
     def _show_slide_result(self, run: "_SlideRun") -> None:
         """The run's zarr pyramids as multiscale Labels, read lazily, placed as the slide is."""
         # nothing is kept in memory: the thresholds apply to the next run
         self.kept, self.last_slide_result = None, run.result
-        class_kwargs, instance_kwargs = run.layer_kwargs
-        self.last_layer = self._viewer.add_labels(**class_kwargs)
-        self.last_instances_layer = None
-        if instance_kwargs is not None:
-            self.last_instances_layer = self._viewer.add_labels(**instance_kwargs)
-            self.last_instances_layer.contour = NUCLEUS_OUTLINE_PX
+        self.last_layer, self.last_instances_layer = run.layers
+        self._viewer.add_layer(self.last_layer)
+        if self.last_instances_layer is not None:
+            self._viewer.add_layer(self.last_instances_layer)
         self.status.value = slide_summary(run.result)
 
     # -- re-thresholding ---------------------------------------------------------
@@ -471,31 +468,46 @@ class _ImageRun:
     layer: object
     region: Region | None
     mask: np.ndarray | None
-    layer_kwargs: tuple[dict, dict | None]  # ``add_labels`` settings of the class map and the nuclei
+    layers: tuple  # the class map's and the nuclei's Labels layers (made in the worker), or None
     summary: str  # the status line
 
 
 @dataclass
 class _SlideRun:
-    """A slide run: what ``iter_predict_slide`` made, on disk, and the ``add_labels`` arguments
-    of its class map and nuclei (``None`` without nuclei), opened lazily in the worker."""
+    """A slide run: what ``iter_predict_slide`` made, on disk, and the Labels layers of its class
+    map and nuclei (``None`` without nuclei), made in the worker over the lazily read pyramids."""
 
     result: SlideResult
     model: SlideModelInfo
     layer: object
-    layer_kwargs: tuple[dict, dict | None]
+    layers: tuple
 
 
-def _slide_layer_kwargs(result: SlideResult, model: SlideModelInfo, name: str, where: dict) -> tuple:
+def _slide_layer_args(result: SlideResult, model: SlideModelInfo, name: str, where: dict) -> tuple:
+    """``_labels_layers`` arguments for a slide run's zarr pyramids."""
     import zarr
 
     root = zarr.open_group(str(result.files["store"]), mode="r")
-    classes = {**_pyramid(root["classes"]),
-               **class_labels_kwargs(f"{name} segmentation", model.classes, model.colors, **where)}
+    classes = _pyramid(root["classes"])
+    class_kwargs = {"multiscale": classes["multiscale"],
+                    **class_labels_kwargs(f"{name} segmentation", model.classes, model.colors, **where)}
+    if "instances" not in root:
+        return classes["data"], class_kwargs, None, None
+    nuclei = _pyramid(root["instances"])
+    instance_kwargs = {"multiscale": nuclei["multiscale"], **instance_labels_kwargs(f"{name} nuclei", **where)}
+    return classes["data"], class_kwargs, nuclei["data"], instance_kwargs
+
+
+def _labels_layers(labels, class_kwargs: dict, instances, instance_kwargs: dict | None) -> tuple:
+    """The class map's and the nuclei's Labels layers, made in the worker: building a layer (its
+    colour tables, its features) is napari's work that needs no GUI thread; adding it does."""
+    from napari.layers import Labels
+
     nuclei = None
-    if "instances" in root:
-        nuclei = {**_pyramid(root["instances"]), **instance_labels_kwargs(f"{name} nuclei", **where)}
-    return classes, nuclei
+    if instances is not None:
+        nuclei = Labels(instances, **instance_kwargs)
+        nuclei.contour = NUCLEUS_OUTLINE_PX
+    return Labels(labels, **class_kwargs), nuclei
 
 
 RUNTIME_NAMES = {"torch": "PyTorch", "openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}

@@ -3,7 +3,9 @@
 Why a process: the run's pieces that hold Python's interpreter lock for a long stretch (writing
 result blocks, tracing GeoJSON outlines, the watershed's Cython, importing the runtimes) stalled
 napari's GUI thread for up to a second each when they ran in a worker thread of its process.
-A child process shares no lock with the GUI: the caller's thread only waits on a pipe.
+A child process shares no lock with the GUI: the caller's thread only waits on a pipe. The
+child runs at a lower priority (``NICENESS``), so on a machine whose cores it fills the viewer
+still paints and answers at once.
 
 The child is ``python -m napari_medseg.inference.slide_process``: it reads one JSON line (a
 ``SlideJob``) from stdin, then ``cancel`` lines; it writes JSON lines (progress, the result or
@@ -34,6 +36,9 @@ from .slide import SlideResult
 POLL_SECONDS = 0.25  # how often the caller gets a step (and a chance to cancel) while the child is quiet
 CANCEL_GRACE_SECONDS = 30.0  # a child that has not answered a cancel by then is killed
 LOG_TAIL_CHARS = 2000  # of the child's log, in the message of a crash
+# the child yields the CPU to the viewer whenever the viewer wants it (painting, the user's
+# clicks); when the viewer is idle it gets the cores all the same
+NICENESS = 10
 
 
 class SlideProcessError(MedsegError, RuntimeError):
@@ -111,6 +116,8 @@ def run_job(job: SlideJob, progress=None, should_cancel=None) -> tuple[SlideResu
 
 def main() -> int:
     """The child: one job from stdin, JSON messages out; 0 done, 1 failed, 2 cancelled."""
+    if hasattr(os, "nice"):
+        os.nice(NICENESS)
     messages = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything printed (by us or by a library) goes to the log, never into the messages
     sys.stdout = sys.stderr
