@@ -160,6 +160,9 @@ def segment_in_viewer(slide_path: Path, out: Path, args) -> None:
         widget.target.value, widget.shapes_layer.value = SHAPE, shapes
     else:
         widget.target.value = WHOLE_SLIDE
+    settle = QEventLoop()  # the viewer paints its layers first, as it has long done when a user clicks Segment
+    QTimer.singleShot(2000, settle.quit)
+    settle.exec()
     ticks, steps, loop = [], [], QEventLoop()
     timer = QTimer()
     timer.setInterval(50)

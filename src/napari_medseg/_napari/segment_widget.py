@@ -12,6 +12,7 @@ land in a results folder and come back as multiscale Labels read lazily from zar
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     import napari
 
 RETHRESHOLD_DEBOUNCE_MS = 150
+PROGRESS_INTERVAL_S = 0.2  # the bar moves at most this often (each move repaints the window)
 NUCLEUS_OUTLINE_PX = 2
 WHOLE_IMAGE, FIELD_OF_VIEW, SHAPE, WHOLE_SLIDE = "whole image", "field of view", "drawn shape", "whole slide"
 TARGETS = (WHOLE_IMAGE, FIELD_OF_VIEW, SHAPE, WHOLE_SLIDE)
@@ -66,6 +68,7 @@ class SegmentWidget(Container):
         self._worker = self._rethreshold_worker = self._timer = None
         self._segmenter_cache: tuple[tuple, Segmenter] | None = None
         self._cancel_requested = threading.Event()
+        self._progress_shown = 0.0  # when the bar last moved (time.monotonic)
         self._mask: np.ndarray | None = None  # the last in-memory run's polygon, over its crop
         self._model_threshold: float | None = None
         self.kept: KeptRun | None = None
@@ -347,9 +350,13 @@ class SegmentWidget(Container):
 
     def _on_progress(self, step: tuple[int, int]) -> None:
         done, total = step
+        now = time.monotonic()
         if self.progress.max != total:
             self.progress.max = total
             self.status.value = f"Segmenting '{self.image_layer.value.name}'..." if self.image_layer.value else ""
+        elif done < total and now - self._progress_shown < PROGRESS_INTERVAL_S:
+            return  # a repaint per step would cost the viewer more than the bar tells
+        self._progress_shown = now
         self.progress.value = done
 
     def _on_error(self, exc: BaseException) -> None:

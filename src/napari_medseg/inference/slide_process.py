@@ -38,7 +38,7 @@ CANCEL_GRACE_SECONDS = 30.0  # a child that has not answered a cancel by then is
 LOG_TAIL_CHARS = 2000  # of the child's log, in the message of a crash
 # the child yields the CPU to the viewer whenever the viewer wants it (painting, the user's
 # clicks); when the viewer is idle it gets the cores all the same
-NICENESS = 10
+NICENESS = 5
 
 
 class SlideProcessError(MedsegError, RuntimeError):
