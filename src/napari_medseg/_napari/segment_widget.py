@@ -280,8 +280,8 @@ class SegmentWidget(Container):
             labels, instances, kept = yield from iter_segment_keeping(
                 segmenter, image, settings, cleanup, instance_settings, nuclei, pixel_size_um=size)
             labels, instances = _masked(labels, mask), _masked(instances, mask)
-            # the layers' settings (colour tables, class votes, features) are made here, off the
-            # GUI thread, which then only hands the arrays to napari
+            # the layers (colour tables, class votes, features) are made here, off the GUI
+            # thread, which then only adds them
             class_kwargs, instance_kwargs = _result_layer_kwargs(layer.name, segmenter, labels, instances, where)
             summary = result_summary(labels, instances, segmenter.foreground_threshold, segmenter.classes,
                                      nuclei, segmenter.last_report)
@@ -293,18 +293,19 @@ class SegmentWidget(Container):
     def _slide_job(self, key, layer, slide: dict, region: Region | None, polygon: np.ndarray | None):
         """A slide's region (or all of it) streamed to the results folder, as ``medseg predict SLIDE``,
         in a process of its own (``inference.slide_process``: its long steps would hold the GUI's
-        interpreter lock); the layers' arrays are opened in the worker, the GUI only adds them."""
+        interpreter lock); the result layers are made in the worker, the GUI only adds them."""
         out = self._results_folder(slide["path"])
         check_no_slide_results(out, file_stem(Path(slide["path"])), "results folder")  # before any work
         import torch
 
-        slide_job = SlideJob(model=key[0], slide=slide["path"], out_dir=str(out), device=key[1], backend=key[2],
-                       region=None if region is None else (region.x, region.y, region.width, region.height),
-                       polygon=None if polygon is None else np.asarray(polygon, float).tolist(),
-                       tiles=asdict(self.tile_settings()), nucleus_threshold=self.threshold.value,
-                       marker_threshold=self.marker_threshold.value, min_nucleus=self.min_nucleus.value,
-                       nuclei=self.nuclei.value, min_object_size=self.min_object_size.value,
-                       max_hole_size=self.fill_holes.value, flag="results folder", threads=torch.get_num_threads())
+        slide_job = SlideJob(
+            model=key[0], slide=slide["path"], out_dir=str(out), device=key[1], backend=key[2],
+            region=None if region is None else (region.x, region.y, region.width, region.height),
+            polygon=None if polygon is None else np.asarray(polygon, float).tolist(),
+            tiles=asdict(self.tile_settings()), nucleus_threshold=self.threshold.value,
+            marker_threshold=self.marker_threshold.value, min_nucleus=self.min_nucleus.value,
+            nuclei=self.nuclei.value, min_object_size=self.min_object_size.value,
+            max_hole_size=self.fill_holes.value, flag="results folder", threads=torch.get_num_threads())
         where, name = placement(layer), layer.name
 
         def job():
