@@ -92,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="also score the model with test-time augmentation (mean over 4 flips; 4x the time)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="torch", choices=("auto", "torch", "openvino", "onnxruntime"),
+                        help="who runs the network (default torch: the float32 reference); e.g. --backend auto "
+                             "scores what medseg predict runs, int8 included where auto picks it")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "int8"),
+                        help="the runtime's precision, as medseg predict --precision")
     parser.add_argument("--json", help="write all numbers here")
     parser.add_argument("--per-set", action="store_true",
                         help="score every --model and the baseline on each of --sets' held-out images")
@@ -164,7 +169,8 @@ def main_per_set(args, parser) -> int:
 
     torch.set_num_threads(args.threads)
     models = args.model or ["default"]
-    segmenters = {m: Segmenter.load(m, device=args.device) for m in models}
+    segmenters = {m: Segmenter.load(m, device=args.device, backend=args.backend, precision=args.precision)
+                  for m in models}
     split_from = args.split_from_model or models[-1]
     split_meta = Segmenter.load(split_from, device="cpu").meta
     val_groups, split_sets = split_meta.data.get("val_groups") or [], trained_sets(split_meta)
@@ -235,7 +241,9 @@ def main(argv=None) -> int:
     from napari_medseg.inference import Segmenter
 
     torch.set_num_threads(args.threads)
-    segmenter = Segmenter.load(args.model, device=args.device)
+    segmenter = Segmenter.load(args.model, device=args.device, backend=args.backend, precision=args.precision)
+    print(f"run by {segmenter.backend.name} ({segmenter.backend.precision})"
+          + (f": {'; '.join(segmenter.backend.notes)}" if segmenter.backend.notes else ""))
     split_meta = Segmenter.load(args.split_from_model, device="cpu").meta if args.split_from_model else segmenter.meta
     val_groups = None if args.all_images else split_meta.data.get("val_groups")
     if args.groups:

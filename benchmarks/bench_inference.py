@@ -127,7 +127,7 @@ def load_backends(device: str, precision: str = "auto", names=("torch", "openvin
     for name in names:
         seg = Segmenter.load("default", device=device, backend=name, precision=precision)
         if seg.backend.name == name and precision in ("auto", seg.backend.precision):
-            loaded[name if precision == "auto" else f"{name} {precision}"] = seg
+            loaded[name if precision in ("auto", "fp32") else f"{name} {precision}"] = seg
         else:
             print(f"backend {name} {precision}: not used ({'; '.join(seg.backend.notes)})")
     return loaded
@@ -242,7 +242,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rows", default="", help="whole-image rows to time, comma-separated, of torch, openvino, "
-                        "onnxruntime, monai, monai+, defaults (default: all; auto's backend and monai always run)")
+                        "onnxruntime, 'openvino int8', 'onnxruntime int8', monai, monai+, defaults (default: all; "
+                        "auto's backend and monai always run)")
     parser.add_argument("--stream-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the best time counts")
     args = parser.parse_args()
@@ -258,9 +259,12 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    backends = load_backends(args.device)  # ours: batch norm folded, conv+activation fused, channels-last
+    backends = load_backends(args.device, "fp32")  # ours: batch norm folded, conv+activation fused, channels-last
+    # int8 (asked for, never auto's: see inference.backends; mixed by the default's plan)
+    backends.update(load_backends(args.device, "int8", ("openvino", "onnxruntime")))
     auto = Segmenter.load("default", device=args.device, backend="auto")
-    backends[auto.backend.name] = auto  # the same engine as that row: one warm-up, one compiled model
+    auto_key = auto.backend.name + ("" if auto.backend.precision == "fp32" else f" {auto.backend.precision}")
+    backends[auto_key] = auto  # the same engine as that row: one warm-up, one compiled model
     segmenter = backends["torch"]
     plain_model = load_checkpoint(resolve_model_path("default"), device=segmenter.device)[0].eval()  # as a user has it
     print(f"model: {segmenter.meta.model.architecture} {segmenter.meta.model.encoder}, device {segmenter.device}, "
@@ -269,11 +273,9 @@ def main() -> None:
           f"({auto.backend.precision}){': ' + '; '.join(auto.backend.notes) if auto.backend.notes else ''}")
     image = consep_mosaic(args.size)
     mpx = image.shape[0] * image.shape[1] / 1e6
-    # int8 (opt-in, never auto's: see inference.backends) in the per-batch table only
-    per_batch_table({**backends, **load_backends(args.device, "int8", ("onnxruntime",))}, image,
-                    args.tile, args.batch_size)
+    per_batch_table(backends, image, args.tile, args.batch_size)
     same_work = TileSettings(args.tile, args.overlap, args.batch_size, skip_background=False)
-    rows = set(args.rows.split(",")) | {auto.backend.name, "monai"} if args.rows else None  # the ratios need both
+    rows = set(args.rows.split(",")) | {auto_key, "monai"} if args.rows else None  # the ratios need both
     timed = {name: seg for name, seg in backends.items() if rows is None or name in rows}
     # warm-up: first calls pay for kernel selection and allocator growth
     for seg in timed.values():
@@ -290,13 +292,13 @@ def main() -> None:
     short = {"monai": "monai", "monai+": "monai+", "ours[auto], glass skipping on (default)": "defaults"}
     engines = [(name, fn) for name, fn in engines if rows is None or short.get(name, name[5:-1]) in rows]
     results = time_engines(engines, args.rounds, mpx)
-    ref_name = "ours[torch]" if "ours[torch]" in results else f"ours[{auto.backend.name}]"
+    ref_name = "ours[torch]" if "ours[torch]" in results else f"ours[{auto_key}]"
     for name, (labels, seconds, increase) in results.items():
         print(f"{name:>15}: best {seconds:7.1f} s  {mpx / seconds:6.3f} Mpx/s  peak RSS +{increase / 2**20:7.1f} MB  "
               f"agreement with {ref_name} {100 * float((labels == results[ref_name][0]).mean()):.3f}%")
     if "ours[auto], glass skipping on (default)" in results:
         print(f"glass tiles skipped with the defaults: {auto.last_report.skipped_background}/{auto.last_report.tiles}")
-    ours, monai = results[f"ours[{auto.backend.name}]"], results["monai"]
+    ours, monai = results[f"ours[{auto_key}]"], results["monai"]
     ratio_throughput = monai[1] / ours[1]
     ratio_memory = ours[2] / max(monai[2], 1)
     agreement = float((ours[0] == monai[0]).mean())

@@ -1,9 +1,11 @@
-"""Int8 on request: the shipped default quantised (calibrated on the package's real tile), cached
-beside its float32 export under the same key, checked against float32 at load, and never picked
-by ``auto``."""
+"""Int8 on request: the shipped default quantised by its measured plan (int8 for the
+low-resolution layers, float32 elsewhere; calibrated on the package's MoNuSeg crop), cached
+beside its float32 export under the same key, checked against float32 at load, never picked by
+``auto``; a network without a plan is quantised whole."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -58,7 +60,7 @@ def test_int8_on_request_runs_quantised_near_float32(int8, default_copy, held_ou
 def test_int8_lies_beside_the_export_under_its_key_and_is_reused(int8, default_copy, monkeypatch):
     folder = default_copy.parent
     assert {p.name for p in folder.glob("*.onnx")} == {export.export_name(default_copy),
-                                                       export.export_name(default_copy, quantise.INT8_VARIANT)}
+                                                       export.export_name(default_copy, quantise.MIXED_VARIANT)}
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temp file or work folder left
 
     def no_quantise(*args):
@@ -68,8 +70,32 @@ def test_int8_lies_beside_the_export_under_its_key_and_is_reused(int8, default_c
     assert Segmenter.load(default_copy, device="cpu", backend="onnxruntime", precision="int8").backend.precision == "int8"
 
 
-def test_auto_keeps_float_precision(default_copy):
+def test_the_plan_quantises_the_low_resolution_layers_only(int8, default_copy):
+    import onnx
+
+    graph = onnx.load(str(default_copy.parent / export.export_name(default_copy, quantise.MIXED_VARIANT))).graph
+    dequantised = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+    plan = re.compile(quantise.int8_plan("unet", "mobilenet_v2"))
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    int8_convs = {node.name for node in convs if node.input[1] in dequantised}  # int8 weights
+    assert int8_convs == {node.name for node in convs if plan.match(node.name)}
+    assert 0 < len(int8_convs) < len(convs)
+    assert any("features.18" in name for name in int8_convs) and not any("features.0/" in n for n in int8_convs)
+
+
+def test_auto_keeps_float_precision(int8, default_copy):
+    """The plan's int8 moves 0.09 % of the held-out pixels but 0.12 % of a 4096² mosaic's: at the
+    edge of the 99.9 % rule, so it is asked for, never picked."""
+    assert "int8 (mixed" in int8.backend.notes[0]
     assert Segmenter.load(default_copy, device="cpu", backend="auto").backend.precision != "int8"
+
+
+def test_a_plan_that_names_no_node_keeps_float32(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(quantise.INT8_PLANS, ("unet", "resnet18"), r"^/no/such/module/")
+    seg = Segmenter.load(shutil.copy(tiny_checkpoint, tmp_path / "tiny.safetensors"), device="cpu",
+                         backend="onnxruntime", precision="int8")
+    assert seg.backend.precision == "fp32"
+    assert "names none of the exported network's nodes" in seg.backend.notes[0]
 
 
 def test_an_int8_model_that_disagrees_falls_back_to_float32(int8, default_copy, monkeypatch):
