@@ -219,16 +219,19 @@ def stream(args) -> None:
               f"tissue {100 * share:.0f}%) in {time.perf_counter() - t0:.0f} s, in a fresh process")
         segmenter = Segmenter.load("default", device=args.device, backend="auto")
         lazy = open_tiff_lazy(path)[0]
-        before = rss_bytes()
+        before_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # writing the slide, loading
         t0 = time.perf_counter()
-        labels = run_ours(segmenter, lazy, TileSettings(args.tile, args.overlap, args.batch_size))
+        with PeakRSS() as segmenting:
+            labels = run_ours(segmenter, lazy, TileSettings(args.tile, args.overlap, args.batch_size))
         seconds = time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's lifetime peak
         report = segmenter.last_report
         print(f"stream: backend {report.backend} ({report.precision}), {lazy.shape[0]}x{lazy.shape[1]} in {seconds:.0f} s "
               f"({lazy.shape[0] * lazy.shape[1] / 1e6 / seconds:.2f} Mpx/s), {report.tiles} tiles, "
               f"{report.skipped_background} skipped as glass; process peak RSS {peak / 2**30:.2f} GB "
-              f"(before segmenting {before / 2**30:.2f} GB; the uint8 class map is {labels.nbytes / 2**30:.2f} GB)")
+              f"(before segmenting {segmenting.start / 2**30:.2f} GB, peak while segmenting "
+              f"{segmenting.peak / 2**30:.2f} GB, peak while writing the slide and loading the model "
+              f"{before_peak / 2**30:.2f} GB; the uint8 class map is {labels.nbytes / 2**30:.2f} GB)")
         print(f"stream_peak_rss_gb={peak / 2**30:.3f}")
 
 
