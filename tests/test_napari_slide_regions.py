@@ -76,6 +76,7 @@ def test_the_field_of_view_of_a_slide_becomes_lazy_label_pyramids(make_napari_vi
         assert all(isinstance(level, zarr.Array) for level in layer.data)  # read lazily, from disk
         assert layer.data[0].shape == (2560, 2560)
         assert tuple(layer.scale) == tuple(image.scale) and tuple(layer.translate) == tuple(image.translate)
+        assert [str(unit) for unit in layer.units] == ["micrometer", "micrometer"]  # one unit with the slide
     store = zarr.open_group(str(tmp_path / "results" / "synthetic.zarr"), mode="r")
     full = np.asarray(store["classes/0"])
     inside = full[r.slices]

@@ -131,9 +131,11 @@ def image_kwargs(name: str, image: np.ndarray, **extra) -> dict:
 
 
 def placement(layer) -> dict:
-    """The ``scale`` and ``translate`` of ``layer``'s last two (y, x) axes, for a 2-D result of it,
-    so that results line up with their image however it was placed."""
-    return {"scale": tuple(layer.scale[-2:]), "translate": tuple(layer.translate[-2:])}
+    """The ``scale``, ``translate`` and ``units`` of ``layer``'s last two (y, x) axes, for a 2-D
+    result of it, so that results line up with their image however it was placed (and napari
+    sees one unit across them: a µm slide and pixel-unit results draw a warning)."""
+    return {"scale": tuple(layer.scale[-2:]), "translate": tuple(layer.translate[-2:]),
+            "units": tuple(str(unit) for unit in layer.units[-2:])}
 
 
 def pixel_size_um(layer) -> float | None:
