@@ -1,6 +1,6 @@
 """A slide run in its own process (what the Segment widget runs, so its GUI never waits): the
-same files and figures as the run in this process, the child's errors as clear messages, and a
-child that dies or is cancelled leaves no file behind."""
+same files and figures as the run in this process, the child's errors as clear messages, a child
+that dies or is cancelled leaves no file behind, and one child serves run after run."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from napari_medseg.inference import Segmenter
 from napari_medseg.inference.regions import Region
 from napari_medseg.inference.settings import TileSettings
 from napari_medseg.inference.slide import predict_slide
-from napari_medseg.inference.slide_process import SlideJob, SlideProcessError, iter_predict_slide_in_process
+from napari_medseg.inference.slide_process import (SlideJob, SlideProcess, SlideProcessError,
+                                                    iter_predict_slide_in_process)
 from napari_medseg.io.slides import open_slide
 from napari_medseg.steps import run_steps
 from test_slides import _mosaic, _write_slide
@@ -78,3 +79,20 @@ def test_closing_the_run_cancels_the_child_and_leaves_no_file(slide_file, tiny_c
         pass
     steps.close()
     assert not any((tmp_path / "out").iterdir())  # no store, no temp file
+
+
+def test_one_child_runs_region_after_region_with_the_model_loaded_once(slide_file, tiny_checkpoint, tmp_path):
+    process = SlideProcess()
+    try:
+        first, _ = run_steps(process.run(_job(tiny_checkpoint, slide_file, tmp_path / "a")))
+        pid, reused_first = process.pid, process.last_reused_model
+        steps = process.run(_job(tiny_checkpoint, slide_file, tmp_path / "b", region=None))
+        while next(steps)[0] < 1:  # a second run, cancelled once the model runs: the child carries on
+            pass
+        steps.close()
+        assert not any((tmp_path / "b").iterdir())
+        second, _ = run_steps(process.run(_job(tiny_checkpoint, slide_file, tmp_path / "c")))
+        assert process.pid == pid and not reused_first and process.last_reused_model
+        assert second.nuclei == first.nuclei and second.class_px == first.class_px
+    finally:
+        process.close()

@@ -30,7 +30,7 @@ from ..inference.rethreshold import KeptRun, Thresholds, iter_segment_keeping
 from ..inference.segmenter import Segmenter
 from ..inference.settings import BLENDS, TileSettings
 from ..inference.slide import SlideResult
-from ..inference.slide_process import SlideJob, SlideModelInfo, iter_predict_slide_in_process
+from ..inference.slide_process import SlideJob, SlideModelInfo, SlideProcess
 from ..io.images import file_stem
 from ..io.slide_outputs import check_no_slide_results, fresh_results_folder, pyramid_levels
 from ..nuclei.measure import nucleus_count
@@ -69,6 +69,9 @@ class SegmentWidget(Container):
         self._segmenter_cache: tuple[tuple, Segmenter] | None = None
         self._cancel_requested = threading.Event()
         self._progress_shown = 0.0  # when the bar last moved (time.monotonic)
+        # slide runs go to a child process that keeps the model loaded between runs
+        self._slide_process = process = SlideProcess()
+        self.native.destroyed.connect(lambda *_: process.close())  # the dock (or the viewer) closed
         self._mask: np.ndarray | None = None  # the last in-memory run's polygon, over its crop
         self._model_threshold: float | None = None
         self.kept: KeptRun | None = None
@@ -309,7 +312,7 @@ class SegmentWidget(Container):
         where, name = placement(layer), layer.name
 
         def job():
-            result, model = yield from iter_predict_slide_in_process(slide_job)
+            result, model = yield from self._slide_process.run(slide_job)
             return _SlideRun(result, model, layer, _labels_layers(*_slide_layer_args(result, model, name, where)))
 
         return job

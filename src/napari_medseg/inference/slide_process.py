@@ -7,12 +7,13 @@ A child process shares no lock with the GUI: the caller's thread only waits on a
 child runs at a lower priority (``NICENESS``), so on a machine whose cores it fills the viewer
 still paints and answers at once.
 
-The child is ``python -m napari_medseg.inference.slide_process``: it reads one JSON line (a
-``SlideJob``) from stdin, then ``cancel`` lines; it writes JSON lines (progress, the result or
-the error) to its own copy of stdout, every other print going to a log file. A parent that
-goes away closes stdin, which cancels the run. A cancelled or failed run removes its files
-(``slide.iter_predict_slide``); a child that does not answer a cancel is killed and its temp
-files are removed by the parent (``io.outputs.remove_stale_temps``).
+The child is ``python -m napari_medseg.inference.slide_process``: it reads jobs from stdin, one
+JSON line each (``SlideJob``), and ``cancel`` lines; it writes JSON lines (progress, the result or
+the error) to its own copy of stdout, every other print going to a log file. ``SlideProcess``
+keeps one child for runs one after another, so the model loads once (seconds, a run); stdin
+closing (``close``, or the caller's process gone) ends it. A cancelled or failed run removes its
+files (``slide.iter_predict_slide``); a child that does not answer a cancel is killed and its
+temp files are removed by the parent (``io.outputs.remove_stale_temps``).
 """
 
 from __future__ import annotations
@@ -81,8 +82,10 @@ class SlideModelInfo:
 
 
 # -- the child ---------------------------------------------------------------------
-def run_job(job: SlideJob, progress=None, should_cancel=None) -> tuple[SlideResult, SlideModelInfo]:
-    """The slide run of ``job`` in this process (the child's work; also usable directly)."""
+def run_job(job: SlideJob, progress=None, should_cancel=None, loaded: dict | None = None):
+    """The slide run of ``job`` in this process (the child's work; also usable directly): returns
+    ``(SlideResult, SlideModelInfo)``. ``loaded`` keeps the last segmenter between calls, keyed by
+    what it was loaded with, so a second region does not load the model again."""
     import numpy as np
 
     from ..io.slides import open_slide
@@ -92,11 +95,16 @@ def run_job(job: SlideJob, progress=None, should_cancel=None) -> tuple[SlideResu
     from .settings import TileSettings
     from .slide import predict_slide
 
-    if job.threads:
-        import torch
+    loaded = {} if loaded is None else loaded
+    key = (job.model, job.device, job.backend, job.threads)
+    if key not in loaded:
+        loaded.clear()  # one model at a time: the old one's memory goes first
+        if job.threads:
+            import torch
 
-        torch.set_num_threads(job.threads)
-    segmenter = Segmenter.load(job.model, device=job.device, backend=job.backend)
+            torch.set_num_threads(job.threads)
+        loaded[key] = Segmenter.load(job.model, device=job.device, backend=job.backend)
+    segmenter = loaded[key]
     segmenter.foreground_threshold = job.nucleus_threshold or segmenter.meta.foreground_threshold
     tiles = TileSettings(**job.tiles).checked(segmenter.meta.model.output_stride)
     defaults = InstanceSettings()
@@ -115,94 +123,158 @@ def run_job(job: SlideJob, progress=None, should_cancel=None) -> tuple[SlideResu
 
 
 def main() -> int:
-    """The child: one job from stdin, JSON messages out; 0 done, 1 failed, 2 cancelled."""
+    """The child: jobs from stdin, one JSON line each, run one after another (the model stays
+    loaded); JSON messages out. Ends when stdin closes (the parent is done, or gone)."""
     if hasattr(os, "nice"):
         os.nice(NICENESS)
     messages = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything printed (by us or by a library) goes to the log, never into the messages
     sys.stdout = sys.stderr
     send = lambda **message: messages.write(json.dumps(message) + "\n")  # noqa: E731
-    cancel = threading.Event()
-    try:
-        job = SlideJob(**json.loads(sys.stdin.readline()))
-    except (TypeError, ValueError) as exc:
-        send(error=f"Bad slide job ({exc}).", kind=type(exc).__name__)
-        return 1
+    cancel, jobs = threading.Event(), queue.Queue()
 
-    def listen():  # a cancel line, or the parent gone (stdin closed): stop at the next step
+    def listen():  # a cancel line stops the job at its next step; stdin closed stops it and the child
         for line in sys.stdin:
             if line.strip() == "cancel":
-                break
+                cancel.set()
+            elif line.strip():
+                jobs.put(line)
         cancel.set()
+        jobs.put(None)
 
     threading.Thread(target=listen, daemon=True).start()
-    try:
-        result, info = run_job(job, lambda done, total: send(progress=[done, total]), cancel.is_set)
-    except Cancelled:
-        send(cancelled=True)
-        return 2
-    except MedsegError as exc:
-        send(error=str(exc), kind=type(exc).__name__)
-        return 1
-    except Exception as exc:  # a bug: its traceback goes to the log, its message to the caller
-        import traceback
+    loaded: dict = {}
+    while (line := jobs.get()) is not None:
+        cancel.clear()  # a cancel read before this job's line was meant for the one before
+        try:
+            job = SlideJob(**json.loads(line))
+        except (TypeError, ValueError) as exc:
+            send(error=f"Bad slide job ({exc}).", kind=type(exc).__name__)
+            continue
+        reused = (job.model, job.device, job.backend, job.threads) in loaded
+        try:
+            result, info = run_job(job, lambda done, total: send(progress=[done, total]), cancel.is_set, loaded)
+        except Cancelled:
+            send(cancelled=True)
+        except MedsegError as exc:
+            send(error=str(exc), kind=type(exc).__name__)
+        except Exception as exc:  # a bug: its traceback goes to the log, its message to the caller
+            import traceback
 
-        traceback.print_exc()
-        send(error=f"{type(exc).__name__}: {exc}", kind=type(exc).__name__)
-        return 1
-    send(result=result_to_json(result), model=asdict(info))
+            traceback.print_exc()
+            send(error=f"{type(exc).__name__}: {exc}", kind=type(exc).__name__)
+        else:
+            send(result=result_to_json(result), model=asdict(info), reused_model=reused)
     return 0
 
 
 # -- the caller ----------------------------------------------------------------------
-def iter_predict_slide_in_process(job: SlideJob, command: list[str] | None = None):
-    """Generator: the run of ``job`` in a child process; yields ``(done, total)`` (``(0, 0)``
-    while the model loads, and again every ``POLL_SECONDS`` while the child is quiet) and returns
-    ``(SlideResult, SlideModelInfo)``. Closing it cancels the child and waits until its files are
-    removed. A failure in the child raises ``SlideProcessError`` with the child's message.
-    ``command`` runs another child (tests)."""
-    log = tempfile.NamedTemporaryFile("w+", prefix="medseg-slide-", suffix=".log", delete=False)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    child = subprocess.Popen(command or [sys.executable, "-m", __name__], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    inbox: queue.Queue = queue.Queue()
-    threading.Thread(target=_read_messages, args=(child.stdout, inbox), daemon=True).start()
-    finished = crashed = False
-    try:
+class SlideProcess:
+    """A child process that runs slide jobs one after another, keeping the last model loaded
+    (loading it costs seconds a run). Started at the first ``run``, again after a crash or a
+    kill; ``close`` ends it, as does the caller's process ending (the child's stdin closes)."""
+
+    def __init__(self, command: list[str] | None = None):
+        self._command = command or [sys.executable, "-m", __name__]
+        self._child: subprocess.Popen | None = None
+        self._inbox: queue.Queue = queue.Queue()
+        self._log: Path | None = None
+        self._lock = threading.Lock()
+        self.pid: int | None = None
+        self.last_reused_model = False
+
+    def _started(self) -> subprocess.Popen:
+        if self._child is not None and self._child.poll() is None:
+            return self._child
+        fd, log = tempfile.mkstemp(prefix="medseg-slide-", suffix=".log")
+        self._log, self._inbox = Path(log), queue.Queue()
+        with os.fdopen(fd, "w") as log_file:
+            self._child = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                           stderr=log_file, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.pid = self._child.pid
+        threading.Thread(target=_read_messages, args=(self._child.stdout, self._inbox), daemon=True).start()
+        return self._child
+
+    def run(self, job: SlideJob):
+        """Generator: the run of ``job`` in the child; yields ``(done, total)`` (``(0, 0)`` at once,
+        and again every ``POLL_SECONDS`` while the child is quiet) and returns ``(SlideResult,
+        SlideModelInfo)``. Closing it cancels the job and waits until its files are removed. A
+        failure in the child raises ``SlideProcessError`` with the child's message."""
+        with self._lock:
+            child, inbox = self._started(), self._inbox
+        ended = False
         try:
-            child.stdin.write(json.dumps(asdict(job)) + "\n")
-            child.stdin.flush()
-        except OSError:  # the child died at once: said below, when its stdout closes
-            pass
-        step = (0, 0)
-        yield step
-        while True:
             try:
-                message = inbox.get(timeout=POLL_SECONDS)
-            except queue.Empty:
-                yield step
-                continue
-            if message is None:  # the child's stdout closed without a result: it crashed
-                crashed = True
-                child.wait()
-                raise SlideProcessError(f"The slide run stopped unexpectedly (exit code {child.returncode})."
-                                        + _log_tail(log.name))
-            if "progress" in message:
-                step = tuple(message["progress"])
-                yield step
-            elif "error" in message:
-                raise SlideProcessError(message["error"])
-            elif "result" in message:
-                finished = True
-                return result_from_json(message["result"]), SlideModelInfo(**message["model"])
+                child.stdin.write(json.dumps(asdict(job)) + "\n")
+                child.stdin.flush()
+            except OSError:  # the child died at once: said below, when its stdout closes
+                pass
+            step = (0, 0)
+            yield step
+            while True:
+                try:
+                    message = inbox.get(timeout=POLL_SECONDS)
+                except queue.Empty:
+                    yield step
+                    continue
+                if message is None:  # the child's stdout closed without an answer: it crashed
+                    ended = True
+                    child.wait()
+                    log, self._log = self._log, None  # kept for the user to read: its path is in the message
+                    raise SlideProcessError(f"The slide run stopped unexpectedly (exit code {child.returncode})."
+                                            + _log_tail(log))
+                if "progress" in message:
+                    step = tuple(message["progress"])
+                    yield step
+                elif "error" in message:
+                    ended = True
+                    raise SlideProcessError(message["error"])
+                elif "result" in message:
+                    ended = True
+                    self.last_reused_model = bool(message.get("reused_model"))
+                    return result_from_json(message["result"]), SlideModelInfo(**message["model"])
+        finally:
+            if not ended:
+                self._cancel(child, inbox, job.out_dir)
+
+    def _cancel(self, child: subprocess.Popen, inbox: queue.Queue, out_dir: str) -> None:
+        """Cancel the running job and wait for the child's answer (its files removed); kill the
+        child if it does not answer. (A job that ended just before the cancel keeps its files.)"""
+        try:
+            child.stdin.write("cancel\n")
+            child.stdin.flush()
+        except OSError:  # it is exiting already
+            pass
+        if not _answered(inbox, time.monotonic() + CANCEL_GRACE_SECONDS):
+            child.kill()  # stuck: its temp files are removed below
+            child.wait()
+        from ..io.outputs import remove_stale_temps
+
+        remove_stale_temps(out_dir)  # a killed child's temp files (the child's own cleanup removed the rest)
+
+    def close(self) -> None:
+        """End the child (it finishes at once when idle) and remove its log."""
+        with self._lock:
+            child, self._child = self._child, None
+        if child is not None:
+            try:
+                child.stdin.close()
+            except OSError:
+                pass
+            threading.Thread(target=child.wait, daemon=True).start()  # reaped off the caller's thread
+        if self._log is not None:
+            self._log.unlink(missing_ok=True)
+            self._log = None
+
+
+def iter_predict_slide_in_process(job: SlideJob, command: list[str] | None = None):
+    """Generator: ``job`` in a child process of its own, ended afterwards (see ``SlideProcess.run``);
+    ``command`` runs another child (tests)."""
+    process = SlideProcess(command)
+    try:
+        return (yield from process.run(job))
     finally:
-        if not finished:
-            _stop(child, inbox, job.out_dir)
-        # the child exits on its own (tearing down torch takes a moment): reaped off this thread
-        threading.Thread(target=child.wait, daemon=True).start()
-        log.close()
-        if not crashed:  # a crash's log stays for the user to read (its path is in the message)
-            Path(log.name).unlink(missing_ok=True)
+        process.close()
 
 
 def _read_messages(stream, inbox: queue.Queue) -> None:
@@ -214,36 +286,20 @@ def _read_messages(stream, inbox: queue.Queue) -> None:
     inbox.put(None)
 
 
-def _stop(child: subprocess.Popen, inbox: queue.Queue, out_dir: str) -> None:
-    """Cancel the child and wait for its answer (its files removed); kill it if it does not answer."""
-    if child.poll() is None:
-        try:
-            child.stdin.write("cancel\n")
-            child.stdin.close()
-        except OSError:  # it is exiting already
-            pass
-        if not _answered(inbox, time.monotonic() + CANCEL_GRACE_SECONDS):
-            child.kill()  # stuck: its temp files are removed below
-            child.wait()
-    from ..io.outputs import remove_stale_temps
-
-    remove_stale_temps(out_dir)  # a killed child's temp files (the child's own cleanup removed the rest)
-
-
 def _answered(inbox: queue.Queue, deadline: float) -> bool:
-    """Whether the child answers a cancel (or ends) before ``deadline``."""
+    """Whether the child ends the job (cancelled, failed, done or gone) before ``deadline``."""
     while (left := deadline - time.monotonic()) > 0:
         try:
             message = inbox.get(timeout=left)
         except queue.Empty:
             return False
-        if message is None or "cancelled" in message or "error" in message:
+        if message is None or not set(message) & {"progress"}:
             return True
     return False
 
 
-def _log_tail(path: str) -> str:
-    text = Path(path).read_text(errors="replace").strip()
+def _log_tail(path: Path | None) -> str:
+    text = path.read_text(errors="replace").strip() if path is not None and path.is_file() else ""
     return f" Its log ({path}) ends: ...{text[-LOG_TAIL_CHARS:]}" if text else ""
 
 
