@@ -144,9 +144,9 @@ def _runtime_backend(name: str, onnx_path, expected: torch.Tensor, probe: torch.
 
 
 def _int8_backend(runtimes: list[str], checkpoint, onnx_path, expected: torch.Tensor, probe: torch.Tensor,
-                  num_classes: int, notes: list[str], calibration, plan: str | None, floor: float) -> Backend | None:
+                  num_classes: int, notes: list[str], calibration, plan: str | None) -> Backend | None:
     """The first of ``runtimes`` whose int8 model (mixed where ``plan`` names the int8 part) keeps
-    ``floor`` of the probe's class map; else None, with why in ``notes``."""
+    ``INT8_MIN_AGREEMENT`` of the probe's class map; else None, with why in ``notes``."""
     try:
         int8_path = cached_int8(checkpoint, onnx_path, calibration, plan)
     except (QuantiseError, ExportError) as exc:
@@ -160,10 +160,11 @@ def _int8_backend(runtimes: list[str], checkpoint, onnx_path, expected: torch.Te
         except Exception as exc:  # a runtime that cannot run the int8 file: the next one, or float32
             notes.append(f"{runtime} int8 failed at load ({type(exc).__name__}: {exc})")
             continue
-        if agreement >= floor:
+        if agreement >= INT8_MIN_AGREEMENT:
             return Backend(runtime, run, "int8", [f"{what} on {runtime}: class-map argmax agreement with "
                                                   f"float32 {100 * agreement:.2f}% at load"])
-        notes.append(f"{runtime} int8 kept float32: argmax agreement {100 * agreement:.2f}% < {100 * floor:.1f}%")
+        notes.append(f"{runtime} int8 kept float32: argmax agreement {100 * agreement:.2f}% < "
+                     f"{100 * INT8_MIN_AGREEMENT:.0f}%")
     return None
 
 
@@ -206,7 +207,7 @@ def choose_backend(name: str, model: torch.nn.Module, fast_model: torch.nn.Modul
         tiles = calibration() if calibration is not None else None
         tiles = tiles if tiles is not None else calibration_inputs(probe.numpy())
         backend = _int8_backend(installed, checkpoint, onnx_path, expected, probe, num_classes, notes, tiles,
-                                int8_plan, INT8_MIN_AGREEMENT)
+                                int8_plan)
         if backend is not None:
             return backend
     reasons = []

@@ -23,8 +23,8 @@ from ..io.images import read_image
 from ..nuclei.watershed import INSTANCE_MAX_PIXELS, INSTANCE_STEPS, InstanceSettings, iter_semantic_to_instances
 from ..models import CheckpointMeta, load_checkpoint, resolve_model_path
 from ..models.optimise import optimise_for_inference
-from ..steps import CancelCheck, ProgressCallback, chain, run_steps
 from ..models.quantise import CALIBRATION_TILE, calibration_tiles, int8_plan
+from ..steps import CancelCheck, ProgressCallback, chain, run_steps
 from .backends import Backend, choose_backend, torch_backend
 from .blend import iter_blend
 from .forward import RunReport
