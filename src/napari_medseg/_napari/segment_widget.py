@@ -26,7 +26,7 @@ from ..errors import MedsegError
 from ..inference.backends import BACKENDS
 from ..inference.postprocess import PostprocessSettings
 from ..inference.regions import Region
-from ..inference.rethreshold import KeptRun, Thresholds, iter_segment_keeping
+from ..inference.rethreshold import KeptRun, Thresholds, apply_thresholds, iter_segment_keeping
 from ..inference.segmenter import Segmenter
 from ..inference.settings import BLENDS, TileSettings
 from ..inference.slide import SlideResult
@@ -256,16 +256,9 @@ class SegmentWidget(Container):
     def _configure(self):
         """The settings of a run, read here on the GUI thread: a function that, given the loaded
         segmenter (in the worker), sets its threshold and returns its tile and nucleus settings."""
-        tiles, chosen = self.tile_settings(), (self.threshold.value, self.marker_threshold.value,
-                                               self.min_nucleus.value)
-
-        def configure(segmenter: Segmenter) -> tuple[TileSettings, InstanceSettings]:
-            thresholds = Thresholds(chosen[0] or segmenter.meta.foreground_threshold, *chosen[1:])
-            segmenter.foreground_threshold = thresholds.nucleus
-            return (tiles.checked(segmenter.meta.model.output_stride),
-                    InstanceSettings(marker_threshold=thresholds.marker, min_size=thresholds.min_size))
-
-        return configure
+        tiles = self.tile_settings()
+        chosen = Thresholds(self.threshold.value, self.marker_threshold.value, self.min_nucleus.value)
+        return lambda segmenter: apply_thresholds(segmenter, tiles, chosen)
 
     def _image_job(self, key, layer, image, region: Region | None, polygon: np.ndarray | None):
         """In memory, the whole image or a crop of it (outside a polygon: background)."""

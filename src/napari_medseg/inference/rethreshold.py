@@ -33,6 +33,15 @@ class Thresholds:
     min_size: int = InstanceSettings.min_size
 
 
+def apply_thresholds(segmenter, tiles: TileSettings, chosen: Thresholds) -> tuple[TileSettings, InstanceSettings]:
+    """A run's settings from what the user chose: sets ``segmenter``'s nucleus threshold
+    (``chosen.nucleus`` 0 or None: the model's own tuned one) and returns ``tiles`` checked for its
+    network and the nucleus settings of ``chosen``."""
+    segmenter.foreground_threshold = chosen.nucleus or segmenter.meta.foreground_threshold
+    return (tiles.checked(segmenter.meta.model.output_stride),
+            InstanceSettings(marker_threshold=chosen.marker, min_size=chosen.min_size))
+
+
 @dataclass
 class KeptRun:
     """A network run's outputs: probabilities ``(C, H, W)``, the distance map (or ``None`` for

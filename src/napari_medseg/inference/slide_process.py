@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import MedsegError
+from ..nuclei.watershed import InstanceSettings
 from ..steps import Cancelled
 from .regions import Region
 from .slide import SlideResult
@@ -62,8 +63,8 @@ class SlideJob:
     polygon: list[list[float]] | None = None
     tiles: dict = field(default_factory=dict)  # TileSettings fields
     nucleus_threshold: float = 0.0
-    marker_threshold: float | None = None
-    min_nucleus: int | None = None
+    marker_threshold: float = InstanceSettings.marker_threshold
+    min_nucleus: int = InstanceSettings.min_size
     nuclei: bool = True
     min_object_size: int = 0
     max_hole_size: int = 0
@@ -89,8 +90,8 @@ def run_job(job: SlideJob, progress=None, should_cancel=None, loaded: dict | Non
     import numpy as np
 
     from ..io.slides import open_slide
-    from ..nuclei.watershed import InstanceSettings
     from .postprocess import PostprocessSettings
+    from .rethreshold import Thresholds, apply_thresholds
     from .segmenter import Segmenter
     from .settings import TileSettings
     from .slide import predict_slide
@@ -105,12 +106,8 @@ def run_job(job: SlideJob, progress=None, should_cancel=None, loaded: dict | Non
             torch.set_num_threads(job.threads)
         loaded[key] = Segmenter.load(job.model, device=job.device, backend=job.backend)
     segmenter = loaded[key]
-    segmenter.foreground_threshold = job.nucleus_threshold or segmenter.meta.foreground_threshold
-    tiles = TileSettings(**job.tiles).checked(segmenter.meta.model.output_stride)
-    defaults = InstanceSettings()
-    instance_settings = InstanceSettings(
-        marker_threshold=defaults.marker_threshold if job.marker_threshold is None else job.marker_threshold,
-        min_size=defaults.min_size if job.min_nucleus is None else job.min_nucleus)
+    tiles, instance_settings = apply_thresholds(
+        segmenter, TileSettings(**job.tiles), Thresholds(job.nucleus_threshold, job.marker_threshold, job.min_nucleus))
     polygon = None if job.polygon is None else np.asarray(job.polygon, float)
     region = None if job.region is None else Region(*job.region)
     result = predict_slide(segmenter, open_slide(job.slide), job.out_dir, region, progress, should_cancel,
@@ -293,7 +290,7 @@ def _answered(inbox: queue.Queue, deadline: float) -> bool:
             message = inbox.get(timeout=left)
         except queue.Empty:
             return False
-        if message is None or not set(message) & {"progress"}:
+        if message is None or "progress" not in message:
             return True
     return False
 
