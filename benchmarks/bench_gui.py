@@ -137,7 +137,8 @@ def run_steps(viewer, image_path: Path, step, models: Path) -> None:
     image = viewer.layers[0]
     _, segment = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
     segment.image_layer.value = image
-    step("segment (model load + tiles + nuclei)", lambda: segment.run(), lambda: segment.last_layer is not None)
+    step("segment (model load + tiles + nuclei)", lambda: segment.run(),
+         lambda: segment.last_layer is not None and segment.run_button.enabled)  # its layers in turns
     truth_path = image_path.parent.parent / "instances" / (image_path.stem + ".tif")
     if truth_path.is_file():
         viewer.add_labels(read_label_map(truth_path), name="ground truth")

@@ -61,9 +61,10 @@ def test_the_field_of_view_of_a_slide_becomes_lazy_label_pyramids(make_napari_vi
     widget.target.value = FIELD_OF_VIEW
     assert _shown(widget.results_folder) and not _shown(widget.shapes_layer)
     # the canvas shows 512 px of the slide's height around level-0 pixel (768.5, 1792.5)
-    viewer.camera.center = tuple(_world((768.5, 1792.5)))
-    viewer.camera.zoom = viewer.canvas.size[0] / (512 * SCALE)
-    half_width = viewer.canvas.size[1] / viewer.camera.zoom / SCALE / 2
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9: the scene's
+    camera.center = tuple(_world((768.5, 1792.5)))
+    camera.zoom = viewer.canvas.size[0] / (512 * SCALE)
+    half_width = viewer.canvas.size[1] / camera.zoom / SCALE / 2
 
     classes = widget.run(threaded=False)
     result = widget.last_slide_result

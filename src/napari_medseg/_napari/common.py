@@ -69,6 +69,33 @@ def warm_label_visuals() -> None:
     _warming.start()
 
 
+def add_layers_in_turns(viewer, layers: list, then: Callable[[], None], in_turns: bool = True) -> None:
+    """Add ``layers`` to ``viewer`` one per turn of the Qt event loop, then call ``then()``.
+
+    napari sets a layer up on the GUI thread (its vispy visual and overlays, its controls, its
+    first slice and paint: 0.2-0.3 s a 1000² Labels layer here); between turns the window
+    repaints and answers, so a run's hand-off freezes it for one layer at a time, not all of them.
+    ``in_turns=False`` adds them all
+    now (scripts and tests that read the result as soon as the call returns).
+    """
+    pending = [layer for layer in layers if layer is not None]
+    if not in_turns or len(pending) < 2:
+        for layer in pending:
+            viewer.add_layer(layer)
+        then()
+        return
+    from qtpy.QtCore import QTimer
+
+    def next_turn():
+        viewer.add_layer(pending.pop(0))
+        if pending:
+            QTimer.singleShot(0, _guarded(next_turn))
+        else:
+            then()
+
+    _guarded(next_turn)()
+
+
 # class maps are 8-bit where they are trained and scored: class ids 0-255 (a few classes)
 CLASS_ID_LIMIT = 256
 

@@ -37,7 +37,7 @@ from ..nuclei.measure import nucleus_count
 from ..nuclei.votes import instance_classes
 from ..nuclei.watershed import INSTANCE_MAX_PIXELS, InstanceSettings
 from ..steps import Cancelled, run_steps
-from .common import WidgetInputError, report_error, start_worker, warm_label_visuals
+from .common import WidgetInputError, add_layers_in_turns, report_error, start_worker, warm_label_visuals
 from .layers import (class_labels_kwargs, image_layers, instance_labels_kwargs, legend_html, pick_classes_from,
                      pixel_size_um, placement, replace_instances, wrapping_label)
 from .model_list import DEFAULT_MODEL, FILE_MODEL, follow_trained_models, trained_models
@@ -336,7 +336,7 @@ class SegmentWidget(Container):
         except BaseException:  # a bug: the caller gets its traceback, the buttons work again
             self._set_running(False)
             raise
-        return self._on_done(result)
+        return self._on_done(result, in_turns=False)
 
     def cancel(self) -> None:
         if self._worker is not None:
@@ -371,41 +371,33 @@ class SegmentWidget(Container):
             self._segmenter_cache[1].release()
             self._segmenter_cache = None
 
-    def _on_done(self, run):
-        """``run``: an ``_ImageRun`` (arrays in memory) or a ``_SlideRun`` (files on disk)."""
+    def _on_done(self, run, in_turns: bool = True):
+        """``run``: an ``_ImageRun`` (arrays in memory) or a ``_SlideRun`` (files on disk). Its
+        layers go in one per event-loop turn (``add_layers_in_turns``); the Run button comes back
+        with the last."""
         if isinstance(run, _SlideRun):
             self._classes, self._colors = run.model.classes, run.model.colors
             self._model_threshold = run.model.foreground_threshold
-            self._show_slide_result(run)
+            # nothing is kept in memory: the thresholds apply to the next run
+            self.kept, self.last_slide_result = None, run.result
+            summary = slide_summary(run.result)
         else:
             segmenter = run.segmenter
             self._classes, self._colors = segmenter.classes, segmenter.meta.colors
             self._model_threshold = segmenter.meta.foreground_threshold
-            self._show_image_result(run)
+            self.kept, self._mask, self._report = run.kept, run.mask, segmenter.last_report
+            self.last_slide_result, summary = None, run.summary
             if segmenter.device.type != "cpu":
                 segmenter.release()  # give the GPU memory back between runs
-        self.legend.value = legend_html(self._classes, self._colors, pickable=True)
-        self._set_running(False)
+        self.last_layer, self.last_instances_layer = run.layers
+
+        def shown():
+            self.status.value = summary
+            self.legend.value = legend_html(self._classes, self._colors, pickable=True)
+            self._set_running(False)
+
+        add_layers_in_turns(self._viewer, list(run.layers), shown, in_turns)
         return self.last_layer
-
-    def _show_image_result(self, run: "_ImageRun") -> None:
-        self.kept, self._mask, self._report = run.kept, run.mask, run.segmenter.last_report
-        self.last_slide_result = None
-        self.last_layer, self.last_instances_layer = run.layers
-        self._viewer.add_layer(self.last_layer)
-        if self.last_instances_layer is not None:
-            self._viewer.add_layer(self.last_instances_layer)
-        self.status.value = run.summary
-
-    def _show_slide_result(self, run: "_SlideRun") -> None:
-        """The run's zarr pyramids as multiscale Labels, read lazily, placed as the slide is."""
-        # nothing is kept in memory: the thresholds apply to the next run
-        self.kept, self.last_slide_result = None, run.result
-        self.last_layer, self.last_instances_layer = run.layers
-        self._viewer.add_layer(self.last_layer)
-        if self.last_instances_layer is not None:
-            self._viewer.add_layer(self.last_instances_layer)
-        self.status.value = slide_summary(run.result)
 
     # -- re-thresholding ---------------------------------------------------------
     def _schedule_rethreshold(self, *_):
