@@ -96,3 +96,17 @@ def test_one_child_runs_region_after_region_with_the_model_loaded_once(slide_fil
         assert second.nuclei == first.nuclei and second.class_px == first.class_px
     finally:
         process.close()
+
+
+def test_an_idle_child_ends_and_the_next_run_starts_another(slide_file, tiny_checkpoint, tmp_path):
+    """An idle child gives its memory back (it holds the model and runtime) after ``idle_seconds``."""
+    process = SlideProcess(idle_seconds=1.0)
+    try:
+        first, _ = run_steps(process.run(_job(tiny_checkpoint, slide_file, tmp_path / "a")))
+        child, pid = process._child, process.pid
+        assert child.wait(timeout=60) == 0  # ended on its own, cleanly
+        second, _ = run_steps(process.run(_job(tiny_checkpoint, slide_file, tmp_path / "b")))
+        assert process.pid != pid and not process.last_reused_model
+        assert second.nuclei == first.nuclei and second.class_px == first.class_px
+    finally:
+        process.close()

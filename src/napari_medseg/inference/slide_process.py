@@ -11,7 +11,7 @@ The child is ``python -m napari_medseg.inference.slide_process``: it reads jobs 
 JSON line each (``SlideJob``), and ``cancel`` lines; it writes JSON lines (progress, the result or
 the error) to its own copy of stdout, every other print going to a log file. ``SlideProcess``
 keeps one child for runs one after another, so the model loads once (seconds, a run); stdin
-closing (``close``, or the caller's process gone) ends it. A cancelled or failed run removes its
+closing (``close``, ``IDLE_SECONDS`` without a job, or the caller's process gone) ends it. A cancelled or failed run removes its
 files (``slide.iter_predict_slide``); a child that does not answer a cancel is killed and its
 temp files are removed by the parent (``io.outputs.remove_stale_temps``).
 """
@@ -38,6 +38,9 @@ from .slide import SlideResult
 POLL_SECONDS = 0.25  # how often the caller gets a step (and a chance to cancel) while the child is quiet
 CANCEL_GRACE_SECONDS = 30.0  # a child that has not answered a cancel by then is killed
 LOG_TAIL_CHARS = 2000  # of the child's log, in the message of a crash
+# an idle child still holds its model and runtime (about 1 GB): ended after this long without a
+# job; the next run starts a new one (the model's load, ~10-30 s, once more)
+IDLE_SECONDS = 600.0
 # the child yields the CPU to the viewer whenever the viewer wants it (painting, the user's
 # clicks); when the viewer is idle it gets the cores all the same
 NICENESS = 5
@@ -169,10 +172,13 @@ def main() -> int:
 class SlideProcess:
     """A child process that runs slide jobs one after another, keeping the last model loaded
     (loading it costs seconds a run). Started at the first ``run``, again after a crash or a
-    kill; ``close`` ends it, as does the caller's process ending (the child's stdin closes)."""
+    kill; ``close`` ends it, as do ``idle_seconds`` without a run (its memory back; the next run
+    starts another) and the caller's process ending (the child's stdin closes)."""
 
-    def __init__(self, command: list[str] | None = None):
+    def __init__(self, command: list[str] | None = None, idle_seconds: float = IDLE_SECONDS):
         self._command = command or [sys.executable, "-m", __name__]
+        self._idle_seconds = idle_seconds
+        self._idle_timer: threading.Timer | None = None
         self._child: subprocess.Popen | None = None
         self._inbox: queue.Queue = queue.Queue()
         self._log: Path | None = None
@@ -198,6 +204,7 @@ class SlideProcess:
         SlideModelInfo)``. Closing it cancels the job and waits until its files are removed. A
         failure in the child raises ``SlideProcessError`` with the child's message."""
         with self._lock:
+            self._stop_idle_timer()
             child, inbox = self._started(), self._inbox
         ended = False
         try:
@@ -233,6 +240,7 @@ class SlideProcess:
         finally:
             if not ended:
                 self._cancel(child, inbox, job.out_dir)
+            self._start_idle_timer()
 
     def _cancel(self, child: subprocess.Popen, inbox: queue.Queue, out_dir: str) -> None:
         """Cancel the running job and wait for the child's answer (its files removed); kill the
@@ -249,19 +257,52 @@ class SlideProcess:
 
         remove_stale_temps(out_dir)  # a killed child's temp files (the child's own cleanup removed the rest)
 
+    def _start_idle_timer(self) -> None:
+        with self._lock:
+            self._stop_idle_timer()
+            if self._child is not None:
+                timer = threading.Timer(self._idle_seconds, self._close_if_idle)
+                timer.daemon = True
+                self._idle_timer = timer
+                timer.start()
+
+    def _stop_idle_timer(self) -> None:  # with the lock held
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _close_if_idle(self) -> None:
+        """The idle timer's end: the child goes unless a run started meanwhile (it stopped the timer)."""
+        with self._lock:
+            if self._idle_timer is not threading.current_thread():
+                return
+            self._idle_timer = None
+            ended = self._detach()
+        _end(*ended)
+
     def close(self) -> None:
         """End the child (it finishes at once when idle) and remove its log."""
         with self._lock:
-            child, self._child = self._child, None
-        if child is not None:
-            try:
-                child.stdin.close()
-            except OSError:
-                pass
-            threading.Thread(target=child.wait, daemon=True).start()  # reaped off the caller's thread
-        if self._log is not None:
-            self._log.unlink(missing_ok=True)
-            self._log = None
+            self._stop_idle_timer()
+            ended = self._detach()
+        _end(*ended)
+
+    def _detach(self) -> tuple:  # with the lock held
+        child, log = self._child, self._log
+        self._child, self._log = None, None
+        return child, log
+
+
+def _end(child: subprocess.Popen | None, log: Path | None) -> None:
+    """Close an idle child's stdin (it exits), reaped off the caller's thread; remove its log."""
+    if child is not None:
+        try:
+            child.stdin.close()
+        except OSError:
+            pass
+        threading.Thread(target=child.wait, daemon=True).start()
+    if log is not None:
+        log.unlink(missing_ok=True)
 
 
 def iter_predict_slide_in_process(job: SlideJob, command: list[str] | None = None):
