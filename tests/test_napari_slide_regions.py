@@ -15,6 +15,7 @@ from skimage.draw import polygon2mask
 from napari_medseg._napari.segment_widget import FIELD_OF_VIEW, FILE_MODEL, SHAPE, WHOLE_SLIDE, SegmentWidget
 from napari_medseg.inference import Segmenter
 from napari_medseg.io import read_image
+from napari_medseg.nuclei.votes import instance_classes
 from test_slides import _mosaic, _write_slide
 
 PLUGIN = "napari-medseg"
@@ -85,6 +86,13 @@ def test_the_field_of_view_of_a_slide_becomes_lazy_label_pyramids(make_napari_vi
     counts = np.bincount(inside.ravel(), minlength=5)
     assert result.class_px == dict(zip(widget._classes[1:], counts[1:].tolist()))
     assert result.region_px == r.width * r.height
+    # each nucleus outlined in its class's colour (the majority class under it), as in image runs
+    cut = np.asarray(store["instances/0"])[r.slices]
+    votes = instance_classes(cut, inside)
+    ids = np.unique(cut)[1:]
+    assert len(ids) == result.nuclei > 0
+    same = [np.allclose(nuclei.get_color(i)[:3], np.asarray(widget._colors[votes[i]]) / 255, atol=1e-3) for i in ids]
+    assert np.mean(same) >= 0.95, np.mean(same)  # a nucleus across blocks is voted where it is cut
     assert f"of the region x={r.x}, y={r.y}, {r.width} x {r.height} px" in widget.status.value
     share = f"{widget._classes[1]} {100 * counts[1] / inside.size:.1f}%"
     assert share in widget.status.value and f"results in {tmp_path / 'results'}" in widget.status.value
