@@ -67,6 +67,7 @@ class TrainWidget(ScrollingDock):
         self.error: str | None = None
         self.trained_name: str | None = None
         self.preview_layers: list = []
+        self._plot_after_preview = False  # the epoch's plot waits for its preview's layer
         self._steps = self._epochs = 1
         form = TrainForm()  # every control starts at the form's defaults (the core's)
         settings = [*self._data_controls(form), *self._model_controls(form), *self._optimiser_controls(form),
@@ -309,7 +310,12 @@ class TrainWidget(ScrollingDock):
                 self.plot.add(line, e.epoch, e.metrics.get(line))
         if e.best:
             self.plot.mark_best(e.epoch)
-        self.plot.draw()
+        if e.best and self._job is not None and self._job.preview:
+            # a preview follows: drawn once its layer is in (matplotlib on the plot's thread and
+            # napari's layer set-up on this one would take turns at the interpreter lock)
+            self._plot_after_preview = True
+        else:
+            self.plot.draw()
 
     def _show_preview(self, p: Preview) -> None:
         """Show the prediction in two layers that later previews update: over the painted layer
@@ -330,6 +336,11 @@ class TrainWidget(ScrollingDock):
             labels_layer.data = p.labels
         labels_layer.name = f"{name} (epoch {p.epoch}: {p.name})"
         self.preview_layers = [l for l in (image_layer, labels_layer) if l is not None]
+        if self._plot_after_preview and self.plot is not None:
+            from qtpy.QtCore import QTimer
+
+            self._plot_after_preview = False
+            QTimer.singleShot(0, self.plot.draw)  # after the new layer's first paint
 
     def _preview_image(self, layers: list, image: np.ndarray, name: str):
         layer = next((l for l in layers if layer_kind(l) == PREVIEW_IMAGE_KIND), None)
@@ -343,6 +354,7 @@ class TrainWidget(ScrollingDock):
         self._job = None
         self._set_running(False)
         self.result = done
+        self._plot_after_preview = False
         if self.plot is not None:
             self.plot.draw()
         why = f" ({done.reason})" if done.stopped_early else ""
