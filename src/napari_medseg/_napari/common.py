@@ -75,8 +75,7 @@ def add_layers_in_turns(viewer, layers: list, then: Callable[[], None], in_turns
     napari sets a layer up on the GUI thread (its vispy visual and overlays, its controls, its
     first slice and paint: 0.2-0.3 s a 1000² Labels layer here); between turns the window
     repaints and answers, so a run's hand-off freezes it for one layer at a time, not all of them.
-    ``in_turns=False`` adds them all
-    now (scripts and tests that read the result as soon as the call returns).
+    ``in_turns=False`` adds them all now (scripts and tests that read the result at once).
     """
     pending = [layer for layer in layers if layer is not None]
     if not in_turns or len(pending) < 2:

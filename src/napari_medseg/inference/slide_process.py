@@ -11,9 +11,10 @@ The child is ``python -m napari_medseg.inference.slide_process``: it reads jobs 
 JSON line each (``SlideJob``), and ``cancel`` lines; it writes JSON lines (progress, the result or
 the error) to its own copy of stdout, every other print going to a log file. ``SlideProcess``
 keeps one child for runs one after another, so the model loads once (seconds, a run); stdin
-closing (``close``, ``IDLE_SECONDS`` without a job, or the caller's process gone) ends it. A cancelled or failed run removes its
-files (``slide.iter_predict_slide``); a child that does not answer a cancel is killed and its
-temp files are removed by the parent (``io.outputs.remove_stale_temps``).
+closing (``close``, ``IDLE_SECONDS`` without a job, or the caller's process gone) ends it. A
+cancelled or failed run removes its files (``slide.iter_predict_slide``); a child that does not
+answer a cancel is killed and its temp files are removed by the parent
+(``io.outputs.remove_stale_temps``).
 """
 
 from __future__ import annotations
