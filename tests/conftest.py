@@ -10,6 +10,14 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# torch's compiler front end before any test draws a viewer: a test that loads a model itself
+# after a viewer has drawn (Mesa's LLVM mapped) would otherwise segfault importing Triton when it
+# runs alone (in the whole suite an earlier test had imported it). The plugin's own guard is
+# tested in a fresh process (test_napari_menu.py).
+from napari_medseg._napari.torch_import import import_torch_dynamo  # noqa: E402
+
+import_torch_dynamo()
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDSEG_DATA", REPO.parent / "shared" / "data"))
 CONSEP = DATA / "consep_train"

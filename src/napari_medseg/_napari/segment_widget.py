@@ -113,6 +113,7 @@ class SegmentWidget(Container):
         self.threshold = FloatSpinBox(label="nucleus threshold", value=0.0, min=0.0, max=0.99, step=0.01,
                                       tooltip="Foreground probability above which a pixel is nucleus; "
                                               "0 = the model's own (argmax if it has none).")
+        self.threshold.native.setSpecialValueText(MODEL_THRESHOLD_TEXT)  # shown for 0: never a "0.00" threshold
         self.marker_threshold = FloatSpinBox(label="marker threshold", value=instances.marker_threshold, min=0.01,
                                              max=0.99, step=0.05,
                                              tooltip="Distance-map level of a nucleus core (one seed each); "
@@ -390,6 +391,8 @@ class SegmentWidget(Container):
             if segmenter.device.type != "cpu":
                 segmenter.release()  # give the GPU memory back between runs
         self.last_layer, self.last_instances_layer = run.layers
+        own = "argmax" if self._model_threshold is None else f"{self._model_threshold:.2f}"
+        self.threshold.native.setSpecialValueText(f"{MODEL_THRESHOLD_TEXT} ({own})")
 
         def shown():
             self.status.value = summary
@@ -531,6 +534,7 @@ def _labels_layers(labels, class_kwargs: dict, instances, instance_kwargs: dict 
     return Labels(labels, **class_kwargs), nuclei
 
 
+MODEL_THRESHOLD_TEXT = "model's"  # what the nucleus threshold box shows at 0 (the model's own threshold)
 RUNTIME_NAMES = {"torch": "PyTorch", "openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}
 
 
