@@ -182,7 +182,8 @@ def main_per_set(args, parser) -> int:
     instance_settings = InstanceSettings(min_distance=args.min_distance, min_size=args.min_size,
                                          marker_threshold=args.marker_threshold)
     tiles = TileSettings(tta=args.tta)
-    per_set, seen, out = {}, {}, {"models": models, "split_from": split_from, "tta": args.tta, "sets": {}}
+    per_set, seen, out = {}, {}, {"models": models, "labels": labels, "split_from": split_from, "tta": args.tta,
+                                  "sets": {}}
     print(f"validation split from {split_from}; instances by each model's own watershed"
           f"{'; test-time flips' if args.tta else ''}")
     for folder in [f.strip() for f in args.sets.split(",") if f.strip()]:
