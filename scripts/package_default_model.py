@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         parser.error(f"{args.accuracy}: {exc}")
     for path in args.external:
         ext = json.loads(Path(path).read_text())
-        if Path(ext["model"]).resolve() != Path(args.checkpoint).resolve():
+        if not _measured(ext["model"], args.checkpoint):
             parser.error(f"{path} measured {ext['model']}, not {args.checkpoint}")
         # binary numbers only where the data has one foreground class (accuracy.py merges the model's classes)
         record = {"data": ext["data"], "images": ext["images"],
@@ -109,7 +109,7 @@ def per_set_record(acc: dict, checkpoint: str) -> dict:
                       **{("classical_baseline" if label == "classical baseline" else f"compared: {label}"):
                          {k: v for k, v in row.items() if k in HEADLINE} for label, row in rows.items() if label != mine}}
     return {"what": "benchmarks/accuracy.py --per-set: every 256² patch (whole images for 1000² / 512² sets) of each "
-                    "set's held-out source images, tiled inference, with and without test-time flips as recorded",
+                    "set's held-out source images, tiled inference (test-time flips: see 'tta')",
             "tta": acc["tta"], "sets": sets, "ship_rule_failing": acc.get("ship_rule_failing", [])}
 
 

@@ -32,7 +32,7 @@ from ..inference.settings import BLENDS, TileSettings
 from ..inference.slide import SlideResult
 from ..inference.slide_process import SlideJob, SlideModelInfo, SlideProcess
 from ..io.images import file_stem
-from ..io.slide_outputs import check_no_slide_results, fresh_results_folder, pyramid_levels
+from ..io.slide_outputs import check_no_slide_results, fresh_results_folder, pyramid_levels, read_nucleus_classes
 from ..nuclei.measure import nucleus_count
 from ..nuclei.votes import instance_classes
 from ..nuclei.watershed import INSTANCE_MAX_PIXELS, InstanceSettings
@@ -505,21 +505,12 @@ SLIDE_CLASS_COLOURED_NUCLEI = 50_000
 
 
 def _slide_nucleus_classes(csv_path, count: int | None) -> np.ndarray | None:
-    """``[id] -> class index`` of a slide run's nuclei, read from its per-nucleus table (the
-    majority class of each nucleus, as the GeoJSON has it); ``None`` without one or above the cap."""
+    """``[id] -> class index`` of a slide run's nuclei, from its per-nucleus table (the majority
+    class of each, as the GeoJSON has it); ``None`` without one or above the cap."""
     if not count or count > SLIDE_CLASS_COLOURED_NUCLEI or csv_path is None or not Path(csv_path).is_file():
         return None
-    import pandas as pd
-
-    table = pd.read_csv(csv_path, usecols=lambda column: column in ("label", "class_id"))
-    if "class_id" not in table or table.empty:
-        return None
-    ids, classes = table["label"].to_numpy(np.int64), table["class_id"].to_numpy(np.int64)
-    if ids.max() > 10 * SLIDE_CLASS_COLOURED_NUCLEI:  # sparse ids: a table that large is not worth it
-        return None
-    votes = np.zeros(int(ids.max()) + 1, np.int64)
-    votes[ids] = classes
-    return votes
+    # sparse ids would make a colour table far larger than the nuclei: not worth it
+    return read_nucleus_classes(csv_path, max_id=10 * SLIDE_CLASS_COLOURED_NUCLEI)
 
 
 def _labels_layers(labels, class_kwargs: dict, instances, instance_kwargs: dict | None) -> tuple:

@@ -370,6 +370,23 @@ class CSVStream(_StreamedFile):
             self.count += 1
 
 
+def read_nucleus_classes(path: str | os.PathLike, max_id: int) -> np.ndarray | None:
+    """``[id] -> class index`` from a per-nucleus table written by ``CSVStream`` (columns ``label``
+    and ``class_id``); ``None`` if it has no class column, no row, or an id above ``max_id``."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        if "label" not in header or "class_id" not in header:
+            return None
+        id_col, class_col = header.index("label"), header.index("class_id")
+        rows = np.array([(int(r[id_col]), int(r[class_col])) for r in reader], np.int64).reshape(-1, 2)
+    if not len(rows) or rows[:, 0].max() > max_id:
+        return None
+    votes = np.zeros(int(rows[:, 0].max()) + 1, np.int64)
+    votes[rows[:, 0]] = rows[:, 1]
+    return votes
+
+
 def _open_for_writing(path: Path, tmp: Path, **kwargs):
     """``tmp`` opened for writing; an error names ``path``, the file the user asked for."""
     try:

@@ -1,0 +1,25 @@
+"""A slide run's per-nucleus table read back: each nucleus id's class, for colouring its outline."""
+
+import numpy as np
+
+from napari_medseg.io.slide_outputs import CSVStream, read_nucleus_classes
+
+
+def _table(path, **columns):
+    stream = CSVStream(path, file=path)  # straight to its name (a run renames its temp files)
+    stream.add({name: np.asarray(values) for name, values in columns.items()})
+    stream.close()
+    return path
+
+
+def test_each_id_gets_its_written_class(tmp_path):
+    path = _table(tmp_path / "n.csv", label=[3, 1, 7], class_id=[2, 4, 1], area=[10, 12, 9])
+    votes = read_nucleus_classes(path, max_id=100)
+    assert votes.tolist() == [0, 4, 0, 2, 0, 0, 0, 1]
+
+
+def test_no_class_column_a_too_large_id_or_no_row_gives_none(tmp_path):
+    assert read_nucleus_classes(_table(tmp_path / "a.csv", label=[1, 2], area=[5, 6]), max_id=100) is None
+    assert read_nucleus_classes(_table(tmp_path / "b.csv", label=[1, 500], class_id=[1, 2]), max_id=100) is None
+    (tmp_path / "c.csv").write_text("label,class_id\n")
+    assert read_nucleus_classes(tmp_path / "c.csv", max_id=100) is None
