@@ -28,31 +28,45 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def test_default_config_resolves_to_the_shipped_models_recorded_config():
     stages = load_train_stages(REPO / "configs" / "default.yaml")
+    assert [s.name for s in stages] == ["all_data", "classes"]
+    all_data, classes = (s.config for s in stages)
+    assert [c.out_dir for c in (all_data, classes)] == ["runs/default/all_data", "runs/default/classes"]
+    assert all_data.init_checkpoint is None
+    assert all_data.model.encoder_weights == "runs/imagenet/mobilenet_v2_imagenet.safetensors"  # the ImageNet start
+    assert classes.init_checkpoint == "runs/default/all_data/best.safetensors"
+    assert [(Path(d.path).name, d.labels, d.weight) for d in all_data.data.datasets] == [
+        ("consep_train", "classes", 2.0), ("monuseg_train", "binary", 1.0), ("tnbc_train", "binary", 1.0)]
+    assert [d.weight for d in classes.data.datasets] == [4.0, 1.0, 1.0]  # the class stage: CoNSeP weighted up
+    assert classes.data.datasets[2].distance == "convex"  # a stage's list replaces the whole list
+    assert (all_data.lr, all_data.epochs, all_data.monitor) == (0.002, 48, "val_worst_set_bpq")
+    assert (classes.lr, classes.epochs, classes.monitor) == (0.0005, 20, "val_miou")
+
+    # The shipped weights were trained by the last stage's settings, its stages run as separate
+    # configs: only the start (the first stage's checkpoint) and the run folder differ.
+    recorded = read_meta(resolve_model_path("default")).training["config"]
+    ours, theirs = _flat(classes.to_dict()), _flat(recorded)
+    assert set(ours) == set(theirs)
+    differ = {k for k in theirs if ours[k] != theirs[k]}
+    assert differ == {"init_checkpoint", "out_dir"}, {k: (ours[k], theirs[k]) for k in differ}
+
+
+def test_the_earlier_consep_recipe_still_resolves_stage_by_stage():
+    stages = load_train_stages(REPO / "configs" / "consep_scratch.yaml")
     assert [s.name for s in stages] == ["scratch", "warm_restart", "distance_head", "stain_robust"]
     scratch, restart, head, robust = (s.config for s in stages)
     assert [c.out_dir for c in (scratch, restart, head, robust)] == [
-        "runs/default/scratch", "runs/default/warm_restart", "runs/default/distance_head", "runs/default/stain_robust"]
+        "runs/consep_scratch/scratch", "runs/consep_scratch/warm_restart", "runs/consep_scratch/distance_head",
+        "runs/consep_scratch/stain_robust"]
     assert scratch.init_checkpoint is None
-    assert restart.init_checkpoint == "runs/default/scratch/best.safetensors"
-    assert head.init_checkpoint == "runs/default/warm_restart/best.safetensors"
-    assert robust.init_checkpoint == "runs/default/distance_head/best.safetensors"
+    assert restart.init_checkpoint == "runs/consep_scratch/scratch/best.safetensors"
+    assert head.init_checkpoint == "runs/consep_scratch/warm_restart/best.safetensors"
+    assert robust.init_checkpoint == "runs/consep_scratch/distance_head/best.safetensors"
     assert (scratch.lr, scratch.epochs, scratch.monitor) == (0.002, 32, "val_mean_dice")
     assert (restart.lr, restart.epochs, restart.monitor, restart.model.distance_head) == (0.0005, 20, "val_mean_dice", False)
     assert (head.lr, head.epochs, head.monitor, head.model.distance_head) == (0.0005, 20, "val_bpq", True)
     assert (robust.augment.stain_scale, robust.augment.scale, robust.augment.stain) == ((0.5, 3.0), (0.8, 1.7), 0.02)
     assert head.augment.stain_scale is None and robust.augment.hue == head.augment.hue  # augment merges key by key
-
-    # The shipped weights were trained by the last stage's settings, run before the stages were
-    # one config: only the run folders differ (and the trainer records "none" as identity mean/std).
-    recorded = read_meta(resolve_model_path("default")).training["config"]
-    assert recorded["normalization"] == {"mean": [0.0], "std": [1.0]} and robust.normalization == "none"
-    # Settings added since (mixed label sets, threshold tuning at the end of a run) are absent
-    # from the recorded config; at their defaults they do what the run did.
-    ours, theirs = _flat(robust.to_dict()), _flat(recorded)
-    added = {k: ours[k] for k in set(ours) - set(theirs)}
-    assert added == {"data.datasets": [], "tune_threshold": "auto"}
-    differ = {k for k in set(theirs) if ours.get(k) != theirs.get(k)}
-    assert differ == {"init_checkpoint", "out_dir", "normalization"}
+    assert robust.normalization == "none"
 
 
 def _write(tmp_path: Path, data: dict) -> Path:
