@@ -41,13 +41,17 @@ def test_default_config_resolves_to_the_shipped_models_recorded_config():
     assert (all_data.lr, all_data.epochs, all_data.monitor) == (0.002, 48, "val_worst_set_bpq")
     assert (classes.lr, classes.epochs, classes.monitor) == (0.0005, 20, "val_miou")
 
-    # The shipped weights were trained by the last stage's settings, its stages run as separate
-    # configs: only the start (the first stage's checkpoint) and the run folder differ.
+    gpu = classes.for_device("cuda")
+    assert (gpu.lr, gpu.epochs, gpu.batch_size) == (0.00025, 20, 64)  # a quarter of the GPU's stage-1 lr
+
+    # The shipped weights were trained (on a CPU) by the last stage's settings, its stages run as
+    # separate configs: only the start (the first stage's checkpoint), the run folder and the GPU
+    # settings that run never used differ.
     recorded = read_meta(resolve_model_path("default")).training["config"]
     ours, theirs = _flat(classes.to_dict()), _flat(recorded)
     assert set(ours) == set(theirs)
     differ = {k for k in theirs if ours[k] != theirs[k]}
-    assert differ == {"init_checkpoint", "out_dir"}, {k: (ours[k], theirs[k]) for k in differ}
+    assert differ == {"init_checkpoint", "out_dir", "on_cuda.lr", "on_cuda.epochs"}, {k: (ours[k], theirs[k]) for k in differ}
 
 
 def test_the_earlier_consep_recipe_still_resolves_stage_by_stage():
