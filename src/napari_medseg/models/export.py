@@ -12,6 +12,7 @@ shared by all checkpoints, keeps the ``CACHE_KEEP`` most recently used.
 
 from __future__ import annotations
 
+import copy
 import glob
 import hashlib
 import logging
@@ -27,11 +28,15 @@ from torch import nn
 
 from ..errors import MedsegError
 from ..io.images import atomic_write
+from .upsample_conv import polyphase_unet_decoder
 
 log = logging.getLogger(__name__)
 EXPORT_VERSION = 1  # bump when the exported graph changes (opset, axes, names): old files are ignored
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
+# the graph with a U-Net decoder's upsampling convolutions at the low resolution: OpenVINO runs it
+# 25 % faster than the plain one (a batch of 4 x 256² of the default), ONNX Runtime 15 % slower
+LOW_RESOLUTION_VARIANT = "lowres"
 CACHE_KEEP = 8  # exports the user cache keeps (all checkpoints together), the most recently used
 
 
@@ -148,6 +153,17 @@ def cached_export(checkpoint: str | os.PathLike, make: Callable[[Path], Path], v
     raise ExportError(f"Nowhere to write the {what} export of {checkpoint}: tried {', '.join(map(str, candidates))}.")
 
 
-def cached_onnx(checkpoint: str | os.PathLike, model: nn.Module, in_channels: int) -> Path:
-    """The ONNX file of ``checkpoint``'s network (see ``cached_export``)."""
+def cached_onnx(checkpoint: str | os.PathLike, model: nn.Module, in_channels: int,
+                low_resolution_upsampling: bool = False) -> Path:
+    """The ONNX file of ``checkpoint``'s network (see ``cached_export``). With
+    ``low_resolution_upsampling``, a U-Net decoder's upsampling convolutions are rewritten to run
+    at the low resolution first (``models.upsample_conv``; the same outputs to float rounding), in
+    a file of its own (variant ``LOW_RESOLUTION_VARIANT``); a network without such blocks gets the
+    plain file."""
+    if low_resolution_upsampling:
+        graph = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            rewritten = polyphase_unet_decoder(graph)
+        if rewritten:
+            return cached_export(checkpoint, lambda path: export_onnx(graph, in_channels, path), LOW_RESOLUTION_VARIANT)
     return cached_export(checkpoint, lambda path: export_onnx(model, in_channels, path))

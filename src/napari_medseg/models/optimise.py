@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .upsample_conv import polyphase_unet_decoder
+
 
 def fold_batchnorm(model: nn.Module) -> int:
     """Fold every eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` into that conv.
@@ -107,25 +109,34 @@ def _same_outputs(model: nn.Module, fast: nn.Module, check_input: torch.Tensor, 
 
 def optimise_for_inference(model: nn.Module, channels_last: bool = True,
                            check_input: torch.Tensor | None = None, fuse_activations: bool = True) -> nn.Module:
-    """A copy of ``model`` for inference: eval mode, batch norm folded, channels-last weights and,
+    """A copy of ``model`` for inference: eval mode, batch norm folded, a U-Net decoder's upsampling
+    convolutions run at the low resolution (``models.upsample_conv``), channels-last weights and,
     on the CPU where oneDNN is available, convolutions fused with their ReLU/ReLU6.
 
-    With ``check_input``, the copy's output is compared with the original's: if the fused copy
-    differs by more than float rounding (or cannot run), the folded copy without fusion is
-    tried, then the original (eval mode) is returned. A layout the rewrite rules misread can
-    never change a prediction.
+    With ``check_input``, the copy's output is compared with the original's: if it differs by
+    more than float rounding (or cannot run), the copy without the decoder rewrite is tried,
+    then the one without fusion, then the original (eval mode) is returned. A layout the
+    rewrite rules misread can never change a prediction.
     """
     model.eval()
-    fast = copy.deepcopy(model)
+    folded = copy.deepcopy(model)
     with torch.no_grad():
-        fold_batchnorm(fast)
-    if channels_last:
-        fast.to(memory_format=torch.channels_last)
-    candidates = [fast]
-    if fuse_activations and _onednn_fusion_available():
-        fused = copy.deepcopy(fast)
+        fold_batchnorm(folded)
+    fuse = fuse_activations and _onednn_fusion_available()
+    candidates = [folded]
+    if fuse:
+        fused = copy.deepcopy(folded)
         if fuse_conv_activations(fused):
             candidates.insert(0, fused)
+    low_resolution = copy.deepcopy(folded)
+    with torch.no_grad():
+        if polyphase_unet_decoder(low_resolution):
+            if fuse:
+                fuse_conv_activations(low_resolution)
+            candidates.insert(0, low_resolution)
+    if channels_last:
+        for candidate in candidates:
+            candidate.to(memory_format=torch.channels_last)
     if check_input is None:
         return candidates[0]
     for candidate in candidates:
