@@ -9,7 +9,9 @@ and the reason is kept as a one-line note for every run's report.
 
 ``auto`` on the CPU tries OpenVINO, then ONNX Runtime, then PyTorch: the order measured fastest
 by ``benchmarks/bench_inference.py`` (OpenVINO's CPU plugin ahead of ONNX Runtime ahead of the
-fused PyTorch model). On CUDA, PyTorch runs (autocast, out-of-memory halving).
+fused PyTorch model). On CUDA, PyTorch runs (autocast, out-of-memory halving). OpenVINO gets the
+export whose U-Net decoder upsampling convolutions run at the low resolution
+(``models.upsample_conv``), faster there; ONNX Runtime the plain one, faster there.
 
 Reduced precision: where OpenVINO reports bf16 support (AMX / AVX512-BF16 CPUs) its bf16 mode is
 kept only if the class-map argmax agrees with float32 on >= ``MIN_AGREEMENT`` of the probe's

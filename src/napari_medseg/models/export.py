@@ -2,7 +2,8 @@
 
 ONNX runtimes (OpenVINO, ONNX Runtime) run the same network faster than PyTorch on many CPUs;
 ``inference.backends`` loads the file this module makes. The file lies beside the checkpoint
-(``<name>.<hash>.v<version>[.<variant>].onnx``, e.g. the int8 variant of ``models.quantise``) or,
+(``<name>.<hash>.v<version>[.<variant>].onnx``, e.g. the int8 variant of ``models.quantise`` or
+the ``lowres`` one, whose U-Net decoder upsamples after its first convolutions) or,
 where that folder is not writable and for the models shipped inside the package, in the user's
 cache folder. It is written to a temporary name and renamed, so a crash or a concurrent export
 never leaves a half-written file under the final name. A new export removes the stale ones of
