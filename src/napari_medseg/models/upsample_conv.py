@@ -76,17 +76,18 @@ class PolyphaseUnetBlock(nn.Module):
     def __init__(self, block: nn.Module, conv1: nn.Conv2d, up_channels: int):
         super().__init__()
         weight, bias = conv1.weight.detach(), conv1.bias
-        bias = torch.zeros(weight.shape[0]) if bias is None else bias.detach()
+        bias = weight.new_zeros(weight.shape[0]) if bias is None else bias.detach()
         self.out_channels, self.up_channels = weight.shape[0], up_channels
         self.skip_channels = weight.shape[1] - up_channels
-        self.phases = nn.Conv2d(up_channels, 4 * self.out_channels, 2, padding=1, bias=self.skip_channels == 0)
+        like = {"device": weight.device, "dtype": weight.dtype}
+        self.phases = nn.Conv2d(up_channels, 4 * self.out_channels, 2, padding=1, bias=self.skip_channels == 0, **like)
         with torch.no_grad():
             self.phases.weight.copy_(phase_kernels(weight[:, :up_channels]))
             if self.skip_channels == 0:
                 self.phases.bias.copy_(bias.repeat(4))
         self.skip = None
         if self.skip_channels:
-            self.skip = nn.Conv2d(self.skip_channels, self.out_channels, 3, padding=1, bias=True)
+            self.skip = nn.Conv2d(self.skip_channels, self.out_channels, 3, padding=1, bias=True, **like)
             with torch.no_grad():
                 self.skip.weight.copy_(weight[:, up_channels:])
                 self.skip.bias.copy_(bias)
@@ -151,7 +152,7 @@ def polyphase_unet_decoder(model: nn.Module, min_up_channels: int = MIN_UP_CHANN
             if not ok:
                 continue
             up_channels = _up_channels(model, block)
-            if up_channels is None or up_channels < min_up_channels:
+            if up_channels is None or up_channels < min_up_channels or up_channels > conv1.in_channels:
                 continue
             parent._modules[name] = PolyphaseUnetBlock(block, conv1, up_channels)
             replaced += 1
