@@ -162,6 +162,25 @@ def test_shipped_configs_parse():
             stage.config.for_device("cuda")  # its GPU settings are valid too
 
 
+def test_continuing_the_shipped_default_needs_no_imagenet_file(tmp_path, monkeypatch):
+    """The shipped default records the ImageNet file its first stage started from; a run that
+    starts from the default itself (configs/all_data.yaml) replaces every weight, so a clone
+    without that file (runs/ is not in git) must still build the network."""
+    from pathlib import Path
+
+    from napari_medseg.training.network import build_training_model
+    from napari_medseg.training.setup import load_start_checkpoint
+    from napari_medseg.training.stages import load_train_stages
+
+    first = load_train_stages(Path(__file__).parents[1] / "configs" / "all_data.yaml")[0].config
+    first.init_checkpoint = str(Path(first.init_checkpoint).resolve())
+    monkeypatch.chdir(tmp_path)  # the recorded ImageNet path is relative: nothing is there
+    start = load_start_checkpoint(first)
+    assert first.model.encoder_weights is None
+    model = build_training_model(first, start.weights)
+    assert torch.equal(model.state_dict()["segmentation_head.0.weight"], start.weights["segmentation_head.0.weight"])
+
+
 def test_all_data_config_trains_every_set_and_takes_gpu_settings_on_a_gpu():
     from pathlib import Path
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -60,7 +60,9 @@ def load_start_checkpoint(cfg: TrainConfig) -> StartCheckpoint | None:
 
     start_model, start_meta = load_checkpoint(cfg.init_checkpoint)
     wants_distance = cfg.model.distance_head
-    cfg.model = start_meta.model
+    # its weights replace the whole network, so the ImageNet file its own run started from (recorded
+    # in its config, e.g. the shipped default's) is neither read nor needed here
+    cfg.model = replace(start_meta.model, encoder_weights=None)
     cfg.model.distance_head = cfg.model.distance_head or wants_distance
     cfg.normalization = dict(start_meta.normalization)  # the weights were trained with these
     return StartCheckpoint(start_model.state_dict(), start_meta.classes, start_meta.foreground_threshold)
