@@ -41,8 +41,8 @@ def test_phase_kernels_sum_the_taps_each_output_phase_sees():
 @pytest.mark.parametrize("skip_channels", [16, 0])
 def test_block_gives_the_same_outputs_as_smp(skip_channels):
     block = _random_block(32, skip_channels, 24)
-    conv1, recognised = _folded_conv(block.conv1)  # conv + batch norm + ReLU, the norm folded in
-    assert recognised
+    conv1 = _folded_conv(block.conv1)  # conv + batch norm + ReLU, the norm folded in
+    assert conv1 is not None
     fast = PolyphaseUnetBlock(copy.deepcopy(block), conv1, up_channels=32).eval()
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 32, 7, 9, generator=generator)  # odd, unequal sides: borders on every side

@@ -21,14 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-# Which rows of the 3x3 kernel reach each of the two low-resolution rows an output row sees:
-# an even output row 2i sees rows i-1 (tap 0) and i (taps 1, 2); an odd one 2i+1 rows i (taps 0, 1)
-# and i+1 (tap 2). The same holds for columns.
 # Blocks with fewer upsampled channels are left as they are: there (the MobileNetV2 U-Net's last
 # block, 32 channels at full resolution) the time goes in moving memory, not in multiply-adds, and
 # the interleaving costs more than it saves (measured: 25 -> 45 ms a batch of 4 x 256²; blocks
 # 0-3, 1280 to 64 channels, 137 -> 95 ms).
 MIN_UP_CHANNELS = 64
+# Which rows of the 3x3 kernel reach each of the two low-resolution rows an output row sees:
+# an even output row 2i sees rows i-1 (tap 0) and i (taps 1, 2); an odd one 2i+1 rows i (taps 0, 1)
+# and i+1 (tap 2). The same holds for columns.
 _PHASE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]],
                             [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
 
@@ -42,23 +42,23 @@ def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat(blocks, dim=0)
 
 
-def _folded_conv(conv_relu: nn.Sequential) -> tuple[nn.Conv2d, bool]:
-    """``(conv with any batch norm after it folded in, whether a ReLU ends the block)`` from smp's
-    Conv2dReLU (conv, norm or Identity, ReLU), or ``(None, False)`` if it is laid out otherwise."""
+def _folded_conv(conv_relu: nn.Sequential) -> nn.Conv2d | None:
+    """The 3x3 convolution of smp's Conv2dReLU (conv, batch norm or Identity, ReLU) with the batch
+    norm folded in, or None if the block is laid out otherwise."""
     parts = list(conv_relu.children())
     if len(parts) != 3 or type(parts[0]) is not nn.Conv2d or type(parts[2]) is not nn.ReLU:
-        return None, False
+        return None
     conv, norm = parts[0], parts[1]
     if type(norm) is nn.BatchNorm2d:
         if not norm.track_running_stats or norm.running_mean is None:
-            return None, False
+            return None
         conv = fuse_conv_bn_eval(conv.eval(), norm.eval())
     elif type(norm) is not nn.Identity:
-        return None, False
+        return None
     if conv.kernel_size != (3, 3) or conv.padding != (1, 1) or conv.stride != (1, 1) or conv.dilation != (1, 1) \
             or conv.groups != 1 or conv.padding_mode != "zeros":
-        return None, False
-    return conv, True
+        return None
+    return conv
 
 
 def _is_identity_attention(module: nn.Module) -> bool:
@@ -148,8 +148,8 @@ def polyphase_unet_decoder(model: nn.Module, min_up_channels: int = MIN_UP_CHANN
                 continue
             if not _is_identity_attention(block.attention1):
                 continue
-            conv1, ok = _folded_conv(block.conv1)
-            if not ok:
+            conv1 = _folded_conv(block.conv1)
+            if conv1 is None:
                 continue
             up_channels = _up_channels(model, block)
             if up_channels is None or up_channels < min_up_channels or up_channels > conv1.in_channels:
