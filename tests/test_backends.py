@@ -71,15 +71,17 @@ def test_auto_prefers_openvino_on_the_cpu(fresh_checkpoint):
 
 
 @needs_openvino
-def test_openvino_runs_the_decoder_upsampling_at_the_low_resolution(fresh_checkpoint):
-    """Its own export (same key, variant 'lowres'): the U-Net decoder's upsampling convolutions as
-    2x2 phase convolutions (models.upsample_conv); test_runtime_matches_pytorch_and_says_so checks
-    its outputs."""
+def test_openvino_runs_the_decoder_upsampling_at_the_low_resolution(tiny_checkpoint, tmp_path):
+    """Its own export (same key, variant 'lowres'), the only one made for it: the U-Net decoder's
+    upsampling convolutions as 2x2 phase convolutions (models.upsample_conv);
+    test_runtime_matches_pytorch_and_says_so checks its outputs."""
     import onnx
 
-    seg = Segmenter.load(fresh_checkpoint, device="cpu", backend="openvino")
+    checkpoint = shutil.copy(tiny_checkpoint, tmp_path / "tiny.safetensors")
+    seg = Segmenter.load(checkpoint, device="cpu", backend="openvino")
     assert seg.backend.name == "openvino" and not seg.backend.notes
-    graph = fresh_checkpoint.parent / export.export_name(fresh_checkpoint, export.LOW_RESOLUTION_VARIANT)
+    graph = tmp_path / export.export_name(checkpoint, export.LOW_RESOLUTION_VARIANT)
+    assert [p.name for p in tmp_path.glob("*.onnx")] == [graph.name]  # no plain export it would not use
     nodes = onnx.load(str(graph)).graph.node
     assert any("/phases/" in n.name for n in nodes) and any(n.op_type == "DepthToSpace" for n in nodes)
 

@@ -26,6 +26,7 @@ on the mixed model), ONNX Runtime next.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -174,16 +175,17 @@ def _int8_backend(runtimes: list[str], checkpoint, onnx_path, expected: torch.Te
     return None
 
 
-def _fp32_graph(runtime: str, checkpoint, model: torch.nn.Module, in_channels: int, plain):
+def _fp32_graph(runtime: str, checkpoint, model: torch.nn.Module, in_channels: int, plain: Callable[[], os.PathLike]):
     """The float32 export ``runtime`` runs fastest: for OpenVINO the one with a U-Net decoder's
-    upsampling convolutions at the low resolution (``LOW_RESOLUTION_RUNTIMES``), else ``plain``."""
+    upsampling convolutions at the low resolution (``LOW_RESOLUTION_RUNTIMES``), else (or where
+    that export fails, or the network has no such blocks) ``plain()``."""
     if runtime not in LOW_RESOLUTION_RUNTIMES:
-        return plain
+        return plain()
     try:
         return cached_onnx(checkpoint, model, in_channels, low_resolution_upsampling=True)
     except ExportError as exc:
         log.info("The low-resolution upsampling export failed (%s); the plain one is used.", exc)
-        return plain
+        return plain()
 
 
 def _check_names(name: str, precision: str) -> None:
@@ -214,29 +216,30 @@ def choose_backend(name: str, model: torch.nn.Module, fast_model: torch.nn.Modul
     if not installed:
         return torch_backend(fast_model, f"{' and '.join(wanted)} not installed (pip install "
                                          f"'napari-medseg[{EXTRA[wanted[0]]}]'): PyTorch used")
-    try:
-        onnx_path = cached_onnx(checkpoint, model, in_channels)
-    except ExportError as exc:
-        return torch_backend(fast_model, f"{exc} PyTorch used")
+    # exported on first need: OpenVINO takes its own graph, so the plain one may never be made
+    plain = functools.cache(lambda: cached_onnx(checkpoint, model, in_channels))
     with torch.inference_mode():
         expected = model(probe).float()
     notes: list[str] = []
-    if precision == "int8":
-        tiles = calibration() if calibration is not None else None
-        tiles = tiles if tiles is not None else calibration_inputs(probe.numpy())
-        backend = _int8_backend(installed, checkpoint, onnx_path, expected, probe, num_classes, notes, tiles,
-                                int8_plan)
-        if backend is not None:
-            return backend
-    reasons = []
-    for runtime in installed:
-        try:
-            path = _fp32_graph(runtime, checkpoint, model, in_channels, onnx_path)
-            backend, why = _runtime_backend(runtime, path, expected, probe, num_classes, precision)
-        except Exception as exc:  # a runtime that cannot load the file is a reason to fall back, not to fail
-            backend, why = None, f"{runtime} failed at load ({type(exc).__name__}: {exc})"
-        if backend is not None:
-            backend.notes[:0] = notes
-            return backend
-        reasons.append(why)
+    try:
+        if precision == "int8":
+            tiles = calibration() if calibration is not None else None
+            tiles = tiles if tiles is not None else calibration_inputs(probe.numpy())
+            backend = _int8_backend(installed, checkpoint, plain(), expected, probe, num_classes, notes, tiles,
+                                    int8_plan)
+            if backend is not None:
+                return backend
+        reasons = []
+        for runtime in installed:
+            path = _fp32_graph(runtime, checkpoint, model, in_channels, plain)
+            try:
+                backend, why = _runtime_backend(runtime, path, expected, probe, num_classes, precision)
+            except Exception as exc:  # a runtime that cannot load the file is a reason to fall back, not to fail
+                backend, why = None, f"{runtime} failed at load ({type(exc).__name__}: {exc})"
+            if backend is not None:
+                backend.notes[:0] = notes
+                return backend
+            reasons.append(why)
+    except ExportError as exc:
+        return torch_backend(fast_model, *notes, f"{exc} PyTorch used")
     return torch_backend(fast_model, *notes, "; ".join(reasons) + ": PyTorch used")
