@@ -3,13 +3,14 @@ training crops, the threshold re-tuned; on real CoNSeP patches with tiny models.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from napari_medseg.models import ModelConfig, build_model, load_checkpoint, read_meta
+from napari_medseg.models import ModelConfig, build_model, load_checkpoint, read_meta, save_checkpoint
 from napari_medseg.training import train
 from napari_medseg.training.average import AverageError, average_checkpoints, interpolate, recompute_batchnorm
 
@@ -99,6 +100,14 @@ def test_average_of_a_start_and_its_fine_tuning_on_real_patches(small_consep, tm
     assert plain.bn_crops == 0 and read_meta(plain.path).foreground_threshold == read_meta(tuned).foreground_threshold
     fixed = average_checkpoints(start, tuned, 0.25, tmp_path / "fixed.safetensors", threshold="0.4")
     assert read_meta(fixed.path).foreground_threshold == 0.4
+
+    # a start that records the ImageNet file its own run began from (as the shipped default does)
+    # is the same network as its fine-tuning, which records none
+    start_model, start_meta = load_checkpoint(start)
+    start_meta.model = dataclasses.replace(start_meta.model, encoder_weights="runs/imagenet/encoder.safetensors")
+    imagenet_start = save_checkpoint(tmp_path / "imagenet_start.safetensors", start_model, start_meta)
+    assert read_meta(tuned).model.encoder_weights is None
+    assert average_checkpoints(imagenet_start, tuned, 0.5, tmp_path / "mixed.safetensors").path.is_file()
 
 
 def _val_groups(cfg) -> list[str]:

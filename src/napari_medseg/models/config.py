@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from ..errors import MedsegError
 from .fields import type_errors
@@ -55,6 +55,11 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def same_network(self, other: "ModelConfig") -> bool:
+        """Whether the two describe the same network, whatever encoder weights each run started from
+        (a fine-tune of a checkpoint records none: it starts from the checkpoint)."""
+        return replace(self, encoder_weights=None) == replace(other, encoder_weights=None)
 
     @property
     def out_channels(self) -> int:

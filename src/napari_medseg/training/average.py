@@ -117,7 +117,7 @@ def average_checkpoints(start_path: str | Path, tuned_path: str | Path, weight: 
     dev = torch.device(device)
     start, start_meta = load_checkpoint(start_path, dev)
     tuned, tuned_meta = load_checkpoint(tuned_path, dev)
-    if start_meta.model != tuned_meta.model or start_meta.classes != tuned_meta.classes:
+    if not start_meta.model.same_network(tuned_meta.model) or start_meta.classes != tuned_meta.classes:
         raise AverageError(f"{start_path} ({start_meta.model.architecture}/{start_meta.model.encoder}, "
                            f"{len(start_meta.classes)} classes) and {tuned_path} ({tuned_meta.model.architecture}/"
                            f"{tuned_meta.model.encoder}, {len(tuned_meta.classes)} classes) are different networks.")
