@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 EXPORT_VERSION = 1  # bump when the exported graph changes (opset, axes, names): old files are ignored
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
-# the graph with a U-Net decoder's upsampling convolutions at the low resolution: OpenVINO runs it
-# 25 % faster than the plain one (a batch of 4 x 256² of the default), ONNX Runtime 15 % slower
+# the graph with a U-Net decoder's upsampling convolutions at the low resolution: OpenVINO ran it
+# 18-29 % faster than the plain one (a batch of 4 x 256² of the default), ONNX Runtime 17 % slower
 LOW_RESOLUTION_VARIANT = "lowres"
 CACHE_KEEP = 8  # exports the user cache keeps (all checkpoints together), the most recently used
 
