@@ -48,8 +48,7 @@ INT8_RUNTIMES = ("openvino", "onnxruntime")  # the faster first (each is checked
 MIN_AGREEMENT = 0.999  # class-map argmax agreement a reduced precision must keep with float32
 INT8_MIN_AGREEMENT = 0.98  # the floor for int8, asked for by name: a broken quantisation still falls back
 # runtimes given the export whose decoder upsampling convolutions run at the low resolution
-# (models.upsample_conv): a batch of 4 x 256² of the default, OpenVINO 0.194 -> 0.146 s; ONNX
-# Runtime 0.18 -> 0.21 s, so it keeps the plain graph
+# (models.upsample_conv); ONNX Runtime keeps the plain graph, faster there (export.LOW_RESOLUTION_VARIANT)
 LOW_RESOLUTION_RUNTIMES = ("openvino",)
 EXTRA = {"openvino": "openvino", "onnxruntime": "onnxruntime"}  # pip extra of each runtime
 
