@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="torch", choices=("auto", "torch", "openvino", "onnxruntime"),
                         help="who runs the network (default torch: the float32 reference); e.g. --backend auto "
                              "scores what medseg predict runs, int8 included where auto picks it")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "int8"),
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16", "int8"),
                         help="the runtime's precision, as medseg predict --precision")
     parser.add_argument("--json", help="write all numbers here")
     parser.add_argument("--per-set", action="store_true",
@@ -171,6 +171,9 @@ def main_per_set(args, parser) -> int:
     models = args.model or ["default"]
     segmenters = {m: Segmenter.load(m, device=args.device, backend=args.backend, precision=args.precision)
                   for m in models}
+    for m, seg in segmenters.items():
+        print(f"{m}: run by {seg.backend.name} ({seg.backend.precision})"
+              + (f": {'; '.join(seg.backend.notes)}" if seg.backend.notes else ""))
     split_from = args.split_from_model or models[-1]
     split_meta = Segmenter.load(split_from, device="cpu").meta
     val_groups, split_sets = split_meta.data.get("val_groups") or [], trained_sets(split_meta)

@@ -245,7 +245,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rows", default="", help="whole-image rows to time, comma-separated, of torch, openvino, "
-                        "onnxruntime, 'openvino int8', 'onnxruntime int8', monai, monai+, defaults (default: all; "
+                        "onnxruntime, 'openvino int8', 'onnxruntime int8', 'openvino fp16', 'openvino bf16', monai, "
+                        "monai+, defaults (default: all; "
                         "auto's backend and monai always run)")
     parser.add_argument("--stream-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the best time counts")
@@ -265,6 +266,8 @@ def main() -> None:
     backends = load_backends(args.device, "fp32")  # ours: batch norm folded, conv+activation fused, channels-last
     # int8 (asked for, never auto's: see inference.backends; mixed by the default's plan)
     backends.update(load_backends(args.device, "int8", ("openvino", "onnxruntime")))
+    for half in ("bf16", "fp16"):  # OpenVINO's half precisions, where this CPU offers them (auto may take one)
+        backends.update(load_backends(args.device, half, ("openvino",)))
     auto = Segmenter.load("default", device=args.device, backend="auto")
     auto_key = auto.backend.name + ("" if auto.backend.precision == "fp32" else f" {auto.backend.precision}")
     backends[auto_key] = auto  # the same engine as that row: one warm-up, one compiled model

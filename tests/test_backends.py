@@ -52,7 +52,7 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize("name", [pytest.param("openvino", marks=needs_openvino),
                                   pytest.param("onnxruntime", marks=needs_onnxruntime)])
 def test_runtime_matches_pytorch_and_says_so(name, fresh_checkpoint, torch_reference, tissue):
-    seg = Segmenter.load(fresh_checkpoint, device="cpu", backend=name)
+    seg = Segmenter.load(fresh_checkpoint, device="cpu", backend=name, precision="fp32")
     assert seg.backend.name == name and seg.backend.notes == []
     settings = TileSettings(128, 32, 2)
     probs = seg.probabilities(tissue, settings)
@@ -78,7 +78,7 @@ def test_openvino_runs_the_decoder_upsampling_at_the_low_resolution(tiny_checkpo
     import onnx
 
     checkpoint = shutil.copy(tiny_checkpoint, tmp_path / "tiny.safetensors")
-    seg = Segmenter.load(checkpoint, device="cpu", backend="openvino")
+    seg = Segmenter.load(checkpoint, device="cpu", backend="openvino", precision="fp32")
     assert seg.backend.name == "openvino" and not seg.backend.notes
     graph = tmp_path / export.export_name(checkpoint, export.LOW_RESOLUTION_VARIANT)
     assert [p.name for p in tmp_path.glob("*.onnx")] == [graph.name]  # no plain export it would not use
@@ -150,24 +150,61 @@ def test_a_runtime_that_disagrees_is_not_used(fresh_checkpoint, monkeypatch):
 
 
 @needs_openvino
-def test_bf16_is_kept_only_where_the_class_maps_agree(fresh_checkpoint, monkeypatch):
-    monkeypatch.setattr(backends, "openvino_supports_bf16", lambda: True)
+def test_half_precision_is_kept_only_where_the_class_maps_agree(fresh_checkpoint, monkeypatch):
+    """``auto`` tries fp16, then bf16, where the CPU offers them, and keeps the first whose class map
+    agrees with float32 on the probe; each refusal is a note in the run report."""
     real_runner = backends.openvino_runner
+    unfaithful = set()
 
     def runner(path, precision="fp32"):
-        run = real_runner(path, "fp32")
-        if precision == "fp32":
-            return run
-        return lambda x: run(x).flip(1)  # a "bf16" that swaps the classes around
+        run = real_runner(path, "fp32")  # float32 arithmetic under every name: exact, unless made wrong
+        return (lambda x: run(x).flip(1)) if precision in unfaithful else run  # classes swapped around
 
     monkeypatch.setattr(backends, "openvino_runner", runner)
-    seg = Segmenter.load(fresh_checkpoint, device="cpu", backend="openvino")
-    assert (seg.backend.name, seg.backend.precision) == ("openvino", "fp32")
-    assert "kept float32" in seg.last_report.notes[0]
-    monkeypatch.setattr(backends, "openvino_runner", lambda path, precision="fp32": real_runner(path, "fp32"))
-    faithful = Segmenter.load(fresh_checkpoint, device="cpu", backend="openvino")
-    assert (faithful.backend.name, faithful.backend.precision) == ("openvino", "bf16")
-    assert Segmenter.load(fresh_checkpoint, device="cpu", backend="openvino", precision="fp32").backend.precision == "fp32"
+    monkeypatch.setattr(backends, "openvino_half_precisions", lambda: ["fp16", "bf16"])
+
+    def load(precision="auto"):
+        seg = Segmenter.load(fresh_checkpoint, device="cpu", backend="openvino", precision=precision)
+        return seg.backend.precision, seg.backend.notes
+
+    assert load() == ("fp16", [])
+    unfaithful.add("fp16")
+    precision, notes = load()
+    assert precision == "bf16" and "openvino fp16 kept float32" in notes[0]
+    unfaithful.add("bf16")
+    precision, notes = load()
+    assert precision == "fp32" and len(notes) == 2 and all("kept float32" in n for n in notes)
+    assert load("fp32") == ("fp32", [])
+    unfaithful.clear()
+    monkeypatch.setattr(backends, "openvino_half_precisions", lambda: ["bf16"])  # an AMX CPU without AVX512-FP16
+    assert load()[0] == "bf16"
+    precision, notes = load("fp16")
+    assert precision == "fp32" and notes == ["fp16 is not offered by OpenVINO on this CPU: float32 kept"]
+    monkeypatch.setattr(backends, "openvino_half_precisions", lambda: [])  # AVX2: float32 without a word
+    assert load() == ("fp32", [])
+
+
+@needs_onnxruntime
+def test_half_precision_asked_of_onnxruntime_says_it_runs_float32(fresh_checkpoint):
+    seg = Segmenter.load(fresh_checkpoint, device="cpu", backend="onnxruntime", precision="fp16")
+    assert (seg.backend.name, seg.backend.precision) == ("onnxruntime", "fp32")
+    assert seg.backend.notes == ["fp16 runs on OpenVINO only: float32 on onnxruntime"]
+
+
+@needs_openvino
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_runs_for_real_where_the_cpu_offers_it(precision, fresh_checkpoint, torch_reference, tissue):
+    """On a CPU with AVX512-FP16 / AMX (skipped elsewhere): the precision asked for is the one that
+    runs (its output is not float32's to the bit) and keeps the class map close to float32's."""
+    if precision not in backends.openvino_half_precisions():
+        pytest.skip(f"OpenVINO offers no {precision} on this CPU")
+    seg = Segmenter.load(fresh_checkpoint, device="cpu", backend="openvino", precision=precision)
+    assert (seg.backend.name, seg.backend.precision) == ("openvino", precision)
+    settings = TileSettings(128, 32, 2)
+    probs, expected = seg.probabilities(tissue, settings), torch_reference.probabilities(tissue, settings)
+    assert 0 < np.abs(probs - expected).max() < 0.1
+    assert agreement(probs.argmax(0), expected.argmax(0)) >= backends.ASKED_MIN_AGREEMENT
+    assert seg.last_report.precision == precision
 
 
 def test_unknown_backend_or_precision_is_a_user_error(fresh_checkpoint):

@@ -102,7 +102,8 @@ def test_predict_streams_a_pyramidal_tiff_with_every_engine_option(consep, tiny_
     out = tmp_path / "pred"
     args = ["predict", str(path), "--model", str(tiny_checkpoint), "--out", str(out), "--device", "cpu",
             "--tile", "128", "--overlap", "32", "--batch-size", "3", "--blend", "cosine", "--tta",
-            "--no-skip-background", "--min-object-size", "30", "--fill-holes", "20", "--probabilities"]
+            "--no-skip-background", "--min-object-size", "30", "--fill-holes", "20", "--probabilities",
+            "--precision", "fp32"]  # float32 whichever runtime auto picks: equal to PyTorch's below
     assert main(args) == 0
     settings = TileSettings(128, 32, 3, blend="cosine", tta=True, skip_background=False)
     seg = Segmenter.load(tiny_checkpoint, device="cpu")

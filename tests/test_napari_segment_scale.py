@@ -65,7 +65,7 @@ def test_the_runtime_choice_reaches_the_engine_and_the_status(make_napari_viewer
     assert isinstance(layer, Labels), widget.status.value
     segmenter = widget._segmenter_cache[1]
     name = {"torch": "PyTorch", "onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}[segmenter.backend.name]
-    assert f"run by {name} (fp32)" in widget.status.value
+    assert f"run by {name} ({segmenter.backend.precision})" in widget.status.value
     # the runtime asked for runs it, unless it disagreed with PyTorch at load (then the status says so)
     assert segmenter.backend.name == runtime or "PyTorch" in widget.status.value and segmenter.backend.notes
     expected = Segmenter.load(tiny_checkpoint, device="cpu").segment(image, widget.tile_settings())
@@ -87,6 +87,7 @@ def test_large_pyramidal_tiff_opens_lazily_and_segments(make_napari_viewer, tiny
     assert isinstance(layer.data[0], da.Array) and layer.data[0].shape == image.shape  # not read yet
     widget = _widget(viewer, tiny_checkpoint)
     widget.tile_size.value, widget.overlap.value = 128, 32
+    widget.backend.value = "torch"  # compared with PyTorch's output to the pixel
     labels = widget.run(threaded=False)
     assert isinstance(labels, Labels) and labels.data.shape == image.shape[:2]
     expected = Segmenter.load(tiny_checkpoint, device="cpu").segment(image, widget.tile_settings())
@@ -119,6 +120,7 @@ def test_nucleus_threshold_is_the_models_unless_set(make_napari_viewer, consep):
     viewer.add_image(image, name="patch")
     widget = SegmentWidget(viewer)
     widget.device.value = "cpu"
+    widget.backend.value = "torch"  # compared with PyTorch's output to the pixel
     widget.nuclei.value = False
     reference = Segmenter.load("default", device="cpu")
     assert reference.foreground_threshold == pytest.approx(0.33)

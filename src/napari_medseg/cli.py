@@ -434,7 +434,7 @@ def _instance_options(parser) -> None:
 
 def _engine_options(p) -> None:
     """How the model runs over an image: tiles, device, blending, flips, precision."""
-    from .inference.settings import BLENDS, TileSettings
+    from .inference.settings import BACKENDS, BLENDS, PRECISIONS, TileSettings
 
     defaults = TileSettings()
     p.add_argument("--tile", type=_positive,
@@ -443,12 +443,12 @@ def _engine_options(p) -> None:
     p.add_argument("--batch-size", type=_positive,
                    help=f"tiles per forward pass, halved on GPU out-of-memory (default {defaults.batch_size})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "openvino", "onnxruntime"),
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="who runs the network on the CPU: auto picks the fastest installed runtime that matches "
                         "PyTorch at load (CUDA always uses torch)")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "int8"),
-                   help="CPU runtimes: auto = bf16 where the CPU has it and the class maps agree, else float32; "
-                        "int8 = opt-in: the low-resolution layers int8 by a measured plan (ONNX Runtime or OpenVINO; "
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="CPU runtimes: auto = OpenVINO's fp16, else bf16, where the CPU has it and the class maps "
+                        "agree with float32 at load, else float32; fp16 / bf16 = asked for (OpenVINO); int8 = opt-in: the low-resolution layers int8 by a measured plan (ONNX Runtime or OpenVINO; "
                         "about 0.1%% of pixels change); never chosen by auto")
     p.add_argument("--blend", choices=BLENDS, help=f"tile weight map (default {defaults.blend})")
     p.add_argument("--tta", action="store_true",
@@ -568,13 +568,15 @@ def _add_demo(sub) -> None:
 
 
 def _add_web(sub) -> None:
+    from .inference.settings import BACKENDS
+
     p = sub.add_parser("web", help="the browser front: segment, count and check nuclei in a web page")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--models", metavar="DIR", help="also offer the .safetensors checkpoints found in this folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "openvino", "onnxruntime"),
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="who runs the network on a CPU, as for predict (default auto: the fastest installed "
                         "runtime that agrees with PyTorch)")
     p.set_defaults(func=cmd_web)

@@ -23,7 +23,7 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpin
 
 from ..devices import available_devices
 from ..errors import MedsegError
-from ..inference.backends import BACKENDS
+from ..inference.settings import BACKENDS
 from ..inference.postprocess import PostprocessSettings
 from ..inference.regions import Region
 from ..inference.rethreshold import KeptRun, Thresholds, apply_thresholds, iter_segment_keeping

@@ -15,7 +15,7 @@ _EXPORTS = {
     "classify": "blend", "InferenceMemoryError": "forward", "RunReport": "forward",
     "PostprocessSettings": "postprocess", "Segmenter": "segmenter", "segment_file": "segmenter",
     "InferenceSettingsError": "settings", "TileSettings": "settings", "ImageSource": "source",
-    "BACKENDS": "backends", "BackendError": "backends",
+    "BACKENDS": "settings", "PRECISIONS": "settings", "BackendError": "backends",
 }
 __all__ = sorted(_EXPORTS)
 

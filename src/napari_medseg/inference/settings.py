@@ -8,6 +8,8 @@ from ..errors import MedsegError
 
 BLENDS = ("gaussian", "cosine")
 AMP_DTYPES = ("float16", "bfloat16")
+BACKENDS = ("auto", "torch", "openvino", "onnxruntime")  # who runs the network (inference.backends)
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")  # at which precision a CPU runtime runs it
 
 
 class InferenceSettingsError(MedsegError, ValueError):
