@@ -126,7 +126,7 @@ class TrainConfig:
     seed: int = 0
     repeats: int = 1  # train this many times with seeds seed, seed+1, ...; report mean +- std
     deterministic: bool = True  # deterministic algorithms where torch has them
-    amp: str = "auto"  # auto (on for CUDA) | on | off: mixed precision
+    amp: str = "auto"  # auto (CUDA: fp16; a CPU with AMX: bf16; else off) | on | off: mixed precision
     channels_last: str = "auto"  # auto (on for CUDA) | on | off
     device: str = "auto"
     num_threads: int = 0  # torch CPU threads; 0 = torch's default

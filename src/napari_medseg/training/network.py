@@ -43,9 +43,27 @@ def build_training_model(cfg: TrainConfig, start_weights: dict | None) -> torch.
     return model
 
 
+def cpu_has_bf16_matrix_units() -> bool:
+    """AMX (Intel Xeon since Sapphire Rapids): bf16 autocast measured 1.4x (128² crops) to 1.75x
+    (256²) faster a train step of the default there; CPUs without it emulate bf16 (7x slower on
+    an AVX2 EPYC). ``torch.cpu`` has no public query for it yet."""
+    query = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(query and query())
+    except RuntimeError:
+        return False
+
+
 def _switch(value, device: torch.device) -> bool:
     value = str(value).lower()
     return device.type == "cuda" if value == "auto" else value in ("on", "true")
+
+
+def _amp_switch(value, device: torch.device) -> bool:
+    """``auto``: fp16 autocast on CUDA, bf16 on a CPU with AMX, full precision elsewhere."""
+    if str(value).lower() == "auto" and device.type == "cpu":
+        return cpu_has_bf16_matrix_units()
+    return _switch(value, device)
 
 
 @dataclass
@@ -58,7 +76,7 @@ class Precision:
 
     @classmethod
     def for_device(cls, cfg: TrainConfig, device: torch.device) -> "Precision":
-        return cls(_switch(cfg.amp, device), _switch(cfg.channels_last, device), device.type)
+        return cls(_amp_switch(cfg.amp, device), _switch(cfg.channels_last, device), device.type)
 
     def autocast(self):
         """A fresh context for one forward pass (a no-op without mixed precision)."""
