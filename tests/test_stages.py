@@ -28,30 +28,40 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def test_default_config_resolves_to_the_shipped_models_recorded_config():
     stages = load_train_stages(REPO / "configs" / "default.yaml")
-    assert [s.name for s in stages] == ["all_data", "classes"]
-    all_data, classes = (s.config for s in stages)
-    assert [c.out_dir for c in (all_data, classes)] == ["runs/default/all_data", "runs/default/classes"]
+    assert [s.name for s in stages] == ["all_data", "classes", "context"]
+    all_data, classes, context = (s.config for s in stages)
+    assert [c.out_dir for c in (all_data, classes, context)] == [
+        "runs/default/all_data", "runs/default/classes", "runs/default/context"]
     assert all_data.init_checkpoint is None
     assert all_data.model.encoder_weights == "runs/imagenet/mobilenet_v2_imagenet.safetensors"  # the ImageNet start
     assert classes.init_checkpoint == "runs/default/all_data/best.safetensors"
+    assert context.init_checkpoint == "runs/default/classes/best.safetensors"
     assert [(Path(d.path).name, d.labels, d.weight) for d in all_data.data.datasets] == [
         ("consep_train", "classes", 2.0), ("monuseg_train", "binary", 1.0), ("tnbc_train", "binary", 1.0)]
     assert [d.weight for d in classes.data.datasets] == [4.0, 1.0, 1.0]  # the class stage: CoNSeP weighted up
     assert classes.data.datasets[2].distance == "convex"  # a stage's list replaces the whole list
+    assert [d.weight for d in context.data.datasets] == [2.0, 1.0, 1.0]  # the top-level list again
     assert (all_data.lr, all_data.epochs, all_data.monitor) == (0.002, 48, "val_worst_set_bpq")
     assert (classes.lr, classes.epochs, classes.monitor) == (0.0005, 20, "val_miou")
+    assert (context.lr, context.epochs, context.monitor, context.data.crop_size) == (0.0005, 16, "val_worst_set_bpq", 256)
+    assert (all_data.average_with_start, classes.average_with_start, context.average_with_start) == (0.0, 0.0, 0.5)
 
     gpu = classes.for_device("cuda")
     assert (gpu.lr, gpu.epochs, gpu.batch_size) == (0.00025, 20, 64)  # a quarter of the GPU's stage-1 lr
+    gpu = context.for_device("cuda")
+    assert (gpu.lr, gpu.epochs, gpu.batch_size, gpu.data.crop_size) == (0.00025, 16, 64, 256)
 
-    # The shipped weights were trained (on a CPU) by the last stage's settings, its stages run as
-    # separate configs: only the start (the first stage's checkpoint), the run folder and the GPU
-    # settings that run never used differ.
-    recorded = read_meta(resolve_model_path("default")).training["config"]
-    ours, theirs = _flat(classes.to_dict()), _flat(recorded)
+    # The shipped weights were made by the last stage (`medseg train configs/default.yaml
+    # --from-stage context --set init_checkpoint=<the earlier default>`): its recorded config is
+    # the stage's but for the start and the ImageNet file (a run from a checkpoint records none).
+    meta = read_meta(resolve_model_path("default"))
+    recorded = meta.training["config"]
+    ours, theirs = _flat(context.to_dict()), _flat(recorded)
     assert set(ours) == set(theirs)
     differ = {k for k in theirs if ours[k] != theirs[k]}
-    assert differ == {"init_checkpoint", "out_dir", "on_cuda.lr", "on_cuda.epochs"}, {k: (ours[k], theirs[k]) for k in differ}
+    assert differ == {"init_checkpoint", "model.encoder_weights"}, {k: (ours[k], theirs[k]) for k in differ}
+    assert theirs["model.encoder_weights"] is None
+    assert meta.training["averaged"]["weight_on_tuned"] == 0.5
 
 
 def test_the_earlier_consep_recipe_still_resolves_stage_by_stage():
@@ -185,3 +195,41 @@ def test_cli_runs_every_stage_then_one_again(small_consep, tmp_path, capsys):
     records = json.loads((tmp_path / "run" / "stages.json").read_text())["stages"]
     assert [r["name"] for r in records] == ["a", "b"]  # the rerun replaced b's record, kept a's
     assert len(read_meta(tmp_path / "run" / "b" / "best.safetensors").training["history"]) >= 1
+
+
+def test_a_stage_averaged_with_its_start_is_the_next_stages_start(small_consep, tmp_path):
+    """``average_with_start``: the stage's best checkpoint averaged with the stage's start (batch
+    norm too, the tuned threshold kept) becomes its result, and the next stage starts from it."""
+    path = _write(tmp_path, {**BASE, "data": {"dataset": [str(small_consep)], "crop_size": 64, "val_fraction": 0.34},
+                             "out_dir": str(tmp_path / "run"),
+                             "stages": [{"name": "a"}, {"name": "b", "lr": 0.01, "average_with_start": 0.25},
+                                        {"name": "c", "lr": 1e-9, "schedule": "constant"}]})
+    stages = load_train_stages(path)
+    assert stages[2].config.init_checkpoint == str(tmp_path / "run" / "b" / "averaged.safetensors")
+    a, b, c = train_stages(stages).results
+    assert b.checkpoint == tmp_path / "run" / "b" / "averaged.safetensors"
+    assert not list((tmp_path / "run" / "b").glob(".averaged*"))  # written under a temp name, then renamed
+    meta = read_meta(b.checkpoint)
+    assert meta.training["averaged"] == {"start": str(a.checkpoint), "tuned": str(tmp_path / "run" / "b" / "best.safetensors"),
+                                         "weight_on_tuned": 0.25, "batchnorm": "average", "batchnorm_crops": 0,
+                                         "threshold": "tuned"}
+    start, best, averaged = (load_checkpoint(p)[0].state_dict()
+                             for p in (a.checkpoint, tmp_path / "run" / "b" / "best.safetensors", b.checkpoint))
+    for key in [k for k, v in start.items() if v.is_floating_point()][:6]:
+        torch.testing.assert_close(averaged[key], 0.75 * start[key] + 0.25 * best[key], rtol=2e-3, atol=2e-3)
+    assert read_meta(c.checkpoint).training["config"]["init_checkpoint"] == str(b.checkpoint)
+
+
+def test_average_with_start_is_refused_where_it_cannot_work(small_consep, tmp_path):
+    with pytest.raises(TrainConfigError, match="needs an init_checkpoint"):
+        load_train_config(None, ["data.dataset=[x]", "average_with_start=0.5"]).check()
+    with pytest.raises(TrainConfigError, match="between 0 and 1"):
+        load_train_config(None, ["data.dataset=[x]", "init_checkpoint=x.safetensors", "average_with_start=2"]).check()
+    # a run that adds a distance head to its start: refused before its first epoch, not after its last
+    path = _write(tmp_path, {**BASE, "data": {"dataset": [str(small_consep)], "crop_size": 64, "val_fraction": 0.34},
+                             "out_dir": str(tmp_path / "run"),
+                             "stages": [{"name": "a"}, {"name": "b", "model": {"distance_head": True},
+                                                        "average_with_start": 0.5}]})
+    with pytest.raises(TrainingError, match="differs from its start"):
+        train_stages(load_train_stages(path))
+    assert not list((tmp_path / "run" / "b").glob("*.safetensors"))

@@ -100,6 +100,15 @@ class AugmentConfig:
     sharpness: float = 0.0  # probability of a random sharpness change
 
 
+BEST_NAME = "best.safetensors"  # the best epoch's checkpoint, in out_dir
+AVERAGED_NAME = "averaged.safetensors"  # with average_with_start: it averaged with the start
+
+
+def result_name(cfg: "TrainConfig") -> str:
+    """The file in ``cfg.out_dir`` that holds the model the run is for."""
+    return AVERAGED_NAME if cfg.average_with_start else BEST_NAME
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -142,6 +151,10 @@ class TrainConfig:
     # (as ``medseg tune-threshold`` does): true | false | auto (when the init_checkpoint has a
     # tuned threshold). Untuned, a fine-tuned checkpoint keeps its init_checkpoint's threshold.
     tune_threshold: bool | str = "auto"
+    # last (after tune_threshold): the best checkpoint averaged with init_checkpoint, this share on
+    # the run's weights (as ``medseg average``; batch norm averaged, the tuned threshold kept),
+    # written to averaged.safetensors: the run's result and a next stage's start. 0 = off
+    average_with_start: float = 0.0
     # settings that replace the ones above when the run's device is a CUDA GPU (a larger batch
     # and crops, loader workers, ...); sections merge key by key, as stages do
     on_cuda: dict = field(default_factory=dict)
@@ -221,6 +234,10 @@ class TrainConfig:
         for name in ("amp", "channels_last"):
             if str(getattr(self, name)).lower() not in ("auto", "on", "off", "true", "false"):
                 bad(f"{name} must be auto, on or off, not '{getattr(self, name)}'.")
+        if not 0.0 <= self.average_with_start <= 1.0:
+            bad(f"average_with_start must lie between 0 and 1 (the run's share), not {self.average_with_start}.")
+        if self.average_with_start and not self.init_checkpoint:
+            bad("average_with_start averages the run with its start: it needs an init_checkpoint.")
         if isinstance(self.class_weights, str) and self.class_weights not in ("auto", "inverse"):
             bad(f"class_weights must be a list of numbers, 'auto' or 'inverse', not '{self.class_weights}'.")
         if isinstance(self.normalization, str) and self.normalization not in ("imagenet", "none"):

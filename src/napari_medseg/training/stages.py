@@ -12,8 +12,9 @@ changes merged in (sections such as ``model`` or ``data`` merge key by key)::
         lr: 0.0005
         epochs: 20
 
-Stage ``k > 1`` starts from stage ``k - 1``'s best checkpoint unless it names its own
-``init_checkpoint``; each writes to ``<out_dir>/<name>``, and ``<out_dir>/stages.json`` records
+Stage ``k > 1`` starts from stage ``k - 1``'s result (its best checkpoint, or that averaged with
+its own start where it sets ``average_with_start``) unless it names its own ``init_checkpoint``;
+each writes to ``<out_dir>/<name>``, and ``<out_dir>/stages.json`` records
 what every finished stage produced. Command-line overrides (``--set``) apply to every stage,
 except ``out_dir`` and ``init_checkpoint``, which set the run's folder and the first stage's start.
 So one ``medseg train`` command reproduces a model that took several schedules to make.
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io.images import atomic_write
-from .config import TrainConfig, TrainConfigError, apply_overrides, merge_settings, read_config_mapping
+from .config import TrainConfig, TrainConfigError, apply_overrides, merge_settings, read_config_mapping, result_name
 from .trainer import TrainingDone, TrainingError, train
 
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -94,7 +95,7 @@ def load_train_stages(path: str | Path | None, overrides: list[str] = (), from_s
         merged = apply_overrides(merge_settings(data, spec), per_stage)
         merged["out_dir"] = str(base_out / name)
         if stages and "init_checkpoint" not in spec:
-            merged["init_checkpoint"] = str(Path(stages[-1].config.out_dir) / "best.safetensors")
+            merged["init_checkpoint"] = str(Path(stages[-1].config.out_dir) / result_name(stages[-1].config))
         if name == first:
             apply_overrides(merged, start)
         try:

@@ -21,7 +21,7 @@ import torch
 
 from ..devices import resolve_device
 from .checkpoints import CheckpointWriter, check_output_dir, estimated_bytes
-from .config import TrainConfig
+from .config import AVERAGED_NAME, TrainConfig
 from .data import LabelledImage, normalization_stats
 from .distributed import DistContext, init_distributed, shutdown_distributed
 from .events import BatchDone, EpochDone, TrainingDone, TrainingError
@@ -71,6 +71,8 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
     start = load_start_checkpoint(cfg)
     data = prepare_data(cfg, items, start)
     model = build_training_model(cfg, None if start is None else start.weights)
+    if cfg.average_with_start and start is not None:
+        _check_averageable(model, start.weights, cfg.init_checkpoint)
     if ctx.is_main:
         check_output_dir(out_dir, estimated_bytes(model, cfg.save_half, cfg.save_resume))
     precision = Precision.for_device(cfg, device)
@@ -98,9 +100,33 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
             and progress.reason != USER_STOP:
         retune_threshold(writer.best_path, data.val_items, str(device))
     resume_path = writer.resume_path
-    return TrainingDone(writer.best_path if progress.best_epoch > 0 else None, progress.best_epoch, progress.history,
+    result = writer.best_path if progress.best_epoch > 0 else None
+    if ctx.is_main and result is not None and cfg.average_with_start and progress.reason != USER_STOP:
+        result = _average_with_start(cfg, result)
+    return TrainingDone(result, progress.best_epoch, progress.history,
                         bool(progress.reason), progress.reason, resume_path if resume_path.is_file() else None,
                         progress.best_record, cfg.seed)
+
+
+def _check_averageable(model: torch.nn.Module, start_weights: dict, start_path) -> None:
+    """Refuse before training what could not be averaged after it (e.g. a distance head added)."""
+    own = model.state_dict()
+    if own.keys() != start_weights.keys() or any(own[k].shape != start_weights[k].shape for k in own):
+        raise TrainingError(f"average_with_start: this run's network differs from its start ({start_path}), "
+                            "for instance by a head it adds, so the two cannot be averaged.")
+
+
+def _average_with_start(cfg: TrainConfig, best: Path) -> Path:
+    """``best`` averaged with the start checkpoint (``average_with_start`` on ``best``), written
+    beside it as ``AVERAGED_NAME``; a rerun's earlier file is replaced only once the new one is whole."""
+    from .average import average_checkpoints
+
+    final = best.parent / AVERAGED_NAME
+    fresh = best.parent / f".{final.stem}.new{final.suffix}"
+    fresh.unlink(missing_ok=True)  # a killed run's leftover
+    average_checkpoints(cfg.init_checkpoint, best, cfg.average_with_start, fresh)
+    fresh.replace(final)
+    return final
 
 
 def _tunes_threshold(cfg: TrainConfig, start) -> bool:
