@@ -448,8 +448,9 @@ def _engine_options(p) -> None:
                         "PyTorch at load (CUDA always uses torch)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="CPU runtimes: auto = OpenVINO's fp16, else bf16, where the CPU has it and the class maps "
-                        "agree with float32 at load, else float32; fp16 / bf16 = asked for (OpenVINO); int8 = opt-in: the low-resolution layers int8 by a measured plan (ONNX Runtime or OpenVINO; "
-                        "about 0.1%% of pixels change); never chosen by auto")
+                        "agree with float32 at load, else float32; fp16 / bf16 = asked for (OpenVINO); "
+                        "int8 = opt-in: the low-resolution layers int8 by a measured plan (ONNX Runtime or "
+                        "OpenVINO; about 0.1%% of pixels change); never chosen by auto")
     p.add_argument("--blend", choices=BLENDS, help=f"tile weight map (default {defaults.blend})")
     p.add_argument("--tta", action="store_true",
                    help="average over the 4 flips (4x slower; held-out CoNSeP nucleus Dice of the default 0.796 -> 0.800)")

@@ -17,9 +17,9 @@ Reduced precision: where OpenVINO offers half precision on this CPU (fp16 on CPU
 AVX512-FP16, bf16 on AMX / AVX512-BF16 ones) ``auto`` tries fp16 first, then bf16, and keeps the
 first whose class-map argmax agrees with float32 on >= ``MIN_AGREEMENT`` of the probe's pixels;
 the report names the precision that runs. fp16 keeps 11 bits of mantissa to bf16's 8 at the same
-speed: on an AMX Xeon, one batch of the shipped default 0.08 s in float32, 0.03 s in either, and
-64 real CoNSeP tiles' class maps 99.95 % alike in fp16 against 99.81 % in bf16 (which the rule
-refuses). Int8 (``models.quantise``), asked for with
+speed: on an AMX Xeon, one batch of the (2-stage) default 0.08 s in float32, 0.03 s in either,
+and 64 real CoNSeP tiles' class maps 99.95 % alike in fp16 against 99.81 % in bf16 (which the
+rule refuses). Int8 (``models.quantise``), asked for with
 ``precision="int8"``: quantised whole, the shipped default moved 0.77 % of its held-out class-map
 pixels and its bPQ by -0.015; by its architecture's measured plan (``quantise.INT8_PLANS``: int8
 for the low-resolution layers, float32 elsewhere) 0.09 % of the held-out pixels and Dice / bPQ

@@ -13,7 +13,7 @@ import torch
 from ..errors import MedsegError
 from ..io.outputs import remove_stale_temps, temp_path
 from ..models.checkpoint import CheckpointMeta, save_checkpoint
-from .config import TrainConfig
+from .config import BEST_NAME, TrainConfig
 from .distributed import DistContext, parameter_hash
 from .events import TrainingError
 from .progress import Progress
@@ -75,7 +75,7 @@ class CheckpointWriter:
 
     @property
     def best_path(self) -> Path:
-        return Path(self.cfg.out_dir) / "best.safetensors"
+        return Path(self.cfg.out_dir) / BEST_NAME
 
     @property
     def resume_path(self) -> Path:
