@@ -233,3 +233,16 @@ def test_average_with_start_is_refused_where_it_cannot_work(small_consep, tmp_pa
     with pytest.raises(TrainingError, match="differs from its start"):
         train_stages(load_train_stages(path))
     assert not list((tmp_path / "run" / "b").glob("*.safetensors"))
+
+
+def test_cli_says_when_a_stages_result_is_an_average(small_consep, tmp_path, capsys):
+    from napari_medseg.cli import main
+
+    path = _write(tmp_path, {**BASE, "data": {"dataset": [str(small_consep)], "crop_size": 64, "val_fraction": 0.34},
+                             "out_dir": str(tmp_path / "run"),
+                             "stages": [{"name": "a"}, {"name": "b", "average_with_start": 0.5}]})
+    assert main(["train", str(path)]) == 0
+    out = capsys.readouterr().out
+    averaged, start = tmp_path / "run" / "b" / "averaged.safetensors", tmp_path / "run" / "a" / "best.safetensors"
+    assert f"checkpoint {averaged} (averaged with {start}, 0.5 on this run)" in out
+    assert f"stage 'a': best epoch 1; checkpoint {start}\n" in out  # a plain stage: no such words

@@ -313,7 +313,7 @@ class _TrainPrinter:
             print(f"stage {index + 1}/{len(self.stages)} '{stage.name}': {stage.config.epochs} epochs from {start} "
                   f"-> {stage.config.out_dir}", flush=True)
         else:
-            print(f"stage '{stage.name}': best epoch {result.best_epoch}; checkpoint {result.checkpoint}", flush=True)
+            print(f"stage '{stage.name}': {_result_words(stage.config, result)}", flush=True)
 
     def run_done(self, seed, result) -> None:
         if self.main_rank:
@@ -338,13 +338,22 @@ def cmd_train(args) -> int:
         result, stage = done.results[-1], done.stages[len(done.results) - 1]
         if result.reason:
             print(f"stopped: {result.reason}")
-        print(f"best epoch {result.best_epoch}; checkpoint {result.checkpoint}")
+        print(_result_words(stage.config, result))
         if done.path is not None:
             print(f"wrote {done.path}")
         if result.resume:
             again = f" --from-stage {stage.name}" if stage.name else ""
             print(f"resume with: medseg train {args.config}{again} --resume {result.resume}")
     return 0
+
+
+def _result_words(config, result) -> str:
+    """'best epoch N; checkpoint P', saying so where P is that epoch averaged with the run's start."""
+    from .training.config import AVERAGED_NAME
+
+    averaged = result.checkpoint is not None and result.checkpoint.name == AVERAGED_NAME
+    how = f" (averaged with {config.init_checkpoint}, {config.average_with_start:g} on this run)" if averaged else ""
+    return f"best epoch {result.best_epoch}; checkpoint {result.checkpoint}{how}"
 
 
 def _train_repeats(config, printer: _TrainPrinter) -> int:
