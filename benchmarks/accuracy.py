@@ -50,6 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from napari_medseg.evaluation.benchmark import score_model_and_baseline, scores_nuclei_only  # noqa: E402
 from napari_medseg.evaluation.threshold import samples_of_groups  # noqa: E402
+from napari_medseg.inference.settings import BACKENDS, PRECISIONS  # noqa: E402
 from napari_medseg.nuclei.watershed import InstanceSettings  # noqa: E402
 
 # Targets from the issue (CoNSeP-style data; HoVer-Net reports Dice 0.8525 / bPQ 0.5477 on CoNSeP).
@@ -92,10 +93,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="also score the model with test-time augmentation (mean over 4 flips; 4x the time)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backend", default="torch", choices=("auto", "torch", "openvino", "onnxruntime"),
+    parser.add_argument("--backend", default="torch", choices=BACKENDS,
                         help="who runs the network (default torch: the float32 reference); e.g. --backend auto "
                              "scores what medseg predict runs, int8 included where auto picks it")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16", "int8"),
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="the runtime's precision, as medseg predict --precision")
     parser.add_argument("--json", help="write all numbers here")
     parser.add_argument("--per-set", action="store_true",

@@ -113,13 +113,12 @@ def step_seconds(model, optimizer, loss_fn, batches, precision) -> list[float]:
 def precision_sweep(args, items) -> None:
     """fp32 vs bf16 autocast per crop size: the median step of ``rounds`` alternating runs."""
     from napari_medseg.training.losses import WithDistanceHead
-    from napari_medseg.training.network import Precision
-
-    from napari_medseg.training.network import cpu_has_bf16_matrix_units
+    from napari_medseg.training.network import Precision, cpu_has_bf16_matrix_units
 
     print(f"CPU ({os.cpu_count()} cores seen), {args.threads} torch threads, AMX (bf16 matrix units): "
-          f"{cpu_has_bf16_matrix_units()}, torch's CPU capability {torch.backends.cpu.get_cpu_capability()}; U-Net MobileNetV2 + distance head, channels_last, batch "
-          f"{args.batch}, {args.steps} timed steps after {args.warmup} warm-up per run, {args.rounds} rounds")
+          f"{cpu_has_bf16_matrix_units()}, torch's CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+          f"U-Net MobileNetV2 + distance head, channels_last, batch {args.batch}, {args.steps} timed steps "
+          f"after {args.warmup} warm-up per run, {args.rounds} rounds")
     print(f"{'crop':>6} {'fp32 s/step':>12} {'bf16 s/step':>12} {'bf16 speed-up':>14} {'fp32 Mpx/s':>11} {'bf16 Mpx/s':>11}")
     for crop in args.crops:
         mc = ModelConfig("unet", "mobilenet_v2", num_classes=len(items[1]), distance_head=True)
