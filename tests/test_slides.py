@@ -14,6 +14,7 @@ import pytest
 import tifffile
 
 from conftest import DATA
+from napari_medseg.nuclei.watershed import InstanceSettings
 
 SLIDES = DATA / "slides"
 SVS = SLIDES / "CMU-1-Small-Region.svs"
@@ -196,7 +197,10 @@ def test_predict_slide_region_writes_aligned_results(he_slide, tmp_path):
     path, image = he_slide
     slide = open_slide(path)
     region = Region(1200, 200, 700, 600)
-    result = predict_slide(_DarkNuclei(), slide, tmp_path, region, block=256)
+    # the stand-in's dark-pixel mask is speckled: keep its specks of 10 px and more (the real
+    # model's default floor, 45 px, leaves it 33 of them); this test is about where results land
+    result = predict_slide(_DarkNuclei(), slide, tmp_path, region, block=256,
+                           instance_settings=InstanceSettings(min_size=10))
     store = zarr.open_group(str(tmp_path / "synthetic.zarr"), mode="r")
     classes, instances = np.asarray(store["classes/0"]), np.asarray(store["instances/0"])
     assert classes.shape == slide.shape and not classes[:200].any() and not classes[:, 1900:].any()
