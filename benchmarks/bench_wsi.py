@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from napari_medseg.inference.settings import BACKENDS  # noqa: E402
+
 DATA = Path(os.environ.get("MEDSEG_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CELL = 2048  # tissue is placed in cells of this size (a segmentation block)
 TILE = 512  # TIFF tile
@@ -220,7 +222,7 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "openvino", "onnxruntime"),
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="who runs the network, as medseg predict --backend (default auto)")
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--workdir", default=None, help="where the slide and results go (a temp folder if unset)")
