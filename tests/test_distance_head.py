@@ -295,3 +295,26 @@ def test_nuclei_step_reports_progress_and_can_be_cancelled_before_the_watershed(
         seg.segment_nuclei(real_512, settings, progress=lambda d, t: seen.append((d, t)),
                            should_cancel=lambda: bool(seen) and seen[-1][0] > tiles)
     assert seen[-1][0] == tiles + 1 and not calls
+
+
+def test_an_annotation_without_instances_keeps_its_small_nuclei_as_targets(samples):
+    """Labels without an instance map (painted in the viewer) give their nuclei by the watershed;
+    a small painted nucleus stays one (the prediction's noise floor is not applied to annotations)."""
+    from scipy import ndimage as ndi
+
+    from napari_medseg.training.data import ANNOTATION_MIN_SIZE, LabelledImage, item_instances
+
+    s = samples[0]
+    labels = s.labels.astype(np.uint8).copy()
+    # a 4 x 5 px nucleus painted on background with 3 px of background all round
+    clear = ndi.binary_erosion(labels == 0, np.ones((11, 11), bool))
+    y, x = (int(v[len(v) // 2]) for v in np.nonzero(clear))
+    labels[y:y + 4, x:x + 5] = 1
+    assert ANNOTATION_MIN_SIZE <= 20 < InstanceSettings().min_size
+    item = LabelledImage("painted", "painted", s.image.astype(np.float32) / 255, labels)
+    derived = item_instances(item)
+    painted = derived[y:y + 4, x:x + 5]
+    assert painted.min() > 0 and len(np.unique(painted)) == 1  # kept, as one nucleus
+    assert (derived == painted[0, 0]).sum() == 20  # and on its own
+    annotated = len(np.unique(s.instances)) - 1
+    assert len(np.unique(derived)) - 1 >= 0.8 * annotated  # the annotated nuclei are there too

@@ -245,11 +245,19 @@ class PatchDataset(Dataset):
         return (image.contiguous(), *(t.contiguous() for t in targets))
 
 
+# px: where an annotation has no instance map, its blobs under this size are stray brush strokes.
+# Not the prediction's floor (InstanceSettings.min_size, measured on model output): an
+# annotated nucleus is meant, however small.
+ANNOTATION_MIN_SIZE = 10
+
+
 def item_instances(item: LabelledImage) -> np.ndarray:
     """An item's nuclei: its instance map, or the watershed of its labels where it has none."""
-    from ..nuclei.watershed import semantic_to_instances
+    from ..nuclei.watershed import InstanceSettings, semantic_to_instances
 
-    return item.instances if item.instances is not None else semantic_to_instances(item.labels)
+    if item.instances is not None:
+        return item.instances
+    return semantic_to_instances(item.labels, InstanceSettings(min_size=ANNOTATION_MIN_SIZE))
 
 
 def distance_target(item: LabelledImage) -> np.ndarray:
