@@ -3,6 +3,7 @@ measurement: on *training* images of every set, the setting whose weakest set's 
 then the held-out images check it against the current defaults (``InstanceSettings``).
 
     python benchmarks/tune_instances.py --threads 2                     # the shipped default model
+    python benchmarks/tune_instances.py --threads 2 --before 0.5,10,4   # against the settings before the sweep
     python benchmarks/tune_instances.py --model runs/x/best.safetensors --groups-per-set 6
 
 Training images: ``--groups-per-set`` source images of each set the split model trained on,
@@ -55,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--marker-thresholds", type=_floats, default=[0.3, 0.35, 0.4, 0.45, 0.5])
     parser.add_argument("--min-sizes", type=_ints, default=[10, 30, 45, 60, 80, 100], help="smallest nucleus (px)")
     parser.add_argument("--min-marker-sizes", type=_ints, default=[4, 10], help="smallest seed (px)")
+    parser.add_argument("--before", type=_floats, metavar="MARKER,MIN_SIZE,MIN_MARKER_SIZE",
+                        help="the setting to compare the choice with (default: InstanceSettings' defaults)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     return parser
 
@@ -99,6 +102,9 @@ def main(argv=None) -> int:
     print(f"model outputs: {time.perf_counter() - t0:.0f} s")
 
     current = InstanceSettings()
+    if args.before:
+        marker, min_size, min_marker_size = args.before
+        current = InstanceSettings(marker_threshold=marker, min_size=int(min_size), min_marker_size=int(min_marker_size))
     grid = settings_grid(current, marker_threshold=args.marker_thresholds, min_size=args.min_sizes,
                          min_marker_size=args.min_marker_sizes)
     t0 = time.perf_counter()
@@ -111,13 +117,14 @@ def main(argv=None) -> int:
     for settings, row in ranked[:12]:
         print("| " + " | ".join(str(getattr(settings, k)) for k in TUNED) + " | "
               + " | ".join(f"{row[n]:.4f}" for n in names) + f" | {min(row.values()):.4f} |")
-    chosen, _ = weakest_set_best(grid, scores)
-    print(f"\nchosen (weakest training set best): {_line(chosen)}; current defaults: {_line(current)}")
-    print("held-out bPQ, current -> chosen:")
+    chosen, chosen_scores = weakest_set_best(grid, scores)
+    print(f"\nchosen (weakest training set best): {_line(chosen)}; compared with: {_line(current)}")
+    print("bPQ, compared -> chosen:")
     summary = []
     for name, outputs in held_out_outputs.items():
         before, after = binary_pq(outputs, current), binary_pq(outputs, chosen)
-        print(f"  {name}: {before:.4f} -> {after:.4f}")
+        print(f"  {name}: training images {binary_pq(train_outputs[name], current):.4f} -> "
+              f"{chosen_scores[name]:.4f}; held out {before:.4f} -> {after:.4f}")
         summary.append(f"heldout_{name}={before:.4f}->{after:.4f}")
     print(f"chosen={_line(chosen).replace(' ', ',')} " + " ".join(summary))
     return 0
