@@ -89,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-size", type=int, default=InstanceSettings.min_size, help="drop smaller model objects (px)")
     parser.add_argument("--marker-threshold", type=float, default=InstanceSettings.marker_threshold,
                         help="models with a distance head: watershed seeds where the distance map exceeds this")
+    parser.add_argument("--min-marker-size", type=int, default=InstanceSettings.min_marker_size,
+                        help="models with a distance head: drop smaller seeds (px)")
     parser.add_argument("--tta", action="store_true",
                         help="also score the model with test-time augmentation (mean over 4 flips; 4x the time)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -184,7 +186,7 @@ def main_per_set(args, parser) -> int:
     if len(set(labels.values())) < len(labels):
         labels = {m: f"{m}" for m in models}
     instance_settings = InstanceSettings(min_distance=args.min_distance, min_size=args.min_size,
-                                         marker_threshold=args.marker_threshold)
+                                         marker_threshold=args.marker_threshold, min_marker_size=args.min_marker_size)
     tiles = TileSettings(tta=args.tta)
     per_set, seen, out = {}, {}, {"models": models, "labels": labels, "split_from": split_from, "tta": args.tta,
                                   "sets": {}}
@@ -263,7 +265,7 @@ def main(argv=None) -> int:
         print(f"data classes {classes}: the model's {len(segmenter.classes) - 1} classes are scored as one "
               f"'{classes[1]}' class (binary numbers only)")
     instance_settings = InstanceSettings(min_distance=args.min_distance, min_size=args.min_size,
-                                         marker_threshold=args.marker_threshold)
+                                         marker_threshold=args.marker_threshold, min_marker_size=args.min_marker_size)
     scores = score_model_and_baseline(segmenter, classes, samples, instance_settings, tta=args.tta)
     _print_results(scores, classes, _model_label(args.model, segmenter.meta), len(samples),
                    segmenter.meta.normalization)
