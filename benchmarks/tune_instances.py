@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-marker-sizes", type=_ints, default=[4, 10], help="smallest seed (px)")
     parser.add_argument("--before", type=_floats, metavar="MARKER,MIN_SIZE,MIN_MARKER_SIZE",
                         help="the setting to compare the choice with (default: InstanceSettings' defaults)")
+    parser.add_argument("--tta", action="store_true", help="the model runs with test-time flips (4x the time)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     return parser
 
@@ -79,9 +80,10 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
-    from napari_medseg.inference import Segmenter
+    from napari_medseg.inference import Segmenter, TileSettings
 
     torch.set_num_threads(args.threads)
+    tiles = TileSettings(tta=args.tta)
     # torch: the float32 reference, so the choice does not depend on this CPU's half precisions
     segmenter = Segmenter.load(args.model, device="cpu", backend="torch")
     split_meta = Segmenter.load(args.split_from_model, device="cpu").meta if args.split_from_model else segmenter.meta
@@ -95,8 +97,8 @@ def main(argv=None) -> int:
         if not held_out:
             print(f"{folder.name}: the split holds none of its images out; skipped")
             continue
-        train_outputs[folder.name] = model_outputs(segmenter, samples_of_groups(folder, training)[1])
-        held_out_outputs[folder.name] = model_outputs(segmenter, samples_of_groups(folder, held_out)[1])
+        train_outputs[folder.name] = model_outputs(segmenter, samples_of_groups(folder, training)[1], tiles)
+        held_out_outputs[folder.name] = model_outputs(segmenter, samples_of_groups(folder, held_out)[1], tiles)
         print(f"{folder.name}: tuned on {', '.join(training)} ({len(train_outputs[folder.name])} images); "
               f"held out {', '.join(held_out)} ({len(held_out_outputs[folder.name])} images)")
     print(f"model outputs: {time.perf_counter() - t0:.0f} s")

@@ -30,12 +30,13 @@ class ModelOutput:
     distance: np.ndarray | None  # the distance head's map (float16), None without one
 
 
-def model_outputs(segmenter, samples) -> list[ModelOutput]:
-    """The model's class and distance maps of every sample (``.stem``, ``.image``, ``.labels``, ``.instances``)."""
+def model_outputs(segmenter, samples, tiles=None) -> list[ModelOutput]:
+    """The model's class and distance maps of every sample (``.stem``, ``.image``, ``.labels``,
+    ``.instances``), run with ``tiles`` (``TileSettings``; e.g. test-time flips)."""
     outputs = []
     for s in samples:
         distance = np.zeros(s.image.shape[:2], np.float32) if segmenter.has_distance_head else None
-        class_map = segmenter.segment(s.image, distance_out=distance)
+        class_map = segmenter.segment(s.image, tiles, distance_out=distance)
         outputs.append(ModelOutput(s.stem, s.labels, s.instances, np.asarray(class_map, np.uint8),
                                    None if distance is None else distance.astype(np.float16)))
     return outputs
