@@ -23,7 +23,6 @@ from .instance import aggregate_instance_stats, image_instance_stats
 class ModelOutput:
     """One labelled image with what the model made of it."""
 
-    stem: str
     labels: np.ndarray  # ground-truth class map
     instances: np.ndarray  # ground-truth instance map
     class_map: np.ndarray  # predicted, uint8
@@ -31,13 +30,13 @@ class ModelOutput:
 
 
 def model_outputs(segmenter, samples, tiles=None) -> list[ModelOutput]:
-    """The model's class and distance maps of every sample (``.stem``, ``.image``, ``.labels``,
-    ``.instances``), run with ``tiles`` (``TileSettings``; e.g. test-time flips)."""
+    """The model's class and distance maps of every sample (``.image``, ``.labels``, ``.instances``),
+    run with ``tiles`` (``TileSettings``; e.g. test-time flips)."""
     outputs = []
     for s in samples:
         distance = np.zeros(s.image.shape[:2], np.float32) if segmenter.has_distance_head else None
         class_map = segmenter.segment(s.image, tiles, distance_out=distance)
-        outputs.append(ModelOutput(s.stem, s.labels, s.instances, np.asarray(class_map, np.uint8),
+        outputs.append(ModelOutput(s.labels, s.instances, np.asarray(class_map, np.uint8),
                                    None if distance is None else distance.astype(np.float16)))
     return outputs
 

@@ -119,13 +119,11 @@ def _check_averageable(model: torch.nn.Module, start_weights: dict, start_path) 
 def _average_with_start(cfg: TrainConfig, best: Path) -> Path:
     """``best`` averaged with the start checkpoint (``average_with_start`` on ``best``), written
     beside it as ``AVERAGED_NAME``; a rerun's earlier file is replaced only once the new one is whole."""
+    from ..io.images import atomic_write
     from .average import average_checkpoints
 
     final = best.parent / AVERAGED_NAME
-    fresh = best.parent / f".{final.stem}.new{final.suffix}"
-    fresh.unlink(missing_ok=True)  # a killed run's leftover
-    average_checkpoints(cfg.init_checkpoint, best, cfg.average_with_start, fresh)
-    fresh.replace(final)
+    atomic_write(final, lambda tmp: average_checkpoints(cfg.init_checkpoint, best, cfg.average_with_start, tmp))
     return final
 
 
