@@ -28,40 +28,56 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def test_default_config_resolves_to_the_shipped_models_recorded_config():
     stages = load_train_stages(REPO / "configs" / "default.yaml")
-    assert [s.name for s in stages] == ["all_data", "classes", "context"]
-    all_data, classes, context = (s.config for s in stages)
-    assert [c.out_dir for c in (all_data, classes, context)] == [
-        "runs/default/all_data", "runs/default/classes", "runs/default/context"]
+    names = ["all_data", "classes", "context", "distance", "distance_tnbc", "distance_low_lr"]
+    assert [s.name for s in stages] == names
+    all_data, classes, context, distance, tnbc, low_lr = (s.config for s in stages)
+    assert [s.config.out_dir for s in stages] == [f"runs/default/{n}" for n in names]
     assert all_data.init_checkpoint is None
     assert all_data.model.encoder_weights == "runs/imagenet/mobilenet_v2_imagenet.safetensors"  # the ImageNet start
     assert classes.init_checkpoint == "runs/default/all_data/best.safetensors"
     assert context.init_checkpoint == "runs/default/classes/best.safetensors"
+    assert distance.init_checkpoint == "runs/default/context/averaged.safetensors"  # context's result
+    assert tnbc.init_checkpoint == "runs/default/distance/best.safetensors"
+    assert low_lr.init_checkpoint == "runs/default/distance_tnbc/best.safetensors"
     assert [(Path(d.path).name, d.labels, d.weight) for d in all_data.data.datasets] == [
         ("consep_train", "classes", 2.0), ("monuseg_train", "binary", 1.0), ("tnbc_train", "binary", 1.0)]
     assert [d.weight for d in classes.data.datasets] == [4.0, 1.0, 1.0]  # the class stage: CoNSeP weighted up
     assert classes.data.datasets[2].distance == "convex"  # a stage's list replaces the whole list
     assert [d.weight for d in context.data.datasets] == [2.0, 1.0, 1.0]  # the top-level list again
+    assert [d.weight for d in distance.data.datasets] == [2.0, 1.0, 1.0]
+    assert [d.weight for d in tnbc.data.datasets] == [d.weight for d in low_lr.data.datasets] == [2.0, 1.0, 2.0]
     assert (all_data.lr, all_data.epochs, all_data.monitor) == (0.002, 48, "val_worst_set_bpq")
     assert (classes.lr, classes.epochs, classes.monitor) == (0.0005, 20, "val_miou")
     assert (context.lr, context.epochs, context.monitor, context.data.crop_size) == (0.0005, 16, "val_worst_set_bpq", 256)
-    assert (all_data.average_with_start, classes.average_with_start, context.average_with_start) == (0.0, 0.0, 0.5)
+    assert [(c.lr, c.epochs, c.data.crop_size, c.distance_loss_weight) for c in (distance, tnbc, low_lr)] == [
+        (0.0005, 16, 256, 3.0), (0.00025, 10, 256, 3.0), (0.00015, 8, 256, 3.0)]
+    assert [c.average_with_start for c in (all_data, classes, context, distance, tnbc)] == [0.0, 0.0, 0.5, 0.0, 0.0]
+    # the last stage is averaged with the chain's start, not its own
+    assert (low_lr.average_with_start, low_lr.average_with) == (0.5, "runs/default/context/averaged.safetensors")
 
     gpu = classes.for_device("cuda")
     assert (gpu.lr, gpu.epochs, gpu.batch_size) == (0.00025, 20, 64)  # a quarter of the GPU's stage-1 lr
     gpu = context.for_device("cuda")
     assert (gpu.lr, gpu.epochs, gpu.batch_size, gpu.data.crop_size) == (0.00025, 16, 64, 256)
+    assert [c.for_device("cuda").lr for c in (distance, tnbc, low_lr)] == [0.00025, 0.000125, 0.000075]
 
-    # The shipped weights were made by the last stage (`medseg train configs/default.yaml
-    # --from-stage context --set init_checkpoint=<the earlier default>`): its recorded config is
-    # the stage's but for the start and the ImageNet file (a run from a checkpoint records none).
+    # The shipped weights are distance_low_lr's best (run from a stage-less copy of this config,
+    # runs/dist3c.yaml, out_dir runs/dist3c, from the earlier stages' copies in runs/) averaged
+    # half and half with the earlier default (`medseg average default <best> --weight 0.5`). Its
+    # recorded config is the stage's but for the paths, the averaging (done after the run, so
+    # recorded under training.averaged, not in its config), the GPU-only on_cuda settings (the
+    # run's were the top level's) and the ImageNet file (a run from a checkpoint records none).
     meta = read_meta(resolve_model_path("default"))
     recorded = meta.training["config"]
-    ours, theirs = _flat(context.to_dict()), _flat(recorded)
-    assert set(ours) == set(theirs)
-    differ = {k for k in theirs if ours[k] != theirs[k]}
-    assert differ == {"init_checkpoint", "model.encoder_weights"}, {k: (ours[k], theirs[k]) for k in differ}
-    assert theirs["model.encoder_weights"] is None
-    assert meta.training["averaged"]["weight_on_tuned"] == 0.5
+    ours, theirs = _flat(low_lr.to_dict()), _flat(recorded)
+    differ = {k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)}
+    assert differ == {"init_checkpoint", "out_dir", "average_with_start", "average_with", "on_cuda.lr",
+                      "on_cuda.epochs", "model.encoder_weights"}, {k: (ours.get(k), theirs.get(k)) for k in differ}
+    assert theirs["model.encoder_weights"] is None and theirs["average_with_start"] == 0.0
+    averaged = meta.training["averaged"]
+    assert averaged["weight_on_tuned"] == 0.5 and averaged["batchnorm"] == "average"
+    assert Path(averaged["start"]).name == "default.safetensors"  # context's result, shipped before
+    assert averaged["tuned"] == "runs/dist3c/best.safetensors"
 
 
 def test_the_earlier_consep_recipe_still_resolves_stage_by_stage():
@@ -246,3 +262,33 @@ def test_cli_says_when_a_stages_result_is_an_average(small_consep, tmp_path, cap
     averaged, start = tmp_path / "run" / "b" / "averaged.safetensors", tmp_path / "run" / "a" / "best.safetensors"
     assert f"checkpoint {averaged} (averaged with {start}, 0.5 on this run)" in out
     assert f"stage 'a': best epoch 1; checkpoint {start}\n" in out  # a plain stage: no such words
+
+
+def test_a_stage_may_average_with_an_earlier_stages_result(small_consep, tmp_path):
+    """``average_with: <stage>``: the last stage's best is averaged with an earlier stage's result,
+    not with its own start (a chain of fine-tunes averaged with where the chain began)."""
+    path = _write(tmp_path, {**BASE, "data": {"dataset": [str(small_consep)], "crop_size": 64, "val_fraction": 0.34},
+                             "out_dir": str(tmp_path / "run"),
+                             "stages": [{"name": "a"}, {"name": "b", "lr": 0.01},
+                                        {"name": "c", "lr": 0.01, "average_with_start": 0.5, "average_with": "a"}]})
+    stages = load_train_stages(path)
+    assert stages[2].config.average_with == str(tmp_path / "run" / "a" / "best.safetensors")
+    a, b, c = train_stages(stages).results
+    assert c.checkpoint == tmp_path / "run" / "c" / "averaged.safetensors"
+    assert read_meta(c.checkpoint).training["averaged"]["start"] == str(a.checkpoint)
+    first, last, averaged = (load_checkpoint(p)[0].state_dict()
+                             for p in (a.checkpoint, tmp_path / "run" / "c" / "best.safetensors", c.checkpoint))
+    keys = [k for k, v in first.items() if v.is_floating_point()][:6]
+    assert not all(torch.allclose(first[k], last[k]) for k in keys)  # two stages of lr 0.01 moved the weights
+    for key in keys:
+        torch.testing.assert_close(averaged[key], 0.5 * first[key] + 0.5 * last[key], rtol=2e-3, atol=2e-3)
+
+
+def test_average_with_names_only_earlier_stages_and_needs_a_share(tmp_path):
+    later = _write(tmp_path, {**BASE, "stages": [{"name": "a", "init_checkpoint": "x.safetensors",
+                                                  "average_with_start": 0.5, "average_with": "b"}, {"name": "b"}]})
+    with pytest.raises(TrainConfigError, match="Stage 'a' averages with stage 'b', which does not come before it"):
+        load_train_stages(later)
+    with pytest.raises(TrainConfigError, match="average_with .y.safetensors. needs average_with_start"):
+        load_train_config(None, ["data.dataset=[x]", "init_checkpoint=x.safetensors",
+                                 "average_with=y.safetensors"]).check()

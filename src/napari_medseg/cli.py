@@ -349,10 +349,10 @@ def cmd_train(args) -> int:
 
 def _result_words(config, result) -> str:
     """'best epoch N; checkpoint P', saying so where P is that epoch averaged with the run's start."""
-    from .training.config import AVERAGED_NAME
+    from .training.config import AVERAGED_NAME, average_partner
 
     averaged = result.checkpoint is not None and result.checkpoint.name == AVERAGED_NAME
-    how = f" (averaged with {config.init_checkpoint}, {config.average_with_start:g} on this run)" if averaged else ""
+    how = f" (averaged with {average_partner(config)}, {config.average_with_start:g} on this run)" if averaged else ""
     return f"best epoch {result.best_epoch}; checkpoint {result.checkpoint}{how}"
 
 

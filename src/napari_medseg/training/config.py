@@ -104,6 +104,11 @@ BEST_NAME = "best.safetensors"  # the best epoch's checkpoint, in out_dir
 AVERAGED_NAME = "averaged.safetensors"  # with average_with_start: it averaged with the start
 
 
+def average_partner(cfg: "TrainConfig") -> str | None:
+    """The checkpoint the run's best is averaged with: ``average_with``, else its start."""
+    return (cfg.average_with or cfg.init_checkpoint) if cfg.average_with_start else None
+
+
 def result_name(cfg: "TrainConfig") -> str:
     """The file in ``cfg.out_dir`` that holds the model the run is for."""
     return AVERAGED_NAME if cfg.average_with_start else BEST_NAME
@@ -155,6 +160,9 @@ class TrainConfig:
     # the run's weights (as ``medseg average``; batch norm averaged, the tuned threshold kept),
     # written to averaged.safetensors: the run's result and a next stage's start. 0 = off
     average_with_start: float = 0.0
+    # the checkpoint averaged with, where it is not init_checkpoint (e.g. the start of a chain of
+    # fine-tunes); in a staged config an earlier stage's name means that stage's result
+    average_with: str | None = None
     # settings that replace the ones above when the run's device is a CUDA GPU (a larger batch
     # and crops, loader workers, ...); sections merge key by key, as stages do
     on_cuda: dict = field(default_factory=dict)
@@ -238,6 +246,8 @@ class TrainConfig:
             bad(f"average_with_start must lie between 0 and 1 (the run's share), not {self.average_with_start}.")
         if self.average_with_start and not self.init_checkpoint:
             bad("average_with_start averages the run with its start: it needs an init_checkpoint.")
+        if self.average_with and not self.average_with_start:
+            bad(f"average_with ({self.average_with}) needs average_with_start, the run's share of the average.")
         if isinstance(self.class_weights, str) and self.class_weights not in ("auto", "inverse"):
             bad(f"class_weights must be a list of numbers, 'auto' or 'inverse', not '{self.class_weights}'.")
         if isinstance(self.normalization, str) and self.normalization not in ("imagenet", "none"):

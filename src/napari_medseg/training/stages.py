@@ -13,7 +13,8 @@ changes merged in (sections such as ``model`` or ``data`` merge key by key)::
         epochs: 20
 
 Stage ``k > 1`` starts from stage ``k - 1``'s result (its best checkpoint, or that averaged with
-its own start where it sets ``average_with_start``) unless it names its own ``init_checkpoint``;
+its own start where it sets ``average_with_start``; ``average_with: <earlier stage>`` averages with
+that stage's result instead) unless it names its own ``init_checkpoint``;
 each writes to ``<out_dir>/<name>``, and ``<out_dir>/stages.json`` records
 what every finished stage produced. Command-line overrides (``--set``) apply to every stage,
 except ``out_dir`` and ``init_checkpoint``, which set the run's folder and the first stage's start.
@@ -96,6 +97,13 @@ def load_train_stages(path: str | Path | None, overrides: list[str] = (), from_s
         merged["out_dir"] = str(base_out / name)
         if stages and "init_checkpoint" not in spec:
             merged["init_checkpoint"] = str(Path(stages[-1].config.out_dir) / result_name(stages[-1].config))
+        if merged.get("average_with") in names:  # an earlier stage's result
+            partner = str(merged["average_with"])
+            if partner not in [s.name for s in stages]:
+                raise TrainConfigError(f"{path}: Stage '{name}' averages with stage '{partner}', which does not "
+                                       "come before it.")
+            done = stages[[s.name for s in stages].index(partner)].config
+            merged["average_with"] = str(Path(done.out_dir) / result_name(done))
         if name == first:
             apply_overrides(merged, start)
         try:

@@ -21,7 +21,7 @@ import torch
 
 from ..devices import resolve_device
 from .checkpoints import CheckpointWriter, check_output_dir, estimated_bytes
-from .config import AVERAGED_NAME, TrainConfig
+from .config import AVERAGED_NAME, TrainConfig, average_partner
 from .data import LabelledImage, normalization_stats
 from .distributed import DistContext, init_distributed, shutdown_distributed
 from .events import BatchDone, EpochDone, TrainingDone, TrainingError
@@ -72,7 +72,7 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
     data = prepare_data(cfg, items, start)
     model = build_training_model(cfg, None if start is None else start.weights)
     if cfg.average_with_start and start is not None:
-        _check_averageable(model, start.weights, cfg.init_checkpoint)
+        _check_averageable(model, cfg, start.weights)
     if ctx.is_main:
         check_output_dir(out_dir, estimated_bytes(model, cfg.save_half, cfg.save_resume))
     precision = Precision.for_device(cfg, device)
@@ -108,22 +108,32 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
                         progress.best_record, cfg.seed)
 
 
-def _check_averageable(model: torch.nn.Module, start_weights: dict, start_path) -> None:
+def _check_averageable(model: torch.nn.Module, cfg: TrainConfig, start_weights: dict) -> None:
     """Refuse before training what could not be averaged after it (e.g. a distance head added)."""
+    partner = average_partner(cfg)
+    if partner != cfg.init_checkpoint:
+        if not Path(partner).is_file():
+            raise TrainingError(f"average_with: '{partner}' does not exist (if it is an earlier stage's result, "
+                                "run that stage first).")
+        from ..models.checkpoint import load_checkpoint
+
+        start_weights = load_checkpoint(partner)[0].state_dict()
     own = model.state_dict()
     if own.keys() != start_weights.keys() or any(own[k].shape != start_weights[k].shape for k in own):
-        raise TrainingError(f"average_with_start: this run's network differs from its start ({start_path}), "
+        what = "its start" if partner == cfg.init_checkpoint else "average_with"
+        raise TrainingError(f"average_with_start: this run's network differs from {what} ({partner}), "
                             "for instance by a head it adds, so the two cannot be averaged.")
 
 
 def _average_with_start(cfg: TrainConfig, best: Path) -> Path:
-    """``best`` averaged with the start checkpoint (``average_with_start`` on ``best``), written
-    beside it as ``AVERAGED_NAME``; a rerun's earlier file is replaced only once the new one is whole."""
+    """``best`` averaged with the start checkpoint, or ``average_with`` (``average_with_start`` on
+    ``best``), written beside it as ``AVERAGED_NAME``; a rerun's earlier file is replaced only once
+    the new one is whole."""
     from ..io.images import atomic_write
     from .average import average_checkpoints
 
     final = best.parent / AVERAGED_NAME
-    atomic_write(final, lambda tmp: average_checkpoints(cfg.init_checkpoint, best, cfg.average_with_start, tmp))
+    atomic_write(final, lambda tmp: average_checkpoints(average_partner(cfg), best, cfg.average_with_start, tmp))
     return final
 
 
