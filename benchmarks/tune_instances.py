@@ -6,6 +6,8 @@ then the held-out images check it against the current defaults (``InstanceSettin
     python benchmarks/tune_instances.py --threads 2 --before 0.5,10,4   # against the settings before the sweep
     python benchmarks/tune_instances.py --model runs/x/best.safetensors --groups-per-set 6
 
+(``medseg tune-nuclei`` does the same for one model and records the choice in its checkpoint.)
+
 Training images: ``--groups-per-set`` source images of each set the split model trained on,
 taken evenly from its sorted training groups (the model has seen them: its outputs there are
 surer than on new images, so the choice is a little biased towards its training behaviour, never
@@ -30,7 +32,8 @@ sys.path.insert(0, str(REPO / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from napari_medseg.evaluation.instance_tuning import (  # noqa: E402
-    binary_pq, model_outputs, score_grid, settings_grid, weakest_set_best)
+    MARKER_THRESHOLDS, MIN_MARKER_SIZES, MIN_SIZES, binary_pq, model_outputs, score_grid, settings_grid,
+    weakest_set_best)
 from napari_medseg.evaluation.threshold import samples_of_groups  # noqa: E402
 from napari_medseg.io.dataset import open_dataset, source_group  # noqa: E402
 from napari_medseg.nuclei.watershed import InstanceSettings  # noqa: E402
@@ -53,9 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--split-from-model", default=None, help="whose validation groups are held out (default: --model)")
     parser.add_argument("--sets", default=",".join(str(DATA / n) for n in DEFAULT_SETS), help="dataset folders")
     parser.add_argument("--groups-per-set", type=int, default=4, help="training source images per set to tune on")
-    parser.add_argument("--marker-thresholds", type=_floats, default=[0.3, 0.35, 0.4, 0.45, 0.5])
-    parser.add_argument("--min-sizes", type=_ints, default=[10, 30, 45, 60, 80, 100], help="smallest nucleus (px)")
-    parser.add_argument("--min-marker-sizes", type=_ints, default=[4, 10], help="smallest seed (px)")
+    parser.add_argument("--marker-thresholds", type=_floats, default=list(MARKER_THRESHOLDS))
+    parser.add_argument("--min-sizes", type=_ints, default=list(MIN_SIZES), help="smallest nucleus (px)")
+    parser.add_argument("--min-marker-sizes", type=_ints, default=list(MIN_MARKER_SIZES), help="smallest seed (px)")
     parser.add_argument("--before", type=_floats, metavar="MARKER,MIN_SIZE,MIN_MARKER_SIZE",
                         help="the setting to compare the choice with (default: InstanceSettings' defaults)")
     parser.add_argument("--tta", action="store_true", help="the model runs with test-time flips (4x the time)")

@@ -177,12 +177,14 @@ def test_options_not_given_keep_the_settings_defaults():
 
     settings = _batch_settings(build_parser().parse_args(["predict", "x.png", "--out", "o"]))
     assert settings.tiles == TileSettings() and settings.postprocess == PostprocessSettings()
-    assert settings.instances == InstanceSettings() and settings.foreground_threshold is None
+    # no nucleus setting given: the model's own (Segmenter.instance_settings) for every file
+    assert settings.nuclei and settings.instance_overrides == {} and settings.foreground_threshold is None
     given = _batch_settings(build_parser().parse_args(
         ["predict", "x.png", "--out", "o", "--tile", "128", "--blend", "cosine", "--fill-holes", "7", "--min-size", "3",
          "--no-instances"]))
     assert (given.tiles.tile_size, given.tiles.overlap, given.tiles.blend) == (128, TileSettings().overlap, "cosine")
-    assert given.postprocess == PostprocessSettings(max_hole_size=7) and given.instances is None
+    assert given.postprocess == PostprocessSettings(max_hole_size=7) and not given.nuclei
+    assert given.instance_overrides == {"min_size": 3}
     evaluate = build_parser().parse_args(["evaluate", "p", "g", "--min-size", "3"])
     assert _instance_settings(evaluate) == InstanceSettings(min_size=3)
 

@@ -113,6 +113,7 @@ class _DarkNuclei:
     """A stand-in model: hematoxylin-dark pixels are nuclei (class 1), as the classical baseline."""
 
     classes, has_distance_head = ["background", "nucleus"], False
+    instance_settings = InstanceSettings()  # no recorded settings: the defaults, as a Segmenter's
 
     def iter_segment(self, image, settings=None, postprocess=None, distance_out=None, pixel_size_um=None):
         yield 1, 2

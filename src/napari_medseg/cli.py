@@ -1,4 +1,5 @@
-"""``medseg``: predict, evaluate, convert, train, average, tune-threshold, info and the napari demo, from the shell."""
+"""``medseg``: predict, evaluate, convert, train, average, tune-threshold, tune-nuclei, info and the napari demo,
+from the shell."""
 
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def _collect_inputs(inputs: list[str]) -> list[Path]:
 # they parse to None when not given, and only the given ones reach the settings
 TILE_OPTIONS = {"tile": "tile_size", "overlap": "overlap", "batch_size": "batch_size", "blend": "blend"}
 CLEANUP_OPTIONS = {"min_object_size": "min_object_size", "fill_holes": "max_hole_size"}
-INSTANCE_OPTIONS = {"min_distance": "min_distance", "min_size": "min_size", "marker_threshold": "marker_threshold"}
+INSTANCE_OPTIONS = {"min_distance": "min_distance", "min_size": "min_size", "marker_threshold": "marker_threshold",
+                    "min_marker_size": "min_marker_size"}
 
 
 def _given(args, options: dict[str, str]) -> dict:
@@ -88,7 +90,7 @@ def _batch_settings(args):
     from .inference.postprocess import PostprocessSettings
 
     return BatchSettings(_tile_settings(args), PostprocessSettings(**_given(args, CLEANUP_OPTIONS)),
-                         None if args.no_instances else _instance_settings(args),
+                         nuclei=not args.no_instances, instance_overrides=_given(args, INSTANCE_OPTIONS),
                          probabilities=args.probabilities, foreground_threshold=args.foreground_threshold,
                          pixel_size_um=args.pixel_size if args.pixel_size != NO_PIXEL_SIZE else None,
                          use_file_pixel_size=args.pixel_size != NO_PIXEL_SIZE)
@@ -201,7 +203,8 @@ def _predict_slides(args) -> int:
         if args.pixel_size is not None:
             slide = replace(slide, pixel_size_um=args.pixel_size)
         result = predict_slide(segmenter, slide, out, region, progress=ProgressLine(path.name),
-                               settings=_tile_settings(args), instance_settings=_instance_settings(args),
+                               settings=_tile_settings(args),
+                               instance_settings=segmenter.instance_settings_with(_given(args, INSTANCE_OPTIONS)),
                                postprocess=PostprocessSettings(**_given(args, CLEANUP_OPTIONS)),
                                nuclei=not args.no_instances)
         counts = ", ".join(f"{name} {n}" for name, n in result.counts.items())
@@ -400,6 +403,25 @@ def cmd_tune_threshold(args) -> int:
     return 0
 
 
+def cmd_tune_nuclei(args) -> int:
+    from .evaluation.instance_tuning import tune_nuclei_checkpoint
+
+    result = tune_nuclei_checkpoint(args.model, args.data, args.out, groups=args.groups, all_images=args.all_images,
+                                    tta=args.tta, device=args.device, overwrite=args.overwrite,
+                                    progress_for=lambda steps: ProgressLine("tune-nuclei: each image, then each setting"))
+    for name in result["left_out"]:
+        print(f"{name}: none of its images is among the tuning images; left out")
+    before, chosen = result["before"], result["settings"]
+    words = {"marker_threshold": "marker threshold", "min_size": "smallest nucleus (px)",
+             "min_marker_size": "smallest seed (px)"}
+    print(f"chosen of {result['candidates']} settings (the weakest set's bPQ): "
+          + ", ".join(f"{words[k]} {before['settings'][k]} -> {v}" for k, v in chosen.items()))
+    for name, images in result["images"].items():
+        print(f"  {name} ({images} images): bPQ {before['bpq'][name]:.4f} -> {result['bpq'][name]:.4f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_info(args) -> int:
     from .models import read_meta, resolve_model_path
 
@@ -431,14 +453,27 @@ def cmd_web(args) -> int:
     return 0
 
 
-def _instance_options(parser) -> None:
+def _instance_options(parser, model: bool = False) -> None:
+    """The watershed's settings; ``model``: a model runs, and its own settings are the default."""
     from .nuclei.watershed import InstanceSettings
 
     group = parser.add_argument_group("instances from class maps (watershed)")
     defaults = InstanceSettings()
+
+    def default(name: str) -> str:
+        value = getattr(defaults, name)
+        return f"default: the model's own (medseg tune-nuclei), else {value}" if model else f"default {value}"
+
     group.add_argument("--min-distance", type=_count,
-                       help=f"minimum distance between nucleus centres (px; default {defaults.min_distance})")
-    group.add_argument("--min-size", type=_count, help=f"drop objects smaller than this (px; default {defaults.min_size})")
+                       help=f"minimum distance between nucleus centres (px; {default('min_distance')})")
+    group.add_argument("--min-size", type=_count, help=f"drop objects smaller than this (px; {default('min_size')})")
+    if model:
+        group.add_argument("--marker-threshold", type=float,
+                           help="models with a distance head: nucleus cores (watershed seeds) are where it exceeds "
+                                f"this ({default('marker_threshold')})")
+        group.add_argument("--min-marker-size", type=_count,
+                           help=f"models with a distance head: drop seeds under this many px "
+                                f"({default('min_marker_size')})")
 
 
 def _engine_options(p) -> None:
@@ -469,8 +504,6 @@ def _engine_options(p) -> None:
 
 
 def _add_predict(sub) -> None:
-    from .nuclei.watershed import InstanceSettings
-
     p = sub.add_parser("predict", help="segment images, folders or dataset folders")
     p.add_argument("inputs", nargs="+", help="image files, folders of images, or dataset folders")
     p.add_argument("--model", default="default", help="'default' or a .safetensors checkpoint")
@@ -491,10 +524,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--foreground-threshold", metavar="T", type=_foreground_threshold,
                    help="nucleus probability above which a pixel is a nucleus (0-1), or 'argmax'; "
                         "default: the model's tuned threshold (medseg tune-threshold), argmax if it has none")
-    _instance_options(p)
-    p.add_argument("--marker-threshold", type=float,
-                   help="models with a distance head: nucleus cores (watershed seeds) are where it exceeds this "
-                        f"(default {InstanceSettings.marker_threshold})")
+    _instance_options(p, model=True)
     p.set_defaults(func=cmd_predict)
 
 
@@ -563,6 +593,22 @@ def _add_tune_threshold(sub) -> None:
     p.set_defaults(func=cmd_tune_threshold)
 
 
+def _add_tune_nuclei(sub) -> None:
+    p = sub.add_parser("tune-nuclei", help="choose a model's nucleus post-processing (watershed seeds, smallest "
+                                           "nucleus) on labelled images with instance maps")
+    p.add_argument("model", help="'default' or a .safetensors checkpoint")
+    p.add_argument("data", nargs="+", help="dataset folders with labels/ and instances/ (each is one set: the "
+                                          "setting whose weakest set scores best is chosen)")
+    p.add_argument("--out", required=True, help="the checkpoint to write, with the settings in its metadata")
+    p.add_argument("--groups", type=_group_list,
+                   help="source images to tune on (comma-separated; default: the model's validation images)")
+    p.add_argument("--all-images", action="store_true", help="tune on every image of the datasets")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never the input model)")
+    p.add_argument("--tta", action="store_true", help="tune for runs with test-time flips (4x the model time)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_tune_nuclei)
+
+
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="print a checkpoint's metadata")
     p.add_argument("model", nargs="?", default="default")
@@ -595,8 +641,8 @@ def _add_web(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medseg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_predict, _add_evaluate, _add_convert, _add_train, _add_average, _add_tune_threshold, _add_info,
-                _add_demo, _add_web):
+    for add in (_add_predict, _add_evaluate, _add_convert, _add_train, _add_average, _add_tune_threshold,
+                _add_tune_nuclei, _add_info, _add_demo, _add_web):
         add(sub)
     return parser
 

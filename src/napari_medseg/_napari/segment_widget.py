@@ -74,6 +74,8 @@ class SegmentWidget(Container):
         self.native.destroyed.connect(lambda *_: process.close())  # the dock (or the viewer) closed
         self._mask: np.ndarray | None = None  # the last in-memory run's polygon, over its crop
         self._model_threshold: float | None = None
+        # the last run's model's own nucleus settings (what "model's" stands for in the boxes)
+        self._model_instances = InstanceSettings()
         self.kept: KeptRun | None = None
         self.last_layer = self.last_instances_layer = self.last_slide_result = None
         self.advanced = Container(widgets=self._setting_controls(), labels=True)
@@ -107,19 +109,26 @@ class SegmentWidget(Container):
         return [self.target, self.shapes_layer, self.results_folder]
 
     def _threshold_controls(self) -> list:
-        """What re-thresholding changes: these update the last result without the network."""
-        instances = InstanceSettings()
+        """What re-thresholding changes: these update the last result without the network.
+        Each starts at the model's own value (its lowest value, shown as "model's")."""
         # 0 = the model's own (tuned by medseg tune-threshold; argmax if it has none)
         self.threshold = FloatSpinBox(label="nucleus threshold", value=0.0, min=0.0, max=0.99, step=0.01,
                                       tooltip="Foreground probability above which a pixel is nucleus; "
                                               "0 = the model's own (argmax if it has none).")
         self.threshold.native.setSpecialValueText(MODEL_THRESHOLD_TEXT)  # shown for 0: never a "0.00" threshold
-        self.marker_threshold = FloatSpinBox(label="marker threshold", value=instances.marker_threshold, min=0.01,
-                                             max=0.99, step=0.05,
+        # 0 / -1 = the model's own (medseg tune-nuclei; InstanceSettings' defaults if it has none)
+        self.marker_threshold = FloatSpinBox(label="marker threshold", value=0.0, min=0.0, max=0.99, step=0.05,
                                              tooltip="Distance-map level of a nucleus core (one seed each); "
-                                                     "lower merges touching nuclei less often.")
-        self.min_nucleus = SpinBox(label="min nucleus (px)", value=instances.min_size, min=0, max=100_000,
-                                   tooltip="Nuclei smaller than this are dropped as noise.")
+                                                     "lower merges touching nuclei less often. Lowest = the "
+                                                     "model's own.")
+        self.marker_threshold.native.setSpecialValueText(MODEL_THRESHOLD_TEXT)
+        # a whole-number FloatSpinBox: magicgui's SpinBox (superqt's large-int box) shows no special text
+        self.min_nucleus = FloatSpinBox(label="min nucleus (px)", value=MODEL_MIN_NUCLEUS, min=MODEL_MIN_NUCLEUS,
+                                        max=100_000, step=1,
+                                        tooltip="Nuclei smaller than this (model px) are dropped as noise; "
+                                                "0 keeps all. Lowest = the model's own.")
+        self.min_nucleus.native.setDecimals(0)
+        self.min_nucleus.native.setSpecialValueText(MODEL_THRESHOLD_TEXT)
         self.show_advanced = CheckBox(text="advanced settings (tiles, clean-up, runtime)", value=False)
         return [self.threshold, self.marker_threshold, self.min_nucleus]
 
@@ -208,10 +217,18 @@ class SegmentWidget(Container):
         return TileSettings(self.tile_size.value, self.overlap.value, self.batch_size.value, blend=self.blend.value,
                             tta=self.tta.value, skip_background=self.skip_background.value)
 
+    def _chosen_instances(self) -> tuple[float | None, int | None]:
+        """(marker threshold, min nucleus) as set; None where a box says "model's"."""
+        min_nucleus = round(self.min_nucleus.value)
+        return self.marker_threshold.value or None, None if min_nucleus == MODEL_MIN_NUCLEUS else min_nucleus
+
     def thresholds(self) -> Thresholds:
-        """The controls' thresholds for re-thresholding; a nucleus threshold of 0 is the last run's model's."""
-        return Thresholds(self.threshold.value or self._model_threshold, self.marker_threshold.value,
-                          self.min_nucleus.value)
+        """The controls' thresholds for re-thresholding; "model's" is the last run's model's value."""
+        marker, min_size = self._chosen_instances()
+        own = self._model_instances
+        return Thresholds(self.threshold.value or self._model_threshold,
+                          own.marker_threshold if marker is None else marker,
+                          own.min_size if min_size is None else min_size)
 
     def _fail(self, error: BaseException | str) -> None:
         self._set_running(False)
@@ -258,7 +275,7 @@ class SegmentWidget(Container):
         """The settings of a run, read here on the GUI thread: a function that, given the loaded
         segmenter (in the worker), sets its threshold and returns its tile and nucleus settings."""
         tiles = self.tile_settings()
-        chosen = Thresholds(self.threshold.value, self.marker_threshold.value, self.min_nucleus.value)
+        chosen = Thresholds(self.threshold.value, *self._chosen_instances())
         return lambda segmenter: apply_thresholds(segmenter, tiles, chosen)
 
     def _image_job(self, key, layer, image, region: Region | None, polygon: np.ndarray | None):
@@ -300,7 +317,7 @@ class SegmentWidget(Container):
             region=None if region is None else (region.x, region.y, region.width, region.height),
             polygon=None if polygon is None else np.asarray(polygon, float).tolist(),
             tiles=asdict(self.tile_settings()), nucleus_threshold=self.threshold.value,
-            marker_threshold=self.marker_threshold.value, min_nucleus=self.min_nucleus.value,
+            marker_threshold=self._chosen_instances()[0], min_nucleus=self._chosen_instances()[1],
             nuclei=self.nuclei.value, min_object_size=self.min_object_size.value,
             max_hole_size=self.fill_holes.value, flag="results folder", threads=torch.get_num_threads())
         where, name = placement(layer), layer.name
@@ -379,6 +396,7 @@ class SegmentWidget(Container):
         if isinstance(run, _SlideRun):
             self._classes, self._colors = run.model.classes, run.model.colors
             self._model_threshold = run.model.foreground_threshold
+            self._model_instances = InstanceSettings(**run.model.instance_settings)
             # nothing is kept in memory: the thresholds apply to the next run
             self.kept, self.last_slide_result = None, run.result
             summary = slide_summary(run.result)
@@ -386,6 +404,7 @@ class SegmentWidget(Container):
             segmenter = run.segmenter
             self._classes, self._colors = segmenter.classes, segmenter.meta.colors
             self._model_threshold = segmenter.meta.foreground_threshold
+            self._model_instances = segmenter.instance_settings
             self.kept, self._mask, self._report = run.kept, run.mask, segmenter.last_report
             self.last_slide_result, summary = None, run.summary
             if segmenter.device.type != "cpu":
@@ -393,6 +412,9 @@ class SegmentWidget(Container):
         self.last_layer, self.last_instances_layer = run.layers
         own = "argmax" if self._model_threshold is None else f"{self._model_threshold:.2f}"
         self.threshold.native.setSpecialValueText(f"{MODEL_THRESHOLD_TEXT} ({own})")
+        instances = self._model_instances
+        self.marker_threshold.native.setSpecialValueText(f"{MODEL_THRESHOLD_TEXT} ({instances.marker_threshold:.2f})")
+        self.min_nucleus.native.setSpecialValueText(f"{MODEL_THRESHOLD_TEXT} ({instances.min_size})")
 
         def shown():
             self.status.value = summary
@@ -525,7 +547,8 @@ def _labels_layers(labels, class_kwargs: dict, instances, instance_kwargs: dict 
     return Labels(labels, **class_kwargs), nuclei
 
 
-MODEL_THRESHOLD_TEXT = "model's"  # what the nucleus threshold box shows at 0 (the model's own threshold)
+MODEL_THRESHOLD_TEXT = "model's"  # what a threshold box shows at its lowest value (the model's own)
+MODEL_MIN_NUCLEUS = -1  # the min nucleus box's value for "the model's own"
 RUNTIME_NAMES = {"torch": "PyTorch", "openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}
 
 

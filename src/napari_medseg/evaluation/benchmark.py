@@ -72,7 +72,7 @@ def evaluate_segmenter(segmenter, classes: list[str], samples, instance_settings
 
     On data with one foreground class every predicted class counts as that class."""
     merge = scores_nuclei_only(segmenter.classes, classes)
-    instance_settings = instance_settings or InstanceSettings()
+    instance_settings = instance_settings or segmenter.instance_settings
     evaluation = PairEvaluation(classes, instance_settings)
     t0 = time.perf_counter()
     for s in samples:

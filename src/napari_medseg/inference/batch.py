@@ -23,7 +23,6 @@ from ..io.pixel_size import file_pixel_size_um
 from ..io.outputs import (
     check_not_input, check_unique_stems, claim_classes, remove_stale_temps, reserve, temp_path, write_error,
 )
-from ..nuclei.watershed import InstanceSettings
 from ..steps import ProgressCallback
 from .forward import RunReport
 from .postprocess import PostprocessSettings
@@ -40,7 +39,9 @@ class BatchSettings:
 
     tiles: TileSettings = field(default_factory=TileSettings)
     postprocess: PostprocessSettings = field(default_factory=PostprocessSettings)
-    instances: InstanceSettings | None = field(default_factory=InstanceSettings)  # None: class maps only
+    nuclei: bool = True  # False: class maps only
+    # InstanceSettings fields that replace the model's own (Segmenter.instance_settings)
+    instance_overrides: dict = field(default_factory=dict)
     probabilities: bool = False
     # None: the model's tuned threshold (argmax if it has none); ARGMAX; or a probability in (0, 1)
     foreground_threshold: float | str | None = None
@@ -94,6 +95,7 @@ def predict_to_folder(files: list[Path], out: str | Path, model: str | os.PathLi
         threshold = settings.foreground_threshold
         segmenter.foreground_threshold = None if threshold == ARGMAX else float(threshold)
     settings.tiles.checked(segmenter.meta.model.output_stride)
+    segmenter.instance_settings_with(settings.instance_overrides)  # refused here, before any file
     if claim_classes(out, segmenter.classes, RESULT_FOLDERS):
         write_classes(out, segmenter.classes, source=source)
     remove_stale_temps(out, *(out / sub for sub in RESULT_FOLDERS))
@@ -128,13 +130,14 @@ def _segment_into(segmenter: Segmenter, image, out: Path, stem: str, settings: B
             result.probabilities = out / "probabilities" / f"{stem}.npy"
             tmp = temp_path(result.probabilities)  # renamed when complete: never a half-written .npy
             probs = _probability_file(tmp, result.probabilities, (len(segmenter.classes), *image.shape[:2]))
-        if settings.instances is None:
+        if not settings.nuclei:
             labels, instances = segmenter.segment(image, settings.tiles, progress, postprocess=settings.postprocess,
                                                   probabilities_out=probs, pixel_size_um=result.pixel_size_um), None
         else:  # nuclei seeded by the model's distance head where it has one
             labels, instances = segmenter.segment_nuclei(image, settings.tiles, progress,
                                                          postprocess=settings.postprocess,
-                                                         instance_settings=settings.instances,
+                                                         instance_settings=segmenter.instance_settings_with(
+                                                             settings.instance_overrides),
                                                          probabilities_out=probs, pixel_size_um=result.pixel_size_um)
         result.report, result.shape = segmenter.last_report, labels.shape
         result.labels = write_label_map(out / "labels" / f"{stem}.tif", labels)  # tiled + compressed when large

@@ -26,20 +26,25 @@ KEEP_MAX_PIXELS = 16_000_000
 
 @dataclass(frozen=True)
 class Thresholds:
-    """What re-thresholding may change; ``nucleus=None`` is the argmax."""
+    """What re-thresholding may change; ``nucleus=None`` is the argmax. ``marker`` and
+    ``min_size`` replace the model's own (``Segmenter.instance_settings``) where given."""
 
     nucleus: float | None = None
-    marker: float = InstanceSettings.marker_threshold
-    min_size: int = InstanceSettings.min_size
+    marker: float | None = None
+    min_size: int | None = None
+
+    def overrides(self) -> dict:
+        """The ``InstanceSettings`` fields given here."""
+        given = {"marker_threshold": self.marker, "min_size": self.min_size}
+        return {k: v for k, v in given.items() if v is not None}
 
 
 def apply_thresholds(segmenter, tiles: TileSettings, chosen: Thresholds) -> tuple[TileSettings, InstanceSettings]:
     """A run's settings from what the user chose: sets ``segmenter``'s nucleus threshold
     (``chosen.nucleus`` 0 or None: the model's own tuned one) and returns ``tiles`` checked for its
-    network and the nucleus settings of ``chosen``."""
+    network and the model's nucleus settings with ``chosen``'s in place."""
     segmenter.foreground_threshold = chosen.nucleus or segmenter.meta.foreground_threshold
-    return (tiles.checked(segmenter.meta.model.output_stride),
-            InstanceSettings(marker_threshold=chosen.marker, min_size=chosen.min_size))
+    return tiles.checked(segmenter.meta.model.output_stride), segmenter.instance_settings_with(chosen.overrides())
 
 
 @dataclass
@@ -63,7 +68,7 @@ class KeptRun:
         labels = self.class_map(thresholds)
         if not nuclei:
             return labels, None
-        settings = replace(self.instance_settings, marker_threshold=thresholds.marker, min_size=thresholds.min_size)
+        settings = replace(self.instance_settings, **thresholds.overrides())
         settings = settings_at_image_scale(self.scale, None, settings)[1]
         instances = yield from iter_semantic_to_instances(labels, settings, self.distance)
         return labels, instances
@@ -84,7 +89,7 @@ def iter_segment_keeping(segmenter: Segmenter, image, settings: TileSettings | N
     ``INSTANCE_MAX_PIXELS``. The class map is the segmenter's own (its threshold, then clean-up).
     """
     postprocess = postprocess or PostprocessSettings()
-    instance_settings = instance_settings or InstanceSettings()
+    instance_settings = instance_settings or segmenter.instance_settings
     source = image if isinstance(image, ImageSource) else ImageSource(image, segmenter.meta.model.in_channels)
     height, width, image = source.height, source.width, source
     if height * width > KEEP_MAX_PIXELS:

@@ -12,6 +12,7 @@ drives with progress and cancel.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -105,6 +106,21 @@ class Segmenter:
     @property
     def classes(self) -> list[str]:
         return self.meta.classes
+
+    @property
+    def instance_settings(self) -> InstanceSettings:
+        """How nuclei are cut by default: the model's recorded settings (``medseg tune-nuclei``)
+        over ``InstanceSettings``' defaults. Callers may pass their own per run."""
+        return InstanceSettings.recorded(self.meta.instance_settings)
+
+    def instance_settings_with(self, overrides: dict | None = None) -> InstanceSettings:
+        """The model's nucleus settings with ``overrides`` (field -> value) in place; raises
+        ``InferenceSettingsError`` naming a value that cannot work."""
+        chosen = replace(self.instance_settings, **(overrides or {}))
+        wrong = chosen.errors()
+        if wrong:
+            raise InferenceSettingsError(f"Nucleus settings: {'; '.join(wrong)}.")
+        return chosen
 
     @property
     def has_distance_head(self) -> bool:
@@ -211,11 +227,12 @@ class Segmenter:
         Instances are seeded from the model's distance map where it has a distance head,
         from the distance transform of its class map otherwise (``semantic_to_instances``).
         Above ``INSTANCE_MAX_PIXELS`` only the class map is made and instances are ``None``.
-        Sizes in ``instance_settings`` are model pixels, converted for an image of ``pixel_size_um``.
+        Sizes in ``instance_settings`` (default: the model's, ``instance_settings``) are model
+        pixels, converted for an image of ``pixel_size_um``.
         """
         source = image if isinstance(image, ImageSource) else ImageSource(image, self.meta.model.in_channels)
         _, instance_settings = settings_at_image_scale(self.scale_for(pixel_size_um), None,
-                                                       instance_settings or InstanceSettings())
+                                                       instance_settings or self.instance_settings)
         fits = source.height * source.width <= INSTANCE_MAX_PIXELS
         distance = np.zeros((source.height, source.width), np.float32) if fits and self.has_distance_head else None
         tiles = self.iter_segment(source, settings, postprocess, probabilities_out=probabilities_out,

@@ -177,7 +177,7 @@ def _iter_nuclei(segmenter, slide, store, region: Region, instance_settings, fil
     names = segmenter.classes
     # sizes are given at the model's pixel size; the nuclei are cut on the slide's own grid
     instance_settings = settings_at_image_scale(segmenter.scale_for(slide.pixel_size_um), None,
-                                                instance_settings or InstanceSettings())[1]
+                                                instance_settings or segmenter.instance_settings)[1]
     geojson = GeoJSONStream(files.path("geojson"), names, class_colors(names), file=files.temp("geojson"))
     table = CSVStream(files.path("csv"), file=files.temp("csv"))
     counts = np.zeros(len(names), np.int64)

@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import MedsegError
-from ..nuclei.watershed import InstanceSettings
 from ..steps import Cancelled
 from .regions import Region
 from .slide import SlideResult
@@ -67,8 +66,8 @@ class SlideJob:
     polygon: list[list[float]] | None = None
     tiles: dict = field(default_factory=dict)  # TileSettings fields
     nucleus_threshold: float = 0.0
-    marker_threshold: float = InstanceSettings.marker_threshold
-    min_nucleus: int = InstanceSettings.min_size
+    marker_threshold: float | None = None  # None: the model's own (Segmenter.instance_settings)
+    min_nucleus: int | None = None
     nuclei: bool = True
     min_object_size: int = 0
     max_hole_size: int = 0
@@ -78,12 +77,13 @@ class SlideJob:
 
 @dataclass
 class SlideModelInfo:
-    """What the caller needs to show a slide run's results: the model's classes, colours and the
-    nucleus threshold that ran."""
+    """What the caller needs to show a slide run's results: the model's classes, colours, the
+    nucleus threshold that ran and the model's own nucleus settings."""
 
     classes: list[str]
     colors: list[list[int]]
     foreground_threshold: float | None
+    instance_settings: dict = field(default_factory=dict)  # Segmenter.instance_settings, as fields
 
 
 # -- the child ---------------------------------------------------------------------
@@ -119,7 +119,7 @@ def run_job(job: SlideJob, progress=None, should_cancel=None, loaded: dict | Non
                            postprocess=PostprocessSettings(job.min_object_size, job.max_hole_size), polygon=polygon,
                            flag=job.flag)
     info = SlideModelInfo(list(segmenter.classes), [list(c) for c in segmenter.meta.colors],
-                          segmenter.foreground_threshold)
+                          segmenter.foreground_threshold, asdict(segmenter.instance_settings))
     return result, info
 
 

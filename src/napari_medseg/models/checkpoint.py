@@ -64,6 +64,9 @@ class CheckpointMeta:
     # nucleus (foreground) probability above which a pixel gets its likeliest foreground class;
     # None = plain argmax over all classes. Tuned on validation images (``medseg tune-threshold``).
     foreground_threshold: float | None = None
+    # the model's own nucleus post-processing (``InstanceSettings`` fields: marker_threshold,
+    # min_size, min_marker_size), chosen by ``medseg tune-nuclei``; empty = InstanceSettings' defaults
+    instance_settings: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     created: str = ""
 
@@ -136,10 +139,31 @@ def _value_errors(meta: CheckpointMeta) -> list[str]:
     threshold = meta.foreground_threshold
     if threshold is not None and not 0 < threshold < 1:
         wrong.append(f"foreground_threshold must lie strictly between 0 and 1, got {threshold!r}")
+    wrong += _instance_settings_errors(meta.instance_settings)
     if meta.pixel_size_um is not None and not meta.pixel_size_um > 0:
         wrong.append(f"pixel_size_um must be above 0, got {meta.pixel_size_um!r}")
     if meta.model.num_classes < 2 or meta.model.in_channels < 1:
         wrong.append("model.num_classes must be at least 2 and model.in_channels at least 1")
+    return wrong
+
+
+# the nucleus settings a checkpoint may record (nuclei.watershed.TUNED_FIELDS): marker threshold
+# strictly between 0 and 1, the two sizes whole px
+RECORDED_INSTANCE_FIELDS = ("marker_threshold", "min_size", "min_marker_size")
+
+
+def _instance_settings_errors(record: dict) -> list[str]:
+    unknown = sorted(set(record) - set(RECORDED_INSTANCE_FIELDS))
+    if unknown:
+        return [f"instance_settings may hold {', '.join(RECORDED_INSTANCE_FIELDS)}, not {', '.join(map(str, unknown))}"]
+    wrong = []
+    marker = record.get("marker_threshold", 0.5)
+    if not (isinstance(marker, (int, float)) and not isinstance(marker, bool) and 0 < marker < 1):
+        wrong.append(f"instance_settings.marker_threshold must lie strictly between 0 and 1, got {marker!r}")
+    for name in ("min_size", "min_marker_size"):
+        value = record.get(name, 0)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            wrong.append(f"instance_settings.{name} must be a whole number of px, 0 or more, got {value!r}")
     return wrong
 
 

@@ -28,14 +28,14 @@ def check_not_pickle(path: Path) -> None:
         if 8 + header_len <= os.path.getsize(path):
             return
         raise CheckpointError(f"{path.name}: truncated safetensors file (header runs past the end of the file).")
+    if len(head) < 9:  # before the pickle check: a cut-off safetensors file may start with 0x80 too
+        raise CheckpointError(f"{path.name} is too short to be a safetensors checkpoint ({len(head)} bytes).")
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         raise CheckpointError(
             f"{path.name} is a pickled PyTorch checkpoint (torch.save). napari-medseg never unpickles "
             "files, because unpickling can run arbitrary code. Save the weights with "
             "napari_medseg.models.save_checkpoint (a .safetensors file) instead."
         )
-    if len(head) < 9:
-        raise CheckpointError(f"{path.name} is too short to be a safetensors checkpoint ({len(head)} bytes).")
     raise CheckpointError(f"{path.name} is not a safetensors file (bad or truncated header).")
 
 

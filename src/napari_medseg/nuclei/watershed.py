@@ -43,7 +43,45 @@ class InstanceSettings:
     marker_threshold: float = 0.4
     min_marker_size: int = 10
     # min_size, marker_threshold, min_marker_size: chosen for the shipped model by
-    # benchmarks/tune_instances.py (the weakest set's bPQ on training images; README, Accuracy)
+    # benchmarks/tune_instances.py (the weakest set's bPQ on training images; README, Accuracy);
+    # a checkpoint may record its own (``medseg tune-nuclei``), which then replace these
+
+    def errors(self) -> list[str]:
+        """What is wrong with these values, by field (empty when they can work)."""
+        wrong = [f"{name} must be a whole number of px, got {getattr(self, name)!r}"
+                 for name in ("min_distance", "min_size", "min_marker_size") if not _is_int(getattr(self, name))]
+        wrong += [f"{name} must be a number, got {getattr(self, name)!r}"
+                  for name in ("sigma", "marker_threshold") if not _is_number(getattr(self, name))]
+        if wrong:
+            return wrong
+        if not 0 < self.marker_threshold < 1:
+            wrong.append(f"marker_threshold must lie strictly between 0 and 1, got {self.marker_threshold!r}")
+        if self.min_distance < 1:
+            wrong.append(f"min_distance must be at least 1 px, got {self.min_distance!r}")
+        if self.sigma < 0:
+            wrong.append(f"sigma must not be negative, got {self.sigma!r}")
+        wrong += [f"{name} must not be negative, got {getattr(self, name)!r}"
+                  for name in ("min_size", "min_marker_size") if getattr(self, name) < 0]
+        return wrong
+
+    @classmethod
+    def recorded(cls, record: dict | None) -> "InstanceSettings":
+        """These defaults with a model's recorded values (``CheckpointMeta.instance_settings``)."""
+        return cls(**(record or {}))
+
+
+# what a model may record for itself (models.checkpoint.RECORDED_INSTANCE_FIELDS) and medseg
+# tune-nuclei chooses
+TUNED_FIELDS = ("marker_threshold", "min_size", "min_marker_size")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and bool(np.isfinite(value))
 
 
 def semantic_to_instances(class_map: np.ndarray, settings: InstanceSettings | None = None,

@@ -5,7 +5,7 @@ for write access and free space before training starts."""
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -72,6 +72,9 @@ class CheckpointWriter:
     normalization: dict  # {"mean": [...], "std": [...]}
     data: dict  # the data description recorded in the checkpoint
     foreground_threshold: float | None = None  # the start checkpoint's, until the run tunes its own
+    # the start checkpoint's nucleus settings: the run's validation bPQ cuts nuclei with them, and
+    # the checkpoint keeps them (they were tuned for the weights it grew from)
+    instance_settings: dict = field(default_factory=dict)
 
     @property
     def best_path(self) -> Path:
@@ -100,7 +103,7 @@ class CheckpointWriter:
             model=self.cfg.model, classes=self.classes, normalization=self.normalization,
             pixel_size_um=self.cfg.pixel_size_um, training=training, data=self.data,
             metrics={"validation": record}, model_card=self.cfg.model_card,
-            foreground_threshold=self.foreground_threshold,
+            foreground_threshold=self.foreground_threshold, instance_settings=dict(self.instance_settings),
         )
         try:
             save_checkpoint(self.best_path, model, meta, half=self.cfg.save_half)

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from ..nuclei.watershed import InstanceSettings
 from .checkpoints import CheckpointWriter
 from .config import TrainConfig
 from .distributed import DistContext
@@ -100,7 +101,8 @@ def finish_epoch(run: Run, epoch: int, train_loss: float, lr: float, started: fl
     run.ctx.sync_buffers(run.model)
     if run.loaders.val_sets:
         val_loss, metrics = validate_sets(run.model, run.loaders.val_sets, run.loss_fn, run.num_classes, run.device,
-                                          run.ctx, run.precision.autocast, run.precision.channels_last)
+                                          run.ctx, run.precision.autocast, run.precision.channels_last,
+                                          InstanceSettings.recorded(run.writer.instance_settings))
     else:
         val_loss, metrics = train_loss, {}
     progress = run.progress

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ class StartCheckpoint:
     weights: dict  # state dict
     classes: list[str]
     foreground_threshold: float | None  # its tuned threshold, kept until the run tunes its own
+    instance_settings: dict = field(default_factory=dict)  # its nucleus settings, kept (medseg tune-nuclei)
 
 
 def load_start_checkpoint(cfg: TrainConfig) -> StartCheckpoint | None:
@@ -65,7 +66,8 @@ def load_start_checkpoint(cfg: TrainConfig) -> StartCheckpoint | None:
     cfg.model = replace(start_meta.model, encoder_weights=None)
     cfg.model.distance_head = cfg.model.distance_head or wants_distance
     cfg.normalization = dict(start_meta.normalization)  # the weights were trained with these
-    return StartCheckpoint(start_model.state_dict(), start_meta.classes, start_meta.foreground_threshold)
+    return StartCheckpoint(start_model.state_dict(), start_meta.classes, start_meta.foreground_threshold,
+                           dict(start_meta.instance_settings))
 
 
 @dataclass

@@ -85,7 +85,8 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
     optim = build_optimisation(cfg, model, len(loaders.train), precision.grad_scaler())
     writer = CheckpointWriter(cfg, given, ctx, device, data.classes, {"mean": mean, "std": std},
                               describe_data(cfg, items is not None, data, loaders.crops_per_epoch),
-                              None if start is None else start.foreground_threshold)
+                              None if start is None else start.foreground_threshold,
+                              {} if start is None else start.instance_settings)
     progress = Progress.start(cfg, has_validation=bool(loaders.val_sets))
     if resumed is not None:
         tensors, info = resumed

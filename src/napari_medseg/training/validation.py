@@ -12,7 +12,7 @@ import torch
 
 from ..evaluation.instance import match_instances
 from ..evaluation.semantic import semantic_metrics
-from ..nuclei.watershed import semantic_to_instances
+from ..nuclei.watershed import InstanceSettings, semantic_to_instances
 from .distributed import DistContext
 from .losses import IGNORE_INDEX
 from .mixed import BINARY_NUCLEUS
@@ -31,12 +31,14 @@ class ValidationSet:
 @torch.inference_mode()
 def validate(model, loader, loss_fn, num_classes: int, device, ctx: DistContext | None = None,
              autocast=nullcontext, channels_last: bool = False,
-             gt_instances: list[np.ndarray] | None = None, binary: bool = False) -> tuple[float, dict]:
+             gt_instances: list[np.ndarray] | None = None, binary: bool = False,
+             instance_settings: InstanceSettings | None = None) -> tuple[float, dict]:
     """Mean loss per image and metrics from one pooled confusion matrix (summed over ranks).
 
     With ``gt_instances`` (one map per validation image, in the loader's order) also ``bpq``:
     binary PQ per image of the nuclei the model's output gives (``semantic_to_instances``,
-    seeded by its distance head if it has one), averaged over images with nuclei.
+    seeded by its distance head if it has one; ``instance_settings``, default ``InstanceSettings()``),
+    averaged over images with nuclei.
     ``binary``: the labels are a binary set's codes; the matrix is nucleus vs background.
     """
     model.eval()
@@ -60,7 +62,8 @@ def validate(model, loader, loss_fn, num_classes: int, device, ctx: DistContext 
         truth, found = ((labels == BINARY_NUCLEUS).long(), (pred > 0).long()) if binary else (labels, pred)
         cm += torch.bincount(truth[keep] * scored + found[keep], minlength=scored**2)
         if gt_instances is not None:
-            _add_binary_pq(pq_sum, logits, pred, num_classes, gt_instances[seen:seen + len(image)])
+            _add_binary_pq(pq_sum, logits, pred, num_classes, gt_instances[seen:seen + len(image)],
+                           instance_settings)
         seen += len(image)
     if ctx is not None:
         ctx.all_sum(cm)
@@ -78,11 +81,12 @@ def validate(model, loader, loss_fn, num_classes: int, device, ctx: DistContext 
 
 
 def validate_sets(model, sets: list[ValidationSet], loss_fn, num_classes: int, device, ctx: DistContext | None = None,
-                  autocast=nullcontext, channels_last: bool = False) -> tuple[float, dict]:
+                  autocast=nullcontext, channels_last: bool = False,
+                  instance_settings: InstanceSettings | None = None) -> tuple[float, dict]:
     """``validate`` for each set; a run's only unnamed set as it is, several sets as the mean of
     their figures (class metrics over the class sets) with each set's own under ``sets``."""
     scores = {s.name: validate(model, s.loader, loss_fn, num_classes, device, ctx, autocast, channels_last,
-                               s.instances, s.binary) for s in sets}
+                               s.instances, s.binary, instance_settings) for s in sets}
     if len(sets) == 1 and not sets[0].name:
         return scores[""]
     per_set = {name: {"loss": loss, **metrics} for name, (loss, metrics) in scores.items()}
@@ -106,7 +110,7 @@ def _mean_over_sets(records: list[dict]) -> dict:
 
 
 def _add_binary_pq(pq_sum: torch.Tensor, logits: torch.Tensor, pred: torch.Tensor, num_classes: int,
-                   gt_instances: list[np.ndarray]) -> None:
+                   gt_instances: list[np.ndarray], settings: InstanceSettings | None = None) -> None:
     """Add (sum of PQ, images counted) of one batch to ``pq_sum``; images without nuclei don't count."""
     pred_np = pred.cpu().numpy()
     dist = torch.sigmoid(logits[:, num_classes]).cpu().numpy() if logits.shape[1] > num_classes else None
@@ -114,6 +118,6 @@ def _add_binary_pq(pq_sum: torch.Tensor, logits: torch.Tensor, pred: torch.Tenso
         if gt.max() == 0:
             continue
         h, w = gt.shape  # validation images are padded to the network's stride
-        found = semantic_to_instances(pred_np[b, :h, :w], None, None if dist is None else dist[b, :h, :w])
+        found = semantic_to_instances(pred_np[b, :h, :w], settings, None if dist is None else dist[b, :h, :w])
         pq_sum[0] += match_instances(gt, found).pq
         pq_sum[1] += 1

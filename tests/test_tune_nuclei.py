@@ -1,0 +1,162 @@
+"""A model's own nucleus post-processing: ``medseg tune-nuclei`` chooses it on labelled images and
+records it in a copy of the checkpoint; every entry point then cuts nuclei with it unless told
+otherwise, and a fine-tune keeps it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_medseg.cli import main
+from napari_medseg.evaluation.benchmark import evaluate_segmenter
+from napari_medseg.evaluation.instance_tuning import tune_nuclei_checkpoint
+from napari_medseg.evaluation.threshold import ThresholdTuningError, samples_of_groups
+from napari_medseg.inference import Segmenter
+from napari_medseg.io.images import read_image
+from napari_medseg.models import CheckpointError, load_checkpoint, read_meta, resolve_model_path, save_checkpoint
+from napari_medseg.models.checkpoint import RECORDED_INSTANCE_FIELDS
+from napari_medseg.nuclei.watershed import TUNED_FIELDS, InstanceSettings, semantic_to_instances
+
+FORCED = InstanceSettings(marker_threshold=0.3, min_size=100, min_marker_size=4)  # far from the defaults
+
+
+@pytest.fixture(scope="module")
+def forced(consep, tmp_path_factory) -> Path:
+    """The default model with FORCED recorded: a one-candidate tuning on two CoNSeP patches."""
+    out = tmp_path_factory.mktemp("tuned") / "forced.safetensors"
+    tune_nuclei_checkpoint("default", [consep], out, groups=["train_12"], device="cpu",
+                           marker_thresholds=[FORCED.marker_threshold], min_sizes=[FORCED.min_size],
+                           min_marker_sizes=[FORCED.min_marker_size])
+    return out
+
+
+def test_the_recorded_fields_are_the_tuned_ones():
+    assert RECORDED_INSTANCE_FIELDS == TUNED_FIELDS  # models cannot import nuclei: the two lists must agree
+
+
+def test_cli_tunes_on_two_sets_and_records_what_the_product_then_scores(consep, tmp_path, capsys):
+    """Two real sets (CoNSeP, and the same folder under another name standing in for a second
+    set); the written checkpoint's settings, used by default by ``evaluate_segmenter`` (the
+    product's path), score the bPQ the tuning recorded, and no worse than the model's own."""
+    other = tmp_path / "consep_again"
+    other.symlink_to(consep, target_is_directory=True)
+    out = tmp_path / "tuned.safetensors"
+    assert main(["tune-nuclei", "default", str(consep), str(other), "--groups", "train_12,train_3", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "chosen of 60 settings" in printed and f"wrote {out}" in printed
+    meta = read_meta(out)
+    record = meta.metrics["instance_tuning"]
+    assert set(meta.instance_settings) == set(TUNED_FIELDS) and meta.instance_settings == record["settings"]
+    assert record["images"] == {"consep_train": 32, "consep_again": 32} and record["candidates"] == 60
+    assert min(record["bpq"].values()) >= min(record["before"]["bpq"].values())  # the old setting was a candidate
+    assert record["before"]["settings"] == {"marker_threshold": 0.4, "min_size": 45, "min_marker_size": 10}
+
+    tuned = Segmenter.load(out, device="cpu", backend="torch")
+    assert tuned.instance_settings == InstanceSettings(**meta.instance_settings)
+    classes, samples = samples_of_groups(consep, ["train_12", "train_3"])
+    scores, _ = evaluate_segmenter(tuned, classes, samples)  # no settings given: the model's own
+    assert scores["bpq"] == pytest.approx(record["bpq"]["consep_train"], abs=1e-9)
+    assert meta.foreground_threshold == read_meta(resolve_model_path("default")).foreground_threshold  # kept
+
+
+def test_predict_cuts_nuclei_with_the_models_settings_unless_given(forced, consep, tmp_path):
+    assert read_meta(forced).instance_settings == {"marker_threshold": 0.3, "min_size": 100, "min_marker_size": 4}
+    image_path = consep / "images" / "train_12_006.png"
+    assert main(["predict", str(image_path), "--model", str(forced), "--out", str(tmp_path / "own"),
+                 "--backend", "torch", "--precision", "fp32", "--device", "cpu"]) == 0
+    assert main(["predict", str(image_path), "--model", str(forced), "--out", str(tmp_path / "given"),
+                 "--backend", "torch", "--precision", "fp32", "--device", "cpu", "--min-size", "10",
+                 "--marker-threshold", "0.5"]) == 0
+    own = read_image(tmp_path / "own" / "instances" / "train_12_006.tif")
+    given = read_image(tmp_path / "given" / "instances" / "train_12_006.tif")
+
+    segmenter = Segmenter.load(forced, device="cpu", backend="torch")
+    distance = np.zeros(own.shape, np.float32)
+    class_map = segmenter.segment(read_image(image_path), distance_out=distance)
+    expected_own = semantic_to_instances(class_map, FORCED, distance)
+    expected_given = semantic_to_instances(class_map, InstanceSettings(marker_threshold=0.5, min_size=10,
+                                                                       min_marker_size=4), distance)
+    np.testing.assert_array_equal(own > 0, expected_own > 0)
+    assert own.max() == len(np.unique(expected_own)) - 1
+    np.testing.assert_array_equal(given > 0, expected_given > 0)
+    assert len(np.unique(given)) > len(np.unique(own))  # 10 px and seeds at 0.5: more, smaller nuclei kept
+
+
+def test_bad_settings_are_refused_before_any_file(forced, consep, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["predict", str(consep / "images" / "train_12_006.png"), "--model", str(forced), "--out", str(out),
+                 "--marker-threshold", "1.5"]) != 0
+    assert "marker_threshold must lie strictly between 0 and 1, got 1.5" in capsys.readouterr().err
+    assert not (out / "labels").exists() or not any((out / "labels").iterdir())
+
+
+def test_a_checkpoint_with_impossible_settings_is_refused_naming_them(forced, tmp_path):
+    model, meta = load_checkpoint(forced)
+    for record, words in (({"marker_threshold": 1.5}, "instance_settings.marker_threshold must lie strictly"),
+                          ({"min_size": -3}, "instance_settings.min_size must be a whole number"),
+                          ({"sigma": 2.0}, "instance_settings may hold marker_threshold, min_size, min_marker_size")):
+        meta.instance_settings = record
+        path = save_checkpoint(tmp_path / "bad.safetensors", model, meta)
+        with pytest.raises(CheckpointError, match=words):
+            read_meta(path)
+
+
+def test_tuning_needs_images_of_the_groups_and_never_overwrites(forced, consep, tmp_path):
+    with pytest.raises(ThresholdTuningError, match="none of .* holds an image of the groups"):
+        tune_nuclei_checkpoint("default", [consep], tmp_path / "x.safetensors", groups=["no_such_image"], device="cpu")
+    with pytest.raises(ThresholdTuningError, match="exists: choose another file or pass --overwrite"):
+        tune_nuclei_checkpoint("default", [consep], forced, groups=["train_12"], device="cpu")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_the_segment_widget_shows_and_uses_the_models_settings(make_napari_viewer, forced, consep):
+    from napari_medseg._napari.segment_widget import FILE_MODEL, SegmentWidget
+
+    viewer = make_napari_viewer()
+    image = read_image(consep / "images" / "train_12_006.png")
+    viewer.add_image(image, name="patch")
+    widget = SegmentWidget(viewer)
+    widget.device.value, widget.backend.value, widget.nuclei.value = "cpu", "torch", True
+    widget.model_source.value = FILE_MODEL
+    widget.checkpoint.value = str(forced)
+    assert widget.marker_threshold.native.text() == "model's" and widget.min_nucleus.native.text() == "model's"
+    widget.run(threaded=False)
+    assert widget.marker_threshold.native.text() == "model's (0.30)"
+    assert widget.min_nucleus.native.text() == "model's (100)"
+    segmenter = Segmenter.load(forced, device="cpu", backend="torch")
+    _, expected = segmenter.segment_nuclei(image)  # the model's own settings
+    own = widget.last_instances_layer.data
+    np.testing.assert_array_equal(own > 0, expected > 0)
+    # a value typed in re-cuts the kept run with it; back to "model's" gives the model's again
+    widget.min_nucleus.value = 10
+    smaller = widget.rethreshold(threaded=False)[1]
+    assert len(np.unique(smaller)) > len(np.unique(own))
+    widget.min_nucleus.value = widget.min_nucleus.min
+    again = widget.rethreshold(threaded=False)[1]
+    np.testing.assert_array_equal(again > 0, expected > 0)
+
+
+def test_a_fine_tune_keeps_its_starts_settings(tiny_checkpoint, small_consep, tmp_path):
+    from napari_medseg.training import load_train_config, train
+
+    model, meta = load_checkpoint(tiny_checkpoint)
+    meta.instance_settings = {"min_size": 30}
+    start = save_checkpoint(tmp_path / "start.safetensors", model, meta)
+    config = tmp_path / "fine.yaml"
+    config.write_text("\n".join([
+        f"init_checkpoint: {start}", f"data: {{dataset: [{small_consep}], crop_size: 64, val_fraction: 0.34}}",
+        "epochs: 1", "batch_size: 4", "num_threads: 1", f"out_dir: {tmp_path / 'run'}", "save_resume: false"]))
+    result = train(load_train_config(config))
+    assert read_meta(result.checkpoint).instance_settings == {"min_size": 30}
+    assert Segmenter.load(result.checkpoint, device="cpu").instance_settings.min_size == 30
+
+
+def test_cli_help_names_the_models_own_as_the_default():
+    medseg = Path(sys.executable).with_name("medseg")
+    text = subprocess.run([str(medseg), "predict", "--help"], capture_output=True, text=True, timeout=120).stdout
+    assert "default: the model's own (medseg tune-nuclei), else 0.4" in " ".join(text.split())
