@@ -141,6 +141,33 @@ def test_the_segment_widget_shows_and_uses_the_models_settings(make_napari_viewe
     np.testing.assert_array_equal(again > 0, expected > 0)
 
 
+def test_the_arrows_step_from_the_models_own_value_once_a_run_told_it(make_napari_viewer, forced, consep):
+    """At "model's (0.30)" the down arrow gives 0.25 (not the box's minimum); before any run the
+    boxes step as any other."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtTest import QTest
+
+    from napari_medseg._napari.segment_widget import FILE_MODEL, SegmentWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(read_image(consep / "images" / "train_12_006.png"), name="patch")
+    widget = SegmentWidget(viewer)
+    widget.device.value, widget.backend.value = "cpu", "torch"
+    widget.model_source.value, widget.checkpoint.value = FILE_MODEL, str(forced)
+    QTest.keyClick(widget.min_nucleus.native, Qt.Key.Key_Up)
+    assert widget.min_nucleus.value == 0  # the model's value is not known yet: one step up from "model's"
+    widget.min_nucleus.value = widget.min_nucleus.min
+    widget.run(threaded=False)
+    QTest.keyClick(widget.marker_threshold.native, Qt.Key.Key_Down)
+    assert widget.marker_threshold.value == pytest.approx(0.25)
+    QTest.keyClick(widget.min_nucleus.native, Qt.Key.Key_Up)
+    assert widget.min_nucleus.value == 101
+    QTest.keyClick(widget.threshold.native, Qt.Key.Key_Up)
+    assert widget.threshold.value == pytest.approx(0.39)  # the default's tuned 0.38, kept by the tuned copy
+    QTest.keyClick(widget.marker_threshold.native, Qt.Key.Key_Down)
+    assert widget.marker_threshold.value == pytest.approx(0.20)  # away from "model's": plain steps
+
+
 def test_a_fine_tune_keeps_its_starts_settings(tiny_checkpoint, small_consep, tmp_path):
     from napari_medseg.training import load_train_config, train
 

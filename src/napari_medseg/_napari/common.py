@@ -231,3 +231,31 @@ def confirm_replace(path: str) -> bool:
 
     answer = QMessageBox.question(None, "Replace file?", f"{path} exists. Replace it?")
     return answer == QMessageBox.StandardButton.Yes
+
+
+def step_from_own_value(box, own: Callable[[], float | None]) -> None:
+    """Let a spin box whose lowest value stands for "the model's own" (its special text) step
+    from that value: an arrow or the wheel at "model's (0.40)" goes to 0.35 or 0.45, not to the
+    box's minimum + one step. ``own()`` is the model's value, None while unknown (then the box
+    steps as any other). ``box``: a magicgui spin box; done on its Qt widget's step methods."""
+    native = box.native
+    step_by, step_enabled = native.stepBy, native.stepEnabled
+
+    def at_own() -> float | None:
+        value = own()
+        return value if value is not None and native.value() == native.minimum() else None
+
+    def stepped(steps: int) -> None:
+        value = at_own()
+        if value is not None:
+            native.setValue(value)  # one change signal, then the step's: both re-threshold the same way
+        step_by(steps)
+
+    def enabled():
+        if at_own() is not None:
+            flags = getattr(type(native), "StepEnabledFlag", type(native))  # scoped (Qt6) or not (Qt5)
+            return flags.StepUpEnabled | flags.StepDownEnabled
+        return step_enabled()
+
+    native.stepBy, native.stepEnabled = stepped, enabled
+

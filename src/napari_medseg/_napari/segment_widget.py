@@ -37,7 +37,8 @@ from ..nuclei.measure import nucleus_count
 from ..nuclei.votes import instance_classes
 from ..nuclei.watershed import INSTANCE_MAX_PIXELS, InstanceSettings
 from ..steps import Cancelled, run_steps
-from .common import WidgetInputError, add_layers_in_turns, report_error, start_worker, warm_label_visuals
+from .common import (WidgetInputError, add_layers_in_turns, report_error, start_worker, step_from_own_value,
+                     warm_label_visuals)
 from .layers import (class_labels_kwargs, image_layers, instance_labels_kwargs, legend_html, pick_classes_from,
                      pixel_size_um, placement, replace_instances, wrapping_label)
 from .model_list import DEFAULT_MODEL, FILE_MODEL, follow_trained_models, trained_models
@@ -74,8 +75,10 @@ class SegmentWidget(Container):
         self.native.destroyed.connect(lambda *_: process.close())  # the dock (or the viewer) closed
         self._mask: np.ndarray | None = None  # the last in-memory run's polygon, over its crop
         self._model_threshold: float | None = None
-        # the last run's model's own nucleus settings (what "model's" stands for in the boxes)
+        # the last run's model's own nucleus settings (what "model's" stands for in the boxes);
+        # _model_known: whether a run has told them (the boxes step from them only then)
         self._model_instances = InstanceSettings()
+        self._model_known = False
         self.kept: KeptRun | None = None
         self.last_layer = self.last_instances_layer = self.last_slide_result = None
         self.advanced = Container(widgets=self._setting_controls(), labels=True)
@@ -171,6 +174,11 @@ class SegmentWidget(Container):
         self.cancel_button.changed.connect(self.cancel)
         for control in (self.threshold, self.marker_threshold, self.min_nucleus):
             control.changed.connect(self._schedule_rethreshold)
+        # at "model's (0.40)" the arrows go to 0.35 / 0.45, once a run has told the model's values
+        for box, own in ((self.threshold, lambda: self._model_threshold),
+                         (self.marker_threshold, lambda: self._model_instances.marker_threshold),
+                         (self.min_nucleus, lambda: float(self._model_instances.min_size))):
+            step_from_own_value(box, lambda own=own: own() if self._model_known else None)
         self._viewer.layers.events.inserted.connect(self.reset_choices)
         self._viewer.layers.events.removed.connect(self.reset_choices)
 
@@ -410,6 +418,7 @@ class SegmentWidget(Container):
             if segmenter.device.type != "cpu":
                 segmenter.release()  # give the GPU memory back between runs
         self.last_layer, self.last_instances_layer = run.layers
+        self._model_known = True
         own = "argmax" if self._model_threshold is None else f"{self._model_threshold:.2f}"
         self.threshold.native.setSpecialValueText(f"{MODEL_THRESHOLD_TEXT} ({own})")
         instances = self._model_instances
