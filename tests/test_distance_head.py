@@ -94,6 +94,64 @@ def test_distance_loss_is_class_loss_plus_bce_on_valid_pixels():
         WithDistanceHead(ce, 5)(logits, labels)
 
 
+def _slow_gradient_error(predicted: np.ndarray, target: np.ndarray, keep: np.ndarray) -> float:
+    """The reference: scipy's Sobel per image (edges repeated), pixel by pixel over the mask."""
+    from scipy import ndimage as ndi
+
+    total, count = 0.0, 0
+    for p, t, k in zip(predicted, target, keep):
+        grads = [(ndi.sobel(a, axis=1, mode="nearest") / 8, ndi.sobel(a, axis=0, mode="nearest") / 8) for a in (p, t)]
+        h, w = t.shape
+        for y in range(h):
+            for x in range(w):
+                window = k[max(0, y - 1):y + 2, max(0, x - 1):x + 2]
+                if t[y, x] > 0 and window.all():
+                    total += sum((grads[0][i][y, x] - grads[1][i][y, x]) ** 2 for i in (0, 1))
+                    count += 1
+    return total / count
+
+
+def test_distance_gradient_error_matches_a_slow_reference_on_real_nuclei(samples):
+    """HoVer-Net's MSGE on the distance map: 0 for a perfect prediction, the per-pixel reference's
+    value otherwise, over nucleus pixels whose neighbourhood is trusted (an untrusted instance,
+    DISTANCE_IGNORE, and its rim do not count)."""
+    from napari_medseg.training.data import DISTANCE_IGNORE
+    from napari_medseg.training.losses import distance_gradient_error
+
+    target = np.stack([nucleus_distance_map(s.instances[:64, :64]) for s in samples[:2]])
+    target[1, 40:64, 40:64][target[1, 40:64, 40:64] > 0] = DISTANCE_IGNORE  # nuclei there are not trusted
+    keep = target >= 0
+    rng = np.random.default_rng(0)
+    predicted = np.clip(target + rng.normal(0, 0.1, target.shape), 0, 1).astype(np.float32)
+    t, k = torch.from_numpy(target), torch.from_numpy(keep)
+    assert float(distance_gradient_error(t.clamp(min=0), t, k)) == pytest.approx(0.0, abs=1e-12)
+    fast = float(distance_gradient_error(torch.from_numpy(predicted), t, k))
+    assert fast == pytest.approx(_slow_gradient_error(predicted, target, keep), rel=1e-5)
+    # a prediction that differs only on the untrusted nuclei scores the same
+    changed = predicted.copy()
+    changed[1][target[1] < 0] = 0.9
+    assert float(distance_gradient_error(torch.from_numpy(changed), t, k)) == pytest.approx(fast, rel=1e-6)
+    flat = float(distance_gradient_error(torch.zeros_like(t), t, k))
+    assert flat > fast > 0  # noise costs less than no slope at all
+
+
+def test_distance_loss_adds_the_weighted_gradient_error_and_trains_through_it():
+    from napari_medseg.training.losses import IGNORE_INDEX, WithDistanceHead, build_loss, distance_gradient_error
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 16, 16, requires_grad=True)
+    labels = torch.randint(0, 5, (2, 16, 16))
+    labels[:, :3] = IGNORE_INDEX
+    distance = torch.rand(2, 16, 16)
+    ce = build_loss("ce", num_classes=5)
+    plain = WithDistanceHead(ce, 5, weight=0.5)(logits, labels, distance)
+    loss = WithDistanceHead(ce, 5, weight=0.5, gradient_weight=4.0)(logits, labels, distance)
+    expected = plain + 4.0 * distance_gradient_error(torch.sigmoid(logits[:, 5]), distance, labels != IGNORE_INDEX)
+    assert torch.allclose(loss, expected, atol=1e-6) and loss > plain
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[:, 5].abs().sum() > 0
+
+
 def test_patch_dataset_moves_distance_with_labels(samples):
     from napari_medseg.io.images import to_rgb_float
     from napari_medseg.training.config import AugmentConfig

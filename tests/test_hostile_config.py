@@ -29,6 +29,7 @@ def setup(tmp_path):
     ("monitor: val_mIoU", "monitor 'val_mIoU' is not one of val_loss, val_miou"),  # was: after a full epoch
     ("lr: .nan", "lr must be a number"),
     ("model: [unet]", "'model' must be a mapping"),
+    ("distance_gradient_weight: -2", "distance_gradient_weight must be a number of at least 0"),
 ])
 def test_a_wrong_setting_names_the_file_and_the_key(setup, line, key):
     tmp_path, head = setup

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from napari_medseg.models import load_checkpoint, read_meta, resolve_model_path
-from napari_medseg.training import TrainConfigError, TrainingError, load_train_config
+from napari_medseg.training import TrainConfig, TrainConfigError, TrainingError, load_train_config
 from napari_medseg.training.stages import load_train_stages, train_stages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,11 +69,13 @@ def test_default_config_resolves_to_the_shipped_models_recorded_config():
     # run's were the top level's) and the ImageNet file (a run from a checkpoint records none).
     meta = read_meta(resolve_model_path("default"))
     recorded = meta.training["config"]
-    ours, theirs = _flat(low_lr.to_dict()), _flat(recorded)
+    # read as a config, so settings added since (at their defaults) read as the run had them
+    ours, theirs = _flat(low_lr.to_dict()), _flat(TrainConfig.from_dict(recorded).to_dict())
     differ = {k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)}
     assert differ == {"init_checkpoint", "out_dir", "average_with_start", "average_with", "on_cuda.lr",
                       "on_cuda.epochs", "model.encoder_weights"}, {k: (ours.get(k), theirs.get(k)) for k in differ}
     assert theirs["model.encoder_weights"] is None and theirs["average_with_start"] == 0.0
+    assert "distance_gradient_weight" not in recorded and theirs["distance_gradient_weight"] == 0.0
     averaged = meta.training["averaged"]
     assert averaged["weight_on_tuned"] == 0.5 and averaged["batchnorm"] == "average"
     assert Path(averaged["start"]).name == "default.safetensors"  # context's result, shipped before

@@ -24,7 +24,11 @@ the split between the nucleus classes.
 A model with a distance head (``ModelConfig.distance_head``) has one more channel after the
 classes; ``WithDistanceHead`` adds its loss: BCE-with-logits of that channel against the
 nucleus distance map in [0, 1] (soft targets: the gradient on the logit is simply
-``sigmoid - target``, where a squared error on the sigmoid would flatten near 0 and 1).
+``sigmoid - target``, where a squared error on the sigmoid would flatten near 0 and 1), and,
+with a ``gradient_weight``, the squared error between the Sobel gradients of the predicted and
+the target maps over nucleus pixels (HoVer-Net's "MSGE" on its distance maps, Graham et al.
+2019): where two nuclei touch the target's slope flips, and this term asks the prediction to
+dip there too, which per-pixel BCE weighs like any other pixel.
 """
 
 from __future__ import annotations
@@ -196,11 +200,13 @@ class MixedLabels(nn.Module):
 class WithDistanceHead(nn.Module):
     """``class_loss`` on the first ``num_classes`` channels plus ``weight`` x BCE of the last
     channel against the distance target, over the pixels whose label is not ignored and whose
-    target is trusted (``data.DISTANCE_IGNORE``, below 0, is not)."""
+    target is trusted (``data.DISTANCE_IGNORE``, below 0, is not), plus ``gradient_weight`` x
+    ``distance_gradient_error`` of its sigmoid."""
 
-    def __init__(self, class_loss: nn.Module, num_classes: int, weight: float = 1.0):
+    def __init__(self, class_loss: nn.Module, num_classes: int, weight: float = 1.0, gradient_weight: float = 0.0):
         super().__init__()
         self.class_loss, self.num_classes, self.weight = class_loss, num_classes, float(weight)
+        self.gradient_weight = float(gradient_weight)
 
     def forward(self, logits, target, distance=None):
         if distance is None:
@@ -210,4 +216,30 @@ class WithDistanceHead(nn.Module):
         if self.weight and keep.any():
             z = logits[:, self.num_classes]
             loss = loss + self.weight * F.binary_cross_entropy_with_logits(z[keep], distance[keep].to(z.dtype))
+        if self.gradient_weight and keep.any():
+            error = distance_gradient_error(torch.sigmoid(logits[:, self.num_classes].float()), distance.float(), keep)
+            loss = loss + self.gradient_weight * error
         return loss
+
+
+# 3x3 Sobel, divided by 8: a map rising by s per pixel has a gradient of s
+SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8
+
+
+def _sobel(image: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) -> (B, 2, H, W): the x and y gradients."""
+    kernel = torch.stack([SOBEL_X, SOBEL_X.T]).unsqueeze(1).to(image)
+    return F.conv2d(F.pad(image.unsqueeze(1), (1, 1, 1, 1), mode="replicate"), kernel)
+
+
+def distance_gradient_error(predicted: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the Sobel gradients of ``predicted`` and ``target`` distance
+    maps (B, H, W), over nucleus pixels (target > 0) whose whole 3x3 neighbourhood is ``keep``
+    (valid and trusted: an ignored neighbour would make the target's gradient meaningless).
+    0 where no pixel qualifies."""
+    inner = -F.max_pool2d(-keep.float().unsqueeze(1), 3, stride=1, padding=1).squeeze(1) > 0.5
+    mask = inner & (target > 0)
+    if not mask.any():
+        return predicted.sum() * 0.0  # keeps the graph (and DDP's gradient sync) whole
+    difference = (_sobel(predicted) - _sobel(target)).pow(2).sum(1)
+    return difference[mask].mean()

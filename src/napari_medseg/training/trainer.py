@@ -157,5 +157,5 @@ def _loss_function(cfg: TrainConfig, data: TrainingData, device: torch.device):
     if data.has_binary_sets:  # their pixels train the summed nucleus probability only
         loss_fn = MixedLabels(loss_fn, build_loss(cfg.loss, None, num_classes=2))
     if cfg.model.distance_head:
-        loss_fn = WithDistanceHead(loss_fn, len(data.classes), cfg.distance_loss_weight)
+        loss_fn = WithDistanceHead(loss_fn, len(data.classes), cfg.distance_loss_weight, cfg.distance_gradient_weight)
     return loss_fn
