@@ -57,30 +57,37 @@ def children(pid: int) -> list[int]:
     return found + [g for c in found for g in children(c)]
 
 
-def tree_rss_bytes() -> int:
-    """The resident set of this process and its children together."""
-    total = rss_bytes()
+def tree_rss_bytes() -> tuple[int, int]:
+    """The resident sets of this process and of its children (together)."""
+    kids = 0
     for pid in children(os.getpid()):
         try:
-            total += rss_bytes(pid)
+            kids += rss_bytes(pid)
         except OSError:  # it has just ended
             continue
-    return total
+    return rss_bytes(), kids
 
 
 class PeakRSS:
-    """The largest resident set size, of this process and its children together, seen while
-    inside the block (sampled every 20 ms)."""
+    """The largest resident set size, of this process and its children together (``peak``), and
+    of each alone (``own_peak``, ``children_peak``), seen while inside the block (every 20 ms)."""
 
     def __enter__(self):
-        self.peak, self._stop = tree_rss_bytes(), threading.Event()
+        self.peak = self.own_peak = self.children_peak = 0
+        self._stop = threading.Event()
+        self._take()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
+    def _take(self):
+        own, kids = tree_rss_bytes()
+        self.peak, self.own_peak = max(self.peak, own + kids), max(self.own_peak, own)
+        self.children_peak = max(self.children_peak, kids)
+
     def _sample(self):
         while not self._stop.wait(0.02):
-            self.peak = max(self.peak, tree_rss_bytes())
+            self._take()
 
     def __exit__(self, *exc):
         self._stop.set()
@@ -158,7 +165,7 @@ def segment_in_viewer(slide_path: Path, out: Path, args) -> None:
         x, y, w, h = (int(v) for v in args.region.split(","))
         corners = np.array([[y, x], [y, x + w], [y + h, x + w], [y + h, x]], float) - 0.5  # pixel edges
         shapes = viewer.add_shapes([corners * np.asarray(layer.scale) + np.asarray(layer.translate)],
-                                   shape_type="rectangle", name="region")
+                                   shape_type="rectangle", name="region", units=layer.units)  # in µm, as the slide
         widget.target.value, widget.shapes_layer.value = SHAPE, shapes
     else:
         widget.target.value = WHOLE_SLIDE
@@ -210,7 +217,9 @@ def _print_result(result, seconds: float, rss, start_rss: int, how: str) -> None
     phases = ", ".join(f"{name} {value:.1f} s" for name, value in result.seconds.items())
     print(f"total {seconds:.1f} s ({phases}): {tissue_mpx / seconds:.2f} Mpx/s of tissue end to end, "
           f"{tissue_mpx / result.seconds['model']:.2f} Mpx/s in the model phase")
-    print(f"peak RSS {rss.peak / 2**30:.2f} GiB (start {start_rss / 2**30:.2f} GiB); "
+    parts = (f": this process {rss.own_peak / 2**30:.2f} GiB, the slide-run process {rss.children_peak / 2**30:.2f} GiB"
+             if rss.children_peak else "")
+    print(f"peak RSS {rss.peak / 2**30:.2f} GiB{parts} (start {start_rss / 2**30:.2f} GiB); "
           f"nuclei {result.nuclei}: {result.counts}")
 
 
