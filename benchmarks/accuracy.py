@@ -84,13 +84,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--all-images", action="store_true", help="evaluate every image of --data, not the validation split")
     parser.add_argument("--groups", help="evaluate these source images instead (comma-separated, e.g. train_1,train_2: "
                                          "training images, to tune post-processing without touching the held-out ones)")
-    parser.add_argument("--min-distance", type=int, default=InstanceSettings.min_distance,
-                        help="watershed seed distance for the model's instances (px)")
-    parser.add_argument("--min-size", type=int, default=InstanceSettings.min_size, help="drop smaller model objects (px)")
-    parser.add_argument("--marker-threshold", type=float, default=InstanceSettings.marker_threshold,
-                        help="models with a distance head: watershed seeds where the distance map exceeds this")
-    parser.add_argument("--min-marker-size", type=int, default=InstanceSettings.min_marker_size,
-                        help="models with a distance head: drop smaller seeds (px)")
+    own = "default: each model's own (medseg tune-nuclei), else"
+    parser.add_argument("--min-distance", type=int,
+                        help=f"watershed seed distance for the model's instances (px; {own} "
+                             f"{InstanceSettings.min_distance})")
+    parser.add_argument("--min-size", type=int,
+                        help=f"drop smaller model objects (px; {own} {InstanceSettings.min_size})")
+    parser.add_argument("--marker-threshold", type=float,
+                        help=f"models with a distance head: watershed seeds where the distance map exceeds this "
+                             f"({own} {InstanceSettings.marker_threshold})")
+    parser.add_argument("--min-marker-size", type=int,
+                        help=f"models with a distance head: drop smaller seeds (px; {own} "
+                             f"{InstanceSettings.min_marker_size})")
     parser.add_argument("--tta", action="store_true",
                         help="also score the model with test-time augmentation (mean over 4 flips; 4x the time)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -185,8 +190,6 @@ def main_per_set(args, parser) -> int:
     labels = {m: _model_label(m, s.meta) for m, s in segmenters.items()}
     if len(set(labels.values())) < len(labels):
         labels = {m: f"{m}" for m in models}
-    instance_settings = InstanceSettings(min_distance=args.min_distance, min_size=args.min_size,
-                                         marker_threshold=args.marker_threshold, min_marker_size=args.min_marker_size)
     tiles = TileSettings(tta=args.tta)
     per_set, seen, out = {}, {}, {"models": models, "labels": labels, "split_from": split_from, "tta": args.tta,
                                   "sets": {}}
@@ -203,7 +206,8 @@ def main_per_set(args, parser) -> int:
         classes, samples = samples_of_groups(folder, groups)
         rows, seconds = {}, {}
         for m, segmenter in segmenters.items():
-            rows[labels[m]], seconds[labels[m]] = evaluate_segmenter(segmenter, classes, samples, instance_settings, tiles)
+            rows[labels[m]], seconds[labels[m]] = evaluate_segmenter(
+                segmenter, classes, samples, segmenter.instance_settings_with(_instance_overrides(args)), tiles)
         rows["classical baseline"], seconds["classical baseline"] = evaluate_baseline(classes, samples)
         per_set[name] = rows
         seen[name] = [labels[m] for m, s in segmenters.items() if name in trained_sets(s.meta)]
@@ -232,6 +236,13 @@ def main_per_set(args, parser) -> int:
     print(" ".join(f"{name}_dice={rows[candidate]['nucleus_dice']:.4f} {name}_bpq={rows[candidate]['bpq']:.4f}"
                    for name, rows in per_set.items()) + f" ship_rule={'met' if not failing else 'not_met'}")
     return 0
+
+
+def _instance_overrides(args) -> dict:
+    """The watershed settings given on the command line (the others are each model's own)."""
+    given = {"min_distance": args.min_distance, "min_size": args.min_size, "marker_threshold": args.marker_threshold,
+             "min_marker_size": args.min_marker_size}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def main(argv=None) -> int:
@@ -264,8 +275,8 @@ def main(argv=None) -> int:
     if scores_nuclei_only(segmenter.classes, classes):
         print(f"data classes {classes}: the model's {len(segmenter.classes) - 1} classes are scored as one "
               f"'{classes[1]}' class (binary numbers only)")
-    instance_settings = InstanceSettings(min_distance=args.min_distance, min_size=args.min_size,
-                                         marker_threshold=args.marker_threshold, min_marker_size=args.min_marker_size)
+    instance_settings = segmenter.instance_settings_with(_instance_overrides(args))
+    print(f"model instances: {instance_settings}")
     scores = score_model_and_baseline(segmenter, classes, samples, instance_settings, tta=args.tta)
     _print_results(scores, classes, _model_label(args.model, segmenter.meta), len(samples),
                    segmenter.meta.normalization)

@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-sizes", type=_ints, default=list(MIN_SIZES), help="smallest nucleus (px)")
     parser.add_argument("--min-marker-sizes", type=_ints, default=list(MIN_MARKER_SIZES), help="smallest seed (px)")
     parser.add_argument("--before", type=_floats, metavar="MARKER,MIN_SIZE,MIN_MARKER_SIZE",
-                        help="the setting to compare the choice with (default: InstanceSettings' defaults)")
+                        help="the setting to compare the choice with (default: the model's own, else InstanceSettings' "
+                             "defaults)")
     parser.add_argument("--tta", action="store_true", help="the model runs with test-time flips (4x the time)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     return parser
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
               f"held out {', '.join(held_out)} ({len(held_out_outputs[folder.name])} images)")
     print(f"model outputs: {time.perf_counter() - t0:.0f} s")
 
-    current = InstanceSettings()
+    current = segmenter.instance_settings  # the model's own (medseg tune-nuclei), else InstanceSettings' defaults
     if args.before:
         marker, min_size, min_marker_size = args.before
         current = InstanceSettings(marker_threshold=marker, min_size=int(min_size), min_marker_size=int(min_marker_size))
