@@ -579,17 +579,22 @@ def _add_average(sub) -> None:
     p.set_defaults(func=cmd_average)
 
 
+def _tuning_options(p, what: str, tta: str) -> None:
+    """What ``tune-threshold`` and ``tune-nuclei`` share: the output, which images, flips, device."""
+    p.add_argument("--out", required=True, help=f"the checkpoint to write, with the {what} in its metadata")
+    p.add_argument("--groups", type=_group_list,
+                   help="source images to tune on (comma-separated; default: the model's validation images)")
+    p.add_argument("--all-images", action="store_true", help="tune on every image of the data")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never the input model)")
+    p.add_argument("--tta", action="store_true", help=tta)
+    p.add_argument("--device", default="auto")
+
+
 def _add_tune_threshold(sub) -> None:
     p = sub.add_parser("tune-threshold", help="tune a model's foreground threshold on labelled images")
     p.add_argument("model", help="'default' or a .safetensors checkpoint")
     p.add_argument("data", help="dataset folder with labels/")
-    p.add_argument("--out", required=True, help="the checkpoint to write, with the threshold in its metadata")
-    p.add_argument("--groups", type=_group_list,
-                   help="source images to tune on (comma-separated; default: the model's validation images)")
-    p.add_argument("--all-images", action="store_true", help="tune on every image of the dataset")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never the input model)")
-    p.add_argument("--tta", action="store_true", help="tune the probabilities averaged over 4 flips")
-    p.add_argument("--device", default="auto")
+    _tuning_options(p, "threshold", "tune the probabilities averaged over 4 flips")
     p.set_defaults(func=cmd_tune_threshold)
 
 
@@ -599,13 +604,7 @@ def _add_tune_nuclei(sub) -> None:
     p.add_argument("model", help="'default' or a .safetensors checkpoint")
     p.add_argument("data", nargs="+", help="dataset folders with labels/ and instances/ (each is one set: the "
                                           "setting whose weakest set scores best is chosen)")
-    p.add_argument("--out", required=True, help="the checkpoint to write, with the settings in its metadata")
-    p.add_argument("--groups", type=_group_list,
-                   help="source images to tune on (comma-separated; default: the model's validation images)")
-    p.add_argument("--all-images", action="store_true", help="tune on every image of the datasets")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never the input model)")
-    p.add_argument("--tta", action="store_true", help="tune for runs with test-time flips (4x the model time)")
-    p.add_argument("--device", default="auto")
+    _tuning_options(p, "settings", "tune for runs with test-time flips (4x the model time)")
     p.set_defaults(func=cmd_tune_nuclei)
 
 
