@@ -293,15 +293,21 @@ def test_validation_bpq_matches_the_evaluation_of_the_same_nuclei(samples):
 
     loader = DataLoader(PatchDataset(items, None, multiple_of=32, distance_targets=True), batch_size=4)
     loss_fn = WithDistanceHead(build_loss("ce", num_classes=5), 5)
-    _, metrics = validate(Replay(), loader, loss_fn, 5, torch.device("cpu"), gt_instances=[it.instances for it in items])
-    evaluation = PairEvaluation(CLASSES)
-    for it, out in zip(items, outputs):
-        h, w = it.labels.shape
-        pred = out[:5, :h, :w].argmax(0)
-        found = semantic_to_instances(pred, None, 1 / (1 + np.exp(-out[5, :h, :w])))
-        evaluation.add(it.name, it.labels, pred, it.instances, found)
-    expected = evaluation.report()["overall"]["bpq"]
-    assert 0.3 < expected < 0.99 and metrics["bpq"] == pytest.approx(expected, abs=1e-9)
+    scores = []
+    # the defaults, and a model's own recorded settings (a fine-tune validates with its start's)
+    for settings in (None, InstanceSettings(marker_threshold=0.7, min_size=150, min_marker_size=30)):
+        _, metrics = validate(Replay(), loader, loss_fn, 5, torch.device("cpu"),
+                              gt_instances=[it.instances for it in items], instance_settings=settings)
+        evaluation = PairEvaluation(CLASSES)
+        for it, out in zip(items, outputs):
+            h, w = it.labels.shape
+            pred = out[:5, :h, :w].argmax(0)
+            found = semantic_to_instances(pred, settings, 1 / (1 + np.exp(-out[5, :h, :w])))
+            evaluation.add(it.name, it.labels, pred, it.instances, found)
+        expected = evaluation.report()["overall"]["bpq"]
+        assert 0.3 < expected < 0.99 and metrics["bpq"] == pytest.approx(expected, abs=1e-9)
+        scores.append(expected)
+    assert scores[0] != scores[1]  # the settings were used
 
 
 def test_bpq_monitor_without_validation_nuclei_says_why(consep, tmp_path):
