@@ -16,6 +16,7 @@ from napari_medseg.evaluation.benchmark import evaluate_segmenter
 from napari_medseg.evaluation.instance_tuning import tune_nuclei_checkpoint
 from napari_medseg.evaluation.threshold import ThresholdTuningError, samples_of_groups
 from napari_medseg.inference import Segmenter
+from napari_medseg.io.dataset import DatasetError
 from napari_medseg.io.images import read_image
 from napari_medseg.models import CheckpointError, load_checkpoint, read_meta, resolve_model_path, save_checkpoint
 from napari_medseg.models.checkpoint import RECORDED_INSTANCE_FIELDS
@@ -111,6 +112,8 @@ def test_tuning_needs_images_of_the_groups_and_never_overwrites(forced, consep, 
         tune_nuclei_checkpoint("default", [consep], tmp_path / "x.safetensors", groups=["no_such_image"], device="cpu")
     with pytest.raises(ThresholdTuningError, match="exists: choose another file or pass --overwrite"):
         tune_nuclei_checkpoint("default", [consep], forced, groups=["train_12"], device="cpu")
+    with pytest.raises(DatasetError, match="is not a dataset folder"):  # named as such, not "no image of the groups"
+        tune_nuclei_checkpoint("default", [tmp_path / "missing"], tmp_path / "x.safetensors", groups=["train_12"])
     assert not (tmp_path / "x.safetensors").exists()
 
 

@@ -22,7 +22,7 @@ import torch
 
 from ..inference.segmenter import Segmenter
 from ..inference.settings import TileSettings
-from ..io.dataset import DatasetError
+from ..io.dataset import DatasetError, open_dataset
 from ..models import load_checkpoint, resolve_model_path, save_checkpoint
 from ..models.weights import read_state_dict
 from ..nuclei.watershed import TUNED_FIELDS, InstanceSettings, semantic_to_instances
@@ -122,17 +122,17 @@ def tune_nuclei_checkpoint(model: str | os.PathLike, data: list[str | Path], out
             raise ThresholdTuningError("the model's metadata names no validation images; pass --groups or --all-images")
     samples_per_set, left_out = {}, []
     for folder in [Path(d) for d in data]:
+        open_dataset(folder, require_labels=True)  # a missing or malformed folder says so itself
         try:
             classes, samples = samples_of_groups(folder, None if all_images else groups)
         except DatasetError:
-            if all_images:
-                raise
             left_out.append(folder.name)  # none of its images is among the groups
             continue
         if len(classes) != 2 and classes != segmenter.classes:
             raise ThresholdTuningError(f"{folder}: the data's classes {classes} differ from the model's {segmenter.classes}")
         if not any(s.instances is not None for s in samples):
-            raise ThresholdTuningError(f"{folder}: no instance maps; nuclei are tuned against annotated nuclei")
+            raise ThresholdTuningError(f"{folder}: no instance maps (instances/); nuclei are tuned against annotated "
+                                       "nuclei")
         name = folder.name if folder.name not in samples_per_set else str(folder)
         samples_per_set[name] = [s for s in samples if s.instances is not None]
     if not samples_per_set:
