@@ -14,9 +14,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("gradio", reason="the web extra (gradio) is part of the test install")
+from napari_medseg.io.images import read_label_map  # noqa: E402
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -122,6 +124,9 @@ def test_segment_compare_and_download_in_a_real_browser(page_url, browser, conse
     nuclei_row = next(r for r in _table(browser, "metrics") if r[0].startswith("nuclei"))
     expected = _evaluate_with_cli(consep, tmp_path)
     assert float(nuclei_row[2]) == pytest.approx(expected["overall"]["nucleus_dice"], abs=1e-4)
+    # the page's untouched controls cut nuclei as `medseg predict` does: with the model's own settings
+    predicted = read_label_map(tmp_path / "pred" / "instances" / f"{STEM}.tif")
+    assert int(counts["all nuclei"][1]) == len(np.unique(predicted)) - 1
     assert browser.find_element(By.CSS_SELECTOR, "#errors img").get_attribute("src")
 
     link = next(a for a in browser.find_elements(By.CSS_SELECTOR, "#downloads a")

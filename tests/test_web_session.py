@@ -13,7 +13,7 @@ import pytest
 from napari_medseg.errors import MedsegError
 from napari_medseg.evaluation.ground_truth import compare_to_ground_truth, ground_truth_from_label_map
 from napari_medseg.evaluation.report import evaluate_maps
-from napari_medseg.io.images import read_label_map
+from napari_medseg.io.images import read_image, read_label_map
 from napari_medseg.web.render import class_overlay, enlarged
 from napari_medseg.web.session import (DEFAULT_MODEL, ModelStore, WebInputError, compare_upload, metrics_rows,
                                        nucleus_summary, segment_upload)
@@ -176,3 +176,21 @@ def test_a_gray_upload_is_segmented_with_a_warning(store, result, consep, tmp_pa
         gray_result = segment_upload(tmp_path / "gray.png", store.get(DEFAULT_MODEL))
     assert any("image is gray" in note for note in gray_result.notes)
     assert not result.notes  # the colour original at the model's pixel size: nothing to say
+
+
+def test_nucleus_settings_given_in_the_page_replace_the_models_own(store, result, consep):
+    """The page's marker threshold / min nucleus: nuclei cut as the core cuts them with those
+    values; an impossible one is refused with the setting's name."""
+    from napari_medseg.nuclei.watershed import InstanceSettings
+
+    segmenter = store.get(DEFAULT_MODEL)
+    with store.lock:
+        given = segment_upload(consep / "images" / f"{STEM}.png", segmenter, pixel_size_um=0.25,
+                               nucleus_settings={"marker_threshold": 0.6, "min_size": 150})
+        _, expected = segmenter.segment_nuclei(read_image(consep / "images" / f"{STEM}.png"), pixel_size_um=0.25,
+                                               instance_settings=InstanceSettings(marker_threshold=0.6, min_size=150))
+    np.testing.assert_array_equal(given.instances > 0, expected > 0)
+    assert len(np.unique(given.instances)) == len(np.unique(expected))
+    assert len(np.unique(given.instances)) < len(np.unique(result.instances))  # fewer: seeds higher, small ones gone
+    with pytest.raises(MedsegError, match="marker_threshold must lie strictly between 0 and 1, got 1.5"):
+        segment_upload(consep / "images" / f"{STEM}.png", segmenter, nucleus_settings={"marker_threshold": 1.5})

@@ -67,6 +67,12 @@ def _inputs_column(store: ModelStore) -> SimpleNamespace:
                               elem_id="pixel-size")
     ui.threshold = gr.Slider(0, 0.95, value=0, step=0.01, label="nucleus threshold (0 = the model's own)",
                              elem_id="threshold")
+    ui.marker = gr.Slider(0, 0.95, value=0, step=0.05, elem_id="marker",
+                          label="marker threshold: where the distance map seeds a nucleus; lower splits touching "
+                                "nuclei more (0 = the model's own)")
+    # 0 = the model's own, as for the thresholds (Gradio shows an empty number as 0); 1 keeps every nucleus
+    ui.min_nucleus = gr.Number(value=0, minimum=0, precision=0, elem_id="min-nucleus",
+                               label="min nucleus (px at the model's pixel size; 0 = the model's own, 1 keeps all)")
     ui.tta = gr.Checkbox(value=False, label="test-time flips (4x slower, a little more accurate)")
     ui.segment = gr.Button("Segment", variant="primary", elem_id="segment")
     ui.status = gr.Markdown("", elem_id="status")
@@ -101,10 +107,11 @@ def _pick_sample(choice):
 
 def _run(store: ModelStore):
     @_user_errors
-    def run(files_in, model_name, px, thr, flips, opacity, region, progress=gr.Progress()):
+    def run(files_in, model_name, px, thr, flips, opacity, region, marker, min_nucleus, progress=gr.Progress()):
+        given = {"marker_threshold": marker or None, "min_size": int(min_nucleus) if min_nucleus else None}
         done = segment_uploads(store, model_name, _upload_paths(files_in), thr or None, flips, px or None,
                                lambda label: lambda d, t: progress((d, t), desc=label, unit="steps"),
-                               region.strip() or None)
+                               region.strip() or None, {k: v for k, v in given.items() if v is not None})
         first = next(iter(done))
         found = sum(len(r.table["label"]) for r in done.values())
         message = f"Segmented {len(done)} image(s): {found} nuclei."
@@ -143,7 +150,8 @@ def build_app(store: ModelStore) -> gr.Blocks:
                 _results_column(ui)
         view = [ui.overlay, ui.legend, ui.counts, ui.downloads]
         ui.sample.change(_pick_sample, ui.sample, ui.files)
-        ui.segment.click(_run(store), [ui.files, ui.model, ui.pixel_size, ui.threshold, ui.tta, ui.opacity, ui.region],
+        ui.segment.click(_run(store), [ui.files, ui.model, ui.pixel_size, ui.threshold, ui.tta, ui.opacity, ui.region,
+                                       ui.marker, ui.min_nucleus],
                          [results, ui.shown, *view, ui.status, ui.metrics, ui.note, ui.errors], concurrency_limit=1)
         ui.shown.change(_view, [results, ui.shown, ui.opacity], view)
         ui.opacity.release(_view, [results, ui.shown, ui.opacity], view)

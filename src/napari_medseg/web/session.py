@@ -119,15 +119,18 @@ def _checked_size(image: np.ndarray, path) -> np.ndarray:
 
 
 def segment_upload(path: str | Path, segmenter: Segmenter, threshold: float | None = None, tta: bool = False,
-                   pixel_size_um: float | None = None, progress=None, region: str | None = None) -> ImageResult:
+                   pixel_size_um: float | None = None, progress=None, region: str | None = None,
+                   nucleus_settings: dict | None = None) -> ImageResult:
     """Segment one uploaded file (or a region of an uploaded slide) into classes and nuclei and
     write its downloads; the file's own pixel size serves where none is given. With a pixel size,
-    the model sees the image at its own pixel size and areas are in µm²."""
+    the model sees the image at its own pixel size and areas are in µm². ``nucleus_settings``:
+    ``InstanceSettings`` fields in place of the model's own."""
+    instance_settings = segmenter.instance_settings_with(nucleus_settings)  # a bad value: refused before reading
     image, own_pixel_size = read_upload(path, region)
     pixel_size_um = pixel_size_um or own_pixel_size
     segmenter.foreground_threshold = threshold or segmenter.meta.foreground_threshold
     class_map, instances = segmenter.segment_nuclei(image, TileSettings(tta=tta), progress,
-                                                    pixel_size_um=pixel_size_um)
+                                                    instance_settings=instance_settings, pixel_size_um=pixel_size_um)
     votes = instance_classes(instances, class_map)
     classes, colors = segmenter.classes, segmenter.meta.colors
     table = object_table(instances, class_map, classes, pixel_size_um=pixel_size_um)
@@ -146,7 +149,7 @@ def segment_upload(path: str | Path, segmenter: Segmenter, threshold: float | No
 
 def segment_uploads(store: ModelStore, model_name: str, paths: list[str], threshold: float | None = None,
                     tta: bool = False, pixel_size_um: float | None = None, progress_for=None,
-                    region: str | None = None) -> dict[str, ImageResult]:
+                    region: str | None = None, nucleus_settings: dict | None = None) -> dict[str, ImageResult]:
     """Every upload through one model, one run at a time (``store.lock``); ``progress_for(label)``
     gives each file its ``(done, total)`` callback."""
     if not paths:
@@ -156,7 +159,7 @@ def segment_uploads(store: ModelStore, model_name: str, paths: list[str], thresh
         segmenter = store.get(model_name)
         for i, path in enumerate(paths, 1):
             progress = None if progress_for is None else progress_for(f"[{i}/{len(paths)}] {Path(path).name}")
-            result = segment_upload(path, segmenter, threshold, tta, pixel_size_um, progress, region)
+            result = segment_upload(path, segmenter, threshold, tta, pixel_size_um, progress, region, nucleus_settings)
             results[result.name] = result
     return results
 
