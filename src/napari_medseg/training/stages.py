@@ -98,12 +98,11 @@ def load_train_stages(path: str | Path | None, overrides: list[str] = (), from_s
         if stages and "init_checkpoint" not in spec:
             merged["init_checkpoint"] = str(Path(stages[-1].config.out_dir) / result_name(stages[-1].config))
         if merged.get("average_with") in names:  # an earlier stage's result
-            partner = str(merged["average_with"])
-            if partner not in [s.name for s in stages]:
+            partner, earlier = str(merged["average_with"]), {s.name: s.config for s in stages}
+            if partner not in earlier:
                 raise TrainConfigError(f"{path}: Stage '{name}' averages with stage '{partner}', which does not "
                                        "come before it.")
-            done = stages[[s.name for s in stages].index(partner)].config
-            merged["average_with"] = str(Path(done.out_dir) / result_name(done))
+            merged["average_with"] = str(Path(earlier[partner].out_dir) / result_name(earlier[partner]))
         if name == first:
             apply_overrides(merged, start)
         try:

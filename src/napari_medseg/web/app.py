@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from ..errors import MedsegError
+from ..inference.rethreshold import Thresholds
 from ..io.slides import SLIDE_SUFFIXES
 from . import render
 from .session import (DEFAULT_MODEL, METRIC_HEADERS, ModelStore, compare_upload, metrics_rows, nucleus_summary,
@@ -108,10 +109,10 @@ def _pick_sample(choice):
 def _run(store: ModelStore):
     @_user_errors
     def run(files_in, model_name, px, thr, flips, opacity, region, marker, min_nucleus, progress=gr.Progress()):
-        given = {"marker_threshold": marker or None, "min_size": int(min_nucleus) if min_nucleus else None}
+        given = Thresholds(None, marker or None, int(min_nucleus) if min_nucleus else None)  # 0: the model's own
         done = segment_uploads(store, model_name, _upload_paths(files_in), thr or None, flips, px or None,
                                lambda label: lambda d, t: progress((d, t), desc=label, unit="steps"),
-                               region.strip() or None, {k: v for k, v in given.items() if v is not None})
+                               region.strip() or None, given.overrides())
         first = next(iter(done))
         found = sum(len(r.table["label"]) for r in done.values())
         message = f"Segmented {len(done)} image(s): {found} nuclei."
