@@ -135,4 +135,10 @@ def test_medseg_average_as_installed(small_consep, tmp_path):
     assert "batch norm averaged with the weights; foreground threshold 0.45" in done.stdout
     assert f"wrote {tmp_path / 'o.safetensors'}" in done.stdout
     assert read_meta(tmp_path / "o.safetensors").foreground_threshold == 0.45
+    # the record names the models as the user did: 'default', not where it is installed here
+    done = subprocess.run([sys.executable, "-m", "napari_medseg", "average", "default", "default", "--weight", "0.5",
+                           "--out", str(tmp_path / "d.safetensors")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    averaged = read_meta(tmp_path / "d.safetensors").training["averaged"]
+    assert (averaged["start"], averaged["tuned"]) == ("default", "default")
 

@@ -379,7 +379,7 @@ def cmd_average(args) -> int:
     cfg = load_train_stages(args.config, list(args.set or []))[0].config if args.config else None
     done = average_checkpoints(resolve_model_path(args.start), resolve_model_path(args.tuned), args.weight, args.out,
                                cfg, batchnorm=args.batchnorm, threshold=args.threshold, crops=args.crops,
-                               device=args.device)
+                               device=args.device, recorded_as=(args.start, args.tuned))
     norm = (f"batch norm measured on {done.bn_crops} training crops" if done.bn_crops
             else "batch norm averaged with the weights")
     chosen = "argmax (no threshold)" if done.threshold is None else f"{done.threshold:.2f}"

@@ -99,10 +99,13 @@ def training_crops(cfg: TrainConfig, data, mean, std, crops: int) -> DataLoader:
 
 def average_checkpoints(start_path: str | Path, tuned_path: str | Path, weight: float, out: str | Path,
                         cfg: TrainConfig | None = None, batchnorm: str = "average", threshold: str = "tuned",
-                        crops: int = BN_CROPS, device: str = "cpu") -> Averaged:
+                        crops: int = BN_CROPS, device: str = "cpu",
+                        recorded_as: tuple[str, str] | None = None) -> Averaged:
     """Write ``out``: ``tuned`` averaged with ``start`` (``weight`` on ``tuned``). ``cfg`` (the
     fine-tuning's config) is needed to measure batch norm on its training crops or tune the
-    threshold on its validation images (the split ``tuned`` was trained with: checked)."""
+    threshold on its validation images (the split ``tuned`` was trained with: checked).
+    ``recorded_as``: the names the record gives the two (what a user typed, e.g. 'default',
+    rather than where this machine installed it); default: the paths."""
     if not 0.0 <= weight <= 1.0:
         raise AverageError(f"--weight {weight}: the share of the fine-tuned model must lie between 0 and 1.")
     if batchnorm not in BATCHNORM:
@@ -128,10 +131,11 @@ def average_checkpoints(start_path: str | Path, tuned_path: str | Path, weight: 
         mean, std = normalization_stats(tuned_meta.normalization)
         seen = recompute_batchnorm(tuned, training_crops(cfg, data, mean, std, crops), dev)
     chosen = {"tuned": tuned_meta.foreground_threshold, "start": start_meta.foreground_threshold}.get(threshold, fixed)
+    start_name, tuned_name = recorded_as or (str(start_path), str(tuned_path))
     meta = dataclasses.replace(
         tuned_meta, foreground_threshold=chosen,
         training={**tuned_meta.training, "averaged": {
-            "start": str(start_path), "tuned": str(tuned_path), "weight_on_tuned": weight, "batchnorm": batchnorm,
+            "start": start_name, "tuned": tuned_name, "weight_on_tuned": weight, "batchnorm": batchnorm,
             "batchnorm_crops": seen, "threshold": threshold}})
     partial = out.with_name(f".{out.stem}.partial{out.suffix}")  # renamed once complete
     try:
