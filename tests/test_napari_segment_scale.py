@@ -126,11 +126,12 @@ def test_nucleus_threshold_is_the_models_unless_set(make_napari_viewer, consep):
     assert reference.foreground_threshold == pytest.approx(0.38)
     probs = reference.probabilities(image, widget.tile_settings())
 
-    assert widget.threshold.native.text() == "model's"  # 0 reads as the model's own, never as "0.00"
+    # 0 reads as the model's own, never as "0.00", with the chosen model's value from the start
+    assert widget.threshold.native.text() == "model's (0.38)"
     layer = widget.run(threaded=False)
     np.testing.assert_array_equal(layer.data, classify(probs, 0.38))
     assert "nucleus threshold 0.38" in widget.status.value
-    assert widget.threshold.native.text() == "model's (0.38)"  # once the model is known, its value too
+    assert widget.threshold.native.text() == "model's (0.38)"
     widget.threshold.value = 0.8
     assert widget.threshold.native.text() == "0.80"
     layer = widget.run(threaded=False)

@@ -125,9 +125,14 @@ def test_the_segment_widget_shows_and_uses_the_models_settings(make_napari_viewe
     viewer.add_image(image, name="patch")
     widget = SegmentWidget(viewer)
     widget.device.value, widget.backend.value, widget.nuclei.value = "cpu", "torch", True
+    # the boxes say the chosen model's own values as soon as it is chosen, before any run
+    assert widget.marker_threshold.native.text() == "model's (0.40)"  # the default: InstanceSettings' defaults
+    assert widget.min_nucleus.native.text() == "model's (45)"
     widget.model_source.value = FILE_MODEL
+    assert widget.min_nucleus.native.text() == "model's"  # no checkpoint chosen yet: nothing to say
     widget.checkpoint.value = str(forced)
-    assert widget.marker_threshold.native.text() == "model's" and widget.min_nucleus.native.text() == "model's"
+    assert widget.marker_threshold.native.text() == "model's (0.30)"
+    assert widget.min_nucleus.native.text() == "model's (100)"
     widget.run(threaded=False)
     assert widget.marker_threshold.native.text() == "model's (0.30)"
     assert widget.min_nucleus.native.text() == "model's (100)"
@@ -144,9 +149,9 @@ def test_the_segment_widget_shows_and_uses_the_models_settings(make_napari_viewe
     np.testing.assert_array_equal(again > 0, expected > 0)
 
 
-def test_the_arrows_step_from_the_models_own_value_once_a_run_told_it(make_napari_viewer, forced, consep):
-    """At "model's (0.30)" the down arrow gives 0.25 (not the box's minimum); before any run the
-    boxes step as any other."""
+def test_the_arrows_step_from_the_chosen_models_own_value(make_napari_viewer, forced, consep):
+    """At "model's (0.30)" the down arrow gives 0.25 (not the box's minimum), before any run and
+    after; while no readable model is chosen the boxes step as any other."""
     from qtpy.QtCore import Qt
     from qtpy.QtTest import QTest
 
@@ -156,9 +161,13 @@ def test_the_arrows_step_from_the_models_own_value_once_a_run_told_it(make_napar
     viewer.add_image(read_image(consep / "images" / "train_12_006.png"), name="patch")
     widget = SegmentWidget(viewer)
     widget.device.value, widget.backend.value = "cpu", "torch"
-    widget.model_source.value, widget.checkpoint.value = FILE_MODEL, str(forced)
+    widget.model_source.value = FILE_MODEL
     QTest.keyClick(widget.min_nucleus.native, Qt.Key.Key_Up)
-    assert widget.min_nucleus.value == 0  # the model's value is not known yet: one step up from "model's"
+    assert widget.min_nucleus.value == 0  # no model chosen: one plain step up from "model's"
+    widget.min_nucleus.value = widget.min_nucleus.min
+    widget.checkpoint.value = str(forced)
+    QTest.keyClick(widget.min_nucleus.native, Qt.Key.Key_Up)
+    assert widget.min_nucleus.value == 101  # before any run: the header told the model's 100
     widget.min_nucleus.value = widget.min_nucleus.min
     widget.run(threaded=False)
     QTest.keyClick(widget.marker_threshold.native, Qt.Key.Key_Down)

@@ -28,6 +28,7 @@ from ..inference.postprocess import PostprocessSettings
 from ..inference.regions import Region
 from ..inference.rethreshold import KeptRun, Thresholds, apply_thresholds, iter_segment_keeping
 from ..inference.segmenter import Segmenter
+from ..models import read_meta, resolve_model_path
 from ..inference.settings import BLENDS, TileSettings
 from ..inference.slide import SlideResult
 from ..inference.slide_process import SlideJob, SlideModelInfo, SlideProcess
@@ -74,11 +75,12 @@ class SegmentWidget(Container):
         self._slide_process = process = SlideProcess()
         self.native.destroyed.connect(lambda *_: process.close())  # the dock (or the viewer) closed
         self._mask: np.ndarray | None = None  # the last in-memory run's polygon, over its crop
+        # the last run's model's own threshold and nucleus settings: what "model's" re-cuts that run with
         self._model_threshold: float | None = None
-        # the last run's model's own nucleus settings (what "model's" stands for in the boxes);
-        # _model_known: whether a run has told them (the boxes step from them only then)
         self._model_instances = InstanceSettings()
-        self._model_known = False
+        # the chosen model's own (threshold, nucleus settings): the boxes' "model's (0.40)" text and
+        # where their arrows step from; None while the choice is no readable checkpoint
+        self._chosen_values: tuple[float | None, InstanceSettings] | None = None
         self.kept: KeptRun | None = None
         self.last_layer = self.last_instances_layer = self.last_slide_result = None
         self.advanced = Container(widgets=self._setting_controls(), labels=True)
@@ -86,6 +88,7 @@ class SegmentWidget(Container):
                      *self._action_controls()])
         self._connect()
         self.reset_choices()
+        self._read_chosen_model()
 
     def _input_controls(self) -> list:
         self.image_layer = ComboBox(label="image", choices=lambda _w=None: image_layers(self._viewer))
@@ -174,11 +177,13 @@ class SegmentWidget(Container):
         self.cancel_button.changed.connect(self.cancel)
         for control in (self.threshold, self.marker_threshold, self.min_nucleus):
             control.changed.connect(self._schedule_rethreshold)
-        # at "model's (0.40)" the arrows go to 0.35 / 0.45, once a run has told the model's values
-        for box, own in ((self.threshold, lambda: self._model_threshold),
-                         (self.marker_threshold, lambda: self._model_instances.marker_threshold),
-                         (self.min_nucleus, lambda: float(self._model_instances.min_size))):
-            step_from_own_value(box, lambda own=own: own() if self._model_known else None)
+        # at "model's (0.40)" the arrows go to 0.35 / 0.45: the chosen model's values
+        for box, own in ((self.threshold, lambda values: values[0]),
+                         (self.marker_threshold, lambda values: values[1].marker_threshold),
+                         (self.min_nucleus, lambda values: float(values[1].min_size))):
+            step_from_own_value(box, lambda own=own: None if self._chosen_values is None else own(self._chosen_values))
+        self.model_source.changed.connect(self._read_chosen_model)
+        self.checkpoint.changed.connect(self._read_chosen_model)
         self._viewer.layers.events.inserted.connect(self.reset_choices)
         self._viewer.layers.events.removed.connect(self.reset_choices)
 
@@ -212,6 +217,28 @@ class SegmentWidget(Container):
         if not path.is_file():
             raise WidgetInputError(f"Choose an existing .safetensors checkpoint (got '{path}').")
         return str(path)
+
+    def _read_chosen_model(self, *_) -> None:
+        """Show the chosen model's own values in the boxes ("model's (0.38)") as soon as it is
+        chosen: read from its checkpoint's header (milliseconds, no weights loaded)."""
+        try:
+            meta = read_meta(resolve_model_path(self._model_ref()))
+        except (MedsegError, OSError, ValueError):  # no file chosen yet, or not a checkpoint: said at Run
+            self._show_model_values(None)
+        else:
+            self._show_model_values((meta.foreground_threshold, InstanceSettings.recorded(meta.instance_settings)))
+
+    def _show_model_values(self, values: tuple[float | None, InstanceSettings] | None) -> None:
+        """``(threshold, nucleus settings)`` of the chosen model into the boxes' "model's" text."""
+        self._chosen_values = values
+        texts = [MODEL_THRESHOLD_TEXT] * 3
+        if values is not None:
+            threshold, instances = values
+            texts = [f"{MODEL_THRESHOLD_TEXT} ({'argmax' if threshold is None else f'{threshold:.2f}'})",
+                     f"{MODEL_THRESHOLD_TEXT} ({instances.marker_threshold:.2f})",
+                     f"{MODEL_THRESHOLD_TEXT} ({instances.min_size})"]
+        for box, text in zip((self.threshold, self.marker_threshold, self.min_nucleus), texts):
+            box.native.setSpecialValueText(text)
 
     def _segmenter(self, key: tuple) -> Segmenter:
         """The model for ``key`` = (model, device, runtime), loaded once (in the worker: it takes
@@ -418,12 +445,7 @@ class SegmentWidget(Container):
             if segmenter.device.type != "cpu":
                 segmenter.release()  # give the GPU memory back between runs
         self.last_layer, self.last_instances_layer = run.layers
-        self._model_known = True
-        own = "argmax" if self._model_threshold is None else f"{self._model_threshold:.2f}"
-        self.threshold.native.setSpecialValueText(f"{MODEL_THRESHOLD_TEXT} ({own})")
-        instances = self._model_instances
-        self.marker_threshold.native.setSpecialValueText(f"{MODEL_THRESHOLD_TEXT} ({instances.marker_threshold:.2f})")
-        self.min_nucleus.native.setSpecialValueText(f"{MODEL_THRESHOLD_TEXT} ({instances.min_size})")
+        self._read_chosen_model()  # the run's model, unless another was chosen since
 
         def shown():
             self.status.value = summary
