@@ -136,12 +136,29 @@ def test_geojson_polygons_cover_real_nuclei(tmp_path, consep):
         assert feature["properties"]["classification"]["name"] == CLASSES[classes[label]]
         ring = np.array(feature["geometry"]["coordinates"][0])
         assert (ring[0] == ring[-1]).all()
-        rr, cc = fill_polygon(ring[:, 1], ring[:, 0], instances.shape)
+        rr, cc = fill_polygon(ring[:, 1] - 0.5, ring[:, 0] - 0.5, instances.shape)  # corners -> centres
         filled = np.zeros(instances.shape, bool)
         filled[rr, cc] = True
         mask = instances == label
         iou = (filled & mask).sum() / (filled | mask).sum()
         assert iou > 0.6, (label, iou)  # the outline traces the nucleus (half-pixel contour)
+
+
+def test_geojson_outlines_sit_on_pixel_corners_as_qupath_reads_them():
+    """QuPath's (0, 0) is the first pixel's top-left corner: a block of rows 10-19, columns 30-39
+    spans x 30..40, y 10..20 (only its corners cut), and a single pixel at (row 5, column 7) is a
+    diamond around (7.5, 5.5)."""
+    from napari_medseg.io.geojson import instance_polygons
+
+    instances = np.zeros((40, 60), np.int32)
+    instances[10:20, 30:40] = 1
+    instances[5, 7] = 2
+    block, speck = (np.array(ring) for ring in (instance_polygons(instances)[i] for i in (1, 2)))
+    assert (block[:, 0].min(), block[:, 0].max(), block[:, 1].min(), block[:, 1].max()) == (30, 40, 10, 20)
+    np.testing.assert_allclose(speck.mean(0), [7.5, 5.5], atol=0.15)
+    # its area is the pixel count less the cut corners (4 x 1/8 px): QuPath measures ~ what the CSV counts
+    x, y = block[:, 0], block[:, 1]
+    assert abs(0.5 * (x[:-1] @ y[1:] - x[1:] @ y[:-1])) == pytest.approx(100 - 0.5)
 
 
 def test_geojson_refuses_non_integer():

@@ -1,5 +1,9 @@
 """Instances as GeoJSON that QuPath imports (File > Import objects): one polygon per nucleus,
-with its class name and colour."""
+with its class name and colour.
+
+Coordinates follow QuPath: (0, 0) is the top-left *corner* of the first pixel, so pixel (row r,
+column c) covers x in [c, c + 1], y in [r, r + 1]. napari and scikit-image put pixel centres on
+whole numbers instead; outlines traced there are moved by half a pixel on the way out."""
 
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ from .images import atomic_write
 
 
 def instance_polygons(instances: np.ndarray) -> dict[int, list[list[float]]]:
-    """Outer outline of each instance as ``[[x, y], ...]`` (closed), in pixel coordinates."""
+    """Outer outline of each instance as ``[[x, y], ...]`` (closed), in QuPath's pixel-corner
+    coordinates: the line between its pixels and the others, corners cut (marching squares)."""
     from scipy import ndimage as ndi
     from skimage.measure import find_contours
 
@@ -29,7 +34,8 @@ def instance_polygons(instances: np.ndarray) -> dict[int, list[list[float]]]:
         if not contours:
             continue
         outline = max(contours, key=len)  # the outer boundary; holes are not exported
-        coords = (outline[:, ::-1] + (x0 - 1, y0 - 1)).tolist()  # (x, y) in image pixels
+        # (x, y): the margin's 1 px off, then half a pixel from centre to corner coordinates
+        coords = (outline[:, ::-1] + (x0 - 0.5, y0 - 0.5)).tolist()
         if coords[0] != coords[-1]:
             coords.append(coords[0])
         if len(coords) >= 4:
