@@ -161,6 +161,49 @@ def test_geojson_outlines_sit_on_pixel_corners_as_qupath_reads_them():
     assert abs(0.5 * (x[:-1] @ y[1:] - x[1:] @ y[:-1])) == pytest.approx(100 - 0.5)
 
 
+def _crossing_segments(ring: np.ndarray) -> int:
+    """Pairs of non-neighbouring edges of a closed ring that meet (touch, cross or overlap): 0 for
+    the simple polygons JTS (QuPath 0.6's geometry library) accepts."""
+    a, b = ring[:-1, None, :], ring[1:, None, :]  # edge i, against every edge j
+    c, d = ring[None, :-1, :], ring[None, 1:, :]
+
+    def orient(p, q, r):
+        return np.sign((q[..., 0] - p[..., 0]) * (r[..., 1] - p[..., 1]) - (q[..., 1] - p[..., 1]) * (r[..., 0] - p[..., 0]))
+
+    straddle = (orient(a, b, c) * orient(a, b, d) <= 0) & (orient(c, d, a) * orient(c, d, b) <= 0)
+    boxes = ((np.minimum(a, b) <= np.maximum(c, d)) & (np.minimum(c, d) <= np.maximum(a, b))).all(-1)
+    n = len(ring) - 1
+    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    neighbours = (abs(i - j) <= 1) | (abs(i - j) == n - 1)
+    return int((straddle & boxes & ~neighbours).sum() // 2)
+
+
+def test_geojson_polygons_are_simple_as_qupath_06_needs(consep):
+    """QuPath 0.6 reduces imported geometries to its precision grid and fails on invalid ones
+    (self-intersecting rings, fewer than 4 points): every outline of a real CoNSeP instance map, and
+    of shapes made to tempt a tracer (a diagonal pinch, a ring round a hole, one-pixel lines), is a
+    closed, simple ring."""
+    bow_tie = np.array([[0, 0], [2, 2], [2, 0], [0, 2], [0, 0]], float)
+    touching = np.array([[0, 0], [4, 0], [4, 4], [2, 0], [0, 4], [0, 0]], float)  # back to (2, 0) on an edge
+    assert _crossing_segments(bow_tie) == 1 and _crossing_segments(touching) > 0  # the check can fail
+    assert _crossing_segments(np.array([[0, 0], [4, 0], [4, 4], [0, 4], [0, 0]], float)) == 0
+    instances = _real(consep)[2]
+    rings = [np.array(f["geometry"]["coordinates"][0]) for f in instances_to_geojson(instances)["features"]]
+    tricky = np.zeros((30, 30), np.int32)
+    tricky[2:6, 2:6] = 1
+    tricky[6:10, 6:10] = 1  # touches the first block at one corner only
+    tricky[12:20, 12:20] = 2
+    tricky[14:18, 14:18] = 0  # a hole
+    tricky[2, 14:28] = 3  # one pixel thick
+    tricky[22:29, 3] = 4
+    tricky[[22, 23, 24], [10, 11, 12]] = 5  # a diagonal chain: pixels meeting at corners
+    rings += [np.array(f["geometry"]["coordinates"][0]) for f in instances_to_geojson(tricky)["features"]]
+    assert len(rings) > 30
+    for ring in rings:
+        assert len(ring) >= 4 and (ring[0] == ring[-1]).all()
+        assert _crossing_segments(ring) == 0, ring.tolist()
+
+
 def test_geojson_refuses_non_integer():
     with pytest.raises(ValueError, match="integer instance map"):
         instances_to_geojson(np.zeros((3, 3), float))
