@@ -47,6 +47,28 @@ def test_ndpi_opens_every_pyramid_level_with_its_pixel_size():
     np.testing.assert_array_equal(np.asarray(slide.levels[3]), tifffile.imread(NDPI, series=0, level=3))
 
 
+def test_the_scan_is_opened_not_a_macro_image_listed_before_it(tmp_path):
+    """A Leica .scn lists its low-resolution overview (macro) before the scan, so a file's first
+    series is not always the image: the largest is. Built here as such a TIFF: a 300 x 100 macro,
+    then a 2048 x 1536 tiled pyramid of real H&E with its pixel size."""
+    from napari_medseg.io.slides import open_slide
+
+    he = tifffile.imread(SVS, series=0)[:2048, :1536]
+    path = tmp_path / "scan.tif"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(np.full((100, 300, 3), 200, np.uint8), photometric="rgb")
+        tw.write(he, photometric="rgb", tile=(256, 256), subifds=2, resolution=(1e4 / 0.25, 1e4 / 0.25),
+                 resolutionunit="CENTIMETER")
+        for step in (2, 4):
+            tw.write(he[::step, ::step], photometric="rgb", tile=(256, 256), subfiletype=1)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.series[0].shape == (100, 300, 3)  # what a reader of the first series would show
+    slide = open_slide(path)
+    assert slide.shape == (2048, 1536) and len(slide.levels) == 3
+    assert slide.pixel_size_um == pytest.approx(0.25)
+    np.testing.assert_array_equal(np.asarray(slide.levels[0][700:900, 300:600]), he[700:900, 300:600])
+
+
 def test_other_vendor_formats_say_how_to_get_openslide(tmp_path, monkeypatch):
     from napari_medseg.io.slides import SlideError, open_slide
 

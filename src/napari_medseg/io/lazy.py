@@ -31,13 +31,26 @@ DECODE_ONCE_BYTES = 64 * 2**20  # a compressed strip or tile above this is decod
 DECODE_ONCE_MAX = 8 * 2**30  # ... unless the whole level is larger: then per read, as slow as that is
 
 
+def main_series_index(tif) -> int:
+    """The series of an open ``tifffile.TiffFile`` that holds the image: the one with the largest
+    full-resolution plane. Usually the first, but a Leica ``.scn`` lists its low-resolution macro
+    (overview) image before the scan; label and macro images of ``.svs`` / ``.ndpi`` are smaller."""
+    def plane(series) -> int:
+        shape, axes = series.levels[0].shape, series.levels[0].axes
+        return int(np.prod([n for n, a in zip(shape, axes) if a in "YX"]))
+
+    sizes = [plane(series) for series in tif.series]
+    return sizes.index(max(sizes)) if sizes else 0
+
+
 def tiff_levels_info(path: str | os.PathLike) -> tuple[tuple[int, ...], str, int, np.dtype]:
-    """``(shape, axes, number of pyramid levels, dtype)`` of a TIFF's first series, from its header."""
+    """``(shape, axes, number of pyramid levels, dtype)`` of a TIFF's main series
+    (``main_series_index``), from its header."""
     import tifffile
 
     try:
         with tifffile_quiet(), tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
+            series = tif.series[main_series_index(tif)]
             check_tiff_data(series, Path(path))
             return tuple(series.shape), series.axes, len(series.levels), np.dtype(series.dtype)
     except ImageReadError:
@@ -62,7 +75,8 @@ def should_open_lazily(path: str | os.PathLike, min_pixels: int = LAZY_MIN_PIXEL
 
 
 def open_tiff_lazy(path: str | os.PathLike) -> list:
-    """Pyramid levels of a TIFF's first series as dask arrays ``(Y, X[, C])``, full resolution first.
+    """Pyramid levels of a TIFF's main series (``main_series_index``) as dask arrays ``(Y, X[, C])``,
+    full resolution first.
 
     The plane is found as for an eager read (``images.plane_layout``); RGBA keeps its alpha here,
     for display: whoever reads pixels for a model drops it.
@@ -81,7 +95,8 @@ def _open_level(path: Path, index: int, n_levels: int):
 
     try:
         with tifffile_quiet(), tifffile.TiffFile(path) as tif:
-            level = tif.series[0].levels[index]
+            series = main_series_index(tif)
+            level = tif.series[series].levels[index]
             shape, axes, offset = tuple(level.shape), level.axes, level.dataoffset
             stored = np.dtype(level.dtype).newbyteorder(tif.byteorder)
             chunk_bytes = int(np.prod(level.keyframe.chunks)) * stored.itemsize
@@ -94,16 +109,16 @@ def _open_level(path: Path, index: int, n_levels: int):
         return da.from_array(decoded, chunks=band, name=False)
     if offset is not None:
         return _dask(_ContiguousData(path, offset, shape, stored), band)
-    zarr_level = _zarr_level(path, index, n_levels)
+    zarr_level = _zarr_level(path, series, index, n_levels)
     return _dask(_Guarded(zarr_level, path), zarr_level.chunks)
 
 
-def _zarr_level(path: Path, index: int, n_levels: int):
+def _zarr_level(path: Path, series: int, index: int, n_levels: int):
     import tifffile
     import zarr
 
     try:
-        root = zarr.open(tifffile.imread(path, aszarr=True), mode="r")
+        root = zarr.open(tifffile.imread(path, aszarr=True, series=series), mode="r")
     except Exception as exc:
         raise ImageReadError(f"Cannot open '{path.name}' lazily ({type(exc).__name__}: {exc}).") from exc
     return root[str(index)] if n_levels > 1 else root

@@ -1,8 +1,8 @@
 """Whole-slide images: every pyramid level as a lazy array, and the physical pixel size.
 
 Aperio ``.svs``, Hamamatsu ``.ndpi``, Leica ``.scn``, Ventana ``.bif`` and pyramidal (OME-)TIFF
-are TIFFs that tifffile reads natively (``series[0].levels``, decoded tile by tile through a
-zarr store). Other vendor formats (MIRAX ``.mrxs``, ...) go through OpenSlide when its optional
+are TIFFs that tifffile reads natively (the levels of the series holding the scan, decoded tile
+by tile through a zarr store). Other vendor formats (MIRAX ``.mrxs``, ...) go through OpenSlide when its optional
 Python wheels are installed. Nothing is decoded until a region is sliced.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import MedsegError
 from .images import ImageReadError
-from .lazy import open_tiff_lazy, should_open_lazily
+from .lazy import main_series_index, open_tiff_lazy, should_open_lazily
 
 TIFF_SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif")
 OPENSLIDE_SUFFIXES = (".mrxs", ".vms", ".vmu", ".svslide")
@@ -86,7 +86,7 @@ def tiff_pixel_size_um(path: str | os.PathLike) -> tuple[float | None, str, dict
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        page = tif.series[0].levels[0].keyframe
+        page = tif.series[main_series_index(tif)].levels[0].keyframe
         if tif.is_svs:
             meta = aperio_fields(page.description)
             mpp = meta.get("MPP")
