@@ -69,6 +69,59 @@ def test_the_scan_is_opened_not_a_macro_image_listed_before_it(tmp_path):
     np.testing.assert_array_equal(np.asarray(slide.levels[0][700:900, 300:600]), he[700:900, 300:600])
 
 
+def test_openslide_reads_the_aperio_slide_as_tifffile_does():
+    """The OpenSlide path (MIRAX and other formats tifffile does not read) on a real slide both
+    can read: the same pixels (both decode the same JPEG tiles), size, pixel size and vendor."""
+    pytest.importorskip("openslide")
+    from napari_medseg.io.slides import _open_with_openslide
+
+    slide = _open_with_openslide(SVS)
+    assert slide.vendor == "aperio" and slide.pixel_size_um == pytest.approx(0.499)
+    assert slide.shape == (2967, 2220) and "napari-medseg.origin" not in slide.metadata  # no bounds: no crop
+    np.testing.assert_array_equal(np.asarray(slide.levels[0][1000:1300, 500:900]),
+                                  tifffile.imread(SVS, series=0)[1000:1300, 500:900])
+
+
+class _ScannedArea:
+    """OpenSlide's reading interface over an array, for what no slide here has: ``bounds``
+    properties (MIRAX, Leica) and never-scanned, transparent areas. Two levels, 1 and 1/2."""
+
+    def __init__(self, rgba: np.ndarray, bounds: tuple[int, int, int, int]):
+        self.levels = [rgba, rgba[::2, ::2]]
+        self.level_count, self.level_downsamples = 2, (1.0, 2.0)
+        self.level_dimensions = [(a.shape[1], a.shape[0]) for a in self.levels]
+        self.properties = dict(zip(("openslide.bounds-x", "openslide.bounds-y", "openslide.bounds-width",
+                                    "openslide.bounds-height"), map(str, bounds)))
+
+    def read_region(self, location, level, size):
+        from PIL import Image
+
+        (x, y), (w, h), step = location, size, int(self.level_downsamples[level])
+        return Image.fromarray(np.ascontiguousarray(self.levels[level][y // step:y // step + h, x // step:x // step + w]))
+
+
+def test_an_openslide_slide_is_cropped_to_its_scanned_bounds_over_white(monkeypatch):
+    """Like QuPath: only the bounds are the slide (its x = y = 0 is their corner, so GeoJSON lines
+    up in QuPath); never-scanned areas (transparent) read as white glass, not as black."""
+    import types
+
+    from napari_medseg.io import slides
+
+    he = tifffile.imread(SVS, series=0)[:400, :600]
+    rgba = np.zeros((400, 600, 4), np.uint8)  # transparent: never scanned
+    rgba[100:300, 200:500, :3], rgba[100:300, 200:500, 3] = he[100:300, 200:500], 255
+    rgba[100:300, 350:500, 3] = 0  # a hole in the scan
+    area = _ScannedArea(rgba, (200, 100, 300, 200))
+    monkeypatch.setitem(sys.modules, "openslide", types.SimpleNamespace(OpenSlide=lambda _path: area))
+    slide = slides._open_with_openslide(SVS)
+    assert slide.shape == (200, 300) and slide.levels[1].shape == (100, 150, 3)
+    assert slide.metadata["napari-medseg.origin"] == "200,100"
+    level0 = np.asarray(slide.levels[0])
+    np.testing.assert_array_equal(level0[:, :150], he[100:300, 200:350])
+    assert (level0[:, 150:] == 255).all()
+    np.testing.assert_array_equal(np.asarray(slide.levels[1])[:, :75], he[100:300:2, 200:350:2])
+
+
 def test_other_vendor_formats_say_how_to_get_openslide(tmp_path, monkeypatch):
     from napari_medseg.io.slides import SlideError, open_slide
 

@@ -128,24 +128,53 @@ def _open_with_openslide(path: Path, cause: Exception | None = None) -> Slide:
         raise SlideError(f"Cannot open '{path.name}' as a slide ({type(exc).__name__}: {exc}).") from exc
     import dask.array as da
 
-    levels = [_openslide_level(osr, i, da) for i in range(osr.level_count)]
+    bounds = openslide_bounds(osr.properties)
+    levels = [_openslide_level(osr, i, da, bounds) for i in range(osr.level_count)]
     mpp = osr.properties.get("openslide.mpp-x")
+    metadata = dict(osr.properties)
+    if bounds is not None:
+        metadata["napari-medseg.origin"] = f"{bounds[0]},{bounds[1]}"  # where x = y = 0 lies in OpenSlide's frame
     return Slide(path, levels, float(mpp) if mpp else None, osr.properties.get("openslide.vendor", "openslide"),
-                 dict(osr.properties))
+                 metadata)
 
 
-def _openslide_level(osr, index: int, da, chunk: int = 1024):
-    """One OpenSlide level as a dask array ``(H, W, 3)`` uint8, read region by region."""
-    width, height = osr.level_dimensions[index]
+def openslide_bounds(properties) -> tuple[int, int, int, int] | None:
+    """``(x, y, width, height)`` of the scanned area in OpenSlide's level-0 frame, when the slide
+    records all four (MIRAX, Leica, ...). The slide is cropped to it, as QuPath does by default:
+    the glass around is never shown or read, and results line up with QuPath's coordinates."""
+    keys = ("openslide.bounds-x", "openslide.bounds-y", "openslide.bounds-width", "openslide.bounds-height")
+    try:
+        x, y, width, height = (int(properties[k]) for k in keys)
+    except (KeyError, ValueError):
+        return None
+    return (x, y, width, height) if width > 0 and height > 0 else None
+
+
+def _openslide_level(osr, index: int, da, bounds: tuple[int, int, int, int] | None = None, chunk: int = 1024):
+    """One OpenSlide level as a dask array ``(H, W, 3)`` uint8, read region by region; within
+    ``bounds`` (level-0 ``x, y, width, height``) when given."""
     scale = osr.level_downsamples[index]
+    if bounds is None:
+        (width, height), (left, top) = osr.level_dimensions[index], (0, 0)
+    else:
+        left, top = bounds[:2]
+        width, height = max(1, int(bounds[2] / scale)), max(1, int(bounds[3] / scale))
 
     def block(block_info=None):
         (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
-        region = osr.read_region((int(x0 * scale), int(y0 * scale)), index, (x1 - x0, y1 - y0))
-        return np.asarray(region.convert("RGB"))
+        region = osr.read_region((left + int(x0 * scale), top + int(y0 * scale)), index, (x1 - x0, y1 - y0))
+        return over_white(np.asarray(region))
 
     chunks = (_chunk_sizes(height, chunk), _chunk_sizes(width, chunk), (3,))
     return da.map_blocks(block, chunks=chunks, dtype=np.uint8)
+
+
+def over_white(rgba: np.ndarray) -> np.ndarray:
+    """An RGBA region (openslide-python's: not premultiplied) as RGB over white: areas never
+    scanned (transparent) read as glass, not as the black a tissue finder and a model would take
+    for dark tissue."""
+    alpha = rgba[..., 3:4].astype(np.uint32)
+    return ((rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
 
 
 def _chunk_sizes(n: int, chunk: int) -> tuple[int, ...]:
