@@ -185,3 +185,61 @@ def test_a_shape_over_an_ordinary_image_segments_that_crop(make_napari_viewer, c
     assert tuple(labels.translate) == (10.0 + 50.0, 20.0 + 30.0) and labels.data.shape == (201, 281)
     inside = polygon2mask(labels.data.shape, triangle - (100, 60))
     assert labels.data[inside].any() and not labels.data[~inside].any()
+
+
+def test_a_regions_exports_sit_where_the_region_is(make_napari_viewer, consep, tmp_path):
+    """A rectangle's result saved through napari's File > Save (GeoJSON: the nuclei layer, and the
+    class map's nuclei) and measured by the Objects widget (CSV centroids, GeoJSON) is in the
+    image's pixels: each outline over its own nucleus at the rectangle's corner, not at the image's
+    top-left (where QuPath would have put them all); re-thresholding keeps it so."""
+    import json
+
+    from napari_medseg._napari.objects_widget import ObjectsWidget
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(read_image(consep / "images" / "train_1_005.png"), name="patch")  # ~30 nuclei there
+    corner = (60, 40)
+    rectangle = viewer.add_shapes([np.array([[60, 40], [60, 240], [220, 240], [220, 40]], float) - 0.5],
+                                  shape_type="rectangle", name="box")
+    widget = SegmentWidget(viewer)
+    widget.device.value, widget.backend.value, widget.nuclei.value = "cpu", "torch", True
+    widget.target.value, widget.shapes_layer.value = SHAPE, rectangle
+    labels = widget.run(threaded=False)
+    assert labels.data.shape == (160, 200) and tuple(labels.translate) == corner and layer.translate.sum() == 0
+    widget.marker_threshold.value = 0.5
+    widget.rethreshold(threaded=False)  # new nuclei in the same layer: still the region's
+    nuclei = widget.last_instances_layer
+    instances = np.asarray(nuclei.data)
+    assert instances.max() > 10
+    viewer.layers.selection = {nuclei}
+    saved = tmp_path / "region.geojson"
+    assert viewer.layers.save(str(saved), selected=True, plugin=PLUGIN) == [str(saved)]
+    _outlines_at(saved, instances, corner)
+    viewer.layers.selection = {labels}
+    from_classes = tmp_path / "classes.geojson"
+    assert viewer.layers.save(str(from_classes), selected=True, plugin=PLUGIN) == [str(from_classes)]
+    objects = ObjectsWidget(viewer)
+    objects.class_layer.value = labels
+    objects.instance_layer.value = nuclei
+    table = objects.measure(add_instances_layer=False)
+    _outlines_at(objects.export_geojson(tmp_path / "objects.geojson"), instances, corner)
+    centres = np.asarray(json.loads(from_classes.read_text())["features"][0]["geometry"]["coordinates"][0]).mean(0)
+    assert corner[1] <= centres[0] <= corner[1] + 200 and corner[0] <= centres[1] <= corner[0] + 160
+    last = int(np.flatnonzero(table["label"] == instances.max())[0])
+    ys, xs = np.nonzero(instances == instances.max())
+    assert table["centroid_y"][last] == pytest.approx(ys.mean() + corner[0])
+    assert table["centroid_x"][last] == pytest.approx(xs.mean() + corner[1])
+
+
+def _outlines_at(path, instances: np.ndarray, corner: tuple[int, int]) -> None:
+    """Each outline of the GeoJSON at ``path`` spans its nucleus's pixels moved to ``corner``."""
+    import json
+
+    features = json.loads(path.read_text())["features"]
+    assert len(features) > 10
+    for feature in features:
+        ring = np.asarray(feature["geometry"]["coordinates"][0])
+        ys, xs = np.nonzero(instances == feature["properties"]["label"])
+        # the ring's box is its pixels' box at the corner (pixel corners: + 1 on the far side)
+        assert (ring[:, 0].min(), ring[:, 0].max()) == (xs.min() + corner[1], xs.max() + 1 + corner[1])
+        assert (ring[:, 1].min(), ring[:, 1].max()) == (ys.min() + corner[0], ys.max() + 1 + corner[0])

@@ -94,7 +94,8 @@ def replace_instances(layer, instances: np.ndarray, kwargs: dict) -> None:
     """New nuclei for an instance layer, in place (it keeps its name, place and opacity), with
     the class colours, class names and metadata of ``kwargs`` (``instance_labels_kwargs``): new
     ids would otherwise take the colours and classes of the old ones."""
-    layer.metadata = kwargs["metadata"]
+    origin = recorded_origin(layer.metadata)  # the region it covers stays the same
+    layer.metadata = with_origin(kwargs, origin)["metadata"]
     if "colormap" in kwargs:
         layer.features = kwargs["features"]
         layer.colormap = kwargs["colormap"]
@@ -136,6 +137,21 @@ def placement(layer) -> dict:
     sees one unit across them: a µm slide and pixel-unit results draw a warning)."""
     return {"scale": tuple(layer.scale[-2:]), "translate": tuple(layer.translate[-2:]),
             "units": tuple(str(unit) for unit in layer.units[-2:])}
+
+
+def with_origin(kwargs: dict, origin: tuple[int, int] | None) -> dict:
+    """``kwargs`` (``class_labels_kwargs`` / ``instance_labels_kwargs``) with the ``(y, x)`` pixel of
+    the image where the map's first pixel lies (a region's corner), which exports add back."""
+    if origin is not None and any(origin):
+        kwargs["metadata"][METADATA_KEY]["origin"] = [int(origin[0]), int(origin[1])]
+    return kwargs
+
+
+def recorded_origin(metadata: dict) -> tuple[int, int]:
+    """The ``(y, x)`` a layer's map starts at in its image (``with_origin``); (0, 0) for a map
+    of the whole image, as every layer not made from a region is."""
+    y, x = (metadata or {}).get(METADATA_KEY, {}).get("origin", (0, 0))
+    return int(y), int(x)
 
 
 def pixel_size_um(layer) -> float | None:

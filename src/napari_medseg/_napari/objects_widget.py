@@ -20,7 +20,8 @@ from .dock import ScrollingDock
 from .fast_table import FastTable
 from .table_format import fixed_decimals
 from .layers import (METADATA_KEY, image_layers, instance_labels_kwargs, labels_layers, layer_kind,
-                     legend_html, pixel_size_um, placement, wrapping_label)
+                     legend_html, pixel_size_um, placement, recorded_origin, with_origin,
+                     wrapping_label)
 
 if TYPE_CHECKING:
     import napari
@@ -61,6 +62,7 @@ class ObjectsWidget(ScrollingDock):
         self._worker = None
         self.objects: dict | None = None
         self._instances: np.ndarray | None = None
+        self._origin = (0.0, 0.0)  # (y, x) of the measured map's first pixel in its image
         self.class_layer = ComboBox(label="class map", choices=self._class_layers)
         self.instance_layer = ComboBox(label="instances", choices=self._instance_choices)
         self.image_layer = ComboBox(label="image", choices=self._image_choices)
@@ -159,9 +161,12 @@ class ObjectsWidget(ScrollingDock):
 
     def _show(self, result, layer, names: list[str], add_instances_layer: bool, in_steps: bool) -> dict:
         table, instances, derived = result
+        # centroids in the image's pixels: a region's result sits at the region's corner
+        origin = recorded_origin(layer.metadata)
+        table["centroid_y"], table["centroid_x"] = table["centroid_y"] + origin[0], table["centroid_x"] + origin[1]
         if derived and add_instances_layer:
-            added = self._viewer.add_labels(instances, **instance_labels_kwargs(f"{layer.name} instances"),
-                                            **placement(layer))
+            added = self._viewer.add_labels(instances, **with_origin(instance_labels_kwargs(f"{layer.name} instances"),
+                                                                     origin), **placement(layer))
             added.contour = 2
         self.table.fill(table_rows(table), in_steps)  # thousands of rows: a slice per event-loop turn
         counts = counts_per_class(table)
@@ -172,6 +177,7 @@ class ObjectsWidget(ScrollingDock):
         info = layer.metadata.get(METADATA_KEY, {})
         self.legend.value = legend_html(names, info.get("colors"))
         self.objects, self._instances, self._names = table, instances, names
+        self._origin = origin
         return table
 
     def export_csv(self, path: str | Path | None = None) -> Path | None:
@@ -186,7 +192,8 @@ class ObjectsWidget(ScrollingDock):
         classes = dict(zip(self.objects["label"].tolist(), self.objects["class_id"].tolist()))
         colors = self.class_layer.value.metadata.get(METADATA_KEY, {}).get("colors")
         return self._export(self.geojson_path, path,
-                            lambda target: write_geojson(target, self._instances, classes, self._names, colors))
+                            lambda target: write_geojson(target, self._instances, classes, self._names, colors,
+                                                         self._origin))
 
     def _export(self, path_widget, path, write) -> Path | None:
         target = export_target(path_widget, path)

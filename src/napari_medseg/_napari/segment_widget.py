@@ -41,7 +41,7 @@ from ..steps import Cancelled, run_steps
 from .common import (WidgetInputError, add_layers_in_turns, report_error, start_worker, step_from_own_value,
                      warm_label_visuals)
 from .layers import (class_labels_kwargs, image_layers, instance_labels_kwargs, legend_html, pick_classes_from,
-                     pixel_size_um, placement, replace_instances, wrapping_label)
+                     pixel_size_um, placement, replace_instances, with_origin, wrapping_label)
 from .model_list import DEFAULT_MODEL, FILE_MODEL, follow_trained_models, trained_models
 from .view_regions import drawn_shape, field_of_view, inside, region_placement, shapes_layers
 from .torch_import import import_torch_dynamo
@@ -331,7 +331,8 @@ class SegmentWidget(Container):
             labels, instances = _masked(labels, mask), _masked(instances, mask)
             # the layers (colour tables, class votes, features) are made here, off the GUI
             # thread, which then only adds them
-            class_kwargs, instance_kwargs = _result_layer_kwargs(layer.name, segmenter, labels, instances, where)
+            class_kwargs, instance_kwargs = _result_layer_kwargs(layer.name, segmenter, labels, instances, where,
+                                                                 None if region is None else (region.y, region.x))
             summary = result_summary(labels, instances, segmenter.foreground_threshold, segmenter.classes,
                                      nuclei, segmenter.last_report)
             layers = _labels_layers(labels, class_kwargs, instances, instance_kwargs)
@@ -608,13 +609,15 @@ def _masked(array: np.ndarray | None, mask: np.ndarray | None) -> np.ndarray | N
 
 
 def _result_layer_kwargs(name: str, segmenter, labels: np.ndarray, instances: np.ndarray | None,
-                         where: dict) -> tuple[dict, dict | None]:
-    """The ``add_labels`` settings of a run's class map and nuclei, placed ``where`` on the canvas."""
+                         where: dict, origin: tuple[int, int] | None = None) -> tuple[dict, dict | None]:
+    """The ``add_labels`` settings of a run's class map and nuclei, placed ``where`` on the canvas;
+    ``origin``: the image pixel of a region's corner, for exports (``with_origin``)."""
     classes, colors = segmenter.classes, segmenter.meta.colors
-    class_kwargs = class_labels_kwargs(f"{name} segmentation", classes, colors, **where)
+    class_kwargs = with_origin(class_labels_kwargs(f"{name} segmentation", classes, colors, **where), origin)
     if instances is None:
         return class_kwargs, None
-    return class_kwargs, _nuclei_kwargs(f"{name} nuclei", classes, colors, labels, instances, **where)
+    return class_kwargs, with_origin(_nuclei_kwargs(f"{name} nuclei", classes, colors, labels, instances, **where),
+                                     origin)
 
 
 def _nuclei_kwargs(name: str, classes: list[str], colors, labels: np.ndarray, instances: np.ndarray,

@@ -19,21 +19,22 @@ from ..io.outputs import OutputWriteError, write_error
 from ..nuclei.votes import instance_classes
 from ..nuclei.watershed import semantic_to_instances
 from .common import CLASS_ID_LIMIT, WidgetInputError, class_map_top
-from .layers import METADATA_KEY
+from .layers import METADATA_KEY, recorded_origin
 
 
 def write_labels_geojson(path: str, data, meta: dict) -> list[str]:
     with _save_errors_shown(path, meta):
         labels = _plane(data)
         info = meta.get("metadata", {}).get(METADATA_KEY, {})
+        origin = recorded_origin(meta.get("metadata"))  # a region's result: outlines in the image's pixels
         # more names than a class map has: numbered names given to an instance map's every id
         classes = info.get("classes") if len(info.get("classes") or ()) <= CLASS_ID_LIMIT else None
         if info.get("kind") == "instances" or (not classes and int(labels.max(initial=0)) >= CLASS_ID_LIMIT):
-            _write_instances(path, labels, info)  # ids no class map has: nuclei, as they are
+            _write_instances(path, labels, info, origin)  # ids no class map has: nuclei, as they are
         else:  # a class map: nuclei by watershed, each with its majority class
             class_map_top(_name(meta), labels, classes)
             instances = semantic_to_instances(labels)
-            write_geojson(path, instances, instance_classes(instances, labels), classes, info.get("colors"))
+            write_geojson(path, instances, instance_classes(instances, labels), classes, info.get("colors"), origin)
     return [path]
 
 
@@ -43,16 +44,16 @@ def write_labels_tiff(path: str, data, meta: dict) -> list[str]:
     return [path]
 
 
-def _write_instances(path: str, labels: np.ndarray, info: dict) -> None:
+def _write_instances(path: str, labels: np.ndarray, info: dict, origin: tuple[float, float]) -> None:
     table = info.get("instance_classes")
     if info.get("kind") != "instances" or table is None or not info.get("classes"):
-        write_geojson(path, labels)
+        write_geojson(path, labels, origin=origin)
         return
     # the classes the nuclei had when made; ids added since are left unclassified (0)
     votes = np.zeros(int(labels.max(initial=0)) + 1, np.int64)
     n = min(len(votes), len(table))
     votes[:n] = np.asarray(table)[:n]
-    write_geojson(path, labels, votes, info["classes"], info.get("colors"))
+    write_geojson(path, labels, votes, info["classes"], info.get("colors"), origin)
 
 
 def _plane(data) -> np.ndarray:

@@ -16,9 +16,10 @@ import numpy as np
 from .images import atomic_write
 
 
-def instance_polygons(instances: np.ndarray) -> dict[int, list[list[float]]]:
+def instance_polygons(instances: np.ndarray, origin: tuple[float, float] = (0, 0)) -> dict[int, list[list[float]]]:
     """Outer outline of each instance as ``[[x, y], ...]`` (closed), in QuPath's pixel-corner
-    coordinates: the line between its pixels and the others, corners cut (marching squares)."""
+    coordinates: the line between its pixels and the others, corners cut (marching squares).
+    ``origin``: ``(y, x)`` of the map's first pixel in the image it covers (a region's corner)."""
     from scipy import ndimage as ndi
     from skimage.measure import find_contours
 
@@ -35,7 +36,7 @@ def instance_polygons(instances: np.ndarray) -> dict[int, list[list[float]]]:
             continue
         outline = max(contours, key=len)  # the outer boundary; holes are not exported
         # (x, y): the margin's 1 px off, then half a pixel from centre to corner coordinates
-        coords = (outline[:, ::-1] + (x0 - 0.5, y0 - 0.5)).tolist()
+        coords = (outline[:, ::-1] + (x0 - 0.5 + origin[1], y0 - 0.5 + origin[0])).tolist()
         if coords[0] != coords[-1]:
             coords.append(coords[0])
         if len(coords) >= 4:
@@ -44,8 +45,10 @@ def instance_polygons(instances: np.ndarray) -> dict[int, list[list[float]]]:
 
 
 def instances_to_geojson(instances: np.ndarray, classes: np.ndarray | None = None,
-                         class_names: list[str] | None = None, colors: list | None = None) -> dict:
-    """A FeatureCollection; ``classes[id]`` (an array or a dict) is the class index of instance ``id``."""
+                         class_names: list[str] | None = None, colors: list | None = None,
+                         origin: tuple[float, float] = (0, 0)) -> dict:
+    """A FeatureCollection; ``classes[id]`` (an array or a dict) is the class index of instance ``id``;
+    ``origin`` (``y, x`` px) places a region's map in its image."""
     from skimage.segmentation import relabel_sequential
 
     instances = np.asarray(instances)
@@ -53,7 +56,7 @@ def instances_to_geojson(instances: np.ndarray, classes: np.ndarray | None = Non
         raise ValueError(f"GeoJSON export needs a 2-D integer instance map, got {instances.dtype} {instances.shape}.")
     relabelled, _, inverse = relabel_sequential(instances)
     features = []
-    for new_id, coords in instance_polygons(relabelled).items():
+    for new_id, coords in instance_polygons(relabelled, origin).items():
         old_id = int(inverse[new_id])  # the layer's own id: its label, and the key of its class
         properties: dict = {"objectType": "detection", "label": old_id}
         c = int(classes[old_id]) if classes is not None and class_names is not None else 0
@@ -71,8 +74,9 @@ def instances_to_geojson(instances: np.ndarray, classes: np.ndarray | None = Non
 
 
 def write_geojson(path: str | Path, instances: np.ndarray, classes: np.ndarray | None = None,
-                  class_names: list[str] | None = None, colors: list | None = None) -> Path:
-    data = instances_to_geojson(instances, classes, class_names, colors)
+                  class_names: list[str] | None = None, colors: list | None = None,
+                  origin: tuple[float, float] = (0, 0)) -> Path:
+    data = instances_to_geojson(instances, classes, class_names, colors, origin)
     path = Path(path)
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data)))
     return path
