@@ -312,13 +312,19 @@ def _save_case(viewer, tmp_path, case: str):
         plane[0, 0] = 9
         layer = viewer.add_labels(plane, **class_labels_kwargs("classes", ["background", "nucleus"]))
         return layer, tmp_path / "c.geojson", ("'classes' holds class id 9",)
+    if case == "slide pyramid":  # as a slide run adds its labels: levels read from disk, its exports beside them
+        kwargs = class_labels_kwargs("slide segmentation", ["background", "nucleus"])
+        kwargs["metadata"][METADATA_KEY]["results"] = "/data/results/slide"
+        layer = viewer.add_labels([plane, plane[::2, ::2]], multiscale=True, **kwargs)
+        return layer, tmp_path / "s.geojson", ("'slide segmentation'", "whole-slide label pyramid (2 levels)",
+                                               "written with it in /data/results/slide")
     raise AssertionError(case)
 
 
 @pytest.mark.parametrize("how", ["layer.save", "layers.save", "save dialog"])
 def test_saving_shows_the_plugins_reason_and_writes_nothing(make_napari_viewer, tmp_path, monkeypatch, how):
     viewer = make_napari_viewer()
-    for case in ("negative", "stack", "folder is a file", "class id beyond the names"):
+    for case in ("negative", "stack", "folder is a file", "class id beyond the names", "slide pyramid"):
         layer, target, fragments = _save_case(viewer, tmp_path, case)
         _assert_save_refused(viewer, layer, target, fragments, tmp_path, monkeypatch, how)
 

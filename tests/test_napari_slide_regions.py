@@ -12,6 +12,7 @@ import zarr
 from napari.layers import Labels
 from skimage.draw import polygon2mask
 
+from napari_medseg._napari.layers import METADATA_KEY
 from napari_medseg._napari.segment_widget import FIELD_OF_VIEW, FILE_MODEL, SHAPE, WHOLE_SLIDE, SegmentWidget
 from napari_medseg.inference import Segmenter
 from napari_medseg.io import read_image
@@ -79,6 +80,7 @@ def test_the_field_of_view_of_a_slide_becomes_lazy_label_pyramids(make_napari_vi
         assert layer.data[0].shape == (2560, 2560)
         assert tuple(layer.scale) == tuple(image.scale) and tuple(layer.translate) == tuple(image.translate)
         assert [str(unit) for unit in layer.units] == ["micrometer", "micrometer"]  # one unit with the slide
+        assert layer.metadata[METADATA_KEY]["results"] == str(tmp_path / "results")  # File > Save says where
     store = zarr.open_group(str(tmp_path / "results" / "synthetic.zarr"), mode="r")
     full = np.asarray(store["classes/0"])
     inside = full[r.slices]

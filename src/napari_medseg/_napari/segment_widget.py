@@ -40,8 +40,8 @@ from ..nuclei.watershed import INSTANCE_MAX_PIXELS, InstanceSettings
 from ..steps import Cancelled, run_steps
 from .common import (WidgetInputError, add_layers_in_turns, report_error, start_worker, step_from_own_value,
                      warm_label_visuals)
-from .layers import (class_labels_kwargs, image_layers, instance_labels_kwargs, legend_html, pick_classes_from,
-                     pixel_size_um, placement, replace_instances, with_origin, wrapping_label)
+from .layers import (METADATA_KEY, class_labels_kwargs, image_layers, instance_labels_kwargs, legend_html,
+                     pick_classes_from, pixel_size_um, placement, replace_instances, with_origin, wrapping_label)
 from .model_list import DEFAULT_MODEL, FILE_MODEL, follow_trained_models, trained_models
 from .view_regions import drawn_shape, field_of_view, inside, region_placement, shapes_layers
 from .torch_import import import_torch_dynamo
@@ -541,15 +541,18 @@ def _slide_layer_args(result: SlideResult, model: SlideModelInfo, name: str, whe
     import zarr
 
     root = zarr.open_group(str(result.files["store"]), mode="r")
+    folder = str(result.files["store"].parent)  # where its exports are (File > Save points there)
     classes = _pyramid(root["classes"])
     class_kwargs = {"multiscale": classes["multiscale"],
                     **class_labels_kwargs(f"{name} segmentation", model.classes, model.colors, **where)}
+    class_kwargs["metadata"][METADATA_KEY]["results"] = folder
     if "instances" not in root:
         return classes["data"], class_kwargs, None, None
     nuclei = _pyramid(root["instances"])
     votes = _slide_nucleus_classes(result.files.get("csv"), result.nuclei)
     instance_kwargs = {"multiscale": nuclei["multiscale"],
                        **instance_labels_kwargs(f"{name} nuclei", model.classes, model.colors, votes, **where)}
+    instance_kwargs["metadata"][METADATA_KEY]["results"] = folder
     return classes["data"], class_kwargs, nuclei["data"], instance_kwargs
 
 

@@ -8,6 +8,7 @@ is. Both formats are written to a temp file and renamed: a refused or failed sav
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,9 @@ from .layers import METADATA_KEY, recorded_origin
 
 def write_labels_geojson(path: str, data, meta: dict) -> list[str]:
     with _save_errors_shown(path, meta):
-        labels = _plane(data)
         info = meta.get("metadata", {}).get(METADATA_KEY, {})
+        _not_a_pyramid(data, info)
+        labels = _plane(data)
         origin = recorded_origin(meta.get("metadata"))  # a region's result: outlines in the image's pixels
         # more names than a class map has: numbered names given to an instance map's every id
         classes = info.get("classes") if len(info.get("classes") or ()) <= CLASS_ID_LIMIT else None
@@ -40,6 +42,7 @@ def write_labels_geojson(path: str, data, meta: dict) -> list[str]:
 
 def write_labels_tiff(path: str, data, meta: dict) -> list[str]:
     with _save_errors_shown(path, meta):
+        _not_a_pyramid(data, meta.get("metadata", {}).get(METADATA_KEY, {}))
         write_label_map(path, _plane(data))
     return [path]
 
@@ -54,6 +57,15 @@ def _write_instances(path: str, labels: np.ndarray, info: dict, origin: tuple[fl
     n = min(len(votes), len(table))
     votes[:n] = np.asarray(table)[:n]
     write_geojson(path, labels, votes, info["classes"], info.get("colors"), origin)
+
+
+def _not_a_pyramid(data, info: dict) -> None:
+    """A multiscale layer (a slide run's labels, read lazily from disk) is not read whole into
+    memory to be saved: its exports were written with it."""
+    if isinstance(data, Sequence) and not isinstance(data, np.ndarray):
+        where = f" in {info['results']}" if info.get("results") else " in the folder its run wrote to"
+        raise WidgetInputError(f"it is a whole-slide label pyramid ({len(data)} levels), too large to save from the "
+                               f"viewer; its GeoJSON, per-nucleus CSV and OME-TIFF pyramids were written with it{where}.")
 
 
 def _plane(data) -> np.ndarray:
