@@ -167,8 +167,9 @@ def _crossing_segments(ring: np.ndarray) -> int:
     a, b = ring[:-1, None, :], ring[1:, None, :]  # edge i, against every edge j
     c, d = ring[None, :-1, :], ring[None, 1:, :]
 
-    def orient(p, q, r):
-        return np.sign((q[..., 0] - p[..., 0]) * (r[..., 1] - p[..., 1]) - (q[..., 1] - p[..., 1]) * (r[..., 0] - p[..., 0]))
+    def orient(p, q, r):  # which side of p -> q the point r lies on: -1, 0 (on the line) or 1
+        (px, py), (qx, qy), (rx, ry) = (np.moveaxis(v, -1, 0) for v in (p, q, r))
+        return np.sign((qx - px) * (ry - py) - (qy - py) * (rx - px))
 
     straddle = (orient(a, b, c) * orient(a, b, d) <= 0) & (orient(c, d, a) * orient(c, d, b) <= 0)
     boxes = ((np.minimum(a, b) <= np.maximum(c, d)) & (np.minimum(c, d) <= np.maximum(a, b))).all(-1)

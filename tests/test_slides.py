@@ -97,7 +97,8 @@ class _ScannedArea:
         from PIL import Image
 
         (x, y), (w, h), step = location, size, int(self.level_downsamples[level])
-        return Image.fromarray(np.ascontiguousarray(self.levels[level][y // step:y // step + h, x // step:x // step + w]))
+        region = self.levels[level][y // step:y // step + h, x // step:x // step + w]
+        return Image.fromarray(np.ascontiguousarray(region))
 
 
 def test_an_openslide_slide_is_cropped_to_its_scanned_bounds_over_white(monkeypatch):

@@ -62,7 +62,7 @@ class ObjectsWidget(ScrollingDock):
         self._worker = None
         self.objects: dict | None = None
         self._instances: np.ndarray | None = None
-        self._origin = (0.0, 0.0)  # (y, x) of the measured map's first pixel in its image
+        self._origin = (0, 0)  # (y, x) of the measured map's first pixel in its image
         self.class_layer = ComboBox(label="class map", choices=self._class_layers)
         self.instance_layer = ComboBox(label="instances", choices=self._instance_choices)
         self.image_layer = ComboBox(label="image", choices=self._image_choices)

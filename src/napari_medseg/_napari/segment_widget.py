@@ -28,12 +28,12 @@ from ..inference.postprocess import PostprocessSettings
 from ..inference.regions import Region
 from ..inference.rethreshold import KeptRun, Thresholds, apply_thresholds, iter_segment_keeping
 from ..inference.segmenter import Segmenter
-from ..models import read_meta, resolve_model_path
 from ..inference.settings import BLENDS, TileSettings
 from ..inference.slide import SlideResult
 from ..inference.slide_process import SlideJob, SlideModelInfo, SlideProcess
 from ..io.images import file_stem
 from ..io.slide_outputs import check_no_slide_results, fresh_results_folder, pyramid_levels, read_nucleus_classes
+from ..models import read_meta, resolve_model_path
 from ..nuclei.measure import nucleus_count
 from ..nuclei.votes import instance_classes
 from ..nuclei.watershed import INSTANCE_MAX_PIXELS, InstanceSettings

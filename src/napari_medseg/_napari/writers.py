@@ -47,7 +47,7 @@ def write_labels_tiff(path: str, data, meta: dict) -> list[str]:
     return [path]
 
 
-def _write_instances(path: str, labels: np.ndarray, info: dict, origin: tuple[float, float]) -> None:
+def _write_instances(path: str, labels: np.ndarray, info: dict, origin: tuple[int, int]) -> None:
     table = info.get("instance_classes")
     if info.get("kind") != "instances" or table is None or not info.get("classes"):
         write_geojson(path, labels, origin=origin)
@@ -65,7 +65,8 @@ def _not_a_pyramid(data, info: dict) -> None:
     if isinstance(data, Sequence) and not isinstance(data, np.ndarray):
         where = f" in {info['results']}" if info.get("results") else " in the folder its run wrote to"
         raise WidgetInputError(f"it is a whole-slide label pyramid ({len(data)} levels), too large to save from the "
-                               f"viewer; its GeoJSON, per-nucleus CSV and OME-TIFF pyramids were written with it{where}.")
+                               "viewer; its GeoJSON, per-nucleus CSV and OME-TIFF pyramids were written with it"
+                               f"{where}.")
 
 
 def _plane(data) -> np.ndarray:
