@@ -101,6 +101,26 @@ def test_the_field_of_view_of_a_slide_becomes_lazy_label_pyramids(make_napari_vi
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == [
         "synthetic.zarr", "synthetic_instances.ome.tif", "synthetic_labels.ome.tif", "synthetic_nuclei.csv",
         "synthetic_nuclei.geojson"]
+    _measuring_a_pyramid_says_where_its_tables_are(viewer, classes, tmp_path / "results")
+
+
+def _measuring_a_pyramid_says_where_its_tables_are(viewer, classes, folder) -> None:
+    """The Objects and Metrics widgets work on one image in memory; napari's array of a pyramid is
+    its coarsest level, which they would have measured as if it were the slide."""
+    from napari_medseg._napari.metrics_widget import MetricsWidget
+    from napari_medseg._napari.objects_widget import ObjectsWidget
+
+    objects = ObjectsWidget(viewer)
+    objects.class_layer.value, objects.instance_layer.value = classes, None
+    assert objects.measure(add_instances_layer=False) is None and objects.objects is None
+    truth = viewer.add_labels(np.zeros((64, 64), np.uint8), name="truth")
+    metrics = MetricsWidget(viewer)
+    metrics.prediction.value, metrics.ground_truth.value = classes, truth
+    metrics.compute()
+    for widget, use in ((objects, "measuring nuclei"), (metrics, "comparing with ground truth")):
+        message = widget.summary.value
+        assert "is a whole-slide pyramid" in message and use in message, message
+        assert f"written by its run in {folder}" in message, message
 
 
 def test_a_polygon_on_a_slide_and_results_never_overwritten(make_napari_viewer, slide_file, tiny_checkpoint,

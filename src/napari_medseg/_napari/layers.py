@@ -9,6 +9,7 @@ import numpy as np
 from napari.utils.colormaps import DirectLabelColormap
 
 from ..colors import class_colors
+from .common import WidgetInputError
 
 METADATA_KEY = "medseg"
 CLASS_OPACITY = 0.45  # class colours under the nucleus outlines: the stain stays readable
@@ -137,6 +138,19 @@ def placement(layer) -> dict:
     sees one unit across them: a µm slide and pixel-unit results draw a warning)."""
     return {"scale": tuple(layer.scale[-2:]), "translate": tuple(layer.translate[-2:]),
             "units": tuple(str(unit) for unit in layer.units[-2:])}
+
+
+def in_memory_plane(layer, use: str) -> np.ndarray:
+    """``layer``'s pixels, for work on one image held in memory (``use``: what for). A multiscale
+    layer (a slide, a slide run's labels) is refused: napari's array of it is its coarsest level,
+    so measuring it would silently score a thumbnail."""
+    if getattr(layer, "multiscale", False):
+        folder = layer.metadata.get(METADATA_KEY, {}).get("results")
+        made = (f" Its per-nucleus CSV (µm² areas, classes) and GeoJSON were written by its run in {folder}."
+                if folder else "")
+        raise WidgetInputError(f"'{layer.name}' is a whole-slide pyramid; {use} works on one image in memory: "
+                               f"segment a region of an ordinary image, or open a crop of the slide.{made}")
+    return np.asarray(layer.data)
 
 
 def with_origin(kwargs: dict, origin: tuple[int, int] | None) -> dict:

@@ -23,7 +23,8 @@ from .common import (CLASS_ID_LIMIT, warm_label_visuals, WidgetInputError, class
                      numbered_classes, report_error, start_worker)
 from .dock import ScrollingDock
 from .fast_table import FastTable
-from .layers import METADATA_KEY, class_colormap, labels_layers, layer_kind, legend_html, wrapping_label
+from .layers import (METADATA_KEY, class_colormap, in_memory_plane, labels_layers, layer_kind, legend_html,
+                     wrapping_label)
 from .table_format import fixed_decimals
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ def _cell(value):
 
 def _instance_map(layer, class_layer) -> np.ndarray:
     """The nuclei of ``layer``, checked against the class map ``class_layer`` they belong to."""
-    data = np.asarray(layer.data)
+    data = in_memory_plane(layer, "comparing with ground truth")
     if data.shape != class_layer.data.shape:
         raise MetricsInputError(f"'{layer.name}' has shape {data.shape}, '{class_layer.name}' "
                                 f"{class_layer.data.shape}; choose the nuclei of the same image.")
@@ -167,7 +168,7 @@ class MetricsWidget(ScrollingDock):
             raise MetricsInputError("Choose a prediction and a ground-truth Labels layer.")
         if pred_layer is gt_layer:
             raise MetricsInputError("Prediction and ground truth are the same layer.")
-        pred, gt = np.asarray(pred_layer.data), np.asarray(gt_layer.data)
+        gt, pred = (in_memory_plane(layer, "comparing with ground truth") for layer in (gt_layer, pred_layer))
         for layer, data in ((gt_layer, gt), (pred_layer, pred)):
             if data.ndim != 2:
                 raise MetricsInputError(f"Metrics compare 2-D maps; '{layer.name}' has shape {data.shape}.")

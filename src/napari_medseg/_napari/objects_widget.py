@@ -19,7 +19,7 @@ from .common import (WidgetInputError, warm_label_visuals, class_map_top, class_
 from .dock import ScrollingDock
 from .fast_table import FastTable
 from .table_format import fixed_decimals
-from .layers import (METADATA_KEY, image_layers, instance_labels_kwargs, labels_layers, layer_kind,
+from .layers import (METADATA_KEY, image_layers, in_memory_plane, instance_labels_kwargs, labels_layers, layer_kind,
                      legend_html, pixel_size_um, placement, recorded_origin, with_origin,
                      wrapping_label)
 
@@ -45,7 +45,7 @@ def _cell(value):
 
 def _matching(layer, class_layer, what: str) -> np.ndarray:
     """``layer``'s pixels, which must cover the class map ``class_layer`` pixel for pixel."""
-    data = np.asarray(layer.data)
+    data = in_memory_plane(layer, "measuring nuclei")
     spatial = data.shape[:-1] if getattr(layer, "rgb", False) else data.shape
     if spatial != class_layer.data.shape:
         raise WidgetInputError(f"'{layer.name}' has shape {data.shape}, the class map '{class_layer.name}' "
@@ -119,7 +119,7 @@ class ObjectsWidget(ScrollingDock):
         layer = self.class_layer.value
         if layer is None:
             raise WidgetInputError("Choose a class-map Labels layer.")
-        class_map = np.asarray(layer.data)
+        class_map = in_memory_plane(layer, "measuring nuclei")
         if class_map.ndim != 2:
             raise WidgetInputError(f"Objects are measured on 2-D maps; '{layer.name}' has shape {class_map.shape}.")
         top = class_map_top(layer.name, class_map, class_names(layer), instead=CLASS_MAP_INSTEAD)
