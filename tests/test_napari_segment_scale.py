@@ -123,15 +123,15 @@ def test_nucleus_threshold_is_the_models_unless_set(make_napari_viewer, consep):
     widget.backend.value = "torch"  # compared with PyTorch's output to the pixel
     widget.nuclei.value = False
     reference = Segmenter.load("default", device="cpu")
-    assert reference.foreground_threshold == pytest.approx(0.38)
+    assert reference.foreground_threshold == pytest.approx(0.34)
     probs = reference.probabilities(image, widget.tile_settings())
 
     # 0 reads as the model's own, never as "0.00", with the chosen model's value from the start
-    assert widget.threshold.native.text() == "model's (0.38)"
+    assert widget.threshold.native.text() == "model's (0.34)"
     layer = widget.run(threaded=False)
-    np.testing.assert_array_equal(layer.data, classify(probs, 0.38))
-    assert "nucleus threshold 0.38" in widget.status.value
-    assert widget.threshold.native.text() == "model's (0.38)"
+    np.testing.assert_array_equal(layer.data, classify(probs, 0.34))
+    assert "nucleus threshold 0.34" in widget.status.value
+    assert widget.threshold.native.text() == "model's (0.34)"
     widget.threshold.value = 0.8
     assert widget.threshold.native.text() == "0.80"
     layer = widget.run(threaded=False)
@@ -139,4 +139,4 @@ def test_nucleus_threshold_is_the_models_unless_set(make_napari_viewer, consep):
     assert (layer.data > 0).sum() < (viewer.layers["patch segmentation"].data > 0).sum()  # stricter: fewer nuclei px
     widget.threshold.value = 0.0
     layer = widget.run(threaded=False)
-    np.testing.assert_array_equal(layer.data, classify(probs, 0.38))
+    np.testing.assert_array_equal(layer.data, classify(probs, 0.34))

@@ -28,9 +28,9 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def test_default_config_resolves_to_the_shipped_models_recorded_config():
     stages = load_train_stages(REPO / "configs" / "default.yaml")
-    names = ["all_data", "classes", "context", "distance", "distance_tnbc", "distance_low_lr"]
+    names = ["all_data", "classes", "context", "distance", "distance_tnbc", "distance_low_lr", "long"]
     assert [s.name for s in stages] == names
-    all_data, classes, context, distance, tnbc, low_lr = (s.config for s in stages)
+    all_data, classes, context, distance, tnbc, low_lr, long = (s.config for s in stages)
     assert [s.config.out_dir for s in stages] == [f"runs/default/{n}" for n in names]
     assert all_data.init_checkpoint is None
     assert all_data.model.encoder_weights == "runs/imagenet/mobilenet_v2_imagenet.safetensors"  # the ImageNet start
@@ -54,32 +54,36 @@ def test_default_config_resolves_to_the_shipped_models_recorded_config():
     assert [c.average_with_start for c in (all_data, classes, context, distance, tnbc)] == [0.0, 0.0, 0.5, 0.0, 0.0]
     # the last stage is averaged with the chain's start, not its own
     assert (low_lr.average_with_start, low_lr.average_with) == (0.5, "runs/default/context/averaged.safetensors")
+    # the seventh: from that result (the 6-stage default), one long cycle, its best not averaged
+    assert long.init_checkpoint == "runs/default/distance_low_lr/averaged.safetensors"
+    assert (long.lr, long.epochs, long.data.crop_size, long.distance_loss_weight, long.average_with_start) == (
+        0.0005, 48, 256, 3.0, 0.0)
+    assert [d.weight for d in long.data.datasets] == [2.0, 1.0, 2.0] and long.data.datasets[2].distance == "convex"
 
     gpu = classes.for_device("cuda")
     assert (gpu.lr, gpu.epochs, gpu.batch_size) == (0.00025, 20, 64)  # a quarter of the GPU's stage-1 lr
     gpu = context.for_device("cuda")
     assert (gpu.lr, gpu.epochs, gpu.batch_size, gpu.data.crop_size) == (0.00025, 16, 64, 256)
-    assert [c.for_device("cuda").lr for c in (distance, tnbc, low_lr)] == [0.00025, 0.000125, 0.000075]
+    assert [c.for_device("cuda").lr for c in (distance, tnbc, low_lr, long)] == [0.00025, 0.000125, 0.000075, 0.00025]
 
-    # The shipped weights are distance_low_lr's best (run from a stage-less copy of this config,
-    # runs/dist3c.yaml, out_dir runs/dist3c, from the earlier stages' copies in runs/) averaged
-    # half and half with the earlier default (`medseg average default <best> --weight 0.5`). Its
-    # recorded config is the stage's but for the paths, the averaging (done after the run, so
-    # recorded under training.averaged, not in its config), the GPU-only on_cuda settings (the
-    # run's were the top level's) and the ImageNet file (a run from a checkpoint records none).
+    # The shipped weights are the long stage's best epoch, run from a stage-less copy of this
+    # config (runs/long.yaml, out_dir runs/long) that started from the 6-stage default and
+    # averaged its best with that start at the end (the average was measured first and failed
+    # the ship rule; the best, as it is, is shipped: so the stage here does not average). Its
+    # recorded config is the stage's but for the paths, that averaging, the GPU-only on_cuda
+    # settings (the run's were the top level's) and the ImageNet file (a run from a checkpoint
+    # records none).
     meta = read_meta(resolve_model_path("default"))
     recorded = meta.training["config"]
     # read as a config, so settings added since (at their defaults) read as the run had them
-    ours, theirs = _flat(low_lr.to_dict()), _flat(TrainConfig.from_dict(recorded).to_dict())
+    ours, theirs = _flat(long.to_dict()), _flat(TrainConfig.from_dict(recorded).to_dict())
     differ = {k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)}
-    assert differ == {"init_checkpoint", "out_dir", "average_with_start", "average_with", "on_cuda.lr",
-                      "on_cuda.epochs", "model.encoder_weights"}, {k: (ours.get(k), theirs.get(k)) for k in differ}
-    assert theirs["model.encoder_weights"] is None and theirs["average_with_start"] == 0.0
-    assert "distance_gradient_weight" not in recorded and theirs["distance_gradient_weight"] == 0.0
-    averaged = meta.training["averaged"]
-    assert averaged["weight_on_tuned"] == 0.5 and averaged["batchnorm"] == "average"
-    assert Path(averaged["start"]).name == "default.safetensors"  # context's result, shipped before
-    assert averaged["tuned"] == "runs/dist3c/best.safetensors"
+    assert differ == {"init_checkpoint", "out_dir", "average_with_start", "on_cuda.lr", "on_cuda.epochs",
+                      "model.encoder_weights"}, {k: (ours.get(k), theirs.get(k)) for k in differ}
+    assert theirs["model.encoder_weights"] is None and theirs["average_with_start"] == 0.5
+    assert theirs["init_checkpoint"] == "runs/default_6stage.safetensors"  # a copy of the 6-stage default
+    assert theirs["distance_gradient_weight"] == 0.0 and meta.training["best_epoch"] == 43
+    assert "averaged" not in meta.training  # the best epoch itself, not the run's average
 
 
 def test_the_earlier_consep_recipe_still_resolves_stage_by_stage():
