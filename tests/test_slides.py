@@ -77,7 +77,7 @@ def test_openslide_reads_the_aperio_slide_as_tifffile_does():
 
     slide = _open_with_openslide(SVS)
     assert slide.vendor == "aperio" and slide.pixel_size_um == pytest.approx(0.499)
-    assert slide.shape == (2967, 2220) and "napari-medseg.origin" not in slide.metadata  # no bounds: no crop
+    assert slide.shape == (2967, 2220) and slide.origin == (0, 0)  # no bounds: no crop
     np.testing.assert_array_equal(np.asarray(slide.levels[0][1000:1300, 500:900]),
                                   tifffile.imread(SVS, series=0)[1000:1300, 500:900])
 
@@ -101,7 +101,7 @@ class _ScannedArea:
         return Image.fromarray(np.ascontiguousarray(region))
 
 
-def test_an_openslide_slide_is_cropped_to_its_scanned_bounds_over_white(monkeypatch):
+def test_an_openslide_slide_is_cropped_to_its_scanned_bounds_over_white(monkeypatch, tmp_path):
     """Like QuPath: only the bounds are the slide (its x = y = 0 is their corner, so GeoJSON lines
     up in QuPath); never-scanned areas (transparent) read as white glass, not as black."""
     import types
@@ -116,11 +116,19 @@ def test_an_openslide_slide_is_cropped_to_its_scanned_bounds_over_white(monkeypa
     monkeypatch.setitem(sys.modules, "openslide", types.SimpleNamespace(OpenSlide=lambda _path: area))
     slide = slides._open_with_openslide(SVS)
     assert slide.shape == (200, 300) and slide.levels[1].shape == (100, 150, 3)
-    assert slide.metadata["napari-medseg.origin"] == "200,100"
+    assert slide.origin == (200, 100)
     level0 = np.asarray(slide.levels[0])
     np.testing.assert_array_equal(level0[:, :150], he[100:300, 200:350])
     assert (level0[:, 150:] == 255).all()
     np.testing.assert_array_equal(np.asarray(slide.levels[1])[:, :75], he[100:300:2, 200:350:2])
+    # as napari's reader opens it (a .mrxs: the OpenSlide path), the layer says where it lies in the file
+    from napari_medseg._napari.reader import read_image_files
+
+    mirax = tmp_path / "scan.mrxs"
+    mirax.write_bytes(b"read by the stand-in")
+    ((data, kwargs, kind),) = read_image_files(str(mirax))
+    assert kind == "image" and kwargs["metadata"]["slide"]["origin_xy"] == [200, 100]
+    assert tuple(data[0].shape[:2] if isinstance(data, list) else data.shape[:2]) == (200, 300)
 
 
 def test_other_vendor_formats_say_how_to_get_openslide(tmp_path, monkeypatch):

@@ -68,6 +68,8 @@ def _slide_layer(path: Path) -> tuple:
     size, extra = slide.pixel_size_um, _scale_kwargs(slide.pixel_size_um)
     metadata = {"slide": {"path": str(slide.path), "pixel_size_um": size, "vendor": slide.vendor,
                           "level_shapes": [tuple(level.shape) for level in slide.levels]}}
+    if slide.origin != (0, 0):  # cropped to its scanned bounds (OpenSlide, as QuPath): where it lies in the file
+        metadata["slide"]["origin_xy"] = list(slide.origin)
     levels = display_levels(slide.levels)
     data = levels if len(levels) > 1 else levels[0]
     return data, image_kwargs(file_stem(path), slide.levels[0], multiscale=len(levels) > 1,

@@ -2,8 +2,8 @@
 
 Aperio ``.svs``, Hamamatsu ``.ndpi``, Leica ``.scn``, Ventana ``.bif`` and pyramidal (OME-)TIFF
 are TIFFs that tifffile reads natively (the levels of the series holding the scan, decoded tile
-by tile through a zarr store). Other vendor formats (MIRAX ``.mrxs``, ...) go through OpenSlide when its optional
-Python wheels are installed. Nothing is decoded until a region is sliced.
+by tile through a zarr store). Other vendor formats (MIRAX ``.mrxs``, ...) go through OpenSlide
+when its optional Python wheels are installed. Nothing is decoded until a region is sliced.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ class Slide:
     pixel_size_um: float | None = None  # side of a level-0 pixel
     vendor: str = "tiff"
     metadata: dict = field(default_factory=dict)
+    # (x, y) of level 0's first pixel in the file's own level-0 frame: not (0, 0) where the slide
+    # was cropped to its scanned bounds (OpenSlide, as QuPath does)
+    origin: tuple[int, int] = (0, 0)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -131,11 +134,8 @@ def _open_with_openslide(path: Path, cause: Exception | None = None) -> Slide:
     bounds = openslide_bounds(osr.properties)
     levels = [_openslide_level(osr, i, da, bounds) for i in range(osr.level_count)]
     mpp = osr.properties.get("openslide.mpp-x")
-    metadata = dict(osr.properties)
-    if bounds is not None:
-        metadata["napari-medseg.origin"] = f"{bounds[0]},{bounds[1]}"  # where x = y = 0 lies in OpenSlide's frame
     return Slide(path, levels, float(mpp) if mpp else None, osr.properties.get("openslide.vendor", "openslide"),
-                 metadata)
+                 dict(osr.properties), origin=(0, 0) if bounds is None else bounds[:2])
 
 
 def openslide_bounds(properties) -> tuple[int, int, int, int] | None:
