@@ -185,6 +185,8 @@ def test_a_fine_tune_keeps_its_starts_settings(tiny_checkpoint, small_consep, tm
 
     model, meta = load_checkpoint(tiny_checkpoint)
     meta.instance_settings = {"min_size": 30}
+    weights = [2.0] + [1.0] * (meta.model.num_classes - 2)  # medseg tune-classes' record, kept too
+    meta.class_choice_weights = weights
     start = save_checkpoint(tmp_path / "start.safetensors", model, meta)
     config = tmp_path / "fine.yaml"
     config.write_text("\n".join([
@@ -192,7 +194,9 @@ def test_a_fine_tune_keeps_its_starts_settings(tiny_checkpoint, small_consep, tm
         "epochs: 1", "batch_size: 4", "num_threads: 1", f"out_dir: {tmp_path / 'run'}", "save_resume: false"]))
     result = train(load_train_config(config))
     assert read_meta(result.checkpoint).instance_settings == {"min_size": 30}
-    assert Segmenter.load(result.checkpoint, device="cpu").instance_settings.min_size == 30
+    assert read_meta(result.checkpoint).class_choice_weights == weights
+    tuned = Segmenter.load(result.checkpoint, device="cpu")
+    assert tuned.instance_settings.min_size == 30 and tuned.class_weights == weights
 
 
 def test_cli_help_names_the_models_own_as_the_default():

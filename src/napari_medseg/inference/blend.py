@@ -27,13 +27,33 @@ from .windows import TileGrid, blend_weights, glass_fraction
 FINALISE_COLUMNS = 1024  # finished rows are divided and argmaxed this many columns at a time
 
 
-def classify(probs: np.ndarray, foreground_threshold: float | None = None) -> np.ndarray:
+def classify(probs: np.ndarray, foreground_threshold: float | None = None,
+             class_weights: np.ndarray | list[float] | None = None) -> np.ndarray:
     """Class ids from probabilities ``(C, ...)``: the argmax, or, with ``foreground_threshold``,
     the likeliest foreground class where the foreground probability ``1 - p[0]`` exceeds the
-    threshold and background elsewhere (a tuned operating point, e.g. for under-calling models)."""
-    if foreground_threshold is None or probs.shape[0] < 2:
+    threshold and background elsewhere (a tuned operating point, e.g. for under-calling models).
+
+    ``class_weights``: see ``foreground_class``; which pixels are foreground is decided without
+    them, so nucleus masks and instances stay the same.
+    """
+    if probs.shape[0] < 2:
         return probs.argmax(0)
-    return np.where(1.0 - probs[0] > foreground_threshold, probs[1:].argmax(0) + 1, 0)
+    if class_weights is None or len(class_weights) == 0:
+        if foreground_threshold is None:
+            return probs.argmax(0)
+        return np.where(1.0 - probs[0] > foreground_threshold, probs[1:].argmax(0) + 1, 0)
+    foreground = probs.argmax(0) > 0 if foreground_threshold is None else 1.0 - probs[0] > foreground_threshold
+    return np.where(foreground, foreground_class(probs, class_weights), 0)
+
+
+def foreground_class(probs: np.ndarray, class_weights: np.ndarray | list[float] | None = None) -> np.ndarray:
+    """The likeliest foreground class (1..C-1) of every pixel of ``probs`` ``(C, ...)``, each
+    foreground class's probability scaled by its weight in ``class_weights`` (one per
+    foreground class, ``CheckpointMeta.class_choice_weights``) where given."""
+    foreground = probs[1:]
+    if class_weights is not None and len(class_weights):
+        foreground = foreground * np.asarray(class_weights, np.float32).reshape((-1,) + (1,) * (probs.ndim - 1))
+    return foreground.argmax(0) + 1
 
 
 @dataclass
@@ -45,12 +65,13 @@ class Outputs:
     foreground_threshold: float | None = None
     probabilities: object = None  # (C, H, W)
     distance: object = None  # (H, W): the distance head's channel, after the class channels
+    class_weights: object = None  # see ``classify``
 
     def write(self, top: int, left: int, probs: np.ndarray) -> None:
         """Final blended ``probs`` (``(C[+1], h, w)``) of the block at ``(top, left)``."""
         rows, cols = slice(top, top + probs.shape[1]), slice(left, left + probs.shape[2])
         class_probs = probs[:self.num_classes]
-        self.classes[rows, cols] = classify(class_probs, self.foreground_threshold).astype(
+        self.classes[rows, cols] = classify(class_probs, self.foreground_threshold, self.class_weights).astype(
             self.classes.dtype, copy=False)
         if self.probabilities is not None:
             self.probabilities[:, rows, cols] = class_probs
@@ -136,7 +157,7 @@ def iter_blend(model, source: ImageSource, num_classes: int, settings: TileSetti
                device: torch.device, normalise: Callable[[np.ndarray], np.ndarray] | None = None,
                out=None, probabilities_out=None, report: RunReport | None = None,
                distance_head: bool = False, distance_out=None, foreground_threshold: float | None = None,
-               ) -> Generator[tuple[int, int], None, object]:
+               class_weights=None) -> Generator[tuple[int, int], None, object]:
     """Generator: yields ``(tiles_done, tiles_total)`` after every batch; returns the class map.
 
     ``model``: a PyTorch module or any callable from a float32 NCHW tensor to logits (``backends``).
@@ -145,7 +166,7 @@ def iter_blend(model, source: ImageSource, num_classes: int, settings: TileSetti
     ``probabilities_out`` (``(C, H, W)``, e.g. a float16 memmap) receives the blended
     probabilities when given. ``distance_head``: the model has one more output channel, a
     sigmoid distance map, blended like the probabilities and written to ``distance_out``
-    (``(H, W)``) when given. ``foreground_threshold``: see ``classify``.
+    (``(H, W)``) when given. ``foreground_threshold``, ``class_weights``: see ``classify``.
     """
     report = report if report is not None else RunReport()
     grid = TileGrid.cover(source.height, source.width, settings.tile_size, settings.overlap)
@@ -155,7 +176,7 @@ def iter_blend(model, source: ImageSource, num_classes: int, settings: TileSetti
         out = np.zeros((source.height, source.width), np.uint8 if num_classes <= 256 else np.uint16)
     # the distance channel is blended only when someone reads it (half again the buffer of a 2-class model)
     channels = num_classes + int(distance_head and distance_out is not None)
-    merger = BandMerger(Outputs(out, num_classes, foreground_threshold, probabilities_out, distance_out),
+    merger = BandMerger(Outputs(out, num_classes, foreground_threshold, probabilities_out, distance_out, class_weights),
                         channels, grid.band(settings.batch_size),
                         (source.height, source.width), grid, blend_weights(tile, settings.blend))
     skip = settings.skip_background and source.rgb and source.channels == 3

@@ -131,7 +131,7 @@ def iter_segment_rescaled(segmenter, source: ImageSource, factor: float, setting
         _add_report(report, segmenter.last_report)
         core = (slice(y0 - wy0, y1 - wy0), slice(x0 - wx0, x1 - wx0))
         probabilities = resample(probabilities, shape)[(slice(None), *core)]
-        out[y0:y1, x0:x1] = classify(probabilities, segmenter.foreground_threshold)
+        out[y0:y1, x0:x1] = classify(probabilities, segmenter.foreground_threshold, segmenter.class_weights)
         if probabilities_out is not None:
             probabilities_out[:, y0:y1, x0:x1] = probabilities
         if distance_out is not None:

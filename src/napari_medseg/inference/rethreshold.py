@@ -58,9 +58,10 @@ class KeptRun:
     postprocess: PostprocessSettings
     instance_settings: InstanceSettings
     scale: float = 1.0
+    class_weights: list[float] | None = None  # the model's (``classify``): kept through re-thresholding
 
     def class_map(self, thresholds: Thresholds) -> np.ndarray:
-        labels = classify(self.probabilities, thresholds.nucleus).astype(np.uint8)
+        labels = classify(self.probabilities, thresholds.nucleus, self.class_weights).astype(np.uint8)
         return postprocess_class_map(labels, settings_at_image_scale(self.scale, self.postprocess)[0])
 
     def iter_result(self, thresholds: Thresholds, nuclei: bool = True):
@@ -101,7 +102,8 @@ def iter_segment_keeping(segmenter: Segmenter, image, settings: TileSettings | N
         return labels, instances, None
     probabilities = np.zeros((len(segmenter.classes), height, width), np.float32)
     distance = np.zeros((height, width), np.float32) if segmenter.has_distance_head else None
-    kept = KeptRun(probabilities, distance, postprocess, instance_settings, segmenter.scale_for(pixel_size_um))
+    kept = KeptRun(probabilities, distance, postprocess, instance_settings, segmenter.scale_for(pixel_size_um),
+                   segmenter.class_weights)
     tiles = segmenter.iter_segment(image, settings, postprocess, probabilities_out=probabilities, distance_out=distance,
                                    pixel_size_um=pixel_size_um)
     if not nuclei or height * width > INSTANCE_MAX_PIXELS:

@@ -56,6 +56,8 @@ class Segmenter:
         self.last_report = self._new_report()
         # the model's tuned operating point (None: argmax); callers may override it per run
         self.foreground_threshold = meta.foreground_threshold
+        # how a foreground pixel's class is chosen (``classify``): the model's tuned weights, if any
+        self.class_weights = list(meta.class_choice_weights) or None
 
     @classmethod
     def load(cls, model: str | os.PathLike = "default", device: str = "auto", backend: str = "torch",
@@ -186,7 +188,8 @@ class Segmenter:
             labels = yield from iter_blend(runner, source, n, settings, self.device, self._normaliser(),
                                            out=out, probabilities_out=probabilities_out, report=self.last_report,
                                            distance_head=self.has_distance_head, distance_out=distance_out,
-                                           foreground_threshold=self.foreground_threshold)
+                                           foreground_threshold=self.foreground_threshold,
+                                           class_weights=self.class_weights)
         if postprocess is not None and postprocess.active:
             postprocess_class_map(labels, postprocess)
         if self.meta.model.in_channels == 3 and GRAY_NOTE not in self.last_report.notes and source.looks_gray():

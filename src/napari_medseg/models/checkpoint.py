@@ -67,6 +67,10 @@ class CheckpointMeta:
     # the model's own nucleus post-processing (``InstanceSettings`` fields: marker_threshold,
     # min_size, min_marker_size), chosen by ``medseg tune-nuclei``; empty = InstanceSettings' defaults
     instance_settings: dict = field(default_factory=dict)
+    # one weight per foreground class, scaling its probability when a foreground pixel's class is
+    # chosen (``inference.blend.classify``; which pixels are foreground does not change). Tuned on
+    # held-out images by ``medseg tune-classes``; empty = the plain likeliest class.
+    class_choice_weights: list[float] = field(default_factory=list)
     versions: dict = field(default_factory=dict)
     created: str = ""
 
@@ -140,6 +144,10 @@ def _value_errors(meta: CheckpointMeta) -> list[str]:
     if threshold is not None and not 0 < threshold < 1:
         wrong.append(f"foreground_threshold must lie strictly between 0 and 1, got {threshold!r}")
     wrong += _instance_settings_errors(meta.instance_settings)
+    weights = meta.class_choice_weights
+    if weights and (not _finite_numbers(weights) or len(weights) != meta.model.num_classes - 1 or min(weights) <= 0):
+        wrong.append(f"class_choice_weights must be {meta.model.num_classes - 1} numbers above 0 (one per "
+                     f"foreground class), got {weights!r}")
     if meta.pixel_size_um is not None and not meta.pixel_size_um > 0:
         wrong.append(f"pixel_size_um must be above 0, got {meta.pixel_size_um!r}")
     if meta.model.num_classes < 2 or meta.model.in_channels < 1:

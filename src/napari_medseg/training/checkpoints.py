@@ -75,6 +75,8 @@ class CheckpointWriter:
     # the start checkpoint's nucleus settings: the run's validation bPQ cuts nuclei with them, and
     # the checkpoint keeps them (they were tuned for the weights it grew from)
     instance_settings: dict = field(default_factory=dict)
+    # the start checkpoint's class weights (medseg tune-classes), kept where the classes are its own
+    class_choice_weights: list[float] = field(default_factory=list)
 
     @property
     def best_path(self) -> Path:
@@ -104,6 +106,7 @@ class CheckpointWriter:
             pixel_size_um=self.cfg.pixel_size_um, training=training, data=self.data,
             metrics={"validation": record}, model_card=self.cfg.model_card,
             foreground_threshold=self.foreground_threshold, instance_settings=dict(self.instance_settings),
+            class_choice_weights=list(self.class_choice_weights),
         )
         try:
             save_checkpoint(self.best_path, model, meta, half=self.cfg.save_half)

@@ -50,6 +50,7 @@ class StartCheckpoint:
     classes: list[str]
     foreground_threshold: float | None  # its tuned threshold, kept until the run tunes its own
     instance_settings: dict = field(default_factory=dict)  # its nucleus settings, kept (medseg tune-nuclei)
+    class_choice_weights: list[float] = field(default_factory=list)  # its class weights, kept (medseg tune-classes)
 
 
 def load_start_checkpoint(cfg: TrainConfig) -> StartCheckpoint | None:
@@ -67,7 +68,7 @@ def load_start_checkpoint(cfg: TrainConfig) -> StartCheckpoint | None:
     cfg.model.distance_head = cfg.model.distance_head or wants_distance
     cfg.normalization = dict(start_meta.normalization)  # the weights were trained with these
     return StartCheckpoint(start_model.state_dict(), start_meta.classes, start_meta.foreground_threshold,
-                           dict(start_meta.instance_settings))
+                           dict(start_meta.instance_settings), list(start_meta.class_choice_weights))
 
 
 @dataclass

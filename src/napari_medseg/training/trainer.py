@@ -86,7 +86,8 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
     writer = CheckpointWriter(cfg, given, ctx, device, data.classes, {"mean": mean, "std": std},
                               describe_data(cfg, items is not None, data, loaders.crops_per_epoch),
                               None if start is None else start.foreground_threshold,
-                              {} if start is None else start.instance_settings)
+                              {} if start is None else start.instance_settings,
+                              start.class_choice_weights if start is not None and start.classes == data.classes else [])
     progress = Progress.start(cfg, has_validation=bool(loaders.val_sets))
     if resumed is not None:
         tensors, info = resumed
