@@ -112,7 +112,8 @@ def test_cancel_takes_effect_within_a_second(make_napari_viewer, qtbot, tiny_che
 
 def test_nucleus_threshold_is_the_models_unless_set(make_napari_viewer, consep):
     """0 uses the model's tuned threshold (the default carries one), a value overrides it for
-    that run only; the layer equals the engine's output with the same threshold."""
+    that run only; the layer equals the engine's output with the same threshold (and the model's
+    class weights, which every run applies)."""
     from napari_medseg.inference import classify
 
     viewer = make_napari_viewer()
@@ -124,19 +125,21 @@ def test_nucleus_threshold_is_the_models_unless_set(make_napari_viewer, consep):
     widget.nuclei.value = False
     reference = Segmenter.load("default", device="cpu")
     assert reference.foreground_threshold == pytest.approx(0.34)
+    weights = reference.class_weights
+    assert weights == [1.5, 4.0, 1.0, 0.5]  # medseg tune-classes' choice for the default
     probs = reference.probabilities(image, widget.tile_settings())
 
     # 0 reads as the model's own, never as "0.00", with the chosen model's value from the start
     assert widget.threshold.native.text() == "model's (0.34)"
     layer = widget.run(threaded=False)
-    np.testing.assert_array_equal(layer.data, classify(probs, 0.34))
+    np.testing.assert_array_equal(layer.data, classify(probs, 0.34, weights))
     assert "nucleus threshold 0.34" in widget.status.value
     assert widget.threshold.native.text() == "model's (0.34)"
     widget.threshold.value = 0.8
     assert widget.threshold.native.text() == "0.80"
     layer = widget.run(threaded=False)
-    np.testing.assert_array_equal(layer.data, classify(probs, 0.8))
+    np.testing.assert_array_equal(layer.data, classify(probs, 0.8, weights))
     assert (layer.data > 0).sum() < (viewer.layers["patch segmentation"].data > 0).sum()  # stricter: fewer nuclei px
     widget.threshold.value = 0.0
     layer = widget.run(threaded=False)
-    np.testing.assert_array_equal(layer.data, classify(probs, 0.34))
+    np.testing.assert_array_equal(layer.data, classify(probs, 0.34, weights))
