@@ -428,3 +428,25 @@ def test_a_cancel_lands_within_a_pyramid_or_tiff_step(tmp_path):
     cancelled = time.perf_counter() - calls[-1]
     assert gaps.max() < 1.0 and cancelled < 1.0, (gaps, cancelled)
     assert not target.exists() and [p.name for p in tmp_path.iterdir()] == ["s.zarr"]
+
+
+def test_a_slide_run_names_classes_with_the_models_class_weights(he_slide, tmp_path):
+    """The default carries class weights (``medseg tune-classes``): a slide run applies them as an
+    image run does — the same nucleus pixels, other classes for some of them."""
+    import zarr
+
+    from napari_medseg.inference import Segmenter
+    from napari_medseg.inference.regions import Region
+    from napari_medseg.inference.slide import predict_slide
+    from napari_medseg.io.slides import open_slide
+
+    segmenter = Segmenter.load("default", device="cpu", backend="torch")
+    assert segmenter.class_weights
+    maps = {}
+    for name, weights in (("weighted", segmenter.class_weights), ("plain", None)):
+        segmenter.class_weights = weights
+        predict_slide(segmenter, open_slide(he_slide[0]), tmp_path / name, Region(1280, 256, 512, 512), block=512,
+                      nuclei=False)
+        maps[name] = np.asarray(zarr.open_group(str(tmp_path / name / "synthetic.zarr"), mode="r")["classes/0"])
+    np.testing.assert_array_equal(maps["weighted"] > 0, maps["plain"] > 0)
+    assert (maps["weighted"] != maps["plain"]).sum() > 100
