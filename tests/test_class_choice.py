@@ -113,7 +113,8 @@ def test_tuning_records_weights_that_score_what_it_says_and_checks_them_image_by
     classes, samples = samples_of_groups(six_patches, None)
     tuned, plain = (Segmenter.load(m, device="cpu", backend="torch") for m in (out, "default"))
     plain.class_weights = None  # the shipped default carries its own: tuning starts without them
-    tuned_scores, plain_scores = evaluate_segmenter(tuned, classes, samples)[0], evaluate_segmenter(plain, classes, samples)[0]
+    tuned_scores = evaluate_segmenter(tuned, classes, samples)[0]
+    plain_scores = evaluate_segmenter(plain, classes, samples)[0]
     assert tuned_scores["mpq"] == pytest.approx(result["tuned"]["mpq"], abs=1e-9)
     assert plain_scores["mpq"] == pytest.approx(result["before"]["mpq"], abs=1e-9)
     assert (tuned_scores["nucleus_dice"], tuned_scores["bpq"]) == (plain_scores["nucleus_dice"], plain_scores["bpq"])

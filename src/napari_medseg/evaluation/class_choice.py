@@ -12,9 +12,10 @@ The model runs once per image; its probabilities, foreground and nuclei are kept
 candidate re-chooses the classes, scored by mPQ (the mean over classes of PQ, ``PairEvaluation``).
 Search: coordinate ascent over ``WEIGHT_GRID`` (each class in turn, the others held, ``ROUNDS``
 times), a change kept only if it gains ``MIN_GAIN``; the commonest class (most annotated
-pixels) keeps weight 1, since scaling every weight alike changes nothing. Since the drift shows on unseen images, tune on
-held-out ones (the model's validation images by default) and read the leave-one-source-image-out
-figure it reports: each source image scored with weights chosen on the others only.
+pixels) keeps weight 1, since scaling every weight alike changes nothing. Since the drift shows
+on unseen images, tune on held-out ones (the model's validation images by default) and read the
+leave-one-source-image-out figure it reports: each source image scored with weights chosen on
+the others only.
 """
 
 from __future__ import annotations
