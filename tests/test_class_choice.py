@@ -148,3 +148,43 @@ def test_a_model_with_one_foreground_class_has_no_class_to_choose(tmp_path, monu
     save_checkpoint(binary, build_model(config), CheckpointMeta(model=config, classes=["background", "nucleus"]))
     with pytest.raises(ThresholdTuningError, match="no class to choose"):
         tune_classes_checkpoint(binary, monuseg, tmp_path / "out.safetensors", all_images=True, device="cpu")
+
+
+def test_a_training_runs_class_tuning_chooses_what_the_cli_does_on_the_same_images(six_patches, tmp_path):
+    """``tune_classes`` in a training config tunes the run's result on its validation items of
+    class sets; on the same images the CLI's function chooses the same weights and scores."""
+    import shutil
+
+    from napari_medseg.io.images import to_rgb_float
+    from napari_medseg.training.data import LabelledImage
+    from napari_medseg.training.threshold import retune_classes
+
+    classes, samples = samples_of_groups(six_patches, None)
+    items = [LabelledImage(s.stem, f"consep_six/{s.stem.rsplit('_', 1)[0]}", to_rgb_float(s.image), s.labels,
+                           s.instances, "consep_six") for s in samples]
+    binary = LabelledImage("b", "tnbc/x", items[0].image, items[0].labels, items[0].instances, "tnbc", binary=True)
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(resolve_model_path("default"), copy)
+    in_training = retune_classes(copy, items + [binary], "cpu")  # the binary item names no class: left out
+    by_cli = tune_classes_checkpoint("default", six_patches, tmp_path / "cli.safetensors", all_images=True,
+                                     device="cpu")
+    assert in_training["images"] == 6 and in_training["source_images"] == 2
+    assert in_training["weights"] == by_cli["weights"]
+    assert in_training["tuned"]["mpq"] == pytest.approx(by_cli["tuned"]["mpq"], abs=1e-9)
+    assert read_meta(copy).metrics["class_choice_tuning"]["groups"] == ["consep_six/train_12", "consep_six/train_3"]
+    assert retune_classes(copy, [binary], "cpu") is None  # nothing to tune on: nothing written
+
+
+def test_a_run_with_tune_classes_writes_its_weights_record_into_its_result(tiny_checkpoint, small_consep, tmp_path):
+    from napari_medseg.training import load_train_config, train
+
+    config = tmp_path / "run.yaml"
+    config.write_text("\n".join([
+        f"init_checkpoint: {tiny_checkpoint}", f"data: {{dataset: [{small_consep}], crop_size: 64, val_fraction: 0.34}}",
+        "epochs: 1", "batch_size: 4", "num_threads: 1", f"out_dir: {tmp_path / 'run'}", "save_resume: false",
+        "tune_classes: true"]))
+    result = train(load_train_config(config))
+    meta = read_meta(result.checkpoint)
+    tuning = meta.metrics["class_choice_tuning"]
+    assert tuning["data"] == "the training run's validation images" and tuning["images"] >= 1
+    assert meta.class_choice_weights in ([], tuning["weights"])

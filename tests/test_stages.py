@@ -72,18 +72,24 @@ def test_default_config_resolves_to_the_shipped_models_recorded_config():
     # the ship rule; the best, as it is, is shipped: so the stage here does not average). Its
     # recorded config is the stage's but for the paths, that averaging, the GPU-only on_cuda
     # settings (the run's were the top level's) and the ImageNet file (a run from a checkpoint
-    # records none).
+    # records none). Its class weights were chosen after it by medseg tune-classes, which the
+    # stage's tune_classes does on the same images (the same weights: test_class_choice).
     meta = read_meta(resolve_model_path("default"))
     recorded = meta.training["config"]
     # read as a config, so settings added since (at their defaults) read as the run had them
     ours, theirs = _flat(long.to_dict()), _flat(TrainConfig.from_dict(recorded).to_dict())
     differ = {k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)}
     assert differ == {"init_checkpoint", "out_dir", "average_with_start", "on_cuda.lr", "on_cuda.epochs",
-                      "model.encoder_weights"}, {k: (ours.get(k), theirs.get(k)) for k in differ}
+                      "model.encoder_weights", "tune_classes"}, {k: (ours.get(k), theirs.get(k)) for k in differ}
     assert theirs["model.encoder_weights"] is None and theirs["average_with_start"] == 0.5
     assert theirs["init_checkpoint"] == "runs/default_6stage.safetensors"  # a copy of the 6-stage default
     assert theirs["distance_gradient_weight"] == 0.0 and meta.training["best_epoch"] == 43
     assert "averaged" not in meta.training  # the best epoch itself, not the run's average
+    assert long.tune_classes and not any(c.tune_classes for c in (all_data, classes, context, distance, tnbc, low_lr))
+    tuning = meta.metrics["class_choice_tuning"]
+    assert meta.class_choice_weights == tuning["weights"] == [1.5, 4.0, 1.0, 0.5]
+    assert [g for g in tuning["groups"] if g.startswith("consep")] == [f"consep_train/train_{i}" for i in (12, 19, 22, 25)]
+    assert tuning["images"] == 64  # CoNSeP's held-out patches: the only set with classes
 
 
 def test_the_earlier_consep_recipe_still_resolves_stage_by_stage():

@@ -32,7 +32,7 @@ from ..inference.blend import foreground_class
 from ..inference.segmenter import Segmenter
 from ..inference.settings import TileSettings
 from ..io.dataset import source_group
-from ..models import load_checkpoint, resolve_model_path, save_checkpoint
+from ..models import load_checkpoint, read_meta, resolve_model_path, save_checkpoint
 from ..models.weights import read_state_dict
 from ..steps import ProgressCallback
 from .benchmark import summarise
@@ -57,15 +57,21 @@ class KeptImage:
     nuclei: np.ndarray  # the model's instances
 
 
+def _stem_and_group(sample) -> tuple[str, str]:
+    """A dataset folder's sample names its file (``stem``), a training item itself (``name``) and
+    its source image (``group``)."""
+    stem = getattr(sample, "stem", None) or sample.name
+    return stem, getattr(sample, "group", None) or source_group(stem)
+
+
 def keep_images(segmenter: Segmenter, samples, tiles: TileSettings | None = None,
                 on_image: Callable[[], None] | None = None) -> list[KeptImage]:
-    """The model run once on every sample (``.image``, ``.labels``, ``.instances``, ``.stem``)."""
+    """The model run once on every sample (see ``tune_kept_images``)."""
     kept = []
     for s in samples:
         probs = np.zeros((len(segmenter.classes), *s.image.shape[:2]), np.float32)
         class_map, nuclei = segmenter.segment_nuclei(s.image, tiles, probabilities_out=probs)
-        kept.append(KeptImage(s.stem, source_group(s.stem), s.labels, s.instances, probs, np.asarray(class_map) > 0,
-                              nuclei))
+        kept.append(KeptImage(*_stem_and_group(s), s.labels, s.instances, probs, np.asarray(class_map) > 0, nuclei))
         if on_image is not None:
             on_image()
     return kept
@@ -152,29 +158,42 @@ def tune_classes_checkpoint(model: str | os.PathLike, data: str | Path, out: str
     atomically; the input is never touched.
 
     The images: those of the source images ``groups``, the model's validation images
-    (``data.val_groups``) without them, every image with ``all_images``. The result holds the
-    weights, the numbers before and with them, and, with two or more source images, the
-    leave-one-source-image-out numbers (``cross_validated``). ``progress_for(steps)`` gives
-    the progress callback once the work is known.
+    (``data.val_groups``) without them, every image with ``all_images``. Returns
+    ``tune_kept_images``' result.
     """
     source = resolve_model_path(model)
     check_checkpoint_target(source, Path(out), overwrite)
-    segmenter = Segmenter.load(source, device=device)  # PyTorch: the reference the weights are measured on
-    segmenter.class_weights = None  # tune from the plain likeliest class
-    if len(segmenter.classes) < 3:
-        raise ThresholdTuningError(f"the model has one foreground class ({segmenter.classes[1]}): no class to choose")
+    meta = read_meta(source)
+    if len(meta.classes) < 3:
+        raise ThresholdTuningError(f"the model has one foreground class ({meta.classes[1]}): no class to choose")
     if not all_images:
-        groups = groups or segmenter.meta.data.get("val_groups")
+        groups = groups or meta.data.get("val_groups")
         if not groups:
             raise ThresholdTuningError("the model's metadata names no validation images; pass --groups or --all-images")
     classes, samples = samples_of_groups(data, None if all_images else groups)
-    if classes != segmenter.classes:
-        raise ThresholdTuningError(f"the data's classes {classes} differ from the model's {segmenter.classes}: "
+    if classes != meta.classes:
+        raise ThresholdTuningError(f"the data's classes {classes} differ from the model's {meta.classes}: "
                                    "class weights are tuned on images labelled with the model's classes")
     samples = [s for s in samples if s.instances is not None]
     if not samples:
         raise ThresholdTuningError(f"{data}: no instance maps (instances/); classes are scored per nucleus (mPQ)")
-    sources = len({source_group(s.stem) for s in samples})
+    record = {"data": str(data), "groups": None if all_images else list(groups), "tta": bool(tta)}
+    return tune_kept_images(source, out, samples, device, record, tta, grid, progress_for)
+
+
+def tune_kept_images(source: Path, out: str | os.PathLike, samples, device: str, record: dict, tta: bool = False,
+                     grid: tuple[float, ...] = WEIGHT_GRID,
+                     progress_for: Callable[[int], ProgressCallback | None] | None = None) -> dict:
+    """The model ``source`` run once on ``samples`` (``.image``, ``.labels``, ``.instances`` with
+    its classes; ``.stem`` or ``.name``, and ``.group`` where known), its class weights searched,
+    and the checkpoint written with them to ``out`` (``source`` itself for a training run's
+    result). Returns the weights, the numbers before and with them, and, with two or more
+    source images, the leave-one-source-image-out numbers (``cross_validated``).
+    ``progress_for(steps)`` gives the progress callback once the work is known."""
+    segmenter = Segmenter.load(source, device=device)  # PyTorch: the reference the weights are measured on
+    segmenter.class_weights = None  # tune from the plain likeliest class
+    classes = segmenter.classes
+    sources = len({_stem_and_group(s)[1] for s in samples})
     steps = len(samples) + candidates_per_search(classes, grid) * (1 + (sources if sources > 1 else 0))
     progress = progress_for(steps) if progress_for is not None else None
     done = [0]
@@ -196,8 +215,7 @@ def tune_classes_checkpoint(model: str | os.PathLike, data: str | Path, out: str
         result["cross_validated"] = {**_headline(numbers), "weights": per_group}
     if progress is not None:
         progress(steps, steps)
-    record = {**result, "data": str(data), "groups": None if all_images else list(groups), "tta": bool(tta),
-              "rule": "mPQ, coordinate ascent over " + ", ".join(f"{v:g}" for v in grid)}
+    record = {**result, **record, "rule": "mPQ, coordinate ascent over " + ", ".join(f"{v:g}" for v in grid)}
     write_class_weights(source, out, weights, record)
     return result
 

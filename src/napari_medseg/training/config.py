@@ -159,6 +159,9 @@ class TrainConfig:
     # (as ``medseg tune-threshold`` does): true | false | auto (when the init_checkpoint has a
     # tuned threshold). Untuned, a fine-tuned checkpoint keeps its init_checkpoint's threshold.
     tune_threshold: bool | str = "auto"
+    # then (and after averaging, on the run's result): choose its class weights on the validation
+    # images of the class sets (as ``medseg tune-classes``); the nuclei stay as they are
+    tune_classes: bool = False
     # last (after tune_threshold): the best checkpoint averaged with init_checkpoint, this share on
     # the run's weights (as ``medseg average``; batch norm averaged, the tuned threshold kept),
     # written to averaged.safetensors: the run's result and a next stage's start. 0 = off

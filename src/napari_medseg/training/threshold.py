@@ -1,6 +1,7 @@
 """A run's foreground threshold: the start model's while training, re-tuned at the end on the
 run's own validation images (``evaluation.threshold``: the threshold on ``1 - p(background)``
-that maximises their pooled nucleus Dice), so a fine-tuned checkpoint never loses it."""
+that maximises their pooled nucleus Dice), so a fine-tuned checkpoint never loses it. With
+``tune_classes``, its class weights too (``evaluation.class_choice``), on the class sets' images."""
 
 from __future__ import annotations
 
@@ -33,3 +34,17 @@ def retune_threshold(checkpoint: Path, val_items: list[LabelledImage], device: s
                     {"data": "the training run's validation images", "groups": groups, "images": len(images),
                      "tta": False})
     return result
+
+
+def retune_classes(checkpoint: Path, val_items: list[LabelledImage], device: str) -> dict | None:
+    """Choose ``checkpoint``'s class weights on the items of ``val_items`` that carry classes and
+    instance maps (binary sets name no class) and write them into it in place (atomically), as
+    ``medseg tune-classes`` does on the same images; ``None`` (nothing written) without such items."""
+    from ..evaluation.class_choice import tune_kept_images
+
+    items = [it for it in val_items if not it.binary and it.instances is not None]
+    if not items:
+        return None
+    record = {"data": "the training run's validation images", "groups": sorted({it.group for it in items}),
+              "tta": False}
+    return tune_kept_images(checkpoint, checkpoint, items, device, record)

@@ -33,7 +33,7 @@ from .progress import Progress
 from .resume import check_same_data, read_resume_for, restore
 from .setup import (TrainingData, build_loaders, configure_runtime, describe_data, load_start_checkpoint,
                     prepare_data)
-from .threshold import retune_threshold
+from .threshold import retune_classes, retune_threshold
 from .validation import validate
 
 __all__ = ["BatchDone", "EpochDone", "TrainingDone", "TrainingError", "load_growing_head", "train", "validate"]
@@ -105,6 +105,8 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
     result = writer.best_path if progress.best_epoch > 0 else None
     if ctx.is_main and result is not None and cfg.average_with_start and progress.reason != USER_STOP:
         result = _average_with_start(cfg, result)
+    if ctx.is_main and result is not None and cfg.tune_classes and progress.reason != USER_STOP:
+        retune_classes(result, data.val_items, str(device))
     return TrainingDone(result, progress.best_epoch, progress.history,
                         bool(progress.reason), progress.reason, resume_path if resume_path.is_file() else None,
                         progress.best_record, cfg.seed)
