@@ -209,7 +209,9 @@ def test_segment_widget_threaded_run_and_options(make_napari_viewer, qtbot, tiny
     assert worker is not None, widget.status.value
     with qtbot.waitSignal(worker.finished, timeout=60_000):
         pass
-    qtbot.waitUntil(lambda: len(viewer.layers) == 3, timeout=5_000)
+    # the layers go in a step per turn; the Run button comes back with the last step
+    qtbot.waitUntil(lambda: widget.run_button.enabled, timeout=5_000)
+    assert len(viewer.layers) == 3 and all(layer.visible for layer in viewer.layers)
     seg, nuclei = viewer.layers[-2], viewer.layers[-1]
     assert seg.name == "patch segmentation" and seg.data.shape == (256, 256)
     assert nuclei.name == "patch nuclei" and nuclei.metadata["medseg"]["kind"] == "instances"

@@ -70,29 +70,46 @@ def warm_label_visuals() -> None:
 
 
 def add_layers_in_turns(viewer, layers: list, then: Callable[[], None], in_turns: bool = True) -> None:
-    """Add ``layers`` to ``viewer`` one per turn of the Qt event loop, then call ``then()``.
+    """Add ``layers`` to ``viewer`` a step per turn of the Qt event loop, then call ``then()``.
 
-    napari sets a layer up on the GUI thread (its vispy visual and overlays, its controls, its
-    first slice and paint: 0.2-0.3 s a 1000² Labels layer here); between turns the window
-    repaints and answers, so a run's hand-off freezes it for one layer at a time, not all of them.
-    ``in_turns=False`` adds them all now (scripts and tests that read the result at once).
+    napari sets a layer up on the GUI thread (its vispy visual and overlays, its controls), then
+    slices it, computes a Labels layer's outlines (``contour``) and paints: 0.2-0.3 s a layer
+    here, all in one turn. So each layer goes in hidden and without outlines, is shown a turn
+    later and gets its outlines the turn after; between turns the window repaints and answers.
+    ``in_turns=False`` adds them all now, as they are (scripts and tests that read the result at once).
     """
     pending = [layer for layer in layers if layer is not None]
-    if not in_turns or len(pending) < 2:
+    if not in_turns or not pending:
         for layer in pending:
             viewer.add_layer(layer)
         then()
         return
     from qtpy.QtCore import QTimer
 
+    steps = [step for layer in pending for step in _steps_to_add(viewer, layer)]
+
     def next_turn():
-        viewer.add_layer(pending.pop(0))
-        if pending:
+        steps.pop(0)()
+        if steps:
             QTimer.singleShot(0, _guarded(next_turn))
         else:
             then()
 
     _guarded(next_turn)()
+
+
+def _steps_to_add(viewer, layer) -> list[Callable[[], None]]:
+    """``layer`` added hidden and without outlines, then shown, then outlined: one step each."""
+    visible, contour = layer.visible, getattr(layer, "contour", 0)
+    layer.visible = False
+    if contour:
+        layer.contour = 0
+    steps = [lambda: viewer.add_layer(layer)]
+    if visible:
+        steps.append(lambda: setattr(layer, "visible", True))
+    if contour:
+        steps.append(lambda: setattr(layer, "contour", contour))
+    return steps
 
 
 # class maps are 8-bit where they are trained and scored: class ids 0-255 (a few classes)
