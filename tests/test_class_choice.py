@@ -188,3 +188,30 @@ def test_a_run_with_tune_classes_writes_its_weights_record_into_its_result(tiny_
     tuning = meta.metrics["class_choice_tuning"]
     assert tuning["data"] == "the training run's validation images" and tuning["images"] >= 1
     assert meta.class_choice_weights in ([], tuning["weights"])
+
+
+def test_predict_names_classes_with_the_models_weights_unless_told(consep, tmp_path, capsys):
+    """``medseg predict``: the model's weights by default, ``--class-weights none`` the plain
+    likeliest class, a list its own; the nucleus pixels are the same every time."""
+    from napari_medseg.io.images import read_image
+
+    image = consep / "images" / "train_19_005.png"  # epithelial and spindle nuclei
+    runs = {"own": [], "none": ["--class-weights", "none"], "given": ["--class-weights", "1,1,1,8"]}
+    for name, extra in runs.items():
+        assert main(["predict", str(image), "--model", "default", "--out", str(tmp_path / name), "--backend", "torch",
+                     "--precision", "fp32", "--device", "cpu", "--no-instances", *extra]) == 0
+    own, plain, given = (read_image(tmp_path / name / "labels" / "train_19_005.tif") for name in runs)
+    np.testing.assert_array_equal(own > 0, plain > 0)
+    np.testing.assert_array_equal(given > 0, plain > 0)
+    assert (own != plain).any() and (given == 4).sum() > (plain == 4).sum()  # spindle x8: more spindle
+    segmenter = Segmenter.load("default", device="cpu", backend="torch", precision="fp32")
+    probs = segmenter.probabilities(read_image(image))
+    np.testing.assert_array_equal(own, classify(probs, segmenter.foreground_threshold, WEIGHTS))
+    np.testing.assert_array_equal(plain, classify(probs, segmenter.foreground_threshold))
+    capsys.readouterr()
+    assert main(["predict", str(image), "--model", "default", "--out", str(tmp_path / "bad"), "--device", "cpu",
+                 "--class-weights", "1,2"]) != 0
+    assert "--class-weights: 2 numbers for 4 classes (other, inflammatory, epithelial, spindle)" in capsys.readouterr().err
+    assert main(["predict", str(image), "--out", str(tmp_path / "bad2"), "--class-weights", "1,-2,1,1"]) != 0
+    assert "expected numbers above 0, comma-separated (one per class), or 'none'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()  # refused before any file

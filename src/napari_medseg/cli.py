@@ -92,6 +92,7 @@ def _batch_settings(args):
     return BatchSettings(_tile_settings(args), PostprocessSettings(**_given(args, CLEANUP_OPTIONS)),
                          nuclei=not args.no_instances, instance_overrides=_given(args, INSTANCE_OPTIONS),
                          probabilities=args.probabilities, foreground_threshold=args.foreground_threshold,
+                         class_weights=args.class_weights,
                          pixel_size_um=args.pixel_size if args.pixel_size != NO_PIXEL_SIZE else None,
                          use_file_pixel_size=args.pixel_size != NO_PIXEL_SIZE)
 
@@ -123,6 +124,20 @@ def _foreground_threshold(text: str) -> float | str:
     from .inference.batch import ARGMAX
 
     return _number_or_word(text, ARGMAX, lambda v: 0 < v < 1, "a number between 0 and 1")
+
+
+def _class_weights(text: str) -> list[float]:
+    """``--class-weights``: 'none' (``[]``) or comma-separated numbers above 0."""
+    if text == "none":
+        return []
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected numbers above 0, comma-separated (one per class), or 'none'; "
+                                         f"got {text!r}")
+    return values
 
 
 def _count(text: str) -> int:
@@ -195,6 +210,10 @@ def _predict_slides(args) -> int:
     segmenter = Segmenter.load(args.model, device=args.device, backend=args.backend, precision=args.precision)
     if args.foreground_threshold is not None:
         segmenter.foreground_threshold = None if args.foreground_threshold == "argmax" else args.foreground_threshold
+    if args.class_weights is not None:
+        from .inference.batch import use_class_weights
+
+        use_class_weights(segmenter, args.class_weights)
     if args.pixel_size == NO_PIXEL_SIZE:
         raise MedsegError("--pixel-size none: slides are segmented at the pixel size they record; to override it "
                           "give a number (e.g. --pixel-size 0.25).")
@@ -546,6 +565,10 @@ def _add_predict(sub) -> None:
     p.add_argument("--foreground-threshold", metavar="T", type=_foreground_threshold,
                    help="nucleus probability above which a pixel is a nucleus (0-1), or 'argmax'; "
                         "default: the model's tuned threshold (medseg tune-threshold), argmax if it has none")
+    p.add_argument("--class-weights", metavar="W,W,...|none", type=_class_weights,
+                   help="how a nucleus pixel's class is named: one weight per class (after background) on its "
+                        "probability, or 'none' for the plain likeliest class; default: the model's own "
+                        "(medseg tune-classes). Which pixels are nuclei does not change")
     _instance_options(p, model=True)
     p.set_defaults(func=cmd_predict)
 

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from ..errors import MedsegError
 from ..io.dataset import write_classes
 from ..io.images import ImageReadError, file_stem, read_image, write_label_map
 from ..io.lazy import open_tiff_lazy, should_open_lazily
@@ -45,6 +46,8 @@ class BatchSettings:
     probabilities: bool = False
     # None: the model's tuned threshold (argmax if it has none); ARGMAX; or a probability in (0, 1)
     foreground_threshold: float | str | None = None
+    # None: the model's class weights (medseg tune-classes); [] none; or one per foreground class
+    class_weights: list[float] | None = None
     # µm/px of every input (resampled to the model's pixel size); None: each file's own, if it records one
     pixel_size_um: float | None = None
     use_file_pixel_size: bool = True  # False: images are taken at the model's pixel size, whatever they record
@@ -94,6 +97,8 @@ def predict_to_folder(files: list[Path], out: str | Path, model: str | os.PathLi
     if settings.foreground_threshold is not None:
         threshold = settings.foreground_threshold
         segmenter.foreground_threshold = None if threshold == ARGMAX else float(threshold)
+    if settings.class_weights is not None:
+        use_class_weights(segmenter, settings.class_weights)
     settings.tiles.checked(segmenter.meta.model.output_stride)
     segmenter.instance_settings_with(settings.instance_overrides)  # refused here, before any file
     if claim_classes(out, segmenter.classes, RESULT_FOLDERS):
@@ -167,3 +172,13 @@ def _probability_file(tmp: Path, target: Path, shape: tuple[int, ...]) -> np.mem
     finally:
         os.close(fd)
     return probs
+
+
+def use_class_weights(segmenter, weights: list[float]) -> None:
+    """Name ``segmenter``'s classes with ``weights`` (one per foreground class) instead of its
+    model's; ``[]``: the plain likeliest class. Refuses a count that does not fit the model."""
+    foreground = segmenter.classes[1:]
+    if weights and len(weights) != len(foreground):
+        raise MedsegError(f"--class-weights: {len(weights)} numbers for {len(foreground)} classes "
+                          f"({', '.join(foreground)}); give one per class, in that order, or 'none'.")
+    segmenter.class_weights = list(weights) or None
