@@ -36,12 +36,9 @@ def classify(probs: np.ndarray, foreground_threshold: float | None = None,
     ``class_weights``: see ``foreground_class``; which pixels are foreground is decided without
     them, so nucleus masks and instances stay the same.
     """
-    if probs.shape[0] < 2:
+    weighted = class_weights is not None and len(class_weights) > 0
+    if probs.shape[0] < 2 or (foreground_threshold is None and not weighted):
         return probs.argmax(0)
-    if class_weights is None or len(class_weights) == 0:
-        if foreground_threshold is None:
-            return probs.argmax(0)
-        return np.where(1.0 - probs[0] > foreground_threshold, probs[1:].argmax(0) + 1, 0)
     foreground = probs.argmax(0) > 0 if foreground_threshold is None else 1.0 - probs[0] > foreground_threshold
     return np.where(foreground, foreground_class(probs, class_weights), 0)
 
