@@ -1,6 +1,7 @@
-"""A run's result layers reach the viewer a step per event-loop turn (each added hidden and
-without outlines, then shown, then outlined), so the window repaints and answers between
-them (napari sets each layer up, slices and outlines it on the GUI thread)."""
+"""A run's result layers reach the viewer a step per event-loop turn (each added hidden, without
+outlines, drawing overlays or selection; then each overlay put back, shown, outlined, selected),
+so the window repaints and answers between them (napari sets each layer up, slices and outlines
+it on the GUI thread)."""
 
 import numpy as np
 from napari.layers import Labels
@@ -40,3 +41,32 @@ def test_all_at_once_where_the_caller_reads_the_result_at_once(make_napari_viewe
     add_layers_in_turns(viewer, _layers(), lambda: done.append(len(viewer.layers)), in_turns=False)
     assert [layer.name for layer in viewer.layers] == ["classes", "nuclei"] and done == [2]
     assert all(layer.visible for layer in viewer.layers) and viewer.layers["nuclei"].contour == 2
+
+
+def test_drawing_overlays_come_back_and_the_last_layer_is_selected(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.zeros((64, 64), np.uint8), name="image")
+    done = []
+    add_layers_in_turns(viewer, _layers(), lambda: done.append(True))
+    classes = viewer.layers["classes"]
+    assert "polygon" not in classes._overlays  # napari makes its visual a turn later
+    assert viewer.layers.selection.active is image  # the new layer's controls wait too
+    qtbot.waitUntil(lambda: done != [], timeout=5_000)
+    canvas = viewer.window._qt_viewer.canvas
+    for layer in (classes, viewer.layers["nuclei"]):
+        assert {"polygon", "brush_stroke"} <= set(layer._overlays)
+        assert {layer._overlays["polygon"], layer._overlays["brush_stroke"]} <= set(canvas._layer_overlay_to_visual[layer])
+    assert viewer.layers.selection.active is viewer.layers["nuclei"]  # as napari selects a new layer
+    nuclei = viewer.layers["nuclei"]
+    for mode in ("polygon", "paint", "pan_zoom"):  # the drawing tools work on the result
+        nuclei.mode = mode
+    assert nuclei._overlays["polygon"].enabled is False and nuclei.mode == "pan_zoom"
+
+
+def test_a_layer_deleted_during_the_hand_off_is_left_out(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    done = []
+    add_layers_in_turns(viewer, _layers(), lambda: done.append([layer.name for layer in viewer.layers]))
+    viewer.layers.remove("classes")  # the user deletes it before its turns are over
+    qtbot.waitUntil(lambda: done != [], timeout=5_000)
+    assert done == [["nuclei"]] and viewer.layers.selection.active is viewer.layers["nuclei"]

@@ -91,25 +91,66 @@ def add_layers_in_turns(viewer, layers: list, then: Callable[[], None], in_turns
     def next_turn():
         steps.pop(0)()
         if steps:
-            QTimer.singleShot(0, _guarded(next_turn))
+            QTimer.singleShot(TURN_GAP_MS, _guarded(next_turn))
         else:
             then()
 
     _guarded(next_turn)()
 
 
+# between two steps, the event loop answers input and repaints first: a zero delay let Qt run the
+# next step before its timers and input (a 5 ms timer missed two steps in a row)
+TURN_GAP_MS = 10
+# a Labels layer's drawing overlays (polygon, brush): napari makes a vispy visual for each as the
+# layer is added (~15-20 ms each here), though they show only while the user draws
+DEFERRED_OVERLAYS = ("polygon", "brush_stroke")
+
+
 def _steps_to_add(viewer, layer) -> list[Callable[[], None]]:
-    """``layer`` added hidden and without outlines, then shown, then outlined: one step each."""
+    """``layer`` added hidden, without outlines and drawing overlays; then each overlay put back,
+    shown, outlined: one step each."""
     visible, contour = layer.visible, getattr(layer, "contour", 0)
     layer.visible = False
     if contour:
         layer.contour = 0
-    steps = [lambda: viewer.add_layer(layer)]
+    overlays = _take_overlays(layer)
+    steps = [lambda: _add_unselected(viewer, layer)]
+    steps += [functools.partial(layer._overlays.__setitem__, key, overlay) for key, overlay in overlays.items()]
     if visible:
         steps.append(lambda: setattr(layer, "visible", True))
     if contour:
         steps.append(lambda: setattr(layer, "contour", contour))
+    steps.append(lambda: _select(viewer, layer))
     return steps
+
+
+def _add_unselected(viewer, layer) -> None:
+    """``layer`` added without becoming the selected layer: selecting shows its controls, a
+    layout and paint of their own, left to a later turn (napari's private switch; where it is
+    missing the layer is selected now, as napari does)."""
+    layers = viewer.layers
+    activate = getattr(layers, "_activate_on_insert", None)
+    if activate is None:
+        return viewer.add_layer(layer)
+    layers._activate_on_insert = False
+    try:
+        viewer.add_layer(layer)
+    finally:
+        layers._activate_on_insert = activate
+
+
+def _select(viewer, layer) -> None:
+    """``layer`` made the selected layer, as napari makes a new one (if it is still there)."""
+    if layer in viewer.layers:
+        viewer.layers.selection.active = layer
+
+
+def _take_overlays(layer) -> dict:
+    """``DEFERRED_OVERLAYS`` taken out of ``layer`` (napari's private overlay dict; none where it differs)."""
+    held = getattr(layer, "_overlays", None)
+    if held is None or not hasattr(held, "pop"):
+        return {}
+    return {key: held.pop(key) for key in DEFERRED_OVERLAYS if key in held}
 
 
 # class maps are 8-bit where they are trained and scored: class ids 0-255 (a few classes)
