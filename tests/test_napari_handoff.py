@@ -1,5 +1,5 @@
 """A run's result layers reach the viewer a step per event-loop turn (each added hidden, without
-outlines, drawing overlays or selection; then each overlay put back, shown, outlined, selected),
+outlines or drawing overlays, the user's selection kept; then each overlay put back, shown, outlined),
 so the window repaints and answers between them (napari sets each layer up, slices and outlines
 it on the GUI thread)."""
 
@@ -43,20 +43,20 @@ def test_all_at_once_where_the_caller_reads_the_result_at_once(make_napari_viewe
     assert all(layer.visible for layer in viewer.layers) and viewer.layers["nuclei"].contour == 2
 
 
-def test_drawing_overlays_come_back_and_the_last_layer_is_selected(make_napari_viewer, qtbot):
+def test_drawing_overlays_come_back_and_the_selection_stays(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     image = viewer.add_image(np.zeros((64, 64), np.uint8), name="image")
     done = []
     add_layers_in_turns(viewer, _layers(), lambda: done.append(True))
     classes = viewer.layers["classes"]
     assert "polygon" not in classes._overlays  # napari makes its visual a turn later
-    assert viewer.layers.selection.active is image  # the new layer's controls wait too
+    assert viewer.layers.selection.active is image  # the new layers' controls are not shown
     qtbot.waitUntil(lambda: done != [], timeout=5_000)
     canvas = viewer.window._qt_viewer.canvas
     for layer in (classes, viewer.layers["nuclei"]):
         assert {"polygon", "brush_stroke"} <= set(layer._overlays)
         assert {layer._overlays["polygon"], layer._overlays["brush_stroke"]} <= set(canvas._layer_overlay_to_visual[layer])
-    assert viewer.layers.selection.active is viewer.layers["nuclei"]  # as napari selects a new layer
+    assert viewer.layers.selection.active is image  # still the user's (a drawn region stays active)
     nuclei = viewer.layers["nuclei"]
     for mode in ("polygon", "paint", "pan_zoom"):  # the drawing tools work on the result
         nuclei.mode = mode
@@ -69,4 +69,4 @@ def test_a_layer_deleted_during_the_hand_off_is_left_out(make_napari_viewer, qtb
     add_layers_in_turns(viewer, _layers(), lambda: done.append([layer.name for layer in viewer.layers]))
     viewer.layers.remove("classes")  # the user deletes it before its turns are over
     qtbot.waitUntil(lambda: done != [], timeout=5_000)
-    assert done == [["nuclei"]] and viewer.layers.selection.active is viewer.layers["nuclei"]
+    assert done == [["nuclei"]] and viewer.layers["nuclei"].visible

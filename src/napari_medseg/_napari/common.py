@@ -74,9 +74,10 @@ def add_layers_in_turns(viewer, layers: list, then: Callable[[], None], in_turns
 
     napari sets a layer up on the GUI thread (its vispy visual and overlays, its controls), then
     slices it, computes a Labels layer's outlines (``contour``) and paints: 0.2-0.3 s a layer
-    here, all in one turn. So each layer goes in hidden and without outlines, is shown a turn
-    later and gets its outlines the turn after; between turns the window repaints and answers.
-    ``in_turns=False`` adds them all now, as they are (scripts and tests that read the result at once).
+    here, all in one turn. So each layer goes in hidden, without outlines and drawing overlays and
+    leaving the user's selection as it is; its overlays come back, it is shown and outlined in the
+    turns after; between turns the window repaints and answers. ``in_turns=False`` adds them all
+    now, as napari adds a layer (scripts and tests that read the result at once).
     """
     pending = [layer for layer in layers if layer is not None]
     if not in_turns or not pending:
@@ -120,14 +121,14 @@ def _steps_to_add(viewer, layer) -> list[Callable[[], None]]:
         steps.append(lambda: setattr(layer, "visible", True))
     if contour:
         steps.append(lambda: setattr(layer, "contour", contour))
-    steps.append(lambda: _select(viewer, layer))
     return steps
 
 
 def _add_unselected(viewer, layer) -> None:
-    """``layer`` added without becoming the selected layer: selecting shows its controls, a
-    layout and paint of their own, left to a later turn (napari's private switch; where it is
-    missing the layer is selected now, as napari does)."""
+    """``layer`` added, the user's selection kept: selecting a new layer shows its controls, a
+    layout and first paint of their own (the one turn above 100 ms here when the result layers
+    were selected at the end), and the user's own layer (the rectangle just drawn) stays the one
+    to draw the next region on. napari's private switch; where it is missing, napari selects."""
     layers = viewer.layers
     activate = getattr(layers, "_activate_on_insert", None)
     if activate is None:
@@ -137,12 +138,6 @@ def _add_unselected(viewer, layer) -> None:
         viewer.add_layer(layer)
     finally:
         layers._activate_on_insert = activate
-
-
-def _select(viewer, layer) -> None:
-    """``layer`` made the selected layer, as napari makes a new one (if it is still there)."""
-    if layer in viewer.layers:
-        viewer.layers.selection.active = layer
 
 
 def _take_overlays(layer) -> dict:
