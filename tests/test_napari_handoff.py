@@ -70,3 +70,18 @@ def test_a_layer_deleted_during_the_hand_off_is_left_out(make_napari_viewer, qtb
     viewer.layers.remove("classes")  # the user deletes it before its turns are over
     qtbot.waitUntil(lambda: done != [], timeout=5_000)
     assert done == [["nuclei"]] and viewer.layers["nuclei"].visible
+
+
+def test_through_the_viewer_proxy_plugins_get(make_napari_viewer, qtbot, recwarn):
+    """A widget holds napari's public-only proxy of the viewer: the hand-off keeps the selection
+    there too, without napari's private-access warnings in the user's terminal."""
+    from napari.utils._proxies import PublicOnlyProxy
+
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.zeros((64, 64), np.uint8), name="image")
+    done = []
+    add_layers_in_turns(PublicOnlyProxy(viewer), _layers(), lambda: done.append(True))
+    qtbot.waitUntil(lambda: done != [], timeout=5_000)
+    assert [layer.name for layer in viewer.layers] == ["image", "classes", "nuclei"]
+    assert viewer.layers.selection.active is image
+    assert not [w for w in recwarn if "Private attribute access" in str(w.message)]

@@ -128,16 +128,31 @@ def _add_unselected(viewer, layer) -> None:
     """``layer`` added, the user's selection kept: selecting a new layer shows its controls, a
     layout and first paint of their own (the one turn above 100 ms here when the result layers
     were selected at the end), and the user's own layer (the rectangle just drawn) stays the one
-    to draw the next region on. napari's private switch; where it is missing, napari selects."""
+    to draw the next region on. napari's private switch (selecting, then reselecting the user's
+    layer, costs as much); where it is missing, napari selects."""
     layers = viewer.layers
-    activate = getattr(layers, "_activate_on_insert", None)
+    with _private_access():
+        activate = getattr(layers, "_activate_on_insert", None)
     if activate is None:
         return viewer.add_layer(layer)
-    layers._activate_on_insert = False
+    with _private_access():
+        layers._activate_on_insert = False
     try:
         viewer.add_layer(layer)
     finally:
-        layers._activate_on_insert = activate
+        with _private_access():
+            layers._activate_on_insert = activate
+
+
+@contextlib.contextmanager
+def _private_access():
+    """napari's viewer proxy (what a plugin widget is given) warns on each private attribute, in
+    the user's terminal; the one use above is known and falls back when it goes."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Private attribute access", category=FutureWarning)
+        yield
 
 
 def _take_overlays(layer) -> dict:
