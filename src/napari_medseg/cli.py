@@ -538,7 +538,7 @@ def _engine_options(p) -> None:
                         "OpenVINO; about 0.1%% of pixels change); never chosen by auto")
     p.add_argument("--blend", choices=BLENDS, help=f"tile weight map (default {defaults.blend})")
     p.add_argument("--tta", action="store_true",
-                   help="average over the 4 flips (4x slower; held-out CoNSeP nucleus Dice of the default 0.796 -> 0.800)")
+                   help="average over the 4 flips (4x slower; a little more accurate: README, Accuracy)")
     p.add_argument("--no-skip-background", action="store_true",
                    help="run the model on near-white glass tiles too (they are background by default)")
     p.add_argument("--no-amp", action="store_true", help="CUDA: run in float32 instead of float16 autocast")
