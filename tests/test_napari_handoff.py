@@ -85,3 +85,29 @@ def test_through_the_viewer_proxy_plugins_get(make_napari_viewer, qtbot, recwarn
     assert [layer.name for layer in viewer.layers] == ["image", "classes", "nuclei"]
     assert viewer.layers.selection.active is image
     assert not [w for w in recwarn if "Private attribute access" in str(w.message)]
+
+
+def test_the_turns_stop_when_their_widget_goes(make_napari_viewer, qtbot):
+    """The viewer closed halfway (its dock widgets deleted): no more steps, no callback into the
+    deleted widget (its status line would raise "wrapped C/C++ object ... has been deleted")."""
+    from qtpy.QtWidgets import QWidget
+
+    viewer = make_napari_viewer()
+    owner, done = QWidget(), []
+    add_layers_in_turns(viewer, _layers(), lambda: done.append(True), owner=owner)
+    assert [layer.name for layer in viewer.layers] == ["classes"]
+    owner.deleteLater()
+    qtbot.wait(300)
+    assert done == [] and [layer.name for layer in viewer.layers] == ["classes"]
+    assert not viewer.layers["classes"].visible
+
+
+def test_an_owner_that_stays_sees_the_end(make_napari_viewer, qtbot):
+    from qtpy.QtWidgets import QWidget
+
+    viewer = make_napari_viewer()
+    owner, done = QWidget(), []
+    add_layers_in_turns(viewer, _layers(), lambda: done.append(True), owner=owner)
+    qtbot.waitUntil(lambda: done != [], timeout=5_000)
+    assert [layer.name for layer in viewer.layers] == ["classes", "nuclei"]
+    owner.deleteLater()

@@ -69,7 +69,8 @@ def warm_label_visuals() -> None:
     _warming.start()
 
 
-def add_layers_in_turns(viewer, layers: list, then: Callable[[], None], in_turns: bool = True) -> None:
+def add_layers_in_turns(viewer, layers: list, then: Callable[[], None], in_turns: bool = True,
+                        owner=None) -> None:
     """Add ``layers`` to ``viewer`` a step per turn of the Qt event loop, then call ``then()``.
 
     napari sets a layer up on the GUI thread (its vispy visual and overlays, its controls), then
@@ -77,7 +78,8 @@ def add_layers_in_turns(viewer, layers: list, then: Callable[[], None], in_turns
     here, all in one turn. So each layer goes in hidden, without outlines and drawing overlays and
     leaving the user's selection as it is; its overlays come back, it is shown and outlined in the
     turns after; between turns the window repaints and answers. ``in_turns=False`` adds them all
-    now, as napari adds a layer (scripts and tests that read the result at once).
+    now, as napari adds a layer (scripts and tests that read the result at once). ``owner``: the
+    widget's Qt widget; the turns stop if it goes (the viewer closed halfway, ``then`` not called).
     """
     pending = [layer for layer in layers if layer is not None]
     if not in_turns or not pending:
@@ -88,16 +90,26 @@ def add_layers_in_turns(viewer, layers: list, then: Callable[[], None], in_turns
     from qtpy.QtCore import QTimer
 
     steps = [step for layer in pending for step in _steps_to_add(viewer, layer)]
+    timer = QTimer(owner)  # a child of the widget: deleted with it, it never fires again
+    timer.setSingleShot(True)
+    timer.setInterval(TURN_GAP_MS)
+    if owner is None:
+        _unowned_turns.add(timer)  # nothing else holds it
 
     def next_turn():
         steps.pop(0)()
         if steps:
-            QTimer.singleShot(TURN_GAP_MS, _guarded(next_turn))
+            with contextlib.suppress(RuntimeError):  # its owner went during this step: stop here
+                timer.start()
         else:
+            _unowned_turns.discard(timer)
             then()
 
+    timer.timeout.connect(_guarded(next_turn))
     _guarded(next_turn)()
 
+
+_unowned_turns: set = set()  # the timers of hand-offs under way without an owner widget
 
 # between two steps, the event loop answers input and repaints first: a zero delay let Qt run the
 # next step before its timers and input (a 5 ms timer missed two steps in a row)

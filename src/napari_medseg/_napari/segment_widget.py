@@ -453,7 +453,7 @@ class SegmentWidget(Container):
             self.legend.value = legend_html(self._classes, self._colors, pickable=True)
             self._set_running(False)
 
-        add_layers_in_turns(self._viewer, list(run.layers), shown, in_turns)
+        add_layers_in_turns(self._viewer, list(run.layers), shown, in_turns, owner=self.native)
         return self.last_layer
 
     # -- re-thresholding ---------------------------------------------------------
