@@ -48,11 +48,15 @@ _warming = None
 
 
 def warm_label_visuals() -> None:
-    """Make vispy's line dash patterns on a background thread, once per process.
+    """Make vispy's line dash patterns and import what napari's first Labels layer imports, on a
+    background thread, once per process.
 
     Every napari Labels layer carries a polygon-drawing overlay whose line visuals build vispy's
     dash atlas; its 13 patterns are made in pure Python (0.2-0.4 s here) and cached, so the first
-    result layer of a session paid for them on the GUI thread. Made here while the user works.
+    result layer of a session paid for them on the GUI thread. And napari's Labels constructor
+    imports scikit-image's colour module (and with it scipy.linalg, 65 modules, ~90 ms): in the
+    worker that builds the result layers, at a run's end, it held the interpreter lock while the
+    GUI thread took the results in. Both done here while the user works.
     """
     global _warming
     if _warming is not None:
@@ -64,6 +68,8 @@ def warm_label_visuals() -> None:
             from vispy.visuals.line.dash_atlas import DashAtlas
 
             DashAtlas()
+        with contextlib.suppress(Exception):  # napari's label_colormap imports it on first use
+            import skimage.color  # noqa: F401
 
     _warming = threading.Thread(target=make_patterns, name="medseg-warm-visuals", daemon=True)
     _warming.start()
