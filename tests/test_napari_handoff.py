@@ -111,3 +111,28 @@ def test_an_owner_that_stays_sees_the_end(make_napari_viewer, qtbot):
     qtbot.waitUntil(lambda: done != [], timeout=5_000)
     assert [layer.name for layer in viewer.layers] == ["classes", "nuclei"]
     owner.deleteLater()
+
+
+def test_a_failing_step_is_shown_and_the_rest_still_runs(make_napari_viewer, qtbot, monkeypatch):
+    """The Run button comes back (``then``) even when napari fails on one layer's step."""
+    from napari.utils.notifications import notification_manager
+
+    import napari_medseg._napari.common as common
+
+    shown = []
+    monkeypatch.setattr(notification_manager, "receive_error", lambda *args: shown.append(args[1]))
+    steps_to_add = common._steps_to_add
+
+    def failing_first(viewer, layer):
+        steps = steps_to_add(viewer, layer)
+        if layer.name == "classes":
+            steps[1] = lambda: 1 / 0
+        return steps
+
+    monkeypatch.setattr(common, "_steps_to_add", failing_first)
+    viewer = make_napari_viewer()
+    done = []
+    add_layers_in_turns(viewer, _layers(), lambda: done.append(True))
+    qtbot.waitUntil(lambda: done != [], timeout=5_000)
+    assert [type(e) for e in shown] == [ZeroDivisionError]
+    assert [layer.name for layer in viewer.layers] == ["classes", "nuclei"] and viewer.layers["nuclei"].visible

@@ -103,7 +103,7 @@ def add_layers_in_turns(viewer, layers: list, then: Callable[[], None], in_turns
         _unowned_turns.add(timer)  # nothing else holds it
 
     def next_turn():
-        steps.pop(0)()
+        _guarded(steps.pop(0))()  # a step that fails is shown; the others and ``then`` still run
         if steps:
             with contextlib.suppress(RuntimeError):  # its owner went during this step: stop here
                 timer.start()
