@@ -450,3 +450,37 @@ def test_a_slide_run_names_classes_with_the_models_class_weights(he_slide, tmp_p
         maps[name] = np.asarray(zarr.open_group(str(tmp_path / name / "synthetic.zarr"), mode="r")["classes/0"])
     np.testing.assert_array_equal(maps["weighted"] > 0, maps["plain"] > 0)
     assert (maps["weighted"] != maps["plain"]).sum() > 100
+
+
+def test_a_fluorescence_slide_is_said_to_be_one(tmp_path, he_slide, tiny_checkpoint):
+    """An H&E model on a DAPI slide finds nothing, and said nothing of why: the run says the
+    background is dark; an H&E slide, the darkest training patch and glass get no such note."""
+    from napari_medseg.inference import Segmenter
+    from napari_medseg.inference.regions import Region
+    from napari_medseg.inference.settings import TileSettings
+    from napari_medseg.inference.slide import predict_slide
+    from napari_medseg.inference.slide_process import result_from_json, result_to_json
+    from napari_medseg.inference.source import DARK_NOTE
+    from napari_medseg.io.images import read_image
+    from napari_medseg.io.slides import open_slide
+
+    dark = predict_slide(_DarkNuclei(), open_slide(NDPI), tmp_path / "dapi", Region(0, 0, 512, 512), block=256,
+                         nuclei=False)
+    assert dark.notes == [DARK_NOTE]
+    assert result_from_json(result_to_json(dark)).notes == [DARK_NOTE]  # as the widget's child process sends it
+    from napari_medseg._napari.segment_widget import slide_summary
+
+    assert slide_summary(dark).endswith(DARK_NOTE)  # the Segment widget's status line
+    bright = predict_slide(_DarkNuclei(), open_slide(he_slide[0]), tmp_path / "he", Region(1280, 256, 256, 256),
+                           block=256, nuclei=False)
+    assert bright.notes == []
+
+    segmenter = Segmenter.load(tiny_checkpoint, device="cpu")
+    settings = TileSettings(128, 32, 4)
+    slide = open_slide(NDPI)
+    h, w = slide.shape
+    segmenter.segment(np.asarray(slide.levels[0][h // 2:h // 2 + 256, w // 2:w // 2 + 256]), settings)
+    assert DARK_NOTE in segmenter.last_report.notes  # an image in memory (a crop, the web page)
+    darkest_he = read_image(DATA / "consep_train" / "images" / "train_2_001.png")  # median brightness 46
+    segmenter.segment(np.asarray(darkest_he)[:256, :256, :3], settings)
+    assert DARK_NOTE not in segmenter.last_report.notes

@@ -229,6 +229,8 @@ def _predict_slides(args) -> int:
         counts = ", ".join(f"{name} {n}" for name, n in result.counts.items())
         print(f"{path.name}: region {result.region}, {100 * result.tissue_fraction:.0f}% tissue, "
               f"{result.nuclei} nuclei ({counts})")
+        for note in result.notes:
+            print(f"  {path.name}: {note}", file=sys.stderr)
         for kind, file in result.files.items():
             print(f"  {kind}: {file}")
     return 0

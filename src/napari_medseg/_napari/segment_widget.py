@@ -665,4 +665,5 @@ def slide_summary(result: SlideResult) -> str:
     parts.append(f"{shares} of the region x={r.x}, y={r.y}, {r.width} x {r.height} px")
     parts.append(f"{result.segmented_px / 1e6:.1f} Mpx of tissue segmented")
     parts.append(f"results in {result.files['store'].parent}")
+    parts += result.notes
     return "Done: " + "; ".join(parts)

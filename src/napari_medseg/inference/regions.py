@@ -17,6 +17,7 @@ from ..errors import MedsegError
 from ..steps import part_steps
 from .postprocess import PostprocessSettings
 from .settings import TileSettings
+from .source import looks_dark_field
 
 BLOCK = 2048  # px per side of a block read at full resolution (12 MB of RGB)
 HALO = 64  # px of context read around a block
@@ -83,6 +84,7 @@ class TissueMask:
 
     mask: np.ndarray
     downsample: float
+    dark_field: bool = False  # the level's background is dark (fluorescence): ``source.looks_dark_field``
 
     def any_in(self, y0: int, y1: int, x0: int, x1: int) -> bool:
         """Whether the level-0 rectangle holds tissue (the mask pixels it overlaps)."""
@@ -104,15 +106,18 @@ def find_tissue(slide, settings: TissueSettings | None = None) -> TissueMask:
     index = slide.level_for(s.max_side)
     low = np.asarray(slide.levels[index])
     downsample = slide.shape[0] / low.shape[0]
+    channels = low[..., :3] if low.ndim == 3 else low[..., None]
+    if low.dtype != np.uint8:  # 16-bit: compare on the 8-bit scale
+        channels = channels / max(1, float(low.max())) * 255
+    channels = channels.astype(np.int16)
+    brightness = channels.mean(-1)
+    dark = looks_dark_field(brightness)
     if not s.enabled or low.ndim != 3 or low.shape[-1] < 3:
-        return TissueMask(np.ones(low.shape[:2], bool), downsample)
-    rgb = low[..., :3].astype(np.int16)
-    if low.dtype != np.uint8:  # 16-bit brightfield: compare on the 8-bit scale
-        rgb = (low[..., :3] / max(1, float(low.max())) * 255).astype(np.int16)
-    brightness = rgb.mean(-1)
+        return TissueMask(np.ones(low.shape[:2], bool), downsample, dark)
+    rgb = channels
     saturation = rgb.max(-1) - rgb.min(-1)
     tissue = ((saturation >= s.min_saturation) | (brightness <= s.max_brightness)) & (brightness >= s.min_brightness)
-    return TissueMask(ndi.binary_opening(tissue), downsample)  # specks of dust are no tissue
+    return TissueMask(ndi.binary_opening(tissue), downsample, dark)  # specks of dust are no tissue
 
 
 def region_blocks(region: Region, block: int = BLOCK) -> list[tuple[int, int, int, int]]:

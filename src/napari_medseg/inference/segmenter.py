@@ -32,7 +32,7 @@ from .forward import RunReport
 from .postprocess import PostprocessSettings, postprocess_class_map
 from .rescale import iter_segment_rescaled, model_scale, settings_at_image_scale
 from .settings import InferenceSettingsError, TileSettings
-from .source import ImageSource
+from .source import DARK_NOTE, ImageSource
 
 
 # a real CoNSeP H&E tile shipped with the package (also napari's sample): the runtime check's probe
@@ -194,6 +194,8 @@ class Segmenter:
             postprocess_class_map(labels, postprocess)
         if self.meta.model.in_channels == 3 and GRAY_NOTE not in self.last_report.notes and source.looks_gray():
             self.last_report.notes.append(GRAY_NOTE)
+        if self.meta.model.in_channels == 3 and DARK_NOTE not in self.last_report.notes and source.looks_dark_field():
+            self.last_report.notes.append(DARK_NOTE)
         return labels
 
     def scale_for(self, pixel_size_um: float | None) -> float:

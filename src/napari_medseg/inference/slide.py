@@ -32,6 +32,7 @@ from .regions import (BLOCK, PROGRESS_PER_BLOCK, Region, TissueMask, TissueSetti
 from .postprocess import PostprocessSettings
 from .rescale import settings_at_image_scale
 from .settings import TileSettings
+from .source import DARK_NOTE
 
 
 @dataclass
@@ -48,6 +49,7 @@ class SlideResult:
     region_px: int = 0  # level-0 px of the region (inside its polygon, when it has one)
     files: dict[str, Path] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # per phase: model, classes, nuclei, pyramids
+    notes: list[str] = field(default_factory=list)  # what the user should know (``source.DARK_NOTE``)
 
 
 def iter_predict_slide(segmenter, slide, out_dir: str | os.PathLike, region: Region | None = None,
@@ -71,6 +73,8 @@ def iter_predict_slide(segmenter, slide, out_dir: str | os.PathLike, region: Reg
         names["distance"] = "float16"
     maps = [name for name in ("classes", "instances") if name in names]
     result = SlideResult(region, tissue.fraction, 0)
+    if tissue.dark_field and _colour_model(segmenter):
+        result.notes.append(DARK_NOTE)
     try:
         store = create_result_store(files.temp("store"), slide.shape, names, block // 2, slide.pixel_size_um)
         phases = _phases(segmenter, slide, store, files, result, maps, tissue, polygon, block, nuclei_block,
@@ -142,6 +146,12 @@ def _polygon_mask(polygon: np.ndarray, shape: tuple[int, int], top: float, left:
     return polygon2mask(shape, (polygon - (top, left)) / scale)
 
 
+def _colour_model(segmenter) -> bool:
+    """Whether the model takes colour (H&E) images; a stand-in without a checkpoint counts as one."""
+    meta = getattr(segmenter, "meta", None)
+    return meta is None or meta.model.in_channels == 3
+
+
 def _within(tissue: TissueMask, polygon: np.ndarray | None) -> TissueMask:
     """The tissue mask cut to the polygon (grown by a mask pixel): blocks outside it are never read."""
     if polygon is None:
@@ -149,7 +159,7 @@ def _within(tissue: TissueMask, polygon: np.ndarray | None) -> TissueMask:
     from scipy import ndimage as ndi
 
     inside = ndi.binary_dilation(_polygon_mask(polygon, tissue.mask.shape, 0, 0, tissue.downsample))
-    return TissueMask(tissue.mask & inside, tissue.downsample)
+    return TissueMask(tissue.mask & inside, tissue.downsample, tissue.dark_field)
 
 
 def _iter_cut_and_count(store, region: Region, polygon: np.ndarray | None, classes: list[str], result: SlideResult,
