@@ -602,8 +602,13 @@ def result_summary(labels: np.ndarray, instances: np.ndarray | None, threshold: 
     if report.skipped_background:
         parts.append(f"{report.skipped_background}/{report.tiles} glass tiles skipped")
     parts.append(f"run by {RUNTIME_NAMES.get(report.backend, report.backend)} ({report.precision})")
-    parts += report.notes
-    return "Done: " + "; ".join(parts)
+    return with_notes("Done: " + "; ".join(parts), report.notes)
+
+
+def with_notes(summary: str, notes: list[str]) -> str:
+    """A status line with what the user should know (a gray or dark-background image) each in a
+    paragraph of its own below it, where it is read, not at the end of a long line."""
+    return summary + "".join(f"\n\nNote: {note}" for note in notes)
 
 
 def _masked(array: np.ndarray | None, mask: np.ndarray | None) -> np.ndarray | None:
@@ -665,5 +670,4 @@ def slide_summary(result: SlideResult) -> str:
     parts.append(f"{shares} of the region x={r.x}, y={r.y}, {r.width} x {r.height} px")
     parts.append(f"{result.segmented_px / 1e6:.1f} Mpx of tissue segmented")
     parts.append(f"results in {result.files['store'].parent}")
-    parts += result.notes
-    return "Done: " + "; ".join(parts)
+    return with_notes("Done: " + "; ".join(parts), result.notes)
