@@ -114,8 +114,7 @@ def find_tissue(slide, settings: TissueSettings | None = None) -> TissueMask:
     dark = looks_dark_field(brightness)
     if not s.enabled or low.ndim != 3 or low.shape[-1] < 3:
         return TissueMask(np.ones(low.shape[:2], bool), downsample, dark)
-    rgb = channels
-    saturation = rgb.max(-1) - rgb.min(-1)
+    saturation = channels.max(-1) - channels.min(-1)
     tissue = ((saturation >= s.min_saturation) | (brightness <= s.max_brightness)) & (brightness >= s.min_brightness)
     return TissueMask(ndi.binary_opening(tissue), downsample, dark)  # specks of dust are no tissue
 

@@ -78,11 +78,14 @@ class ImageSource:
         """Rows ``[top, bottom)`` as float32 ``(h, W, channels)`` in ``[0, 1]``."""
         return self.to01(self.rows(top, bottom))
 
+    def sampled_rows(self, count: int) -> np.ndarray:
+        """``count`` row indices spread evenly from the first row to the last (fewer rows: all)."""
+        return np.linspace(0, self.height - 1, min(count, self.height)).astype(int)
+
     def looks_dark_field(self, sample_rows: int = 64) -> bool:
         """Whether the image's background is dark (``looks_dark_field`` on ``sample_rows`` rows)."""
-        rows = np.linspace(0, self.height - 1, min(sample_rows, self.height)).astype(int)
-        brightness = np.concatenate([self.window01(top, top + 1, 0, self.width).mean(-1).ravel() for top in rows])
-        return looks_dark_field(brightness * 255)
+        rows = [self.window01(top, top + 1, 0, self.width).mean(-1).ravel() for top in self.sampled_rows(sample_rows)]
+        return looks_dark_field(np.concatenate(rows) * 255)
 
     def looks_gray(self, sample_rows: int = 64) -> bool:
         """Whether the image holds no colour: one channel, or RGB whose channels agree at every
@@ -90,7 +93,7 @@ class ImageSource:
         if not self.rgb:
             return True
         tolerance = 2 if np.issubdtype(self._array.dtype, np.integer) and self._array.dtype.itemsize == 1 else 0.01
-        for top in np.linspace(0, self.height - 1, min(sample_rows, self.height)).astype(int):
+        for top in self.sampled_rows(sample_rows):
             row = self.window(top, top + 1, 0, self.width).astype(np.float32)
             spread = row.max(-1) - row.min(-1)
             if self.value_range is not None and tolerance < 1:
