@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -204,6 +205,7 @@ def segment_in_viewer(slide_path: Path, out: Path, args) -> None:
     print(f"GUI stall, largest gap of a {TICK_MS} ms QTimer on the GUI thread: " + "; ".join(
         f"{gap:.0f} ms {what} ({seconds_in:.0f} s)" for what, (gap, seconds_in) in stalls.items()))
     print(f"status: {widget.status.value}")
+    print(f"torch loaded in the viewer's process: {'torch' in sys.modules}")
     print(f"gui_gap_segmenting_ms={stalls['while segmenting'][0]:.0f} "
           f"mpx_per_s={result.segmented_px / 1e6 / seconds:.3f} peak_rss_gb={rss.peak / 2**30:.2f}")
     viewer.close()
@@ -250,16 +252,8 @@ def main() -> None:
     parser.add_argument("--region", metavar="X,Y,W,H", help="with --viewer: a rectangle drawn over this region")
     args = parser.parse_args()
 
-    import torch
-
-    from napari_medseg.inference import Segmenter
-    from napari_medseg.inference.settings import TileSettings
-    from napari_medseg.inference.slide import predict_slide
     from napari_medseg.io.slide_outputs import fresh_results_folder
-    from napari_medseg.io.slides import open_slide
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_wsi_"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -267,8 +261,19 @@ def main() -> None:
     print(f"slide: {args.width} x {args.height} px ({args.width * args.height / 1e6:.0f} Mpx), tissue {share:.1%} "
           f"of the cells, written in {time.perf_counter() - started:.0f} s ({(work / 'slide.tif').stat().st_size / 1e6:.0f} MB)")
     out = fresh_results_folder(work, "out")  # never into an earlier run's results
-    if args.viewer:
+    if args.viewer:  # the viewer's process without torch, as a user's: the run's child process reads the threads
+        if args.threads:
+            os.environ["OMP_NUM_THREADS"] = str(args.threads)
         return segment_in_viewer(work / "slide.tif", out, args)
+    import torch
+
+    from napari_medseg.inference import Segmenter
+    from napari_medseg.inference.settings import TileSettings
+    from napari_medseg.inference.slide import predict_slide
+    from napari_medseg.io.slides import open_slide
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     segmenter = Segmenter.load(args.model, device=args.device, backend=args.backend)
     slide = open_slide(work / "slide.tif")
     settings = TileSettings(tile_size=args.tile)

@@ -12,7 +12,7 @@ from napari_medseg.cli import main
 from napari_medseg.evaluation.class_choice import candidates_per_search, tune_classes_checkpoint
 from napari_medseg.evaluation.threshold import ThresholdTuningError, samples_of_groups
 from napari_medseg.inference import Segmenter
-from napari_medseg.inference.blend import classify, foreground_class
+from napari_medseg.inference.class_decision import classify, foreground_class
 from napari_medseg.inference.rethreshold import Thresholds, iter_segment_keeping
 from napari_medseg.models import CheckpointError, load_checkpoint, read_meta, resolve_model_path, save_checkpoint
 from napari_medseg.steps import run_steps

@@ -1,10 +1,24 @@
-"""Device selection shared by inference and training."""
+"""Device selection shared by inference and training.
+
+torch is imported inside the functions, not with this module: the viewer's Segment widget lists
+devices without loading torch into napari's process (``probe_devices``), since a slide run there
+never needs it (slides run in a child process).
+"""
 
 from __future__ import annotations
 
-import torch
+import json
+import subprocess
+import sys
+from typing import TYPE_CHECKING
 
 from .errors import MedsegError
+
+if TYPE_CHECKING:
+    import torch
+
+ALWAYS_THERE = ["auto", "cpu"]  # the devices every machine has: listed before anything is probed
+PROBE_TIMEOUT_S = 60.0  # a child importing torch on a busy machine: seconds, not minutes
 
 
 class DeviceError(MedsegError, ValueError):
@@ -12,7 +26,9 @@ class DeviceError(MedsegError, ValueError):
 
 
 def available_devices() -> list[str]:
-    names = ["auto", "cpu"]
+    import torch
+
+    names = list(ALWAYS_THERE)
     if torch.cuda.is_available():
         names += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -20,8 +36,27 @@ def available_devices() -> list[str]:
     return names
 
 
+def probe_devices() -> list[str]:
+    """``available_devices()`` without loading torch into this process: asked of a child python
+    when torch is not loaded here yet (about a second; call it off the GUI thread). A child that
+    fails or hangs leaves ``ALWAYS_THERE`` (``auto`` still finds a GPU when the run starts)."""
+    if "torch" in sys.modules:
+        return available_devices()
+    try:
+        done = subprocess.run([sys.executable, "-m", "napari_medseg.devices"], capture_output=True, text=True,
+                              timeout=PROBE_TIMEOUT_S, check=True)
+        names = json.loads(done.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return list(ALWAYS_THERE)
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        return list(ALWAYS_THERE)
+    return names
+
+
 def resolve_device(name: str | torch.device | None) -> torch.device:
     """``auto`` picks CUDA, then MPS, then CPU; an explicit device must exist."""
+    import torch
+
     if isinstance(name, torch.device):
         return name
     if name in ("auto", "", None):
@@ -39,3 +74,7 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     if device.type == "mps" and name not in available_devices():
         raise DeviceError("Device 'mps' requested but Apple's Metal backend is not available here.")
     return device
+
+
+if __name__ == "__main__":  # probe_devices' child: the device names as one JSON line
+    print(json.dumps(available_devices()))

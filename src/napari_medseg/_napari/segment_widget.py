@@ -11,6 +11,7 @@ land in a results folder and come back as multiscale Labels read lazily from zar
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -20,14 +21,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, ProgressBar, PushButton,
                               SpinBox)
+from qtpy.QtCore import QTimer
 
-from ..devices import available_devices
+from ..devices import ALWAYS_THERE, probe_devices
 from ..errors import MedsegError
 from ..inference.settings import BACKENDS
 from ..inference.postprocess import PostprocessSettings
 from ..inference.regions import Region
 from ..inference.rethreshold import KeptRun, Thresholds, apply_thresholds, iter_segment_keeping
-from ..inference.segmenter import Segmenter
 from ..inference.settings import BLENDS, TileSettings
 from ..inference.slide import SlideResult
 from ..inference.slide_process import SlideJob, SlideModelInfo, SlideProcess
@@ -49,12 +50,17 @@ from .torch_import import import_torch_dynamo
 if TYPE_CHECKING:
     import napari
 
+    from ..inference.segmenter import Segmenter  # loads torch: imported with the first model, in the worker
+
 RETHRESHOLD_DEBOUNCE_MS = 150
 PROGRESS_INTERVAL_S = 0.2  # the bar moves at most this often (each move repaints the window)
 NUCLEUS_OUTLINE_PX = 2
 WHOLE_IMAGE, FIELD_OF_VIEW, SHAPE, WHOLE_SLIDE = "whole image", "field of view", "drawn shape", "whole slide"
 TARGETS = (WHOLE_IMAGE, FIELD_OF_VIEW, SHAPE, WHOLE_SLIDE)
 RESULTS_HOME = Path("napari-medseg") / "results"  # under the home folder: a slide's own folder may be read-only
+_DEVICES: list[str] | None = None  # the compute devices, once probed (the same for the whole session)
+_DEVICE_PROBE: threading.Thread | None = None
+DEVICE_POLL_MS = 250
 
 
 class SegmentWidget(Container):
@@ -89,12 +95,39 @@ class SegmentWidget(Container):
         self._connect()
         self.reset_choices()
         self._read_chosen_model()
+        self._list_devices()
+
+    def _list_devices(self) -> None:
+        """The GPUs torch sees, asked of a child process (``probe_devices``) from a plain thread:
+        loading torch here would freeze the viewer for seconds and, for slides (run in a child of
+        their own), for nothing; every later garbage collection in the viewer would also take twice
+        as long. A timer the widget owns shows the answer (a Qt worker's signals outliving the
+        viewer abort the process at exit)."""
+        global _DEVICE_PROBE
+        if _DEVICES is None and _DEVICE_PROBE is None:
+            def probe() -> None:
+                global _DEVICES
+                _DEVICES = probe_devices()
+
+            _DEVICE_PROBE = threading.Thread(target=probe, name="medseg device probe", daemon=True)
+            _DEVICE_PROBE.start()
+        poll = QTimer(self.native)
+        poll.setInterval(DEVICE_POLL_MS)
+
+        def show() -> None:
+            if _DEVICES is not None:
+                poll.stop()
+                self.device.reset_choices()
+
+        poll.timeout.connect(show)
+        poll.start()
 
     def _input_controls(self) -> list:
         self.image_layer = ComboBox(label="image", choices=lambda _w=None: image_layers(self._viewer))
         self.model_source = ComboBox(label="model", choices=self._model_choices, value=DEFAULT_MODEL)
         self.checkpoint = FileEdit(label="checkpoint", mode="r", filter="*.safetensors", visible=False)
-        self.device = ComboBox(label="device", choices=available_devices(), value="auto")
+        self.device = ComboBox(label="device", choices=lambda _w=None: _DEVICES or ALWAYS_THERE, value="auto",
+                               tooltip="auto: a GPU where there is one, else the CPU.")
         self.nuclei = CheckBox(text="nucleus instances (outlined)", value=True,
                                tooltip="Seeded by the model's distance map where it has one.")
         return [self.image_layer, *self._target_controls(), self.model_source, self.checkpoint, self.device,
@@ -245,6 +278,8 @@ class SegmentWidget(Container):
         seconds; a runtime's first use of a checkpoint exports it, once)."""
         if self._segmenter_cache is None or self._segmenter_cache[0] != key:
             import_torch_dynamo()  # building the network imports torchvision: see torch_import
+            from ..inference.segmenter import Segmenter
+
             self._segmenter_cache = (key, Segmenter.load(key[0], device=key[1], backend=key[2]))
         return self._segmenter_cache[1]
 
@@ -346,8 +381,8 @@ class SegmentWidget(Container):
         interpreter lock); the result layers are made in the worker, the GUI only adds them."""
         out = self._results_folder(slide["path"])
         check_no_slide_results(out, file_stem(Path(slide["path"])), "results folder")  # before any work
-        import torch
-
+        # torch threads: those set in this process where a script loaded torch, else the child's default
+        torch = sys.modules.get("torch")
         slide_job = SlideJob(
             model=key[0], slide=slide["path"], out_dir=str(out), device=key[1], backend=key[2],
             region=None if region is None else (region.x, region.y, region.width, region.height),
@@ -355,7 +390,7 @@ class SegmentWidget(Container):
             tiles=asdict(self.tile_settings()), nucleus_threshold=self.threshold.value,
             marker_threshold=self._chosen_instances()[0], min_nucleus=self._chosen_instances()[1],
             nuclei=self.nuclei.value, min_object_size=self.min_object_size.value,
-            max_hole_size=self.fill_holes.value, flag="results folder", threads=torch.get_num_threads())
+            max_hole_size=self.fill_holes.value, flag="results folder", threads=torch.get_num_threads() if torch else None)
         where, name = placement(layer), layer.name
 
         def job():

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..inference.blend import foreground_class
+from ..inference.class_decision import foreground_class
 from ..inference.segmenter import Segmenter
 from ..inference.settings import TileSettings
 from ..io.dataset import source_group

@@ -25,7 +25,7 @@ from ..io.outputs import (
     check_not_input, check_unique_stems, claim_classes, remove_stale_temps, reserve, temp_path, write_error,
 )
 from ..steps import ProgressCallback
-from .forward import RunReport
+from .run_report import RunReport
 from .postprocess import PostprocessSettings
 from .segmenter import Segmenter
 from .settings import TileSettings

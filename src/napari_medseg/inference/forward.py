@@ -4,12 +4,12 @@ batch when the GPU runs out of memory."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..errors import MedsegError
+from .run_report import RunReport
 from .settings import TileSettings
 from .windows import blend_weights
 
@@ -19,20 +19,6 @@ _OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryEr
 
 class InferenceMemoryError(MedsegError, RuntimeError):
     """Even one tile does not fit in the device's memory."""
-
-
-@dataclass
-class RunReport:
-    """What one run did, for logs, status lines and tests."""
-
-    tiles: int = 0
-    skipped_background: int = 0
-    forward_passes: int = 0
-    batch_size: int = 0  # after any out-of-memory halving
-    out_of_memory_retries: int = 0
-    backend: str = "torch"  # who ran the network (``backends``)
-    precision: str = "fp32"
-    notes: list[str] = field(default_factory=list)
 
 
 def prepare_model(model, settings: TileSettings, device: torch.device):

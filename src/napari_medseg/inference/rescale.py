@@ -15,14 +15,12 @@ import math
 from dataclasses import replace
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ..errors import MedsegError
 from ..nuclei.watershed import InstanceSettings
 from ..steps import part_steps
-from .blend import classify
-from .forward import RunReport
+from .class_decision import classify
+from .run_report import RunReport
 from .postprocess import PostprocessSettings
 from .source import ImageSource
 
@@ -66,6 +64,9 @@ def model_scale(image_pixel_size_um, model_pixel_size_um) -> float:
 def resample(array: np.ndarray, shape: tuple[int, int], channels_last: bool = False) -> np.ndarray:
     """A float ``(C, H, W)`` (or ``(H, W, C)`` with ``channels_last``) array resampled to ``shape``:
     bilinear, averaged over the source pixels when shrinking (anti-aliased), float32."""
+    import torch  # here, not at the top: the viewer's slide path imports this module without torch
+    import torch.nn.functional as F
+
     tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     tensor = tensor.permute(2, 0, 1) if channels_last else tensor
     if tuple(tensor.shape[1:]) == tuple(shape):

@@ -8,17 +8,20 @@ Kept only for images up to ``KEEP_MAX_PIXELS``: the probabilities are ``(C, H, W
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..nuclei.watershed import INSTANCE_MAX_PIXELS, INSTANCE_STEPS, InstanceSettings, iter_semantic_to_instances
 from ..steps import chain, run_steps
-from .blend import classify
+from .class_decision import classify
 from .postprocess import PostprocessSettings, postprocess_class_map
 from .rescale import settings_at_image_scale
-from .segmenter import Segmenter
 from .settings import TileSettings
 from .source import ImageSource
+
+if TYPE_CHECKING:  # its runtime (torch) loads with the model, not with this module
+    from .segmenter import Segmenter
 
 # 16 Mpx x 5 classes x 4 bytes = 320 MB of kept probabilities at most
 KEEP_MAX_PIXELS = 16_000_000

@@ -28,7 +28,7 @@ from ..models.quantise import CALIBRATION_TILE, calibration_tiles, int8_plan
 from ..steps import CancelCheck, ProgressCallback, chain, run_steps
 from .backends import Backend, choose_backend, torch_backend
 from .blend import iter_blend
-from .forward import RunReport
+from .run_report import RunReport
 from .postprocess import PostprocessSettings, postprocess_class_map
 from .rescale import iter_segment_rescaled, model_scale, settings_at_image_scale
 from .settings import InferenceSettingsError, TileSettings

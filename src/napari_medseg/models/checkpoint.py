@@ -13,9 +13,7 @@ import os
 import platform
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..colors import class_colors
 from ..io.images import atomic_write
@@ -23,6 +21,10 @@ from .config import ModelConfig, ModelConfigError
 from .registry import build_model
 from .fields import type_errors
 from .weights import CheckpointError, check_not_pickle, read_state_dict, write_safetensors
+
+if TYPE_CHECKING:  # reading a checkpoint's metadata needs no torch: it loads with the weights
+    import torch
+    from torch import nn
 
 FORMAT = "napari-medseg-checkpoint"
 RESUME_KEY = "napari_medseg_resume"  # the header key of a training run's resume file (training.resume)
@@ -199,7 +201,7 @@ def read_meta(path: str | os.PathLike) -> CheckpointMeta:
         raise CheckpointError(f"Checkpoint '{path}' does not exist.")
     check_not_pickle(path)
     try:
-        with safe_open(str(path), framework="pt") as fh:
+        with safe_open(str(path), framework="numpy") as fh:
             header = fh.metadata() or {}
     except Exception as exc:
         raise CheckpointError(f"{path.name}: corrupt or truncated safetensors file ({exc}).") from exc
@@ -239,6 +241,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: CheckpointM
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta]:
     """Build the model a checkpoint describes and load its weights, checking that both agree."""
+    import torch
+
     path = Path(path)
     meta = read_meta(path)
     try:

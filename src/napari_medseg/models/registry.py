@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .config import ARCHITECTURES, SMP_ARCHITECTURES, TESTED_ENCODERS, ModelConfig, ModelConfigError
 from .weights import load_local_encoder_weights
+
+if TYPE_CHECKING:  # torch loads with the first model built
+    from torch import nn
 
 
 def build_model(config: ModelConfig) -> nn.Module:

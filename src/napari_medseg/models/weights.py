@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import MedsegError
 from ..io.outputs import write_error
 from .config import ModelConfigError
+
+if TYPE_CHECKING:  # torch loads with a model, not with this module (reading metadata needs none)
+    import torch
+    from torch import nn
 
 
 class CheckpointError(MedsegError, ValueError):
@@ -81,4 +83,6 @@ def load_local_encoder_weights(model: nn.Module, path: str) -> None:
             f"{file.name}: {len(wrong)} tensor(s) have the wrong shape for encoder '{model.encoder.__class__.__name__}' "
             f"(e.g. '{wrong[0]}': {tuple(matched[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}); weights of another encoder?"
         )
+    from torch import nn
+
     nn.Module.load_state_dict(model.encoder, matched, strict=False)

@@ -1,0 +1,74 @@
+"""napari's process without torch: opening the plugin's widgets, and segmenting a slide from the
+Segment widget (the run itself is in a child process), load no deep-learning runtime into the
+viewer. torch there froze the GUI for seconds when the Segment widget opened and doubled the cost
+of every later garbage collection (the result hand-off's largest stall on a whole slide).
+
+The viewer runs in a fresh python (this test process has long imported torch), as a user's does."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from napari_medseg.devices import available_devices, probe_devices
+from test_slides import _mosaic, _write_slide
+
+VIEWER_SCRIPT = r"""
+import json, sys
+import napari
+from qtpy.QtCore import QEventLoop, QTimer
+from napari_medseg._napari.segment_widget import FILE_MODEL, WHOLE_SLIDE
+
+slide, checkpoint, results = sys.argv[1:4]
+viewer = napari.Viewer(show=False)
+(layer,) = viewer.open(slide, plugin="napari-medseg")
+for name in ("Metrics", "Objects"):
+    viewer.window.add_plugin_dock_widget("napari-medseg", name)
+_, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
+torch_after_open = "torch" in sys.modules
+widget.model_source.value, widget.checkpoint.value = FILE_MODEL, checkpoint
+widget.device.value, widget.tile_size.value, widget.overlap.value = "cpu", 128, 32
+widget.results_folder.value, widget.target.value = results, WHOLE_SLIDE
+loop = QEventLoop()
+set_running = widget._set_running
+
+def running(now):  # the run is over when the Segment button is back: every layer is in
+    set_running(now)
+    if not now:
+        loop.quit()
+
+widget._set_running = running
+widget.run()
+QTimer.singleShot(300_000, loop.quit)
+loop.exec()
+print(json.dumps({"torch_after_open": torch_after_open, "torch_after_run": "torch" in sys.modules,
+                  "layers": [layer.name for layer in viewer.layers], "status": widget.status.value,
+                  "devices": list(widget.device.choices)}))
+"""
+
+
+def test_a_slide_is_segmented_from_the_viewer_without_torch_in_its_process(consep, tiny_checkpoint, tmp_path):
+    image = np.full((1024, 1024, 3), 242, np.uint8)
+    image[256:768, 256:768] = _mosaic(consep, "image", 2)
+    _write_slide(tmp_path / "slide.tif", image)
+    done = subprocess.run([sys.executable, "-c", VIEWER_SCRIPT, str(tmp_path / "slide.tif"), str(tiny_checkpoint),
+                           str(tmp_path / "results")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["layers"] == ["slide", "slide segmentation", "slide nuclei"], seen
+    assert "nuclei" in seen["status"] and "failed" not in seen["status"].lower(), seen["status"]
+    assert not seen["torch_after_open"] and not seen["torch_after_run"], seen
+    # the device list came from a child python that has torch: the same as this process's own
+    assert seen["devices"] == available_devices()
+
+
+def test_the_device_probe_lists_torchs_devices_without_loading_torch():
+    script = ("import json, sys; from napari_medseg.devices import probe_devices; "
+              "print(json.dumps([probe_devices(), 'torch' in sys.modules]))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    devices, torch_loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert devices == available_devices() and not torch_loaded
+    assert probe_devices() == available_devices()  # torch already loaded here: asked directly
