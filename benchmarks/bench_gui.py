@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DEFAULT_IMAGE = Path("/work/shared/data/monuseg_train/images/TCGA-21-5784-01Z-00-DX1.png")
 TICK_MS = 50
 SAMPLE_MS, SAMPLE_AFTER_MS = 20, 100
+COLLECTION_MS = 20  # garbage collections longer than this are listed with --why
 STACK_PLACES = ("napari_medseg", "napari/", "vispy", "matplotlib", "magicgui", "bench_gui")
 
 
@@ -46,6 +47,26 @@ class StallMeter:
 
     def reset(self):
         self.last, self.worst = time.perf_counter(), 0.0
+
+
+class CollectionMeter:
+    """Python's garbage collections over ``COLLECTION_MS`` since ``reset`` (generation, ms): a
+    collection holds the interpreter lock, so a worker's stops the GUI thread too."""
+
+    def __init__(self):
+        import gc
+
+        self.started, self.pauses = 0.0, []
+        gc.callbacks.append(self._record)
+
+    def _record(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+        elif (took := (time.perf_counter() - self.started) * 1000) > COLLECTION_MS:
+            self.pauses.append((info["generation"], took))
+
+    def reset(self) -> None:
+        self.pauses = []
 
 
 class StallSampler(threading.Thread):
@@ -98,6 +119,7 @@ def main(image_path: Path, why: bool = False) -> None:
     app = QApplication.instance()
     meter = StallMeter()
     sampler = StallSampler(meter)
+    collections = CollectionMeter()
     if why:
         sampler.start()
     results = []
@@ -106,24 +128,28 @@ def main(image_path: Path, why: bool = False) -> None:
         wait_for(app, lambda: True)
         meter.reset()
         sampler.reset()
+        collections.reset()
         start = time.perf_counter()
         action()
         wait_for(app, done)
         for _ in range(5):  # let the last events (layer hand-off, redraw) run
             app.processEvents()
             time.sleep(TICK_MS / 1000)
-        results.append((name, time.perf_counter() - start, meter.worst, sampler.longest()))
+        results.append((name, time.perf_counter() - start, meter.worst, sampler.longest(), collections.pauses))
 
     with tempfile.TemporaryDirectory() as models:
         run_steps(viewer, image_path, step, Path(models))
     sampler.stopped.set()
     print(f"image {image_path.name} {viewer.layers[0].data.shape}")
-    for name, seconds, worst, _ in results:
+    for name, seconds, worst, *_ in results:
         print(f"{name:40s} took {seconds:7.2f} s; longest GUI stall {worst:6.0f} ms")
-    for name, _, worst, stacks in results if why else ():
+    for name, _, worst, stacks, pauses in results if why else ():
         print(f"\n== {name}: the GUI thread during its longest stall ({worst:.0f} ms), by samples")
         for stack, count in stacks:
             print(f"  {count * SAMPLE_MS:5d} ms  {stack}")
+        if pauses:
+            print(f"  garbage collections over {COLLECTION_MS} ms (any thread): "
+                  + ", ".join(f"generation {generation} {took:.0f} ms" for generation, took in pauses))
     viewer.close()
 
 

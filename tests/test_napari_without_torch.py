@@ -1,4 +1,4 @@
-"""napari's process without torch: opening the plugin's widgets, and segmenting a slide from the
+"""napari's process without torch: opening the plugin's four widgets, and segmenting a slide from the
 Segment widget (the run itself is in a child process), load no deep-learning runtime into the
 viewer. torch there froze the GUI for seconds when the Segment widget opened and doubled the cost
 of every later garbage collection (the result hand-off's largest stall on a whole slide).
@@ -25,7 +25,7 @@ from napari_medseg._napari.segment_widget import FILE_MODEL, WHOLE_SLIDE
 slide, checkpoint, results = sys.argv[1:4]
 viewer = napari.Viewer(show=False)
 (layer,) = viewer.open(slide, plugin="napari-medseg")
-for name in ("Metrics", "Objects"):
+for name in ("Metrics", "Objects", "Train"):
     viewer.window.add_plugin_dock_widget("napari-medseg", name)
 _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
 torch_after_open = "torch" in sys.modules

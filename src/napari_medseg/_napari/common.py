@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import threading
 from typing import Callable
 
 import numpy as np
 
+from ..devices import ALWAYS_THERE, probe_devices
 from ..errors import MedsegError
 
 
@@ -61,7 +63,6 @@ def warm_label_visuals() -> None:
     global _warming
     if _warming is not None:
         return
-    import threading
 
     def make_patterns():
         with contextlib.suppress(Exception):  # a vispy without it: the first layer pays, as before
@@ -73,6 +74,46 @@ def warm_label_visuals() -> None:
 
     _warming = threading.Thread(target=make_patterns, name="medseg-warm-visuals", daemon=True)
     _warming.start()
+
+
+def device_choices(_widget=None) -> list[str]:
+    """A device ComboBox's choices: torch's devices once ``follow_devices`` has them, else those
+    every machine has (``auto`` still finds a GPU when the run starts)."""
+    return list(_devices or ALWAYS_THERE)
+
+
+def follow_devices(combo, owner) -> None:
+    """Fill ``combo`` (its choices ``device_choices``) with torch's devices when known, asked of a
+    child python (``probe_devices``) from a plain thread, once per session: torch loaded into the
+    viewer froze it for seconds as a widget opened and, for slides (run in a child process of
+    their own), for nothing; every later garbage collection in the viewer took twice as long. A
+    timer ``owner`` (the widget's Qt widget) owns shows the answer; a Qt worker's signals outliving
+    the viewer aborted the process at exit."""
+    global _device_probe
+    if _devices is None and _device_probe is None:
+        def probe() -> None:
+            global _devices
+            _devices = probe_devices()
+
+        _device_probe = threading.Thread(target=probe, name="medseg-device-probe", daemon=True)
+        _device_probe.start()
+    from qtpy.QtCore import QTimer
+
+    poll = QTimer(owner)
+    poll.setInterval(DEVICE_POLL_MS)
+
+    def show() -> None:
+        if _devices is not None:
+            poll.stop()
+            combo.reset_choices()
+
+    poll.timeout.connect(_guarded(show))
+    poll.start()
+
+
+_devices: list[str] | None = None  # the compute devices, once probed (the same all session)
+_device_probe = None  # the thread that asks
+DEVICE_POLL_MS = 250
 
 
 def add_layers_in_turns(viewer, layers: list, then: Callable[[], None], in_turns: bool = True,

@@ -21,9 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, ProgressBar, PushButton,
                               SpinBox)
-from qtpy.QtCore import QTimer
 
-from ..devices import ALWAYS_THERE, probe_devices
 from ..errors import MedsegError
 from ..inference.settings import BACKENDS
 from ..inference.postprocess import PostprocessSettings
@@ -39,8 +37,8 @@ from ..nuclei.measure import nucleus_count
 from ..nuclei.votes import instance_classes
 from ..nuclei.watershed import INSTANCE_MAX_PIXELS, InstanceSettings
 from ..steps import Cancelled, run_steps
-from .common import (WidgetInputError, add_layers_in_turns, report_error, start_worker, step_from_own_value,
-                     warm_label_visuals)
+from .common import (WidgetInputError, add_layers_in_turns, device_choices, follow_devices, report_error, start_worker,
+                     step_from_own_value, warm_label_visuals)
 from .layers import (METADATA_KEY, class_labels_kwargs, image_layers, instance_labels_kwargs, legend_html,
                      pick_classes_from, pixel_size_um, placement, replace_instances, with_origin, wrapping_label)
 from .model_list import DEFAULT_MODEL, FILE_MODEL, follow_trained_models, trained_models
@@ -58,9 +56,6 @@ NUCLEUS_OUTLINE_PX = 2
 WHOLE_IMAGE, FIELD_OF_VIEW, SHAPE, WHOLE_SLIDE = "whole image", "field of view", "drawn shape", "whole slide"
 TARGETS = (WHOLE_IMAGE, FIELD_OF_VIEW, SHAPE, WHOLE_SLIDE)
 RESULTS_HOME = Path("napari-medseg") / "results"  # under the home folder: a slide's own folder may be read-only
-_DEVICES: list[str] | None = None  # the compute devices, once probed (the same for the whole session)
-_DEVICE_PROBE: threading.Thread | None = None
-DEVICE_POLL_MS = 250
 
 
 class SegmentWidget(Container):
@@ -95,38 +90,13 @@ class SegmentWidget(Container):
         self._connect()
         self.reset_choices()
         self._read_chosen_model()
-        self._list_devices()
-
-    def _list_devices(self) -> None:
-        """The GPUs torch sees, asked of a child process (``probe_devices``) from a plain thread:
-        loading torch here would freeze the viewer for seconds and, for slides (run in a child of
-        their own), for nothing; every later garbage collection in the viewer would also take twice
-        as long. A timer the widget owns shows the answer (a Qt worker's signals outliving the
-        viewer abort the process at exit)."""
-        global _DEVICE_PROBE
-        if _DEVICES is None and _DEVICE_PROBE is None:
-            def probe() -> None:
-                global _DEVICES
-                _DEVICES = probe_devices()
-
-            _DEVICE_PROBE = threading.Thread(target=probe, name="medseg device probe", daemon=True)
-            _DEVICE_PROBE.start()
-        poll = QTimer(self.native)
-        poll.setInterval(DEVICE_POLL_MS)
-
-        def show() -> None:
-            if _DEVICES is not None:
-                poll.stop()
-                self.device.reset_choices()
-
-        poll.timeout.connect(show)
-        poll.start()
+        follow_devices(self.device, self.native)
 
     def _input_controls(self) -> list:
         self.image_layer = ComboBox(label="image", choices=lambda _w=None: image_layers(self._viewer))
         self.model_source = ComboBox(label="model", choices=self._model_choices, value=DEFAULT_MODEL)
         self.checkpoint = FileEdit(label="checkpoint", mode="r", filter="*.safetensors", visible=False)
-        self.device = ComboBox(label="device", choices=lambda _w=None: _DEVICES or ALWAYS_THERE, value="auto",
+        self.device = ComboBox(label="device", choices=device_choices, value="auto",
                                tooltip="auto: a GPU where there is one, else the CPU.")
         self.nuclei = CheckBox(text="nucleus instances (outlined)", value=True,
                                tooltip="Seeded by the model's distance map where it has one.")

@@ -15,21 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .torch_import import import_torch_dynamo
-
-import_torch_dynamo()  # before the training imports below (torchvision): see torch_import
-
-from ..errors import MedsegError  # noqa: E402
-from ..io.dataset import open_dataset  # noqa: E402
-from ..models import ModelConfig, read_meta, resolve_model_path  # noqa: E402
-from ..models.checkpoint import CheckpointMeta  # noqa: E402
-from ..training.config import AugmentConfig, DataConfig, TrainConfig  # noqa: E402
-from ..training.data import LabelledImage  # noqa: E402
-from ..training.losses import LOSSES as CORE_LOSSES  # noqa: E402
-from ..training.tiles import DEFAULT_TILE, layer_items  # noqa: E402
-from .common import CLASS_ID_LIMIT, WidgetInputError, class_map_top, numbered_classes  # noqa: E402
-from .model_list import DEFAULT_MODEL, FILE_MODEL, MODELS_DIR, trained_models  # noqa: E402
-from .training_job import LayerSource  # noqa: E402
+from ..errors import MedsegError
+from ..io.dataset import open_dataset
+from ..models import ModelConfig, read_meta, resolve_model_path
+from ..models.checkpoint import CheckpointMeta
+from ..training.config import LOSSES as CORE_LOSSES
+from ..training.config import AugmentConfig, DataConfig, TrainConfig
+from ..training.items import LabelledImage
+from ..training.tiles import DEFAULT_TILE, layer_items
+from .common import CLASS_ID_LIMIT, WidgetInputError, class_map_top, numbered_classes
+from .model_list import DEFAULT_MODEL, FILE_MODEL, MODELS_DIR, trained_models
+from .training_job import LayerSource
 
 FROM_FOLDER = "dataset folder"
 FROM_LAYERS = "image + labels layers"

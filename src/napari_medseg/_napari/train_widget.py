@@ -22,23 +22,18 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpin
                               SpinBox)
 from psygnal import Signal
 
-from .torch_import import import_torch_dynamo
-
-import_torch_dynamo()  # before the training imports below (torchvision): see torch_import
-
-from ..devices import available_devices  # noqa: E402
-from ..errors import MedsegError  # noqa: E402
-from ..models import ARCHITECTURES, TESTED_ENCODERS  # noqa: E402
-from ..training.trainer import BatchDone, EpochDone, TrainingDone  # noqa: E402
-from .common import report_error, start_worker, warm_label_visuals  # noqa: E402
-from .dock import ScrollingDock  # noqa: E402
-from .layers import (METADATA_KEY, class_labels_kwargs, image_layers, labels_layers, layer_classes,  # noqa: E402
+from ..errors import MedsegError
+from ..models import ARCHITECTURES, TESTED_ENCODERS
+from ..training.events import BatchDone, EpochDone, TrainingDone
+from .common import device_choices, follow_devices, report_error, start_worker, warm_label_visuals
+from .dock import ScrollingDock
+from .layers import (METADATA_KEY, class_labels_kwargs, image_layers, labels_layers, layer_classes,
                      layer_kind, wrapping_label)
-from .loss_plot import LossPlot  # noqa: E402
-from .model_list import DEFAULT_MODEL, FILE_MODEL, follow_trained_models, trained_models  # noqa: E402
-from .train_form import (FROM_FOLDER, FROM_LAYERS, LOSSES, MONITORS, NEW_MODEL, PaintedLayers,  # noqa: E402
+from .loss_plot import LossPlot
+from .model_list import DEFAULT_MODEL, FILE_MODEL, follow_trained_models, trained_models
+from .train_form import (FROM_FOLDER, FROM_LAYERS, LOSSES, MONITORS, NEW_MODEL, PaintedLayers,
                          TrainForm, plan_training)
-from .training_job import Preview, TrainingFailed, TrainingJob, failure, make_run_dir  # noqa: E402
+from .training_job import Preview, TrainingFailed, TrainingJob, failure, make_run_dir
 
 if TYPE_CHECKING:
     import napari
@@ -79,6 +74,7 @@ class TrainWidget(ScrollingDock):
                      *self._action_controls()])
         self.plot = self._add_plot()
         self._connect()
+        follow_devices(self.device, self.native)
 
     # -- the form ---------------------------------------------------------------------------------
     def _data_controls(self, form: TrainForm) -> list:
@@ -124,7 +120,7 @@ class TrainWidget(ScrollingDock):
         self.patience = SpinBox(label="early stop after", value=form.patience, min=0, max=1000,
                                 tooltip="Epochs without improvement before stopping; 0 = never.")
         self.monitor = ComboBox(label="best by", choices=list(MONITORS), value=form.monitor)
-        self.device = ComboBox(label="device", choices=available_devices(), value=form.device)
+        self.device = ComboBox(label="device", choices=device_choices, value=form.device)
         return [self.loss, self.epochs, self.lr, self.batch_size, self.crop_size, self.crops_per_image, self.augment,
                 self.patience, self.monitor, self.device]
 

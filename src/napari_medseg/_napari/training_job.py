@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import queue
 import shutil
+import sys
 import threading
 import traceback
 from dataclasses import dataclass, field
@@ -21,17 +22,14 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import MedsegError
+from ..io.dataset import open_dataset, source_group
+from ..io.images import to_rgb_float
+from ..training.config import TrainConfig
+from ..training.events import EpochDone, TrainingDone
+from ..training.items import LabelledImage
+from .common import WidgetInputError
 from .torch_import import import_torch_dynamo
-
-import_torch_dynamo()  # before the training imports below (torchvision): see torch_import
-
-from ..errors import MedsegError  # noqa: E402
-from ..io.dataset import open_dataset, source_group  # noqa: E402
-from ..io.images import to_rgb_float  # noqa: E402
-from ..training.config import TrainConfig  # noqa: E402
-from ..training.data import LabelledImage  # noqa: E402
-from ..training.trainer import EpochDone, TrainingDone, train  # noqa: E402
-from .common import WidgetInputError  # noqa: E402
 
 
 @dataclass
@@ -70,8 +68,9 @@ class LayerSource:
 
 def release_memory() -> None:
     """Give cached GPU memory back once the trainer's model and optimizer are gone."""
-    import torch
-
+    torch = sys.modules.get("torch")
+    if torch is None:  # the run failed before torch loaded: nothing to give back
+        return
     if torch.cuda.is_available():
         gc.collect()  # tensors caught in reference cycles (an exception's traceback) go too
         torch.cuda.empty_cache()
@@ -168,6 +167,10 @@ class TrainingJob:
         """Always ends with one ``TrainingDone`` or ``TrainingFailed``; frees GPU memory first."""
         outcome: object
         try:
+            # the trainer, and torch with it, loads here in the run's thread: the widget opens without it
+            import_torch_dynamo()  # before the trainer imports torchvision: see torch_import
+            from ..training.trainer import train
+
             outcome = train(self.cfg, on_update=emit, should_stop=self._stop.is_set, items=self.items)
             if self.start_threshold is not None and getattr(outcome, "checkpoint", None) is not None:
                 keep_threshold(Path(outcome.checkpoint), self.start_threshold)

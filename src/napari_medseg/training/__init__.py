@@ -1,7 +1,18 @@
-"""Training and fine-tuning (headless; the napari widget and the CLI drive it)."""
+"""Training and fine-tuning (headless; the napari widget and the CLI drive it).
+
+The trainer (and torch with it) loads on first use of ``train`` or an update class: the Train
+widget opens without it, and its run's thread imports it."""
 
 from .config import TrainConfig, TrainConfigError, load_train_config
-from .trainer import BatchDone, EpochDone, TrainingDone, TrainingError, train
+from .events import BatchDone, EpochDone, TrainingDone, TrainingError
 
 __all__ = ["BatchDone", "EpochDone", "TrainConfig", "TrainConfigError", "TrainingDone", "TrainingError",
            "load_train_config", "train"]
+
+
+def __getattr__(name: str):
+    if name == "train":
+        from .trainer import train
+
+        return train
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

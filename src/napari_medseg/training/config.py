@@ -25,6 +25,8 @@ MONITORS = ("val_loss", "val_miou", "val_mean_dice", "val_nucleus_dice", "val_pi
             "val_worst_set_nucleus_dice", "val_worst_set_bpq")
 
 
+# the losses build_loss (training.losses) makes, by the name a config gives
+LOSSES = ("ce", "weighted_ce", "bce", "dice", "log_cosh_dice", "focal", "ce_dice")
 LABEL_KINDS = ("classes", "binary")
 DISTANCE_TRUST = ("all", "convex", "none")
 
@@ -230,8 +232,6 @@ class TrainConfig:
 
     def check(self) -> None:
         """Refuse contradictions that would otherwise surface mid-training."""
-        from .losses import LOSSES
-
         def bad(msg):
             raise TrainConfigError(msg)
 

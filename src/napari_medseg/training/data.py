@@ -9,7 +9,7 @@ classes; every copy gets its own random crop and augmentation.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,21 +19,10 @@ from torch.utils.data import Dataset
 from ..io.dataset import DatasetError, open_dataset, source_group
 from ..io.images import to_rgb_float
 from .augment import build_augmentation
+from .items import LabelledImage
 
 
 DISTANCE_IGNORE = -1.0  # distance-target pixels that never count in the loss
-
-
-@dataclass
-class LabelledImage:
-    name: str
-    group: str  # source image: the unit of the train/validation split
-    image: np.ndarray  # float32 (H, W, C) in [0, 1]
-    labels: np.ndarray  # uint8 (H, W)
-    instances: np.ndarray | None = None  # nucleus ids (H, W), 0 = background: targets of a distance head
-    dataset: str = ""  # the dataset folder's name (validation reports each set on its own)
-    binary: bool = False  # labels are BINARY_BACKGROUND / BINARY_NUCLEUS codes (training/mixed.py)
-    distance_trust: str = "all"  # which of its instances train the distance head (DatasetSpec.distance)
 
 
 def _load_pannuke(path: str, in_channels: int) -> tuple[list[LabelledImage], list[str]]:

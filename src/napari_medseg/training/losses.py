@@ -38,11 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TrainConfigError
+from .config import LOSSES, TrainConfigError
 from .mixed import BINARY_BACKGROUND, BINARY_NUCLEUS
 
 IGNORE_INDEX = -100
-LOSSES = ("ce", "weighted_ce", "bce", "dice", "log_cosh_dice", "focal", "ce_dice")
 
 
 def class_weights_from_frequencies(freq: np.ndarray, rule: str = "auto") -> np.ndarray:

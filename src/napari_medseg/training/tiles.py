@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import MedsegError
 from ..io.images import to_rgb_float
-from .data import LabelledImage
+from .items import LabelledImage
 
 DEFAULT_TILE = 256  # px: about one CoNSeP patch; whole tiles are held out for validation
 
