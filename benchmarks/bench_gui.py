@@ -5,7 +5,8 @@ through the plugin's widgets (Plugins > napari-medseg).
 A 50 ms QTimer ticks on the GUI thread; the longest gap between ticks beyond 50 ms, per step, is
 how long the window stood frozen. Run under a display (xvfb-run -a python benchmarks/bench_gui.py
 [image] [--why]); prints one line per step; ``--why`` adds, per step, where the GUI thread was
-during its longest stall (its stack, sampled every 20 ms while it stood still).
+during its longest stall (its stack, sampled every 20 ms while it stood still) and the garbage
+collections over 20 ms in any thread (each holds the interpreter lock).
 """
 
 from __future__ import annotations

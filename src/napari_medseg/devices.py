@@ -1,8 +1,8 @@
 """Device selection shared by inference and training.
 
-torch is imported inside the functions, not with this module: the viewer's Segment widget lists
-devices without loading torch into napari's process (``probe_devices``), since a slide run there
-never needs it (slides run in a child process).
+torch is imported inside the functions, not with this module: the viewer's widgets list devices
+without loading torch into napari's process (``probe_devices``), which a slide run never needs
+there (slides run in a child process).
 """
 
 from __future__ import annotations

@@ -83,12 +83,12 @@ def device_choices(_widget=None) -> list[str]:
 
 
 def follow_devices(combo, owner) -> None:
-    """Fill ``combo`` (its choices ``device_choices``) with torch's devices when known, asked of a
-    child python (``probe_devices``) from a plain thread, once per session: torch loaded into the
-    viewer froze it for seconds as a widget opened and, for slides (run in a child process of
-    their own), for nothing; every later garbage collection in the viewer took twice as long. A
-    timer ``owner`` (the widget's Qt widget) owns shows the answer; a Qt worker's signals outliving
-    the viewer aborted the process at exit."""
+    """Fill ``combo`` (its choices ``device_choices``) with torch's devices once known. They are
+    asked of a child python (``probe_devices``) from a plain thread, once per session: torch
+    loaded into the viewer froze it for seconds as a widget opened and, for slides (run in a child
+    process of their own), for nothing; every later garbage collection in the viewer took twice as
+    long. A timer owned by ``owner`` (the widget's Qt widget, so it goes with it) shows the answer:
+    a Qt worker's signals outliving the viewer had aborted the process at exit."""
     global _device_probe
     if _devices is None and _device_probe is None:
         def probe() -> None:

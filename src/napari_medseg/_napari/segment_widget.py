@@ -353,6 +353,7 @@ class SegmentWidget(Container):
         check_no_slide_results(out, file_stem(Path(slide["path"])), "results folder")  # before any work
         # torch threads: those set in this process where a script loaded torch, else the child's default
         torch = sys.modules.get("torch")
+        threads = torch.get_num_threads() if torch else None
         slide_job = SlideJob(
             model=key[0], slide=slide["path"], out_dir=str(out), device=key[1], backend=key[2],
             region=None if region is None else (region.x, region.y, region.width, region.height),
@@ -360,7 +361,7 @@ class SegmentWidget(Container):
             tiles=asdict(self.tile_settings()), nucleus_threshold=self.threshold.value,
             marker_threshold=self._chosen_instances()[0], min_nucleus=self._chosen_instances()[1],
             nuclei=self.nuclei.value, min_object_size=self.min_object_size.value,
-            max_hole_size=self.fill_holes.value, flag="results folder", threads=torch.get_num_threads() if torch else None)
+            max_hole_size=self.fill_holes.value, flag="results folder", threads=threads)
         where, name = placement(layer), layer.name
 
         def job():
