@@ -72,3 +72,16 @@ def test_the_device_probe_lists_torchs_devices_without_loading_torch():
     devices, torch_loaded = json.loads(done.stdout.strip().splitlines()[-1])
     assert devices == available_devices() and not torch_loaded
     assert probe_devices() == available_devices()  # torch already loaded here: asked directly
+
+
+def test_a_failing_device_probe_leaves_the_devices_every_machine_has(monkeypatch, tmp_path):
+    import napari_medseg.devices as devices
+
+    monkeypatch.delitem(sys.modules, "torch")  # as in a viewer that has not loaded it (restored after)
+    monkeypatch.setattr(devices.sys, "executable", str(tmp_path / "no-python-here"))
+    assert probe_devices() == ["auto", "cpu"]
+    broken = tmp_path / "python-that-prints-nonsense"
+    broken.write_text("#!/bin/sh\necho 'not json'\n")
+    broken.chmod(0o755)
+    monkeypatch.setattr(devices.sys, "executable", str(broken))
+    assert probe_devices() == ["auto", "cpu"]
