@@ -85,3 +85,37 @@ def test_a_failing_device_probe_leaves_the_devices_every_machine_has(monkeypatch
     broken.chmod(0o755)
     monkeypatch.setattr(devices.sys, "executable", str(broken))
     assert probe_devices() == ["auto", "cpu"]
+
+
+TORCH_FREE_MODULES = (  # what napari's process imports to open the widgets and run a slide
+    "napari_medseg.devices", "napari_medseg.models", "napari_medseg.training", "napari_medseg.training.config",
+    "napari_medseg.inference.rethreshold", "napari_medseg.inference.slide", "napari_medseg.inference.slide_process",
+    "napari_medseg._napari.reader", "napari_medseg._napari.writers", "napari_medseg._napari.segment_widget",
+    "napari_medseg._napari.metrics_widget", "napari_medseg._napari.objects_widget",
+    "napari_medseg._napari.train_widget",
+)
+
+
+def test_the_viewers_modules_import_without_torch():
+    """Each module alone, in a fresh python: the first to pull torch in is named."""
+    script = """
+import builtins, importlib, json, sys
+first = []
+real_import = builtins.__import__
+def watching(name, globals=None, locals=None, fromlist=(), level=0):
+    if (name == "torch" or name.startswith("torch.")) and "torch" not in sys.modules and not first:
+        first.append((globals or {}).get("__name__"))
+    return real_import(name, globals, locals, fromlist, level)
+builtins.__import__ = watching
+for module in sys.argv[1:]:
+    importlib.import_module(module)
+    if first:
+        print(json.dumps([module, first[0]]))
+        break
+else:
+    print(json.dumps(None))
+"""
+    done = subprocess.run([sys.executable, "-c", script, *TORCH_FREE_MODULES], capture_output=True, text=True,
+                          timeout=300, check=True)
+    culprit = json.loads(done.stdout.strip().splitlines()[-1])
+    assert culprit is None, f"importing {culprit[0]} loads torch (first imported by {culprit[1]})"
