@@ -253,6 +253,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from napari_medseg.io.slide_outputs import fresh_results_folder
+    from napari_medseg.memory import limit_allocator_arenas
+
+    if not args.viewer:  # this process runs the slide, as medseg predict's does (the viewer's is left alone)
+        limit_allocator_arenas()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_wsi_"))
     work.mkdir(parents=True, exist_ok=True)

@@ -143,7 +143,7 @@ def test_missing_runtime_falls_back_to_pytorch_with_a_note(fresh_checkpoint, tis
 
 @needs_onnxruntime
 def test_a_runtime_that_disagrees_is_not_used(fresh_checkpoint, monkeypatch):
-    monkeypatch.setattr(backends, "onnxruntime_runner", lambda path: (lambda x: torch.zeros(1)))
+    monkeypatch.setattr(backends, "onnxruntime_runner", lambda path: (lambda x: np.zeros(1, np.float32)))
     seg = Segmenter.load(fresh_checkpoint, device="cpu", backend="onnxruntime")
     assert seg.backend.name == "torch"
     assert "onnxruntime disagrees with PyTorch" in seg.last_report.notes[0]
@@ -158,7 +158,7 @@ def test_half_precision_is_kept_only_where_the_class_maps_agree(fresh_checkpoint
 
     def runner(path, precision="fp32"):
         run = real_runner(path, "fp32")  # float32 arithmetic under every name: exact, unless made wrong
-        return (lambda x: run(x).flip(1)) if precision in unfaithful else run  # classes swapped around
+        return (lambda x: np.flip(run(x), 1)) if precision in unfaithful else run  # classes swapped around
 
     monkeypatch.setattr(backends, "openvino_runner", runner)
     monkeypatch.setattr(backends, "openvino_half_precisions", lambda: ["fp16", "bf16"])
@@ -239,7 +239,7 @@ def test_the_user_cache_keeps_the_most_recently_used_exports(tiny_checkpoint, tm
     for age, path in enumerate(reversed(old)):  # model0 the most recently used
         path.write_bytes(b"x")
         os.utime(path, (1e9 + age, 1e9 + age))
-    export._mark_used(old[-1])  # read again just now: the most recent of all
+    export.mark_used(old[-1])  # read again just now: the most recent of all
 
     def make(path):
         if path.parent != cache:

@@ -191,6 +191,9 @@ def cmd_predict(args) -> int:
 
 def _predict_slides(args) -> int:
     """Whole slides (or a region of each) into OUT: zarr pyramids, OME-TIFFs, GeoJSON, CSV."""
+    from .memory import limit_allocator_arenas
+
+    limit_allocator_arenas()  # before the runtime's threads exist: flat memory over the run (``memory``)
     from .inference import Segmenter
     from .inference.postprocess import PostprocessSettings
     from .inference.regions import Region

@@ -35,11 +35,11 @@ import functools
 import importlib.util
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import torch
 
 from ..errors import MedsegError
 from ..models.export import INPUT_NAME, ExportError, cached_onnx
@@ -65,39 +65,53 @@ class BackendError(MedsegError, ValueError):
 
 @dataclass
 class Backend:
-    """A way to run the network: ``run(x) -> logits`` (torch tensors), its name and precision."""
+    """A way to run the network, its name and precision: ``backend(x) -> logits`` on torch
+    tensors; a runtime also has ``numpy_run`` (float32 NCHW numpy -> logits), which ``forward``
+    drives without torch. ``run``: the PyTorch model (None for a runtime)."""
 
     name: str
-    run: Callable[[torch.Tensor], torch.Tensor]
+    run: Callable | None
     precision: str = "fp32"
     notes: list[str] = field(default_factory=list)
+    numpy_run: Callable[[np.ndarray], np.ndarray] | None = None
+    graph: os.PathLike | None = None  # the ONNX file a runtime runs (``runtime_record`` remembers it)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(x)
+    def __call__(self, x):
+        if self.run is not None:
+            return self.run(x)
+        return _on_tensor(self.numpy_run, x)
+
+
+def _on_tensor(fn: Callable[[np.ndarray], np.ndarray], x):
+    """A numpy runner called on a torch tensor, its result a tensor (the load-time checks compare with PyTorch)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(fn(np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32))))
 
 
 def runtime_installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
+def runtime_threads() -> int:
+    """Threads a runtime runs with: torch's count where torch is loaded (``--threads``, the
+    widgets), else ``OMP_NUM_THREADS`` or the CPUs this process may use."""
+    if "torch" in sys.modules:
+        return max(1, sys.modules["torch"].get_num_threads())
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def _numpy_runner(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[torch.Tensor], torch.Tensor]:
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(fn(np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)))
-    return run
-
-
-def onnxruntime_runner(onnx_path: os.PathLike) -> Callable[[torch.Tensor], torch.Tensor]:
+def onnxruntime_runner(onnx_path: os.PathLike, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = _threads()
+    options.intra_op_num_threads = threads or runtime_threads()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    return _numpy_runner(lambda x: session.run(None, {INPUT_NAME: x})[0])
+    return lambda x: session.run(None, {INPUT_NAME: x})[0]
 
 
 def openvino_half_precisions() -> list[str]:
@@ -108,45 +122,57 @@ def openvino_half_precisions() -> list[str]:
     return [name for name, capability, _ in HALF_PRECISIONS if capability in offered]
 
 
-def openvino_runner(onnx_path: os.PathLike, precision: str = "fp32") -> Callable[[torch.Tensor], torch.Tensor]:
+def openvino_runner(onnx_path: os.PathLike, precision: str = "fp32",
+                    threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
     import openvino as ov
 
     inference_precision = {name: hint for name, _, hint in HALF_PRECISIONS}.get(precision, "f32")
-    config = {"INFERENCE_NUM_THREADS": _threads(), "PERFORMANCE_HINT": "LATENCY",
+    config = {"INFERENCE_NUM_THREADS": threads or runtime_threads(), "PERFORMANCE_HINT": "LATENCY",
               "INFERENCE_PRECISION_HINT": inference_precision}
     compiled = ov.Core().compile_model(str(onnx_path), "CPU", config)
     request = compiled.create_infer_request()
-    return _numpy_runner(lambda x: request.infer({0: x})[0].copy())
+    return lambda x: request.infer({0: x})[0].copy()
 
 
-def _runner(name: str, onnx_path, precision: str = "fp32") -> Callable[[torch.Tensor], torch.Tensor]:
+def _runner(name: str, onnx_path, precision: str = "fp32") -> Callable[[np.ndarray], np.ndarray]:
     return onnxruntime_runner(onnx_path) if name == "onnxruntime" else openvino_runner(onnx_path, precision)
 
 
-def same_outputs(expected: torch.Tensor, got: torch.Tensor) -> bool:
+def recorded_backend(runtime: str, graph: os.PathLike, precision: str, notes: list[str],
+                     threads: int | None = None) -> Backend:
+    """A runtime backend from a choice made (and checked against PyTorch) earlier on this machine
+    (``runtime_record``): no torch needed."""
+    run = (onnxruntime_runner(graph, threads) if runtime == "onnxruntime"
+           else openvino_runner(graph, precision, threads))
+    return Backend(runtime, None, precision, list(notes), numpy_run=run, graph=graph)
+
+
+def same_outputs(expected, got) -> bool:
     """Equal to float rounding: the tolerance ``models.optimise`` checks its fusion with."""
+    import torch
+
     return got.shape == expected.shape and torch.allclose(
         got.float(), expected.float(), rtol=1e-3, atol=1e-3 * (1.0 + float(expected.abs().max())))
 
 
-def argmax_agreement(expected: torch.Tensor, got: torch.Tensor, num_classes: int) -> float:
+def argmax_agreement(expected, got, num_classes: int) -> float:
     """Share of pixels whose class-channel argmax is the same (a distance channel is not a class)."""
     return float((expected[:, :num_classes].argmax(1) == got[:, :num_classes].argmax(1)).float().mean())
 
 
-def torch_backend(model: torch.nn.Module, *notes: str) -> Backend:
+def torch_backend(model, *notes: str) -> Backend:
     return Backend("torch", model, "fp32", [n for n in notes if n])
 
 
-def _runtime_backend(name: str, onnx_path, expected: torch.Tensor, probe: torch.Tensor, num_classes: int,
+def _runtime_backend(name: str, onnx_path, expected, probe, num_classes: int,
                      precision: str) -> tuple[Backend | None, str]:
     """The runtime ``name`` if it matches PyTorch on the probe, else ``(None, why)``."""
     run = _runner(name, onnx_path)
-    got = run(probe)
+    got = _on_tensor(run, probe)
     if not same_outputs(expected, got):
         diff = float((got.float() - expected.float()).abs().max()) if got.shape == expected.shape else float("nan")
         return None, f"{name} disagrees with PyTorch at load (max difference {diff:.3g})"
-    backend = Backend(name, run, "fp32")
+    backend = Backend(name, None, "fp32", numpy_run=run, graph=onnx_path)
     if name == "openvino" and precision in ("auto", "fp16", "bf16"):
         half = _half_precision_backend(onnx_path, got, probe, num_classes, precision, backend.notes)
         backend = half or backend
@@ -155,7 +181,7 @@ def _runtime_backend(name: str, onnx_path, expected: torch.Tensor, probe: torch.
     return backend, ""
 
 
-def _half_precision_backend(onnx_path, fp32: torch.Tensor, probe: torch.Tensor, num_classes: int, precision: str,
+def _half_precision_backend(onnx_path, fp32, probe, num_classes: int, precision: str,
                             notes: list[str]) -> Backend | None:
     """OpenVINO at the first half precision (``auto``: fp16, then bf16; else the one asked for) that
     this CPU offers and whose probe class map agrees with float32's ``fp32``; None with why in ``notes``."""
@@ -168,14 +194,14 @@ def _half_precision_backend(onnx_path, fp32: torch.Tensor, probe: torch.Tensor, 
                 notes.append(f"{half} is not offered by OpenVINO on this CPU: float32 kept")
             continue
         run = openvino_runner(onnx_path, half)
-        agreement = argmax_agreement(fp32, run(probe), num_classes)
+        agreement = argmax_agreement(fp32, _on_tensor(run, probe), num_classes)
         if agreement >= floor:
-            return Backend("openvino", run, half, list(notes))
+            return Backend("openvino", None, half, list(notes), numpy_run=run, graph=onnx_path)
         notes.append(f"openvino {half} kept float32: argmax agreement {100 * agreement:.2f}% < {100 * floor:.1f}%")
     return None
 
 
-def _int8_backend(runtimes: list[str], checkpoint, onnx_path, expected: torch.Tensor, probe: torch.Tensor,
+def _int8_backend(runtimes: list[str], checkpoint, onnx_path, expected, probe,
                   num_classes: int, notes: list[str], calibration, plan: str | None) -> Backend | None:
     """The first of ``runtimes`` whose int8 model (mixed where ``plan`` names the int8 part) keeps
     ``ASKED_MIN_AGREEMENT`` of the probe's class map; else None, with why in ``notes``."""
@@ -188,19 +214,20 @@ def _int8_backend(runtimes: list[str], checkpoint, onnx_path, expected: torch.Te
     for runtime in sorted(runtimes, key=INT8_RUNTIMES.index):
         try:
             run = _runner(runtime, int8_path)
-            agreement = argmax_agreement(expected, run(probe), num_classes)
+            agreement = argmax_agreement(expected, _on_tensor(run, probe), num_classes)
         except Exception as exc:  # a runtime that cannot run the int8 file: the next one, or float32
             notes.append(f"{runtime} int8 failed at load ({type(exc).__name__}: {exc})")
             continue
         if agreement >= ASKED_MIN_AGREEMENT:
-            return Backend(runtime, run, "int8", [f"{what} on {runtime}: class-map argmax agreement with "
-                                                  f"float32 {100 * agreement:.2f}% at load"])
+            return Backend(runtime, None, "int8", [f"{what} on {runtime}: class-map argmax agreement with "
+                                                   f"float32 {100 * agreement:.2f}% at load"], numpy_run=run,
+                           graph=int8_path)
         notes.append(f"{runtime} int8 kept float32: argmax agreement {100 * agreement:.2f}% < "
                      f"{100 * ASKED_MIN_AGREEMENT:.0f}%")
     return None
 
 
-def _fp32_graph(runtime: str, checkpoint, model: torch.nn.Module, in_channels: int, plain: Callable[[], os.PathLike]):
+def _fp32_graph(runtime: str, checkpoint, model, in_channels: int, plain: Callable[[], os.PathLike]):
     """The float32 export ``runtime`` runs fastest: for OpenVINO the one with a U-Net decoder's
     upsampling convolutions at the low resolution (``LOW_RESOLUTION_RUNTIMES``), else (or where
     that export fails, or the network has no such blocks) ``plain()``."""
@@ -220,8 +247,8 @@ def _check_names(name: str, precision: str) -> None:
         raise BackendError(f"Unknown precision '{precision}'; choose one of: {', '.join(PRECISIONS)}.")
 
 
-def choose_backend(name: str, model: torch.nn.Module, fast_model: torch.nn.Module, checkpoint, in_channels: int,
-                   num_classes: int, device: torch.device, probe: torch.Tensor | None, precision: str = "auto",
+def choose_backend(name: str, model, fast_model, checkpoint, in_channels: int,
+                   num_classes: int, device, probe, precision: str = "auto",
                    calibration: Callable[[], list[np.ndarray] | None] | None = None,
                    int8_plan: str | None = None) -> Backend:
     """The backend to run: ``name`` if it is installed, exports and agrees with PyTorch, else PyTorch
@@ -244,6 +271,8 @@ def choose_backend(name: str, model: torch.nn.Module, fast_model: torch.nn.Modul
         return torch_backend(fast_model, f"{' and '.join(wanted)} not installed (pip install "
                                          f"'napari-medseg[{EXTRA[wanted[0]]}]'): PyTorch used")
     # exported on first need: OpenVINO takes its own graph, so the plain one may never be made
+    import torch
+
     plain = functools.cache(lambda: cached_onnx(checkpoint, model, in_channels))
     with torch.inference_mode():
         expected = model(probe).float()

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Callable, Generator
 
 import numpy as np
-import torch
 
 from .class_decision import classify
 from .forward import Batcher, prepare_model
@@ -127,7 +126,7 @@ class BandMerger:
 
 
 def iter_blend(model, source: ImageSource, num_classes: int, settings: TileSettings,
-               device: torch.device, normalise: Callable[[np.ndarray], np.ndarray] | None = None,
+               device, normalise: Callable[[np.ndarray], np.ndarray] | None = None,
                out=None, probabilities_out=None, report: RunReport | None = None,
                distance_head: bool = False, distance_out=None, foreground_threshold: float | None = None,
                class_weights=None) -> Generator[tuple[int, int], None, object]:

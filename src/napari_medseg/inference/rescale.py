@@ -12,6 +12,7 @@ object and nucleus sizes, seed distances) are converted with ``settings_at_image
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -22,6 +23,7 @@ from ..steps import part_steps
 from .class_decision import classify
 from .run_report import RunReport
 from .postprocess import PostprocessSettings
+from .resize import resize_bilinear
 from .source import ImageSource
 
 # pixel sizes within 10 % of each other are taken as equal: resampling would only blur
@@ -63,20 +65,27 @@ def model_scale(image_pixel_size_um, model_pixel_size_um) -> float:
 
 def resample(array: np.ndarray, shape: tuple[int, int], channels_last: bool = False) -> np.ndarray:
     """A float ``(C, H, W)`` (or ``(H, W, C)`` with ``channels_last``) array resampled to ``shape``:
-    bilinear, averaged over the source pixels when shrinking (anti-aliased), float32."""
-    import torch  # here, not at the top: the viewer's slide path imports this module without torch
+    bilinear, averaged over the source pixels when shrinking (anti-aliased), float32. By torch
+    where it is loaded (faster), else by ``resize`` (the same to float rounding), so a process
+    that runs the network through an ONNX runtime never needs torch."""
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    planes = array.transpose(2, 0, 1) if channels_last else array
+    if tuple(planes.shape[1:]) == tuple(shape):
+        out = planes
+    elif "torch" in sys.modules:
+        out = _torch_resample(planes, shape)
+    else:
+        out = resize_bilinear(planes, shape)
+    return np.ascontiguousarray(out.transpose(1, 2, 0) if channels_last else out)
+
+
+def _torch_resample(planes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    import torch
     import torch.nn.functional as F
 
-    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    tensor = tensor.permute(2, 0, 1) if channels_last else tensor
-    if tuple(tensor.shape[1:]) == tuple(shape):
-        out = tensor
-    else:
-        shrinking = shape[0] < tensor.shape[1] or shape[1] < tensor.shape[2]
-        out = F.interpolate(tensor[None], size=tuple(shape), mode="bilinear", align_corners=False,
-                            antialias=shrinking)[0]
-    out = out.permute(1, 2, 0) if channels_last else out
-    return np.ascontiguousarray(out.numpy())
+    shrinking = shape[0] < planes.shape[1] or shape[1] < planes.shape[2]
+    return F.interpolate(torch.from_numpy(np.ascontiguousarray(planes))[None], size=tuple(shape), mode="bilinear",
+                         align_corners=False, antialias=shrinking)[0].numpy()
 
 
 def settings_at_image_scale(factor: float, postprocess: PostprocessSettings | None = None,

@@ -17,16 +17,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
-from ..devices import resolve_device
 from ..io.images import read_image
 from ..nuclei.watershed import INSTANCE_MAX_PIXELS, INSTANCE_STEPS, InstanceSettings, iter_semantic_to_instances
-from ..models import CheckpointMeta, load_checkpoint, resolve_model_path
-from ..models.optimise import optimise_for_inference
+from ..models import CheckpointMeta, load_checkpoint, read_meta, resolve_model_path
 from ..models.quantise import CALIBRATION_TILE, calibration_tiles, int8_plan
 from ..steps import CancelCheck, ProgressCallback, chain, run_steps
-from .backends import Backend, choose_backend, torch_backend
+from . import runtime_record
+from .backends import Backend, choose_backend, recorded_backend, torch_backend
 from .blend import iter_blend
 from .run_report import RunReport
 from .postprocess import PostprocessSettings, postprocess_class_map
@@ -48,8 +46,8 @@ GRAY_NOTE = ("the image is gray but the model was trained on colour (H&E) images
 class Segmenter:
     """A loaded model with its metadata: ``segment(image) -> uint8 class map``."""
 
-    def __init__(self, model: torch.nn.Module, meta: CheckpointMeta, device: torch.device,
-                 backend: Backend | None = None):
+    def __init__(self, model, meta: CheckpointMeta, device, backend: Backend | None = None):
+        # ``model``: the PyTorch network; None for a runtime loaded from its record (``load_recorded``)
         self.model, self.meta, self.device = model, meta, device
         # who runs the network; PyTorch (``model``) unless ``load`` found a faster runtime that agrees
         self.backend = backend if backend is not None else torch_backend(model)
@@ -67,6 +65,11 @@ class Segmenter:
         use bf16 where the CPU has it and the class maps agree, ``fp32`` never; ``int8`` (opt-in)
         quantises by the network's measured plan (``models.quantise.INT8_PLANS``, the shipped
         default's: 0.09 % of its held-out class-map pixels change) or whole (about 0.8 %)."""
+        import torch
+
+        from ..devices import resolve_device
+        from ..models.optimise import optimise_for_inference
+
         dev = resolve_device(device)
         path = resolve_model_path(str(model))
         net, meta = load_checkpoint(path, device=dev)
@@ -79,12 +82,30 @@ class Segmenter:
                                            calibration=segmenter._calibration,
                                            int8_plan=int8_plan(meta.model.architecture, meta.model.encoder))
         segmenter.last_report = segmenter._new_report()
+        runtime_record.remember(path, backend, precision, device, segmenter.backend)
         return segmenter
 
-    def _runtime_probe(self) -> torch.Tensor:
+    @classmethod
+    def load_recorded(cls, model: str | os.PathLike = "default", device: str = "auto", backend: str = "auto",
+                      precision: str = "auto", threads: int | None = None) -> "Segmenter | None":
+        """The segmenter ``load`` made for the same arguments on this machine, rebuilt from its
+        record (``runtime_record``) with the runtime alone: no torch, no network built, no check
+        run again. None where there is no such record (never loaded so, PyTorch chosen, another
+        runtime version): call ``load``. ``threads``: the runtime's (default ``runtime_threads``)."""
+        path = resolve_model_path(str(model))
+        choice = runtime_record.recorded(path, backend, precision, device)
+        if choice is None:
+            return None
+        meta = read_meta(path)
+        runner = recorded_backend(choice.runtime, choice.graph, choice.precision, choice.notes, threads)
+        return cls(None, meta, "cpu", runner)
+
+    def _runtime_probe(self):
         """What a runtime's outputs are checked on at load: the real H&E tile shipped with the
         package, normalised as a run would (class maps on noise say little about a reduced
         precision), or noise for models that do not take RGB."""
+        import torch
+
         channels, stride = self.meta.model.in_channels, self.meta.model.output_stride
         if channels == 3 and SAMPLE_TILE.is_file():
             image = read_image(SAMPLE_TILE)[:, :, :3]
@@ -176,7 +197,8 @@ class Segmenter:
                 raise InferenceSettingsError(
                     f"Distance array {tuple(distance_out.shape)} does not match the image {(source.height, source.width)}.")
         self.last_report = self._new_report()
-        self.model.to(self.device)  # back from ``release``, if it was released
+        if self.model is not None:
+            self.model.to(self.device)  # back from ``release``, if it was released
         factor = self.scale_for(pixel_size_um)
         if factor != 1.0:
             out = out if out is not None else np.zeros((source.height, source.width), np.uint8)
@@ -261,6 +283,10 @@ class Segmenter:
 
     def release(self) -> None:
         """Free GPU memory held by the model (after a run or a cancel)."""
+        if self.model is None:  # a runtime on the CPU: nothing on a GPU
+            return
+        import torch
+
         self.model.to("cpu")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

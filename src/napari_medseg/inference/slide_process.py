@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import MedsegError
+from ..memory import limit_allocator_arenas
 from ..steps import Cancelled
 from .regions import Region
 from .slide import SlideResult
@@ -96,7 +97,6 @@ def run_job(job: SlideJob, progress=None, should_cancel=None, loaded: dict | Non
     from ..io.slides import open_slide
     from .postprocess import PostprocessSettings
     from .rethreshold import Thresholds, apply_thresholds
-    from .segmenter import Segmenter
     from .settings import TileSettings
     from .slide import predict_slide
 
@@ -104,11 +104,7 @@ def run_job(job: SlideJob, progress=None, should_cancel=None, loaded: dict | Non
     key = (job.model, job.device, job.backend, job.threads)
     if key not in loaded:
         loaded.clear()  # one model at a time: the old one's memory goes first
-        if job.threads:
-            import torch
-
-            torch.set_num_threads(job.threads)
-        loaded[key] = Segmenter.load(job.model, device=job.device, backend=job.backend)
+        loaded[key] = _load_segmenter(job, should_cancel)
     segmenter = loaded[key]
     tiles, instance_settings = apply_thresholds(
         segmenter, TileSettings(**job.tiles), Thresholds(job.nucleus_threshold, job.marker_threshold, job.min_nucleus))
@@ -123,9 +119,46 @@ def run_job(job: SlideJob, progress=None, should_cancel=None, loaded: dict | Non
     return result, info
 
 
+def _load_segmenter(job: SlideJob, should_cancel=None):
+    """The job's model, by the runtime alone where this machine has a record of its choice
+    (``runtime_record``: no torch in this process, ~0.65 GB less); without one, the choice is made
+    and recorded in a short-lived process first, so the record serves this and every later run.
+    PyTorch models (``backend`` torch, a GPU, or a runtime that failed its check) load here as before."""
+    from .segmenter import Segmenter
+
+    if job.backend != "torch" and job.device in ("auto", "cpu"):
+        segmenter = Segmenter.load_recorded(job.model, job.device, job.backend, threads=job.threads)
+        if segmenter is None and _record_choice(job, should_cancel):
+            segmenter = Segmenter.load_recorded(job.model, job.device, job.backend, threads=job.threads)
+        if segmenter is not None:
+            return segmenter
+    if job.threads:
+        import torch
+
+        torch.set_num_threads(job.threads)
+    return Segmenter.load(job.model, device=job.device, backend=job.backend)
+
+
+def _record_choice(job: SlideJob, should_cancel=None) -> bool:
+    """``runtime_record``'s check in a process of its own (its torch leaves with it); True when a
+    runtime was chosen and recorded. A cancel kills it and raises ``Cancelled``."""
+    command = [sys.executable, "-m", "napari_medseg.inference.runtime_record", job.model, job.device, job.backend,
+               "auto"]
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(job.threads)} if job.threads else {})}
+    check = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env)  # its messages go to this one's log
+    while check.poll() is None:
+        if should_cancel is not None and should_cancel():
+            check.kill()
+            check.wait()
+            raise Cancelled()
+        time.sleep(POLL_SECONDS)
+    return check.returncode == 0
+
+
 def main() -> int:
     """The child: jobs from stdin, one JSON line each, run one after another (the model stays
     loaded); JSON messages out. Ends when stdin closes (the parent is done, or gone)."""
+    limit_allocator_arenas()  # before any thread allocates: flat memory over long runs (``memory``)
     if hasattr(os, "nice"):
         os.nice(NICENESS)
     messages = os.fdopen(os.dup(1), "w", buffering=1)

@@ -22,14 +22,13 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import MedsegError
 from ..io.images import atomic_write
-from .upsample_conv import polyphase_unet_decoder
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 EXPORT_VERSION = 1  # bump when the exported graph changes (opset, axes, names): old files are ignored
@@ -92,6 +91,9 @@ def remove_stale(written: Path, checkpoint: str | os.PathLike) -> None:
     checkpoint = Path(checkpoint)
     current = f"{checkpoint.stem}.{checkpoint_hash(checkpoint)}.v{EXPORT_VERSION}."
     stale = [p for p in _family(written.parent, checkpoint.stem) if not p.name.startswith(current)]
+    # the runtime choices recorded for older contents (``inference.runtime_record``) go with their exports
+    stale += [p for p in written.parent.glob(f"{glob.escape(checkpoint.stem)}.*.runtimes.json")
+              if not p.name.startswith(current)]
     if written.parent == user_cache_dir():
         kept = sorted((p for p in written.parent.glob("*.onnx") if p not in stale and p != written),
                       key=lambda p: p.stat().st_mtime, reverse=True)
@@ -104,7 +106,7 @@ def remove_stale(written: Path, checkpoint: str | os.PathLike) -> None:
             log.info("Could not remove the stale export %s (%s).", path, exc)
 
 
-def _mark_used(path: Path) -> None:
+def mark_used(path: Path) -> None:
     """Touch an export that is read again, so the user cache's bound drops the least recently used."""
     try:
         os.utime(path)
@@ -114,6 +116,8 @@ def _mark_used(path: Path) -> None:
 
 def export_onnx(model: nn.Module, in_channels: int, path: Path, side: int = 64) -> Path:
     """Write ``model`` (eval mode, float32, CPU) to ``path`` with free batch, height and width."""
+    import torch
+
     example = torch.zeros(1, in_channels, side, side)
     axes = {0: "batch", 2: "height", 3: "width"}
 
@@ -140,7 +144,7 @@ def cached_export(checkpoint: str | os.PathLike, make: Callable[[Path], Path], v
     candidates = onnx_candidates(checkpoint, variant)
     for path in candidates:
         if path.is_file():
-            _mark_used(path)
+            mark_used(path)
             return path
     for path in candidates:
         try:
@@ -162,6 +166,10 @@ def cached_onnx(checkpoint: str | os.PathLike, model: nn.Module, in_channels: in
     a file of its own (variant ``LOW_RESOLUTION_VARIANT``); a network without such blocks gets the
     plain file."""
     if low_resolution_upsampling:
+        import torch
+
+        from .upsample_conv import polyphase_unet_decoder
+
         graph = copy.deepcopy(model).eval()
         with torch.no_grad():
             rewritten = polyphase_unet_decoder(graph)

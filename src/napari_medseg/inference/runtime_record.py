@@ -1,0 +1,148 @@
+"""Which runtime ran a checkpoint on this machine, remembered so that a later process loads it
+without torch.
+
+Choosing a runtime (``backends.choose_backend``) needs torch: the network is built, exported and
+its outputs compared with PyTorch's on a probe. A slide run's process only needs the result: the
+exported graph and the precision that passed. ``Segmenter.load`` therefore writes what it chose
+beside the export (``<stem>.<hash>.v<version>.runtimes.json``: the checkpoint's content is in the
+name), keyed by what was asked (backend, precision, device) and valid only on the same machine
+with the same runtimes (``fingerprint``); ``Segmenter.load_recorded`` builds a segmenter from it
+with the runtime alone: torch, timm and smp are never imported (about 0.65 GB of a process's
+memory, and seconds of start-up).
+
+Run as ``python -m napari_medseg.inference.runtime_record MODEL DEVICE BACKEND PRECISION``, it
+makes the record in a short-lived process (the check's torch goes with it), which is how the
+slide process prepares a model it has no record for.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..io.images import atomic_write
+from ..models.export import EXPORT_VERSION, checkpoint_hash, mark_used, onnx_candidates
+
+log = logging.getLogger(__name__)
+RECORD_VERSION = 1  # bump when the record's fields change: older records are ignored
+RUNTIMES = ("openvino", "onnxruntime")
+
+
+@dataclass
+class RuntimeChoice:
+    """A remembered choice: the runtime, its precision, the graph it ran and the load's notes."""
+
+    runtime: str
+    precision: str
+    graph: Path
+    notes: list[str]
+
+
+def fingerprint() -> dict:
+    """What a choice depends on besides the checkpoint: the runtimes' versions (a new one is
+    checked again), the CPU (half precision is offered per CPU) and whether an NVIDIA GPU is
+    present (``auto`` picks it, and PyTorch, when one is)."""
+    versions = {}
+    for name in RUNTIMES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"record": RECORD_VERSION, "runtimes": versions, "cpu": _cpu_name(), "machine": platform.machine(),
+            "nvidia_gpu": bool(glob.glob("/dev/nvidia[0-9]*"))}
+
+
+def _cpu_name() -> str:
+    """The CPU's model name with the vector extensions half precision depends on (AVX-512, AMX),
+    which virtual machines often hide behind one generic name."""
+    name, flags = platform.processor(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name == platform.processor():
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx512", "amx")))
+                    break
+    except OSError:
+        pass
+    return " ".join([name, *flags])
+
+
+def _key(backend: str, precision: str, device: str) -> str:
+    return f"{backend}/{precision}/{device}"
+
+
+def record_path(checkpoint: str | os.PathLike, folder: Path) -> Path:
+    checkpoint = Path(checkpoint)
+    return folder / f"{checkpoint.stem}.{checkpoint_hash(checkpoint)}.v{EXPORT_VERSION}.runtimes.json"
+
+
+def remember(checkpoint: str | os.PathLike, backend: str, precision: str, device: str, chosen) -> None:
+    """Write ``chosen`` (a runtime ``backends.Backend`` with its ``graph``) as the choice for what was
+    asked, beside its graph. A folder that cannot be written only costs torch next time."""
+    if chosen.numpy_run is None or chosen.graph is None or device not in ("auto", "cpu"):
+        return
+    graph = Path(chosen.graph)
+    path = record_path(checkpoint, graph.parent)
+    records = _read(path)
+    records[_key(backend, precision, device)] = {
+        "fingerprint": fingerprint(), "runtime": chosen.name, "precision": chosen.precision,
+        "graph": graph.name, "notes": list(chosen.notes)}
+    try:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1)))
+    except OSError as exc:
+        log.info("Could not record the runtime choice in %s (%s).", path, exc)
+
+
+def recorded(checkpoint: str | os.PathLike, backend: str, precision: str, device: str) -> RuntimeChoice | None:
+    """The remembered choice for what is asked, if it was made on this machine with these runtimes
+    and its graph is still there; else None."""
+    if backend == "torch" or device not in ("auto", "cpu") or not Path(checkpoint).is_file():
+        return None  # (a missing checkpoint is ``load``'s to report)
+    current = None
+    for folder in dict.fromkeys(candidate.parent for candidate in onnx_candidates(checkpoint)):
+        entry = _read(record_path(checkpoint, folder)).get(_key(backend, precision, device))
+        if not isinstance(entry, dict):
+            continue
+        current = current or fingerprint()
+        graph = folder / str(entry.get("graph", ""))
+        if entry.get("fingerprint") != current or not graph.is_file() or entry.get("runtime") not in current["runtimes"]:
+            continue
+        mark_used(graph)
+        return RuntimeChoice(entry["runtime"], str(entry.get("precision", "fp32")), graph, list(entry.get("notes", [])))
+    return None
+
+
+def _read(path: Path) -> dict:
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return records if isinstance(records, dict) else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load MODEL as asked (export, check, choose) so that its choice is recorded; 0 when a runtime
+    was chosen and recorded, 1 when PyTorch was (nothing to record), 2 on an error (printed)."""
+    model, device, backend, precision = (argv if argv is not None else sys.argv[1:])[:4]
+    from ..errors import MedsegError
+    from .segmenter import Segmenter
+
+    try:
+        segmenter = Segmenter.load(model, device=device, backend=backend, precision=precision)
+    except MedsegError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return 0 if segmenter.backend.numpy_run is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
