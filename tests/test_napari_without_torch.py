@@ -87,9 +87,12 @@ def test_a_failing_device_probe_leaves_the_devices_every_machine_has(monkeypatch
     assert probe_devices() == ["auto", "cpu"]
 
 
-TORCH_FREE_MODULES = (  # what napari's process imports to open the widgets and run a slide
+TORCH_FREE_MODULES = (  # what napari's process imports to open the widgets and run a slide, and what the
+    # slide run's process imports to segment by a recorded runtime (``Segmenter.load_recorded``)
     "napari_medseg.devices", "napari_medseg.models", "napari_medseg.training", "napari_medseg.training.config",
     "napari_medseg.inference.rethreshold", "napari_medseg.inference.slide", "napari_medseg.inference.slide_process",
+    "napari_medseg.inference.segmenter", "napari_medseg.inference.runtime_record", "napari_medseg.inference.backends",
+    "napari_medseg.io.slides",
     "napari_medseg._napari.reader", "napari_medseg._napari.writers", "napari_medseg._napari.segment_widget",
     "napari_medseg._napari.metrics_widget", "napari_medseg._napari.objects_widget",
     "napari_medseg._napari.train_widget",

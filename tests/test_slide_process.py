@@ -4,14 +4,18 @@ that dies or is cancelled leaves no file behind, and one child serves run after 
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
 from napari_medseg.inference import Segmenter
+from napari_medseg.inference.backends import runtime_installed
 from napari_medseg.inference.regions import Region
 from napari_medseg.inference.settings import TileSettings
 from napari_medseg.inference.slide import predict_slide
@@ -110,3 +114,77 @@ def test_an_idle_child_ends_and_the_next_run_starts_another(slide_file, tiny_che
         assert second.nuclei == first.nuclei and second.class_px == first.class_px
     finally:
         process.close()
+
+
+needs_a_runtime = pytest.mark.skipif(not any(runtime_installed(r) for r in ("openvino", "onnxruntime")),
+                                     reason="no ONNX runtime installed")
+
+
+def _libraries(pid: int) -> str:
+    with open(f"/proc/{pid}/maps") as maps:
+        return maps.read()
+
+
+@needs_a_runtime
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the child's mapped libraries (Linux)")
+def test_a_runtime_run_has_no_torch_in_the_child_and_makes_the_same_files(slide_file, tiny_checkpoint, tmp_path):
+    """With ``auto`` (the widget's runtime) the child loads the model by the runtime alone: the
+    choice is made and recorded first in a short-lived process, and torch never enters the child
+    that segments. Its files equal a run in this process of the model loaded with torch."""
+    import torch
+
+    checkpoint = Path(shutil.copy(tiny_checkpoint, tmp_path / "tiny.safetensors"))  # its own records
+    job = _job(checkpoint, slide_file, tmp_path / "child", backend="auto", threads=1)
+    process = SlideProcess()
+    try:
+        result, _ = run_steps(process.run(job))
+        mapped = _libraries(process.pid)
+    finally:
+        process.close()
+    assert "libtorch" not in mapped and ("openvino" in mapped or "onnxruntime" in mapped)
+    assert list(tmp_path.glob("tiny.*.runtimes.json")), "the choice was not recorded beside the checkpoint"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the runtime then runs on one thread, as the job's
+    try:
+        segmenter = Segmenter.load(checkpoint, device="cpu", backend="auto")
+        here = predict_slide(segmenter, open_slide(slide_file), tmp_path / "here", Region(*REGION), settings=TILES)
+    finally:
+        torch.set_num_threads(threads)
+    assert segmenter.backend.name in ("openvino", "onnxruntime")
+    assert result.nuclei == here.nuclei and result.counts == here.counts and result.class_px == here.class_px
+    child, mine = (zarr.open_group(str(r.files["store"]), mode="r") for r in (result, here))
+    for name in ("classes/0", "instances/0"):
+        assert np.array_equal(np.asarray(child[name]), np.asarray(mine[name]))
+
+
+@needs_a_runtime
+def test_a_recorded_choice_serves_only_the_machine_and_runtimes_it_was_made_with(tiny_checkpoint, tmp_path,
+                                                                                 consep):
+    checkpoint = Path(shutil.copy(tiny_checkpoint, tmp_path / "tiny.safetensors"))
+    assert Segmenter.load_recorded(checkpoint, "cpu", "auto") is None  # never loaded: no record
+    loaded = Segmenter.load(checkpoint, device="cpu", backend="auto")
+    again = Segmenter.load_recorded(checkpoint, "cpu", "auto")
+    assert again.model is None and (again.backend.name, again.backend.precision) == (
+        loaded.backend.name, loaded.backend.precision)
+    image = _mosaic(consep, "image", 1)[:128, :128]
+    assert np.array_equal(again.segment(image, TILES), loaded.segment(image, TILES))
+    # asked otherwise (another runtime, PyTorch, a GPU): no record serves it
+    assert Segmenter.load_recorded(checkpoint, "cpu", "torch") is None
+    assert Segmenter.load_recorded(checkpoint, "cuda", "auto") is None
+    assert Segmenter.load_recorded(checkpoint, "cpu", "auto", precision="int8") is None
+    # another runtime version (or CPU): checked again
+    (record,) = tmp_path.glob("tiny.*.runtimes.json")
+    entries = json.loads(record.read_text())
+    for entry in entries.values():
+        entry["fingerprint"]["runtimes"] = {name: "0.0" for name in entry["fingerprint"]["runtimes"]}
+    record.write_text(json.dumps(entries))
+    assert Segmenter.load_recorded(checkpoint, "cpu", "auto") is None
+    record.write_text("not json")  # a damaged record is no record
+    assert Segmenter.load_recorded(checkpoint, "cpu", "auto") is None
+    Segmenter.load(checkpoint, device="cpu", backend="auto")  # made again
+    assert Segmenter.load_recorded(checkpoint, "cpu", "auto") is not None
+    # a new content of the checkpoint: the old record does not apply (its hash is in the name)
+    shutil.copy(tiny_checkpoint, checkpoint)
+    with open(checkpoint, "ab") as f:
+        f.write(b" ")
+    assert Segmenter.load_recorded(checkpoint, "cpu", "auto") is None
