@@ -95,13 +95,12 @@ def runtime_installed(name: str) -> bool:
 
 def runtime_threads() -> int:
     """Threads a runtime runs with: torch's count where torch is loaded (``--threads``, the
-    widgets), else ``OMP_NUM_THREADS`` or the CPUs this process may use."""
+    widgets), else ``OMP_NUM_THREADS`` if set, else 0: the runtime's own default (one per
+    physical core, as torch's)."""
     if "torch" in sys.modules:
         return max(1, sys.modules["torch"].get_num_threads())
     given = os.environ.get("OMP_NUM_THREADS", "")
-    if given.isdigit() and int(given) > 0:
-        return int(given)
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return int(given) if given.isdigit() else 0
 
 
 def onnxruntime_runner(onnx_path: os.PathLike, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:

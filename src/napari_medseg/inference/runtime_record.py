@@ -62,18 +62,18 @@ def fingerprint() -> dict:
 def _cpu_name() -> str:
     """The CPU's model name with the vector extensions half precision depends on (AVX-512, AMX),
     which virtual machines often hide behind one generic name."""
-    name, flags = platform.processor(), []
+    name, flags = "", []
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name") and name == platform.processor():
+                if line.startswith("model name") and not name:
                     name = line.split(":", 1)[1].strip()
                 elif line.startswith("flags"):
                     flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx512", "amx")))
                     break
     except OSError:
         pass
-    return " ".join([name, *flags])
+    return " ".join([name or platform.machine(), *flags])  # (platform.processor() runs a command)
 
 
 def _key(backend: str, precision: str, device: str) -> str:

@@ -15,6 +15,11 @@ closing (``close``, ``IDLE_SECONDS`` without a job, or the caller's process gone
 cancelled or failed run removes its files (``slide.iter_predict_slide``); a child that does not
 answer a cancel is killed and its temp files are removed by the parent
 (``io.outputs.remove_stale_temps``).
+
+With a runtime (``auto`` on the CPU, as the Segment widget asks) the child holds no torch: it
+loads the model from the runtime choice recorded on this machine (``runtime_record``), made first
+in a short-lived process when there is none. A whole 16384² slide from the viewer: the child
+peaked at 0.52 GiB (1.67 with torch), both processes together at 0.98 GiB (2.13).
 """
 
 from __future__ import annotations
@@ -39,8 +44,8 @@ from .slide import SlideResult
 POLL_SECONDS = 0.25  # how often the caller gets a step (and a chance to cancel) while the child is quiet
 CANCEL_GRACE_SECONDS = 30.0  # a child that has not answered a cancel by then is killed
 LOG_TAIL_CHARS = 2000  # of the child's log, in the message of a crash
-# an idle child still holds its model and runtime (about 1 GB): ended after this long without a
-# job; the next run starts a new one (the model's load, ~10-30 s, once more)
+# an idle child still holds its model and runtime (0.3 GB by a recorded runtime, ~1 GB with
+# torch): ended after this long without a job; the next run starts a new one (the model loads again)
 IDLE_SECONDS = 600.0
 # the child yields the CPU to the viewer whenever the viewer wants it (painting, the user's
 # clicks); when the viewer is idle it gets the cores all the same
@@ -73,7 +78,7 @@ class SlideJob:
     min_object_size: int = 0
     max_hole_size: int = 0
     flag: str = "--out"
-    threads: int | None = None  # torch threads in the child (None: torch's default)
+    threads: int | None = None  # the child's torch or runtime threads (None: their default, one per core)
 
 
 @dataclass

@@ -25,16 +25,14 @@ from torch.utils.data import DataLoader
 
 from ..errors import MedsegError
 from ..models import load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import BATCHNORM, BN_CROPS, TrainConfig
 from .data import PatchDataset, normalization_stats
 from .mixed import sampling_weights
 from .setup import WeightedEpochSampler, prepare_data
 from .threshold import retune_threshold
 
-BN_CROPS = 1024  # training crops whose activations give the averaged model's batch-norm statistics
 
 
-BATCHNORM = ("average", "measure")  # batch-norm statistics: mixed like the weights, or measured again
 
 
 class AverageError(MedsegError, ValueError):

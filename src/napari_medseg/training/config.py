@@ -25,6 +25,9 @@ MONITORS = ("val_loss", "val_miou", "val_mean_dice", "val_nucleus_dice", "val_pi
             "val_worst_set_nucleus_dice", "val_worst_set_bpq")
 
 
+# ``medseg average`` (``average``), here so the CLI lists them without importing torch
+BN_CROPS = 1024  # training crops whose activations give the averaged model's batch-norm statistics
+BATCHNORM = ("average", "measure")  # batch-norm statistics: mixed like the weights, or measured again
 # the losses build_loss (training.losses) makes, by the name a config gives
 LOSSES = ("ce", "weighted_ce", "bce", "dice", "log_cosh_dice", "focal", "ce_dice")
 LABEL_KINDS = ("classes", "binary")
