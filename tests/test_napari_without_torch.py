@@ -1,7 +1,8 @@
-"""napari's process without torch: opening the plugin's four widgets, and segmenting a slide from the
-Segment widget (the run itself is in a child process), load no deep-learning runtime into the
-viewer. torch there froze the GUI for seconds when the Segment widget opened and doubled the cost
-of every later garbage collection (the result hand-off's largest stall on a whole slide).
+"""napari's process without torch: opening the plugin's four widgets, segmenting a slide (in a
+child process) and then an image (here, by the runtime the slide run recorded) from the Segment
+widget load no deep-learning framework into the viewer. torch there froze the GUI for seconds
+when the Segment widget opened and doubled the cost of every later garbage collection (the
+result hand-off's largest stall on a whole slide).
 
 The viewer runs in a fresh python (this test process has long imported torch), as a user's does."""
 
@@ -20,7 +21,7 @@ VIEWER_SCRIPT = r"""
 import json, sys
 import napari
 from qtpy.QtCore import QEventLoop, QTimer
-from napari_medseg._napari.segment_widget import FILE_MODEL, WHOLE_SLIDE
+from napari_medseg._napari.segment_widget import FILE_MODEL, WHOLE_IMAGE, WHOLE_SLIDE
 
 slide, checkpoint, results = sys.argv[1:4]
 viewer = napari.Viewer(show=False)
@@ -44,9 +45,15 @@ widget._set_running = running
 widget.run()
 QTimer.singleShot(300_000, loop.quit)
 loop.exec()
-print(json.dumps({"torch_after_open": torch_after_open, "torch_after_run": "torch" in sys.modules,
-                  "layers": [layer.name for layer in viewer.layers], "status": widget.status.value,
-                  "devices": list(widget.device.choices)}))
+slide_run = {"torch_after_run": "torch" in sys.modules, "layers": [layer.name for layer in viewer.layers],
+             "status": widget.status.value}
+widget.target.value = WHOLE_IMAGE  # the slide's full-resolution level as an image, in this process
+widget.run()
+QTimer.singleShot(300_000, loop.quit)
+loop.exec()
+print(json.dumps({"torch_after_open": torch_after_open, **slide_run, "devices": list(widget.device.choices),
+                  "torch_after_image_run": "torch" in sys.modules, "image_status": widget.status.value,
+                  "layers_after_image_run": len(viewer.layers)}))
 """
 
 
@@ -61,6 +68,9 @@ def test_a_slide_is_segmented_from_the_viewer_without_torch_in_its_process(conse
     assert seen["layers"] == ["slide", "slide segmentation", "slide nuclei"], seen
     assert "nuclei" in seen["status"] and "failed" not in seen["status"].lower(), seen["status"]
     assert not seen["torch_after_open"] and not seen["torch_after_run"], seen
+    # an image run in napari's own process loads the model by the runtime the slide run recorded
+    assert seen["layers_after_image_run"] == 5 and "nuclei" in seen["image_status"], seen["image_status"]
+    assert not seen["torch_after_image_run"]
     # the device list came from a child python that has torch: the same as this process's own
     assert seen["devices"] == available_devices()
 

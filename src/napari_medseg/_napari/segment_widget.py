@@ -48,7 +48,7 @@ from .torch_import import import_torch_dynamo
 if TYPE_CHECKING:
     import napari
 
-    from ..inference.segmenter import Segmenter  # loads torch: imported with the first model, in the worker
+    from ..inference.segmenter import Segmenter  # imported with the first model, in the worker
 
 RETHRESHOLD_DEBOUNCE_MS = 150
 PROGRESS_INTERVAL_S = 0.2  # the bar moves at most this often (each move repaints the window)
@@ -243,14 +243,25 @@ class SegmentWidget(Container):
         for box, text in zip((self.threshold, self.marker_threshold, self.min_nucleus), texts):
             box.native.setSpecialValueText(text)
 
-    def _segmenter(self, key: tuple) -> Segmenter:
-        """The model for ``key`` = (model, device, runtime), loaded once (in the worker: it takes
-        seconds; a runtime's first use of a checkpoint exports it, once)."""
+    def _iter_segmenter(self, key: tuple):
+        """Generator (steps while it waits): the model for ``key`` = (model, device, runtime),
+        loaded once, in the worker. By a runtime on the CPU it loads from this machine's record of
+        the runtime's check (``runtime_record``), made first in a process of its own when there is
+        none: napari's process then never imports torch (0.66 GB, and garbage-collection pauses
+        of 0.1-0.2 s while it imports). PyTorch models load here (seconds; torch imported once)."""
         if self._segmenter_cache is None or self._segmenter_cache[0] != key:
-            import_torch_dynamo()  # building the network imports torchvision: see torch_import
+            from ..inference.runtime_record import iter_record_in_a_process
             from ..inference.segmenter import Segmenter
 
-            self._segmenter_cache = (key, Segmenter.load(key[0], device=key[1], backend=key[2]))
+            model, device, backend = key
+            segmenter = Segmenter.load_recorded(model, device, backend)
+            if segmenter is None and backend != "torch" and device in ("auto", "cpu"):
+                if (yield from iter_record_in_a_process(model, device, backend)):
+                    segmenter = Segmenter.load_recorded(model, device, backend)
+            if segmenter is None:
+                import_torch_dynamo()  # building the network imports torchvision: see torch_import
+                segmenter = Segmenter.load(model, device=device, backend=backend)
+            self._segmenter_cache = (key, segmenter)
         return self._segmenter_cache[1]
 
     def tile_settings(self) -> TileSettings:
@@ -329,7 +340,7 @@ class SegmentWidget(Container):
         where = region_placement(layer, region)
 
         def job():  # in the worker: widgets are read above, on the GUI thread
-            segmenter = self._segmenter(key)
+            segmenter = yield from self._iter_segmenter(key)
             settings, instance_settings = configure(segmenter)
             labels, instances, kept = yield from iter_segment_keeping(
                 segmenter, image, settings, cleanup, instance_settings, nuclei, pixel_size_um=size)
@@ -420,7 +431,7 @@ class SegmentWidget(Container):
         if isinstance(exc, Cancelled):
             return self._on_cancelled()
         self._fail(exc)
-        if self._segmenter_cache is not None and self._segmenter_cache[1].device.type != "cpu":
+        if self._segmenter_cache is not None and str(self._segmenter_cache[1].device) != "cpu":
             self._segmenter_cache[1].release()
 
     def _on_cancelled(self) -> None:
@@ -449,7 +460,7 @@ class SegmentWidget(Container):
             self._model_instances = segmenter.instance_settings
             self.kept, self._mask, self._report = run.kept, run.mask, segmenter.last_report
             self.last_slide_result, summary = None, run.summary
-            if segmenter.device.type != "cpu":
+            if str(segmenter.device) != "cpu":
                 segmenter.release()  # give the GPU memory back between runs
         self.last_layer, self.last_instances_layer = run.layers
         self._read_chosen_model()  # the run's model, unless another was chosen since

@@ -129,6 +129,31 @@ def _read(path: Path) -> dict:
     return records if isinstance(records, dict) else {}
 
 
+POLL_SECONDS = 0.25  # how often ``iter_record_in_a_process`` yields (and a cancel gets in) while it waits
+
+
+def iter_record_in_a_process(model: str, device: str, backend: str, precision: str = "auto",
+                             threads: int | None = None):
+    """Generator: the choice for what is asked made and recorded by ``main`` in a process of its
+    own (its torch leaves with it), yielding ``(0, 0)`` while it works; returns True when a
+    runtime was recorded. Closed early (a cancel), it kills that process."""
+    import subprocess
+    import time
+
+    command = [sys.executable, "-m", __name__, str(model), str(device), backend, precision]
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    check = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env)  # its messages go to our stderr
+    try:
+        while check.poll() is None:
+            yield 0, 0
+            time.sleep(POLL_SECONDS)
+    finally:
+        if check.poll() is None:
+            check.kill()
+            check.wait()
+    return check.returncode == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Load MODEL as asked (export, check, choose) so that its choice is recorded; 0 when a runtime
     was chosen and recorded, 1 when PyTorch was (nothing to record), 2 on an error (printed)."""

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from ..errors import MedsegError
 from ..memory import limit_allocator_arenas
-from ..steps import Cancelled
+from ..steps import Cancelled, run_steps
 from .regions import Region
 from .slide import SlideResult
 
@@ -145,19 +145,12 @@ def _load_segmenter(job: SlideJob, should_cancel=None):
 
 
 def _record_choice(job: SlideJob, should_cancel=None) -> bool:
-    """``runtime_record``'s check in a process of its own (its torch leaves with it); True when a
-    runtime was chosen and recorded. A cancel kills it and raises ``Cancelled``."""
-    command = [sys.executable, "-m", "napari_medseg.inference.runtime_record", job.model, job.device, job.backend,
-               "auto"]
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(job.threads)} if job.threads else {})}
-    check = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env)  # its messages go to this one's log
-    while check.poll() is None:
-        if should_cancel is not None and should_cancel():
-            check.kill()
-            check.wait()
-            raise Cancelled()
-        time.sleep(POLL_SECONDS)
-    return check.returncode == 0
+    """``runtime_record``'s check in a process of its own; True when a runtime was recorded. A
+    cancel kills it and raises ``Cancelled``."""
+    from .runtime_record import iter_record_in_a_process
+
+    return run_steps(iter_record_in_a_process(job.model, job.device, job.backend, threads=job.threads),
+                     should_cancel=should_cancel)
 
 
 def main() -> int:
