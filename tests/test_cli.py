@@ -200,3 +200,31 @@ def test_predict_a_region_of_a_real_svs_slide(tmp_path, tiny_checkpoint, capsys)
     names = {p.name for p in out.iterdir()}
     assert {"CMU-1-Small-Region_labels.ome.tif", "CMU-1-Small-Region_nuclei.geojson",
             "CMU-1-Small-Region_nuclei.csv"} <= names
+
+
+def test_predict_runs_without_torch_once_its_runtime_was_checked(consep, tiny_checkpoint, tmp_path):
+    """``medseg predict`` as a user runs it, twice: the first run checks the runtime (with torch)
+    and records the choice; the second loads by the record, torch never imported, and writes the
+    same class maps."""
+    import shutil
+    import subprocess
+    import sys
+
+    from napari_medseg.inference.backends import runtime_installed
+
+    if not any(runtime_installed(r) for r in ("openvino", "onnxruntime")):
+        pytest.skip("no ONNX runtime installed")
+    checkpoint = shutil.copy(tiny_checkpoint, tmp_path / "tiny.safetensors")  # a checkpoint never checked
+    image = consep / "images" / "train_5_000.png"
+    script = ("import sys; from napari_medseg.cli import main; "
+              "rc = main(sys.argv[1:]); print('torch loaded:', 'torch' in sys.modules); sys.exit(rc)")
+    outs = []
+    for run in ("first", "second"):
+        out = tmp_path / run
+        done = subprocess.run([sys.executable, "-c", script, "predict", str(image), "--model", str(checkpoint),
+                               "--out", str(out), "--device", "cpu", "--tile", "128", "--overlap", "32"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outs.append((done.stdout, read_label_map(out / "labels" / "train_5_000.tif")))
+    assert "torch loaded: True" in outs[0][0] and "torch loaded: False" in outs[1][0]
+    assert np.array_equal(outs[0][1], outs[1][1])

@@ -212,8 +212,8 @@ def _predict_slides(args) -> int:
     check_not_input(out, slides, ())
     # by the runtime alone where an earlier load on this machine recorded its choice: no torch in
     # this process (about 0.65 GB less over a whole slide); else loaded, checked and recorded
-    segmenter = (Segmenter.load_recorded(args.model, args.device, args.backend, args.precision)
-                 or Segmenter.load(args.model, device=args.device, backend=args.backend, precision=args.precision))
+    segmenter = Segmenter.load(args.model, device=args.device, backend=args.backend, precision=args.precision,
+                               recorded=True)
     if args.foreground_threshold is not None:
         segmenter.foreground_threshold = None if args.foreground_threshold == "argmax" else args.foreground_threshold
     if args.class_weights is not None:

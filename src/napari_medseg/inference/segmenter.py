@@ -59,12 +59,18 @@ class Segmenter:
 
     @classmethod
     def load(cls, model: str | os.PathLike = "default", device: str = "auto", backend: str = "torch",
-             precision: str = "auto") -> "Segmenter":
+             precision: str = "auto", recorded: bool = False) -> "Segmenter":
         """``backend``: ``torch``, ``openvino``, ``onnxruntime`` or ``auto`` (the fastest that is installed
         and agrees with PyTorch on this machine; see ``backends``). ``precision``: ``auto`` lets a runtime
         use bf16 where the CPU has it and the class maps agree, ``fp32`` never; ``int8`` (opt-in)
         quantises by the network's measured plan (``models.quantise.INT8_PLANS``, the shipped
-        default's: 0.09 % of its held-out class-map pixels change) or whole (about 0.8 %)."""
+        default's: 0.09 % of its held-out class-map pixels change) or whole (about 0.8 %).
+        ``recorded``: where an earlier load on this machine recorded its choice for these arguments,
+        load by it (``load_recorded``: the runtime alone, no torch); else as usual."""
+        if recorded:
+            found = cls.load_recorded(model, device, backend, precision)
+            if found is not None:
+                return found
         import torch
 
         from ..devices import resolve_device

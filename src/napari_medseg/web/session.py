@@ -71,7 +71,8 @@ class ModelStore:
     def get(self, name: str) -> Segmenter:
         """The loaded model (call with ``lock`` held)."""
         if name not in self._loaded:
-            self._loaded[name] = Segmenter.load(self._path(name), device=self.device, backend=self.backend)
+            self._loaded[name] = Segmenter.load(self._path(name), device=self.device, backend=self.backend,
+                                                recorded=True)  # without torch where a runtime was checked
         return self._loaded[name]
 
 
