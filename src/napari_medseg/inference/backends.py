@@ -86,7 +86,8 @@ def _on_tensor(fn: Callable[[np.ndarray], np.ndarray], x):
     """A numpy runner called on a torch tensor, its result a tensor (the load-time checks compare with PyTorch)."""
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(fn(np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32))))
+    batch = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(fn(batch)))
 
 
 def runtime_installed(name: str) -> bool:
