@@ -13,6 +13,7 @@ from ..io.images import (ImageReadError, intensity_range, plane_layout, scale_to
 # 255 on the DAPI NDPI here; brightfield H&E never is: glass ~240, and the darkest of the 495
 # CoNSeP / MoNuSeg / TNBC images (a dense CoNSeP patch) has a median of 46, no pixel under 25
 DARK_FIELD_MEDIAN = 25
+DARK_FIELD_PATCHES, DARK_FIELD_PATCH = 8, 32  # the check reads an 8 x 8 grid of 32² px windows
 # a model trained on H&E finds no nuclei (or wrong ones) there: 0 nuclei on the DAPI slide, silently
 DARK_NOTE = ("the image has a dark background (fluorescence?) but the model was trained on brightfield H&E: "
              "expect no or wrong nuclei; use a model trained on such images")
@@ -82,10 +83,17 @@ class ImageSource:
         """``count`` row indices spread evenly from the first row to the last (fewer rows: all)."""
         return np.linspace(0, self.height - 1, min(count, self.height)).astype(int)
 
-    def looks_dark_field(self, sample_rows: int = 64) -> bool:
-        """Whether the image's background is dark (``looks_dark_field`` on ``sample_rows`` rows)."""
-        rows = [self.window01(top, top + 1, 0, self.width).mean(-1).ravel() for top in self.sampled_rows(sample_rows)]
-        return looks_dark_field(np.concatenate(rows) * 255)
+    def looks_dark_field(self, per_side: int = DARK_FIELD_PATCHES, patch: int = DARK_FIELD_PATCH) -> bool:
+        """Whether the image's background is dark (``looks_dark_field``), judged on a grid of
+        ``per_side`` x ``per_side`` windows of ``patch`` px spread over the image: a lazy tiled
+        image decodes only the tiles under them (whole sampled rows had decoded every tile of 64
+        tile rows: 1.5 s after a run on an 8192² tiled TIFF, now 0.27 s; on the 495 training
+        images the darkest median is 46 either way)."""
+        ys = np.linspace(0, max(0, self.height - patch), min(per_side, self.height)).astype(int)
+        xs = np.linspace(0, max(0, self.width - patch), min(per_side, self.width)).astype(int)
+        windows = [self.window01(y, min(self.height, y + patch), x, min(self.width, x + patch)).mean(-1).ravel()
+                   for y in ys for x in xs]
+        return looks_dark_field(np.concatenate(windows) * 255)
 
     def looks_gray(self, sample_rows: int = 64) -> bool:
         """Whether the image holds no colour: one channel, or RGB whose channels agree at every
