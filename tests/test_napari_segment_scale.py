@@ -143,3 +143,34 @@ def test_nucleus_threshold_is_the_models_unless_set(make_napari_viewer, consep):
     widget.threshold.value = 0.0
     layer = widget.run(threaded=False)
     np.testing.assert_array_equal(layer.data, classify(probs, 0.34, weights))
+
+
+def test_cancel_while_the_runtime_is_checked_stops_the_check(make_napari_viewer, qtbot, tiny_checkpoint, consep,
+                                                           tmp_path):
+    """The first run of a checkpoint never checked on this machine checks its runtime in a process
+    of its own (napari's keeps no torch); a cancel then ends that process at once and adds nothing,
+    and the next run checks again and segments."""
+    import shutil
+
+    import psutil
+
+    from napari_medseg.inference.backends import runtime_installed
+
+    if not any(runtime_installed(r) for r in ("openvino", "onnxruntime")):
+        pytest.skip("no ONNX runtime installed")
+    viewer = make_napari_viewer()
+    viewer.add_image(read_image(consep / "images" / "train_3_000.png"), name="patch")
+    widget = _widget(viewer, shutil.copy(tiny_checkpoint, tmp_path / "unchecked.safetensors"))
+    checks = lambda: [p for p in psutil.Process().children(recursive=True)  # noqa: E731
+                      if "napari_medseg.inference.runtime_record" in " ".join(p.cmdline())]
+    worker = widget.run()
+    qtbot.waitUntil(lambda: len(checks()) == 1, timeout=10_000)
+    (check,) = checks()
+    with qtbot.waitSignal(worker.finished, timeout=5_000):
+        widget.cancel()
+    assert not check.is_running() or check.status() == psutil.STATUS_ZOMBIE
+    assert [layer.name for layer in viewer.layers] == ["patch"] and "Cancelled" in widget.status.value
+    assert not list(tmp_path.glob("unchecked.*.runtimes.json"))  # the check never finished
+    widget.run()
+    qtbot.waitUntil(lambda: widget.run_button.enabled, timeout=120_000)  # the layers go in, one a turn, first
+    assert len(viewer.layers) == 3 and list(tmp_path.glob("unchecked.*.runtimes.json")), widget.status.value
