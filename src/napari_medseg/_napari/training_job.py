@@ -1,19 +1,24 @@
-"""One training run for the Train widget, free of Qt: ``train()`` in its own thread, its typed
-updates through a queue, and the run folder it writes into.
+"""One training run for the Train widget, free of Qt: ``train()`` in a process of its own
+(``training.process``), its typed updates read from a pipe, and the run folder it writes into.
 
 As in careamics-napari, the trainer's updates (``BatchDone``, ``EpochDone``, ``TrainingDone``)
-and this module's ``Preview`` and ``TrainingFailed`` travel through a queue; ``updates()`` is
-the generator a napari thread worker runs to hand them to the GUI thread. Stop sets an event
-that the trainer checks before each batch, so a run ends after the current batch and keeps the
-best checkpoint written so far.
+and this module's ``Preview`` and ``TrainingFailed`` reach the widget through ``updates()``, the
+generator a napari thread worker runs. The process keeps torch out of napari's: importing it
+there froze the window for up to 0.6 s at the first fine-tune of a session. Stop asks the
+process to end after the current batch; the best checkpoint written so far is kept.
+``run_here`` trains in the caller's thread instead (tests, scripts).
 """
 
 from __future__ import annotations
 
 import gc
+import json
+import os
 import queue
 import shutil
+import subprocess
 import sys
+import tempfile
 import threading
 import traceback
 from dataclasses import dataclass, field
@@ -23,13 +28,16 @@ from typing import Callable
 import numpy as np
 
 from ..errors import MedsegError
-from ..io.dataset import open_dataset, source_group
-from ..io.images import to_rgb_float
 from ..training.config import TrainConfig
 from ..training.events import EpochDone, TrainingDone
 from ..training.items import LabelledImage
+from ..training.process import (PreviewMaker, keep_threshold, update_from_message,  # noqa: F401 (re-exported)
+                                write_items)
 from .common import WidgetInputError
 from .torch_import import import_torch_dynamo
+
+
+TRAINING_END_SECONDS = 60.0  # a training process that has not ended this long after its run is killed
 
 
 @dataclass
@@ -112,19 +120,51 @@ def remove_run_dir(run_dir: Path, top: Path) -> None:
         folder = folder.parent
 
 
-def keep_threshold(checkpoint: Path, threshold: float) -> None:
-    """Give a fine-tuned checkpoint its start model's foreground threshold where training left
-    none (``medseg tune-threshold`` re-tunes it on the validation images)."""
-    from ..models.checkpoint import load_checkpoint, save_checkpoint
-    from ..models.weights import read_state_dict
-    import torch
+class TrainingProcessError(RuntimeError):
+    """A bug in the training process: its message is that process's traceback."""
 
-    model, meta = load_checkpoint(checkpoint)
-    if meta.foreground_threshold is not None:
-        return
-    meta.foreground_threshold = float(threshold)
-    half = any(t.dtype == torch.float16 for t in read_state_dict(checkpoint).values())  # keep the stored precision
-    save_checkpoint(checkpoint, model, meta, half=half)
+
+def _read_lines(stream, inbox: queue.Queue) -> None:
+    """The training process's JSON messages into ``inbox`` (anything else is skipped)."""
+    for line in stream:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(message, dict):
+            inbox.put(message)
+
+
+def _tell(child: subprocess.Popen, line: str) -> bool:
+    try:
+        child.stdin.write(line + "\n")
+        child.stdin.flush()
+        return True
+    except (OSError, ValueError):  # it has ended, or its stdin is closed
+        return False
+
+
+def _end_process(child: subprocess.Popen, run_dir: Path, cleanup: Path | None, work: Path, log: Path) -> None:
+    """Wait for the training process to end (killed after ``TRAINING_END_SECONDS``), then remove
+    the run's folder if it left no checkpoint, the exchange folder, and the log of a clean run."""
+    try:
+        child.wait(timeout=TRAINING_END_SECONDS)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+    if cleanup is not None:
+        remove_run_dir(run_dir, cleanup)
+    shutil.rmtree(work, ignore_errors=True)
+    if child.returncode == 0:
+        log.unlink(missing_ok=True)
+
+
+def _log_tail(log: Path | None, chars: int = 2000) -> str:
+    try:
+        text = log.read_text(errors="replace").strip() if log is not None else ""
+    except OSError:
+        return ""
+    return f"\n\n{text[-chars:]}" if text else ""
 
 
 def failure(exc: Exception) -> TrainingFailed:
@@ -150,8 +190,8 @@ class TrainingJob:
         self.layer_source = layer_source
         self._cleanup = cleanup  # the topmost folder this run created: removed (if empty) with no checkpoint
         self._stop = threading.Event()
-        self._queue: queue.Queue = queue.Queue()
-        self._preview_item: LabelledImage | None = None
+        self._previews = PreviewMaker(cfg, items)  # in-thread runs (``run_here``)
+        self.log: Path | None = None  # the training process's log (``updates``)
 
     # -- control --------------------------------------------------------------------------
     def stop(self) -> None:
@@ -182,20 +222,6 @@ class TrainingJob:
             remove_run_dir(Path(self.cfg.out_dir), self._cleanup)
         emit(outcome)
 
-    def _pick_preview_item(self, val_groups: list[str]) -> LabelledImage | None:
-        """The first sample of the validation groups the trainer recorded (else the first sample)."""
-        if self.items is not None:
-            return next((it for it in self.items[0] if it.group in val_groups), self.items[0][0])
-        for folder in (spec.path for spec in self.cfg.dataset_specs()):  # grouped as the trainer groups them
-            ds = open_dataset(folder, require_labels=True)
-            for stem in ds.stems:
-                group = source_group(stem, ds.root.name, self.cfg.data.group_pattern)
-                if group in val_groups or not val_groups:
-                    sample = ds.load(stem)
-                    return LabelledImage(stem, group, to_rgb_float(sample.image, self.cfg.model.in_channels),
-                                         sample.labels.astype(np.uint8))
-        return None
-
     # -- the consumer side ----------------------------------------------------------------------
     def _follow(self, update) -> list:
         """The update and whatever the widget should see after it (a fresh preview)."""
@@ -206,59 +232,96 @@ class TrainingJob:
                 out.append(preview)
         return out
 
-    def _predict_preview(self):
-        """(preview item, its class map, the segmenter) with the best checkpoint so far."""
-        from ..inference.segmenter import Segmenter
-
-        # on the CPU: the training device is left alone
-        segmenter = Segmenter.load(Path(self.cfg.out_dir) / "best.safetensors", device="cpu")
-        try:
-            if self._preview_item is None:
-                self._preview_item = self._pick_preview_item(list(segmenter.meta.data.get("val_groups") or []))
-            item = self._preview_item
-            return item, (None if item is None else segmenter.segment(item.image)), segmenter
-        finally:
-            segmenter.release()
-
     def _make_preview(self, epoch: int) -> Preview | None:
         """The best checkpoint's class map of the preview sample; ``None`` if it cannot be made.
 
         A preview is a view, never a reason to stop training: its errors are swallowed.
         """
         try:
-            item, pred, segmenter = self._predict_preview()
+            item, pred, segmenter = self._previews()
         except Exception:  # noqa: BLE001
             return None
         if item is None:
             return None
-        image = item.image
-        if self.layer_source is not None:  # back into the painted layer's frame
-            p, y0, y1, x0, x1 = self.layer_source.regions[item.name]
-            full = np.zeros(self.layer_source.shape, np.uint8)
-            (full if p is None else full[p])[y0:y1, x0:x1] = pred
-            pred, image = full, None
-        return Preview(epoch, item.name, pred, segmenter.classes, segmenter.meta.colors, image)
+        return self._placed(Preview(epoch, item.name, pred, segmenter.classes, segmenter.meta.colors, item.image))
+
+    def _placed(self, preview: Preview) -> Preview:
+        """A preview of painted layers goes back into the painted layer's frame (no image of its own)."""
+        if self.layer_source is None:
+            return preview
+        p, y0, y1, x0, x1 = self.layer_source.regions[preview.name]
+        full = np.zeros(self.layer_source.shape, np.uint8)
+        (full if p is None else full[p])[y0:y1, x0:x1] = preview.labels
+        preview.labels, preview.image = full, None
+        return preview
 
     def updates(self):
-        """Generator for a napari thread worker: start training, yield its updates until it ends."""
-        thread = threading.Thread(target=self._train, args=(self._queue.put,), name="napari-medseg-training",
-                                  daemon=True)
-        thread.start()
+        """Generator for a napari thread worker: training in a process of its own
+        (``training.process``: napari's process never imports torch for it), its updates yielded
+        until it ends. Closed early (the viewer closed), it asks the run to end after its batch."""
+        yield from self._updates_from_process(Path(tempfile.mkdtemp(prefix="medseg-training-")))
+
+    def _updates_from_process(self, work: Path):
+        if self.items is not None:
+            write_items(self.items, work)
+        job = {"cfg": self.cfg.to_dict(), "items": self.items is not None, "preview": self.preview,
+               "start_threshold": self.start_threshold, "work": str(work)}
+        fd, log = tempfile.mkstemp(prefix="medseg-training-", suffix=".log")
+        self.log = Path(log)
+        with os.fdopen(fd, "w") as log_file:
+            child = subprocess.Popen([sys.executable, "-m", "napari_medseg.training.process"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=log_file, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        inbox: queue.Queue = queue.Queue()
+        threading.Thread(target=_read_lines, args=(child.stdout, inbox), daemon=True).start()
+        stop_sent, outcome = False, None
         try:
-            while True:
+            child.stdin.write(json.dumps(job, default=str) + "\n")
+            child.stdin.flush()
+            while outcome is None:
+                if self._stop.is_set() and not stop_sent:
+                    stop_sent = _tell(child, "stop")
                 try:
-                    update = self._queue.get(timeout=0.2)
+                    message = inbox.get(timeout=0.2)
                 except queue.Empty:
-                    if not thread.is_alive() and self._queue.empty():
-                        yield TrainingFailed("The training thread ended without a result.")
-                        return
+                    if child.poll() is not None and inbox.empty():
+                        outcome = TrainingFailed("The training process ended without a result "
+                                                 f"(exit code {child.returncode}).{_log_tail(self.log)}")
+                        yield outcome
                     continue
-                yield from self._follow(update)
-                if isinstance(update, (TrainingDone, TrainingFailed)):
-                    return
-        finally:  # also when the worker is quit (viewer closed): end training, wait for it
-            self._stop.set()
-            thread.join()
+                for update in self._from_message(message):
+                    if isinstance(update, (TrainingDone, TrainingFailed)):
+                        outcome = update
+                    yield update
+        finally:  # also when the worker is quit (viewer closed): the run ends after its batch
+            if outcome is None:
+                _tell(child, "stop")
+            try:
+                child.stdin.close()  # a child that missed the stop line ends on this too
+            except OSError:
+                pass
+            # the process finishes on its own (seconds: torch's teardown); the worker does not wait
+            # for it, so closing the viewer right after a run never outlives the worker's signals
+            cleanup = self._cleanup if getattr(outcome, "checkpoint", None) is None else None
+            threading.Thread(target=_end_process, args=(child, Path(self.cfg.out_dir), cleanup, work, self.log),
+                             daemon=True).start()
+
+    def _from_message(self, message: dict) -> list:
+        """The updates a message of the training process stands for."""
+        if "update" in message:
+            return [update_from_message(message["update"], message["fields"])]
+        if "preview" in message:
+            shown = message["preview"]
+            labels = np.load(shown["labels"])
+            image = np.load(shown["image"]) if shown.get("image") else None
+            return [self._placed(Preview(shown["epoch"], shown["name"], labels, shown["classes"], shown["colors"],
+                                         image))]
+        if "done" in message:
+            return [update_from_message("TrainingDone", message["done"])]
+        if "failed" in message:
+            error = None if message.get("traceback") is None else TrainingProcessError(message["traceback"])
+            return [TrainingFailed(message["failed"], error)]
+        return []
 
     def run_here(self, handle: Callable[[object], None]) -> None:
         def emit(update):
