@@ -1,6 +1,7 @@
 """napari's process without torch: opening the plugin's four widgets, segmenting a slide (in a
 child process) and then an image (here, by the runtime the slide run recorded) from the Segment
-widget load no deep-learning framework into the viewer. torch there froze the GUI for seconds
+widget, and fine-tuning on painted layers from the Train widget (in a child process) load no
+deep-learning framework into the viewer. torch there froze the GUI for seconds
 when the Segment widget opened and doubled the cost of every later garbage collection (the
 result hand-off's largest stall on a whole slide).
 
@@ -51,9 +52,29 @@ widget.target.value = WHOLE_IMAGE  # the slide's full-resolution level as an ima
 widget.run()
 QTimer.singleShot(300_000, loop.quit)
 loop.exec()
+image_run = {"torch_after_image_run": "torch" in sys.modules, "image_status": widget.status.value,
+             "layers_after_image_run": len(viewer.layers)}
+# a fine-tune on painted layers from the Train widget, threaded as the button runs it
+import tifffile
+from napari_medseg._napari.train_widget import FILE_MODEL as TRAIN_FILE_MODEL, FROM_LAYERS
+from napari_medseg.io import read_image
+consep = sys.argv[4]
+he = viewer.add_image(read_image(f"{consep}/images/train_1_005.png"), name="H&E", rgb=True)
+painted = viewer.add_labels(tifffile.imread(f"{consep}/labels/train_1_005.tif").astype("uint8"), name="painted")
+train = [w for name, w in viewer.window.dock_widgets.items() if "Train" in name][0]
+train.source.value, train.start_from.value, train.checkpoint.value = FROM_LAYERS, TRAIN_FILE_MODEL, checkpoint
+train.image_layer.value, train.labels_layer.value = he, painted
+train.tile_size.value, train.val_fraction.value, train.crops_per_image.value = 128, 0.25, 2
+train.crop_size.value, train.batch_size.value, train.epochs.value, train.device.value = 64, 4, 1, "cpu"
+train.output_dir.value, train.model_name.value = results + "-models", "tuned"
+train.run()
+QTimer.singleShot(300_000, loop.quit)
+timer = QTimer(); timer.timeout.connect(lambda: (train.result is not None or train.error is not None) and loop.quit())
+timer.start(100)
+loop.exec()
 print(json.dumps({"torch_after_open": torch_after_open, **slide_run, "devices": list(widget.device.choices),
-                  "torch_after_image_run": "torch" in sys.modules, "image_status": widget.status.value,
-                  "layers_after_image_run": len(viewer.layers)}))
+                  **image_run, "trained": train.result is not None, "train_error": train.error,
+                  "torch_after_training": "torch" in sys.modules}))
 """
 
 
@@ -62,7 +83,7 @@ def test_a_slide_is_segmented_from_the_viewer_without_torch_in_its_process(conse
     image[256:768, 256:768] = _mosaic(consep, "image", 2)
     _write_slide(tmp_path / "slide.tif", image)
     done = subprocess.run([sys.executable, "-c", VIEWER_SCRIPT, str(tmp_path / "slide.tif"), str(tiny_checkpoint),
-                           str(tmp_path / "results")], capture_output=True, text=True, timeout=600)
+                           str(tmp_path / "results"), str(consep)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["layers"] == ["slide", "slide segmentation", "slide nuclei"], seen
@@ -71,6 +92,8 @@ def test_a_slide_is_segmented_from_the_viewer_without_torch_in_its_process(conse
     # an image run in napari's own process loads the model by the runtime the slide run recorded
     assert seen["layers_after_image_run"] == 5 and "nuclei" in seen["image_status"], seen["image_status"]
     assert not seen["torch_after_image_run"]
+    # a fine-tune from the Train widget trains in a process of its own
+    assert seen["trained"] and seen["train_error"] is None and not seen["torch_after_training"], seen
     # the device list came from a child python that has torch: the same as this process's own
     assert seen["devices"] == available_devices()
 
