@@ -2,7 +2,7 @@
 
 Form -> plan -> job, as in careamics-napari: the widget reads its controls into a ``TrainForm``,
 ``plan_training`` (train_form, Qt-free) checks them and builds the ``TrainConfig``, and a
-``TrainingJob`` (training_job) runs the headless ``train()`` in its own thread. Its typed
+``TrainingJob`` (training_job) runs the headless ``train()`` in a process of its own. Its typed
 updates move the progress bar, extend the loss plot (loss_plot) and show the validation
 prediction. A finished model is listed in the Segment widget (``model_list.trained_models``).
 

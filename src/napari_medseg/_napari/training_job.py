@@ -202,7 +202,7 @@ class TrainingJob:
     def stop_requested(self) -> bool:
         return self._stop.is_set()
 
-    # -- the training thread ------------------------------------------------------------------
+    # -- training in the caller's thread (``run_here``) -----------------------------------------
     def _train(self, emit: Callable[[object], None]) -> None:
         """Always ends with one ``TrainingDone`` or ``TrainingFailed``; frees GPU memory first."""
         outcome: object
