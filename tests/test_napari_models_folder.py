@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from napari_medseg._napari import model_list
-from napari_medseg._napari.training_job import keep_threshold
+from napari_medseg.training.process import keep_threshold
 from napari_medseg.models.checkpoint import read_meta
 
 

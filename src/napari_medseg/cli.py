@@ -191,15 +191,15 @@ def cmd_predict(args) -> int:
 
 def _predict_slides(args) -> int:
     """Whole slides (or a region of each) into OUT: zarr pyramids, OME-TIFFs, GeoJSON, CSV."""
-    from .memory import limit_allocator_arenas
-
-    limit_allocator_arenas()  # before the runtime's threads exist: flat memory over the run (``memory``)
     from .inference import Segmenter
     from .inference.postprocess import PostprocessSettings
     from .inference.regions import Region
     from .inference.slide import predict_slide
     from .io.outputs import check_not_input
     from .io.slides import is_slide_path, open_slide
+    from .memory import limit_allocator_arenas
+
+    limit_allocator_arenas()  # before the runtime's threads exist: flat memory over the run (``memory``)
 
     slides = [Path(i) for i in args.inputs]
     not_slides = [str(s) for s in slides if not is_slide_path(s)]

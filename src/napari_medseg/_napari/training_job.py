@@ -27,12 +27,12 @@ from typing import Callable
 
 import numpy as np
 
+from ..child_messages import log_tail, read_messages
 from ..errors import MedsegError
 from ..training.config import TrainConfig
 from ..training.events import EpochDone, TrainingDone
 from ..training.items import LabelledImage
-from ..training.process import (PreviewMaker, keep_threshold, update_from_message,  # noqa: F401 (re-exported)
-                                write_items)
+from ..training.process import PreviewMaker, train_keeping_threshold, update_from_message, write_items
 from .common import WidgetInputError
 from .torch_import import import_torch_dynamo
 
@@ -124,17 +124,6 @@ class TrainingProcessError(RuntimeError):
     """A bug in the training process: its message is that process's traceback."""
 
 
-def _read_lines(stream, inbox: queue.Queue) -> None:
-    """The training process's JSON messages into ``inbox`` (anything else is skipped)."""
-    for line in stream:
-        try:
-            message = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(message, dict):
-            inbox.put(message)
-
-
 def _tell(child: subprocess.Popen, line: str) -> bool:
     try:
         child.stdin.write(line + "\n")
@@ -157,14 +146,6 @@ def _end_process(child: subprocess.Popen, run_dir: Path, cleanup: Path | None, w
     shutil.rmtree(work, ignore_errors=True)
     if child.returncode == 0:
         log.unlink(missing_ok=True)
-
-
-def _log_tail(log: Path | None, chars: int = 2000) -> str:
-    try:
-        text = log.read_text(errors="replace").strip() if log is not None else ""
-    except OSError:
-        return ""
-    return f"\n\n{text[-chars:]}" if text else ""
 
 
 def failure(exc: Exception) -> TrainingFailed:
@@ -209,11 +190,7 @@ class TrainingJob:
         try:
             # the trainer, and torch with it, loads here in the run's thread: the widget opens without it
             import_torch_dynamo()  # before the trainer imports torchvision: see torch_import
-            from ..training.trainer import train
-
-            outcome = train(self.cfg, on_update=emit, should_stop=self._stop.is_set, items=self.items)
-            if self.start_threshold is not None and getattr(outcome, "checkpoint", None) is not None:
-                keep_threshold(Path(outcome.checkpoint), self.start_threshold)
+            outcome = train_keeping_threshold(self.cfg, emit, self._stop.is_set, self.items, self.start_threshold)
         except Exception as exc:  # noqa: BLE001 - ends the run; the widget shows a message or a traceback
             outcome = failure(exc)
         finally:
@@ -273,7 +250,7 @@ class TrainingJob:
                                      stdout=subprocess.PIPE, stderr=log_file, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         inbox: queue.Queue = queue.Queue()
-        threading.Thread(target=_read_lines, args=(child.stdout, inbox), daemon=True).start()
+        threading.Thread(target=read_messages, args=(child.stdout, inbox), daemon=True).start()
         stop_sent, outcome = False, None
         try:
             child.stdin.write(json.dumps(job, default=str) + "\n")
@@ -286,7 +263,7 @@ class TrainingJob:
                 except queue.Empty:
                     if child.poll() is not None and inbox.empty():
                         outcome = TrainingFailed("The training process ended without a result "
-                                                 f"(exit code {child.returncode}).{_log_tail(self.log)}")
+                                                 f"(exit code {child.returncode}).{log_tail(self.log)}")
                         yield outcome
                     continue
                 for update in self._from_message(message):
@@ -306,8 +283,10 @@ class TrainingJob:
             threading.Thread(target=_end_process, args=(child, Path(self.cfg.out_dir), cleanup, work, self.log),
                              daemon=True).start()
 
-    def _from_message(self, message: dict) -> list:
-        """The updates a message of the training process stands for."""
+    def _from_message(self, message) -> list:
+        """The updates a message of the training process stands for (None: its output ended)."""
+        if not isinstance(message, dict):
+            return []
         if "update" in message:
             return [update_from_message(message["update"], message["fields"])]
         if "preview" in message:

@@ -35,6 +35,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..child_messages import log_tail, message_sender, read_messages
 from ..errors import MedsegError
 from ..memory import limit_allocator_arenas
 from ..steps import Cancelled, run_steps
@@ -43,7 +44,6 @@ from .slide import SlideResult
 
 POLL_SECONDS = 0.25  # how often the caller gets a step (and a chance to cancel) while the child is quiet
 CANCEL_GRACE_SECONDS = 30.0  # a child that has not answered a cancel by then is killed
-LOG_TAIL_CHARS = 2000  # of the child's log, in the message of a crash
 # an idle child still holds its model and runtime (0.3 GB by a recorded runtime, ~1 GB with
 # torch): ended after this long without a job; the next run starts a new one (the model loads again)
 IDLE_SECONDS = 600.0
@@ -159,10 +159,7 @@ def main() -> int:
     limit_allocator_arenas()  # before any thread allocates: flat memory over long runs (``memory``)
     if hasattr(os, "nice"):
         os.nice(NICENESS)
-    messages = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # anything printed (by us or by a library) goes to the log, never into the messages
-    sys.stdout = sys.stderr
-    send = lambda **message: messages.write(json.dumps(message) + "\n")  # noqa: E731
+    send = message_sender()  # anything printed goes to the log, never into the messages
     cancel, jobs = threading.Event(), queue.Queue()
 
     def listen():  # a cancel line stops the job at its next step; stdin closed stops it and the child
@@ -227,7 +224,7 @@ class SlideProcess:
             self._child = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                            stderr=log_file, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.pid = self._child.pid
-        threading.Thread(target=_read_messages, args=(self._child.stdout, self._inbox), daemon=True).start()
+        threading.Thread(target=read_messages, args=(self._child.stdout, self._inbox), daemon=True).start()
         return self._child
 
     def run(self, job: SlideJob):
@@ -258,7 +255,7 @@ class SlideProcess:
                     child.wait()
                     log, self._log = self._log, None  # kept for the user to read: its path is in the message
                     raise SlideProcessError(f"The slide run stopped unexpectedly (exit code {child.returncode})."
-                                            + _log_tail(log))
+                                            + log_tail(log))
                 if "progress" in message:
                     step = tuple(message["progress"])
                     yield step
@@ -347,15 +344,6 @@ def iter_predict_slide_in_process(job: SlideJob, command: list[str] | None = Non
         process.close()
 
 
-def _read_messages(stream, inbox: queue.Queue) -> None:
-    for line in stream:
-        try:
-            inbox.put(json.loads(line))
-        except ValueError:
-            continue
-    inbox.put(None)
-
-
 def _answered(inbox: queue.Queue, deadline: float) -> bool:
     """Whether the child ends the job (cancelled, failed, done or gone) before ``deadline``."""
     while (left := deadline - time.monotonic()) > 0:
@@ -366,11 +354,6 @@ def _answered(inbox: queue.Queue, deadline: float) -> bool:
         if message is None or "progress" not in message:
             return True
     return False
-
-
-def _log_tail(path: Path | None) -> str:
-    text = path.read_text(errors="replace").strip() if path is not None and path.is_file() else ""
-    return f" Its log ({path}) ends: ...{text[-LOG_TAIL_CHARS:]}" if text else ""
 
 
 def result_to_json(result: SlideResult) -> dict:

@@ -14,6 +14,7 @@ shared by all checkpoints, keeps the ``CACHE_KEEP`` most recently used.
 from __future__ import annotations
 
 import copy
+import functools
 import glob
 import hashlib
 import logging
@@ -45,7 +46,14 @@ class ExportError(MedsegError, RuntimeError):
 
 
 def checkpoint_hash(path: str | os.PathLike) -> str:
-    """The first 16 hex digits of the checkpoint file's SHA-256."""
+    """The first 16 hex digits of the checkpoint file's SHA-256 (read once per content: a load
+    names its exports and its runtime record by it several times)."""
+    stat = Path(path).stat()
+    return _file_hash(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _file_hash(path: str, size: int, mtime_ns: int) -> str:  # size and time: a rewritten file is read again
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

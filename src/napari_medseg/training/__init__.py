@@ -1,7 +1,7 @@
 """Training and fine-tuning (headless; the napari widget and the CLI drive it).
 
 The trainer (and torch with it) loads on first use of ``train``: the Train widget opens without
-it, and its run's thread imports it."""
+it and trains in a process of its own (``process``)."""
 
 from .config import TrainConfig, TrainConfigError, load_train_config
 from .events import BatchDone, EpochDone, TrainingDone, TrainingError

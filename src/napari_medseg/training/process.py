@@ -17,7 +17,6 @@ after its current batch, as ``stop`` does, and the best checkpoint so far is kep
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import traceback
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..child_messages import message_sender
 from ..errors import MedsegError
 from .config import TrainConfig
 from .events import BatchDone, EpochDone, TrainingDone
@@ -102,6 +102,17 @@ def keep_threshold(checkpoint: Path, threshold: float) -> None:
     save_checkpoint(checkpoint, model, meta, half=half)
 
 
+def train_keeping_threshold(cfg: TrainConfig, on_update, should_stop, items,
+                            start_threshold: float | None) -> TrainingDone:
+    """``train()``; a fine-tune then keeps its start model's threshold (``keep_threshold``)."""
+    from .trainer import train
+
+    outcome = train(cfg, on_update=on_update, should_stop=should_stop, items=items)
+    if start_threshold is not None and outcome.checkpoint is not None:
+        keep_threshold(Path(outcome.checkpoint), start_threshold)
+    return outcome
+
+
 def pick_preview_item(cfg: TrainConfig, items, val_groups: list[str]) -> LabelledImage | None:
     """The first sample of the validation groups the trainer recorded (else the first sample)."""
     from ..io.dataset import open_dataset, source_group
@@ -142,10 +153,7 @@ class PreviewMaker:
 
 # -- the child --------------------------------------------------------------------------
 def main() -> int:
-    messages = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # anything printed (by us or by a library) goes to the log, never into the messages
-    sys.stdout = sys.stderr
-    send = lambda **message: messages.write(json.dumps(message) + "\n")  # noqa: E731
+    send = message_sender()  # anything printed goes to the log, never into the messages
     job = json.loads(sys.stdin.readline() or "null")
     if not isinstance(job, dict):
         send(failed="No training job was given.", traceback=None)
@@ -170,11 +178,7 @@ def main() -> int:
             if preview is not None and isinstance(update, EpochDone) and update.best:
                 _send_preview(send, preview, update.epoch, work)
 
-        from .trainer import train
-
-        outcome = train(cfg, on_update=emit, should_stop=stop.is_set, items=items)
-        if job.get("start_threshold") is not None and outcome.checkpoint is not None:
-            keep_threshold(Path(outcome.checkpoint), job["start_threshold"])
+        outcome = train_keeping_threshold(cfg, emit, stop.is_set, items, job.get("start_threshold"))
     except MedsegError as exc:
         send(failed=str(exc), traceback=None)
         return 1
