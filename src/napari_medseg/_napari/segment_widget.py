@@ -250,14 +250,11 @@ class SegmentWidget(Container):
         none: napari's process then never imports torch (0.66 GB, and garbage-collection pauses
         of 0.1-0.2 s while it imports). PyTorch models load here (seconds; torch imported once)."""
         if self._segmenter_cache is None or self._segmenter_cache[0] != key:
-            from ..inference.runtime_record import iter_record_in_a_process
+            from ..inference.runtime_record import iter_load_recorded
             from ..inference.segmenter import Segmenter
 
             model, device, backend = key
-            segmenter = Segmenter.load_recorded(model, device, backend)
-            if segmenter is None and backend != "torch" and device in ("auto", "cpu"):
-                if (yield from iter_record_in_a_process(model, device, backend)):
-                    segmenter = Segmenter.load_recorded(model, device, backend)
+            segmenter = yield from iter_load_recorded(model, device, backend)
             if segmenter is None:
                 import_torch_dynamo()  # building the network imports torchvision: see torch_import
                 segmenter = Segmenter.load(model, device=device, backend=backend)

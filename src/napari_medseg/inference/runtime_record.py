@@ -154,6 +154,21 @@ def iter_record_in_a_process(model: str, device: str, backend: str, precision: s
     return check.returncode == 0
 
 
+def iter_load_recorded(model: str, device: str, backend: str, threads: int | None = None):
+    """Generator (steps while a check runs): the segmenter by this machine's recorded runtime
+    (``Segmenter.load_recorded``), the choice made first in a process of its own when there is no
+    record (``iter_record_in_a_process``); returns None where PyTorch is what runs (asked for, a
+    GPU, or a runtime that failed its check): the caller then loads with torch."""
+    from .segmenter import Segmenter
+
+    if backend == "torch" or device not in ("auto", "cpu"):
+        return None
+    segmenter = Segmenter.load_recorded(model, device, backend, threads=threads)
+    if segmenter is None and (yield from iter_record_in_a_process(model, device, backend, threads=threads)):
+        segmenter = Segmenter.load_recorded(model, device, backend, threads=threads)
+    return segmenter
+
+
 def main(argv: list[str] | None = None) -> int:
     """Load MODEL as asked (export, check, choose) so that its choice is recorded; 0 when a runtime
     was chosen and recorded, 1 when PyTorch was (nothing to record), 2 on an error (printed)."""

@@ -127,30 +127,21 @@ def run_job(job: SlideJob, progress=None, should_cancel=None, loaded: dict | Non
 def _load_segmenter(job: SlideJob, should_cancel=None):
     """The job's model, by the runtime alone where this machine has a record of its choice
     (``runtime_record``: no torch in this process, ~0.65 GB less); without one, the choice is made
-    and recorded in a short-lived process first, so the record serves this and every later run.
-    PyTorch models (``backend`` torch, a GPU, or a runtime that failed its check) load here as before."""
+    and recorded in a short-lived process first (a cancel kills it), so the record serves this and
+    every later run. PyTorch models (``backend`` torch, a GPU, or a runtime that failed its check)
+    load here as before."""
+    from .runtime_record import iter_load_recorded
     from .segmenter import Segmenter
 
-    if job.backend != "torch" and job.device in ("auto", "cpu"):
-        segmenter = Segmenter.load_recorded(job.model, job.device, job.backend, threads=job.threads)
-        if segmenter is None and _record_choice(job, should_cancel):
-            segmenter = Segmenter.load_recorded(job.model, job.device, job.backend, threads=job.threads)
-        if segmenter is not None:
-            return segmenter
+    segmenter = run_steps(iter_load_recorded(job.model, job.device, job.backend, job.threads),
+                          should_cancel=should_cancel)
+    if segmenter is not None:
+        return segmenter
     if job.threads:
         import torch
 
         torch.set_num_threads(job.threads)
     return Segmenter.load(job.model, device=job.device, backend=job.backend)
-
-
-def _record_choice(job: SlideJob, should_cancel=None) -> bool:
-    """``runtime_record``'s check in a process of its own; True when a runtime was recorded. A
-    cancel kills it and raises ``Cancelled``."""
-    from .runtime_record import iter_record_in_a_process
-
-    return run_steps(iter_record_in_a_process(job.model, job.device, job.backend, threads=job.threads),
-                     should_cancel=should_cancel)
 
 
 def main() -> int:
