@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from napari_medseg.devices import available_devices, probe_devices
 from test_slides import _mosaic, _write_slide
@@ -98,19 +99,38 @@ def test_a_slide_is_segmented_from_the_viewer_without_torch_in_its_process(conse
     assert seen["devices"] == available_devices()
 
 
-def test_the_device_probe_lists_torchs_devices_without_loading_torch():
-    script = ("import json, sys; from napari_medseg.devices import probe_devices; "
-              "print(json.dumps([probe_devices(), 'torch' in sys.modules]))")
+@pytest.mark.parametrize("gpu_nodes", [True, False], ids=["asks-a-child", "no-gpu-node"])
+def test_the_device_probe_lists_torchs_devices_without_loading_torch(gpu_nodes):
+    # as on a machine with a GPU's device node (the child python is asked), and as on this one
+    script = ("import json, sys; import napari_medseg.devices as d; "
+              f"d.gpu_possible = lambda: {gpu_nodes}; import subprocess; run = subprocess.run; calls = []; "
+              "subprocess.run = lambda *a, **k: calls.append(a) or run(*a, **k); "
+              "print(json.dumps([d.probe_devices(), 'torch' in sys.modules, len(calls)]))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
-    devices, torch_loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    devices, torch_loaded, children = json.loads(done.stdout.strip().splitlines()[-1])
     assert devices == available_devices() and not torch_loaded
+    assert children == (1 if gpu_nodes else 0)
     assert probe_devices() == available_devices()  # torch already loaded here: asked directly
+
+
+def test_no_gpu_is_possible_without_a_gpu_device_node(monkeypatch):
+    import napari_medseg.devices as devices
+
+    monkeypatch.setattr(devices.sys, "platform", "linux")
+    monkeypatch.setattr(devices.glob, "glob", lambda pattern: [])
+    assert not devices.gpu_possible()
+    monkeypatch.setattr(devices.glob, "glob", lambda pattern: ["/dev/nvidia0"] if "nvidia" in pattern else [])
+    assert devices.gpu_possible()
+    monkeypatch.setattr(devices.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(devices.sys, "platform", "darwin")  # Metal: only torch can tell
+    assert devices.gpu_possible()
 
 
 def test_a_failing_device_probe_leaves_the_devices_every_machine_has(monkeypatch, tmp_path):
     import napari_medseg.devices as devices
 
     monkeypatch.delitem(sys.modules, "torch")  # as in a viewer that has not loaded it (restored after)
+    monkeypatch.setattr(devices, "gpu_possible", lambda: True)  # as on a machine with a GPU's device node
     monkeypatch.setattr(devices.sys, "executable", str(tmp_path / "no-python-here"))
     assert probe_devices() == ["auto", "cpu"]
     broken = tmp_path / "python-that-prints-nonsense"

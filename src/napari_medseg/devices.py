@@ -7,7 +7,9 @@ there (slides run in a child process).
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import subprocess
 import sys
 from typing import TYPE_CHECKING
@@ -36,12 +38,27 @@ def available_devices() -> list[str]:
     return names
 
 
+# on Linux a GPU torch can use shows as device nodes: NVIDIA's, AMD's ROCm (kfd), WSL's (dxg)
+LINUX_GPU_NODES = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/dxg")
+
+
+def gpu_possible() -> bool:
+    """Whether torch could find a GPU here: on Linux, only where a GPU's device node exists;
+    elsewhere (macOS's Metal, Windows) it has to be asked."""
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(glob.glob(pattern) for pattern in LINUX_GPU_NODES)
+
+
 def probe_devices() -> list[str]:
     """``available_devices()`` without loading torch into this process: asked of a child python
-    when torch is not loaded here yet (about a second; call it off the GUI thread). A child that
-    fails or hangs leaves ``ALWAYS_THERE`` (``auto`` still finds a GPU when the run starts)."""
+    when torch is not loaded here yet (about 3 s and 0.5 GB while torch loads; call it off the
+    GUI thread), and not at all where no GPU can be (``gpu_possible``). A child that fails or
+    hangs leaves ``ALWAYS_THERE`` (``auto`` still finds a GPU when the run starts)."""
     if "torch" in sys.modules:
         return available_devices()
+    if not gpu_possible():
+        return list(ALWAYS_THERE)
     try:
         done = subprocess.run([sys.executable, "-m", "napari_medseg.devices"], capture_output=True, text=True,
                               timeout=PROBE_TIMEOUT_S, check=True)
