@@ -171,7 +171,8 @@ def test_threaded_fine_tune_on_layers_stops_after_a_batch_and_keeps_best(make_na
     assert len(widget.plot.data["batch_loss"][0]) >= 4 and len(widget.plot.data["val_loss"][0]) >= 1
     _assert_plot_shows_every_point(widget.plot)  # one finished epoch: its points are drawn
     assert "stopped by user" in widget.status.value and widget.train_button.enabled
-    # the validation tile's prediction sits on the painted image
+    # the validation tile's prediction sits on the painted image (its layer goes in over a few turns)
+    qtbot.waitUntil(lambda: len(_preview_layers(viewer)) == 1 and not widget._going_in, timeout=5_000)
     (preview,) = _preview_layers(viewer)
     assert preview.data.shape == labels.data.shape and preview.data.any()
     assert widget.trained_name in trained_models.names()

@@ -25,7 +25,8 @@ from psygnal import Signal
 from ..errors import MedsegError
 from ..models import ARCHITECTURES, TESTED_ENCODERS
 from ..training.events import BatchDone, EpochDone, TrainingDone
-from .common import device_choices, follow_devices, report_error, start_worker, warm_label_visuals
+from .common import (add_layers_in_turns, device_choices, follow_devices, report_error, start_worker,
+                     warm_label_visuals)
 from .dock import ScrollingDock
 from .layers import (METADATA_KEY, class_labels_kwargs, image_layers, labels_layers, layer_classes,
                      layer_kind, wrapping_label)
@@ -62,6 +63,7 @@ class TrainWidget(ScrollingDock):
         self.error: str | None = None
         self.trained_name: str | None = None
         self.preview_layers: list = []
+        self._going_in: list = []  # preview layers handed to ``add_layers_in_turns``, not in yet
         self._plot_after_preview = False  # the epoch's plot waits for its preview's layer
         self._steps = self._epochs = 1
         form = TrainForm()  # every control starts at the form's defaults (the core's)
@@ -315,34 +317,46 @@ class TrainWidget(ScrollingDock):
 
     def _show_preview(self, p: Preview) -> None:
         """Show the prediction in two layers that later previews update: over the painted layer
-        (its scale and translate), or over the sample itself (folder data)."""
+        (its scale and translate), or over the sample itself (folder data). A new layer goes in a
+        step per event-loop turn, as the Segment widget's results do (in one turn: 160 ms here)."""
+        from napari.layers import Labels
+
         name = "training preview"
-        layers = [l for l in self.preview_layers if l in self._viewer.layers]
+        layers = [l for l in self.preview_layers if l in self._viewer.layers or l in self._going_in]
         source = self._job.layer_source if self._job is not None else None
         image_layer = None if source is not None else self._preview_image(layers, p.image, f"{name} image")
         extra = {} if source is None else {"scale": source.scale, "translate": source.translate}
         labels_layer = next((l for l in layers if layer_kind(l) == PREVIEW_KIND), None)
-        if labels_layer is None or labels_layer.data.shape != p.labels.shape:
+        if labels_layer is None or (labels_layer.data.shape != p.labels.shape and labels_layer not in self._going_in):
             if labels_layer is not None:
                 self._viewer.layers.remove(labels_layer)
             kwargs = class_labels_kwargs(name, p.classes, p.colors, opacity=0.6, **extra)
             kwargs["metadata"][METADATA_KEY]["kind"] = PREVIEW_KIND
-            labels_layer = self._viewer.add_labels(p.labels, **kwargs)
+            labels_layer = Labels(p.labels, **kwargs)
         else:
             labels_layer.data = p.labels
         labels_layer.name = f"{name} (epoch {p.epoch}: {p.name})"
         self.preview_layers = [l for l in (image_layer, labels_layer) if l is not None]
-        if self._plot_after_preview and self.plot is not None:
-            from qtpy.QtCore import QTimer
+        new = [l for l in self.preview_layers if l not in self._viewer.layers and l not in self._going_in]
+        self._going_in += new
 
-            self._plot_after_preview = False
-            QTimer.singleShot(0, self.plot.draw)  # after the new layer's first paint
+        def added():
+            self._going_in = [l for l in self._going_in if l not in new]
+            if self._plot_after_preview and self.plot is not None:
+                from qtpy.QtCore import QTimer
+
+                self._plot_after_preview = False
+                QTimer.singleShot(0, self.plot.draw)  # after the new layer's first paint
+
+        # a run in the caller's thread (tests, scripts) reads the layers as soon as it returns
+        add_layers_in_turns(self._viewer, new, added, in_turns=self._worker is not None, owner=self.native)
 
     def _preview_image(self, layers: list, image: np.ndarray, name: str):
+        from napari.layers import Image
+
         layer = next((l for l in layers if layer_kind(l) == PREVIEW_IMAGE_KIND), None)
         if layer is None:
-            return self._viewer.add_image(image, name=name, rgb=image.shape[-1] == 3,
-                                          metadata={METADATA_KEY: {"kind": PREVIEW_IMAGE_KIND}})
+            return Image(image, name=name, rgb=image.shape[-1] == 3, metadata={METADATA_KEY: {"kind": PREVIEW_IMAGE_KIND}})
         layer.data = image
         return layer
 
