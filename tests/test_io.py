@@ -233,13 +233,18 @@ def test_read_gray_png(tmp_path, gray):
     assert image.shape == (256, 256) and image.dtype == np.uint8 and np.array_equal(image, gray)
 
 
-def test_read_rgba_png_drops_alpha(tmp_path, patch):
+def test_read_rgba_png_shows_transparent_pixels_as_glass(tmp_path, patch):
     rgb = patch["image"]
-    alpha = np.where(patch["labels"] > 0, 255, 0).astype(np.uint8)  # alpha 0 on background
+    opaque = patch["labels"] > 0
+    alpha = np.where(opaque, 255, 0).astype(np.uint8)  # alpha 0 on background
     Image.fromarray(np.dstack([rgb, alpha]), mode="RGBA").save(tmp_path / "rgba.png")
     image = read_image(tmp_path / "rgba.png")
-    # the colour under transparent pixels is kept, not blended away
-    assert image.shape == (256, 256, 3) and np.array_equal(image, rgb)
+    # what any viewer shows: the opaque pixels as they are, the transparent ones white (glass), not
+    # the colour stored under them (often black: a tissue finder and a model take it for tissue)
+    assert image.shape == (256, 256, 3) and np.array_equal(image[opaque], rgb[opaque])
+    assert (image[~opaque] == 255).all()
+    Image.fromarray(np.dstack([rgb, np.full(alpha.shape, 255, np.uint8)]), mode="RGBA").save(tmp_path / "opaque.png")
+    assert np.array_equal(read_image(tmp_path / "opaque.png"), rgb)  # opaque RGBA: alpha dropped
 
 
 def test_read_gray_alpha_png_drops_alpha(tmp_path, gray):
@@ -402,14 +407,14 @@ def test_saved_4d_5d_tiff_refused(tmp_path, gray, n):
     path = tmp_path / f"stack{n}d.tif"
     tifffile.imwrite(path, data, photometric="minisblack")
     shape = ", ".join(map(str, data.shape))
-    with pytest.raises(ImageReadError, match=rf"'stack{n}d.tif': shape \({shape}\) {STACK_MSG}"):
+    with pytest.raises(ImageReadError, match=rf"'stack{n}d.tif': shape \({shape}\) \(axes '\w+'\) {STACK_MSG}"):
         read_image(path)
 
 
 def test_saved_z_stack_ome_refused(tmp_path, gray):
     path = tmp_path / "z.ome.tif"
     tifffile.imwrite(path, np.stack([gray, gray])[None], ome=True, metadata={"axes": "TZYX"})
-    with pytest.raises(ImageReadError, match=rf"shape \(2, 256, 256\) {STACK_MSG}"):
+    with pytest.raises(ImageReadError, match=rf"shape \(2, 256, 256\) \(axes 'ZYX'\) {STACK_MSG}"):
         read_image(path)
 
 
@@ -916,3 +921,21 @@ def test_pannuke_two_folds_refused(pannuke_source, tmp_path):
     assert not is_pannuke_fold(tmp_path)
     with pytest.raises(DatasetError, match="2 files named images.npy; point to a single fold"):
         read_pannuke_fold(tmp_path)
+
+
+def test_dataset_folders_skip_hidden_files_and_name_near_miss_masks(tmp_path):
+    """A folder copied from a Mac carries "._<name>" files: not images, not masks. A mask saved
+    as b.TIF (or b.ome.tif) is named in the error, not just reported missing."""
+    from napari_medseg.io.dataset import DatasetError, open_dataset, write_classes, write_sample
+
+    root = tmp_path / "ds"
+    write_classes(root, ["background", "nucleus"])
+    labels = np.zeros((16, 16), np.uint8)
+    for stem in ("a", "b"):
+        write_sample(root, stem, np.full((16, 16, 3), 200, np.uint8), labels)
+    (root / "images" / "._a.png").write_bytes(b"\0\5\26\7" + b"\0" * 60)  # AppleDouble
+    (root / "labels" / "._a.tif").write_bytes(b"\0\5\26\7" + b"\0" * 60)
+    assert open_dataset(root).stems == ["a", "b"]
+    (root / "labels" / "b.tif").rename(root / "labels" / "b.TIF")
+    with pytest.raises(DatasetError, match=r"lacks masks for 1 image\(s\): b; b.TIF must be saved as .tif"):
+        open_dataset(root)

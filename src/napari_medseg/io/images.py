@@ -66,7 +66,9 @@ def tifffile_quiet():
         logger.setLevel(level)
 
 
-def _read_raw(path: Path) -> np.ndarray:
+def _read_raw(path: Path, palette_indices: bool = False) -> tuple[np.ndarray, str | None]:
+    """The file's pixels as stored, and a TIFF's axes (``None`` for PNG and JPEG). A palette
+    image's colours, or with ``palette_indices`` its indices (an indexed label mask's classes)."""
     suffix = image_suffix(path)
     if suffix not in IMAGE_SUFFIXES:
         raise ImageReadError(
@@ -81,22 +83,34 @@ def _read_raw(path: Path) -> np.ndarray:
         if suffix in (".tif", ".tiff"):
             import tifffile
 
+            from .lazy import main_series_index
+
             with tifffile_quiet(), tifffile.TiffFile(path) as tif:
-                # series[0] is the image as the file describes it (OME axes included);
-                # level 0 is full resolution for pyramidal files.
-                check_tiff_data(tif.series[0], path)
-                return np.asarray(tif.series[0].asarray())
+                # the series that holds the image (a macro or label image may come first), as the
+                # file describes it (its axes: a 3-plane z-stack is not RGB); level 0 is full
+                # resolution for pyramidal files
+                series = tif.series[main_series_index(tif)]
+                check_tiff_data(series, path)
+                return np.asarray(series.asarray()), series.axes
+        if suffix == ".png" and _png_bit_depth(path) == 16:
+            # Pillow decodes 16-bit colour PNGs to 8 bits (12-bit camera data turns nearly black)
+            import imagecodecs
+
+            pixels = np.asarray(imagecodecs.png_decode(path.read_bytes()))
+            return (pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 2 else pixels), None  # gray + alpha: gray
         from PIL import Image
 
         with Image.open(path) as im:
             im.load()  # forces decoding, so truncated files fail here
-            if im.mode in ("P", "PA"):
+            if im.mode == "P" and palette_indices:
+                pass
+            elif im.mode in ("P", "PA"):
                 im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
             elif im.mode in ("LA", "La"):
                 im = im.convert("L")  # gray + alpha: drop alpha as for RGBA, else (H, W, 2) is refused
             elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
                 im = im.convert("RGB")
-            return np.asarray(im)
+            return np.asarray(im), None
     except ImageReadError:
         raise
     except Exception as exc:  # tifffile/PIL raise many types for broken files
@@ -104,6 +118,13 @@ def _read_raw(path: Path) -> np.ndarray:
             f"Cannot read '{path.name}': the file is corrupt, truncated or not a "
             f"{suffix.lstrip('.').upper()} file ({type(exc).__name__}: {exc})."
         ) from exc
+
+
+def _png_bit_depth(path: Path) -> int | None:
+    """A PNG's bits per sample, from its header (IHDR), or ``None`` if it is not a PNG."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    return head[24] if len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" else None
 
 
 def check_tiff_data(series, path: Path) -> None:
@@ -196,14 +217,25 @@ def plane_layout(shape, dtype, name: str = "image", axes: str | None = None) -> 
 
 
 def without_alpha(pixels: np.ndarray) -> np.ndarray:
-    """RGBA -> RGB (a view): alpha carries no stain information. Other pixels as they are."""
-    return pixels[..., :3] if pixels.ndim == 3 and pixels.shape[-1] == 4 else pixels
+    """RGBA -> RGB over white: alpha carries no stain information, but a transparent area (a crop's
+    border, a region never scanned) is glass, not the black a tissue finder and a model would take
+    for dark tissue. Alpha the same everywhere (opaque, or a writer's unset 0) marks no area and is
+    dropped (a view), as is float alpha, whose range is not known. Other pixels as they are."""
+    if not (pixels.ndim == 3 and pixels.shape[-1] == 4):
+        return pixels
+    rgb, alpha = pixels[..., :3], pixels[..., 3:4]
+    if not np.issubdtype(pixels.dtype, np.integer) or alpha.size == 0 or (alpha == alpha.flat[0]).all():
+        return rgb
+    full = int(np.iinfo(pixels.dtype).max)
+    alpha = alpha.astype(np.uint64)
+    return ((rgb * alpha + full * (full - alpha) + full // 2) // full).astype(pixels.dtype)
 
 
-def validate_image_array(array: np.ndarray, name: str = "image") -> np.ndarray:
-    """Bring an array to ``(H, W)`` or ``(H, W, 3)`` per the module rules, or raise."""
+def validate_image_array(array: np.ndarray, name: str = "image", axes: str | None = None) -> np.ndarray:
+    """Bring an array to ``(H, W)`` or ``(H, W, 3)`` per the module rules, or raise. ``axes``: a
+    TIFF's, when known (see ``plane_layout``)."""
     array = np.asarray(array)
-    array = without_alpha(plane_layout(array.shape, array.dtype, name).to_channel_last(array))
+    array = without_alpha(plane_layout(array.shape, array.dtype, name, axes).to_channel_last(array))
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise ImageReadError(f"{name}: the image contains NaN or infinite pixels.")
     return array
@@ -212,7 +244,8 @@ def validate_image_array(array: np.ndarray, name: str = "image") -> np.ndarray:
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read a TIFF (incl. OME/multi-page with one image), PNG or JPEG as ``(H, W)`` or ``(H, W, 3)``."""
     path = Path(path)
-    return validate_image_array(_read_raw(path), name=f"'{path.name}'")
+    pixels, axes = _read_raw(path)
+    return validate_image_array(pixels, name=f"'{path.name}'", axes=axes)
 
 
 def intensity_range(image, sample_rows: int = 2048) -> tuple[float, float] | None:
@@ -281,8 +314,10 @@ def read_label_map(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if image_suffix(path) not in LABEL_SUFFIXES:
         raise ImageReadError(f"Cannot read labels '{path.name}': use .tif or .png for label maps.")
-    raw = _read_raw(path)
+    raw, _ = _read_raw(path, palette_indices=True)
     labels = raw[_plane_index(raw.shape)[0]]
+    if labels.dtype == bool:  # a 1-bit mask: background and one class
+        labels = labels.astype(np.uint8)
     if labels.ndim != 2:
         raise ImageReadError(f"Labels '{path.name}': expected a 2-D label map, got shape {labels.shape}.")
     if not np.issubdtype(labels.dtype, np.integer):
@@ -321,8 +356,9 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def write_label_map(path: str | os.PathLike, labels: np.ndarray) -> Path:
-    """Write a label map as a zlib-compressed TIFF, in the smallest unsigned dtype, atomically."""
+def write_label_map(path: str | os.PathLike, labels: np.ndarray, pixel_size_um: float | None = None) -> Path:
+    """Write a label map as a zlib-compressed TIFF, in the smallest unsigned dtype, atomically;
+    ``pixel_size_um`` in its resolution tags (so it opens on its image, at the same scale)."""
     import tifffile
 
     path = Path(path)
@@ -338,7 +374,9 @@ def write_label_map(path: str | os.PathLike, labels: np.ndarray) -> Path:
     atomic_write(
         path,
         lambda tmp: tifffile.imwrite(
-            tmp, data, compression="zlib", tile=(512, 512) if big else None, bigtiff=big, photometric="minisblack"
+            tmp, data, compression="zlib", tile=(512, 512) if big else None, bigtiff=big, photometric="minisblack",
+            **({"resolution": (1e4 / pixel_size_um, 1e4 / pixel_size_um), "resolutionunit": "CENTIMETER"}
+               if pixel_size_um else {}),
         ),
     )
     return path

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MedsegError
-from .images import ImageReadError
+from .images import ImageReadError, without_alpha
 from .lazy import main_series_index, open_tiff_lazy, should_open_lazily
 
 TIFF_SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif")
@@ -84,23 +84,74 @@ def open_slide(path: str | os.PathLike) -> Slide:
 
 
 def tiff_pixel_size_um(path: str | os.PathLike) -> tuple[float | None, str, dict]:
-    """``(µm per level-0 pixel or None, vendor, metadata)`` from a slide TIFF's header:
-    Aperio's ``MPP`` in the ImageDescription, OME-XML ``PhysicalSizeX``, else the resolution tags."""
+    """``(µm per level-0 pixel or None, vendor, metadata)`` from a slide TIFF's header: Aperio's
+    ``MPP`` in the ImageDescription, OME-XML ``PhysicalSizeX`` of the image read (not a macro or
+    label image listed before it), ImageJ's calibration, else the resolution tags. A size no
+    microscope gives (an image editor's 72 dpi: 353 µm/px) is none (``is_plausible_pixel_size``)."""
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        page = tif.series[main_series_index(tif)].levels[0].keyframe
+        series = tif.series[main_series_index(tif)]
+        page = series.levels[0].keyframe
         if tif.is_svs:
             meta = aperio_fields(page.description)
             mpp = meta.get("MPP")
-            return (float(mpp) if mpp else None), "aperio", meta
+            return _believable(float(mpp) if mpp else None), "aperio", meta
         if tif.is_ome:
-            match = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata or "")
-            unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata or "")
-            if match and (unit is None or unit.group(1) in ("µm", "um", "\u00b5m")):
-                return float(match.group(1)), "ome", {}
+            size = ome_pixel_size_um(tif.ome_metadata or "", page.imagewidth, page.imagelength)
+            if size is not None:
+                return _believable(size), "ome", {}
+        if tif.is_imagej:
+            size = _imagej_pixel_size_um(page, tif.imagej_metadata or {})
+            if size is not None:
+                return _believable(size), "imagej", {}
         vendor = "hamamatsu" if tif.is_ndpi else "leica" if tif.is_scn else "tiff"
-        return _resolution_tag_um(page), vendor, {}
+        return _believable(_resolution_tag_um(page)), vendor, {}
+
+
+def _believable(size_um: float | None) -> float | None:
+    from .pixel_size import is_plausible_pixel_size
+
+    return size_um if is_plausible_pixel_size(size_um) else None
+
+
+# µm per unit of the length units OME-XML and ImageJ write (OME's default unit is the µm)
+_LENGTH_UNIT_UM = {"\u00b5m": 1.0, "\u03bcm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0,
+                   "micrometer": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
+
+
+def ome_pixel_size_um(ome_xml: str, width: int, height: int) -> float | None:
+    """µm/px of the OME ``Image`` whose ``Pixels`` are ``width`` x ``height`` (the first if none
+    matches), its ``PhysicalSizeXUnit`` converted; ``None`` where it records none."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(ome_xml)
+    except ET.ParseError:
+        return None
+    pixels = [el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"]
+    sized = [p for p in pixels if p.get("SizeX") == str(width) and p.get("SizeY") == str(height)]
+    for p in sized or pixels[:1]:
+        size, unit = p.get("PhysicalSizeX"), p.get("PhysicalSizeXUnit", "µm")
+        if size is None or unit not in _LENGTH_UNIT_UM:
+            return None
+        try:
+            return float(size) * _LENGTH_UNIT_UM[unit]
+        except ValueError:
+            return None
+    return None
+
+
+def _imagej_pixel_size_um(page, imagej_metadata: dict) -> float | None:
+    """ImageJ's calibration: pixels per ``unit`` in the resolution tags (unit-less in TIFF's own
+    ResolutionUnit), the unit in its description."""
+    # ImageJ writes the micro sign as the text "\\u00B5m"
+    unit = str(imagej_metadata.get("unit", "")).replace("\\u00B5", "\u00b5").replace("\\u00b5", "\u00b5")
+    tag = page.tags.get("XResolution")
+    if unit not in _LENGTH_UNIT_UM or tag is None:
+        return None
+    num, den = tag.value
+    return _LENGTH_UNIT_UM[unit] * den / num if num else None
 
 
 def _resolution_tag_um(page) -> float | None:
@@ -173,8 +224,7 @@ def over_white(rgba: np.ndarray) -> np.ndarray:
     """An RGBA region (openslide-python's: not premultiplied) as RGB over white: areas never
     scanned (transparent) read as glass, not as the black a tissue finder and a model would take
     for dark tissue."""
-    alpha = rgba[..., 3:4].astype(np.uint32)
-    return ((rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+    return without_alpha(rgba)
 
 
 def _chunk_sizes(n: int, chunk: int) -> tuple[int, ...]:
