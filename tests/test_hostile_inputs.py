@@ -94,6 +94,17 @@ def test_pannuke_convert_twice_into_one_folder_is_allowed(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+def test_another_pannuke_fold_never_replaces_a_converted_one(tmp_path):  # was LOSS: same stems, silently replaced
+    masks = np.zeros((2, 16, 16, 6))
+    first = _fold(tmp_path / "Fold 1", np.full((2, 16, 16, 3), 10.0), masks)
+    second = _fold(tmp_path / "Fold 2", np.full((2, 16, 16, 3), 20.0), masks)
+    out = tmp_path / "converted"
+    assert medseg("convert", "pannuke", first, out).returncode == 0
+    before = {p.name: p.read_bytes() for p in (out / "images").iterdir()}
+    assert_refused(medseg("convert", "pannuke", second, out), "holds PanNuke fold Fold 1")
+    assert {p.name: p.read_bytes() for p in (out / "images").iterdir()} == before
+
+
 def test_labels_saved_as_png_are_named_as_such(tmp_path, dataset, model):  # was vague: "lacks masks"
     label = dataset / "labels" / "a_0.tif"
     from PIL import Image

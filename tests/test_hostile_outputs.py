@@ -153,6 +153,22 @@ def test_a_killed_slide_runs_temp_store_folder_is_removed_and_nothing_else(tmp_p
     assert not stale.exists() and live.is_dir() and (out / "slide.zarr").is_dir()
 
 
+def test_another_machines_temp_files_are_never_removed(tmp_path):  # was LOSS: a shared folder's live job
+    from napari_medseg.io.outputs import _host_tag, remove_stale_temps, temp_path
+
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = _dead_pid()
+    mine = temp_path(out / "a.zarr")
+    assert mine.name.startswith(f".a.zarr.{_host_tag()}-{os.getpid()}.")
+    stale_here = out / f".b.zarr.{_host_tag()}-{dead}.0123456789ab.part"
+    elsewhere = out / f".c.zarr.node17-{dead}.0123456789ab.part"  # the same pid means nothing there
+    for path in (mine, stale_here, elsewhere):
+        path.mkdir()
+    assert remove_stale_temps(out) == [stale_here]
+    assert mine.is_dir() and elsewhere.is_dir()
+
+
 def _engine_that(monkeypatch, action):
     from napari_medseg.inference import Segmenter
 

@@ -108,6 +108,28 @@ def test_labels_save_through_napari_with_both_writers(make_napari_viewer, tmp_pa
     assert {f["properties"]["classification"]["name"] for f in features} <= set(CONSEP_CLASSES[1:])
 
 
+def test_labels_saved_on_a_scaled_image_reopen_on_it(make_napari_viewer, tmp_path):
+    """A label map drawn on an image that records its pixel size (0.25 µm) keeps it when saved
+    through napari, and reopens at that scale: on its image, not four times its size."""
+    import tifffile
+
+    viewer = make_napari_viewer()
+    image_path = tmp_path / "tile.ome.tif"
+    tifffile.imwrite(image_path, np.full((64, 80, 3), 200, np.uint8), photometric="rgb",
+                     metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25})
+    (image,) = viewer.open(str(image_path), plugin=PLUGIN)
+    assert tuple(image.scale) == (0.25, 0.25)
+    painted = np.zeros((64, 80), np.uint8)
+    painted[10:20, 10:30] = 2
+    labels = viewer.add_labels(painted, name="tile_labels", scale=image.scale, units=image.units)
+    viewer.layers.selection = {labels}
+    target = tmp_path / "tile_labels.tif"
+    assert viewer.layers.save(str(target), selected=True, plugin=PLUGIN) == [str(target)]
+    (reopened,) = viewer.open(str(target), plugin=PLUGIN)
+    assert tuple(reopened.scale) == (0.25, 0.25) and np.array_equal(reopened.data, painted)
+    assert np.allclose(reopened.extent.world, image.extent.world)
+
+
 def test_segment_and_metrics_from_the_menu_work_on_the_sample(make_napari_viewer):
     """The widgets as napari makes them (with its viewer proxy) do their work, not just open."""
     viewer = make_napari_viewer()

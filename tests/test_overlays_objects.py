@@ -153,7 +153,7 @@ def test_geojson_outlines_sit_on_pixel_corners_as_qupath_reads_them():
     instances = np.zeros((40, 60), np.int32)
     instances[10:20, 30:40] = 1
     instances[5, 7] = 2
-    block, speck = (np.array(ring) for ring in (instance_polygons(instances)[i] for i in (1, 2)))
+    block, speck = (np.array(rings[0]) for rings in (instance_polygons(instances)[i] for i in (1, 2)))
     assert (block[:, 0].min(), block[:, 0].max(), block[:, 1].min(), block[:, 1].max()) == (30, 40, 10, 20)
     np.testing.assert_allclose(speck.mean(0), [7.5, 5.5], atol=0.15)
     # its area is the pixel count less the cut corners (4 x 1/8 px): QuPath measures ~ what the CSV counts
@@ -179,6 +179,19 @@ def _crossing_segments(ring: np.ndarray) -> int:
     return int((straddle & boxes & ~neighbours).sum() // 2)
 
 
+def test_an_id_in_several_parts_exports_every_part():
+    """A nucleus id painted twice, apart: both parts go out (a multipolygon), not the larger alone."""
+    from napari_medseg.io.geojson import instances_to_geojson
+
+    instances = np.zeros((30, 40), np.int32)
+    instances[2:8, 2:8] = 7
+    instances[20:24, 30:36] = 7
+    (feature,) = instances_to_geojson(instances)["features"]
+    assert feature["properties"]["label"] == 7 and feature["geometry"]["type"] == "MultiPolygon"
+    spans = sorted((np.array(p[0])[:, 0].min(), np.array(p[0])[:, 0].max()) for p in feature["geometry"]["coordinates"])
+    assert spans == [(2, 8), (30, 36)]
+
+
 def test_geojson_polygons_are_simple_as_qupath_06_needs(consep):
     """QuPath 0.6 reduces imported geometries to its precision grid and fails on invalid ones
     (self-intersecting rings, fewer than 4 points): every outline of a real CoNSeP instance map, and
@@ -198,7 +211,13 @@ def test_geojson_polygons_are_simple_as_qupath_06_needs(consep):
     tricky[2, 14:28] = 3  # one pixel thick
     tricky[22:29, 3] = 4
     tricky[[22, 23, 24], [10, 11, 12]] = 5  # a diagonal chain: pixels meeting at corners
-    rings += [np.array(f["geometry"]["coordinates"][0]) for f in instances_to_geojson(tricky)["features"]]
+    features = {f["properties"]["label"]: f["geometry"] for f in instances_to_geojson(tricky)["features"]}
+    # parts that meet only at a corner are parts: a multipolygon, each ring simple
+    assert features[1]["type"] == "MultiPolygon" and len(features[1]["coordinates"]) == 2
+    assert features[5]["type"] == "MultiPolygon" and len(features[5]["coordinates"]) == 3
+    for g in features.values():
+        polygons = [g["coordinates"]] if g["type"] == "Polygon" else g["coordinates"]
+        rings += [np.array(polygon[0]) for polygon in polygons]
     assert len(rings) > 30
     for ring in rings:
         assert len(ring) >= 4 and (ring[0] == ring[-1]).all()

@@ -138,11 +138,12 @@ def _label_map_or_pixels(path: Path) -> tuple[np.ndarray | None, np.ndarray | No
 
 def _labels_layer(path: Path, labels: np.ndarray) -> tuple:
     name, top = file_stem(path), int(labels.max(initial=0))
+    extra = _scale_kwargs(file_pixel_size_um(path))  # on its image, where both record their pixel size
     # ids beyond any class map's (a '_labels' file that holds nuclei): an instance map, else a
     # name and colour per id would be made for up to millions of ids
     if _is_instance_path(path) or top >= CLASS_ID_LIMIT:
-        return labels, instance_labels_kwargs(name), "labels"
-    return labels, class_labels_kwargs(name, _class_names(path, top)), "labels"
+        return labels, instance_labels_kwargs(name, **extra), "labels"
+    return labels, class_labels_kwargs(name, _class_names(path, top), **extra), "labels"
 
 
 def _class_names(path: Path, top: int) -> list[str]:

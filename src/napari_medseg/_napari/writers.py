@@ -43,8 +43,19 @@ def write_labels_geojson(path: str, data, meta: dict) -> list[str]:
 def write_labels_tiff(path: str, data, meta: dict) -> list[str]:
     with _save_errors_shown(path, meta):
         _not_a_pyramid(data, meta.get("metadata", {}).get(METADATA_KEY, {}))
-        write_label_map(path, _plane(data))
+        write_label_map(path, _plane(data), _pixel_size_um(meta))
     return [path]
+
+
+def _pixel_size_um(meta: dict) -> float | None:
+    """µm per pixel of a layer placed in micrometres with square pixels (one opened from a file
+    that records its pixel size), else ``None``."""
+    scale, units = meta.get("scale"), meta.get("units")
+    if scale is None or units is None or len(scale) < 2 or len(units) < 2:
+        return None
+    if any(str(u) not in ("micrometer", "µm", "um") for u in units[-2:]) or scale[-1] != scale[-2]:
+        return None
+    return float(scale[-1])
 
 
 def _write_instances(path: str, labels: np.ndarray, info: dict, origin: tuple[int, int]) -> None:

@@ -107,7 +107,7 @@ def read_classes(root: Path) -> tuple[list[str], str]:
     if not file.is_file():
         raise DatasetError(f"{root}: missing {CLASSES_FILE} (expected {{\"classes\": [\"background\", ...]}}).")
     try:
-        data = json.loads(file.read_text())
+        data = json.loads(file.read_text(encoding="utf-8"))
         if not isinstance(data["classes"], list):
             # A string would otherwise be split into one class per character.
             raise TypeError(f"'classes' is a {type(data['classes']).__name__}, not a list")
@@ -127,7 +127,8 @@ def open_dataset(root: str | os.PathLike, require_labels: bool = False) -> Datas
     classes, source = read_classes(root)
     image_paths: dict[str, Path] = {}
     for p in sorted((root / "images").iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+        # hidden files are no images: macOS's "._<name>" resource forks, our own temp files
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
             stem = file_stem(p)
             if stem in image_paths:
                 raise DatasetError(f"{root.name}/images: two images share the stem '{stem}'.")
@@ -139,11 +140,12 @@ def open_dataset(root: str | os.PathLike, require_labels: bool = False) -> Datas
         folder = root / sub
         if not folder.is_dir():
             continue
-        have = {p.stem for p in folder.glob("*.tif")}
+        have = {p.stem for p in folder.glob("*.tif") if not p.name.startswith(".")}
         missing = [s for s in stems if s not in have]
         extra = sorted(have - set(stems))
         if missing and (sub == "labels" or len(missing) < len(stems)):
-            others = sorted(p.name for p in folder.iterdir() if p.suffix.lower() != ".tif" and file_stem(p) in missing)
+            # near misses: b.TIF, b.tiff, b.ome.tif, b.png for b.tif
+            others = sorted(p.name for p in folder.iterdir() if file_stem(p) in missing and p.name != f"{file_stem(p)}.tif")
             hint = (f"; {', '.join(others[:3])} must be saved as .tif (masks are read from <stem>.tif only)"
                     if others else "")
             raise DatasetError(

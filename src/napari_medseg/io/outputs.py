@@ -1,9 +1,9 @@
 """The one policy every writer follows for its output folder (predict, convert, train, tune-threshold).
 
-* Temp files: a file is written as ``.<name>.<pid>.<hex>.part`` beside its target and renamed
+* Temp files: a file is written as ``.<name>.<host>-<pid>.<hex>.part`` beside its target and renamed
   over it when complete (``temp_path``); a killed run leaves one behind, so a writer calls
   ``remove_stale_temps`` on its folders first, which removes only files of that pattern whose
-  process is gone.
+  process is gone from this machine (``<host>-<pid>``: another machine's run may be writing).
 * Never into an input: an output folder that is a dataset folder, or that would overwrite one of
   the inputs, is refused (``check_not_input``).
 * One stem, one output: two inputs with the same stem would write the same output file
@@ -25,7 +25,8 @@ from pathlib import Path
 
 from ..errors import MedsegError
 
-TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<hex>[0-9a-f]{8,32})\.part$")
+# ``.<name>.<host>-<pid>.<hex>.part`` (older runs wrote no host)
+TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?:(?P<host>[A-Za-z0-9-]+)-)?(?P<pid>\d+)\.(?P<hex>[0-9a-f]{8,32})\.part$")
 
 
 class OutputFolderError(MedsegError, ValueError):
@@ -38,7 +39,15 @@ class OutputWriteError(MedsegError, OSError):
 
 def temp_path(path: Path) -> Path:
     """The hidden name ``path`` is written under before its rename (see ``remove_stale_temps``)."""
-    return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.part"
+    return path.parent / f".{path.name}.{_host_tag()}-{os.getpid()}.{uuid.uuid4().hex[:12]}.part"
+
+
+def _host_tag() -> str:
+    """This machine's name as a temp name carries it: a process id means something only on the
+    machine that runs it (jobs of a cluster or containers sharing one output folder)."""
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -62,7 +71,8 @@ def remove_stale_temps(*folders: str | os.PathLike) -> list[Path]:
             continue
         for entry in folder.iterdir():
             match = TEMP_PATTERN.match(entry.name)
-            if match and not entry.is_symlink() and not _pid_alive(int(match["pid"])):
+            here = match is not None and match["host"] in (None, _host_tag())  # another machine's: it may be writing
+            if here and not entry.is_symlink() and not _pid_alive(int(match["pid"])):
                 try:  # a folder too: a zarr store is written under a temp name as a whole
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
                     removed.append(entry)

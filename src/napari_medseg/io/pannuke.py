@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import DATASET_FOLDERS, DatasetError, write_classes, write_sample
+from .dataset import DATASET_FOLDERS, DatasetError, read_classes, write_classes, write_sample
 from .outputs import claim_classes, remove_stale_temps
 
 PANNUKE_CLASSES = ["background", "neoplastic", "inflammatory", "connective", "dead", "epithelial"]
@@ -143,8 +143,13 @@ def convert_pannuke(fold_dir: str | os.PathLike, out_dir: str | os.PathLike, pro
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DatasetError(f"out_dir {out} is a file, not a folder.")
+    source = f"PanNuke fold {fold.root.name}"
     if claim_classes(out, PANNUKE_CLASSES, DATASET_FOLDERS, flag="out_dir"):
-        write_classes(out, PANNUKE_CLASSES, source=f"PanNuke fold {fold.root.name}")
+        write_classes(out, PANNUKE_CLASSES, source=source)
+    elif (held := read_classes(out)[1]) != source:
+        # stems are <tissue>_<index within the fold>: another fold's would replace these
+        raise DatasetError(f"out_dir {out} holds {held or 'another dataset'}; {source} written there would replace "
+                           "its samples of the same names. Convert each fold into a folder of its own.")
     remove_stale_temps(out, *(out / sub for sub in DATASET_FOLDERS))
     width = len(str(len(fold)))
     for i in range(len(fold)):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .geojson import instances_to_geojson
+from .geojson import instances_to_geojson, map_geometry
 from .outputs import OutputFolderError, remove_stale_temps, temp_path, write_error
 from .tables import csv_row
 
@@ -344,8 +344,8 @@ class GeoJSONStream(_StreamedFile):
         """The nuclei of ``instances`` (a window whose corner is at slide ``(top, left)``)."""
         features = instances_to_geojson(instances, classes, self.class_names, self.colors)["features"]
         for feature in features:
-            ring = feature["geometry"]["coordinates"][0]
-            feature["geometry"]["coordinates"][0] = [[(x + left) * self.scale, (y + top) * self.scale] for x, y in ring]
+            feature["geometry"] = map_geometry(feature["geometry"],
+                                               lambda x, y: ((x + left) * self.scale, (y + top) * self.scale))
             self._file.write(("" if self._first else ",\n") + json.dumps(feature))
             self._first = False
         self.count += len(features)

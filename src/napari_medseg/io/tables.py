@@ -25,5 +25,6 @@ def write_csv(path: str | Path, columns: dict[str, np.ndarray]) -> Path:
     for row in zip(*(columns[n] for n in names)):
         writer.writerow(csv_row(row))
     path = Path(path)
-    atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
+    # the writer's own line ends as they are (Windows would turn each "\r\n" into "\r\r\n")
+    atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue(), encoding="utf-8", newline=""))
     return path
