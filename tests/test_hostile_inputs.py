@@ -4,10 +4,10 @@ what to do; nothing is written or lost."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import tifffile
+from conftest import DATA
 from hostile import assert_refused, dataset, medseg, model, tiny_dataset, tiny_model, tree  # noqa: F401 (fixtures)
 
 
@@ -147,3 +147,17 @@ def test_a_gray_image_through_a_colour_model_is_warned_about(tmp_path, model, co
     warned = [line.split(":")[0].strip() for line in proc.stderr.splitlines() if "image is gray" in line]
     assert warned == ["gray.png", "gray_rgb.png"], proc.stderr
     assert (tmp_path / "out" / "labels" / "gray.tif").is_file()  # warned, not refused
+
+
+SLIDE_FOLDER = DATA / "slides"
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["predict", "x.png", "--out", "o", "--pixel-size", "100"], ["from 0.05 to 20.0", "not the magnification"]),
+    (["predict", SLIDE_FOLDER / "CMU-1-Small-Regoin.svs", "--out", "o"], ["no such file", "Regoin"]),  # was: "--region takes whole-slide files"
+    (["predict", SLIDE_FOLDER, "--out", "o"], ["holds whole slides", "CMU-1-Small-Region.svs", "--whole-slide"]),
+    (["web", "--port", "99999"], ["from 1 to 65535"]),  # was: OverflowError
+    (["average", "a.safetensors", "b.safetensors", "--crops", "0"], ["at least 1"]),  # was: ValueError deep in torch
+])
+def test_cli_mistakes_get_their_own_message(tmp_path, args, fragments):
+    assert_refused(medseg(*[tmp_path / a if a == "o" else a for a in args]), *fragments)

@@ -484,3 +484,17 @@ def test_a_fluorescence_slide_is_said_to_be_one(tmp_path, he_slide, tiny_checkpo
     darkest_he = read_image(DATA / "consep_train" / "images" / "train_2_001.png")  # median brightness 46
     segmenter.segment(np.asarray(darkest_he)[:256, :256, :3], settings)
     assert DARK_NOTE not in segmenter.last_report.notes
+
+
+def test_a_regions_tissue_share_is_the_regions_not_the_slides():
+    """CMU's top-left corner is glass, its centre tissue: each region's share says so (the run's
+    summary had printed the whole slide's 34 % for both)."""
+    from napari_medseg.inference.regions import Region, find_tissue
+    from napari_medseg.io.slides import open_slide
+
+    tissue = find_tissue(open_slide(SVS))
+    glass, middle = Region(0, 0, 256, 256), Region(1000, 1500, 256, 256)
+    assert tissue.fraction_in(glass) < 0.05 < 0.9 < tissue.fraction_in(middle)
+    assert 0.2 < tissue.fraction < 0.5
+    whole = Region(0, 0, open_slide(SVS).shape[1], open_slide(SVS).shape[0])
+    assert tissue.fraction_in(whole) == pytest.approx(tissue.fraction)

@@ -48,7 +48,12 @@ def _collect_inputs(inputs: list[str]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise SystemExit(f"medseg: no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}.")
+                from .io.slides import SLIDE_SUFFIXES
+
+                slides = sorted(p.name for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)
+                hint = (f" It holds whole slides ({', '.join(slides[:3])}{' ...' if len(slides) > 3 else ''}): "
+                        "give each file with --region X,Y,W,H or --whole-slide." if slides else "")
+                raise SystemExit(f"medseg: no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}.{hint}")
             files += found
         elif path.is_file():
             files.append(path)
@@ -114,9 +119,13 @@ def _number_or_word(text: str, word: str, accept, expected: str) -> float | str:
 
 
 def _pixel_size(text: str) -> float | str:
-    """``--pixel-size``: µm per pixel above 0, or 'none'."""
-    return _number_or_word(text, NO_PIXEL_SIZE, lambda v: 0 < v < float("inf"),
-                           "µm per pixel above 0 (e.g. 0.5 for 20x)")
+    """``--pixel-size``: µm per pixel a microscope gives (not a magnification: 100 would upscale a
+    thing 400-fold for hours), or 'none'."""
+    from .io.pixel_size import PLAUSIBLE_PIXEL_SIZE_UM
+
+    low, high = PLAUSIBLE_PIXEL_SIZE_UM
+    return _number_or_word(text, NO_PIXEL_SIZE, lambda v: low <= v <= high,
+                           f"µm per pixel from {low} to {high} (e.g. 0.5 for 20x, 0.25 for 40x; not the magnification)")
 
 
 def _foreground_threshold(text: str) -> float | str:
@@ -156,6 +165,14 @@ def _positive(text: str) -> int:
     value = _count(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"takes a whole number of at least 1, not '{text}'")
+    return value
+
+
+def _port(text: str) -> int:
+    """A TCP port to listen on."""
+    value = _count(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"takes a port from 1 to 65535, not '{text}'")
     return value
 
 
@@ -202,6 +219,9 @@ def _predict_slides(args) -> int:
     limit_allocator_arenas()  # before the runtime's threads exist: flat memory over the run (``memory``)
 
     slides = [Path(i) for i in args.inputs]
+    missing = [str(s) for s in slides if not s.exists()]
+    if missing:
+        raise MedsegError(f"no such file: {', '.join(missing)}.")
     not_slides = [str(s) for s in slides if not is_slide_path(s)]
     if not_slides:
         raise MedsegError(f"--region / --whole-slide take whole-slide files; not slides: {', '.join(not_slides)}.")
@@ -627,7 +647,7 @@ def _add_average(sub) -> None:
                         "tune (on the config's validation images) or a number")
     p.add_argument("--config", help="the fine-tuning's YAML config (for --batchnorm measure or --threshold tune)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config setting, as for train")
-    p.add_argument("--crops", type=int, default=BN_CROPS, help=f"training crops for --batchnorm measure "
+    p.add_argument("--crops", type=_positive, default=BN_CROPS, help=f"training crops for --batchnorm measure "
                                                                f"(default {BN_CROPS})")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_average)
@@ -691,7 +711,7 @@ def _add_web(sub) -> None:
     p = sub.add_parser("web", help="the browser front: segment, count and check nuclei in a web page")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: this machine only; 0.0.0.0 opens it to the network)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=_port, default=7860, help="TCP port, 1-65535 (default 7860)")
     p.add_argument("--models", metavar="DIR", help="also offer the .safetensors checkpoints found in this folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--backend", default="auto", choices=BACKENDS,

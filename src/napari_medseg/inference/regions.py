@@ -86,16 +86,25 @@ class TissueMask:
     downsample: float
     dark_field: bool = False  # the level's background is dark (fluorescence): ``source.looks_dark_field``
 
-    def any_in(self, y0: int, y1: int, x0: int, x1: int) -> bool:
-        """Whether the level-0 rectangle holds tissue (the mask pixels it overlaps)."""
+    def _overlapped(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """The mask pixels the level-0 rectangle overlaps."""
         d = self.downsample
         my0, mx0 = int(y0 / d), int(x0 / d)
         my1, mx1 = max(my0 + 1, int(np.ceil(y1 / d))), max(mx0 + 1, int(np.ceil(x1 / d)))
-        return bool(self.mask[my0:my1, mx0:mx1].any())
+        return self.mask[my0:my1, mx0:mx1]
+
+    def any_in(self, y0: int, y1: int, x0: int, x1: int) -> bool:
+        """Whether the level-0 rectangle holds tissue (the mask pixels it overlaps)."""
+        return bool(self._overlapped(y0, y1, x0, x1).any())
 
     @property
     def fraction(self) -> float:
         return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def fraction_in(self, region: Region) -> float:
+        """The share of ``region`` that is tissue (of the mask pixels it overlaps)."""
+        inside = self._overlapped(region.y, region.y + region.height, region.x, region.x + region.width)
+        return float(inside.mean()) if inside.size else 0.0
 
 
 def find_tissue(slide, settings: TissueSettings | None = None) -> TissueMask:

@@ -72,7 +72,7 @@ def iter_predict_slide(segmenter, slide, out_dir: str | os.PathLike, region: Reg
     if nuclei and segmenter.has_distance_head:
         names["distance"] = "float16"
     maps = [name for name in ("classes", "instances") if name in names]
-    result = SlideResult(region, tissue.fraction, 0)
+    result = SlideResult(region, tissue.fraction_in(region), 0)  # the region's share, not the slide's
     if tissue.dark_field and _colour_model(segmenter):
         result.notes.append(DARK_NOTE)
     try:
