@@ -140,6 +140,22 @@ def test_predict_failure_leaves_no_partial_probability_file(consep, tiny_checkpo
     assert list((out / "probabilities").iterdir()) == []  # neither the .npy nor a hidden .part file
 
 
+def test_a_rerun_into_the_same_folder_leaves_no_outdated_nuclei_or_probabilities(consep, tiny_checkpoint, tmp_path,
+                                                                                   capsys):
+    """A second run that makes no nuclei (or no probabilities) removes the first run's, which
+    described the class map it replaced: ``medseg evaluate`` had scored those old nuclei."""
+    out, image = tmp_path / "pred", consep / "images" / "train_5_000.png"
+    assert _predict_with_probabilities(image, tiny_checkpoint, out) == 0
+    assert (out / "instances" / "train_5_000.tif").is_file() and (out / "probabilities" / "train_5_000.npy").is_file()
+    capsys.readouterr()
+    assert main(["predict", str(image), "--model", str(tiny_checkpoint), "--out", str(out), "--no-instances",
+                 "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "removed instances/train_5_000.tif" in err and "removed probabilities/train_5_000.npy" in err
+    assert (out / "labels" / "train_5_000.tif").is_file()
+    assert not (out / "instances" / "train_5_000.tif").exists() and not (out / "probabilities" / "train_5_000.npy").exists()
+
+
 @pytest.mark.parametrize("error", [RuntimeError("a bug inside the engine"), KeyboardInterrupt()])
 def test_a_bug_keeps_its_traceback_and_ctrl_c_exits_130_leaving_no_partial_file(
         consep, tiny_checkpoint, tmp_path, monkeypatch, capsys, error):

@@ -274,6 +274,9 @@ def _print_prediction(done, with_instances: bool) -> bool:
     if report.skipped_background or report.notes:
         extra = "; ".join([f"{report.skipped_background}/{report.tiles} tiles skipped as glass", *report.notes])
         print(f"  {name}: {extra}", file=sys.stderr)
+    for path in done.removed:
+        print(f"  {name}: removed {path.parent.name}/{path.name}, an earlier run's, of the class map this run "
+              "replaced", file=sys.stderr)
     if with_instances and done.instances is None:
         height, width = done.shape
         print(f"  {name}: instances not derived ({height}x{width} px is above "

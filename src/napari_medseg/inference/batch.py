@@ -65,6 +65,9 @@ class FilePrediction:
     shape: tuple[int, int] | None = None
     pixel_size_um: float | None = None  # the pixel size the file was segmented at (None: taken as the model's)
     report: RunReport = field(default_factory=RunReport)
+    # an earlier run's nuclei or probabilities of this file that this run did not remake: removed,
+    # as they described the class map this run replaced (``medseg evaluate`` would score them)
+    removed: list[Path] = field(default_factory=list)
 
 
 def open_for_prediction(path: Path):
@@ -121,8 +124,15 @@ def predict_file(segmenter: Segmenter, file: Path, out: Path, settings: BatchSet
         labels, instances = _segment_into(segmenter, image, out, file_stem(result.file), settings, progress, result)
     except ImageReadError as exc:  # also raised mid-run by a lazily read file (io.lazy names it)
         return FilePrediction(result.file, skipped=str(exc))
+    stem = file_stem(result.file)
     if instances is not None:
-        result.instances = write_label_map(out / "instances" / f"{file_stem(result.file)}.tif", instances)
+        result.instances = write_label_map(out / "instances" / f"{stem}.tif", instances)
+    outdated = ([] if result.instances is not None else [out / "instances" / f"{stem}.tif"]) + \
+        ([] if result.probabilities is not None else [out / "probabilities" / f"{stem}.npy"])
+    for path in outdated:
+        if path.is_file():
+            path.unlink()
+            result.removed.append(path)
     return result
 
 
