@@ -68,6 +68,27 @@ def test_a_wrongly_typed_override_names_the_key(setup):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("setting, fragment", [  # each was a traceback from torch, mid-run or at its start
+    ("data.samples_per_epoch=-1", "data.samples_per_epoch must be at least 0"),
+    ("augment.scale=[2,1]", "augment.scale must be [low, high] with 0 < low <= high"),
+    ("augment.scale=[0,1]", "augment.scale must be [low, high]"),
+    ("augment.hue=0.9", "augment.hue must lie in [0, 0.5]"),
+    ("augment.brightness=-1", "augment.brightness must lie in [0, 1)"),
+    ("num_threads=-3", "num_threads must be at least 0"),
+    ("data.num_workers=-1", "data.num_workers must be at least 0"),
+    ("weight_decay=-1", "weight_decay must be at least 0"),
+    ("patience=-1", "patience must be at least 0"),  # was silent: stopped after epoch 1
+    ("data.group_pattern=^train_[0-9]+", "needs a group"),
+    ("data.group_pattern=([", "is not a regular expression"),
+])
+def test_settings_out_of_range_are_refused_before_the_run(setup, setting, fragment):
+    tmp_path, head = setup
+    config = tmp_path / "ok.yaml"
+    config.write_text(head + GOOD)
+    assert_refused(medseg("train", config, "--set", setting), fragment)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_config_that_is_not_text_or_a_mapping(tmp_path):
     binary = tmp_path / "weights.yaml"
     binary.write_bytes(b"\x80\x04\x95\xff\xfe")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -285,6 +286,28 @@ class TrainConfig:
             bad(f"distance_loss_weight must be a number of at least 0, got {self.distance_loss_weight!r}.")
         if not (isinstance(self.distance_gradient_weight, (int, float)) and self.distance_gradient_weight >= 0):
             bad(f"distance_gradient_weight must be a number of at least 0, got {self.distance_gradient_weight!r}.")
+        for name, value in (("data.samples_per_epoch", self.data.samples_per_epoch),
+                            ("data.num_workers", self.data.num_workers), ("num_threads", self.num_threads),
+                            ("patience", self.patience), ("data.crops_per_image", self.data.crops_per_image)):
+            if value < 0:
+                bad(f"{name} must be at least 0 (0: {'off' if name == 'patience' else 'the default'}), got {value}.")
+        if self.weight_decay < 0:
+            bad(f"weight_decay must be at least 0, got {self.weight_decay}.")
+        aug = self.augment
+        for name in ("brightness", "contrast", "saturation"):
+            if not 0 <= getattr(aug, name) < 1:
+                bad(f"augment.{name} must lie in [0, 1) (a jitter of up to that share), got {getattr(aug, name)}.")
+        if not 0 <= aug.hue <= 0.5:
+            bad(f"augment.hue must lie in [0, 0.5] (a share of the colour circle), got {aug.hue}.")
+        if aug.scale is not None and not (len(aug.scale) == 2 and 0 < aug.scale[0] <= aug.scale[1] <= 10):
+            bad(f"augment.scale must be [low, high] with 0 < low <= high <= 10, got {list(aug.scale)}.")
+        try:
+            groups = re.compile(self.data.group_pattern).groups
+        except re.error as exc:
+            bad(f"data.group_pattern {self.data.group_pattern!r} is not a regular expression ({exc}).")
+        if groups < 1:
+            bad(f"data.group_pattern {self.data.group_pattern!r} needs a group, (...), that names a patch's source "
+                "image: e.g. '^(.*)_\\d+$' for train_1_003 -> train_1.")
         if not 0 <= self.augment.stain < 1:
             bad(f"augment.stain must lie in [0, 1), got {self.augment.stain}.")
         ss = self.augment.stain_scale
