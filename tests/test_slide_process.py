@@ -102,6 +102,54 @@ def test_one_child_runs_region_after_region_with_the_model_loaded_once(slide_fil
         process.close()
 
 
+def test_a_cancel_sent_before_the_job_starts_still_cancels_it(slide_file, tiny_checkpoint, tmp_path):
+    """Run, then Cancel at once: the child reads the job and the cancel before it starts the job;
+    the cancel is that job's (it had been cleared as the job began, and the run wrote its files)."""
+    process = SlideProcess()
+    try:
+        steps = process.run(_job(tiny_checkpoint, slide_file, tmp_path / "out", region=None))
+        next(steps)  # the job is sent; the child is still starting
+        steps.close()
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+        again, _ = run_steps(process.run(_job(tiny_checkpoint, slide_file, tmp_path / "again")))
+        assert again.nuclei is not None and again.segmented_px > 0  # the next job is not cancelled
+    finally:
+        process.close()
+
+
+def test_a_checkpoint_rewritten_in_place_is_loaded_again(slide_file, tiny_checkpoint, tmp_path):
+    """A training run rewrites best.safetensors: the child's next run uses the new checkpoint, not
+    the model it kept loaded under the same path."""
+    import shutil
+
+    path = tmp_path / "best.safetensors"
+    shutil.copy(tiny_checkpoint, path)
+    process = SlideProcess()
+    try:
+        _, first = run_steps(process.run(_job(path, slide_file, tmp_path / "a")))
+        _with_threshold(tiny_checkpoint, path, 0.7)  # as a later epoch's best would be written
+        _, second = run_steps(process.run(_job(path, slide_file, tmp_path / "b")))
+        assert not process.last_reused_model
+        assert first.foreground_threshold is None and second.foreground_threshold == pytest.approx(0.7)
+    finally:
+        process.close()
+
+
+def _with_threshold(checkpoint, out, threshold: float):
+    """``checkpoint`` with another foreground threshold in its metadata, written to ``out``."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(str(checkpoint), "np") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    info = json.loads(meta["napari_medseg"])
+    info["foreground_threshold"] = threshold
+    meta["napari_medseg"] = json.dumps(info)
+    save_file(tensors, str(out), metadata=meta)
+
+
 def test_an_idle_child_ends_and_the_next_run_starts_another(slide_file, tiny_checkpoint, tmp_path):
     """An idle child gives its memory back (it holds the model and runtime) after ``idle_seconds``."""
     process = SlideProcess(idle_seconds=1.0)

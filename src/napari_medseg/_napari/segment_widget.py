@@ -29,7 +29,7 @@ from ..inference.regions import Region
 from ..inference.rethreshold import KeptRun, Thresholds, apply_thresholds, iter_segment_keeping
 from ..inference.settings import BLENDS, TileSettings
 from ..inference.slide import SlideResult
-from ..inference.slide_process import SlideJob, SlideModelInfo, SlideProcess
+from ..inference.slide_process import SlideJob, SlideModelInfo, SlideProcess, checkpoint_stamp
 from ..io.images import file_stem
 from ..io.slide_outputs import check_no_slide_results, fresh_results_folder, pyramid_levels, read_nucleus_classes
 from ..models import read_meta, resolve_model_path
@@ -249,7 +249,8 @@ class SegmentWidget(Container):
         the runtime's check (``runtime_record``), made first in a process of its own when there is
         none: napari's process then never imports torch (0.66 GB, and garbage-collection pauses
         of 0.1-0.2 s while it imports). PyTorch models load here (seconds; torch imported once)."""
-        if self._segmenter_cache is None or self._segmenter_cache[0] != key:
+        stamped = (*key, checkpoint_stamp(key[0]))  # a checkpoint rewritten since (training's best): load again
+        if self._segmenter_cache is None or self._segmenter_cache[0] != stamped:
             from ..inference.runtime_record import iter_load_recorded
             from ..inference.segmenter import Segmenter
 
@@ -258,7 +259,7 @@ class SegmentWidget(Container):
             if segmenter is None:
                 import_torch_dynamo()  # building the network imports torchvision: see torch_import
                 segmenter = Segmenter.load(model, device=device, backend=backend)
-            self._segmenter_cache = (key, segmenter)
+            self._segmenter_cache = (stamped, segmenter)
         return self._segmenter_cache[1]
 
     def tile_settings(self) -> TileSettings:

@@ -106,7 +106,7 @@ def run_job(job: SlideJob, progress=None, should_cancel=None, loaded: dict | Non
     from .slide import predict_slide
 
     loaded = {} if loaded is None else loaded
-    key = (job.model, job.device, job.backend, job.threads)
+    key = _loaded_key(job)
     if key not in loaded:
         loaded.clear()  # one model at a time: the old one's memory goes first
         loaded[key] = _load_segmenter(job, should_cancel)
@@ -122,6 +122,21 @@ def run_job(job: SlideJob, progress=None, should_cancel=None, loaded: dict | Non
     info = SlideModelInfo(list(segmenter.classes), [list(c) for c in segmenter.meta.colors],
                           segmenter.foreground_threshold, asdict(segmenter.instance_settings))
     return result, info
+
+
+def _loaded_key(job: SlideJob) -> tuple:
+    """What a loaded model is kept by: a checkpoint file by its size and modification time too
+    (a training run's best.safetensors is rewritten in place: the old weights must not serve)."""
+    return (job.model, checkpoint_stamp(job.model), job.device, job.backend, job.threads)
+
+
+def checkpoint_stamp(model: str) -> tuple[int, int] | None:
+    """``(size, mtime_ns)`` of a checkpoint file, ``None`` for a name (``default``) or no file."""
+    try:
+        stat = os.stat(model)
+    except (OSError, ValueError):
+        return None
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _load_segmenter(job: SlideJob, should_cancel=None):
@@ -151,27 +166,32 @@ def main() -> int:
     if hasattr(os, "nice"):
         os.nice(NICENESS)
     send = message_sender()  # anything printed goes to the log, never into the messages
-    cancel, jobs = threading.Event(), queue.Queue()
+    jobs: queue.Queue = queue.Queue()
+    # each job its own cancel: a cancel line is for the last job read (the caller runs one at a
+    # time), even when it comes before that job starts (Run, then Cancel at once)
+    cancels = [threading.Event()]
 
     def listen():  # a cancel line stops the job at its next step; stdin closed stops it and the child
         for line in sys.stdin:
             if line.strip() == "cancel":
-                cancel.set()
+                cancels[-1].set()
             elif line.strip():
-                jobs.put(line)
-        cancel.set()
+                cancels.append(threading.Event())
+                jobs.put((line, cancels[-1]))
+        for event in cancels:
+            event.set()
         jobs.put(None)
 
     threading.Thread(target=listen, daemon=True).start()
     loaded: dict = {}
-    while (line := jobs.get()) is not None:
-        cancel.clear()  # a cancel read before this job's line was meant for the one before
+    while (item := jobs.get()) is not None:
+        line, cancel = item
         try:
             job = SlideJob(**json.loads(line))
         except (TypeError, ValueError) as exc:
             send(error=f"Bad slide job ({exc}).", kind=type(exc).__name__)
             continue
-        reused = (job.model, job.device, job.backend, job.threads) in loaded
+        reused = _loaded_key(job) in loaded
         try:
             result, info = run_job(job, lambda done, total: send(progress=[done, total]), cancel.is_set, loaded)
         except Cancelled:
