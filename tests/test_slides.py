@@ -401,6 +401,22 @@ def test_a_polygon_region_is_background_outside(he_slide, tmp_path):
     assert 0 < result.nuclei and sum(result.counts.values()) == result.nuclei
 
 
+def test_a_polygon_smaller_than_a_tissue_mask_pixel_keeps_its_tissue():
+    """On a real slide the tissue mask has 32-64 level-0 px a pixel: a square of 20 px drawn round a
+    few nuclei holds no mask pixel's centre; cut to it, the mask had nothing left, and the run
+    skipped the region as glass (0 px segmented)."""
+    from napari_medseg.inference.regions import TissueMask
+    from napari_medseg.inference.slide import _within
+
+    tissue = TissueMask(np.ones((100, 100), bool), 40.0)
+    square = np.array([[611.0, 1611.0], [611.0, 1631.0], [631.0, 1631.0], [631.0, 1611.0]])  # (y, x) level-0 px
+    cut = _within(tissue, square)
+    assert cut.any_in(611, 632, 1611, 1632)
+    assert cut.mask.sum() <= 16  # the mask pixels under its outline and their neighbours, no more
+    triangle = np.array([[300.0, 1300.0], [1200.0, 1350.0], [700.0, 2200.0]])
+    assert not _within(tissue, triangle).any_in(1500, 1600, 300, 400)  # far outside stays outside
+
+
 def test_a_cancel_lands_within_a_pyramid_or_tiff_step(tmp_path):
     """Pyramid levels and the OME-TIFF are written a block / a row of tiles per step, so a cancel
     waits for one of those, not a level or a whole file; the cancelled TIFF is removed."""

@@ -158,8 +158,14 @@ def _within(tissue: TissueMask, polygon: np.ndarray | None) -> TissueMask:
         return tissue
     from scipy import ndimage as ndi
 
-    inside = ndi.binary_dilation(_polygon_mask(polygon, tissue.mask.shape, 0, 0, tissue.downsample))
-    return TissueMask(tissue.mask & inside, tissue.downsample, tissue.dark_field)
+    inside = _polygon_mask(polygon, tissue.mask.shape, 0, 0, tissue.downsample)
+    # and the mask pixels its outline crosses: a polygon narrower than a mask pixel (32-64 level-0
+    # px) holds no mask pixel's centre, and its region would have been skipped as glass
+    from skimage.draw import polygon_perimeter
+
+    rows, cols = polygon_perimeter(*(polygon / tissue.downsample).T, shape=tissue.mask.shape, clip=True)
+    inside[rows, cols] = True
+    return TissueMask(tissue.mask & ndi.binary_dilation(inside), tissue.downsample, tissue.dark_field)
 
 
 def _iter_cut_and_count(store, region: Region, polygon: np.ndarray | None, classes: list[str], result: SlideResult,
