@@ -514,3 +514,21 @@ def test_a_regions_tissue_share_is_the_regions_not_the_slides():
     assert 0.2 < tissue.fraction < 0.5
     whole = Region(0, 0, open_slide(SVS).shape[1], open_slide(SVS).shape[0])
     assert tissue.fraction_in(whole) == pytest.approx(tissue.fraction)
+
+
+def test_a_flat_slide_finds_its_tissue_on_every_few_pixels(tmp_path):
+    """A large TIFF without a pyramid: its tissue mask is made from every step-th pixel (no larger
+    than ``max_side``), not from the whole level read into memory (~25 bytes a pixel)."""
+    from napari_medseg.inference.regions import TissueSettings, find_tissue
+    from napari_medseg.io.slides import open_slide
+
+    image = np.full((3000, 3000, 3), 240, np.uint8)
+    image[600:1800, 300:2100] = (150, 80, 160)  # stained: 24 % of the slide
+    path = tmp_path / "flat.tif"
+    tifffile.imwrite(path, image, photometric="rgb", tile=(256, 256))
+    slide = open_slide(path)
+    assert len(slide.levels) == 1
+    tissue = find_tissue(slide, TissueSettings(max_side=1000))
+    assert max(tissue.mask.shape) <= 1000 and tissue.downsample == 3
+    assert tissue.fraction == pytest.approx(0.24, abs=0.01)
+    assert tissue.any_in(700, 800, 400, 500) and not tissue.any_in(2500, 2600, 2500, 2600)

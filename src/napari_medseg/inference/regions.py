@@ -112,8 +112,11 @@ def find_tissue(slide, settings: TissueSettings | None = None) -> TissueMask:
     from scipy import ndimage as ndi
 
     s = settings or TissueSettings()
-    index = slide.level_for(s.max_side)
-    low = np.asarray(slide.levels[index])
+    level = slide.levels[slide.level_for(s.max_side)]
+    # a slide without a level that small (a flat TIFF) is read every step-th pixel: read whole, a
+    # 40k² one would take ~40 GB on its way to the mask
+    step = max(1, -(-max(level.shape[:2]) // s.max_side))
+    low = np.asarray(level[::step, ::step] if step > 1 else level)
     downsample = slide.shape[0] / low.shape[0]
     channels = low[..., :3] if low.ndim == 3 else low[..., None]
     if low.dtype != np.uint8:  # 16-bit: compare on the 8-bit scale
