@@ -62,12 +62,12 @@ def iter_stitched_instances(class_map, out, settings: InstanceSettings | None = 
             local = semantic_to_instances(window_classes, settings, window_distance)
             owned, n = _owned_nuclei(local, (y0 - wy0, y1 - wy0, x0 - wx0, x1 - wx0), next_id)
             if n:
-                _paint(out, owned, wy0, wy1, wx0, wx1)
-                if on_block is not None:
-                    votes = instance_classes(owned - (next_id - 1) * (owned > 0), window_classes)
-                    on_block(NucleiBlock(wy0, wx0, owned, {next_id + i: int(votes[i + 1]) for i in range(n)},
-                                         window_classes))
-                next_id += n
+                painted, n = _paint(out, owned, next_id, wy0, wy1, wx0, wx1)
+            if n and on_block is not None:  # what the map holds, so tables and outlines match it
+                votes = instance_classes(painted - (next_id - 1) * (painted > 0), window_classes)
+                on_block(NucleiBlock(wy0, wx0, painted, {next_id + i: int(votes[i + 1]) for i in range(n)},
+                                     window_classes))
+            next_id += n
         yield done, len(blocks)
     return next_id - 1
 
@@ -106,9 +106,18 @@ def _owned_nuclei(local: np.ndarray, core: tuple[int, int, int, int], first_id: 
     return lookup[local], int(mine.size)
 
 
-def _paint(out, owned: np.ndarray, wy0: int, wy1: int, wx0: int, wx1: int) -> None:
-    """Write owned nuclei where no earlier block's nucleus already is (first come keeps a pixel)."""
+def _paint(out, owned: np.ndarray, first_id: int, wy0: int, wy1: int, wx0: int, wx1: int) -> tuple[np.ndarray, int]:
+    """Write owned nuclei where no earlier block's nucleus already is (first come keeps a pixel);
+    returns ``(what was painted, how many nuclei)``, renumbered from ``first_id``. Windows agree
+    on nuclei, but not on a structure wider than the halo (a ring filled only where all of it is
+    seen): a nucleus left without a pixel is no nucleus, and one cut by an earlier block's is
+    what the map holds of it."""
     target = np.asarray(out[wy0:wy1, wx0:wx1])
     free = (target == 0) & (owned > 0)
-    target[free] = owned[free]
+    kept = np.unique(owned[free])
+    lookup = np.zeros(int(owned.max()) + 1, np.int32)
+    lookup[kept] = np.arange(first_id, first_id + kept.size, dtype=np.int32)
+    painted = np.where(free, lookup[owned], 0).astype(np.int32)
+    target[free] = painted[free]
     out[wy0:wy1, wx0:wx1] = target
+    return painted, int(kept.size)
