@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -555,3 +556,43 @@ def test_a_flat_slide_finds_its_tissue_on_every_few_pixels(tmp_path):
     assert max(tissue.mask.shape) <= 1000 and tissue.downsample == 3
     assert tissue.fraction == pytest.approx(0.24, abs=0.01)
     assert tissue.any_in(700, 800, 400, 500) and not tissue.any_in(2500, 2600, 2500, 2600)
+
+
+def _bright_is_nucleus(pixel_size_um: float):
+    """A real ``Segmenter`` whose 'network' calls bright pixels nuclei, pointwise (a fluorescence
+    stain's look), run as a runtime would: what it sees is exactly the image mapped to [0, 1]."""
+    from napari_medseg.inference.backends import Backend
+    from napari_medseg.inference.segmenter import Segmenter
+    from napari_medseg.models import CheckpointMeta, ModelConfig
+
+    meta = CheckpointMeta(model=ModelConfig("unet", "resnet18", num_classes=2, encoder_depth=3),
+                          classes=["background", "nucleus"], pixel_size_um=pixel_size_um,
+                          normalization={"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]})
+
+    def run(x):
+        v = x.mean(1, keepdims=True)
+        return np.concatenate([np.zeros_like(v), 50.0 * (v - 0.5)], 1).astype(np.float32)
+
+    return Segmenter(None, meta, "cpu", Backend("onnxruntime", None, numpy_run=run))
+
+
+def test_a_16_bit_slide_is_mapped_to_the_model_by_its_own_range_not_each_blocks():
+    """A block of background alone, scaled to its own 0.5-99.5 percentiles, is noise stretched to
+    full range: half of it had been called nucleus. The slide's range serves every block."""
+    from napari_medseg.inference.regions import iter_segment_region
+    from napari_medseg.inference.settings import TileSettings
+    from napari_medseg.io.slides import Slide
+    from napari_medseg.steps import run_steps
+
+    rng = np.random.default_rng(0)
+    image = (100 + rng.normal(0, 10, (1024, 2048))).astype(np.uint16)  # a dark, noisy background
+    yy, xx = np.mgrid[:1024, :2048]
+    for cy, cx in zip(rng.uniform(0, 1024, 80), rng.uniform(0, 1024, 80)):  # bright nuclei, left half only
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 < 64] = 3000
+    slide = Slide(Path("u16.tif"), [image, image[::4, ::4]], pixel_size_um=0.5)
+    segmenter, tiles = _bright_is_nucleus(0.5), TileSettings(256, 64, 8)
+    whole = segmenter.segment(image, tiles)
+    out = np.zeros(slide.shape, np.uint8)
+    run_steps(iter_segment_region(segmenter, slide, out=out, settings=tiles, block=512))
+    assert whole[:, 1024:].sum() == 0 and out[:, 1024:].sum() == 0  # was half of the empty half
+    assert abs(int(out[:, :1024].astype(bool).sum()) - int(whole[:, :1024].astype(bool).sum())) < 0.01 * whole.size

@@ -17,7 +17,8 @@ from ..errors import MedsegError
 from ..steps import part_steps
 from .postprocess import PostprocessSettings
 from .settings import TileSettings
-from .source import looks_dark_field
+from ..io.images import intensity_range
+from .source import ImageSource, looks_dark_field
 
 BLOCK = 2048  # px per side of a block read at full resolution (12 MB of RGB)
 HALO = 64  # px of context read around a block
@@ -158,9 +159,12 @@ def iter_segment_region(segmenter, slide, region: Region | None = None, out=None
     tissue = tissue if tissue is not None else find_tissue(slide)
     blocks = [b for b in region_blocks(region, block) if tissue.any_in(*b)]
     total, segmented = len(blocks) * PROGRESS_PER_BLOCK, 0
+    value_range = slide_intensity_range(slide)
     for index, (y0, y1, x0, x1) in enumerate(blocks):
         window = _window(slide.shape, region, (y0, y1, x0, x1), halo)
         pixels = np.asarray(slide.levels[0][window[0]:window[1], window[2]:window[3]])
+        if value_range != "auto":  # 16-bit or float: the slide's range, not the block's own
+            pixels = ImageSource(pixels, segmenter.meta.model.in_channels, value_range)
         local_distance = np.zeros(pixels.shape[:2], np.float32) if distance_out is not None else None
         steps = segmenter.iter_segment(pixels, settings, postprocess, distance_out=local_distance,
                                        pixel_size_um=slide.pixel_size_um)  # at the model's pixel size
@@ -172,6 +176,16 @@ def iter_segment_region(segmenter, slide, region: Region | None = None, out=None
         segmented += (y1 - y0) * (x1 - x0)
         yield (index + 1) * PROGRESS_PER_BLOCK, total
     return segmented
+
+
+def slide_intensity_range(slide) -> tuple[float, float] | None | str:
+    """What a non-8-bit slide's pixels map to [0, 1] from (``intensity_range``), once for the slide,
+    from a level no larger than the tissue finder's; ``"auto"`` for 8-bit slides (fixed: /255)."""
+    if np.dtype(slide.levels[0].dtype) == np.uint8:
+        return "auto"
+    level = slide.levels[slide.level_for(TISSUE_MAX_SIDE)]
+    step = max(1, -(-max(level.shape[:2]) // TISSUE_MAX_SIDE))
+    return intensity_range(np.asarray(level[::step, ::step]))
 
 
 def _window(shape, region: Region, block: tuple[int, int, int, int], halo: int) -> tuple[int, int, int, int]:

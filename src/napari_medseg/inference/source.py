@@ -33,7 +33,9 @@ class ImageSource:
     axes outside the plane.
     """
 
-    def __init__(self, array, channels: int):
+    def __init__(self, array, channels: int, value_range: tuple[float, float] | None | str = "auto"):
+        """``value_range``: ``intensity_range``'s, given where the array is a piece of a larger
+        image (a slide's block: a block of background alone would be stretched to full range)."""
         self.channels = channels
         self._lazy = not isinstance(array, np.ndarray) and hasattr(array, "shape")
         if self._lazy:  # the plane is found from the shape: no pixel is read here but the statistics' sample
@@ -44,7 +46,7 @@ class ImageSource:
         shape = self._array.shape
         self.height, self.width = (shape[1], shape[2]) if self._channel_first else (shape[0], shape[1])
         self.rgb = len(shape) == 3
-        self.value_range = intensity_range(self._array_hwc_rows_view())
+        self.value_range = intensity_range(self._array_hwc_rows_view()) if isinstance(value_range, str) else value_range
 
     def _array_hwc_rows_view(self):
         """Channel-last rows without alpha, for the statistics (alpha says nothing of the stain)."""
