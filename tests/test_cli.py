@@ -244,3 +244,52 @@ def test_predict_runs_without_torch_once_its_runtime_was_checked(consep, tiny_ch
         outs.append((done.stdout, read_label_map(out / "labels" / "train_5_000.tif")))
     assert "torch loaded: True" in outs[0][0] and "torch loaded: False" in outs[1][0]
     assert np.array_equal(outs[0][1], outs[1][1])
+
+
+def test_an_interrupted_train_says_how_to_resume_and_that_command_finishes_it(small_consep, tmp_path, capsys,
+                                                                                monkeypatch):
+    """SIGTERM after epoch 1 of 3: the hint repeats every --set (without them the config differs,
+    or the run goes on in the config's own folder), and following it ends the run in its folder."""
+    import os
+    import shlex
+    import signal
+
+    from napari_medseg import cli
+    from napari_medseg.training import EpochDone
+
+    run = tmp_path / "run"
+    config = str(Path(__file__).parents[1] / "configs" / "smoke.yaml")
+    args = ["train", config, "--set", f"data.dataset=[{small_consep}]", "--set", f"out_dir={run}",
+            "--set", "data.val_fraction=0.34", "--set", "epochs=3", "--set", "data.samples_per_epoch=32"]
+    update = cli._TrainPrinter.update
+
+    def terminate_after_epoch_one(self, u):
+        update(self, u)
+        if isinstance(u, EpochDone) and u.epoch == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(cli._TrainPrinter, "update", terminate_after_epoch_one)
+    assert main(args) == 143
+    err = capsys.readouterr().err
+    hint = next(line for line in err.splitlines() if line.startswith("resume with: "))
+    words = shlex.split(hint[len("resume with: "):])
+    assert words[:3] == ["medseg", "train", config] and f"out_dir={run}" in words and "epochs=3" in words
+    assert words[-2:] == ["--resume", str(run / "resume.safetensors")]
+    monkeypatch.setattr(cli._TrainPrinter, "update", update)
+    assert main(words[1:]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 3/3" in out and (run / "best.safetensors").is_file()
+
+
+def test_resume_goes_on_in_the_resumed_runs_folder_and_refuses_repeats(small_consep, tmp_path, capsys):
+    config = str(Path(__file__).parents[1] / "configs" / "smoke.yaml")
+    base = ["train", config, "--set", f"data.dataset=[{small_consep}]", "--set", "data.val_fraction=0.34",
+            "--set", "data.samples_per_epoch=32"]
+    run = tmp_path / "run"
+    assert main(base + ["--set", f"out_dir={run}"]) == 0
+    capsys.readouterr()
+    assert main(base + ["--set", f"out_dir={tmp_path / 'other'}", "--resume", str(run / "resume.safetensors")]) == 0
+    captured = capsys.readouterr()
+    assert f"continuing in {run}" in captured.err and not (tmp_path / "other").exists()
+    assert main(base + ["--set", "repeats=2", "--resume", str(run / "resume.safetensors")]) == 2
+    assert "each seed is a run of its own" in capsys.readouterr().err

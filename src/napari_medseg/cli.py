@@ -379,14 +379,27 @@ def cmd_train(args) -> int:
 
     stages = load_train_stages(args.config, list(args.set or []), args.from_stage)
     if args.resume:
-        # the resume file belongs to the first stage that runs; its config must match it
+        if stages[0].config.repeats > 1:
+            raise MedsegError("--resume continues one run; with repeats each seed is a run of its own: resume "
+                              "one with --set repeats=1 --set seed=N --set out_dir=<its seed_N folder>.")
+        # the resume file belongs to the first stage that runs; its config must match it, and the
+        # run goes on in the resume file's folder (its best checkpoint is there)
         stages[0].config.resume = args.resume
+        folder = str(Path(args.resume).resolve().parent)
+        if Path(stages[0].config.out_dir).resolve() != Path(folder):
+            print(f"medseg train: continuing in {folder}, the resumed run's folder (not {stages[0].config.out_dir})",
+                  file=sys.stderr)
+            stages[0].config.out_dir = folder
     elif not args.overwrite:
         check_fresh_run([Path(stage.config.out_dir) for stage in stages])
     printer = _TrainPrinter(stages)
     if stages[0].config.repeats > 1:  # a config without stages (stages refuse repeats)
         return _train_repeats(stages[0].config, printer)
-    done = train_stages(stages, on_update=printer.update, on_stage=printer.stage_event)
+    try:
+        done = train_stages(stages, on_update=printer.update, on_stage=printer.stage_event)
+    except (Terminated, KeyboardInterrupt):
+        _print_resume_hint(args, printer.stage)
+        raise
     if printer.main_rank:
         result, stage = done.results[-1], done.stages[len(done.results) - 1]
         if result.reason:
@@ -394,10 +407,20 @@ def cmd_train(args) -> int:
         print(_result_words(stage.config, result))
         if done.path is not None:
             print(f"wrote {done.path}")
-        if result.resume:
-            again = f" --from-stage {stage.name}" if stage.name else ""
-            print(f"resume with: medseg train {args.config}{again} --resume {result.resume}")
     return 0
+
+
+def _print_resume_hint(args, stage) -> None:
+    """After an interrupted run: the command that continues it, with every ``--set`` it was given
+    (without them the config would differ, or the run would go on in another folder)."""
+    import shlex
+
+    resume = Path(stage.config.out_dir) / "resume.safetensors"
+    if int(os.environ.get("RANK", "0")) != 0 or not resume.is_file():
+        return
+    words = ["medseg", "train", str(args.config)] + [w for kv in (args.set or []) for w in ("--set", kv)]
+    words += (["--from-stage", stage.name] if stage.name else []) + ["--resume", str(resume)]
+    print(f"resume with: {shlex.join(words)}", file=sys.stderr)
 
 
 def _result_words(config, result) -> str:
