@@ -351,7 +351,7 @@ class _TrainPrinter:
         from .training import BatchDone, EpochDone
 
         if isinstance(update, BatchDone):
-            self.bar.label = f"{self._prefix()}epoch {update.epoch}/{self.stage.config.epochs}"
+            self.bar.label = f"{self._prefix()}epoch {update.epoch}/{update.epochs or self.stage.config.epochs}"
             self.bar(update.step, update.steps)
         elif isinstance(update, EpochDone):
             print(_epoch_line(self._prefix(), update), flush=True)
@@ -363,7 +363,9 @@ class _TrainPrinter:
             return
         if result is None:
             start = stage.config.init_checkpoint or "new weights"
-            print(f"stage {index + 1}/{len(self.stages)} '{stage.name}': {stage.config.epochs} epochs from {start} "
+            gpu = (f" ({stage.config.for_device('cuda').epochs} on a CUDA GPU)"
+                   if stage.config.on_cuda.get("epochs", stage.config.epochs) != stage.config.epochs else "")
+            print(f"stage {index + 1}/{len(self.stages)} '{stage.name}': {stage.config.epochs} epochs{gpu} from {start} "
                   f"-> {stage.config.out_dir}", flush=True)
         else:
             print(f"stage '{stage.name}': {_result_words(stage.config, result)}", flush=True)

@@ -18,6 +18,7 @@ class BatchDone:
     step: int
     steps: int
     loss: float
+    epochs: int = 0  # the run's epochs as it runs (on a GPU a config's ``on_cuda`` may change them)
 
 
 @dataclass

@@ -78,7 +78,7 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, float] | None:
         lr = run.optim.step(loss)
         loss_sum += value
         steps_done += 1
-        run.emit(BatchDone(epoch, step, steps, value))
+        run.emit(BatchDone(epoch, step, steps, value, run.cfg.epochs))
     train_loss = float(loss_sum) / steps_done if steps_done else float("nan")
     if ctx.enabled:
         t = torch.tensor([train_loss], dtype=torch.float64, device=device)

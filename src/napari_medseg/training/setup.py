@@ -174,10 +174,7 @@ class Loaders:
     sampler: torch.utils.data.Sampler  # a DistributedSampler is told each epoch's number
     generator: torch.Generator  # the training loader's random state (saved for resume)
     val_sets: list[ValidationSet]  # this rank's share of the validation images, per set; [] without any
-
-    @property
-    def crops_per_epoch(self) -> int:
-        return len(self.train.dataset)
+    crops_per_epoch: int  # what the sampler draws an epoch, over all ranks (not the crops there are)
 
 
 def build_loaders(cfg: TrainConfig, data: TrainingData, ctx: DistContext, device: torch.device,
@@ -192,7 +189,8 @@ def build_loaders(cfg: TrainConfig, data: TrainingData, ctx: DistContext, device
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=per_rank > cfg.batch_size,
                               generator=generator, num_workers=cfg.data.num_workers, pin_memory=pin,
                               persistent_workers=cfg.data.num_workers > 0)
-    return Loaders(train_loader, sampler, generator, _validation_sets(cfg, data, ctx, mean, std, pin))
+    return Loaders(train_loader, sampler, generator, _validation_sets(cfg, data, ctx, mean, std, pin),
+                   per_rank * ctx.world_size)
 
 
 def _train_sampler(cfg: TrainConfig, data: TrainingData, train_ds: PatchDataset, ctx: DistContext,
