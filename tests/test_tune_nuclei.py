@@ -27,16 +27,33 @@ FORCED = InstanceSettings(marker_threshold=0.3, min_size=100, min_marker_size=4)
 
 @pytest.fixture(scope="module")
 def forced(consep, tmp_path_factory) -> Path:
-    """The default model with FORCED recorded: a one-candidate tuning on two CoNSeP patches."""
+    """The default model with FORCED recorded, written as the tuning writes its choice (a tuning
+    keeps the model's own settings unless it finds better ones, and these are worse)."""
+    from napari_medseg.evaluation.instance_tuning import _write_instance_settings
+
     out = tmp_path_factory.mktemp("tuned") / "forced.safetensors"
-    tune_nuclei_checkpoint("default", [consep], out, groups=["train_12"], device="cpu",
-                           marker_thresholds=[FORCED.marker_threshold], min_sizes=[FORCED.min_size],
-                           min_marker_sizes=[FORCED.min_marker_size])
+    forced = {k: getattr(FORCED, k) for k in TUNED_FIELDS}
+    _write_instance_settings(resolve_model_path("default"), out, forced, {"settings": forced, "forced by": "a test"})
     return out
 
 
 def test_the_recorded_fields_are_the_tuned_ones():
     assert RECORDED_INSTANCE_FIELDS == TUNED_FIELDS  # models cannot import nuclei: the two lists must agree
+
+
+def test_a_tie_keeps_the_models_own_settings():
+    """No setting better than the model's own (here none finds a nucleus: all score 0): the model's
+    stay; the first of the grid had won the tie and the checkpoint's settings changed for nothing."""
+    from napari_medseg.evaluation.instance_tuning import chosen_over
+
+    own = InstanceSettings(marker_threshold=0.4, min_size=45, min_marker_size=10)
+    grid = [InstanceSettings(marker_threshold=t, min_size=10, min_marker_size=4) for t in (0.3, 0.4, 0.5)]
+    zero = {"a": 0.0, "b": 0.0}
+    assert chosen_over(own, zero, grid, [zero, zero, zero]) == (own, zero)
+    better = [zero, {"a": 0.2, "b": 0.1}, zero]
+    assert chosen_over(own, zero, grid, better) == (grid[1], better[1])
+    assert chosen_over(own, {"a": 0.1, "b": 0.1}, grid, better)[0] == grid[1]  # weakest equal, mean higher
+    assert chosen_over(own, {"a": 0.3, "b": 0.1}, grid, better)[0] == own  # weakest equal, mean lower
 
 
 def test_cli_tunes_on_two_sets_and_records_what_the_product_then_scores(consep, tmp_path, capsys):

@@ -92,8 +92,21 @@ def score_grid(outputs_per_set: dict[str, list[ModelOutput]], grid: list[Instanc
 
 def weakest_set_best(grid: list[InstanceSettings], scores: list[dict[str, float]]) -> tuple[InstanceSettings, dict]:
     """The setting whose weakest set scores highest (the mean over sets breaks ties), with its scores."""
-    best = max(range(len(grid)), key=lambda i: (min(scores[i].values()), float(np.mean(list(scores[i].values())))))
+    best = max(range(len(grid)), key=lambda i: _rank(scores[i]))
     return grid[best], scores[best]
+
+
+def chosen_over(before: InstanceSettings, before_scores: dict, grid: list[InstanceSettings],
+                scores: list[dict[str, float]]) -> tuple[InstanceSettings, dict]:
+    """``weakest_set_best``, where it does better than the model's own settings; else those (a tie
+    changes nothing: when no setting finds a nucleus, all score 0 and the first had won)."""
+    chosen, chosen_scores = weakest_set_best(grid, scores)
+    return (chosen, chosen_scores) if _rank(chosen_scores) > _rank(before_scores) else (before, before_scores)
+
+
+def _rank(scores: dict[str, float]) -> tuple[float, float]:
+    """What a setting is chosen by: its weakest set's bPQ, then the mean over sets."""
+    return min(scores.values()), float(np.mean(list(scores.values())))
 
 
 def tune_nuclei_checkpoint(model: str | os.PathLike, data: list[str | Path], out: str | os.PathLike,
@@ -155,7 +168,7 @@ def tune_nuclei_checkpoint(model: str | os.PathLike, data: list[str | Path], out
     outputs = {name: model_outputs(segmenter, samples, TileSettings(tta=tta), step)
                for name, samples in samples_per_set.items()}
     before_scores = score_grid(outputs, [before], step)[0]
-    chosen, chosen_scores = weakest_set_best(grid, score_grid(outputs, grid, step))
+    chosen, chosen_scores = chosen_over(before, before_scores, grid, score_grid(outputs, grid, step))
     tuned = {k: getattr(chosen, k) for k in TUNED_FIELDS if k in values}
     result = {"settings": tuned, "bpq": chosen_scores,
               "before": {"settings": {k: getattr(before, k) for k in TUNED_FIELDS}, "bpq": before_scores},
