@@ -158,6 +158,7 @@ SLIDE_FOLDER = DATA / "slides"
     (["predict", SLIDE_FOLDER, "--out", "o"], ["holds whole slides", "CMU-1-Small-Region.svs", "--whole-slide"]),
     (["web", "--port", "99999"], ["from 1 to 65535"]),  # was: OverflowError
     (["average", "a.safetensors", "b.safetensors", "--crops", "0"], ["at least 1"]),  # was: ValueError deep in torch
+    (["evaluate", "o", DATA / "tnbc_train"], ["prediction folder", "does not exist"]),  # was: "holds no prediction"
 ])
 def test_cli_mistakes_get_their_own_message(tmp_path, args, fragments):
     assert_refused(medseg(*[tmp_path / a if a == "o" else a for a in args]), *fragments)

@@ -319,6 +319,10 @@ def cmd_convert(args) -> int:
 
 def _epoch_line(prefix: str, update) -> str:
     m = update.metrics
+    if not m:  # no validation images (data.val_fraction 0): the trainer keeps the lowest training loss
+        return (f"{prefix}epoch {update.epoch}/{update.epochs}  train_loss {update.train_loss:.4f}  "
+                f"(no validation images: the best epoch is the lowest training loss)  lr {update.lr:.2e}  "
+                f"{'*best*' if update.best else ''}  {update.seconds:.0f}s")
     return (f"{prefix}epoch {update.epoch}/{update.epochs}  train_loss {update.train_loss:.4f}  "
             f"val_loss {update.val_loss:.4f}  val_mIoU {m.get('miou', float('nan')):.4f}  "
             f"val_mean_class_dice {m.get('mean_dice', float('nan')):.4f}  "
@@ -802,6 +806,9 @@ def _run(args) -> int:
     except MedsegError as exc:
         print(f"medseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went (``medseg info default | head``): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail too
+        return 141  # as a process ended by SIGPIPE
     except OSError as exc:
         print(f"medseg {args.command}: error: {_os_error_message(exc)}", file=sys.stderr)
         return 2

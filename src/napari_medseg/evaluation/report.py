@@ -107,8 +107,11 @@ def evaluate_maps(gt: np.ndarray, pred: np.ndarray, class_names: list[str], gt_i
 def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, instance_settings: InstanceSettings | None = None,
                      progress=None) -> dict:
     """Compare ``pred_dir/labels`` (and ``pred_dir/instances`` if present) with a ground-truth dataset folder."""
-    gt = open_dataset(gt_dir, require_labels=True)
     pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise DatasetError(f"The prediction folder {pred_dir} does not exist"
+                           + (" (it is a file: give the folder medseg predict wrote)." if pred_dir.exists() else "."))
+    gt = open_dataset(gt_dir, require_labels=True)
     labels_dir = pred_dir / "labels" if (pred_dir / "labels").is_dir() else pred_dir
     instances_dir = pred_dir / "instances"
     if (pred_dir / CLASSES_FILE).is_file():
