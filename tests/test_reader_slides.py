@@ -75,3 +75,29 @@ def test_label_pyramids_open_as_multiscale_labels(make_napari_viewer, tmp_path):
     assert classes.metadata["medseg"]["classes"] == ["background", "class 1", "class 2", "class 3"]
     (instances,) = viewer.open(str(tmp_path / "slide_instances.ome.tif"), plugin=PLUGIN)
     assert isinstance(instances, Labels) and instances.metadata["medseg"]["kind"] == "instances"
+
+
+def test_a_slide_runs_class_pyramid_reopens_with_its_models_classes(make_napari_viewer, tmp_path):
+    """A rare class whose few pixels vanish from the coarse levels is still named and coloured:
+    the run records its model's classes in the OME-TIFF (the reader had numbered ids up to the
+    coarsest level's highest, leaving the rest transparent)."""
+    from napari_medseg.io.slide_outputs import (create_result_store, iter_build_pyramid, iter_write_pyramid_tiff,
+                                                recorded_classes)
+    from napari_medseg.steps import run_steps
+
+    record = {"classes": ["background", "other", "inflammatory", "epithelial", "spindle"],
+              "colors": [[0, 0, 0], [255, 0, 255], [0, 200, 0], [255, 128, 0], [0, 200, 200]]}
+    store = create_result_store(tmp_path / "slide.zarr", (2048, 2048), {"classes": "uint8"}, 512, 0.5, record)
+    classes = np.zeros((2048, 2048), np.uint8)
+    classes[100:900, 100:900] = 3
+    classes[1501, 1501] = 1  # one pixel of the rare class: gone from every coarser level
+    store["classes/0"][:] = classes
+    run_steps(iter_build_pyramid(store["classes"], pixel_size_um=0.5))
+    path = tmp_path / "slide_labels.ome.tif"
+    run_steps(iter_write_pyramid_tiff(path, store["classes"], 0.5, classes=record))
+    assert recorded_classes(path) == record and dict(store.attrs)["medseg"] == record
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(path), plugin=PLUGIN)
+    assert isinstance(layer, Labels) and layer.multiscale and int(np.asarray(layer.data[-1]).max()) == 3
+    assert layer.metadata["medseg"]["classes"] == record["classes"]
+    assert layer.colormap.map(1)[3] > 0  # the rare class is drawn, not transparent

@@ -11,6 +11,7 @@ from ..io.dataset import CLASSES_FILE, DatasetError, is_dataset_folder, open_dat
 from ..io.images import IMAGE_SUFFIXES, LABEL_SUFFIXES, file_stem, read_image, read_label_map
 from ..io.pannuke import PANNUKE_CLASSES, is_pannuke_fold, read_pannuke_fold
 from ..io.pixel_size import file_pixel_size_um
+from ..io.slide_outputs import recorded_classes
 from ..io.slides import SLIDE_SUFFIXES, is_slide_path, open_slide
 from .common import CLASS_ID_LIMIT
 from .layers import class_labels_kwargs, image_kwargs, instance_labels_kwargs
@@ -102,8 +103,11 @@ def _slide_labels_layer(path: Path) -> tuple:
         return _slide_layer(path)
     levels = display_levels(slide.levels)
     data, extra = (levels if len(levels) > 1 else levels[0]), _scale_kwargs(slide.pixel_size_um)
+    recorded = None if _is_instance_path(path) else recorded_classes(path)
     if _is_instance_path(path):
         kwargs = instance_labels_kwargs(file_stem(path), **extra)
+    elif recorded is not None:  # a slide run's: its model's classes and colours, every one named
+        kwargs = class_labels_kwargs(file_stem(path), recorded["classes"], recorded["colors"], **extra)
     else:  # class names from a dataset's classes.json, else numbered up to the highest id (coarsest level)
         top = int(np.asarray(levels[-1]).max(initial=0))
         kwargs = class_labels_kwargs(file_stem(path), _class_names(path, top), **extra)

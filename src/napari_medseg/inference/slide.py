@@ -76,7 +76,8 @@ def iter_predict_slide(segmenter, slide, out_dir: str | os.PathLike, region: Reg
     if tissue.dark_field and _colour_model(segmenter):
         result.notes.append(DARK_NOTE)
     try:
-        store = create_result_store(files.temp("store"), slide.shape, names, block // 2, slide.pixel_size_um)
+        store = create_result_store(files.temp("store"), slide.shape, names, block // 2, slide.pixel_size_um,
+                                    _class_record(segmenter))
         phases = _phases(segmenter, slide, store, files, result, maps, tissue, polygon, block, nuclei_block,
                          settings, postprocess, instance_settings)
         yield from _run_phases(phases, result.seconds)
@@ -118,8 +119,9 @@ def _phases(segmenter, slide, store, files, result, maps, tissue, polygon, block
         phases.append(("pyramids", pyramid_steps(slide.shape, bounds=bounds),
                        lambda name=name: iter_build_pyramid(store[name], pixel_size_um=size, bounds=bounds)))
         phases.append(("pyramids", tiff_steps(shapes, store[f"{name}/0"].chunks[1]),
-                       lambda name=name, kind=kind: iter_write_pyramid_tiff(files.temp(kind), store[name], size,
-                                                                            named=files.path(kind), bounds=bounds)))
+                       lambda name=name, kind=kind: iter_write_pyramid_tiff(
+                           files.temp(kind), store[name], size, named=files.path(kind), bounds=bounds,
+                           classes=_class_record(segmenter) if name == "classes" else None)))
     return phases
 
 
@@ -144,6 +146,13 @@ def _polygon_mask(polygon: np.ndarray, shape: tuple[int, int], top: float, left:
     from skimage.draw import polygon2mask
 
     return polygon2mask(shape, (polygon - (top, left)) / scale)
+
+
+def _class_record(segmenter) -> dict:
+    """The model's class names and colours, recorded with the results (a reopened label pyramid
+    names its classes from them)."""
+    colors = getattr(getattr(segmenter, "meta", None), "colors", None)
+    return {"classes": list(segmenter.classes), "colors": [list(map(int, c)) for c in colors] if colors else None}
 
 
 def _colour_model(segmenter) -> bool:

@@ -30,6 +30,7 @@ from .tables import csv_row
 CHUNK = 1024
 PYRAMID_MIN_SIDE = 512  # the coarsest level is the first whose longer side is at most this
 # what one slide run writes, by kind: ``<stem><suffix>`` in the output folder
+RECORD_KEY = "medseg"  # a slide run's class names and colours, in its zarr store and class-map OME-TIFF
 RESULT_SUFFIXES = {"store": ".zarr", "classes_tiff": "_labels.ome.tif", "instances_tiff": "_instances.ome.tif",
                    "geojson": "_nuclei.geojson", "csv": "_nuclei.csv"}
 TIFF_QUEUE_TILES = 16  # tiles read ahead of the TIFF writer thread (16 MB of int32 at most)
@@ -95,10 +96,11 @@ class SlideResultFiles:
 
 
 def create_result_store(path: str | os.PathLike, shape: tuple[int, int], names: dict[str, str],
-                        chunk: int = CHUNK, pixel_size_um: float | None = None):
+                        chunk: int = CHUNK, pixel_size_um: float | None = None, classes: dict | None = None):
     """A new zarr group at ``path`` with a full-resolution array ``<name>/0`` per ``names``
-    entry (``{"classes": "uint8", "instances": "int32", ...}``), zeros until written. An
-    existing store is never replaced."""
+    entry (``{"classes": "uint8", "instances": "int32", ...}``), zeros until written; ``classes``
+    (``{"classes": names, "colors": ...}``) recorded in its attributes. An existing store is never
+    replaced."""
     import zarr
 
     path = Path(path)
@@ -109,9 +111,32 @@ def create_result_store(path: str | os.PathLike, shape: tuple[int, int], names: 
     except OSError as exc:
         raise write_error(path, exc) from None
     root.attrs["pixel_size_um"] = pixel_size_um
+    if classes:
+        root.attrs[RECORD_KEY] = classes
     for name, dtype in names.items():
         root.create_group(name).create_array("0", shape=shape, chunks=(chunk, chunk), dtype=dtype, fill_value=0)
     return root
+
+
+def recorded_classes(path: str | os.PathLike) -> dict | None:
+    """``{"classes": [...], "colors": [...]}`` a slide run recorded in its class map's OME-TIFF
+    (``iter_write_pyramid_tiff``), or ``None`` for any other file."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.is_ome:
+                return None
+            image = tifffile.xml2dict(tif.ome_metadata or "").get("OME", {}).get("Image", {})
+        image = image[0] if isinstance(image, list) else image
+        record = json.loads(image.get("Description", "") or "{}").get(RECORD_KEY)
+    except (OSError, ValueError, AttributeError, tifffile.TiffFileError):
+        return None
+    names = record.get("classes") if isinstance(record, dict) else None
+    if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)):
+        return None
+    colors = record.get("colors")
+    return {"classes": names, "colors": colors if isinstance(colors, list) and len(colors) == len(names) else None}
 
 
 def pyramid_shapes(shape: tuple[int, int], min_side: int = PYRAMID_MIN_SIDE) -> list[tuple[int, int]]:
@@ -195,18 +220,22 @@ def tiff_steps(shapes: list[tuple[int, int]], chunk_width: int = CHUNK, tile: in
 
 
 def iter_write_pyramid_tiff(file: str | os.PathLike, group, pixel_size_um: float | None = None, tile: int = 512,
-                            named: str | os.PathLike | None = None, bounds: tuple[int, int, int, int] | None = None):
+                            named: str | os.PathLike | None = None, bounds: tuple[int, int, int, int] | None = None,
+                            classes: dict | None = None):
     """Generator: a multiscale group as a tiled, compressed pyramidal OME-TIFF at ``file``
     (levels as SubIFDs; QuPath and napari open it as a label pyramid aligned with the slide),
     one chunk-wide row of tiles per step; returns ``file``. tifffile compresses and writes in a
     thread of its own, fed tiles through a short queue, so a cancel lands within a step; a
     cancelled or failed write removes ``file``. Errors name ``named`` (the file the user sees).
-    ``bounds`` (level-0 ``y0, y1, x0, x1``): where the maps were written; elsewhere is zeros, not read."""
+    ``bounds`` (level-0 ``y0, y1, x0, x1``): where the maps were written; elsewhere is zeros, not read.
+    ``classes`` (a class map's names and colours) goes in the OME image's Description, as JSON
+    (``recorded_classes`` reads it: a rare class absent from the coarse levels is still named)."""
     levels, file = pyramid_levels(group), Path(file)
     chunk_width = levels[0].chunks[1]
     total, done = tiff_steps([lv.shape for lv in levels], chunk_width, tile), 0
     feed = _TileFeed()
-    writer = threading.Thread(target=_write_tiff_levels, args=(file, levels, pixel_size_um, tile, feed), daemon=True)
+    writer = threading.Thread(target=_write_tiff_levels, args=(file, levels, pixel_size_um, tile, feed, classes),
+                              daemon=True)
     writer.start()
     try:
         for index, level in enumerate(levels):
@@ -231,11 +260,12 @@ def iter_write_pyramid_tiff(file: str | os.PathLike, group, pixel_size_um: float
     return file
 
 
-def _write_tiff_levels(file: Path, levels: list, pixel_size_um: float | None, tile: int, feed: "_TileFeed") -> None:
+def _write_tiff_levels(file: Path, levels: list, pixel_size_um: float | None, tile: int, feed: "_TileFeed",
+                       classes: dict | None = None) -> None:
     """The TIFF writer thread: each level's tiles, as ``feed`` hands them over."""
     import tifffile
 
-    metadata = {"axes": "YX"}
+    metadata = {"axes": "YX", **({"Description": json.dumps({RECORD_KEY: classes})} if classes else {})}
     if pixel_size_um:
         metadata.update(PhysicalSizeX=pixel_size_um, PhysicalSizeY=pixel_size_um,
                         PhysicalSizeXUnit="µm", PhysicalSizeYUnit="µm")
