@@ -125,7 +125,8 @@ def _pixel_size(text: str) -> float | str:
 
     low, high = PLAUSIBLE_PIXEL_SIZE_UM
     return _number_or_word(text, NO_PIXEL_SIZE, lambda v: low <= v <= high,
-                           f"µm per pixel from {low} to {high} (e.g. 0.5 for 20x, 0.25 for 40x; not the magnification)")
+                           f"µm per pixel from {low} to {high} "
+                           "(e.g. 0.5 for 20x, 0.25 for 40x; not the magnification)")
 
 
 def _foreground_threshold(text: str) -> float | str:
@@ -369,8 +370,8 @@ class _TrainPrinter:
             start = stage.config.init_checkpoint or "new weights"
             gpu = (f" ({stage.config.for_device('cuda').epochs} on a CUDA GPU)"
                    if stage.config.on_cuda.get("epochs", stage.config.epochs) != stage.config.epochs else "")
-            print(f"stage {index + 1}/{len(self.stages)} '{stage.name}': {stage.config.epochs} epochs{gpu} from {start} "
-                  f"-> {stage.config.out_dir}", flush=True)
+            print(f"stage {index + 1}/{len(self.stages)} '{stage.name}': {stage.config.epochs} epochs{gpu} "
+                  f"from {start} -> {stage.config.out_dir}", flush=True)
         else:
             print(f"stage '{stage.name}': {_result_words(stage.config, result)}", flush=True)
 

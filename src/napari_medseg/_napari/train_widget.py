@@ -356,7 +356,8 @@ class TrainWidget(ScrollingDock):
 
         layer = next((l for l in layers if layer_kind(l) == PREVIEW_IMAGE_KIND), None)
         if layer is None:
-            return Image(image, name=name, rgb=image.shape[-1] == 3, metadata={METADATA_KEY: {"kind": PREVIEW_IMAGE_KIND}})
+            return Image(image, name=name, rgb=image.shape[-1] == 3,
+                         metadata={METADATA_KEY: {"kind": PREVIEW_IMAGE_KIND}})
         layer.data = image
         return layer
 
