@@ -17,7 +17,6 @@ slide process prepares a model it has no record for.
 
 from __future__ import annotations
 
-import glob
 import importlib.metadata
 import json
 import logging
@@ -27,6 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..devices import gpu_possible
 from ..io.images import atomic_write
 from ..models.export import EXPORT_VERSION, checkpoint_hash, mark_used, onnx_candidates
 
@@ -47,8 +47,9 @@ class RuntimeChoice:
 
 def fingerprint() -> dict:
     """What a choice depends on besides the checkpoint: the runtimes' versions (a new one is
-    checked again), the CPU (half precision is offered per CPU) and whether an NVIDIA GPU is
-    present (``auto`` picks it, and PyTorch, when one is)."""
+    checked again), the CPU (half precision is offered per CPU) and whether a GPU can be present
+    (``auto`` picks it, and PyTorch, when one is: NVIDIA's, ROCm's or WSL's device node,
+    ``devices.gpu_possible``)."""
     versions = {}
     for name in RUNTIMES:
         try:
@@ -56,7 +57,7 @@ def fingerprint() -> dict:
         except importlib.metadata.PackageNotFoundError:
             pass
     return {"record": RECORD_VERSION, "runtimes": versions, "cpu": _cpu_name(), "machine": platform.machine(),
-            "nvidia_gpu": bool(glob.glob("/dev/nvidia[0-9]*"))}
+            "gpu": gpu_possible()}
 
 
 def _cpu_name() -> str:
