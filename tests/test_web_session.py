@@ -194,3 +194,71 @@ def test_nucleus_settings_given_in_the_page_replace_the_models_own(store, result
     assert len(np.unique(given.instances)) < len(np.unique(result.instances))  # fewer: seeds higher, small ones gone
     with pytest.raises(MedsegError, match="marker_threshold must lie strictly between 0 and 1, got 1.5"):
         segment_upload(consep / "images" / f"{STEM}.png", segmenter, nucleus_settings={"marker_threshold": 1.5})
+
+
+def test_ground_truth_label_maps_are_read_as_what_they_are_and_the_reading_is_said(consep):
+    """The values alone can mislead: a class map with one nucleus class present is no mask, an
+    instance map with few ids is no class map, and with a nucleus-only model a class map is no
+    instance map. Each reading is said in the report."""
+    classes = ["background", "other", "inflammatory", "epithelial", "spindle"]
+    labels = read_label_map(consep / "labels" / f"{STEM}.tif")
+    instances = read_label_map(consep / "instances" / f"{STEM}.tif")
+    spindle_only = np.where(labels == 4, 4, 0).astype(np.uint8)  # as 108 of CoNSeP's 432 class maps
+    read = ground_truth_from_label_map(spindle_only, classes)
+    assert read.classes == classes and "only 'spindle' present" in read.reading
+    few = np.zeros_like(instances)
+    for new_id, old_id in enumerate(np.unique(instances)[1:4], start=1):  # three nuclei: ids 1-3 < 5 classes
+        few[instances == old_id] = new_id
+    read = ground_truth_from_label_map(few, classes)
+    assert read.nucleus_only and np.array_equal(read.instances, few) and "instance map" in read.reading
+    read = ground_truth_from_label_map(labels, ["background", "nucleus"])  # a class map, a nucleus-only model
+    assert read.nucleus_only and read.instances is None and "does not have" in read.reading
+    assert read.class_map.sum() == (labels > 0).sum()
+    report = compare_to_ground_truth((labels > 0).astype(np.uint8), ["background", "nucleus"], read)
+    assert report["overall"]["nucleus_dice"] == pytest.approx(1.0) and report["overall"]["bpq"] > 0.9
+    assert "read as a class map of classes the model does not have" in report["note"]
+
+
+def test_small_annotated_nuclei_stay_in_a_ground_truth_without_instances():
+    """A prediction equal to its ground truth scores 1, however small the nuclei (under the model's
+    45 px they had been dropped from the truth alone: bPQ 0.5 for a perfect prediction, whose
+    nuclei are the model's own, cut at the image's pixel size)."""
+    from scipy import ndimage as ndi
+
+    from napari_medseg.evaluation.report import evaluate_maps
+
+    truth = np.zeros((64, 64), np.uint8)
+    truth[5:11, 5:11] = 2  # 36 px
+    truth[20:30, 20:30] = 3  # 100 px
+    truth[40:46, 40:46] = 4  # 36 px
+    classes = ["background", "other", "inflammatory", "epithelial", "spindle"]
+    report = evaluate_maps(truth, truth.copy(), classes, pred_instances=ndi.label(truth > 0)[0])
+    assert report["overall"]["bpq"] == pytest.approx(1.0) and report["overall"]["aji"] == pytest.approx(1.0)
+
+
+def test_a_uint64_instance_map_is_scored():
+    from napari_medseg.evaluation.instance import aji, match_instances
+
+    truth = np.zeros((32, 32), np.uint64)  # as a label TIFF of more than 2**32 ids is written
+    truth[2:10, 2:10], truth[15:25, 15:25] = 1, 2
+    counts = match_instances(truth.astype(np.int32), truth)
+    assert (counts.tp, counts.fp, counts.fn) == (2, 0, 0) and aji(truth.astype(np.int32), truth) == 1.0
+
+
+def test_uploads_that_share_a_name_are_all_kept(store, consep, tmp_path):
+    """patch.png and patch.tif (or two patch.png from different folders): two results, told apart
+    (one had replaced the other, and the page said 1 image was segmented)."""
+    import shutil
+
+    import tifffile
+
+    from napari_medseg.io import read_image
+    from napari_medseg.web.session import segment_uploads
+
+    image = read_image(consep / "images" / f"{STEM}.png")
+    (tmp_path / "a").mkdir()
+    shutil.copy(consep / "images" / f"{STEM}.png", tmp_path / "a" / "patch.png")
+    tifffile.imwrite(tmp_path / "a" / "patch.tif", image[:128, :128], photometric="rgb")
+    results = segment_uploads(store, DEFAULT_MODEL, [str(tmp_path / "a" / "patch.png"), str(tmp_path / "a" / "patch.tif")])
+    assert list(results) == ["patch", "patch (2)"]
+    assert results["patch"].class_map.shape == image.shape[:2] and results["patch (2)"].class_map.shape == (128, 128)

@@ -267,7 +267,7 @@ class MetricsWidget(ScrollingDock):
             "F1 = detection F1 at IoU > 0.5, all nuclei."
         )
         merged = report.get("classes_merged")
-        notes = [report["note"]] if merged else []
+        notes = [report["note"]] if report.get("note") else []
         notes += [self._instances_note] if self._instances_note else []
         if notes:
             self.summary.value = "\n".join([*notes, self.summary.value])

@@ -26,6 +26,7 @@ class GroundTruth:
     class_map: np.ndarray
     classes: list[str]
     instances: np.ndarray | None = None
+    reading: str = ""  # how an unnamed label map was read (said in the report: the values alone can mislead)
 
     @property
     def nucleus_only(self) -> bool:
@@ -33,11 +34,15 @@ class GroundTruth:
 
 
 def ground_truth_from_label_map(labels: np.ndarray, model_classes: list[str]) -> GroundTruth:
-    """Read one annotated label map as what it most likely is.
+    """Read one annotated label map as what it most likely is, and say how it was read.
 
-    Values within the model's class ids, and no more of them than it has classes: a class map
-    with the model's classes. Two values (0 and any other): a binary nucleus mask. More values
-    than the model has classes: an instance map (every id one nucleus), nucleus-only.
+    * Every id one connected blob, and more than one id: an instance map (every id one
+      nucleus), nucleus-only — a class map's classes each cover many nuclei.
+    * Values within the model's class ids: a class map with the model's classes (one class
+      present is still a class map, unless its value is 1, 255 or beyond the classes: a mask).
+    * One value other than 0: a binary nucleus mask.
+    * Otherwise (classes the model does not have): a class map of other classes, scored as
+      nucleus vs background.
     """
     labels = np.asarray(labels)
     if labels.ndim != 2 or not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
@@ -46,11 +51,40 @@ def ground_truth_from_label_map(labels: np.ndarray, model_classes: list[str]) ->
         raise MetricsInputError("Ground truth holds negative labels.")
     values = np.unique(labels)
     foreground = values[values > 0]
-    if foreground.size <= 1:  # a binary mask (0/1, 0/255, ...), or nothing annotated
-        return GroundTruth((labels > 0).astype(np.uint8), list(NUCLEUS_CLASSES))
+    nucleus = (labels > 0).astype(np.uint8)
+    multi_class = len(model_classes) > 2
+    if foreground.size == 1:
+        value = int(foreground[0])
+        if multi_class and 1 < value < len(model_classes):  # e.g. only spindle nuclei on this patch
+            return GroundTruth(labels.astype(np.uint8), list(model_classes),
+                               reading=f"a class map with the model's classes (only '{model_classes[value]}' present)")
+        return GroundTruth(nucleus, list(NUCLEUS_CLASSES), reading="a binary nucleus mask")
+    if foreground.size == 0:
+        return GroundTruth(nucleus, list(NUCLEUS_CLASSES), reading="an empty map (no nucleus annotated)")
+    if _one_blob_per_id(labels):
+        return GroundTruth(nucleus, list(NUCLEUS_CLASSES), labels.astype(np.int64),
+                           reading="an instance map (every id one nucleus, no classes)")
     if int(values.max()) < len(model_classes):
-        return GroundTruth(labels.astype(np.uint8), list(model_classes))
-    return GroundTruth((labels > 0).astype(np.uint8), list(NUCLEUS_CLASSES), labels.astype(np.int64))
+        return GroundTruth(labels.astype(np.uint8), list(model_classes), reading="a class map with the model's classes")
+    return GroundTruth(nucleus, list(NUCLEUS_CLASSES),
+                       reading=f"a class map of classes the model does not have (ids up to {int(values.max())}): "
+                               "nucleus vs background")
+
+
+def _one_blob_per_id(labels: np.ndarray) -> bool:
+    """Whether every id > 0 is one 8-connected blob (an instance map's nuclei; a class map's classes
+    each hold many nuclei). Read within each id's bounding box: no pass over the image per id."""
+    from scipy import ndimage as ndi
+
+    if int(labels.max(initial=0)) > 4 * labels.size ** 0.5 + 1024:  # sparse, huge ids: a table per id would not fit
+        from skimage.segmentation import relabel_sequential
+
+        labels = relabel_sequential(labels)[0]
+    structure = np.ones((3, 3), bool)
+    for index, box in enumerate(ndi.find_objects(labels), start=1):
+        if box is not None and ndi.label(labels[box] == index, structure)[1] > 1:
+            return False
+    return True
 
 
 def compare_to_ground_truth(pred: np.ndarray, pred_classes: list[str], truth: GroundTruth,
@@ -70,6 +104,8 @@ def compare_to_ground_truth(pred: np.ndarray, pred_classes: list[str], truth: Gr
     report = evaluate_maps(truth.class_map, pred, classes, gt_instances=truth.instances,
                            pred_instances=pred_instances, instance_settings=instance_settings)
     report["classes_merged"] = merged
-    report["note"] = ("The ground truth names no nucleus classes: the prediction's classes were merged into "
-                      "'nucleus' (nucleus vs background)." if merged else "")
+    read = f"The ground truth was read as {truth.reading}. " if truth.reading else ""
+    report["note"] = read + ("The ground truth names no nucleus classes: the prediction's classes were merged into "
+                             "'nucleus' (nucleus vs background)." if merged else "")
+    report["note"] = report["note"].strip()
     return report

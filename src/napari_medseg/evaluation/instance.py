@@ -99,7 +99,17 @@ def _check_instances(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.n
             raise InstanceMetricsInputError(
                 f"The {name} instance map holds negative ids (min {int(arr.min())}); ids must be >= 0."
             )
-    return gt, pred
+    # one signed index type for the tables' arithmetic: uint64 maps (a label TIFF of more than
+    # 2**32 ids is written so) mixed with int64 codes failed in numpy's casting rules
+    return _as_index(gt, "ground-truth"), _as_index(pred, "predicted")
+
+
+def _as_index(ids: np.ndarray, name: str) -> np.ndarray:
+    if ids.dtype == np.uint64 and ids.size and int(ids.max()) > np.iinfo(np.intp).max:
+        from skimage.segmentation import relabel_sequential
+
+        ids = relabel_sequential(ids)[0]
+    return ids.astype(np.intp, copy=False)
 
 
 def _small_ids(ids: np.ndarray) -> tuple[np.ndarray, int]:

@@ -161,7 +161,11 @@ def segment_uploads(store: ModelStore, model_name: str, paths: list[str], thresh
         for i, path in enumerate(paths, 1):
             progress = None if progress_for is None else progress_for(f"[{i}/{len(paths)}] {Path(path).name}")
             result = segment_upload(path, segmenter, threshold, tta, pixel_size_um, progress, region, nucleus_settings)
-            results[result.name] = result
+            name, copy = result.name, 2
+            while name in results:  # patch.png and patch.tif, or two patch.png: both kept, told apart
+                name, copy = f"{result.name} ({copy})", copy + 1
+            result.name = name
+            results[name] = result
     return results
 
 
