@@ -162,3 +162,42 @@ def test_metrics_scores_against_nucleus_only_truth_with_classes_merged(make_napa
     path = shots / "segment_metrics_1600x1000.png"
     viewer.window._qt_window.grab().save(str(path))
     assert path.stat().st_size > 10_000
+
+
+def test_a_rethreshold_under_way_never_lands_in_the_next_runs_layers(make_napari_viewer, qtbot):
+    """Nudge the threshold, then segment a rectangle at once: the whole image's re-thresholded map
+    had been written into the rectangle's new layers (wrong size, wrong place)."""
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "consep")
+    _, seg = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    seg.image_layer.value = viewer.layers["CoNSeP H&E"]
+    seg.device.value = "cpu"
+    whole = seg.run(threaded=False)
+    assert whole.data.shape == (256, 256)
+    shapes = viewer.add_shapes([[[100, 100], [100, 164], [164, 164], [164, 100]]], shape_type="rectangle")
+    seg.target.value, seg.shapes_layer.value = "drawn shape", shapes
+    seg.threshold.value = 0.6
+    worker = seg.rethreshold()  # the re-threshold of the whole image, under way ...
+    region = seg.run(threaded=False)  # ... when the rectangle is segmented
+    qtbot.waitUntil(lambda: worker.is_running is False, timeout=10_000)
+    qtbot.wait(300)
+    assert region.data.shape == (65, 65) and seg.last_instances_layer.data.shape == (65, 65)
+    assert tuple(region.translate) == (100.0, 100.0)
+
+
+def test_deleting_the_class_layer_keeps_the_nuclei_following_the_threshold(make_napari_viewer, qtbot):
+    """Kept the outlined nuclei only (the class colours deleted): a threshold change still remakes
+    them (it had done nothing, silently)."""
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "consep")
+    _, seg = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    seg.image_layer.value = viewer.layers["CoNSeP H&E"]
+    seg.device.value = "cpu"
+    classes = seg.run(threaded=False)
+    nuclei = seg.last_instances_layer
+    before = len(np.unique(nuclei.data)) - 1
+    viewer.layers.remove(classes)
+    seg.threshold.value = 0.8
+    assert seg.rethreshold(threaded=False) is not None
+    after = len(np.unique(nuclei.data)) - 1
+    assert after < before and f"{after} nuclei" in seg.status.value

@@ -386,6 +386,7 @@ class SegmentWidget(Container):
             job = self._prepare()
         except MedsegError as exc:  # bad model/file/settings/image/region: report, add nothing
             return self._fail(exc)
+        self._stop_rethresholding()  # the last result's pending re-threshold would land in this run's layers
         self.status.value = f"Loading the model, then segmenting '{self.image_layer.value.name}'..."
         self.progress.max, self.progress.value = 0, 0  # busy until the first tile reports
         self._set_running(True)
@@ -474,7 +475,7 @@ class SegmentWidget(Container):
     # -- re-thresholding ---------------------------------------------------------
     def _schedule_rethreshold(self, *_):
         """Debounced: a spin box held down re-thresholds once it settles."""
-        if self.kept is None or self.last_layer is None:
+        if self.kept is None or (self.last_layer is None and self.last_instances_layer is None):
             return
         from qtpy.QtCore import QTimer
 
@@ -488,8 +489,11 @@ class SegmentWidget(Container):
         """Remake the last result from its kept probabilities for the current thresholds, in place
         (the layers keep their names, colours and places). Returns the worker, or with
         ``threaded=False`` the ``(class map, instances)``."""
-        if self.kept is None or self.last_layer is None:
+        layers = self._viewer.layers
+        if self.kept is None or not (self.last_layer in layers or self.last_instances_layer in layers):
             return None
+        # the run it remakes: a newer run's layers are never written with this one's result
+        target = (self.kept, self.last_layer, self.last_instances_layer)
         thresholds, nuclei = self.thresholds(), self.last_instances_layer is not None
         mask, classes, colors, report = self._mask, self._classes, self._colors, self._report
         name = self.last_instances_layer.name if nuclei else ""
@@ -502,25 +506,38 @@ class SegmentWidget(Container):
             return labels, instances, kwargs, summary
 
         if not threaded:
-            return self._show_rethresholded(prepared(*self.kept.result(thresholds, nuclei)))
-        if self._rethreshold_worker is not None:
-            self._rethreshold_worker.quit()
+            return self._show_rethresholded(prepared(*self.kept.result(thresholds, nuclei)), target)
+        self._stop_rethresholding()
 
         def job():
             labels, instances = yield from self.kept.iter_result(thresholds, nuclei)
             return prepared(labels, instances)
 
-        self._rethreshold_worker = start_worker(job, on_error=self._fail, returned=self._show_rethresholded)
+        self._rethreshold_worker = start_worker(job, on_error=self._fail,
+                                                returned=lambda result: self._show_rethresholded(result, target))
         return self._rethreshold_worker
 
-    def _show_rethresholded(self, result):
+    def _stop_rethresholding(self) -> None:
+        """A re-threshold waiting or under way is dropped (a new run, or a newer re-threshold)."""
+        if self._timer is not None:
+            self._timer.stop()
+        if self._rethreshold_worker is not None:
+            self._rethreshold_worker.quit()
+            self._rethreshold_worker = None
+
+    def _show_rethresholded(self, result, target: tuple):
         labels, instances, instance_kwargs, summary = result
-        if self.last_layer is None or self.last_layer not in self._viewer.layers:
+        kept, class_layer, instances_layer = target
+        if kept is not self.kept:  # a run finished since: this result is of the one before
             return None
-        self.last_layer.data = labels
-        if instances is not None and self.last_instances_layer in self._viewer.layers:
+        layers = self._viewer.layers
+        if class_layer not in layers and instances_layer not in layers:
+            return None
+        if class_layer in layers:  # the user may have deleted one of the two: the other still follows
+            class_layer.data = labels
+        if instances is not None and instances_layer in layers:
             # new ids take their own class colours and names, not those of the old ids
-            replace_instances(self.last_instances_layer, instances, instance_kwargs)
+            replace_instances(instances_layer, instances, instance_kwargs)
         self.status.value = summary
         return labels, instances
 
