@@ -183,3 +183,20 @@ def test_nuclei_layers_save_as_geojson_with_each_nucleus_class(sample_viewer, tm
     truth_votes = instance_classes(instances.data, truth.data)
     for f in json.loads(path.read_text())["features"]:
         assert f["properties"]["classification"]["name"] == CLASSES[truth_votes[f["properties"]["label"]]]
+
+
+def test_the_tp_fp_fn_overlay_sits_on_a_placed_prediction(make_napari_viewer):
+    """An image opened at its µm pixel size (or moved): the error overlay lands on the prediction,
+    not at the origin in pixel units."""
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-medseg", "consep")
+    for layer in viewer.layers:
+        layer.scale, layer.translate = (0.5, 0.5), (100, 50)
+    _, seg = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
+    seg.device.value = "cpu"
+    prediction = seg.run(threaded=False)
+    _, metrics = viewer.window.add_plugin_dock_widget("napari-medseg", "Metrics")
+    metrics.prediction.value, metrics.ground_truth.value = prediction, viewer.layers["CoNSeP ground truth"]
+    overlay = metrics.show_errors()
+    assert tuple(overlay.scale) == (0.5, 0.5) and tuple(overlay.translate) == (100, 50)
+    assert np.allclose(overlay.extent.world, prediction.extent.world)

@@ -112,3 +112,30 @@ def test_export_refuses_to_replace_unasked_and_says_where(objects, tmp_path, mon
     before = target.stat().st_mtime_ns
     assert widget.export_csv(target) is None and asked == [str(target)]
     assert target.stat().st_mtime_ns == before and "Nothing exported" in widget.summary.value
+
+
+def test_objects_never_measures_one_class_map_with_anothers_nuclei(make_napari_viewer, tmp_path):
+    """Segment's result picks its own nuclei; back on the ground truth, those are dropped (the
+    truth had been counted with the model's nuclei, 'background' among its classes), and the
+    GeoJSON export takes the measured map's colours, whatever the box shows since."""
+    import json
+
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-medseg", "consep")
+    _, seg = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
+    seg.device.value = "cpu"
+    seg.run(threaded=False)
+    _, obj = viewer.window.add_plugin_dock_widget("napari-medseg", "Objects")
+    obj.class_layer.value = viewer.layers["CoNSeP H&E segmentation"]
+    assert obj.instance_layer.value is viewer.layers["CoNSeP H&E nuclei"]
+    obj.measure(threaded=False)
+    predicted = obj.summary.value
+    obj.class_layer.value = viewer.layers["CoNSeP ground truth"]
+    assert obj.instance_layer.value is None  # derived from the ground truth itself
+    obj.measure(threaded=False)
+    assert obj.summary.value != predicted and "background" not in obj.summary.value
+    viewer.layers.remove("CoNSeP H&E segmentation")  # the box moves on; the export is of what was measured
+    target = tmp_path / "truth.geojson"
+    assert obj.export_geojson(target) == target
+    names = {f["properties"]["classification"]["name"] for f in json.loads(target.read_text())["features"]}
+    assert names <= {"other", "inflammatory", "epithelial", "spindle"}

@@ -36,6 +36,7 @@ class FastTable(Table):
         q = self.native
         with _quiet(q):
             q.clearContents()
+            q.setRowCount(0)  # the old rows' headers go too: magicgui refuses new headers of another length
             q.setRowCount(len(data))
             q.setColumnCount(len(columns) if len(columns) else (len(data[0]) if data else 0))
             if len(columns):

@@ -24,7 +24,7 @@ from .common import (CLASS_ID_LIMIT, warm_label_visuals, WidgetInputError, class
 from .dock import ScrollingDock
 from .fast_table import FastTable
 from .layers import (METADATA_KEY, class_colormap, in_memory_plane, labels_layers, layer_kind, legend_html,
-                     wrapping_label)
+                     placement, wrapping_label)
 from .table_format import fixed_decimals
 
 if TYPE_CHECKING:
@@ -317,12 +317,14 @@ class MetricsWidget(ScrollingDock):
         features = {"index": [0, *ERROR_NAMES], "error": ["none", *ERROR_NAMES.values()]}
         meta = {METADATA_KEY: {"kind": "errors"}}
         existing = next((l for l in labels_layers(self._viewer) if layer_kind(l) == "errors"), None)
+        where = placement(self.prediction.value)  # on the prediction, wherever its image sits (µm, moved)
         if existing is not None:
             existing.data, existing.name = errors, name
+            existing.scale, existing.translate = where["scale"], where["translate"]
             layer = existing
         else:
             layer = self._viewer.add_labels(errors, name=name, colormap=DirectLabelColormap(color_dict=colors),
-                                            features=features, metadata=meta, opacity=0.8)
+                                            features=features, metadata=meta, opacity=0.8, **where)
         counts = error_counts(errors)
         self.summary.value = ", ".join(f"{k}: {v} px" for k, v in counts.items() if class_id is None or k != "wrong class")
         return layer

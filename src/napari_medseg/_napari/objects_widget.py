@@ -63,6 +63,7 @@ class ObjectsWidget(ScrollingDock):
         self.objects: dict | None = None
         self._instances: np.ndarray | None = None
         self._origin = (0, 0)  # (y, x) of the measured map's first pixel in its image
+        self._colors = None  # the measured class map's colours (its GeoJSON export uses them)
         self.class_layer = ComboBox(label="class map", choices=self._class_layers)
         self.instance_layer = ComboBox(label="instances", choices=self._instance_choices)
         self.image_layer = ComboBox(label="image", choices=self._image_choices)
@@ -82,6 +83,7 @@ class ObjectsWidget(ScrollingDock):
         self.measure_button.changed.connect(lambda: self.measure(threaded=True))
         self.export_csv_button.changed.connect(lambda: self.export_csv())
         self.export_geojson_button.changed.connect(lambda: self.export_geojson())
+        self._picked = None  # the nuclei layer ``_pick_instances`` chose (not the user)
         self.class_layer.changed.connect(self._pick_instances)
         self._viewer.layers.events.inserted.connect(self.reset_choices)
         self._viewer.layers.events.removed.connect(self.reset_choices)
@@ -104,13 +106,17 @@ class ObjectsWidget(ScrollingDock):
         """The class map's own nuclei (Segment's '<image> nuclei' beside '<image> segmentation'), so
         that Objects counts the nuclei Segment counted; derived by a watershed only without them."""
         layer = self.class_layer.value
-        if layer is None or " segmentation" not in layer.name:
-            return  # only Segment's results have a twin (a class map is never its own nuclei)
-        twin = layer.name.replace(" segmentation", " nuclei")
+        twin = layer.name.replace(" segmentation", " nuclei") if layer is not None and " segmentation" in layer.name \
+            else None  # only Segment's results have a twin (a class map is never its own nuclei)
         self.instance_layer.reset_choices()  # a layer being inserted may not be among its choices yet
         for _name, candidate in self._instance_choices():
-            if candidate is not None and candidate.name == twin and candidate.data.shape == layer.data.shape:
-                self.instance_layer.value = candidate
+            if twin and candidate is not None and candidate.name == twin and candidate.data.shape == layer.data.shape:
+                self.instance_layer.value = self._picked = candidate
+                return
+        if self._picked is not None and self.instance_layer.value is self._picked:
+            # the nuclei picked for another class map (another run's, the model's for the ground
+            # truth) would be measured with this one: derived instead; a layer the user chose stays
+            self.instance_layer.value = self._picked = None
 
     def _fail(self, error: BaseException | str) -> None:
         report_error(self.summary, error)
@@ -177,7 +183,7 @@ class ObjectsWidget(ScrollingDock):
         info = layer.metadata.get(METADATA_KEY, {})
         self.legend.value = legend_html(names, info.get("colors"))
         self.objects, self._instances, self._names = table, instances, names
-        self._origin = origin
+        self._origin, self._colors = origin, info.get("colors")
         return table
 
     def export_csv(self, path: str | Path | None = None) -> Path | None:
@@ -190,7 +196,7 @@ class ObjectsWidget(ScrollingDock):
             return self._fail("Measure the objects before exporting them.")
         # id -> class as a mapping: another tool's ids may be huge and sparse (no table up to the largest)
         classes = dict(zip(self.objects["label"].tolist(), self.objects["class_id"].tolist()))
-        colors = self.class_layer.value.metadata.get(METADATA_KEY, {}).get("colors")
+        colors = self._colors  # the measured map's, not whatever the class-map box shows now
         return self._export(self.geojson_path, path,
                             lambda target: write_geojson(target, self._instances, classes, self._names, colors,
                                                          self._origin))
