@@ -130,6 +130,34 @@ def test_labels_saved_on_a_scaled_image_reopen_on_it(make_napari_viewer, tmp_pat
     assert np.allclose(reopened.extent.world, image.extent.world)
 
 
+def test_result_layers_saved_as_tiffs_reopen_as_what_they_were(make_napari_viewer, tmp_path):
+    """napari's Save proposes the layer's name ('... nuclei.tif', no '_instances'): the nuclei had
+    reopened as an Image (over 64 ids), the class map with numbered classes (Metrics then refused
+    it), a region's result at (0, 0). The writer records what the layer was; the reader reads it."""
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "consep")
+    _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    segment.image_layer.value = viewer.layers["CoNSeP H&E"]
+    segment.device.value = "cpu"
+    shapes = viewer.add_shapes([[[64, 32], [64, 160], [192, 160], [192, 32]]], shape_type="rectangle")
+    segment.target.value, segment.shapes_layer.value = "drawn shape", shapes
+    classes = segment.run(threaded=False)
+    nuclei = segment.last_instances_layer
+    for layer in (classes, nuclei):
+        viewer.layers.selection = {layer}
+        target = tmp_path / f"{layer.name}.tif"
+        assert viewer.layers.save(str(target), selected=True, plugin=PLUGIN) == [str(target)]
+    (again_classes,) = viewer.open(str(tmp_path / f"{classes.name}.tif"), plugin=PLUGIN)
+    (again_nuclei,) = viewer.open(str(tmp_path / f"{nuclei.name}.tif"), plugin=PLUGIN)
+    assert isinstance(again_nuclei, Labels) and again_nuclei.metadata["medseg"]["kind"] == "instances"
+    assert np.array_equal(again_nuclei.data, nuclei.data) and len(np.unique(nuclei.data)) > 3
+    assert again_classes.metadata["medseg"]["classes"] == CONSEP_CLASSES
+    for before, after in ((classes, again_classes), (nuclei, again_nuclei)):
+        assert tuple(after.translate) == tuple(before.translate) == (64.0, 32.0)
+        assert after.metadata["medseg"]["origin"] == [64, 32]
+    assert np.array_equal(again_nuclei.colormap.map(np.unique(nuclei.data)), nuclei.colormap.map(np.unique(nuclei.data)))
+
+
 def test_segment_and_metrics_from_the_menu_work_on_the_sample(make_napari_viewer):
     """The widgets as napari makes them (with its viewer proxy) do their work, not just open."""
     viewer = make_napari_viewer()

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 
 from ..io.dataset import CLASSES_FILE, DatasetError, is_dataset_folder, open_dataset, read_classes
-from ..io.images import IMAGE_SUFFIXES, LABEL_SUFFIXES, file_stem, read_image, read_label_map
+from ..io.images import IMAGE_SUFFIXES, LABEL_SUFFIXES, file_stem, read_image, read_label_map, read_label_record
 from ..io.pannuke import PANNUKE_CLASSES, is_pannuke_fold, read_pannuke_fold
 from ..io.pixel_size import file_pixel_size_um
 from ..io.slide_outputs import recorded_classes
 from ..io.slides import SLIDE_SUFFIXES, is_slide_path, open_slide
 from .common import CLASS_ID_LIMIT
-from .layers import class_labels_kwargs, image_kwargs, instance_labels_kwargs
+from .layers import class_labels_kwargs, image_kwargs, instance_labels_kwargs, with_origin
 
 
 def get_reader(path):
@@ -133,6 +133,8 @@ def _label_map_or_pixels(path: Path) -> tuple[np.ndarray | None, np.ndarray | No
     few distinct values; else ``(None, the pixels if they were read to decide)``."""
     if path.suffix.lower() not in LABEL_SUFFIXES:
         return None, None
+    if read_label_record(path) is not None:  # saved from a Labels layer by this plugin
+        return read_label_map(path), None
     pixels = read_image(path) if not _named_as_labels(path) else None
     if pixels is not None and (pixels.ndim != 2 or not np.issubdtype(pixels.dtype, np.integer)
                                or len(np.unique(pixels)) > LABEL_MAX_VALUES):
@@ -143,11 +145,32 @@ def _label_map_or_pixels(path: Path) -> tuple[np.ndarray | None, np.ndarray | No
 def _labels_layer(path: Path, labels: np.ndarray) -> tuple:
     name, top = file_stem(path), int(labels.max(initial=0))
     extra = _scale_kwargs(file_pixel_size_um(path))  # on its image, where both record their pixel size
+    record = read_label_record(path)
+    if record is not None:  # saved by this plugin's writer: what the layer was, where it was
+        return labels, _recorded_labels_kwargs(name, record, extra), "labels"
     # ids beyond any class map's (a '_labels' file that holds nuclei): an instance map, else a
     # name and colour per id would be made for up to millions of ids
     if _is_instance_path(path) or top >= CLASS_ID_LIMIT:
         return labels, instance_labels_kwargs(name, **extra), "labels"
     return labels, class_labels_kwargs(name, _class_names(path, top), **extra), "labels"
+
+
+def _recorded_labels_kwargs(name: str, record: dict, extra: dict) -> dict:
+    """A saved layer's kind, classes, colours and nuclei's classes, back in its layer settings; a
+    region's result at its origin in its image (at the image's scale)."""
+    classes, colors = record.get("classes"), record.get("colors")
+    if record.get("kind") == "instances":
+        kwargs = instance_labels_kwargs(name, classes, colors, record.get("instance_classes"), **extra)
+    elif classes:
+        kwargs = class_labels_kwargs(name, classes, colors, **extra)
+    else:
+        kwargs = class_labels_kwargs(name, ["background"], **extra)
+    origin = record.get("origin")
+    if origin and any(origin):
+        sy, sx = extra.get("scale", (1.0, 1.0))
+        kwargs["translate"] = (origin[0] * sy, origin[1] * sx)
+        with_origin(kwargs, tuple(origin))
+    return kwargs
 
 
 def _class_names(path: Path, top: int) -> list[str]:

@@ -8,6 +8,7 @@ is. Both formats are written to a temp file and renamed: a refused or failed sav
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,8 +44,29 @@ def write_labels_geojson(path: str, data, meta: dict) -> list[str]:
 def write_labels_tiff(path: str, data, meta: dict) -> list[str]:
     with _save_errors_shown(path, meta):
         _not_a_pyramid(data, meta.get("metadata", {}).get(METADATA_KEY, {}))
-        write_label_map(path, _plane(data), _pixel_size_um(meta))
+        write_label_map(path, _plane(data), _pixel_size_um(meta), _label_record(meta))
     return [path]
+
+
+# what a saved label TIFF keeps of its layer, so that it reopens as what it was (the plugin's reader)
+RECORDED_FIELDS = ("kind", "classes", "colors", "origin", "instance_classes")
+RECORDED_VOTES_MAX = 100_000  # a nucleus-class table up to this many ids goes along (a list in JSON)
+
+
+def _label_record(meta: dict) -> dict | None:
+    """The plugin's metadata of the layer (kind, class names and colours, a region's origin, the
+    nuclei's classes), JSON-ready; ``None`` for a layer the plugin did not make."""
+    info = meta.get("metadata", {}).get(METADATA_KEY, {})
+    record = {}
+    for key in RECORDED_FIELDS:
+        value = info.get(key)
+        if value is None:
+            continue
+        value = json.loads(json.dumps(value, default=lambda v: v.tolist()))  # numpy arrays and numbers too
+        if key == "instance_classes" and len(value) > RECORDED_VOTES_MAX:
+            continue
+        record[key] = value
+    return record or None
 
 
 def _pixel_size_um(meta: dict) -> float | None:

@@ -16,6 +16,7 @@ decides from shape and dtype alone; ``validate_image_array`` applies it to a num
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from contextlib import contextmanager
@@ -330,6 +331,25 @@ def read_label_map(path: str | os.PathLike) -> np.ndarray:
     return labels
 
 
+LABEL_RECORD_KEY = "napari-medseg"  # a label TIFF's description: {"napari-medseg": {"kind": ..., ...}}
+
+
+def read_label_record(path: str | os.PathLike) -> dict | None:
+    """What ``write_label_map`` recorded about a label TIFF (``kind``, ``classes``, ``colors``,
+    ``origin``...), or ``None`` for any other file."""
+    if image_suffix(Path(path)) not in (".tif", ".tiff"):
+        return None
+    import tifffile
+
+    try:
+        with tifffile_quiet(), tifffile.TiffFile(path) as tif:
+            description = tif.pages[0].description or ""
+        record = json.loads(description).get(LABEL_RECORD_KEY) if description.startswith("{") else None
+    except (OSError, ValueError, AttributeError, IndexError, tifffile.TiffFileError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def smallest_label_dtype(labels: np.ndarray) -> np.dtype:
     top = int(labels.max()) if labels.size else 0
     for dtype in (np.uint8, np.uint16, np.uint32):
@@ -356,9 +376,12 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def write_label_map(path: str | os.PathLike, labels: np.ndarray, pixel_size_um: float | None = None) -> Path:
+def write_label_map(path: str | os.PathLike, labels: np.ndarray, pixel_size_um: float | None = None,
+                    record: dict | None = None) -> Path:
     """Write a label map as a zlib-compressed TIFF, in the smallest unsigned dtype, atomically;
-    ``pixel_size_um`` in its resolution tags (so it opens on its image, at the same scale)."""
+    ``pixel_size_um`` in its resolution tags (so it opens on its image, at the same scale), and
+    ``record`` (what the map is: kind, classes, colours, origin) as JSON in its description, which
+    ``read_label_record`` gives back."""
     import tifffile
 
     path = Path(path)
@@ -377,6 +400,7 @@ def write_label_map(path: str | os.PathLike, labels: np.ndarray, pixel_size_um: 
             tmp, data, compression="zlib", tile=(512, 512) if big else None, bigtiff=big, photometric="minisblack",
             **({"resolution": (1e4 / pixel_size_um, 1e4 / pixel_size_um), "resolutionunit": "CENTIMETER"}
                if pixel_size_um else {}),
+            **({"description": json.dumps({LABEL_RECORD_KEY: record}), "metadata": None} if record else {}),
         ),
     )
     return path
