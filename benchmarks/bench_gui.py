@@ -1,5 +1,5 @@
 """The largest GUI-thread stall while a user opens a 1000² H&E image, segments it, scores it,
-paints on it, measures its nuclei and fine-tunes the model for one epoch on the painted result,
+re-thresholds and paints on it, measures its nuclei and fine-tunes the model for one epoch on the painted result,
 through the plugin's widgets (Plugins > napari-medseg).
 
 A 50 ms QTimer ticks on the GUI thread; the longest gap between ticks beyond 50 ms, per step, is
@@ -155,7 +155,7 @@ def main(image_path: Path, why: bool = False) -> None:
 
 
 def run_steps(viewer, image_path: Path, step, models: Path) -> None:
-    """open -> segment -> metrics -> paint -> re-threshold -> objects -> 1-epoch fine-tune."""
+    """open -> segment -> metrics -> re-threshold -> paint -> objects -> 1-epoch fine-tune."""
     import numpy as np
 
     from napari_medseg.io.images import read_label_map
@@ -174,14 +174,15 @@ def run_steps(viewer, image_path: Path, step, models: Path) -> None:
     metrics.ground_truth.value = viewer.layers["ground truth"] if truth_path.is_file() else segment.last_layer
     step("metrics (Compute)", lambda: metrics.compute(threaded=True), lambda: metrics.result is not None)
     layer = segment.last_layer
+    # re-threshold before painting: a result edited by hand is not remade (the edits would go)
+    segment.threshold.value = 0.6
+    step("re-threshold", lambda: segment.rethreshold(), lambda: "0.60" in segment.status.value)
 
     def paint():
         coords = np.argwhere(layer.data == 0)[:400]
         layer.data_setitem(tuple(coords.T), 3)
     first = metrics.result
     step("paint + live recompute", paint, lambda: metrics.result is not first)
-    segment.threshold.value = 0.6
-    step("re-threshold", lambda: segment.rethreshold(), lambda: "0.60" in segment.status.value)
     _, objects = viewer.window.add_plugin_dock_widget("napari-medseg", "Objects")
     objects.class_layer.value = segment.last_layer
     step("objects (Measure)", lambda: objects.measure(threaded=True), lambda: objects.objects is not None)

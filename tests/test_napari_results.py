@@ -201,3 +201,24 @@ def test_deleting_the_class_layer_keeps_the_nuclei_following_the_threshold(make_
     assert seg.rethreshold(threaded=False) is not None
     after = len(np.unique(nuclei.data)) - 1
     assert after < before and f"{after} nuclei" in seg.status.value
+
+
+def test_a_result_edited_by_hand_is_not_remade_by_a_threshold_change(make_napari_viewer):
+    """Painted a missed nucleus, erased a false one, then touched a threshold box: the edits had
+    gone, with no warning and no undo. The status says why nothing is remade; the next run uses it."""
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "consep")
+    _, seg = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    seg.image_layer.value = viewer.layers["CoNSeP H&E"]
+    seg.device.value = "cpu"
+    classes = seg.run(threaded=False)
+    nuclei = seg.last_instances_layer
+    classes.paint((20, 20), 3)
+    gone = int(np.unique(nuclei.data)[1])
+    nuclei.fill(tuple(np.argwhere(nuclei.data == gone)[0]), 0)
+    edited_classes, edited_nuclei = classes.data.copy(), nuclei.data.copy()
+    seg.threshold.value = 0.8
+    assert seg.rethreshold(threaded=False) is None and "edited by hand" in seg.status.value
+    assert np.array_equal(classes.data, edited_classes) and np.array_equal(nuclei.data, edited_nuclei)
+    again = seg.run(threaded=False)  # a new run: new layers, which follow the thresholds again
+    assert seg.rethreshold(threaded=False) is not None and again is not classes

@@ -69,6 +69,7 @@ class SegmentWidget(Container):
         super().__init__()
         self._viewer = napari_viewer
         self._worker = self._rethreshold_worker = self._timer = None
+        self._edited = False  # the last result's layers were painted by the user
         self._segmenter_cache: tuple[tuple, Segmenter] | None = None
         self._cancel_requested = threading.Event()
         self._progress_shown = 0.0  # when the bar last moved (time.monotonic)
@@ -462,6 +463,10 @@ class SegmentWidget(Container):
             if str(segmenter.device) != "cpu":
                 segmenter.release()  # give the GPU memory back between runs
         self.last_layer, self.last_instances_layer = run.layers
+        self._edited = False
+        for layer in run.layers:  # the user's corrections are theirs: no re-threshold remakes them
+            if layer is not None:
+                layer.events.paint.connect(self._on_result_painted)
         self._read_chosen_model()  # the run's model, unless another was chosen since
 
         def shown():
@@ -473,6 +478,12 @@ class SegmentWidget(Container):
         return self.last_layer
 
     # -- re-thresholding ---------------------------------------------------------
+    def _on_result_painted(self, event=None) -> None:
+        layer = getattr(event, "source", None)
+        if layer is not None and layer not in (self.last_layer, self.last_instances_layer):
+            return  # an earlier run's layers: not the ones a re-threshold would remake
+        self._edited = True
+
     def _schedule_rethreshold(self, *_):
         """Debounced: a spin box held down re-thresholds once it settles."""
         if self.kept is None or (self.last_layer is None and self.last_instances_layer is None):
@@ -491,6 +502,10 @@ class SegmentWidget(Container):
         ``threaded=False`` the ``(class map, instances)``."""
         layers = self._viewer.layers
         if self.kept is None or not (self.last_layer in layers or self.last_instances_layer in layers):
+            return None
+        if self._edited:  # remaking the layers would erase the user's corrections (napari's undo cannot bring them back)
+            self.status.value = ("The result was edited by hand, so it is not remade for the new thresholds (that "
+                                 "would erase the edits); they apply to the next run.")
             return None
         # the run it remakes: a newer run's layers are never written with this one's result
         target = (self.kept, self.last_layer, self.last_instances_layer)
