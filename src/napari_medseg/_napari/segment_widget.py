@@ -217,6 +217,9 @@ class SegmentWidget(Container):
             return "default"
         if self.model_source.value in trained_models:
             return str(trained_models.path(self.model_source.value))
+        if self.model_source.value != FILE_MODEL:  # a trained model listed before its file went
+            raise WidgetInputError(f"'{self.model_source.value}' is no longer on disk (its checkpoint was moved or "
+                                   "deleted); choose another model.")
         path = Path(str(self.checkpoint.value))
         if not path.is_file():
             raise WidgetInputError(f"Choose an existing .safetensors checkpoint (got '{path}').")
