@@ -222,3 +222,24 @@ def test_a_result_edited_by_hand_is_not_remade_by_a_threshold_change(make_napari
     assert np.array_equal(classes.data, edited_classes) and np.array_equal(nuclei.data, edited_nuclei)
     again = seg.run(threaded=False)  # a new run: new layers, which follow the thresholds again
     assert seg.rethreshold(threaded=False) is not None and again is not classes
+
+
+def test_results_land_on_an_image_moved_with_the_transform_tool(make_napari_viewer):
+    """napari's Transform tool moves a layer by its affine, not its translate: the results had
+    been drawn where the image was, the region's too."""
+    from napari.utils.transforms import Affine
+
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "consep")
+    image = viewer.layers["CoNSeP H&E"]
+    image.affine = Affine(translate=(40, 60))  # as dragging the transform box by (40, 60)
+    _, seg = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    seg.image_layer.value, seg.device.value = image, "cpu"
+    whole = seg.run(threaded=False)
+    assert np.allclose(whole.data_to_world((0, 0)), (40, 60))
+    shapes = viewer.add_shapes([[[104, 92], [104, 219], [231, 219], [231, 92]]], shape_type="rectangle")
+    seg.target.value, seg.shapes_layer.value = "drawn shape", shapes
+    region = seg.run(threaded=False)
+    assert region.metadata["medseg"]["origin"] == [64, 32]
+    assert np.allclose(region.data_to_world((0, 0)), (104, 92))
+    assert np.allclose(seg.last_instances_layer.data_to_world((0, 0)), (104, 92))

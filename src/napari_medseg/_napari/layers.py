@@ -135,9 +135,15 @@ def image_kwargs(name: str, image: np.ndarray, **extra) -> dict:
 def placement(layer) -> dict:
     """The ``scale``, ``translate`` and ``units`` of ``layer``'s last two (y, x) axes, for a 2-D
     result of it, so that results line up with their image however it was placed (and napari
-    sees one unit across them: a µm slide and pixel-unit results draw a warning)."""
-    return {"scale": tuple(layer.scale[-2:]), "translate": tuple(layer.translate[-2:]),
-            "units": tuple(str(unit) for unit in layer.units[-2:])}
+    sees one unit across them: a µm slide and pixel-unit results draw a warning); its affine
+    too where it has one (napari's Transform tool moves a layer by its affine, not its translate)."""
+    where = {"scale": tuple(layer.scale[-2:]), "translate": tuple(layer.translate[-2:]),
+             "units": tuple(str(unit) for unit in layer.units[-2:])}
+    matrix = np.asarray(layer.affine.affine_matrix)
+    yx = matrix[np.ix_([-3, -2, -1], [-3, -2, -1])]  # the (y, x) rows and columns, with the translation
+    if not np.allclose(yx, np.eye(3)):
+        where["affine"] = yx
+    return where
 
 
 def in_memory_plane(layer, use: str) -> np.ndarray:

@@ -321,6 +321,7 @@ class MetricsWidget(ScrollingDock):
         if existing is not None:
             existing.data, existing.name = errors, name
             existing.scale, existing.translate = where["scale"], where["translate"]
+            existing.affine = where.get("affine", np.eye(3))
             layer = existing
         else:
             layer = self._viewer.add_labels(errors, name=name, colormap=DirectLabelColormap(color_dict=colors),
