@@ -164,14 +164,20 @@ def test_metrics_scores_against_nucleus_only_truth_with_classes_merged(make_napa
     assert path.stat().st_size > 10_000
 
 
-def test_a_rethreshold_under_way_never_lands_in_the_next_runs_layers(make_napari_viewer, qtbot):
-    """Nudge the threshold, then segment a rectangle at once: the whole image's re-thresholded map
-    had been written into the rectangle's new layers (wrong size, wrong place)."""
+def _segment_widget_on_the_sample(make_napari_viewer):
+    """A viewer with the CoNSeP sample and the Segment widget as napari's menu opens it, set to it."""
     viewer = make_napari_viewer()
     viewer.open_sample(PLUGIN, "consep")
     _, seg = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
     seg.image_layer.value = viewer.layers["CoNSeP H&E"]
     seg.device.value = "cpu"
+    return viewer, seg
+
+
+def test_a_rethreshold_under_way_never_lands_in_the_next_runs_layers(make_napari_viewer, qtbot):
+    """Nudge the threshold, then segment a rectangle at once: the whole image's re-thresholded map
+    had been written into the rectangle's new layers (wrong size, wrong place)."""
+    viewer, seg = _segment_widget_on_the_sample(make_napari_viewer)
     whole = seg.run(threaded=False)
     assert whole.data.shape == (256, 256)
     shapes = viewer.add_shapes([[[100, 100], [100, 164], [164, 164], [164, 100]]], shape_type="rectangle")
@@ -188,11 +194,7 @@ def test_a_rethreshold_under_way_never_lands_in_the_next_runs_layers(make_napari
 def test_deleting_the_class_layer_keeps_the_nuclei_following_the_threshold(make_napari_viewer, qtbot):
     """Kept the outlined nuclei only (the class colours deleted): a threshold change still remakes
     them (it had done nothing, silently)."""
-    viewer = make_napari_viewer()
-    viewer.open_sample(PLUGIN, "consep")
-    _, seg = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
-    seg.image_layer.value = viewer.layers["CoNSeP H&E"]
-    seg.device.value = "cpu"
+    viewer, seg = _segment_widget_on_the_sample(make_napari_viewer)
     classes = seg.run(threaded=False)
     nuclei = seg.last_instances_layer
     before = len(np.unique(nuclei.data)) - 1
@@ -206,11 +208,7 @@ def test_deleting_the_class_layer_keeps_the_nuclei_following_the_threshold(make_
 def test_a_result_edited_by_hand_is_not_remade_by_a_threshold_change(make_napari_viewer):
     """Painted a missed nucleus, erased a false one, then touched a threshold box: the edits had
     gone, with no warning and no undo. The status says why nothing is remade; the next run uses it."""
-    viewer = make_napari_viewer()
-    viewer.open_sample(PLUGIN, "consep")
-    _, seg = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
-    seg.image_layer.value = viewer.layers["CoNSeP H&E"]
-    seg.device.value = "cpu"
+    viewer, seg = _segment_widget_on_the_sample(make_napari_viewer)
     classes = seg.run(threaded=False)
     nuclei = seg.last_instances_layer
     classes.paint((20, 20), 3)
