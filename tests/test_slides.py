@@ -558,25 +558,28 @@ def test_a_flat_slide_finds_its_tissue_on_every_few_pixels(tmp_path):
     assert tissue.any_in(700, 800, 400, 500) and not tissue.any_in(2500, 2600, 2500, 2600)
 
 
-def _bright_is_nucleus(pixel_size_um: float):
+def _bright_is_nucleus(pixel_size_um: float, distance_head: bool = False):
     """A real ``Segmenter`` whose 'network' calls bright pixels nuclei, pointwise (a fluorescence
     stain's look), run as a runtime would: what it sees is exactly the image mapped to [0, 1]."""
     from napari_medseg.inference.backends import Backend
     from napari_medseg.inference.segmenter import Segmenter
     from napari_medseg.models import CheckpointMeta, ModelConfig
 
-    meta = CheckpointMeta(model=ModelConfig("unet", "resnet18", num_classes=2, encoder_depth=3),
+    meta = CheckpointMeta(model=ModelConfig("unet", "resnet18", num_classes=2, encoder_depth=3,
+                                            distance_head=distance_head),
                           classes=["background", "nucleus"], pixel_size_um=pixel_size_um,
                           normalization={"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]})
 
     def run(x):
         v = x.mean(1, keepdims=True)
-        return np.concatenate([np.zeros_like(v), 50.0 * (v - 0.5)], 1).astype(np.float32)
+        planes = [np.zeros_like(v), 50.0 * (v - 0.5)] + ([50.0 * (v - 0.5)] if distance_head else [])
+        return np.concatenate(planes, 1).astype(np.float32)
 
     return Segmenter(None, meta, "cpu", Backend("onnxruntime", None, numpy_run=run))
 
 
-def test_a_16_bit_slide_is_mapped_to_the_model_by_its_own_range_not_each_blocks():
+@pytest.mark.parametrize("distance_head", [False, True])
+def test_a_16_bit_slide_is_mapped_to_the_model_by_its_own_range_not_each_blocks(distance_head):
     """A block of background alone, scaled to its own 0.5-99.5 percentiles, is noise stretched to
     full range: half of it had been called nucleus. The slide's range serves every block."""
     from napari_medseg.inference.regions import iter_segment_region
@@ -590,9 +593,10 @@ def test_a_16_bit_slide_is_mapped_to_the_model_by_its_own_range_not_each_blocks(
     for cy, cx in zip(rng.uniform(0, 1024, 80), rng.uniform(0, 1024, 80)):  # bright nuclei, left half only
         image[(yy - cy) ** 2 + (xx - cx) ** 2 < 64] = 3000
     slide = Slide(Path("u16.tif"), [image, image[::4, ::4]], pixel_size_um=0.5)
-    segmenter, tiles = _bright_is_nucleus(0.5), TileSettings(256, 64, 8)
+    segmenter, tiles = _bright_is_nucleus(0.5, distance_head), TileSettings(256, 64, 8)
     whole = segmenter.segment(image, tiles)
-    out = np.zeros(slide.shape, np.uint8)
-    run_steps(iter_segment_region(segmenter, slide, out=out, settings=tiles, block=512))
+    out, distance = np.zeros(slide.shape, np.uint8), np.zeros(slide.shape, np.float32) if distance_head else None
+    run_steps(iter_segment_region(segmenter, slide, out=out, distance_out=distance, settings=tiles, block=512))
+    assert distance is None or (distance[:, :1024].max() > 0.5 and distance[:, 1024:].max() < 0.5)
     assert whole[:, 1024:].sum() == 0 and out[:, 1024:].sum() == 0  # was half of the empty half
     assert abs(int(out[:, :1024].astype(bool).sum()) - int(whole[:, :1024].astype(bool).sum())) < 0.01 * whole.size

@@ -9,7 +9,6 @@ derived from its class map with ``semantic_to_instances``.
 from __future__ import annotations
 
 from dataclasses import replace
-
 from pathlib import Path
 
 import numpy as np

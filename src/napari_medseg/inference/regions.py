@@ -163,9 +163,9 @@ def iter_segment_region(segmenter, slide, region: Region | None = None, out=None
     for index, (y0, y1, x0, x1) in enumerate(blocks):
         window = _window(slide.shape, region, (y0, y1, x0, x1), halo)
         pixels = np.asarray(slide.levels[0][window[0]:window[1], window[2]:window[3]])
+        local_distance = np.zeros(pixels.shape[:2], np.float32) if distance_out is not None else None
         if value_range != "auto":  # 16-bit or float: the slide's range, not the block's own
             pixels = ImageSource(pixels, segmenter.meta.model.in_channels, value_range)
-        local_distance = np.zeros(pixels.shape[:2], np.float32) if distance_out is not None else None
         steps = segmenter.iter_segment(pixels, settings, postprocess, distance_out=local_distance,
                                        pixel_size_um=slide.pixel_size_um)  # at the model's pixel size
         labels = yield from part_steps(steps, index, PROGRESS_PER_BLOCK, total)
