@@ -95,7 +95,7 @@ def test_a_slide_runs_class_pyramid_reopens_with_its_models_classes(make_napari_
     run_steps(iter_build_pyramid(store["classes"], pixel_size_um=0.5))
     path = tmp_path / "slide_labels.ome.tif"
     run_steps(iter_write_pyramid_tiff(path, store["classes"], 0.5, classes=record))
-    assert recorded_classes(path) == record and dict(store.attrs)["medseg"] == record
+    assert recorded_classes(path) == record and dict(store.attrs)["napari-medseg"] == record
     viewer = make_napari_viewer()
     (layer,) = viewer.open(str(path), plugin=PLUGIN)
     assert isinstance(layer, Labels) and layer.multiscale and int(np.asarray(layer.data[-1]).max()) == 3

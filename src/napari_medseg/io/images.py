@@ -331,7 +331,9 @@ def read_label_map(path: str | os.PathLike) -> np.ndarray:
     return labels
 
 
-LABEL_RECORD_KEY = "napari-medseg"  # a label TIFF's description: {"napari-medseg": {"kind": ..., ...}}
+# what a label map is (kind, classes, colours, origin), kept with it: the JSON description of a
+# label TIFF ({"napari-medseg": {...}}), a slide run's OME Description and zarr attributes
+LABEL_RECORD_KEY = "napari-medseg"
 
 
 def read_label_record(path: str | os.PathLike) -> dict | None:

@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from .geojson import instances_to_geojson, map_geometry
+from .images import LABEL_RECORD_KEY
 from .outputs import OutputFolderError, remove_stale_temps, temp_path, write_error
 from .tables import csv_row
 
 CHUNK = 1024
 PYRAMID_MIN_SIDE = 512  # the coarsest level is the first whose longer side is at most this
 # what one slide run writes, by kind: ``<stem><suffix>`` in the output folder
-RECORD_KEY = "medseg"  # a slide run's class names and colours, in its zarr store and class-map OME-TIFF
 RESULT_SUFFIXES = {"store": ".zarr", "classes_tiff": "_labels.ome.tif", "instances_tiff": "_instances.ome.tif",
                    "geojson": "_nuclei.geojson", "csv": "_nuclei.csv"}
 TIFF_QUEUE_TILES = 16  # tiles read ahead of the TIFF writer thread (16 MB of int32 at most)
@@ -112,7 +112,7 @@ def create_result_store(path: str | os.PathLike, shape: tuple[int, int], names: 
         raise write_error(path, exc) from None
     root.attrs["pixel_size_um"] = pixel_size_um
     if classes:
-        root.attrs[RECORD_KEY] = classes
+        root.attrs[LABEL_RECORD_KEY] = classes
     for name, dtype in names.items():
         root.create_group(name).create_array("0", shape=shape, chunks=(chunk, chunk), dtype=dtype, fill_value=0)
     return root
@@ -129,7 +129,7 @@ def recorded_classes(path: str | os.PathLike) -> dict | None:
                 return None
             image = tifffile.xml2dict(tif.ome_metadata or "").get("OME", {}).get("Image", {})
         image = image[0] if isinstance(image, list) else image
-        record = json.loads(image.get("Description", "") or "{}").get(RECORD_KEY)
+        record = json.loads(image.get("Description", "") or "{}").get(LABEL_RECORD_KEY)
     except (OSError, ValueError, AttributeError, tifffile.TiffFileError):
         return None
     names = record.get("classes") if isinstance(record, dict) else None
@@ -265,7 +265,7 @@ def _write_tiff_levels(file: Path, levels: list, pixel_size_um: float | None, ti
     """The TIFF writer thread: each level's tiles, as ``feed`` hands them over."""
     import tifffile
 
-    metadata = {"axes": "YX", **({"Description": json.dumps({RECORD_KEY: classes})} if classes else {})}
+    metadata = {"axes": "YX", **({"Description": json.dumps({LABEL_RECORD_KEY: classes})} if classes else {})}
     if pixel_size_um:
         metadata.update(PhysicalSizeX=pixel_size_um, PhysicalSizeY=pixel_size_um,
                         PhysicalSizeXUnit="µm", PhysicalSizeYUnit="µm")
