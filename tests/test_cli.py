@@ -293,3 +293,28 @@ def test_resume_goes_on_in_the_resumed_runs_folder_and_refuses_repeats(small_con
     assert f"continuing in {run}" in captured.err and not (tmp_path / "other").exists()
     assert main(base + ["--set", "repeats=2", "--resume", str(run / "resume.safetensors")]) == 2
     assert "each seed is a run of its own" in capsys.readouterr().err
+
+
+def test_evaluate_scores_a_multi_class_prediction_against_nucleus_only_truth(tiny_checkpoint, tmp_path, capsys):
+    """MoNuSeg and TNBC name no nucleus classes: the prediction's classes are merged into 'nucleus'
+    and it says so, as the viewer and the browser score it (the command had refused the pair)."""
+    import shutil
+
+    from conftest import DATA
+
+    truth = tmp_path / "tnbc"
+    for sub in ("images", "labels", "instances"):
+        (truth / sub).mkdir(parents=True)
+    for stem in sorted(p.stem for p in (DATA / "tnbc_train" / "images").glob("*.png"))[:2]:
+        shutil.copy(DATA / "tnbc_train" / "images" / f"{stem}.png", truth / "images")
+        for sub in ("labels", "instances"):
+            shutil.copy(DATA / "tnbc_train" / sub / f"{stem}.tif", truth / sub)
+    shutil.copy(DATA / "tnbc_train" / "classes.json", truth)
+    pred = tmp_path / "pred"
+    assert main(["predict", str(truth), "--model", str(tiny_checkpoint), "--out", str(pred), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(pred), str(truth), "--json", str(tmp_path / "r.json")]) == 0
+    captured = capsys.readouterr()
+    assert "were merged into 'nucleus'" in captured.err and "nucleus Dice" in captured.out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["classes_merged"] and list(report["per_class"]) == ["background", "nucleus"]

@@ -293,6 +293,8 @@ def cmd_evaluate(args) -> int:
     from .evaluation.report import evaluate_folders
 
     report = evaluate_folders(args.pred_dir, args.gt_dir, _instance_settings(args), progress=ProgressLine("evaluate"))
+    if report.get("note"):
+        print(report["note"], file=sys.stderr)
     print(f"{'class':<14}{'IoU':>8}{'Dice':>8}{'Prec':>8}{'Recall':>8}{'PQ':>8}{'F1':>8}{'GT obj':>8}{'Pred obj':>9}")
     for name, row in report["per_class"].items():
         print(f"{name:<14}{_fmt(row['iou']):>8}{_fmt(row['dice']):>8}{_fmt(row['precision']):>8}"

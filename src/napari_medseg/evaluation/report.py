@@ -123,9 +123,11 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, instance_settings
     gt = open_dataset(gt_dir, require_labels=True)
     labels_dir = pred_dir / "labels" if (pred_dir / "labels").is_dir() else pred_dir
     instances_dir = pred_dir / "instances"
+    merged = False  # a multi-class prediction against nucleus-only truth: scored nucleus vs background
     if (pred_dir / CLASSES_FILE).is_file():
         pred_classes, _ = read_classes(pred_dir)  # refuses a classes.json it cannot read, naming it
-        if pred_classes != gt.classes:
+        merged = len(gt.classes) == 2 and len(pred_classes) > 2  # as the viewer and the browser score it
+        if pred_classes != gt.classes and not merged:
             raise DatasetError(
                 f"The prediction's classes {pred_classes} differ from the ground truth's {gt.classes}; "
                 "evaluate with a model trained on the same classes."
@@ -139,6 +141,8 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, instance_settings
     for i, stem in enumerate(gt.stems, 1):
         sample = gt.load(stem)
         pred = read_label_map(labels_dir / f"{stem}.tif")
+        if merged:
+            pred = (pred > 0).astype(np.uint8)
         inst_file = instances_dir / f"{stem}.tif"
         pred_instances = read_label_map(inst_file) if inst_file.is_file() else None
         try:
@@ -147,4 +151,9 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, instance_settings
             raise MetricsInputError(f"{stem}: {exc}") from exc
         if progress is not None:
             progress(i, len(gt.stems))
-    return evaluation.report()
+    report = evaluation.report()
+    report["classes_merged"] = merged
+    if merged:
+        report["note"] = (f"The ground truth names no nucleus classes: the prediction's classes {pred_classes[1:]} "
+                          "were merged into 'nucleus' (nucleus vs background).")
+    return report
