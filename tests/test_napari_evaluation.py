@@ -200,3 +200,34 @@ def test_the_tp_fp_fn_overlay_sits_on_a_placed_prediction(make_napari_viewer):
     overlay = metrics.show_errors()
     assert tuple(overlay.scale) == (0.5, 0.5) and tuple(overlay.translate) == (100, 50)
     assert np.allclose(overlay.extent.world, prediction.extent.world)
+
+
+def test_a_regions_result_is_scored_against_the_truth_of_that_region(make_napari_viewer):
+    """Segment a drawn rectangle, then Metrics against the whole image's ground truth: scored on
+    the rectangle's part of the truth (it had been refused: 'the ground truth of the same image')."""
+    from napari_medseg.evaluation.report import evaluate_maps
+
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-medseg", "consep")
+    _, seg = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
+    seg.device.value = "cpu"
+    shapes = viewer.add_shapes([[[64, 32], [64, 191], [191, 191], [191, 32]]], shape_type="rectangle")
+    seg.target.value, seg.shapes_layer.value = "drawn shape", shapes
+    region = seg.run(threaded=False)
+    assert region.data.shape == (128, 160) and region.metadata["medseg"]["origin"] == [64, 32]
+    _, metrics = viewer.window.add_plugin_dock_widget("napari-medseg", "Metrics")
+    truth = viewer.layers["CoNSeP ground truth"]
+    metrics.prediction.value, metrics.ground_truth.value = region, truth
+    metrics.gt_instances.value = viewer.layers["CoNSeP instances"]
+    metrics.pred_instances.value = seg.last_instances_layer
+    report = metrics.compute()
+    assert report is not None, metrics.summary.value
+    by_hand = evaluate_maps(truth.data[64:192, 32:192], region.data, list(truth.metadata["medseg"]["classes"]),
+                            gt_instances=viewer.layers["CoNSeP instances"].data[64:192, 32:192],
+                            pred_instances=seg.last_instances_layer.data)
+    assert report["overall"]["nucleus_dice"] == pytest.approx(by_hand["overall"]["nucleus_dice"])
+    assert report["overall"]["bpq"] == pytest.approx(by_hand["overall"]["bpq"])
+    overlay = metrics.show_errors()
+    assert overlay.data.shape == (128, 160) and tuple(overlay.translate) == (64, 32)
+    truth.translate = (5, 5)  # the truth moved elsewhere on the canvas: no longer the same place
+    assert metrics.compute() is None and "same image" in metrics.summary.value
