@@ -318,3 +318,22 @@ def test_evaluate_scores_a_multi_class_prediction_against_nucleus_only_truth(tin
     assert "were merged into 'nucleus'" in captured.err and "nucleus Dice" in captured.out
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["classes_merged"] and list(report["per_class"]) == ["background", "nucleus"]
+
+
+def test_evaluate_json_writes_undefined_scores_as_null(small_consep, tmp_path):
+    """A class absent from both maps has no IoU (0 / 0): the JSON says null, which every JSON
+    reader takes (NaN, Python's default, is not JSON)."""
+    from napari_medseg.io.images import write_label_map
+
+    for path in (small_consep / "labels").glob("*.tif"):
+        labels = read_label_map(path)
+        write_label_map(path, np.where(labels == 1, 3, labels).astype(np.uint8))  # no 'other' left
+    report_path = tmp_path / "r.json"
+    assert main(["evaluate", str(small_consep), str(small_consep), "--json", str(report_path)]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    report = json.loads(report_path.read_text(), parse_constant=refuse)
+    assert report["per_class"]["other"]["iou"] is None
+    assert report["per_class"]["epithelial"]["iou"] == 1.0
