@@ -23,3 +23,35 @@ def test_no_class_column_a_too_large_id_or_no_row_gives_none(tmp_path):
     assert read_nucleus_classes(_table(tmp_path / "b.csv", label=[1, 500], class_id=[1, 2]), max_id=100) is None
     (tmp_path / "c.csv").write_text("label,class_id\n")
     assert read_nucleus_classes(tmp_path / "c.csv", max_id=100) is None
+
+
+def test_a_failed_rename_leaves_none_of_the_run(tmp_path, monkeypatch):
+    """commit is all or none: the third of three renames fails -> the two done go back to their
+    temp names, the error names the file, and abort leaves the folder as it was."""
+    import os
+
+    import pytest
+
+    from napari_medseg.io.outputs import OutputWriteError
+    from napari_medseg.io import slide_outputs
+    from napari_medseg.io.slide_outputs import SlideResultFiles
+
+    files = SlideResultFiles(tmp_path, "slide")
+    store = files.temp("store")
+    store.mkdir()
+    (store / "zarr.json").write_text("{}")
+    files.temp("classes_tiff").write_bytes(b"tiff")
+    files.temp("geojson").write_text("{}")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(".geojson"):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(slide_outputs.os, "replace", replace)
+    with pytest.raises(OutputWriteError, match=r"slide_nuclei\.geojson: No space left"):
+        files.commit()
+    assert not files.path("store").exists() and not files.path("classes_tiff").exists()
+    files.abort()
+    assert list(tmp_path.iterdir()) == []

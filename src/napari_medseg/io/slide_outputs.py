@@ -80,10 +80,22 @@ class SlideResultFiles:
         return self._temps[kind]
 
     def commit(self) -> dict[str, Path]:
-        """Renames every written file to its name; returns them by kind."""
+        """Renames every written file to its name; returns them by kind. All or none: if one
+        rename fails, those done are moved back to their temp names (``abort`` then removes them),
+        so a folder never holds part of a run beside nothing to say it is partial."""
         check_no_slide_results(self.out_dir, self.stem, self.flag)  # another run may have finished meanwhile
-        for kind, tmp in self._temps.items():
-            os.replace(tmp, self.path(kind))
+        renamed: list[str] = []
+        try:
+            for kind, tmp in self._temps.items():
+                os.replace(tmp, self.path(kind))
+                renamed.append(kind)
+        except OSError as exc:
+            for done in reversed(renamed):
+                try:
+                    os.replace(self.path(done), self._temps[done])
+                except OSError:
+                    pass  # nothing better to do: the error below names the file that failed
+            raise write_error(self.path(kind), exc) from None
         return {kind: self.path(kind) for kind in self._temps}
 
     def abort(self) -> None:
