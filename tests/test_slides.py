@@ -348,6 +348,7 @@ def test_predict_slide_region_writes_aligned_results(he_slide, tmp_path):
         assert 'PhysicalSizeX="0.25"' in tif.ome_metadata
     datasets = store["classes"].attrs["multiscales"][0]["datasets"]
     assert [d["coordinateTransformations"][0]["scale"] for d in datasets][:2] == [[0.25, 0.25], [0.5, 0.5]]
+    assert [axis["unit"] for axis in store["classes"].attrs["multiscales"][0]["axes"]] == ["micrometer"] * 2
 
 
 def test_predict_slide_runs_a_real_model(he_slide, tmp_path, tiny_checkpoint):
@@ -458,6 +459,9 @@ def test_a_cancel_lands_within_a_pyramid_or_tiff_step(tmp_path):
     assert pyramid_steps((6000, 5000), bounds=(0, 100, 0, 3000)) == 2 + 1 + 1 + 1  # a region's blocks only
     levels = pyramid_levels(zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["instances"])
     np.testing.assert_array_equal(levels[2], store["instances/0"][::4, ::4][:1500, :1250])
+    multiscales = store["instances"].attrs["multiscales"][0]  # no pixel size known: pixels, no unit claimed
+    assert all("unit" not in axis for axis in multiscales["axes"])
+    assert multiscales["datasets"][2]["coordinateTransformations"][0]["scale"] == [4.0, 4.0]
 
     target = tmp_path / "s.ome.tif"
     calls = []

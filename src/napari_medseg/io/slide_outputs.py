@@ -203,9 +203,12 @@ def iter_build_pyramid(group, min_side: int = PYRAMID_MIN_SIDE, pixel_size_um: f
             done += 1
             yield done, total
     size = pixel_size_um or 1.0
+    # without a known pixel size the scale is in slide pixels and no unit is claimed (a viewer
+    # would otherwise measure a 0.25 µm/px slide's nuclei 16x too large)
+    unit = {"unit": "micrometer"} if pixel_size_um else {}
     group.attrs["multiscales"] = [{
         "version": "0.4",
-        "axes": [{"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}],
+        "axes": [{"name": "y", "type": "space", **unit}, {"name": "x", "type": "space", **unit}],
         "datasets": [{"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": [size * 2**i] * 2}]}
                      for i in range(len(shapes))],
     }]
