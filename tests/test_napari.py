@@ -207,8 +207,11 @@ def test_segment_widget_threaded_run_and_options(make_napari_viewer, qtbot, tiny
     widget.batch_size.value = 2
     worker = widget.run()
     assert worker is not None, widget.status.value
+    handing_off = []  # right after the widget took the result: its layers still to go in
+    worker.returned.connect(lambda _: handing_off.append((widget.run_button.enabled, widget.cancel_button.enabled)))
     with qtbot.waitSignal(worker.finished, timeout=60_000):
         pass
+    assert handing_off == [(False, False)]  # nothing left to cancel, Run not yet back
     # the layers go in a step per turn; the Run button comes back with the last step
     qtbot.waitUntil(lambda: widget.run_button.enabled, timeout=5_000)
     assert len(viewer.layers) == 3 and all(layer.visible for layer in viewer.layers)

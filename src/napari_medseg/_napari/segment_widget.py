@@ -448,7 +448,9 @@ class SegmentWidget(Container):
     def _on_done(self, run, in_turns: bool = True):
         """``run``: an ``_ImageRun`` (arrays in memory) or a ``_SlideRun`` (files on disk). Its
         layers go in one per event-loop turn (``add_layers_in_turns``); the Run button comes back
-        with the last."""
+        with the last. Cancel goes at once: the work is done, and a result half in the viewer
+        could not be taken back by it."""
+        self.cancel_button.enabled = False
         if isinstance(run, _SlideRun):
             self._classes, self._colors = run.model.classes, run.model.colors
             self._model_threshold = run.model.foreground_threshold
