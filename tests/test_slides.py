@@ -295,6 +295,46 @@ def test_blocks_without_a_halo_would_split_seam_nuclei(consep):
     assert n > len(np.unique(semantic_to_instances(class_map))) - 1
 
 
+def test_a_slide_finer_than_the_model_gets_a_wider_halo(consep, tmp_path, monkeypatch):
+    """A slide 5x finer than the model (0.05 µm/px, a 100x-like scan): its nuclei span up to ~200
+    px, wider than the 64 px halo. Cut block by block with the halo scaled to the slide, they equal
+    the whole-image watershed pixel for pixel (with 64 px, 809 px of seam nuclei went missing)."""
+    from napari_medseg.inference import slide as slide_module
+    from napari_medseg.inference.regions import whole_slide
+    from napari_medseg.inference.rescale import settings_at_image_scale
+    from napari_medseg.inference.slide import predict_slide
+    from napari_medseg.io.slides import open_slide
+    from napari_medseg.nuclei.stitch import stitched_instances
+    from napari_medseg.nuclei.watershed import semantic_to_instances
+
+    nuclei = np.repeat(np.repeat(_mosaic(consep, "labels", 1) > 0, 5, 0), 5, 1)  # 1280², real nuclei x5
+    image = np.where(nuclei[..., None], np.uint8([60, 40, 90]), np.uint8([200, 150, 190]))
+    _write_slide(tmp_path / "fine.tif", image, pixel_size_um=0.05)
+
+    class FiveTimesFiner(_DarkNuclei):
+        def scale_for(self, pixel_size_um):
+            return 0.2  # model px per slide px, as a 0.25 µm/px model's on this slide
+
+    halos = []
+    real_stitch = slide_module.iter_stitched_instances
+    monkeypatch.setattr(slide_module, "iter_stitched_instances",
+                        lambda *a, **k: halos.append(a[5] if len(a) > 5 else k.get("halo", 64)) or real_stitch(*a, **k))
+    slide = open_slide(tmp_path / "fine.tif")
+    result = predict_slide(FiveTimesFiner(), slide, tmp_path / "out", whole_slide(slide), block=512,
+                           nuclei_block=512)
+    import zarr
+
+    got = np.asarray(zarr.open_group(str(result.files["store"]), mode="r")["instances/0"])
+    settings = settings_at_image_scale(0.2, None, InstanceSettings())[1]  # sizes in slide px, as the run's
+    whole = semantic_to_instances(nuclei.astype(np.uint8), settings)
+    assert result.nuclei == whole.max() > 30
+    np.testing.assert_array_equal(got > 0, whole > 0)
+    assert halos == [320]
+    narrow = np.zeros(nuclei.shape, np.int32)  # the check has teeth: the unscaled halo loses seam pixels
+    stitched_instances(nuclei.astype(np.uint8), narrow, settings, block=512, halo=64)
+    assert ((narrow > 0) != (whole > 0)).sum() > 100
+
+
 # -- a slide run end to end ---------------------------------------------------------------------
 def test_predict_slide_region_writes_aligned_results(he_slide, tmp_path):
     import zarr

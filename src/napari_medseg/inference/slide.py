@@ -11,6 +11,7 @@ the whole run is done (``SlideResultFiles``), so a cancelled run leaves none.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,10 +25,11 @@ from ..io.slide_outputs import (CSVStream, GeoJSONStream, SlideResultFiles, crea
                                 iter_write_pyramid_tiff, pyramid_shapes, pyramid_steps, tiff_steps)
 from ..nuclei.measure import object_table
 from ..nuclei.stitch import BLOCK as NUCLEI_BLOCK
+from ..nuclei.stitch import HALO as NUCLEI_HALO
 from ..nuclei.stitch import NucleiBlock, block_grid, iter_stitched_instances
 from ..nuclei.watershed import InstanceSettings
 from ..steps import offset_steps, run_steps
-from .regions import (BLOCK, PROGRESS_PER_BLOCK, Region, TissueMask, TissueSettings, find_tissue,
+from .regions import (BLOCK, HALO, PROGRESS_PER_BLOCK, Region, TissueMask, TissueSettings, find_tissue,
                       iter_segment_region, region_blocks, whole_slide)
 from .postprocess import PostprocessSettings
 from .rescale import settings_at_image_scale
@@ -99,10 +101,12 @@ def _phases(segmenter, slide, store, files, result, maps, tissue, polygon, block
     """The run as ``(name, steps, start())`` phases, each a step generator of known length."""
     region, size = result.region, slide.pixel_size_um
     distance = store["distance/0"] if "distance" in store else None
+    scale = segmenter.scale_for(size)
 
     def segment():
         result.segmented_px = yield from iter_segment_region(segmenter, slide, region, store["classes/0"], distance,
-                                                             settings, tissue, block, postprocess=postprocess)
+                                                             settings, tissue, block, halo_in_slide_px(HALO, scale),
+                                                             postprocess=postprocess)
 
     seg_steps = PROGRESS_PER_BLOCK * sum(tissue.any_in(*b) for b in region_blocks(region, block))
     phases = [("model", seg_steps, segment),
@@ -111,7 +115,7 @@ def _phases(segmenter, slide, store, files, result, maps, tissue, polygon, block
     if "instances" in maps:
         phases.append(("nuclei", len(block_grid(region.height, region.width, nuclei_block)),
                        lambda: _iter_nuclei(segmenter, slide, store, region, instance_settings, files, result,
-                                            nuclei_block)))
+                                            nuclei_block, halo_in_slide_px(NUCLEI_HALO, scale))))
     shapes, bounds = pyramid_shapes(slide.shape), (region.y, region.y + region.height, region.x,
                                                    region.x + region.width)  # outside: zeros, never read
     for name in maps:
@@ -123,6 +127,13 @@ def _phases(segmenter, slide, store, files, result, maps, tissue, polygon, block
                            files.temp(kind), store[name], size, named=files.path(kind), bounds=bounds,
                            classes=_class_record(segmenter) if name == "classes" else None)))
     return phases
+
+
+def halo_in_slide_px(halo: int, scale: float) -> int:
+    """A halo of ``halo`` px at the model's pixel size, in slide px (``scale``: model px per slide
+    px): wider on a slide finer than the model, whose nuclei span more of its pixels (a 60x image's
+    nucleus is wider than 64 px), so a nucleus on a seam is still seen whole; never narrower."""
+    return max(halo, math.ceil(halo / scale))
 
 
 def _run_phases(phases, seconds: dict[str, float]):
@@ -197,7 +208,7 @@ def _iter_cut_and_count(store, region: Region, polygon: np.ndarray | None, class
 
 
 def _iter_nuclei(segmenter, slide, store, region: Region, instance_settings, files: SlideResultFiles,
-                 result: SlideResult, block: int):
+                 result: SlideResult, block: int, halo: int):
     """Nuclei of the region, block by block, each block's outlines and rows written as it is done."""
     names = segmenter.classes
     # sizes are given at the model's pixel size; the nuclei are cut on the slide's own grid
@@ -219,7 +230,7 @@ def _iter_nuclei(segmenter, slide, store, region: Region, instance_settings, fil
     view = lambda name: _RegionView(store[name], region) if name in store else None  # noqa: E731
     try:
         result.nuclei = yield from iter_stitched_instances(view("classes/0"), view("instances/0"), instance_settings,
-                                                           view("distance/0"), block, on_block=write_block)
+                                                           view("distance/0"), block, halo, on_block=write_block)
     except BaseException:  # cancelled (GeneratorExit) or failed: no half-written export is left
         geojson.abort()
         table.abort()
