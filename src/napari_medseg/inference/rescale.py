@@ -107,8 +107,11 @@ def settings_at_image_scale(factor: float, postprocess: PostprocessSettings | No
 
 def block_windows(height: int, width: int, factor: float) -> list[tuple[tuple[int, int, int, int], tuple[int, ...]]]:
     """``(block, window)`` pairs in image pixels: blocks of ``MODEL_BLOCK`` model px tiling the
-    image, each inside a window grown by ``MODEL_HALO`` model px (clipped to the image)."""
-    step = max(16, int(MODEL_BLOCK / factor))
+    image, each inside a window grown by ``MODEL_HALO`` model px (clipped to the image). On an
+    image finer than the model a block is ``MODEL_BLOCK`` image px instead: its window and the
+    probabilities brought back to it are held in float32 at image resolution (a 4x finer image
+    had one 8192² block: 1.5 GB)."""
+    step = max(16, int(MODEL_BLOCK / max(factor, 1.0)))
     halo = max(8, math.ceil(MODEL_HALO / factor))
     pairs = []
     for y0 in range(0, height, step):
