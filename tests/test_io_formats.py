@@ -93,3 +93,38 @@ def test_a_16_bit_colour_png_keeps_its_16_bits(tmp_path):
     (tmp_path / "camera.png").write_bytes(imagecodecs.png_encode(rgb))
     pixels = read_image(tmp_path / "camera.png")
     assert pixels.dtype == np.uint16 and pixels[0, :4, 0].tolist() == [7, 1007, 2007, 3007]
+
+
+def _cmyk(rgb: np.ndarray) -> np.ndarray:
+    """RGB as the four inks a print workflow stores (photometric 'separated'): black pulled out."""
+    ink = 255 - rgb.astype(np.int32)
+    black = ink.min(-1, keepdims=True)
+    cmy = np.where(black < 255, (ink - black) * 255 // np.maximum(255 - black, 1), 0)
+    return np.concatenate([cmy, black], -1).astype(np.uint8)
+
+
+def test_cmyk_and_min_is_white_tiffs_read_as_they_look(tmp_path, real_512):
+    """A CMYK TIFF had been read as RGBA (inks taken for light, the black ink for alpha) and a
+    MinIsWhite one (0 is white: scanners, ImageJ's inverting LUT) as its negative; both now read
+    as they look, eagerly and lazily (every pyramid level); label maps keep their stored values."""
+    from napari_medseg.io.lazy import open_tiff_lazy
+
+    gray = real_512.mean(-1).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "print.tif", _cmyk(real_512), photometric="separated")
+    tifffile.imwrite(tmp_path / "scan.tif", 255 - gray, photometric="miniswhite")
+    assert np.abs(read_image(tmp_path / "print.tif").astype(int) - real_512).max() <= 1  # integer ink rounding
+    assert np.array_equal(read_image(tmp_path / "scan.tif"), gray)
+    for name, pixels, kind in (("print_pyramid.tif", _cmyk(real_512), "separated"),
+                               ("scan_pyramid.tif", 255 - gray, "miniswhite")):
+        with tifffile.TiffWriter(tmp_path / name) as tw:
+            tw.write(pixels, photometric=kind, tile=(128, 128), subifds=1)
+            tw.write(pixels[::2, ::2], photometric=kind, tile=(128, 128), subfiletype=1)
+        levels = open_tiff_lazy(tmp_path / name)
+        seen = real_512 if kind == "separated" else gray
+        for level, step in zip(levels, (1, 2)):
+            assert level.shape == seen[::step, ::step].shape
+            assert np.abs(np.asarray(level).astype(int) - seen[::step, ::step]).max() <= 1
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:8, 4:8] = 255
+    tifffile.imwrite(tmp_path / "mask.tif", mask, photometric="miniswhite")  # ImageJ's binary mask
+    assert np.array_equal(read_label_map(tmp_path / "mask.tif") > 0, mask > 0)

@@ -12,6 +12,8 @@ decides from shape and dtype alone; ``validate_image_array`` applies it to a num
   other integers (e.g. 12/16-bit microscopy) and floats outside ``[0, 1]`` by the
   image's own 0.5-99.5 percentiles (computed once per image), floats already in
   ``[0, 1]`` as they are. NaN is refused.
+* a TIFF's stored samples are read as they look (``InkLook``): CMYK becomes RGB, MinIsWhite
+  gray is inverted; label maps keep their stored values.
 """
 
 from __future__ import annotations
@@ -67,9 +69,51 @@ def tifffile_quiet():
         logger.setLevel(level)
 
 
+@dataclass(frozen=True)
+class InkLook:
+    """How a TIFF's stored samples become what the eye sees (dark is low, colour is RGB):
+    ``min_is_white`` gray is inverted (scanners and ImageJ's inverting LUT store 0 as white),
+    ``cmyk`` inks (photometric 'separated') become RGB. Label maps are never converted: their
+    values are classes, not light."""
+
+    min_is_white: bool = False
+    cmyk: bool = False
+    white: float = 255.0  # the stored value of full ink / full white: 2**bits - 1
+
+    @classmethod
+    def of(cls, page) -> "InkLook":
+        import tifffile
+
+        photometric, bits = page.photometric, int(page.bitspersample or 8)
+        integer = np.dtype(page.dtype).kind in "ui"
+        white = float(2 ** bits - 1) if integer else 1.0
+        if photometric == tifffile.PHOTOMETRIC.MINISWHITE and page.samplesperpixel == 1 and page.dtype != bool:
+            return cls(min_is_white=True, white=white)
+        if photometric == tifffile.PHOTOMETRIC.SEPARATED and page.samplesperpixel >= 4:
+            inkset = page.tags.get("InkSet")
+            if inkset is None or inkset.value == 1:  # 1: CMYK (the default); 2: other inks, left as stored
+                return cls(cmyk=True, white=white)
+        return cls()
+
+    @property
+    def changes(self) -> bool:
+        return self.min_is_white or self.cmyk
+
+    def convert(self, pixels: np.ndarray) -> np.ndarray:
+        """``pixels`` (samples on the last axis for CMYK) as seen; the dtype kept."""
+        if self.min_is_white:
+            return (self.white - pixels).astype(pixels.dtype)
+        if self.cmyk:  # R = (1 - C)(1 - K), in the stored range
+            inks = pixels[..., :4].astype(np.float32)
+            rgb = (self.white - inks[..., :3]) * (self.white - inks[..., 3:4]) / self.white
+            return np.rint(rgb).astype(pixels.dtype) if pixels.dtype.kind in "ui" else rgb.astype(pixels.dtype)
+        return pixels
+
+
 def _read_raw(path: Path, palette_indices: bool = False) -> tuple[np.ndarray, str | None]:
-    """The file's pixels as stored, and a TIFF's axes (``None`` for PNG and JPEG). A palette
-    image's colours, or with ``palette_indices`` its indices (an indexed label mask's classes)."""
+    """The file's pixels as seen (MinIsWhite and CMYK TIFFs converted, ``InkLook``), and a
+    TIFF's axes (``None`` for PNG and JPEG). A palette image's colours, or with ``palette_indices``
+    its indices (an indexed label mask's classes), and then a TIFF's values as stored."""
     suffix = image_suffix(path)
     if suffix not in IMAGE_SUFFIXES:
         raise ImageReadError(
@@ -92,7 +136,10 @@ def _read_raw(path: Path, palette_indices: bool = False) -> tuple[np.ndarray, st
                 # resolution for pyramidal files
                 series = tif.series[main_series_index(tif)]
                 check_tiff_data(series, path)
-                return np.asarray(series.asarray()), series.axes
+                pixels, axes, look = np.asarray(series.asarray()), series.axes, InkLook.of(series.keyframe)
+                if look.changes and not palette_indices and (look.min_is_white or axes.endswith("S")):
+                    pixels = look.convert(pixels)
+                return pixels, axes
         if suffix == ".png" and _png_bit_depth(path) == 16:
             # Pillow decodes 16-bit colour PNGs to 8 bits (12-bit camera data turns nearly black)
             import imagecodecs

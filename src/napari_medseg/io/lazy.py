@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import ImageReadError, check_tiff_data, image_suffix, plane_layout, tifffile_quiet
+from .images import ImageReadError, InkLook, check_tiff_data, image_suffix, plane_layout, tifffile_quiet
 
 LAZY_MIN_PIXELS = 50_000_000  # above ~7000²: an eager read would take GBs and seconds
 BAND_BYTES = 32 * 2**20  # rows per dask chunk of an uncompressed or decoded-once level
@@ -85,7 +85,21 @@ def open_tiff_lazy(path: str | os.PathLike) -> list:
     shape, axes, n_levels, dtype = tiff_levels_info(path)
     # the same plane rule as for eager reads, from the header; the axes keep z-stacks from passing as RGB
     layout = plane_layout(shape, dtype, f"'{path.name}'", axes=axes)
-    return [layout.to_channel_last(_open_level(path, i, n_levels)) for i in range(n_levels)]
+    levels = [layout.to_channel_last(_open_level(path, i, n_levels)) for i in range(n_levels)]
+    look = _ink_look(path)
+    if look.min_is_white:
+        return [level.map_blocks(look.convert, dtype=level.dtype) for level in levels]
+    if look.cmyk and levels[0].ndim == 3:  # inks on the last axis, whole in every block
+        return [level.rechunk({2: -1}).map_blocks(look.convert, chunks=level.chunks[:2] + ((3,),), dtype=level.dtype)
+                for level in levels]
+    return levels
+
+
+def _ink_look(path: Path) -> InkLook:
+    import tifffile
+
+    with tifffile_quiet(), tifffile.TiffFile(path) as tif:
+        return InkLook.of(tif.series[main_series_index(tif)].keyframe)
 
 
 def _open_level(path: Path, index: int, n_levels: int):
