@@ -128,3 +128,20 @@ def test_cmyk_and_min_is_white_tiffs_read_as_they_look(tmp_path, real_512):
     mask[4:8, 4:8] = 255
     tifffile.imwrite(tmp_path / "mask.tif", mask, photometric="miniswhite")  # ImageJ's binary mask
     assert np.array_equal(read_label_map(tmp_path / "mask.tif") > 0, mask > 0)
+
+
+def test_a_camera_jpeg_reads_upright_as_viewers_show_it(tmp_path, real_512):
+    """A photo through the microscope stored sideways with an EXIF orientation (6: turn 90°
+    clockwise) reads as every viewer shows it; its PNG mask with the same tag turns with it."""
+    image = real_512[:200, :300]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(image).save(tmp_path / "photo.jpg", quality=95, exif=exif)
+    pixels = read_image(tmp_path / "photo.jpg")
+    upright = np.rot90(image, -1)
+    assert pixels.shape == upright.shape == (300, 200, 3)
+    assert np.abs(pixels.astype(int) - upright).mean() < 3  # JPEG's loss only
+    mask = np.zeros((200, 300), np.uint8)
+    mask[10:20, 250:290] = 2
+    Image.fromarray(mask).save(tmp_path / "photo_mask.png", exif=exif)
+    assert np.array_equal(read_label_map(tmp_path / "photo_mask.png"), np.rot90(mask, -1))

@@ -148,8 +148,12 @@ def _read_raw(path: Path, palette_indices: bool = False) -> tuple[np.ndarray, st
             return (pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 2 else pixels), None  # gray + alpha: gray
         from PIL import Image
 
+        from PIL import ImageOps
+
         with Image.open(path) as im:
             im.load()  # forces decoding, so truncated files fail here
+            # upright as every viewer shows it (a camera's EXIF orientation), the mask of an image too
+            im = ImageOps.exif_transpose(im)
             if im.mode == "P" and palette_indices:
                 pass
             elif im.mode in ("P", "PA"):
