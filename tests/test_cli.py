@@ -337,3 +337,23 @@ def test_evaluate_json_writes_undefined_scores_as_null(small_consep, tmp_path):
     report = json.loads(report_path.read_text(), parse_constant=refuse)
     assert report["per_class"]["other"]["iou"] is None
     assert report["per_class"]["epithelial"]["iou"] == 1.0
+
+
+def test_predicted_maps_record_what_they_are_and_their_pixel_size(small_consep, tmp_path):
+    """A predicted class map and instance map name the model's classes and colours, the nuclei's
+    classes and the pixel size used, so napari reopens them named, coloured and at scale."""
+    from napari_medseg.io.images import read_label_record
+    from napari_medseg.io.pixel_size import file_pixel_size_um
+
+    image = small_consep / "images" / "train_1_005.png"
+    assert main(["predict", str(image), "--out", str(tmp_path / "p"), "--pixel-size", "0.25"]) == 0  # the default
+    classes = read_label_record(tmp_path / "p" / "labels" / "train_1_005.tif")
+    assert classes["kind"] == "classes" and classes["classes"][3] == "epithelial" and len(classes["colors"]) == 5
+    nuclei_path = tmp_path / "p" / "instances" / "train_1_005.tif"
+    nuclei = read_label_record(nuclei_path)
+    instances, labels = read_label_map(nuclei_path), read_label_map(tmp_path / "p" / "labels" / "train_1_005.tif")
+    assert instances.max() > 10
+    assert nuclei["kind"] == "instances" and len(nuclei["instance_classes"]) == instances.max() + 1
+    for i in np.unique(instances)[1:4]:  # each nucleus's recorded class is its pixels' majority
+        assert nuclei["instance_classes"][i] == np.bincount(labels[instances == i]).argmax()
+    assert file_pixel_size_um(nuclei_path) == pytest.approx(0.25)

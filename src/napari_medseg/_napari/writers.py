@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import MedsegError
 from ..io.geojson import write_geojson
-from ..io.images import write_label_map
+from ..io.images import RECORDED_VOTES_MAX, write_label_map
 from ..io.outputs import OutputWriteError, write_error
 from ..nuclei.votes import instance_classes
 from ..nuclei.watershed import semantic_to_instances
@@ -50,7 +50,6 @@ def write_labels_tiff(path: str, data, meta: dict) -> list[str]:
 
 # what a saved label TIFF keeps of its layer, so that it reopens as what it was (the plugin's reader)
 RECORDED_FIELDS = ("kind", "classes", "colors", "origin", "instance_classes")
-RECORDED_VOTES_MAX = 100_000  # a nucleus-class table up to this many ids goes along (a list in JSON)
 
 
 def _label_record(meta: dict) -> dict | None:

@@ -18,12 +18,13 @@ import numpy as np
 
 from ..errors import MedsegError
 from ..io.dataset import write_classes
-from ..io.images import ImageReadError, file_stem, read_image, write_label_map
+from ..io.images import ImageReadError, file_stem, label_record, read_image, write_label_map
 from ..io.lazy import open_tiff_lazy, should_open_lazily
 from ..io.pixel_size import file_pixel_size_um
 from ..io.outputs import (
     check_not_input, check_unique_stems, claim_classes, remove_stale_temps, reserve, temp_path, write_error,
 )
+from ..nuclei.votes import instance_classes
 from ..steps import ProgressCallback
 from .run_report import RunReport
 from .postprocess import PostprocessSettings
@@ -126,7 +127,9 @@ def predict_file(segmenter: Segmenter, file: Path, out: Path, settings: BatchSet
         return FilePrediction(result.file, skipped=str(exc))
     stem = file_stem(result.file)
     if instances is not None:
-        result.instances = write_label_map(out / "instances" / f"{stem}.tif", instances)
+        record = label_record("instances", segmenter.classes, segmenter.meta.colors,
+                              instance_classes=instance_classes(instances, labels))
+        result.instances = write_label_map(out / "instances" / f"{stem}.tif", instances, result.pixel_size_um, record)
     outdated = ([] if result.instances is not None else [out / "instances" / f"{stem}.tif"]) + \
         ([] if result.probabilities is not None else [out / "probabilities" / f"{stem}.npy"])
     for path in outdated:
@@ -156,7 +159,8 @@ def _segment_into(segmenter: Segmenter, image, out: Path, stem: str, settings: B
                                                              settings.instance_overrides),
                                                          probabilities_out=probs, pixel_size_um=result.pixel_size_um)
         result.report, result.shape = segmenter.last_report, labels.shape
-        result.labels = write_label_map(out / "labels" / f"{stem}.tif", labels)  # tiled + compressed when large
+        result.labels = write_label_map(out / "labels" / f"{stem}.tif", labels, result.pixel_size_um,  # tiled when large
+                                        label_record("classes", segmenter.classes, segmenter.meta.colors))
         if probs is not None:
             probs.flush()
             probs = None  # closes the memmap before the rename

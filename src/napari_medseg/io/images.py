@@ -387,6 +387,27 @@ def read_label_map(path: str | os.PathLike) -> np.ndarray:
 LABEL_RECORD_KEY = "napari-medseg"
 
 
+RECORDED_VOTES_MAX = 100_000  # a nucleus-class table up to this many ids goes along (a list in JSON)
+
+
+def label_record(kind: str, classes: list[str] | None = None, colors=None, origin: tuple[int, int] | None = None,
+                 instance_classes=None) -> dict:
+    """What a written result map is, for ``write_label_map(record=)``: ``kind`` ("classes" or
+    "instances"), the model's class names and colours, a region's ``(y, x)`` origin in its image
+    and an instance map's ``instance_classes`` (``[id] -> class``), so napari reopens it named,
+    coloured and in place."""
+    record: dict = {"kind": kind}
+    if classes:
+        record["classes"] = list(classes)
+        if colors is not None and len(colors) == len(classes):
+            record["colors"] = json.loads(json.dumps(list(colors), default=lambda v: v.tolist()))  # numpy too
+    if origin and any(origin):
+        record["origin"] = [int(origin[0]), int(origin[1])]
+    if instance_classes is not None and len(instance_classes) <= RECORDED_VOTES_MAX:
+        record["instance_classes"] = np.asarray(instance_classes).astype(int).tolist()
+    return record
+
+
 def read_label_record(path: str | os.PathLike) -> dict | None:
     """What ``write_label_map`` recorded about a label TIFF (``kind``, ``classes``, ``colors``,
     ``origin``...), or ``None`` for any other file."""
