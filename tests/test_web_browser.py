@@ -39,7 +39,7 @@ def page_url(tmp_path_factory):
     """`medseg web` started as a user starts it, on a free local port."""
     port = _free_port()
     log = tmp_path_factory.mktemp("web") / "server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the page itself turns Gradio's usage reports off
     with open(log, "w") as out:
         server = subprocess.Popen([sys.executable, "-m", "napari_medseg", "web", "--port", str(port)],
                                   stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -150,3 +150,39 @@ def test_a_bad_upload_gets_a_message_in_the_page(page_url, browser, tmp_path):
     browser.find_element(By.CSS_SELECTOR, "#segment").click()
     wait.until(lambda d: "notes.png" in d.find_element(By.TAG_NAME, "body").text)
     assert "notes.png" in browser.find_element(By.TAG_NAME, "body").text
+
+
+def test_switching_images_shows_each_ones_own_comparison(page_url, browser, consep):
+    """Two images segmented, the first compared: choosing the second shows no metrics (they had
+    stayed, the first image's, under the second's overlay); back to the first, its own again."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.keys import Keys
+
+    wait = WebDriverWait(browser, 180, ignored_exceptions=(StaleElementReferenceException,))  # tables redrawn
+    browser.get(page_url)
+    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#images input[type=file]")))
+    second = "train_12_001"
+    browser.find_element(By.CSS_SELECTOR, "#images input[type=file]").send_keys(
+        f"{consep / 'images' / f'{STEM}.png'}\n{consep / 'images' / f'{second}.png'}")
+    time.sleep(1.5)
+    browser.find_element(By.CSS_SELECTOR, "#segment").click()
+    wait.until(EC.text_to_be_present_in_element((By.CSS_SELECTOR, "#status"), "Segmented 2 image(s)"))
+    _upload(browser, "ground-truth", consep / "labels" / f"{STEM}.tif")
+    time.sleep(1.5)
+    browser.find_element(By.CSS_SELECTOR, "#compare").click()
+    wait.until(lambda d: any(r and r[0].startswith("nuclei") for r in _table(d, "metrics")))
+    first_rows = wait.until(lambda d: _table(d, "metrics"))
+
+    def choose(name):
+        box = browser.find_element(By.CSS_SELECTOR, "#shown input")
+        box.click()
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(name)
+        box.send_keys(Keys.ENTER)
+
+    choose(second)
+    wait.until(lambda d: not any(r and r[0].startswith("nuclei") for r in _table(d, "metrics")))
+    assert not browser.find_elements(By.CSS_SELECTOR, "#errors img[src]") or \
+        not browser.find_element(By.CSS_SELECTOR, "#errors img").get_attribute("src")
+    choose(STEM)
+    wait.until(lambda d: _table(d, "metrics") == first_rows)

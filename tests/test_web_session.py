@@ -141,7 +141,7 @@ def test_two_users_at_once_share_one_model_and_both_get_their_result(consep, mon
 
     def user(stem):
         try:
-            results[stem] = segment_uploads(store, DEFAULT_MODEL, [str(consep / "images" / f"{stem}.png")])
+            results[stem] = segment_uploads(store, DEFAULT_MODEL, [str(consep / "images" / f"{stem}.png")]).results
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 
@@ -259,6 +259,92 @@ def test_uploads_that_share_a_name_are_all_kept(store, consep, tmp_path):
     (tmp_path / "a").mkdir()
     shutil.copy(consep / "images" / f"{STEM}.png", tmp_path / "a" / "patch.png")
     tifffile.imwrite(tmp_path / "a" / "patch.tif", image[:128, :128], photometric="rgb")
-    results = segment_uploads(store, DEFAULT_MODEL, [str(tmp_path / "a" / "patch.png"), str(tmp_path / "a" / "patch.tif")])
+    results = segment_uploads(store, DEFAULT_MODEL, [str(tmp_path / "a" / "patch.png"),
+                                                     str(tmp_path / "a" / "patch.tif")]).results
     assert list(results) == ["patch", "patch (2)"]
     assert results["patch"].class_map.shape == image.shape[:2] and results["patch (2)"].class_map.shape == (128, 128)
+    # each one's downloads carry its own name: the page's two results, two sets of files
+    assert {p.name for p in results["patch (2)"].downloads} >= {"patch (2)_labels.tif", "patch (2)_nuclei.csv"}
+
+
+def test_a_slide_regions_downloads_lie_where_the_region_is(store):
+    """GeoJSON outlines and CSV centroids in the slide's pixels (they had started at 0,0: in QuPath
+    every nucleus sat in the slide's corner), as `medseg predict --region` writes them; the label
+    TIFFs record the pixel size, classes and origin; a whole-slide ground truth is compared by its
+    part under the region."""
+    import csv
+
+    from napari_medseg.io.images import read_label_record
+    from napari_medseg.io.pixel_size import file_pixel_size_um
+
+    slide = Path(__file__).resolve().parents[2] / "shared/data/slides/CMU-1-Small-Region.svs"
+    with store.lock:
+        result = segment_upload(slide, store.get(DEFAULT_MODEL), region="1000,1500,256,256")
+    assert result.origin == (1500, 1000)
+    geojson = json.loads((result.folder / "CMU-1-Small-Region_nuclei.geojson").read_text())
+    xs = [x for f in geojson["features"] for ring in _rings(f["geometry"]) for x, _ in ring]
+    ys = [y for f in geojson["features"] for ring in _rings(f["geometry"]) for _, y in ring]
+    assert len(geojson["features"]) > 5
+    assert 1000 <= min(xs) and max(xs) <= 1256 and 1500 <= min(ys) and max(ys) <= 1756
+    with open(result.folder / "CMU-1-Small-Region_nuclei.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert all(1000 <= float(r["centroid_x"]) < 1256 and 1500 <= float(r["centroid_y"]) < 1756 for r in rows)
+    labels = result.folder / "CMU-1-Small-Region_labels.tif"
+    assert file_pixel_size_um(labels) == pytest.approx(0.499, abs=1e-3)
+    record = read_label_record(labels)
+    assert record["origin"] == [1500, 1000] and record["classes"] == result.classes
+
+
+def _rings(geometry):
+    polygons = geometry["coordinates"] if geometry["type"] == "MultiPolygon" else [geometry["coordinates"]]
+    return [ring for polygon in polygons for ring in polygon]
+
+
+def test_a_region_of_an_image_and_its_whole_ground_truth(store, consep):
+    """A region of an ordinary image is segmented (it had been ignored silently: the whole image
+    ran), placed at its origin, and scored against its part of the image's ground truth."""
+    with store.lock:
+        result = segment_upload(consep / "images" / f"{STEM}.png", store.get(DEFAULT_MODEL), region="64,32,128,160")
+        with pytest.raises(MedsegError, match="not on the image"):
+            segment_upload(consep / "images" / f"{STEM}.png", store.get(DEFAULT_MODEL), region="300,300,10,10")
+    assert result.class_map.shape == (160, 128) and result.origin == (32, 64)
+    comparison = compare_upload(result, consep / "labels" / f"{STEM}.tif")
+    truth = read_label_map(consep / "labels" / f"{STEM}.tif")[32:192, 64:192]
+    expected = evaluate_maps(truth, result.class_map, result.classes, pred_instances=result.instances)
+    assert comparison.report["overall"]["nucleus_dice"] == pytest.approx(expected["overall"]["nucleus_dice"])
+
+
+@pytest.mark.parametrize("size", [100, 0.01, -1])
+def test_a_pixel_size_no_microscope_gives_is_refused(store, consep, size):
+    """100 (a magnification typed as µm/px) had upscaled a patch 400-fold: hours in the one queue."""
+    from napari_medseg.web.session import segment_uploads
+
+    with pytest.raises(WebInputError, match="µm per pixel from 0.05 to 20"):
+        segment_uploads(store, DEFAULT_MODEL, [str(consep / "images" / f"{STEM}.png")], pixel_size_um=size)
+
+
+def test_one_bad_file_in_a_batch_keeps_the_good_results(store, consep, tmp_path):
+    from napari_medseg.web.session import segment_uploads
+
+    (tmp_path / "notes.png").write_text("not an image")
+    done = segment_uploads(store, DEFAULT_MODEL, [str(consep / "images" / f"{STEM}.png"), str(tmp_path / "notes.png")])
+    assert list(done.results) == [STEM] and list(done.refused) == ["notes.png"]
+    assert "notes.png" in done.refused["notes.png"] and str(tmp_path) not in done.refused["notes.png"]
+    with pytest.raises(MedsegError, match="notes.png"):  # nothing usable: the error itself
+        segment_uploads(store, DEFAULT_MODEL, [str(tmp_path / "notes.png")])
+
+
+def test_a_cancelled_run_stops_and_its_session_folders_go(store, consep):
+    from napari_medseg.steps import Cancelled
+    from napari_medseg.web.session import remove_results, segment_uploads
+
+    asked = []
+    with pytest.raises(Cancelled):
+        segment_uploads(store, DEFAULT_MODEL, [str(consep / "images" / f"{STEM}.png")] * 3,
+                        should_cancel=lambda: asked.append(1) or len(asked) > 2)
+    assert len(asked) == 3  # stopped at the step it was asked, not after three images
+    done = segment_uploads(store, DEFAULT_MODEL, [str(consep / "images" / f"{STEM}.png")])
+    folder = done.results[STEM].folder
+    assert folder.is_dir()
+    remove_results(done.results)
+    assert not folder.exists()

@@ -129,8 +129,8 @@ class SegmentWidget(Container):
         # 0 / -1 = the model's own (medseg tune-nuclei; InstanceSettings' defaults if it has none)
         self.marker_threshold = FloatSpinBox(label="marker threshold", value=0.0, min=0.0, max=0.99, step=0.05,
                                              tooltip="Distance-map level of a nucleus core (one seed each); "
-                                                     "lower merges touching nuclei less often. Lowest = the "
-                                                     "model's own.")
+                                                     "higher splits touching nuclei more often, too high loses "
+                                                     "faint ones. Lowest = the model's own.")
         self.marker_threshold.native.setSpecialValueText(MODEL_THRESHOLD_TEXT)
         # a whole-number FloatSpinBox: magicgui's SpinBox (superqt's large-int box) shows no special text
         self.min_nucleus = FloatSpinBox(label="min nucleus (px)", value=MODEL_MIN_NUCLEUS, min=MODEL_MIN_NUCLEUS,
@@ -306,9 +306,9 @@ class SegmentWidget(Container):
                 "open a single 2-D image (or one plane of the stack as its own layer)."
             )
         region, polygon = self._part(layer)
-        if region is not None:
-            region = region.checked(tuple(image.shape[:2]))
         slide = self._slide_info()
+        if region is not None:
+            region = region.checked(tuple(image.shape[:2]), "slide" if slide is not None else "image")
         if self.target.value == WHOLE_SLIDE and slide is None:
             raise WidgetInputError(f"'{layer.name}' was not opened as a slide (drag the slide file into napari, or "
                                    f"open it with the napari-medseg reader); choose '{WHOLE_IMAGE}' for an image.")

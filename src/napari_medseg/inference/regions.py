@@ -48,13 +48,13 @@ class Region:
             raise RegionError(f"Region '{text}': expected four integers x,y,width,height (level-0 pixels).") from None
         return cls(x, y, w, h)
 
-    def checked(self, slide_shape: tuple[int, int]) -> "Region":
-        """Self clipped to the slide; an error if nothing of it is on the slide."""
+    def checked(self, slide_shape: tuple[int, int], where: str = "slide") -> "Region":
+        """Self clipped to the slide (or image: ``where`` names it); an error if nothing of it is on it."""
         height, width = slide_shape
         x0, y0 = max(0, self.x), max(0, self.y)
         x1, y1 = min(width, self.x + self.width), min(height, self.y + self.height)
         if self.width <= 0 or self.height <= 0 or x1 <= x0 or y1 <= y0:
-            raise RegionError(f"Region x={self.x}, y={self.y}, {self.width}x{self.height} is not on the slide "
+            raise RegionError(f"Region x={self.x}, y={self.y}, {self.width}x{self.height} is not on the {where} "
                               f"({width}x{height} px).")
         return Region(x0, y0, x1 - x0, y1 - y0)
 

@@ -166,9 +166,10 @@ def _read_raw(path: Path, palette_indices: bool = False) -> tuple[np.ndarray, st
     except ImageReadError:
         raise
     except Exception as exc:  # tifffile/PIL raise many types for broken files
+        why = str(exc).replace(str(path.parent) + os.sep, "")  # the file's name is said; its folder (a server's temp) not
         raise ImageReadError(
             f"Cannot read '{path.name}': the file is corrupt, truncated or not a "
-            f"{suffix.lstrip('.').upper()} file ({type(exc).__name__}: {exc})."
+            f"{suffix.lstrip('.').upper()} file ({type(exc).__name__}: {why})."
         ) from exc
 
 

@@ -8,25 +8,32 @@ comes back as a message in the page.
 from __future__ import annotations
 
 import functools
+import os
 import shutil
-import tempfile
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
-import gradio as gr
+# no usage reports or version checks leave the machine (hospitals are often offline; the page is
+# meant to run on one): set before gradio is imported, which reads it then
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+import gradio as gr  # noqa: E402
 
 from ..errors import MedsegError
 from ..inference.rethreshold import Thresholds
 from ..io.slides import SLIDE_SUFFIXES
+from ..steps import Cancelled
 from . import render
 from .session import (DEFAULT_MODEL, METRIC_HEADERS, ModelStore, compare_upload, metrics_rows, nucleus_summary,
-                      segment_uploads)
+                      remove_results, results_folder, segment_uploads)
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
 SAMPLE_FILES = {"CoNSeP H&E patch (40x)": "consep_train_19_005.png",
                 "MoNuSeg H&E crop (40x)": "monuseg_TCGA-A7-A13E_crop.png"}
 COUNT_HEADERS = ["class", "nuclei", "mean area", "total area"]
 MAX_UPLOAD = "200mb"
+GRADIO_CACHE_SECONDS = 3600  # uploads and served files older than this go, checked as often
 
 
 def _user_errors(handler):
@@ -35,9 +42,32 @@ def _user_errors(handler):
     def wrapped(*args, **kwargs):
         try:
             return handler(*args, **kwargs)
-        except MedsegError as exc:
-            raise gr.Error(str(exc)) from exc
+        except MedsegError as exc:  # stays until closed; a user's mistake is no server traceback
+            raise gr.Error(str(exc), duration=None, print_exception=False) from exc
     return wrapped
+
+
+_cancel_events: dict[str, threading.Event] = {}  # per browser session: its run stops at the next step
+
+
+def _cancel_event(request: gr.Request | None, fresh: bool = False) -> threading.Event:
+    key = getattr(request, "session_hash", None) or ""
+    if fresh or key not in _cancel_events:
+        _cancel_events[key] = threading.Event()
+    return _cancel_events[key]
+
+
+def _cancel(request: gr.Request):
+    _cancel_event(request).set()
+    return "Cancelling..."
+
+
+def _left(request: gr.Request):
+    """The visitor closed or reloaded the page: their run stops (it held the queue for everyone)."""
+    key = getattr(request, "session_hash", None) or ""
+    event = _cancel_events.pop(key, None)
+    if event is not None:
+        event.set()
 
 
 def _upload_paths(files) -> list[str]:
@@ -57,11 +87,28 @@ def _view(results: dict, name: str | None, opacity: float):
     return overlay, render.class_legend(r.classes, r.colors), counts, [str(p) for p in r.downloads]
 
 
+def _comparison_view(results: dict, name: str | None):
+    """Metrics, note and TP/FP/FN overlay of the result's own comparison; empty without one."""
+    comparison = results[name].comparison if results and name in results else None
+    if comparison is None:
+        return None, "", None
+    legend = render.error_legend()
+    note = (comparison.report["note"] + "\n\n" + legend) if comparison.report["note"] else legend
+    return (metrics_rows(comparison.report), note,
+            render.enlarged(render.error_overlay(results[name].display, comparison.errors)))
+
+
+def _switch(results: dict, name: str | None, opacity: float):
+    """Another image chosen: its result and its own comparison, never the previous image's."""
+    return (*_view(results, name, opacity), *_comparison_view(results, name))
+
+
 def _inputs_column(store: ModelStore) -> SimpleNamespace:
     ui = SimpleNamespace()
     ui.files = gr.File(label="Images (PNG, JPEG, TIFF) or small whole slides (SVS, NDPI, ...)", file_count="multiple",
                        file_types=[".png", ".jpg", ".jpeg", ".tif", ".tiff", *SLIDE_SUFFIXES], elem_id="images")
-    ui.region = gr.Textbox(label="slide region x,y,w,h (level-0 px; empty = the whole slide)", elem_id="region")
+    ui.region = gr.Textbox(label="region x,y,w,h (px of the image, level 0 of a slide; empty = all of it)",
+                           elem_id="region")
     ui.sample = gr.Dropdown(list(SAMPLE_FILES), value=None, label="or a shipped sample", elem_id="sample")
     ui.model = gr.Dropdown(store.names(), value=DEFAULT_MODEL, label="model", elem_id="model")
     ui.pixel_size = gr.Number(value=None, label="pixel size (µm/px; 0 = what the file records): the model sees the image at its own pixel size, areas in µm²", minimum=0,
@@ -69,13 +116,15 @@ def _inputs_column(store: ModelStore) -> SimpleNamespace:
     ui.threshold = gr.Slider(0, 0.95, value=0, step=0.01, label="nucleus threshold (0 = the model's own)",
                              elem_id="threshold")
     ui.marker = gr.Slider(0, 0.95, value=0, step=0.05, elem_id="marker",
-                          label="marker threshold: where the distance map seeds a nucleus; lower splits touching "
-                                "nuclei more (0 = the model's own)")
+                          label="marker threshold: where the distance map seeds a nucleus; higher splits touching "
+                                "nuclei more, too high loses faint ones (0 = the model's own)")
     # 0 = the model's own, as for the thresholds (Gradio shows an empty number as 0); 1 keeps every nucleus
     ui.min_nucleus = gr.Number(value=0, minimum=0, precision=0, elem_id="min-nucleus",
                                label="min nucleus (px at the model's pixel size; 0 = the model's own, 1 keeps all)")
     ui.tta = gr.Checkbox(value=False, label="test-time flips (4x slower, a little more accurate)")
-    ui.segment = gr.Button("Segment", variant="primary", elem_id="segment")
+    with gr.Row():
+        ui.segment = gr.Button("Segment", variant="primary", elem_id="segment")
+        ui.cancel = gr.Button("Cancel", elem_id="cancel")
     ui.status = gr.Markdown("", elem_id="status")
     ui.gt = gr.File(label="ground truth (label TIFF/PNG: class map, mask or nucleus ids)",
                     file_types=[".png", ".tif", ".tiff"], elem_id="ground-truth")
@@ -102,23 +151,31 @@ def _results_column(ui: SimpleNamespace) -> None:
 def _pick_sample(choice):
     if not choice:
         return None
-    folder = Path(tempfile.mkdtemp(prefix="medseg-sample-"))
-    return [shutil.copy(SAMPLES / SAMPLE_FILES[choice], folder)]  # served from a temp copy only
+    return [shutil.copy(SAMPLES / SAMPLE_FILES[choice], results_folder())]  # served from a temp copy only
 
 
 def _run(store: ModelStore):
     @_user_errors
-    def run(files_in, model_name, px, thr, flips, opacity, region, marker, min_nucleus, progress=gr.Progress()):
+    def run(files_in, model_name, px, thr, flips, opacity, region, marker, min_nucleus, previous,
+            request: gr.Request, progress=gr.Progress()):
         given = Thresholds(None, marker or None, int(min_nucleus) if min_nucleus else None)  # 0: the model's own
-        done = segment_uploads(store, model_name, _upload_paths(files_in), thr or None, flips, px or None,
-                               lambda label: lambda d, t: progress((d, t), desc=label, unit="steps"),
-                               region.strip() or None, given.overrides())
-        first = next(iter(done))
-        found = sum(len(r.table["label"]) for r in done.values())
-        message = f"Segmented {len(done)} image(s): {found} nuclei."
-        notes = [f"{name}: {note}" for name, r in done.items() for note in r.notes]
-        message = "\n\n".join([message, *notes])
-        return (done, gr.Dropdown(choices=list(done), value=first), *_view(done, first, opacity), message,
+        cancel = _cancel_event(request, fresh=True)
+        try:
+            done = segment_uploads(store, model_name, _upload_paths(files_in), thr or None, flips, px or None,
+                                   lambda label: lambda d, t: progress((d, t), desc=label, unit="steps"),
+                                   region.strip() or None, given.overrides(), should_cancel=cancel.is_set)
+        except Cancelled:
+            return (gr.skip(),) * 6 + ("Cancelled: nothing new; the results shown are the earlier ones.",) + \
+                (gr.skip(),) * 3
+        remove_results(previous)  # the session's earlier downloads: replaced, not kept on the server
+        results = done.results
+        first = next(iter(results))
+        found = sum(len(r.table["label"]) for r in results.values())
+        message = f"Segmented {len(results)} image(s): {found} nuclei."
+        notes = [f"{name}: {note}" for name, r in results.items() for note in r.notes]
+        refused = [f"**Not segmented**, {name}: {why}" for name, why in done.refused.items()]
+        message = "\n\n".join([message, *refused, *notes])
+        return (results, gr.Dropdown(choices=list(results), value=first), *_view(results, first, opacity), message,
                 None, "", None)
     return run
 
@@ -126,22 +183,20 @@ def _run(store: ModelStore):
 @_user_errors
 def _check(gt_file, name, state):
     if not state:
-        raise gr.Error("Segment an image first.")
+        raise MedsegError("Segment an image first.")
     if not gt_file:
-        raise gr.Error("Upload a ground-truth label map first.")
+        raise MedsegError("Upload a ground-truth label map first.")
     result = state[name]
     comparison = compare_upload(result, _upload_paths(gt_file)[0])
     result.downloads = [p for p in result.downloads if p != comparison.metrics_csv] + [comparison.metrics_csv]
-    legend = render.error_legend()
-    note = (comparison.report["note"] + "\n\n" + legend) if comparison.report["note"] else legend
-    return (metrics_rows(comparison.report), note, render.enlarged(render.error_overlay(result.display,
-                                                                                          comparison.errors)),
-            [str(p) for p in result.downloads])
+    return (*_comparison_view(state, name), [str(p) for p in result.downloads])
 
 
 def build_app(store: ModelStore) -> gr.Blocks:
-    with gr.Blocks(title="napari-medseg") as app:
-        results = gr.State({})
+    with gr.Blocks(title="napari-medseg", analytics_enabled=False,
+                   delete_cache=(GRADIO_CACHE_SECONDS, GRADIO_CACHE_SECONDS)) as app:
+        # each session's results; their download folders go with the session
+        results = gr.State({}, delete_callback=remove_results)
         gr.Markdown("## napari-medseg: nuclei in your images\nUpload H&E or fluorescence images, segment them, "
                     "and check the result against your own annotation. Research use only.")
         with gr.Row():
@@ -150,14 +205,17 @@ def build_app(store: ModelStore) -> gr.Blocks:
             with gr.Column(scale=2):
                 _results_column(ui)
         view = [ui.overlay, ui.legend, ui.counts, ui.downloads]
+        comparison = [ui.metrics, ui.note, ui.errors]
         ui.sample.change(_pick_sample, ui.sample, ui.files)
         ui.segment.click(_run(store), [ui.files, ui.model, ui.pixel_size, ui.threshold, ui.tta, ui.opacity, ui.region,
-                                       ui.marker, ui.min_nucleus],
-                         [results, ui.shown, *view, ui.status, ui.metrics, ui.note, ui.errors], concurrency_limit=1)
-        ui.shown.change(_view, [results, ui.shown, ui.opacity], view)
+                                       ui.marker, ui.min_nucleus, results],
+                         [results, ui.shown, *view, ui.status, *comparison], concurrency_limit=1)
+        ui.cancel.click(_cancel, None, ui.status, queue=False)  # not behind the run it cancels
+        # .input: the user's choice only (a run sets the list with its view already made)
+        ui.shown.input(_switch, [results, ui.shown, ui.opacity], [*view, *comparison])
         ui.opacity.release(_view, [results, ui.shown, ui.opacity], view)
-        ui.compare.click(_check, [ui.gt, ui.shown, results], [ui.metrics, ui.note, ui.errors, ui.downloads],
-                         concurrency_limit=1)
+        ui.compare.click(_check, [ui.gt, ui.shown, results], [*comparison, ui.downloads], concurrency_limit=1)
+        app.unload(_left)
     return app
 
 

@@ -7,6 +7,8 @@ into a fresh temporary folder per run; model files are offered by name, never by
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -20,14 +22,16 @@ from ..evaluation.ground_truth import compare_to_ground_truth, ground_truth_from
 from ..inference import Segmenter, TileSettings
 from ..inference.regions import Region, whole_slide
 from ..io.geojson import write_geojson
-from ..io.images import file_stem, read_image, read_label_map, to_rgb_float, write_label_map
-from ..io.pixel_size import file_pixel_size_um
+from ..inference.rescale import model_scale
+from ..io.images import file_stem, label_record, read_image, read_label_map, to_rgb_float, write_label_map
+from ..io.pixel_size import PLAUSIBLE_PIXEL_SIZE_UM, file_pixel_size_um
 from ..io.slides import is_slide_path, open_slide
 from ..io.tables import write_csv
 from ..models import read_meta
 from ..nuclei.measure import object_table
 from ..nuclei.votes import instance_classes
 from ..nuclei.watershed import INSTANCE_MAX_PIXELS
+from ..steps import Cancelled
 
 DEFAULT_MODEL = "default (shipped)"
 MAX_PIXELS = INSTANCE_MAX_PIXELS  # above this the nuclei step cannot run; refuse rather than half-serve
@@ -35,6 +39,29 @@ MAX_PIXELS = INSTANCE_MAX_PIXELS  # above this the nuclei step cannot run; refus
 
 class WebInputError(MedsegError, ValueError):
     """An upload or a choice in the page cannot be used (the message is shown in the page)."""
+
+
+_RESULTS_ROOT: Path | None = None
+
+
+def results_folder() -> Path:
+    """A fresh folder for one image's downloads, inside this server's own temporary folder,
+    which goes when the server stops (``atexit``); a session's older ones go sooner
+    (``remove_results``)."""
+    global _RESULTS_ROOT
+    if _RESULTS_ROOT is None or not _RESULTS_ROOT.is_dir():
+        _RESULTS_ROOT = Path(tempfile.mkdtemp(prefix="medseg-web-"))
+        atexit.register(shutil.rmtree, _RESULTS_ROOT, True)
+    return Path(tempfile.mkdtemp(prefix="result-", dir=_RESULTS_ROOT))
+
+
+def remove_results(results: dict | None) -> None:
+    """Deletes the download folders of a session's results (replaced by a new run, or the
+    visitor gone); only folders this server made."""
+    for result in (results or {}).values():
+        folder = getattr(result, "folder", None)
+        if folder is not None and _RESULTS_ROOT is not None and Path(folder).parent == _RESULTS_ROOT:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class ModelStore:
@@ -91,6 +118,8 @@ class ImageResult:
     folder: Path
     downloads: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what the run report says the user should know
+    origin: tuple[int, int] | None = None  # (y, x) of a region in its image or slide; None: the whole file
+    comparison: "Comparison | None" = None  # the last comparison with a ground truth, shown with it
 
 
 def display_rgb(image: np.ndarray) -> np.ndarray:
@@ -98,18 +127,46 @@ def display_rgb(image: np.ndarray) -> np.ndarray:
     return np.round(to_rgb_float(image, 3) * 255).astype(np.uint8)
 
 
-def read_upload(path: str | Path, region: str | None = None) -> tuple[np.ndarray, float | None]:
-    """``(image, its pixel size in µm or None)``: an image file, or a region of a whole slide
-    (``"x,y,w,h"`` in level-0 px; a small slide may be taken whole)."""
+def read_upload(path: str | Path, region: str | None = None) -> tuple[np.ndarray, float | None, tuple | None]:
+    """``(image, its pixel size in µm or None, (y, x) origin)``: an image file or a whole slide
+    (origin ``None``), or a region of either (``"x,y,w,h"`` in level-0 px; a small slide may be
+    taken whole); the origin places the region's results in the file's pixels."""
     if is_slide_path(path):
         slide = open_slide(path)
         area = Region.parse(region).checked(slide.shape) if region else whole_slide(slide)
         if area.width * area.height > MAX_PIXELS:
             raise WebInputError(f"'{Path(path).name}' is {slide.shape[1]}x{slide.shape[0]} px: give a region "
                                 f"x,y,w,h (level-0 px) of at most {MAX_PIXELS / 1e6:.0f} Mpx.")
-        return _checked_size(np.asarray(slide.levels[0][area.slices]), path), slide.pixel_size_um
+        pixels = _checked_size(np.asarray(slide.levels[0][area.slices]), path)
+        return pixels, slide.pixel_size_um, (area.y, area.x) if region else None
     # clear messages for unreadable files, NaN, odd shapes; a TIFF's recorded pixel size where believable
-    return _checked_size(read_image(path), path), file_pixel_size_um(path)
+    image = _checked_size(read_image(path), path)
+    if not region:
+        return image, file_pixel_size_um(path), None
+    area = Region.parse(region).checked(image.shape[:2], "image")
+    return image[area.slices], file_pixel_size_um(path), (area.y, area.x)
+
+
+def checked_pixel_size(value: float | None) -> float | None:
+    """The pixel size typed in the page: ``None`` (the file's own) or µm per pixel a microscope
+    gives, as ``medseg predict --pixel-size`` takes it (100 would have upscaled a patch 400-fold
+    and held the one queue for hours)."""
+    low, high = PLAUSIBLE_PIXEL_SIZE_UM
+    if value is None or value == 0:
+        return None
+    if not low <= value <= high:
+        raise WebInputError(f"Pixel size {value:g} µm/px: give µm per pixel from {low} to {high} (0.5 for 20x, "
+                            "0.25 for 40x; not the magnification), or 0 for what the file records.")
+    return float(value)
+
+
+def _checked_work(image: np.ndarray, path, scale: float) -> None:
+    """The model runs on the image resampled to its pixel size: that, not the upload, must fit."""
+    pixels = image.shape[0] * image.shape[1] * scale * scale
+    if scale > 1 and pixels > MAX_PIXELS:
+        raise WebInputError(f"'{Path(path).name}' resampled to the model's pixel size ({scale:.2g}x) would be "
+                            f"{pixels / 1e6:.0f} Mpx; the browser front takes up to {MAX_PIXELS / 1e6:.0f} Mpx. "
+                            "Check the pixel size, give a region, or use `medseg predict`.")
 
 
 def _checked_size(image: np.ndarray, path) -> np.ndarray:
@@ -121,52 +178,80 @@ def _checked_size(image: np.ndarray, path) -> np.ndarray:
 
 def segment_upload(path: str | Path, segmenter: Segmenter, threshold: float | None = None, tta: bool = False,
                    pixel_size_um: float | None = None, progress=None, region: str | None = None,
-                   nucleus_settings: dict | None = None) -> ImageResult:
-    """Segment one uploaded file (or a region of an uploaded slide) into classes and nuclei and
-    write its downloads; the file's own pixel size serves where none is given. With a pixel size,
-    the model sees the image at its own pixel size and areas are in µm². ``nucleus_settings``:
-    ``InstanceSettings`` fields in place of the model's own."""
+                   nucleus_settings: dict | None = None, name: str | None = None,
+                   should_cancel=None) -> ImageResult:
+    """Segment one uploaded file (or a region of it) into classes and nuclei and write its
+    downloads (named ``name``, the file's stem by default), in the file's pixels: a region's
+    outlines and centroids are placed where it lies. The file's own pixel size serves where none
+    is given; with one, the model sees the image at its own pixel size and areas are in µm².
+    ``nucleus_settings``: ``InstanceSettings`` fields in place of the model's own."""
     instance_settings = segmenter.instance_settings_with(nucleus_settings)  # a bad value: refused before reading
-    image, own_pixel_size = read_upload(path, region)
+    pixel_size_um = checked_pixel_size(pixel_size_um)
+    image, own_pixel_size, origin = read_upload(path, region)
     pixel_size_um = pixel_size_um or own_pixel_size
+    _checked_work(image, path, model_scale(pixel_size_um, segmenter.meta.pixel_size_um))
     segmenter.foreground_threshold = threshold or segmenter.meta.foreground_threshold
-    class_map, instances = segmenter.segment_nuclei(image, TileSettings(tta=tta), progress,
+    class_map, instances = segmenter.segment_nuclei(image, TileSettings(tta=tta), progress, should_cancel,
                                                     instance_settings=instance_settings, pixel_size_um=pixel_size_um)
     votes = instance_classes(instances, class_map)
     classes, colors = segmenter.classes, segmenter.meta.colors
     table = object_table(instances, class_map, classes, pixel_size_um=pixel_size_um)
-    result = ImageResult(file_stem(path), display_rgb(image), class_map, instances, classes, colors, table,
-                         pixel_size_um, Path(tempfile.mkdtemp(prefix="medseg-web-")),
-                         notes=list(segmenter.last_report.notes))
-    stem = result.name
+    if origin:  # in the file's pixels, as medseg predict --region writes them
+        table["centroid_y"] = table["centroid_y"] + origin[0]
+        table["centroid_x"] = table["centroid_x"] + origin[1]
+    result = ImageResult(name or file_stem(path), display_rgb(image), class_map, instances, classes, colors, table,
+                         pixel_size_um, results_folder(), notes=list(segmenter.last_report.notes), origin=origin)
+    stem, folder = result.name, result.folder
     result.downloads = [
-        write_label_map(result.folder / f"{stem}_labels.tif", class_map),
-        write_label_map(result.folder / f"{stem}_instances.tif", instances),
-        write_geojson(result.folder / f"{stem}_nuclei.geojson", instances, votes, classes, colors),
-        write_csv(result.folder / f"{stem}_nuclei.csv", table),
+        write_label_map(folder / f"{stem}_labels.tif", class_map, pixel_size_um,
+                        label_record("classes", classes, colors, origin)),
+        write_label_map(folder / f"{stem}_instances.tif", instances, pixel_size_um,
+                        label_record("instances", classes, colors, origin, votes)),
+        write_geojson(folder / f"{stem}_nuclei.geojson", instances, votes, classes, colors, origin or (0, 0)),
+        write_csv(folder / f"{stem}_nuclei.csv", table),
     ]
     return result
 
 
+@dataclass
+class Uploads:
+    """What a run made: the results by name, and the files it could not use, with why."""
+
+    results: dict[str, ImageResult]
+    refused: dict[str, str] = field(default_factory=dict)
+
+
 def segment_uploads(store: ModelStore, model_name: str, paths: list[str], threshold: float | None = None,
                     tta: bool = False, pixel_size_um: float | None = None, progress_for=None,
-                    region: str | None = None, nucleus_settings: dict | None = None) -> dict[str, ImageResult]:
+                    region: str | None = None, nucleus_settings: dict | None = None,
+                    should_cancel=None) -> Uploads:
     """Every upload through one model, one run at a time (``store.lock``); ``progress_for(label)``
-    gives each file its ``(done, total)`` callback."""
+    gives each file its ``(done, total)`` callback. A file that cannot be used is listed in
+    ``refused`` and the others go on; if none can be, the first one's error is raised.
+    ``should_cancel``: checked between steps (the visitor cancelled or left)."""
     if not paths:
         raise WebInputError("Upload an image (or pick a sample) first.")
-    results: dict[str, ImageResult] = {}
+    checked_pixel_size(pixel_size_um)  # a typo refuses the run before any file is read
+    done = Uploads({})
+    first_error: MedsegError | None = None
     with store.lock:
         segmenter = store.get(model_name)
         for i, path in enumerate(paths, 1):
             progress = None if progress_for is None else progress_for(f"[{i}/{len(paths)}] {Path(path).name}")
-            result = segment_upload(path, segmenter, threshold, tta, pixel_size_um, progress, region, nucleus_settings)
-            name, copy = result.name, 2
-            while name in results:  # patch.png and patch.tif, or two patch.png: both kept, told apart
-                name, copy = f"{result.name} ({copy})", copy + 1
-            result.name = name
-            results[name] = result
-    return results
+            name, copy = file_stem(path), 2
+            while name in done.results:  # patch.png and patch.tif, or two patch.png: both kept, told apart
+                name, copy = f"{file_stem(path)} ({copy})", copy + 1
+            try:
+                done.results[name] = segment_upload(path, segmenter, threshold, tta, pixel_size_um, progress, region,
+                                                    nucleus_settings, name, should_cancel)
+            except Cancelled:
+                raise
+            except MedsegError as exc:
+                done.refused[Path(path).name] = str(exc)
+                first_error = first_error or exc
+    if not done.results:
+        raise first_error
+    return done
 
 
 def nucleus_summary(result: ImageResult) -> list[list]:
@@ -196,6 +281,9 @@ class Comparison:
 def compare_upload(result: ImageResult, gt_path: str | Path) -> Comparison:
     """Score ``result`` against an uploaded ground-truth label map (class map, mask or instances)."""
     labels = read_label_map(gt_path)
+    (y, x), (height, width) = result.origin or (0, 0), result.class_map.shape
+    if result.origin is not None and labels.shape[0] >= y + height and labels.shape[1] >= x + width:
+        labels = labels[y:y + height, x:x + width]  # a region's result against its part of the whole image's
     if labels.shape != result.class_map.shape:
         raise WebInputError(f"The ground truth '{Path(gt_path).name}' is {labels.shape[0]}x{labels.shape[1]} px but "
                             f"the image '{result.name}' is {result.class_map.shape[0]}x{result.class_map.shape[1]}.")
@@ -204,7 +292,8 @@ def compare_upload(result: ImageResult, gt_path: str | Path) -> Comparison:
     pred = (result.class_map > 0).astype(np.uint8) if report["classes_merged"] else result.class_map
     errors = error_map(truth.class_map, pred, len(report["classes"]))
     path = write_csv(result.folder / f"{result.name}_metrics.csv", metrics_columns(report))
-    return Comparison(report, errors, path)
+    result.comparison = Comparison(report, errors, path)
+    return result.comparison
 
 
 def metrics_rows(report: dict) -> list[list]:
