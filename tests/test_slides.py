@@ -235,6 +235,24 @@ def test_glass_is_never_read_at_full_resolution(he_slide):
     assert progress[-1][0] == progress[-1][1] and all(a[0] <= b[0] for a, b in zip(progress, progress[1:]))
 
 
+def test_a_long_slides_tissue_is_found_where_it_is_across_too():
+    """A 2100 x 65536 slide's low level is 66 x 2048: 31.8 px a mask row, 32 a mask column. With
+    the rows' scale used across too, a strip of tissue at x 63488-63744 was looked for 11 mask
+    columns off: every block skipped as glass, 0 nuclei."""
+    from types import SimpleNamespace
+
+    from napari_medseg.inference.regions import find_tissue
+
+    low = np.full((66, 2048, 3), 242, np.uint8)
+    low[:, 63488 // 32:63744 // 32] = (150, 80, 160)  # H&E-coloured strip
+    slide = SimpleNamespace(shape=(2100, 65536), levels=[SimpleNamespace(shape=(2100, 65536, 3)), low],
+                            level_for=lambda max_side: 1)
+    tissue = find_tissue(slide)
+    assert tissue.scales == (pytest.approx(2100 / 66), 32.0)
+    assert tissue.any_in(0, 2048, 63488, 63744) and tissue.any_in(1024, 2048, 63600, 63700)
+    assert not tissue.any_in(0, 2100, 0, 63400) and not tissue.any_in(0, 2100, 63800, 65536)
+
+
 # -- nuclei across block borders ----------------------------------------------------------------
 def test_stitched_nuclei_equal_the_whole_image_watershed(consep):
     """No nucleus split or duplicated at a seam: block by block gives the whole-image result."""

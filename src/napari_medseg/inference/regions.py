@@ -81,17 +81,26 @@ class TissueSettings:
 
 @dataclass
 class TissueMask:
-    """A boolean mask on a low-resolution level, ``downsample`` level-0 px per mask pixel."""
+    """A boolean mask on a low-resolution level, ``downsample`` level-0 px per mask pixel down,
+    ``downsample_x`` across (the same when ``None``): a level's sides are rounded each on its own,
+    so a long slide's two scales differ (2100 / 66 rows is 31.8, 65536 / 2048 columns 32: one
+    scale had put a strip of tissue 11 mask columns off, and the run found no nuclei)."""
 
     mask: np.ndarray
     downsample: float
     dark_field: bool = False  # the level's background is dark (fluorescence): ``source.looks_dark_field``
+    downsample_x: float | None = None
+
+    @property
+    def scales(self) -> tuple[float, float]:
+        """Level-0 px per mask pixel, ``(down, across)``."""
+        return self.downsample, self.downsample if self.downsample_x is None else self.downsample_x
 
     def _overlapped(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """The mask pixels the level-0 rectangle overlaps."""
-        d = self.downsample
-        my0, mx0 = int(y0 / d), int(x0 / d)
-        my1, mx1 = max(my0 + 1, int(np.ceil(y1 / d))), max(mx0 + 1, int(np.ceil(x1 / d)))
+        dy, dx = self.scales
+        my0, mx0 = int(y0 / dy), int(x0 / dx)
+        my1, mx1 = max(my0 + 1, int(np.ceil(y1 / dy))), max(mx0 + 1, int(np.ceil(x1 / dx)))
         return self.mask[my0:my1, mx0:mx1]
 
     def any_in(self, y0: int, y1: int, x0: int, x1: int) -> bool:
@@ -118,7 +127,7 @@ def find_tissue(slide, settings: TissueSettings | None = None) -> TissueMask:
     # 40k² one would take ~40 GB on its way to the mask
     step = max(1, -(-max(level.shape[:2]) // s.max_side))
     low = np.asarray(level[::step, ::step] if step > 1 else level)
-    downsample = slide.shape[0] / low.shape[0]
+    downsample, downsample_x = slide.shape[0] / low.shape[0], slide.shape[1] / low.shape[1]
     channels = low[..., :3] if low.ndim == 3 else low[..., None]
     if low.dtype != np.uint8:  # 16-bit: compare on the 8-bit scale
         channels = channels / max(1, float(low.max())) * 255
@@ -126,10 +135,10 @@ def find_tissue(slide, settings: TissueSettings | None = None) -> TissueMask:
     brightness = channels.mean(-1)
     dark = looks_dark_field(brightness)
     if not s.enabled or low.ndim != 3 or low.shape[-1] < 3:
-        return TissueMask(np.ones(low.shape[:2], bool), downsample, dark)
+        return TissueMask(np.ones(low.shape[:2], bool), downsample, dark, downsample_x)
     saturation = channels.max(-1) - channels.min(-1)
     tissue = ((saturation >= s.min_saturation) | (brightness <= s.max_brightness)) & (brightness >= s.min_brightness)
-    return TissueMask(ndi.binary_opening(tissue), downsample, dark)  # specks of dust are no tissue
+    return TissueMask(ndi.binary_opening(tissue), downsample, dark, downsample_x)  # specks of dust are no tissue
 
 
 def region_blocks(region: Region, block: int = BLOCK) -> list[tuple[int, int, int, int]]:

@@ -152,8 +152,9 @@ def _bounding_region(polygon: np.ndarray) -> Region:
     return Region(int(x0), int(y0), int(x1 - x0), int(y1 - y0))
 
 
-def _polygon_mask(polygon: np.ndarray, shape: tuple[int, int], top: float, left: float, scale: float = 1.0):
-    """Pixels of a ``shape`` window at ``(top, left)`` (level-0 px, ``scale`` level-0 px a pixel) inside ``polygon``."""
+def _polygon_mask(polygon: np.ndarray, shape: tuple[int, int], top: float, left: float, scale=1.0):
+    """Pixels of a ``shape`` window at ``(top, left)`` (level-0 px, ``scale`` level-0 px a pixel,
+    or ``(down, across)``) inside ``polygon``."""
     from skimage.draw import polygon2mask
 
     return polygon2mask(shape, (polygon - (top, left)) / scale)
@@ -178,14 +179,16 @@ def _within(tissue: TissueMask, polygon: np.ndarray | None) -> TissueMask:
         return tissue
     from scipy import ndimage as ndi
 
-    inside = _polygon_mask(polygon, tissue.mask.shape, 0, 0, tissue.downsample)
+    scales = np.asarray(tissue.scales)
+    inside = _polygon_mask(polygon, tissue.mask.shape, 0, 0, scales)
     # and the mask pixels its outline crosses: a polygon narrower than a mask pixel (32-64 level-0
     # px) holds no mask pixel's centre, and its region would have been skipped as glass
     from skimage.draw import polygon_perimeter
 
-    rows, cols = polygon_perimeter(*(polygon / tissue.downsample).T, shape=tissue.mask.shape, clip=True)
+    rows, cols = polygon_perimeter(*(polygon / scales).T, shape=tissue.mask.shape, clip=True)
     inside[rows, cols] = True
-    return TissueMask(tissue.mask & ndi.binary_dilation(inside), tissue.downsample, tissue.dark_field)
+    return TissueMask(tissue.mask & ndi.binary_dilation(inside), tissue.downsample, tissue.dark_field,
+                      tissue.downsample_x)
 
 
 def _iter_cut_and_count(store, region: Region, polygon: np.ndarray | None, classes: list[str], result: SlideResult,
