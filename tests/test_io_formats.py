@@ -145,3 +145,16 @@ def test_a_camera_jpeg_reads_upright_as_viewers_show_it(tmp_path, real_512):
     mask[10:20, 250:290] = 2
     Image.fromarray(mask).save(tmp_path / "photo_mask.png", exif=exif)
     assert np.array_equal(read_label_map(tmp_path / "photo_mask.png"), np.rot90(mask, -1))
+
+
+@pytest.mark.parametrize("mpp, expected", [("0.2500", 0.25), ("0,2500", 0.25), ("n/a", None), ("", None)])
+def test_an_aperio_mpp_in_a_comma_locale_or_unreadable(tmp_path, mpp, expected):
+    """'MPP = 0,2500' (a scanner set to a comma locale) had raised a ValueError traceback in
+    medseg predict and the napari reader; it is 0.25, and an unreadable MPP is an unknown size."""
+    path = tmp_path / "scan.svs"
+    description = f"Aperio Image Library v12.0.15\r\n512x512 [0,0 512x512] (256x256) JPEG/RGB Q=70|AppMag = 40|MPP = {mpp}"
+    tifffile.imwrite(path, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), description=description,
+                     photometric="rgb")
+    size, vendor, _ = tiff_pixel_size_um(path)
+    assert vendor == "aperio" and size == (pytest.approx(expected) if expected else None)
+    assert open_slide(path).pixel_size_um == (pytest.approx(expected) if expected else None)

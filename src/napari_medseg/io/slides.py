@@ -95,8 +95,7 @@ def tiff_pixel_size_um(path: str | os.PathLike) -> tuple[float | None, str, dict
         page = series.levels[0].keyframe
         if tif.is_svs:
             meta = aperio_fields(page.description)
-            mpp = meta.get("MPP")
-            return _believable(float(mpp) if mpp else None), "aperio", meta
+            return _believable(_number(meta.get("MPP"))), "aperio", meta
         if tif.is_ome:
             size = ome_pixel_size_um(tif.ome_metadata or "", page.imagewidth, page.imagelength)
             if size is not None:
@@ -107,6 +106,15 @@ def tiff_pixel_size_um(path: str | os.PathLike) -> tuple[float | None, str, dict
                 return _believable(size), "imagej", {}
         vendor = "hamamatsu" if tif.is_ndpi else "leica" if tif.is_scn else "tiff"
         return _believable(_resolution_tag_um(page)), vendor, {}
+
+
+def _number(text: str | None) -> float | None:
+    """A header's number: ``"0.2500"``, or ``"0,2500"`` as a scanner set to a comma locale writes
+    it; ``None`` for anything else (the pixel size is then unknown, not a traceback)."""
+    try:
+        return float(text.strip().replace(",", ".")) if text else None
+    except ValueError:
+        return None
 
 
 def _believable(size_um: float | None) -> float | None:
