@@ -139,3 +139,24 @@ def test_objects_never_measures_one_class_map_with_anothers_nuclei(make_napari_v
     assert obj.export_geojson(target) == target
     names = {f["properties"]["classification"]["name"] for f in json.loads(target.read_text())["features"]}
     assert names <= {"other", "inflammatory", "epithelial", "spindle"}
+
+
+def test_measuring_again_with_more_or_fewer_columns(objects, qtbot):
+    """Measured without an image, then with it (more columns: the mean intensities), then with a
+    gray image and without one again: each table has its own columns, every header named."""
+    viewer, widget, image, truth, instances = objects
+    gray = viewer.add_image(image.data[..., 0], name="gray")
+    widget.class_layer.value, widget.instance_layer.value = truth, instances
+    seen = []
+    for chosen in (None, image, gray, None):
+        widget.image_layer.value = chosen
+        widget.measure_button.native.click()
+        qtbot.waitUntil(lambda: widget.measure_button.enabled and not widget.table.filling, timeout=60_000)
+        assert not widget.summary.value.startswith(("Measuring", "Error")), widget.summary.value
+        shown, measured = widget.table.value, table_rows(widget.objects)
+        assert list(shown["columns"]) == measured["columns"] and shown["data"] == measured["data"]
+        qt = widget.table.native
+        assert qt.columnCount() == len(measured["columns"])
+        assert [qt.horizontalHeaderItem(i).text() for i in range(qt.columnCount())] == measured["columns"]
+        seen.append(len(measured["columns"]))
+    assert seen[0] < seen[2] < seen[1] and seen[3] == seen[0]

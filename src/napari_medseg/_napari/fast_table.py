@@ -36,7 +36,10 @@ class FastTable(Table):
         q = self.native
         with _quiet(q):
             q.clearContents()
-            q.setRowCount(0)  # the old rows' headers go too: magicgui refuses new headers of another length
+            # the old rows' and columns' headers go too: magicgui refuses new headers of another
+            # length than the header items still there (a table of 4 columns grown to 7 kept 4)
+            q.setRowCount(0)
+            q.setColumnCount(0)
             q.setRowCount(len(data))
             q.setColumnCount(len(columns) if len(columns) else (len(data[0]) if data else 0))
             if len(columns):
