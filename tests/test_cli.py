@@ -357,3 +357,42 @@ def test_predicted_maps_record_what_they_are_and_their_pixel_size(small_consep, 
     for i in np.unique(instances)[1:4]:  # each nucleus's recorded class is its pixels' majority
         assert nuclei["instance_classes"][i] == np.bincount(labels[instances == i]).argmax()
     assert file_pixel_size_um(nuclei_path) == pytest.approx(0.25)
+
+
+def test_a_slide_batch_goes_on_past_a_broken_slide_and_is_checked_before_work(tmp_path, tiny_checkpoint, capsys):
+    """A corrupt slide in the middle is skipped, named, and the next one still runs (the batch had
+    stopped there, and a rerun without it refused the first one's results); two slides sharing a
+    name, a folder already holding one's results, and --probabilities are refused before any work."""
+    import shutil
+
+    real = Path(__file__).resolve().parents[2] / "shared/data/slides/CMU-1-Small-Region.svs"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = shutil.copy(real, tmp_path / "a" / "first.svs"), shutil.copy(real, tmp_path / "a" / "second.svs")
+    broken = tmp_path / "a" / "broken.svs"
+    broken.write_bytes(Path(real).read_bytes()[:5000])
+    out = tmp_path / "out"
+    common = ["--region", "700,700,128,128", "--model", str(tiny_checkpoint), "--backend", "torch"]
+    assert main(["predict", str(first), str(broken), str(second), "--out", str(out), *common]) == 1
+    err = capsys.readouterr().err
+    assert "skipped" in err and "broken.svs" in err and "1 of 3 slide(s) not segmented" in err
+    assert {"first_labels.ome.tif", "second_labels.ome.tif"} <= {p.name for p in out.iterdir()}
+
+    twin = shutil.copy(real, tmp_path / "b" / "first.svs")
+    for args, words in (([first, twin, "--out", str(tmp_path / "o2")], "share the name 'first'"),
+                        ([second, "--out", str(out)], "already holds results of 'second'"),
+                        ([first, "--out", str(tmp_path / "o3"), "--probabilities"], "--probabilities is for images")):
+        assert main(["predict", *map(str, args), *common]) == 2
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_no_skip_background_reaches_a_slides_glass(tmp_path, tiny_checkpoint, capsys):
+    """--no-skip-background had been ignored for slides: glass (and faint tissue called glass) was
+    never segmented; now every block of the region is."""
+    slide = Path(__file__).resolve().parents[2] / "shared/data/slides/CMU-1-Small-Region.svs"
+    common = ["--region", "2000,2800,200,150", "--model", str(tiny_checkpoint), "--backend", "torch"]
+    assert main(["predict", str(slide), "--out", str(tmp_path / "a"), *common]) == 0
+    assert "0% tissue" in capsys.readouterr().out  # glass: skipped
+    assert main(["predict", str(slide), "--out", str(tmp_path / "b"), "--no-skip-background", *common]) == 0
+    assert "100% tissue" in capsys.readouterr().out

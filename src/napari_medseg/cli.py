@@ -211,11 +211,14 @@ def _predict_slides(args) -> int:
     """Whole slides (or a region of each) into OUT: zarr pyramids, OME-TIFFs, GeoJSON, CSV."""
     from .inference import Segmenter
     from .inference.postprocess import PostprocessSettings
-    from .inference.regions import Region
+    from .inference.regions import Region, TissueSettings
     from .inference.slide import predict_slide
-    from .io.outputs import check_not_input
+    from .io.images import file_stem
+    from .io.outputs import check_not_input, check_unique_stems
+    from .io.slide_outputs import check_no_slide_results
     from .io.slides import is_slide_path, open_slide
     from .memory import limit_allocator_arenas
+    from .steps import Cancelled
 
     limit_allocator_arenas()  # before the runtime's threads exist: flat memory over the run (``memory``)
 
@@ -228,9 +231,16 @@ def _predict_slides(args) -> int:
         raise MedsegError(f"--region / --whole-slide take whole-slide files; not slides: {', '.join(not_slides)}.")
     if not (args.region or args.whole_slide):
         raise MedsegError("a whole slide needs --region X,Y,W,H (level-0 px) or --whole-slide.")
+    if args.probabilities:
+        raise MedsegError("--probabilities is for images: a slide's would be classes x its whole size; its class "
+                          "map and nuclei are written as pyramids instead (drop --probabilities).")
     region = Region.parse(args.region) if args.region else None
     out = Path(args.out)
     check_not_input(out, slides, ())
+    # before hours of work on the first slide: a later one would be refused, or overwrite it
+    check_unique_stems(slides, file_stem)
+    for path in slides:
+        check_no_slide_results(out, file_stem(path))
     # by the runtime alone where an earlier load on this machine recorded its choice: no torch in
     # this process (about 0.65 GB less over a whole slide); else loaded, checked and recorded
     segmenter = Segmenter.load(args.model, device=args.device, backend=args.backend, precision=args.precision,
@@ -244,23 +254,36 @@ def _predict_slides(args) -> int:
     if args.pixel_size == NO_PIXEL_SIZE:
         raise MedsegError("--pixel-size none: slides are segmented at the pixel size they record; to override it "
                           "give a number (e.g. --pixel-size 0.25).")
+    # --no-skip-background: every block is segmented, glass and faint tissue alike
+    tissue = TissueSettings(enabled=not args.no_skip_background)
+    failed = []
     for path in slides:
-        slide = open_slide(path)
-        if args.pixel_size is not None:
-            slide = replace(slide, pixel_size_um=args.pixel_size)
-        result = predict_slide(segmenter, slide, out, region, progress=ProgressLine(path.name),
-                               settings=_tile_settings(args),
-                               instance_settings=segmenter.instance_settings_with(_given(args, INSTANCE_OPTIONS)),
-                               postprocess=PostprocessSettings(**_given(args, CLEANUP_OPTIONS)),
-                               nuclei=not args.no_instances)
+        try:
+            slide = open_slide(path)
+            if args.pixel_size is not None:
+                slide = replace(slide, pixel_size_um=args.pixel_size)
+            result = predict_slide(segmenter, slide, out, region, progress=ProgressLine(path.name),
+                                   settings=_tile_settings(args),
+                                   instance_settings=segmenter.instance_settings_with(_given(args, INSTANCE_OPTIONS)),
+                                   postprocess=PostprocessSettings(**_given(args, CLEANUP_OPTIONS)),
+                                   nuclei=not args.no_instances, tissue_settings=tissue)
+        except Cancelled:
+            raise
+        except MedsegError as exc:  # a broken or odd slide: said, and the others still run
+            print(f"medseg: skipped {path}: {exc}", file=sys.stderr)
+            failed.append(path)
+            continue
         counts = ", ".join(f"{name} {n}" for name, n in result.counts.items())
-        print(f"{path.name}: region {result.region}, {100 * result.tissue_fraction:.0f}% tissue, "
-              f"{result.nuclei} nuclei ({counts})")
+        found = "" if args.no_instances else f", {result.nuclei} nuclei ({counts})"
+        print(f"{path.name}: region {result.region}, {100 * result.tissue_fraction:.0f}% tissue{found}")
         for note in result.notes:
             print(f"  {path.name}: {note}", file=sys.stderr)
         for kind, file in result.files.items():
             print(f"  {kind}: {file}")
-    return 0
+    if failed:
+        print(f"medseg: {len(failed)} of {len(slides)} slide(s) not segmented: {', '.join(p.name for p in failed)}",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _print_prediction(done, with_instances: bool) -> bool:
