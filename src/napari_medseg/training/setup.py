@@ -210,25 +210,49 @@ def _train_sampler(cfg: TrainConfig, data: TrainingData, train_ds: PatchDataset,
 
 def _validation_sets(cfg: TrainConfig, data: TrainingData, ctx: DistContext, mean, std, pin: bool
                      ) -> list[ValidationSet]:
-    """Whole padded validation images, one set per dataset of a mixed run (images of one size
-    each) or one unnamed set; batches hold about ``batch_size`` 256² images' worth of pixels."""
+    """Whole padded validation images, one set per dataset of a mixed run or one unnamed set.
+
+    Images of any size: a batch holds images of one padded size only (the shard is ordered by
+    it, stably, so data of one size batch as they always did). A mixed run's batches hold about
+    ``batch_size`` 256² images' worth of pixels; the unnamed set's ``batch_size`` images."""
     if not data.val_items:
         return []
     names = list(dict.fromkeys(it.dataset for it in data.val_items)) if data.mixed else [""]
+    stride = cfg.model.output_stride
     sets = []
     for name in names:
         members = [it for it in data.val_items if it.dataset == name] if name else data.val_items
-        shard = members[ctx.rank::ctx.world_size]
-        largest = max(it.labels.size for it in members)
-        batch = max(1, min(cfg.batch_size, cfg.batch_size * 256 * 256 // largest))
+        shard = sorted(members[ctx.rank::ctx.world_size], key=lambda it: padded_shape(it.labels.shape, stride))
         loader = None
         if shard:
-            ds = PatchDataset(shard, None, multiple_of=cfg.model.output_stride, mean=mean, std=std,
+            largest = max(it.labels.size for it in members)
+            cap = max(1, min(cfg.batch_size, cfg.batch_size * 256 * 256 // largest)) if name else cfg.batch_size
+            ds = PatchDataset(shard, None, multiple_of=stride, mean=mean, std=std,
                               distance_targets=cfg.model.distance_head)
-            loader = DataLoader(ds, batch_size=batch if name else cfg.batch_size,
+            loader = DataLoader(ds, batch_sampler=same_size_batches(shard, stride, cap),
                                 num_workers=cfg.data.num_workers, pin_memory=pin)
         sets.append(ValidationSet(name, members[0].binary, loader, [item_instances(it) for it in shard]))
     return sets
+
+
+def padded_shape(shape: tuple[int, ...], multiple: int) -> tuple[int, int]:
+    """(height, width) of an image padded up to a multiple of the network's stride."""
+    h, w = shape[:2]
+    return -(-h // multiple) * multiple, -(-w // multiple) * multiple
+
+
+def same_size_batches(items: list[LabelledImage], multiple: int, batch_size: int) -> list[list[int]]:
+    """Batches of consecutive item indices, each of one padded size and at most ``batch_size``
+    long (a validation batch is one tensor: images of other sizes cannot share it)."""
+    batches: list[list[int]] = []
+    last = None
+    for i, it in enumerate(items):
+        size = padded_shape(it.labels.shape, multiple)
+        if size != last or len(batches[-1]) >= batch_size:
+            batches.append([])
+        batches[-1].append(i)
+        last = size
+    return batches
 
 
 class WeightedEpochSampler(torch.utils.data.Sampler):
