@@ -160,3 +160,26 @@ def test_measuring_again_with_more_or_fewer_columns(objects, qtbot):
         assert [qt.horizontalHeaderItem(i).text() for i in range(qt.columnCount())] == measured["columns"]
         seen.append(len(measured["columns"]))
     assert seen[0] < seen[2] < seen[1] and seen[3] == seen[0]
+
+
+def test_objects_docked_before_segment_measures_segments_nuclei(make_napari_viewer, qtbot):
+    """Objects open before a run: Segment adds its class map, then its nuclei a turn later; the
+    class map (chosen as it came) is measured with those nuclei, the count Segment gave, and no
+    nuclei of Objects' own are added."""
+    viewer = make_napari_viewer()
+    image = consep_sample()[0]
+    viewer.add_image(image[0], **image[1])
+    _, obj = viewer.window.add_plugin_dock_widget(PLUGIN, "Objects")
+    _, seg = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    seg.device.value = "cpu"
+    seg.run_button.native.click()
+    qtbot.waitUntil(lambda: seg.run_button.enabled and seg.status.value.startswith("Done"), timeout=120_000)
+    nuclei = viewer.layers["CoNSeP H&E nuclei"]
+    assert obj.class_layer.value is viewer.layers["CoNSeP H&E segmentation"]
+    assert obj.instance_layer.value is nuclei
+    before = len(viewer.layers)
+    obj.measure_button.native.click()
+    qtbot.waitUntil(lambda: obj.measure_button.enabled and obj.objects is not None, timeout=60_000)
+    count = len(np.unique(nuclei.data)) - 1
+    assert seg.status.value.startswith(f"Done: {count} nuclei")
+    assert obj.summary.value.startswith(f"{count} nuclei") and len(viewer.layers) == before

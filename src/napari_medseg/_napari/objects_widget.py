@@ -85,10 +85,18 @@ class ObjectsWidget(ScrollingDock):
         self.export_geojson_button.changed.connect(lambda: self.export_geojson())
         self._picked = None  # the nuclei layer ``_pick_instances`` chose (not the user)
         self.class_layer.changed.connect(self._pick_instances)
-        self._viewer.layers.events.inserted.connect(self.reset_choices)
+        self._viewer.layers.events.inserted.connect(self._on_inserted)
         self._viewer.layers.events.removed.connect(self.reset_choices)
         self.reset_choices()
         self._pick_instances()
+
+    def _on_inserted(self, *_):
+        """A new layer among the choices; the class map's own nuclei where they are it. Segment adds
+        its class map first and its nuclei a turn later: the class map, chosen as it came, had been
+        measured with nuclei derived by a watershed (another count than Segment's)."""
+        self.reset_choices()
+        if self.instance_layer.value is None or self.instance_layer.value is self._picked:
+            self._pick_instances()  # a layer the user chose stays
 
     def _class_layers(self, _widget=None) -> list:
         return labels_layers(self._viewer, exclude=("instances", "errors"))
