@@ -57,3 +57,31 @@ def test_validation_batches_hold_images_of_one_padded_size():
     for batch in batches:
         assert 1 <= len(batch) <= 2
         assert len({ds[i][0].shape for i in batch}) == 1  # one tensor per batch
+@pytest.mark.parametrize("size", [(16, 16), (1, 5), (3, 40)])
+def test_validation_pads_images_smaller_than_the_stride(size):
+    h, w = size
+    rng = np.random.default_rng(0)
+    item = LabelledImage("s", "s", rng.random((h, w, 3), dtype=np.float32), np.ones((h, w), np.uint8))
+    image, labels = PatchDataset([item], None, multiple_of=32)[0]
+    assert image.shape == (3, -(-h // 32) * 32, -(-w // 32) * 32) and labels.shape == image.shape[1:]
+    assert torch.equal(image[:, :h, :w], torch.from_numpy(item.image).permute(2, 0, 1))  # the image itself kept
+    assert (labels[:h, :w] == 1).all() and (labels[h:] == -100).all() and (labels[:, w:] == -100).all()
+    # padding mirrors the image (as "reflect" where the image is large enough to mirror)
+    assert set(np.unique(image.numpy())) <= set(np.unique(item.image))
+
+
+def test_validation_padding_is_reflect_where_it_can_be():
+    rng = np.random.default_rng(1)
+    item = LabelledImage("s", "s", rng.random((50, 45, 3), dtype=np.float32), np.ones((50, 45), np.uint8))
+    image, _ = PatchDataset([item], None, multiple_of=32)[0]
+    expected = torch.nn.functional.pad(torch.from_numpy(item.image).permute(2, 0, 1), (0, 19, 0, 14), mode="reflect")
+    assert torch.equal(image, expected)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_images_smaller_than_the_stride_train_and_validate(small_consep, tmp_path):
+    for path in (small_consep / "images").glob("*.png"):
+        crop_sample(small_consep, path.stem, slice(100, 116), slice(100, 116))
+    result = train(tiny_config(small_consep, tmp_path / "run", "epochs=1", "data.val_fraction=0.34",
+                               "model.encoder_depth=5"))
+    assert np.isfinite(result.history[0]["val_loss"]) and result.checkpoint.is_file()

@@ -229,9 +229,21 @@ class PatchDataset(Dataset):
             h, w = labels.shape
             ph, pw = (-h) % self.multiple_of, (-w) % self.multiple_of
             if ph or pw:
-                image = torch.nn.functional.pad(image, (0, pw, 0, ph), mode="reflect")
+                image = image[:, mirror_index(h, h + ph)][:, :, mirror_index(w, w + pw)]
                 targets = [torch.nn.functional.pad(t, (0, pw, 0, ph), value=-100) for t in targets]
         return (image.contiguous(), *(t.contiguous() for t in targets))
+
+
+def mirror_index(n: int, size: int) -> torch.Tensor:
+    """``size`` indices into an axis of length ``n``: the axis, then its mirror image without the
+    edge pixel (torch's ``reflect`` padding), repeated as often as ``size`` needs: an image
+    smaller than the network's stride (e.g. 16 px for 32) is padded too, which ``reflect``
+    refuses. A 1-pixel axis repeats its pixel."""
+    if n == 1:
+        return torch.zeros(size, dtype=torch.long)
+    period = 2 * (n - 1)
+    j = torch.arange(size) % period
+    return torch.where(j < n, j, period - j)
 
 
 # px: where an annotation has no instance map, its blobs under this size are stray brush strokes.
