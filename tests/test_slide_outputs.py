@@ -55,3 +55,25 @@ def test_a_failed_rename_leaves_none_of_the_run(tmp_path, monkeypatch):
     assert not files.path("store").exists() and not files.path("classes_tiff").exists()
     files.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_csv_centroids_keep_their_fraction_on_a_wide_slide(tmp_path):
+    """x 121002.818 had been written 121003 (6 significant digits): half a pixel off, on the
+    very slides whose pixel-centre convention the README insists on."""
+    import csv
+
+    path = _table(tmp_path / "w.csv", label=[1], centroid_x=[121002.818], area_um2=[12.3456789])
+    row = next(csv.DictReader(open(path)))
+    assert float(row["centroid_x"]) == 121002.818 and float(row["area_um2"]) == 12.3456789
+
+
+def test_geojson_ids_are_unique_to_each_export(tmp_path):
+    """Two exports of the same nuclei (two region runs of one slide) imported into one QuPath
+    image must not share ids; within one file every nucleus has its own."""
+    from napari_medseg.io.geojson import instances_to_geojson
+
+    instances = np.zeros((20, 20), np.int32)
+    instances[2:6, 2:6], instances[10:15, 10:15] = 1, 2
+    first, second = (instances_to_geojson(instances)["features"] for _ in range(2))
+    ids = {f["id"] for f in first}
+    assert len(ids) == 2 and not ids & {f["id"] for f in second}

@@ -662,3 +662,30 @@ def test_a_16_bit_slide_is_mapped_to_the_model_by_its_own_range_not_each_blocks(
     assert distance is None or (distance[:, :1024].max() > 0.5 and distance[:, 1024:].max() < 0.5)
     assert whole[:, 1024:].sum() == 0 and out[:, 1024:].sum() == 0  # was half of the empty half
     assert abs(int(out[:, :1024].astype(bool).sum()) - int(whole[:, :1024].astype(bool).sum())) < 0.01 * whole.size
+
+
+def test_a_region_without_nuclei_writes_a_table_with_its_header(he_slide, tmp_path):
+    """Glass only: the nuclei CSV is an empty table (header, no rows), not a 0-byte file that
+    pandas and spreadsheets refuse."""
+    import csv
+
+    from napari_medseg.inference.regions import Region
+    from napari_medseg.inference.slide import predict_slide
+    from napari_medseg.io.slides import open_slide
+
+    result = predict_slide(_DarkNuclei(), open_slide(he_slide[0]), tmp_path, Region(0, 0, 256, 256), block=256,
+                           nuclei_block=256)
+    assert result.nuclei == 0
+    rows = list(csv.reader(open(result.files["csv"])))
+    assert rows[0][:4] == ["label", "area", "centroid_y", "centroid_x"] and "area_um2" in rows[0] and len(rows) == 1
+
+
+def test_a_nucleus_without_a_class_is_unclassified_not_background():
+    from napari_medseg.nuclei.measure import object_table
+
+    instances = np.zeros((10, 10), np.int32)
+    instances[1:4, 1:4], instances[6:9, 6:9] = 1, 2
+    class_map = np.zeros((10, 10), np.uint8)
+    class_map[6:9, 6:9] = 3  # nucleus 1 lies where the class map says background
+    table = object_table(instances, class_map, ["background", "a", "b", "c"])
+    assert table["class"].tolist() == ["unclassified", "c"] and table["class_id"].tolist() == [0, 3]

@@ -23,7 +23,7 @@ from ..colors import class_colors
 from ..io.images import file_stem
 from ..io.slide_outputs import (CSVStream, GeoJSONStream, SlideResultFiles, create_result_store, iter_build_pyramid,
                                 iter_write_pyramid_tiff, pyramid_shapes, pyramid_steps, tiff_steps)
-from ..nuclei.measure import object_table
+from ..nuclei.measure import UNCLASSIFIED, object_table
 from ..nuclei.stitch import BLOCK as NUCLEI_BLOCK
 from ..nuclei.stitch import HALO as NUCLEI_HALO
 from ..nuclei.stitch import NucleiBlock, block_grid, iter_stitched_instances
@@ -219,6 +219,9 @@ def _iter_nuclei(segmenter, slide, store, region: Region, instance_settings, fil
                                                 instance_settings or segmenter.instance_settings)[1]
     geojson = GeoJSONStream(files.path("geojson"), names, class_colors(names), file=files.temp("geojson"))
     table = CSVStream(files.path("csv"), file=files.temp("csv"))
+    # the header, whatever follows: a region without nuclei is an empty table, not an empty file
+    table.add(object_table(np.zeros((1, 1), np.int32), np.zeros((1, 1), np.uint8), names,
+                           pixel_size_um=slide.pixel_size_um))
     counts = np.zeros(len(names), np.int64)
 
     def write_block(block: NucleiBlock) -> None:
@@ -242,7 +245,7 @@ def _iter_nuclei(segmenter, slide, store, region: Region, instance_settings, fil
     table.close()
     result.counts = {name: int(c) for name, c in zip(names[1:], counts[1:])}
     if counts[0]:
-        result.counts["unclassified"] = int(counts[0])
+        result.counts[UNCLASSIFIED] = int(counts[0])
 
 
 class _RegionView:

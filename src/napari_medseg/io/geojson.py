@@ -75,9 +75,12 @@ def map_geometry(geometry: dict, to) -> dict:
 
 def instances_to_geojson(instances: np.ndarray, classes: np.ndarray | None = None,
                          class_names: list[str] | None = None, colors: list | None = None,
-                         origin: tuple[float, float] = (0, 0)) -> dict:
+                         origin: tuple[float, float] = (0, 0), run: uuid.UUID | None = None) -> dict:
     """A FeatureCollection; ``classes[id]`` (an array or a dict) is the class index of instance ``id``;
-    ``origin`` (``y, x`` px) places a region's map in its image."""
+    ``origin`` (``y, x`` px) places a region's map in its image. Feature ids are unique to the
+    ``run`` (a fresh one by default): two exports of one slide imported into one QuPath image
+    must not share ids (QuPath takes a repeated id for the same object)."""
+    run = run or uuid.uuid4()
     from skimage.segmentation import relabel_sequential
 
     instances = np.asarray(instances)
@@ -95,7 +98,7 @@ def instances_to_geojson(instances: np.ndarray, classes: np.ndarray | None = Non
                 properties["classification"]["color"] = [int(v) for v in colors[c][:3]]
         features.append({
             "type": "Feature",
-            "id": str(uuid.uuid5(uuid.NAMESPACE_OID, f"napari-medseg/{old_id}")),
+            "id": str(uuid.uuid5(run, str(old_id))),
             "geometry": geometry(rings),
             "properties": properties,
         })

@@ -19,6 +19,7 @@ import os
 import queue
 import shutil
 import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -382,12 +383,13 @@ class GeoJSONStream(_StreamedFile):
                  scale: float = 1.0, file: str | os.PathLike | None = None):
         super().__init__(path, file)
         self.class_names, self.colors, self.scale = class_names, colors, scale
+        self._run = uuid.uuid4()  # feature ids unique to this file, one id per nucleus over all blocks
         self._file.write('{"type": "FeatureCollection", "features": [\n')
         self._first, self.count = True, 0
 
     def add(self, instances: np.ndarray, classes: dict[int, int] | None, top: int, left: int) -> None:
         """The nuclei of ``instances`` (a window whose corner is at slide ``(top, left)``)."""
-        features = instances_to_geojson(instances, classes, self.class_names, self.colors)["features"]
+        features = instances_to_geojson(instances, classes, self.class_names, self.colors, run=self._run)["features"]
         for feature in features:
             feature["geometry"] = map_geometry(feature["geometry"],
                                                lambda x, y: ((x + left) * self.scale, (y + top) * self.scale))

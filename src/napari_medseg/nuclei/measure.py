@@ -53,7 +53,9 @@ def object_table(instances: np.ndarray, class_map: np.ndarray | None = None, cla
         ids = votes[table["label"]]
         out["class_id"] = ids
         if class_names is not None:
-            out["class"] = np.array([class_names[i] if i < len(class_names) else str(i) for i in ids], dtype=object)
+            # a nucleus whose pixels the class map calls background has no class: not "background"
+            out["class"] = np.array([UNCLASSIFIED if i == 0 else class_names[i] if i < len(class_names) else str(i)
+                                     for i in ids], dtype=object)
     if intensity is not None:
         if intensity.ndim == 2:
             out["mean_intensity"] = table["intensity_mean"][:, 0]
@@ -63,6 +65,7 @@ def object_table(instances: np.ndarray, class_map: np.ndarray | None = None, cla
     return out
 
 
+UNCLASSIFIED = "unclassified"  # the class column of a nucleus the class map has no class for
 BAND_PIXELS = 1 << 20  # pixels summed at a time: float64 weights of a band stay ~8 MB
 
 
