@@ -231,3 +231,26 @@ def test_a_regions_result_is_scored_against_the_truth_of_that_region(make_napari
     assert overlay.data.shape == (128, 160) and tuple(overlay.translate) == (64, 32)
     truth.translate = (5, 5)  # the truth moved elsewhere on the canvas: no longer the same place
     assert metrics.compute() is None and "same image" in metrics.summary.value
+
+
+def test_metrics_recompute_when_the_chosen_nuclei_are_painted(sample_viewer, qtbot):
+    """'recompute when painted' follows the chosen instance layers too: nuclei erased from the
+    predicted instances, or painted into the GT instances, change the scores without Compute."""
+    from napari_medseg._napari.layers import instance_labels_kwargs
+
+    viewer, _, truth, instances, pred = sample_viewer
+    pred_nuclei = viewer.add_labels(np.roll(instances.data, 2, axis=1), **instance_labels_kwargs("predicted nuclei"))
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Metrics")
+    widget.prediction.value, widget.ground_truth.value = pred, truth
+    widget.gt_instances.value, widget.pred_instances.value = instances, pred_nuclei
+    assert widget.live.value
+    first = widget.compute()["overall"]
+    ids = np.unique(pred_nuclei.data)[1:]
+    pred_nuclei.data_setitem(np.nonzero(np.isin(pred_nuclei.data, ids[: len(ids) // 2])), 0)  # the eraser's call
+    qtbot.waitUntil(lambda: widget.result["overall"]["f1"] < first["f1"] - 0.1, timeout=15_000)
+    assert widget.pred_instances.value is pred_nuclei  # still the chosen nuclei, as painted
+    second = widget.result["overall"]["aji"]
+    instances.visible = True  # as a user shows it to paint it
+    gt_ids = np.unique(instances.data)[1:]
+    instances.data_setitem(np.nonzero(np.isin(instances.data, gt_ids[: len(gt_ids) // 2])), 0)
+    qtbot.waitUntil(lambda: widget.result["overall"]["aji"] != second, timeout=15_000)

@@ -100,8 +100,8 @@ class MetricsWidget(ScrollingDock):
         self.export_button.changed.connect(lambda: self.export_csv())
         self.errors_button.changed.connect(lambda: self.show_errors())
         self.visible_classes.changed.connect(self._apply_visible_classes)
-        self.prediction.changed.connect(self._watch_layers)
-        self.ground_truth.changed.connect(self._watch_layers)
+        for box in (self.prediction, self.ground_truth, self.gt_instances, self.pred_instances):
+            box.changed.connect(self._watch_layers)  # painting any of the four recomputes
         self.prediction.changed.connect(self._show_all_classes)
         self._viewer.layers.events.inserted.connect(self.reset_choices)
         self._viewer.layers.events.removed.connect(self.reset_choices)
@@ -148,7 +148,8 @@ class MetricsWidget(ScrollingDock):
             layer.events.paint.disconnect(self._schedule)
             layer.events.data.disconnect(self._schedule)
             layer.events.paint.disconnect(self._prediction_painted)
-        self._watched = [l for l in {id(l): l for l in (self.prediction.value, self.ground_truth.value) if l}.values()]
+        chosen = (self.prediction.value, self.ground_truth.value, self.gt_instances.value, self.pred_instances.value)
+        self._watched = [l for l in {id(l): l for l in chosen if l}.values()]
         for layer in self._watched:
             layer.events.paint.connect(self._schedule)
             layer.events.data.connect(self._schedule)
@@ -169,7 +170,7 @@ class MetricsWidget(ScrollingDock):
         from qtpy.QtCore import QTimer
 
         if self._timer is None:
-            self._timer = QTimer()
+            self._timer = QTimer(self.native)  # goes with the dock: never fires into a closed one
             self._timer.setSingleShot(True)
             self._timer.timeout.connect(lambda: self.compute(threaded=True))
         self._timer.start(DEBOUNCE_MS)
