@@ -206,7 +206,10 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int | tuple[int, int]):
+        """Sample ``index``; ``(index, seed)``: its augmentation drawn from ``seed`` alone (the
+        training sampler's ``AugmentationSeeds``), else from torch's global random state."""
+        index, seed = index if isinstance(index, tuple) else (index, None)
         item_index = self.index[index]
         item = self.items[item_index]
         image = torch.from_numpy(item.image).permute(2, 0, 1)
@@ -218,9 +221,14 @@ class PatchDataset(Dataset):
             threads = torch.get_num_threads()
             if threads > 1:
                 torch.set_num_threads(1)
+            random_state = None if seed is None else torch.random.default_generator.get_state()
             try:
+                if seed is not None:
+                    torch.random.default_generator.manual_seed(seed)
                 image, *targets = self.transform(image, *targets)
             finally:
+                if random_state is not None:  # the process's own random state, as it was
+                    torch.random.default_generator.set_state(random_state)
                 if threads > 1:
                     torch.set_num_threads(threads)
             image = (image - self.mean) / self.std

@@ -62,7 +62,7 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, float] | None:
     rate), or None when the user stopped it."""
     ctx, device = run.ctx, run.device
     run.net.train()
-    if hasattr(run.loaders.sampler, "set_epoch"):  # DDP's sampler, and the mixed sets' weighted one
+    if hasattr(run.loaders.sampler, "set_epoch"):  # the crops and their augmentation seeds of this epoch
         run.loaders.sampler.set_epoch(epoch)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     steps, steps_done, lr = len(run.loaders.train), 0, run.optim.lr

@@ -21,8 +21,9 @@ from ..models.checkpoint import RESUME_KEY
 from ..models.weights import write_safetensors
 
 RESUME_VERSION = 1
-# Settings that may differ between a run and its resumption (they do not change the result).
-RESUME_FREE = ("resume", "save_resume", "out_dir", "device", "num_threads", "repeats")
+# Settings that may differ between a run and its resumption (they do not change the result; each
+# crop's augmentation has its own seed, so the worker processes that draw it do not either).
+RESUME_FREE = ("resume", "save_resume", "out_dir", "device", "num_threads", "repeats", "data.num_workers")
 
 
 class ResumeError(MedsegError, ValueError):
@@ -108,7 +109,7 @@ def config_differences(given: dict, stored: dict, prefix: str = "") -> list[str]
     """``key: stored -> given`` for every setting that differs, except those in ``RESUME_FREE``."""
     diffs = []
     for key in sorted(set(given) | set(stored)):
-        if not prefix and key in RESUME_FREE:
+        if prefix + key in RESUME_FREE:
             continue
         a, b = given.get(key), stored.get(key)
         if isinstance(a, dict) and isinstance(b, dict):

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 from .config import TrainConfig, TrainConfigError
 from .data import (LabelledImage, PatchDataset, check_items, item_instances, load_dataset_folders,
@@ -183,7 +183,7 @@ def build_loaders(cfg: TrainConfig, data: TrainingData, ctx: DistContext, device
     generator = torch.Generator().manual_seed(cfg.seed)
     train_ds = PatchDataset(data.train_items, cfg.data.crop_size, cfg.data.crops_per_image, cfg.augment,
                             index=data.index, mean=mean, std=std, distance_targets=cfg.model.distance_head)
-    sampler = _train_sampler(cfg, data, train_ds, ctx, generator)
+    sampler = AugmentationSeeds(_train_sampler(cfg, data, train_ds, ctx, generator), cfg.seed, ctx.rank)
     per_rank = len(sampler)
     pin = device.type == "cuda"
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=per_rank > cfg.batch_size,
@@ -205,7 +205,7 @@ def _train_sampler(cfg: TrainConfig, data: TrainingData, train_ds: PatchDataset,
         from torch.utils.data.distributed import DistributedSampler
 
         return DistributedSampler(train_ds, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed)
-    return RandomSampler(train_ds, generator=generator, num_samples=min(wanted, len(train_ds)))
+    return EpochSampler(len(train_ds), min(wanted, len(train_ds)), cfg.seed)
 
 
 def _validation_sets(cfg: TrainConfig, data: TrainingData, ctx: DistContext, mean, std, pin: bool
@@ -253,6 +253,65 @@ def same_size_batches(items: list[LabelledImage], multiple: int, batch_size: int
         batches[-1].append(i)
         last = size
     return batches
+
+
+def stream_seed(*numbers: int) -> int:
+    """A 63-bit seed that is a function of ``numbers`` (e.g. seed, epoch, rank) alone."""
+    entropy = [int(n) % 2**64 for n in numbers]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) >> 1
+
+
+AUGMENTATION_STREAM = 0xA06  # keeps the augmentation seeds apart from other streams of one seed
+
+
+class AugmentationSeeds(torch.utils.data.Sampler):
+    """``sampler``'s crops, each as ``(crop, seed of its augmentation)`` (``PatchDataset`` draws
+    the crop's random augmentation from that seed alone).
+
+    The seeds are a function of (seed, epoch, rank, place in the epoch): not of the random state
+    of the process that augments. So DataLoader workers, persistent from epoch to epoch, draw
+    what the training process would, and a resumed run (fresh workers) what an uninterrupted
+    one drew. ``set_epoch`` is called each epoch (and passed on to ``sampler``)."""
+
+    def __init__(self, sampler: torch.utils.data.Sampler, seed: int, rank: int = 0):
+        self.sampler, self.seed, self.rank, self.epoch = sampler, seed, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        crops = list(self.sampler)
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch, self.rank, AUGMENTATION_STREAM))
+        seeds = torch.randint(0, 2**62, (len(crops),), generator=generator).tolist()
+        return iter(list(zip(crops, seeds)))
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """``num_samples`` different crops of the ``size`` there are, each epoch a random choice in
+    random order drawn from (seed, epoch) alone, not from a random state carried from epoch to
+    epoch: a resumed run draws what an uninterrupted one did, whatever DataLoader workers drew
+    before (``set_epoch`` is called each epoch)."""
+
+    def __init__(self, size: int, num_samples: int, seed: int):
+        self.size, self.num_samples, self.seed, self.epoch = size, min(num_samples, size), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch, CROPS_STREAM))
+        return iter(torch.randperm(self.size, generator=generator)[:self.num_samples].tolist())
+
+
+CROPS_STREAM = 0xC40
 
 
 class WeightedEpochSampler(torch.utils.data.Sampler):

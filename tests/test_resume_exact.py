@@ -1,0 +1,93 @@
+"""A resumed run gives the weights of an uninterrupted one: with DataLoader workers too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from napari_medseg.training import load_train_config, train
+
+TINY = ["model.architecture=unet", "model.encoder=resnet18", "model.encoder_depth=3", "data.crop_size=64",
+        "batch_size=4", "lr=0.003", "num_threads=1"]
+
+
+def tiny_config(dataset, out_dir, *extra):
+    return load_train_config(None, [*TINY, f"data.dataset=[{dataset}]", f"out_dir={out_dir}", *extra])
+
+
+def weights(resume_file) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for k, v in load_file(str(resume_file)).items() if k.startswith("model.")}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def stop_in_epoch_2():
+    calls = {"n": 0}
+
+    def stop():  # 8 crops / batch 4 = 2 steps per epoch; the 3rd check opens epoch 2
+        calls["n"] += 1
+        return calls["n"] >= 3
+
+    return stop
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_resume_with_persistent_workers_continues_exactly(small_consep, tmp_path):
+    extra = ("epochs=3", "data.val_fraction=0.34", "data.crops_per_image=2", "data.num_workers=1")
+    full = train(tiny_config(small_consep, tmp_path / "full", *extra))
+    part = train(tiny_config(small_consep, tmp_path / "part", *extra), should_stop=stop_in_epoch_2())
+    assert part.reason == "stopped by user" and len(part.history) == 1
+    resumed = train(tiny_config(small_consep, tmp_path / "part", *extra, f"resume={part.resume}"))
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert same(weights(full.resume), weights(resumed.resume))  # bit-identical, buffers included
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_workers_augment_as_the_training_process_would(small_consep, tmp_path):
+    # each crop's augmentation is drawn from its own seed, not from the state of the process drawing it
+    extra = ("epochs=2", "data.val_fraction=0.34", "data.crops_per_image=2")
+    alone = train(tiny_config(small_consep, tmp_path / "w0", *extra, "data.num_workers=0"))
+    workers = train(tiny_config(small_consep, tmp_path / "w2", *extra, "data.num_workers=2"))
+    assert same(weights(alone.resume), weights(workers.resume))
+
+
+def test_crops_and_their_augmentation_seeds_are_a_function_of_seed_and_epoch():
+    from napari_medseg.training.setup import AugmentationSeeds, EpochSampler
+
+    def drawn(seed, epoch, rank=0):
+        sampler = AugmentationSeeds(EpochSampler(50, 20, seed), seed, rank)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    first = drawn(0, 3)
+    assert len(first) == 20 and len({crop for crop, _ in first}) == 20  # 20 different crops of 50
+    assert drawn(0, 3) == first  # a fresh sampler (a resumed run) draws the same
+    assert drawn(0, 4) != first and drawn(1, 3) != first
+    assert [s for _, s in drawn(0, 3, rank=1)] != [s for _, s in first]  # each rank its own augmentation
+
+
+def test_a_crop_seed_fixes_its_augmentation_and_leaves_the_process_state_alone(small_consep):
+    from napari_medseg.training.config import AugmentConfig
+    from napari_medseg.training.data import PatchDataset, load_dataset_folders
+
+    items, _ = load_dataset_folders([str(small_consep)], r"^(.*)_\d+$")
+    ds = PatchDataset(items[:1], 64, augment=AugmentConfig(stain=0.05))
+    state = torch.random.get_rng_state()
+    a, b = ds[(0, 123)], ds[(0, 123)]
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(ds[(0, 124)][0], a[0])
+
+
+def test_the_worker_count_may_change_on_resume():
+    from napari_medseg.training.resume import config_differences
+
+    given = {"lr": 0.1, "data": {"num_workers": 4, "crop_size": 64}}
+    assert config_differences(given, {"lr": 0.1, "data": {"num_workers": 0, "crop_size": 64}}) == []
+    assert config_differences(given, {"lr": 0.1, "data": {"num_workers": 0, "crop_size": 32}}) == \
+        ["data.crop_size: 32 -> 64"]
