@@ -689,3 +689,28 @@ def test_a_nucleus_without_a_class_is_unclassified_not_background():
     class_map[6:9, 6:9] = 3  # nucleus 1 lies where the class map says background
     table = object_table(instances, class_map, ["background", "a", "b", "c"])
     assert table["class"].tolist() == ["unclassified", "c"] and table["class_id"].tolist() == [0, 3]
+
+
+def test_the_store_is_ome_ngff_0_4_on_zarr_v2_without_the_seeds_map(he_slide, tmp_path):
+    """OME-NGFF 0.4 is defined on Zarr v2 (a v3 store with 0.4 attributes failed ome-zarr-models'
+    validation and ome-zarr-py warned); the distance map that seeded the nuclei (float16, 90 %
+    of the store) is dropped once they are cut."""
+    import zarr
+
+    from napari_medseg.inference import Segmenter
+    from napari_medseg.inference.regions import Region
+    from napari_medseg.inference.slide import predict_slide
+    from napari_medseg.io.slides import open_slide
+
+    segmenter = Segmenter.load("default", device="cpu", backend="torch")
+    assert segmenter.has_distance_head
+    result = predict_slide(segmenter, open_slide(he_slide[0]), tmp_path, Region(1280, 256, 256, 256), block=256,
+                           nuclei_block=256)
+    root = zarr.open_group(str(result.files["store"]), mode="r")
+    assert root.metadata.zarr_format == 2 and sorted(root.group_keys()) == ["classes", "instances"]
+    assert (result.files["store"] / "classes" / ".zattrs").is_file()
+    for name in ("classes", "instances"):
+        multiscales = root[name].attrs["multiscales"][0]
+        assert multiscales["version"] == "0.4" and [a["name"] for a in multiscales["axes"]] == ["y", "x"]
+        assert [d["path"] for d in multiscales["datasets"]] == [str(i) for i in range(len(multiscales["datasets"]))]
+    assert result.nuclei > 10 and int(np.asarray(root["instances/0"]).max()) == result.nuclei

@@ -243,6 +243,8 @@ def _iter_nuclei(segmenter, slide, store, region: Region, instance_settings, fil
         raise
     geojson.close()
     table.close()
+    if "distance" in store:  # the seeds' map served the cutting: 90 % of the store, of no use after
+        del store["distance"]
     result.counts = {name: int(c) for name, c in zip(names[1:], counts[1:])}
     if counts[0]:
         result.counts[UNCLASSIFIED] = int(counts[0])

@@ -120,7 +120,8 @@ def create_result_store(path: str | os.PathLike, shape: tuple[int, int], names: 
     if path.exists():
         raise OutputFolderError(f"{path} exists: results are never overwritten. Choose another output folder.")
     try:
-        root = zarr.open_group(str(path), mode="w-")
+        # Zarr v2: OME-NGFF 0.4, which viewers and validators read, is defined on it (v3 needs 0.5)
+        root = zarr.open_group(str(path), mode="w-", zarr_format=2)
     except OSError as exc:
         raise write_error(path, exc) from None
     root.attrs["pixel_size_um"] = pixel_size_um
