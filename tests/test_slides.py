@@ -714,3 +714,21 @@ def test_the_store_is_ome_ngff_0_4_on_zarr_v2_without_the_seeds_map(he_slide, tm
         assert multiscales["version"] == "0.4" and [a["name"] for a in multiscales["axes"]] == ["y", "x"]
         assert [d["path"] for d in multiscales["datasets"]] == [str(i) for i in range(len(multiscales["datasets"]))]
     assert result.nuclei > 10 and int(np.asarray(root["instances/0"]).max()) == result.nuclei
+
+
+def test_a_gray_slide_is_said_to_be_gray(consep, tmp_path):
+    """A gray scan of an H&E slide: the run says so, as an image run does (the slide run had been
+    silent, finding half the nuclei of the colour scan); the colour scan gets no such note."""
+    from napari_medseg.inference.regions import Region
+    from napari_medseg.inference.segmenter import GRAY_NOTE
+    from napari_medseg.inference.slide import predict_slide
+    from napari_medseg.io.slides import open_slide
+
+    colour = np.full((1024, 1024, 3), 242, np.uint8)
+    colour[256:768, 256:768] = _mosaic(consep, "image", 2)
+    gray = np.repeat(colour.mean(-1, keepdims=True).astype(np.uint8), 3, -1)
+    for name, image in (("colour", colour), ("gray", gray)):
+        _write_slide(tmp_path / f"{name}.tif", image)
+        result = predict_slide(_DarkNuclei(), open_slide(tmp_path / f"{name}.tif"), tmp_path / name,
+                               Region(256, 256, 256, 256), block=256, nuclei=False)
+        assert (GRAY_NOTE in result.notes) == (name == "gray")

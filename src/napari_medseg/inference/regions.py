@@ -90,6 +90,7 @@ class TissueMask:
     downsample: float
     dark_field: bool = False  # the level's background is dark (fluorescence): ``source.looks_dark_field``
     downsample_x: float | None = None
+    gray: bool = False  # the level holds no colour (one channel, or R = G = B): every pixel counts as tissue
 
     @property
     def scales(self) -> tuple[float, float]:
@@ -134,11 +135,12 @@ def find_tissue(slide, settings: TissueSettings | None = None) -> TissueMask:
     channels = channels.astype(np.int16)
     brightness = channels.mean(-1)
     dark = looks_dark_field(brightness)
-    if not s.enabled or low.ndim != 3 or low.shape[-1] < 3:
-        return TissueMask(np.ones(low.shape[:2], bool), downsample, dark, downsample_x)
     saturation = channels.max(-1) - channels.min(-1)
+    gray = low.ndim != 3 or low.shape[-1] < 3 or int(saturation.max(initial=0)) <= 2  # as ImageSource.looks_gray
+    if not s.enabled or low.ndim != 3 or low.shape[-1] < 3:
+        return TissueMask(np.ones(low.shape[:2], bool), downsample, dark, downsample_x, gray)
     tissue = ((saturation >= s.min_saturation) | (brightness <= s.max_brightness)) & (brightness >= s.min_brightness)
-    return TissueMask(ndi.binary_opening(tissue), downsample, dark, downsample_x)  # specks of dust are no tissue
+    return TissueMask(ndi.binary_opening(tissue), downsample, dark, downsample_x, gray)  # specks of dust: no tissue
 
 
 def region_blocks(region: Region, block: int = BLOCK) -> list[tuple[int, int, int, int]]:

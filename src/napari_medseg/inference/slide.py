@@ -34,6 +34,7 @@ from .regions import (BLOCK, HALO, PROGRESS_PER_BLOCK, Region, TissueMask, Tissu
 from .postprocess import PostprocessSettings
 from .rescale import settings_at_image_scale
 from .settings import TileSettings
+from .segmenter import GRAY_NOTE
 from .source import DARK_NOTE
 
 
@@ -75,6 +76,8 @@ def iter_predict_slide(segmenter, slide, out_dir: str | os.PathLike, region: Reg
         names["distance"] = "float16"
     maps = [name for name in ("classes", "instances") if name in names]
     result = SlideResult(region, tissue.fraction_in(region), 0)  # the region's share, not the slide's
+    if tissue.gray and _colour_model(segmenter):  # as an image run says it (the slide's blocks ran silent)
+        result.notes.append(GRAY_NOTE)
     if tissue.dark_field and _colour_model(segmenter):
         result.notes.append(DARK_NOTE)
     try:
@@ -188,7 +191,7 @@ def _within(tissue: TissueMask, polygon: np.ndarray | None) -> TissueMask:
     rows, cols = polygon_perimeter(*(polygon / scales).T, shape=tissue.mask.shape, clip=True)
     inside[rows, cols] = True
     return TissueMask(tissue.mask & ndi.binary_dilation(inside), tissue.downsample, tissue.dark_field,
-                      tissue.downsample_x)
+                      tissue.downsample_x, tissue.gray)
 
 
 def _iter_cut_and_count(store, region: Region, polygon: np.ndarray | None, classes: list[str], result: SlideResult,
