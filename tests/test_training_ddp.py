@@ -38,3 +38,44 @@ def test_torchrun_two_cpu_processes_train_identical_weights(small_consep, tmp_pa
     # 4 training images x 2 crops = 8 crops, sharded: 4 per rank, batch 2 -> 2 steps per rank per epoch
     assert meta.data["crops_per_epoch"] == 8
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 5, 64, 64)
+
+
+def _torchrun(args, cwd, snapshot_after_epoch_1: Path | None = None):
+    """Run ``torchrun`` on 2 CPU processes; with ``snapshot_after_epoch_1``, copy the run's resume
+    file there once rank 0 reports epoch 1 (it is written before the report, atomically)."""
+    import shutil
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "napari_medseg", "train", str(REPO / "configs" / "smoke.yaml"), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if snapshot_after_epoch_1 is not None and line.startswith("epoch 1/"):
+            out_dir = Path(next(a.split("=", 1)[1] for a in args if a.startswith("out_dir=")))
+            snapshot_after_epoch_1.mkdir(parents=True)
+            shutil.copy(out_dir / "resume.safetensors", snapshot_after_epoch_1 / "resume.safetensors")
+    err = proc.stderr.read()
+    proc.wait(timeout=300)
+    assert proc.returncode == 0, "".join(out)[-3000:] + err[-3000:]
+    return "".join(out)
+
+
+def test_torchrun_resume_continues_exactly_on_every_rank(small_consep, tmp_path):
+    # FPN has dropout: each rank draws its own masks, which the resumed ranks must draw again
+    from safetensors.torch import load_file
+
+    from napari_medseg.training.resume import read_resume
+
+    common = ["--set", f"data.dataset=[{small_consep}]", "--set", "data.val_fraction=0.34",
+              "--set", "model.architecture=fpn", "--set", "data.crops_per_image=2", "--set", "batch_size=2",
+              "--set", "num_threads=1", "--set", "device=cpu", "--set", "epochs=2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    _torchrun(["--set", f"out_dir={full}", *common], tmp_path, snapshot_after_epoch_1=part)
+    assert read_resume(part / "resume.safetensors")[1]["epoch"] == 1
+    out = _torchrun(["--set", f"out_dir={part}", *common, "--resume", str(part / "resume.safetensors")], tmp_path)
+    assert "epoch 1/2" not in out and out.count("epoch 2/2  train_loss") == 1
+    a, b = load_file(str(full / "resume.safetensors")), load_file(str(part / "resume.safetensors"))
+    weights = [k for k in a if k.startswith("model.")]
+    assert weights and all(torch.equal(a[k], b[k]) for k in weights)

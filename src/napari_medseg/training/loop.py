@@ -18,7 +18,7 @@ from .events import BatchDone, EpochDone, TrainingError
 from .network import Precision
 from .optimisation import Optimisation
 from .progress import Progress
-from .setup import Loaders
+from .setup import Loaders, seed_epoch
 from .validation import validate_sets
 
 USER_STOP = "stopped by user"
@@ -61,6 +61,7 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, float] | None:
     """One pass over the epoch's crops: (mean loss, averaged over ranks; the last step's learning
     rate), or None when the user stopped it."""
     ctx, device = run.ctx, run.device
+    seed_epoch(run.cfg.seed, epoch, ctx.rank)
     run.net.train()
     if hasattr(run.loaders.sampler, "set_epoch"):  # the crops and their augmentation seeds of this epoch
         run.loaders.sampler.set_epoch(epoch)

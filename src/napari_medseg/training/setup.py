@@ -262,6 +262,18 @@ def stream_seed(*numbers: int) -> int:
 
 
 AUGMENTATION_STREAM = 0xA06  # keeps the augmentation seeds apart from other streams of one seed
+EPOCH_STREAM = 0xE90
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed the process's random generators (torch's, CUDA's, NumPy's, Python's) for an epoch
+    from (seed, epoch, rank) alone: what draws from them while training (dropout) draws on every
+    rank what an uninterrupted run drew, however the run was resumed; the resume file holds
+    only rank 0's states."""
+    s = stream_seed(seed, epoch, rank, EPOCH_STREAM)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
 
 
 class AugmentationSeeds(torch.utils.data.Sampler):

@@ -77,8 +77,6 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
         check_output_dir(out_dir, estimated_bytes(model, cfg.save_half, cfg.save_resume))
     precision = Precision.for_device(cfg, device)
     model, net = place_model(model, cfg, ctx, device, precision)
-    # Different augmentation draws on every rank (the model itself is broadcast from rank 0).
-    torch.manual_seed(cfg.seed + 1000 * ctx.rank)
     loss_fn = _loss_function(cfg, data, device)
     mean, std = normalization_stats(cfg.normalization)
     loaders = build_loaders(cfg, data, ctx, device, mean, std)
