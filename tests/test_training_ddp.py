@@ -79,3 +79,14 @@ def test_torchrun_resume_continues_exactly_on_every_rank(small_consep, tmp_path)
     a, b = load_file(str(full / "resume.safetensors")), load_file(str(part / "resume.safetensors"))
     weights = [k for k in a if k.startswith("model.")]
     assert weights and all(torch.equal(a[k], b[k]) for k in weights)
+
+
+def test_torchrun_draws_the_samples_per_epoch_of_a_single_process_run(small_consep, tmp_path):
+    # 4 training images x 4 crops = 16 crops; samples_per_epoch 4: 2 per rank, 1 step of 2 each
+    run = tmp_path / "run"
+    _torchrun(["--set", f"data.dataset=[{small_consep}]", "--set", f"out_dir={run}", "--set", "data.val_fraction=0.34",
+               "--set", "data.crops_per_image=4", "--set", "data.samples_per_epoch=4", "--set", "batch_size=2",
+               "--set", "num_threads=1", "--set", "device=cpu", "--set", "epochs=1"], tmp_path)
+    meta = load_checkpoint(run / "best.safetensors")[1]
+    assert meta.data["crops_per_epoch"] == 4
+    assert meta.training["history"][0]["epoch"] == 1

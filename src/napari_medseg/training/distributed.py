@@ -2,8 +2,9 @@
 
 ``torchrun --nproc_per_node N -m napari_medseg train CONFIG.yaml`` sets ``WORLD_SIZE``,
 ``RANK`` and ``LOCAL_RANK``; ``train`` then joins the process group (NCCL on CUDA, gloo on
-CPU), shards the training crops with a ``DistributedSampler``, shards validation images
-without padding and sums the confusion matrices, so every rank takes the same decisions.
+CPU), shares each epoch's training crops out among the ranks (``setup.EpochSampler``: the
+crops of a single-process run, not as many per rank), shards validation images without
+padding and sums the confusion matrices, so every rank takes the same decisions.
 Only rank 0 reports progress and writes files.
 """
 

@@ -196,16 +196,13 @@ def build_loaders(cfg: TrainConfig, data: TrainingData, ctx: DistContext, device
 def _train_sampler(cfg: TrainConfig, data: TrainingData, train_ds: PatchDataset, ctx: DistContext,
                    generator: torch.Generator) -> torch.utils.data.Sampler:
     """Mixed sets: crops drawn per set weight; otherwise every crop once per epoch (or a random
-    ``samples_per_epoch`` of them), sharded over ranks under DDP."""
+    ``samples_per_epoch`` of them); under DDP the ranks share them out, so an epoch has the
+    crops of a single-process run."""
     wanted = cfg.data.samples_per_epoch or len(train_ds)
     if data.mixed:
         weights = sampling_weights(data.train_items, train_ds.index, cfg.data.datasets)
         return WeightedEpochSampler(weights, wanted, cfg.seed, ctx.rank, ctx.world_size)
-    if ctx.enabled:
-        from torch.utils.data.distributed import DistributedSampler
-
-        return DistributedSampler(train_ds, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed)
-    return EpochSampler(len(train_ds), min(wanted, len(train_ds)), cfg.seed)
+    return EpochSampler(len(train_ds), wanted, cfg.seed, ctx.rank, ctx.world_size)
 
 
 def _validation_sets(cfg: TrainConfig, data: TrainingData, ctx: DistContext, mean, std, pin: bool
@@ -307,20 +304,30 @@ class EpochSampler(torch.utils.data.Sampler):
     """``num_samples`` different crops of the ``size`` there are, each epoch a random choice in
     random order drawn from (seed, epoch) alone, not from a random state carried from epoch to
     epoch: a resumed run draws what an uninterrupted one did, whatever DataLoader workers drew
-    before (``set_epoch`` is called each epoch)."""
+    before (``set_epoch`` is called each epoch).
 
-    def __init__(self, size: int, num_samples: int, seed: int):
+    Under DDP every rank draws the same list and takes every ``world_size``-th crop from its
+    ``rank``-th on: the epoch's crops are shared out, not multiplied. Ranks must take equal
+    shares (as many steps each), so a list that does not divide evenly is completed with its
+    first crops (as torch's ``DistributedSampler`` does)."""
+
+    def __init__(self, size: int, num_samples: int, seed: int, rank: int = 0, world_size: int = 1):
         self.size, self.num_samples, self.seed, self.epoch = size, min(num_samples, size), seed, 0
+        self.rank, self.world_size = rank, world_size
+        self.per_rank = math.ceil(self.num_samples / world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.per_rank
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch, CROPS_STREAM))
-        return iter(torch.randperm(self.size, generator=generator)[:self.num_samples].tolist())
+        drawn = torch.randperm(self.size, generator=generator)[:self.num_samples].tolist()
+        total = self.per_rank * self.world_size
+        drawn = (drawn * math.ceil(total / len(drawn)))[:total] if drawn else []
+        return iter(drawn[self.rank::self.world_size])
 
 
 CROPS_STREAM = 0xC40
