@@ -77,3 +77,20 @@ def test_geojson_ids_are_unique_to_each_export(tmp_path):
     first, second = (instances_to_geojson(instances)["features"] for _ in range(2))
     ids = {f["id"] for f in first}
     assert len(ids) == 2 and not ids & {f["id"] for f in second}
+
+
+def test_an_aborted_run_removes_the_folders_it_made_and_only_those(tmp_path):
+    from napari_medseg.io.slide_outputs import SlideResultFiles, fresh_results_folder
+
+    base = tmp_path / "results"
+    folder = fresh_results_folder(base, "slide")
+    files = SlideResultFiles(folder, "slide")
+    files.temp("csv").write_text("label\n")
+    files.abort()
+    assert not base.exists()  # made by the run: gone, so the next run is 'slide' again, not 'slide-2'
+    assert fresh_results_folder(base, "slide") == folder
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+    files = SlideResultFiles(tmp_path / "mine", "slide")
+    files.abort()
+    assert (tmp_path / "mine" / "notes.txt").is_file()

@@ -65,6 +65,7 @@ class SlideResultFiles:
     def __init__(self, out_dir: str | os.PathLike, stem: str, flag: str = "--out"):
         self.out_dir, self.stem, self.flag = Path(out_dir), stem, flag
         check_no_slide_results(self.out_dir, stem, flag)
+        self._made = [p for p in (self.out_dir, *self.out_dir.parents) if not p.exists()]  # removed again by abort
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -100,12 +101,19 @@ class SlideResultFiles:
         return {kind: self.path(kind) for kind in self._temps}
 
     def abort(self) -> None:
-        """Removes every file written so far (the zarr store is a folder)."""
+        """Removes every file written so far (the zarr store is a folder), and the folders the run
+        made if nothing else went into them: a cancelled run's default folder had stayed, empty,
+        and sent the next run to ``<name>-2``."""
         for tmp in self._temps.values():
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 tmp.unlink(missing_ok=True)
+        for folder in self._made:  # deepest first
+            try:
+                folder.rmdir()  # only if empty
+            except OSError:
+                break
 
 
 def create_result_store(path: str | os.PathLike, shape: tuple[int, int], names: dict[str, str],
