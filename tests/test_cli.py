@@ -45,6 +45,21 @@ def test_train_predict_evaluate_round_trip(small_consep, tmp_path, capsys):
     assert info["classes"][3] == "epithelial" and info["model"]["encoder"] == "resnet18"
 
 
+def test_info_shows_how_the_default_was_trained():
+    """README: 'a checkpoint's metadata: classes, training, metrics'; training had been left out."""
+    import subprocess
+    import sys
+
+    shown = json.loads(subprocess.run([sys.executable, "-m", "napari_medseg", "info"], capture_output=True, text=True,
+                                      check=True).stdout)
+    training = shown["training"]
+    assert training["config"]["model"]["encoder"] == "mobilenet_v2" and training["best_epoch"] == 43
+    assert training["history"]["epochs"] == 43 and training["history"]["best_epoch_record"]["epoch"] == 43
+    full = json.loads(subprocess.run([sys.executable, "-m", "napari_medseg", "info", "--history"], capture_output=True,
+                                     text=True, check=True).stdout)
+    assert len(full["training"]["history"]) == 43 and full["training"]["history"][0]["epoch"] == 1
+
+
 def test_evaluate_ground_truth_against_itself_is_perfect(small_consep, tmp_path):
     report_path = tmp_path / "r.json"
     assert main(["evaluate", str(small_consep), str(small_consep), "--json", str(report_path)]) == 0

@@ -492,6 +492,10 @@ def cmd_average(args) -> int:
     from .training.average import average_checkpoints
     from .training.stages import load_train_stages
 
+    if args.config and args.batchnorm != "measure" and args.threshold != "tune":
+        raise MedsegError("--config is read for --batchnorm measure or --threshold tune, and neither was asked: "
+                          "add one of them, or drop --config (weights, batch norm and the tuned model's threshold "
+                          "are averaged / kept without it).")
     # stages share their data: the first stage's config has the split and the crops
     cfg = load_train_stages(args.config, list(args.set or []))[0].config if args.config else None
     done = average_checkpoints(resolve_model_path(args.start), resolve_model_path(args.tuned), args.weight, args.out,
@@ -567,6 +571,14 @@ def cmd_info(args) -> int:
     meta = read_meta(resolve_model_path(args.model))
     data = {k: v for k, v in meta.__dict__.items() if k != "training"}
     data["model"] = meta.model.to_dict()
+    training = dict(meta.training or {})
+    history = training.get("history")
+    if isinstance(history, list) and not args.history:  # every epoch's record: 40 kB of JSON; the best one here
+        best = training.get("best_epoch")
+        training["history"] = {"epochs": len(history), "best_epoch_record": next(
+            (r for r in history if isinstance(r, dict) and r.get("epoch") == best), None),
+            "all": "medseg info --history"}
+    data["training"] = training
     print(json.dumps(data, indent=1, default=str))
     return 0
 
@@ -764,6 +776,7 @@ def _add_tune_nuclei(sub) -> None:
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="print a checkpoint's metadata")
     p.add_argument("model", nargs="?", default="default")
+    p.add_argument("--history", action="store_true", help="every epoch's record (default: the best epoch's)")
     p.set_defaults(func=cmd_info)
 
 
