@@ -241,3 +241,32 @@ def test_results_land_on_an_image_moved_with_the_transform_tool(make_napari_view
     assert region.metadata["medseg"]["origin"] == [64, 32]
     assert np.allclose(region.data_to_world((0, 0)), (104, 92))
     assert np.allclose(seg.last_instances_layer.data_to_world((0, 0)), (104, 92))
+
+
+def test_segment_status_and_notes_are_whole_beside_metrics_and_train(make_napari_viewer, shots):
+    """With Metrics and Train docked under it at 1600x1000, Segment's form scrolls inside its dock:
+    its status (a gray image's note below it) and legend keep their wrapped height, and the run's
+    end scrolls the dock to them (as every other dock of the plugin, it scrolls); nothing is cut off."""
+    from qtpy.QtWidgets import QApplication, QScrollArea
+
+    viewer = make_napari_viewer(show=True)
+    window = viewer.window._qt_window
+    window.resize(1600, 1000)
+    viewer.open_sample(PLUGIN, "monuseg")
+    gray = viewer.add_image(np.asarray(viewer.layers[0].data)[..., 1], name="gray")
+    dock, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    for name in ("Metrics", "Train"):
+        viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    segment.image_layer.value = gray
+    segment.device.value = "cpu"
+    QApplication.processEvents()  # the docks laid out, as a user sees them before Segment
+    segment.run(threaded=False)
+    QApplication.processEvents()
+    assert "Note: " in segment.status.value and (window.width(), window.height()) == (1600, 1000)
+    scroll = dock.widget()
+    assert isinstance(scroll, QScrollArea) and scroll.widget().isAncestorOf(segment.status.native)
+    for label in (segment.status.native, segment.legend.native):  # the run's end scrolled to them
+        assert label.height() >= label.heightForWidth(label.width()) > 2 * label.fontMetrics().lineSpacing()
+        assert label.visibleRegion().boundingRect().height() == label.height()  # all of it
+    assert scroll.verticalScrollBar().value() > 0
+    viewer.screenshot(str(shots / "segment_status_beside_metrics_train.png"), canvas_only=False)

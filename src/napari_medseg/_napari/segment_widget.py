@@ -37,8 +37,9 @@ from ..nuclei.measure import nucleus_count
 from ..nuclei.votes import instance_classes
 from ..nuclei.watershed import INSTANCE_MAX_PIXELS, InstanceSettings
 from ..steps import Cancelled, run_steps
-from .common import (WidgetInputError, add_layers_in_turns, device_choices, follow_devices, report_error, start_worker,
-                     step_from_own_value, warm_label_visuals)
+from .common import (WidgetInputError, add_layers_in_turns, device_choices, follow_devices, report_error,
+                     start_worker, step_from_own_value, warm_label_visuals)
+from .dock import ScrollingDock
 from .layers import (METADATA_KEY, class_labels_kwargs, image_layers, instance_labels_kwargs, legend_html,
                      pick_classes_from, pixel_size_um, placement, replace_instances, with_origin, wrapping_label)
 from .model_list import DEFAULT_MODEL, FILE_MODEL, follow_trained_models, trained_models
@@ -53,12 +54,14 @@ if TYPE_CHECKING:
 RETHRESHOLD_DEBOUNCE_MS = 150
 PROGRESS_INTERVAL_S = 0.2  # the bar moves at most this often (each move repaints the window)
 NUCLEUS_OUTLINE_PX = 2
+# layout passes for a new status: one per level from the label up to the dock's form (3 here), and spare
+LAYOUT_LEVELS = 8
 WHOLE_IMAGE, FIELD_OF_VIEW, SHAPE, WHOLE_SLIDE = "whole image", "field of view", "drawn shape", "whole slide"
 TARGETS = (WHOLE_IMAGE, FIELD_OF_VIEW, SHAPE, WHOLE_SLIDE)
 RESULTS_HOME = Path("napari-medseg") / "results"  # under the home folder: a slide's own folder may be read-only
 
 
-class SegmentWidget(Container):
+class SegmentWidget(ScrollingDock):
     """Runs the segmenter in a napari thread worker; Cancel stops within one batch. The last run's
     probabilities and distance map are kept (``KeptRun``): the threshold controls remake the
     result from them."""
@@ -286,6 +289,20 @@ class SegmentWidget(Container):
     def _fail(self, error: BaseException | str) -> None:
         self._set_running(False)
         report_error(self.status, error)
+        self._scroll_to_status()
+
+    def _scroll_to_status(self) -> None:
+        """Scroll the dock (short where Metrics and Train share the column) to what a run ended
+        with: its status and legend, the status first where both do not fit. Qt lays the new
+        text's wrapped height out a level per event-loop turn (label, its row, the form): those
+        layout requests are handled first, and only they."""
+        from qtpy.QtCore import QEvent
+        from qtpy.QtWidgets import QApplication
+
+        for _ in range(LAYOUT_LEVELS):
+            QApplication.sendPostedEvents(None, QEvent.Type.LayoutRequest)
+        for label in (self.legend, self.status):
+            self.root_native_widget.ensureWidgetVisible(label.native, 0, 0)
 
     def _set_running(self, running: bool) -> None:
         self.run_button.enabled = not running
@@ -478,6 +495,7 @@ class SegmentWidget(Container):
             self.status.value = summary
             self.legend.value = legend_html(self._classes, self._colors, pickable=True)
             self._set_running(False)
+            self._scroll_to_status()
 
         add_layers_in_turns(self._viewer, list(run.layers), shown, in_turns, owner=self.native)
         return self.last_layer
@@ -496,7 +514,7 @@ class SegmentWidget(Container):
         from qtpy.QtCore import QTimer
 
         if self._timer is None:
-            self._timer = QTimer()
+            self._timer = QTimer(self.native)  # goes with the dock: never fires into a closed one
             self._timer.setSingleShot(True)
             self._timer.timeout.connect(lambda: self.rethreshold())
         self._timer.start(RETHRESHOLD_DEBOUNCE_MS)
