@@ -51,7 +51,7 @@ def load_dataset_folders(paths: list[str], group_pattern: str, in_channels: int 
     for p in paths:
         if not Path(p).exists():
             raise DatasetError(f"Dataset '{p}' does not exist.")
-        if is_pannuke_fold(p) and not (Path(p) / "images").is_dir():
+        if is_pannuke_fold(p) and not _holds_samples(Path(p)):
             fold_items, fold_classes = _load_pannuke(p, in_channels)
             if classes is not None and fold_classes != classes:
                 raise DatasetError(f"{p} has classes {fold_classes}, but the first dataset has {classes}.")
@@ -75,6 +75,15 @@ def load_dataset_folders(paths: list[str], group_pattern: str, in_channels: int 
     if not items:
         raise DatasetError(f"No labelled images in {', '.join(map(str, paths))}.")
     return items, classes
+
+
+def _holds_samples(path: Path) -> bool:
+    """A dataset folder's marks: its classes.json, or image files directly in images/ (the
+    official PanNuke archive has an images/ folder too, holding only fold1/images.npy's folder)."""
+    if (path / "classes.json").is_file():
+        return True
+    images = path / "images"
+    return images.is_dir() and any(f.is_file() and not f.name.startswith(".") for f in images.iterdir())
 
 
 def check_items(items: list[LabelledImage], classes: list[str]) -> None:
