@@ -295,6 +295,17 @@ def test_an_interrupted_train_says_how_to_resume_and_that_command_finishes_it(sm
     out = capsys.readouterr().out
     assert "epoch 3/3" in out and (run / "best.safetensors").is_file()
 
+    # --overwrite, stopped before its first epoch ends: the folder's resume file is the finished
+    # run's, and the hint had pointed at it (following it failed: 'config differs')
+    def terminate_at_once(self, u):
+        update(self, u)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(cli._TrainPrinter, "update", terminate_at_once)
+    assert main([*args, "--overwrite"]) == 143
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and "resume with:" not in err
+
 
 def test_resume_goes_on_in_the_resumed_runs_folder_and_refuses_repeats(small_consep, tmp_path, capsys):
     config = str(Path(__file__).parents[1] / "configs" / "smoke.yaml")

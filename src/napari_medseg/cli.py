@@ -421,6 +421,7 @@ def cmd_train(args) -> int:
     from .training.checkpoints import check_fresh_run
     from .training.stages import load_train_stages, train_stages
 
+    args.started = time.time()  # a resume file older than this is an earlier run's (--overwrite)
     stages = load_train_stages(args.config, list(args.set or []), args.from_stage)
     if args.resume:
         if stages[0].config.repeats > 1:
@@ -460,7 +461,12 @@ def _print_resume_hint(args, stage) -> None:
     import shlex
 
     resume = Path(stage.config.out_dir) / "resume.safetensors"
-    if int(os.environ.get("RANK", "0")) != 0 or not resume.is_file():
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if not resume.is_file() or resume.stat().st_mtime < getattr(args, "started", 0):
+        # before its first epoch ended: nothing of this run to resume (an earlier run's file would refuse it)
+        print("interrupted before the first epoch ended: nothing to resume; run the same command again",
+              file=sys.stderr)
         return
     words = ["medseg", "train", str(args.config)] + [w for kv in (args.set or []) for w in ("--set", kv)]
     words += (["--from-stage", stage.name] if stage.name else []) + ["--resume", str(resume)]
