@@ -45,15 +45,15 @@ def test_folder_form_becomes_a_config(small_consep):
 def test_painted_form_becomes_tiles_and_a_fine_tuning_config(consep, tiny_checkpoint):
     image = read_image(consep / "images" / "train_1_005.png")
     labels = tifffile.imread(consep / "labels" / "train_1_005.tif").astype(np.uint8)
-    layers = PaintedLayers(image, labels, rgb=True, name="H&E", classes=CONSEP_CLASSES, scale=(2.0, 2.0),
-                           translate=(0.0, 0.0))
+    layers = PaintedLayers(image, labels, rgb=True, name="H&E", classes=CONSEP_CLASSES,
+                           placement={"scale": (2.0, 2.0), "translate": (0.0, 0.0)})
     form = TrainForm(source=FROM_LAYERS, layers=layers, tile_size=128, start_from=FILE_MODEL,
                      checkpoint=str(tiny_checkpoint), crop_size=64)
     plan = plan_training(form)
     items, classes = plan.items
     assert len(items) == 4 and classes == CONSEP_CLASSES and plan.cfg.data.dataset == []
     assert plan.cfg.init_checkpoint == str(tiny_checkpoint) and plan.cfg.model.encoder == "resnet18"
-    assert plan.layer_source.scale == (2.0, 2.0) and len(plan.layer_source.regions) == 4
+    assert plan.layer_source.placement["scale"] == (2.0, 2.0) and len(plan.layer_source.regions) == 4
     # a single tile: nothing to hold out
     assert plan_training(replace(form, tile_size=256)).cfg.data.val_fraction == 0.0
 

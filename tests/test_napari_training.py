@@ -305,3 +305,28 @@ def test_loss_plot_is_drawn_off_the_gui_thread_at_the_views_size(qtbot):
     plot.clear()
     plot.join()
     assert len(drawn_on) == drawings and plot.canvas._image is plot._blank.image
+
+
+def test_preview_lands_on_painted_layers_in_microns_moved_by_an_affine(make_napari_viewer, consep, tmp_path):
+    """Painted layers in µm, moved with napari's Transform tool (an affine): the preview takes the
+    labels layer's scale, translate, units and affine, so it covers them (not the canvas origin)
+    and napari keeps one unit across the layers."""
+    viewer = make_napari_viewer()
+    image, labels = _painted(viewer, consep)
+    shift = np.array([[1.0, 0, 0], [0, 1, 300], [0, 0, 1]])
+    for layer in (image, labels):
+        layer.scale, layer.translate, layer.units = (0.25, 0.25), (4.0, 8.0), ("um", "um")
+        layer.affine = shift
+    widget = TrainWidget(viewer)
+    widget.source.value = FROM_LAYERS
+    _tiny(widget, tmp_path / "models", epochs=1)
+    widget.image_layer.value, widget.labels_layer.value = image, labels
+    widget.tile_size.value = 256  # one tile: its own preview
+    widget.crops_per_image.value = 2
+    assert widget.run(threaded=False) is not None and widget.error is None
+    (preview,) = _preview_layers(viewer)
+    assert tuple(preview.scale) == (0.25, 0.25) and tuple(preview.translate) == (4.0, 8.0)
+    assert tuple(str(u) for u in preview.units) == ("micrometer", "micrometer")
+    np.testing.assert_allclose(preview.affine.affine_matrix, shift)
+    np.testing.assert_allclose(preview.extent.world, labels.extent.world)
+    assert viewer.layers.extent.units is not None  # one unit: no 'Inconsistent units' warning

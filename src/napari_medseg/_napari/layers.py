@@ -132,18 +132,28 @@ def image_kwargs(name: str, image: np.ndarray, **extra) -> dict:
     return {"name": name, "rgb": rgb, **extra}
 
 
-def placement(layer) -> dict:
+def placement(layer, ndim: int = 2) -> dict:
     """The ``scale``, ``translate`` and ``units`` of ``layer``'s last two (y, x) axes, for a 2-D
     result of it, so that results line up with their image however it was placed (and napari
     sees one unit across them: a µm slide and pixel-unit results draw a warning); its affine
-    too where it has one (napari's Transform tool moves a layer by its affine, not its translate)."""
-    where = {"scale": tuple(layer.scale[-2:]), "translate": tuple(layer.translate[-2:]),
-             "units": tuple(str(unit) for unit in layer.units[-2:])}
+    too where it has one (napari's Transform tool moves a layer by its affine, not its translate).
+    ``ndim``: of the last that many axes instead, for a result of ``layer``'s own shape (a stack)."""
+    where = {"scale": tuple(layer.scale[-ndim:]), "translate": tuple(layer.translate[-ndim:]),
+             "units": tuple(str(unit) for unit in layer.units[-ndim:])}
     matrix = np.asarray(layer.affine.affine_matrix)
-    yx = matrix[np.ix_([-3, -2, -1], [-3, -2, -1])]  # the (y, x) rows and columns, with the translation
-    if not np.allclose(yx, np.eye(3)):
-        where["affine"] = yx
+    axes = list(range(-ndim - 1, 0))  # the rows and columns of those axes, with the translation
+    kept = matrix[np.ix_(axes, axes)]
+    if not np.allclose(kept, np.eye(ndim + 1)):
+        where["affine"] = kept
     return where
+
+
+def place(layer, where: dict) -> None:
+    """Put an existing ``layer`` where ``placement`` says (an affine it lacks: none)."""
+    layer.scale, layer.translate = where["scale"], where["translate"]
+    if "units" in where:
+        layer.units = where["units"]
+    layer.affine = where.get("affine", np.eye(len(where["scale"]) + 1))
 
 
 def in_memory_plane(layer, use: str) -> np.ndarray:

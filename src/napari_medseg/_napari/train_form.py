@@ -10,7 +10,7 @@ from the same numbers.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +52,9 @@ class PaintedLayers:
     labels_name: str = "labels"
     classes: list[str] | None = None  # recorded on the labels layer by this plugin
     multiscale: bool = False
-    scale: tuple = ()
-    translate: tuple = ()
+    # where the labels layer sits on the canvas (``layers.placement`` of all its axes: scale,
+    # translate, units, affine), for the preview to land on it
+    placement: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -196,7 +197,7 @@ def painted_tiles(form: TrainForm, start_meta: CheckpointMeta | None,
     classes = names or numbered_classes(top)
     items, regions = layer_items(layers.image, layers.rgb, layers.labels, len(classes), in_channels,
                                  form.tile_size, layers.name)
-    return (items, classes), LayerSource(layers.labels.shape, layers.scale, layers.translate, regions)
+    return (items, classes), LayerSource(layers.labels.shape, dict(layers.placement), regions)
 
 
 def check_tile_sizes(form: TrainForm, tiles: list[LabelledImage], least: int) -> None:

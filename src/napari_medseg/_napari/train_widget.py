@@ -29,7 +29,7 @@ from .common import (add_layers_in_turns, device_choices, follow_devices, report
                      warm_label_visuals)
 from .dock import ScrollingDock
 from .layers import (METADATA_KEY, class_labels_kwargs, image_layers, labels_layers, layer_classes,
-                     layer_kind, wrapping_label)
+                     layer_kind, place, placement, wrapping_label)
 from .loss_plot import LossPlot
 from .model_list import DEFAULT_MODEL, FILE_MODEL, follow_trained_models, trained_models
 from .train_form import (FROM_FOLDER, FROM_LAYERS, LOSSES, MONITORS, NEW_MODEL, PaintedLayers,
@@ -202,8 +202,7 @@ class TrainWidget(ScrollingDock):
         return PaintedLayers(pixels(image), pixels(labels), rgb=bool(getattr(image, "rgb", False)),
                              name=getattr(image, "name", "image"), labels_name=getattr(labels, "name", "labels"),
                              classes=layer_classes(labels) if labels is not None else None, multiscale=multiscale,
-                             scale=tuple(getattr(labels, "scale", ())),
-                             translate=tuple(getattr(labels, "translate", ())))
+                             placement=placement(labels, labels.ndim) if labels is not None else {})
 
     # -- actions --------------------------------------------------------------------------------
     def _make_job(self) -> TrainingJob:
@@ -317,7 +316,7 @@ class TrainWidget(ScrollingDock):
 
     def _show_preview(self, p: Preview) -> None:
         """Show the prediction in two layers that later previews update: over the painted layer
-        (its scale and translate), or over the sample itself (folder data). A new layer goes in a
+        (its scale, translate, units and affine), or over the sample itself (folder data). A new layer goes in a
         step per event-loop turn, as the Segment widget's results do (in one turn: 160 ms here)."""
         from napari.layers import Labels
 
@@ -325,7 +324,7 @@ class TrainWidget(ScrollingDock):
         layers = [l for l in self.preview_layers if l in self._viewer.layers or l in self._going_in]
         source = self._job.layer_source if self._job is not None else None
         image_layer = None if source is not None else self._preview_image(layers, p.image, f"{name} image")
-        extra = {} if source is None else {"scale": source.scale, "translate": source.translate}
+        extra = {} if source is None else dict(source.placement)  # on the painted layer (µm, moved)
         labels_layer = next((l for l in layers if layer_kind(l) == PREVIEW_KIND), None)
         if labels_layer is None or (labels_layer.data.shape != p.labels.shape and labels_layer not in self._going_in):
             if labels_layer is not None:
@@ -335,6 +334,8 @@ class TrainWidget(ScrollingDock):
             labels_layer = Labels(p.labels, **kwargs)
         else:
             labels_layer.data = p.labels
+            if extra:  # another run's, maybe of other layers
+                place(labels_layer, extra)
         labels_layer.name = f"{name} (epoch {p.epoch}: {p.name})"
         self.preview_layers = [l for l in (image_layer, labels_layer) if l is not None]
         new = [l for l in self.preview_layers if l not in self._viewer.layers and l not in self._going_in]

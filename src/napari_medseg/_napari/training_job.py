@@ -69,8 +69,7 @@ class LayerSource:
     """Where the tiles of painted layers came from, to place a preview back on the labels layer."""
 
     shape: tuple
-    scale: tuple
-    translate: tuple
+    placement: dict  # the labels layer's scale, translate, units and affine (``layers.placement``)
     regions: dict = field(default_factory=dict)  # item name -> (plane index or None, y0, y1, x0, x1)
 
 
