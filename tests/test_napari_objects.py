@@ -183,3 +183,31 @@ def test_objects_docked_before_segment_measures_segments_nuclei(make_napari_view
     count = len(np.unique(nuclei.data)) - 1
     assert seg.status.value.startswith(f"Done: {count} nuclei")
     assert obj.summary.value.startswith(f"{count} nuclei") and len(viewer.layers) == before
+
+
+def test_a_regions_result_is_measured_with_its_whole_image(make_napari_viewer):
+    """A drawn rectangle's result, measured with the image it was drawn on: the intensities are
+    those of the rectangle's pixels of the image (it had been refused: 'choose the image of the
+    same 2-D image'); an image placed elsewhere on the canvas is still refused."""
+    from napari_medseg.nuclei.measure import object_table
+
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "consep")
+    image = viewer.layers["CoNSeP H&E"]
+    _, seg = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    seg.device.value = "cpu"
+    shapes = viewer.add_shapes([[[40, 60], [40, 200], [180, 200], [180, 60]]], shape_type="rectangle")
+    seg.target.value, seg.shapes_layer.value = "drawn shape", shapes
+    region = seg.run(threaded=False)
+    assert region.data.shape == (141, 141) and region.metadata["medseg"]["origin"] == [40, 60]
+    _, obj = viewer.window.add_plugin_dock_widget(PLUGIN, "Objects")
+    obj.class_layer.value, obj.image_layer.value = region, image
+    assert obj.instance_layer.value is seg.last_instances_layer
+    table = obj.measure()
+    assert table is not None, obj.summary.value
+    by_hand = object_table(seg.last_instances_layer.data, region.data, CLASSES, image.data[40:181, 60:201])
+    np.testing.assert_allclose(table["mean_intensity_r"], by_hand["mean_intensity_r"])
+    np.testing.assert_allclose(table["centroid_y"], by_hand["centroid_y"] + 40)
+    assert "mean_intensity_b" in obj.table.value["columns"]
+    image.translate = (5, 5)  # no longer under the result
+    assert obj.measure() is None and "same 2-D image" in obj.summary.value

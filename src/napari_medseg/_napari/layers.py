@@ -184,6 +184,20 @@ def recorded_origin(metadata: dict) -> tuple[int, int]:
     return int(y), int(x)
 
 
+def region_in(result_layer, result_shape, whole_layer, whole_shape) -> tuple[slice, slice] | None:
+    """Where a region's result (the Segment widget records its origin) lies in a layer of the whole
+    image (its ground truth, the image itself): its rows and columns there, if it fits and both
+    layers sit on the same place of the canvas; else ``None``. Shapes: (y, x)."""
+    y, x = recorded_origin(result_layer.metadata)
+    h, w = result_shape
+    if not (y or x) or y + h > whole_shape[0] or x + w > whole_shape[1]:
+        return None
+    corner = np.asarray(result_layer.data_to_world((0, 0)), float)[-2:]
+    if not np.allclose(corner, np.asarray(whole_layer.data_to_world((y, x)), float)[-2:], atol=1e-3):
+        return None
+    return slice(y, y + h), slice(x, x + w)
+
+
 def pixel_size_um(layer) -> float | None:
     """The side of a pixel in µm where the layer says so: square, non-unit ``scale`` (napari's
     world units, taken as µm) or ``metadata['pixel_size_um']``; else ``None``."""

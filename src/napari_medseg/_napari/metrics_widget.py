@@ -24,7 +24,7 @@ from .common import (CLASS_ID_LIMIT, warm_label_visuals, WidgetInputError, class
 from .dock import ScrollingDock
 from .fast_table import FastTable
 from .layers import (METADATA_KEY, class_colormap, in_memory_plane, labels_layers, layer_kind, legend_html,
-                     placement, recorded_origin, wrapping_label)
+                     placement, region_in, wrapping_label)
 from .table_format import fixed_decimals
 
 if TYPE_CHECKING:
@@ -42,20 +42,6 @@ def _cell(value):
     if isinstance(value, float):
         return "-" if math.isnan(value) else round(value, 4)
     return value
-
-
-def _region_in(pred_layer, pred_shape, gt_layer, gt_shape) -> tuple[slice, slice] | None:
-    """Where a region's result (the Segment widget records its origin) lies in a whole-image ground
-    truth: its rows and columns there, if it fits and both layers sit on the same place of the
-    canvas; else ``None``."""
-    y, x = recorded_origin(pred_layer.metadata)
-    h, w = pred_shape
-    if not (y or x) or y + h > gt_shape[0] or x + w > gt_shape[1]:
-        return None
-    corner = np.asarray(pred_layer.data_to_world((0, 0)), float)[-2:]
-    if not np.allclose(corner, np.asarray(gt_layer.data_to_world((y, x)), float)[-2:], atol=1e-3):
-        return None
-    return slice(y, y + h), slice(x, x + w)
 
 
 def _instance_map(layer, class_layer) -> np.ndarray:
@@ -189,7 +175,7 @@ class MetricsWidget(ScrollingDock):
                 raise MetricsInputError(f"Metrics compare 2-D maps; '{layer.name}' has shape {data.shape}.")
         region = (slice(None), slice(None))
         if pred.shape != gt.shape:
-            region = _region_in(pred_layer, pred.shape, gt_layer, gt.shape)
+            region = region_in(pred_layer, pred.shape, gt_layer, gt.shape)
             if region is None:
                 raise MetricsInputError(f"'{pred_layer.name}' has shape {pred.shape} but '{gt_layer.name}' {gt.shape}; "
                                         "compare a prediction with the ground truth of the same image.")

@@ -20,7 +20,7 @@ from .dock import ScrollingDock
 from .fast_table import FastTable
 from .table_format import fixed_decimals
 from .layers import (METADATA_KEY, image_layers, in_memory_plane, instance_labels_kwargs, labels_layers, layer_kind,
-                     legend_html, pixel_size_um, placement, recorded_origin, with_origin,
+                     legend_html, pixel_size_um, placement, recorded_origin, region_in, with_origin,
                      wrapping_label)
 
 if TYPE_CHECKING:
@@ -44,13 +44,19 @@ def _cell(value):
 
 
 def _matching(layer, class_layer, what: str) -> np.ndarray:
-    """``layer``'s pixels, which must cover the class map ``class_layer`` pixel for pixel."""
+    """``layer``'s pixels under the class map ``class_layer``, pixel for pixel: all of them, or for
+    a region's result (Segment's drawn shape, field of view) those of the region, where the map
+    records it and sits on ``layer`` there."""
     data = in_memory_plane(layer, "measuring nuclei")
     spatial = data.shape[:-1] if getattr(layer, "rgb", False) else data.shape
-    if spatial != class_layer.data.shape:
+    shape = class_layer.data.shape
+    if spatial == shape:
+        return data
+    region = region_in(class_layer, shape, layer, spatial) if len(spatial) == len(shape) == 2 else None
+    if region is None:
         raise WidgetInputError(f"'{layer.name}' has shape {data.shape}, the class map '{class_layer.name}' "
-                               f"{class_layer.data.shape}; choose the {what} of the same 2-D image.")
-    return data
+                               f"{shape}; choose the {what} of the same 2-D image.")
+    return data[region]
 
 
 class ObjectsWidget(ScrollingDock):
