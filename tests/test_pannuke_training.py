@@ -48,3 +48,47 @@ def test_a_fold_in_the_official_archive_layout_trains(consep, tmp_path):
     meta = read_meta(result.checkpoint)
     assert meta.classes == PANNUKE_CLASSES
     assert meta.data["train_images"] + meta.data["val_images"] == len(TISSUES)
+
+
+def test_a_fold_splits_alike_read_directly_and_converted(consep, tmp_path):
+    # each patch is its own source image either way (patches of a fold come from many slides):
+    # the same patches are held out, not whole tissues once converted
+    from napari_medseg.io.pannuke import convert_pannuke
+    from napari_medseg.training.setup import prepare_data
+
+    fold = make_fold(tmp_path / "fold1", consep, nested=False)
+    converted = convert_pannuke(fold, tmp_path / "converted")
+    held_out = []
+    for dataset in (fold, converted):
+        cfg = tiny_config(dataset, tmp_path / "run", "data.val_fraction=0.34")
+        data = prepare_data(cfg, None, None)
+        assert len({it.group for it in data.train_items + data.val_items}) == len(TISSUES)
+        held_out.append(sorted(it.name for it in data.val_items))
+    assert held_out[0] == held_out[1] and len(held_out[0]) == 2
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "around"])
+def test_convert_refuses_an_output_in_or_around_its_fold(consep, tmp_path, where):
+    from napari_medseg.io.dataset import DatasetError
+    from napari_medseg.io.pannuke import convert_pannuke
+
+    fold = make_fold(tmp_path / "data" / "fold1", consep, nested=where != "same")
+    out = {"same": fold, "inside": fold / "converted", "around": fold.parent}[where]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(DatasetError, match="convert into a folder of its own, outside the fold"):
+        convert_pannuke(fold, out)
+    with pytest.raises(DatasetError, match="outside the fold"):  # the fold named by its images.npy too
+        convert_pannuke(next(fold.rglob("images.npy")), out)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_tuning_finds_a_converted_folds_images_by_patch_and_by_the_older_tissue_groups(consep, tmp_path):
+    from napari_medseg.evaluation.threshold import samples_of_groups
+    from napari_medseg.io.pannuke import convert_pannuke
+
+    converted = convert_pannuke(make_fold(tmp_path / "fold1", consep, nested=False), tmp_path / "converted")
+    _, samples = samples_of_groups(converted, ["converted/Colon_0", "converted/Breast_3"])
+    assert [(s.stem, s.group) for s in samples] == [("Breast_3", "Breast_3"), ("Colon_0", "Colon_0")]
+    # a model trained on it before each patch was its own group recorded tissues
+    _, samples = samples_of_groups(converted, ["converted/Colon"])
+    assert sorted(s.stem for s in samples) == ["Colon_0", "Colon_1"]

@@ -12,6 +12,7 @@ then on (``Segmenter.foreground_threshold``).
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -38,16 +39,21 @@ class ThresholdTuningError(MedsegError, ValueError):
 def samples_of_groups(data: str | Path, groups: list[str] | None = None, group_pattern: str = GROUP_PATTERN):
     """``(classes, samples)``: the labelled images of a dataset folder whose source image is in
     ``groups`` (``<folder name>/<group>`` as a checkpoint's ``data.val_groups`` names them, or
-    the bare group); every image for ``None``. Raises ``DatasetError`` if none match."""
+    the bare group), each with its ``group``; every image for ``None``. Groups are made as
+    training makes them (``DatasetFolder.group``). Raises ``DatasetError`` if none match."""
     folder = open_dataset(data, require_labels=True)
-    stems = []
+    chosen = {}
     for stem in folder.stems:
-        group = source_group(stem, pattern=group_pattern)
-        if groups is None or group in groups or f"{folder.root.name}/{group}" in groups:
-            stems.append(stem)
-    if not stems:
+        group = folder.group(stem, group_pattern, prefixed=False)
+        names = {group, f"{folder.root.name}/{group}"}
+        if folder.images_are_own_sources:  # a model trained before its images were their own groups
+            old = source_group(stem, pattern=group_pattern)
+            names |= {old, f"{folder.root.name}/{old}"}
+        if groups is None or names & set(groups):
+            chosen[stem] = group
+    if not chosen:
         raise DatasetError(f"No image of {folder.root} belongs to the groups {groups}.")
-    return folder.classes, [folder.load(s) for s in stems]
+    return folder.classes, [replace(folder.load(stem), group=group) for stem, group in chosen.items()]
 
 
 def tune_foreground_threshold(segmenter, samples, settings=None, thresholds=GRID, progress=None) -> dict:

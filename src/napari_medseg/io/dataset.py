@@ -27,6 +27,10 @@ DATASET_FOLDERS = ("images", "labels", "instances")
 # stem -> source image: ``<image>_<n>`` is patch n of one image. Splits and validation sets keep
 # every patch of one source image on one side (never split by patch).
 GROUP_PATTERN = r"^(.*)_\d+$"
+# classes.json sources of folders whose every image is its own source image: a converted PanNuke
+# fold's patches (``<tissue>_<index>``) come from many slides, none named, so the default
+# pattern's ``<tissue>`` would hold out whole tissues (io.pannuke writes this source)
+OWN_SOURCE_PREFIXES = ("PanNuke fold",)
 
 
 class DatasetError(MedsegError, ValueError):
@@ -39,6 +43,7 @@ class Sample:
     image: np.ndarray
     labels: np.ndarray | None
     instances: np.ndarray | None = None
+    group: str = ""  # its source image, where the reader was told (``samples_of_groups``)
 
 
 @dataclass
@@ -59,6 +64,18 @@ class DatasetFolder:
 
     def __len__(self) -> int:
         return len(self.stems)
+
+    @property
+    def images_are_own_sources(self) -> bool:
+        """Every image is its own source image (``OWN_SOURCE_PREFIXES``): a converted PanNuke fold."""
+        return self.source.startswith(OWN_SOURCE_PREFIXES)
+
+    def group(self, stem: str, pattern: str = GROUP_PATTERN, prefixed: bool = True) -> str:
+        """The source image of ``stem``, ``<folder name>/<group>`` (``prefixed``) as a training run
+        records it: by ``pattern``, except that the default pattern leaves each image of a
+        folder of own-source images (``images_are_own_sources``) its own group."""
+        group = stem if self.images_are_own_sources and pattern == GROUP_PATTERN else source_group(stem, "", pattern)
+        return f"{self.root.name}/{group}" if prefixed else group
 
     def load(self, stem: str) -> Sample:
         image = read_image(self.image_paths[stem])

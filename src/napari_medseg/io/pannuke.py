@@ -19,6 +19,9 @@ from .dataset import DATASET_FOLDERS, DatasetError, read_classes, write_classes,
 from .outputs import claim_classes, remove_stale_temps
 
 PANNUKE_CLASSES = ["background", "neoplastic", "inflammatory", "connective", "dead", "epithelial"]
+# a converted fold's classes.json source, "PanNuke fold <name>": its images are each their own
+# source image (io.dataset.OWN_SOURCE_PREFIXES)
+PANNUKE_SOURCE = "PanNuke fold"
 
 
 @dataclass
@@ -30,6 +33,16 @@ class PanNukeFold:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def stem(self, i: int) -> str:
+        """Image ``i``'s name, ``<tissue>_<index>`` (zero-padded): its file stem when converted,
+        its name (and, after the fold's, its group) when the fold is read directly.
+
+        Its group: patches of a fold come from many slides, and the fold names none, so each
+        patch is its own source image, read directly or converted. Grouping by tissue (what
+        the default ``data.group_pattern`` made of a converted fold's stems) held whole tissues
+        out of training, a few tissues validating for all nineteen."""
+        return f"{self.tissues[i].replace(' ', '_')}_{i:0{len(str(len(self)))}d}"
 
     def image(self, i: int) -> np.ndarray:
         return np.clip(np.asarray(self.images[i]), 0, 255).astype(np.uint8)
@@ -139,11 +152,12 @@ def convert_pannuke(fold_dir: str | os.PathLike, out_dir: str | os.PathLike, pro
     """Write a PanNuke fold as a dataset folder (stems ``<tissue>_<index>``). ``out_dir`` may be
     new, empty, or a PanNuke dataset folder (the same fold again); never another dataset's."""
     fold = read_pannuke_fold(fold_dir)
-    fold.check()
     out = Path(out_dir)
+    _check_apart(fold.root, out)
+    fold.check()
     if out.exists() and not out.is_dir():
         raise DatasetError(f"out_dir {out} is a file, not a folder.")
-    source = f"PanNuke fold {fold.root.name}"
+    source = f"{PANNUKE_SOURCE} {fold.root.name}"
     if claim_classes(out, PANNUKE_CLASSES, DATASET_FOLDERS, flag="out_dir"):
         write_classes(out, PANNUKE_CLASSES, source=source)
     elif (held := read_classes(out)[1]) != source:
@@ -151,11 +165,20 @@ def convert_pannuke(fold_dir: str | os.PathLike, out_dir: str | os.PathLike, pro
         raise DatasetError(f"out_dir {out} holds {held or 'another dataset'}; {source} written there would replace "
                            "its samples of the same names. Convert each fold into a folder of its own.")
     remove_stale_temps(out, *(out / sub for sub in DATASET_FOLDERS))
-    width = len(str(len(fold)))
     for i in range(len(fold)):
         classes, instances = fold.class_and_instance_maps(i)
-        stem = f"{fold.tissues[i].replace(' ', '_')}_{i:0{width}d}"
-        write_sample(out, stem, fold.image(i), classes, instances)
+        write_sample(out, fold.stem(i), fold.image(i), classes, instances)
         if progress is not None:
             progress(i + 1, len(fold))
     return out
+
+
+def _check_apart(fold: Path, out: Path) -> None:
+    """Refuses an ``out`` that is the fold, inside it or around it: the dataset folder would be
+    written among the fold's own files (and the fold then read as a dataset folder, or the
+    dataset folder as a fold)."""
+    fold_real, out_real = Path(os.path.realpath(fold)), Path(os.path.realpath(out))
+    if out_real == fold_real or fold_real in out_real.parents or out_real in fold_real.parents:
+        where = "is" if out_real == fold_real else "is inside" if fold_real in out_real.parents else "holds"
+        raise DatasetError(f"out_dir {out} {where} the PanNuke fold {fold}: convert into a folder of its own, "
+                           "outside the fold.")

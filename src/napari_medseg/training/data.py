@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..io.dataset import DatasetError, open_dataset, source_group
+from ..io.dataset import DatasetError, open_dataset
 from ..io.images import to_rgb_float
 from .augment import build_augmentation
 from .items import LabelledImage
@@ -32,8 +32,10 @@ def _load_pannuke(path: str, in_channels: int) -> tuple[list[LabelledImage], lis
     items = []
     for i in range(len(fold)):
         labels, instances = fold.class_and_instance_maps(i)
-        # PanNuke patches are independent 256x256 fields of view: each is its own group.
-        items.append(LabelledImage(f"{fold.tissues[i]}_{i}", f"{fold.root.name}/{i}",
+        # PanNuke patches are independent 256x256 fields of view: each is its own group, named
+        # as its converted dataset folder names it (PanNukeFold.stem), so both split alike
+        stem = fold.stem(i)
+        items.append(LabelledImage(stem, f"{fold.root.name}/{stem}",
                                    to_rgb_float(fold.image(i), in_channels), labels, instances))
     return items, list(PANNUKE_CLASSES)
 
@@ -67,7 +69,7 @@ def load_dataset_folders(paths: list[str], group_pattern: str, in_channels: int 
             raise DatasetError(f"{folder.root} has classes {folder.classes}, but the first dataset has {classes}.")
         for stem in folder.stems:
             sample = folder.load(stem)
-            group = source_group(stem, folder.root.name, group_pattern)
+            group = folder.group(stem, group_pattern)
             items.append(LabelledImage(stem, group, to_rgb_float(sample.image, in_channels), sample.labels.astype(np.uint8),
                                        sample.instances))
             if progress is not None:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io.dataset import DatasetError, open_dataset, source_group
+from ..io.dataset import DatasetError, open_dataset
 from ..io.images import to_rgb_float
 from .config import DatasetSpec
 from .data import LabelledImage, split_by_group
@@ -96,7 +96,7 @@ def _item(spec: DatasetSpec, folder, stem: str, group_pattern: str, in_channels:
     sample = folder.load(stem)
     binary = spec.labels == "binary"
     labels = np.where(sample.labels > 0, BINARY_NUCLEUS, BINARY_BACKGROUND) if binary else sample.labels
-    return LabelledImage(stem, source_group(stem, set_name(spec), group_pattern),
+    return LabelledImage(stem, f"{set_name(spec)}/{folder.group(stem, group_pattern, prefixed=False)}",
                          to_rgb_float(sample.image, in_channels), labels.astype(np.uint8), sample.instances,
                          dataset=set_name(spec), binary=binary, distance_trust=spec.distance)
 

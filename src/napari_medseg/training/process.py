@@ -115,7 +115,7 @@ def train_keeping_threshold(cfg: TrainConfig, on_update, should_stop, items,
 
 def pick_preview_item(cfg: TrainConfig, items, val_groups: list[str]) -> LabelledImage | None:
     """The first sample of the validation groups the trainer recorded (else the first sample)."""
-    from ..io.dataset import open_dataset, source_group
+    from ..io.dataset import open_dataset
     from ..io.images import to_rgb_float
 
     if items is not None:
@@ -123,7 +123,7 @@ def pick_preview_item(cfg: TrainConfig, items, val_groups: list[str]) -> Labelle
     for folder in (spec.path for spec in cfg.dataset_specs()):  # grouped as the trainer groups them
         ds = open_dataset(folder, require_labels=True)
         for stem in ds.stems:
-            group = source_group(stem, ds.root.name, cfg.data.group_pattern)
+            group = ds.group(stem, cfg.data.group_pattern)
             if group in val_groups or not val_groups:
                 sample = ds.load(stem)
                 return LabelledImage(stem, group, to_rgb_float(sample.image, cfg.model.in_channels),
