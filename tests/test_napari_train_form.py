@@ -116,3 +116,20 @@ def test_widgets_show_a_user_error_and_hand_a_bug_to_napari_with_its_traceback(m
     report_error(status, bug, prefix="Training failed: ")
     assert received == [(KeyError, bug, bug.__traceback__)] and len(shown) == 1
     assert status.value.startswith("Error: Training failed: KeyError") and "traceback" in status.value
+
+
+def test_a_regions_labels_train_on_the_images_pixels_at_its_origin(consep, tiny_checkpoint):
+    """Labels of a region (their ``origin`` in the image, as the widget finds it) take the image's
+    pixels there; an origin that does not fit, or none, is refused with the shapes."""
+    from napari_medseg.io.images import to_rgb_float
+
+    image = read_image(consep / "images" / "train_1_005.png")
+    labels = tifffile.imread(consep / "labels" / "train_1_005.tif").astype(np.uint8)[40:181, 60:201]
+    layers = PaintedLayers(image, labels, rgb=True, name="H&E", classes=CONSEP_CLASSES, origin=(40, 60))
+    form = TrainForm(source=FROM_LAYERS, layers=layers, tile_size=256, start_from=FILE_MODEL,
+                     checkpoint=str(tiny_checkpoint), crop_size=64)
+    (tile,), _ = plan_training(form).items
+    np.testing.assert_array_equal(tile.image, to_rgb_float(image[40:181, 60:201], 3))
+    for origin in (None, (200, 60)):
+        with pytest.raises(MedsegError, match=r"shape \(141, 141\).*\(256, 256\)"):
+            plan_training(replace(form, layers=replace(layers, origin=origin)))

@@ -330,3 +330,41 @@ def test_preview_lands_on_painted_layers_in_microns_moved_by_an_affine(make_napa
     np.testing.assert_allclose(preview.affine.affine_matrix, shift)
     np.testing.assert_allclose(preview.extent.world, labels.extent.world)
     assert viewer.layers.extent.units is not None  # one unit: no 'Inconsistent units' warning
+
+
+def test_fine_tunes_on_a_corrected_region_result_with_its_whole_image(make_napari_viewer, tiny_checkpoint, tmp_path):
+    """Segment a drawn rectangle, correct it, fine-tune on it with the image it was drawn on: the
+    tiles are the rectangle's pixels of the image (it had been refused: 'shape (141, 141) but the
+    pixels of 'CoNSeP H&E' are (256, 256)'), and the preview lands on the region. An image placed
+    elsewhere is still refused."""
+    from napari_medseg._napari.train_form import plan_training
+    from napari_medseg.io.images import to_rgb_float
+
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-medseg", "consep")
+    image = viewer.layers["CoNSeP H&E"]
+    _, seg = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
+    seg.device.value = "cpu"
+    shapes = viewer.add_shapes([[[40, 60], [40, 200], [180, 200], [180, 60]]], shape_type="rectangle")
+    seg.target.value, seg.shapes_layer.value = "drawn shape", shapes
+    region = seg.run(threaded=False)
+    assert region.data.shape == (141, 141) and tuple(region.translate) == (40, 60)
+    region.data_setitem((np.arange(20), np.arange(20)), 3)  # a correction
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Train")
+    widget.source.value = FROM_LAYERS
+    widget.start_from.value = FILE_MODEL
+    widget.checkpoint.value = tiny_checkpoint
+    widget.image_layer.value, widget.labels_layer.value = image, region
+    widget.tile_size.value = 256  # one tile: the whole region
+    widget.crops_per_image.value = 2
+    _fast(widget, tmp_path / "models", epochs=1, name="region")
+    (tile,), classes = plan_training(widget.form()).items
+    np.testing.assert_array_equal(tile.image, to_rgb_float(image.data[40:181, 60:201], 3))
+    np.testing.assert_array_equal(tile.labels, region.data)
+    done = widget.run(threaded=False)
+    assert done is not None and done.checkpoint is not None, widget.status.value
+    (preview,) = _preview_layers(viewer)
+    assert preview.data.shape == (141, 141)
+    np.testing.assert_allclose(preview.extent.world, region.extent.world)
+    image.translate = (5, 5)  # no longer under the region
+    assert widget.run(threaded=False) is None and "choose a Labels layer painted on this image" in widget.status.value

@@ -55,6 +55,9 @@ class PaintedLayers:
     # where the labels layer sits on the canvas (``layers.placement`` of all its axes: scale,
     # translate, units, affine), for the preview to land on it
     placement: dict = field(default_factory=dict)
+    # (y, x) of the labels' first pixel in the image, for a region's result (Segment's drawn shape
+    # or field of view) that sits on its whole image; None: the two cover the same pixels
+    origin: tuple[int, int] | None = None
 
 
 @dataclass
@@ -181,10 +184,7 @@ def painted_tiles(form: TrainForm, start_meta: CheckpointMeta | None,
         raise WidgetInputError("Choose an image layer to train on (open or paint over an image first).")
     if layers.labels is None:
         raise WidgetInputError("Choose a Labels layer with the class of every pixel (paint or correct one).")
-    spatial = layers.image.shape[:-1] if layers.rgb else layers.image.shape
-    if layers.labels.shape != spatial:
-        raise WidgetInputError(f"'{layers.labels_name}' has shape {layers.labels.shape}, but the pixels of "
-                               f"'{layers.name}' are {spatial}; choose a Labels layer painted on this image.")
+    image = _under_labels(layers)
     names = layers.classes if layers.classes and len(layers.classes) <= CLASS_ID_LIMIT else None
     if start_meta is not None:
         if names and names != start_meta.classes:
@@ -195,9 +195,24 @@ def painted_tiles(form: TrainForm, start_meta: CheckpointMeta | None,
     if top == 0:
         raise WidgetInputError(f"'{layers.labels_name}' is empty (all background): paint some nuclei first.")
     classes = names or numbered_classes(top)
-    items, regions = layer_items(layers.image, layers.rgb, layers.labels, len(classes), in_channels,
+    items, regions = layer_items(image, layers.rgb, layers.labels, len(classes), in_channels,
                                  form.tile_size, layers.name)
     return (items, classes), LayerSource(layers.labels.shape, dict(layers.placement), regions)
+
+
+def _under_labels(layers: PaintedLayers) -> np.ndarray:
+    """The image's pixels under the labels: all of them, or those of the region a region's result
+    covers (its ``origin``)."""
+    spatial = layers.image.shape[:-1] if layers.rgb else layers.image.shape
+    shape = layers.labels.shape
+    if shape == spatial:
+        return layers.image
+    if layers.origin is not None and len(shape) == len(spatial) == 2:
+        (y, x), (h, w) = layers.origin, shape
+        if 0 <= y and 0 <= x and y + h <= spatial[0] and x + w <= spatial[1]:
+            return layers.image[y:y + h, x:x + w]
+    raise WidgetInputError(f"'{layers.labels_name}' has shape {shape}, but the pixels of "
+                           f"'{layers.name}' are {spatial}; choose a Labels layer painted on this image.")
 
 
 def check_tile_sizes(form: TrainForm, tiles: list[LabelledImage], least: int) -> None:

@@ -29,7 +29,7 @@ from .common import (add_layers_in_turns, device_choices, follow_devices, report
                      warm_label_visuals)
 from .dock import ScrollingDock
 from .layers import (METADATA_KEY, class_labels_kwargs, image_layers, labels_layers, layer_classes,
-                     layer_kind, place, placement, wrapping_label)
+                     layer_kind, place, placement, region_in, wrapping_label)
 from .loss_plot import LossPlot
 from .model_list import DEFAULT_MODEL, FILE_MODEL, follow_trained_models, trained_models
 from .train_form import (FROM_FOLDER, FROM_LAYERS, LOSSES, MONITORS, NEW_MODEL, PaintedLayers,
@@ -45,6 +45,18 @@ PREVIEW_IMAGE_KIND = "preview-image"
 ADVANCED = ("tile_size", "val_fraction", "architecture", "encoder", "encoder_depth", "freeze_encoder",
             "distance_head", "loss", "lr", "batch_size", "crop_size", "crops_per_image", "augment", "patience",
             "monitor", "show_preview")
+
+
+def _region_origin(image, image_pixels, labels, labels_pixels) -> tuple[int, int] | None:
+    """Where a region's result (``labels``, e.g. Segment's drawn shape corrected by hand) starts in
+    the whole ``image`` it sits on; ``None`` for any other pair of layers."""
+    if image_pixels is None or labels_pixels is None or labels_pixels.ndim != 2:
+        return None
+    spatial = image_pixels.shape[:-1] if getattr(image, "rgb", False) else image_pixels.shape
+    if len(spatial) != 2 or spatial == labels_pixels.shape:
+        return None
+    region = region_in(labels, labels_pixels.shape, image, spatial)
+    return None if region is None else (region[0].start, region[1].start)
 
 
 class TrainWidget(ScrollingDock):
@@ -199,10 +211,12 @@ class TrainWidget(ScrollingDock):
         def pixels(layer):
             return None if layer is None or multiscale else np.asarray(layer.data)
 
-        return PaintedLayers(pixels(image), pixels(labels), rgb=bool(getattr(image, "rgb", False)),
+        image_pixels, labels_pixels = pixels(image), pixels(labels)
+        return PaintedLayers(image_pixels, labels_pixels, rgb=bool(getattr(image, "rgb", False)),
                              name=getattr(image, "name", "image"), labels_name=getattr(labels, "name", "labels"),
                              classes=layer_classes(labels) if labels is not None else None, multiscale=multiscale,
-                             placement=placement(labels, labels.ndim) if labels is not None else {})
+                             placement=placement(labels, labels.ndim) if labels is not None else {},
+                             origin=_region_origin(image, image_pixels, labels, labels_pixels))
 
     # -- actions --------------------------------------------------------------------------------
     def _make_job(self) -> TrainingJob:
