@@ -211,3 +211,32 @@ def test_a_regions_result_is_measured_with_its_whole_image(make_napari_viewer):
     assert "mean_intensity_b" in obj.table.value["columns"]
     image.translate = (5, 5)  # no longer under the result
     assert obj.measure() is None and "same 2-D image" in obj.summary.value
+
+
+def test_measuring_derived_nuclei_again_updates_their_layer(objects, qtbot):
+    """'derive from class map': each Measure updates the nuclei layer it made for that class map
+    (in place, its name kept) instead of adding '... instances [1]', '... [2]'; another class map
+    gets a layer of its own."""
+    viewer, widget, image, truth, instances = objects
+    widget.class_layer.value, widget.instance_layer.value = truth, None
+
+    def measure():
+        widget.measure_button.native.click()
+        qtbot.waitUntil(lambda: widget.measure_button.enabled and not widget.table.filling, timeout=60_000)
+        assert widget.summary.value.split(" ")[1] == "nuclei:", widget.summary.value
+
+    measure()
+    made = viewer.layers[-1]
+    assert made.name == "CoNSeP ground truth instances" and made.data.max() > 0
+    made.name = "my nuclei"
+    before = len(viewer.layers)
+    truth.data_setitem(np.nonzero(truth.data[:128] >= 0), 0)  # the top half erased
+    measure()
+    measure()
+    assert len(viewer.layers) == before and viewer.layers[-1] is made and made.name == "my nuclei"
+    assert not made.data[:120].any() and made.data[136:].any() and widget.instance_layer.value is None
+    np.testing.assert_array_equal(made.data, widget._instances)
+    other = viewer.add_labels((truth.data > 0).astype(np.uint8), **class_labels_kwargs("mask", ["background", "n"]))
+    widget.class_layer.value = other
+    measure()
+    assert len(viewer.layers) == before + 2 and viewer.layers[-1].name == "mask instances"

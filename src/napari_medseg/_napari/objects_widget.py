@@ -20,7 +20,7 @@ from .dock import ScrollingDock
 from .fast_table import FastTable
 from .table_format import fixed_decimals
 from .layers import (METADATA_KEY, image_layers, in_memory_plane, instance_labels_kwargs, labels_layers, layer_kind,
-                     legend_html, pixel_size_um, placement, recorded_origin, region_in, with_origin,
+                     legend_html, pixel_size_um, place, placement, recorded_origin, region_in, with_origin,
                      wrapping_label)
 
 if TYPE_CHECKING:
@@ -90,6 +90,7 @@ class ObjectsWidget(ScrollingDock):
         self.export_csv_button.changed.connect(lambda: self.export_csv())
         self.export_geojson_button.changed.connect(lambda: self.export_geojson())
         self._picked = None  # the nuclei layer ``_pick_instances`` chose (not the user)
+        self._derived: dict = {}  # class-map layer -> the layer of nuclei derived from it (this widget's)
         self.class_layer.changed.connect(self._pick_instances)
         self._viewer.layers.events.inserted.connect(self._on_inserted)
         self._viewer.layers.events.removed.connect(self.reset_choices)
@@ -185,9 +186,7 @@ class ObjectsWidget(ScrollingDock):
         origin = recorded_origin(layer.metadata)
         table["centroid_y"], table["centroid_x"] = table["centroid_y"] + origin[0], table["centroid_x"] + origin[1]
         if derived and add_instances_layer:
-            added = self._viewer.add_labels(instances, **with_origin(instance_labels_kwargs(f"{layer.name} instances"),
-                                                                     origin), **placement(layer))
-            added.contour = 2
+            self._show_derived(layer, instances, origin)
         self.table.fill(table_rows(table), in_steps)  # thousands of rows: a slice per event-loop turn
         counts = counts_per_class(table)
         area = (f"; mean area {np.mean(table['area_um2']):.1f} µm²" if "area_um2" in table and len(table["label"])
@@ -199,6 +198,21 @@ class ObjectsWidget(ScrollingDock):
         self.objects, self._instances, self._names = table, instances, names
         self._origin, self._colors = origin, info.get("colors")
         return table
+
+    def _show_derived(self, layer, instances: np.ndarray, origin: tuple[int, int]) -> None:
+        """The nuclei derived from ``layer`` in a layer of their own: the one made for it before,
+        updated in place (each Measure had added one more), else a new one."""
+        kwargs = with_origin(instance_labels_kwargs(f"{layer.name} instances"), origin)
+        self._derived = {c: d for c, d in self._derived.items() if c in self._viewer.layers and d in self._viewer.layers}
+        made = self._derived.get(layer)
+        if made is not None:  # its name as it is now (the user's, maybe)
+            made.metadata = kwargs["metadata"]
+            place(made, placement(layer))
+            made.data = instances
+            return
+        made = self._viewer.add_labels(instances, **kwargs, **placement(layer))
+        made.contour = 2
+        self._derived[layer] = made
 
     def export_csv(self, path: str | Path | None = None) -> Path | None:
         if self.objects is None:
