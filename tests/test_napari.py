@@ -394,3 +394,27 @@ def test_demo_segments_sample_and_fills_metrics(make_napari_viewer):
     assert metrics.gt_instances.value is viewer.layers["CoNSeP instances"]
     assert metrics.pred_instances.value is viewer.layers["CoNSeP H&E nuclei"]
     assert len(metrics.table.value["data"]) == 6
+
+
+def test_segment_status_names_the_image_being_segmented(make_napari_viewer, qtbot, tiny_checkpoint, consep):
+    """The image box changed while a run goes (the user picks the next image): the status still
+    names the image the run segments, whose result it adds."""
+    viewer = make_napari_viewer()
+    first = viewer.add_image(read_rgb(consep / "images" / "train_3_000.png"), name="first")
+    second = viewer.add_image(read_rgb(consep / "images" / "train_3_001.png"), name="second")
+    widget = SegmentWidget(viewer)
+    _use_checkpoint(widget, tiny_checkpoint)
+    widget.image_layer.value = first
+    widget.tile_size.value, widget.overlap.value, widget.batch_size.value = 64, 32, 1  # many steps
+    seen = []
+
+    def done():
+        seen.append(widget.status.value)
+        return widget.run_button.enabled and widget.status.value.startswith("Done")
+
+    widget.run()
+    widget.image_layer.value = second
+    qtbot.waitUntil(done, timeout=60_000)
+    running = [s for s in seen if s.startswith(("Loading", "Segmenting"))]
+    assert "Segmenting 'first'..." in running and not any("second" in s for s in running), running
+    assert [layer.name for layer in viewer.layers][2:] == ["first segmentation", "first nuclei"]

@@ -88,6 +88,7 @@ class SegmentWidget(ScrollingDock):
         self._chosen_values: tuple[float | None, InstanceSettings] | None = None
         self.kept: KeptRun | None = None
         self.last_layer = self.last_instances_layer = self.last_slide_result = None
+        self._run_layer = None  # the image layer of the run under way (or the last one)
         self.advanced = Container(widgets=self._setting_controls(), labels=True)
         self.extend([*self._input_controls(), *self._threshold_controls(), self.show_advanced, self.advanced,
                      *self._action_controls()])
@@ -408,7 +409,8 @@ class SegmentWidget(ScrollingDock):
         except MedsegError as exc:  # bad model/file/settings/image/region: report, add nothing
             return self._fail(exc)
         self._stop_rethresholding()  # the last result's pending re-threshold would land in this run's layers
-        self.status.value = f"Loading the model, then segmenting '{self.image_layer.value.name}'..."
+        self._run_layer = self.image_layer.value  # what the run segments, whatever the box shows later
+        self.status.value = f"Loading the model, then segmenting '{self._run_layer.name}'..."
         self.progress.max, self.progress.value = 0, 0  # busy until the first tile reports
         self._set_running(True)
         self._cancel_requested = threading.Event()
@@ -441,7 +443,7 @@ class SegmentWidget(ScrollingDock):
         now = time.monotonic()
         if self.progress.max != total:
             self.progress.max = total
-            self.status.value = f"Segmenting '{self.image_layer.value.name}'..." if self.image_layer.value else ""
+            self.status.value = f"Segmenting '{self._run_layer.name}'..." if self._run_layer is not None else ""
         elif done < total and now - self._progress_shown < PROGRESS_INTERVAL_S:
             return  # a repaint per step would cost the viewer more than the bar tells
         self._progress_shown = now
