@@ -265,3 +265,23 @@ def _outlines_at(path, instances: np.ndarray, corner: tuple[int, int]) -> None:
         # the ring's box is its pixels' box at the corner (pixel corners: + 1 on the far side)
         assert (ring[:, 0].min(), ring[:, 0].max()) == (xs.min() + corner[1], xs.max() + 1 + corner[1])
         assert (ring[:, 1].min(), ring[:, 1].max()) == (ys.min() + corner[0], ys.max() + 1 + corner[0])
+
+
+def test_a_threshold_changed_after_a_slide_run_says_it_applies_to_the_next(make_napari_viewer, slide_file,
+                                                                           tiny_checkpoint, tmp_path):
+    """Nothing of a slide run is kept in memory to re-threshold: a changed threshold says that it
+    applies to the next run (as for a result edited by hand), below the run's summary, instead
+    of doing nothing silently."""
+    viewer = make_napari_viewer()
+    image, widget = _slide_widget(viewer, slide_file, tiny_checkpoint, tmp_path / "results")
+    shapes = viewer.add_shapes([_world([[300, 1400], [300, 1656], [556, 1656], [556, 1400]])],
+                               shape_type="rectangle")
+    widget.target.value, widget.shapes_layer.value = SHAPE, shapes
+    classes = widget.run(threaded=False)
+    assert isinstance(classes, Labels), widget.status.value
+    summary = widget.status.value
+    assert summary.startswith("Done") and widget.kept is None
+    widget.threshold.value = 0.7
+    assert widget.status.value.startswith(summary) and "apply to the next run" in widget.status.value
+    widget.marker_threshold.value = 0.5  # said once, not once per change
+    assert widget.status.value.count("apply to the next run") == 1

@@ -89,6 +89,7 @@ class SegmentWidget(ScrollingDock):
         self.kept: KeptRun | None = None
         self.last_layer = self.last_instances_layer = self.last_slide_result = None
         self._run_layer = None  # the image layer of the run under way (or the last one)
+        self._summary = ""  # the last run's status line
         self.advanced = Container(widgets=self._setting_controls(), labels=True)
         self.extend([*self._input_controls(), *self._threshold_controls(), self.show_advanced, self.advanced,
                      *self._action_controls()])
@@ -493,6 +494,8 @@ class SegmentWidget(ScrollingDock):
                 layer.events.paint.connect(self._on_result_painted)
         self._read_chosen_model()  # the run's model, unless another was chosen since
 
+        self._summary = summary
+
         def shown():
             self.status.value = summary
             self.legend.value = legend_html(self._classes, self._colors, pickable=True)
@@ -511,6 +514,10 @@ class SegmentWidget(ScrollingDock):
 
     def _schedule_rethreshold(self, *_):
         """Debounced: a spin box held down re-thresholds once it settles."""
+        if self.kept is None and self.last_slide_result is not None and self.run_button.enabled:
+            # nothing of a slide run is kept in memory to remake it from: said, not silently ignored
+            self.status.value = with_notes(self._summary, [SLIDE_THRESHOLDS_NOTE])
+            return
         if self.kept is None or (self.last_layer is None and self.last_instances_layer is None):
             return
         from qtpy.QtCore import QTimer
@@ -654,6 +661,8 @@ def _labels_layers(labels, class_kwargs: dict, instances, instance_kwargs: dict 
     return Labels(labels, **class_kwargs), nuclei
 
 
+SLIDE_THRESHOLDS_NOTE = ("a slide's result is written to its results folder, not kept in memory, so it is not "
+                         "remade for the new thresholds; they apply to the next run.")
 MODEL_THRESHOLD_TEXT = "model's"  # what a threshold box shows at its lowest value (the model's own)
 MODEL_MIN_NUCLEUS = -1  # the min nucleus box's value for "the model's own"
 RUNTIME_NAMES = {"torch": "PyTorch", "openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}
