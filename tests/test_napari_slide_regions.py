@@ -170,7 +170,7 @@ def test_cancelling_a_slide_run_within_a_second_leaves_nothing(make_napari_viewe
     assert time.perf_counter() - t0 < 1.0
     assert [layer.name for layer in viewer.layers] == ["synthetic"]
     assert "Cancelled" in widget.status.value and widget.run_button.enabled
-    assert list((tmp_path / "results").iterdir()) == []  # no store, no temp file
+    assert not (tmp_path / "results").exists()  # no store, no temp file, and the folder the run made goes too
 
 
 def test_a_shape_over_an_ordinary_image_segments_that_crop(make_napari_viewer, consep, tiny_checkpoint):
