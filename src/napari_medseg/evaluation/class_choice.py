@@ -31,13 +31,13 @@ import torch
 from ..inference.class_decision import foreground_class
 from ..inference.segmenter import Segmenter
 from ..inference.settings import TileSettings
-from ..io.dataset import source_group
+from ..io.dataset import GROUP_PATTERN, source_group
 from ..models import load_checkpoint, read_meta, resolve_model_path, save_checkpoint
 from ..models.weights import read_state_dict
 from ..steps import ProgressCallback
 from .benchmark import summarise
 from .report import PairEvaluation
-from .threshold import ThresholdTuningError, check_checkpoint_target, samples_of_groups
+from .threshold import ThresholdTuningError, check_checkpoint_target, model_group_pattern, samples_of_groups
 
 WEIGHT_GRID = (0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 4.0)  # a class's probability times this
 ROUNDS = 2  # passes over the classes
@@ -170,7 +170,8 @@ def tune_classes_checkpoint(model: str | os.PathLike, data: str | Path, out: str
         groups = groups or meta.data.get("val_groups")
         if not groups:
             raise ThresholdTuningError("the model's metadata names no validation images; pass --groups or --all-images")
-    classes, samples = samples_of_groups(data, None if all_images else groups)
+    classes, samples = samples_of_groups(data, None if all_images else groups,
+                                         GROUP_PATTERN if all_images else model_group_pattern(meta))
     if classes != meta.classes:
         raise ThresholdTuningError(f"the data's classes {classes} differ from the model's {meta.classes}: "
                                    "class weights are tuned on images labelled with the model's classes")

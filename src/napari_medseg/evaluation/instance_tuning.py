@@ -22,13 +22,13 @@ import torch
 
 from ..inference.segmenter import Segmenter
 from ..inference.settings import TileSettings
-from ..io.dataset import DatasetError, open_dataset
+from ..io.dataset import GROUP_PATTERN, DatasetError, open_dataset
 from ..models import load_checkpoint, resolve_model_path, save_checkpoint
 from ..models.weights import read_state_dict
 from ..nuclei.watershed import TUNED_FIELDS, InstanceSettings, semantic_to_instances
 from ..steps import ProgressCallback
 from .instance import aggregate_instance_stats, image_instance_stats
-from .threshold import ThresholdTuningError, check_checkpoint_target, samples_of_groups
+from .threshold import ThresholdTuningError, check_checkpoint_target, model_group_pattern, samples_of_groups
 
 # the candidates medseg tune-nuclei tries (benchmarks/tune_instances.py's sweep)
 MARKER_THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5)
@@ -133,11 +133,12 @@ def tune_nuclei_checkpoint(model: str | os.PathLike, data: list[str | Path], out
         groups = groups or segmenter.meta.data.get("val_groups")
         if not groups:
             raise ThresholdTuningError("the model's metadata names no validation images; pass --groups or --all-images")
+    pattern = GROUP_PATTERN if all_images else model_group_pattern(segmenter.meta)
     samples_per_set, left_out = {}, []
     for folder in [Path(d) for d in data]:
         open_dataset(folder, require_labels=True)  # a missing or malformed folder says so itself
         try:
-            classes, samples = samples_of_groups(folder, None if all_images else groups)
+            classes, samples = samples_of_groups(folder, None if all_images else groups, pattern)
         except DatasetError:
             left_out.append(folder.name)  # none of its images is among the groups
             continue

@@ -12,6 +12,7 @@ then on (``Segmenter.foreground_threshold``).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -54,6 +55,24 @@ def samples_of_groups(data: str | Path, groups: list[str] | None = None, group_p
     if not chosen:
         raise DatasetError(f"No image of {folder.root} belongs to the groups {groups}.")
     return folder.classes, [replace(folder.load(stem), group=group) for stem, group in chosen.items()]
+
+
+def model_group_pattern(meta) -> str:
+    """The ``data.group_pattern`` a checkpoint's run grouped its images by (the default where it
+    records none): how its ``data.val_groups`` name source images."""
+    training = meta.training if isinstance(meta.training, dict) else {}
+    config = training.get("config")
+    data = config.get("data") if isinstance(config, dict) else None
+    pattern = data.get("group_pattern", GROUP_PATTERN) if isinstance(data, dict) else GROUP_PATTERN
+    try:
+        groups = re.compile(pattern).groups if isinstance(pattern, str) else 0
+    except re.error:
+        groups = 0
+    if not groups:
+        raise ThresholdTuningError(f"the model's training.config.data.group_pattern {pattern!r} is not a regular "
+                                   "expression with a group: its validation images cannot be found; pass "
+                                   "--all-images, or --groups with a folder whose stems are the groups")
+    return pattern
 
 
 def tune_foreground_threshold(segmenter, samples, settings=None, thresholds=GRID, progress=None) -> dict:
@@ -110,7 +129,8 @@ def tune_checkpoint(model: str | os.PathLike, data: str | Path, out: str | os.Pa
         groups = groups or segmenter.meta.data.get("val_groups")
         if not groups:
             raise ThresholdTuningError("the model's metadata names no validation images; pass --groups or --all-images")
-    classes, samples = samples_of_groups(data, None if all_images else groups)
+    classes, samples = samples_of_groups(data, None if all_images else groups,
+                                         GROUP_PATTERN if all_images else model_group_pattern(segmenter.meta))
     if len(classes) != 2 and classes != segmenter.classes:
         raise ThresholdTuningError(f"the data's classes {classes} differ from the model's {segmenter.classes}")
     progress = progress_for(len(samples)) if progress_for is not None else None

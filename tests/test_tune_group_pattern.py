@@ -1,0 +1,65 @@
+"""The tune commands find a model's own validation images however its run grouped them
+(``data.group_pattern``), and say clearly when its recorded groups are unusable."""
+
+from __future__ import annotations
+
+import pytest
+
+from napari_medseg.training import load_train_config, train
+
+TINY = ["model.architecture=unet", "model.encoder=resnet18", "model.encoder_depth=3", "data.crop_size=64",
+        "batch_size=4", "lr=0.003", "num_threads=1"]
+
+
+@pytest.fixture(scope="module")
+def per_image_model(consep, tmp_path_factory):
+    """A tiny model trained on 6 CoNSeP patches grouped one group per image (not by source image)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("per_image")
+    data = root / "small"
+    stems = [f"train_{i}_{j:03d}" for i in (1, 2, 3) for j in (5, 6)]
+    for sub, ext in (("images", ".png"), ("labels", ".tif"), ("instances", ".tif")):
+        (data / sub).mkdir(parents=True)
+        for stem in stems:
+            shutil.copy(consep / sub / f"{stem}{ext}", data / sub / f"{stem}{ext}")
+    shutil.copy(consep / "classes.json", data / "classes.json")
+    cfg = load_train_config(None, [*TINY, f"data.dataset=[{data}]", f"out_dir={root / 'run'}", "epochs=1",
+                                   "data.val_fraction=0.34", "data.group_pattern=^(.*)$"])
+    result = train(cfg)
+    return result.checkpoint, data
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_tune_commands_find_the_validation_images_of_a_model_with_its_own_group_pattern(per_image_model, tmp_path):
+    from napari_medseg.evaluation.class_choice import tune_classes_checkpoint
+    from napari_medseg.evaluation.instance_tuning import tune_nuclei_checkpoint
+    from napari_medseg.evaluation.threshold import tune_checkpoint
+    from napari_medseg.models import read_meta
+
+    checkpoint, data = per_image_model
+    val_groups = read_meta(checkpoint).data["val_groups"]
+    assert len(val_groups) == 2 and all(g.startswith("small/train_") and g.count("_") == 2 for g in val_groups)
+    assert tune_checkpoint(checkpoint, data, tmp_path / "t.safetensors", device="cpu")["images"] == 2
+    assert tune_nuclei_checkpoint(checkpoint, [data], tmp_path / "n.safetensors", device="cpu",
+                                  marker_thresholds=(0.5,), min_sizes=(10,), min_marker_sizes=(5,))["images"] == \
+        {"small": 2}
+    result = tune_classes_checkpoint(checkpoint, data, tmp_path / "c.safetensors", device="cpu", grid=(1.0, 2.0))
+    assert result["images"] == 2
+
+
+def test_the_recorded_group_pattern_is_read_with_care():
+    from types import SimpleNamespace
+
+    from napari_medseg.evaluation.threshold import ThresholdTuningError, model_group_pattern
+    from napari_medseg.io.dataset import GROUP_PATTERN
+
+    def meta(training):
+        return SimpleNamespace(training=training)
+
+    assert model_group_pattern(meta({"config": {"data": {"group_pattern": "^(.*)$"}}})) == "^(.*)$"
+    assert model_group_pattern(meta({})) == GROUP_PATTERN  # a model whose run recorded none: the default
+    assert model_group_pattern(meta({"config": "junk"})) == GROUP_PATTERN
+    for bad in (7, "(", "^.*$"):
+        with pytest.raises(ThresholdTuningError, match="group_pattern"):
+            model_group_pattern(meta({"config": {"data": {"group_pattern": bad}}}))
