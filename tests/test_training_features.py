@@ -86,11 +86,13 @@ def test_patience_rule_with_min_delta():
 
 
 def test_trainer_stops_by_both_rules(small_consep, tmp_path):
-    # min_delta 10: only the first epoch counts as an improvement -> patience 1 stops at epoch 2
+    # min_delta 10: only the first epoch counts as an improvement -> patience 1 stops at epoch 2;
+    # the best epoch is still the lower validation loss of the two (min_delta is for stopping)
     updates = []
     result = train(tiny_config(small_consep, tmp_path / "p", "epochs=6", "patience=1", "min_delta=10"),
                    on_update=updates.append)
-    assert result.stopped_early and result.best_epoch == 1 and len(result.history) == 2
+    assert result.stopped_early and len(result.history) == 2
+    assert result.best_epoch == min(result.history, key=lambda h: h["val_loss"])["epoch"]
     assert "for 1 epochs" in result.reason
     assert [u.stop_reason != "" for u in updates if isinstance(u, EpochDone)] == [False, True]
     # quadratic rule with window 3 from epoch 3 and a huge threshold: every fitted epoch is flat,
@@ -305,7 +307,9 @@ def test_failed_write_keeps_the_previous_best_checkpoint_intact(small_consep, tm
         return real_save(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(st, "save_file", failing_save)
-    cfg = tiny_config(small_consep, tmp_path / "run", "epochs=2", "min_delta=-1000")  # every epoch improves
+    monitored = iter([2.0, 1.0])  # every epoch improves
+    monkeypatch.setattr("napari_medseg.training.progress.monitor_value", lambda *args: next(monitored))
+    cfg = tiny_config(small_consep, tmp_path / "run", "epochs=2")
     with pytest.raises(TrainingError, match="No space left.*previous best checkpoint"):
         train(cfg)
     model, meta = load_checkpoint(tmp_path / "run" / "best.safetensors")

@@ -45,6 +45,7 @@ class Progress:
     best_epoch: int = -1
     next_epoch: int = 1
     reason: str = ""  # why the run ends before its last epoch ("" while it goes on)
+    best_value: float | None = None  # the best epoch's monitored value
 
     @classmethod
     def start(cls, cfg: TrainConfig, has_validation: bool) -> "Progress":
@@ -58,6 +59,8 @@ class Progress:
         self.history = info["history"]
         self.best_epoch = info["best_epoch"]
         self.next_epoch = info["epoch"] + 1
+        best = self.best_record
+        self.best_value = monitor_value(self.monitor, best["val_loss"], best) if best else None
         self.patience = PatienceStop(**info["patience"])
         if info.get("quadratic") is not None and self.quadratic is not None:
             self.quadratic = QuadraticStop(**info["quadratic"])
@@ -70,9 +73,12 @@ class Progress:
         epoch, val_loss = record["epoch"], record["val_loss"]
         value = monitor_value(self.monitor, val_loss, metrics)
         self.history.append(record)
-        improved, patience_stop = self.patience.update(value)
+        _, patience_stop = self.patience.update(value)
+        # the best epoch is the best monitored value, however small its lead: min_delta only
+        # decides what counts as progress for early stopping
+        improved = PatienceStop(0, 0.0, self.patience.higher_is_better, self.best_value).improved(value)
         if improved:
-            self.best_epoch = epoch
+            self.best_epoch, self.best_value = epoch, value
         if patience_stop:
             self.reason = self.patience.reason(self.monitor)
         if self.quadratic is not None and self.quadratic.update(epoch, val_loss) and not self.reason:
