@@ -38,3 +38,45 @@ def test_a_resumed_run_compares_with_its_best_epoch_so_far():
     resumed.restore(info)
     assert not resumed.add_epoch({"epoch": 3, "val_loss": 0.98}, {})  # worse than epoch 2's 0.97
     assert resumed.add_epoch({"epoch": 4, "val_loss": 0.965}, {}) and resumed.best_epoch == 4
+
+
+def test_a_run_that_stopped_early_stays_stopped_when_resumed_by_either_rule():
+    prog = progress("patience=1", "min_delta=10")
+    for e, v in enumerate([1.0, 0.9], 1):
+        prog.add_epoch({"epoch": e, "val_loss": v}, {})
+    assert prog.reason
+    resumed = progress("patience=1", "min_delta=10")
+    resumed.restore({"epoch": 2, "history": prog.history, "best_epoch": prog.best_epoch, **prog.stop_rule_states()})
+    assert resumed.reason == prog.reason
+    quad = ["quadratic_stop.enabled=true", "quadratic_stop.window=3", "quadratic_stop.start=3",
+            "quadratic_stop.patience=0", "quadratic_stop.threshold=1e9"]
+    prog = progress(*quad)
+    for e, v in enumerate([1.0, 0.9, 0.8], 1):
+        prog.add_epoch({"epoch": e, "val_loss": v}, {})
+    assert "quadratic" in prog.reason
+    resumed = progress(*quad)
+    resumed.restore({"epoch": 3, "history": prog.history, "best_epoch": prog.best_epoch, **prog.stop_rule_states()})
+    assert resumed.reason == prog.reason
+    # a run stopped by its user, or going on, is not
+    going = progress("patience=3")
+    going.add_epoch({"epoch": 1, "val_loss": 1.0}, {})
+    going.add_epoch({"epoch": 2, "val_loss": 1.1}, {})
+    again = progress("patience=3")
+    again.restore({"epoch": 2, "history": going.history, "best_epoch": going.best_epoch, **going.stop_rule_states()})
+    assert again.reason == ""
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_resuming_an_early_stopped_run_trains_no_further(small_consep, tmp_path):
+    from napari_medseg.training import EpochDone, train
+
+    settings = ["model.architecture=unet", "model.encoder=resnet18", "model.encoder_depth=3", "data.crop_size=64",
+                "batch_size=4", "num_threads=1", f"data.dataset=[{small_consep}]", f"out_dir={tmp_path / 'run'}",
+                "epochs=6", "patience=1", "min_delta=10"]
+    stopped = train(load_train_config(None, settings))
+    assert stopped.stopped_early and len(stopped.history) == 2
+    updates = []
+    resumed = train(load_train_config(None, [*settings, f"resume={stopped.resume}"]), on_update=updates.append)
+    assert not [u for u in updates if isinstance(u, EpochDone)]
+    assert resumed.stopped_early and resumed.reason == stopped.reason
+    assert resumed.history == stopped.history and resumed.best_epoch == stopped.best_epoch

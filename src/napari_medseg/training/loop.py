@@ -45,7 +45,10 @@ class Run:
 
 
 def run_epochs(run: Run) -> None:
-    """Train from ``run.progress.next_epoch`` on; ``run.progress.reason`` says why it ended early."""
+    """Train from ``run.progress.next_epoch`` on; ``run.progress.reason`` says why it ended early
+    (a resumed run that an early-stopping rule had ended trains no further)."""
+    if run.progress.reason:
+        return
     for epoch in range(run.progress.next_epoch, run.cfg.epochs + 1):
         started = time.time()
         trained = train_one_epoch(run, epoch)

@@ -64,6 +64,11 @@ class Progress:
         self.patience = PatienceStop(**info["patience"])
         if info.get("quadratic") is not None and self.quadratic is not None:
             self.quadratic = QuadraticStop(**info["quadratic"])
+        # a run that stopped early stays stopped: its rules' states say whether one stopped it
+        if self.patience.patience and self.patience.stale >= self.patience.patience:
+            self.reason = self.patience.reason(self.monitor)
+        elif self.quadratic is not None and self.quadratic.flat > self.quadratic.patience:
+            self.reason = self.quadratic.reason()
 
     def stop_rule_states(self) -> dict:
         return {"patience": self.patience.state(), "quadratic": self.quadratic.state() if self.quadratic else None}
