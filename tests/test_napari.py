@@ -418,3 +418,20 @@ def test_segment_status_names_the_image_being_segmented(make_napari_viewer, qtbo
     running = [s for s in seen if s.startswith(("Loading", "Segmenting"))]
     assert "Segmenting 'first'..." in running and not any("second" in s for s in running), running
     assert [layer.name for layer in viewer.layers][2:] == ["first segmentation", "first nuclei"]
+
+
+def test_threshold_arrows_step_from_the_models_own_value_in_the_docked_widget(make_napari_viewer):
+    """Docked and shown (its form scrolls), Segment's threshold boxes at "model's (0.40)" still step
+    to 0.35 with the down arrow: the box's own step rule, taken by Qt as the form laid it out,
+    had left Down disabled at the box's minimum."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtTest import QTest
+
+    viewer = make_napari_viewer(show=True)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
+    own = widget._chosen_values[1].marker_threshold
+    assert widget.marker_threshold.value == 0 and own > 0.1
+    QTest.keyClick(widget.marker_threshold.native, Qt.Key.Key_Down)
+    assert widget.marker_threshold.value == pytest.approx(own - 0.05)
+    QTest.keyClick(widget.threshold.native, Qt.Key.Key_Down)
+    assert widget.threshold.value == pytest.approx(widget._chosen_values[0] - 0.01)

@@ -364,7 +364,9 @@ def step_from_own_value(box, own: Callable[[], float | None]) -> None:
     """Let a spin box whose lowest value stands for "the model's own" (its special text) step
     from that value: an arrow or the wheel at "model's (0.40)" goes to 0.35 or 0.45, not to the
     box's minimum + one step. ``own()`` is the model's value, None while unknown (then the box
-    steps as any other). ``box``: a magicgui spin box; done on its Qt widget's step methods."""
+    steps as any other). ``box``: a magicgui spin box; done on its Qt widget's step methods, so
+    before the box is laid out or shown: PyQt takes a method Qt has called once unreplaced as never
+    replaced (the arrows then stopped at "model's")."""
     native = box.native
     step_by, step_enabled = native.stepBy, native.stepEnabled
 

@@ -145,6 +145,13 @@ class SegmentWidget(ScrollingDock):
         self.min_nucleus.native.setDecimals(0)
         self.min_nucleus.native.setSpecialValueText(MODEL_THRESHOLD_TEXT)
         self.show_advanced = CheckBox(text="advanced settings (tiles, clean-up, runtime)", value=False)
+        # at "model's (0.40)" the arrows go to 0.35 / 0.45: the chosen model's values. Set before
+        # the boxes go into the form: PyQt takes a Qt method not replaced by the time Qt first
+        # calls it (the scrolling form sizes each box as it goes in) as never replaced
+        for box, own in ((self.threshold, lambda values: values[0]),
+                         (self.marker_threshold, lambda values: values[1].marker_threshold),
+                         (self.min_nucleus, lambda values: float(values[1].min_size))):
+            step_from_own_value(box, lambda own=own: None if self._chosen_values is None else own(self._chosen_values))
         return [self.threshold, self.marker_threshold, self.min_nucleus]
 
     def _setting_controls(self) -> list:
@@ -186,11 +193,6 @@ class SegmentWidget(ScrollingDock):
         self.cancel_button.changed.connect(self.cancel)
         for control in (self.threshold, self.marker_threshold, self.min_nucleus):
             control.changed.connect(self._schedule_rethreshold)
-        # at "model's (0.40)" the arrows go to 0.35 / 0.45: the chosen model's values
-        for box, own in ((self.threshold, lambda values: values[0]),
-                         (self.marker_threshold, lambda values: values[1].marker_threshold),
-                         (self.min_nucleus, lambda values: float(values[1].min_size))):
-            step_from_own_value(box, lambda own=own: None if self._chosen_values is None else own(self._chosen_values))
         self.model_source.changed.connect(self._read_chosen_model)
         self.checkpoint.changed.connect(self._read_chosen_model)
         self._viewer.layers.events.inserted.connect(self.reset_choices)
