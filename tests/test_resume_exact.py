@@ -91,3 +91,24 @@ def test_the_worker_count_may_change_on_resume():
     assert config_differences(given, {"lr": 0.1, "data": {"num_workers": 0, "crop_size": 64}}) == []
     assert config_differences(given, {"lr": 0.1, "data": {"num_workers": 0, "crop_size": 32}}) == \
         ["data.crop_size: 32 -> 64"]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_resumed_runs_recorded_config_makes_it_again(small_consep, tmp_path):
+    from napari_medseg.models import read_meta
+    from napari_medseg.training import TrainConfig
+    from napari_medseg.training.resume import read_resume
+
+    extra = ("epochs=3", "data.val_fraction=0.34", "data.crops_per_image=2")
+    part = train(tiny_config(small_consep, tmp_path / "part", *extra), should_stop=stop_in_epoch_2())
+    resumed = train(tiny_config(small_consep, tmp_path / "part", *extra, f"resume={part.resume}"))
+    recorded = read_meta(resumed.checkpoint).training["config"]
+    assert recorded["resume"] is None
+    # the recorded config trains the same model again, from scratch
+    again = train(TrainConfig.from_dict({**recorded, "out_dir": str(tmp_path / "again")}))
+    assert same(weights(resumed.resume), weights(again.resume))
+    # ... and may resume the run it records (whose config as given left model.num_classes to the data)
+    info = read_resume(resumed.resume)[1]
+    assert info["config_given"]["model"]["num_classes"] != recorded["model"]["num_classes"]
+    done = train(TrainConfig.from_dict({**recorded, "out_dir": str(tmp_path / "part"), "resume": str(resumed.resume)}))
+    assert [h["train_loss"] for h in done.history] == [h["train_loss"] for h in resumed.history]

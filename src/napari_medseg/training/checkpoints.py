@@ -97,7 +97,8 @@ class CheckpointWriter:
         hashes = ctx.gather_ints(int(parameter_hash(model)[:15], 16), self.device) if ctx.enabled else None
         if not ctx.is_main:
             return
-        training = {"config": self.cfg.to_dict(), "best_epoch": epoch, "history": history}
+        # the config that makes this model again: a resumed run's is its uninterrupted run's
+        training = {"config": {**self.cfg.to_dict(), "resume": None}, "best_epoch": epoch, "history": history}
         if ctx.enabled:
             training["distributed"] = {"world_size": ctx.world_size, "backend": ctx.backend,
                                        "parameter_hash_prefixes": [f"{h:015x}" for h in hashes]}

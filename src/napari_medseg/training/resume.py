@@ -22,8 +22,10 @@ from ..models.weights import write_safetensors
 
 RESUME_VERSION = 1
 # Settings that may differ between a run and its resumption (they do not change the result; each
-# crop's augmentation has its own seed, so the worker processes that draw it do not either).
-RESUME_FREE = ("resume", "save_resume", "out_dir", "device", "num_threads", "repeats", "data.num_workers")
+# crop's augmentation has its own seed, so the worker processes that draw it do not either; the
+# data decide model.num_classes, and the data's classes are compared on their own).
+RESUME_FREE = ("resume", "save_resume", "out_dir", "device", "num_threads", "repeats", "data.num_workers",
+               "model.num_classes")
 
 
 class ResumeError(MedsegError, ValueError):
