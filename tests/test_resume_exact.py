@@ -112,3 +112,22 @@ def test_a_resumed_runs_recorded_config_makes_it_again(small_consep, tmp_path):
     assert info["config_given"]["model"]["num_classes"] != recorded["model"]["num_classes"]
     done = train(TrainConfig.from_dict({**recorded, "out_dir": str(tmp_path / "part"), "resume": str(resumed.resume)}))
     assert [h["train_loss"] for h in done.history] == [h["train_loss"] for h in resumed.history]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_resumed_run_goes_on_in_its_own_folder_whatever_out_dir_says(small_consep, tmp_path):
+    import shutil
+
+    from napari_medseg.training import TrainingError
+
+    extra = ("epochs=3", "data.val_fraction=0.34", "data.crops_per_image=2")
+    part = train(tiny_config(small_consep, tmp_path / "run", *extra), should_stop=stop_in_epoch_2())
+    resumed = train(tiny_config(small_consep, tmp_path / "elsewhere", *extra, f"resume={part.resume}"))
+    assert resumed.checkpoint == tmp_path / "run" / "best.safetensors" and resumed.checkpoint.is_file()
+    assert resumed.resume == tmp_path / "run" / "resume.safetensors"
+    assert not (tmp_path / "elsewhere").exists()
+    # a resume file away from its run's best checkpoint is refused, not continued without it
+    (tmp_path / "copy").mkdir()
+    shutil.copy(resumed.resume, tmp_path / "copy" / "resume.safetensors")
+    with pytest.raises(TrainingError, match="best.safetensors is missing"):
+        train(tiny_config(small_consep, tmp_path / "copy", *extra, f"resume={tmp_path / 'copy' / 'resume.safetensors'}"))

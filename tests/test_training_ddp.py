@@ -42,7 +42,8 @@ def test_torchrun_two_cpu_processes_train_identical_weights(small_consep, tmp_pa
 
 def _torchrun(args, cwd, snapshot_after_epoch_1: Path | None = None):
     """Run ``torchrun`` on 2 CPU processes; with ``snapshot_after_epoch_1``, copy the run's resume
-    file there once rank 0 reports epoch 1 (it is written before the report, atomically)."""
+    file and best checkpoint there once rank 0 reports epoch 1 (both are written before the
+    report, atomically)."""
     import shutil
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -55,7 +56,8 @@ def _torchrun(args, cwd, snapshot_after_epoch_1: Path | None = None):
         if snapshot_after_epoch_1 is not None and line.startswith("epoch 1/"):
             out_dir = Path(next(a.split("=", 1)[1] for a in args if a.startswith("out_dir=")))
             snapshot_after_epoch_1.mkdir(parents=True)
-            shutil.copy(out_dir / "resume.safetensors", snapshot_after_epoch_1 / "resume.safetensors")
+            for name in ("best.safetensors", "resume.safetensors"):
+                shutil.copy(out_dir / name, snapshot_after_epoch_1 / name)
     err = proc.stderr.read()
     proc.wait(timeout=300)
     assert proc.returncode == 0, "".join(out)[-3000:] + err[-3000:]

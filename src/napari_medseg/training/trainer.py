@@ -21,7 +21,7 @@ import torch
 
 from ..devices import resolve_device
 from .checkpoints import CheckpointWriter, check_output_dir, estimated_bytes
-from .config import AVERAGED_NAME, TrainConfig, average_partner
+from .config import AVERAGED_NAME, BEST_NAME, TrainConfig, average_partner
 from .data import LabelledImage, normalization_stats
 from .distributed import DistContext, init_distributed, shutdown_distributed
 from .events import BatchDone, EpochDone, TrainingDone, TrainingError
@@ -64,6 +64,8 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
     cfg = cfg.for_device(device.type)  # on a GPU: its on_cuda settings
     given = cfg.to_dict()  # before the start checkpoint and the data change it
     resumed = read_resume_for(cfg.resume, given) if cfg.resume else None
+    if resumed is not None:
+        cfg.out_dir = _resumed_folder(cfg.resume, resumed[1])
     configure_runtime(cfg)
     out_dir = Path(cfg.out_dir)
     if ctx.is_main:
@@ -108,6 +110,28 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
     return TrainingDone(result, progress.best_epoch, progress.history,
                         bool(progress.reason), progress.reason, resume_path if resume_path.is_file() else None,
                         progress.best_record, cfg.seed)
+
+
+def _resumed_folder(resume: str, info: dict) -> str:
+    """The folder a resumed run goes on in: its resume file's, where its best checkpoint so far is
+    (whatever ``out_dir`` says: elsewhere, a best epoch before the resume would have no file)."""
+    from ..models import read_meta
+
+    folder = Path(resume).resolve().parent
+    best_epoch = info.get("best_epoch", 0)
+    if best_epoch > 0:
+        best = folder / BEST_NAME
+        if not best.is_file():
+            raise TrainingError(f"{best} is missing: the run being resumed keeps its best checkpoint (epoch "
+                                f"{best_epoch}) beside its resume file; put it back there to resume.")
+        try:
+            recorded = read_meta(best).training.get("best_epoch")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded != best_epoch:
+            raise TrainingError(f"{best} is not the best checkpoint of the run being resumed (its best epoch is "
+                                f"{best_epoch}, the file's {recorded}); put that run's best.safetensors back there.")
+    return str(folder)
 
 
 def _check_averageable(model: torch.nn.Module, cfg: TrainConfig, start_weights: dict) -> None:
