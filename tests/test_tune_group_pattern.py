@@ -63,3 +63,38 @@ def test_the_recorded_group_pattern_is_read_with_care():
     for bad in (7, "(", "^.*$"):
         with pytest.raises(ThresholdTuningError, match="group_pattern"):
             model_group_pattern(meta({"config": {"data": {"group_pattern": bad}}}))
+
+
+def _edited(checkpoint, out, **data_fields):
+    """A copy of ``checkpoint`` with fields of its metadata's ``data`` replaced (as a hand edit would)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(checkpoint), "pt") as fh:
+        header = fh.metadata()
+    meta = json.loads(header["napari_medseg"])
+    meta["data"].update(data_fields)
+    save_file(load_file(str(checkpoint)), str(out), metadata={**header, "napari_medseg": json.dumps(meta)})
+    return out
+
+
+@pytest.mark.parametrize("val_groups", [7, "small/train_1", [1, 2], [""]])
+def test_edited_validation_groups_are_refused_with_a_message(per_image_model, tmp_path, capsys, val_groups):
+    from napari_medseg.cli import main
+    from napari_medseg.evaluation.class_choice import tune_classes_checkpoint
+    from napari_medseg.evaluation.instance_tuning import tune_nuclei_checkpoint
+    from napari_medseg.evaluation.threshold import ThresholdTuningError, tune_checkpoint
+
+    checkpoint, data = per_image_model
+    edited = _edited(checkpoint, tmp_path / "edited.safetensors", val_groups=val_groups)
+    for tune in (lambda: tune_checkpoint(edited, data, tmp_path / "t.safetensors", device="cpu"),
+                 lambda: tune_nuclei_checkpoint(edited, [data], tmp_path / "n.safetensors", device="cpu"),
+                 lambda: tune_classes_checkpoint(edited, data, tmp_path / "c.safetensors", device="cpu")):
+        with pytest.raises(ThresholdTuningError, match="val_groups must be a list of source image names"):
+            tune()
+    assert main(["tune-threshold", str(edited), str(data), "--out", str(tmp_path / "t.safetensors"),
+                 "--device", "cpu"]) == 2
+    assert "val_groups must be a list" in capsys.readouterr().err
+    assert not list(tmp_path.glob("[tnc].safetensors"))

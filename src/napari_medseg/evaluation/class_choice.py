@@ -37,7 +37,8 @@ from ..models.weights import read_state_dict
 from ..steps import ProgressCallback
 from .benchmark import summarise
 from .report import PairEvaluation
-from .threshold import ThresholdTuningError, check_checkpoint_target, model_group_pattern, samples_of_groups
+from .threshold import (ThresholdTuningError, check_checkpoint_target, model_group_pattern, model_val_groups,
+                        samples_of_groups)
 
 WEIGHT_GRID = (0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 4.0)  # a class's probability times this
 ROUNDS = 2  # passes over the classes
@@ -167,9 +168,7 @@ def tune_classes_checkpoint(model: str | os.PathLike, data: str | Path, out: str
     if len(meta.classes) < 3:
         raise ThresholdTuningError(f"the model has one foreground class ({meta.classes[1]}): no class to choose")
     if not all_images:
-        groups = groups or meta.data.get("val_groups")
-        if not groups:
-            raise ThresholdTuningError("the model's metadata names no validation images; pass --groups or --all-images")
+        groups = groups or model_val_groups(meta)
     classes, samples = samples_of_groups(data, None if all_images else groups,
                                          GROUP_PATTERN if all_images else model_group_pattern(meta))
     if classes != meta.classes:

@@ -28,7 +28,8 @@ from ..models.weights import read_state_dict
 from ..nuclei.watershed import TUNED_FIELDS, InstanceSettings, semantic_to_instances
 from ..steps import ProgressCallback
 from .instance import aggregate_instance_stats, image_instance_stats
-from .threshold import ThresholdTuningError, check_checkpoint_target, model_group_pattern, samples_of_groups
+from .threshold import (ThresholdTuningError, check_checkpoint_target, model_group_pattern, model_val_groups,
+                        samples_of_groups)
 
 # the candidates medseg tune-nuclei tries (benchmarks/tune_instances.py's sweep)
 MARKER_THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5)
@@ -130,9 +131,7 @@ def tune_nuclei_checkpoint(model: str | os.PathLike, data: list[str | Path], out
     check_checkpoint_target(source, Path(out), overwrite)
     segmenter = Segmenter.load(source, device=device)  # PyTorch: the reference the settings are measured on
     if not all_images:
-        groups = groups or segmenter.meta.data.get("val_groups")
-        if not groups:
-            raise ThresholdTuningError("the model's metadata names no validation images; pass --groups or --all-images")
+        groups = groups or model_val_groups(segmenter.meta)
     pattern = GROUP_PATTERN if all_images else model_group_pattern(segmenter.meta)
     samples_per_set, left_out = {}, []
     for folder in [Path(d) for d in data]:

@@ -57,6 +57,18 @@ def samples_of_groups(data: str | Path, groups: list[str] | None = None, group_p
     return folder.classes, [replace(folder.load(stem), group=group) for stem, group in chosen.items()]
 
 
+def model_val_groups(meta) -> list[str]:
+    """The source images a checkpoint's run held out (``data.val_groups``), refusing a record
+    that names none or is not a list of names (an edited file)."""
+    groups = meta.data.get("val_groups") if isinstance(meta.data, dict) else None
+    if groups is None or groups == []:
+        raise ThresholdTuningError("the model's metadata names no validation images; pass --groups or --all-images")
+    if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):
+        raise ThresholdTuningError(f"the model's data.val_groups must be a list of source image names, got {groups!r} "
+                                   "(the file was edited or written by another program); pass --groups or --all-images")
+    return groups
+
+
 def model_group_pattern(meta) -> str:
     """The ``data.group_pattern`` a checkpoint's run grouped its images by (the default where it
     records none): how its ``data.val_groups`` name source images."""
@@ -126,9 +138,7 @@ def tune_checkpoint(model: str | os.PathLike, data: str | Path, out: str | os.Pa
     segmenter = Segmenter.load(source, device=device)
     segmenter.foreground_threshold = None  # tune from the model's raw probabilities
     if not all_images:
-        groups = groups or segmenter.meta.data.get("val_groups")
-        if not groups:
-            raise ThresholdTuningError("the model's metadata names no validation images; pass --groups or --all-images")
+        groups = groups or model_val_groups(segmenter.meta)
     classes, samples = samples_of_groups(data, None if all_images else groups,
                                          GROUP_PATTERN if all_images else model_group_pattern(segmenter.meta))
     if len(classes) != 2 and classes != segmenter.classes:
