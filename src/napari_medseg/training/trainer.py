@@ -75,6 +75,7 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
     model = build_training_model(cfg, None if start is None else start.weights)
     if cfg.average_with_start and start is not None:
         _check_averageable(model, cfg, start.weights)
+    partner_copy = _partner_copy(cfg, resumed) if ctx.is_main else None
     if ctx.is_main:
         check_output_dir(out_dir, estimated_bytes(model, cfg.save_half, cfg.save_resume))
     precision = Precision.for_device(cfg, device)
@@ -104,7 +105,7 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
     resume_path = writer.resume_path
     result = writer.best_path if progress.best_epoch > 0 else None
     if ctx.is_main and result is not None and cfg.average_with_start and progress.reason != USER_STOP:
-        result = _average_with_start(cfg, result)
+        result = _average_with_start(cfg, result, partner_copy)
     if ctx.is_main and result is not None and cfg.tune_classes and progress.reason != USER_STOP:
         retune_classes(result, data.val_items, str(device))
     return TrainingDone(result, progress.best_epoch, progress.history,
@@ -151,15 +152,43 @@ def _check_averageable(model: torch.nn.Module, cfg: TrainConfig, start_weights: 
                             "for instance by a head it adds, so the two cannot be averaged.")
 
 
-def _average_with_start(cfg: TrainConfig, best: Path) -> Path:
+def _partner_copy(cfg: TrainConfig, resumed) -> bytes | None:
+    """The file the run's best is averaged with, read now where the run replaces it: its own
+    out_dir's best checkpoint (a model fine-tuned into its own folder), which the first epoch's
+    best overwrites; None where it stays as it is."""
+    if not cfg.average_with_start:
+        return None
+    partner, best = Path(average_partner(cfg)), Path(cfg.out_dir) / BEST_NAME
+    if not (partner.is_file() and best.is_file() and partner.samefile(best)):
+        return None
+    if resumed is not None:
+        raise TrainingError(f"average_with_start: {partner}, the checkpoint to average with, is this run's own best "
+                            "checkpoint by now (the run was started in its folder), so the resumed run cannot average "
+                            "with it. Copy the start checkpoint elsewhere and average with `medseg average`.")
+    return partner.read_bytes()
+
+
+def _average_with_start(cfg: TrainConfig, best: Path, partner_copy: bytes | None = None) -> Path:
     """``best`` averaged with the start checkpoint, or ``average_with`` (``average_with_start`` on
     ``best``), written beside it as ``AVERAGED_NAME``; a rerun's earlier file is replaced only once
-    the new one is whole."""
+    the new one is whole. ``partner_copy``: that checkpoint's bytes as they were before the run
+    replaced its file (``_partner_copy``)."""
     from ..io.images import atomic_write
+    from ..io.outputs import temp_path
     from .average import average_checkpoints
 
     final = best.parent / AVERAGED_NAME
-    atomic_write(final, lambda tmp: average_checkpoints(average_partner(cfg), best, cfg.average_with_start, tmp))
+    partner, names = average_partner(cfg), None
+    if partner_copy is not None:
+        names = (f"{partner} (as it was before this run replaced it)", str(best))
+        partner = temp_path(best.parent / "start.safetensors")
+        partner.write_bytes(partner_copy)
+    try:
+        atomic_write(final, lambda tmp: average_checkpoints(partner, best, cfg.average_with_start, tmp,
+                                                            recorded_as=names))
+    finally:
+        if partner_copy is not None:
+            Path(partner).unlink(missing_ok=True)
     return final
 
 
