@@ -47,13 +47,15 @@ def _give_metrics_room(viewer, segment: SegmentWidget, metrics: MetricsWidget) -
     segment_dock, metrics_dock = docks.get(SEGMENT_DOCK), docks.get(METRICS_DOCK)
     if segment_dock is None or metrics_dock is None:
         return
-    form = segment.native
-    title = segment_dock.height() - form.height()
+    scroll = segment.native  # the dock holds a scroll area round the form: the form's own height counts
+    form = scroll.widget() if hasattr(scroll, "widget") and scroll.widget() is not None else scroll
+    chrome = segment_dock.height() - (scroll.viewport().height() if hasattr(scroll, "viewport") else scroll.height())
     wanted = (form.heightForWidth(form.width()) if form.hasHeightForWidth() else -1)
-    height = (wanted if wanted > 0 else form.sizeHint().height()) + title
+    height = (wanted if wanted > 0 else form.sizeHint().height()) + chrome
     rest = segment_dock.height() + metrics_dock.height() - height
     window.resizeDocks([segment_dock, metrics_dock], [height, rest], Qt.Orientation.Vertical)
     QApplication.processEvents()
+    scroll.verticalScrollBar().setValue(0)  # all of Segment, from its image box to its legend
     scroll = metrics.root_native_widget
     summary_top = metrics.summary.native.mapTo(scroll.widget(), QPoint(0, 0)).y()
     scroll.verticalScrollBar().setValue(summary_top - 8)
