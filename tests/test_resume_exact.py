@@ -131,3 +131,20 @@ def test_a_resumed_run_goes_on_in_its_own_folder_whatever_out_dir_says(small_con
     shutil.copy(resumed.resume, tmp_path / "copy" / "resume.safetensors")
     with pytest.raises(TrainingError, match="best.safetensors is missing"):
         train(tiny_config(small_consep, tmp_path / "copy", *extra, f"resume={tmp_path / 'copy' / 'resume.safetensors'}"))
+
+
+def test_the_loss_scalers_state_carries_over(tmp_path):
+    # float16 training (CUDA) scales its loss; a resumed run must go on with the scale reached, not
+    # start again at 65536 (it would skip other steps). A CPU scaler stands in for the CUDA one.
+    from napari_medseg.training.resume import read_resume, restore, save_resume
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.load_state_dict({**scaler.state_dict(), "scale": 256.0, "_growth_tracker": 17})
+    save_resume(tmp_path / "resume.safetensors", model, optimizer, None, torch.Generator(), {"epoch": 1}, scaler)
+    tensors, info = read_resume(tmp_path / "resume.safetensors")
+    fresh = torch.amp.GradScaler("cpu")
+    restore(tensors, info, torch.nn.Linear(2, 2), torch.optim.AdamW(model.parameters()), None, torch.Generator(),
+            fresh)
+    assert fresh.state_dict()["scale"] == 256.0 and fresh.state_dict()["_growth_tracker"] == 17

@@ -120,6 +120,6 @@ def finish_epoch(run: Run, epoch: int, train_loss: float, lr: float, started: fl
     if improved:
         run.writer.save_best(run.model, epoch, record, progress.history)
     run.writer.save_resume(epoch, progress, run.model, run.optim.optimizer, run.optim.scheduler,
-                           run.loaders.generator)
+                           run.loaders.generator, run.optim.scaler)
     run.emit(EpochDone(epoch, run.cfg.epochs, train_loss, val_loss, metrics, improved, time.time() - started, lr,
                        progress.reason))

@@ -58,8 +58,9 @@ def _set_rng_state(tensors: dict, info: dict, loader_generator: torch.Generator)
 
 
 def save_resume(path: Path, model: torch.nn.Module, optimizer, scheduler, loader_generator: torch.Generator,
-                info: dict) -> Path:
-    """``info``: JSON-able run state (epoch, config, history, early-stopping state, ...)."""
+                info: dict, scaler=None) -> Path:
+    """``info``: JSON-able run state (epoch, config, history, early-stopping state, ...);
+    ``scaler``: float16 training's loss scaler, whose scale and growth count carry over."""
     tensors = {f"model.{k}": v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
     for idx, entry in opt["state"].items():
@@ -70,6 +71,7 @@ def save_resume(path: Path, model: torch.nn.Module, optimizer, scheduler, loader
                 info.setdefault("optimizer_scalars", {}).setdefault(str(idx), {})[key] = value
     info["optimizer_groups"] = opt["param_groups"]
     info["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+    info["grad_scaler"] = scaler.state_dict() if scaler is not None else None
     rng_tensors, rng_info = _rng_state(loader_generator)
     tensors.update(rng_tensors)
     info["rng"] = rng_info
@@ -138,7 +140,7 @@ def check_same_data(info: dict, data: dict) -> None:
 
 
 def restore(tensors: dict, info: dict, model: torch.nn.Module, optimizer, scheduler,
-            loader_generator: torch.Generator) -> None:
+            loader_generator: torch.Generator, scaler=None) -> None:
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(state)
     opt_state: dict = {}
@@ -155,4 +157,6 @@ def restore(tensors: dict, info: dict, model: torch.nn.Module, optimizer, schedu
     optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
     if scheduler is not None and info.get("scheduler") is not None:
         scheduler.load_state_dict(info["scheduler"])
+    if scaler is not None and info.get("grad_scaler"):  # a file without one: the scaler starts afresh, as it did
+        scaler.load_state_dict(info["grad_scaler"])
     _set_rng_state(tensors, info["rng"], loader_generator)
