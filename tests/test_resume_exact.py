@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -35,25 +37,53 @@ def stop_in_epoch_2():
     return stop
 
 
-@pytest.mark.usefixtures("one_torch_thread")
-def test_resume_with_persistent_workers_continues_exactly(small_consep, tmp_path):
-    extra = ("epochs=3", "data.val_fraction=0.34", "data.crops_per_image=2", "data.num_workers=1")
-    full = train(tiny_config(small_consep, tmp_path / "full", *extra))
-    part = train(tiny_config(small_consep, tmp_path / "part", *extra), should_stop=stop_in_epoch_2())
-    assert part.reason == "stopped by user" and len(part.history) == 1
-    resumed = train(tiny_config(small_consep, tmp_path / "part", *extra, f"resume={part.resume}"))
-    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
-    assert same(weights(full.resume), weights(resumed.resume))  # bit-identical, buffers included
-    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history]
+# DataLoader workers run in a process of their own here: a process that ever had them keeps
+# torch's SIGCHLD handler, and a later test's child process exiting then crashed the test session
+# (SIGSEGV on delivery, after an in-process `medseg predict` had run).
+WORKER_RUNS = """
+import sys
+import torch
+from safetensors.torch import load_file
+from napari_medseg.training import load_train_config, train
+
+data, out = sys.argv[1], sys.argv[2]
+TINY = {tiny!r}
+def config(name, *extra):
+    return load_train_config(None, [*TINY, f"data.dataset=[{{data}}]", f"out_dir={{out}}/{{name}}", *extra])
+def weights(path):
+    return {{k: v for k, v in load_file(str(path)).items() if k.startswith("model.")}}
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+calls = {{"n": 0}}
+def stop():  # 8 crops / batch 4 = 2 steps per epoch; the 3rd check opens epoch 2
+    calls["n"] += 1
+    return calls["n"] >= 3
+extra = ("epochs=3", "data.val_fraction=0.34", "data.crops_per_image=2")
+# a run with a persistent worker, interrupted in epoch 2 and resumed, against an uninterrupted one
+full = train(config("full", *extra, "data.num_workers=1"))
+part = train(config("part", *extra, "data.num_workers=1"), should_stop=stop)
+assert part.reason == "stopped by user" and len(part.history) == 1
+resumed = train(config("part", *extra, "data.num_workers=1", f"resume={{part.resume}}"))
+assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+print("resumed == uninterrupted:", same(weights(full.resume), weights(resumed.resume)))
+print("same losses:", [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history])
+# each crop's augmentation drawn from its own seed, not from the state of the process drawing it
+alone = train(config("alone", *extra, "data.num_workers=0"))
+print("workers == no workers:", same(weights(full.resume), weights(alone.resume)))
+"""
 
 
-@pytest.mark.usefixtures("one_torch_thread")
-def test_workers_augment_as_the_training_process_would(small_consep, tmp_path):
-    # each crop's augmentation is drawn from its own seed, not from the state of the process drawing it
-    extra = ("epochs=2", "data.val_fraction=0.34", "data.crops_per_image=2")
-    alone = train(tiny_config(small_consep, tmp_path / "w0", *extra, "data.num_workers=0"))
-    workers = train(tiny_config(small_consep, tmp_path / "w2", *extra, "data.num_workers=2"))
-    assert same(weights(alone.resume), weights(workers.resume))
+def test_resume_with_persistent_workers_continues_exactly_and_workers_augment_as_the_process_would(
+        small_consep, tmp_path):
+    import subprocess
+    import sys
+
+    script = WORKER_RUNS.format(tiny=TINY)
+    proc = subprocess.run([sys.executable, "-c", script, str(small_consep), str(tmp_path)], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-3:] == ["resumed == uninterrupted: True", "same losses: True",
+                                             "workers == no workers: True"], proc.stdout
 
 
 def test_crops_and_their_augmentation_seeds_are_a_function_of_seed_and_epoch():
