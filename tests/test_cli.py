@@ -422,3 +422,25 @@ def test_no_skip_background_reaches_a_slides_glass(tmp_path, tiny_checkpoint, ca
     assert "0% tissue" in capsys.readouterr().out  # glass: skipped
     assert main(["predict", str(slide), "--out", str(tmp_path / "b"), "--no-skip-background", *common]) == 0
     assert "100% tissue" in capsys.readouterr().out
+
+
+def test_an_averaged_result_names_the_start_it_was_averaged_with(tmp_path, tiny_checkpoint):
+    """A fine-tune into its start's own folder averages with the start as it was (trainer); the
+    summary line had named the folder's best.safetensors, by then the run's own best."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from napari_medseg.cli import _result_words
+    from napari_medseg.models import build_model, read_meta, save_checkpoint
+    from napari_medseg.training.config import AVERAGED_NAME, TrainConfig
+
+    start = tmp_path / "run" / "best.safetensors"
+    config = TrainConfig(init_checkpoint=str(start), average_with_start=0.5, out_dir=str(tmp_path / "run"))
+    averaged = tmp_path / "run" / AVERAGED_NAME
+    meta = read_meta(tiny_checkpoint)
+    recorded = f"{start} (as it was before this run replaced it)"
+    averaged.parent.mkdir(parents=True)
+    save_checkpoint(averaged, build_model(meta.model), dataclasses.replace(
+        meta, training={"averaged": {"start": recorded, "tuned": str(start)}}))
+    words = _result_words(config, SimpleNamespace(checkpoint=averaged, best_epoch=2))
+    assert words == f"best epoch 2; checkpoint {averaged} (averaged with {recorded}, 0.5 on this run)"

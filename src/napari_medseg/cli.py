@@ -478,7 +478,15 @@ def _result_words(config, result) -> str:
     from .training.config import AVERAGED_NAME, average_partner
 
     averaged = result.checkpoint is not None and result.checkpoint.name == AVERAGED_NAME
-    how = f" (averaged with {average_partner(config)}, {config.average_with_start:g} on this run)" if averaged else ""
+    partner = average_partner(config)
+    if averaged:  # what the average recorded: a start the run itself replaced is named as it was
+        from .models import read_meta
+
+        try:
+            partner = (read_meta(result.checkpoint).training or {}).get("averaged", {}).get("start") or partner
+        except MedsegError:
+            pass
+    how = f" (averaged with {partner}, {config.average_with_start:g} on this run)" if averaged else ""
     return f"best epoch {result.best_epoch}; checkpoint {result.checkpoint}{how}"
 
 
