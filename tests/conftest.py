@@ -65,12 +65,10 @@ def real_512(consep) -> np.ndarray:
     return image
 
 
-@pytest.fixture
-def small_consep(consep, tmp_path) -> Path:
-    """A dataset folder of 6 real CoNSeP patches from 3 source images (a copy, safe to modify)."""
+def copy_small_consep(consep: Path, out: Path) -> Path:
+    """6 real CoNSeP patches from 3 source images copied into a dataset folder ``out``."""
     import shutil
 
-    out = tmp_path / "consep_small"
     stems = [f"train_{i}_{j:03d}" for i in (1, 2, 3) for j in (5, 6)]
     for sub, ext in (("images", ".png"), ("labels", ".tif"), ("instances", ".tif")):
         (out / sub).mkdir(parents=True)
@@ -78,6 +76,12 @@ def small_consep(consep, tmp_path) -> Path:
             shutil.copy(consep / sub / f"{stem}{ext}", out / sub / f"{stem}{ext}")
     shutil.copy(consep / "classes.json", out / "classes.json")
     return out
+
+
+@pytest.fixture
+def small_consep(consep, tmp_path) -> Path:
+    """A dataset folder of 6 real CoNSeP patches from 3 source images (a copy, safe to modify)."""
+    return copy_small_consep(consep, tmp_path / "consep_small")
 
 
 @pytest.fixture(scope="session")

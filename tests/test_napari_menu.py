@@ -160,11 +160,9 @@ def test_result_layers_saved_as_tiffs_reopen_as_what_they_were(make_napari_viewe
 
 def test_segment_and_metrics_from_the_menu_work_on_the_sample(make_napari_viewer):
     """The widgets as napari makes them (with its viewer proxy) do their work, not just open."""
-    viewer = make_napari_viewer()
-    viewer.open_sample(PLUGIN, "consep")
-    _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
-    segment.image_layer.value = viewer.layers["CoNSeP H&E"]
-    segment.device.value = "cpu"
+    from test_napari_results import _segment_widget_on_the_sample
+
+    viewer, segment = _segment_widget_on_the_sample(make_napari_viewer)
     assert segment.run(threaded=False) is not None, segment.status.value
     assert "CoNSeP H&E segmentation" in viewer.layers and "CoNSeP H&E nuclei" in viewer.layers
     _, metrics = viewer.window.add_plugin_dock_widget(PLUGIN, "Metrics")

@@ -14,16 +14,10 @@ TINY = ["model.architecture=unet", "model.encoder=resnet18", "model.encoder_dept
 @pytest.fixture(scope="module")
 def per_image_model(consep, tmp_path_factory):
     """A tiny model trained on 6 CoNSeP patches grouped one group per image (not by source image)."""
-    import shutil
+    from conftest import copy_small_consep
 
     root = tmp_path_factory.mktemp("per_image")
-    data = root / "small"
-    stems = [f"train_{i}_{j:03d}" for i in (1, 2, 3) for j in (5, 6)]
-    for sub, ext in (("images", ".png"), ("labels", ".tif"), ("instances", ".tif")):
-        (data / sub).mkdir(parents=True)
-        for stem in stems:
-            shutil.copy(consep / sub / f"{stem}{ext}", data / sub / f"{stem}{ext}")
-    shutil.copy(consep / "classes.json", data / "classes.json")
+    data = copy_small_consep(consep, root / "small")
     cfg = load_train_config(None, [*TINY, f"data.dataset=[{data}]", f"out_dir={root / 'run'}", "epochs=1",
                                    "data.val_fraction=0.34", "data.group_pattern=^(.*)$"])
     result = train(cfg)

@@ -183,7 +183,7 @@ def build_loaders(cfg: TrainConfig, data: TrainingData, ctx: DistContext, device
     generator = torch.Generator().manual_seed(cfg.seed)
     train_ds = PatchDataset(data.train_items, cfg.data.crop_size, cfg.data.crops_per_image, cfg.augment,
                             index=data.index, mean=mean, std=std, distance_targets=cfg.model.distance_head)
-    sampler = AugmentationSeeds(_train_sampler(cfg, data, train_ds, ctx, generator), cfg.seed, ctx.rank)
+    sampler = AugmentationSeeds(_train_sampler(cfg, data, train_ds, ctx), cfg.seed, ctx.rank)
     per_rank = len(sampler)
     pin = device.type == "cuda"
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=per_rank > cfg.batch_size,
@@ -193,8 +193,8 @@ def build_loaders(cfg: TrainConfig, data: TrainingData, ctx: DistContext, device
                    per_rank * ctx.world_size)
 
 
-def _train_sampler(cfg: TrainConfig, data: TrainingData, train_ds: PatchDataset, ctx: DistContext,
-                   generator: torch.Generator) -> torch.utils.data.Sampler:
+def _train_sampler(cfg: TrainConfig, data: TrainingData, train_ds: PatchDataset,
+                   ctx: DistContext) -> torch.utils.data.Sampler:
     """Mixed sets: crops drawn per set weight; otherwise every crop once per epoch (or a random
     ``samples_per_epoch`` of them); under DDP the ranks share them out, so an epoch has the
     crops of a single-process run."""
