@@ -136,3 +136,47 @@ def test_a_failing_step_is_shown_and_the_rest_still_runs(make_napari_viewer, qtb
     qtbot.waitUntil(lambda: done != [], timeout=5_000)
     assert [type(e) for e in shown] == [ZeroDivisionError]
     assert [layer.name for layer in viewer.layers] == ["classes", "nuclei"] and viewer.layers["nuclei"].visible
+
+
+def test_the_canvas_repaint_waits_a_turn_and_comes_back(make_napari_viewer, qtbot):
+    """The turn that adds a (hidden) layer does not repaint the canvas: its repaint comes a turn
+    later, on a timer of its own, so every step ends with the canvas painting again."""
+    from napari.utils._proxies import PublicOnlyProxy
+
+    viewer = make_napari_viewer()
+    canvas = viewer.window._qt_viewer.canvas.native
+    done = []
+    add_layers_in_turns(PublicOnlyProxy(viewer), _layers(), lambda: done.append(True))
+    assert [layer.name for layer in viewer.layers] == ["classes"] and not canvas.updatesEnabled()
+    qtbot.waitUntil(lambda: done != [], timeout=5_000)
+    qtbot.waitUntil(canvas.updatesEnabled, timeout=1_000)
+
+
+def test_the_canvas_repaints_again_when_adding_fails(make_napari_viewer, qtbot, monkeypatch):
+    from napari.utils.notifications import notification_manager
+
+    import napari_medseg._napari.common as common
+
+    shown = []
+    monkeypatch.setattr(notification_manager, "receive_error", lambda *args: shown.append(args[1]))
+    monkeypatch.setattr(common, "_add_unselected", lambda viewer, layer: 1 / 0)
+    viewer = make_napari_viewer()
+    canvas = viewer.window._qt_viewer.canvas.native
+    done = []
+    add_layers_in_turns(viewer, _layers(), lambda: done.append(True))
+    qtbot.waitUntil(lambda: done != [], timeout=5_000)
+    qtbot.waitUntil(canvas.updatesEnabled, timeout=1_000)
+    assert ZeroDivisionError in [type(e) for e in shown]
+
+
+def test_a_hand_off_of_another_widget_keeps_its_hold(make_napari_viewer, qtbot):
+    """Two hand-offs at once (Segment's and Train's): the second does not repaint early for the
+    first, nor leave the canvas held."""
+    viewer = make_napari_viewer()
+    canvas = viewer.window._qt_viewer.canvas.native
+    done = []
+    add_layers_in_turns(viewer, _layers(), lambda: done.append(1))
+    add_layers_in_turns(viewer, [Labels(np.zeros((8, 8), np.uint8), name="other")], lambda: done.append(2))
+    assert not canvas.updatesEnabled()
+    qtbot.waitUntil(lambda: sorted(done) == [1, 2], timeout=5_000)
+    qtbot.waitUntil(canvas.updatesEnabled, timeout=1_000)

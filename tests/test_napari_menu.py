@@ -233,3 +233,31 @@ def test_opening_a_widget_makes_vispys_dash_patterns_off_the_gui_thread():
     common._warming.join(timeout=30)
     assert common._warming.name == "medseg-warm-visuals" and not common._warming.is_alive()
     assert _make_pattern.cache_info().currsize >= 13
+
+
+def test_after_the_warm_up_a_result_layer_imports_nothing(tmp_path):
+    """A result layer's first construction imported pandas, scikit-image's colour module and
+    scipy.linalg (~380 modules) in the worker at a run's end, their set-up holding the interpreter
+    lock for up to 0.1 s while the GUI took the result in; the warm-up (a widget opening) does it
+    first. Run in a fresh interpreter: this one has imported them all long ago."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+import numpy as np
+from napari_medseg._napari import common
+from napari_medseg._napari.segment_widget import _labels_layers
+from napari_medseg._napari.layers import class_labels_kwargs, instance_labels_kwargs
+common.warm_label_visuals()
+common._warming.join(timeout=120)
+before = set(sys.modules)
+classes = ["background", "other", "inflammatory", "epithelial", "spindle"]
+nuclei = np.arange(64, dtype=np.int32).reshape(8, 8)
+_labels_layers(np.zeros((8, 8), np.uint8), class_labels_kwargs("c", classes), nuclei,
+               instance_labels_kwargs("n", classes, None, np.arange(64) % 5))
+print(sorted(set(sys.modules) - before))
+"""
+    found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == "[]"

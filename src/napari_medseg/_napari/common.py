@@ -50,15 +50,18 @@ _warming = None
 
 
 def warm_label_visuals() -> None:
-    """Make vispy's line dash patterns and import what napari's first Labels layer imports, on a
+    """Make vispy's line dash patterns and import what napari's first result layer imports, on a
     background thread, once per process.
 
     Every napari Labels layer carries a polygon-drawing overlay whose line visuals build vispy's
     dash atlas; its 13 patterns are made in pure Python (0.2-0.4 s here) and cached, so the first
-    result layer of a session paid for them on the GUI thread. And napari's Labels constructor
-    imports scikit-image's colour module (and with it scipy.linalg, 65 modules, ~90 ms): in the
-    worker that builds the result layers, at a run's end, it held the interpreter lock while the
-    GUI thread took the results in. Both done here while the user works.
+    result layer of a session paid for them on the GUI thread. And a result layer's first
+    construction imports pandas (its features table), scikit-image's colour module and
+    scipy.linalg (~380 modules; importing ``skimage.color`` alone loads none of it, as it is
+    lazy): in the worker that builds the result layers at a run's end, their extension modules'
+    set-up held the interpreter lock for up to 0.1 s at a time while the GUI thread took the
+    results in. A tiny class map and nucleus layer, made here as a result's are, does it all while
+    the user works.
     """
     global _warming
     if _warming is not None:
@@ -69,8 +72,14 @@ def warm_label_visuals() -> None:
             from vispy.visuals.line.dash_atlas import DashAtlas
 
             DashAtlas()
-        with contextlib.suppress(Exception):  # napari's label_colormap imports it on first use
-            import skimage.color  # noqa: F401
+        with contextlib.suppress(Exception):  # a napari that differs: the first result pays, as before
+            from napari.layers import Labels
+
+            from .layers import class_labels_kwargs, instance_labels_kwargs
+
+            classes, tiny = ["background", "nucleus"], np.zeros((2, 2), np.int32)
+            Labels(tiny, **class_labels_kwargs("warm-up", classes))
+            Labels(tiny, **instance_labels_kwargs("warm-up", classes, None, np.array([0, 1])))
 
     _warming = threading.Thread(target=make_patterns, name="medseg-warm-visuals", daemon=True)
     _warming.start()
@@ -174,13 +183,44 @@ def _steps_to_add(viewer, layer) -> list[Callable[[], None]]:
     if contour:
         layer.contour = 0
     overlays = _take_overlays(layer)
-    steps = [lambda: _add_unselected(viewer, layer)]
+    steps = [lambda: _add_before_repainting(viewer, layer)]
     steps += [functools.partial(layer._overlays.__setitem__, key, overlay) for key, overlay in overlays.items()]
     if visible:
         steps.append(lambda: setattr(layer, "visible", True))
     if contour:
         steps.append(lambda: setattr(layer, "contour", contour))
     return steps
+
+
+def _add_before_repainting(viewer, layer) -> None:
+    """``layer`` added (``_add_unselected``) with the canvas's repaint held to the next turn: the
+    layer goes in hidden, so the repaint napari asks for draws nothing new, and in the same turn
+    as napari's set-up it cost this turn ~15 ms of software GL under Xvfb. The repaint comes back
+    on a timer of its own, whatever becomes of the other turns."""
+    canvas = _canvas_widget(viewer)
+    if canvas is None or not canvas.updatesEnabled():  # napari differs, or another hand-off holds it
+        return _add_unselected(viewer, layer)
+    from qtpy.QtCore import QTimer
+
+    def repaint_again() -> None:
+        with contextlib.suppress(RuntimeError):  # the window closed in between
+            canvas.setUpdatesEnabled(True)
+
+    canvas.setUpdatesEnabled(False)
+    try:
+        _add_unselected(viewer, layer)
+    finally:
+        QTimer.singleShot(TURN_GAP_MS, repaint_again)
+
+
+def _canvas_widget(viewer):
+    """The Qt widget napari draws the layers in (napari's private path; ``None`` where it differs)."""
+    with _private_access():
+        window = getattr(viewer, "window", None)
+        canvas = getattr(getattr(window, "_qt_viewer", None), "canvas", None)
+        native = getattr(canvas, "native", None)
+    native = getattr(native, "__wrapped__", native)  # the plugin's viewer proxy wraps what it returns
+    return native if hasattr(native, "setUpdatesEnabled") else None
 
 
 def _add_unselected(viewer, layer) -> None:
