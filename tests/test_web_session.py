@@ -348,3 +348,18 @@ def test_a_cancelled_run_stops_and_its_session_folders_go(store, consep):
     assert folder.is_dir()
     remove_results(done.results)
     assert not folder.exists()
+
+
+def test_a_batch_cancelled_after_its_first_image_leaves_no_download_folder(store, consep):
+    """The page shows nothing of a cancelled batch, so the images it had finished must not keep
+    their download folders on the server until it stops."""
+    from napari_medseg.steps import Cancelled
+    from napari_medseg.web import session
+
+    session.results_folder()  # the server's results root exists
+    root = session._RESULTS_ROOT
+    before = set(root.iterdir())
+    with pytest.raises(Cancelled):
+        session.segment_uploads(store, DEFAULT_MODEL, [str(consep / "images" / f"{STEM}.png")] * 2,
+                                should_cancel=lambda: bool(set(root.iterdir()) - before))
+    assert set(root.iterdir()) == before

@@ -234,21 +234,27 @@ def segment_uploads(store: ModelStore, model_name: str, paths: list[str], thresh
     checked_pixel_size(pixel_size_um)  # a typo refuses the run before any file is read
     done = Uploads({})
     first_error: MedsegError | None = None
-    with store.lock:
-        segmenter = store.get(model_name)
-        for i, path in enumerate(paths, 1):
-            progress = None if progress_for is None else progress_for(f"[{i}/{len(paths)}] {Path(path).name}")
-            name, copy = file_stem(path), 2
-            while name in done.results:  # patch.png and patch.tif, or two patch.png: both kept, told apart
-                name, copy = f"{file_stem(path)} ({copy})", copy + 1
-            try:
-                done.results[name] = segment_upload(path, segmenter, threshold, tta, pixel_size_um, progress, region,
-                                                    nucleus_settings, name, should_cancel)
-            except Cancelled:
-                raise
-            except MedsegError as exc:
-                done.refused[Path(path).name] = str(exc)
-                first_error = first_error or exc
+    try:
+        with store.lock:
+            segmenter = store.get(model_name)
+            for i, path in enumerate(paths, 1):
+                progress = None if progress_for is None else progress_for(f"[{i}/{len(paths)}] {Path(path).name}")
+                name, copy = file_stem(path), 2
+                while name in done.results:  # patch.png and patch.tif, or two patch.png: both kept, told apart
+                    name, copy = f"{file_stem(path)} ({copy})", copy + 1
+                try:
+                    done.results[name] = segment_upload(path, segmenter, threshold, tta, pixel_size_um, progress,
+                                                        region, nucleus_settings, name, should_cancel)
+                except Cancelled:
+                    raise
+                except MedsegError as exc:
+                    done.refused[Path(path).name] = str(exc)
+                    first_error = first_error or exc
+    except BaseException:
+        # cancelled (or failed) halfway through a batch: the page shows none of it, so the images
+        # already done leave no download folders behind until the server stops
+        remove_results(done.results)
+        raise
     if not done.results:
         raise first_error
     return done
