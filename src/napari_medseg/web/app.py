@@ -107,7 +107,7 @@ def _inputs_column(store: ModelStore) -> SimpleNamespace:
     ui = SimpleNamespace()
     ui.files = gr.File(label="Images (PNG, JPEG, TIFF) or small whole slides (SVS, NDPI, ...)", file_count="multiple",
                        file_types=[".png", ".jpg", ".jpeg", ".tif", ".tiff", *SLIDE_SUFFIXES], elem_id="images")
-    ui.region = gr.Textbox(label="region x,y,w,h (px of the image, level 0 of a slide; empty = all of it)",
+    ui.region = gr.Textbox(label="region x,y,w,h (px of each image, level 0 of a slide; the same for every file uploaded; empty = all of it)",
                            elem_id="region")
     ui.sample = gr.Dropdown(list(SAMPLE_FILES), value=None, label="or a shipped sample", elem_id="sample")
     ui.model = gr.Dropdown(store.names(), value=DEFAULT_MODEL, label="model", elem_id="model")
