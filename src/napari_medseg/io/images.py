@@ -221,6 +221,25 @@ def _plane_index(shape: tuple[int, ...]) -> tuple[tuple, tuple[int, ...]]:
     return index, tuple(n for i, n in enumerate(shape) if i not in dropped)
 
 
+def _channels_axis(axes: str | None, index: tuple, plane: tuple[int, ...], channel_first: bool) -> str | None:
+    """The TIFF axis letter (``C`` or ``S``) of a 3-D plane's channels, where the axes are known."""
+    if axes is None or len(axes) != len(index) or len(plane) != 3:
+        return None
+    kept = [axis for axis, i in zip(axes, index) if not isinstance(i, int)]
+    return kept[0] if channel_first else kept[-1]
+
+
+def _channels_hint(axes: str | None, shape: tuple[int, ...], stray_axes: bool) -> str:
+    """What to do with a TIFF of separate channels (its C axis) that is no RGB image: say how many."""
+    if axes is None or stray_axes or len(axes) != len(shape):
+        return ""
+    channels = int(np.prod([n for a, n in zip(axes, shape) if a == "C"]))
+    if channels in (1, 3):
+        return ""
+    return (f" It holds {channels} separate channels (axis C, e.g. fluorescence stains), not RGB(A): save the "
+            "nuclear channel (e.g. DAPI) as a gray image, or three channels as an RGB image.")
+
+
 @dataclass(frozen=True)
 class PlaneLayout:
     """Where the 2-D image sits in an array, decided from its shape and dtype alone (no pixel is
@@ -255,12 +274,17 @@ def plane_layout(shape, dtype, name: str = "image", axes: str | None = None) -> 
     index, plane = _plane_index(shape)
     channel_first = len(plane) == 3 and plane[0] in (3, 4) and plane[-1] not in (3, 4)
     stray_axes = axes is not None and any(a not in "YXSC" and n != 1 for a, n in zip(axes, shape))
-    if stray_axes or not (len(plane) == 2 or (len(plane) == 3 and (plane[-1] in (3, 4) or channel_first))):
+    channels_axis = _channels_axis(axes, index, plane, channel_first)
+    # a TIFF's C axis holds channels stored apart (fluorescence: DAPI, FITC, ...); a 4th is no
+    # alpha (an RGBA image's samples are its S axis) and would turn every pixel towards white
+    separate_fourth = channels_axis == "C" and (plane[0] if channel_first else plane[-1]) == 4
+    if stray_axes or separate_fourth or not (
+            len(plane) == 2 or (len(plane) == 3 and (plane[-1] in (3, 4) or channel_first))):
         described = f"shape {shape}" + (f" (axes '{axes}')" if axes is not None else "")
         raise ImageReadError(
             f"{name}: {described} is not a 2-D gray, RGB or RGBA image. "
-            "Stacks, time series and multi-channel (>4) data are not supported; "
-            "save one 2-D plane (or an RGB image) per file."
+            "Stacks, time series and multi-channel data other than RGB(A) are not supported; "
+            "save one 2-D plane (or an RGB image) per file." + _channels_hint(axes, shape, stray_axes)
         )
     height, width = plane[1:] if channel_first else plane[:2]
     if height == 0 or width == 0:
