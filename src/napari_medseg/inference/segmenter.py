@@ -299,6 +299,11 @@ class Segmenter:
 
 
 def segment_file(path: str | Path, segmenter: Segmenter, settings: TileSettings | None = None,
-                 progress: ProgressCallback | None = None) -> np.ndarray:
-    """The class map of one image file (read whole: see ``io.lazy`` for whole slides)."""
-    return segmenter.segment(read_image(path), settings, progress)
+                 progress: ProgressCallback | None = None, pixel_size_um: float | None = None) -> np.ndarray:
+    """The class map of one image file (read whole: see ``io.lazy`` for whole slides), segmented at
+    the model's pixel size where the file records its own (as ``medseg predict`` does: a 20x TIFF
+    had been taken as 40x); ``pixel_size_um`` overrides what the file records."""
+    from ..io.pixel_size import file_pixel_size_um
+
+    size = pixel_size_um if pixel_size_um is not None else file_pixel_size_um(path)
+    return segmenter.segment(read_image(path), settings, progress, pixel_size_um=size)
