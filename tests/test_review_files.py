@@ -54,3 +54,73 @@ def test_three_channels_apart_still_read_as_rgb(tmp_path, real_512):
     """An RGB image stored channel-first (OME CYX, 3 channels) reads as RGB, as the README says."""
     tifffile.imwrite(tmp_path / "rgb.ome.tif", np.moveaxis(real_512, -1, 0), ome=True, metadata={"axes": "CYX"})
     assert np.array_equal(read_image(tmp_path / "rgb.ome.tif"), real_512)
+
+
+def _saved_and_reopened(viewer, layer, path):
+    """``layer`` saved through napari's own path with the plugin's writer, then opened again."""
+    viewer.layers.selection = {layer}
+    assert viewer.layers.save(str(path), selected=True, plugin="napari-medseg") == [str(path)]
+    return viewer.open(str(path), plugin="napari-medseg")[0]
+
+
+def test_a_labels_layer_painted_by_hand_reopens_as_labels(make_napari_viewer, tmp_path, consep):
+    """A Labels layer the plugin did not make (91 ids, in µm) saved as a label TIFF had reopened
+    as an Image layer (a map of more than 64 values taken for a picture). It reopens as Labels,
+    the same ids, scale and units, in 32 bits (in 8, napari refuses to paint id 256)."""
+    from napari.layers import Labels
+
+    from napari_medseg.io.images import read_label_map
+
+    nuclei = read_label_map(consep / "instances" / "train_10_006.tif").astype(np.int32)
+    assert 64 < len(np.unique(nuclei)) < 256  # stored in 8 bits
+    viewer = make_napari_viewer()
+    layer = viewer.add_labels(nuclei, name="my nuclei", scale=(0.25, 0.25), units=("micrometer", "micrometer"))
+    reopened = _saved_and_reopened(viewer, layer, tmp_path / "my nuclei.tif")
+    assert isinstance(reopened, Labels) and np.array_equal(reopened.data, nuclei)
+    assert tuple(reopened.scale) == (0.25, 0.25) and [str(u) for u in reopened.units] == ["micrometer"] * 2
+    assert reopened.data.dtype == np.int32
+    reopened.selected_label = 256  # a new nucleus past the stored 8 bits
+    reopened.paint((5, 5), 256, refresh=False)
+    assert reopened.data[5, 5] == 256
+
+
+def test_a_segment_nucleus_layer_reopens_paintable(make_napari_viewer, tmp_path, consep):
+    """The sample's nucleus layer saved and reopened keeps kind, classes, colours and its ids, in
+    a dtype a new nucleus past 255 fits in."""
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-medseg", "consep")
+    layer = viewer.layers["CoNSeP instances"]
+    reopened = _saved_and_reopened(viewer, layer, tmp_path / "nuclei.tif")
+    info, before = reopened.metadata["medseg"], layer.metadata["medseg"]
+    assert info["kind"] == "instances" and info["classes"] == before["classes"]
+    assert info["colors"] == before["colors"]
+    assert np.array_equal(info["instance_classes"], before["instance_classes"])
+    assert np.array_equal(reopened.data, layer.data) and reopened.data.dtype.itemsize >= 2
+    reopened.selected_label = 300
+
+
+@pytest.mark.parametrize("name", ["n" * 230 + ".tif", "\u00e4" * 120 + ".geojson"])
+def test_a_long_file_name_saves(make_napari_viewer, tmp_path, consep, name):
+    """A file name of 230 characters (or 240 bytes of umlauts) is one the disk takes; the save
+    was refused as "File name too long", its hidden temp name being ~60 bytes longer."""
+    from napari_medseg.io.images import read_label_map
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_labels(read_label_map(consep / "labels" / "train_1_005.tif"), name="classes")
+    viewer.layers.selection = {layer}
+    assert viewer.layers.save(str(tmp_path / name), selected=True, plugin="napari-medseg") == [str(tmp_path / name)]
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_a_cut_temp_name_of_a_killed_run_is_still_removed(tmp_path, monkeypatch):
+    """A long target's temp name, cut to fit, is still known as a temp file of a process that is gone."""
+    import os
+
+    from napari_medseg.io.outputs import NAME_MAX, remove_stale_temps, temp_path
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "getpid", lambda: 999_999_999)  # a process that no longer runs
+        dead = temp_path(tmp_path / ("\u00e4" * 127 + ".tif"))
+    assert len(dead.name.encode()) <= NAME_MAX
+    dead.write_bytes(b"half")
+    assert remove_stale_temps(tmp_path) == [dead] and not dead.exists()

@@ -14,7 +14,7 @@ from ..io.pixel_size import file_pixel_size_um
 from ..io.slide_outputs import recorded_classes
 from ..io.slides import SLIDE_SUFFIXES, is_slide_path, open_slide
 from .common import CLASS_ID_LIMIT
-from .layers import class_labels_kwargs, image_kwargs, instance_labels_kwargs, with_origin
+from .layers import METADATA_KEY, class_labels_kwargs, image_kwargs, instance_labels_kwargs, with_origin
 
 
 def get_reader(path):
@@ -147,12 +147,20 @@ def _labels_layer(path: Path, labels: np.ndarray) -> tuple:
     extra = _scale_kwargs(file_pixel_size_um(path))  # on its image, where both record their pixel size
     record = read_label_record(path)
     if record is not None:  # saved by this plugin's writer: what the layer was, where it was
-        return labels, _recorded_labels_kwargs(name, record, extra), "labels"
+        kwargs = _recorded_labels_kwargs(name, record, extra)
+        return (labels if record.get("classes") and record.get("kind") != "instances" else _paintable(labels),
+                kwargs, "labels")
     # ids beyond any class map's (a '_labels' file that holds nuclei): an instance map, else a
     # name and colour per id would be made for up to millions of ids
     if _is_instance_path(path) or top >= CLASS_ID_LIMIT:
-        return labels, instance_labels_kwargs(name, **extra), "labels"
+        return _paintable(labels), instance_labels_kwargs(name, **extra), "labels"
     return labels, class_labels_kwargs(name, _class_names(path, top), **extra), "labels"
+
+
+def _paintable(ids: np.ndarray) -> np.ndarray:
+    """A map of nuclei (or of ids painted by hand) in 32 bits, as Segment makes them: a file
+    stores it in the fewest bits, and in 8 napari refuses to paint a new nucleus past id 255."""
+    return ids.astype(np.int32) if ids.dtype.itemsize == 1 else ids
 
 
 def _recorded_labels_kwargs(name: str, record: dict, extra: dict) -> dict:
@@ -163,8 +171,8 @@ def _recorded_labels_kwargs(name: str, record: dict, extra: dict) -> dict:
         kwargs = instance_labels_kwargs(name, classes, colors, record.get("instance_classes"), **extra)
     elif classes:
         kwargs = class_labels_kwargs(name, classes, colors, **extra)
-    else:
-        kwargs = class_labels_kwargs(name, ["background"], **extra)
+    else:  # a Labels layer made by hand: as napari shows one (a class map without names had every id hidden)
+        kwargs = {"name": name, "metadata": {METADATA_KEY: {}}, **extra}
     origin = record.get("origin")
     if origin and any(origin):
         sy, sx = extra.get("scale", (1.0, 1.0))

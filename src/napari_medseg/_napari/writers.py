@@ -50,13 +50,16 @@ def write_labels_tiff(path: str, data, meta: dict) -> list[str]:
 
 # what a saved label TIFF keeps of its layer, so that it reopens as what it was (the plugin's reader)
 RECORDED_FIELDS = ("kind", "classes", "colors", "origin", "instance_classes")
+PLAIN_LABELS_KIND = "labels"  # a Labels layer this plugin did not make
 
 
-def _label_record(meta: dict) -> dict | None:
+def _label_record(meta: dict) -> dict:
     """The plugin's metadata of the layer (kind, class names and colours, a region's origin, the
-    nuclei's classes), JSON-ready; ``None`` for a layer the plugin did not make."""
+    nuclei's classes), JSON-ready; for a layer the plugin did not make (painted by hand) the kind
+    ``labels``: the file is a Labels layer's, which the reader reopens as one (a map of many ids
+    would otherwise be taken for an image)."""
     info = meta.get("metadata", {}).get(METADATA_KEY, {})
-    record = {}
+    record = {"kind": PLAIN_LABELS_KIND}
     for key in RECORDED_FIELDS:
         value = info.get(key)
         if value is None:
@@ -65,7 +68,7 @@ def _label_record(meta: dict) -> dict | None:
         if key == "instance_classes" and len(value) > RECORDED_VOTES_MAX:
             continue
         record[key] = value
-    return record or None
+    return record
 
 
 def _pixel_size_um(meta: dict) -> float | None:

@@ -37,9 +37,18 @@ class OutputWriteError(MedsegError, OSError):
     """A file could not be written (disk full, no permission, ...); the message names the target."""
 
 
+# the longest file name (bytes) the usual file systems take (ext4, XFS, APFS, NTFS in UTF-16 units)
+NAME_MAX = 255
+
+
 def temp_path(path: Path) -> Path:
-    """The hidden name ``path`` is written under before its rename (see ``remove_stale_temps``)."""
-    return path.parent / f".{path.name}.{_host_tag()}-{os.getpid()}.{uuid.uuid4().hex[:12]}.part"
+    """The hidden name ``path`` is written under before its rename (see ``remove_stale_temps``).
+    A long target name is cut in it, so that the temp name is never too long for a name that is
+    not (it adds ~60 bytes; a 230-character name had been refused as "File name too long")."""
+    tail = f".{_host_tag()}-{os.getpid()}.{uuid.uuid4().hex[:12]}.part"
+    room = NAME_MAX - len(tail.encode()) - 1
+    name = path.name.encode()[:room].decode("utf-8", "ignore")  # a character cut in half is dropped
+    return path.parent / f".{name}{tail}"
 
 
 def _host_tag() -> str:
