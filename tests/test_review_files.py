@@ -124,3 +124,23 @@ def test_a_cut_temp_name_of_a_killed_run_is_still_removed(tmp_path, monkeypatch)
     assert len(dead.name.encode()) <= NAME_MAX
     dead.write_bytes(b"half")
     assert remove_stale_temps(tmp_path) == [dead] and not dead.exists()
+
+
+def test_a_dataset_folder_of_calibrated_tiffs_opens_in_micrometres(make_napari_viewer, small_consep):
+    """A dataset folder whose images are OME-TIFFs of 0.5 µm/px opened at scale 1 (the image
+    opened alone: 0.5 µm), so Segment took a 20x image for the model's 40x; now its image, ground
+    truth and instances are in µm, as the file says, and Segment reads the size."""
+    import imageio.v3 as iio
+
+    from napari_medseg._napari.layers import pixel_size_um
+
+    for png in sorted((small_consep / "images").glob("*.png")):
+        tifffile.imwrite(png.with_suffix(".ome.tif"), iio.imread(png), photometric="rgb",
+                         metadata={"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+        png.unlink()
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(small_consep), plugin="napari-medseg")
+    assert [layer.name for layer in layers[:3]] == ["train_1_005", "train_1_005 ground truth", "train_1_005 instances"]
+    for layer in layers:
+        assert tuple(layer.scale) == (0.5, 0.5) and [str(u) for u in layer.units] == ["micrometer"] * 2
+    assert pixel_size_um(layers[0]) == 0.5

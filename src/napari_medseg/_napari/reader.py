@@ -216,14 +216,22 @@ def read_dataset_folder(path) -> list[tuple]:
 
 
 def _sample_layers(ds, sample, visible: bool) -> list[tuple]:
-    """One image of a dataset folder: its image, class map and instance map, named by its stem."""
+    """One image of a dataset folder: its image, class map and instance map, named by its stem, in
+    µm where the image file records its pixel size (as when the image is opened alone: Segment
+    then sees it at its model's pixel size, as ``medseg predict`` on the folder does)."""
     metadata = {"dataset": str(ds.root), "stem": sample.stem}
-    layers = [(sample.image, image_kwargs(sample.stem, sample.image, visible=visible, metadata=metadata), "image")]
+    size = file_pixel_size_um(ds.image_paths[sample.stem])
+    extra = _scale_kwargs(size)
+    if size:
+        metadata["pixel_size_um"] = size
+    layers = [(sample.image, image_kwargs(sample.stem, sample.image, visible=visible, metadata=metadata, **extra),
+               "image")]
     if sample.labels is not None:
-        kwargs = class_labels_kwargs(f"{sample.stem} ground truth", ds.classes, visible=visible)
+        kwargs = class_labels_kwargs(f"{sample.stem} ground truth", ds.classes, visible=visible, **extra)
         layers.append((sample.labels, kwargs, "labels"))
     if sample.instances is not None:
-        layers.append((sample.instances, instance_labels_kwargs(f"{sample.stem} instances", visible=False), "labels"))
+        kwargs = instance_labels_kwargs(f"{sample.stem} instances", visible=False, **extra)
+        layers.append((_paintable(sample.instances), kwargs, "labels"))
     return layers
 
 
