@@ -35,3 +35,111 @@ def test_segment_file_uses_the_pixel_size_the_file_records(at_40x, consep, tmp_p
     assert labels.shape == image.shape[:2] and np.array_equal(labels, expected)
     # told otherwise, the caller wins
     assert np.array_equal(segment_file(path, at_40x, settings, pixel_size_um=0.25), at_40x.segment(image, settings))
+
+
+def test_a_run_that_reads_no_file_leaves_no_output_folder(tmp_path, tiny_checkpoint):
+    """Every input unreadable: nothing is written, not even classes.json (a folder holding only it
+    had been left), and the last line does not name a labels folder that was never made."""
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(np.zeros(8, np.uint8).tobytes())
+    out = tmp_path / "out"
+    proc = medseg("predict", text, cut, "--model", tiny_checkpoint, "--out", out, "--device", "cpu")
+    assert_refused(proc, "skipped", "'notes.txt'", "'cut.png'")
+    assert "none of the 2 files could be read" in proc.stdout and str(out / "labels") not in proc.stdout
+    assert not out.exists()
+
+
+def test_a_readable_file_after_an_unreadable_one_gets_its_classes(tmp_path, tiny_checkpoint, consep):
+    """classes.json, written with the first result, is there when the first file is unreadable."""
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    out = tmp_path / "out"
+    proc = medseg("predict", text, consep / "images" / "train_2_006.png", "--model", tiny_checkpoint, "--out", out,
+                  "--device", "cpu", "--tile", "128", "--overlap", "32")
+    assert proc.returncode == 1 and "wrote 1 class map(s)" in proc.stdout
+    assert (out / "classes.json").is_file() and (out / "labels" / "train_2_006.tif").is_file()
+
+
+def test_missing_input_and_empty_folder_are_user_errors(tmp_path):
+    """Exit 2 and 'medseg predict: error: ...', as every other mistake of the user (exit 1 and a
+    bare 'medseg: ...' before), and nothing written."""
+    (tmp_path / "nothing").mkdir()
+    out = tmp_path / "out"
+    for given, words in ((tmp_path / "missing.png", "does not exist"), (tmp_path / "nothing", "no images")):
+        proc = medseg("predict", given, "--out", out)
+        assert proc.returncode == 2 and f"medseg predict: error: " in proc.stderr, proc.stderr
+        assert_refused(proc, words)
+    assert not out.exists()
+
+
+def test_a_file_given_twice_is_segmented_once(tmp_path, tiny_checkpoint, consep):
+    """The same image named twice (and through its folder) is one result, said as one."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image = folder / "train_2_006.png"
+    image.write_bytes((consep / "images" / "train_2_006.png").read_bytes())
+    out = tmp_path / "out"
+    proc = medseg("predict", image, image, folder, "--model", tiny_checkpoint, "--out", out, "--device", "cpu",
+                  "--tile", "128", "--overlap", "32")
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 1 class map(s)" in proc.stdout and proc.stderr.count("train_2_006.png [") >= 1
+    assert "[1/1]" in proc.stderr and "[2/" not in proc.stderr
+
+
+@pytest.fixture
+def read_only_folder(tmp_path, monkeypatch):
+    """A folder that cannot be written, for root too (permissions alone do not stop root): the
+    writability check sees it refused, as on a read-only mount."""
+    import os
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.path.realpath(p) == str(folder.resolve())
+                        and mode & os.W_OK else real_access(p, mode, **kw))
+    folder.chmod(0o555)
+    yield folder
+    folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("where", ["ro", "ro/sub"])
+def test_an_unwritable_output_folder_is_named_before_any_work(read_only_folder, tiny_checkpoint, consep, where):
+    """One message naming the folder given (it had named a hidden temp file in it: '.classes.json.
+    <host>-<pid>.<hex>.part: Read-only file system'), exit 2, nothing written; slides alike (each
+    slide had been 'skipped' for it, exit 1)."""
+    from conftest import DATA
+
+    out = read_only_folder.parent / where
+    images = medseg("predict", consep / "images" / "train_2_006.png", "--model", tiny_checkpoint, "--out", out,
+                    "--device", "cpu")
+    slide = medseg("predict", DATA / "slides" / "CMU-1-Small-Region.svs", "--region", "600,500,64,64",
+                   "--model", tiny_checkpoint, "--out", out, "--device", "cpu")
+    for proc in (images, slide):
+        assert proc.returncode == 2, proc.stderr
+        assert_refused(proc, f"Cannot write {out}:", "choose a folder you can write to")
+        assert ".part" not in proc.stderr and "skipped" not in proc.stderr
+    assert list(read_only_folder.iterdir()) == []
+
+
+def test_a_region_without_width_is_refused_once(tmp_path, tiny_checkpoint):
+    """--region with a width or height under 1: one message, exit 2, before the model loads (it had
+    been each slide 'skipped' as 'not on the slide')."""
+    from conftest import DATA
+
+    proc = medseg("predict", DATA / "slides" / "CMU-1-Small-Region.svs", "--region", "0,0,-5,10",
+                  "--model", tiny_checkpoint, "--out", tmp_path / "out")
+    assert proc.returncode == 2
+    assert_refused(proc, "width and height must be at least 1")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_slide_run_prints_its_region_as_given(tmp_path, tiny_checkpoint):
+    """The region as x,y,w,h (clipped to the slide), not a Python repr ('Region(x=..., ...)')."""
+    from conftest import DATA
+
+    proc = medseg("predict", DATA / "slides" / "CMU-1-Small-Region.svs", "--region", "2150,500,128,64",
+                  "--model", tiny_checkpoint, "--out", tmp_path / "out", "--device", "cpu", "--no-instances")
+    assert proc.returncode == 0, proc.stderr
+    assert "CMU-1-Small-Region.svs: region 2150,500,70,64," in proc.stdout and "Region(" not in proc.stdout

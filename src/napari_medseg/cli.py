@@ -37,6 +37,7 @@ class ProgressLine:
 
 
 def _collect_inputs(inputs: list[str]) -> list[Path]:
+    """The image files ``inputs`` name (folders and dataset folders opened), each once."""
     from .io.dataset import is_dataset_folder
     from .io.images import IMAGE_SUFFIXES
 
@@ -53,13 +54,16 @@ def _collect_inputs(inputs: list[str]) -> list[Path]:
                 slides = sorted(p.name for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)
                 hint = (f" It holds whole slides ({', '.join(slides[:3])}{' ...' if len(slides) > 3 else ''}): "
                         "give each file with --region X,Y,W,H or --whole-slide." if slides else "")
-                raise SystemExit(f"medseg: no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}.{hint}")
+                raise MedsegError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}.{hint}")
             files += found
         elif path.is_file():
             files.append(path)
         else:
-            raise SystemExit(f"medseg: '{item}' does not exist.")
-    return files
+            raise MedsegError(f"'{item}' does not exist.")
+    # a file named twice (or in a folder also given) is segmented once: twice was twice the time,
+    # and 'wrote 2 class maps' for one
+    unique = {os.path.realpath(f): f for f in reversed(files)}
+    return [f for f in files if unique[os.path.realpath(f)] is f]
 
 
 # option -> setting, for the options whose default is their settings class's (one place for each default):
@@ -202,6 +206,10 @@ def cmd_predict(args) -> int:
                                   progress_for=lambda i, n, file: ProgressLine(f"[{i}/{n}] {file.name}"),
                                   backend=args.backend, precision=args.precision):
         failures += _print_prediction(done, with_instances=not args.no_instances)
+    if failures == len(files):  # nothing was written: not 'to OUT/labels', a folder it did not make
+        what = "the file could not be read" if failures == 1 else f"none of the {failures} files could be read"
+        print(f"wrote 0 class map(s): {what} (above)")
+        return 1
     print(f"wrote {len(files) - failures} class map(s) to {out / 'labels'}"
           + ("" if args.no_instances else f" and instance map(s) to {out / 'instances'}"))
     return 1 if failures else 0
@@ -210,6 +218,7 @@ def cmd_predict(args) -> int:
 def _predict_slides(args) -> int:
     """Whole slides (or a region of each) into OUT: zarr pyramids, OME-TIFFs, GeoJSON, CSV."""
     from .inference import Segmenter
+    from .inference.batch import check_writable_folder
     from .inference.postprocess import PostprocessSettings
     from .inference.regions import Region, TissueSettings
     from .inference.slide import predict_slide
@@ -241,6 +250,7 @@ def _predict_slides(args) -> int:
     check_unique_stems(slides, file_stem)
     for path in slides:
         check_no_slide_results(out, file_stem(path))
+    check_writable_folder(out)  # once, before the model loads (not 'skipped' for each slide, naming a temp file)
     # by the runtime alone where an earlier load on this machine recorded its choice: no torch in
     # this process (about 0.65 GB less over a whole slide); else loaded, checked and recorded
     segmenter = Segmenter.load(args.model, device=args.device, backend=args.backend, precision=args.precision,
@@ -275,7 +285,8 @@ def _predict_slides(args) -> int:
             continue
         counts = ", ".join(f"{name} {n}" for name, n in result.counts.items())
         found = "" if args.no_instances else f", {result.nuclei} nuclei ({counts})"
-        print(f"{path.name}: region {result.region}, {100 * result.tissue_fraction:.0f}% tissue{found}")
+        r = result.region
+        print(f"{path.name}: region {r.x},{r.y},{r.width},{r.height}, {100 * result.tissue_fraction:.0f}% tissue{found}")
         for note in result.notes:
             print(f"  {path.name}: {note}", file=sys.stderr)
         for kind, file in result.files.items():

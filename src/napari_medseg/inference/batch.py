@@ -9,6 +9,7 @@ image nor the probabilities of a slide need to fit in memory.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,7 @@ def predict_to_folder(files: list[Path], out: str | Path, model: str | os.PathLi
     out, files = Path(out), [Path(f) for f in files]
     check_not_input(out, files, RESULT_FOLDERS)
     check_unique_stems(files, file_stem)
+    check_writable_folder(out)  # before the model loads, and named as the user gave it (not a temp file in it)
     # by a runtime this machine has checked before, without torch (seconds of start-up, 0.65 GB)
     segmenter = Segmenter.load(model, device=device, backend=backend, precision=precision, recorded=True)
     if settings.foreground_threshold is not None:
@@ -106,23 +108,45 @@ def predict_to_folder(files: list[Path], out: str | Path, model: str | os.PathLi
         use_class_weights(segmenter, settings.class_weights)
     settings.tiles.checked(segmenter.meta.model.output_stride)
     segmenter.instance_settings_with(settings.instance_overrides)  # refused here, before any file
-    if claim_classes(out, segmenter.classes, RESULT_FOLDERS):
-        write_classes(out, segmenter.classes, source=source)
+    classes_pending = claim_classes(out, segmenter.classes, RESULT_FOLDERS)
+
+    def write_classes_once() -> None:
+        # with the first result, not before: a run whose every file is unreadable leaves no
+        # folder holding a classes.json and nothing else
+        nonlocal classes_pending
+        if classes_pending:
+            write_classes(out, segmenter.classes, source=source)
+            classes_pending = False
+
     remove_stale_temps(out, *(out / sub for sub in RESULT_FOLDERS))
     for index, file in enumerate(files, 1):
         progress = progress_for(index, len(files), file) if progress_for is not None else None
-        yield predict_file(segmenter, file, out, settings, progress)
+        yield predict_file(segmenter, file, out, settings, progress, before_writing=write_classes_once)
+
+
+def check_writable_folder(out: Path, flag: str = "--out") -> None:
+    """Refuses an output folder (or, where it does not exist yet, the folder it would be made in)
+    that cannot be written: said before any work, naming the folder the user gave."""
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is None or os.access(existing, os.W_OK | os.X_OK):
+        return
+    read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    cause = OSError(errno.EROFS if read_only else errno.EACCES, os.strerror(errno.EROFS if read_only else errno.EACCES))
+    raise write_error(out, cause)
 
 
 def predict_file(segmenter: Segmenter, file: Path, out: Path, settings: BatchSettings,
-                 progress: ProgressCallback | None = None) -> FilePrediction:
-    """One file into ``out`` (see ``predict_to_folder``); an unreadable file is skipped, not raised."""
+                 progress: ProgressCallback | None = None,
+                 before_writing: Callable[[], None] | None = None) -> FilePrediction:
+    """One file into ``out`` (see ``predict_to_folder``); an unreadable file is skipped, not raised.
+    ``before_writing`` is called once the file is segmented, before its results are written."""
     result = FilePrediction(Path(file))
     try:
         image = open_for_prediction(result.file)
         result.pixel_size_um = settings.pixel_size_um or (
             file_pixel_size_um(result.file) if settings.use_file_pixel_size else None)
-        labels, instances = _segment_into(segmenter, image, out, file_stem(result.file), settings, progress, result)
+        labels, instances = _segment_into(segmenter, image, out, file_stem(result.file), settings, progress, result,
+                                          before_writing)
     except ImageReadError as exc:  # also raised mid-run by a lazily read file (io.lazy names it)
         return FilePrediction(result.file, skipped=str(exc))
     stem = file_stem(result.file)
@@ -140,7 +164,8 @@ def predict_file(segmenter: Segmenter, file: Path, out: Path, settings: BatchSet
 
 
 def _segment_into(segmenter: Segmenter, image, out: Path, stem: str, settings: BatchSettings,
-                  progress: ProgressCallback | None, result: FilePrediction):
+                  progress: ProgressCallback | None, result: FilePrediction,
+                  before_writing: Callable[[], None] | None = None):
     """Segments ``image``, writes its class map (and probabilities), fills in ``result``;
     returns ``(class map, instances or None)``."""
     probs = tmp = None
@@ -159,6 +184,8 @@ def _segment_into(segmenter: Segmenter, image, out: Path, stem: str, settings: B
                                                              settings.instance_overrides),
                                                          probabilities_out=probs, pixel_size_um=result.pixel_size_um)
         result.report, result.shape = segmenter.last_report, labels.shape
+        if before_writing is not None:
+            before_writing()
         result.labels = write_label_map(out / "labels" / f"{stem}.tif", labels, result.pixel_size_um,  # tiled when large
                                         label_record("classes", segmenter.classes, segmenter.meta.colors))
         if probs is not None:

@@ -46,6 +46,8 @@ class Region:
             x, y, w, h = (int(v) for v in text.split(","))
         except ValueError:
             raise RegionError(f"Region '{text}': expected four integers x,y,width,height (level-0 pixels).") from None
+        if w < 1 or h < 1:  # said once, before the model loads (it had been 'not on the slide', each slide skipped)
+            raise RegionError(f"Region '{text}': width and height must be at least 1 pixel.")
         return cls(x, y, w, h)
 
     def checked(self, slide_shape: tuple[int, int], where: str = "slide") -> "Region":
