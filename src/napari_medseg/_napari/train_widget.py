@@ -289,9 +289,7 @@ class TrainWidget(ScrollingDock):
         elif isinstance(update, TrainingDone):
             self._on_done(update)
         elif isinstance(update, TrainingFailed):
-            self._job = None
-            self._set_running(False)
-            self._fail(update.message if update.error is None else update.error, prefix="Training failed: ")
+            self._on_failed(update)
         self.update_received.emit(update)
 
     def _on_batch(self, b: BatchDone) -> None:
@@ -375,6 +373,14 @@ class TrainWidget(ScrollingDock):
                          metadata={METADATA_KEY: {"kind": PREVIEW_IMAGE_KIND}})
         layer.data = image
         return layer
+
+    def _on_failed(self, failed: TrainingFailed) -> None:
+        self._job = None
+        self._set_running(False)
+        self._fail(failed.message if failed.error is None else failed.error, prefix="Training failed: ")
+        if failed.checkpoint is not None:  # epochs before the failure saved a best checkpoint: usable
+            self.trained_name = trained_models.add(failed.checkpoint, Path(failed.checkpoint).parent.name)
+            self.status.value += f" Its best checkpoint is listed as '{self.trained_name}' in the Segment widget."
 
     def _on_done(self, done: TrainingDone) -> None:
         self._job = None

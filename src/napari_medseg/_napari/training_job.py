@@ -29,7 +29,7 @@ import numpy as np
 
 from ..child_messages import log_tail, read_messages
 from ..errors import MedsegError
-from ..training.config import TrainConfig
+from ..training.config import BEST_NAME, TrainConfig
 from ..training.events import EpochDone, TrainingDone
 from ..training.items import LabelledImage
 from ..training.process import PreviewMaker, train_keeping_threshold, update_from_message, write_items
@@ -50,6 +50,8 @@ class TrainingFailed:
 
     message: str
     error: BaseException | None = None
+    # the best checkpoint of the epochs before the failure (a NaN loss at a later epoch): kept and listed
+    checkpoint: Path | None = None
 
 
 @dataclass
@@ -107,6 +109,12 @@ def make_run_dir(base: Path, name: str) -> tuple[Path, Path]:
     return run_dir, top
 
 
+def saved_best(run_dir: Path) -> Path | None:
+    """The best checkpoint a run wrote into its own (new) folder, or ``None`` if it wrote none."""
+    best = run_dir / BEST_NAME
+    return best if best.is_file() else None
+
+
 def remove_run_dir(run_dir: Path, top: Path) -> None:
     """Delete a run's folder, then the parents this run created up to ``top`` while they are empty."""
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -134,13 +142,16 @@ def _tell(child: subprocess.Popen, line: str) -> bool:
 
 def _end_process(child: subprocess.Popen, run_dir: Path, cleanup: Path | None, work: Path, log: Path) -> None:
     """Wait for the training process to end (killed after ``TRAINING_END_SECONDS``), then remove
-    the run's folder if it left no checkpoint, the exchange folder, and the log of a clean run."""
+    the run's folder if it left no checkpoint, the exchange folder, and the log of a clean run.
+
+    Whether a checkpoint is left is read from the folder once the process has ended: a run that
+    failed, or was stopped by the viewer closing, after a best epoch keeps that epoch's file."""
     try:
         child.wait(timeout=TRAINING_END_SECONDS)
     except subprocess.TimeoutExpired:
         child.kill()
         child.wait()
-    if cleanup is not None:
+    if cleanup is not None and saved_best(run_dir) is None:
         remove_run_dir(run_dir, cleanup)
     shutil.rmtree(work, ignore_errors=True)
     if child.returncode == 0:
@@ -191,12 +202,17 @@ class TrainingJob:
             import_torch_dynamo()  # before the trainer imports torchvision: see torch_import
             outcome = train_keeping_threshold(self.cfg, emit, self._stop.is_set, self.items, self.start_threshold)
         except Exception as exc:  # noqa: BLE001 - ends the run; the widget shows a message or a traceback
-            outcome = failure(exc)
+            outcome = self._with_best(failure(exc))
         finally:
             release_memory()
         if self._cleanup is not None and getattr(outcome, "checkpoint", None) is None:
             remove_run_dir(Path(self.cfg.out_dir), self._cleanup)
         emit(outcome)
+
+    def _with_best(self, failed: TrainingFailed) -> TrainingFailed:
+        """``failed`` with the best checkpoint the run wrote before it failed, if any."""
+        failed.checkpoint = saved_best(Path(self.cfg.out_dir))
+        return failed
 
     # -- the consumer side ----------------------------------------------------------------------
     def _follow(self, update) -> list:
@@ -261,8 +277,9 @@ class TrainingJob:
                     message = inbox.get(timeout=0.2)
                 except queue.Empty:
                     if child.poll() is not None and inbox.empty():
-                        outcome = TrainingFailed("The training process ended without a result "
-                                                 f"(exit code {child.returncode}).{log_tail(self.log)}")
+                        outcome = self._with_best(TrainingFailed(
+                            f"The training process ended without a result (exit code {child.returncode})."
+                            f"{log_tail(self.log)}"))
                         yield outcome
                     continue
                 for update in self._from_message(message):
@@ -277,10 +294,11 @@ class TrainingJob:
             except OSError:
                 pass
             # the process finishes on its own (seconds: torch's teardown); the worker does not wait
-            # for it, so closing the viewer right after a run never outlives the worker's signals
-            cleanup = self._cleanup if getattr(outcome, "checkpoint", None) is None else None
-            threading.Thread(target=_end_process, args=(child, Path(self.cfg.out_dir), cleanup, work, self.log),
-                             daemon=True).start()
+            # for it, so closing the viewer right after a run never outlives the worker's signals.
+            # Not a daemon: Python's exit waits for it, else the process's files (the painted tiles)
+            # and an empty run folder were left behind whenever napari quit within those seconds
+            threading.Thread(target=_end_process, args=(child, Path(self.cfg.out_dir), self._cleanup, work, self.log),
+                             daemon=False).start()
 
     def _from_message(self, message) -> list:
         """The updates a message of the training process stands for (None: its output ended)."""
@@ -298,7 +316,7 @@ class TrainingJob:
             return [update_from_message("TrainingDone", message["done"])]
         if "failed" in message:
             error = None if message.get("traceback") is None else TrainingProcessError(message["traceback"])
-            return [TrainingFailed(message["failed"], error)]
+            return [self._with_best(TrainingFailed(message["failed"], error))]
         return []
 
     def run_here(self, handle: Callable[[object], None]) -> None:

@@ -1,0 +1,131 @@
+"""The Train widget's runs keep what they saved: a run that fails, or whose viewer closes, after
+a best epoch keeps that checkpoint (and lists it); one that saved nothing leaves nothing behind,
+also when Python exits right after it. Real CoNSeP patches, tiny models, CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from napari_medseg._napari.model_list import trained_models
+from napari_medseg._napari.train_form import FROM_FOLDER, NEW_MODEL, TrainForm, plan_training
+from napari_medseg._napari.training_job import TrainingJob, make_run_dir
+from napari_medseg._napari.train_widget import TrainWidget
+from napari_medseg.models import load_checkpoint
+from napari_medseg.training.events import EpochDone, TrainingDone
+
+TINY = dict(start_from=NEW_MODEL, architecture="unet", encoder="resnet18", encoder_depth=3, crop_size=64,
+            batch_size=4, crops_per_image=1, val_fraction=0.34, lr=0.003, device="cpu", show_preview=False)
+
+
+def _tiny_widget(widget: TrainWidget, dataset, out_dir, epochs: int, name: str) -> None:
+    widget.source.value = FROM_FOLDER
+    widget.dataset.value = str(dataset)
+    for key, value in TINY.items():
+        getattr(widget, key).value = value
+    widget.epochs.value = epochs
+    widget.output_dir.value = str(out_dir)
+    widget.model_name.value = name
+
+
+def test_a_run_failing_after_its_best_epoch_keeps_and_lists_that_checkpoint(make_napari_viewer, small_consep,
+                                                                            tmp_path, monkeypatch):
+    """The loss turns NaN in epoch 2: the message says epoch 1's best checkpoint is kept, and it is
+    (its folder had been deleted with it), listed in the Segment widget's models."""
+    import napari_medseg.training.loop as loop
+
+    real = loop._batch_loss
+
+    def nan_from_epoch_2(run, image, labels, extra):
+        loss = real(run, image, labels, extra)
+        return loss * float("nan") if run.progress.history else loss
+
+    monkeypatch.setattr(loop, "_batch_loss", nan_from_epoch_2)
+    widget = TrainWidget(make_napari_viewer())
+    _tiny_widget(widget, small_consep, tmp_path / "models", epochs=3, name="nan")
+
+    assert widget.run(threaded=False) is None
+    assert "The loss became nan at epoch 2" in widget.error and "the best checkpoint so far is kept" in widget.error
+    best = tmp_path / "models" / "nan" / "best.safetensors"
+    assert best.is_file() and load_checkpoint(best)[1].training["best_epoch"] == 1
+    assert widget.trained_name == "trained: nan" and trained_models.path(widget.trained_name) == best
+    assert "'trained: nan'" in widget.status.value
+    assert widget.train_button.enabled and not widget.stop_button.enabled
+
+
+def _job(dataset, out, epochs: int) -> TrainingJob:
+    plan = plan_training(TrainForm(source=FROM_FOLDER, dataset=str(dataset), epochs=epochs, **TINY))
+    run_dir, created = make_run_dir(out, "run")
+    plan.cfg.out_dir = str(run_dir)
+    return TrainingJob(plan.cfg, plan.items, preview=False, cleanup=created)
+
+
+def _wait_for(condition, seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while not condition() and time.monotonic() < end:
+        time.sleep(0.2)
+    return condition()
+
+
+def test_a_run_whose_worker_is_quit_after_a_best_epoch_keeps_its_checkpoint(small_consep, tmp_path, monkeypatch):
+    """napari quits its workers when it closes: the generator closes mid-run, the process ends
+    after its batch, and the best checkpoint so far stays (the folder had been removed as if the
+    run had saved nothing, once the process ended)."""
+    import tempfile
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # the run's exchange folder and log go here
+    job = _job(small_consep, tmp_path / "models", epochs=20)
+    updates = job.updates()
+    for update in updates:
+        if isinstance(update, EpochDone) and update.best:
+            break
+        assert not isinstance(update, TrainingDone), update
+    (work,) = [p for p in temp.iterdir() if p.is_dir()]
+    updates.close()  # as the worker's quit does
+    # the process ends after its batch, then its exchange folder goes: by then the run folder is decided
+    assert _wait_for(lambda: not work.exists(), 90)
+    time.sleep(0.5)
+    best = tmp_path / "models" / "run" / "best.safetensors"
+    assert best.is_file() and load_checkpoint(best)[1].training["best_epoch"] >= 1
+
+
+HELPER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from napari_medseg._napari.train_form import FROM_FOLDER, TrainForm, plan_training
+    from napari_medseg._napari.training_job import TrainingJob, make_run_dir
+    from napari_medseg.training.events import BatchDone
+    tiny = {tiny!r}
+    plan = plan_training(TrainForm(source=FROM_FOLDER, dataset=sys.argv[1], epochs=5, **tiny))
+    run_dir, created = make_run_dir(Path(sys.argv[2]), "run")
+    plan.cfg.out_dir = str(run_dir)
+    updates = TrainingJob(plan.cfg, plan.items, preview=False, cleanup=created).updates()
+    for update in updates:
+        if isinstance(update, BatchDone):
+            break
+    updates.close()  # the viewer closed in epoch 1, and napari exits at once
+    print("closed", flush=True)
+""")
+
+
+def test_python_exiting_right_after_a_run_leaves_no_files_behind(small_consep, tmp_path):
+    """napari exits right after closing a run that saved nothing: the run's empty folder and the
+    process's exchange folder (a copy of the data) and log are gone (the thread removing them was
+    a daemon, killed at exit: they stayed, a pair per run, in the temp folder)."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    script = tmp_path / "helper.py"
+    script.write_text(HELPER.format(tiny={**TINY, "crops_per_image": 8}))  # 8 steps an epoch: closed in the first
+    env = {**os.environ, "TMPDIR": str(temp), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), str(small_consep), str(tmp_path / "models")], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0 and "closed" in done.stdout, done.stderr[-3000:]
+    assert sorted(os.listdir(temp)) == []
+    assert not (tmp_path / "models").exists(), sorted((tmp_path / "models").rglob("*"))
