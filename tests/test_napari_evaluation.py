@@ -254,3 +254,34 @@ def test_metrics_recompute_when_the_chosen_nuclei_are_painted(sample_viewer, qtb
     gt_ids = np.unique(instances.data)[1:]
     instances.data_setitem(np.nonzero(np.isin(instances.data, gt_ids[: len(gt_ids) // 2])), 0)
     qtbot.waitUntil(lambda: widget.result["overall"]["aji"] != second, timeout=15_000)
+
+
+def test_the_overlay_follows_painting_and_keys_its_colours_beside_the_scores(sample_viewer, qtbot):
+    """Erasing the false positives in the prediction: the live recompute redraws the TP / FP / FN
+    overlay too (it had kept showing the erased errors), the legend keys the overlay's own colours
+    with their pixel counts, and the scores stay in the summary (the overlay had replaced them)."""
+    viewer, _, truth, _, pred = sample_viewer
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Metrics")
+    widget.prediction.value, widget.ground_truth.value = pred, truth
+    widget.compute()
+    overlay = widget.show_errors()
+    false_positives = (truth.data == 0) & (pred.data > 0)
+    assert (overlay.data == FP).sum() == false_positives.sum() > 0
+    assert "bPQ" in widget.summary.value and "AJI" in widget.summary.value
+    assert f"false positive: {int(false_positives.sum())} px" in widget.legend.value
+    pred.data_setitem(np.nonzero(false_positives), 0)  # the eraser's call
+    qtbot.waitUntil(lambda: not (viewer.layers[overlay.name].data == FP).any(), timeout=15_000)
+    redrawn = viewer.layers[overlay.name].data
+    assert np.array_equal(redrawn == FN, (truth.data > 0) & (pred.data == 0))
+    assert "false positive: 0 px" in widget.legend.value
+    assert widget.result["per_class"]["epithelial"]["fp"] == ((truth.data != 3) & (pred.data == 3)).sum()
+
+
+def test_the_overlay_is_no_choice_of_prediction_or_ground_truth(sample_viewer):
+    viewer, _, truth, _, pred = sample_viewer
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Metrics")
+    widget.prediction.value, widget.ground_truth.value = pred, truth
+    overlay = widget.show_errors()
+    widget.reset_choices()
+    names = [layer.name for layer in widget.prediction.choices] + [layer.name for layer in widget.ground_truth.choices]
+    assert overlay.name not in names and pred.name in names

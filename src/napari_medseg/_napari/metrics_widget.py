@@ -1,12 +1,14 @@
 """Metrics panel: a prediction Labels layer against a ground-truth Labels layer, per class.
 
 Recomputes (debounced, off the GUI thread) when either layer is painted; shows TP/FP/FN
-overlays; hides classes of the prediction one by one; exports the table as CSV.
+overlays (redrawn with each recompute, their colours keyed in the legend); hides classes of the
+prediction one by one; exports the table as CSV.
 """
 
 from __future__ import annotations
 
 import math
+from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -92,6 +94,9 @@ class MetricsWidget(ScrollingDock):
         self._viewer.layers.events.inserted.connect(self.reset_choices)
         self._viewer.layers.events.removed.connect(self.reset_choices)
         self.result: dict | None = None
+        self._metrics_text = ""  # the summary of the last computed metrics
+        self._class_legend = ""
+        self._error_key = ""  # the shown overlay's colours and pixel counts (rich text, under the legend)
         self._instances_note = ""
         self._worker = None
         self._watched: list = []
@@ -101,8 +106,8 @@ class MetricsWidget(ScrollingDock):
 
     # -- choices ------------------------------------------------------------------------
     def _class_layers(self, _widget=None) -> list:
-        # layers we know hold instances are not class maps
-        return labels_layers(self._viewer, exclude=("instances",))
+        # layers we know hold instances (or TP / FP / FN overlays) are not class maps
+        return labels_layers(self._viewer, exclude=("instances", "errors"))
 
     def _instance_choices(self, _widget=None) -> list:
         # the plugin's instance maps first; any other (e.g. a file napari's own reader opened) may be one
@@ -221,13 +226,16 @@ class MetricsWidget(ScrollingDock):
             return GroundTruth((gt > 0).astype(np.uint8), list(NUCLEUS_CLASSES))
         return ground_truth_from_label_map(gt, pred_names)
 
-    def _scored_maps(self):
+    @staticmethod
+    def _scored_maps(truth: GroundTruth, pred: np.ndarray, pred_names: list[str]):
         """(ground-truth class map, prediction, class names) as scored: classes merged into
         'nucleus' when the ground truth names none."""
-        truth, pred, pred_names, _ = self._inputs()
         if truth.nucleus_only and len(pred_names) > 2:
             return truth.class_map, (pred > 0).astype(np.uint8), list(NUCLEUS_CLASSES)
         return truth.class_map, pred, list(truth.classes) if truth.nucleus_only else pred_names
+
+    def _overlay_layer(self):
+        return next((l for l in labels_layers(self._viewer) if layer_kind(l) == "errors"), None)
 
     def compute(self, threaded: bool = False):
         """Fill the table; on bad input show why and leave the previous table as it was.
@@ -238,17 +246,35 @@ class MetricsWidget(ScrollingDock):
             truth, pred, names, pred_instances = self._inputs()
         except MedsegError as exc:
             return self._fail(exc)
-        job = lambda: compare_to_ground_truth(pred, names, truth, pred_instances)  # noqa: E731
+        # a shown overlay is redrawn with the scores: after painting it had kept the old errors
+        overlay_choice = self.error_class.value if self._overlay_layer() is not None else None
+
+        def job():
+            report = compare_to_ground_truth(pred, names, truth, pred_instances)
+            overlay = None
+            if overlay_choice is not None:
+                gt_map, pred_map, scored_names = self._scored_maps(truth, pred, names)
+                choice = overlay_choice if overlay_choice in scored_names[1:] else ALL_CLASSES
+                class_id = None if choice == ALL_CLASSES else scored_names.index(choice)
+                overlay = (choice, class_id, error_map(gt_map, pred_map, len(scored_names), class_id))
+            return report, overlay
+
         if not threaded:
             try:
-                return self._show(job())
+                return self._show_with_overlay(job())
             except MedsegError as exc:
                 return self._fail(exc)
         if self._worker is not None:
             self._worker.quit()
         self.summary.value = "Computing..."
-        self._worker = start_worker(job, on_error=self._fail, returned=self._show)
+        self._worker = start_worker(job, on_error=self._fail, returned=self._show_with_overlay)
         return self._worker
+
+    def _show_with_overlay(self, result) -> dict:
+        report, overlay = result
+        if overlay is not None and self._overlay_layer() is not None:  # not removed meanwhile
+            self._put_overlay(*overlay)
+        return self._show(report)
 
     def _fail(self, error: BaseException | str) -> None:
         report_error(self.summary, error)
@@ -276,13 +302,21 @@ class MetricsWidget(ScrollingDock):
         notes += [self._instances_note] if self._instances_note else []
         if notes:
             self.summary.value = "\n".join([*notes, self.summary.value])
+        self._metrics_text = self.summary.value
         pred_layer = self.prediction.value
         info = pred_layer.metadata.get(METADATA_KEY, {}) if pred_layer is not None else {}
         classes = list(NUCLEUS_CLASSES) if merged or not info.get("classes") else info["classes"]
         colors = None if merged or not info.get("colors") else info["colors"]
-        self.legend.value = legend_html(classes, colors)
+        self._class_legend = legend_html(classes, colors)
+        self._show_legend()
         self.result = report
         return report
+
+    def _show_legend(self) -> None:
+        """The prediction's class colours, and under them the overlay's own colours, which differ
+        (its vermilion false positives are not the orange of 'epithelial')."""
+        parts = [self._class_legend, self._error_key if self._overlay_layer() is not None else ""]
+        self.legend.value = "<br>".join(p for p in parts if p)
 
     def export_csv(self, path: str | Path | None = None) -> Path | None:
         if self.result is None:
@@ -306,7 +340,7 @@ class MetricsWidget(ScrollingDock):
     def show_errors(self):
         """Add (or update) a Labels layer with TP / FP / FN pixels in three distinct colours."""
         try:
-            gt, pred, names = self._scored_maps()
+            gt, pred, names = self._scored_maps(*self._inputs()[:3])
             choice = self.error_class.value
             if choice not in (None, ALL_CLASSES, *names[1:]):
                 raise WidgetInputError(f"The layers have no class '{choice}'; choose one of {names[1:]}.")
@@ -314,14 +348,20 @@ class MetricsWidget(ScrollingDock):
             errors = error_map(gt, pred, len(names), class_id)
         except MedsegError as exc:
             return self._fail(exc)
+        layer = self._put_overlay(choice or ALL_CLASSES, class_id, errors)
+        self.summary.value = self._metrics_text  # the scores stay in view beside the overlay
+        return layer
+
+    def _put_overlay(self, choice: str, class_id: int | None, errors: np.ndarray):
+        """Show ``errors`` in the overlay layer (made once, then updated in place) and key its colours."""
         from napari.utils.colormaps import DirectLabelColormap
 
         colors = {None: np.zeros(4), 0: np.zeros(4)}
         colors.update({k: np.array([*(np.asarray(c) / 255.0), 0.8]) for k, c in ERROR_COLORS.items()})
-        name = f"errors: {choice or ALL_CLASSES}"
+        name = f"errors: {choice}"
         features = {"index": [0, *ERROR_NAMES], "error": ["none", *ERROR_NAMES.values()]}
         meta = {METADATA_KEY: {"kind": "errors"}}
-        existing = next((l for l in labels_layers(self._viewer) if layer_kind(l) == "errors"), None)
+        existing = self._overlay_layer()
         where = placement(self.prediction.value)  # on the prediction, wherever its image sits (µm, moved)
         if existing is not None:
             existing.data, existing.name = errors, name
@@ -331,9 +371,16 @@ class MetricsWidget(ScrollingDock):
         else:
             layer = self._viewer.add_labels(errors, name=name, colormap=DirectLabelColormap(color_dict=colors),
                                             features=features, metadata=meta, opacity=0.8, **where)
-        counts = error_counts(errors)
-        self.summary.value = ", ".join(f"{k}: {v} px" for k, v in counts.items() if class_id is None or k != "wrong class")
+        self._error_key = self._overlay_key(name, error_counts(errors), class_id)
+        self._show_legend()
         return layer
+
+    @staticmethod
+    def _overlay_key(name: str, counts: dict[str, int], class_id: int | None) -> str:
+        items = [f'<span style="color:#{"".join(f"{c:02x}" for c in ERROR_COLORS[value])}; font-size:large">&#9632;'
+                 f'</span>&nbsp;{label}: {counts[label]} px'
+                 for value, label in ERROR_NAMES.items() if class_id is None or label != "wrong class"]
+        return f"'{escape(name)}': " + " &nbsp; ".join(items)
 
     def _apply_visible_classes(self, visible=None):
         layer = self.prediction.value
