@@ -143,3 +143,34 @@ def test_a_slide_run_prints_its_region_as_given(tmp_path, tiny_checkpoint):
                   "--model", tiny_checkpoint, "--out", tmp_path / "out", "--device", "cpu", "--no-instances")
     assert proc.returncode == 0, proc.stderr
     assert "CMU-1-Small-Region.svs: region 2150,500,70,64," in proc.stdout and "Region(" not in proc.stdout
+
+
+def test_a_slide_run_that_fills_the_disk_leaves_nothing_and_names_the_folder(tmp_path, tiny_checkpoint, monkeypatch):
+    """A full disk while the model's blocks are written: zarr writes a block's chunks at once and
+    raises the first failure while the others still run; one of them had made the run's hidden
+    store again after the clean-up removed it. Now nothing is left, and the message names the
+    results folder (it had been a bare '[Errno 28] No space left on device'); the run stops."""
+    import asyncio
+    import errno
+
+    from zarr.storage import LocalStore
+
+    from conftest import DATA
+
+    real_set = LocalStore._set
+
+    async def full_disk(self, key, value, exclusive=False):
+        if key.startswith("classes/0/") and not key.endswith(".zarray"):
+            if key.endswith("0.0"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            await asyncio.sleep(0.3)  # the other chunks of the block land after the failure
+        return await real_set(self, key, value, exclusive)
+
+    monkeypatch.setattr(LocalStore, "_set", full_disk)
+    out = tmp_path / "out"
+    proc = medseg("predict", DATA / "slides" / "CMU-1-Small-Region.svs", "--region", "900,900,256,256",
+                  "--model", tiny_checkpoint, "--out", out, "--device", "cpu", "--no-instances")
+    asyncio.run(asyncio.sleep(0.6))  # any write still under way has landed
+    assert proc.returncode == 2
+    assert_refused(proc, f"Cannot write {out}: No space left on device")
+    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))

@@ -223,7 +223,7 @@ def _predict_slides(args) -> int:
     from .inference.regions import Region, TissueSettings
     from .inference.slide import predict_slide
     from .io.images import file_stem
-    from .io.outputs import check_not_input, check_unique_stems
+    from .io.outputs import OutputWriteError, check_not_input, check_unique_stems
     from .io.slide_outputs import check_no_slide_results
     from .io.slides import is_slide_path, open_slide
     from .memory import limit_allocator_arenas
@@ -277,7 +277,7 @@ def _predict_slides(args) -> int:
                                    instance_settings=segmenter.instance_settings_with(_given(args, INSTANCE_OPTIONS)),
                                    postprocess=PostprocessSettings(**_given(args, CLEANUP_OPTIONS)),
                                    nuclei=not args.no_instances, tissue_settings=tissue)
-        except Cancelled:
+        except (Cancelled, OutputWriteError):  # the output folder (a full disk) fails every slide alike: stop
             raise
         except MedsegError as exc:  # a broken or odd slide: said, and the others still run
             print(f"medseg: skipped {path}: {exc}", file=sys.stderr)

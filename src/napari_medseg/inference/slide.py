@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from ..colors import class_colors
+from ..errors import MedsegError
 from ..io.images import file_stem
+from ..io.outputs import write_error
 from ..io.slide_outputs import (CSVStream, GeoJSONStream, SlideResultFiles, create_result_store, iter_build_pyramid,
                                 iter_write_pyramid_tiff, pyramid_shapes, pyramid_steps, tiff_steps)
 from ..nuclei.measure import UNCLASSIFIED, object_table
@@ -87,10 +89,37 @@ def iter_predict_slide(segmenter, slide, out_dir: str | os.PathLike, region: Reg
                          settings, postprocess, instance_settings)
         yield from _run_phases(phases, result.seconds)
         result.files = files.commit()
-    except BaseException:  # cancelled (GeneratorExit) or failed: nothing half-made is left
+    except BaseException as exc:  # cancelled (GeneratorExit) or failed: nothing half-made is left
+        if isinstance(exc, OSError):
+            _wait_for_store_writes()  # else a write still under way makes the removed store again
         files.abort()
+        if isinstance(exc, OSError) and not isinstance(exc, MedsegError):  # a full disk, say: named, not bare
+            raise write_error(Path(out_dir), exc) from None
         raise
     return result
+
+
+def _wait_for_store_writes(timeout: float = 10.0) -> None:
+    """Waits for the zarr writes still under way. Zarr writes a block's chunks concurrently on its
+    own event loop, and the first that fails (a full disk) is raised while the others still run;
+    one of those had made the store's folder again after the failed run removed it (2 runs in 6
+    left a hidden ``.<slide>.zarr...part`` behind)."""
+    import asyncio
+
+    try:
+        from zarr.core.sync import sync
+    except ImportError:  # another zarr: nothing known to wait for
+        return
+
+    async def others_done() -> None:
+        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        if others:
+            await asyncio.wait(others, timeout=timeout)
+
+    try:
+        sync(others_done(), timeout=timeout + 1)
+    except Exception:  # waiting is a courtesy to the clean-up, never a new failure
+        pass
 
 
 def predict_slide(segmenter, slide, out_dir, region: Region | None = None, progress=None, should_cancel=None,
