@@ -91,8 +91,8 @@ def predict_to_folder(files: list[Path], out: str | Path, model: str | os.PathLi
     (``FilePrediction.skipped``); any other error stops the run, leaving no partial file behind.
     ``backend``: who runs the network (``inference.backends``; ``auto`` = the fastest that matches PyTorch),
     ``precision``: ``auto``, ``fp32`` or the opt-in ``int8`` (see ``Segmenter.load``).
-    ``out`` may not be an input's folder nor hold another model's results (``io.outputs``), and two
-    files may not share a stem.
+    ``out`` may not be a dataset folder, hold an input where it writes, be unwritable, nor hold
+    another model's results (``io.outputs``), and two files may not share a stem.
     """
     settings = settings or BatchSettings()
     out, files = Path(out), [Path(f) for f in files]
