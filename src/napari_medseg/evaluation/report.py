@@ -8,7 +8,7 @@ derived from its class map with ``semantic_to_instances``.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,14 @@ AGGREGATION = {
     "mpq_plus": "CoNIC: tp/fp/fn/IoU summed per class over all images, PQ per class, averaged over classes",
     "f1": "binary detection F1 at IoU > 0.5, pooled",
     "aji": "aggregated Jaccard index, pooled (sum of intersections / sum of unions)",
+    "per_class.iou / dice / precision / recall / tp / fp / fn": "pixels, pooled confusion matrix",
+    "per_class.pq": "PanNuke: the class's PQ averaged over the images whose ground truth has it",
+    "per_class.pq_plus / f1 / gt_objects / pred_objects": "nuclei, tp/fp/fn summed over all images (CoNIC)",
 }
+# the watershed settings each kind of derived nuclei uses (a ground truth's keep every nucleus
+# and hole: ground_truth_settings)
+PREDICTION_WATERSHED = ("min_distance", "sigma", "min_size", "fill_holes")
+GROUND_TRUTH_WATERSHED = ("min_distance", "sigma")
 
 
 def ground_truth_settings(settings: InstanceSettings | None) -> InstanceSettings:
@@ -46,6 +53,29 @@ def _instances_for(class_map: np.ndarray, instances: np.ndarray | None, settings
             raise MetricsInputError(f"Instance map shape {instances.shape} differs from its class map's {class_map.shape}.")
         return instances
     return semantic_to_instances(class_map, settings)
+
+
+def _instances_source(read: int, images: int, folder: Path) -> str:
+    derived = "derived from the class maps (watershed)"
+    if read == images:
+        return f"instance maps in {folder}"
+    return derived if read == 0 else f"instance maps in {folder} for {read} of {images} images, the others {derived}"
+
+
+def _unused_settings_note(settings: InstanceSettings | None, pred_derived: bool, gt_derived: bool) -> str:
+    """Say which watershed settings, changed from the defaults, nothing used: they apply only to
+    nuclei derived from class maps, and a folder with instance maps had silently ignored them."""
+    if settings is None:
+        return ""
+    defaults = InstanceSettings()
+    used = set(PREDICTION_WATERSHED if pred_derived else ()) | set(GROUND_TRUTH_WATERSHED if gt_derived else ())
+    unused = [f"{f.name} {getattr(settings, f.name)}" for f in fields(settings)
+              if getattr(settings, f.name) != getattr(defaults, f.name) and f.name not in used]
+    if not unused:
+        return ""
+    read = "the prediction's nuclei were" if gt_derived else "all nuclei were"  # pred_derived uses them all
+    return (f"The watershed settings {', '.join(unused)} were not used: they cut nuclei from class maps, and "
+            f"{read} read from instance maps.")
 
 
 class PairEvaluation:
@@ -134,10 +164,16 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, instance_settings
             )
     missing = [s for s in gt.stems if not (labels_dir / f"{s}.tif").is_file()]
     if len(missing) == len(gt.stems):
-        raise DatasetError(f"{labels_dir} holds no prediction for any of the {len(gt.stems)} ground-truth images.")
+        stems = set(gt.stems)
+        others = sorted({p.name for p in labels_dir.iterdir() if p.stem in stems and p.is_file()})
+        found = (f" ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''} there are not .tif)" if others
+                 else f" (looked for <stem>.tif, e.g. {gt.stems[0]}.tif)")
+        raise DatasetError(f"{labels_dir} holds no prediction for any of the {len(gt.stems)} ground-truth images"
+                           f"{found}: class maps as <stem>.tif, as medseg predict writes them.")
     if missing:
         raise DatasetError(f"{labels_dir} lacks predictions for {len(missing)} image(s): {', '.join(missing[:5])}")
     evaluation = PairEvaluation(gt.classes, instance_settings)
+    pred_read = gt_read = 0
     for i, stem in enumerate(gt.stems, 1):
         sample = gt.load(stem)
         pred = read_label_map(labels_dir / f"{stem}.tif")
@@ -145,6 +181,8 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, instance_settings
             pred = (pred > 0).astype(np.uint8)
         inst_file = instances_dir / f"{stem}.tif"
         pred_instances = read_label_map(inst_file) if inst_file.is_file() else None
+        pred_read += pred_instances is not None
+        gt_read += sample.instances is not None
         try:
             evaluation.add(stem, sample.labels, pred, sample.instances, pred_instances)
         except MetricsInputError as exc:
@@ -153,7 +191,12 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, instance_settings
             progress(i, len(gt.stems))
     report = evaluation.report()
     report["classes_merged"] = merged
-    if merged:
-        report["note"] = (f"The ground truth names no nucleus classes: the prediction's classes {pred_classes[1:]} "
-                          "were merged into 'nucleus' (nucleus vs background).")
+    n = len(gt.stems)
+    report["instances"] = {"prediction": _instances_source(pred_read, n, instances_dir),
+                           "ground_truth": _instances_source(gt_read, n, Path(gt_dir) / "instances")}
+    notes = [f"The ground truth names no nucleus classes: the prediction's classes {pred_classes[1:]} "
+             "were merged into 'nucleus' (nucleus vs background)."] if merged else []
+    notes += [_unused_settings_note(instance_settings, pred_read < n, gt_read < n)]
+    if any(notes):
+        report["note"] = " ".join(note for note in notes if note)
     return report

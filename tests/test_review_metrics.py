@@ -1,0 +1,138 @@
+"""Review of comparing a prediction with ground truth: medseg evaluate's folder comparison on real
+CoNSeP patches (what it says about the nuclei it scored, bad folders), against a slow reference
+written from the published definitions."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import copy_small_consep
+from napari_medseg.io import read_label_map
+from napari_medseg.io.dataset import DatasetError
+from napari_medseg.evaluation.report import evaluate_folders
+from napari_medseg.nuclei.watershed import InstanceSettings
+
+
+def _prediction_folder(gt: Path, out: Path, instances: bool = True) -> Path:
+    """A 'prediction' as medseg predict writes it: the ground truth shifted 2 px, one nucleus in
+    eight dropped, instance ids made huge and non-contiguous (uint32)."""
+    (out / "labels").mkdir(parents=True)
+    if instances:
+        (out / "instances").mkdir()
+    shutil.copy(gt / "classes.json", out / "classes.json")
+    for k, path in enumerate(sorted((gt / "labels").glob("*.tif"))):
+        cm = np.roll(read_label_map(path), 2, axis=1)
+        inst = np.roll(read_label_map(gt / "instances" / path.name).astype(np.int64), 2, axis=1)
+        ids = np.unique(inst)[1:]
+        dropped = np.isin(inst, ids[k::8])
+        cm[dropped], inst[dropped] = 0, 0
+        tifffile.imwrite(out / "labels" / path.name, cm)
+        if instances:
+            tifffile.imwrite(out / "instances" / path.name,
+                             np.where(inst > 0, inst * 7919 + 2**31, 0).astype(np.uint32))
+    return out
+
+
+def _ref_pq_counts(gt, pred):
+    """Kirillov et al.: pairs with IoU > 0.5, one mask per instance."""
+    tp, iou_sum = 0, 0.0
+    for g in np.unique(gt)[1:]:
+        gm = gt == g
+        for p in np.unique(pred[gm]):
+            if p:
+                pm = pred == p
+                iou = (gm & pm).sum() / (gm | pm).sum()
+                if iou > 0.5:
+                    tp, iou_sum = tp + 1, iou_sum + iou
+    return tp, len(np.unique(pred)) - 1 - tp, len(np.unique(gt)) - 1 - tp, iou_sum
+
+
+def _pq(tp, fp, fn, iou_sum):
+    return iou_sum / (tp + fp / 2 + fn / 2) if tp + fp + fn else math.nan
+
+
+def _ref_aji(gt, pred):
+    """Kumar et al. 2017: each nucleus with its prediction of highest IoU; unused predictions join the union."""
+    inter = union = 0
+    used = set()
+    for g in np.unique(gt)[1:]:
+        gm = gt == g
+        best = max(((((gm & (pred == p)).sum() / (gm | (pred == p)).sum()), -p) for p in np.unique(pred[gm]) if p),
+                   default=None)
+        if best is None:
+            union += gm.sum()
+            continue
+        pm = pred == -best[1]
+        inter, union = inter + (gm & pm).sum(), union + (gm | pm).sum()
+        used.add(-best[1])
+    union += sum((pred == p).sum() for p in np.unique(pred)[1:] if p not in used)
+    return inter / union
+
+
+def _by_class(instances, class_map, c):
+    keep = [i for i in np.unique(instances)[1:] if np.bincount(class_map[instances == i], minlength=5)[1:].argmax() + 1 == c
+            and class_map[instances == i].any()]
+    return np.where(np.isin(instances, keep), instances, 0)
+
+
+def test_folder_scores_match_a_slow_reference_on_real_consep(consep, tmp_path):
+    gt = copy_small_consep(consep, tmp_path / "gt")
+    pred = _prediction_folder(gt, tmp_path / "pred")
+    report = evaluate_folders(pred, gt)
+    bpq, mpq, aji_parts, pooled = [], [], [], {c: np.zeros(4) for c in range(1, 5)}
+    for path in sorted((gt / "labels").glob("*.tif")):
+        g_cm, g_in = read_label_map(path), read_label_map(gt / "instances" / path.name).astype(np.int64)
+        p_cm, p_in = read_label_map(pred / "labels" / path.name), read_label_map(pred / "instances" / path.name)
+        p_in = p_in.astype(np.int64)
+        bpq.append(_pq(*_ref_pq_counts(g_in, p_in)))
+        per_image = []
+        for c in range(1, 5):
+            g_c = _by_class(g_in, g_cm, c)
+            counts = _ref_pq_counts(g_c, _by_class(p_in, p_cm, c))
+            pooled[c] += counts
+            if g_c.any():
+                per_image.append(_pq(*counts))
+        mpq.append(np.mean(per_image))
+        aji_parts.append(_ref_aji(g_in, p_in))
+    overall = report["overall"]
+    assert overall["bpq"] == pytest.approx(np.mean(bpq), abs=1e-12)
+    assert overall["mpq"] == pytest.approx(np.mean(mpq), abs=1e-12)
+    assert overall["mpq_plus"] == pytest.approx(np.nanmean([_pq(*pooled[c]) for c in pooled]), abs=1e-12)
+    assert report["images"] == 6 and 0.3 < overall["aji"] < 1
+
+
+def test_evaluate_says_where_nuclei_came_from_and_which_settings_went_unused(consep, tmp_path):
+    """medseg evaluate --min-size 200 on medseg predict's folder (instance maps on both sides): the
+    numbers cannot change, and the report had not said why (the option was silently ignored)."""
+    gt = copy_small_consep(consep, tmp_path / "gt")
+    pred = _prediction_folder(gt, tmp_path / "pred")
+    plain = evaluate_folders(pred, gt, InstanceSettings())
+    given = evaluate_folders(pred, gt, InstanceSettings(min_size=200, min_distance=9))
+    assert given["overall"] == plain["overall"]
+    assert "note" not in plain
+    assert "min_distance 9, min_size 200 were not used" in given["note"]
+    assert given["instances"] == {"prediction": f"instance maps in {pred / 'instances'}",
+                                  "ground_truth": f"instance maps in {gt / 'instances'}"}
+    json.dumps(given)  # the report stays JSON
+    # without the prediction's instance maps the settings cut its nuclei: no such note
+    derived = _prediction_folder(gt, tmp_path / "pred_derived", instances=False)
+    report = evaluate_folders(derived, gt, InstanceSettings(min_size=200))
+    assert "note" not in report and report["instances"]["prediction"].startswith("derived")
+    assert report["overall"]["bpq"] != plain["overall"]["bpq"]
+
+
+def test_predictions_saved_as_png_are_named(consep, tmp_path):
+    gt = copy_small_consep(consep, tmp_path / "gt")
+    pred = tmp_path / "pred" / "labels"
+    pred.mkdir(parents=True)
+    for path in (gt / "labels").glob("*.tif"):
+        tifffile.imwrite(pred / f"{path.stem}.png", read_label_map(path))  # any bytes: the name is the point
+    with pytest.raises(DatasetError, match=r"train_1_005\.png.*not \.tif.*<stem>\.tif"):
+        evaluate_folders(pred.parent, gt)
