@@ -129,3 +129,28 @@ def test_python_exiting_right_after_a_run_leaves_no_files_behind(small_consep, t
     assert done.returncode == 0 and "closed" in done.stdout, done.stderr[-3000:]
     assert sorted(os.listdir(temp)) == []
     assert not (tmp_path / "models").exists(), sorted((tmp_path / "models").rglob("*"))
+
+
+def test_closing_the_viewer_mid_run_raises_nothing_and_keeps_the_model(make_napari_viewer, qtbot, small_consep,
+                                                                       tmp_path, monkeypatch):
+    """The viewer closes during epoch 2: the run's last updates reached the destroyed controls
+    ('wrapped C/C++ object of type QProgressBar has been deleted', one notification each); now
+    they are not shown, and the run ends after its batch, keeping its best checkpoint."""
+    from napari.utils.notifications import notification_manager
+
+    errors = []
+    monkeypatch.setattr(notification_manager, "receive_error", lambda *exc: errors.append(exc))
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Train")
+    _tiny_widget(widget, small_consep, tmp_path / "models", epochs=20, name="closed")
+    widget.crops_per_image.value = 4  # 4 steps an epoch
+    epochs, ended = [], []
+    widget.update_received.connect(lambda u: epochs.append(u) if isinstance(u, EpochDone) else None)
+    worker = widget.run()
+    worker.finished.connect(lambda: ended.append(True))
+    qtbot.waitUntil(lambda: bool(epochs), timeout=120_000)
+    viewer.close()
+    qtbot.waitUntil(lambda: bool(ended), timeout=60_000)
+    assert errors == []
+    best = tmp_path / "models" / "closed" / "best.safetensors"
+    assert best.is_file() and load_checkpoint(best)[1].training["best_epoch"] >= 1

@@ -78,6 +78,7 @@ class TrainWidget(ScrollingDock):
         self._going_in: list = []  # preview layers handed to ``add_layers_in_turns``, not in yet
         self._plot_after_preview = False  # the epoch's plot waits for its preview's layer
         self._steps = self._epochs = 1
+        self._closed = False  # the dock's Qt widget was destroyed (the viewer closed)
         form = TrainForm()  # every control starts at the form's defaults (the core's)
         settings = [*self._data_controls(form), *self._model_controls(form), *self._optimiser_controls(form),
                     *self._output_controls(form)]
@@ -242,7 +243,7 @@ class TrainWidget(ScrollingDock):
         if not threaded:
             job.run_here(self._on_update)
             return self.result
-        self.native.destroyed.connect(lambda *_: job.stop())  # widget or viewer closed: end the run too
+        self.native.destroyed.connect(lambda *_: self._on_closed(job))  # widget or viewer closed: end the run too
         self._worker = start_worker(job.updates, on_error=lambda exc: self._on_update(failure(exc)),
                                     yielded=self._on_update, finished=self._on_worker_finished)
         return self._worker
@@ -265,6 +266,12 @@ class TrainWidget(ScrollingDock):
             self.stop_button.enabled = False
             self.status.value = "Stopping after the current batch..."
 
+    def _on_closed(self, job: TrainingJob) -> None:
+        """The dock is gone: the run ends after its batch, and its last updates touch no control
+        (each had raised 'wrapped C/C++ object ... has been deleted' into napari's notifications)."""
+        self._closed = True
+        job.stop()
+
     def _set_running(self, running: bool) -> None:
         self.train_button.enabled = not running
         self.stop_button.enabled = running
@@ -274,12 +281,16 @@ class TrainWidget(ScrollingDock):
 
     def _on_worker_finished(self) -> None:
         self._worker = None
+        if self._closed:
+            return
         if self._job is not None:  # the worker ended without a final update (quit)
             self._job = None
             self._set_running(False)
 
     # -- updates from the training thread ---------------------------------------------------------------
     def _on_update(self, update) -> None:
+        if self._closed:
+            return
         if isinstance(update, BatchDone):
             self._on_batch(update)
         elif isinstance(update, EpochDone):
