@@ -92,3 +92,29 @@ def test_torchrun_draws_the_samples_per_epoch_of_a_single_process_run(small_cons
     meta = load_checkpoint(run / "best.safetensors")[1]
     assert meta.data["crops_per_epoch"] == 4
     assert meta.training["history"][0]["epoch"] == 1
+
+
+def test_torchrun_refuses_a_gpu_that_is_not_there_with_a_message(tmp_path, monkeypatch):
+    """device=cuda under torchrun with no GPU (or more processes than GPUs) is refused with a
+    message saying what to change; it was torch's traceback ('Found no NVIDIA driver')."""
+    import pytest
+
+    from napari_medseg.devices import DeviceError
+    from napari_medseg.training import distributed
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "napari_medseg", "train", str(REPO / "configs" / "smoke.yaml"),
+           "--set", f"out_dir={tmp_path / 'run'}", "--set", "device=cuda"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "medseg train: error: Device 'cuda' requested but this machine has no CUDA GPU" in proc.stderr
+    assert "set device=cpu" in proc.stderr and "Found no NVIDIA driver" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+    # two GPUs, a third process: told how many to start
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(DeviceError, match="Process 2 on this machine needs GPU 2, but it has 2"):
+        distributed._check_gpu_for(2, "cuda")

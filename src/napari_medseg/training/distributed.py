@@ -74,6 +74,7 @@ def init_distributed(device_name: str) -> tuple[DistContext, str]:
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or str(device_name).startswith("cuda")
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
+        _check_gpu_for(local_rank, device_name)
         torch.cuda.set_device(local_rank)
         device_name = f"cuda:{local_rank}"
     elif device_name == "auto":
@@ -81,6 +82,20 @@ def init_distributed(device_name: str) -> tuple[DistContext, str]:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     return DistContext(world, rank, local_rank, backend), device_name
+
+
+def _check_gpu_for(local_rank: int, device_name: str) -> None:
+    """Each process takes the GPU of its local rank: refuse, with a message, one that is not there
+    (torch's own error was a traceback: 'Found no NVIDIA driver' or 'invalid device ordinal')."""
+    from ..devices import DeviceError
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise DeviceError(f"Device '{device_name}' requested but this machine has no CUDA GPU; for processes on "
+                          "the CPU (gloo) set device=cpu.")
+    if local_rank >= count:
+        raise DeviceError(f"Process {local_rank} on this machine needs GPU {local_rank}, but it has {count}: "
+                          f"start at most {count} (torchrun --nproc_per_node {count}).")
 
 
 def shutdown_distributed(ctx: DistContext) -> None:
