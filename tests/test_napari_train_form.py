@@ -64,6 +64,10 @@ def test_painted_form_becomes_tiles_and_a_fine_tuning_config(consep, tiny_checkp
     ({"start_from": FILE_MODEL, "checkpoint": "/nope.safetensors"}, "existing .safetensors"),
     ({"crop_size": 36, "encoder": "resnet18", "encoder_depth": 3}, "multiple of 8"),
     ({"dataset": "/nonexistent-folder"}, "not a dataset folder"),
+    # an empty folder box reads '.': it had been taken as the folder napari was started in
+    ({"dataset": "."}, "Choose a dataset folder"),
+    ({"dataset": ""}, "Choose a dataset folder"),
+    ({"output_dir": "."}, "Choose a folder to save the model in"),
 ])
 def test_bad_forms_raise_a_message_for_the_user(small_consep, change, expected):
     form = TrainForm(**{"dataset": str(small_consep), "start_from": NEW_MODEL, **change})

@@ -154,3 +154,13 @@ def test_closing_the_viewer_mid_run_raises_nothing_and_keeps_the_model(make_napa
     assert errors == []
     best = tmp_path / "models" / "closed" / "best.safetensors"
     assert best.is_file() and load_checkpoint(best)[1].training["best_epoch"] >= 1
+
+
+def test_an_empty_dataset_box_asks_for_a_folder(make_napari_viewer, tmp_path):
+    """The box left empty read as the folder napari was started in: 'Error: /home/... is not a
+    dataset folder'; now it asks for a folder, and nothing is made."""
+    widget = TrainWidget(make_napari_viewer())
+    _tiny_widget(widget, tmp_path, tmp_path / "models", epochs=1, name="x")
+    widget.dataset.line_edit.value = ""  # the user empties the box (a new widget's box is empty too)
+    assert widget.run(threaded=False) is None
+    assert widget.error.startswith("Choose a dataset folder") and not (tmp_path / "models").exists()

@@ -106,6 +106,8 @@ def plan_training(form: TrainForm) -> TrainingPlan:
     """Check every input of ``form`` and build the run; raises a ``MedsegError`` whose message
     tells the user what to change. Reads the start checkpoint and the dataset folder; writes nothing."""
     check_model_name(form.model_name)
+    if _not_chosen(form.output_dir):
+        raise WidgetInputError("Choose a folder to save the model in ('save in').")
     start, start_meta = start_checkpoint(form)
     in_channels = start_meta.model.in_channels if start_meta else _MODEL.in_channels
     if form.source == FROM_FOLDER:
@@ -134,6 +136,11 @@ def plan_training(form: TrainForm) -> TrainingPlan:
     )
     cfg.check()  # the trainer's own consistency checks, before anything is made
     return TrainingPlan(cfg, items, layer_source, start_meta.foreground_threshold if start_meta else None)
+
+
+def _not_chosen(path: str) -> bool:
+    """An empty folder box: its value reads as '.' (``str(Path(''))``)."""
+    return path.strip() in ("", ".")
 
 
 def check_model_name(name: str) -> None:
@@ -165,6 +172,8 @@ def start_checkpoint(form: TrainForm) -> tuple[Path | None, CheckpointMeta | Non
 
 def folder_classes(form: TrainForm, start: Path | None, start_meta: CheckpointMeta | None) -> list[str]:
     """The dataset folder's classes, checked against the model to fine-tune."""
+    if _not_chosen(form.dataset):  # not the folder napari was started in, named as 'not a dataset folder'
+        raise WidgetInputError("Choose a dataset folder to train on (images/, labels/ and classes.json).")
     folder = Path(form.dataset).expanduser()
     classes = open_dataset(folder, require_labels=True).classes
     if start_meta is not None and start_meta.classes != classes:
