@@ -174,3 +174,20 @@ def test_a_slide_run_that_fills_the_disk_leaves_nothing_and_names_the_folder(tmp
     assert proc.returncode == 2
     assert_refused(proc, f"Cannot write {out}: No space left on device")
     assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
+
+
+def test_the_python_api_refuses_a_pixel_size_no_microscope_gives(at_40x, consep):
+    """``Segmenter.segment(..., pixel_size_um=100)``: refused at once, as --pixel-size 100 is (it
+    had upscaled the image 400-fold: 21 s for an 8 x 8 px crop with the default model); the
+    plausible range's ends still run."""
+    from napari_medseg.inference.rescale import PixelSizeError
+
+    image = read_image(consep / "images" / "train_2_006.png")[:64, :64]
+    for size in (100, 25, 0.01):
+        with pytest.raises(PixelSizeError, match="not one a microscope gives"):
+            at_40x.segment(image, pixel_size_um=size)
+        with pytest.raises(PixelSizeError, match="not one a microscope gives"):
+            at_40x.segment_nuclei(image, pixel_size_um=size)
+    assert at_40x.segment(image[:16, :16], pixel_size_um=20).shape == (16, 16)
+    assert at_40x.segment(image, pixel_size_um=0.05).shape == (64, 64)
+    assert at_40x.segment(image, pixel_size_um=None).shape == (64, 64)

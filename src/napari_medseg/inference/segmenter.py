@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from ..io.images import read_image
+from ..io.pixel_size import PLAUSIBLE_PIXEL_SIZE_UM, file_pixel_size_um, is_plausible_pixel_size
 from ..nuclei.watershed import INSTANCE_MAX_PIXELS, INSTANCE_STEPS, InstanceSettings, iter_semantic_to_instances
 from ..models import CheckpointMeta, load_checkpoint, read_meta, resolve_model_path
 from ..models.quantise import CALIBRATION_TILE, calibration_tiles, int8_plan
@@ -28,7 +29,7 @@ from .backends import Backend, choose_backend, recorded_backend, torch_backend
 from .blend import iter_blend
 from .run_report import RunReport
 from .postprocess import PostprocessSettings, postprocess_class_map
-from .rescale import iter_segment_rescaled, model_scale, settings_at_image_scale
+from .rescale import PixelSizeError, checked_pixel_size, iter_segment_rescaled, model_scale, settings_at_image_scale
 from .settings import InferenceSettingsError, TileSettings
 from .source import DARK_NOTE, ImageSource
 
@@ -227,8 +228,16 @@ class Segmenter:
         return labels
 
     def scale_for(self, pixel_size_um: float | None) -> float:
-        """Model pixels per pixel of an image of ``pixel_size_um`` µm/px (1.0: the image is used as it is)."""
-        return model_scale(pixel_size_um, self.meta.pixel_size_um)
+        """Model pixels per pixel of an image of ``pixel_size_um`` µm/px (1.0: the image is used as it is).
+        A size no microscope gives is refused, as ``medseg predict --pixel-size`` refuses it: 100 (a
+        magnification, or nm taken for µm) had upscaled an 8 px image 400-fold, 21 s for it."""
+        size = checked_pixel_size(pixel_size_um, "image's pixel size")
+        if size is not None and self.meta.pixel_size_um and not is_plausible_pixel_size(size):
+            low, high = PLAUSIBLE_PIXEL_SIZE_UM
+            raise PixelSizeError(f"The image's pixel size, {size:g} µm/px, is not one a microscope gives ({low:g}-"
+                                 f"{high:g} µm/px): give it in µm per pixel (0.25 for 40x, 0.5 for 20x), or none "
+                                 "to take the image as it is.")
+        return model_scale(size, self.meta.pixel_size_um)
 
     def iter_probabilities(self, image, settings: TileSettings | None = None):
         """Generator: yields ``(done, total)`` tiles, returns float32 probabilities ``(C, H, W)`` in memory."""
@@ -303,7 +312,5 @@ def segment_file(path: str | Path, segmenter: Segmenter, settings: TileSettings 
     """The class map of one image file (read whole: see ``io.lazy`` for whole slides), segmented at
     the model's pixel size where the file records its own (as ``medseg predict`` does: a 20x TIFF
     had been taken as 40x); ``pixel_size_um`` overrides what the file records."""
-    from ..io.pixel_size import file_pixel_size_um
-
     size = pixel_size_um if pixel_size_um is not None else file_pixel_size_um(path)
     return segmenter.segment(read_image(path), settings, progress, pixel_size_um=size)
