@@ -191,3 +191,18 @@ def test_the_python_api_refuses_a_pixel_size_no_microscope_gives(at_40x, consep)
     assert at_40x.segment(image[:16, :16], pixel_size_um=20).shape == (16, 16)
     assert at_40x.segment(image, pixel_size_um=0.05).shape == (64, 64)
     assert at_40x.segment(image, pixel_size_um=None).shape == (64, 64)
+
+
+def test_every_argument_of_every_command_says_what_it_is():
+    """``medseg CMD --help`` explains each argument (info's model, convert's folders, train's config,
+    the tuning commands' --device had none), and the top help is plain text (no ``)."""
+    import argparse
+
+    from napari_medseg.cli import build_parser
+
+    parser = build_parser()
+    assert "``" not in parser.format_help() and "browser front" in parser.format_help()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    silent = [f"{name} {action.dest}" for name, sub in commands.choices.items() for action in sub._actions
+              if not isinstance(action, argparse._HelpAction) and not action.help]
+    assert silent == []

@@ -1,5 +1,5 @@
-"""``medseg``: predict, evaluate, convert, train, average, tune-threshold, tune-nuclei, tune-classes, info and
-the napari demo, from the shell."""
+"""``medseg``: predict, evaluate, convert, train, average, tune-threshold, tune-nuclei, tune-classes, info,
+the napari demo and the browser front, from the shell."""
 
 from __future__ import annotations
 
@@ -641,7 +641,8 @@ def _instance_options(parser, model: bool = False) -> None:
         return f"default: the model's own (medseg tune-nuclei), else {value}" if model else f"default {value}"
 
     group.add_argument("--min-distance", type=_count,
-                       help=f"minimum distance between nucleus centres (px; {default('min_distance')})")
+                       help=("models without a distance head: " if model else "")
+                       + f"minimum distance between nucleus centres (px; {default('min_distance')})")
     group.add_argument("--min-size", type=_count, help=f"drop objects smaller than this (px; {default('min_size')})")
     if model:
         group.add_argument("--marker-threshold", type=float,
@@ -683,7 +684,8 @@ def _engine_options(p) -> None:
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="segment images, folders or dataset folders")
     p.add_argument("inputs", nargs="+", help="image files, folders of images, or dataset folders")
-    p.add_argument("--model", default="default", help="'default' or a .safetensors checkpoint")
+    p.add_argument("--model", default="default", help="'default' (the shipped model; the default) or a .safetensors "
+                                                       "checkpoint")
     p.add_argument("--out", required=True, help="output folder: OUT/labels/<stem>.tif")
     _engine_options(p)
     p.add_argument("--min-object-size", type=_count, help="drop predicted objects under this many px")
@@ -720,15 +722,15 @@ def _add_evaluate(sub) -> None:
 
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert a dataset to a dataset folder")
-    p.add_argument("format", choices=["pannuke"])
-    p.add_argument("fold_dir")
-    p.add_argument("out_dir")
+    p.add_argument("format", choices=["pannuke"], help="the dataset's format")
+    p.add_argument("fold_dir", help="a PanNuke fold (images.npy, masks.npy, types.npy; flat or as downloaded)")
+    p.add_argument("out_dir", help="the dataset folder to write: a folder of its own, outside the fold")
     p.set_defaults(func=cmd_convert)
 
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train or fine-tune a model from a YAML config")
-    p.add_argument("config")
+    p.add_argument("config", help="the YAML config (e.g. configs/smoke.yaml)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. --set epochs=5")
     p.add_argument("--resume", metavar="RESUME.safetensors", help="continue a run exactly from its resume file")
     p.add_argument("--overwrite", action="store_true",
@@ -756,7 +758,7 @@ def _add_average(sub) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config setting, as for train")
     p.add_argument("--crops", type=_positive, default=BN_CROPS, help=f"training crops for --batchnorm measure "
                                                                f"(default {BN_CROPS})")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="for --batchnorm measure: cpu (default), cuda, cuda:N, mps")
     p.set_defaults(func=cmd_average)
 
 
@@ -768,7 +770,7 @@ def _tuning_options(p, what: str, tta: str) -> None:
     p.add_argument("--all-images", action="store_true", help="tune on every image of the data")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never the input model)")
     p.add_argument("--tta", action="store_true", help=tta)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
 
 
 def _add_tune_threshold(sub) -> None:
@@ -800,14 +802,16 @@ def _add_tune_nuclei(sub) -> None:
 
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="print a checkpoint's metadata")
-    p.add_argument("model", nargs="?", default="default")
+    p.add_argument("model", nargs="?", default="default",
+                   help="'default' (the shipped model; the default) or a .safetensors checkpoint")
     p.add_argument("--history", action="store_true", help="every epoch's record (default: the best epoch's)")
     p.set_defaults(func=cmd_info)
 
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="open napari with the sample image segmented and evaluated")
-    p.add_argument("--model", default="default")
+    p.add_argument("--model", default="default", help="'default' (the shipped model; the default) or a .safetensors "
+                                                       "checkpoint")
     p.add_argument("--no-show", action="store_true", help="build the demo but do not start the event loop")
     p.add_argument("--screenshot", help="save a PNG of the window (works headless under xvfb-run)")
     p.set_defaults(func=cmd_demo)
@@ -829,7 +833,7 @@ def _add_web(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medseg", description=__doc__)
+    parser = argparse.ArgumentParser(prog="medseg", description=__doc__.replace("``", ""))  # plain text on a terminal
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_predict, _add_evaluate, _add_convert, _add_train, _add_average, _add_tune_threshold,
                 _add_tune_nuclei, _add_tune_classes, _add_info, _add_demo, _add_web):
