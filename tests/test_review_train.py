@@ -164,3 +164,29 @@ def test_an_empty_dataset_box_asks_for_a_folder(make_napari_viewer, tmp_path):
     widget.dataset.line_edit.value = ""  # the user empties the box (a new widget's box is empty too)
     assert widget.run(threaded=False) is None
     assert widget.error.startswith("Choose a dataset folder") and not (tmp_path / "models").exists()
+
+
+def test_the_status_says_what_happens_from_the_first_second(make_napari_viewer, qtbot, small_consep, tmp_path):
+    """Before its first batch a run spends 10-40 s starting (its process, torch, the data, the
+    model): the bar is busy and the status says so (a bar at 0 % under 'Training into ...' looked
+    stuck); the first batch says which epoch trains; a run stopped then leaves the bar idle."""
+    from napari_medseg.training.events import BatchDone
+
+    widget = TrainWidget(make_napari_viewer())
+    _tiny_widget(widget, small_consep, tmp_path / "models", epochs=3, name="early")
+    widget.crops_per_image.value = 4  # 4 steps an epoch
+    seen = []
+
+    def first_batch(update):
+        if isinstance(update, BatchDone) and not seen:
+            seen.append(widget.status.value)
+            widget.stop()
+
+    widget.update_received.connect(first_batch)
+    widget.run()
+    assert widget.progress.max == 0  # busy
+    assert widget.status.value.startswith("Loading PyTorch, the data and the model")
+    assert str(tmp_path / "models" / "early") in widget.status.value
+    qtbot.waitUntil(lambda: widget.result is not None, timeout=120_000)
+    assert seen[0] == f"Training into {tmp_path / 'models' / 'early'}: epoch 1/3..."
+    assert widget.progress.max >= 1 and "no model was saved" in widget.status.value

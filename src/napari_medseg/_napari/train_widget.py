@@ -78,6 +78,7 @@ class TrainWidget(ScrollingDock):
         self._going_in: list = []  # preview layers handed to ``add_layers_in_turns``, not in yet
         self._plot_after_preview = False  # the epoch's plot waits for its preview's layer
         self._steps = self._epochs = 1
+        self._training_status = ""
         self._closed = False  # the dock's Qt widget was destroyed (the viewer closed)
         form = TrainForm()  # every control starts at the form's defaults (the core's)
         settings = [*self._data_controls(form), *self._model_controls(form), *self._optimiser_controls(form),
@@ -251,12 +252,15 @@ class TrainWidget(ScrollingDock):
     def _begin(self, job: TrainingJob) -> None:
         self._job = job
         self._epochs, self._steps = job.cfg.epochs, 1
-        self.progress.max, self.progress.value = 1, 0
+        # busy until the first batch: starting the process, torch, the data and the model take
+        # 10-40 s on a CPU, and a bar standing at 0 % looked stuck
+        self.progress.max, self.progress.value = 0, 0
         if self.plot is not None:
             self.plot.clear()
         where = "" if job.cfg.data.val_fraction > 0 or self.source.value == FROM_FOLDER else \
             " (one tile: no validation, best by training loss)"
-        self.status.value = f"Training into {job.cfg.out_dir}{where}..."
+        self._training_status = f"Training into {job.cfg.out_dir}{where}"
+        self.status.value = f"Loading PyTorch, the data and the model... {self._training_status}."
         self._set_running(True)
 
     def stop(self) -> None:
@@ -275,6 +279,8 @@ class TrainWidget(ScrollingDock):
     def _set_running(self, running: bool) -> None:
         self.train_button.enabled = not running
         self.stop_button.enabled = running
+        if not running and self.progress.max == 0:  # ended before its first batch: no longer busy
+            self.progress.max = 1
 
     def _fail(self, error: BaseException | str, prefix: str = "") -> None:
         self.error = report_error(self.status, error, prefix)
@@ -304,6 +310,8 @@ class TrainWidget(ScrollingDock):
         self.update_received.emit(update)
 
     def _on_batch(self, b: BatchDone) -> None:
+        if self.progress.max == 0 and self._job is not None and not self._job.stop_requested:  # the first batch
+            self.status.value = f"{self._training_status}: epoch {b.epoch}/{self._epochs}..."
         self._steps = b.steps
         self.progress.max = self._epochs * b.steps
         self.progress.value = min(self.progress.max, (b.epoch - 1) * b.steps + b.step)
