@@ -17,6 +17,7 @@ from conftest import copy_small_consep
 from napari_medseg.io import read_label_map
 from napari_medseg.io.dataset import DatasetError
 from napari_medseg.evaluation.report import evaluate_folders
+from napari_medseg.evaluation.semantic import MetricsInputError
 from napari_medseg.nuclei.watershed import InstanceSettings
 
 
@@ -174,3 +175,15 @@ def test_a_class_map_with_one_class_in_pieces_stays_a_class_map(consep):
     labels[np.isin(instances, ids[4:])] = 5  # a sixth class the model does not have, many nuclei
     truth = ground_truth_from_label_map(labels, ["background", "other", "inflammatory", "epithelial", "spindle"])
     assert truth.instances is None and "classes the model does not have" in truth.reading
+
+
+def test_an_instance_map_of_another_size_is_named_by_its_side(consep, tmp_path):
+    """A folder pair has two instance maps per image: the message says the prediction's is off (it had
+    said only 'Instance map shape ... differs from its class map's'; the ground truth's is refused
+    by the dataset reader, named)."""
+    gt = copy_small_consep(consep, tmp_path / "gt")
+    pred = _prediction_folder(gt, tmp_path / "pred")
+    path = pred / "instances" / "train_3_006.tif"
+    tifffile.imwrite(path, read_label_map(path)[:100])
+    with pytest.raises(MetricsInputError, match=r"train_3_006: The predicted instance map has shape \(100, 256\)"):
+        evaluate_folders(pred, gt)

@@ -46,11 +46,13 @@ def ground_truth_settings(settings: InstanceSettings | None) -> InstanceSettings
     return replace(settings or InstanceSettings(), min_size=0, fill_holes=False)
 
 
-def _instances_for(class_map: np.ndarray, instances: np.ndarray | None, settings: InstanceSettings | None) -> np.ndarray:
+def _instances_for(class_map: np.ndarray, instances: np.ndarray | None, settings: InstanceSettings | None,
+                   side: str) -> np.ndarray:
     if instances is not None:
         instances = np.asarray(instances)
-        if instances.shape != class_map.shape:
-            raise MetricsInputError(f"Instance map shape {instances.shape} differs from its class map's {class_map.shape}.")
+        if instances.shape != class_map.shape:  # which side: a folder pair has two instance maps
+            raise MetricsInputError(f"The {side} instance map has shape {instances.shape} but its class map "
+                                    f"{class_map.shape}; they must match.")
         return instances
     return semantic_to_instances(class_map, settings)
 
@@ -94,8 +96,8 @@ class PairEvaluation:
         gt, pred = check_label_pair(gt, pred, n)
         cm = confusion_matrix(gt, pred, n)
         stats = image_instance_stats(
-            _instances_for(gt, gt_instances, ground_truth_settings(self.settings)), gt,
-            _instances_for(pred, pred_instances, self.settings), pred, n,
+            _instances_for(gt, gt_instances, ground_truth_settings(self.settings), "ground-truth"), gt,
+            _instances_for(pred, pred_instances, self.settings, "predicted"), pred, n,
         )
         self.cm += cm
         self.instance_stats.append(stats)
