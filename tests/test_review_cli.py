@@ -206,3 +206,13 @@ def test_every_argument_of_every_command_says_what_it_is():
     silent = [f"{name} {action.dest}" for name, sub in commands.choices.items() for action in sub._actions
               if not isinstance(action, argparse._HelpAction) and not action.help]
     assert silent == []
+
+
+def test_a_resampled_run_says_so_without_a_glass_count_of_zero(tmp_path, consep):
+    """The note of a resampled file stands alone ('0/25 tiles skipped as glass; resampled x2 ...' had
+    led every note, glass or not)."""
+    out = tmp_path / "out"
+    proc = medseg("predict", consep / "images" / "train_2_006.png", "--out", out, "--pixel-size", "0.5")  # a 40x model
+    assert proc.returncode == 0, proc.stderr
+    note = next(line for line in proc.stderr.splitlines() if "train_2_006.png: " in line and "resampled" in line)
+    assert note.strip().startswith("train_2_006.png: resampled x") and "skipped as glass" not in note, note

@@ -307,7 +307,8 @@ def _print_prediction(done, with_instances: bool) -> bool:
         return True
     report = done.report
     if report.skipped_background or report.notes:
-        extra = "; ".join([f"{report.skipped_background}/{report.tiles} tiles skipped as glass", *report.notes])
+        glass = [f"{report.skipped_background}/{report.tiles} tiles skipped as glass"] if report.skipped_background else []
+        extra = "; ".join([*glass, *report.notes])  # not '0/25 tiles skipped as glass' before each note
         print(f"  {name}: {extra}", file=sys.stderr)
     for path in done.removed:
         print(f"  {name}: removed {path.parent.name}/{path.name}, an earlier run's, of the class map this run "
