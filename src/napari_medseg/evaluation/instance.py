@@ -289,7 +289,8 @@ def _mean(values) -> float:
 AGGREGATION = {
     "bpq": "PanNuke: binary PQ per image (images without ground-truth nuclei skipped), averaged over images",
     "mpq": "PanNuke: per image, PQ of each class present in its ground truth, averaged over those classes, "
-           "then over images (images without ground-truth nuclei skipped)",
+           "then over images (images without ground-truth nuclei skipped; PanNuke's published numbers average "
+           "the images of each tissue type, then the tissues: not done here)",
     "mpq_plus": "CoNIC: tp/fp/fn/IoU sum per class added over all images, PQ per class, averaged over classes "
                 "(a class with no instance on either side in the whole data set is left out; CoNIC counts it 0)",
     "f1": "binary detection F1 at IoU > 0.5 from tp/fp/fn added over all images",

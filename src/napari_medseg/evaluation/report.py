@@ -23,8 +23,9 @@ AGGREGATION = {
     "semantic": "pooled confusion matrix over all pixels of all images",
     "nucleus_dice": "all nucleus classes merged vs background, pooled",
     "miou": "mean over nucleus classes (background excluded) of pooled IoU",
-    "bpq": "PanNuke: binary PQ per image (images without nuclei skipped), averaged",
-    "mpq": "PanNuke: per image, PQ of each class present in its ground truth, averaged over classes then images",
+    "bpq": "PanNuke: binary PQ per image (images without nuclei skipped), averaged over all images",
+    "mpq": "PanNuke: per image, PQ of each class present in its ground truth, averaged over classes then all images "
+           "(PanNuke's published numbers average the images of each tissue type, then the tissues: not done here)",
     "mpq_plus": "CoNIC: tp/fp/fn/IoU summed per class over all images, PQ per class, averaged over classes",
     "f1": "binary detection F1 at IoU > 0.5, pooled",
     "aji": "aggregated Jaccard index, pooled (sum of intersections / sum of unions)",
