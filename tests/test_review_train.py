@@ -190,3 +190,21 @@ def test_the_status_says_what_happens_from_the_first_second(make_napari_viewer, 
     qtbot.waitUntil(lambda: widget.result is not None, timeout=120_000)
     assert seen[0] == f"Training into {tmp_path / 'models' / 'early'}: epoch 1/3..."
     assert widget.progress.max >= 1 and "no model was saved" in widget.status.value
+
+
+def test_after_the_last_epoch_the_status_says_the_run_is_finishing(make_napari_viewer, small_consep, tmp_path):
+    """After the last epoch a fine-tune re-tunes its start's nucleus threshold on the validation
+    images (11 s for the default on 3 CoNSeP patches here) under the last epoch's line, with the
+    bar full: the status now says so."""
+    from napari_medseg._napari.train_form import DEFAULT_MODEL
+
+    widget = TrainWidget(make_napari_viewer())
+    _tiny_widget(widget, small_consep, tmp_path / "models", epochs=1, name="tuned")
+    widget.start_from.value = DEFAULT_MODEL  # it has a tuned threshold
+    widget.batch_size.value = 2
+    last = []
+    widget.update_received.connect(lambda u: last.append(widget.status.value) if isinstance(u, EpochDone) else None)
+    done = widget.run(threaded=False)
+    assert done is not None and done.checkpoint is not None, widget.status.value
+    assert last[-1].startswith("Epoch 1/1: ") and last[-1].endswith(
+        " Tuning the nucleus threshold on the validation images..."), last

@@ -328,7 +328,17 @@ class TrainWidget(ScrollingDock):
                   f"bPQ {e.metrics.get('bpq', float('nan')):.3f}") if e.metrics else ""
         stopping = " Stopping after the current batch..." if self._job is not None and self._job.stop_requested else ""
         self.status.value = (f"Epoch {e.epoch}/{e.epochs}: training loss {e.train_loss:.3f}{scores}"
-                             f"{' (best so far, saved)' if e.best else ''} in {e.seconds:.1f} s.{stopping}")
+                             f"{' (best so far, saved)' if e.best else ''} in {e.seconds:.1f} s.{stopping}"
+                             f"{self._finishing(e)}")
+
+    def _finishing(self, e: EpochDone) -> str:
+        """What the run does after its last epoch: a fine-tune re-tunes its start model's nucleus
+        threshold on the validation images (seconds to a minute), which had looked like a hang."""
+        job = self._job
+        if job is None or job.stop_requested or (e.epoch < e.epochs and not e.stop_reason):
+            return ""
+        tunes = job.start_threshold is not None and bool(e.metrics) and job.cfg.tune_threshold in ("auto", True)
+        return " Tuning the nucleus threshold on the validation images..." if tunes else " Finishing..."
 
     def _plot_epoch(self, e: EpochDone) -> None:
         self.plot.add("train_loss", e.epoch, e.train_loss)
