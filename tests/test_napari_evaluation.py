@@ -285,3 +285,26 @@ def test_the_overlay_is_no_choice_of_prediction_or_ground_truth(sample_viewer):
     widget.reset_choices()
     names = [layer.name for layer in widget.prediction.choices] + [layer.name for layer in widget.ground_truth.choices]
     assert overlay.name not in names and pred.name in names
+
+
+@pytest.mark.parametrize("value", [1, 255])
+def test_an_unnamed_nucleus_mask_as_prediction(sample_viewer, value):
+    """Another tool's nucleus mask, opened without this plugin (no class names), against CoNSeP's
+    classed ground truth: 0/1 had been read as all 'other' (mIoU 0.005, mPQ 0.008 beside a nucleus
+    Dice of 0.85), 0/255 refused with 256 numbered class names. Both are a nucleus mask now, scored
+    nucleus vs background with the truth's classes merged, and the panel says so."""
+    viewer, _, truth, instances, pred = sample_viewer
+    mask = viewer.add_labels((pred.data > 0).astype(np.uint8) * value, name="mask from elsewhere")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Metrics")
+    widget.prediction.value, widget.ground_truth.value = mask, truth
+    widget.gt_instances.value = instances
+    report = widget.compute()
+    assert report is not None, widget.summary.value
+    expected = evaluate_maps((truth.data > 0).astype(np.uint8), (mask.data > 0).astype(np.uint8),
+                             ["background", "nucleus"], gt_instances=instances.data)
+    assert list(report["per_class"]) == ["background", "nucleus"]
+    for key in ("nucleus_dice", "miou", "bpq", "mpq", "aji"):
+        assert report["overall"][key] == pytest.approx(expected["overall"][key], abs=1e-12), key
+    assert f"'mask from elsewhere' (one value, {value}: a nucleus mask)" in widget.summary.value
+    overlay = widget.show_errors()
+    assert np.array_equal(overlay.data == TP, (truth.data > 0) & (mask.data > 0))

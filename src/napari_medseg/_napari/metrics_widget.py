@@ -18,7 +18,7 @@ from magicgui.widgets import CheckBox, ComboBox, FileEdit, PushButton, Select
 from ..errors import MedsegError
 from ..evaluation.error_maps import ERROR_COLORS, ERROR_NAMES, error_counts, error_map
 from ..evaluation.ground_truth import (NUCLEUS_CLASSES, GroundTruth, compare_to_ground_truth,
-                                       ground_truth_from_label_map)
+                                       ground_truth_from_label_map, merged_classes)
 from ..evaluation.semantic import MetricsInputError
 from ..io.tables import write_csv
 from .common import (CLASS_ID_LIMIT, warm_label_visuals, WidgetInputError, class_map_top, class_names, export_target,
@@ -44,6 +44,20 @@ def _cell(value):
     if isinstance(value, float):
         return "-" if math.isnan(value) else round(value, 4)
     return value
+
+
+def _mask_value(pred: np.ndarray, truth_classes: list[str] | None) -> int:
+    """The one value of an unnamed prediction read as a nucleus mask (0 if it is not one): a single
+    value, 1 or beyond the ground truth's class ids (e.g. 255), as an unnamed ground truth is read."""
+    top = int(pred.max(initial=0))
+    if top == 0 or np.any((pred != 0) & (pred != top)):
+        return 0
+    return top if top == 1 or (truth_classes is not None and top >= len(truth_classes)) or top == 255 else 0
+
+
+def _listed(names: list[str]) -> str:
+    """Class names for a message: an unnamed map's 200 numbered classes would fill the panel."""
+    return str(names) if len(names) <= 8 else f"{names[:4]} ... ({len(names) - 1} classes)"
 
 
 def _instance_map(layer, class_layer) -> np.ndarray:
@@ -186,7 +200,11 @@ class MetricsWidget(ScrollingDock):
                                         "compare a prediction with the ground truth of the same image.")
             gt = gt[region]  # a region's result: scored against the truth of that region
         pred_names = self._prediction_classes(pred_layer, pred, gt)
-        truth = self._truth(gt_layer, gt, pred_names)
+        mask_value = _mask_value(pred, class_names(gt_layer)) if class_names(pred_layer) is None else 0
+        if mask_value:  # e.g. another tool's 0/255 mask: nuclei, not class 255 (nor all 'other')
+            pred, pred_names = (pred > 0).astype(np.uint8), list(NUCLEUS_CLASSES)
+        truth = self._truth(gt_layer, gt, pred_names,
+                            mask=f"'{pred_layer.name}' (one value, {mask_value}: a nucleus mask)" if mask_value else "")
         gt_inst = self.gt_instances.value
         if gt_inst is not None:
             truth.instances = _instance_map(gt_inst, gt_layer)[region]
@@ -209,22 +227,30 @@ class MetricsWidget(ScrollingDock):
         return numbered_classes(max(top, gt_top if gt_top < CLASS_ID_LIMIT else 0))
 
     @staticmethod
-    def _truth(layer, gt: np.ndarray, pred_names: list[str]) -> GroundTruth:
+    def _truth(layer, gt: np.ndarray, pred_names: list[str], mask: str = "") -> GroundTruth:
         """The ground truth as its layer names it; unnamed, as its values suggest (a class map with
-        the prediction's classes, a nucleus mask or an instance map: ``ground_truth_from_label_map``)."""
+        the prediction's classes, a nucleus mask or an instance map: ``ground_truth_from_label_map``).
+        ``mask``: the prediction, unnamed, was read as a nucleus mask (said so): classes are merged."""
         names = class_names(layer)
         if names is not None and len(names) > 2:
             class_map_top(layer.name, gt, names, instead=TRUTH_INSTEAD)
+            if mask:
+                return merged_classes(GroundTruth(gt, names), because=f"the prediction {mask} names none")
             if names != pred_names:
-                raise MetricsInputError(f"'{layer.name}' has classes {names} but the prediction has {pred_names}; "
-                                        "compare layers that use the same classes (or nucleus-only ground truth).")
+                raise MetricsInputError(f"'{layer.name}' has classes {_listed(names)} but the prediction has "
+                                        f"{_listed(pred_names)}; compare layers that use the same classes (or "
+                                        "nucleus-only ground truth).")
             return GroundTruth(gt, names)
         if gt.min(initial=0) < 0:
             raise MetricsInputError(f"'{layer.name}' holds the negative id {int(gt.min())}; label ids are 0 "
                                     "(background) and up.")
         if names is not None:  # nucleus / background: any label > 0 is nucleus
-            return GroundTruth((gt > 0).astype(np.uint8), list(NUCLEUS_CLASSES))
-        return ground_truth_from_label_map(gt, pred_names)
+            return GroundTruth((gt > 0).astype(np.uint8), list(NUCLEUS_CLASSES),
+                               reading=f"nucleus vs background, the prediction {mask}" if mask else "")
+        truth = ground_truth_from_label_map(gt, pred_names)
+        if mask:
+            truth.reading += f"; the prediction {mask}"
+        return truth
 
     @staticmethod
     def _scored_maps(truth: GroundTruth, pred: np.ndarray, pred_names: list[str]):

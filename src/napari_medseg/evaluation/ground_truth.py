@@ -8,7 +8,7 @@ into one "nucleus" class, and the report says so; per-class rows would otherwise
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -90,6 +90,12 @@ def _ids_in_pieces(labels: np.ndarray) -> int:
     structure = np.ones((3, 3), bool)
     return sum(1 for index, box in enumerate(ndi.find_objects(labels), start=1)
                if box is not None and ndi.label(labels[box] == index, structure)[1] > 1)
+
+
+def merged_classes(truth: GroundTruth, because: str) -> GroundTruth:
+    """``truth`` as nucleus vs background, for a prediction that names no nucleus classes."""
+    return replace(truth, class_map=(truth.class_map > 0).astype(np.uint8), classes=list(NUCLEUS_CLASSES),
+                   reading=f"nucleus vs background: its classes {truth.classes[1:]} merged into 'nucleus', as {because}")
 
 
 def compare_to_ground_truth(pred: np.ndarray, pred_classes: list[str], truth: GroundTruth,
