@@ -216,3 +216,22 @@ def test_a_resampled_run_says_so_without_a_glass_count_of_zero(tmp_path, consep)
     assert proc.returncode == 0, proc.stderr
     note = next(line for line in proc.stderr.splitlines() if "train_2_006.png: " in line and "resampled" in line)
     assert note.strip().startswith("train_2_006.png: resampled x") and "skipped as glass" not in note, note
+
+
+def test_a_resampled_colour_image_with_glass_is_not_called_gray(at_40x, monuseg):
+    """A 20x colour image whose right part is glass: the block of glass alone, seen by the network
+    at 40x, had added 'the image is gray ...' (and a black border 'dark background') to the run's
+    notes; gray and dark-field are judged on the whole image, as without resampling."""
+    from napari_medseg.inference.segmenter import GRAY_NOTE
+    from napari_medseg.inference.source import DARK_NOTE
+
+    tissue = read_image(monuseg / "images" / "TCGA-21-5784-01Z-00-DX1.png")[:200, :300, :3]
+    image = np.full((200, 1400, 3), 255, np.uint8)  # blocks of 1024 image px at 0.5 µm/px: the 2nd is glass
+    image[:, :300] = tissue
+    settings = TileSettings(128, 32)
+    at_40x.segment(image, settings, pixel_size_um=0.5)
+    notes = at_40x.last_report.notes
+    assert any("resampled x2" in n for n in notes) and GRAY_NOTE not in notes and DARK_NOTE not in notes, notes
+    gray = np.repeat(image.mean(-1, keepdims=True).astype(np.uint8), 3, -1)  # still said of a gray image
+    at_40x.segment(gray, settings, pixel_size_um=0.5)
+    assert at_40x.last_report.notes.count(GRAY_NOTE) == 1

@@ -211,6 +211,9 @@ class Segmenter:
             out = out if out is not None else np.zeros((source.height, source.width), np.uint8)
             labels = yield from iter_segment_rescaled(self, source, factor, settings, out, probabilities_out,
                                                       distance_out)
+            # gray and dark-field are said of the whole image, below: a block of glass alone had
+            # called a colour image gray
+            self.last_report.notes = [n for n in self.last_report.notes if n not in (GRAY_NOTE, DARK_NOTE)]
             postprocess, _ = settings_at_image_scale(factor, postprocess)
         else:
             runner = self.model if self.backend.name == "torch" else self.backend
