@@ -118,3 +118,31 @@ def test_torchrun_refuses_a_gpu_that_is_not_there_with_a_message(tmp_path, monke
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(DeviceError, match="Process 2 on this machine needs GPU 2, but it has 2"):
         distributed._check_gpu_for(2, "cuda")
+
+
+def test_resuming_with_another_number_of_processes_is_refused_with_the_command(small_consep, tmp_path):
+    """A run of one process resumed under torchrun with two (or the reverse, as the interrupted
+    run's hint suggested): the crops are shared out otherwise and DDP trains other parameters,
+    so it failed with the optimizer's 'loaded state dict contains a parameter group that doesn't
+    match'; now it is refused before training, saying how many processes to resume with."""
+    from napari_medseg.training.config import load_train_config
+    from napari_medseg.training.events import EpochDone
+    from napari_medseg.training.trainer import train
+
+    run = tmp_path / "run"
+    settings = [f"data.dataset=[{small_consep}]", "data.val_fraction=0.34", "data.crops_per_image=2", "batch_size=2",
+                "num_threads=1", "device=cpu", "epochs=3"]
+    cfg = load_train_config(REPO / "configs" / "smoke.yaml", [*settings, f"out_dir={run}"])
+    epochs = []
+    done = train(cfg, on_update=lambda u: epochs.append(u) if isinstance(u, EpochDone) else None,
+                 should_stop=lambda: bool(epochs))  # interrupted in epoch 2
+    assert done.best_epoch == 1 and done.resume.is_file()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "napari_medseg", "train", str(REPO / "configs" / "smoke.yaml"),
+           *[w for s in [*settings, f"out_dir={run}"] for w in ("--set", s)], "--resume", str(done.resume)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert ("The run being resumed was trained by 1 process, this one has 2; resume it with as many "
+            f"(medseg train CONFIG --resume {done.resume}, without torchrun)") in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr.split("medseg train: error:")[0]

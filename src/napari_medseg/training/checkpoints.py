@@ -126,7 +126,7 @@ class CheckpointWriter:
         info = {"epoch": epoch, "config_given": self.given, "history": progress.history,
                 "best_epoch": progress.best_epoch,
                 "data": {"val_groups": self.data["val_groups"], "classes": self.classes},
-                **progress.stop_rule_states()}
+                "world_size": self.ctx.world_size, **progress.stop_rule_states()}
         try:
             save_resume(self.resume_path, model, optimizer, scheduler, loader_generator, info, scaler)
         except OSError as exc:

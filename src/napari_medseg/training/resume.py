@@ -133,6 +133,20 @@ def read_resume_for(path: str | Path, given: dict) -> tuple[dict, dict]:
     return tensors, info
 
 
+def check_same_processes(info: dict, world_size: int, resume: str | Path) -> None:
+    """Refuse to resume with another number of processes than the run had (torchrun's world size):
+    the epoch's crops are shared out among them, so the steps per epoch, the schedule and the
+    optimizer's parameters (DDP freezes those no pass uses) differ; it failed with a traceback
+    from the optimizer. Files written before the world size was recorded are not checked."""
+    recorded = info.get("world_size")
+    if recorded is None or recorded == world_size:
+        return
+    how = (f"torchrun --nproc_per_node {recorded} -m napari_medseg train CONFIG --resume {resume}" if recorded > 1
+           else f"medseg train CONFIG --resume {resume}, without torchrun")
+    raise ResumeError(f"The run being resumed was trained by {recorded} process{'es' if recorded > 1 else ''}, "
+                      f"this one has {world_size}; resume it with as many ({how}).")
+
+
 def check_same_data(info: dict, data: dict) -> None:
     """Refuse to resume on other data (``data``: the run's data description)."""
     if info["data"]["val_groups"] != data["val_groups"] or info["data"]["classes"] != data["classes"]:

@@ -30,7 +30,7 @@ from .losses import MixedLabels, WithDistanceHead, build_loss
 from .network import Precision, build_training_model, load_growing_head, place_model
 from .optimisation import build_optimisation
 from .progress import Progress
-from .resume import check_same_data, read_resume_for, restore
+from .resume import check_same_data, check_same_processes, read_resume_for, restore
 from .setup import (TrainingData, build_loaders, configure_runtime, describe_data, load_start_checkpoint,
                     prepare_data)
 from .threshold import retune_classes, retune_threshold
@@ -65,6 +65,7 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
     given = cfg.to_dict()  # before the start checkpoint and the data change it
     resumed = read_resume_for(cfg.resume, given) if cfg.resume else None
     if resumed is not None:
+        check_same_processes(resumed[1], ctx.world_size, cfg.resume)
         cfg.out_dir = _resumed_folder(cfg.resume, resumed[1])
     configure_runtime(cfg)
     out_dir = Path(cfg.out_dir)
