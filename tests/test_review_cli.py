@@ -235,3 +235,13 @@ def test_a_resampled_colour_image_with_glass_is_not_called_gray(at_40x, monuseg)
     gray = np.repeat(image.mean(-1, keepdims=True).astype(np.uint8), 3, -1)  # still said of a gray image
     at_40x.segment(gray, settings, pixel_size_um=0.5)
     assert at_40x.last_report.notes.count(GRAY_NOTE) == 1
+
+
+@pytest.mark.parametrize("command", ["tune-threshold", "tune-nuclei", "tune-classes"])
+def test_groups_and_all_images_are_one_or_the_other(command, tmp_path, consep):
+    """README: [--groups g1,g2 | --all-images]; given both, --all-images had won and --groups been
+    ignored silently (a tuning on 432 images instead of the 16 asked for)."""
+    out = tmp_path / "t.safetensors"
+    proc = medseg(command, "default", consep, "--out", out, "--groups", "train_10", "--all-images")
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr, proc.stderr
+    assert not out.exists()

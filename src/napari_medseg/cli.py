@@ -766,9 +766,10 @@ def _add_average(sub) -> None:
 def _tuning_options(p, what: str, tta: str) -> None:
     """What ``tune-threshold``, ``tune-nuclei`` and ``tune-classes`` share: the output, which images, flips, device."""
     p.add_argument("--out", required=True, help=f"the checkpoint to write, with the {what} in its metadata")
-    p.add_argument("--groups", type=_group_list,
-                   help="source images to tune on (comma-separated; default: the model's validation images)")
-    p.add_argument("--all-images", action="store_true", help="tune on every image of the data")
+    which = p.add_mutually_exclusive_group()  # both given: --groups had been ignored without a word
+    which.add_argument("--groups", type=_group_list,
+                       help="source images to tune on (comma-separated; default: the model's validation images)")
+    which.add_argument("--all-images", action="store_true", help="tune on every image of the data")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never the input model)")
     p.add_argument("--tta", action="store_true", help=tta)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
