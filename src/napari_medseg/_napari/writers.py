@@ -105,10 +105,11 @@ def _not_a_pyramid(data, info: dict) -> None:
 
 
 def _plane(data) -> np.ndarray:
-    labels = np.asarray(data)
-    if labels.ndim != 2:
-        raise WidgetInputError(f"it has shape {labels.shape}; only a 2-D Labels layer can be saved this way "
+    shape = tuple(getattr(data, "shape", np.shape(data)))
+    if len(shape) != 2:  # said before a lazy stack (a PanNuke fold's thousands of maps) is computed whole
+        raise WidgetInputError(f"it has shape {shape}; only a 2-D Labels layer can be saved this way "
                                "(save one plane of a stack as its own layer).")
+    labels = np.asarray(data)
     if labels.min(initial=0) < 0:
         raise WidgetInputError(f"it holds the negative id {int(labels.min())}; label ids are 0 (background) and up: "
                                "paint those pixels with 0 or a class first.")
