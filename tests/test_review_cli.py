@@ -245,3 +245,16 @@ def test_groups_and_all_images_are_one_or_the_other(command, tmp_path, consep):
     proc = medseg(command, "default", consep, "--out", out, "--groups", "train_10", "--all-images")
     assert proc.returncode == 2 and "not allowed with argument" in proc.stderr, proc.stderr
     assert not out.exists()
+
+
+def test_the_demo_refuses_a_missing_model_or_screenshot_folder_before_napari(tmp_path, monkeypatch):
+    """``medseg demo --model missing.safetensors`` had shown an error notification and exited 0;
+    a screenshot into a missing folder failed after the whole demo ran. Both: exit 2, and napari
+    is never started."""
+    import napari_medseg._napari.demo as demo
+
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: pytest.fail("the demo started"))
+    assert_refused(medseg("demo", "--no-show", "--model", tmp_path / "missing.safetensors"), "does not exist")
+    proc = medseg("demo", "--no-show", "--screenshot", tmp_path / "no" / "shot.png")
+    assert proc.returncode == 2
+    assert_refused(proc, f"{tmp_path / 'no'} does not exist")

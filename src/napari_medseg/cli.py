@@ -610,6 +610,13 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from .models import read_meta, resolve_model_path
+
+    # said before napari starts, with exit 2: the demo had shown a missing checkpoint as a notification
+    # and exited 0, and a screenshot into a missing folder failed once the whole demo had run
+    read_meta(resolve_model_path(args.model))
+    if args.screenshot and not Path(args.screenshot).resolve().parent.is_dir():
+        raise MedsegError(f"--screenshot {args.screenshot}: the folder {Path(args.screenshot).parent} does not exist.")
     # The napari face is imported only here, so the rest of the CLI runs headless.
     from ._napari.demo import run_demo
 
