@@ -208,3 +208,24 @@ def test_after_the_last_epoch_the_status_says_the_run_is_finishing(make_napari_v
     assert done is not None and done.checkpoint is not None, widget.status.value
     assert last[-1].startswith("Epoch 1/1: ") and last[-1].endswith(
         " Tuning the nucleus threshold on the validation images..."), last
+
+
+@pytest.mark.parametrize("losses", [[], [0.71, 0.69], [0.02, 0.01], [2.5, 0.9]])
+def test_the_loss_plots_labels_are_whole_at_the_docks_width(qtbot, losses):
+    """The 'loss' label was pushed off the plot's left edge by wide tick labels: '-0.04' on the
+    empty plot a run starts with (its loss axis from -0.05 to 0.05 for the first 10-40 s), and
+    '0.695' for close losses (a fine-tune's)."""
+    from napari_medseg._napari.loss_plot import LossPlot
+
+    plot = LossPlot("dark")
+    qtbot.addWidget(plot.canvas)
+    plot._render(plot.data, float("nan"), (378, 500))  # every run starts empty
+    for epoch, loss in enumerate(losses, 1):
+        plot.add("train_loss", epoch, loss)
+    plot._render(plot.data, float("nan"), (378, 500))  # the dock's width in the screenshots
+    renderer = plot.figure.canvas.get_renderer()
+    for ax in (plot.loss_ax, plot.metric_ax):
+        label = ax.yaxis.label.get_window_extent(renderer)
+        assert label.x0 >= 0, (ax.get_ylabel(), label, ax.get_ylim())
+    low, high = plot.loss_ax.get_ylim()
+    assert low >= 0 and high >= max(losses, default=0)  # the losses' range once there are some

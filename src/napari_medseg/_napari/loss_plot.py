@@ -22,6 +22,7 @@ EPOCH_PAD = 0.25  # room right of the last point: a first epoch's points sit ins
 DPI = 100
 FIGURE_INCHES = 3.6  # the figure's size before the dock gives it one
 MIN_HEIGHT_PX = 260
+MIN_LOSS_SPAN = 0.1  # the loss axis spans at least this: its ticks keep two decimals
 
 class LossPlot:
     """Training and validation loss (top) and validation mIoU / Dice (bottom), by epoch."""
@@ -169,8 +170,16 @@ class LossPlot:
         the loss scaled to its values. Returns the picture as a QImage (safe off the GUI thread)."""
         for name, line in self.lines.items():
             line.set_data(*data[name])
-        self.loss_ax.relim()
-        self.loss_ax.autoscale_view(scalex=False)
+        if any(data[name][0] for name in ("batch_loss", "train_loss", "val_loss")):
+            self.loss_ax.set_autoscaley_on(True)
+            self.loss_ax.relim()
+            self.loss_ax.autoscale_view(scalex=False)
+            low, high = self.loss_ax.get_ylim()
+            if high - low < MIN_LOSS_SPAN:  # close losses (a fine-tune): ticks of 3 decimals pushed the label out
+                low = max(0.0, (low + high - MIN_LOSS_SPAN) / 2)
+                self.loss_ax.set_ylim(low, low + MIN_LOSS_SPAN)
+        else:  # no loss yet: 0 to 1, not matplotlib's -0.05 to 0.05, whose '-0.04' pushed the label out
+            self.loss_ax.set_ylim(0, 1)
         last = max((xs[-1] for xs, _ in data.values() if xs), default=1.0)
         self.loss_ax.set_xlim(0, max(1.0, last) + EPOCH_PAD)
         self.best_marker.set_xdata([best_epoch, best_epoch])
