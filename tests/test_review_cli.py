@@ -258,3 +258,17 @@ def test_the_demo_refuses_a_missing_model_or_screenshot_folder_before_napari(tmp
     proc = medseg("demo", "--no-show", "--screenshot", tmp_path / "no" / "shot.png")
     assert proc.returncode == 2
     assert_refused(proc, f"{tmp_path / 'no'} does not exist")
+
+
+def test_an_output_folder_under_a_file_is_called_so(tmp_path, tiny_checkpoint, consep):
+    """--out FILE/sub: the file in the way is named (the writability check had said 'Permission denied')."""
+    from conftest import DATA
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    for inputs in ([consep / "images" / "train_2_006.png"],
+                   [DATA / "slides" / "CMU-1-Small-Region.svs", "--region", "600,500,64,64"]):
+        proc = medseg("predict", *inputs, "--model", tiny_checkpoint, "--out", blocker / "sub", "--device", "cpu")
+        assert proc.returncode == 2
+        assert_refused(proc, f"{blocker} is a file, not a folder")
+        assert "Permission denied" not in proc.stderr

@@ -128,6 +128,8 @@ def check_writable_folder(out: Path, flag: str = "--out") -> None:
     """Refuses an output folder (or, where it does not exist yet, the folder it would be made in)
     that cannot be written: said before any work, naming the folder the user gave."""
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():  # not 'Permission denied' for a file in the way
+        raise write_error(out, OSError(errno.ENOTDIR, f"{existing} is a file, not a folder"))
     if existing is None or os.access(existing, os.W_OK | os.X_OK):
         return
     read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
