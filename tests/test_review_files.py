@@ -196,3 +196,25 @@ def test_saving_a_stack_is_refused_before_it_is_computed(tmp_path):
         with pytest.raises(OutputWriteError, match=r"shape \(2, 8, 8\); only a 2-D Labels layer"):
             write(str(tmp_path / name), never, {"name": "PanNuke ground truth"})
     assert not list(tmp_path.iterdir())
+
+
+def test_a_large_label_tiff_this_plugin_wrote_reopens_as_labels(make_napari_viewer, tmp_path, consep):
+    """A label map over 50 Mpx (opened lazily, as a slide) written with its record under a name
+    that says nothing ('result.tif') had reopened as an Image; it reopens as the class map it
+    was: Labels, its classes and colours, its pixel size."""
+    from napari.layers import Labels
+
+    from napari_medseg._napari.sample_data import CONSEP_CLASSES
+    from napari_medseg.io.images import label_record, read_label_map, write_label_map
+    from napari_medseg.io.lazy import LAZY_MIN_PIXELS
+
+    classes = np.tile(read_label_map(consep / "labels" / "train_1_005.tif"), (32, 28))
+    assert classes.size > LAZY_MIN_PIXELS
+    colors = [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]]
+    write_label_map(tmp_path / "result.tif", classes, 0.25, label_record("classes", CONSEP_CLASSES, colors))
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(tmp_path / "result.tif"), plugin="napari-medseg")
+    assert isinstance(layer, Labels) and tuple(layer.scale) == (0.25, 0.25)
+    info = layer.metadata["medseg"]
+    assert info["kind"] == "classes" and info["classes"] == CONSEP_CLASSES and info["colors"] == colors
+    assert np.array_equal(np.asarray(layer.data[0][:256, :256]), classes[:256, :256])

@@ -51,7 +51,9 @@ def read_image_files(path) -> list[tuple]:
     layers = []
     for p in paths:  # read all first: a bad file adds no layer at all
         if is_slide_path(p):
-            layers.append(_slide_labels_layer(p) if _named_as_labels(p) else _slide_layer(p))
+            # a label map by its name or folder, or as this plugin wrote it (its record says what it is)
+            labels = _named_as_labels(p) or read_label_record(p) is not None
+            layers.append(_slide_labels_layer(p) if labels else _slide_layer(p))
             continue
         labels, pixels = _label_map_or_pixels(p)
         if labels is not None:
@@ -105,7 +107,10 @@ def _slide_labels_layer(path: Path) -> tuple:
     levels = display_levels(slide.levels)
     data, extra = (levels if len(levels) > 1 else levels[0]), _scale_kwargs(slide.pixel_size_um)
     recorded = None if _is_instance_path(path) else recorded_classes(path)
-    if _is_instance_path(path):
+    record = read_label_record(path)
+    if record is not None:  # saved by this plugin's writer (a large layer): what it was, where it was
+        kwargs = _recorded_labels_kwargs(file_stem(path), record, extra)
+    elif _is_instance_path(path):
         kwargs = instance_labels_kwargs(file_stem(path), **extra)
     elif recorded is not None:  # a slide run's: its model's classes and colours, every one named
         kwargs = class_labels_kwargs(file_stem(path), recorded["classes"], recorded["colors"], **extra)
