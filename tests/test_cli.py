@@ -94,7 +94,7 @@ def test_cli_errors_are_clear(tmp_path, small_consep, tiny_checkpoint, capsys, c
     else:
         wrong = tmp_path / "pred"
         (wrong / "labels").mkdir(parents=True)
-        (wrong / "classes.json").write_text('{"classes": ["background", "nucleus"]}')
+        (wrong / "classes.json").write_text('{"classes": ["background", "tumour", "stroma"]}')
         args, expected = ["evaluate", str(wrong), str(small_consep)], "differ from the ground truth"
     assert main(args) == 2
     assert expected in capsys.readouterr().err

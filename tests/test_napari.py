@@ -349,6 +349,24 @@ def test_metrics_widget_uses_chosen_instance_layers_until_the_prediction_is_pain
     assert widget.pred_instances.value is None
 
 
+def test_metrics_widget_scores_a_nucleus_only_prediction_against_classed_truth(make_napari_viewer):
+    """A binary model's result (background / nucleus) against CoNSeP's classed ground truth: scored
+    nucleus vs background, the ground truth's classes merged and the panel says so (it was refused)."""
+    from napari_medseg._napari.layers import class_labels_kwargs
+    from napari_medseg.evaluation.report import evaluate_maps
+
+    viewer = make_napari_viewer()
+    _, truth, _ = _add(viewer, consep_sample())
+    binary = (np.roll(truth.data, 3, axis=0) > 0).astype(np.uint8)
+    pred = viewer.add_labels(binary, **class_labels_kwargs("binary", ["background", "nucleus"]))
+    widget = MetricsWidget(viewer)
+    widget.prediction.value, widget.ground_truth.value = pred, truth
+    overall = widget.compute()["overall"]
+    expected = evaluate_maps((truth.data > 0).astype(np.uint8), binary, ["background", "nucleus"])["overall"]
+    assert overall["nucleus_dice"] == pytest.approx(expected["nucleus_dice"], abs=1e-12)
+    assert "merged into 'nucleus'" in widget.summary.value
+
+
 @pytest.mark.parametrize("case", ["shape", "class_ids", "class_names", "same"])
 def test_metrics_widget_bad_input_keeps_previous_table(make_napari_viewer, case):
     from napari_medseg._napari.layers import class_labels_kwargs
@@ -369,7 +387,9 @@ def test_metrics_widget_bad_input_keeps_previous_table(make_napari_viewer, case)
         bad = viewer.add_labels(data, **class_labels_kwargs("bad", CONSEP_CLASSES))
         expected = "class id 9"
     elif case == "class_names":
-        bad = viewer.add_labels((truth.data > 0).astype(np.uint8), **class_labels_kwargs("bad", ["background", "nucleus"]))
+        # other classes than the ground truth's (a nucleus-only prediction is scored nucleus vs background)
+        bad = viewer.add_labels((truth.data > 0).astype(np.uint8) * 2,
+                                **class_labels_kwargs("bad", ["background", "tumour", "stroma"]))
         expected = "same classes"
     else:
         bad = truth

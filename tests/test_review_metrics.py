@@ -187,3 +187,40 @@ def test_an_instance_map_of_another_size_is_named_by_its_side(consep, tmp_path):
     tifffile.imwrite(path, read_label_map(path)[:100])
     with pytest.raises(MetricsInputError, match=r"train_3_006: The predicted instance map has shape \(100, 256\)"):
         evaluate_folders(pred, gt)
+
+
+def test_a_nucleus_only_models_folder_is_scored_against_classed_ground_truth(consep, tmp_path):
+    """A binary model's ``medseg predict`` folder (classes background / nucleus) against CoNSeP's
+    four classes: scored nucleus vs background, the ground truth's classes merged and said so (it
+    had been refused: 'evaluate with a model trained on the same classes')."""
+    from napari_medseg.evaluation.report import evaluate_maps
+
+    gt = copy_small_consep(consep, tmp_path / "gt")
+    pred = _prediction_folder(gt, tmp_path / "pred")
+    (pred / "classes.json").write_text('{"classes": ["background", "nucleus"]}')
+    for path in (pred / "labels").glob("*.tif"):
+        tifffile.imwrite(path, (read_label_map(path) > 0).astype(np.uint8))
+    report = evaluate_folders(pred, gt)
+    assert report["classes_merged"] and "ground truth's classes" in report["note"]
+    assert report["classes"] == ["background", "nucleus"] and list(report["per_class"]) == ["background", "nucleus"]
+    stem = sorted(p.stem for p in (gt / "labels").glob("*.tif"))[0]
+    truth = (read_label_map(gt / "labels" / f"{stem}.tif") > 0).astype(np.uint8)
+    alone = evaluate_maps(truth, read_label_map(pred / "labels" / f"{stem}.tif"), ["background", "nucleus"],
+                          gt_instances=read_label_map(gt / "instances" / f"{stem}.tif"),
+                          pred_instances=read_label_map(pred / "instances" / f"{stem}.tif"))
+    assert report["per_image"][stem]["bpq"] == pytest.approx(alone["overall"]["bpq"], abs=1e-12)
+
+
+def test_a_nucleus_only_prediction_is_compared_with_classed_ground_truth(consep):
+    from napari_medseg.evaluation.ground_truth import GroundTruth, compare_to_ground_truth
+    from napari_medseg.evaluation.report import evaluate_maps
+
+    classes = json.loads((consep / "classes.json").read_text())["classes"]
+    class_map = read_label_map(consep / "labels" / "train_19_005.tif")
+    instances = read_label_map(consep / "instances" / "train_19_005.tif")
+    binary = (np.roll(class_map, 3, axis=1) > 0).astype(np.uint8)
+    report = compare_to_ground_truth(binary, ["background", "nucleus"], GroundTruth(class_map, classes, instances))
+    expected = evaluate_maps((class_map > 0).astype(np.uint8), binary, ["background", "nucleus"], gt_instances=instances)
+    assert report["overall"]["nucleus_dice"] == pytest.approx(expected["overall"]["nucleus_dice"], abs=1e-12)
+    assert report["overall"]["bpq"] == pytest.approx(expected["overall"]["bpq"], abs=1e-12)
+    assert "merged into 'nucleus'" in report["note"]

@@ -13,10 +13,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..nuclei.watershed import InstanceSettings
-from .report import evaluate_maps
+from .report import NUCLEUS_CLASSES, evaluate_maps
 from .semantic import MetricsInputError
-
-NUCLEUS_CLASSES = ["background", "nucleus"]
 
 
 @dataclass
@@ -102,8 +100,11 @@ def compare_to_ground_truth(pred: np.ndarray, pred_classes: list[str], truth: Gr
                             pred_instances: np.ndarray | None = None,
                             instance_settings: InstanceSettings | None = None) -> dict:
     """``evaluate_maps`` of a prediction against ``truth``, classes merged when the truth names
-    none (``report["classes_merged"]``, ``report["note"]``)."""
+    none (``report["classes_merged"]``, ``report["note"]``), and the truth's classes merged when
+    the prediction names none (a nucleus-only model's: nucleus vs background)."""
     pred = np.asarray(pred)
+    if len(pred_classes) == 2 and not truth.nucleus_only:
+        truth = merged_classes(truth, because="the prediction names none (a nucleus-only model's)")
     merged = truth.nucleus_only and len(pred_classes) > 2
     if merged:
         pred, classes = (pred > 0).astype(np.uint8), list(NUCLEUS_CLASSES)

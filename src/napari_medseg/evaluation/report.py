@@ -19,6 +19,7 @@ from ..io.dataset import CLASSES_FILE, DatasetError, open_dataset, read_classes
 from ..io.images import read_label_map
 from .semantic import MetricsInputError, check_label_pair, confusion_matrix, semantic_metrics
 
+NUCLEUS_CLASSES = ["background", "nucleus"]  # what is scored where one side names no nucleus classes
 AGGREGATION = {
     "semantic": "pooled confusion matrix over all pixels of all images",
     "nucleus_dice": "all nucleus classes merged vs background, pooled",
@@ -157,10 +158,12 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, instance_settings
     labels_dir = pred_dir / "labels" if (pred_dir / "labels").is_dir() else pred_dir
     instances_dir = pred_dir / "instances"
     merged = False  # a multi-class prediction against nucleus-only truth: scored nucleus vs background
+    truth_merged = False  # a nucleus-only model's prediction against classed truth: the same, the truth merged
     if (pred_dir / CLASSES_FILE).is_file():
         pred_classes, _ = read_classes(pred_dir)  # refuses a classes.json it cannot read, naming it
         merged = len(gt.classes) == 2 and len(pred_classes) > 2  # as the viewer and the browser score it
-        if pred_classes != gt.classes and not merged:
+        truth_merged = len(pred_classes) == 2 and len(gt.classes) > 2
+        if pred_classes != gt.classes and not (merged or truth_merged):
             raise DatasetError(
                 f"The prediction's classes {pred_classes} differ from the ground truth's {gt.classes}; "
                 "evaluate with a model trained on the same classes."
@@ -175,7 +178,7 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, instance_settings
                            f"{found}: class maps as <stem>.tif, as medseg predict writes them.")
     if missing:
         raise DatasetError(f"{labels_dir} lacks predictions for {len(missing)} image(s): {', '.join(missing[:5])}")
-    evaluation = PairEvaluation(gt.classes, instance_settings)
+    evaluation = PairEvaluation(list(NUCLEUS_CLASSES) if truth_merged else gt.classes, instance_settings)
     pred_read = gt_read = 0
     for i, stem in enumerate(gt.stems, 1):
         sample = gt.load(stem)
@@ -186,19 +189,23 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, instance_settings
         pred_instances = read_label_map(inst_file) if inst_file.is_file() else None
         pred_read += pred_instances is not None
         gt_read += sample.instances is not None
+        truth = (sample.labels > 0).astype(np.uint8) if truth_merged else sample.labels
         try:
-            evaluation.add(stem, sample.labels, pred, sample.instances, pred_instances)
+            evaluation.add(stem, truth, pred, sample.instances, pred_instances)
         except MetricsInputError as exc:
             raise MetricsInputError(f"{stem}: {exc}") from exc
         if progress is not None:
             progress(i, len(gt.stems))
     report = evaluation.report()
-    report["classes_merged"] = merged
+    report["classes_merged"] = merged or truth_merged
     n = len(gt.stems)
     report["instances"] = {"prediction": _instances_source(pred_read, n, instances_dir),
                            "ground_truth": _instances_source(gt_read, n, Path(gt_dir) / "instances")}
     notes = [f"The ground truth names no nucleus classes: the prediction's classes {pred_classes[1:]} "
              "were merged into 'nucleus' (nucleus vs background)."] if merged else []
+    if truth_merged:
+        notes.append(f"The prediction names no nucleus classes (a nucleus-only model's): the ground truth's classes "
+                     f"{gt.classes[1:]} were merged into 'nucleus' (nucleus vs background).")
     notes += [_unused_settings_note(instance_settings, pred_read < n, gt_read < n)]
     if any(notes):
         report["note"] = " ".join(note for note in notes if note)
