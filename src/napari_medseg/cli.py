@@ -641,7 +641,9 @@ def _instance_options(parser, model: bool = False) -> None:
     """The watershed's settings; ``model``: a model runs, and its own settings are the default."""
     from .nuclei.watershed import InstanceSettings
 
-    group = parser.add_argument_group("instances from class maps (watershed)")
+    group = parser.add_argument_group(
+        "instances from class maps (watershed)",
+        None if model else "used only for a side without instance maps (evaluate reads them where they exist)")
     defaults = InstanceSettings()
 
     def default(name: str) -> str:
