@@ -218,3 +218,32 @@ def test_a_large_label_tiff_this_plugin_wrote_reopens_as_labels(make_napari_view
     info = layer.metadata["medseg"]
     assert info["kind"] == "classes" and info["classes"] == CONSEP_CLASSES and info["colors"] == colors
     assert np.array_equal(np.asarray(layer.data[0][:256, :256]), classes[:256, :256])
+
+
+@pytest.mark.parametrize("scale", [257, 256])  # ImageJ and tifffile scale 8-bit colours by 257, Pillow by 256
+def test_an_indexed_colour_tiff_reads_as_its_colours(tmp_path, real_512, scale):
+    """An H&E image saved as indexed colour (ImageJ's "8-bit Color", Pillow's 'P' mode) had read as
+    a gray image of its palette indices, eagerly and lazily; it reads as its colours, as the PNG
+    does. A display LUT over intensities (a fluorescence image's green LUT) keeps the intensities,
+    and a label map keeps its indices."""
+    from PIL import Image
+
+    from napari_medseg.io.images import read_label_map
+    from napari_medseg.io.lazy import open_tiff_lazy
+
+    indexed = Image.fromarray(real_512).quantize(colors=200)
+    indices = np.asarray(indexed)
+    colours = np.asarray(indexed.getpalette()[:600], np.uint16).reshape(200, 3)
+    colormap = np.zeros((3, 256), np.uint16)
+    colormap[:, :200] = colours.T * scale
+    tifffile.imwrite(tmp_path / "indexed.tif", indices, photometric="palette", colormap=colormap)
+    seen = colours[indices].astype(np.uint8)
+    assert np.abs(seen.astype(int) - real_512).mean() < 6  # the quantised H&E, not its indices
+    assert np.array_equal(read_image(tmp_path / "indexed.tif"), seen)
+    assert np.array_equal(np.asarray(open_tiff_lazy(tmp_path / "indexed.tif")[0]), seen)
+    assert np.array_equal(read_label_map(tmp_path / "indexed.tif"), indices)
+    gray = real_512[..., 1]
+    green = np.zeros((3, 256), np.uint16)
+    green[1] = np.arange(256) * 257
+    tifffile.imwrite(tmp_path / "dapi.tif", gray, photometric="palette", colormap=green)
+    assert np.array_equal(read_image(tmp_path / "dapi.tif"), gray)

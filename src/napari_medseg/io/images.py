@@ -22,7 +22,7 @@ import json
 import logging
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +79,10 @@ class InkLook:
     min_is_white: bool = False
     cmyk: bool = False
     white: float = 255.0  # the stored value of full ink / full white: 2**bits - 1
+    # an indexed-colour image's colours, ``[index] -> RGB`` (ImageJ's "8-bit Color", an editor's
+    # indexed save): its stored values are no intensities. A display LUT over intensities (ImageJ's
+    # green or fire LUT on a fluorescence image) is no palette: those values are the data.
+    palette: np.ndarray | None = field(default=None, compare=False)
 
     @classmethod
     def of(cls, page) -> "InkLook":
@@ -87,6 +91,10 @@ class InkLook:
         photometric, bits = page.photometric, int(page.bitspersample or 8)
         integer = np.dtype(page.dtype).kind in "ui"
         white = float(2 ** bits - 1) if integer else 1.0
+        if photometric == tifffile.PHOTOMETRIC.PALETTE and page.samplesperpixel == 1 and integer:
+            colormap = getattr(page, "colormap", None)
+            if colormap is not None and not _is_intensity_lut(np.asarray(colormap)):
+                return cls(palette=_palette_colors(np.asarray(colormap)))
         if photometric == tifffile.PHOTOMETRIC.MINISWHITE and page.samplesperpixel == 1 and page.dtype != bool:
             return cls(min_is_white=True, white=white)
         if photometric == tifffile.PHOTOMETRIC.SEPARATED and page.samplesperpixel >= 4:
@@ -97,10 +105,13 @@ class InkLook:
 
     @property
     def changes(self) -> bool:
-        return self.min_is_white or self.cmyk
+        return self.min_is_white or self.cmyk or self.palette is not None
 
     def convert(self, pixels: np.ndarray) -> np.ndarray:
-        """``pixels`` (samples on the last axis for CMYK) as seen; the dtype kept."""
+        """``pixels`` (samples on the last axis for CMYK) as seen; the dtype kept, but for a
+        palette's indices, which become its RGB colours (a last axis of 3)."""
+        if self.palette is not None:
+            return self.palette[np.minimum(pixels, len(self.palette) - 1)]
         if self.min_is_white:
             return (self.white - pixels).astype(pixels.dtype)
         if self.cmyk:  # R = (1 - C)(1 - K), in the stored range
@@ -108,6 +119,23 @@ class InkLook:
             rgb = (self.white - inks[..., :3]) * (self.white - inks[..., 3:4]) / self.white
             return np.rint(rgb).astype(pixels.dtype) if pixels.dtype.kind in "ui" else rgb.astype(pixels.dtype)
         return pixels
+
+
+def _is_intensity_lut(colormap: np.ndarray) -> bool:
+    """A TIFF colormap ``(3, N)`` that only colours intensities: each of red, green and blue
+    rises (or falls) steadily with the index, as a display LUT does; a palette of colours does not."""
+    steps = np.diff(colormap.astype(np.int64), axis=1)
+    return bool(all((row >= 0).all() or (row <= 0).all() for row in steps))
+
+
+def _palette_colors(colormap: np.ndarray) -> np.ndarray:
+    """``(N, 3)`` colours of a TIFF colormap (16-bit, ``(3, N)``): 8-bit where its values are 8-bit
+    ones scaled as writers scale them (by 257: ImageJ, tifffile; by 256: Pillow)."""
+    colors = colormap.T.astype(np.uint16)
+    for scale in (257, 256):
+        if not (colors % scale).any():
+            return (colors // scale).astype(np.uint8)
+    return colors
 
 
 def _read_raw(path: Path, palette_indices: bool = False) -> tuple[np.ndarray, str | None]:
@@ -139,6 +167,8 @@ def _read_raw(path: Path, palette_indices: bool = False) -> tuple[np.ndarray, st
                 pixels, axes, look = np.asarray(series.asarray()), series.axes, InkLook.of(series.keyframe)
                 if look.changes and not palette_indices and (look.min_is_white or axes.endswith("S")):
                     pixels = look.convert(pixels)
+                elif look.palette is not None and not palette_indices:
+                    pixels, axes = look.convert(pixels), axes + "S"  # indices -> their colours
                 return pixels, axes
         if suffix == ".png" and _png_bit_depth(path) == 16:
             # Pillow decodes 16-bit colour PNGs to 8 bits (12-bit camera data turns nearly black)

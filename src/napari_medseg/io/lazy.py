@@ -89,6 +89,9 @@ def open_tiff_lazy(path: str | os.PathLike) -> list:
     look = _ink_look(path)
     if look.min_is_white:
         return [level.map_blocks(look.convert, dtype=level.dtype) for level in levels]
+    if look.palette is not None and levels[0].ndim == 2:  # indices -> colours, on a new last axis
+        return [level.map_blocks(look.convert, new_axis=2, chunks=level.chunks + ((3,),), dtype=look.palette.dtype)
+                for level in levels]
     if look.cmyk and levels[0].ndim == 3:  # inks on the last axis, whole in every block
         return [level.rechunk({2: -1}).map_blocks(look.convert, chunks=level.chunks[:2] + ((3,),), dtype=level.dtype)
                 for level in levels]
