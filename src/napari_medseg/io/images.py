@@ -13,7 +13,9 @@ decides from shape and dtype alone; ``validate_image_array`` applies it to a num
   image's own 0.5-99.5 percentiles (computed once per image), floats already in
   ``[0, 1]`` as they are. NaN is refused.
 * a TIFF's stored samples are read as they look (``InkLook``): CMYK becomes RGB, MinIsWhite
-  gray is inverted; label maps keep their stored values.
+  gray is inverted, indexed colour becomes its palette's colours; label maps keep their stored values.
+* a TIFF's separate channels (its C axis) are RGB only when there are three: a 4th is a stain,
+  not alpha, and 2 or 4+ channels are refused, the message saying how many.
 """
 
 from __future__ import annotations
