@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import tifffile
 
 from napari_medseg._napari.layers import class_labels_kwargs
 from napari_medseg._napari.metrics_widget import ALL_CLASSES, MetricsWidget
@@ -308,3 +309,43 @@ def test_an_unnamed_nucleus_mask_as_prediction(sample_viewer, value):
     assert f"'mask from elsewhere' (one value, {value}: a nucleus mask)" in widget.summary.value
     overlay = widget.show_errors()
     assert np.array_equal(overlay.data == TP, (truth.data > 0) & (mask.data > 0))
+
+
+@pytest.mark.parametrize("mask", ["class map", "0/255 mask"])
+def test_a_mask_opened_from_a_file_is_ground_truth_for_metrics(make_napari_viewer, tmp_path, consep, mask):
+    """A class map saved outside a dataset folder (ids 0-4) or a 0/255 nucleus mask opened by the
+    reader got made-up class names ('class 1'... up to 'class 255'), and Metrics refused it as
+    ground truth for a model's classes ("has classes [...] but the prediction has [...]"). Opened
+    unnamed, it is scored: the class map with the model's classes, the mask as nuclei."""
+    from PIL import Image
+
+    from napari_medseg._napari.layers import class_labels_kwargs
+    from napari_medseg._napari.sample_data import CONSEP_CLASSES
+    from napari_medseg.io.images import read_label_map
+
+    classes = read_label_map(consep / "labels" / "train_1_005.tif")
+    if mask == "class map":
+        path = tmp_path / "train_1_005_labels.tif"
+        tifffile.imwrite(path, classes)
+    else:
+        path = tmp_path / "nuclei.png"
+        Image.fromarray(((classes > 0) * 255).astype(np.uint8)).save(path)
+    viewer = make_napari_viewer()
+    truth = viewer.open(str(path), plugin="napari-medseg")[0]
+    prediction = viewer.add_labels(classes, **class_labels_kwargs("prediction", CONSEP_CLASSES))
+    _, metrics = viewer.window.add_plugin_dock_widget("napari-medseg", "Metrics")
+    metrics.prediction.reset_choices()
+    metrics.ground_truth.reset_choices()
+    metrics.prediction.value, metrics.ground_truth.value = prediction, truth
+    report = metrics.compute()
+    assert report is not None, metrics.summary.value
+    present = [int(i) for i in np.unique(classes) if i]  # inflammatory and spindle nuclei on this patch
+    scored = {CONSEP_CLASSES[i] for i in present} if mask == "class map" else {"nucleus"}
+    assert scored <= set(report["per_class"]) and all(report["per_class"][c]["dice"] == 1.0 for c in scored)
+    saved = tmp_path / "outlines.geojson"  # its nuclei keep their class ids in QuPath
+    viewer.layers.selection = {truth}
+    assert viewer.layers.save(str(saved), selected=True, plugin="napari-medseg") == [str(saved)]
+    import json
+
+    names = {f["properties"]["classification"]["name"] for f in json.loads(saved.read_text())["features"]}
+    assert names == ({f"class {i}" for i in present} if mask == "class map" else {"class 255"})

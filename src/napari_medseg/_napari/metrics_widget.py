@@ -232,6 +232,10 @@ class MetricsWidget(ScrollingDock):
         the prediction's classes, a nucleus mask or an instance map: ``ground_truth_from_label_map``).
         ``mask``: the prediction, unnamed, was read as a nucleus mask (said so): classes are merged."""
         names = class_names(layer)
+        if names is not None and names == numbered_classes(len(names) - 1):
+            # the reader's stand-in names of a label file opened alone ('class 1', ... 'class 255' for
+            # a 0/255 mask): no classes anyone named, so the map is read for what it holds
+            names = None
         if names is not None and len(names) > 2:
             class_map_top(layer.name, gt, names, instead=TRUTH_INSTEAD)
             if mask:
