@@ -321,10 +321,14 @@ class SegmentWidget(ScrollingDock):
             raise WidgetInputError("Choose an image layer to segment.")
         key = (self._model_ref(), self.device.value, self.backend.value)
         image = layer.data[0] if layer.multiscale else layer.data  # lazy (dask/zarr) data stays lazy
-        if layer.rgb is False and image.ndim == 3 and image.shape[-1] not in (3, 4):
+        plane_ndim = 3 if layer.rgb else 2
+        if image.ndim > plane_ndim and not (not layer.rgb and image.ndim == 3 and image.shape[-1] in (3, 4)):
+            # a PanNuke fold or a time series: the core would refuse it as 'not a 2-D image' without the layer's name
+            planes = int(np.prod(image.shape[:image.ndim - plane_ndim]))
             raise WidgetInputError(
-                f"'{layer.name}' is a stack of shape {tuple(image.shape)}; segmenting stacks is not supported, "
-                "open a single 2-D image (or one plane of the stack as its own layer)."
+                f"'{layer.name}' is a stack of {planes} images (shape {tuple(image.shape)}); segmenting stacks is "
+                "not supported: open a single 2-D image (for a PanNuke fold, its images as a dataset folder: "
+                "medseg convert) or one plane of the stack as its own layer."
             )
         region, polygon = self._part(layer)
         slide = self._slide_info()
