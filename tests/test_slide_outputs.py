@@ -1,6 +1,7 @@
 """A slide run's per-nucleus table read back: each nucleus id's class, for colouring its outline."""
 
 import numpy as np
+import pytest
 
 from napari_medseg.io.slide_outputs import CSVStream, read_nucleus_classes
 
@@ -94,3 +95,29 @@ def test_an_aborted_run_removes_the_folders_it_made_and_only_those(tmp_path):
     files = SlideResultFiles(tmp_path / "mine", "slide")
     files.abort()
     assert (tmp_path / "mine" / "notes.txt").is_file()
+
+
+def test_a_store_that_cannot_be_made_is_named_by_its_final_name(tmp_path, monkeypatch):
+    """A slide run makes its zarr store under a hidden temp name: a failure names the store the
+    user will look for, and a full disk while its arrays are laid out is an output error too (it
+    had escaped as a bare OSError)."""
+    import errno
+
+    import zarr
+
+    from napari_medseg.io.outputs import OutputWriteError
+    from napari_medseg.io.slide_outputs import create_result_store
+
+    (tmp_path / "blocker").write_text("a file where the results folder should be")
+    with pytest.raises(OutputWriteError) as caught:
+        create_result_store(tmp_path / "blocker" / ".slide.zarr.part", (64, 64), {"classes": "uint8"}, 32,
+                            shown_as=tmp_path / "blocker" / "slide.zarr")
+    assert "slide.zarr" in str(caught.value) and ".part" not in str(caught.value)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(zarr.Group, "create_group", full)
+    with pytest.raises(OutputWriteError, match=r"slide\.zarr: No space left on device"):
+        create_result_store(tmp_path / ".slide.zarr.part", (64, 64), {"classes": "uint8"}, 32,
+                            shown_as=tmp_path / "slide.zarr")

@@ -84,7 +84,7 @@ def iter_predict_slide(segmenter, slide, out_dir: str | os.PathLike, region: Reg
         result.notes.append(DARK_NOTE)
     try:
         store = create_result_store(files.temp("store"), slide.shape, names, block // 2, slide.pixel_size_um,
-                                    _class_record(segmenter))
+                                    _class_record(segmenter), shown_as=files.path("store"))
         phases = _phases(segmenter, slide, store, files, result, maps, tissue, polygon, block, nuclei_block,
                          settings, postprocess, instance_settings)
         yield from _run_phases(phases, result.seconds)

@@ -117,26 +117,29 @@ class SlideResultFiles:
 
 
 def create_result_store(path: str | os.PathLike, shape: tuple[int, int], names: dict[str, str],
-                        chunk: int = CHUNK, pixel_size_um: float | None = None, classes: dict | None = None):
+                        chunk: int = CHUNK, pixel_size_um: float | None = None, classes: dict | None = None,
+                        shown_as: str | os.PathLike | None = None):
     """A new zarr group at ``path`` with a full-resolution array ``<name>/0`` per ``names``
     entry (``{"classes": "uint8", "instances": "int32", ...}``), zeros until written; ``classes``
     (``{"classes": names, "colors": ...}``) recorded in its attributes. An existing store is never
-    replaced."""
+    replaced. ``shown_as``: the path errors name (the store's final name, where ``path`` is its
+    hidden temp name)."""
     import zarr
 
     path = Path(path)
+    shown = Path(shown_as) if shown_as is not None else path
     if path.exists():
-        raise OutputFolderError(f"{path} exists: results are never overwritten. Choose another output folder.")
+        raise OutputFolderError(f"{shown} exists: results are never overwritten. Choose another output folder.")
     try:
         # Zarr v2: OME-NGFF 0.4, which viewers and validators read, is defined on it (v3 needs 0.5)
         root = zarr.open_group(str(path), mode="w-", zarr_format=2)
-    except OSError as exc:
-        raise write_error(path, exc) from None
-    root.attrs["pixel_size_um"] = pixel_size_um
-    if classes:
-        root.attrs[LABEL_RECORD_KEY] = classes
-    for name, dtype in names.items():
-        root.create_group(name).create_array("0", shape=shape, chunks=(chunk, chunk), dtype=dtype, fill_value=0)
+        root.attrs["pixel_size_um"] = pixel_size_um
+        if classes:
+            root.attrs[LABEL_RECORD_KEY] = classes
+        for name, dtype in names.items():
+            root.create_group(name).create_array("0", shape=shape, chunks=(chunk, chunk), dtype=dtype, fill_value=0)
+    except OSError as exc:  # a full disk or a folder gone: its metadata files are written here too
+        raise write_error(shown, exc) from None
     return root
 
 
