@@ -174,3 +174,28 @@ def test_cancel_while_the_runtime_is_checked_stops_the_check(make_napari_viewer,
     widget.run()
     qtbot.waitUntil(lambda: widget.run_button.enabled, timeout=120_000)  # the layers go in, one a turn, first
     assert len(viewer.layers) == 3 and list(tmp_path.glob("unchecked.*.runtimes.json")), widget.status.value
+
+
+def test_a_layer_in_nanometres_is_segmented_at_its_pixel_size(make_napari_viewer, consep):
+    """A layer whose scale is in nm (250 nm: 40x) is segmented as the same image in µm is; it had
+    been taken as 250 µm/px. A scale no microscope gives is refused in the layer's own terms."""
+    from napari_medseg._napari.layers import pixel_size_um
+
+    image = read_image(consep / "images" / "train_19_005.png")
+    viewer = make_napari_viewer()
+    in_um = viewer.add_image(image, name="um", scale=(0.25, 0.25), units=("um", "um"))
+    in_nm = viewer.add_image(image, name="nm", scale=(250, 250), units=("nm", "nm"))
+    in_mm = viewer.add_image(image, name="mm", scale=(0.0005, 0.0005), units=("mm", "mm"))
+    huge = viewer.add_image(image, name="no unit", scale=(100, 100))
+    assert [pixel_size_um(layer) for layer in (in_um, in_nm, in_mm, huge)] == pytest.approx([0.25, 0.25, 0.5, 100])
+    widget = SegmentWidget(viewer)
+    results = []
+    for layer in (in_um, in_nm):
+        widget.image_layer.value = layer
+        widget.run(threaded=False)
+        results.append(np.asarray(widget.last_layer.data))
+    np.testing.assert_array_equal(results[0], results[1])
+    before = len(viewer.layers)
+    widget.image_layer.value = huge
+    assert widget.run(threaded=False) is None and len(viewer.layers) == before
+    assert "'no unit' says its pixels are 100 µm wide (its scale 100, no unit)" in widget.status.value

@@ -199,13 +199,31 @@ def region_in(result_layer, result_shape, whole_layer, whole_shape) -> tuple[sli
 
 
 def pixel_size_um(layer) -> float | None:
-    """The side of a pixel in µm where the layer says so: square, non-unit ``scale`` (napari's
-    world units, taken as µm) or ``metadata['pixel_size_um']``; else ``None``."""
+    """The side of a pixel in µm where the layer says so: ``metadata['pixel_size_um']``, or a
+    square ``scale`` in the layer's length ``units`` (nm, µm, mm: converted), or, in napari's
+    default unit-less world, a square non-unit ``scale`` taken as µm; else ``None``."""
     size = getattr(layer, "metadata", {}).get("pixel_size_um")
     if size:
         return float(size)
     sy, sx = (float(s) for s in layer.scale[-2:])
+    to_um = _micrometres_per_unit(getattr(layer, "units", None))
+    if to_um is not None:  # a length: even a scale of 1 (1 µm, 1 mm) is a real pixel size
+        return sy * to_um if np.isclose(sy, sx) else None
     return sy if sy == sx and sy != 1.0 else None
+
+
+def _micrometres_per_unit(units) -> float | None:
+    """µm per unit of a layer's x axis where its units are a length (napari's pint units); ``None``
+    for napari's default 'pixel' and anything else: a 250 nm scale had been taken for 250 µm."""
+    if not units:
+        return None
+    try:
+        unit = units[-1]
+        if str(unit.dimensionality) != "[length]":
+            return None
+        return float((1 * unit).to("micrometer").magnitude)
+    except Exception:  # a napari without units, or a unit pint cannot convert
+        return None
 
 
 def legend_html(classes: list[str], colors: list | None = None, pickable: bool = False) -> str:

@@ -31,6 +31,7 @@ from ..inference.settings import BLENDS, TileSettings
 from ..inference.slide import SlideResult
 from ..inference.slide_process import SlideJob, SlideModelInfo, SlideProcess, checkpoint_stamp
 from ..io.images import file_stem
+from ..io.pixel_size import PLAUSIBLE_PIXEL_SIZE_UM, is_plausible_pixel_size
 from ..io.slide_outputs import check_no_slide_results, fresh_results_folder, pyramid_levels, read_nucleus_classes
 from ..models import read_meta, resolve_model_path
 from ..nuclei.measure import nucleus_count
@@ -363,6 +364,12 @@ class SegmentWidget(ScrollingDock):
         mask = None if polygon is None else inside(polygon, region)
         cleanup = PostprocessSettings(self.min_object_size.value, self.fill_holes.value)
         configure, nuclei, size = self._configure(), self.nuclei.value, pixel_size_um(layer)
+        if size is not None and not is_plausible_pixel_size(size):  # said in the layer's terms, not the CLI's
+            low, high = PLAUSIBLE_PIXEL_SIZE_UM
+            raise WidgetInputError(
+                f"'{layer.name}' says its pixels are {size:g} µm wide (its scale {float(layer.scale[-1]):g}, "
+                f"{_unit_name(layer)}), which no microscope gives ({low:g}-{high:g} µm/px): set its scale to its "
+                "µm per pixel (0.25 for 40x, 0.5 for 20x), or to 1 to segment it as it is.")
 
         where = region_placement(layer, region)
 
@@ -758,3 +765,10 @@ def slide_summary(result: SlideResult) -> str:
     parts.append(f"{result.segmented_px / 1e6:.1f} Mpx of tissue segmented")
     parts.append(f"results in {result.files['store'].parent}")
     return with_notes("Done: " + "; ".join(parts), result.notes)
+
+
+def _unit_name(layer) -> str:
+    """The layer's x unit as a user reads it ('nanometer'; napari's default, 'pixel', as 'no unit')."""
+    units = getattr(layer, "units", None)
+    name = str(units[-1]) if units else "pixel"
+    return "no unit" if name == "pixel" else name
