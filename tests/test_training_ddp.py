@@ -146,3 +146,21 @@ def test_resuming_with_another_number_of_processes_is_refused_with_the_command(s
     assert ("The run being resumed was trained by 1 process, this one has 2; resume it with as many "
             f"(medseg train CONFIG --resume {done.resume}, without torchrun)") in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr.split("medseg train: error:")[0]
+
+
+def test_torchrun_trains_repeats_in_one_process_group(small_consep, tmp_path):
+    """repeats (and stages) call train() again in the same processes: the process group was made
+    anew for each and the ranks raced for its gloo port ('Gloo connectFullMesh failed ...
+    Connection refused', in half of the 2-repeat runs here); it now lives as long as the processes."""
+    import json
+
+    run = tmp_path / "run"
+    out = _torchrun(["--set", f"data.dataset=[{small_consep}]", "--set", f"out_dir={run}", "--set", "data.val_fraction=0.34",
+                     "--set", "data.crops_per_image=1", "--set", "batch_size=2", "--set", "num_threads=1",
+                     "--set", "device=cpu", "--set", "epochs=1", "--set", "repeats=4"], tmp_path)
+    assert "4 runs (seeds 0, 1, 2, 3)" in out
+    assert len(json.loads((run / "repeats.json").read_text())["runs"]) == 4
+    for seed in range(4):
+        meta = load_checkpoint(run / f"seed_{seed}" / "best.safetensors")[1]
+        hashes = meta.training["distributed"]["parameter_hash_prefixes"]
+        assert len(hashes) == 2 and hashes[0] == hashes[1]

@@ -10,6 +10,7 @@ Only rank 0 reports progress and writes files.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 from dataclasses import dataclass
@@ -79,8 +80,11 @@ def init_distributed(device_name: str) -> tuple[DistContext, str]:
         device_name = f"cuda:{local_rank}"
     elif device_name == "auto":
         device_name = "cpu"
+    if dist.is_initialized() and dist.get_backend() != backend:  # another device than the last run's
+        dist.destroy_process_group()
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
+        atexit.register(_end_process_group)
     return DistContext(world, rank, local_rank, backend), device_name
 
 
@@ -98,8 +102,11 @@ def _check_gpu_for(local_rank: int, device_name: str) -> None:
                           f"start at most {count} (torchrun --nproc_per_node {count}).")
 
 
-def shutdown_distributed(ctx: DistContext) -> None:
-    if ctx.enabled and dist.is_initialized():
+def _end_process_group() -> None:
+    """The process group lives as long as the process: stages and repeats call ``train`` again,
+    and making the group anew for each raced (a rank reached the new group's gloo port before it
+    was open: 'Gloo connectFullMesh failed ... Connection refused', half the 2-repeat runs here)."""
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

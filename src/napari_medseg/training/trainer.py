@@ -23,7 +23,7 @@ from ..devices import resolve_device
 from .checkpoints import CheckpointWriter, check_output_dir, estimated_bytes
 from .config import AVERAGED_NAME, BEST_NAME, TrainConfig, average_partner
 from .data import LabelledImage, normalization_stats
-from .distributed import DistContext, init_distributed, shutdown_distributed
+from .distributed import DistContext, init_distributed
 from .events import BatchDone, EpochDone, TrainingDone, TrainingError
 from .loop import USER_STOP, Run, run_epochs
 from .losses import MixedLabels, WithDistanceHead, build_loss
@@ -55,7 +55,6 @@ def train(cfg: TrainConfig, on_update: Callable[[object], None] | None = None,
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
         torch.set_num_threads(threads_before)
-        shutdown_distributed(ctx)
 
 
 def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, device_name: str) -> TrainingDone:
