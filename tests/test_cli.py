@@ -442,3 +442,27 @@ def test_an_averaged_result_names_the_start_it_was_averaged_with(tmp_path, tiny_
         meta, training={"averaged": {"start": recorded, "tuned": str(start)}}))
     words = _result_words(config, SimpleNamespace(checkpoint=averaged, best_epoch=2))
     assert words == f"best epoch 2; checkpoint {averaged} (averaged with {recorded}, 0.5 on this run)"
+
+
+def test_a_torchrun_runs_resume_hint_is_a_torchrun_command(tmp_path, monkeypatch, capsys):
+    """Under torchrun the hint names torchrun with the run's number of processes: the trainer
+    refuses to resume with another number, and 'medseg train' is one process."""
+    import shlex
+    from types import SimpleNamespace
+
+    from napari_medseg import cli
+
+    resume = tmp_path / "resume.safetensors"
+    resume.write_bytes(b"x")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    args = SimpleNamespace(config="c.yaml", set=["epochs=3"], started=0)
+    stage = SimpleNamespace(config=SimpleNamespace(out_dir=str(tmp_path)), name=None)
+    cli._print_resume_hint(args, stage)
+    hint = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("resume with: "))
+    words = shlex.split(hint[len("resume with: "):])
+    assert words[:7] == ["torchrun", "--nproc_per_node", "2", "-m", "napari_medseg", "train", "c.yaml"]
+    assert words[-2:] == ["--resume", str(resume)]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cli._print_resume_hint(args, stage)
+    assert "resume with: medseg train c.yaml" in capsys.readouterr().err

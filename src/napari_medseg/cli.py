@@ -480,7 +480,11 @@ def _print_resume_hint(args, stage) -> None:
         print("interrupted before the first epoch ended: nothing to resume; run the same command again",
               file=sys.stderr)
         return
-    words = ["medseg", "train", str(args.config)] + [w for kv in (args.set or []) for w in ("--set", kv)]
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # a torchrun run resumes with as many processes (the trainer refuses another number)
+    start = (["torchrun", "--nproc_per_node", str(world_size), "-m", "napari_medseg"] if world_size > 1
+             else ["medseg"])
+    words = start + ["train", str(args.config)] + [w for kv in (args.set or []) for w in ("--set", kv)]
     words += (["--from-stage", stage.name] if stage.name else []) + ["--resume", str(resume)]
     print(f"resume with: {shlex.join(words)}", file=sys.stderr)
 
