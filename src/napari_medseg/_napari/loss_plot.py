@@ -36,7 +36,12 @@ class LossPlot:
         self.figure.subplots_adjust(left=0.17, right=0.97, top=0.97, bottom=0.14, hspace=0.08)
         FigureCanvasAgg(self.figure)
         self.canvas = PlotView(self)  # the Qt widget that shows the drawn figure
-        self._lock = threading.Lock()  # guards _wanted, the latest drawing asked for
+        self._lock = threading.Lock()  # guards _wanted, the latest drawing asked for, and _canvas_gone
+        # the view deleted (the viewer closed mid-run): the drawing thread must not emit into it.
+        # Checked and set under _lock, so the view's destruction waits for an emit under way: an
+        # emit racing the deletion had crashed Python (SIGSEGV), not raised RuntimeError
+        self._canvas_gone = False
+        self.canvas.destroyed.connect(self._forget_canvas)
         self._wanted: tuple | None = None
         self._drawing = None  # the future of the drawing thread's current run
         self._busy = False  # a drawing run is on and will take any new request (under _lock)
@@ -158,12 +163,20 @@ class LossPlot:
             data, _, size = wanted
             if not any(xs for xs, _ in data.values()):
                 self._blank = _Picture(image, size)
-            try:
-                self.canvas.drawn.emit(image)
-            except RuntimeError:  # the widget was closed while drawing
-                with self._lock:
+            with self._lock:
+                if self._canvas_gone:
                     self._busy = False
-                return
+                    return
+                try:
+                    self.canvas.drawn.emit(image)
+                except RuntimeError:  # the widget was closed while drawing
+                    self._busy = False
+                    return
+
+    def _forget_canvas(self, *_) -> None:
+        """On the GUI thread, as the view is deleted: no drawing reaches it any more."""
+        with self._lock:
+            self._canvas_gone = True
 
     def _render(self, data: dict, best_epoch: float, size: tuple[int, int]) -> QImage:
         """Epochs from 0 to just past the last point (both plots share it), whole epochs ticked;
