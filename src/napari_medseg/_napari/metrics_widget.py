@@ -238,10 +238,8 @@ class MetricsWidget(ScrollingDock):
             names = None
         if names is not None and len(names) > 2:
             class_map_top(layer.name, gt, names, instead=TRUTH_INSTEAD)
-            if mask:
-                return merged_classes(GroundTruth(gt, names), because=f"the prediction {mask} names none")
-            if len(pred_names) == 2:  # a nucleus-only model's prediction: nucleus vs background
-                return merged_classes(GroundTruth(gt, names), because="the prediction names none")
+            if len(pred_names) == 2:  # a nucleus-only model's prediction, or a mask read so: nucleus vs background
+                return merged_classes(GroundTruth(gt, names), because=f"the prediction {mask + ' ' if mask else ''}names none")
             if names != pred_names:
                 raise MetricsInputError(f"'{layer.name}' has classes {_listed(names)} but the prediction has "
                                         f"{_listed(pred_names)}; compare layers that use the same classes (or "
