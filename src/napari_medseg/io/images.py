@@ -498,13 +498,31 @@ def atomic_write(path: Path, write) -> None:
     # (mkstemp's file is 0600, which would make every written label map private to its owner).
     tmp = temp_path(path)
     try:
+        mode = _new_file_mode(tmp)
         write(tmp)
+        # some writers make their file private whatever the umask (safetensors: 0600): the file
+        # the user gets has the mode any new file of theirs has (0644 under the usual umask)
+        if mode is not None and tmp.exists() and (tmp.stat().st_mode & 0o777) != mode:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException as exc:  # Ctrl-C and SIGTERM (cli.Terminated) included
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and not isinstance(exc, MedsegError):
             raise write_error(path, exc) from None
         raise
+
+
+def _new_file_mode(tmp: Path) -> int | None:
+    """The permission bits a new file gets in ``tmp``'s folder (the umask, a default ACL): those
+    of ``tmp``, made and removed here (reading the umask by setting it is not thread-safe)."""
+    if os.name != "posix":
+        return None
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        return os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+        os.unlink(tmp)
 
 
 def write_label_map(path: str | os.PathLike, labels: np.ndarray, pixel_size_um: float | None = None,
