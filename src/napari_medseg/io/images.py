@@ -4,7 +4,8 @@ Rules for what a reader hands to a model, one rule for eager and lazy arrays (``
 decides from shape and dtype alone; ``validate_image_array`` applies it to a numpy array):
 
 * a 2-D array is a gray image; ``(H, W, 3)`` is RGB; ``(H, W, 4)`` is RGBA and the
-  alpha channel is dropped; ``(3|4, H, W)`` (channel-first, as in many OME-TIFFs)
+  alpha channel is dropped; gray + alpha (a PNG's "LA", a TIFF's gray with an alpha extra
+  sample) is gray; ``(3|4, H, W)`` (channel-first, as in many OME-TIFFs)
   is moved to channel-last; singleton axes (OME's T, Z, C of size 1) are squeezed.
 * anything else (z-stacks, time series, 4-D/5-D data, more than 4 channels) is
   refused with a message naming the shape, rather than guessed at.
@@ -167,6 +168,8 @@ def _read_raw(path: Path, palette_indices: bool = False) -> tuple[np.ndarray, st
                 series = tif.series[main_series_index(tif)]
                 check_tiff_data(series, path)
                 pixels, axes, look = np.asarray(series.asarray()), series.axes, InkLook.of(series.keyframe)
+                if gray_with_alpha(series.keyframe, axes):  # as a gray + alpha PNG reads: its gray
+                    pixels, axes = pixels[..., 0], axes[:-1]
                 if look.changes and not palette_indices and (look.min_is_white or axes.endswith("S")):
                     pixels = look.convert(pixels)
                 elif look.palette is not None and not palette_indices:
@@ -203,6 +206,18 @@ def _read_raw(path: Path, palette_indices: bool = False) -> tuple[np.ndarray, st
             f"Cannot read '{path.name}': the file is corrupt, truncated or not a "
             f"{suffix.lstrip('.').upper()} file ({type(exc).__name__}: {why})."
         ) from exc
+
+
+def gray_with_alpha(page, axes: str) -> bool:
+    """A TIFF page of gray samples and an alpha sample (Pillow's "LA", an editor's gray with
+    transparency): read as its gray, as a gray + alpha PNG is. The alpha of a gray image is no
+    stain; two samples of which the 2nd is no alpha are two channels (refused, counted)."""
+    import tifffile
+
+    extras = tuple(getattr(page, "extrasamples", ()) or ())
+    return (axes.endswith("S") and page.samplesperpixel == 2 and len(extras) == 1
+            and page.photometric in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE)
+            and extras[0] in (tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA))
 
 
 def _png_bit_depth(path: Path) -> int | None:

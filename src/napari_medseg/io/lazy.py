@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import ImageReadError, InkLook, check_tiff_data, image_suffix, plane_layout, tifffile_quiet
+from .images import (ImageReadError, InkLook, check_tiff_data, gray_with_alpha, image_suffix, plane_layout,
+                     tifffile_quiet)
 
 LAZY_MIN_PIXELS = 50_000_000  # above ~7000²: an eager read would take GBs and seconds
 BAND_BYTES = 32 * 2**20  # rows per dask chunk of an uncompressed or decoded-once level
@@ -83,10 +84,13 @@ def open_tiff_lazy(path: str | os.PathLike) -> list:
     """
     path = Path(path)
     shape, axes, n_levels, dtype = tiff_levels_info(path)
+    look, gray_alpha = _ink_look(path)
+    if gray_alpha:  # gray + alpha: its gray, as an eager read gives it
+        shape, axes = shape[:-1], axes[:-1]
     # the same plane rule as for eager reads, from the header; the axes keep z-stacks from passing as RGB
     layout = plane_layout(shape, dtype, f"'{path.name}'", axes=axes)
-    levels = [layout.to_channel_last(_open_level(path, i, n_levels)) for i in range(n_levels)]
-    look = _ink_look(path)
+    levels = [_open_level(path, i, n_levels) for i in range(n_levels)]
+    levels = [layout.to_channel_last(level[..., 0] if gray_alpha else level) for level in levels]
     if look.min_is_white:
         return [level.map_blocks(look.convert, dtype=level.dtype) for level in levels]
     if look.palette is not None and levels[0].ndim == 2:  # indices -> colours, on a new last axis
@@ -98,11 +102,13 @@ def open_tiff_lazy(path: str | os.PathLike) -> list:
     return levels
 
 
-def _ink_look(path: Path) -> InkLook:
+def _ink_look(path: Path) -> tuple[InkLook, bool]:
+    """How the main series' samples look, and whether they are gray + alpha (``gray_with_alpha``)."""
     import tifffile
 
     with tifffile_quiet(), tifffile.TiffFile(path) as tif:
-        return InkLook.of(tif.series[main_series_index(tif)].keyframe)
+        series = tif.series[main_series_index(tif)]
+        return InkLook.of(series.keyframe), gray_with_alpha(series.keyframe, series.axes)
 
 
 def _open_level(path: Path, index: int, n_levels: int):
