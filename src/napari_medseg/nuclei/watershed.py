@@ -86,8 +86,8 @@ def _is_number(value) -> bool:
 
 def semantic_to_instances(class_map: np.ndarray, settings: InstanceSettings | None = None,
                           distance: np.ndarray | None = None) -> np.ndarray:
-    """Split the foreground (class > 0) into nuclei: int32 ids > 0 (not always consecutive:
-    seeds dropped by the watershed leave gaps), 0 = background.
+    """Split the foreground (class > 0) into nuclei: int32 ids 1..N (consecutive, so the largest
+    id is the number of nuclei), 0 = background.
 
     See ``iter_semantic_to_instances``, which this runs to the end.
     """
@@ -106,7 +106,8 @@ def iter_semantic_to_instances(class_map: np.ndarray, settings: InstanceSettings
     ``sigma``, seeded at its local maxima at least ``min_distance`` apart. With ``distance``
     (a model's predicted nucleus distance map, ``(H, W)`` in [0, 1]): seeded at its regions
     above ``marker_threshold``. A component without a seed gets one at its maximum, so every
-    connected component yields at least one instance.
+    connected component yields at least one instance. Ids run 1..N without gaps (seeds dropped
+    as too small leave none: a count by ``max()`` had been off, 407 for 397 nuclei on a MoNuSeg image).
     """
     from skimage.segmentation import watershed
 
@@ -131,7 +132,24 @@ def iter_semantic_to_instances(class_map: np.ndarray, settings: InstanceSettings
     yield 3, INSTANCE_STEPS
     instances = watershed(-distance, markers, mask=foreground)
     yield 4, INSTANCE_STEPS
-    return instances.astype(np.int32, copy=False)
+    return consecutive_ids(instances.astype(np.int32, copy=False))
+
+
+def consecutive_ids(instances: np.ndarray) -> np.ndarray:
+    """``instances`` with its ids renumbered 1..N in the order of the old ids (in place where any is
+    missing; as given where none is). Seeds are numbered without gaps, so this is a check that
+    costs one ``bincount``; it renumbers only if a seed was lost on the way."""
+    top = int(instances.max(initial=0))
+    if top == 0:
+        return instances
+    present = np.bincount(instances.ravel(), minlength=top + 1) > 0
+    present[0] = False
+    if present[1:].all():
+        return instances
+    lookup = np.zeros(top + 1, instances.dtype)
+    lookup[present] = np.arange(1, int(present.sum()) + 1, dtype=instances.dtype)
+    instances[...] = lookup[instances]
+    return instances
 
 
 def _checked_class_map(class_map) -> np.ndarray:
@@ -171,15 +189,18 @@ def _peak_seeds(distance: np.ndarray, components: np.ndarray, min_distance: int)
 
 
 def _core_seeds(cores: np.ndarray, min_size: int) -> np.ndarray:
-    """One seed per nucleus core of at least ``min_size`` px. Dropped cores leave their ids unused
-    (nucleus ids are not always consecutive; exports keep a layer's own ids)."""
+    """One seed per nucleus core of at least ``min_size`` px, numbered 1..k (a dropped core's id
+    is given to the next: no gaps)."""
     from scipy import ndimage as ndi
 
-    markers, _ = ndi.label(cores)
-    if min_size > 1 and markers.max():
-        small = np.bincount(markers.ravel()) < min_size
-        small[0] = False
-        markers[small[markers]] = 0
+    markers, n = ndi.label(cores)
+    if min_size > 1 and n:
+        keep = np.bincount(markers.ravel(), minlength=n + 1) >= min_size
+        keep[0] = False
+        if not keep[1:].all():
+            lookup = np.zeros(n + 1, markers.dtype)
+            lookup[keep] = np.arange(1, int(keep.sum()) + 1, dtype=markers.dtype)
+            markers = lookup[markers]
     return markers
 
 
