@@ -171,10 +171,12 @@ def _segment_into(segmenter: Segmenter, image, out: Path, stem: str, settings: B
     """Segments ``image``, writes its class map (and probabilities), fills in ``result``;
     returns ``(class map, instances or None)``."""
     probs = tmp = None
+    made: list[Path] = []  # folders made for the probabilities: removed again if nothing went into them
     try:
         if settings.probabilities:
             result.probabilities = out / "probabilities" / f"{stem}.npy"
             tmp = temp_path(result.probabilities)  # renamed when complete: never a half-written .npy
+            made = [p for p in (tmp.parent, *tmp.parent.parents) if not p.exists()]
             probs = _probability_file(tmp, result.probabilities, (len(segmenter.classes), *image.shape[:2]))
         if not settings.nuclei:
             labels, instances = segmenter.segment(image, settings.tiles, progress, postprocess=settings.postprocess,
@@ -195,10 +197,16 @@ def _segment_into(segmenter: Segmenter, image, out: Path, stem: str, settings: B
             probs = None  # closes the memmap before the rename
             os.replace(tmp, result.probabilities)
     finally:
-        # a failed or interrupted run leaves no hidden partial probability file behind
+        # a failed or interrupted run leaves no hidden partial probability file behind, nor the
+        # empty folders made for it (a full disk at the reservation had left OUT/probabilities/)
         probs = None
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+        for folder in made:  # deepest first; one that holds anything (the class map) stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
     return labels, instances
 
 
