@@ -44,3 +44,25 @@ def test_a_failed_reservation_in_a_folder_with_results_keeps_them(tmp_path, tiny
     monkeypatch.setattr(os, "posix_fallocate", full)
     assert_refused(medseg(*args, "--probabilities"), "No space left on device")
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before and no_temp_files(out) == []
+
+
+def test_classes_json_names_the_run_that_last_wrote_into_the_folder(tmp_path, tiny_checkpoint, consep):
+    """A second model (same classes) predicting into the folder: classes.json's source names it (it
+    kept the first run's, so the folder claimed results the second model made were the first's)."""
+    import shutil
+
+    other = tmp_path / "other.safetensors"
+    shutil.copy(tiny_checkpoint, other)
+    out = tmp_path / "out"
+    common = ("--out", out, "--device", "cpu", "--tile", "128", "--overlap", "32")
+    assert medseg("predict", consep / "images" / "train_2_006.png", "--model", tiny_checkpoint, *common).returncode == 0
+    assert str(tiny_checkpoint) in json.loads((out / "classes.json").read_text())["source"]
+    assert medseg("predict", consep / "images" / "train_2_006.png", "--model", other, *common).returncode == 0
+    record = json.loads((out / "classes.json").read_text())
+    assert str(other) in record["source"] and record["classes"][0] == "background"
+    # an unreadable file alone changes nothing there
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    before = (out / "classes.json").read_text()
+    assert medseg("predict", text, "--model", tiny_checkpoint, *common).returncode == 1
+    assert (out / "classes.json").read_text() == before

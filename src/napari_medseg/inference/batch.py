@@ -108,11 +108,13 @@ def predict_to_folder(files: list[Path], out: str | Path, model: str | os.PathLi
         use_class_weights(segmenter, settings.class_weights)
     settings.tiles.checked(segmenter.meta.model.output_stride)
     segmenter.instance_settings_with(settings.instance_overrides)  # refused here, before any file
-    classes_pending = claim_classes(out, segmenter.classes, RESULT_FOLDERS)
+    # the folder's classes.json names this run as its source (a second model's run into the same
+    # folder had kept the first run's): rewritten unless it already says so
+    classes_pending = claim_classes(out, segmenter.classes, RESULT_FOLDERS) or _recorded_source(out) != source
 
     def write_classes_once() -> None:
         # with the first result, not before: a run whose every file is unreadable leaves no
-        # folder holding a classes.json and nothing else
+        # folder holding a classes.json and nothing else, nor changes the one there
         nonlocal classes_pending
         if classes_pending:
             write_classes(out, segmenter.classes, source=source)
@@ -122,6 +124,16 @@ def predict_to_folder(files: list[Path], out: str | Path, model: str | os.PathLi
     for index, file in enumerate(files, 1):
         progress = progress_for(index, len(files), file) if progress_for is not None else None
         yield predict_file(segmenter, file, out, settings, progress, before_writing=write_classes_once)
+
+
+def _recorded_source(out: Path) -> str | None:
+    """The ``source`` of ``out``'s classes.json (``None`` where it cannot be read)."""
+    from ..io.dataset import read_classes
+
+    try:
+        return read_classes(out)[1]
+    except (MedsegError, OSError):
+        return None
 
 
 def check_writable_folder(out: Path, flag: str = "--out") -> None:
