@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from ..colors import class_colors
 from ..io.images import atomic_write
 from .config import ModelConfig, ModelConfigError
-from .registry import build_model
+from .registry import build_model, without_removed
 from .fields import type_errors
 from .weights import CheckpointError, check_not_pickle, read_state_dict, write_safetensors
 
@@ -228,14 +228,10 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: CheckpointM
         if half and tensor.is_floating_point():
             tensor = tensor.half()
         state[key] = tensor.contiguous()
-    def write(tmp: Path) -> None:
-        write_safetensors(state, tmp, {METADATA_KEY: meta.to_json()}, path)
-        # safetensors creates its file 0600; a checkpoint is meant to be shared like any file
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-
-    atomic_write(path, write)
+    # safetensors creates its file 0600: atomic_write gives it the mode of any new file of the
+    # user's (a checkpoint is meant to be shared); reading the umask by setting it, as this did,
+    # could give a file another thread made meanwhile mode 0666
+    atomic_write(path, lambda tmp: write_safetensors(state, tmp, {METADATA_KEY: meta.to_json()}, path))
     return path
 
 
@@ -250,7 +246,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         model = build_model(replace(meta.model, encoder_weights=None))
     except ModelConfigError as exc:
         raise CheckpointError(f"{path.name}: {exc}") from exc
-    state = read_state_dict(path)
+    # a file written before the encoder's unused stages were removed holds their weights too
+    state = without_removed(read_state_dict(path), model)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

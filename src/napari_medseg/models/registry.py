@@ -12,7 +12,10 @@ if TYPE_CHECKING:  # torch loads with the first model built
     from torch import nn
 
 
-def build_model(config: ModelConfig) -> nn.Module:
+def build_model(config: ModelConfig, keep_unused: bool = False) -> nn.Module:
+    """The network of ``config``. The smp encoder stages that an ``encoder_depth`` below 5 leaves
+    unused (smp builds all five) are removed (``remove_unused_encoder_modules``), unless
+    ``keep_unused`` (the network as it was built before: an older resume file's parameter order)."""
     arch = config.architecture.lower()
     if config.num_classes < 1 or config.in_channels < 1:
         raise ModelConfigError("num_classes and in_channels must be at least 1.")
@@ -50,6 +53,80 @@ def build_model(config: ModelConfig) -> nn.Module:
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelConfigError(f"Cannot build {arch} with encoder {config.encoder}: {exc}") from exc
+    if not keep_unused and arch != "deeplabv3plus" and config.encoder_depth < 5:
+        remove_unused_encoder_modules(model, config.in_channels)
     if config.encoder_weights:
         load_local_encoder_weights(model, config.encoder_weights)
     return model
+
+
+# the names of the modules a network was built without (``remove_unused_encoder_modules``)
+REMOVED_ATTRIBUTE = "medseg_removed_modules"
+
+
+def remove_unused_encoder_modules(model: nn.Module, in_channels: int) -> list[str]:
+    """Replace the encoder modules with weights that no forward pass calls by ``RemovedModule``.
+
+    smp builds every encoder stage whatever ``encoder_depth`` says (a ResNet18 U-Net of depth 3
+    carried layer3 and layer4: 42 of its checkpoint's 45.6 MB) and some encoders keep a head they
+    never run (EfficientNet's ``_conv_head``). Which modules run is measured, not assumed: an
+    eval-mode pass of a zero image through the encoder records the modules called (no random
+    number is drawn, no statistic changes: a seed makes the same weights as before), and a second
+    pass without the others must give the same features, else nothing is removed.
+    Returns the removed modules' names (``encoder.layer3``, ...), also kept on the model as
+    ``medseg_removed_modules`` so that loading drops their tensors from older files."""
+    import torch
+
+    from .removed import RemovedModule
+
+    encoder = model.encoder
+    called: set[str] = set()
+    hooks = [module.register_forward_pre_hook(lambda _m, _i, name=name: called.add(name))
+             for name, module in encoder.named_modules()]
+    was_training = encoder.training
+    encoder.eval()
+    probe = torch.zeros(1, in_channels, 64, 64)
+    try:
+        with torch.no_grad():
+            before = encoder(probe)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    unused: list[str] = []
+    for name, module in encoder.named_modules():
+        if not name or any(name.startswith(done + ".") for done in unused):
+            continue
+        if any(c == name or c.startswith(name + ".") for c in called):
+            continue  # it, or a module inside it, runs
+        if next(module.parameters(), None) is None and next(module.buffers(), None) is None:
+            continue  # nothing to save: leave it
+        unused.append(name)
+    originals = {}
+    for name in unused:
+        parent_name, _, child = name.rpartition(".")
+        parent = encoder.get_submodule(parent_name) if parent_name else encoder
+        originals[name] = (parent, child, parent._modules[child])
+        parent._modules[child] = RemovedModule(f"encoder.{name}")
+    try:
+        with torch.no_grad():
+            after = encoder(probe)
+        same = len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))
+    except (RuntimeError, AttributeError, TypeError):
+        same = False  # a removed module's weights were used after all: keep everything
+    if not same:
+        for parent, child, module in originals.values():
+            parent._modules[child] = module
+        unused = []
+    encoder.train(was_training)
+    removed = tuple(f"encoder.{name}" for name in unused)
+    setattr(model, REMOVED_ATTRIBUTE, removed)
+    return list(removed)
+
+
+def without_removed(state: dict, model: nn.Module) -> dict:
+    """``state`` without the tensors of the modules ``model`` was built without (older files
+    hold them: they were saved before those modules were removed)."""
+    removed = getattr(model, REMOVED_ATTRIBUTE, ())
+    if not removed:
+        return state
+    return {k: v for k, v in state.items() if not any(k.startswith(r + ".") for r in removed)}

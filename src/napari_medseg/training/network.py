@@ -106,8 +106,9 @@ def place_model(model: torch.nn.Module, cfg: TrainConfig, ctx: DistContext, devi
 
 
 def _freeze_unused_parameters(model: torch.nn.Module, model_cfg, device) -> None:
-    """smp keeps every encoder stage even with ``encoder_depth`` < 5; DDP needs each trainable
-    parameter to get a gradient, so parameters that no forward pass uses are frozen (this changes
+    """DDP needs each trainable parameter to get a gradient, so parameters that no forward pass
+    uses are frozen (the encoder stages an ``encoder_depth`` < 5 leaves unused are removed when
+    the model is built, ``models.registry``; a resume file written before kept them; this changes
     nothing else: they never train anyway). One eval-mode pass: BatchNorm statistics are untouched."""
     side = 2 * model_cfg.output_stride
     was_training = model.training

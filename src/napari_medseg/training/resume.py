@@ -154,8 +154,13 @@ def check_same_data(info: dict, data: dict) -> None:
 
 
 def restore(tensors: dict, info: dict, model: torch.nn.Module, optimizer, scheduler,
-            loader_generator: torch.Generator, scaler=None) -> None:
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+            loader_generator: torch.Generator, scaler=None, model_config=None) -> None:
+    """Put a run's state back; ``model_config``: the model's config, needed for a file written
+    before the encoder's unused stages were removed (``_older_parameter_numbers``)."""
+    from ..models.registry import without_removed
+
+    saved = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    state = without_removed(saved, model)
     model.load_state_dict(state)
     opt_state: dict = {}
     for key, value in tensors.items():
@@ -165,6 +170,10 @@ def restore(tensors: dict, info: dict, model: torch.nn.Module, optimizer, schedu
     for idx, scalars in info.get("optimizer_scalars", {}).items():
         opt_state.setdefault(int(idx), {}).update(scalars)
     groups = info["optimizer_groups"]
+    if len(state) < len(saved):
+        numbers = _older_parameter_numbers(model, optimizer, model_config, groups)
+        opt_state = {numbers[i]: v for i, v in opt_state.items() if numbers.get(i) is not None}
+        groups = [{**g, "params": [numbers[i] for i in g["params"] if numbers.get(i) is not None]} for g in groups]
     for g in groups:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
@@ -174,3 +183,30 @@ def restore(tensors: dict, info: dict, model: torch.nn.Module, optimizer, schedu
     if scaler is not None and info.get("grad_scaler"):  # a file without one: the scaler starts afresh, as it did
         scaler.load_state_dict(info["grad_scaler"])
     _set_rng_state(tensors, info["rng"], loader_generator)
+
+
+def _older_parameter_numbers(model: torch.nn.Module, optimizer, model_config, groups: list[dict]) -> dict:
+    """For a resume file whose network still had the encoder stages its ``encoder_depth`` leaves
+    unused (before ``models.registry.remove_unused_encoder_modules``): the optimizer's number of
+    each of its parameters now (None for a removed one). They were numbered over the network as
+    it was built then; the removed ones never had a gradient, so they have no optimizer state."""
+    from ..models.registry import REMOVED_ATTRIBUTE, build_model
+
+    removed = getattr(model, REMOVED_ATTRIBUTE, ())
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    names = {id(p): n for n, p in model.named_parameters()}
+    now = {names[id(p)]: number for number, p in enumerate(trained)}
+    if model_config is None:
+        raise ResumeError("This resume file was written by an earlier napari-medseg, whose network kept unused "
+                          "encoder stages; resuming it needs the run's model config.")
+    from dataclasses import replace
+
+    older = build_model(replace(model_config, encoder_weights=None), keep_unused=True)
+    was_removed = [n for n, _ in older.named_parameters() if any(n.startswith(r + ".") for r in removed)]
+    counted = sum(len(g["params"]) for g in groups)
+    # the removed parameters were the optimizer's where nothing froze them (no freeze_encoder, no DDP)
+    then = [n for n, _ in older.named_parameters() if n in now or (n in was_removed and counted > len(now))]
+    if len(then) != counted:
+        raise ResumeError(f"The resume file's optimizer holds {counted} parameters; the run's network has "
+                          f"{len(now)} to train. Resume with the napari-medseg that wrote it, or start a new run.")
+    return {number: now.get(name) for number, name in enumerate(then)}

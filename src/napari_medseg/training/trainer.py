@@ -93,7 +93,8 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
     if resumed is not None:
         tensors, info = resumed
         check_same_data(info, writer.data)
-        restore(tensors, info, model, optim.optimizer, optim.scheduler, loaders.generator, optim.scaler)
+        restore(tensors, info, model, optim.optimizer, optim.scheduler, loaders.generator, optim.scaler,
+                cfg.model)
         progress.restore(info)
     emit = (on_update or _ignore) if ctx.is_main else _ignore  # only rank 0 reports
     run_epochs(Run(cfg, ctx, device, model, net, loss_fn, len(data.classes), precision, loaders, optim, writer,
