@@ -251,6 +251,9 @@ def _predict_slides(args) -> int:
     for path in slides:
         check_no_slide_results(out, file_stem(path))
     check_writable_folder(out)  # once, before the model loads (not 'skipped' for each slide, naming a temp file)
+    if args.pixel_size == NO_PIXEL_SIZE:  # before the model loads (it had taken 10 s to be told)
+        raise MedsegError("--pixel-size none: slides are segmented at the pixel size they record; to override it "
+                          "give a number (e.g. --pixel-size 0.25).")
     # by the runtime alone where an earlier load on this machine recorded its choice: no torch in
     # this process (about 0.65 GB less over a whole slide); else loaded, checked and recorded
     segmenter = Segmenter.load(args.model, device=args.device, backend=args.backend, precision=args.precision,
@@ -261,9 +264,6 @@ def _predict_slides(args) -> int:
         from .inference.batch import use_class_weights
 
         use_class_weights(segmenter, args.class_weights)
-    if args.pixel_size == NO_PIXEL_SIZE:
-        raise MedsegError("--pixel-size none: slides are segmented at the pixel size they record; to override it "
-                          "give a number (e.g. --pixel-size 0.25).")
     # --no-skip-background: every block is segmented, glass and faint tissue alike
     tissue = TissueSettings(enabled=not args.no_skip_background)
     failed = []
@@ -286,7 +286,10 @@ def _predict_slides(args) -> int:
         counts = ", ".join(f"{name} {n}" for name, n in result.counts.items())
         found = "" if args.no_instances else f", {result.nuclei} nuclei ({counts})"
         r = result.region
-        print(f"{path.name}: region {r.x},{r.y},{r.width},{r.height}, {100 * result.tissue_fraction:.0f}% tissue{found}")
+        # without the tissue finder every block counts as tissue: '100% tissue' had been claimed of glass
+        tissue_words = ("tissue not looked for (--no-skip-background: every block segmented)" if args.no_skip_background
+                        else f"{100 * result.tissue_fraction:.0f}% tissue")
+        print(f"{path.name}: region {r.x},{r.y},{r.width},{r.height}, {tissue_words}{found}")
         for note in result.notes:
             print(f"  {path.name}: {note}", file=sys.stderr)
         for kind, file in result.files.items():

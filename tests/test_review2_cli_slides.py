@@ -1,0 +1,40 @@
+"""``medseg predict SLIDE`` as a user meets it: refusals before the model loads, what a run says
+of the tissue it looked for, a damaged slide named as such."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hostile import assert_refused, medseg
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
+
+
+def test_pixel_size_none_for_a_slide_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """It had been refused only once the model had loaded (10+ s with the default)."""
+    from napari_medseg.inference import Segmenter
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded for a run that is refused")
+
+    monkeypatch.setattr(Segmenter, "load", no_load)
+    out = tmp_path / "out"
+    proc = medseg("predict", SLIDE, "--region", "0,0,256,256", "--pixel-size", "none", "--out", out)
+    assert_refused(proc, "--pixel-size none: slides are segmented at the pixel size they record")
+    assert "AssertionError" not in proc.stderr and not out.exists()
+
+
+def test_a_run_without_the_tissue_finder_does_not_claim_all_tissue(tmp_path, tiny_checkpoint):
+    """--no-skip-background: the glass corner of CMU-1 had been reported as '100% tissue'."""
+    out = tmp_path / "out"
+    proc = medseg("predict", SLIDE, "--region", "0,0,256,256", "--no-skip-background", "--model", tiny_checkpoint,
+                  "--out", out, "--device", "cpu", "--tile", "128", "--overlap", "32")
+    assert proc.returncode == 0, proc.stderr
+    assert "tissue not looked for (--no-skip-background" in proc.stdout and "% tissue" not in proc.stdout
+    with_finder = medseg("predict", SLIDE, "--region", "0,0,256,256", "--model", tiny_checkpoint,
+                         "--out", tmp_path / "out2", "--device", "cpu", "--tile", "128", "--overlap", "32")
+    assert with_finder.returncode == 0 and "% tissue" in with_finder.stdout
