@@ -57,7 +57,9 @@ class DataConfig:
     val_fraction: float = 0.15  # of source images (split by image, never by patch)
     crop_size: int = 256
     crops_per_image: int = 1  # random crops drawn from each training image per epoch; 0 = image area / crop area
-    samples_per_epoch: int = 0  # train on a seeded random subset of this many crops per epoch; 0 = all
+    # train on this many crops per epoch, a seeded random choice (more than the training images' crops:
+    # they are drawn again, each a random crop of its own); 0 = each crop once
+    samples_per_epoch: int = 0
     group_pattern: str = GROUP_PATTERN  # stem -> source image; patches of one image stay on one side
     split_seed: int | None = None  # seed of the train/validation split; None = the run's seed
     binary: bool = False  # nucleus (any class > 0) vs background: classes become [background, nucleus]

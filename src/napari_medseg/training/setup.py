@@ -301,10 +301,13 @@ class AugmentationSeeds(torch.utils.data.Sampler):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """``num_samples`` different crops of the ``size`` there are, each epoch a random choice in
-    random order drawn from (seed, epoch) alone, not from a random state carried from epoch to
-    epoch: a resumed run draws what an uninterrupted one did, whatever DataLoader workers drew
-    before (``set_epoch`` is called each epoch).
+    """``num_samples`` crops of the ``size`` there are, each epoch a random choice in random
+    order drawn from (seed, epoch) alone, not from a random state carried from epoch to epoch: a
+    resumed run draws what an uninterrupted one did, whatever DataLoader workers drew before
+    (``set_epoch`` is called each epoch). Up to ``size`` they all differ; more go on with further
+    random orders of them all (each draw of an image is a crop and augmentation of its own).
+    It took at most ``size`` before: ``data.samples_per_epoch`` above the crops there are was
+    cut to their number without a word.
 
     Under DDP every rank draws the same list and takes every ``world_size``-th crop from its
     ``rank``-th on: the epoch's crops are shared out, not multiplied. Ranks must take equal
@@ -312,7 +315,7 @@ class EpochSampler(torch.utils.data.Sampler):
     first crops (as torch's ``DistributedSampler`` does)."""
 
     def __init__(self, size: int, num_samples: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.size, self.num_samples, self.seed, self.epoch = size, min(num_samples, size), seed, 0
+        self.size, self.num_samples, self.seed, self.epoch = size, num_samples if size else 0, seed, 0
         self.rank, self.world_size = rank, world_size
         self.per_rank = math.ceil(self.num_samples / world_size)
 
@@ -324,7 +327,9 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch, CROPS_STREAM))
-        drawn = torch.randperm(self.size, generator=generator)[:self.num_samples].tolist()
+        drawn: list[int] = []
+        while len(drawn) < self.num_samples:  # one order of them all, and more where more are asked for
+            drawn += torch.randperm(self.size, generator=generator)[:self.num_samples - len(drawn)].tolist()
         total = self.per_rank * self.world_size
         drawn = (drawn * math.ceil(total / len(drawn)))[:total] if drawn else []
         return iter(drawn[self.rank::self.world_size])
