@@ -17,7 +17,8 @@ its own start where it sets ``average_with_start``; ``average_with: <earlier sta
 that stage's result instead) unless it names its own ``init_checkpoint``;
 each writes to ``<out_dir>/<name>``, and ``<out_dir>/stages.json`` records
 what every finished stage produced. Command-line overrides (``--set``) apply to every stage,
-except ``out_dir`` and ``init_checkpoint``, which set the run's folder and the first stage's start.
+except ``out_dir`` and ``init_checkpoint``, which set the run's folder and the first stage's start
+(and ``resume``, like a top-level ``resume:``, the first stage that runs continues from it).
 So one ``medseg train`` command reproduces a model that took several schedules to make.
 """
 
@@ -34,7 +35,7 @@ from .config import TrainConfig, TrainConfigError, apply_overrides, merge_settin
 from .trainer import TrainingDone, TrainingError, train
 
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-RUN_LEVEL = ("out_dir", "init_checkpoint")  # overrides that belong to the run, not to each stage
+RUN_LEVEL = ("out_dir", "init_checkpoint", "resume")  # overrides that belong to the run, not to each stage
 
 
 @dataclass
@@ -85,7 +86,10 @@ def load_train_stages(path: str | Path | None, overrides: list[str] = (), from_s
     first = from_stage or names[0]
     start = [o for o in overrides if _key(o) == "init_checkpoint"]
     per_stage = [o for o in overrides if _key(o) not in RUN_LEVEL]
-    apply_overrides(data, [o for o in overrides if _key(o) == "out_dir"])
+    apply_overrides(data, [o for o in overrides if _key(o) in ("out_dir", "resume")])
+    # a resume file is one stage's, the first that runs (as --resume): given to every stage, the
+    # next one refused it after the first had trained ("The config differs from the run being resumed")
+    resume = data.pop("resume", None)
     base_out = Path(str(data.get("out_dir", TrainConfig.out_dir)))
     stages: list[Stage] = []
     for name, spec in zip(names, specs):
@@ -105,6 +109,7 @@ def load_train_stages(path: str | Path | None, overrides: list[str] = (), from_s
             merged["average_with"] = str(Path(earlier[partner].out_dir) / result_name(earlier[partner]))
         if name == first:
             apply_overrides(merged, start)
+            merged["resume"] = resume
         try:
             cfg = TrainConfig.from_dict(merged)
         except TrainConfigError as exc:
