@@ -92,7 +92,7 @@ def _comparison_view(results: dict, name: str | None):
     comparison = results[name].comparison if results and name in results else None
     if comparison is None:
         return None, "", None
-    legend = render.error_legend()
+    legend = render.error_legend(comparison.report["classes_merged"])
     note = (comparison.report["note"] + "\n\n" + legend) if comparison.report["note"] else legend
     return (metrics_rows(comparison.report), note,
             render.enlarged(render.error_overlay(results[name].display, comparison.errors)))
@@ -125,7 +125,7 @@ def _inputs_column(store: ModelStore) -> SimpleNamespace:
     with gr.Row():
         ui.segment = gr.Button("Segment", variant="primary", elem_id="segment")
         ui.cancel = gr.Button("Cancel", elem_id="cancel")
-    ui.status = gr.Markdown("", elem_id="status")
+    ui.status = gr.Markdown("", elem_id="status", min_height=70)  # room for the run's progress bar
     ui.gt = gr.File(label="ground truth (label TIFF/PNG: class map, mask or nucleus ids)",
                     file_types=[".png", ".tif", ".tiff"], elem_id="ground-truth")
     ui.compare = gr.Button("Compare with ground truth", elem_id="compare")
@@ -209,7 +209,8 @@ def build_app(store: ModelStore) -> gr.Blocks:
         ui.sample.change(_pick_sample, ui.sample, ui.files)
         ui.segment.click(_run(store), [ui.files, ui.model, ui.pixel_size, ui.threshold, ui.tta, ui.opacity, ui.region,
                                        ui.marker, ui.min_nucleus, results],
-                         [results, ui.shown, *view, ui.status, *comparison], concurrency_limit=1)
+                         [results, ui.shown, *view, ui.status, *comparison], concurrency_limit=1,
+                         show_progress_on=ui.status)  # one progress bar, not one over each of the 10 outputs
         ui.cancel.click(_cancel, None, ui.status, queue=False)  # not behind the run it cancels
         # .input: the user's choice only (a run sets the list with its view already made)
         ui.shown.input(_switch, [results, ui.shown, ui.opacity], [*view, *comparison])

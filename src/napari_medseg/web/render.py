@@ -6,7 +6,7 @@ import html
 
 import numpy as np
 
-from ..evaluation.error_maps import ERROR_COLORS, ERROR_NAMES
+from ..evaluation.error_maps import ERROR_COLORS, ERROR_NAMES, WRONG_CLASS
 
 
 def blend(image: np.ndarray, labels: np.ndarray, colors: dict[int, tuple], opacity: float) -> np.ndarray:
@@ -56,5 +56,8 @@ def class_legend(classes: list[str], colors: list) -> str:
     return legend_html(list(zip(classes[1:], colors[1:])))
 
 
-def error_legend() -> str:
-    return legend_html([(ERROR_NAMES[k], ERROR_COLORS[k]) for k in sorted(ERROR_NAMES)])
+def error_legend(classes_merged: bool = False) -> str:
+    """The TP / FP / FN colours; 'wrong class' only where classes were compared (with the classes
+    merged into 'nucleus' no pixel can be one, and the swatch had suggested otherwise)."""
+    kinds = [k for k in sorted(ERROR_NAMES) if not (classes_merged and k == WRONG_CLASS)]
+    return legend_html([(ERROR_NAMES[k], ERROR_COLORS[k]) for k in kinds])
