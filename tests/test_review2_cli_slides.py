@@ -38,3 +38,29 @@ def test_a_run_without_the_tissue_finder_does_not_claim_all_tissue(tmp_path, tin
     with_finder = medseg("predict", SLIDE, "--region", "0,0,256,256", "--model", tiny_checkpoint,
                          "--out", tmp_path / "out2", "--device", "cpu", "--tile", "128", "--overlap", "32")
     assert with_finder.returncode == 0 and "% tissue" in with_finder.stdout
+
+
+def test_a_truncated_slide_is_called_truncated(tmp_path, tiny_checkpoint):
+    """A copy of the Aperio slide cut at 30 % (its image directories lost): 'looks truncated', with
+    where (it had been OpenSlide's 'Unsupported or missing image file'). Cut at 70 % (its image
+    whole, the label and macro images' directories lost): segmented, with a note saying so, and
+    no tifffile log lines on the terminal."""
+    data = SLIDE.read_bytes()
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(data[:int(0.3 * len(data))])
+    err = assert_refused(medseg("predict", cut, "--region", "0,0,256,256", "--model", tiny_checkpoint,
+                                "--out", tmp_path / "out", "--device", "cpu"),
+                         "'cut.svs': the file looks truncated (its header places the first image directory at byte",
+                         f"the file ends at byte {int(0.3 * len(data)):,}")
+    assert "Unsupported" not in err
+    tail = tmp_path / "tail.svs"
+    tail.write_bytes(data[:int(0.7 * len(data))])
+    proc = medseg("predict", tail, "--region", "800,800,128,128", "--model", tiny_checkpoint, "--out",
+                  tmp_path / "out", "--device", "cpu", "--tile", "128", "--overlap", "32")
+    assert proc.returncode == 0, proc.stderr
+    assert "tail.svs: the file looks truncated (image directory 2 lies at byte" in proc.stderr
+    assert "invalid page offset" not in proc.stderr
+    # a whole slide says nothing of the kind
+    whole = medseg("predict", SLIDE, "--region", "800,800,128,128", "--model", tiny_checkpoint, "--out",
+                   tmp_path / "out2", "--device", "cpu", "--tile", "128", "--overlap", "32")
+    assert whole.returncode == 0 and "truncated" not in whole.stderr

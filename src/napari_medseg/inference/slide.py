@@ -78,6 +78,7 @@ def iter_predict_slide(segmenter, slide, out_dir: str | os.PathLike, region: Reg
         names["distance"] = "float16"
     maps = [name for name in ("classes", "instances") if name in names]
     result = SlideResult(region, tissue.fraction_in(region), 0)  # the region's share, not the slide's
+    result.notes.extend(getattr(slide, "notes", []))  # a cut-off file's, said with the results
     if tissue.gray and _colour_model(segmenter):  # as an image run says it (the slide's blocks ran silent)
         result.notes.append(GRAY_NOTE)
     if tissue.dark_field and _colour_model(segmenter):

@@ -42,6 +42,7 @@ class Slide:
     # (x, y) of level 0's first pixel in the file's own level-0 frame: not (0, 0) where the slide
     # was cropped to its scanned bounds (OpenSlide, as QuPath does)
     origin: tuple[int, int] = (0, 0)
+    notes: list[str] = field(default_factory=list)  # what a run on it should say (a cut-off file's tail)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -73,14 +74,63 @@ def open_slide(path: str | os.PathLike) -> Slide:
         raise SlideError(f"Slide '{p}' does not exist.")
     if p.suffix.lower() in OPENSLIDE_SUFFIXES:
         return _open_with_openslide(p)
+    from .images import tifffile_quiet
+
     try:
-        levels = open_tiff_lazy(p)
+        with tifffile_quiet():  # a cut-off file's tifffile log lines: said once, below, in the user's words
+            levels = open_tiff_lazy(p)
     except ImageReadError as exc:
+        cut = tiff_truncation(p)  # OpenSlide would call it 'Unsupported or missing image file'
+        if cut is not None:
+            raise SlideError(f"Cannot open '{p.name}': the file looks truncated ({cut}): a cut-off copy or "
+                             "download. Copy it again from the original.") from exc
         if p.suffix.lower() in TIFF_SLIDE_SUFFIXES:
             return _open_with_openslide(p, cause=exc)
         raise SlideError(str(exc)) from exc
     size, vendor, meta = tiff_pixel_size_um(p)
-    return Slide(p, levels, size, vendor, meta)
+    cut = tiff_truncation(p)  # its image whole, but directories after it (label, macro) lost
+    notes = [f"the file looks truncated ({cut}); its image reads whole, but copy it again from the original"
+             ] if cut else []
+    return Slide(p, levels, size, vendor, meta, notes=notes)
+
+
+def tiff_truncation(path: str | os.PathLike, max_directories: int = 100_000) -> str | None:
+    """Where a TIFF (or a TIFF-based slide) is cut off, in words, when its header or chain of image
+    directories points past the end of the file; ``None`` when it does not (or it is no TIFF).
+    Whole-slide scanners write the directories at the end, so a cut-off copy loses them first."""
+    import struct
+
+    p = Path(path)
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(16)
+        order = {b"II": "<", b"MM": ">"}.get(head[:2])
+        if order is None or len(head) < 8:
+            return None
+        version = struct.unpack(order + "H", head[2:4])[0]
+        if version == 42:  # classic TIFF: 4-byte offsets, 2-byte entry counts, 12-byte entries
+            offset, count_fmt, entry, next_fmt = struct.unpack(order + "I", head[4:8])[0], "H", 12, "I"
+        elif version == 43 and len(head) >= 16:  # BigTIFF: 8-byte offsets and counts, 20-byte entries
+            offset, count_fmt, entry, next_fmt = struct.unpack(order + "Q", head[8:16])[0], "Q", 20, "Q"
+        else:
+            return None
+        count_size, next_size = struct.calcsize(count_fmt), struct.calcsize(next_fmt)
+        seen: set[int] = set()
+        for index in range(max_directories):
+            if offset == 0 or offset in seen:
+                return None
+            seen.add(offset)
+            what = "its header places the first image directory" if index == 0 else f"image directory {index + 1} lies"
+            if offset + count_size > size:
+                return f"{what} at byte {offset:,}, but the file ends at byte {size:,}"
+            f.seek(offset)
+            entries = struct.unpack(order + count_fmt, f.read(count_size))[0]
+            end = offset + count_size + entries * entry + next_size
+            if end > size:
+                return f"image directory {index + 1} runs to byte {end:,}, but the file ends at byte {size:,}"
+            f.seek(offset + count_size + entries * entry)
+            offset = struct.unpack(order + next_fmt, f.read(next_size))[0]
+    return None
 
 
 def tiff_pixel_size_um(path: str | os.PathLike) -> tuple[float | None, str, dict]:
@@ -90,7 +140,10 @@ def tiff_pixel_size_um(path: str | os.PathLike) -> tuple[float | None, str, dict
     microscope gives (an image editor's 72 dpi: 353 µm/px) is none (``is_plausible_pixel_size``)."""
     import tifffile
 
-    with tifffile.TiffFile(path) as tif:
+    from .images import tifffile_quiet
+
+    # quiet: a cut-off file's 'invalid page offset' lines had reached the terminal (its note says it once)
+    with tifffile_quiet(), tifffile.TiffFile(path) as tif:
         series = tif.series[main_series_index(tif)]
         page = series.levels[0].keyframe
         if tif.is_svs:
