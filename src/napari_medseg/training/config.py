@@ -125,7 +125,7 @@ def result_name(cfg: "TrainConfig") -> str:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    init_checkpoint: str | None = None  # fine-tune: start from these weights (its model config wins)
+    init_checkpoint: str | None = None  # fine-tune: start from these weights (its model config wins); default = the shipped model
     freeze_encoder: bool = False  # fine-tune the decoder and head only (encoder parameters fixed)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -222,6 +222,11 @@ class TrainConfig:
         for prefix, obj in (("", cfg), ("data.", cfg.data), ("augment.", cfg.augment),
                             ("oversample.", cfg.oversample), ("quadratic_stop.", cfg.quadratic_stop)):
             _coerce_floats(obj, prefix)
+        for name in ("init_checkpoint", "average_with"):
+            if getattr(cfg, name) == "default":  # the shipped model, as ``--model default`` names it
+                from ..models import DEFAULT_MODEL_PATH
+
+                setattr(cfg, name, str(DEFAULT_MODEL_PATH))
         if isinstance(cfg.data.dataset, str):
             cfg.data.dataset = [cfg.data.dataset]
         if isinstance(cfg.data.datasets, list):

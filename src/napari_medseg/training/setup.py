@@ -104,9 +104,16 @@ def prepare_data(cfg: TrainConfig, items: tuple[list[LabelledImage], list[str]] 
     check_items(data, classes)
     if cfg.data.binary:
         data, classes = to_binary(data, classes)
+    if start is not None and mixed and all(it.binary for it in data):
+        # nucleus / background sets train the summed nucleus probability of any class list: the
+        # start's classes stay (they were refused: 'the data has [background, nucleus]')
+        classes = list(start.classes)
     if start is not None and start.classes != classes:
         raise TrainConfigError(
-            f"init_checkpoint was trained for classes {start.classes}, but the data has {classes}."
+            f"init_checkpoint was trained for classes {start.classes}, but the data has {classes}. Fine-tune it on "
+            "data of its classes; or, to train its nuclei (not its classes) on nucleus / background masks, list the "
+            "folder under data.datasets with 'labels: binary' (e.g. data.datasets: [{path: FOLDER, labels: binary}], "
+            "no data.dataset); or train a new model without init_checkpoint."
         )
     cfg.model.num_classes = len(classes)
     split_seed = cfg.seed if cfg.data.split_seed is None else cfg.data.split_seed

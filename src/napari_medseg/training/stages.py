@@ -133,8 +133,10 @@ def train_stages(stages: list[Stage], on_update=None, should_stop=None, on_stage
         return done
     first = stages[0].config.init_checkpoint
     if first and not Path(first).is_file():
-        raise TrainingError(f"Stage '{stages[0].name}' starts from '{first}', which does not exist"
-                            + (" (if it is an earlier stage's checkpoint, run that stage first)." if stages[0].name else "."))
+        if not stages[0].name:  # a config without stages
+            raise TrainingError(f"init_checkpoint '{first}' does not exist.")
+        raise TrainingError(f"Stage '{stages[0].name}' starts from '{first}', which does not exist (if it is an "
+                            "earlier stage's checkpoint, run that stage first).")
     if stages[0].name:
         done.path = Path(stages[0].config.out_dir).parent / "stages.json"
     for index, stage in enumerate(stages):
