@@ -79,6 +79,11 @@ class ObjectsWidget(ScrollingDock):
         self.table = FastTable(value={"data": [], "index": [], "columns": []})
         self.table.min_height = 240
         fixed_decimals(self.table, 2)
+        self.table.enable_sorting()  # a header click: the largest nuclei, one class together, ...
+        self.table.native.setSelectionBehavior(self.table.native.SelectionBehavior.SelectRows)
+        self.table.native.itemSelectionChanged.connect(self._go_to_selected)
+        self._measured_layer = None  # the class map measured, and the nuclei layer measured with it
+        self._nuclei_layer = None
         self.csv_path = FileEdit(label="CSV", mode="w", filter="*.csv")
         self.export_csv_button = PushButton(text="Export objects as CSV")
         self.geojson_path = FileEdit(label="GeoJSON", mode="w", filter="*.geojson")
@@ -95,7 +100,18 @@ class ObjectsWidget(ScrollingDock):
         self._viewer.layers.events.inserted.connect(self._on_inserted)
         self._viewer.layers.events.removed.connect(self.reset_choices)
         self.reset_choices()
+        self._pick_newest_class_map()
         self._pick_instances()
+
+    def _pick_newest_class_map(self) -> None:
+        """Opened after a run: the class map the user selected in the layer list, else the newest
+        (Segment's result, not the ground truth opened before it, which the box's first choice
+        had been: Measure counted the truth while Segment had just counted its own nuclei)."""
+        choices = self._class_layers()
+        if not choices:
+            return
+        active = self._viewer.layers.selection.active
+        self.class_layer.value = active if any(active is c for c in choices) else choices[-1]
 
     def _on_inserted(self, *_):
         """A new layer among the choices; the class map's own nuclei where they are it. Segment adds
@@ -197,7 +213,36 @@ class ObjectsWidget(ScrollingDock):
         self.legend.value = legend_html(names, info.get("colors"))
         self.objects, self._instances, self._names = table, instances, names
         self._origin, self._colors = origin, info.get("colors")
+        self._measured_layer = layer
+        self._nuclei_layer = self._derived.get(layer) if derived else self.instance_layer.value
         return table
+
+    def _go_to_selected(self) -> None:
+        """A row chosen in the table: the view centred on that nucleus, its id the nuclei layer's
+        selected label (shown in the layer controls; the brush would paint it)."""
+        q = self.table.native
+        rows = sorted({i.row() for i in q.selectedIndexes()})
+        if len(rows) != 1 or self.objects is None or self._measured_layer not in self._viewer.layers:
+            return
+        header = q.verticalHeaderItem(rows[0])
+        try:
+            nucleus = int(header.text()) if header is not None else None
+        except ValueError:
+            return
+        where = np.flatnonzero(np.asarray(self.objects["label"]) == nucleus)
+        if nucleus is None or not where.size:
+            return
+        i = int(where[0])
+        # the table's centroids are in the image's pixels; the map's own start at its origin
+        y = float(self.objects["centroid_y"][i]) - self._origin[0]
+        x = float(self.objects["centroid_x"][i]) - self._origin[1]
+        layer = self._measured_layer
+        point = [0.0] * (layer.ndim - 2) + [y, x]
+        world = layer.data_to_world(point)
+        self._viewer.camera.center = tuple(world[-2:])
+        nuclei = self._nuclei_layer
+        if nuclei is not None and nuclei in self._viewer.layers:
+            nuclei.selected_label = nucleus
 
     def _show_derived(self, layer, instances: np.ndarray, origin: tuple[int, int]) -> None:
         """The nuclei derived from ``layer`` in a layer of their own: the one made for it before,
