@@ -212,7 +212,8 @@ def test_a_regions_result_is_scored_against_the_truth_of_that_region(make_napari
     viewer.open_sample("napari-medseg", "consep")
     _, seg = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
     seg.device.value = "cpu"
-    shapes = viewer.add_shapes([[[64, 32], [64, 191], [191, 191], [191, 32]]], shape_type="rectangle")
+    # drawn in µm, the sample's units (0.25 µm/px): pixels (64, 32) to (191, 191)
+    shapes = viewer.add_shapes([np.array([[64, 32], [64, 191], [191, 191], [191, 32]]) * 0.25], shape_type="rectangle")
     seg.target.value, seg.shapes_layer.value = "drawn shape", shapes
     region = seg.run(threaded=False)
     assert region.data.shape == (128, 160) and region.metadata["medseg"]["origin"] == [64, 32]
@@ -229,7 +230,7 @@ def test_a_regions_result_is_scored_against_the_truth_of_that_region(make_napari
     assert report["overall"]["nucleus_dice"] == pytest.approx(by_hand["overall"]["nucleus_dice"])
     assert report["overall"]["bpq"] == pytest.approx(by_hand["overall"]["bpq"])
     overlay = metrics.show_errors()
-    assert overlay.data.shape == (128, 160) and tuple(overlay.translate) == (64, 32)
+    assert overlay.data.shape == (128, 160) and tuple(overlay.translate) == (16, 8)  # (64, 32) px at 0.25 µm/px
     truth.translate = (5, 5)  # the truth moved elsewhere on the canvas: no longer the same place
     assert metrics.compute() is None and "same image" in metrics.summary.value
 

@@ -139,7 +139,8 @@ def test_result_layers_saved_as_tiffs_reopen_as_what_they_were(make_napari_viewe
     _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
     segment.image_layer.value = viewer.layers["CoNSeP H&E"]
     segment.device.value = "cpu"
-    shapes = viewer.add_shapes([[[64, 32], [64, 160], [192, 160], [192, 32]]], shape_type="rectangle")
+    # drawn in µm, the sample's units (0.25 µm/px): pixels (64, 32) to (192, 160)
+    shapes = viewer.add_shapes([np.array([[64, 32], [64, 160], [192, 160], [192, 32]]) * 0.25], shape_type="rectangle")
     segment.target.value, segment.shapes_layer.value = "drawn shape", shapes
     classes = segment.run(threaded=False)
     nuclei = segment.last_instances_layer
@@ -153,7 +154,7 @@ def test_result_layers_saved_as_tiffs_reopen_as_what_they_were(make_napari_viewe
     assert np.array_equal(again_nuclei.data, nuclei.data) and len(np.unique(nuclei.data)) > 3
     assert again_classes.metadata["medseg"]["classes"] == CONSEP_CLASSES
     for before, after in ((classes, again_classes), (nuclei, again_nuclei)):
-        assert tuple(after.translate) == tuple(before.translate) == (64.0, 32.0)
+        assert tuple(after.translate) == tuple(before.translate) == (16.0, 8.0)  # (64, 32) px, in µm
         assert after.metadata["medseg"]["origin"] == [64, 32]
     assert np.array_equal(again_nuclei.colormap.map(np.unique(nuclei.data)), nuclei.colormap.map(np.unique(nuclei.data)))
 

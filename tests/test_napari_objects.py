@@ -30,7 +30,8 @@ def test_table_shows_one_row_per_nucleus_with_named_columns(objects):
     table = widget.measure()
     shown = widget.table.value
     ids = np.unique(instances.data[instances.data > 0])
-    assert list(shown["columns"][:4]) == ["area", "centroid_y", "centroid_x", "class"]
+    # the sample is in µm (0.25 µm/px): the areas in µm² too
+    assert list(shown["columns"][:5]) == ["area", "centroid_y", "centroid_x", "area_um2", "class"]
     assert [int(i) for i in shown["index"]] == list(ids)
     assert len(shown["data"]) == len(ids) and len(shown["data"][0]) == len(shown["columns"])
     row = dict(zip(shown["columns"], shown["data"][0]))
@@ -145,7 +146,7 @@ def test_measuring_again_with_more_or_fewer_columns(objects, qtbot):
     """Measured without an image, then with it (more columns: the mean intensities), then with a
     gray image and without one again: each table has its own columns, every header named."""
     viewer, widget, image, truth, instances = objects
-    gray = viewer.add_image(image.data[..., 0], name="gray")
+    gray = viewer.add_image(image.data[..., 0], name="gray", scale=image.scale, units=image.units)  # on the image
     widget.class_layer.value, widget.instance_layer.value = truth, instances
     seen = []
     for chosen in (None, image, gray, None):
@@ -196,7 +197,8 @@ def test_a_regions_result_is_measured_with_its_whole_image(make_napari_viewer):
     image = viewer.layers["CoNSeP H&E"]
     _, seg = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
     seg.device.value = "cpu"
-    shapes = viewer.add_shapes([[[40, 60], [40, 200], [180, 200], [180, 60]]], shape_type="rectangle")
+    corners = np.array([[40, 60], [40, 200], [180, 200], [180, 60]]) * image.scale  # the sample's µm
+    shapes = viewer.add_shapes([corners], shape_type="rectangle")
     seg.target.value, seg.shapes_layer.value = "drawn shape", shapes
     region = seg.run(threaded=False)
     assert region.data.shape == (141, 141) and region.metadata["medseg"]["origin"] == [40, 60]

@@ -180,7 +180,9 @@ def test_a_rethreshold_under_way_never_lands_in_the_next_runs_layers(make_napari
     viewer, seg = _segment_widget_on_the_sample(make_napari_viewer)
     whole = seg.run(threaded=False)
     assert whole.data.shape == (256, 256)
-    shapes = viewer.add_shapes([[[100, 100], [100, 164], [164, 164], [164, 100]]], shape_type="rectangle")
+    # drawn in µm, the sample's units (0.25 µm/px): pixels (100, 100) to (164, 164)
+    shapes = viewer.add_shapes([np.array([[100, 100], [100, 164], [164, 164], [164, 100]]) * 0.25],
+                               shape_type="rectangle")
     seg.target.value, seg.shapes_layer.value = "drawn shape", shapes
     seg.threshold.value = 0.6
     worker = seg.rethreshold()  # the re-threshold of the whole image, under way ...
@@ -188,7 +190,7 @@ def test_a_rethreshold_under_way_never_lands_in_the_next_runs_layers(make_napari
     qtbot.waitUntil(lambda: worker.is_running is False, timeout=10_000)
     qtbot.wait(300)
     assert region.data.shape == (65, 65) and seg.last_instances_layer.data.shape == (65, 65)
-    assert tuple(region.translate) == (100.0, 100.0)
+    assert tuple(region.translate) == (25.0, 25.0)  # (100, 100) px, in µm
 
 
 def test_deleting_the_class_layer_keeps_the_nuclei_following_the_threshold(make_napari_viewer, qtbot):
@@ -230,17 +232,19 @@ def test_results_land_on_an_image_moved_with_the_transform_tool(make_napari_view
     viewer = make_napari_viewer()
     viewer.open_sample(PLUGIN, "consep")
     image = viewer.layers["CoNSeP H&E"]
-    image.affine = Affine(translate=(40, 60))  # as dragging the transform box by (40, 60)
+    image.affine = Affine(translate=(40, 60))  # as dragging the transform box by (40, 60) µm
     _, seg = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
     seg.image_layer.value, seg.device.value = image, "cpu"
     whole = seg.run(threaded=False)
     assert np.allclose(whole.data_to_world((0, 0)), (40, 60))
-    shapes = viewer.add_shapes([[[104, 92], [104, 219], [231, 219], [231, 92]]], shape_type="rectangle")
+    # pixels (64, 32) to (191, 159) of the moved image (0.25 µm/px): from (56, 68) µm
+    shapes = viewer.add_shapes([(40, 60) + 0.25 * np.array([[64, 32], [64, 159], [191, 159], [191, 32]])],
+                               shape_type="rectangle")
     seg.target.value, seg.shapes_layer.value = "drawn shape", shapes
     region = seg.run(threaded=False)
     assert region.metadata["medseg"]["origin"] == [64, 32]
-    assert np.allclose(region.data_to_world((0, 0)), (104, 92))
-    assert np.allclose(seg.last_instances_layer.data_to_world((0, 0)), (104, 92))
+    assert np.allclose(region.data_to_world((0, 0)), (56, 68))
+    assert np.allclose(seg.last_instances_layer.data_to_world((0, 0)), (56, 68))
 
 
 def test_segment_status_and_notes_are_whole_beside_metrics_and_train(make_napari_viewer, shots):

@@ -345,10 +345,11 @@ def test_fine_tunes_on_a_corrected_region_result_with_its_whole_image(make_napar
     image = viewer.layers["CoNSeP H&E"]
     _, seg = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
     seg.device.value = "cpu"
-    shapes = viewer.add_shapes([[[40, 60], [40, 200], [180, 200], [180, 60]]], shape_type="rectangle")
+    # drawn in µm, the sample's units (0.25 µm/px): pixels (40, 60) to (180, 200)
+    shapes = viewer.add_shapes([np.array([[40, 60], [40, 200], [180, 200], [180, 60]]) * 0.25], shape_type="rectangle")
     seg.target.value, seg.shapes_layer.value = "drawn shape", shapes
     region = seg.run(threaded=False)
-    assert region.data.shape == (141, 141) and tuple(region.translate) == (40, 60)
+    assert region.data.shape == (141, 141) and tuple(region.translate) == (10, 15)  # (40, 60) px in µm
     region.data_setitem((np.arange(20), np.arange(20)), 3)  # a correction
     _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Train")
     widget.source.value = FROM_LAYERS
