@@ -66,3 +66,19 @@ def test_classes_json_names_the_run_that_last_wrote_into_the_folder(tmp_path, ti
     before = (out / "classes.json").read_text()
     assert medseg("predict", text, "--model", tiny_checkpoint, *common).returncode == 1
     assert (out / "classes.json").read_text() == before
+
+
+def test_the_runtimes_note_is_said_once_a_run_not_under_every_file(tmp_path, tiny_checkpoint, consep):
+    """How the runtime was chosen is the run's, not an image's: said once (it had been repeated
+    under each file), while each file's own notes stay under its name."""
+    from PIL import Image
+
+    images = [consep / "images" / f"train_2_00{i}.png" for i in (5, 6)]
+    gray = tmp_path / "gray.png"
+    Image.open(images[0]).convert("L").save(gray)
+    proc = medseg("predict", *images, gray, "--model", tiny_checkpoint, "--out", tmp_path / "out", "--device", "cpu",
+                  "--tile", "128", "--overlap", "32", "--backend", "torch", "--precision", "int8")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("int8 needs an ONNX runtime") == 1, proc.stderr
+    assert "medseg: runtime: int8 needs an ONNX runtime: float32 PyTorch" in proc.stderr
+    assert any(line.startswith("  gray.png: ") and "gray" in line for line in proc.stderr.splitlines()), proc.stderr

@@ -200,12 +200,12 @@ def cmd_predict(args) -> int:
         return _predict_slides(args)
     files = _collect_inputs(args.inputs)
     out = Path(args.out)
-    failures = 0
+    failures, said = 0, set()
     for done in predict_to_folder(files, out, args.model, _batch_settings(args), device=args.device,
                                   source=f"medseg predict --model {args.model}",
                                   progress_for=lambda i, n, file: ProgressLine(f"[{i}/{n}] {file.name}"),
                                   backend=args.backend, precision=args.precision):
-        failures += _print_prediction(done, with_instances=not args.no_instances)
+        failures += _print_prediction(done, with_instances=not args.no_instances, said=said)
     if failures == len(files):  # nothing was written: not 'to OUT/labels', a folder it did not make
         what = "the file could not be read" if failures == 1 else f"none of the {failures} files could be read"
         print(f"wrote 0 class map(s): {what} (above)")
@@ -300,8 +300,9 @@ def _predict_slides(args) -> int:
     return 1 if failed else 0
 
 
-def _print_prediction(done, with_instances: bool) -> bool:
-    """Prints what became of one file (on stderr, and only what needs saying); whether it was skipped."""
+def _print_prediction(done, with_instances: bool, said: set | None = None) -> bool:
+    """Prints what became of one file (on stderr, and only what needs saying); whether it was skipped.
+    ``said``: the runtime's notes printed so far (each once a run, not under every file)."""
     from .nuclei.watershed import INSTANCE_MAX_PIXELS
 
     name = done.file.name
@@ -309,9 +310,15 @@ def _print_prediction(done, with_instances: bool) -> bool:
         print(f"medseg: skipped {done.file}: {done.skipped}", file=sys.stderr)
         return True
     report = done.report
-    if report.skipped_background or report.notes:
+    said = set() if said is None else said
+    for note in done.runtime_notes:
+        if note not in said:
+            print(f"medseg: runtime: {note}", file=sys.stderr)
+            said.add(note)
+    notes = [note for note in report.notes if note not in done.runtime_notes]
+    if report.skipped_background or notes:
         glass = [f"{report.skipped_background}/{report.tiles} tiles skipped as glass"] if report.skipped_background else []
-        extra = "; ".join([*glass, *report.notes])  # not '0/25 tiles skipped as glass' before each note
+        extra = "; ".join([*glass, *notes])  # not '0/25 tiles skipped as glass' before each note
         print(f"  {name}: {extra}", file=sys.stderr)
     for path in done.removed:
         print(f"  {name}: removed {path.parent.name}/{path.name}, an earlier run's, of the class map this run "

@@ -67,6 +67,9 @@ class FilePrediction:
     shape: tuple[int, int] | None = None
     pixel_size_um: float | None = None  # the pixel size the file was segmented at (None: taken as the model's)
     report: RunReport = field(default_factory=RunReport)
+    # the notes of ``report`` that are the runtime's (how it was chosen at load): the same for every
+    # file of a run, said once by a caller (``medseg predict`` had repeated them under each file)
+    runtime_notes: list[str] = field(default_factory=list)
     # an earlier run's nuclei or probabilities of this file that this run did not remake: removed,
     # as they described the class map this run replaced (``medseg evaluate`` would score them)
     removed: list[Path] = field(default_factory=list)
@@ -154,7 +157,7 @@ def predict_file(segmenter: Segmenter, file: Path, out: Path, settings: BatchSet
                  before_writing: Callable[[], None] | None = None) -> FilePrediction:
     """One file into ``out`` (see ``predict_to_folder``); an unreadable file is skipped, not raised.
     ``before_writing`` is called once the file is segmented, before its results are written."""
-    result = FilePrediction(Path(file))
+    result = FilePrediction(Path(file), runtime_notes=list(segmenter.backend.notes))
     try:
         image = open_for_prediction(result.file)
         result.pixel_size_um = settings.pixel_size_um or (
