@@ -13,6 +13,9 @@ from napari_medseg.models import load_checkpoint
 from napari_medseg.training.distributed import parameter_hash
 
 REPO = Path(__file__).resolve().parents[1]
+# smoke.yaml draws 128 crops an epoch, from these few images again and again (it had been cut to
+# the crops there are, without a word): each crop once, as these runs count on
+EACH_CROP_ONCE = ["--set", "data.samples_per_epoch=0"]
 
 
 def test_torchrun_two_cpu_processes_train_identical_weights(small_consep, tmp_path):
@@ -21,7 +24,7 @@ def test_torchrun_two_cpu_processes_train_identical_weights(small_consep, tmp_pa
            "-m", "napari_medseg", "train", str(REPO / "configs" / "smoke.yaml"),
            "--set", f"data.dataset=[{small_consep}]", "--set", f"out_dir={run}", "--set", "data.val_fraction=0.34",
            "--set", "data.crops_per_image=2", "--set", "batch_size=2", "--set", "num_threads=1",
-           "--set", "device=cpu", "--set", "epochs=2"]
+           "--set", "device=cpu", "--set", "epochs=2", *EACH_CROP_ONCE]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -72,7 +75,7 @@ def test_torchrun_resume_continues_exactly_on_every_rank(small_consep, tmp_path)
 
     common = ["--set", f"data.dataset=[{small_consep}]", "--set", "data.val_fraction=0.34",
               "--set", "model.architecture=fpn", "--set", "data.crops_per_image=2", "--set", "batch_size=2",
-              "--set", "num_threads=1", "--set", "device=cpu", "--set", "epochs=2"]
+              "--set", "num_threads=1", "--set", "device=cpu", "--set", "epochs=2", *EACH_CROP_ONCE]
     full, part = tmp_path / "full", tmp_path / "part"
     _torchrun(["--set", f"out_dir={full}", *common], tmp_path, snapshot_after_epoch_1=part)
     assert read_resume(part / "resume.safetensors")[1]["epoch"] == 1
@@ -131,7 +134,7 @@ def test_resuming_with_another_number_of_processes_is_refused_with_the_command(s
 
     run = tmp_path / "run"
     settings = [f"data.dataset=[{small_consep}]", "data.val_fraction=0.34", "data.crops_per_image=2", "batch_size=2",
-                "num_threads=1", "device=cpu", "epochs=3"]
+                "num_threads=1", "device=cpu", "epochs=3", EACH_CROP_ONCE[1]]
     cfg = load_train_config(REPO / "configs" / "smoke.yaml", [*settings, f"out_dir={run}"])
     epochs = []
     done = train(cfg, on_update=lambda u: epochs.append(u) if isinstance(u, EpochDone) else None,
@@ -157,7 +160,7 @@ def test_torchrun_trains_repeats_in_one_process_group(small_consep, tmp_path):
     run = tmp_path / "run"
     out = _torchrun(["--set", f"data.dataset=[{small_consep}]", "--set", f"out_dir={run}", "--set", "data.val_fraction=0.34",
                      "--set", "data.crops_per_image=1", "--set", "batch_size=2", "--set", "num_threads=1",
-                     "--set", "device=cpu", "--set", "epochs=1", "--set", "repeats=4"], tmp_path)
+                     "--set", "device=cpu", "--set", "epochs=1", "--set", "repeats=4", *EACH_CROP_ONCE], tmp_path)
     assert "4 runs (seeds 0, 1, 2, 3)" in out
     assert len(json.loads((run / "repeats.json").read_text())["runs"]) == 4
     for seed in range(4):

@@ -89,6 +89,9 @@ def remove_unused_encoder_modules(model: nn.Module, in_channels: int) -> list[st
     try:
         with torch.no_grad():
             before = encoder(probe)
+    except Exception:  # noqa: BLE001 - an encoder that cannot take the probe keeps every module
+        encoder.train(was_training)
+        return []
     finally:
         for hook in hooks:
             hook.remove()
