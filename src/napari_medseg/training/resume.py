@@ -128,8 +128,11 @@ def read_resume_for(path: str | Path, given: dict) -> tuple[dict, dict]:
     tensors, info = read_resume(path)
     diffs = config_differences(given, info["config_given"])
     if diffs:
+        best = Path(path).resolve().parent / "best.safetensors"
         raise ResumeError("The config differs from the run being resumed (" + "; ".join(diffs) + "). "
-                          "Resume with the same settings, or start a new run.")
+                          "Resume with the same settings; to train on with other settings (more epochs, "
+                          f"another lr), start a new run from its best checkpoint: --set init_checkpoint={best} "
+                          "--set out_dir=<a new folder>, without --resume.")
     return tensors, info
 
 
