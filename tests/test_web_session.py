@@ -363,3 +363,16 @@ def test_a_batch_cancelled_after_its_first_image_leaves_no_download_folder(store
         session.segment_uploads(store, DEFAULT_MODEL, [str(consep / "images" / f"{STEM}.png")] * 2,
                                 should_cancel=lambda: bool(set(root.iterdir()) - before))
     assert set(root.iterdir()) == before
+
+
+def test_a_region_reaching_outside_the_image_is_cut_to_it_and_the_page_says_so(store, consep):
+    """'10,10,5000,5000' on a 256² patch segments its 246² part: said, not silent."""
+    with store.lock:
+        result = segment_upload(consep / "images" / f"{STEM}.png", store.get(DEFAULT_MODEL), pixel_size_um=0.25,
+                                region="200,-20,100,100")
+    assert result.class_map.shape == (80, 56) and result.origin == (0, 200)
+    assert any("reaches outside" in note and "200,0,56,80" in note for note in result.notes), result.notes
+    with store.lock:  # a region inside the image gets no such note
+        inside = segment_upload(consep / "images" / f"{STEM}.png", store.get(DEFAULT_MODEL), pixel_size_um=0.25,
+                                region="10,10,64,64")
+    assert not any("reaches outside" in note for note in inside.notes)

@@ -135,13 +135,15 @@ def display_rgb(image: np.ndarray) -> np.ndarray:
     return np.round(to_rgb_float(image, 3) * 255).astype(np.uint8)
 
 
-def read_upload(path: str | Path, region: str | None = None) -> tuple[np.ndarray, float | None, tuple | None]:
+def read_upload(path: str | Path, region: str | None = None,
+                notes: list[str] | None = None) -> tuple[np.ndarray, float | None, tuple | None]:
     """``(image, its pixel size in µm or None, (y, x) origin)``: an image file or a whole slide
     (origin ``None``), or a region of either (``"x,y,w,h"`` in level-0 px; a small slide may be
-    taken whole); the origin places the region's results in the file's pixels."""
+    taken whole); the origin places the region's results in the file's pixels. A region partly
+    off the file is cut to it, and ``notes`` gets a line saying so."""
     if is_slide_path(path):
         slide = open_slide(path)
-        area = Region.parse(region).checked(slide.shape) if region else whole_slide(slide)
+        area = _region_on(region, slide.shape, "slide", path, notes) if region else whole_slide(slide)
         if area.width * area.height > MAX_PIXELS:
             raise WebInputError(f"'{Path(path).name}' is {slide.shape[1]}x{slide.shape[0]} px: give a region "
                                 f"x,y,w,h (level-0 px) of at most {MAX_PIXELS / 1e6:.0f} Mpx.")
@@ -151,8 +153,20 @@ def read_upload(path: str | Path, region: str | None = None) -> tuple[np.ndarray
     image = _checked_size(read_image(path), path)
     if not region:
         return image, file_pixel_size_um(path), None
-    area = Region.parse(region).checked(image.shape[:2], "image")
+    area = _region_on(region, image.shape[:2], "image", path, notes)
     return image[area.slices], file_pixel_size_um(path), (area.y, area.x)
+
+
+def _region_on(text: str, shape: tuple[int, int], where: str, path, notes: list[str] | None) -> Region:
+    """The region typed in the page, cut to the file; a cut one is said (it had been taken
+    silently: 10,10,5000,5000 on a 1000² tile segmented 990x990 px without a word)."""
+    asked = Region.parse(text)
+    area = asked.checked(shape, where)
+    if area != asked and notes is not None:
+        notes.append(f"Region {asked.x},{asked.y},{asked.width},{asked.height} reaches outside '{Path(path).name}' "
+                     f"({shape[1]}x{shape[0]} px): segmented its part on the {where}, "
+                     f"{area.x},{area.y},{area.width},{area.height}.")
+    return area
 
 
 def checked_pixel_size(value: float | None) -> float | None:
@@ -201,7 +215,8 @@ def segment_upload(path: str | Path, segmenter: Segmenter, threshold: float | No
     ``nucleus_settings``: ``InstanceSettings`` fields in place of the model's own."""
     instance_settings = segmenter.instance_settings_with(nucleus_settings)  # a bad value: refused before reading
     pixel_size_um = checked_pixel_size(pixel_size_um)
-    image, own_pixel_size, origin = read_upload(path, region)
+    region_notes: list[str] = []
+    image, own_pixel_size, origin = read_upload(path, region, region_notes)
     pixel_size_um = pixel_size_um or own_pixel_size
     _checked_work(image, path, model_scale(pixel_size_um, segmenter.meta.pixel_size_um))
     segmenter.foreground_threshold = threshold or segmenter.meta.foreground_threshold
@@ -214,7 +229,7 @@ def segment_upload(path: str | Path, segmenter: Segmenter, threshold: float | No
         table["centroid_y"] = table["centroid_y"] + origin[0]
         table["centroid_x"] = table["centroid_x"] + origin[1]
     result = ImageResult(name or file_stem(path), display_rgb(image), class_map, instances, classes, colors, table,
-                         pixel_size_um, results_folder(), notes=image_notes(segmenter), origin=origin)
+                         pixel_size_um, results_folder(), notes=region_notes + image_notes(segmenter), origin=origin)
     stem, folder = result.name, result.folder
     result.downloads = [
         write_label_map(folder / f"{stem}_labels.tif", class_map, pixel_size_um,
