@@ -904,18 +904,53 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+LINGER_S = 10.0  # how long a quiet torchrun rank waits for rank 0 to say the error (``_said_by_another_rank``)
+
+
+def _said_by_another_rank() -> bool:
+    """Under torchrun, whether this process's error is said by another: each of a node's processes
+    meets the same error in the setup (the same config, files and options: 'epochs must be an
+    integer' had been printed once per process), so its first process (LOCAL_RANK 0) says it.
+    Once the processes have joined their group, an error may be this process's own: said by each."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        return False
+    dist = sys.modules.get("torch.distributed")
+    return not (dist is not None and dist.is_available() and dist.is_initialized())
+
+
+def _rank_words() -> str:
+    """' (rank N)' where a process other than torchrun's first says an error."""
+    rank = os.environ.get("RANK", "0")
+    return "" if rank == "0" else f" (rank {rank})"
+
+
+def _quiet_exit(code: int) -> int:
+    """A rank whose error another says: exits with the same status, but after a pause, so that
+    torchrun (which ends the others once one process exits) does not end the one that says it
+    before it has."""
+    try:
+        time.sleep(LINGER_S)
+    except KeyboardInterrupt:  # torchrun's SIGTERM (``Terminated``) once rank 0 has exited: expected
+        pass
+    return code
+
+
 def _run(args) -> int:
     """``args.func(args)``, its errors as messages and exit statuses (see ``main``)."""
     try:
         return args.func(args)
     except MedsegError as exc:
-        print(f"medseg {args.command}: error: {exc}", file=sys.stderr)
+        if _said_by_another_rank():
+            return _quiet_exit(2)
+        print(f"medseg {args.command}{_rank_words()}: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went (``medseg info default | head``): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail too
         return 141  # as a process ended by SIGPIPE
     except OSError as exc:
-        print(f"medseg {args.command}: error: {_os_error_message(exc)}", file=sys.stderr)
+        if _said_by_another_rank():
+            return _quiet_exit(2)
+        print(f"medseg {args.command}{_rank_words()}: error: {_os_error_message(exc)}", file=sys.stderr)
         return 2
     except Terminated:
         print(f"medseg {args.command}: terminated", file=sys.stderr)
