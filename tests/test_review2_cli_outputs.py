@@ -82,3 +82,28 @@ def test_the_runtimes_note_is_said_once_a_run_not_under_every_file(tmp_path, tin
     assert proc.stderr.count("int8 needs an ONNX runtime") == 1, proc.stderr
     assert "medseg: runtime: int8 needs an ONNX runtime: float32 PyTorch" in proc.stderr
     assert any(line.startswith("  gray.png: ") and "gray" in line for line in proc.stderr.splitlines()), proc.stderr
+
+
+def test_a_rerun_replaces_its_images_results_whole_and_names_what_else_is_there(tmp_path, tiny_checkpoint, consep):
+    """Two images with probabilities, then one of them again without: its results are this run's
+    alone (the old nuclei and probabilities removed, named), the other image's stay as they were
+    (never removed: not given) and are named, since ``medseg evaluate OUT`` would score them too."""
+    import hashlib
+
+    a, b = (consep / "images" / f"train_2_00{i}.png" for i in (5, 6))
+    out = tmp_path / "out"
+    common = ("--model", tiny_checkpoint, "--out", out, "--device", "cpu", "--tile", "128", "--overlap", "32")
+    assert medseg("predict", a, b, "--probabilities", *common).returncode == 0
+    others = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("train_2_006*")}
+    assert len(others) == 3
+    proc = medseg("predict", a, "--no-instances", *common)
+    assert proc.returncode == 0, proc.stderr
+    assert "removed instances/train_2_005.tif" in proc.stderr and "removed probabilities/train_2_005.npy" in proc.stderr
+    assert sorted(p.name for p in out.rglob("train_2_005*")) == ["train_2_005.tif"]
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("train_2_006*")} == others
+    assert "also holds earlier runs' results of 1 other image(s) (train_2_006.tif)" in proc.stderr
+    alone = medseg("predict", a, *common)
+    assert alone.returncode == 0 and "also holds" in alone.stderr
+    fresh = medseg("predict", a, b, "--model", tiny_checkpoint, "--out", tmp_path / "fresh", "--device", "cpu",
+                   "--tile", "128", "--overlap", "32")
+    assert fresh.returncode == 0 and "also holds" not in fresh.stderr

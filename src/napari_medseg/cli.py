@@ -212,7 +212,21 @@ def cmd_predict(args) -> int:
         return 1
     print(f"wrote {len(files) - failures} class map(s) to {out / 'labels'}"
           + ("" if args.no_instances else f" and instance map(s) to {out / 'instances'}"))
+    earlier = _earlier_results(out, files)
+    if earlier:  # kept (never removed: their images were not given), but 'medseg evaluate OUT' scores them too
+        print(f"  {out} also holds earlier runs' results of {len(earlier)} other image(s) ({', '.join(earlier[:3])}"
+              f"{' ...' if len(earlier) > 3 else ''}), kept as they were", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _earlier_results(out: Path, files: list[Path]) -> list[str]:
+    """The stems of class maps in ``out/labels`` of images other than ``files`` (earlier runs')."""
+    from .io.images import file_stem
+
+    ours = {file_stem(f) for f in files}
+    labels = out / "labels"
+    held = sorted(p for p in labels.iterdir() if p.is_file() and not p.name.startswith(".")) if labels.is_dir() else []
+    return [p.name for p in held if file_stem(p) not in ours]
 
 
 def _predict_slides(args) -> int:
