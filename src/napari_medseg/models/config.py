@@ -73,3 +73,18 @@ class ModelConfig:
         if arch in CUSTOM_ARCHITECTURES:
             return 2**self.depth
         return 2**self.encoder_depth if arch != "deeplabv3plus" else 16
+
+
+# encoder_depth each smp architecture builds and runs with (deeplabv3plus ignores it: always 5)
+ENCODER_DEPTHS = {"unet": (1, 5), "unetplusplus": (2, 5), "fpn": (3, 5)}
+
+
+def encoder_depth_error(config: ModelConfig) -> str | None:
+    """Why ``config.encoder_depth`` cannot work for its architecture, or None. smp's own messages
+    came late (after the data were read) or not at all: UNet++ of depth 1 built, then failed in
+    its first forward pass with a KeyError ('x_0_-1'), a traceback mid-training."""
+    low_high = ENCODER_DEPTHS.get(config.architecture.lower())
+    if low_high is None or low_high[0] <= config.encoder_depth <= low_high[1]:
+        return None
+    return (f"model.encoder_depth {config.encoder_depth} does not work with {config.architecture}: give "
+            f"{low_high[0]} to {low_high[1]} (the encoder's downsampling stages; each halves the image).")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from .config import ARCHITECTURES, SMP_ARCHITECTURES, TESTED_ENCODERS, ModelConfig, ModelConfigError
+from .config import (ARCHITECTURES, SMP_ARCHITECTURES, TESTED_ENCODERS, ModelConfig, ModelConfigError,
+                     encoder_depth_error)
 from .weights import load_local_encoder_weights
 
 if TYPE_CHECKING:  # torch loads with the first model built
@@ -29,6 +30,9 @@ def build_model(config: ModelConfig, keep_unused: bool = False) -> nn.Module:
         return AttentionResUNet(config.in_channels, config.out_channels, config.base_channels, config.depth, config.dropout)
     if arch not in SMP_ARCHITECTURES:
         raise ModelConfigError(f"Unknown architecture '{config.architecture}'. Choose one of: {', '.join(ARCHITECTURES)}.")
+    depth_error = encoder_depth_error(config)
+    if depth_error:
+        raise ModelConfigError(depth_error)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast rather than retry a download
     import segmentation_models_pytorch as smp
 

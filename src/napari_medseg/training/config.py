@@ -12,7 +12,7 @@ import yaml
 
 from ..errors import MedsegError
 from ..io.dataset import GROUP_PATTERN
-from ..models.config import ModelConfig
+from ..models.config import ModelConfig, encoder_depth_error
 from ..models.fields import type_errors
 
 
@@ -322,6 +322,9 @@ class TrainConfig:
             bad(f"augment.stain_scale must be [low, high] with 0 < low <= 1 <= high <= 10, got {list(ss)}.")
         self._check_datasets()
         self._check_run_options()
+        depth_error = encoder_depth_error(self.model)
+        if depth_error:  # before the data are read
+            bad(depth_error)
         if self.data.crop_size and self.data.crop_size % self.model.output_stride:
             bad(f"data.crop_size {self.data.crop_size} must be a multiple of {self.model.output_stride} for this model.")
 
