@@ -156,17 +156,37 @@ def place(layer, where: dict) -> None:
     layer.affine = where.get("affine", np.eye(len(where["scale"]) + 1))
 
 
-def in_memory_plane(layer, use: str) -> np.ndarray:
+def in_memory_plane(layer, use: str, under=None) -> np.ndarray:
     """``layer``'s pixels, for work on one image held in memory (``use``: what for). A multiscale
     layer (a slide, a slide run's labels) is refused: napari's array of it is its coarsest level,
-    so measuring it would silently score a thumbnail."""
+    so measuring it would silently score a thumbnail. One plane of a stack (Segment's result of a
+    PanNuke image) as its 2-D map; of a stack (a fold's ground truth), the plane that the layer
+    ``under`` (one plane's result) lies on, that plane only read."""
     if getattr(layer, "multiscale", False):
         folder = layer.metadata.get(METADATA_KEY, {}).get("results")
         made = (f" Its per-nucleus CSV (µm² areas, classes) and GeoJSON were written by its run in {folder}."
                 if folder else "")
         raise WidgetInputError(f"'{layer.name}' is a whole-slide pyramid; {use} works on one image in memory: "
                                f"segment a region of an ordinary image, or open a crop of the slide.{made}")
-    return np.asarray(layer.data)
+    data, lead = layer.data, layer.ndim - 2
+    if lead > 0 and all(n == 1 for n in data.shape[:lead]):
+        return np.asarray(data).reshape(data.shape[lead:])
+    plane = plane_under(layer, under) if lead > 0 and under is not None else None
+    return np.asarray(data[plane] if plane is not None else data)
+
+
+def plane_under(stack, layer) -> tuple[int, ...] | None:
+    """The index, on the stack axes of ``stack``, of the plane that ``layer`` (one plane of a stack:
+    a result of Segment) lies on; ``None`` if ``layer`` is no such plane or lies on none of it."""
+    lead = stack.ndim - 2
+    if lead <= 0 or layer.ndim != stack.ndim or any(n != 1 for n in layer.data.shape[:layer.ndim - 2]):
+        return None
+    corner = layer.data_to_world(np.zeros(layer.ndim))
+    point = np.asarray(stack.world_to_data(corner), float)[:lead]
+    index = tuple(int(round(c)) for c in point)
+    if not np.allclose(point, index, atol=1e-3) or any(not 0 <= k < n for k, n in zip(index, stack.data.shape)):
+        return None
+    return index
 
 
 def with_origin(kwargs: dict, origin: tuple[int, int] | None) -> dict:

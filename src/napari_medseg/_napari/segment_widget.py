@@ -323,14 +323,16 @@ class SegmentWidget(ScrollingDock):
         key = (self._model_ref(), self.device.value, self.backend.value)
         image = layer.data[0] if layer.multiscale else layer.data  # lazy (dask/zarr) data stays lazy
         plane_ndim = 3 if layer.rgb else 2
+        plane = None
         if image.ndim > plane_ndim and not (not layer.rgb and image.ndim == 3 and image.shape[-1] in (3, 4)):
-            # a PanNuke fold or a time series: the core would refuse it as 'not a 2-D image' without the layer's name
-            planes = int(np.prod(image.shape[:image.ndim - plane_ndim]))
-            raise WidgetInputError(
-                f"'{layer.name}' is a stack of {planes} images (shape {tuple(image.shape)}); segmenting stacks is "
-                "not supported: open a single 2-D image (for a PanNuke fold, its images as a dataset folder: "
-                "medseg convert) or one plane of the stack as its own layer."
-            )
+            # a PanNuke fold or a time series: the plane the viewer shows (its sliders' position)
+            if layer.multiscale or self.target.value == WHOLE_SLIDE:
+                planes = int(np.prod(image.shape[:image.ndim - plane_ndim]))
+                raise WidgetInputError(
+                    f"'{layer.name}' is a stack of {planes} images (shape {tuple(image.shape)}) at several "
+                    "resolutions; segmenting such a stack is not supported: open one plane of it as its own layer.")
+            plane = shown_plane(self._viewer, layer, image.ndim - plane_ndim)
+            image = image[plane]
         region, polygon = self._part(layer)
         slide = self._slide_info()
         if region is not None:
@@ -340,7 +342,7 @@ class SegmentWidget(ScrollingDock):
                                    f"open it with the napari-medseg reader); choose '{WHOLE_IMAGE}' for an image.")
         if slide is not None and self.target.value != WHOLE_IMAGE:
             return self._slide_job(key, layer, slide, region, polygon)
-        return self._image_job(key, layer, image, region, polygon)
+        return self._image_job(key, layer, image, region, polygon, plane)
 
     def _part(self, layer) -> tuple[Region | None, np.ndarray | None]:
         """The chosen part of ``layer`` in its level-0 px: a rectangle, and the polygon inside it."""
@@ -357,8 +359,10 @@ class SegmentWidget(ScrollingDock):
         chosen = Thresholds(self.threshold.value, *self._chosen_instances())
         return lambda segmenter: apply_thresholds(segmenter, tiles, chosen)
 
-    def _image_job(self, key, layer, image, region: Region | None, polygon: np.ndarray | None):
-        """In memory, the whole image or a crop of it (outside a polygon: background)."""
+    def _image_job(self, key, layer, image, region: Region | None, polygon: np.ndarray | None,
+                   plane: tuple[int, ...] | None = None):
+        """In memory, the whole image or a crop of it (outside a polygon: background); ``plane``:
+        the index of the stack's plane that ``image`` is (its results land on that plane only)."""
         if region is not None:
             image = image[region.slices]
         mask = None if polygon is None else inside(polygon, region)
@@ -372,6 +376,11 @@ class SegmentWidget(ScrollingDock):
                 "µm per pixel (0.25 for 40x, 0.5 for 20x), or to 1 to segment it as it is.")
 
         where = region_placement(layer, region)
+        name, said = layer.name, ""
+        if plane is not None:  # on that plane of the stack only: its own index on the stack's axes
+            where = plane_placement(layer, plane, where)
+            name = f"{layer.name} {list(plane)}"
+            said = plane_said(self._viewer, layer, plane)
 
         def job():  # in the worker: widgets are read above, on the GUI thread
             segmenter = yield from self._iter_segmenter(key)
@@ -381,11 +390,13 @@ class SegmentWidget(ScrollingDock):
             labels, instances = _masked(labels, mask), _masked(instances, mask)
             # the layers (colour tables, class votes, features) are made here, off the GUI
             # thread, which then only adds them
-            class_kwargs, instance_kwargs = _result_layer_kwargs(layer.name, segmenter, labels, instances, where,
+            class_kwargs, instance_kwargs = _result_layer_kwargs(name, segmenter, labels, instances, where,
                                                                  None if region is None else (region.y, region.x))
             summary = result_summary(labels, instances, segmenter.foreground_threshold, segmenter.classes,
                                      nuclei, segmenter.last_report)
-            layers = _labels_layers(labels, class_kwargs, instances, instance_kwargs)
+            if said:
+                summary = summary.replace("Done: ", f"Done, {said}: ", 1)
+            layers = _labels_layers(*(_on_grid(a, where) for a in (labels, class_kwargs, instances, instance_kwargs)))
             return _ImageRun(labels, instances, kept, segmenter, layer, region, mask, layers, summary)
 
         return job
@@ -594,10 +605,10 @@ class SegmentWidget(ScrollingDock):
         if class_layer not in layers and instances_layer not in layers:
             return None
         if class_layer in layers:  # the user may have deleted one of the two: the other still follows
-            class_layer.data = labels
+            class_layer.data = _as_layer(labels, class_layer)
         if instances is not None and instances_layer in layers:
             # new ids take their own class colours and names, not those of the old ids
-            replace_instances(instances_layer, instances, instance_kwargs)
+            replace_instances(instances_layer, _as_layer(instances, instances_layer), instance_kwargs)
         self.status.value = summary
         return labels, instances
 
@@ -703,6 +714,51 @@ def with_notes(summary: str, notes: list[str]) -> str:
     """A status line with what the user should know (a gray or dark-background image) each in a
     paragraph of its own below it, where it is read, not at the end of a long line."""
     return summary + "".join(f"\n\nNote: {note}" for note in notes)
+
+
+def shown_plane(viewer, layer, leading: int) -> tuple[int, ...]:
+    """The index, on a stack's ``leading`` axes, of the plane of ``layer`` the viewer shows (its
+    sliders' position, within the stack)."""
+    point = np.asarray(layer.world_to_data(viewer.dims.point[-layer.ndim:]), float)
+    shape = layer.data.shape
+    return tuple(int(min(max(round(point[i]), 0), shape[i] - 1)) for i in range(leading))
+
+
+def plane_said(viewer, layer, plane: tuple[int, ...]) -> str:
+    """Which plane of a stack was segmented, in the terms of napari's sliders."""
+    labels = [str(label) for label in list(viewer.dims.axis_labels)[-layer.ndim:]]
+    named = [label if not label.lstrip("-").isdigit() else "slider" for label in labels]  # napari's default: -3
+    axes = ", ".join(f"{named[i]} at {k} of 0-{layer.data.shape[i] - 1}" for i, k in enumerate(plane))
+    return (f"on the plane shown ({axes}; move the slider and Segment again for another, the result shows on "
+            "its plane only)")
+
+
+def plane_placement(layer, plane: tuple[int, ...], where: dict) -> dict:
+    """``where`` (a 2-D result's placement on ``layer``) for a result of one ``plane`` of the stack
+    ``layer``: one step thick on each stack axis, at that plane, so it shows there only."""
+    full = placement(layer, ndim=layer.ndim)
+    lead = len(plane)
+    scale = tuple(full["scale"][:lead])
+    placed = {"scale": scale + tuple(where["scale"]),
+              "translate": tuple(t + s * k for t, s, k in zip(full["translate"][:lead], scale, plane))
+              + tuple(where["translate"]),
+              "units": tuple(full["units"][:lead]) + tuple(where["units"])}
+    if "affine" in full:
+        placed["affine"] = full["affine"]
+    return placed
+
+
+def _on_grid(value, where: dict):
+    """A 2-D result array on the grid ``where`` places it on (one plane of a stack: ``(1, H, W)``);
+    anything else (the layer settings) as it is."""
+    if isinstance(value, np.ndarray) and value.ndim < len(where["scale"]):
+        return value.reshape((1,) * (len(where["scale"]) - value.ndim) + value.shape)
+    return value
+
+
+def _as_layer(array: np.ndarray, layer) -> np.ndarray:
+    """A re-thresholded 2-D map in the shape of the layer it replaces (a stack plane's: ``(1, H, W)``)."""
+    return array.reshape(layer.data.shape) if layer.data.ndim > array.ndim else array
 
 
 def _masked(array: np.ndarray | None, mask: np.ndarray | None) -> np.ndarray | None:
