@@ -64,3 +64,35 @@ def test_a_truncated_slide_is_called_truncated(tmp_path, tiny_checkpoint):
     whole = medseg("predict", SLIDE, "--region", "800,800,128,128", "--model", tiny_checkpoint, "--out",
                    tmp_path / "out2", "--device", "cpu", "--tile", "128", "--overlap", "32")
     assert whole.returncode == 0 and "truncated" not in whole.stderr
+
+
+def test_a_slide_that_cannot_run_is_said_before_the_model_loads(tmp_path, monkeypatch):
+    """A region off the slide and a cut-off slide: skipped, said, exit 1, without loading the model
+    (each had waited for it: 10+ s with the default on a first run)."""
+    from napari_medseg.inference import Segmenter
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded for a run that has nothing to segment")
+
+    monkeypatch.setattr(Segmenter, "load", no_load)
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(SLIDE.read_bytes()[:500_000])
+    proc = medseg("predict", SLIDE, "--region", "3000,0,10,10", "--out", tmp_path / "out")
+    assert proc.returncode == 1 and "Region x=3000, y=0, 10x10 is not on the slide (2220x2967 px)" in proc.stderr
+    proc = medseg("predict", cut, "--region", "0,0,10,10", "--out", tmp_path / "out")
+    assert proc.returncode == 1 and "looks truncated" in proc.stderr and "AssertionError" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_region_past_the_slides_edge_is_said_to_be_clipped(tmp_path, tiny_checkpoint):
+    """A region reaching past the slide ran on what is on it without a word (a typo'd 50000 had run
+    on the whole slide); now the clipping is said, with the region that ran."""
+    proc = medseg("predict", SLIDE, "--region", "2100,2900,5000,5000", "--model", tiny_checkpoint, "--out",
+                  tmp_path / "out", "--device", "cpu", "--tile", "128", "--overlap", "32")
+    assert proc.returncode == 0, proc.stderr
+    assert "region 2100,2900,120,67" in proc.stdout
+    assert ("--region 2100,2900,5000,5000 reaches past the slide (2220x2967 px): clipped to 2100,2900,120,67"
+            in proc.stderr)
+    inside = medseg("predict", SLIDE, "--region", "2000,2800,100,60", "--model", tiny_checkpoint, "--out",
+                    tmp_path / "out2", "--device", "cpu", "--tile", "128", "--overlap", "32")
+    assert inside.returncode == 0 and "clipped" not in inside.stderr

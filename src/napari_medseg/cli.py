@@ -268,6 +268,11 @@ def _predict_slides(args) -> int:
     if args.pixel_size == NO_PIXEL_SIZE:  # before the model loads (it had taken 10 s to be told)
         raise MedsegError("--pixel-size none: slides are segmented at the pixel size they record; to override it "
                           "give a number (e.g. --pixel-size 0.25).")
+    failed = _unreadable_slides(slides, region)  # said before the model loads (a cut-off file had waited for it)
+    if len(failed) == len(slides):
+        print(f"medseg: {len(failed)} of {len(slides)} slide(s) not segmented: {', '.join(p.name for p in failed)}",
+              file=sys.stderr)
+        return 1
     # by the runtime alone where an earlier load on this machine recorded its choice: no torch in
     # this process (about 0.65 GB less over a whole slide); else loaded, checked and recorded
     segmenter = Segmenter.load(args.model, device=args.device, backend=args.backend, precision=args.precision,
@@ -280,8 +285,9 @@ def _predict_slides(args) -> int:
         use_class_weights(segmenter, args.class_weights)
     # --no-skip-background: every block is segmented, glass and faint tissue alike
     tissue = TissueSettings(enabled=not args.no_skip_background)
-    failed = []
     for path in slides:
+        if path in failed:
+            continue
         try:
             slide = open_slide(path)
             if args.pixel_size is not None:
@@ -304,6 +310,10 @@ def _predict_slides(args) -> int:
         tissue_words = ("tissue not looked for (--no-skip-background: every block segmented)" if args.no_skip_background
                         else f"{100 * result.tissue_fraction:.0f}% tissue")
         print(f"{path.name}: region {r.x},{r.y},{r.width},{r.height}, {tissue_words}{found}")
+        if region is not None and r != region:  # not silently: a typo'd size had run on the whole slide
+            height, width = slide.shape
+            print(f"  {path.name}: --region {args.region} reaches past the slide ({width}x{height} px): "
+                  f"clipped to {r.x},{r.y},{r.width},{r.height}", file=sys.stderr)
         for note in result.notes:
             print(f"  {path.name}: {note}", file=sys.stderr)
         for kind, file in result.files.items():
@@ -312,6 +322,23 @@ def _predict_slides(args) -> int:
         print(f"medseg: {len(failed)} of {len(slides)} slide(s) not segmented: {', '.join(p.name for p in failed)}",
               file=sys.stderr)
     return 1 if failed else 0
+
+
+def _unreadable_slides(slides: list[Path], region) -> list[Path]:
+    """The slides that cannot be opened, or that ``region`` is not on, each said as skipped (their
+    headers are read: nothing is decoded)."""
+    from .io.slides import open_slide
+
+    failed = []
+    for path in slides:
+        try:
+            shape = open_slide(path).shape
+            if region is not None:
+                region.checked(shape)
+        except MedsegError as exc:
+            print(f"medseg: skipped {path}: {exc}", file=sys.stderr)
+            failed.append(path)
+    return failed
 
 
 def _print_prediction(done, with_instances: bool, said: set | None = None) -> bool:
