@@ -74,7 +74,7 @@ def _slide_layer(path: Path) -> tuple:
                           "level_shapes": [tuple(level.shape) for level in slide.levels]}}
     if slide.origin != (0, 0):  # cropped to its scanned bounds (OpenSlide, as QuPath): where it lies in the file
         metadata["slide"]["origin_xy"] = list(slide.origin)
-    levels = display_levels(slide.levels)
+    levels = display_levels(slide.levels, path.name, in_background=True)
     data = levels if len(levels) > 1 else levels[0]
     return data, image_kwargs(file_stem(path), slide.levels[0], multiscale=len(levels) > 1,
                               metadata=metadata, **extra), "image"
@@ -85,18 +85,101 @@ def _slide_layer(path: Path) -> tuple:
 DISPLAY_MAX_SIDE = 4096
 
 
-def display_levels(levels: list) -> list:
+def display_levels(levels: list, name: str = "", in_background: bool = False) -> list:
     """``levels`` for display: while the coarsest is larger than ``DISPLAY_MAX_SIDE``, a lazy
     level of every 2nd pixel of it is added. The coarsest level, which napari draws first, is read
     here (and kept, lazily wrapped): a part of the file that does not decode fails now, before
-    any layer is added."""
+    any layer is added.
+
+    A level made so (of a large flat TIFF) needs all of the file read: 1-7 s for a 20000² RGB
+    one, which napari's File > Open spent on its GUI thread. With ``in_background`` (an image's
+    levels; a label pyramid's overview names its classes at once) it is read in a thread instead
+    (``_fill_in_background``): the layer is added at once, its overview drawn as the rows come;
+    a corner of the full resolution is read here, so a file whose bytes do not decode fails now."""
     import dask.array as da
 
-    levels = list(levels)
+    levels, made = list(levels), len(levels)
     while max(levels[-1].shape[:2]) > DISPLAY_MAX_SIDE:
         levels.append(levels[-1][::2, ::2])
+    if in_background and len(levels) > made and _has_event_loop():
+        np.asarray(levels[0][:1, :1]), np.asarray(levels[0][-1:, -1:])  # the first and last strip or tile decode
+        # a numpy array, filled in place: napari's dask cache would keep a dask array's first (blank) read
+        coarse = np.zeros(levels[-1].shape, levels[-1].dtype)
+        _fill_in_background(levels[-1], coarse, name)
+        levels[-1] = coarse
+        return levels
     levels[-1] = da.from_array(np.asarray(levels[-1]), name=False)
     return levels
+
+
+OVERVIEW_BAND_ROWS = 128  # rows of the overview read at a time (each a redraw's worth)
+
+
+def _has_event_loop() -> bool:
+    """Whether a Qt application runs (napari's): a script's reader call without one reads at once."""
+    try:
+        from qtpy.QtWidgets import QApplication
+    except Exception:  # no Qt binding
+        return False
+    return QApplication.instance() is not None
+
+
+def _fill_in_background(level, coarse: np.ndarray, name: str) -> None:
+    """Read ``level`` (lazy) into ``coarse`` band by band in a thread; the layers drawing ``coarse``
+    are redrawn (on the GUI thread) as bands come, and an error is shown naming the file."""
+    from napari.qt.threading import create_worker
+
+    def read():
+        for top in range(0, coarse.shape[0], OVERVIEW_BAND_ROWS):
+            coarse[top:top + OVERVIEW_BAND_ROWS] = np.asarray(level[top:top + OVERVIEW_BAND_ROWS])
+            yield top
+        return None
+
+    worker = create_worker(read, _start_thread=False)
+    last, seen = [0.0], [False]
+
+    def refresh(final: bool = False):
+        import time
+
+        now = time.monotonic()
+        if not final and now - last[0] < 0.5:  # a redraw at most every half second
+            return
+        last[0] = now
+        layers = _layers_drawing(coarse)
+        if seen[0] and not layers:  # the layer was closed: the rest is not read
+            worker.quit()
+        seen[0] = seen[0] or bool(layers)
+        for layer in layers:
+            forget = getattr(layer, "_reset_thumbnail_level_data", None)  # napari >= 0.6 keeps the overview it read
+            if forget is not None:
+                forget()
+            layer.refresh()
+            if final and layer.dtype != np.uint8:  # napari set them from the unread (zero) overview
+                layer.reset_contrast_limits_range()
+                layer.reset_contrast_limits()
+
+    def failed(exc):
+        from napari.utils.notifications import show_error
+
+        show_error(f"The overview of '{name}' could not be read: {exc}")
+
+    worker.yielded.connect(lambda _: refresh())
+    worker.returned.connect(lambda _: refresh(final=True))
+    worker.errored.connect(failed)
+    from qtpy.QtCore import QTimer
+
+    # once napari has added the layer (File > Open returns first): the thread would otherwise
+    # take the CPU and the interpreter from napari's first drawing of it
+    QTimer.singleShot(0, worker.start)
+
+
+def _layers_drawing(coarse: np.ndarray) -> list:
+    """The image layers (of every open viewer) whose coarsest level is ``coarse``."""
+    from napari.layers import Image
+    from napari.viewer import Viewer
+
+    return [layer for viewer in list(getattr(Viewer, "_instances", ())) for layer in viewer.layers
+            if isinstance(layer, Image) and layer.multiscale and layer.data[-1] is coarse]
 
 
 def _slide_labels_layer(path: Path) -> tuple:
