@@ -15,7 +15,7 @@ from napari_medseg.io import read_label_map
 def test_train_predict_evaluate_round_trip(small_consep, tmp_path, capsys):
     run = tmp_path / "run"
     rc = main(["train", str(Path(__file__).parents[1] / "configs" / "smoke.yaml"), "--set", f"data.dataset=[{small_consep}]", "--set", f"out_dir={run}",
-               "--set", "data.val_fraction=0.34"])
+               "--set", "data.val_fraction=0.34", "--set", "data.samples_per_epoch=0"])  # the crops there are
     assert rc == 0
     out = capsys.readouterr().out
     assert "epoch 1/1" in out and "best epoch 1" in out
@@ -316,6 +316,17 @@ def test_resume_goes_on_in_the_resumed_runs_folder_and_refuses_repeats(small_con
     assert main(base + ["--set", f"out_dir={tmp_path / 'other'}", "--resume", str(run / "resume.safetensors")]) == 0
     captured = capsys.readouterr()
     assert f"continuing in {run}" in captured.err and not (tmp_path / "other").exists()
+    assert f"the run in {run} had finished: nothing trained" in captured.out
+    # resume: in the config (here by --set) is the same: it had been refused ('already holds a
+    # trained model') with out_dir its folder, and gone on elsewhere without a word otherwise
+    assert main(base + ["--set", f"out_dir={run}", "--set", f"resume={run / 'resume.safetensors'}"]) == 0
+    assert "had finished: nothing trained" in capsys.readouterr().out
+    assert main(base + ["--set", f"out_dir={tmp_path / 'other'}",
+                        "--set", f"resume={run / 'resume.safetensors'}"]) == 0
+    assert f"continuing in {run}" in capsys.readouterr().err and not (tmp_path / "other").exists()
+    assert main(base + ["--resume", str(tmp_path / "missing.safetensors")]) == 2
+    captured = capsys.readouterr()
+    assert "missing.safetensors' does not exist" in captured.err and "continuing in" not in captured.err
     assert main(base + ["--set", "repeats=2", "--resume", str(run / "resume.safetensors")]) == 2
     assert "each seed is a run of its own" in capsys.readouterr().err
 
@@ -473,3 +484,14 @@ def test_a_torchrun_runs_resume_hint_is_a_torchrun_command(tmp_path, monkeypatch
     monkeypatch.setenv("WORLD_SIZE", "1")
     cli._print_resume_hint(args, stage)
     assert "resume with: medseg train c.yaml" in capsys.readouterr().err
+
+
+def test_an_epoch_line_of_nucleus_only_sets_leaves_out_the_class_figures_they_have_not():
+    from napari_medseg.cli import _epoch_line
+    from napari_medseg.training.events import EpochDone
+
+    binary = {"miou": float("nan"), "mean_dice": float("nan"), "nucleus_dice": 0.81, "bpq": 0.52}
+    line = _epoch_line("", EpochDone(2, 5, 0.3, 0.4, binary, True, 12.0, 1e-3))
+    assert "nan" not in line and "val_nucleus_dice 0.8100" in line and "val_bPQ 0.5200" in line
+    classed = _epoch_line("", EpochDone(2, 5, 0.3, 0.4, {**binary, "miou": 0.4, "mean_dice": 0.5}, False, 12.0))
+    assert "val_mIoU 0.4000" in classed and "val_mean_class_dice 0.5000" in classed

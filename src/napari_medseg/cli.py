@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -424,10 +425,14 @@ def _epoch_line(prefix: str, update) -> str:
         return (f"{prefix}epoch {update.epoch}/{update.epochs}  train_loss {update.train_loss:.4f}  "
                 f"(no validation images: the best epoch is the lowest training loss)  lr {update.lr:.2e}  "
                 f"{'*best*' if update.best else ''}  {update.seconds:.0f}s")
+    # class figures only where there are classes (a run on nucleus-only sets has none: they were 'nan')
+    figures = [(name, m.get(key, float("nan"))) for name, key in
+               (("val_mIoU", "miou"), ("val_mean_class_dice", "mean_dice"), ("val_nucleus_dice", "nucleus_dice"),
+                ("val_bPQ", "bpq"))]
+    shown = "  ".join(f"{name} {value:.4f}" for name, value in figures
+                      if not (name in ("val_mIoU", "val_mean_class_dice") and math.isnan(value)))
     return (f"{prefix}epoch {update.epoch}/{update.epochs}  train_loss {update.train_loss:.4f}  "
-            f"val_loss {update.val_loss:.4f}  val_mIoU {m.get('miou', float('nan')):.4f}  "
-            f"val_mean_class_dice {m.get('mean_dice', float('nan')):.4f}  "
-            f"val_nucleus_dice {m.get('nucleus_dice', float('nan')):.4f}  val_bPQ {m.get('bpq', float('nan')):.4f}  "
+            f"val_loss {update.val_loss:.4f}  {shown}  "
             f"lr {update.lr:.2e}  "
             f"{'*best*' if update.best else ''}  {update.seconds:.0f}s" + _per_set(m.get("sets")))
 
@@ -448,6 +453,7 @@ class _TrainPrinter:
         self.stages, self.stage = stages, stages[0]
         self.main_rank = int(os.environ.get("RANK", "0")) == 0
         self.bar = ProgressLine("train")
+        self.epochs_seen = 0  # a resumed run that had finished trains none
 
     def _prefix(self) -> str:
         return f"[{self.stage.name}] " if self.stage.name else ""
@@ -459,6 +465,7 @@ class _TrainPrinter:
             self.bar.label = f"{self._prefix()}epoch {update.epoch}/{update.epochs or self.stage.config.epochs}"
             self.bar(update.step, update.steps)
         elif isinstance(update, EpochDone):
+            self.epochs_seen += 1
             print(_epoch_line(self._prefix(), update), flush=True)
             self.bar.t0 = time.time()
 
@@ -486,14 +493,18 @@ def cmd_train(args) -> int:
 
     args.started = time.time()  # a resume file older than this is an earlier run's (--overwrite)
     stages = load_train_stages(args.config, list(args.set or []), args.from_stage)
-    if args.resume:
+    # --resume, or resume: in the config (the first running stage's only): the same run goes on
+    resume = args.resume or stages[0].config.resume
+    if resume:
         if stages[0].config.repeats > 1:
             raise MedsegError("--resume continues one run; with repeats each seed is a run of its own: resume "
                               "one with --set repeats=1 --set seed=N --set out_dir=<its seed_N folder>.")
+        if not Path(resume).is_file():  # said before 'continuing in' a folder it would not go on in
+            raise MedsegError(f"Resume file '{resume}' does not exist.")
         # the resume file belongs to the first stage that runs; its config must match it, and the
         # run goes on in the resume file's folder (its best checkpoint is there)
-        stages[0].config.resume = args.resume
-        folder = str(Path(args.resume).resolve().parent)
+        stages[0].config.resume = str(resume)
+        folder = str(Path(resume).resolve().parent)
         if Path(stages[0].config.out_dir).resolve() != Path(folder):
             print(f"medseg train: continuing in {folder}, the resumed run's folder (not {stages[0].config.out_dir})",
                   file=sys.stderr)
@@ -510,6 +521,8 @@ def cmd_train(args) -> int:
         raise
     if printer.main_rank:
         result, stage = done.results[-1], done.stages[len(done.results) - 1]
+        if resume and not printer.epochs_seen:
+            print(f"the run in {Path(resume).resolve().parent} had finished: nothing trained")
         if result.reason:
             print(f"stopped: {result.reason}")
         print(_result_words(stage.config, result))
