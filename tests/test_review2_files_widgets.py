@@ -68,7 +68,8 @@ def test_segment_takes_the_plane_shown_of_a_stack_and_its_result_lands_there(mak
     widget.image_layer.value = stack
     result = widget.run(threaded=False)  # was refused: "'PanNuke fold1' is a stack of 6 images ..."
     assert result is not None, widget.status.value
-    assert "plane shown (slider at 3 of 0-5" in widget.status.value and widget.status.value.startswith("Done")
+    assert widget.status.value.startswith("Done: ") and "nuclei" in widget.status.value
+    assert "Note: 'PanNuke fold1' is a stack: the image shown (slider at 3 of 0-5) was segmented" in widget.status.value
     assert result.data.shape == (1, 256, 256) and result.name == "PanNuke fold1 [3] segmentation"
     expected = Segmenter.load(pannuke_checkpoint, device="cpu").segment(images[3], widget.tile_settings())
     np.testing.assert_array_equal(result.data[0], expected)
@@ -98,6 +99,7 @@ def test_segment_takes_the_plane_shown_of_a_stack_and_its_result_lands_there(mak
     widget.threshold.value = 0.6
     labels, _ = widget.rethreshold(threaded=False)
     np.testing.assert_array_equal(result.data[0], labels)
+    assert "the image shown (slider at 3 of 0-5)" in widget.status.value  # still said
 
 
 def test_metrics_scores_segments_own_nuclei_by_default(make_napari_viewer):

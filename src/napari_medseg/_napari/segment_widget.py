@@ -91,6 +91,7 @@ class SegmentWidget(ScrollingDock):
         self.last_layer = self.last_instances_layer = self.last_slide_result = None
         self._run_layer = None  # the image layer of the run under way (or the last one)
         self._summary = ""  # the last run's status line
+        self._run_note = ""  # its note of the image it segmented (a stack's plane), kept by re-thresholds
         self.advanced = Container(widgets=self._setting_controls(), labels=True)
         self.extend([*self._input_controls(), *self._threshold_controls(), self.show_advanced, self.advanced,
                      *self._action_controls()])
@@ -394,10 +395,10 @@ class SegmentWidget(ScrollingDock):
                                                                  None if region is None else (region.y, region.x))
             summary = result_summary(labels, instances, segmenter.foreground_threshold, segmenter.classes,
                                      nuclei, segmenter.last_report)
-            if said:
-                summary = summary.replace("Done: ", f"Done, {said}: ", 1)
+            if said:  # below the counts, as the other notes are
+                summary = with_notes(summary, [said])
             layers = _labels_layers(*(_on_grid(a, where) for a in (labels, class_kwargs, instances, instance_kwargs)))
-            return _ImageRun(labels, instances, kept, segmenter, layer, region, mask, layers, summary)
+            return _ImageRun(labels, instances, kept, segmenter, layer, region, mask, layers, summary, said)
 
         return job
 
@@ -500,7 +501,7 @@ class SegmentWidget(ScrollingDock):
             self._model_threshold = run.model.foreground_threshold
             self._model_instances = InstanceSettings(**run.model.instance_settings)
             # nothing is kept in memory: the thresholds apply to the next run
-            self.kept, self.last_slide_result = None, run.result
+            self.kept, self.last_slide_result, self._run_note = None, run.result, ""
             summary = slide_summary(run.result)
         else:
             segmenter = run.segmenter
@@ -508,6 +509,7 @@ class SegmentWidget(ScrollingDock):
             self._model_threshold = segmenter.meta.foreground_threshold
             self._model_instances = segmenter.instance_settings
             self.kept, self._mask, self._report = run.kept, run.mask, segmenter.last_report
+            self._run_note = run.note
             self.last_slide_result, summary = None, run.summary
             if str(segmenter.device) != "cpu":
                 segmenter.release()  # give the GPU memory back between runs
@@ -567,6 +569,7 @@ class SegmentWidget(ScrollingDock):
         target = (self.kept, self.last_layer, self.last_instances_layer)
         thresholds, nuclei = self.thresholds(), self.last_instances_layer is not None
         mask, classes, colors, report = self._mask, self._classes, self._colors, self._report
+        note = self._run_note
         name = self.last_instances_layer.name if nuclei else ""
         nuclei_asked = self.nuclei.value
 
@@ -574,7 +577,7 @@ class SegmentWidget(ScrollingDock):
             labels, instances = _masked(labels, mask), _masked(instances, mask)
             kwargs = None if instances is None else _nuclei_kwargs(name, classes, colors, labels, instances)
             summary = result_summary(labels, instances, thresholds.nucleus, classes, nuclei_asked, report)
-            return labels, instances, kwargs, summary
+            return labels, instances, kwargs, with_notes(summary, [note] if note else [])
 
         if not threaded:
             return self._show_rethresholded(prepared(*self.kept.result(thresholds, nuclei)), target)
@@ -626,6 +629,7 @@ class _ImageRun:
     mask: np.ndarray | None
     layers: tuple  # the class map's and the nuclei's Labels layers (made in the worker), or None
     summary: str  # the status line
+    note: str = ""  # what the status says below it of the run's image (a stack's plane), re-thresholded too
 
 
 @dataclass
@@ -729,8 +733,8 @@ def plane_said(viewer, layer, plane: tuple[int, ...]) -> str:
     labels = [str(label) for label in list(viewer.dims.axis_labels)[-layer.ndim:]]
     named = [label if not label.lstrip("-").isdigit() else "slider" for label in labels]  # napari's default: -3
     axes = ", ".join(f"{named[i]} at {k} of 0-{layer.data.shape[i] - 1}" for i, k in enumerate(plane))
-    return (f"on the plane shown ({axes}; move the slider and Segment again for another, the result shows on "
-            "its plane only)")
+    return (f"'{layer.name}' is a stack: the image shown ({axes}) was segmented, and its result shows on that "
+            "image only. Move the slider and Segment again for another.")
 
 
 def plane_placement(layer, plane: tuple[int, ...], where: dict) -> dict:
