@@ -125,7 +125,9 @@ def test_a_checkpoint_with_impossible_settings_is_refused_naming_them(forced, tm
 
 
 def test_tuning_needs_images_of_the_groups_and_never_overwrites(forced, consep, tmp_path):
-    with pytest.raises(ThresholdTuningError, match="none of .* holds an image of the groups"):
+    # the folder's own source images are named, as --groups takes them (it said only what was not there)
+    with pytest.raises(ThresholdTuningError, match=r"belongs to the groups \['no_such_image'\]; its source images "
+                                                   rf"are {consep.name}/train_\d+, .*in all\)"):
         tune_nuclei_checkpoint("default", [consep], tmp_path / "x.safetensors", groups=["no_such_image"], device="cpu")
     with pytest.raises(ThresholdTuningError, match="exists: choose another file or pass --overwrite"):
         tune_nuclei_checkpoint("default", [consep], forced, groups=["train_12"], device="cpu")
@@ -220,3 +222,16 @@ def test_cli_help_names_the_models_own_as_the_default():
     medseg = Path(sys.executable).with_name("medseg")
     text = subprocess.run([str(medseg), "predict", "--help"], capture_output=True, text=True, timeout=120).stdout
     assert "default: the model's own (medseg tune-nuclei), else 0.4" in " ".join(text.split())
+
+
+def test_evaluating_a_folder_that_lacks_some_predictions_says_how_to_make_them(consep, tmp_path):
+    from napari_medseg.evaluation.report import evaluate_folders
+    from napari_medseg.io.images import read_label_map, write_label_map
+
+    pred = tmp_path / "pred"
+    (pred / "labels").mkdir(parents=True)
+    stem = sorted(p.stem for p in (consep / "labels").glob("*.tif"))[0]
+    write_label_map(pred / "labels" / f"{stem}.tif", read_label_map(consep / "labels" / f"{stem}.tif"))
+    with pytest.raises(DatasetError, match=rf"lacks predictions for \d+ image\(s\): .*, \.\.\.; predict every image "
+                                           rf"of the ground truth's folder: medseg predict {consep} --out {pred}"):
+        evaluate_folders(pred, consep)

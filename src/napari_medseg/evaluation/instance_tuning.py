@@ -133,13 +133,14 @@ def tune_nuclei_checkpoint(model: str | os.PathLike, data: list[str | Path], out
     if not all_images:
         groups = groups or model_val_groups(segmenter.meta)
     pattern = GROUP_PATTERN if all_images else model_group_pattern(segmenter.meta)
-    samples_per_set, left_out = {}, []
+    samples_per_set, left_out, why = {}, [], []
     for folder in [Path(d) for d in data]:
         open_dataset(folder, require_labels=True)  # a missing or malformed folder says so itself
         try:
             classes, samples = samples_of_groups(folder, None if all_images else groups, pattern)
-        except DatasetError:
+        except DatasetError as exc:
             left_out.append(folder.name)  # none of its images is among the groups
+            why.append(str(exc))
             continue
         if len(classes) != 2 and classes != segmenter.classes:
             raise ThresholdTuningError(f"{folder}: the data's classes {classes} differ from the model's {segmenter.classes}")
@@ -149,7 +150,8 @@ def tune_nuclei_checkpoint(model: str | os.PathLike, data: list[str | Path], out
         name = folder.name if folder.name not in samples_per_set else str(folder)
         samples_per_set[name] = [s for s in samples if s.instances is not None]
     if not samples_per_set:
-        raise ThresholdTuningError(f"none of {', '.join(map(str, data))} holds an image of the groups {groups}")
+        raise ThresholdTuningError(" ".join(why) if why else
+                                   f"none of {', '.join(map(str, data))} holds an image of the groups {groups}")
 
     before = segmenter.instance_settings
     values = {"min_size": list(min_sizes)}

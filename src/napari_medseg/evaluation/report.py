@@ -177,7 +177,9 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, instance_settings
         raise DatasetError(f"{labels_dir} holds no prediction for any of the {len(gt.stems)} ground-truth images"
                            f"{found}: class maps as <stem>.tif, as medseg predict writes them.")
     if missing:
-        raise DatasetError(f"{labels_dir} lacks predictions for {len(missing)} image(s): {', '.join(missing[:5])}")
+        raise DatasetError(f"{labels_dir} lacks predictions for {len(missing)} image(s): {', '.join(missing[:5])}"
+                           f"{', ...' if len(missing) > 5 else ''}; predict every image of the ground truth's folder: "
+                           f"medseg predict {gt_dir} --out {pred_dir}")
     evaluation = PairEvaluation(list(NUCLEUS_CLASSES) if truth_merged else gt.classes, instance_settings)
     pred_read = gt_read = 0
     for i, stem in enumerate(gt.stems, 1):

@@ -43,9 +43,10 @@ def samples_of_groups(data: str | Path, groups: list[str] | None = None, group_p
     the bare group), each with its ``group``; every image for ``None``. Groups are made as
     training makes them (``DatasetFolder.group``). Raises ``DatasetError`` if none match."""
     folder = open_dataset(data, require_labels=True)
-    chosen = {}
+    chosen, seen = {}, {}
     for stem in folder.stems:
         group = folder.group(stem, group_pattern, prefixed=False)
+        seen.setdefault(group, None)
         names = {group, f"{folder.root.name}/{group}"}
         if folder.images_are_own_sources:  # a model trained before its images were their own groups
             old = source_group(stem, pattern=group_pattern)
@@ -53,8 +54,15 @@ def samples_of_groups(data: str | Path, groups: list[str] | None = None, group_p
         if groups is None or names & set(groups):
             chosen[stem] = group
     if not chosen:
-        raise DatasetError(f"No image of {folder.root} belongs to the groups {groups}.")
+        raise DatasetError(f"No image of {folder.root} belongs to the groups {groups}; its source images are "
+                           f"{group_list(folder.root.name, list(seen))}.")
     return folder.classes, [replace(folder.load(stem), group=group) for stem, group in chosen.items()]
+
+
+def group_list(folder_name: str, groups: list[str], shown: int = 6) -> str:
+    """A folder's source images as ``--groups`` takes them (``<folder>/<group>``), the first few."""
+    names = [f"{folder_name}/{g}" for g in groups[:shown]]
+    return ", ".join(names) + (f", ... ({len(groups)} in all)" if len(groups) > shown else "")
 
 
 def model_val_groups(meta) -> list[str]:
