@@ -194,12 +194,12 @@ def _slide_labels_layer(path: Path) -> tuple:
     if record is not None:  # saved by this plugin's writer (a large layer): what it was, where it was
         kwargs = _recorded_labels_kwargs(file_stem(path), record, extra)
     elif _is_instance_path(path):
-        kwargs = instance_labels_kwargs(file_stem(path), **extra)
+        kwargs = instance_labels_kwargs(_label_layer_name(path), **extra)
     elif recorded is not None:  # a slide run's: its model's classes and colours, every one named
-        kwargs = class_labels_kwargs(file_stem(path), recorded["classes"], recorded["colors"], **extra)
+        kwargs = class_labels_kwargs(_label_layer_name(path), recorded["classes"], recorded["colors"], **extra)
     else:  # class names from a dataset's classes.json, else numbered up to the highest id (coarsest level)
         top = int(np.asarray(levels[-1]).max(initial=0))
-        kwargs = class_labels_kwargs(file_stem(path), _class_names(path, top), **extra)
+        kwargs = class_labels_kwargs(_label_layer_name(path), _class_names(path, top), **extra)
     return data, {**kwargs, "multiscale": len(levels) > 1}, "labels"
 
 
@@ -211,6 +211,16 @@ def _scale_kwargs(size: float | None) -> dict:
 
 def _named_as_labels(path: Path) -> bool:
     return path.parent.name.lower() in LABEL_FOLDERS or file_stem(path).lower().endswith(LABEL_NAME_ENDINGS)
+
+
+def _label_layer_name(path: Path) -> str:
+    """A label file's layer name: its stem, and the folder that says what it is where the stem does
+    not ('train_1_005 labels', 'train_1_005 instances'): a dataset's image, class map and nuclei
+    share one stem, and napari had named them 'train_1_005', 'train_1_005 [1]', 'train_1_005 [2]'."""
+    stem, folder = file_stem(path), path.parent.name
+    if folder.lower() in LABEL_FOLDERS and not stem.lower().endswith(LABEL_NAME_ENDINGS):
+        return f"{stem} {folder}"
+    return stem
 
 
 def _is_instance_path(path: Path) -> bool:
@@ -232,11 +242,11 @@ def _label_map_or_pixels(path: Path) -> tuple[np.ndarray | None, np.ndarray | No
 
 
 def _labels_layer(path: Path, labels: np.ndarray) -> tuple:
-    name, top = file_stem(path), int(labels.max(initial=0))
+    name, top = _label_layer_name(path), int(labels.max(initial=0))
     extra = _scale_kwargs(file_pixel_size_um(path))  # on its image, where both record their pixel size
     record = read_label_record(path)
     if record is not None:  # saved by this plugin's writer: what the layer was, where it was
-        kwargs = _recorded_labels_kwargs(name, record, extra)
+        kwargs = _recorded_labels_kwargs(file_stem(path), record, extra)
         return (labels if record.get("classes") and record.get("kind") != "instances" else _paintable(labels),
                 kwargs, "labels")
     # ids beyond any class map's (a '_labels' file that holds nuclei): an instance map, else a
