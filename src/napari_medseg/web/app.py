@@ -162,7 +162,8 @@ def _run(store: ModelStore):
         cancel = _cancel_event(request, fresh=True)
         try:
             done = segment_uploads(store, model_name, _upload_paths(files_in), thr or None, flips, px or None,
-                                   lambda label: lambda d, t: progress((d, t), desc=label, unit="steps"),
+                                   lambda label: lambda d, t: progress(d / t if t else 0, desc=label),  # a share: a
+                                   # slide's units are thousandths of blocks ('1.4k/9.0k steps' read as nothing)
                                    region.strip() or None, given.overrides(), should_cancel=cancel.is_set)
         except Cancelled:
             return (gr.skip(),) * 6 + ("Cancelled: nothing new; the results shown are the earlier ones.",) + \
