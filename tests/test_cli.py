@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -495,3 +496,19 @@ def test_an_epoch_line_of_nucleus_only_sets_leaves_out_the_class_figures_they_ha
     assert "nan" not in line and "val_nucleus_dice 0.8100" in line and "val_bPQ 0.5200" in line
     classed = _epoch_line("", EpochDone(2, 5, 0.3, 0.4, {**binary, "miou": 0.4, "mean_dice": 0.5}, False, 12.0))
     assert "val_mIoU 0.4000" in classed and "val_mean_class_dice 0.5000" in classed
+
+
+def test_a_folder_of_images_and_slides_says_the_slides_are_not_segmented_with_the_images(tmp_path, capsys):
+    from napari_medseg.cli import _collect_inputs
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    patch = next((Path(__file__).resolve().parents[2] / "shared/data/consep_train/images").glob("*.png"))
+    shutil.copy(patch, folder / patch.name)
+    (folder / "a.svs").write_bytes(b"")  # named, never opened
+    assert _collect_inputs([str(folder)]) == [folder / patch.name]
+    err = capsys.readouterr().err
+    assert "also holds 1 whole slide(s) (a.svs), not segmented" in err and "--whole-slide" in err
+    (folder / "a.svs").unlink()
+    _collect_inputs([str(folder)])
+    assert capsys.readouterr().err == ""

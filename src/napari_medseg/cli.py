@@ -48,11 +48,16 @@ def _collect_inputs(inputs: list[str]) -> list[Path]:
         if is_dataset_folder(path):
             path = path / "images"
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                from .io.slides import SLIDE_SUFFIXES
+            from .io.slides import SLIDE_SUFFIXES
 
-                slides = sorted(p.name for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            slides = sorted(p.name for p in path.iterdir()
+                            if p.suffix.lower() in SLIDE_SUFFIXES and p.suffix.lower() not in IMAGE_SUFFIXES)
+            if found and slides:  # they had been left out without a word
+                print(f"medseg: {path} also holds {len(slides)} whole slide(s) ({', '.join(slides[:3])}"
+                      f"{' ...' if len(slides) > 3 else ''}), not segmented with its images: give each slide file "
+                      "with --region X,Y,W,H or --whole-slide.", file=sys.stderr)
+            if not found:
                 hint = (f" It holds whole slides ({', '.join(slides[:3])}{' ...' if len(slides) > 3 else ''}): "
                         "give each file with --region X,Y,W,H or --whole-slide." if slides else "")
                 raise MedsegError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}.{hint}")
