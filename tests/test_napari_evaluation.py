@@ -160,13 +160,16 @@ def test_nuclei_layers_save_as_geojson_with_each_nucleus_class(sample_viewer, tm
     widget.image_layer.value, widget.device.value = image, "cpu"
     seg = widget.run(threaded=False)
     nuclei = widget.last_instances_layer
+    assert np.unique(nuclei.data)[-1] == len(np.unique(nuclei.data)) - 1  # the watershed numbers them 1..N
+    erased = nuclei.data == 5
+    nuclei.data = np.where(erased, 0, nuclei.data)  # a nucleus erased by hand: the ids are 1..N no more
     votes = instance_classes(nuclei.data, seg.data)
     path = tmp_path / "pred_nuclei.geojson"
     viewer.layers.selection = {nuclei}
     viewer.layers.save(str(path), selected=True, plugin="napari-medseg")
     features = json.loads(path.read_text())["features"]
     ids = np.unique(nuclei.data)[1:]
-    assert ids[-1] > len(ids) > 30  # the watershed's ids are not 1..N: labels must be the layer's own
+    assert ids[-1] > len(ids) > 30 and 5 not in ids  # labels must be the layer's own, not renumbered
     assert sorted(f["properties"]["label"] for f in features) == ids.tolist()
     for f in features:
         assert f["properties"]["classification"]["name"] == CLASSES[votes[f["properties"]["label"]]]
