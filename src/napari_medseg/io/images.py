@@ -167,6 +167,7 @@ def _read_raw(path: Path, palette_indices: bool = False) -> tuple[np.ndarray, st
                 # resolution for pyramidal files
                 series = tif.series[main_series_index(tif)]
                 check_tiff_data(series, path)
+                check_gray_samples(series.keyframe, series.axes, f"'{path.name}'")  # before decoding it all
                 pixels, axes, look = np.asarray(series.asarray()), series.axes, InkLook.of(series.keyframe)
                 if gray_with_alpha(series.keyframe, axes):  # as a gray + alpha PNG reads: its gray
                     pixels, axes = pixels[..., 0], axes[:-1]
@@ -218,6 +219,20 @@ def gray_with_alpha(page, axes: str) -> bool:
     return (axes.endswith("S") and page.samplesperpixel == 2 and len(extras) == 1
             and page.photometric in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE)
             and extras[0] in (tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA))
+
+
+def check_gray_samples(page, axes: str, name: str) -> None:
+    """Refuse a TIFF page of gray samples (MinIsBlack / MinIsWhite) with more than three per
+    pixel: separate channels stored side by side (fluorescence: DAPI, FITC, TRITC, Cy5), which
+    the layout rules would take for RGBA (every pixel whitened by its 4th stain as alpha: 0
+    nuclei, no word). Three are read as RGB, as three separate channels (a C axis) are."""
+    import tifffile
+
+    gray = page.photometric in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE)
+    if axes.endswith("S") and gray and page.samplesperpixel > 3:
+        raise ImageReadError(
+            f"{name}: {page.samplesperpixel} gray channels per pixel (e.g. fluorescence stains), not RGB(A): "
+            "save the nuclear channel (e.g. DAPI) as a gray image, or three channels as an RGB image.")
 
 
 def _png_bit_depth(path: Path) -> int | None:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import (ImageReadError, InkLook, check_tiff_data, gray_with_alpha, image_suffix, plane_layout,
-                     tifffile_quiet)
+from .images import (ImageReadError, InkLook, check_gray_samples, check_tiff_data, gray_with_alpha, image_suffix,
+                     plane_layout, tifffile_quiet)
 
 LAZY_MIN_PIXELS = 50_000_000  # above ~7000²: an eager read would take GBs and seconds
 BAND_BYTES = 32 * 2**20  # rows per dask chunk of an uncompressed or decoded-once level
@@ -108,6 +108,7 @@ def _ink_look(path: Path) -> tuple[InkLook, bool]:
 
     with tifffile_quiet(), tifffile.TiffFile(path) as tif:
         series = tif.series[main_series_index(tif)]
+        check_gray_samples(series.keyframe, series.axes, f"'{path.name}'")
         return InkLook.of(series.keyframe), gray_with_alpha(series.keyframe, series.axes)
 
 
