@@ -199,3 +199,24 @@ def test_a_layer_in_nanometres_is_segmented_at_its_pixel_size(make_napari_viewer
     widget.image_layer.value = huge
     assert widget.run(threaded=False) is None and len(viewer.layers) == before
     assert "'no unit' says its pixels are 100 µm wide (its scale 100, no unit)" in widget.status.value
+
+
+def test_how_the_runtime_was_chosen_is_said_once_per_loaded_model(make_napari_viewer, tiny_checkpoint, consep):
+    """'openvino bf16 kept float32: argmax agreement 99.64% < 99.9%' stood under every run's
+    counts, as if each image had failed a check: it is said with the first run of a loaded model."""
+    viewer = make_napari_viewer()
+    viewer.add_image(read_image(consep / "images" / "train_2_000.png"), name="patch")
+    widget = _widget(viewer, tiny_checkpoint)
+    widget.backend.value = "torch"
+    widget.run(threaded=False)
+    segmenter = widget._segmenter_cache[1]
+    note = "runtime X kept float32: argmax agreement 99.64% < 99.9%"
+    segmenter.backend.notes.append(note)  # what a runtime's check leaves, on a model loaded anew
+    widget._runtime_noted = None
+    widget.run(threaded=False)
+    assert f"Note: {note}" in widget.status.value
+    widget.run(threaded=False)  # the same model again: its counts without the runtime's story
+    assert note not in widget.status.value and "run by PyTorch" in widget.status.value
+    widget.threshold.value = 0.6
+    widget.rethreshold(threaded=False)
+    assert note not in widget.status.value and "Done:" in widget.status.value

@@ -75,6 +75,7 @@ class SegmentWidget(ScrollingDock):
         self._worker = self._rethreshold_worker = self._timer = None
         self._edited = False  # the last result's layers were painted by the user
         self._segmenter_cache: tuple[tuple, Segmenter] | None = None
+        self._runtime_noted = None  # the loaded model whose runtime notes the status has said
         self._cancel_requested = threading.Event()
         self._progress_shown = 0.0  # when the bar last moved (time.monotonic)
         # slide runs go to a child process that keeps the model loaded between runs
@@ -393,8 +394,12 @@ class SegmentWidget(ScrollingDock):
             # thread, which then only adds them
             class_kwargs, instance_kwargs = _result_layer_kwargs(name, segmenter, labels, instances, where,
                                                                  None if region is None else (region.y, region.x))
+            # how the runtime was chosen ('openvino bf16 kept float32: ...') is said once per loaded
+            # model, not under every run's counts, where it read as if this image had failed a check
+            said_before = self._runtime_noted is segmenter
+            self._runtime_noted = segmenter
             summary = result_summary(labels, instances, segmenter.foreground_threshold, segmenter.classes,
-                                     nuclei, segmenter.last_report)
+                                     nuclei, segmenter.last_report, segmenter.backend.notes if said_before else ())
             if said:  # below the counts, as the other notes are
                 summary = with_notes(summary, [said])
             layers = _labels_layers(*(_on_grid(a, where) for a in (labels, class_kwargs, instances, instance_kwargs)))
@@ -569,6 +574,7 @@ class SegmentWidget(ScrollingDock):
         target = (self.kept, self.last_layer, self.last_instances_layer)
         thresholds, nuclei = self.thresholds(), self.last_instances_layer is not None
         mask, classes, colors, report = self._mask, self._classes, self._colors, self._report
+        runtime_notes = self._runtime_noted.backend.notes if self._runtime_noted is not None else ()
         note = self._run_note
         name = self.last_instances_layer.name if nuclei else ""
         nuclei_asked = self.nuclei.value
@@ -576,7 +582,8 @@ class SegmentWidget(ScrollingDock):
         def prepared(labels, instances):  # in the worker: the GUI thread only swaps the arrays in
             labels, instances = _masked(labels, mask), _masked(instances, mask)
             kwargs = None if instances is None else _nuclei_kwargs(name, classes, colors, labels, instances)
-            summary = result_summary(labels, instances, thresholds.nucleus, classes, nuclei_asked, report)
+            summary = result_summary(labels, instances, thresholds.nucleus, classes, nuclei_asked, report,
+                                     runtime_notes)
             return labels, instances, kwargs, with_notes(summary, [note] if note else [])
 
         if not threaded:
@@ -697,9 +704,10 @@ RUNTIME_NAMES = {"torch": "PyTorch", "openvino": "OpenVINO", "onnxruntime": "ONN
 
 
 def result_summary(labels: np.ndarray, instances: np.ndarray | None, threshold: float | None,
-                   classes: list[str], nuclei_asked: bool, report) -> str:
+                   classes: list[str], nuclei_asked: bool, report, said: tuple | list = ()) -> str:
     """What a run found: the nuclei, each class's share of the image, the threshold used (made
-    in the worker: counting nuclei takes tens of ms on a 1000² image)."""
+    in the worker: counting nuclei takes tens of ms on a 1000² image); the report's notes but
+    those ``said`` already."""
     counts = np.bincount(labels.ravel(), minlength=len(classes))
     covered = ", ".join(f"{c} {100 * n / labels.size:.1f}%" for c, n in zip(classes[1:], counts[1:]))
     parts = [f"{nucleus_count(instances)} nuclei"] if instances is not None else []
@@ -711,7 +719,7 @@ def result_summary(labels: np.ndarray, instances: np.ndarray | None, threshold: 
     if report.skipped_background:
         parts.append(f"{report.skipped_background}/{report.tiles} glass tiles skipped")
     parts.append(f"run by {RUNTIME_NAMES.get(report.backend, report.backend)} ({report.precision})")
-    return with_notes("Done: " + "; ".join(parts), report.notes)
+    return with_notes("Done: " + "; ".join(parts), [note for note in report.notes if note not in said])
 
 
 def with_notes(summary: str, notes: list[str]) -> str:
