@@ -139,7 +139,7 @@ class MetricsWidget(ScrollingDock):
         adds its class map first, its nuclei a turn later)."""
         self.reset_choices()
         chosen = self.pred_instances.value
-        if chosen is self._picked and (chosen is not None or self._picked is None):
+        if chosen is self._picked:
             self._pick_instances()  # a layer the user chose stays, 'derive' too
 
     def _pick_instances(self, *_):
