@@ -382,3 +382,85 @@ def test_an_annotation_without_instances_keeps_its_small_nuclei_as_targets(sampl
     assert (derived == painted[0, 0]).sum() == 20  # and on its own
     annotated = len(np.unique(s.instances)) - 1
     assert len(np.unique(derived)) - 1 >= 0.8 * annotated  # the annotated nuclei are there too
+
+
+def _slow_touching_pixels(instances: np.ndarray, radius: int) -> np.ndarray:
+    """Slow and obvious: a nucleus pixel touches when its (2r+1)² window holds another nucleus."""
+    h, w = instances.shape
+    out = np.zeros(instances.shape, bool)
+    for y, x in zip(*np.nonzero(instances)):
+        window = instances[max(0, y - radius):y + radius + 1, max(0, x - radius):x + radius + 1]
+        out[y, x] = bool(((window > 0) & (window != instances[y, x])).any())
+    return out
+
+
+def test_touching_pixels_match_a_slow_reference_on_real_nuclei(samples):
+    from napari_medseg.nuclei.distance import TOUCH_RADIUS_PX, touching_pixels
+
+    total = touching = 0
+    for s in samples[:3]:
+        fast = touching_pixels(s.instances)
+        np.testing.assert_array_equal(fast, _slow_touching_pixels(s.instances, TOUCH_RADIUS_PX))
+        total, touching = total + int((s.instances > 0).sum()), touching + int(fast.sum())
+    assert 0.02 < touching / total < 0.5  # CoNSeP's nuclei crowd: some, not most, pixels are necks
+    two = np.zeros((12, 20), np.uint16)
+    two[2:10, 2:10], two[2:10, 10:18] = 1, 2  # two squares sharing an edge, and a lone one
+    lone = np.zeros((12, 12), bool)
+    lone[2:10, 2:10] = True
+    t = touching_pixels(two, radius=1)
+    assert t[2:10, 9:11].all() and not t[2:10, 2:9].any() and not t[2:10, 11:18].any()
+    assert not touching_pixels(lone).any()  # one nucleus touches nothing (a bool mask is one id)
+
+
+def test_touch_weights_weigh_the_distance_loss_where_nuclei_touch():
+    from napari_medseg.training.losses import IGNORE_INDEX, WithDistanceHead, build_loss
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 6, 16, 16), torch.randint(0, 5, (2, 16, 16))
+    labels[:, :3] = IGNORE_INDEX
+    distance, weight = torch.rand(2, 16, 16), torch.ones(2, 16, 16)
+    weight[:, 8:10] = 5.0
+    ce = build_loss("ce", num_classes=5)
+    loss = WithDistanceHead(ce, 5, weight=0.5)(logits, labels, distance, weight)
+    keep = labels != IGNORE_INDEX
+    z, t, w = logits[:, 5][keep], distance[keep], weight[keep]
+    bce = -(w * (t * torch.log(torch.sigmoid(z)) + (1 - t) * torch.log(1 - torch.sigmoid(z)))).mean()
+    assert torch.allclose(loss, ce(logits[:, :5], labels) + 0.5 * bce, atol=1e-5)
+    plain = WithDistanceHead(ce, 5, weight=0.5)(logits, labels, distance, torch.ones(2, 16, 16))
+    assert torch.allclose(plain, WithDistanceHead(ce, 5, weight=0.5)(logits, labels, distance), atol=1e-6)
+
+
+def test_patch_dataset_moves_touch_weights_with_the_distance(samples):
+    from napari_medseg.io.images import to_rgb_float
+    from napari_medseg.nuclei.distance import touching_pixels
+    from napari_medseg.training.config import AugmentConfig
+    from napari_medseg.training.data import LabelledImage, PatchDataset
+
+    items = [LabelledImage(s.stem, s.stem, to_rgb_float(s.image, 3), s.labels, s.instances) for s in samples[:3]]
+    torch.manual_seed(0)
+    ds = PatchDataset(items, 96, 4, AugmentConfig(scale=(0.8, 1.25)), distance_targets=True, touch_weight=4.0)
+    heavy = 0
+    for i in range(len(ds)):
+        image, labels, distance, weight = ds[i]
+        ignored = labels == -100
+        assert set(torch.unique(weight[~ignored]).tolist()) <= {1.0, 4.0} and (weight[ignored] == -100).all()
+        assert (weight[labels == 0] == 1).all()  # only nucleus pixels weigh more
+        heavy += int((weight == 4).sum())
+    assert heavy > 100
+    val = PatchDataset(items[:1], None, distance_targets=True, multiple_of=32, touch_weight=4.0)
+    _, _, _, weight = val[0]
+    np.testing.assert_array_equal(weight.numpy() == 4.0, touching_pixels(samples[0].instances))
+    assert len(PatchDataset(items[:1], None, distance_targets=True, multiple_of=32)[0]) == 3  # off: no weights
+
+
+@pytest.mark.parametrize("value, head, message", [
+    (0, True, "above 0"), ("5", True, "distance_touch_weight must be a number"), (True, True, "distance_touch_weight must be a number"),
+    (5.0, False, "model.distance_head is false"),
+])
+def test_a_touch_weight_that_cannot_work_is_refused(value, head, message):
+    from napari_medseg.training.config import TrainConfig, TrainConfigError
+
+    cfg = TrainConfig()
+    cfg.model.distance_head, cfg.distance_touch_weight = head, value
+    with pytest.raises(TrainConfigError, match=message):
+        cfg.check()

@@ -77,7 +77,7 @@ class RandomStainJitter(v2.Transform):
 
 
 def build_augmentation(cfg, crop_size: int):
-    """A callable ``(image float CxHxW, labels int64 HxW[, distance float HxW]) -> same``; ``cfg=None`` crops only."""
+    """A callable ``(image float CxHxW, labels int64 HxW, *maps float HxW) -> same``; ``cfg=None`` crops only."""
     steps = []
     if cfg is not None and cfg.scale is not None:
         smin = min(cfg.scale)
@@ -100,14 +100,13 @@ def build_augmentation(cfg, crop_size: int):
             steps.append(v2.RandomAdjustSharpness(sharpness_factor=2.0, p=cfg.sharpness))
     pipeline = v2.Compose(steps)
 
-    def apply(image: torch.Tensor, labels: torch.Tensor, distance: torch.Tensor | None = None):
-        """``distance`` (float ``HxW``, optional) moves with the labels (nearest-neighbour where
-        scaled); it is returned third, its pixels from outside the image set to -100 like the labels."""
-        if distance is None:
-            image, mask = pipeline(tv_tensors.Image(image), tv_tensors.Mask(labels))
-            return image.as_subclass(torch.Tensor).clamp_(0, 1), mask.as_subclass(torch.Tensor).long()
-        image, mask, dist = pipeline(tv_tensors.Image(image), tv_tensors.Mask(labels), tv_tensors.Mask(distance))
+    def apply(image: torch.Tensor, labels: torch.Tensor, *maps: torch.Tensor):
+        """``maps`` (float ``HxW`` each, optional: the distance target, its loss weights) move with
+        the labels (nearest-neighbour where scaled); they are returned after the labels, their
+        pixels from outside the image set to -100 like the labels'."""
+        image, mask, *moved = pipeline(tv_tensors.Image(image), tv_tensors.Mask(labels),
+                                       *(tv_tensors.Mask(m) for m in maps))
         return (image.as_subclass(torch.Tensor).clamp_(0, 1), mask.as_subclass(torch.Tensor).long(),
-                dist.as_subclass(torch.Tensor).float())
+                *(m.as_subclass(torch.Tensor).float() for m in moved))
 
     return apply

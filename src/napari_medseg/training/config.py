@@ -137,6 +137,10 @@ class TrainConfig:
     # weight of the squared error of the distance map's gradients over nuclei (HoVer-Net's MSGE;
     # training.losses.distance_gradient_error): sharpens the dip between touching nuclei; 0 = off
     distance_gradient_weight: float = 0.0
+    # weight of the distance loss on the pixels where two annotated nuclei touch (within
+    # nuclei.distance.TOUCH_RADIUS_PX of each other; a fifth of CoNSeP's nucleus pixels): the
+    # neck that must stay below the seed threshold, or two nuclei are cut as one; 1 = off
+    distance_touch_weight: float = 1.0
     normalization: str | dict = "imagenet"  # imagenet | none | {mean: [...], std: [...]}; written to the checkpoint
     optimizer: str = "adamw"
     lr: float = 1e-3
@@ -291,6 +295,12 @@ class TrainConfig:
             bad(f"lr must be positive, got {self.lr}.")
         if not (isinstance(self.distance_loss_weight, (int, float)) and self.distance_loss_weight >= 0):
             bad(f"distance_loss_weight must be a number of at least 0, got {self.distance_loss_weight!r}.")
+        if not (isinstance(self.distance_touch_weight, (int, float)) and not isinstance(self.distance_touch_weight, bool)
+                and self.distance_touch_weight > 0):
+            bad(f"distance_touch_weight must be a number above 0 (1 = off), got {self.distance_touch_weight!r}.")
+        elif self.distance_touch_weight != 1 and not self.model.distance_head:
+            bad(f"distance_touch_weight {self.distance_touch_weight} weighs the distance head's loss, but "
+                "model.distance_head is false: set it true, or leave distance_touch_weight at 1.")
         if not (isinstance(self.distance_gradient_weight, (int, float)) and self.distance_gradient_weight >= 0):
             bad(f"distance_gradient_weight must be a number of at least 0, got {self.distance_gradient_weight!r}.")
         for name, value in (("data.samples_per_epoch", self.data.samples_per_epoch),

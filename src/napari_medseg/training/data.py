@@ -195,14 +195,19 @@ class PatchDataset(Dataset):
     normalised with ``mean``/``std`` after augmentation, exactly as inference does.
     ``distance_targets``: samples are ``(image, labels, distance)``, the distance being the
     nucleus distance map of the item's instances (derived from its labels by the watershed
-    where it has none, e.g. classes painted in the viewer), made once here.
+    where it has none, e.g. classes painted in the viewer), made once here. ``touch_weight``
+    other than 1 (with ``distance_targets``): a fourth, ``(image, labels, distance, weight)``,
+    the weight of each pixel in the distance loss: ``touch_weight`` where two nuclei meet
+    (``touch_weights``), 1 elsewhere.
     """
 
     def __init__(self, items: list[LabelledImage], crop_size: int | None, crops_per_image: int = 1,
                  augment=None, multiple_of: int = 32, index: list[int] | None = None,
-                 mean=(0.0,), std=(1.0,), distance_targets: bool = False):
+                 mean=(0.0,), std=(1.0,), distance_targets: bool = False, touch_weight: float = 1.0):
         self.items = items
         self.distances = [distance_target(it) for it in items] if distance_targets else None
+        self.distance_weights = [touch_weights(it, touch_weight) for it in items] \
+            if distance_targets and touch_weight != 1 else None
         self.crop_size = crop_size
         base = index if index is not None else list(range(len(items)))
         if crop_size:
@@ -226,6 +231,8 @@ class PatchDataset(Dataset):
         image = torch.from_numpy(item.image).permute(2, 0, 1)
         labels = torch.from_numpy(item.labels.astype(np.int64))
         targets = [labels] if self.distances is None else [labels, torch.from_numpy(self.distances[item_index])]
+        if self.distance_weights is not None:
+            targets.append(torch.from_numpy(self.distance_weights[item_index]))
         if self.transform is not None:
             # Small tensors: one thread is several times faster than a thread pool (and does not
             # fight the training step for cores); restored at once.
@@ -290,3 +297,13 @@ def distance_target(item: LabelledImage) -> np.ndarray:
     target = nucleus_distance_map(instances)
     target[untrusted_nuclei(instances, item.distance_trust)] = DISTANCE_IGNORE
     return target
+
+
+def touch_weights(item: LabelledImage, weight: float) -> np.ndarray:
+    """float32 ``(H, W)``: ``weight`` on the pixels where the item's nuclei touch one another
+    (``nuclei.distance.touching_pixels``), 1 elsewhere: the distance loss's per-pixel weight."""
+    from ..nuclei.distance import touching_pixels
+
+    out = np.ones(item.labels.shape, np.float32)
+    out[touching_pixels(item_instances(item))] = weight
+    return out

@@ -199,22 +199,25 @@ class MixedLabels(nn.Module):
 class WithDistanceHead(nn.Module):
     """``class_loss`` on the first ``num_classes`` channels plus ``weight`` x BCE of the last
     channel against the distance target, over the pixels whose label is not ignored and whose
-    target is trusted (``data.DISTANCE_IGNORE``, below 0, is not), plus ``gradient_weight`` x
-    ``distance_gradient_error`` of its sigmoid."""
+    target is trusted (``data.DISTANCE_IGNORE``, below 0, is not), each pixel weighing its
+    ``distance_weight`` where one is given (``data.touch_weights``: more where nuclei touch),
+    plus ``gradient_weight`` x ``distance_gradient_error`` of its sigmoid."""
 
     def __init__(self, class_loss: nn.Module, num_classes: int, weight: float = 1.0, gradient_weight: float = 0.0):
         super().__init__()
         self.class_loss, self.num_classes, self.weight = class_loss, num_classes, float(weight)
         self.gradient_weight = float(gradient_weight)
 
-    def forward(self, logits, target, distance=None):
+    def forward(self, logits, target, distance=None, distance_weight=None):
         if distance is None:
             raise ValueError("A model with a distance head needs distance targets (instance maps) to train.")
         loss = self.class_loss(logits[:, :self.num_classes], target)
         keep = _valid(target) & (distance >= 0)
         if self.weight and keep.any():
             z = logits[:, self.num_classes]
-            loss = loss + self.weight * F.binary_cross_entropy_with_logits(z[keep], distance[keep].to(z.dtype))
+            pixel_weight = None if distance_weight is None else distance_weight[keep].to(z.dtype)
+            loss = loss + self.weight * F.binary_cross_entropy_with_logits(z[keep], distance[keep].to(z.dtype),
+                                                                           weight=pixel_weight)
         if self.gradient_weight and keep.any():
             error = distance_gradient_error(torch.sigmoid(logits[:, self.num_classes].float()), distance.float(), keep)
             loss = loss + self.gradient_weight * error

@@ -189,7 +189,8 @@ def build_loaders(cfg: TrainConfig, data: TrainingData, ctx: DistContext, device
     """Random augmented crops for training (sharded over ranks), whole padded images for validation."""
     generator = torch.Generator().manual_seed(cfg.seed)
     train_ds = PatchDataset(data.train_items, cfg.data.crop_size, cfg.data.crops_per_image, cfg.augment,
-                            index=data.index, mean=mean, std=std, distance_targets=cfg.model.distance_head)
+                            index=data.index, mean=mean, std=std, distance_targets=cfg.model.distance_head,
+                            touch_weight=cfg.distance_touch_weight)
     sampler = AugmentationSeeds(_train_sampler(cfg, data, train_ds, ctx), cfg.seed, ctx.rank)
     per_rank = len(sampler)
     pin = device.type == "cuda"
@@ -232,7 +233,7 @@ def _validation_sets(cfg: TrainConfig, data: TrainingData, ctx: DistContext, mea
             largest = max(it.labels.size for it in members)
             cap = max(1, min(cfg.batch_size, cfg.batch_size * 256 * 256 // largest)) if name else cfg.batch_size
             ds = PatchDataset(shard, None, multiple_of=stride, mean=mean, std=std,
-                              distance_targets=cfg.model.distance_head)
+                              distance_targets=cfg.model.distance_head, touch_weight=cfg.distance_touch_weight)
             loader = DataLoader(ds, batch_sampler=same_size_batches(shard, stride, cap),
                                 num_workers=cfg.data.num_workers, pin_memory=pin)
         sets.append(ValidationSet(name, members[0].binary, loader, [item_instances(it) for it in shard]))
