@@ -35,6 +35,7 @@ def test_train_predict_evaluate_round_trip(small_consep, tmp_path, capsys):
     assert main(["evaluate", str(pred), str(small_consep), "--json", str(report_path)]) == 0
     printed = capsys.readouterr().out
     assert "epithelial" in printed and "mIoU" in printed
+    assert "background left out" in printed  # the table has a background row; the means do not
     report = json.loads(report_path.read_text())
     assert set(report["overall"]) >= {"nucleus_dice", "miou", "pixel_accuracy"}
     assert set(report["per_class"]) == {"background", "other", "inflammatory", "epithelial", "spindle"}

@@ -407,6 +407,8 @@ def cmd_evaluate(args) -> int:
     print(f"nucleus Dice {_fmt(o['nucleus_dice'])}  mIoU {_fmt(o['miou'])}  pixel accuracy {_fmt(o['pixel_accuracy'])}  "
           f"bPQ {_fmt(o['bpq'])}  mPQ {_fmt(o['mpq'])}  mPQ+ {_fmt(o['mpq_plus'])}  F1 {_fmt(o['f1'])}  "
           f"AJI {_fmt(o['aji'])}  ({report['images']} images; aggregations in the JSON)")
+    # the table lists background too: say which rows the means are over
+    print("mIoU and mPQ: means over the nucleus classes (background left out); F1: detection at IoU > 0.5, all nuclei")
     if args.json:
         from .io.images import atomic_write
 
