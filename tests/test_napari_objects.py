@@ -131,8 +131,9 @@ def test_objects_never_measures_one_class_map_with_anothers_nuclei(make_napari_v
     assert obj.instance_layer.value is viewer.layers["CoNSeP H&E nuclei"]
     obj.measure(threaded=False)
     predicted = obj.summary.value
+    assert obj.image_layer.value is viewer.layers["CoNSeP H&E"]  # its intensities: the image it was made of
     obj.class_layer.value = viewer.layers["CoNSeP ground truth"]
-    assert obj.instance_layer.value is None  # derived from the ground truth itself
+    assert obj.instance_layer.value is viewer.layers["CoNSeP instances"]  # the annotated nuclei, not the model's
     obj.measure(threaded=False)
     assert obj.summary.value != predicted and "background" not in obj.summary.value
     viewer.layers.remove("CoNSeP H&E segmentation")  # the box moves on; the export is of what was measured
@@ -242,3 +243,33 @@ def test_measuring_derived_nuclei_again_updates_their_layer(objects, qtbot):
     widget.class_layer.value = other
     measure()
     assert len(viewer.layers) == before + 2 and viewer.layers[-1].name == "mask instances"
+
+
+def test_a_files_labels_are_measured_with_its_instances_and_image(make_napari_viewer, tmp_path):
+    """A dataset's image, labels and instances dragged in: Objects picks '<stem> instances' and the
+    image '<stem>' for '<stem> labels' (it had derived nuclei by a watershed and measured no
+    intensities); a choice the user makes stays."""
+    from napari_medseg.io.images import write_label_map
+    from skimage.io import imsave
+
+    image, truth, instances = (data for data, _kwargs, _kind in consep_sample())
+    for folder in ("images", "labels", "instances"):
+        (tmp_path / folder).mkdir()
+    imsave(tmp_path / "images" / "x.png", image, check_contrast=False)
+    write_label_map(tmp_path / "labels" / "x.tif", truth)
+    write_label_map(tmp_path / "instances" / "x.tif", instances)
+    viewer = make_napari_viewer()
+    for folder, ending in (("images", ".png"), ("labels", ".tif"), ("instances", ".tif")):
+        viewer.open(str(tmp_path / folder / f"x{ending}"), plugin=PLUGIN)
+    viewer.add_image(image[:100], name="another image")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Objects")
+    widget.class_layer.value = viewer.layers["x labels"]
+    assert widget.instance_layer.value is viewer.layers["x instances"]
+    assert widget.image_layer.value is viewer.layers["x"]
+    table = widget.measure()
+    assert len(table["label"]) == len(np.unique(instances)) - 1
+    assert "mean_intensity_r" in widget.table.value["columns"]
+    widget.image_layer.value = None  # the user's choice: no intensities
+    viewer.add_image(image, name="x copy")
+
+    assert widget.image_layer.value is None

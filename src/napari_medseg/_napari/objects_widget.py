@@ -43,6 +43,25 @@ def _cell(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
+# a class map's own nuclei, by the names this plugin gives them (Segment, the reader, the samples)
+NUCLEI_OF = ((" segmentation", " nuclei"), (" labels", " instances"), (" ground truth", " instances"))
+
+
+def _twin_name(name: str) -> str | None:
+    """The name of the nuclei layer made with the class map ``name``, if the plugin named both."""
+    for ending, nuclei in NUCLEI_OF:
+        if name.endswith(ending):
+            return name[: -len(ending)] + nuclei
+    return None
+
+
+def _spatial_shape(layer) -> tuple | None:
+    """An image layer's (H, W); None for a pyramid (a slide: measured through a region's result)."""
+    if getattr(layer, "multiscale", False):
+        return None
+    return tuple(layer.data.shape[:-1] if getattr(layer, "rgb", False) else layer.data.shape)
+
+
 def _matching(layer, class_layer, what: str) -> np.ndarray:
     """``layer``'s pixels under the class map ``class_layer``, pixel for pixel: all of them, or for
     a region's result (Segment's drawn shape, field of view) those of the region, where the map
@@ -94,12 +113,15 @@ class ObjectsWidget(ScrollingDock):
         self.measure_button.changed.connect(lambda: self.measure(threaded=True))
         self.export_csv_button.changed.connect(lambda: self.export_csv())
         self.export_geojson_button.changed.connect(lambda: self.export_geojson())
-        self._picked = None  # the nuclei layer ``_pick_instances`` chose (not the user)
+        # what the widget itself last put in these boxes: a box showing something else, the user chose
+        # (magicgui says nothing when a box is set to None, 'derive' / 'none': so compared, not signalled)
+        self._auto = {"instance_layer": None, "image_layer": None}
+        self._class_map_shown = None
         self._derived: dict = {}  # class-map layer -> the layer of nuclei derived from it (this widget's)
-        self.class_layer.changed.connect(self._pick_instances)
+        self.class_layer.changed.connect(self._on_class_map)
         self._viewer.layers.events.inserted.connect(self._on_inserted)
-        self._viewer.layers.events.removed.connect(self.reset_choices)
-        self.reset_choices()
+        self._viewer.layers.events.removed.connect(self._refill)
+        self._refill()
         self._pick_newest_class_map()
         self._pick_instances()
 
@@ -113,13 +135,33 @@ class ObjectsWidget(ScrollingDock):
         active = self._viewer.layers.selection.active
         self.class_layer.value = active if any(active is c for c in choices) else choices[-1]
 
+    def _refill(self, *_) -> None:
+        """The boxes' choices again (a layer went): a box moved off a removed layer was not the user's choice."""
+        chosen = {box: self._user_chose(box) for box in self._auto}
+        self.reset_choices()
+        for box, by_user in chosen.items():
+            if not by_user:
+                self._auto[box] = getattr(self, box).value
+
+    def _user_chose(self, box: str) -> bool:
+        return getattr(self, box).value is not self._auto[box]
+
+    def _on_class_map(self, *_) -> None:
+        """Another class map: its own nuclei and image, whatever was chosen for the one before (the
+        box refilled as a layer comes or goes says its value again: not another map)."""
+        if self.class_layer.value is not self._class_map_shown:
+            self._class_map_shown = self.class_layer.value
+            self._pick_instances(keep_choices=False)
+        else:
+            self._pick_instances()
+
     def _on_inserted(self, *_):
         """A new layer among the choices; the class map's own nuclei where they are it. Segment adds
         its class map first and its nuclei a turn later: the class map, chosen as it came, had been
-        measured with nuclei derived by a watershed (another count than Segment's)."""
-        self.reset_choices()
-        if self.instance_layer.value is None or self.instance_layer.value is self._picked:
-            self._pick_instances()  # a layer the user chose stays
+        measured with nuclei derived by a watershed (another count than Segment's). What the user
+        chose stays (also 'derive from class map')."""
+        self._refill()
+        self._pick_instances()
 
     def _class_layers(self, _widget=None) -> list:
         return labels_layers(self._viewer, exclude=("instances", "errors"))
@@ -133,21 +175,38 @@ class ObjectsWidget(ScrollingDock):
     def _image_choices(self, _widget=None) -> list:
         return [("none", None)] + [(l.name, l) for l in image_layers(self._viewer)]
 
-    def _pick_instances(self, *_):
-        """The class map's own nuclei (Segment's '<image> nuclei' beside '<image> segmentation'), so
-        that Objects counts the nuclei Segment counted; derived by a watershed only without them."""
-        layer = self.class_layer.value
-        twin = layer.name.replace(" segmentation", " nuclei") if layer is not None and " segmentation" in layer.name \
-            else None  # only Segment's results have a twin (a class map is never its own nuclei)
+    def _pick_instances(self, keep_choices: bool = True):
+        """The class map's own nuclei (Segment's '<image> nuclei' beside '<image> segmentation', a
+        file's or sample's '<name> instances' beside its '<name> labels' / '<name> ground truth'),
+        so that Objects counts the nuclei Segment or the annotator counted; derived by a
+        watershed without them. Then its image (``_own_image``). With ``keep_choices``, a box the
+        user set stays."""
         self.instance_layer.reset_choices()  # a layer being inserted may not be among its choices yet
+        self.image_layer.reset_choices()
+        for box, own in (("instance_layer", self._own_nuclei), ("image_layer", self._own_image)):
+            if not (keep_choices and self._user_chose(box)):
+                getattr(self, box).value = self._auto[box] = own()
+
+    def _own_nuclei(self):
+        layer = self.class_layer.value
+        twin = _twin_name(layer.name) if layer is not None else None
         for _name, candidate in self._instance_choices():
             if twin and candidate is not None and candidate.name == twin and candidate.data.shape == layer.data.shape:
-                self.instance_layer.value = self._picked = candidate
-                return
-        if self._picked is not None and self.instance_layer.value is self._picked:
-            # the nuclei picked for another class map (another run's, the model's for the ground
-            # truth) would be measured with this one: derived instead; a layer the user chose stays
-            self.instance_layer.value = self._picked = None
+                return candidate
+        return None
+
+    def _own_image(self):
+        """The image the class map was made of, for the intensity columns: the image layer whose
+        name the class map's starts with ('<image> segmentation'), else the only one its size;
+        none where that is not clear."""
+        self.image_layer.reset_choices()
+        layer = self.class_layer.value
+        if layer is None:
+            return None
+        images = [candidate for _name, candidate in self._image_choices() if candidate is not None]
+        named = [im for im in images if layer.name.startswith(im.name + " ")]
+        sized = [im for im in images if _spatial_shape(im) == layer.data.shape]
+        return max(named, key=lambda im: len(im.name)) if named else sized[0] if len(sized) == 1 else None
 
     def _fail(self, error: BaseException | str) -> None:
         report_error(self.summary, error)
