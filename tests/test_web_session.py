@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import tempfile
@@ -68,6 +69,11 @@ def test_nucleus_only_instances_merge_the_classes(result, consep):
     merged = evaluate_maps((truth > 0).astype(np.uint8), (result.class_map > 0).astype(np.uint8),
                            ["background", "nucleus"])
     assert report["overall"]["nucleus_dice"] == pytest.approx(merged["overall"]["nucleus_dice"])
+    # the CSV, read on its own later, says what was compared and that the classes were merged
+    with open(comparison.metrics_csv, newline="", encoding="utf-8") as f:
+        rows = dict(csv.reader(f))
+    assert rows["image"] == result.name and rows["ground truth"] == f"{STEM}.tif" and "merged" in rows["note"]
+    assert float(rows["nucleus Dice"]) == pytest.approx(report["overall"]["nucleus_dice"], abs=1e-4)
 
 
 def test_ground_truth_kinds_are_told_apart(consep):

@@ -326,7 +326,8 @@ def compare_upload(result: ImageResult, gt_path: str | Path) -> Comparison:
     report = compare_to_ground_truth(result.class_map, result.classes, truth, pred_instances=result.instances)
     pred = (result.class_map > 0).astype(np.uint8) if report["classes_merged"] else result.class_map
     errors = error_map(truth.class_map, pred, len(report["classes"]))
-    path = write_csv(result.folder / f"{result.name}_metrics.csv", metrics_columns(report))
+    path = write_csv(result.folder / f"{result.name}_metrics.csv",
+                     metrics_columns(report, result.name, Path(gt_path).name))
     result.comparison = Comparison(report, errors, path)
     return result.comparison
 
@@ -343,8 +344,13 @@ def metrics_rows(report: dict) -> list[list]:
 METRIC_HEADERS = ["class", "IoU", "Dice", "precision", "recall", "PQ", "F1"]
 
 
-def metrics_columns(report: dict) -> dict[str, np.ndarray]:
+def metrics_columns(report: dict, image: str = "", ground_truth: str = "") -> dict[str, np.ndarray]:
+    """The metrics CSV: what was compared (the image, the ground truth's file, how classes were
+    scored: a CSV read later must say it), then one row per number."""
     o = report["overall"]
+    said = [("image", image), ("ground truth", ground_truth)] if image or ground_truth else []
+    if report.get("note"):
+        said.append(("note", report["note"]))
     names = ["nucleus Dice", "mIoU", "pixel accuracy", "bPQ", "mPQ", "F1", "AJI"]
     keys = ["nucleus_dice", "miou", "pixel_accuracy", "bpq", "mpq", "f1", "aji"]
     for name, row in list(report["per_class"].items())[1:]:
@@ -352,7 +358,8 @@ def metrics_columns(report: dict) -> dict[str, np.ndarray]:
             names.append(f"{name} {k}")
             keys.append((name, k))
     values = [o[k] if isinstance(k, str) else report["per_class"][k[0]][k[1]] for k in keys]
-    return {"metric": np.array(names, object), "value": np.array(values, float)}
+    names, values = [n for n, _ in said] + names, [v for _, v in said] + [float(v) for v in values]
+    return {"metric": np.array(names, object), "value": np.array(values, object)}
 
 
 def _cell(value) -> float | str:
