@@ -31,7 +31,7 @@ def test_table_shows_one_row_per_nucleus_with_named_columns(objects):
     shown = widget.table.value
     ids = np.unique(instances.data[instances.data > 0])
     # the sample is in µm (0.25 µm/px): the areas in µm² too
-    assert list(shown["columns"][:5]) == ["area", "centroid_y", "centroid_x", "area_um2", "class"]
+    assert list(shown["columns"][:5]) == ["class", "area_um2", "area", "centroid_y", "centroid_x"]
     assert [int(i) for i in shown["index"]] == list(ids)
     assert len(shown["data"]) == len(ids) and len(shown["data"][0]) == len(shown["columns"])
     row = dict(zip(shown["columns"], shown["data"][0]))
@@ -40,7 +40,7 @@ def test_table_shows_one_row_per_nucleus_with_named_columns(objects):
     assert "epithelial" in widget.legend.value
     # the Qt table itself shows the same cells (not 'data' / 'columns' headers)
     qt = widget.table.native
-    assert qt.rowCount() == len(ids) and qt.horizontalHeaderItem(0).text() == "area"
+    assert qt.rowCount() == len(ids) and qt.horizontalHeaderItem(0).text() == "class"
     assert table is widget.objects
 
 

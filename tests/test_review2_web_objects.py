@@ -53,12 +53,13 @@ def test_a_header_click_sorts_the_nuclei_by_number(measured):
 
     ids, areas = shown()
     assert areas != sorted(areas)  # the measured order is the ids', not the areas'
-    q.horizontalHeader().sectionClicked.emit(0)
+    area_column = list(widget.table.value["columns"]).index("area")
+    q.horizontalHeader().sectionClicked.emit(area_column)
     ids, areas = shown()
     assert areas == sorted(areas) and len(areas) == len(widget.objects["label"])
     assert all(area == int((instances.data == i).sum()) for i, area in zip(ids, areas))
     assert len({len(str(a)) for a in areas}) > 1  # numbers of several digits: a text sort would differ
-    q.horizontalHeader().sectionClicked.emit(0)
+    q.horizontalHeader().sectionClicked.emit(area_column)
     assert shown()[1] == sorted(areas, reverse=True)
     assert list(widget.objects["label"]) == sorted(widget.objects["label"])
 

@@ -30,9 +30,15 @@ DERIVE = "derive from class map (watershed)"
 CLASS_MAP_INSTEAD = "Choose it under 'instances', and a class map (e.g. Segment's) as the class map."
 
 
+# shown first: the dock is narrow, and what a reader looks for (what, how big) sat behind the centroids
+FIRST_COLUMNS = ("class", "area_um2", "area")
+
+
 def table_rows(table: dict) -> dict:
-    """The object table as a magicgui ``Table`` value: one row per nucleus, named by its id."""
-    columns = [c for c in table if c not in ("label", "class_id")]
+    """The object table as a magicgui ``Table`` value: one row per nucleus, named by its id;
+    ``FIRST_COLUMNS`` first (the CSV keeps the table's own order)."""
+    columns = [c for c in FIRST_COLUMNS if c in table]
+    columns += [c for c in table if c not in ("label", "class_id", *columns)]
     rows = [[_cell(v) for v in row] for row in zip(*(table[c] for c in columns))]
     return {"data": rows, "index": [str(int(i)) for i in table["label"]], "columns": columns}
 
