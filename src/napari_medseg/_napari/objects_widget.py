@@ -205,7 +205,6 @@ class ObjectsWidget(ScrollingDock):
         """The image the class map was made of, for the intensity columns: the image layer whose
         name the class map's starts with ('<image> segmentation'), else the only one its size;
         none where that is not clear."""
-        self.image_layer.reset_choices()
         layer = self.class_layer.value
         if layer is None:
             return None
