@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,8 @@ def test_train_predict_evaluate_round_trip(small_consep, tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "epoch 1/1" in out and "best epoch 1" in out
+    # before the first epoch: what trains and which source image validates (3 sources, 0.34 held out: 1)
+    assert re.search(r"training on 4 images of 2 source images; validating on 2 images of 1 \(train_\d\)", out)
     ckpt = run / "best.safetensors"
     assert ckpt.is_file()
 
@@ -45,6 +48,36 @@ def test_train_predict_evaluate_round_trip(small_consep, tmp_path, capsys):
     assert main(["info", str(ckpt)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["classes"][3] == "epithelial" and info["model"]["encoder"] == "resnet18"
+
+
+def test_train_says_when_tiles_named_by_coordinates_split_one_slide(small_consep, tmp_path, capsys):
+    """Tiles '<slide>_<x>_<y>' under the default pattern group by column ('<slide>_<x>'): one slide's
+    tiles on both sides of the split. Said before the first epoch, with the pattern that keeps each
+    slide whole; given that pattern, the note goes and whole slides are held out."""
+    import shutil
+
+    tiles = tmp_path / "tiles"
+    for sub in ("images", "labels", "instances"):
+        (tiles / sub).mkdir(parents=True)
+    shutil.copy(small_consep / "classes.json", tiles / "classes.json")
+    stems = sorted(p.stem for p in (small_consep / "images").glob("*.png"))
+    names = [f"slide{s}_{x}_{y}" for s in "AB" for x, y in ((0, 0), (256, 0), (0, 256))]
+    for stem, name in zip(stems, names):
+        for sub, ext in (("images", ".png"), ("labels", ".tif"), ("instances", ".tif")):
+            shutil.copy(small_consep / sub / f"{stem}{ext}", tiles / sub / f"{name}{ext}")
+    args = ["train", str(Path(__file__).parents[1] / "configs" / "smoke.yaml"), "--set", f"data.dataset=[{tiles}]",
+            "--set", "data.val_fraction=0.34", "--set", "data.samples_per_epoch=16"]
+    assert main(args + ["--set", f"out_dir={tmp_path / 'by_column'}"]) == 0
+    captured = capsys.readouterr()
+    assert "end in multiples of 256" in captured.err and "'^(.*)_\\d+_\\d+$'" in captured.err
+    # slideA_0, slideA_256, slideB_0, slideB_256: one of them held out, its slide's other column trains
+    assert re.search(r"training on 4 images of 3 source images; validating on 2 images of 1 \(slide[AB]_(0|256)\)",
+                     captured.out)
+    assert main(args + ["--set", f"out_dir={tmp_path / 'by_slide'}", "--set", r"data.group_pattern=^(.*)_\d+_\d+$"]) == 0
+    captured = capsys.readouterr()
+    assert "note" not in captured.err
+    assert re.search(r"training on 3 images of 1 source images; validating on 3 images of 1 \(slide[AB]\)",
+                     captured.out)
 
 
 def test_info_shows_how_the_default_was_trained():

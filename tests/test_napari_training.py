@@ -107,6 +107,9 @@ def test_train_from_folder_writes_model_plots_previews_and_lists_it_in_segment(m
     assert meta.classes == CONSEP_CLASSES and meta.model.encoder == "resnet18" and meta.model.distance_head
     assert meta.data["val_images"] == 2 and meta.data["train_images"] == 4
     assert meta.data["datasets"] == [str(small_consep)]
+    # what trained and what validated, said from the start and still there at the end
+    assert widget.split_note.value.startswith("training on 4 images of 2 source images; validating on 2 images "
+                                              "of 1 (train_"), widget.split_note.value
     # the plot got a point per epoch for training and validation loss and the metrics
     data = widget.plot.data
     assert data["train_loss"][0] == [1.0, 2.0] and data["val_loss"][0] == [1.0, 2.0]

@@ -92,3 +92,17 @@ def test_edited_validation_groups_are_refused_with_a_message(per_image_model, tm
                  "--device", "cpu"]) == 2
     assert "val_groups must be a list" in capsys.readouterr().err
     assert not list(tmp_path.glob("[tnc].safetensors"))
+
+
+@pytest.mark.parametrize("groups, step", [
+    ([f"train_{i}" for i in range(1, 28)], 0),  # CoNSeP's source images: numbered, not coordinates
+    ([f"TCGA-{i:02d}-5784-01Z-00-DX1" for i in range(13)], 0),  # MoNuSeg's cases
+    ([f"slide{s}_{x}" for s in "AB" for x in (0, 512, 1024)], 512),  # '<slide>_<x>_<y>' tiles' columns
+    ([f"consep/slide_{x}" for x in (0, 256)], 256),  # a mixed run's '<set>/<group>'
+    ([f"slide{s}_{x}" for s, x in (("A", 0), ("B", 512))], 0),  # one name each: nothing to join
+    (["a_0", "a_32"], 0),  # steps below a tile's size
+])
+def test_tile_row_step_tells_coordinates_from_numbered_images(groups, step):
+    from napari_medseg.io.dataset import tile_row_step
+
+    assert tile_row_step(groups) == step

@@ -24,7 +24,7 @@ from psygnal import Signal
 
 from ..errors import MedsegError
 from ..models import ARCHITECTURES, TESTED_ENCODERS
-from ..training.events import BatchDone, EpochDone, TrainingDone
+from ..training.events import BatchDone, DataSplit, EpochDone, TrainingDone
 from .common import (add_layers_in_turns, device_choices, follow_devices, report_error, start_worker,
                      warm_label_visuals)
 from .dock import ScrollingDock
@@ -151,7 +151,8 @@ class TrainWidget(ScrollingDock):
         self.stop_button = PushButton(text="Stop", enabled=False)
         self.progress = ProgressBar(label="batches", value=0, min=0, max=1)
         self.status = wrapping_label(value="")
-        return [self.train_button, self.stop_button, self.progress, self.status]
+        self.split_note = wrapping_label(value="")  # what trains and what validates, and a split that looks wrong
+        return [self.train_button, self.stop_button, self.progress, self.status, self.split_note]
 
     def _add_plot(self) -> LossPlot | None:
         try:
@@ -260,6 +261,7 @@ class TrainWidget(ScrollingDock):
         where = "" if job.cfg.data.val_fraction > 0 or self.source.value == FROM_FOLDER else \
             " (one tile: no validation, best by training loss)"
         self._training_status = f"Training into {job.cfg.out_dir}{where}"
+        self.split_note.value = ""
         self.status.value = f"Loading PyTorch, the data and the model... {self._training_status}."
         self._set_running(True)
 
@@ -297,7 +299,9 @@ class TrainWidget(ScrollingDock):
     def _on_update(self, update) -> None:
         if self._closed:
             return
-        if isinstance(update, BatchDone):
+        if isinstance(update, DataSplit):
+            self.split_note.value = "\n".join(update.lines() + ([f"Note: {update.note}"] if update.note else []))
+        elif isinstance(update, BatchDone):
             self._on_batch(update)
         elif isinstance(update, EpochDone):
             self._on_epoch(update)

@@ -114,6 +114,26 @@ def source_group(stem: str, folder: str = "", pattern: str = GROUP_PATTERN) -> s
     return f"{folder}/{group}" if folder else group
 
 
+# px: the least step between tile coordinates that names like '<slide>_<x>_<y>' carry (tiles are 64² and up)
+TILE_STEP_MIN = 64
+
+
+def tile_row_step(groups: list[str]) -> int:
+    """The step of the numbers the source images ``groups`` end in when they look like tile
+    coordinates, else 0. Stems ``<slide>_<x>_<y>`` under the default pattern become groups
+    ``<slide>_<x>``: one per column of tiles, so one slide's tiles fall on both sides of the split.
+    They do when every group ends in ``_<number>``, the numbers share a step of ``TILE_STEP_MIN`` px
+    or more (0 included) and fewer names are left without them (CoNSeP's ``train_12``: step 1)."""
+    import math
+
+    matches = [re.match(r"^(.*)_(\d+)$", g.rsplit("/", 1)[-1]) for g in groups]
+    if len(groups) < 2 or not all(matches):
+        return 0
+    step = math.gcd(*(int(m.group(2)) for m in matches))
+    fewer = len({m.group(1) for m in matches}) < len(groups)
+    return step if step >= TILE_STEP_MIN and fewer else 0
+
+
 def is_dataset_folder(path: str | os.PathLike) -> bool:
     path = Path(path)
     return path.is_dir() and (path / "images").is_dir()

@@ -22,6 +22,27 @@ class BatchDone:
 
 
 @dataclass
+class DataSplit:
+    """How the images were split, sent once before the first batch: one row per set (a mixed
+    run's datasets; one unnamed row otherwise) with its training images and source images and its
+    validation images and held-out source images; ``note``: a split that looks wrong, said before
+    hours of training go into it."""
+    sets: list[dict]  # {"name", "train_images", "train_sources", "val_images", "val_sources": [names]}
+    note: str = ""
+
+    def lines(self) -> list[str]:
+        """In words, a line per set: what trains and which source images validate."""
+        lines = []
+        for row in self.sets:
+            held = [g.rsplit("/", 1)[-1] for g in row["val_sources"]]
+            shown = ", ".join(held[:6]) + (f", ... ({len(held)} in all)" if len(held) > 6 else "")
+            lines.append(f"{row['name'] + ': ' if row['name'] else ''}training on {row['train_images']} images of "
+                         f"{row['train_sources']} source images; validating on "
+                         + (f"{row['val_images']} images of {len(held)} ({shown})" if held else "none"))
+        return lines
+
+
+@dataclass
 class EpochDone:
     epoch: int
     epochs: int

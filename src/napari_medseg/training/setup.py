@@ -21,7 +21,8 @@ from .config import TrainConfig, TrainConfigError
 from .data import (LabelledImage, PatchDataset, check_items, item_instances, load_dataset_folders,
                    oversample_indices, pixel_frequencies, rare_classes, split_by_group, to_binary)
 from .distributed import DistContext
-from .events import TrainingError
+from ..io.dataset import GROUP_PATTERN, tile_row_step
+from .events import DataSplit, TrainingError
 from .losses import class_weights_from_frequencies
 from .mixed import load_mixed_sets, sampling_weights, split_each_set
 from .validation import ValidationSet
@@ -166,6 +167,27 @@ def describe_data(cfg: TrainConfig, in_memory: bool, data: TrainingData, crops_p
                        "images": len(data.train_items)},
         "crops_per_epoch": crops_per_epoch,
     }
+
+
+def describe_split(data: TrainingData, group_pattern: str) -> DataSplit:
+    """The ``DataSplit`` of ``data``, with a note where the source images look like columns of
+    tiles named by their coordinates (``io.dataset.tile_row_step``) under the default pattern."""
+    names = list(dict.fromkeys(it.dataset for it in data.train_items + data.val_items)) if data.mixed else [""]
+    rows, notes = [], []
+    for name in names:
+        train = [it for it in data.train_items if it.dataset == name or not name]
+        val = [it for it in data.val_items if it.dataset == name or not name]
+        groups = sorted({it.group for it in train + val})
+        rows.append({"name": name, "train_images": len(train), "train_sources": len({it.group for it in train}),
+                     "val_images": len(val), "val_sources": sorted({it.group for it in val})})
+        step = tile_row_step(groups) if group_pattern == GROUP_PATTERN else 0
+        if step:
+            shown = ", ".join(g.rsplit("/", 1)[-1] for g in groups[:3])
+            notes.append(f"{name + ': ' if name else ''}the source images found ({shown}, ...) end in multiples of "
+                         f"{step}: if the images are tiles named <slide>_<x>_<y>, each column of a slide is taken "
+                         "as a source image and one slide's tiles fall on both sides of the split (validation "
+                         r"looks better than it is); set data.group_pattern: '^(.*)_\d+_\d+$' to keep each slide whole")
+    return DataSplit(rows, " ".join(notes))
 
 
 def _count_by_set(items: list[LabelledImage]) -> dict[str, int]:

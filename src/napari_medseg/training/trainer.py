@@ -31,8 +31,8 @@ from .network import Precision, build_training_model, load_growing_head, place_m
 from .optimisation import build_optimisation
 from .progress import Progress
 from .resume import check_same_data, check_same_processes, read_resume_for, restore
-from .setup import (TrainingData, build_loaders, configure_runtime, describe_data, load_start_checkpoint,
-                    prepare_data)
+from .setup import (TrainingData, build_loaders, configure_runtime, describe_data, describe_split,
+                    load_start_checkpoint, prepare_data)
 from .threshold import retune_classes, retune_threshold
 from .validation import validate
 
@@ -97,6 +97,7 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
                 cfg.model)
         progress.restore(info)
     emit = (on_update or _ignore) if ctx.is_main else _ignore  # only rank 0 reports
+    emit(describe_split(data, cfg.data.group_pattern))
     run_epochs(Run(cfg, ctx, device, model, net, loss_fn, len(data.classes), precision, loaders, optim, writer,
                    progress, emit, should_stop or (lambda: False)))
     ctx.barrier()
