@@ -107,6 +107,9 @@ def test_reader_opens_pannuke_fold(make_napari_viewer, tmp_path, consep):
     image, classes, _ = layers
     assert image.data.shape == (3, 256, 256, 3)
     assert classes.metadata["medseg"]["classes"][1] == "neoplastic"
+    from napari_medseg._napari.layers import pixel_size_um
+
+    assert pixel_size_um(image) == 0.25  # 40x: Segment runs it as it is, Objects gives µm²
     # PanNuke channel c holds class c+1, so the class map equals CoNSeP's labels here
     np.testing.assert_array_equal(np.asarray(classes.data[1]), samples[1].labels)
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..io.dataset import CLASSES_FILE, DatasetError, is_dataset_folder, open_dataset, read_classes
 from ..io.images import IMAGE_SUFFIXES, LABEL_SUFFIXES, file_stem, read_image, read_label_map, read_label_record
-from ..io.pannuke import PANNUKE_CLASSES, is_pannuke_fold, read_pannuke_fold
+from ..io.pannuke import PANNUKE_CLASSES, PANNUKE_PIXEL_SIZE_UM, is_pannuke_fold, read_pannuke_fold
 from ..io.pixel_size import file_pixel_size_um
 from ..io.slide_outputs import recorded_classes
 from ..io.slides import SLIDE_SUFFIXES, is_slide_path, open_slide
@@ -365,7 +365,10 @@ def read_pannuke(path) -> list[tuple]:
                                           np.int32) for i in range(n)])
     images = da.from_array(fold.images, chunks=(1, h, w, 3)).astype(np.uint8)
     return [
-        (images, image_kwargs(name, images, rgb=True, metadata={"tissues": fold.tissues}), "image"),
+        # the pixel size in metadata, not in scale: µm beside the stack's unit-less patch axis is
+        # a mix napari's scale bar and the plane slider do not expect; Segment and Objects read it
+        (images, image_kwargs(name, images, rgb=True, metadata={"tissues": fold.tissues,
+                                                                "pixel_size_um": PANNUKE_PIXEL_SIZE_UM}), "image"),
         (classes, class_labels_kwargs(f"{name} ground truth", PANNUKE_CLASSES), "labels"),
         (instances, instance_labels_kwargs(f"{name} instances", visible=False), "labels"),
     ]

@@ -19,6 +19,8 @@ from .dataset import DATASET_FOLDERS, DatasetError, read_classes, write_classes,
 from .outputs import claim_classes, remove_stale_temps
 
 PANNUKE_CLASSES = ["background", "neoplastic", "inflammatory", "connective", "dead", "epithelial"]
+# µm/px of PanNuke's patches: cut at 40x (Gamper et al. 2019/2020), as CoNSeP's and MoNuSeg's
+PANNUKE_PIXEL_SIZE_UM = 0.25
 # a converted fold's classes.json source, "PanNuke fold <name>": its images are each their own
 # source image (io.dataset.OWN_SOURCE_PREFIXES)
 PANNUKE_SOURCE = "PanNuke fold"
