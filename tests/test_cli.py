@@ -76,7 +76,7 @@ def test_train_says_when_tiles_named_by_coordinates_split_one_slide(small_consep
     assert main(args + ["--set", f"out_dir={tmp_path / 'by_slide'}", "--set", r"data.group_pattern=^(.*)_\d+_\d+$"]) == 0
     captured = capsys.readouterr()
     assert "note" not in captured.err
-    assert re.search(r"training on 3 images of 1 source images; validating on 3 images of 1 \(slide[AB]\)",
+    assert re.search(r"training on 3 images of 1 source image; validating on 3 images of 1 \(slide[AB]\)",
                      captured.out)
 
 

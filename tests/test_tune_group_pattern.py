@@ -106,3 +106,28 @@ def test_tile_row_step_tells_coordinates_from_numbered_images(groups, step):
     from napari_medseg.io.dataset import tile_row_step
 
     assert tile_row_step(groups) == step
+
+
+def test_a_mixed_runs_split_is_said_per_set_and_the_tile_note_names_its_set():
+    import numpy as np
+
+    from napari_medseg.io.dataset import GROUP_PATTERN
+    from napari_medseg.training.items import LabelledImage
+    from napari_medseg.training.setup import TrainingData, describe_split
+
+    pixels, labels = np.zeros((4, 4, 3), np.float32), np.zeros((4, 4), np.uint8)
+
+    def item(dataset, group):
+        return LabelledImage(group, f"{dataset}/{group}", pixels, labels, dataset=dataset)
+
+    train = [item("consep", f"train_{i}") for i in (1, 2, 3)] + [item("tiles", f"slideA_{x}") for x in (0, 512)]
+    val = [item("consep", "train_4"), item("tiles", "slideB_0"), item("tiles", "slideB_0")]
+    data = TrainingData(["background", "nucleus"], train, val, 0, np.ones(2), None, [], [0], mixed=True)
+    split = describe_split(data, GROUP_PATTERN)
+    assert split.lines() == [
+        "consep: training on 3 images of 3 source images; validating on 1 image of 1 (train_4)",
+        "tiles: training on 2 images of 2 source images; validating on 2 images of 1 (slideB_0)",
+    ]
+    assert split.note.startswith("tiles: the source images found (slideA_0, slideA_512, slideB_0, ...) end in "
+                                 "multiples of 512") and "consep" not in split.note
+    assert describe_split(data, r"^(.*)_\d+_\d+$").note == ""  # a pattern of the user's own: not second-guessed

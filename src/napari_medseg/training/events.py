@@ -32,13 +32,16 @@ class DataSplit:
 
     def lines(self) -> list[str]:
         """In words, a line per set: what trains and which source images validate."""
+        def count(n: int, what: str) -> str:
+            return f"{n} {what}{'' if n == 1 else 's'}"
+
         lines = []
         for row in self.sets:
             held = [g.rsplit("/", 1)[-1] for g in row["val_sources"]]
             shown = ", ".join(held[:6]) + (f", ... ({len(held)} in all)" if len(held) > 6 else "")
-            lines.append(f"{row['name'] + ': ' if row['name'] else ''}training on {row['train_images']} images of "
-                         f"{row['train_sources']} source images; validating on "
-                         + (f"{row['val_images']} images of {len(held)} ({shown})" if held else "none"))
+            lines.append(f"{row['name'] + ': ' if row['name'] else ''}training on {count(row['train_images'], 'image')} "
+                         f"of {count(row['train_sources'], 'source image')}; validating on "
+                         + (f"{count(row['val_images'], 'image')} of {len(held)} ({shown})" if held else "none"))
         return lines
 
 
