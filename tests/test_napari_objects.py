@@ -273,3 +273,40 @@ def test_a_files_labels_are_measured_with_its_instances_and_image(make_napari_vi
     viewer.add_image(image, name="x copy")
 
     assert widget.image_layer.value is None
+
+
+def test_segments_result_on_a_pannuke_patch_is_measured_with_its_plane(make_napari_viewer, tmp_path, consep):
+    """A fold opened, Segment run on the patch shown, Objects on its result: the result (one plane
+    of the stack) had been refused against its own nuclei ('(256, 256)' vs '(1, 256, 256)'); now
+    measured with them and with that patch of the image, in µm² (PanNuke is 0.25 µm/px)."""
+    from napari_medseg.io.dataset import open_dataset
+
+    folder = open_dataset(consep)
+    samples = [folder.load(s) for s in folder.stems[:3]]
+    masks = np.zeros((3, 256, 256, 6))
+    for i, s in enumerate(samples):
+        for c in range(1, 5):
+            masks[i, ..., c - 1] = np.where(s.labels == c, s.instances, 0)
+        masks[i, ..., 5] = s.labels == 0
+    np.save(tmp_path / "images.npy", np.stack([s.image for s in samples]).astype(np.float64))
+    np.save(tmp_path / "masks.npy", masks)
+    np.save(tmp_path / "types.npy", np.array(["Colon"] * 3))
+    viewer = make_napari_viewer()
+    viewer.open(str(tmp_path), plugin=PLUGIN)
+    viewer.dims.set_current_step(0, 1)
+    _, seg = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    seg.device.value = "cpu"
+    seg.run(threaded=False)
+    nuclei = seg.last_instances_layer
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Objects")
+    assert widget.instance_layer.value is nuclei and widget.image_layer.value is viewer.layers[0]
+    table = widget.measure(threaded=False)
+    assert table is not None, widget.summary.value
+    assert len(table["label"]) == len(np.unique(nuclei.data)) - 1 > 0
+    np.testing.assert_allclose(table["area_um2"], table["area"] * 0.0625)
+    # the intensities are patch 1's, not the stack's first
+    one = table["label"][0]
+    inside = np.asarray(nuclei.data).reshape(256, 256) == one
+    assert table["mean_intensity_r"][0] == pytest.approx(samples[1].image[..., 0][inside].mean(), rel=1e-4)
+    widget.class_layer.value = viewer.layers[1]  # the fold's ground truth: a stack
+    assert widget.measure(threaded=False) is None and "segment the image shown" in widget.summary.value

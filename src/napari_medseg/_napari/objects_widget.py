@@ -71,10 +71,13 @@ def _spatial_shape(layer) -> tuple | None:
 def _matching(layer, class_layer, what: str) -> np.ndarray:
     """``layer``'s pixels under the class map ``class_layer``, pixel for pixel: all of them, or for
     a region's result (Segment's drawn shape, field of view) those of the region, where the map
-    records it and sits on ``layer`` there."""
-    data = in_memory_plane(layer, "measuring nuclei")
+    records it and sits on ``layer`` there. A class map that is one plane of a stack (Segment's
+    result on a PanNuke fold's shown patch) takes that plane of a stacked ``layer``."""
+    data = in_memory_plane(layer, "measuring nuclei", under=class_layer)
     spatial = data.shape[:-1] if getattr(layer, "rgb", False) else data.shape
     shape = class_layer.data.shape
+    if len(shape) > 2 and all(n == 1 for n in shape[:-2]):
+        shape = shape[-2:]  # one plane: measured as its 2-D map (in_memory_plane)
     if spatial == shape:
         return data
     region = region_in(class_layer, shape, layer, spatial) if len(spatial) == len(shape) == 2 else None
@@ -222,7 +225,9 @@ class ObjectsWidget(ScrollingDock):
             raise WidgetInputError("Choose a class-map Labels layer.")
         class_map = in_memory_plane(layer, "measuring nuclei")
         if class_map.ndim != 2:
-            raise WidgetInputError(f"Objects are measured on 2-D maps; '{layer.name}' has shape {class_map.shape}.")
+            raise WidgetInputError(f"Objects are measured on 2-D maps; '{layer.name}' has shape {class_map.shape}"
+                                   + (" (a stack of images): segment the image shown with Segment and measure its "
+                                      "result." if class_map.ndim == 3 else "."))
         top = class_map_top(layer.name, class_map, class_names(layer), instead=CLASS_MAP_INSTEAD)
         names = class_names(layer) or numbered_classes(top)
         inst_layer, image_layer = self.instance_layer.value, self.image_layer.value
