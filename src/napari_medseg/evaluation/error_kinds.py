@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..nuclei.votes import check_ids
+from .instance import _check_instances, _contingency, _matches
 
 # share of a nucleus that must be overlapped for it to count as seen at all (missed / false alarm below)
 COVERED = 0.2
@@ -34,60 +34,39 @@ PREDICTION_KINDS = ("matched", "false_alarm", "split", "merge", "outlined_badly"
 
 def nucleus_error_kinds(truth: np.ndarray, predicted: np.ndarray) -> dict[str, dict[str, int]]:
     """``{"truth": {kind: count}, "predicted": {kind: count}}`` for two instance maps of one image
-    (ids > 0 are nuclei, 0 background); see the module docstring for the kinds."""
-    truth, predicted = check_ids("annotated instance map", truth), check_ids("predicted instance map", predicted)
-    if truth.shape != predicted.shape:
-        raise ValueError(f"The instance maps differ in shape: {truth.shape} and {predicted.shape}.")
-    t_ids, t_area = np.unique(truth[truth > 0], return_counts=True)
-    p_ids, p_area = np.unique(predicted[predicted > 0], return_counts=True)
-    t_size, p_size = dict(zip(t_ids.tolist(), t_area.tolist())), dict(zip(p_ids.tolist(), p_area.tolist()))
-    both = (truth > 0) & (predicted > 0)
-    pairs, shared = np.unique(np.stack([truth[both], predicted[both]]), axis=1, return_counts=True) \
-        if both.any() else (np.zeros((2, 0), np.int64), np.zeros(0, np.int64))
-    overlaps = [(int(t), int(p), int(n)) for (t, p), n in zip(pairs.T, shared)]
-    matched_t, matched_p = set(), set()
-    for t, p, n in overlaps:
-        if n / (t_size[t] + p_size[p] - n) > MATCH_IOU:
-            matched_t.add(t)
-            matched_p.add(p)
-    # the annotated nuclei most of which lie inside each predicted nucleus
-    holds: dict[int, list[int]] = {}
-    for t, p, n in overlaps:
-        if n > 0.5 * t_size[t]:
-            holds.setdefault(p, []).append(t)
-    seen_t: dict[int, int] = {}
-    seen_p: dict[int, int] = {}
-    for t, p, n in overlaps:
-        seen_t[t] = seen_t.get(t, 0) + n
-        seen_p[p] = seen_p.get(p, 0) + n
-    merging = {p for p, ts in holds.items() if len(ts) >= 2}
-    merged_t = {t for p in merging for t in holds[p]}
-    kinds_t = dict.fromkeys(TRUTH_KINDS, 0)
-    for t in t_size:
-        if t in matched_t:
-            kinds_t["found"] += 1
-        elif seen_t.get(t, 0) < COVERED * t_size[t]:
-            kinds_t["missed"] += 1
-        elif t in merged_t:
-            kinds_t["merged"] += 1
-        else:
-            kinds_t["outlined_badly"] += 1
-    partners: dict[int, list[int]] = {}
-    for t, p, _n in overlaps:
-        partners.setdefault(p, []).append(t)
-    kinds_p = dict.fromkeys(PREDICTION_KINDS, 0)
-    for p in p_size:
-        if p in matched_p:
-            kinds_p["matched"] += 1
-        elif seen_p.get(p, 0) < COVERED * p_size[p]:
-            kinds_p["false_alarm"] += 1
-        elif p in merging:
-            kinds_p["merge"] += 1
-        elif any(t in matched_t for t in partners.get(p, [])):
-            kinds_p["split"] += 1
-        else:
-            kinds_p["outlined_badly"] += 1
-    return {"truth": kinds_t, "predicted": kinds_p}
+    (ids > 0 are nuclei, 0 background); see the module docstring for the kinds. Read off the
+    overlap table PQ is computed from (``instance._contingency``)."""
+    t = _contingency(*_check_instances(truth, predicted))
+    n_t, n_p = t.area_g.size, t.area_p.size
+    match = _matches(t, MATCH_IOU)[0]
+    found = np.zeros(n_t, bool)
+    found[t.gi[match]] = True
+    matched = np.zeros(n_p, bool)
+    matched[t.pi[match]] = True
+    unseen_t = np.bincount(t.gi, weights=t.inter, minlength=n_t) < COVERED * t.area_g
+    unseen_p = np.bincount(t.pi, weights=t.inter, minlength=n_p) < COVERED * t.area_p
+    # a predicted nucleus holding most (over half) of two or more annotated ones merges them
+    holds = t.inter > 0.5 * t.area_g[t.gi]
+    merging = np.bincount(t.pi[holds], minlength=n_p) >= 2
+    merged = np.zeros(n_t, bool)
+    merged[t.gi[holds & merging[t.pi]]] = True
+    # a predicted nucleus beside the match of a nucleus it overlaps cuts that nucleus in two
+    beside_match = np.zeros(n_p, bool)
+    beside_match[t.pi[found[t.gi]]] = True
+    return {"truth": _first_kind(TRUTH_KINDS, [found, unseen_t, merged]),
+            "predicted": _first_kind(PREDICTION_KINDS, [matched, unseen_p, beside_match & ~merging, merging])}
+
+
+def _first_kind(kinds: tuple[str, ...], tests: list[np.ndarray]) -> dict[str, int]:
+    """Counts per kind, each object taking the first of ``tests`` (in ``kinds``' order, the last
+    kind being 'the rest') that holds for it."""
+    left = np.ones(tests[0].size, bool)
+    counts = {}
+    for kind, test in zip(kinds, tests):
+        counts[kind] = int((test & left).sum())
+        left &= ~test
+    counts[kinds[-1]] = int(left.sum())
+    return counts
 
 
 def add_error_kinds(total: dict | None, one: dict) -> dict:
