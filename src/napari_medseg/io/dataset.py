@@ -12,6 +12,7 @@ A folder without ``labels/`` but with ``instances/`` and two classes (e.g. MoNuS
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -124,8 +125,6 @@ def tile_row_step(groups: list[str]) -> int:
     ``<slide>_<x>``: one per column of tiles, so one slide's tiles fall on both sides of the split.
     They do when every group ends in ``_<number>``, the numbers share a step of ``TILE_STEP_MIN`` px
     or more (0 included) and fewer names are left without them (CoNSeP's ``train_12``: step 1)."""
-    import math
-
     matches = [re.match(r"^(.*)_(\d+)$", g.rsplit("/", 1)[-1]) for g in groups]
     if len(groups) < 2 or not all(matches):
         return 0

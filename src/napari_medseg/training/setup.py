@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..io.dataset import GROUP_PATTERN, tile_row_step
 from .config import TrainConfig, TrainConfigError
 from .data import (LabelledImage, PatchDataset, check_items, item_instances, load_dataset_folders,
                    oversample_indices, pixel_frequencies, rare_classes, split_by_group, to_binary)
 from .distributed import DistContext
-from ..io.dataset import GROUP_PATTERN, tile_row_step
 from .events import DataSplit, TrainingError
 from .losses import class_weights_from_frequencies
 from .mixed import load_mixed_sets, sampling_weights, split_each_set
