@@ -33,11 +33,14 @@ def test_a_config_error_under_torchrun_is_printed_once(tmp_path):
 
 
 def test_a_later_rank_is_quiet_before_the_group_and_keeps_the_status(monkeypatch):
-    """The second process of a node (LOCAL_RANK 1), before the processes have joined: no message,
-    the same status 2, after a pause that lets the first say it."""
+    """The second process of a node (LOCAL_RANK 1), before the processes have joined, ended by
+    torchrun during its pause (the first said the error and exited): no message, the same status 2."""
     from napari_medseg import cli
 
-    monkeypatch.setattr(cli, "LINGER_S", 0.1)
+    def ended_by_torchrun(seconds):
+        raise cli.Terminated()
+
+    monkeypatch.setattr(cli.time, "sleep", ended_by_torchrun)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("RANK", "1")
     proc = medseg("train", str(REPO / "configs" / "smoke.yaml"), "--set", "epochs=abc")
@@ -45,3 +48,19 @@ def test_a_later_rank_is_quiet_before_the_group_and_keeps_the_status(monkeypatch
     monkeypatch.setenv("LOCAL_RANK", "0")  # the first process of a second node: says it, naming its rank
     proc = medseg("train", str(REPO / "configs" / "smoke.yaml"), "--set", "epochs=abc")
     assert proc.returncode == 2 and "medseg train (rank 1): error:" in proc.stderr and MESSAGE in proc.stderr
+
+
+def test_a_later_rank_failing_alone_says_its_error_after_the_pause(monkeypatch):
+    """An error only the second process meets (the first waits for it to join): no one ends it in
+    its pause, so it says the error itself, naming its rank. It had exited with status 2 and
+    nothing on the screen."""
+    from napari_medseg import cli
+
+    pauses = []
+    monkeypatch.setattr(cli.time, "sleep", pauses.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    proc = medseg("train", str(REPO / "configs" / "smoke.yaml"), "--set", "epochs=abc")
+    assert pauses == [cli.LINGER_S]
+    assert proc.returncode == 2 and "medseg train (rank 1): error:" in proc.stderr and MESSAGE in proc.stderr
+    assert proc.stderr.count(MESSAGE) == 1

@@ -970,7 +970,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-LINGER_S = 10.0  # how long a quiet torchrun rank waits for rank 0 to say the error (``_said_by_another_rank``)
+LINGER_S = 10.0  # how long a torchrun rank waits for the first to say an error they share (``_said_late``)
 
 
 def _said_by_another_rank() -> bool:
@@ -990,14 +990,16 @@ def _rank_words() -> str:
     return "" if rank == "0" else f" (rank {rank})"
 
 
-def _quiet_exit(code: int) -> int:
-    """A rank whose error another says: exits with the same status, but after a pause, so that
-    torchrun (which ends the others once one process exits) does not end the one that says it
-    before it has."""
+def _said_late(code: int, message: str) -> int:
+    """A rank whose error another should say: pauses, so that torchrun (which ends the others once
+    one process exits) does not end the one that says it before it has; ended in the pause, it
+    exits quietly with the same status. Still running after it, the first process has not met
+    this error (a process of its own, e.g. a file only this one cannot read): it says it then."""
     try:
         time.sleep(LINGER_S)
-    except KeyboardInterrupt:  # torchrun's SIGTERM (``Terminated``) once rank 0 has exited: expected
-        pass
+    except KeyboardInterrupt:  # torchrun's SIGTERM (``Terminated``) once the first has exited: said there
+        return code
+    print(message, file=sys.stderr)
     return code
 
 
@@ -1006,17 +1008,19 @@ def _run(args) -> int:
     try:
         return args.func(args)
     except MedsegError as exc:
+        message = f"medseg {args.command}{_rank_words()}: error: {exc}"
         if _said_by_another_rank():
-            return _quiet_exit(2)
-        print(f"medseg {args.command}{_rank_words()}: error: {exc}", file=sys.stderr)
+            return _said_late(2, message)
+        print(message, file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went (``medseg info default | head``): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail too
         return 141  # as a process ended by SIGPIPE
     except OSError as exc:
+        message = f"medseg {args.command}{_rank_words()}: error: {_os_error_message(exc)}"
         if _said_by_another_rank():
-            return _quiet_exit(2)
-        print(f"medseg {args.command}{_rank_words()}: error: {_os_error_message(exc)}", file=sys.stderr)
+            return _said_late(2, message)
+        print(message, file=sys.stderr)
         return 2
     except Terminated:
         print(f"medseg {args.command}: terminated", file=sys.stderr)
