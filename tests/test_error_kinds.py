@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_medseg.evaluation.error_kinds import add_error_kinds, nucleus_error_kinds
+from napari_medseg.evaluation.error_kinds import add_error_kinds, merges_by_contact, nucleus_error_kinds
 
 
 def test_each_kind_on_a_drawn_example():
@@ -45,6 +45,22 @@ def test_real_nuclei_against_themselves_and_a_coarser_cut(consep):
         assert sum(kinds["truth"].values()) == n and sum(kinds["predicted"].values()) == len(np.unique(cut)) - 1
         total = add_error_kinds(total, kinds)
     assert total["truth"]["merged"] > 0 and total["truth"]["found"] > total["truth"]["merged"]
+
+
+def test_merges_by_what_lies_between_the_merged_nuclei():
+    truth, pred = np.zeros((60, 60), np.int32), np.zeros((60, 60), np.int32)
+    truth[5:15, 5:15], truth[5:15, 15:25], truth[15:25, 24:30] = 1, 2, 3  # a chain: 1 touches 2, 2 touches 3 at a corner
+    pred[5:25, 5:30] = 1
+    truth[35:45, 5:15], truth[35:45, 17:27] = 4, 5  # two pixels of background between them
+    pred[35:45, 5:27] = 2
+    truth[35:45, 40:50], truth[45:55, 50:57] = 6, 7  # corner to corner, diagonal neighbours: touching
+    pred[35:56, 40:58] = 3
+    truth[20:30, 45:55] = 8
+    pred[20:30, 45:55] = 4  # found, merges nothing
+    assert merges_by_contact(truth, pred) == {"touching": (2, 5), "separated": (1, 2)}
+    # the same with ids too large for a dense table (relabelled inside): the same answer
+    big = np.where(truth > 0, truth.astype(np.int64) + 2**40, 0)
+    assert merges_by_contact(big, pred) == {"touching": (2, 5), "separated": (1, 2)}
 
 
 def test_maps_of_other_shapes_are_refused():

@@ -20,6 +20,8 @@ Every predicted nucleus not matched is one of
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage as ndi
+from scipy.sparse.csgraph import connected_components
 
 from .instance import _check_instances, _contingency, _matches
 
@@ -45,9 +47,7 @@ def nucleus_error_kinds(truth: np.ndarray, predicted: np.ndarray) -> dict[str, d
     matched[t.pi[match]] = True
     unseen_t = np.bincount(t.gi, weights=t.inter, minlength=n_t) < COVERED * t.area_g
     unseen_p = np.bincount(t.pi, weights=t.inter, minlength=n_p) < COVERED * t.area_p
-    # a predicted nucleus holding most (over half) of two or more annotated ones merges them
-    holds = t.inter > 0.5 * t.area_g[t.gi]
-    merging = np.bincount(t.pi[holds], minlength=n_p) >= 2
+    holds, merging = _merging(t)
     merged = np.zeros(n_t, bool)
     merged[t.gi[holds & merging[t.pi]]] = True
     # a predicted nucleus beside the match of a nucleus it overlaps cuts that nucleus in two
@@ -55,6 +55,42 @@ def nucleus_error_kinds(truth: np.ndarray, predicted: np.ndarray) -> dict[str, d
     beside_match[t.pi[found[t.gi]]] = True
     return {"truth": _first_kind(TRUTH_KINDS, [found, unseen_t, merged]),
             "predicted": _first_kind(PREDICTION_KINDS, [matched, unseen_p, beside_match & ~merging, merging])}
+
+
+def _merging(t) -> tuple[np.ndarray, np.ndarray]:
+    """(per overlapping pair: the predicted nucleus holds most of the annotated one, per predicted
+    nucleus: it holds most of two or more, so merges them)."""
+    holds = t.inter > 0.5 * t.area_g[t.gi]
+    return holds, np.bincount(t.pi[holds], minlength=t.area_p.size) >= 2
+
+
+def merges_by_contact(truth: np.ndarray, predicted: np.ndarray) -> dict[str, tuple[int, int]]:
+    """``{"touching": (merges, nuclei), "separated": (merges, nuclei)}``: the predicted nuclei that
+    merge annotated ones (module docstring), by what lies between those: a chain of nuclei each
+    within a pixel of the next (diagonals included; only the seeds that split touching nuclei can
+    part them), or annotated background between some of them (the foreground bridged a gap)."""
+    t = _contingency(*_check_instances(truth, predicted))
+    holds, merging = _merging(t)
+    out = {"touching": (0, 0), "separated": (0, 0)}
+    for p in np.flatnonzero(merging):
+        ids = t.gt_ids[t.gi[holds & (t.pi == p)]]
+        kind = "touching" if _one_chain(t.gt_map, ids) else "separated"
+        out[kind] = (out[kind][0] + 1, out[kind][1] + ids.size)
+    return out
+
+
+def _one_chain(ids_map: np.ndarray, ids: np.ndarray) -> bool:
+    """Whether the nuclei ``ids`` of ``ids_map`` are joined by touching, each within a pixel of the next."""
+    rows, cols = np.nonzero(np.isin(ids_map, ids))
+    crop = ids_map[max(rows.min() - 1, 0):rows.max() + 2, max(cols.min() - 1, 0):cols.max() + 2]
+    position = {int(i): k for k, i in enumerate(ids)}
+    near = np.eye(ids.size, dtype=bool)
+    for i, k in position.items():
+        around = ndi.binary_dilation(crop == i, np.ones((3, 3), bool))
+        for other in np.unique(crop[around]):
+            if int(other) in position:
+                near[k, position[int(other)]] = True
+    return connected_components(near, directed=False)[0] == 1
 
 
 def _first_kind(kinds: tuple[str, ...], tests: list[np.ndarray]) -> dict[str, int]:
