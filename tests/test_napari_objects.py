@@ -308,5 +308,50 @@ def test_segments_result_on_a_pannuke_patch_is_measured_with_its_plane(make_napa
     one = table["label"][0]
     inside = np.asarray(nuclei.data).reshape(256, 256) == one
     assert table["mean_intensity_r"][0] == pytest.approx(samples[1].image[..., 0][inside].mean(), rel=1e-4)
-    widget.class_layer.value = viewer.layers[1]  # the fold's ground truth: a stack
-    assert widget.measure(threaded=False) is None and "segment the image shown" in widget.summary.value
+
+
+
+def test_a_pannuke_folds_ground_truth_is_measured_at_the_patch_shown(make_napari_viewer, tmp_path, consep):
+    """The fold's ground truth (a stack of patches) had been refused ('segment the image shown');
+    now the patch the viewer shows is measured with its own annotated nuclei and image, and a
+    row of the table brings the view back to that patch."""
+    from napari_medseg.io.dataset import open_dataset
+
+    folder = open_dataset(consep)
+    samples = [folder.load(s) for s in folder.stems[:3]]
+    masks = np.zeros((3, 256, 256, 6))
+    for i, s in enumerate(samples):
+        for c in range(1, 5):
+            masks[i, ..., c - 1] = np.where(s.labels == c, s.instances, 0)
+        masks[i, ..., 5] = s.labels == 0
+    np.save(tmp_path / "images.npy", np.stack([s.image for s in samples]).astype(np.float64))
+    np.save(tmp_path / "masks.npy", masks)
+    np.save(tmp_path / "types.npy", np.array(["Colon"] * 3))
+    viewer = make_napari_viewer()
+    viewer.open(str(tmp_path), plugin=PLUGIN)
+    truth = next(layer for layer in viewer.layers if layer.name.endswith("ground truth"))
+    viewer.dims.set_current_step(0, 2)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Objects")
+    widget.class_layer.value = truth
+    nuclei = widget.instance_layer.value
+    assert nuclei is not None and nuclei.name.endswith("instances") and widget.image_layer.value is viewer.layers[0]
+    table = widget.measure(threaded=False)
+    assert table is not None, widget.summary.value
+    annotated = np.asarray(nuclei.data[2])
+    assert sorted(table["label"]) == sorted(np.unique(annotated)[1:])
+    assert len(table["label"]) == len(np.unique(samples[2].instances)) - 1
+    one = int(table["label"][0])
+    inside = annotated == one
+    assert table["mean_intensity_r"][0] == pytest.approx(samples[2].image[..., 0][inside].mean(), rel=1e-4)
+    assert "the image shown (slider at 2 of 0-2) was measured" in widget.summary.value
+    # derived by the watershed instead: a layer on that patch only
+    widget.instance_layer.value = None
+    table = widget.measure(threaded=False)
+    assert table is not None, widget.summary.value
+    derived = viewer.layers[-1]
+    assert derived.name == f"{truth.name} instances" and derived.data.shape == (1, 256, 256)
+    assert derived.data_to_world((0, 0, 0))[0] == pytest.approx(truth.data_to_world((2, 0, 0))[0])
+    # a row chosen while another patch is shown: the view goes back to the patch measured
+    viewer.dims.set_current_step(0, 0)
+    widget.table.native.selectRow(0)
+    assert viewer.dims.current_step[0] == 2

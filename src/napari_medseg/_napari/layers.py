@@ -156,12 +156,13 @@ def place(layer, where: dict) -> None:
     layer.affine = where.get("affine", np.eye(len(where["scale"]) + 1))
 
 
-def in_memory_plane(layer, use: str, under=None) -> np.ndarray:
+def in_memory_plane(layer, use: str, under=None, plane: tuple[int, ...] | None = None) -> np.ndarray:
     """``layer``'s pixels, for work on one image held in memory (``use``: what for). A multiscale
     layer (a slide, a slide run's labels) is refused: napari's array of it is its coarsest level,
     so measuring it would silently score a thumbnail. One plane of a stack (Segment's result of a
-    PanNuke image) as its 2-D map; of a stack (a fold's ground truth), the plane that the layer
-    ``under`` (one plane's result) lies on, that plane only read."""
+    PanNuke image) as its 2-D map; of a stack (a fold's ground truth), the plane ``plane`` (its
+    index on the stack axes) or else the one that the layer ``under`` (one plane's result) lies
+    on, that plane only read."""
     if getattr(layer, "multiscale", False):
         folder = layer.metadata.get(METADATA_KEY, {}).get("results")
         made = (f" Its per-nucleus CSV (µm² areas, classes) and GeoJSON were written by its run in {folder}."
@@ -171,7 +172,8 @@ def in_memory_plane(layer, use: str, under=None) -> np.ndarray:
     data, lead = layer.data, layer.ndim - 2
     if lead > 0 and all(n == 1 for n in data.shape[:lead]):
         return np.asarray(data).reshape(data.shape[lead:])
-    plane = plane_under(layer, under) if lead > 0 and under is not None else None
+    if plane is None and lead > 0 and under is not None:
+        plane = plane_under(layer, under)
     return np.asarray(data[plane] if plane is not None else data)
 
 
@@ -187,6 +189,29 @@ def plane_under(stack, layer) -> tuple[int, ...] | None:
     if not np.allclose(point, index, atol=1e-3) or any(not 0 <= k < n for k, n in zip(index, stack.data.shape)):
         return None
     return index
+
+
+def shown_plane(viewer, layer, leading: int) -> tuple[int, ...]:
+    """The index, on a stack's ``leading`` axes, of the plane of ``layer`` the viewer shows (its
+    sliders' position, within the stack)."""
+    point = np.asarray(layer.world_to_data(viewer.dims.point[-layer.ndim:]), float)
+    shape = layer.data.shape
+    return tuple(int(min(max(round(point[i]), 0), shape[i] - 1)) for i in range(leading))
+
+
+def plane_placement(layer, plane: tuple[int, ...], where: dict) -> dict:
+    """``where`` (a 2-D result's placement on ``layer``) for a result of one ``plane`` of the stack
+    ``layer``: one step thick on each stack axis, at that plane, so it shows there only."""
+    full = placement(layer, ndim=layer.ndim)
+    lead = len(plane)
+    scale = tuple(full["scale"][:lead])
+    placed = {"scale": scale + tuple(where["scale"]),
+              "translate": tuple(t + s * k for t, s, k in zip(full["translate"][:lead], scale, plane))
+              + tuple(where["translate"]),
+              "units": tuple(full["units"][:lead]) + tuple(where["units"])}
+    if "affine" in full:
+        placed["affine"] = full["affine"]
+    return placed
 
 
 def with_origin(kwargs: dict, origin: tuple[int, int] | None) -> dict:

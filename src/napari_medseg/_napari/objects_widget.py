@@ -20,8 +20,8 @@ from .dock import ScrollingDock
 from .fast_table import FastTable
 from .table_format import fixed_decimals
 from .layers import (METADATA_KEY, image_layers, in_memory_plane, instance_labels_kwargs, labels_layers, layer_kind,
-                     legend_html, pixel_size_um, place, placement, recorded_origin, region_in, with_origin,
-                     wrapping_label)
+                     legend_html, pixel_size_um, place, placement, plane_placement, recorded_origin, region_in,
+                     shown_plane, with_origin, wrapping_label)
 
 if TYPE_CHECKING:
     import napari
@@ -68,14 +68,19 @@ def _spatial_shape(layer) -> tuple | None:
     return tuple(layer.data.shape[:-1] if getattr(layer, "rgb", False) else layer.data.shape)
 
 
-def _matching(layer, class_layer, what: str) -> np.ndarray:
+def _matching(layer, class_layer, what: str, plane: tuple[int, ...] | None = None) -> np.ndarray:
     """``layer``'s pixels under the class map ``class_layer``, pixel for pixel: all of them, or for
     a region's result (Segment's drawn shape, field of view) those of the region, where the map
     records it and sits on ``layer`` there. A class map that is one plane of a stack (Segment's
-    result on a PanNuke fold's shown patch) takes that plane of a stacked ``layer``."""
-    data = in_memory_plane(layer, "measuring nuclei", under=class_layer)
-    spatial = data.shape[:-1] if getattr(layer, "rgb", False) else data.shape
+    result on a PanNuke fold's shown patch) takes that plane of a stacked ``layer``; a stacked
+    class map measured at its ``plane`` takes that plane of a stack like it."""
     shape = class_layer.data.shape
+    if plane is not None and layer.ndim == class_layer.ndim and tuple(layer.data.shape[:len(plane)]) == shape[:len(plane)]:
+        data = in_memory_plane(layer, "measuring nuclei", plane=plane)
+        shape = shape[len(plane):]
+    else:
+        data = in_memory_plane(layer, "measuring nuclei", under=class_layer)
+    spatial = data.shape[:-1] if getattr(layer, "rgb", False) else data.shape
     if len(shape) > 2 and all(n == 1 for n in shape[:-2]):
         shape = shape[-2:]  # one plane: measured as its 2-D map (in_memory_plane)
     if spatial == shape:
@@ -85,6 +90,14 @@ def _matching(layer, class_layer, what: str) -> np.ndarray:
         raise WidgetInputError(f"'{layer.name}' has shape {data.shape}, the class map '{class_layer.name}' "
                                f"{shape}; choose the {what} of the same 2-D image.")
     return data[region]
+
+
+def _plane_words(viewer, layer, plane: tuple[int, ...]) -> str:
+    """Which image of a stack was measured, in the terms of napari's sliders."""
+    labels = [str(label) for label in list(viewer.dims.axis_labels)[-layer.ndim:]]
+    axes = ", ".join(f"{'slider' if labels[i].lstrip('-').isdigit() else labels[i]} at {k} of 0-{layer.data.shape[i] - 1}"
+                     for i, k in enumerate(plane))
+    return f"\n\n'{layer.name}' is a stack: the image shown ({axes}) was measured. Move the slider and Measure again for another."
 
 
 class ObjectsWidget(ScrollingDock):
@@ -111,6 +124,7 @@ class ObjectsWidget(ScrollingDock):
         self.table.native.setSelectionBehavior(self.table.native.SelectionBehavior.SelectRows)
         self.table.native.itemSelectionChanged.connect(self._go_to_selected)
         self._measured_layer = None  # the class map measured, and the nuclei layer measured with it
+        self._measured_plane = None  # of a stacked class map: the index of the image measured
         self._nuclei_layer = None
         self.csv_path = FileEdit(label="CSV", mode="w", filter="*.csv")
         self.export_csv_button = PushButton(text="Export objects as CSV")
@@ -223,26 +237,28 @@ class ObjectsWidget(ScrollingDock):
         layer = self.class_layer.value
         if layer is None:
             raise WidgetInputError("Choose a class-map Labels layer.")
-        class_map = in_memory_plane(layer, "measuring nuclei")
+        lead = layer.ndim - 2
+        # a stack (a PanNuke fold's ground truth): the image the viewer shows, as Segment takes it
+        plane = (shown_plane(self._viewer, layer, lead)
+                 if lead > 0 and not all(n == 1 for n in layer.data.shape[:lead]) else None)
+        class_map = in_memory_plane(layer, "measuring nuclei", plane=plane)
         if class_map.ndim != 2:
-            raise WidgetInputError(f"Objects are measured on 2-D maps; '{layer.name}' has shape {class_map.shape}"
-                                   + (" (a stack of images): segment the image shown with Segment and measure its "
-                                      "result." if class_map.ndim == 3 else "."))
+            raise WidgetInputError(f"Objects are measured on 2-D maps; '{layer.name}' has shape {class_map.shape}.")
         top = class_map_top(layer.name, class_map, class_names(layer), instead=CLASS_MAP_INSTEAD)
         names = class_names(layer) or numbered_classes(top)
         inst_layer, image_layer = self.instance_layer.value, self.image_layer.value
-        instances = _matching(inst_layer, layer, "nuclei") if inst_layer is not None else None
+        instances = _matching(inst_layer, layer, "nuclei", plane) if inst_layer is not None else None
         if instances is not None and instances.min(initial=0) < 0:
             raise WidgetInputError(f"'{inst_layer.name}' holds the negative id {int(instances.min())}; nucleus ids "
                                    "are 1 and up (0 = background).")
-        image = _matching(image_layer, layer, "image") if image_layer is not None else None
+        image = _matching(image_layer, layer, "image", plane) if image_layer is not None else None
         pixel_size = pixel_size_um(image_layer or layer)
-        return layer, class_map, names, instances, image, pixel_size
+        return layer, plane, class_map, names, instances, image, pixel_size
 
     def measure(self, add_instances_layer: bool = True, threaded: bool = False):
         """Measure every nucleus; returns the table (or, ``threaded``, the started worker)."""
         try:
-            layer, class_map, names, instances, image, pixel_size = self._inputs()
+            layer, plane, class_map, names, instances, image, pixel_size = self._inputs()
         except MedsegError as exc:
             return self._fail(exc)
 
@@ -252,7 +268,7 @@ class ObjectsWidget(ScrollingDock):
             return object_table(found, class_map, names, image, pixel_size), found, derived
 
         def done(result, in_steps=True):
-            return self._show(result, layer, names, add_instances_layer, in_steps)
+            return self._show(result, layer, plane, names, add_instances_layer, in_steps)
 
         if not threaded:
             try:
@@ -265,24 +281,24 @@ class ObjectsWidget(ScrollingDock):
                                     finished=lambda: setattr(self.measure_button, "enabled", True))
         return self._worker
 
-    def _show(self, result, layer, names: list[str], add_instances_layer: bool, in_steps: bool) -> dict:
+    def _show(self, result, layer, plane, names: list[str], add_instances_layer: bool, in_steps: bool) -> dict:
         table, instances, derived = result
         # centroids in the image's pixels: a region's result sits at the region's corner
         origin = recorded_origin(layer.metadata)
         table["centroid_y"], table["centroid_x"] = table["centroid_y"] + origin[0], table["centroid_x"] + origin[1]
         if derived and add_instances_layer:
-            self._show_derived(layer, instances, origin)
+            self._show_derived(layer, plane, instances, origin)
         self.table.fill(table_rows(table), in_steps)  # thousands of rows: a slice per event-loop turn
         counts = counts_per_class(table)
         area = (f"; mean area {np.mean(table['area_um2']):.1f} µm²" if "area_um2" in table and len(table["label"])
                 else "")
         self.summary.value = (f"{nucleus_count(instances)} nuclei: " + ", ".join(f"{k} {v}" for k, v in counts.items())
-                              + area)
+                              + area + (_plane_words(self._viewer, layer, plane) if plane is not None else ""))
         info = layer.metadata.get(METADATA_KEY, {})
         self.legend.value = legend_html(names, info.get("colors"))
         self.objects, self._instances, self._names = table, instances, names
         self._origin, self._colors = origin, info.get("colors")
-        self._measured_layer = layer
+        self._measured_layer, self._measured_plane = layer, plane
         self._nuclei_layer = self._derived.get(layer) if derived else self.instance_layer.value
         return table
 
@@ -305,26 +321,36 @@ class ObjectsWidget(ScrollingDock):
         # the table's centroids are in the image's pixels; the map's own start at its origin
         y = float(self.objects["centroid_y"][i]) - self._origin[0]
         x = float(self.objects["centroid_x"][i]) - self._origin[1]
-        layer = self._measured_layer
-        point = [0.0] * (layer.ndim - 2) + [y, x]
+        layer, plane = self._measured_layer, self._measured_plane
+        lead = layer.ndim - 2
+        point = [float(k) for k in (plane or (0,) * lead)] + [y, x]
         world = layer.data_to_world(point)
-        self._viewer.camera.center = tuple(world[-2:])
+        if plane is not None:  # the stack's plane that was measured, wherever the slider is now
+            for axis in range(lead):
+                self._viewer.dims.set_point(self._viewer.dims.ndim - layer.ndim + axis, world[axis])
+        scene = getattr(self._viewer, "scene", None)  # napari >= 0.9 keeps the camera there
+        (scene.camera if scene is not None else self._viewer.camera).center = tuple(world[-2:])
         nuclei = self._nuclei_layer
         if nuclei is not None and nuclei in self._viewer.layers:
             nuclei.selected_label = nucleus
 
-    def _show_derived(self, layer, instances: np.ndarray, origin: tuple[int, int]) -> None:
+    def _show_derived(self, layer, plane, instances: np.ndarray, origin: tuple[int, int]) -> None:
         """The nuclei derived from ``layer`` in a layer of their own: the one made for it before,
-        updated in place (each Measure had added one more), else a new one."""
+        updated in place (each Measure had added one more), else a new one. Of a stack's
+        ``plane``: on that plane only."""
         kwargs = with_origin(instance_labels_kwargs(f"{layer.name} instances"), origin)
+        where = placement(layer)
+        if plane is not None:
+            where = plane_placement(layer, plane, where)
+            instances = instances.reshape((1,) * len(plane) + instances.shape)
         self._derived = {c: d for c, d in self._derived.items() if c in self._viewer.layers and d in self._viewer.layers}
         made = self._derived.get(layer)
         if made is not None:  # its name as it is now (the user's, maybe)
             made.metadata = kwargs["metadata"]
-            place(made, placement(layer))
-            made.data = instances
+            made.data = instances  # first: a new shape, then its place (napari checks scale against ndim)
+            place(made, where)
             return
-        made = self._viewer.add_labels(instances, **kwargs, **placement(layer))
+        made = self._viewer.add_labels(instances, **kwargs, **where)
         made.contour = 2
         self._derived[layer] = made
 

@@ -42,7 +42,8 @@ from .common import (WidgetInputError, add_layers_in_turns, device_choices, foll
                      start_worker, step_from_own_value, warm_label_visuals)
 from .dock import ScrollingDock
 from .layers import (METADATA_KEY, class_labels_kwargs, image_layers, instance_labels_kwargs, legend_html,
-                     pick_classes_from, pixel_size_um, placement, replace_instances, with_origin, wrapping_label)
+                     pick_classes_from, pixel_size_um, placement, plane_placement, replace_instances, shown_plane,
+                     with_origin, wrapping_label)
 from .model_list import DEFAULT_MODEL, FILE_MODEL, follow_trained_models, trained_models
 from .view_regions import drawn_shape, field_of_view, inside, region_placement, shapes_layers
 from .torch_import import import_torch_dynamo
@@ -728,14 +729,6 @@ def with_notes(summary: str, notes: list[str]) -> str:
     return summary + "".join(f"\n\nNote: {note}" for note in notes)
 
 
-def shown_plane(viewer, layer, leading: int) -> tuple[int, ...]:
-    """The index, on a stack's ``leading`` axes, of the plane of ``layer`` the viewer shows (its
-    sliders' position, within the stack)."""
-    point = np.asarray(layer.world_to_data(viewer.dims.point[-layer.ndim:]), float)
-    shape = layer.data.shape
-    return tuple(int(min(max(round(point[i]), 0), shape[i] - 1)) for i in range(leading))
-
-
 def plane_said(viewer, layer, plane: tuple[int, ...]) -> str:
     """Which plane of a stack was segmented, in the terms of napari's sliders."""
     labels = [str(label) for label in list(viewer.dims.axis_labels)[-layer.ndim:]]
@@ -743,21 +736,6 @@ def plane_said(viewer, layer, plane: tuple[int, ...]) -> str:
     axes = ", ".join(f"{named[i]} at {k} of 0-{layer.data.shape[i] - 1}" for i, k in enumerate(plane))
     return (f"'{layer.name}' is a stack: the image shown ({axes}) was segmented, and its result shows on that "
             "image only. Move the slider and Segment again for another.")
-
-
-def plane_placement(layer, plane: tuple[int, ...], where: dict) -> dict:
-    """``where`` (a 2-D result's placement on ``layer``) for a result of one ``plane`` of the stack
-    ``layer``: one step thick on each stack axis, at that plane, so it shows there only."""
-    full = placement(layer, ndim=layer.ndim)
-    lead = len(plane)
-    scale = tuple(full["scale"][:lead])
-    placed = {"scale": scale + tuple(where["scale"]),
-              "translate": tuple(t + s * k for t, s, k in zip(full["translate"][:lead], scale, plane))
-              + tuple(where["translate"]),
-              "units": tuple(full["units"][:lead]) + tuple(where["units"])}
-    if "affine" in full:
-        placed["affine"] = full["affine"]
-    return placed
 
 
 def _on_grid(value, where: dict):
