@@ -84,10 +84,34 @@ def test_a_dataset_folder_image_segments_and_scores_against_its_own_ground_truth
     assert segment.run(threaded=False) is not None, segment.status.value
     assert viewer.layers["train_1_005 segmentation"].data.shape == (256, 256)
     _, metrics = viewer.window.add_plugin_dock_widget(PLUGIN, "Metrics")
-    metrics.prediction.value = viewer.layers["train_1_005 segmentation"]
-    metrics.ground_truth.value = viewer.layers["train_1_005 ground truth"]
+    # chosen by themselves: the result, its own image's ground truth and annotated nuclei
+    assert metrics.prediction.value is viewer.layers["train_1_005 segmentation"]
+    assert metrics.ground_truth.value is viewer.layers["train_1_005 ground truth"]
+    assert metrics.gt_instances.value is viewer.layers["train_1_005 instances"]
     result = metrics.compute()
     assert result is not None and result["overall"]["nucleus_dice"] > 0.6, metrics.summary.value
+
+
+def test_metrics_docked_first_takes_segments_result_and_the_samples_ground_truth(make_napari_viewer):
+    """The sample, Metrics docked, then Segment run: both boxes had stayed on the sample's ground
+    truth ('Prediction and ground truth are the same layer') and its nuclei were derived by a
+    watershed; now Segment's result, the ground truth and its annotated nuclei are chosen, and a
+    box the user set stays."""
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "consep")
+    _, metrics = viewer.window.add_plugin_dock_widget(PLUGIN, "Metrics")
+    truth = viewer.layers["CoNSeP ground truth"]
+    assert metrics.ground_truth.value is truth and metrics.gt_instances.value is viewer.layers["CoNSeP instances"]
+    _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    segment.device.value = "cpu"
+    assert segment.run(threaded=False) is not None, segment.status.value
+    assert metrics.prediction.value is segment.last_layer and metrics.ground_truth.value is truth
+    assert metrics.pred_instances.value is segment.last_instances_layer
+    result = metrics.compute()
+    assert result is not None and result["overall"]["nucleus_dice"] > 0.8, metrics.summary.value
+    metrics.gt_instances.value = None  # the user's choice: derived; a new layer leaves it so
+    viewer.add_labels(np.zeros(truth.data.shape, np.int32), name="painted")
+    assert metrics.gt_instances.value is None and metrics.prediction.value is segment.last_layer
 
 
 def test_labels_save_through_napari_with_both_writers(make_napari_viewer, tmp_path):

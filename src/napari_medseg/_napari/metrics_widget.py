@@ -120,6 +120,9 @@ class MetricsWidget(ScrollingDock):
         self._picked = None  # the predicted nuclei ``_pick_instances`` chose (not the user)
         self._stale = None  # a prediction painted since its nuclei were made
         self.reset_choices()
+        self._auto = {"prediction": self.prediction.value, "ground_truth": self.ground_truth.value,
+                      "gt_instances": self.gt_instances.value}  # magicgui's first choices, not the user's
+        self._pick_layers()
         self._pick_instances()
         self.visible_classes.value = list(self.visible_classes.choices)
 
@@ -138,9 +141,41 @@ class MetricsWidget(ScrollingDock):
         """A new layer among the choices; the prediction's own nuclei where they are it (Segment
         adds its class map first, its nuclei a turn later)."""
         self.reset_choices()
+        self._pick_layers()
         chosen = self.pred_instances.value
         if chosen is self._picked:
             self._pick_instances()  # a layer the user chose stays, 'derive' too
+
+    def _pick_layers(self) -> None:
+        """Boxes the user has not set: Segment's newest result as the prediction, a ground truth
+        that is another layer (a file's or sample's '<name> ground truth' / '<name> labels' first),
+        and that ground truth's own annotated nuclei ('<name> instances'). Both boxes had shown the
+        first class map: 'the same layer' on the sample, and Segment's result never chosen."""
+        layers = self._class_layers()
+        if not layers:
+            return
+        results = [layer for layer in layers if layer.name.endswith(" segmentation")]
+        if results and self.prediction.value is self._auto["prediction"]:
+            self.prediction.value = self._auto["prediction"] = results[-1]
+        prediction = self.prediction.value
+        if self.ground_truth.value is self._auto["ground_truth"] or self.ground_truth.value is prediction:
+            others = [layer for layer in layers if layer is not prediction]
+            if prediction is not None:  # of the prediction's size; its own image's first ('<image> ground truth')
+                others = [layer for layer in others if layer.data.shape == prediction.data.shape]
+            image = prediction.name[:-len(" segmentation")] if prediction is not None and \
+                prediction.name.endswith(" segmentation") else None
+            own = [layer for layer in others if image and layer.name in (f"{image} ground truth", f"{image} labels")]
+            annotated = [layer for layer in others if layer.name.endswith((" ground truth", " labels"))]
+            truth = (own or annotated or others or [self.ground_truth.value])[0]
+            self.ground_truth.value = self._auto["ground_truth"] = truth
+        truth = self.ground_truth.value
+        if self.gt_instances.value is self._auto["gt_instances"] and truth is not None:
+            twin = next((truth.name[:-len(end)] for end in (" ground truth", " labels") if truth.name.endswith(end)),
+                        None)
+            own = [layer for _name, layer in self._instance_choices()
+                   if twin and layer is not None and layer.name == f"{twin} instances"
+                   and layer.data.shape == truth.data.shape]
+            self.gt_instances.value = self._auto["gt_instances"] = own[0] if own else None
 
     def _pick_instances(self, *_):
         """Segment's own nuclei ('<image> nuclei' beside its '<image> segmentation') as the predicted
