@@ -275,10 +275,9 @@ def test_a_files_labels_are_measured_with_its_instances_and_image(make_napari_vi
     assert widget.image_layer.value is None
 
 
-def test_segments_result_on_a_pannuke_patch_is_measured_with_its_plane(make_napari_viewer, tmp_path, consep):
-    """A fold opened, Segment run on the patch shown, Objects on its result: the result (one plane
-    of the stack) had been refused against its own nuclei ('(256, 256)' vs '(1, 256, 256)'); now
-    measured with them and with that patch of the image, in µm² (PanNuke is 0.25 µm/px)."""
+def _consep_fold(folder_path, consep) -> list:
+    """A PanNuke fold (images.npy, masks.npy, types.npy) of three CoNSeP patches written to
+    ``folder_path``; the patches, in order."""
     from napari_medseg.io.dataset import open_dataset
 
     folder = open_dataset(consep)
@@ -288,9 +287,17 @@ def test_segments_result_on_a_pannuke_patch_is_measured_with_its_plane(make_napa
         for c in range(1, 5):
             masks[i, ..., c - 1] = np.where(s.labels == c, s.instances, 0)
         masks[i, ..., 5] = s.labels == 0
-    np.save(tmp_path / "images.npy", np.stack([s.image for s in samples]).astype(np.float64))
-    np.save(tmp_path / "masks.npy", masks)
-    np.save(tmp_path / "types.npy", np.array(["Colon"] * 3))
+    np.save(folder_path / "images.npy", np.stack([s.image for s in samples]).astype(np.float64))
+    np.save(folder_path / "masks.npy", masks)
+    np.save(folder_path / "types.npy", np.array(["Colon"] * 3))
+    return samples
+
+
+def test_segments_result_on_a_pannuke_patch_is_measured_with_its_plane(make_napari_viewer, tmp_path, consep):
+    """A fold opened, Segment run on the patch shown, Objects on its result: the result (one plane
+    of the stack) had been refused against its own nuclei ('(256, 256)' vs '(1, 256, 256)'); now
+    measured with them and with that patch of the image, in µm² (PanNuke is 0.25 µm/px)."""
+    samples = _consep_fold(tmp_path, consep)
     viewer = make_napari_viewer()
     viewer.open(str(tmp_path), plugin=PLUGIN)
     viewer.dims.set_current_step(0, 1)
@@ -315,18 +322,7 @@ def test_a_pannuke_folds_ground_truth_is_measured_at_the_patch_shown(make_napari
     """The fold's ground truth (a stack of patches) had been refused ('segment the image shown');
     now the patch the viewer shows is measured with its own annotated nuclei and image, and a
     row of the table brings the view back to that patch."""
-    from napari_medseg.io.dataset import open_dataset
-
-    folder = open_dataset(consep)
-    samples = [folder.load(s) for s in folder.stems[:3]]
-    masks = np.zeros((3, 256, 256, 6))
-    for i, s in enumerate(samples):
-        for c in range(1, 5):
-            masks[i, ..., c - 1] = np.where(s.labels == c, s.instances, 0)
-        masks[i, ..., 5] = s.labels == 0
-    np.save(tmp_path / "images.npy", np.stack([s.image for s in samples]).astype(np.float64))
-    np.save(tmp_path / "masks.npy", masks)
-    np.save(tmp_path / "types.npy", np.array(["Colon"] * 3))
+    samples = _consep_fold(tmp_path, consep)
     viewer = make_napari_viewer()
     viewer.open(str(tmp_path), plugin=PLUGIN)
     truth = next(layer for layer in viewer.layers if layer.name.endswith("ground truth"))
