@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -243,7 +244,7 @@ def _predict_slides(args) -> int:
     from .inference.regions import Region, TissueSettings
     from .inference.slide import predict_slide
     from .io.images import file_stem
-    from .io.outputs import OutputWriteError, check_not_input, check_unique_stems
+    from .io.outputs import OutputWriteError, check_given_once, check_not_input, check_unique_stems
     from .io.slide_outputs import check_no_slide_results
     from .io.slides import is_slide_path, open_slide
     from .memory import limit_allocator_arenas
@@ -267,6 +268,7 @@ def _predict_slides(args) -> int:
     out = Path(args.out)
     check_not_input(out, slides, ())
     # before hours of work on the first slide: a later one would be refused, or overwrite it
+    check_given_once(slides, out, file_stem, "slide")
     check_unique_stems(slides, file_stem)
     for path in slides:
         check_no_slide_results(out, file_stem(path))
@@ -712,9 +714,51 @@ def cmd_web(args) -> int:
                           'pip install "napari-medseg[web]"') from exc
     if args.models and not Path(args.models).is_dir():
         raise MedsegError(f"--models: '{args.models}' is not a folder.")
+    _check_can_listen(args.host, args.port)
     print(f"napari-medseg web: http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
     serve(args.host, args.port, args.models, args.device, backend=args.backend)
     return 0
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """Refuses a host this machine cannot listen on, or a port in use, before Gradio starts: it
+    had said 'Cannot find empty port ... launch()' for both, after the models had been set up."""
+    import socket
+
+    address = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1], as a browser writes it
+    try:
+        family, _, _, _, where = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM,
+                                                    flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise MedsegError(f"--host {host}: not an address or name this machine can resolve ({exc}); use 127.0.0.1 "
+                          "(this machine only, the default), 0.0.0.0 (the network) or one of its addresses.") from exc
+    _check_port_free(family, where, host)
+    if where[0] != "127.0.0.1":  # Gradio checks the port there too, whatever the host
+        _check_port_free(socket.AF_INET, ("127.0.0.1", port), "127.0.0.1")
+
+
+def _check_port_free(family, where: tuple, host: str) -> None:
+    """Binds a socket to ``where`` as the server will (then closes it); its failure in words."""
+    import errno
+    import socket
+
+    port = where[1]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        if os.name != "nt":  # as the server binds: a port left in TIME_WAIT by a stopped server is free
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(where)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise MedsegError(f"port {port} on {host} is in use (another server, or an earlier medseg web "
+                                  "still running); choose another with --port.") from exc
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise MedsegError(f"--host {host} is not an address of this machine; use 127.0.0.1 (this machine "
+                                  "only, the default), 0.0.0.0 (the network) or one of its addresses.") from exc
+            if exc.errno == errno.EACCES:
+                raise MedsegError(f"port {port} on {host}: not allowed ({exc.strerror}; ports under 1024 need "
+                                  "administrator rights); choose another with --port.") from exc
+            raise MedsegError(f"cannot listen on {host} port {port}: {exc.strerror or exc}.") from exc
 
 
 def _instance_options(parser, model: bool = False) -> None:
@@ -944,6 +988,23 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is, so that every ``finally`` and temp-file cleanup runs."""
 
 
+# options whose value is comma-separated numbers, the first of which may be negative: argparse
+# takes '-10,0,100,100' for an option of its own ('--region: expected one argument')
+NUMBER_LIST_OPTIONS = ("--region", "--class-weights")
+NEGATIVE_NUMBER = re.compile(r"-\.?\d")
+
+
+def _negative_values_joined(argv: list[str]) -> list[str]:
+    """``--region -10,0,100,100`` as ``--region=-10,0,100,100``, which argparse reads as its value
+    (then said inside or outside the slide like any region); nothing after ``--`` is touched."""
+    words, i = list(argv), 0
+    while i < len(words) - 1 and words[i] != "--":
+        if words[i] in NUMBER_LIST_OPTIONS and NEGATIVE_NUMBER.match(words[i + 1]):
+            words[i:i + 2] = [f"{words[i]}={words[i + 1]}"]
+        i += 1
+    return words
+
+
 def _on_sigterm(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
     raise Terminated()
@@ -955,7 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
     Ctrl-C and SIGTERM end it cleanly: no temp file is left behind, nothing half-written is visible."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub download
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_negative_values_joined(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # --help, or a bad argument: argparse has printed why
         return exc.code
     # only where no one else handles SIGTERM (signals can be set in the main thread only)

@@ -7,7 +7,7 @@
 * Never into an input: an output folder that is a dataset folder, or that would overwrite one of
   the inputs, is refused (``check_not_input``).
 * One stem, one output: two inputs with the same stem would write the same output file
-  (``check_unique_stems``).
+  (``check_unique_stems``), and neither would one input named twice (``check_given_once``).
 * ``classes.json`` is never silently replaced by other classes (``claim_classes``).
 * Disk full: ``reserve`` allocates a file's bytes up front, so a memory map never meets a full
   disk half-way (SIGBUS) and the message names the file.
@@ -147,6 +147,21 @@ def check_unique_stems(files: list[Path], stem) -> None:
                 f"{seen[key]} and {file} share the name '{key}', so their results would overwrite each other. "
                 "Rename one of them or segment them into different output folders.")
         seen.setdefault(key, file)
+
+
+def check_given_once(files: list[Path], out: Path, stem, what: str = "file") -> None:
+    """Refuses a file named twice (as written, or by two paths to it) before any work: the second
+    had been refused, or segmented again, only once the first was done (whole slides: hours)."""
+    seen: dict[Path, Path] = {}
+    for file in files:
+        first = seen.setdefault(_resolved(file), file)
+        if first is file:
+            continue
+        if str(first) == str(file):
+            raise OutputFolderError(f"{file} is given twice: both would write {out / stem(file)}*. "
+                                    f"Give each {what} once.")
+        raise OutputFolderError(f"{first} and {file} are the same file ({_resolved(file)}): it would be segmented "
+                                f"twice. Give each {what} once.")
 
 
 def claim_classes(out: Path, classes: list[str], results: tuple[str, ...], flag: str = "--out") -> bool:

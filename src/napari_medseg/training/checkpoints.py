@@ -5,6 +5,7 @@ for write access and free space before training starts."""
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,33 @@ def check_output_dir(out_dir: Path, need_bytes: int = 0) -> None:
                 f"Not enough free space in '{out_dir}': checkpoints need about {need_bytes / 1e6:.0f} MB, "
                 f"{free / 1e6:.0f} MB are free."
             )
+
+
+def _missing_folders(out_dir: Path) -> list[Path]:
+    """The folders of ``out_dir``'s path (itself first) that do not exist yet."""
+    missing = []
+    for folder in (out_dir.absolute(), *out_dir.absolute().parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+@contextmanager
+def removed_if_failed_empty(out_dir: Path):
+    """Runs the block; where it fails, removes the folders it made for ``out_dir`` that are still
+    empty: ``check_output_dir`` makes the folder before the data is read, and a run refused for its
+    data had left an empty ``runs/<name>/`` behind."""
+    made = _missing_folders(out_dir)
+    try:
+        yield
+    except BaseException:
+        for folder in made:  # the deepest first: a parent is empty only once its child is gone
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (the run wrote there), or not ours to remove: kept
+                break
+        raise
 
 
 def estimated_bytes(model: torch.nn.Module, half: bool, with_resume: bool = True) -> int:

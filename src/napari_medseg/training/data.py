@@ -40,6 +40,16 @@ def _load_pannuke(path: str, in_channels: int) -> tuple[list[LabelledImage], lis
     return items, list(PANNUKE_CLASSES)
 
 
+def check_dataset_exists(path: str | Path, setting: str) -> None:
+    """Refuses a dataset path that names nothing, saying the absolute path looked at: a relative
+    path is read from the current folder, not the config's (a config run from elsewhere misses it)."""
+    if Path(path).exists():
+        return
+    where = Path(path).absolute()
+    relative = "" if Path(path).is_absolute() else f" (relative paths are read from the current folder {Path.cwd()})"
+    raise DatasetError(f"Dataset '{path}' ({setting}) does not exist: no folder {where}{relative}.")
+
+
 def load_dataset_folders(paths: list[str], group_pattern: str, in_channels: int = 3,
                          progress=None) -> tuple[list[LabelledImage], list[str]]:
     """Read every labelled sample of one or more dataset folders (or PanNuke folds) that share a class list."""
@@ -51,8 +61,7 @@ def load_dataset_folders(paths: list[str], group_pattern: str, in_channels: int 
     classes: list[str] | None = None
     folders = []
     for p in paths:
-        if not Path(p).exists():
-            raise DatasetError(f"Dataset '{p}' does not exist.")
+        check_dataset_exists(p, "data.dataset")
         if is_pannuke_fold(p) and not _holds_samples(Path(p)):
             fold_items, fold_classes = _load_pannuke(p, in_channels)
             if classes is not None and fold_classes != classes:

@@ -33,7 +33,7 @@ import numpy as np
 from ..io.dataset import DatasetError, open_dataset
 from ..io.images import to_rgb_float
 from .config import DatasetSpec
-from .data import LabelledImage, split_by_group
+from .data import LabelledImage, check_dataset_exists, split_by_group
 
 BINARY_BACKGROUND = 254  # a binary set's background pixel
 BINARY_NUCLEUS = 255  # a binary set's nucleus pixel: some nucleus class, which one unknown
@@ -76,8 +76,7 @@ def load_mixed_sets(specs: list[DatasetSpec], group_pattern: str, in_channels: i
                            "validation reports sets by folder name, so give them different names.")
     folders = []
     for spec in specs:
-        if not Path(spec.path).exists():
-            raise DatasetError(f"Dataset '{spec.path}' (data.datasets) does not exist.")
+        check_dataset_exists(spec.path, "data.datasets")
         folders.append((spec, open_dataset(spec.path, require_labels=True)))
     classes = None
     for spec, folder in folders:

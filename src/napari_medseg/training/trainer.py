@@ -13,6 +13,7 @@ early stopping), checkpoints.py (the files written), loop.py (the epochs), valid
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 from typing import Callable
@@ -20,7 +21,7 @@ from typing import Callable
 import torch
 
 from ..devices import resolve_device
-from .checkpoints import CheckpointWriter, check_output_dir, estimated_bytes
+from .checkpoints import CheckpointWriter, check_output_dir, estimated_bytes, removed_if_failed_empty
 from .config import AVERAGED_NAME, BEST_NAME, TrainConfig, average_partner
 from .data import LabelledImage, normalization_stats
 from .distributed import DistContext, init_distributed
@@ -50,8 +51,11 @@ def train(cfg: TrainConfig, on_update: Callable[[object], None] | None = None,
     ctx, device_name = init_distributed(cfg.device)
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     threads_before = torch.get_num_threads()
+    # a run that fails before writing anything leaves no empty out_dir (rank 0 makes it)
+    kept_tidy = removed_if_failed_empty(Path(cfg.out_dir)) if ctx.is_main else contextlib.nullcontext()
     try:
-        return _train(copy.deepcopy(cfg), on_update, should_stop, items, ctx, device_name)
+        with kept_tidy:
+            return _train(copy.deepcopy(cfg), on_update, should_stop, items, ctx, device_name)
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
         torch.set_num_threads(threads_before)
