@@ -47,7 +47,7 @@ def test_manifest_commands_point_to_real_callables():
 
     manifest = PluginManifest.from_distribution("napari-medseg")
     assert {w.display_name for w in manifest.contributions.widgets} == {"Segment", "Metrics", "Objects", "Train"}
-    assert {w.display_name for w in manifest.contributions.writers} == {"QuPath GeoJSON (nuclei outlines)", "label TIFF"}
+    assert {w.display_name for w in manifest.contributions.writers} == {"QuPath GeoJSON (outlines)", "label TIFF"}
     for command in manifest.contributions.commands:
         module, _, attr = command.python_name.partition(":")
         mod = __import__(module, fromlist=[attr])

@@ -339,7 +339,7 @@ def _assert_save_refused(viewer, layer, target, fragments, tmp_path, monkeypatch
         else:  # File > Save Selected Layers, the plugin's format chosen: napari's notification shows this
             from qtpy.QtWidgets import QFileDialog
 
-            chosen = ("napari-medseg QuPath GeoJSON (nuclei outlines) (*.geojson)" if target.suffix == ".geojson"
+            chosen = ("napari-medseg QuPath GeoJSON (outlines) (*.geojson)" if target.suffix == ".geojson"
                       else "napari-medseg label TIFF (*.tif *.tiff)")
             monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(target), chosen))
             viewer.window._qt_viewer._save_layers_dialog(selected=True)

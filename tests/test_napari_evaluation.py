@@ -215,8 +215,8 @@ def test_a_regions_result_is_scored_against_the_truth_of_that_region(make_napari
     viewer.open_sample("napari-medseg", "consep")
     _, seg = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
     seg.device.value = "cpu"
-    # drawn in µm, the sample's units (0.25 µm/px): pixels (64, 32) to (191, 191)
-    shapes = viewer.add_shapes([np.array([[64, 32], [64, 191], [191, 191], [191, 32]]) * 0.25], shape_type="rectangle")
+    # drawn in µm, the sample's units (0.25 µm/px): from pixel (64, 32) up to (192, 192), its far edges out
+    shapes = viewer.add_shapes([np.array([[64, 32], [64, 192], [192, 192], [192, 32]]) * 0.25], shape_type="rectangle")
     seg.target.value, seg.shapes_layer.value = "drawn shape", shapes
     region = seg.run(threaded=False)
     assert region.data.shape == (128, 160) and region.metadata["medseg"]["origin"] == [64, 32]

@@ -202,13 +202,13 @@ def test_a_regions_result_is_measured_with_its_whole_image(make_napari_viewer):
     shapes = viewer.add_shapes([corners], shape_type="rectangle")
     seg.target.value, seg.shapes_layer.value = "drawn shape", shapes
     region = seg.run(threaded=False)
-    assert region.data.shape == (141, 141) and region.metadata["medseg"]["origin"] == [40, 60]
+    assert region.data.shape == (140, 140) and region.metadata["medseg"]["origin"] == [40, 60]
     _, obj = viewer.window.add_plugin_dock_widget(PLUGIN, "Objects")
     obj.class_layer.value, obj.image_layer.value = region, image
     assert obj.instance_layer.value is seg.last_instances_layer
     table = obj.measure()
     assert table is not None, obj.summary.value
-    by_hand = object_table(seg.last_instances_layer.data, region.data, CLASSES, image.data[40:181, 60:201])
+    by_hand = object_table(seg.last_instances_layer.data, region.data, CLASSES, image.data[40:180, 60:200])
     np.testing.assert_allclose(table["mean_intensity_r"], by_hand["mean_intensity_r"])
     np.testing.assert_allclose(table["centroid_y"], by_hand["centroid_y"] + 40)
     assert "mean_intensity_b" in obj.table.value["columns"]

@@ -180,7 +180,7 @@ def test_a_rethreshold_under_way_never_lands_in_the_next_runs_layers(make_napari
     viewer, seg = _segment_widget_on_the_sample(make_napari_viewer)
     whole = seg.run(threaded=False)
     assert whole.data.shape == (256, 256)
-    # drawn in µm, the sample's units (0.25 µm/px): pixels (100, 100) to (164, 164)
+    # drawn in µm, the sample's units (0.25 µm/px): pixels (100, 100) up to (164, 164), its far edges out
     shapes = viewer.add_shapes([np.array([[100, 100], [100, 164], [164, 164], [164, 100]]) * 0.25],
                                shape_type="rectangle")
     seg.target.value, seg.shapes_layer.value = "drawn shape", shapes
@@ -189,7 +189,7 @@ def test_a_rethreshold_under_way_never_lands_in_the_next_runs_layers(make_napari
     region = seg.run(threaded=False)  # ... when the rectangle is segmented
     qtbot.waitUntil(lambda: worker.is_running is False, timeout=10_000)
     qtbot.wait(300)
-    assert region.data.shape == (65, 65) and seg.last_instances_layer.data.shape == (65, 65)
+    assert region.data.shape == (64, 64) and seg.last_instances_layer.data.shape == (64, 64)
     assert tuple(region.translate) == (25.0, 25.0)  # (100, 100) px, in µm
 
 
@@ -237,8 +237,8 @@ def test_results_land_on_an_image_moved_with_the_transform_tool(make_napari_view
     seg.image_layer.value, seg.device.value = image, "cpu"
     whole = seg.run(threaded=False)
     assert np.allclose(whole.data_to_world((0, 0)), (40, 60))
-    # pixels (64, 32) to (191, 159) of the moved image (0.25 µm/px): from (56, 68) µm
-    shapes = viewer.add_shapes([(40, 60) + 0.25 * np.array([[64, 32], [64, 159], [191, 159], [191, 32]])],
+    # pixels (64, 32) up to (192, 160) of the moved image (0.25 µm/px): from (56, 68) µm
+    shapes = viewer.add_shapes([(40, 60) + 0.25 * np.array([[64, 32], [64, 160], [192, 160], [192, 32]])],
                                shape_type="rectangle")
     seg.target.value, seg.shapes_layer.value = "drawn shape", shapes
     region = seg.run(threaded=False)

@@ -161,8 +161,15 @@ def test_cancel_while_the_runtime_is_checked_stops_the_check(make_napari_viewer,
     viewer = make_napari_viewer()
     viewer.add_image(read_image(consep / "images" / "train_3_000.png"), name="patch")
     widget = _widget(viewer, shutil.copy(tiny_checkpoint, tmp_path / "unchecked.safetensors"))
+
+    def command(process) -> str:  # a child ended by an earlier test (a zombie until reaped) has none
+        try:
+            return " ".join(process.cmdline())
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            return ""
+
     checks = lambda: [p for p in psutil.Process().children(recursive=True)  # noqa: E731
-                      if "napari_medseg.inference.runtime_record" in " ".join(p.cmdline())]
+                      if "napari_medseg.inference.runtime_record" in command(p)]
     worker = widget.run()
     qtbot.waitUntil(lambda: len(checks()) == 1, timeout=10_000)
     (check,) = checks()

@@ -143,7 +143,7 @@ def test_a_polygon_on_a_slide_and_results_never_overwritten(make_napari_viewer, 
     classes = widget.run(threaded=False)
     assert isinstance(classes, Labels), widget.status.value
     r = widget.last_slide_result.region
-    assert (r.x, r.y, r.x + r.width, r.y + r.height) == (1400, 300, 1801, 701)
+    assert (r.x, r.y, r.x + r.width, r.y + r.height) == (1400, 300, 1800, 700)
     full = np.asarray(classes.data[0])
     inside = polygon2mask(full.shape, pixels)
     assert full[inside].any() and not full[~inside].any()
@@ -207,7 +207,7 @@ def test_a_shape_over_an_ordinary_image_segments_that_crop(make_napari_viewer, c
     triangle = np.array([[100.0, 60.0], [300.0, 100.0], [180.0, 340.0]])
     rectangle.add_polygons([world(triangle)])
     labels = widget.run(threaded=False)
-    assert tuple(labels.translate) == (10.0 + 50.0, 20.0 + 30.0) and labels.data.shape == (201, 281)
+    assert tuple(labels.translate) == (10.0 + 50.0, 20.0 + 30.0) and labels.data.shape == (200, 280)
     inside = polygon2mask(labels.data.shape, triangle - (100, 60))
     assert labels.data[inside].any() and not labels.data[~inside].any()
 

@@ -352,7 +352,7 @@ def test_fine_tunes_on_a_corrected_region_result_with_its_whole_image(make_napar
     shapes = viewer.add_shapes([np.array([[40, 60], [40, 200], [180, 200], [180, 60]]) * 0.25], shape_type="rectangle")
     seg.target.value, seg.shapes_layer.value = "drawn shape", shapes
     region = seg.run(threaded=False)
-    assert region.data.shape == (141, 141) and tuple(region.translate) == (10, 15)  # (40, 60) px in µm
+    assert region.data.shape == (140, 140) and tuple(region.translate) == (10, 15)  # (40, 60) px in µm
     region.data_setitem((np.arange(20), np.arange(20)), 3)  # a correction
     _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Train")
     widget.source.value = FROM_LAYERS
@@ -363,12 +363,12 @@ def test_fine_tunes_on_a_corrected_region_result_with_its_whole_image(make_napar
     widget.crops_per_image.value = 2
     _fast(widget, tmp_path / "models", epochs=1, name="region")
     (tile,), classes = plan_training(widget.form()).items
-    np.testing.assert_array_equal(tile.image, to_rgb_float(image.data[40:181, 60:201], 3))
+    np.testing.assert_array_equal(tile.image, to_rgb_float(image.data[40:180, 60:200], 3))
     np.testing.assert_array_equal(tile.labels, region.data)
     done = widget.run(threaded=False)
     assert done is not None and done.checkpoint is not None, widget.status.value
     (preview,) = _preview_layers(viewer)
-    assert preview.data.shape == (141, 141)
+    assert preview.data.shape == (140, 140)
     np.testing.assert_allclose(preview.extent.world, region.extent.world)
     image.translate = (5, 5)  # no longer under the region
     assert widget.run(threaded=False) is None and "choose a Labels layer painted on this image" in widget.status.value

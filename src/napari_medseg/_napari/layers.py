@@ -95,8 +95,8 @@ def replace_instances(layer, instances: np.ndarray, kwargs: dict) -> None:
     """New nuclei for an instance layer, in place (it keeps its name, place and opacity), with
     the class colours, class names and metadata of ``kwargs`` (``instance_labels_kwargs``): new
     ids would otherwise take the colours and classes of the old ones."""
-    origin = recorded_origin(layer.metadata)  # the region it covers stays the same
-    layer.metadata = with_origin(kwargs, origin)["metadata"]
+    # the region it covers stays the same
+    layer.metadata = with_origin(kwargs, region_origin(layer.metadata), recorded_polygon(layer.metadata))["metadata"]
     if "colormap" in kwargs:
         layer.features = kwargs["features"]
         layer.colormap = kwargs["colormap"]
@@ -214,11 +214,15 @@ def plane_placement(layer, plane: tuple[int, ...], where: dict) -> dict:
     return placed
 
 
-def with_origin(kwargs: dict, origin: tuple[int, int] | None) -> dict:
+def with_origin(kwargs: dict, origin: tuple[int, int] | None, polygon=None) -> dict:
     """``kwargs`` (``class_labels_kwargs`` / ``instance_labels_kwargs``) with the ``(y, x)`` pixel of
-    the image where the map's first pixel lies (a region's corner), which exports add back."""
-    if origin is not None and any(origin):
+    the image where a region's map starts (its corner, which exports add back; (0, 0) too: a
+    region at the image's corner is still a region) and the ``(y, x)`` vertices of the polygon
+    drawn around it, in the map's own pixels (outside it the map is background, not a finding)."""
+    if origin is not None:
         kwargs["metadata"][METADATA_KEY]["origin"] = [int(origin[0]), int(origin[1])]
+    if polygon is not None:
+        kwargs["metadata"][METADATA_KEY]["polygon"] = np.asarray(polygon, float).round(3).tolist()
     return kwargs
 
 
@@ -229,13 +233,27 @@ def recorded_origin(metadata: dict) -> tuple[int, int]:
     return int(y), int(x)
 
 
+def region_origin(metadata: dict) -> tuple[int, int] | None:
+    """The origin of a region's map (``with_origin``); ``None`` for a map of a whole image."""
+    return recorded_origin(metadata) if "origin" in (metadata or {}).get(METADATA_KEY, {}) else None
+
+
+def recorded_polygon(metadata: dict) -> np.ndarray | None:
+    """The ``(y, x)`` vertices, in the map's own pixels, of the polygon a region's map was made
+    inside (``with_origin``); ``None`` for a rectangle's or a whole image's map."""
+    polygon = (metadata or {}).get(METADATA_KEY, {}).get("polygon")
+    return None if polygon is None else np.asarray(polygon, float).reshape(-1, 2)
+
+
 def region_in(result_layer, result_shape, whole_layer, whole_shape) -> tuple[slice, slice] | None:
     """Where a region's result (the Segment widget records its origin) lies in a layer of the whole
     image (its ground truth, the image itself): its rows and columns there, if it fits and both
     layers sit on the same place of the canvas; else ``None``. Shapes: (y, x)."""
-    y, x = recorded_origin(result_layer.metadata)
-    h, w = result_shape
-    if not (y or x) or y + h > whole_shape[0] or x + w > whole_shape[1]:
+    origin = region_origin(result_layer.metadata)
+    if origin is None:
+        return None
+    (y, x), (h, w) = origin, result_shape
+    if y + h > whole_shape[0] or x + w > whole_shape[1]:
         return None
     corner = np.asarray(result_layer.data_to_world((0, 0)), float)[-2:]
     if not np.allclose(corner, np.asarray(whole_layer.data_to_world((y, x)), float)[-2:], atol=1e-3):
@@ -318,3 +336,11 @@ def wrapping_label(**kwargs):
     # made the dock that tall; one line is the minimum, the wrapped height what it asks for
     label.native.setMinimumHeight(label.native.fontMetrics().lineSpacing())
     return label
+
+
+def shown_plane_words(viewer, layer, plane: tuple[int, ...]) -> str:
+    """Which image of a stack ``plane`` is, in the terms of napari's sliders: 'slider at 2 of 0-2'
+    (an unnamed axis, napari's default label a number such as -3) or the axis's own name."""
+    labels = [str(label) for label in list(viewer.dims.axis_labels)[-layer.ndim:]]
+    named = [label if not label.lstrip("-").isdigit() else "slider" for label in labels]
+    return ", ".join(f"{named[i]} at {k} of 0-{layer.data.shape[i] - 1}" for i, k in enumerate(plane))

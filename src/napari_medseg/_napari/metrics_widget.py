@@ -20,14 +20,16 @@ from ..evaluation.error_maps import ERROR_COLORS, ERROR_NAMES, error_counts, err
 from ..evaluation.ground_truth import (NUCLEUS_CLASSES, GroundTruth, compare_to_ground_truth,
                                        ground_truth_from_label_map, merged_classes)
 from ..evaluation.semantic import MetricsInputError
+from ..inference.regions import Region
 from ..io.tables import write_csv
 from .common import (CLASS_ID_LIMIT, warm_label_visuals, WidgetInputError, class_map_top, class_names, export_target,
                      numbered_classes, report_error, start_worker)
 from .dock import ScrollingDock
 from .fast_table import FastTable
 from .layers import (METADATA_KEY, class_colormap, in_memory_plane, labels_layers, layer_kind, legend_html,
-                     place, placement, region_in, wrapping_label)
+                     place, placement, recorded_polygon, region_in, wrapping_label)
 from .table_format import fixed_decimals
+from .view_regions import inside
 
 if TYPE_CHECKING:
     import napari
@@ -114,6 +116,7 @@ class MetricsWidget(ScrollingDock):
         self._class_legend = ""
         self._error_key = ""  # the shown overlay's colours and pixel counts (rich text, under the legend)
         self._instances_note = ""
+        self._region_note = ""  # what part of the ground truth a region's result is scored on
         self._worker = None
         self._watched: list = []
         self._timer = None
@@ -268,6 +271,9 @@ class MetricsWidget(ScrollingDock):
                 raise MetricsInputError(f"'{pred_layer.name}' has shape {pred.shape} but '{gt_layer.name}' {gt.shape}; "
                                         "compare a prediction with the ground truth of the same image.")
             gt = gt[region]  # a region's result: scored against the truth of that region
+        self._region_note, outside = self._scored_part(pred_layer, region, pred.shape)
+        if outside is not None:  # a polygon's result: the truth outside the polygon is not what it missed
+            gt = np.where(outside, 0, gt)
         pred_names = self._prediction_classes(pred_layer, pred, gt)
         mask_value = _mask_value(pred, class_names(gt_layer)) if class_names(pred_layer) is None else 0
         if mask_value:  # e.g. another tool's 0/255 mask: nuclei, not class 255 (nor all 'other')
@@ -277,9 +283,26 @@ class MetricsWidget(ScrollingDock):
         gt_inst = self.gt_instances.value
         if gt_inst is not None:
             truth.instances = _instance_map(gt_inst, gt_layer, whole_gt, under=pred_layer)[region]
+            if outside is not None:
+                truth.instances = np.where(outside, 0, truth.instances)
         pred_inst = self.pred_instances.value
         pred_instances = _instance_map(pred_inst, pred_layer, pred).copy() if pred_inst is not None else None
         return truth, pred.copy(), pred_names, pred_instances
+
+    @staticmethod
+    def _scored_part(pred_layer, region: tuple[slice, slice], shape: tuple[int, int]) -> tuple[str, np.ndarray | None]:
+        """What of the ground truth a region's result is scored on, in words, and the pixels outside
+        the polygon it was drawn inside (``None`` for a rectangle or a whole image)."""
+        if region[0].start is None:
+            return "", None
+        (rows, cols), (h, w) = region, shape
+        where = f"{w} x {h} px from ({rows.start}, {cols.start})"
+        polygon = recorded_polygon(pred_layer.metadata)
+        if polygon is None:
+            return f"Scored on the region '{pred_layer.name}' covers ({where}) only.", None
+        outside = ~inside(polygon, Region(0, 0, w, h))
+        return (f"Scored inside the polygon '{pred_layer.name}' was drawn in ({int((~outside).sum())} px of its "
+                f"{where}) only: the ground truth outside it is left out."), outside
 
     def _prediction_classes(self, layer, pred: np.ndarray, gt: np.ndarray) -> list[str]:
         """The prediction's class names: its own; unnamed, the ground truth's where its ids fit them,
@@ -398,7 +421,7 @@ class MetricsWidget(ScrollingDock):
         )
         merged = report.get("classes_merged")
         notes = [report["note"]] if report.get("note") else []
-        notes += [self._instances_note] if self._instances_note else []
+        notes += [note for note in (self._region_note, self._instances_note) if note]
         if notes:
             self.summary.value = "\n".join([*notes, self.summary.value])
         self._metrics_text = self.summary.value

@@ -20,8 +20,9 @@ from .dock import ScrollingDock
 from .fast_table import FastTable
 from .table_format import fixed_decimals
 from .layers import (METADATA_KEY, image_layers, in_memory_plane, instance_labels_kwargs, labels_layers, layer_kind,
-                     legend_html, pixel_size_um, place, placement, plane_placement, recorded_origin, region_in,
-                     shown_plane, with_origin, wrapping_label)
+                     legend_html, pixel_size_um, place, placement, plane_placement, recorded_origin, recorded_polygon,
+                     region_in, region_origin,
+                     shown_plane, shown_plane_words, with_origin, wrapping_label)
 
 if TYPE_CHECKING:
     import napari
@@ -93,11 +94,9 @@ def _matching(layer, class_layer, what: str, plane: tuple[int, ...] | None = Non
 
 
 def _plane_words(viewer, layer, plane: tuple[int, ...]) -> str:
-    """Which image of a stack was measured, in the terms of napari's sliders."""
-    labels = [str(label) for label in list(viewer.dims.axis_labels)[-layer.ndim:]]
-    axes = ", ".join(f"{'slider' if labels[i].lstrip('-').isdigit() else labels[i]} at {k} of 0-{layer.data.shape[i] - 1}"
-                     for i, k in enumerate(plane))
-    return f"\n\n'{layer.name}' is a stack: the image shown ({axes}) was measured. Move the slider and Measure again for another."
+    """Which image of a stack was measured."""
+    return (f"\n\n'{layer.name}' is a stack: the image shown ({shown_plane_words(viewer, layer, plane)}) was measured. "
+            "Move the slider and Measure again for another.")
 
 
 class ObjectsWidget(ScrollingDock):
@@ -338,7 +337,8 @@ class ObjectsWidget(ScrollingDock):
         """The nuclei derived from ``layer`` in a layer of their own: the one made for it before,
         updated in place (each Measure had added one more), else a new one. Of a stack's
         ``plane``: on that plane only."""
-        kwargs = with_origin(instance_labels_kwargs(f"{layer.name} instances"), origin)
+        kwargs = with_origin(instance_labels_kwargs(f"{layer.name} instances"), region_origin(layer.metadata),
+                             recorded_polygon(layer.metadata))
         where = placement(layer)
         if plane is not None:
             where = plane_placement(layer, plane, where)

@@ -273,10 +273,11 @@ def _recorded_labels_kwargs(name: str, record: dict, extra: dict) -> dict:
     else:  # a Labels layer made by hand: as napari shows one (a class map without names had every id hidden)
         kwargs = {"name": name, "metadata": {METADATA_KEY: {}}, **extra}
     origin = record.get("origin")
-    if origin and any(origin):
-        sy, sx = extra.get("scale", (1.0, 1.0))
-        kwargs["translate"] = (origin[0] * sy, origin[1] * sx)
-        with_origin(kwargs, tuple(origin))
+    if origin is not None:
+        if any(origin):
+            sy, sx = extra.get("scale", (1.0, 1.0))
+            kwargs["translate"] = (origin[0] * sy, origin[1] * sx)
+        with_origin(kwargs, tuple(origin), record.get("polygon"))
     return kwargs
 
 

@@ -43,6 +43,7 @@ from .common import (WidgetInputError, add_layers_in_turns, device_choices, foll
 from .dock import ScrollingDock
 from .layers import (METADATA_KEY, class_labels_kwargs, image_layers, instance_labels_kwargs, legend_html,
                      pick_classes_from, pixel_size_um, placement, plane_placement, replace_instances, shown_plane,
+                     shown_plane_words,
                      with_origin, wrapping_label)
 from .model_list import DEFAULT_MODEL, FILE_MODEL, follow_trained_models, trained_models
 from .view_regions import drawn_shape, field_of_view, inside, region_placement, shapes_layers
@@ -394,7 +395,8 @@ class SegmentWidget(ScrollingDock):
             # the layers (colour tables, class votes, features) are made here, off the GUI
             # thread, which then only adds them
             class_kwargs, instance_kwargs = _result_layer_kwargs(name, segmenter, labels, instances, where,
-                                                                 None if region is None else (region.y, region.x))
+                                                                 None if region is None else (region.y, region.x),
+                                                                 None if polygon is None else polygon - (region.y, region.x))
             # how the runtime was chosen ('openvino bf16 kept float32: ...') is said once per loaded
             # model, not under every run's counts, where it read as if this image had failed a check
             said_before = self._runtime_noted is segmenter
@@ -730,12 +732,9 @@ def with_notes(summary: str, notes: list[str]) -> str:
 
 
 def plane_said(viewer, layer, plane: tuple[int, ...]) -> str:
-    """Which plane of a stack was segmented, in the terms of napari's sliders."""
-    labels = [str(label) for label in list(viewer.dims.axis_labels)[-layer.ndim:]]
-    named = [label if not label.lstrip("-").isdigit() else "slider" for label in labels]  # napari's default: -3
-    axes = ", ".join(f"{named[i]} at {k} of 0-{layer.data.shape[i] - 1}" for i, k in enumerate(plane))
-    return (f"'{layer.name}' is a stack: the image shown ({axes}) was segmented, and its result shows on that "
-            "image only. Move the slider and Segment again for another.")
+    """Which plane of a stack was segmented."""
+    return (f"'{layer.name}' is a stack: the image shown ({shown_plane_words(viewer, layer, plane)}) was segmented, "
+            "and its result shows on that image only. Move the slider and Segment again for another.")
 
 
 def _on_grid(value, where: dict):
@@ -757,15 +756,17 @@ def _masked(array: np.ndarray | None, mask: np.ndarray | None) -> np.ndarray | N
 
 
 def _result_layer_kwargs(name: str, segmenter, labels: np.ndarray, instances: np.ndarray | None,
-                         where: dict, origin: tuple[int, int] | None = None) -> tuple[dict, dict | None]:
+                         where: dict, origin: tuple[int, int] | None = None,
+                         polygon: np.ndarray | None = None) -> tuple[dict, dict | None]:
     """The ``add_labels`` settings of a run's class map and nuclei, placed ``where`` on the canvas;
-    ``origin``: the image pixel of a region's corner, for exports (``with_origin``)."""
+    ``origin``: the image pixel of a region's corner, for exports, ``polygon``: the drawn polygon
+    in the region's pixels, for Metrics (``with_origin``)."""
     classes, colors = segmenter.classes, segmenter.meta.colors
-    class_kwargs = with_origin(class_labels_kwargs(f"{name} segmentation", classes, colors, **where), origin)
+    class_kwargs = with_origin(class_labels_kwargs(f"{name} segmentation", classes, colors, **where), origin, polygon)
     if instances is None:
         return class_kwargs, None
     return class_kwargs, with_origin(_nuclei_kwargs(f"{name} nuclei", classes, colors, labels, instances, **where),
-                                     origin)
+                                     origin, polygon)
 
 
 def _nuclei_kwargs(name: str, classes: list[str], colors, labels: np.ndarray, instances: np.ndarray,

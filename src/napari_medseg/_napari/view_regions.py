@@ -47,9 +47,16 @@ def to_pixels(layer, world_points) -> np.ndarray:
     return np.array([np.asarray(layer.world_to_data(point), float)[-2:] for point in world_points])
 
 
+# world -> pixel conversions leave float noise (255.99999999 for 256): a box edge is read to this
+EDGE_DECIMALS = 6
+
+
 def pixel_box(points: np.ndarray) -> Region:
-    """The pixels whose centres lie within the points' bounding box (a pixel's centre is at its index)."""
-    (y0, x0), (y1, x1) = np.ceil(points.min(0)).astype(int), np.floor(points.max(0)).astype(int) + 1
+    """The pixels whose centres lie in the points' bounding box, its far edges left out (a pixel's
+    centre is at its index): a box drawn from 0 to 256, or along pixel edges from -0.5 to 255.5,
+    holds 256 pixels a side, never 257 by a rounding that differs from side to side."""
+    box = np.round(np.asarray(points, float), EDGE_DECIMALS)
+    (y0, x0), (y1, x1) = np.ceil(box.min(0)).astype(int), np.ceil(box.max(0)).astype(int)
     return Region(int(x0), int(y0), int(x1 - x0), int(y1 - y0))
 
 
