@@ -57,7 +57,11 @@ def _shown(control) -> bool:
 
 
 def test_the_field_of_view_of_a_slide_becomes_lazy_label_pyramids(make_napari_viewer, slide_file, tiny_checkpoint,
-                                                                   tmp_path):
+                                                                   tmp_path, monkeypatch):
+    """A region too large to hold in memory (here: any) comes back as slide-sized lazy pyramids."""
+    from napari_medseg._napari import segment_widget
+
+    monkeypatch.setattr(segment_widget, "REGION_IN_MEMORY_PX", 0)
     viewer = make_napari_viewer()
     image, widget = _slide_widget(viewer, slide_file, tiny_checkpoint, tmp_path / "results")
     widget.target.value = FIELD_OF_VIEW
@@ -129,7 +133,9 @@ def _measuring_a_pyramid_says_where_its_tables_are(viewer, classes, folder) -> N
 def test_a_polygon_on_a_slide_and_results_never_overwritten(make_napari_viewer, slide_file, tiny_checkpoint,
                                                             tmp_path, monkeypatch):
     """A polygon drawn in µm over a placed slide: its bounding box is segmented, its outside is
-    background. The default results folder is new each run; a chosen one holding results is refused."""
+    background; the region comes back in memory, where it lies on the slide, and saves from the
+    viewer and measures in Objects (a slide-sized pyramid of it had been 'too large to save').
+    The default results folder is new each run; a chosen one holding results is refused."""
     monkeypatch.setenv("HOME", str(tmp_path))
     viewer = make_napari_viewer()
     image, widget = _slide_widget(viewer, slide_file, tiny_checkpoint)
@@ -144,11 +150,32 @@ def test_a_polygon_on_a_slide_and_results_never_overwritten(make_napari_viewer, 
     assert isinstance(classes, Labels), widget.status.value
     r = widget.last_slide_result.region
     assert (r.x, r.y, r.x + r.width, r.y + r.height) == (1400, 300, 1800, 700)
-    full = np.asarray(classes.data[0])
-    inside = polygon2mask(full.shape, pixels)
-    assert full[inside].any() and not full[~inside].any()
+    assert not classes.multiscale and classes.data.shape == (400, 400)
+    assert np.allclose(classes.data_to_world((0, 0)), _world((300, 1400)))
+    assert classes.metadata[METADATA_KEY]["origin"] == [300, 1400]
+    inside = polygon2mask(classes.data.shape, pixels - (300, 1400))
+    assert classes.data[inside].any() and not classes.data[~inside].any()
     first = tmp_path / "napari-medseg" / "results" / "synthetic"
     assert (first / "synthetic.zarr").is_dir() and not (first / "synthetic_nuclei.csv").exists()
+    store = zarr.open_group(str(first / "synthetic.zarr"), mode="r")
+    np.testing.assert_array_equal(classes.data, np.asarray(store["classes/0"])[300:700, 1400:1800])
+    viewer.layers.selection = {classes}
+    saved = tmp_path / "region.tif"
+    assert viewer.layers.save(str(saved), selected=True, plugin="napari-medseg") == [str(saved)]
+    from napari_medseg._napari.objects_widget import ObjectsWidget
+
+    painted = classes.data.copy()
+    painted[190:210, 140:160] = 1  # a nucleus painted in (the untrained model's blobs are specks)
+    classes.data = painted
+    objects = ObjectsWidget(viewer)
+    objects.class_layer.value, objects.instance_layer.value, objects.image_layer.value = classes, None, image
+    table = objects.measure(add_instances_layer=False)
+    assert table is not None and len(table["label"]) > 0, objects.summary.value
+    assert (table["centroid_y"] >= 300).all() and (table["centroid_x"] >= 1400).all()  # in the slide's pixels
+    painted_one = table["area"] == 400
+    assert painted_one.sum() == 1 and table["centroid_y"][painted_one][0] == pytest.approx(499.5)
+    slide_pixels = np.asarray(image.data[0][490:510, 1540:1560])  # its intensities: the slide's, read there
+    assert table["mean_intensity_r"][painted_one][0] == pytest.approx(slide_pixels[..., 0].mean(), rel=1e-4)
 
     widget.run(threaded=False)  # the same again: a new folder, the first one untouched
     assert (tmp_path / "napari-medseg" / "results" / "synthetic-2" / "synthetic.zarr").is_dir()

@@ -76,6 +76,8 @@ def _matching(layer, class_layer, what: str, plane: tuple[int, ...] | None = Non
     result on a PanNuke fold's shown patch) takes that plane of a stacked ``layer``; a stacked
     class map measured at its ``plane`` takes that plane of a stack like it."""
     shape = class_layer.data.shape
+    if getattr(layer, "multiscale", False):
+        return _region_of_pyramid(layer, class_layer)
     if plane is not None and layer.ndim == class_layer.ndim and tuple(layer.data.shape[:len(plane)]) == shape[:len(plane)]:
         data = in_memory_plane(layer, "measuring nuclei", plane=plane)
         shape = shape[len(plane):]
@@ -91,6 +93,18 @@ def _matching(layer, class_layer, what: str, plane: tuple[int, ...] | None = Non
         raise WidgetInputError(f"'{layer.name}' has shape {data.shape}, the class map '{class_layer.name}' "
                                f"{shape}; choose the {what} of the same 2-D image.")
     return data[region]
+
+
+def _region_of_pyramid(layer, class_layer) -> np.ndarray:
+    """The level-0 pixels of a slide (a pyramid) under a region's result that lies on it (Segment's
+    region of a slide, in memory): that region only is read. Any other map: refused, as a pyramid is."""
+    level0 = layer.data[0]
+    spatial = tuple(level0.shape[:-1] if getattr(layer, "rgb", False) else level0.shape)
+    shape = class_layer.data.shape
+    region = region_in(class_layer, shape, layer, spatial) if len(shape) == len(spatial) == 2 else None
+    if region is None:
+        in_memory_plane(layer, "measuring nuclei")  # says why a pyramid is not read whole
+    return np.asarray(level0[region])
 
 
 def _plane_words(viewer, layer, plane: tuple[int, ...]) -> str:

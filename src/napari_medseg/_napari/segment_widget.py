@@ -428,10 +428,17 @@ class SegmentWidget(ScrollingDock):
             nuclei=self.nuclei.value, min_object_size=self.min_object_size.value,
             max_hole_size=self.fill_holes.value, flag="results folder", threads=threads)
         where, name = placement(layer), layer.name
+        # a region small enough comes back as a map of its own, in memory: saved from the viewer,
+        # measured by Objects, scored by Metrics, like a region of an image (a slide-sized pyramid
+        # of a 0.26 Mpx region had been 'too large to save')
+        in_memory = region is not None and region.width * region.height <= REGION_IN_MEMORY_PX
+        region_where = region_placement(layer, region) if in_memory else None
 
         def job():
             result, model = yield from self._slide_process.run(slide_job)
-            return _SlideRun(result, model, layer, _labels_layers(*_slide_layer_args(result, model, name, where)))
+            args = (_slide_region_layer_args(result, model, name, region_where, polygon) if in_memory
+                    else _slide_layer_args(result, model, name, where))
+            return _SlideRun(result, model, layer, _labels_layers(*args))
 
         return job
 
@@ -672,6 +679,35 @@ def _slide_layer_args(result: SlideResult, model: SlideModelInfo, name: str, whe
     instance_kwargs["metadata"][METADATA_KEY]["results"] = folder
     return classes["data"], class_kwargs, nuclei["data"], instance_kwargs
 
+
+def _slide_region_layer_args(result: SlideResult, model: SlideModelInfo, name: str, where: dict,
+                             polygon: np.ndarray | None) -> tuple:
+    """``_labels_layers`` arguments for a slide run's region read into memory from its zarr store:
+    2-D maps of the region, placed ``where`` it lies on the slide, with its origin and polygon
+    recorded (``with_origin``) as a region of an image has them."""
+    import zarr
+
+    root = zarr.open_group(str(result.files["store"]), mode="r")
+    folder = str(result.files["store"].parent)
+    region = result.region
+    origin = (region.y, region.x)
+    inside = None if polygon is None else np.asarray(polygon, float) - origin
+    level0 = lambda group: np.asarray(pyramid_levels(group)[0][region.slices])  # noqa: E731
+    class_kwargs = with_origin(class_labels_kwargs(f"{name} segmentation", model.classes, model.colors, **where),
+                               origin, inside)
+    class_kwargs["metadata"][METADATA_KEY]["results"] = folder
+    if "instances" not in root:
+        return level0(root["classes"]), class_kwargs, None, None
+    votes = _slide_nucleus_classes(result.files.get("csv"), result.nuclei)
+    instance_kwargs = with_origin(instance_labels_kwargs(f"{name} nuclei", model.classes, model.colors, votes,
+                                                         **where), origin, inside)
+    instance_kwargs["metadata"][METADATA_KEY]["results"] = folder
+    return level0(root["classes"]), class_kwargs, level0(root["instances"]).astype(np.int32), instance_kwargs
+
+
+# a slide region at most this large (level-0 px) comes back in memory (~5 bytes a pixel: its
+# class map and nuclei), a 4096 x 4096 one in 84 MB; a larger one as lazy slide-sized pyramids
+REGION_IN_MEMORY_PX = 4096 * 4096
 
 # a slide run's nuclei take their class colours up to this many (a colour-table entry each, made
 # in Python: ~0.5 s for 50,000 in the worker); beyond, napari's random colours
