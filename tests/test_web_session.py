@@ -85,8 +85,10 @@ def test_ground_truth_kinds_are_told_apart(consep):
     assert mask.nucleus_only and mask.instances is None and mask.class_map.max() == 1
     by_ids = ground_truth_from_label_map(instances, classes)
     assert by_ids.nucleus_only and np.array_equal(by_ids.instances, instances)
-    with pytest.raises(MedsegError, match="differ"):
-        compare_to_ground_truth(labels, ["background", "a", "b"], ground_truth_from_label_map(labels, classes))
+    # other class names (another label set): nucleus vs background, both merged, said (it had been refused)
+    report = compare_to_ground_truth(labels, ["background", "a", "b", "c", "d"], ground_truth_from_label_map(labels, classes))
+    assert report["classes_merged"] and "are not the prediction's ['a', 'b', 'c', 'd']" in report["note"]
+    assert list(report["per_class"]) == ["background", "nucleus"] and report["overall"]["nucleus_dice"] == 1.0
 
 
 def test_bad_uploads_get_clear_messages(result, store, tmp_path):

@@ -17,7 +17,7 @@ from magicgui.widgets import CheckBox, ComboBox, FileEdit, PushButton, Select
 
 from ..errors import MedsegError
 from ..evaluation.error_maps import ERROR_COLORS, ERROR_NAMES, error_counts, error_map
-from ..evaluation.ground_truth import (NUCLEUS_CLASSES, GroundTruth, compare_to_ground_truth,
+from ..evaluation.ground_truth import (NUCLEUS_CLASSES, GroundTruth, as_scored, compare_to_ground_truth,
                                        ground_truth_from_label_map, merged_classes)
 from ..evaluation.semantic import MetricsInputError
 from ..inference.regions import Region
@@ -55,11 +55,6 @@ def _mask_value(pred: np.ndarray, truth_classes: list[str] | None) -> int:
     if top == 0 or np.any((pred != 0) & (pred != top)):
         return 0
     return top if top == 1 or (truth_classes is not None and top >= len(truth_classes)) or top == 255 else 0
-
-
-def _listed(names: list[str]) -> str:
-    """Class names for a message: an unnamed map's 200 numbered classes would fill the panel."""
-    return str(names) if len(names) <= 8 else f"{names[:4]} ... ({len(names) - 1} classes)"
 
 
 def _instance_map(layer, class_layer, class_map: np.ndarray, under=None) -> np.ndarray:
@@ -332,11 +327,7 @@ class MetricsWidget(ScrollingDock):
             class_map_top(layer.name, gt, names, instead=TRUTH_INSTEAD)
             if len(pred_names) == 2:  # a nucleus-only model's prediction, or a mask read so: nucleus vs background
                 return merged_classes(GroundTruth(gt, names), because=f"the prediction {mask + ' ' if mask else ''}names none")
-            if names != pred_names:
-                raise MetricsInputError(f"'{layer.name}' has classes {_listed(names)} but the prediction has "
-                                        f"{_listed(pred_names)}; compare layers that use the same classes (or "
-                                        "nucleus-only ground truth).")
-            return GroundTruth(gt, names)
+            return GroundTruth(gt, names)  # other classes than the prediction's: scored as nuclei (as_scored)
         if gt.min(initial=0) < 0:
             raise MetricsInputError(f"'{layer.name}' holds the negative id {int(gt.min())}; label ids are 0 "
                                     "(background) and up.")
@@ -352,9 +343,8 @@ class MetricsWidget(ScrollingDock):
     def _scored_maps(truth: GroundTruth, pred: np.ndarray, pred_names: list[str]):
         """(ground-truth class map, prediction, class names) as scored: classes merged into
         'nucleus' when the ground truth names none."""
-        if truth.nucleus_only and len(pred_names) > 2:
-            return truth.class_map, (pred > 0).astype(np.uint8), list(NUCLEUS_CLASSES)
-        return truth.class_map, pred, list(truth.classes) if truth.nucleus_only else pred_names
+        scored, truth, names, _ = as_scored(pred, pred_names, truth)
+        return truth.class_map, scored, names
 
     def _overlay_layer(self):
         return next((l for l in labels_layers(self._viewer) if layer_kind(l) == "errors"), None)

@@ -96,28 +96,43 @@ def merged_classes(truth: GroundTruth, because: str) -> GroundTruth:
                    reading=f"nucleus vs background: its classes {truth.classes[1:]} merged into 'nucleus', as {because}")
 
 
-def compare_to_ground_truth(pred: np.ndarray, pred_classes: list[str], truth: GroundTruth,
-                            pred_instances: np.ndarray | None = None,
-                            instance_settings: InstanceSettings | None = None) -> dict:
-    """``evaluate_maps`` of a prediction against ``truth``, classes merged when the truth names
-    none (``report["classes_merged"]``, ``report["note"]``), and the truth's classes merged when
-    the prediction names none (a nucleus-only model's: nucleus vs background)."""
+def _few(names) -> str:
+    """Class names for a message: a map's 200 numbered classes would fill the panel."""
+    names = list(names)
+    return str(names) if len(names) <= 8 else f"{names[:4]} ... ({len(names)} classes)"
+
+
+def as_scored(pred: np.ndarray, pred_classes: list[str], truth: GroundTruth) -> tuple[np.ndarray, GroundTruth, list[str], str]:
+    """The prediction, ground truth and class names as they are scored, and why they were merged
+    (empty if not): the truth's classes merged where the prediction names none (a nucleus-only
+    model's), the prediction's where the truth names none, both where they name others (PanNuke's
+    five classes against a CoNSeP model's: nuclei are still nuclei, per class they cannot be)."""
     pred = np.asarray(pred)
     if len(pred_classes) == 2 and not truth.nucleus_only:
         truth = merged_classes(truth, because="the prediction names none (a nucleus-only model's)")
-    merged = truth.nucleus_only and len(pred_classes) > 2
-    if merged:
-        pred, classes = (pred > 0).astype(np.uint8), list(NUCLEUS_CLASSES)
-    elif truth.nucleus_only or truth.classes == list(pred_classes):
-        classes = list(truth.classes)
-    else:
-        raise MetricsInputError(f"The ground truth's classes {truth.classes} differ from the prediction's "
-                                f"{list(pred_classes)}.")
-    report = evaluate_maps(truth.class_map, pred, classes, gt_instances=truth.instances,
+    why = ""
+    if not truth.nucleus_only and truth.classes != list(pred_classes):
+        why = (f"The ground truth's classes {_few(truth.classes[1:])} are not the prediction's "
+               f"{_few(pred_classes[1:])}: both were merged into 'nucleus' (nucleus vs background); per-class "
+               "scores need a ground truth with the model's classes.")
+        truth = replace(merged_classes(truth, because="the prediction's classes are others"), reading=truth.reading)
+    elif truth.nucleus_only and len(pred_classes) > 2:
+        why = ("The ground truth names no nucleus classes: the prediction's classes were merged into "
+               "'nucleus' (nucleus vs background).")
+    if truth.nucleus_only and len(pred_classes) > 2:
+        pred = (pred > 0).astype(np.uint8)
+    return pred, truth, list(truth.classes), why
+
+
+def compare_to_ground_truth(pred: np.ndarray, pred_classes: list[str], truth: GroundTruth,
+                            pred_instances: np.ndarray | None = None,
+                            instance_settings: InstanceSettings | None = None) -> dict:
+    """``evaluate_maps`` of a prediction against ``truth``, classes merged as ``as_scored`` says
+    (``report["classes_merged"]``: the prediction's were; ``report["note"]``: why)."""
+    scored, truth, classes, why = as_scored(pred, pred_classes, truth)
+    report = evaluate_maps(truth.class_map, scored, classes, gt_instances=truth.instances,
                            pred_instances=pred_instances, instance_settings=instance_settings)
-    report["classes_merged"] = merged
+    report["classes_merged"] = bool(why)
     read = f"The ground truth was read as {truth.reading}. " if truth.reading else ""
-    report["note"] = read + ("The ground truth names no nucleus classes: the prediction's classes were merged into "
-                             "'nucleus' (nucleus vs background)." if merged else "")
-    report["note"] = report["note"].strip()
+    report["note"] = (read + why).strip()
     return report
