@@ -56,7 +56,8 @@ def test_a_polygons_result_is_scored_inside_the_polygon_only(make_napari_viewer)
     metrics.gt_instances.value, metrics.pred_instances.value = truth_nuclei, nuclei
     report = metrics.compute()
     assert report is not None, metrics.summary.value
-    assert "inside the polygon" in metrics.summary.value and "left out" in metrics.summary.value
+    assert "Scored inside the polygon segmented only" in metrics.summary.value
+    assert "the ground truth outside the polygon is left out" in metrics.summary.value
 
     inside = polygon2mask((h, w), triangle - (y0, x0))
     box = (slice(y0, y0 + h), slice(x0, x0 + w))
@@ -90,7 +91,7 @@ def test_a_region_at_the_images_corner_is_scored_against_its_part_of_the_truth(m
     metrics.gt_instances.value, metrics.pred_instances.value = viewer.layers["CoNSeP instances"], nuclei
     report = metrics.compute()
     assert report is not None, metrics.summary.value
-    assert "128 x 96 px from (0, 0)" in metrics.summary.value
+    assert "Scored on the region segmented only (128 x 96 px from row 0, column 0" in metrics.summary.value
     expected = evaluate_maps(truth.data[:96, :128], region.data, list(truth.metadata["medseg"]["classes"]),
                              gt_instances=viewer.layers["CoNSeP instances"].data[:96, :128],
                              pred_instances=nuclei.data)

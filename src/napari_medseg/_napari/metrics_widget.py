@@ -291,13 +291,13 @@ class MetricsWidget(ScrollingDock):
         if region[0].start is None:
             return "", None
         (rows, cols), (h, w) = region, shape
-        where = f"{w} x {h} px from ({rows.start}, {cols.start})"
+        where = f"{w} x {h} px from row {rows.start}, column {cols.start}"
         polygon = recorded_polygon(pred_layer.metadata)
         if polygon is None:
-            return f"Scored on the region '{pred_layer.name}' covers ({where}) only.", None
+            return f"Scored on the region segmented only ({where} of the ground truth).", None
         outside = ~inside(polygon, Region(0, 0, w, h))
-        return (f"Scored inside the polygon '{pred_layer.name}' was drawn in ({int((~outside).sum())} px of its "
-                f"{where}) only: the ground truth outside it is left out."), outside
+        return (f"Scored inside the polygon segmented only ({int((~outside).sum())} px of its box, {where}): "
+                "the ground truth outside the polygon is left out."), outside
 
     def _prediction_classes(self, layer, pred: np.ndarray, gt: np.ndarray) -> list[str]:
         """The prediction's class names: its own; unnamed, the ground truth's where its ids fit them,
