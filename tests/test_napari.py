@@ -151,7 +151,7 @@ def test_reader_bad_files_raise_clear_errors_and_add_nothing(make_napari_viewer,
 def test_reader_declines_unknown_things(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     assert get_reader(str(tmp_path / "notes.txt")) is None
-    assert get_reader(str(tmp_path)) is None  # a plain folder
+    assert get_reader(str(tmp_path)) is None  # a plain folder without images
     np.save(tmp_path / "random.npy", np.zeros(3))
     assert get_reader(str(tmp_path / "random.npy")) is None
 

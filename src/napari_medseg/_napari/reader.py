@@ -31,7 +31,7 @@ def get_reader(path):
             return read_dataset_folder
         if is_pannuke_fold(p):
             return read_pannuke
-        return None
+        return read_image_folder if _image_files(p) else None
     if p.suffix.lower() == ".npy":
         return read_pannuke if is_pannuke_fold(p) else None
     if p.suffix.lower() in IMAGE_SUFFIXES + SLIDE_SUFFIXES:
@@ -43,6 +43,30 @@ def get_reader(path):
 LABEL_MAX_VALUES = 64
 LABEL_NAME_ENDINGS = ("_labels", "_label", "_mask", "_masks", "_instances")
 LABEL_FOLDERS = ("labels", "instances", "masks")
+
+
+# a plain folder opens as one layer per image file; more than this is a dataset to train or
+# predict on (`medseg predict FOLDER`), not to open at once (each file is read whole)
+FOLDER_MAX_IMAGES = 32
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The image and slide files directly in ``folder``, by name (hidden files left out)."""
+    suffixes = IMAGE_SUFFIXES + SLIDE_SUFFIXES
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in suffixes)
+
+
+def read_image_folder(path) -> list[tuple]:
+    """A plain folder of images (no labels/ beside them, not a PanNuke fold): each file a layer of
+    its own, as if they had been dropped together (napari had said only that no reader was found)."""
+    files = _image_files(Path(path))
+    if len(files) > FOLDER_MAX_IMAGES:
+        raise ValueError(f"'{Path(path).name}' holds {len(files)} images; napari-medseg opens up to "
+                         f"{FOLDER_MAX_IMAGES} of a folder at once. Open a few of them, or segment the folder with "
+                         f"`medseg predict {path} --out RESULTS` (or train on it as a dataset folder with "
+                         "images/ and labels/).")
+    return read_image_files(files)
 
 
 def read_image_files(path) -> list[tuple]:
