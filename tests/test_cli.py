@@ -45,7 +45,7 @@ def test_train_predict_evaluate_round_trip(small_consep, tmp_path, capsys):
     assert set(report["per_image"]) == set(written)
     assert 0.0 <= report["overall"]["pixel_accuracy"] <= 1.0
 
-    assert main(["info", str(ckpt)]) == 0
+    assert main(["info", str(ckpt), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["classes"][3] == "epithelial" and info["model"]["encoder"] == "resnet18"
 
@@ -85,8 +85,8 @@ def test_info_shows_how_the_default_was_trained():
     import subprocess
     import sys
 
-    shown = json.loads(subprocess.run([sys.executable, "-m", "napari_medseg", "info"], capture_output=True, text=True,
-                                      check=True).stdout)
+    shown = json.loads(subprocess.run([sys.executable, "-m", "napari_medseg", "info", "--json"], capture_output=True,
+                                      text=True, check=True).stdout)
     training = shown["training"]
     assert training["config"]["model"]["encoder"] == "mobilenet_v2" and training["best_epoch"] == 43
     assert training["history"]["epochs"] == 43 and training["history"]["best_epoch_record"]["epoch"] == 43

@@ -232,6 +232,6 @@ def test_evaluating_a_folder_that_lacks_some_predictions_says_how_to_make_them(c
     (pred / "labels").mkdir(parents=True)
     stem = sorted(p.stem for p in (consep / "labels").glob("*.tif"))[0]
     write_label_map(pred / "labels" / f"{stem}.tif", read_label_map(consep / "labels" / f"{stem}.tif"))
-    with pytest.raises(DatasetError, match=rf"lacks predictions for \d+ image\(s\): .*, \.\.\.; predict every image "
+    with pytest.raises(DatasetError, match=rf"lacks predictions for \d+ images: .*, \.\.\.; predict every image "
                                            rf"of the ground truth's folder: medseg predict {consep} --out {pred}"):
         evaluate_folders(pred, consep)

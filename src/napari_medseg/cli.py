@@ -396,7 +396,7 @@ def _undefined_as_null(value):
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation.report import evaluate_folders
+    from .evaluation.report import counted, evaluate_folders
 
     report = evaluate_folders(args.pred_dir, args.gt_dir, _instance_settings(args), progress=ProgressLine("evaluate"))
     if report.get("note"):
@@ -408,7 +408,7 @@ def cmd_evaluate(args) -> int:
     o = report["overall"]
     print(f"nucleus Dice {_fmt(o['nucleus_dice'])}  mIoU {_fmt(o['miou'])}  pixel accuracy {_fmt(o['pixel_accuracy'])}  "
           f"bPQ {_fmt(o['bpq'])}  mPQ {_fmt(o['mpq'])}  mPQ+ {_fmt(o['mpq_plus'])}  F1 {_fmt(o['f1'])}  "
-          f"AJI {_fmt(o['aji'])}  ({report['images']} images; aggregations in the JSON)")
+          f"AJI {_fmt(o['aji'])}  ({counted(report['images'], 'image')}; aggregations in the JSON)")
     # the table lists background too: say which rows the means are over
     print("mIoU and mPQ: means over the nucleus classes (background left out); F1: detection at IoU > 0.5, all nuclei")
     if args.json:
@@ -676,7 +676,13 @@ def cmd_tune_nuclei(args) -> int:
 def cmd_info(args) -> int:
     from .models import read_meta, resolve_model_path
 
-    meta = read_meta(resolve_model_path(args.model))
+    path = resolve_model_path(args.model)
+    meta = read_meta(path)
+    if not (args.json or args.history):  # a summary first: the whole record is ~600 lines of JSON
+        from .models.summary import checkpoint_summary
+
+        print("\n".join(checkpoint_summary(path, meta, args.model)))
+        return 0
     data = {k: v for k, v in meta.__dict__.items() if k != "training"}
     data["model"] = meta.model.to_dict()
     training = dict(meta.training or {})
@@ -936,10 +942,12 @@ def _add_tune_nuclei(sub) -> None:
 
 
 def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="print a checkpoint's metadata")
+    p = sub.add_parser("info", help="summarise a checkpoint: classes, pixel size, training, figures (--json: all)")
     p.add_argument("model", nargs="?", default="default",
                    help="'default' (the shipped model; the default) or a .safetensors checkpoint")
-    p.add_argument("--history", action="store_true", help="every epoch's record (default: the best epoch's)")
+    p.add_argument("--json", action="store_true", help="all the metadata as JSON (default: a short summary)")
+    p.add_argument("--history", action="store_true",
+                   help="with the JSON, every epoch's record (default: the best epoch's); implies --json")
     p.set_defaults(func=cmd_info)
 
 

@@ -59,6 +59,33 @@ def _instances_for(class_map: np.ndarray, instances: np.ndarray | None, settings
     return semantic_to_instances(class_map, settings)
 
 
+def counted(n: int, noun: str) -> str:
+    """``'1 image'``, ``'2 images'``: the count with its noun in the right number."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _some(names: list[str], most: int = 3) -> str:
+    """The first ``most`` names, and '...' where there are more."""
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
+def predictions_without_truth(labels_dir: Path, stems: list[str]) -> list[str]:
+    """Stems of the class maps in ``labels_dir`` that no ground-truth image has: never scored, so
+    said (a folder of another set's predictions, or renamed files, had gone unnoticed)."""
+    known = set(stems)
+    return sorted(p.stem for p in labels_dir.glob("*.tif")
+                  if p.is_file() and not p.name.startswith(".") and p.stem not in known)
+
+
+def _without_truth_words(unscored: list[str], labels_dir: Path, gt_dir) -> str:
+    """'2 predictions in PRED have no ground truth in GT (a, b)'; empty for none."""
+    if not unscored:
+        return ""
+    verb = "has" if len(unscored) == 1 else "have"
+    return (f"{counted(len(unscored), 'prediction')} in {labels_dir} {verb} no ground truth in {gt_dir} "
+            f"({_some(unscored)})")
+
+
 def _instances_source(read: int, images: int, folder: Path) -> str:
     derived = "derived from the class maps (watershed)"
     if read == images:
@@ -169,17 +196,24 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, instance_settings
                 "evaluate with a model trained on the same classes."
             )
     missing = [s for s in gt.stems if not (labels_dir / f"{s}.tif").is_file()]
+    unscored = predictions_without_truth(labels_dir, gt.stems)
+    # said with a refusal too: names that differ from the truth's are a likelier cause than a missing run
+    without_truth = _without_truth_words(unscored, labels_dir, gt_dir)
+    they = "it was" if len(unscored) == 1 else "they were"
+    elsewhere = f"\n{without_truth}: is {gt_dir} the folder {they} predicted from?" if unscored else ""
     if len(missing) == len(gt.stems):
         stems = set(gt.stems)
         others = sorted({p.name for p in labels_dir.iterdir() if p.stem in stems and p.is_file()})
-        found = (f" ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''} there are not .tif)" if others
+        found = (f" ({_some(others)} there are not .tif)" if others
                  else f" (looked for <stem>.tif, e.g. {gt.stems[0]}.tif)")
-        raise DatasetError(f"{labels_dir} holds no prediction for any of the {len(gt.stems)} ground-truth images"
-                           f"{found}: class maps as <stem>.tif, as medseg predict writes them.")
+        n = len(gt.stems)
+        which = "the one ground-truth image" if n == 1 else f"any of the {n} ground-truth images"
+        raise DatasetError(f"{labels_dir} holds no prediction for {which}{found}: class maps as <stem>.tif, as "
+                           f"medseg predict writes them.{elsewhere}")
     if missing:
-        raise DatasetError(f"{labels_dir} lacks predictions for {len(missing)} image(s): {', '.join(missing[:5])}"
-                           f"{', ...' if len(missing) > 5 else ''}; predict every image of the ground truth's folder: "
-                           f"medseg predict {gt_dir} --out {pred_dir}")
+        raise DatasetError(f"{labels_dir} lacks predictions for {counted(len(missing), 'image')}: "
+                           f"{_some(missing, 5)}; predict every image of the ground truth's folder: "
+                           f"medseg predict {gt_dir} --out {pred_dir}{elsewhere}")
     evaluation = PairEvaluation(list(NUCLEUS_CLASSES) if truth_merged else gt.classes, instance_settings)
     pred_read = gt_read = 0
     for i, stem in enumerate(gt.stems, 1):
@@ -200,6 +234,7 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, instance_settings
             progress(i, len(gt.stems))
     report = evaluation.report()
     report["classes_merged"] = merged or truth_merged
+    report["predictions_without_ground_truth"] = unscored
     n = len(gt.stems)
     report["instances"] = {"prediction": _instances_source(pred_read, n, instances_dir),
                            "ground_truth": _instances_source(gt_read, n, Path(gt_dir) / "instances")}
@@ -209,6 +244,7 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, instance_settings
         notes.append(f"The prediction names no nucleus classes (a nucleus-only model's): the ground truth's classes "
                      f"{gt.classes[1:]} were merged into 'nucleus' (nucleus vs background).")
     notes += [_unused_settings_note(instance_settings, pred_read < n, gt_read < n)]
+    notes += [f"{without_truth}: not scored." if unscored else ""]
     if any(notes):
         report["note"] = " ".join(note for note in notes if note)
     return report

@@ -32,6 +32,12 @@ SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
 SAMPLE_FILES = {"CoNSeP H&E patch (40x)": "consep_train_19_005.png",
                 "MoNuSeg H&E crop (40x)": "monuseg_TCGA-A7-A13E_crop.png"}
 COUNT_HEADERS = ["class", "nuclei", "mean area", "total area"]
+# the stain the shipped model is for, said up front: the page had offered fluorescence, which no
+# shipped model reads (a dark-background image is only flagged: inference.source.DARK_NOTE)
+SUBTITLE = ("## napari-medseg: nuclei in your images\nUpload brightfield H&E images, segment them, and check the "
+            "result against your own annotation. The shipped default model is made for H&E at 40x (about "
+            "0.25 µm/px), not for fluorescence: a dark-background image gets a warning, and its nuclei are missing "
+            "or wrong. Models for other stains: `medseg web --models DIR`. Research use only.")
 MAX_UPLOAD = "200mb"
 GRADIO_CACHE_SECONDS = 3600  # uploads and served files older than this go, checked as often
 
@@ -198,8 +204,7 @@ def build_app(store: ModelStore) -> gr.Blocks:
                    delete_cache=(GRADIO_CACHE_SECONDS, GRADIO_CACHE_SECONDS)) as app:
         # each session's results; their download folders go with the session
         results = gr.State({}, delete_callback=remove_results)
-        gr.Markdown("## napari-medseg: nuclei in your images\nUpload H&E or fluorescence images, segment them, "
-                    "and check the result against your own annotation. Research use only.")
+        gr.Markdown(SUBTITLE)
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
                 ui = _inputs_column(store)

@@ -1,0 +1,149 @@
+"""``medseg`` as a newcomer met it, second round: ``medseg info default`` was 600 lines of JSON
+with no summary, the web page offered fluorescence to an H&E model, and ``medseg evaluate``
+scored fewer images than the folder held without a word, and said '(1 images'."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hostile import assert_refused, medseg
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def test_info_says_what_the_default_is_for_in_a_screenful():
+    """Before: ~600 lines of JSON. Now a summary: architecture, classes, pixel size, tiles,
+    weights, where the file is, training data and held-out figures; the JSON behind --json."""
+    proc = medseg("info", "default")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) < 40, proc.stdout
+    text = proc.stdout
+    for fragment in ("unet, encoder mobilenet_v2", "background, other, inflammatory, epithelial, spindle",
+                     "0.25 µm/px (about 40x)", "trained on 256x256 px crops", "256 px tiles",
+                     "default.safetensors", "MB (float16)", "consep_train (classes)",
+                     "monuseg_train (nucleus vs background)", "419 training images, 76 validation images",
+                     "H&E images at 40x", "medseg info --json"):
+        assert fragment in text, fragment
+    assert any(line.startswith("held out") and "consep_train (64 images" in line for line in lines)
+    assert "tnbc_train (10 images" in text and "nucleus Dice 0.8" in text  # every set's figures, not the first only
+    assert not text.lstrip().startswith("{")
+
+
+def test_info_json_is_the_whole_record():
+    proc = medseg("info", "default", "--json")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["model"]["encoder"] == "mobilenet_v2" and record["pixel_size_um"] == 0.25
+    assert record["training"]["history"]["epochs"] == 43  # the best epoch's record; all with --history
+    assert len(json.loads(medseg("info", "--history").stdout)["training"]["history"]) == 43
+
+
+def test_info_of_a_bare_checkpoint_says_what_is_not_recorded(tiny_checkpoint):
+    proc = medseg("info", tiny_checkpoint)
+    assert proc.returncode == 0, proc.stderr
+    assert "encoder resnet18" in proc.stdout and "not recorded" in proc.stdout
+    assert str(tiny_checkpoint.resolve()) in proc.stdout
+    assert f"medseg info {tiny_checkpoint} --json" in proc.stdout  # the hint names the model asked about
+
+
+def test_web_page_says_which_stain_the_default_is_for():
+    """The page had said 'Upload H&E or fluorescence images' over a model trained on H&E only."""
+    pytest.importorskip("gradio", reason="the web extra (gradio) is part of the test install")
+    from napari_medseg.web.app import SUBTITLE
+
+    assert "brightfield H&E" in SUBTITLE and "0.25 µm/px" in SUBTITLE
+    assert "H&E or fluorescence" not in SUBTITLE
+    assert "not for fluorescence" in SUBTITLE  # said as what it is not for, never offered
+
+
+def test_web_page_warns_on_a_dark_background_as_its_subtitle_says(tmp_path):
+    """The subtitle promises a warning on a dark-background (fluorescence-like) image: it comes."""
+    pytest.importorskip("gradio", reason="the web extra (gradio) is part of the test install")
+    import numpy as np
+    from PIL import Image
+
+    from napari_medseg.inference.source import DARK_NOTE
+    from napari_medseg.web.session import DEFAULT_MODEL, ModelStore, segment_upload
+
+    image = np.full((128, 128, 3), 6, np.uint8)  # black glass, a few bright blue blobs: DAPI-like
+    for y, x in ((20, 30), (60, 90), (100, 40)):
+        image[y - 6:y + 6, x - 6:x + 6, 2] = 200
+    path = tmp_path / "dark.png"
+    Image.fromarray(image).save(path)
+    store = ModelStore(backend="torch")
+    with store.lock:
+        result = segment_upload(path, store.get(DEFAULT_MODEL))
+    assert DARK_NOTE in result.notes
+
+
+def _folders(tmp_path: Path, truth: list[str], predicted: list[str]) -> tuple[Path, Path]:
+    """A ground-truth folder of CoNSeP ``truth`` stems and a prediction folder of ``predicted``
+    (the ground truth's own class maps: a perfect prediction where both have the stem)."""
+    consep = DATA / "consep_train"
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    for sub in ("images", "labels"):
+        (gt / sub).mkdir(parents=True)
+    (pred / "labels").mkdir(parents=True)
+    shutil.copy(consep / "classes.json", gt / "classes.json")
+    for stem in truth:
+        shutil.copy(consep / "images" / f"{stem}.png", gt / "images")
+        shutil.copy(consep / "labels" / f"{stem}.tif", gt / "labels")
+    for stem in predicted:
+        shutil.copy(consep / "labels" / f"{stem}.tif", pred / "labels")
+    return gt, pred
+
+
+def test_evaluate_says_which_predictions_had_no_ground_truth_and_counts_one_image(tmp_path):
+    """Before: the 3 extra predictions went unscored without a word, and '(1 images; ...'."""
+    gt, pred = _folders(tmp_path, ["train_19_005"], ["train_19_005", "train_19_006", "train_19_007", "train_12_001"])
+    proc = medseg("evaluate", pred, gt, "--json", tmp_path / "report.json")
+    assert proc.returncode == 0, proc.stderr
+    assert (f"3 predictions in {pred / 'labels'} have no ground truth in {gt} "
+            "(train_12_001, train_19_006, train_19_007): not scored.") in proc.stderr
+    assert "(1 image; aggregations in the JSON)" in proc.stdout and "1 images" not in proc.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["predictions_without_ground_truth"] == ["train_12_001", "train_19_006", "train_19_007"]
+    assert report["images"] == 1
+
+
+def test_evaluate_names_at_most_three_and_counts_two_images(tmp_path):
+    extra = ["train_12_001", "train_12_002", "train_12_003", "train_12_004", "train_12_005"]
+    gt, pred = _folders(tmp_path, ["train_19_005", "train_19_006"], ["train_19_005", "train_19_006", *extra])
+    proc = medseg("evaluate", pred, gt)
+    assert proc.returncode == 0, proc.stderr
+    assert "5 predictions in" in proc.stderr and "(train_12_001, train_12_002, train_12_003, ...)" in proc.stderr
+    assert "(2 images; aggregations in the JSON)" in proc.stdout
+
+
+def test_evaluate_says_nothing_of_extra_predictions_where_there_are_none(tmp_path):
+    gt, pred = _folders(tmp_path, ["train_19_005", "train_19_006"], ["train_19_005", "train_19_006"])
+    proc = medseg("evaluate", pred, gt)
+    assert proc.returncode == 0, proc.stderr
+    assert "no ground truth" not in proc.stderr
+
+
+def test_evaluate_refusals_count_in_the_right_number_and_name_predictions_of_other_images(tmp_path):
+    """'lacks predictions for 1 image(s)' and 'any of the 1 ground-truth images' before; a refusal
+    now also says which predictions match no ground-truth image (renamed files, another set)."""
+    gt, pred = _folders(tmp_path / "one_missing", ["train_19_005", "train_19_008"], ["train_19_005", "train_12_001"])
+    proc = medseg("evaluate", pred, gt)
+    assert_refused(proc, f"lacks predictions for 1 image: train_19_008; predict every image of the ground truth's "
+                         f"folder: medseg predict {gt} --out {pred}",
+                   f"1 prediction in {pred / 'labels'} has no ground truth in {gt} (train_12_001): is {gt} the "
+                   "folder it was predicted from?")
+    assert "image(s)" not in proc.stderr
+
+    gt, pred = _folders(tmp_path / "none_match", ["train_19_005"], ["train_12_001", "train_12_002"])
+    proc = medseg("evaluate", pred, gt)
+    assert_refused(proc, "holds no prediction for the one ground-truth image",
+                   "2 predictions in", "(train_12_001, train_12_002): is", "folder they were predicted from?")
+
+    gt, pred = _folders(tmp_path / "two_missing", ["train_19_005", "train_19_006", "train_19_007"], ["train_19_005"])
+    assert_refused(medseg("evaluate", pred, gt), "lacks predictions for 2 images: train_19_006, train_19_007;")
