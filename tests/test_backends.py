@@ -170,10 +170,10 @@ def test_half_precision_is_kept_only_where_the_class_maps_agree(fresh_checkpoint
     assert load() == ("fp16", [])
     unfaithful.add("fp16")
     precision, notes = load()
-    assert precision == "bf16" and "openvino fp16 kept float32" in notes[0]
+    assert precision == "bf16" and "the faster fp16 (OpenVINO) changed" in notes[0]
     unfaithful.add("bf16")
     precision, notes = load()
-    assert precision == "fp32" and len(notes) == 2 and all("kept float32" in n for n in notes)
+    assert precision == "fp32" and len(notes) == 2 and all("runs in full precision (float32)" in n for n in notes)
     assert load("fp32") == ("fp32", [])
     unfaithful.clear()
     monkeypatch.setattr(backends, "openvino_half_precisions", lambda: ["bf16"])  # an AMX CPU without AVX512-FP16

@@ -108,7 +108,7 @@ def test_an_int8_model_that_disagrees_falls_back_to_float32(int8, default_copy, 
     monkeypatch.setattr(backends, "onnxruntime_runner", runner)
     seg = Segmenter.load(default_copy, device="cpu", backend="onnxruntime", precision="int8")
     assert (seg.backend.name, seg.backend.precision) == ("onnxruntime", "fp32")
-    assert "onnxruntime int8 kept float32" in seg.backend.notes[0]
+    assert "int8 (onnxruntime) changed" in seg.backend.notes[0]
 
 
 def test_no_quantiser_keeps_float32_with_a_note(tiny_checkpoint, tmp_path, monkeypatch):

@@ -397,7 +397,7 @@ class SegmentWidget(ScrollingDock):
             class_kwargs, instance_kwargs = _result_layer_kwargs(name, segmenter, labels, instances, where,
                                                                  None if region is None else (region.y, region.x),
                                                                  None if polygon is None else polygon - (region.y, region.x))
-            # how the runtime was chosen ('openvino bf16 kept float32: ...') is said once per loaded
+            # how the runtime was chosen ('runs in full precision (float32): ...') is said once per loaded
             # model, not under every run's counts, where it read as if this image had failed a check
             said_before = self._runtime_noted is segmenter
             self._runtime_noted = segmenter
