@@ -34,6 +34,9 @@ def test_info_says_what_the_default_is_for_in_a_screenful():
     assert any(line.startswith("held out") and "consep_train (64 images" in line for line in lines)
     assert "tnbc_train (10 images" in text and "nucleus Dice 0.8" in text  # every set's figures, not the first only
     assert not text.lstrip().startswith("{")
+    # mPQ only where the set has classes: for a nucleus-vs-background set it is bPQ again
+    held_out = text[text.index("\nheld out"):text.index("\nabout")]
+    assert held_out.count("mPQ") == 1 and "mPQ 0.223" in held_out
 
 
 def test_info_json_is_the_whole_record():

@@ -679,7 +679,7 @@ def cmd_info(args) -> int:
     path = resolve_model_path(args.model)
     meta = read_meta(path)
     if not (args.json or args.history):  # a summary first: the whole record is ~600 lines of JSON
-        from .models.summary import checkpoint_summary
+        from .evaluation.checkpoint_summary import checkpoint_summary
 
         print("\n".join(checkpoint_summary(path, meta, args.model)))
         return 0

@@ -10,8 +10,8 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from ..evaluation.report import counted
-from .checkpoint import CheckpointMeta
+from ..models.checkpoint import CheckpointMeta
+from .report import counted
 
 LABEL_WIDTH = 12
 TEXT_WIDTH = 100
@@ -84,7 +84,7 @@ def _weights_words(path: Path) -> str:
 
 def _exports_words(path: Path) -> str:
     """Where the ONNX runtimes' copy of the network goes, and whether it is there yet."""
-    from .export import onnx_candidates
+    from ..models.export import onnx_candidates
 
     candidates = onnx_candidates(path)
     found = [p for p in candidates if p.is_file()]
@@ -111,18 +111,26 @@ def _training_words(meta: CheckpointMeta) -> str:
     return ", ".join(_dataset_words(spec) for spec in datasets) + (f"; {', '.join(counts)}" if counts else "")
 
 
-def _figures(record: dict) -> str:
-    return ", ".join(f"{label} {record[key]:.3f}" for key, label in HEADLINE.items()
-                     if isinstance(record.get(key), (int, float)))
+def _figures(record: dict, with_classes: bool = True) -> str:
+    # mPQ of a nucleus-vs-background set is bPQ again; printing it would read as a class score
+    keys = [key for key in HEADLINE if with_classes or key != "mpq"]
+    return ", ".join(f"{HEADLINE[key]} {record[key]:.3f}" for key in keys if isinstance(record.get(key), (int, float)))
+
+
+def _binary_set_names(meta: CheckpointMeta) -> set[str]:
+    specs = (meta.data or {}).get("datasets") or []
+    return {Path(str(spec.get("path", ""))).name for spec in specs
+            if isinstance(spec, dict) and spec.get("labels") == "binary"}
 
 
 def _figures_rows(meta: CheckpointMeta) -> list[tuple[str, str]]:
     """Held-out figures per set where recorded; else the validation record of the best epoch."""
     metrics = meta.metrics or {}
     sets = (metrics.get("held_out") or {}).get("sets") or {}
+    binary_sets = _binary_set_names(meta)
     rows = []
     for name, record in sets.items():
-        figures = _figures(record.get("model") or {})
+        figures = _figures(record.get("model") or {}, with_classes=name not in binary_sets)
         if figures:
             # held-out source images; the set's other images may have been trained on (same lab, scanner)
             seen = ", other images of the set trained on" if record.get("seen_in_training") else ""
