@@ -93,11 +93,13 @@ class SegmentWidget(ScrollingDock):
         self.kept: KeptRun | None = None
         self.last_layer = self.last_instances_layer = self.last_slide_result = None
         self._run_layer = None  # the image layer of the run under way (or the last one)
+        self._run_image_removed = False  # it was deleted from the viewer while the run was under way
         self._summary = ""  # the last run's status line
         self._run_note = ""  # its note of the image it segmented (a stack's plane), kept by re-thresholds
         self.advanced = Container(widgets=self._setting_controls(), labels=True)
         self.extend([*self._input_controls(), *self._threshold_controls(), self.show_advanced, self.advanced,
                      *self._action_controls()])
+        self.span_full_width(self.status, self.legend)
         self._connect()
         self.reset_choices()
         self._read_chosen_model()
@@ -202,6 +204,7 @@ class SegmentWidget(ScrollingDock):
         self.checkpoint.changed.connect(self._read_chosen_model)
         self._viewer.layers.events.inserted.connect(self.reset_choices)
         self._viewer.layers.events.removed.connect(self.reset_choices)
+        self._viewer.layers.events.removed.connect(self._cancel_if_run_image_removed)
 
     def _show_target_controls(self, *_) -> None:
         self.shapes_layer.visible = self.target.value == SHAPE
@@ -246,6 +249,9 @@ class SegmentWidget(ScrollingDock):
             self._show_model_values(None)
         else:
             self._show_model_values((meta.foreground_threshold, InstanceSettings.recorded(meta.instance_settings)))
+            if self.status.value.startswith("Error:") and self._worker is None:
+                # the error was the last Run's (often this very choice, now fixed): it no longer applies
+                self.status.value = f"Model ready (classes: {', '.join(meta.classes[1:])}); Run segments with it."
 
     def _show_model_values(self, values: tuple[float | None, InstanceSettings] | None) -> None:
         """``(threshold, nucleus settings)`` of the chosen model into the boxes' "model's" text."""
@@ -455,6 +461,7 @@ class SegmentWidget(ScrollingDock):
         self.progress.max, self.progress.value = 0, 0  # busy until the first tile reports
         self._set_running(True)
         self._cancel_requested = threading.Event()
+        self._run_image_removed = False
         steps = _until_cancelled(job, self._cancel_requested)
         if not threaded:
             return self._run_here(steps())
@@ -497,10 +504,21 @@ class SegmentWidget(ScrollingDock):
         if self._segmenter_cache is not None and str(self._segmenter_cache[1].device) != "cpu":
             self._segmenter_cache[1].release()
 
+    def _cancel_if_run_image_removed(self, event) -> None:
+        """The image under way deleted from the viewer: its result has nowhere to go, so the run
+        stops as Cancel stops it (a slide run's half-written files removed)."""
+        if self._worker is not None and event.value is self._run_layer:
+            self._run_image_removed = True
+            self.cancel()
+
+    def _removed_words(self) -> str:
+        return f"'{self._run_layer.name}' was removed from the viewer during the run"
+
     def _on_cancelled(self) -> None:
         self._set_running(False)
         self.progress.max = max(self.progress.max, 1)
-        self.status.value = "Cancelled; nothing was added."
+        self.status.value = (f"Cancelled: {self._removed_words()}; nothing was added." if self._run_image_removed
+                             else "Cancelled; nothing was added.")
         if self._segmenter_cache is not None:
             self._segmenter_cache[1].release()
             self._segmenter_cache = None
@@ -511,6 +529,8 @@ class SegmentWidget(ScrollingDock):
         with the last. Cancel goes at once: the work is done, and a result half in the viewer
         could not be taken back by it."""
         self.cancel_button.enabled = False
+        if self._run_layer is not None and self._run_layer not in self._viewer.layers:
+            return self._result_dropped(run)
         if isinstance(run, _SlideRun):
             self._classes, self._colors = run.model.classes, run.model.colors
             self._model_threshold = run.model.foreground_threshold
@@ -545,6 +565,19 @@ class SegmentWidget(ScrollingDock):
 
         add_layers_in_turns(self._viewer, list(run.layers), shown, in_turns, owner=self.native)
         return self.last_layer
+
+    def _result_dropped(self, run) -> None:
+        """The run finished after its image was deleted (past its last cancellable step): nothing
+        goes into the viewer; a slide run's files stay where they were written, and are named."""
+        self._set_running(False)
+        if isinstance(run, _SlideRun):
+            self.status.value = (f"Done, not added: {self._removed_words()}. Its results are in "
+                                 f"{run.result.files['store'].parent}")
+        else:
+            self.status.value = f"Not added: {self._removed_words()}."
+            if str(run.segmenter.device) != "cpu":
+                run.segmenter.release()
+        return None
 
     # -- re-thresholding ---------------------------------------------------------
     def _on_result_painted(self, event=None) -> None:
