@@ -269,8 +269,10 @@ def test_segment_status_and_notes_are_whole_beside_metrics_and_train(make_napari
     assert "Note: " in segment.status.value and (window.width(), window.height()) == (1600, 1000)
     scroll = dock.widget()
     assert isinstance(scroll, QScrollArea) and scroll.widget().isAncestorOf(segment.status.native)
-    for label in (segment.status.native, segment.legend.native):  # the run's end scrolled to them
-        assert label.height() >= label.heightForWidth(label.width()) > 2 * label.fontMetrics().lineSpacing()
+    # the run's end scrolled to them; the status wraps to several lines, the legend (one class) fits in one
+    for label, lines in ((segment.status.native, 3), (segment.legend.native, 1)):
+        assert label.height() >= label.heightForWidth(label.width()) >= lines * label.fontMetrics().lineSpacing()
         assert label.visibleRegion().boundingRect().height() == label.height()  # all of it
+        assert label.width() > 0.9 * scroll.viewport().width()  # the dock's width: no empty label column beside it
     assert scroll.verticalScrollBar().value() > 0
     viewer.screenshot(str(shots / "segment_status_beside_metrics_train.png"), canvas_only=False)

@@ -28,6 +28,15 @@ class ScrollingDock(Container):
             widget.native.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
             widget.native.setMinimumContentsLength(CHOICE_MIN_CHARS)
 
+    def span_full_width(self, *widgets) -> None:
+        """Give each of ``widgets`` (already in the form) the dock's whole width: a status line,
+        a legend or a table has no label, yet the form kept a label column's width empty beside
+        it, and a metrics table of nine columns showed two of them."""
+        for widget in widgets:
+            labeled = getattr(widget, "_labeled_widget", lambda: None)()  # magicgui's label + widget row
+            if labeled is not None:
+                labeled._label_widget.visible = False
+
     @property
     def native(self):
         """The scroll area round the form (what napari docks)."""

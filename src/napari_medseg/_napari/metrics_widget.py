@@ -70,6 +70,9 @@ def _instance_map(layer, class_layer, class_map: np.ndarray, under=None) -> np.n
     return data
 
 
+VISIBLE_CLASS_ROWS = 6  # the class list's height in rows (CoNSeP's four and PanNuke's five without scrolling)
+
+
 class MetricsWidget(ScrollingDock):
     # napari passes its viewer to a parameter of this name: see common.py
     def __init__(self, napari_viewer: napari.viewer.Viewer):
@@ -96,6 +99,10 @@ class MetricsWidget(ScrollingDock):
         self.extend([self.prediction, self.ground_truth, self.gt_instances, self.pred_instances, self.live, self.compute_button,
                      self.summary, self.legend, self.table, self.csv_path, self.export_button, self.error_class,
                      self.errors_button, self.visible_classes])
+        self.span_full_width(self.summary, self.legend, self.table)
+        # a row per class, not the list's default ten: the form's height goes to the table
+        rows = self.visible_classes.native
+        rows.setMaximumHeight(VISIBLE_CLASS_ROWS * rows.fontMetrics().lineSpacing() + 2 * rows.frameWidth() + 4)
         self.compute_button.changed.connect(lambda: self.compute(threaded=True))
         self.export_button.changed.connect(lambda: self.export_csv())
         self.errors_button.changed.connect(lambda: self.show_errors())

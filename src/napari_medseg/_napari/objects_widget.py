@@ -146,6 +146,7 @@ class ObjectsWidget(ScrollingDock):
         self.extend([self.class_layer, self.instance_layer, self.image_layer, self.measure_button, self.summary,
                      self.legend, self.table, self.csv_path, self.export_csv_button, self.geojson_path,
                      self.export_geojson_button])
+        self.span_full_width(self.summary, self.legend, self.table)
         self.measure_button.changed.connect(lambda: self.measure(threaded=True))
         self.export_csv_button.changed.connect(lambda: self.export_csv())
         self.export_geojson_button.changed.connect(lambda: self.export_geojson())
