@@ -446,7 +446,7 @@ def test_a_slide_batch_goes_on_past_a_broken_slide_and_is_checked_before_work(tm
     common = ["--region", "700,700,128,128", "--model", str(tiny_checkpoint), "--backend", "torch"]
     assert main(["predict", str(first), str(broken), str(second), "--out", str(out), *common]) == 1
     err = capsys.readouterr().err
-    assert "skipped" in err and "broken.svs" in err and "1 of 3 slide(s) not segmented" in err
+    assert "skipped" in err and "broken.svs" in err and "1 of 3 slides not segmented" in err
     assert {"first_labels.ome.tif", "second_labels.ome.tif"} <= {p.name for p in out.iterdir()}
 
     twin = shutil.copy(real, tmp_path / "b" / "first.svs")
@@ -542,7 +542,7 @@ def test_a_folder_of_images_and_slides_says_the_slides_are_not_segmented_with_th
     (folder / "a.svs").write_bytes(b"")  # named, never opened
     assert _collect_inputs([str(folder)]) == [folder / patch.name]
     err = capsys.readouterr().err
-    assert "also holds 1 whole slide(s) (a.svs), not segmented" in err and "--whole-slide" in err
+    assert "also holds 1 whole slide (a.svs), not segmented" in err and "--whole-slide" in err
     (folder / "a.svs").unlink()
     _collect_inputs([str(folder)])
     assert capsys.readouterr().err == ""

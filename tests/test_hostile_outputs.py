@@ -48,7 +48,7 @@ def test_predict_counts_what_it_wrote(tmp_path, dataset, model):
     out = tmp_path / "out"
     proc = medseg("predict", dataset, "--model", model, "--out", out, "--no-instances")
     assert proc.returncode == 0, proc.stderr
-    assert f"wrote 3 class map(s) to {out / 'labels'}" in proc.stdout
+    assert f"wrote 3 class maps to {out / 'labels'}" in proc.stdout
     assert sorted(p.name for p in (out / "labels").iterdir()) == ["a_0.tif", "a_1.tif", "b_0.tif"]
 
 

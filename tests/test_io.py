@@ -624,19 +624,19 @@ def test_non_image_files_in_images_are_ignored(small_consep):
 
 def test_missing_mask(small_consep):
     (small_consep / "labels" / "train_2_005.tif").unlink()
-    with pytest.raises(DatasetError, match=r"consep_small/labels lacks masks for 1 image\(s\): train_2_005"):
+    with pytest.raises(DatasetError, match=r"consep_small/labels lacks masks for 1 image: train_2_005"):
         open_dataset(small_consep)
 
 
 def test_missing_instance_mask(small_consep):
     (small_consep / "instances" / "train_3_006.tif").unlink()
-    with pytest.raises(DatasetError, match=r"consep_small/instances lacks masks for 1 image\(s\): train_3_006"):
+    with pytest.raises(DatasetError, match=r"consep_small/instances lacks masks for 1 image: train_3_006"):
         open_dataset(small_consep)
 
 
 def test_extra_mask(small_consep):
     shutil.copy(small_consep / "labels" / "train_1_005.tif", small_consep / "labels" / "train_9_999.tif")
-    with pytest.raises(DatasetError, match=r"consep_small/labels has 1 mask\(s\) without an image: train_9_999"):
+    with pytest.raises(DatasetError, match=r"consep_small/labels has 1 mask without an image: train_9_999"):
         open_dataset(small_consep)
 
 
@@ -937,5 +937,5 @@ def test_dataset_folders_skip_hidden_files_and_name_near_miss_masks(tmp_path):
     (root / "labels" / "._a.tif").write_bytes(b"\0\5\26\7" + b"\0" * 60)
     assert open_dataset(root).stems == ["a", "b"]
     (root / "labels" / "b.tif").rename(root / "labels" / "b.TIF")
-    with pytest.raises(DatasetError, match=r"lacks masks for 1 image\(s\): b; b.TIF must be saved as .tif"):
+    with pytest.raises(DatasetError, match=r"lacks masks for 1 image: b; b.TIF must be saved as .tif"):
         open_dataset(root)

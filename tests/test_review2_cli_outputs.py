@@ -101,7 +101,7 @@ def test_a_rerun_replaces_its_images_results_whole_and_names_what_else_is_there(
     assert "removed instances/train_2_005.tif" in proc.stderr and "removed probabilities/train_2_005.npy" in proc.stderr
     assert sorted(p.name for p in out.rglob("train_2_005*")) == ["train_2_005.tif"]
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("train_2_006*")} == others
-    assert "also holds earlier runs' results of 1 other image(s) (train_2_006.tif)" in proc.stderr
+    assert "also holds earlier runs' results of 1 other image (train_2_006.tif)" in proc.stderr
     alone = medseg("predict", a, *common)
     assert alone.returncode == 0 and "also holds" in alone.stderr
     fresh = medseg("predict", a, b, "--model", tiny_checkpoint, "--out", tmp_path / "fresh", "--device", "cpu",

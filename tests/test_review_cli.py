@@ -58,7 +58,7 @@ def test_a_readable_file_after_an_unreadable_one_gets_its_classes(tmp_path, tiny
     out = tmp_path / "out"
     proc = medseg("predict", text, consep / "images" / "train_2_006.png", "--model", tiny_checkpoint, "--out", out,
                   "--device", "cpu", "--tile", "128", "--overlap", "32")
-    assert proc.returncode == 1 and "wrote 1 class map(s)" in proc.stdout
+    assert proc.returncode == 1 and "wrote 1 class map to" in proc.stdout
     assert (out / "classes.json").is_file() and (out / "labels" / "train_2_006.tif").is_file()
 
 
@@ -84,7 +84,7 @@ def test_a_file_given_twice_is_segmented_once(tmp_path, tiny_checkpoint, consep)
     proc = medseg("predict", image, image, folder, "--model", tiny_checkpoint, "--out", out, "--device", "cpu",
                   "--tile", "128", "--overlap", "32")
     assert proc.returncode == 0, proc.stderr
-    assert "wrote 1 class map(s)" in proc.stdout and proc.stderr.count("train_2_006.png [") >= 1
+    assert "wrote 1 class map to" in proc.stdout and proc.stderr.count("train_2_006.png [") >= 1
     assert "[1/1]" in proc.stderr and "[2/" not in proc.stderr
 
 

@@ -166,7 +166,7 @@ def test_switching_images_shows_each_ones_own_comparison(page_url, browser, cons
         f"{consep / 'images' / f'{STEM}.png'}\n{consep / 'images' / f'{second}.png'}")
     time.sleep(1.5)
     browser.find_element(By.CSS_SELECTOR, "#segment").click()
-    wait.until(EC.text_to_be_present_in_element((By.CSS_SELECTOR, "#status"), "Segmented 2 image(s)"))
+    wait.until(EC.text_to_be_present_in_element((By.CSS_SELECTOR, "#status"), "Segmented 2 images"))
     _upload(browser, "ground-truth", consep / "labels" / f"{STEM}.tif")
     time.sleep(1.5)
     browser.find_element(By.CSS_SELECTOR, "#compare").click()

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .errors import MedsegError
+from .wording import counted
 
 
 class ProgressLine:
@@ -55,7 +56,7 @@ def _collect_inputs(inputs: list[str]) -> list[Path]:
             slides = sorted(p.name for p in path.iterdir()
                             if p.suffix.lower() in SLIDE_SUFFIXES and p.suffix.lower() not in IMAGE_SUFFIXES)
             if found and slides:  # they had been left out without a word
-                print(f"medseg: {path} also holds {len(slides)} whole slide(s) ({', '.join(slides[:3])}"
+                print(f"medseg: {path} also holds {counted(len(slides), 'whole slide')} ({', '.join(slides[:3])}"
                       f"{' ...' if len(slides) > 3 else ''}), not segmented with its images: give each slide file "
                       "with --region X,Y,W,H or --whole-slide.", file=sys.stderr)
             if not found:
@@ -215,13 +216,14 @@ def cmd_predict(args) -> int:
         failures += _print_prediction(done, with_instances=not args.no_instances, said=said)
     if failures == len(files):  # nothing was written: not 'to OUT/labels', a folder it did not make
         what = "the file could not be read" if failures == 1 else f"none of the {failures} files could be read"
-        print(f"wrote 0 class map(s): {what} (above)")
+        print(f"wrote no class map: {what} (above)")
         return 1
-    print(f"wrote {len(files) - failures} class map(s) to {out / 'labels'}"
-          + ("" if args.no_instances else f" and instance map(s) to {out / 'instances'}"))
+    written = len(files) - failures
+    print(f"wrote {counted(written, 'class map')} to {out / 'labels'}"
+          + ("" if args.no_instances else f" and {counted(written, 'instance map')} to {out / 'instances'}"))
     earlier = _earlier_results(out, files)
     if earlier:  # kept (never removed: their images were not given), but 'medseg evaluate OUT' scores them too
-        print(f"  {out} also holds earlier runs' results of {len(earlier)} other image(s) ({', '.join(earlier[:3])}"
+        print(f"  {out} also holds earlier runs' results of {counted(len(earlier), 'other image')} ({', '.join(earlier[:3])}"
               f"{' ...' if len(earlier) > 3 else ''}), kept as they were", file=sys.stderr)
     return 1 if failures else 0
 
@@ -278,7 +280,7 @@ def _predict_slides(args) -> int:
                           "give a number (e.g. --pixel-size 0.25).")
     failed = _unreadable_slides(slides, region)  # said before the model loads (a cut-off file had waited for it)
     if len(failed) == len(slides):
-        print(f"medseg: {len(failed)} of {len(slides)} slide(s) not segmented: {', '.join(p.name for p in failed)}",
+        print(f"medseg: {len(failed)} of {counted(len(slides), 'slide')} not segmented: {', '.join(p.name for p in failed)}",
               file=sys.stderr)
         return 1
     # by the runtime alone where an earlier load on this machine recorded its choice: no torch in
@@ -327,7 +329,7 @@ def _predict_slides(args) -> int:
         for kind, file in result.files.items():
             print(f"  {kind}: {file}")
     if failed:
-        print(f"medseg: {len(failed)} of {len(slides)} slide(s) not segmented: {', '.join(p.name for p in failed)}",
+        print(f"medseg: {len(failed)} of {counted(len(slides), 'slide')} not segmented: {', '.join(p.name for p in failed)}",
               file=sys.stderr)
     return 1 if failed else 0
 
@@ -396,7 +398,7 @@ def _undefined_as_null(value):
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation.report import counted, evaluate_folders
+    from .evaluation.report import evaluate_folders
 
     report = evaluate_folders(args.pred_dir, args.gt_dir, _instance_settings(args), progress=ProgressLine("evaluate"))
     if report.get("note"):

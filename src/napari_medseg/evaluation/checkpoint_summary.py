@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 from ..models.checkpoint import CheckpointMeta
-from .report import counted
+from ..wording import counted
 
 LABEL_WIDTH = 12
 TEXT_WIDTH = 100

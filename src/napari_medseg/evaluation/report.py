@@ -18,6 +18,7 @@ from ..nuclei.watershed import InstanceSettings, semantic_to_instances
 from ..io.dataset import CLASSES_FILE, DatasetError, open_dataset, read_classes
 from ..io.images import read_label_map
 from .semantic import MetricsInputError, check_label_pair, confusion_matrix, semantic_metrics
+from ..wording import counted
 
 NUCLEUS_CLASSES = ["background", "nucleus"]  # what is scored where one side names no nucleus classes
 AGGREGATION = {
@@ -57,11 +58,6 @@ def _instances_for(class_map: np.ndarray, instances: np.ndarray | None, settings
                                     f"{class_map.shape}; they must match.")
         return instances
     return semantic_to_instances(class_map, settings)
-
-
-def counted(n: int, noun: str) -> str:
-    """``'1 image'``, ``'2 images'``: the count with its noun in the right number."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _some(names: list[str], most: int = 3) -> str:

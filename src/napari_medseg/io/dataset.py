@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MedsegError
+from ..wording import counted
 from .images import IMAGE_SUFFIXES, ImageReadError, atomic_write, file_stem, read_image, read_label_map, write_label_map
 
 CLASSES_FILE = "classes.json"
@@ -185,12 +186,12 @@ def open_dataset(root: str | os.PathLike, require_labels: bool = False) -> Datas
             hint = (f"; {', '.join(others[:3])} must be saved as .tif (masks are read from <stem>.tif only)"
                     if others else "")
             raise DatasetError(
-                f"{root.name}/{sub} lacks masks for {len(missing)} image(s): {', '.join(missing[:5])}"
+                f"{root.name}/{sub} lacks masks for {counted(len(missing), 'image')}: {', '.join(missing[:5])}"
                 + (" ..." if len(missing) > 5 else "") + hint
             )
         if extra:
             raise DatasetError(
-                f"{root.name}/{sub} has {len(extra)} mask(s) without an image: {', '.join(extra[:5])}"
+                f"{root.name}/{sub} has {counted(len(extra), 'mask')} without an image: {', '.join(extra[:5])}"
                 + (" ..." if len(extra) > 5 else "")
             )
     ds = DatasetFolder(root, classes, stems, source, image_paths)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import MedsegError
 from ..io.outputs import write_error
+from ..wording import counted
 from .config import ModelConfigError
 
 if TYPE_CHECKING:  # torch loads with a model, not with this module (reading metadata needs none)
@@ -80,7 +81,7 @@ def load_local_encoder_weights(model: nn.Module, path: str) -> None:
     wrong = [k for k, v in matched.items() if v.shape != own[k].shape]
     if wrong:
         raise ModelConfigError(
-            f"{file.name}: {len(wrong)} tensor(s) have the wrong shape for encoder '{model.encoder.__class__.__name__}' "
+            f"{file.name}: {counted(len(wrong), 'tensor')} {'has' if len(wrong) == 1 else 'have'} the wrong shape for encoder '{model.encoder.__class__.__name__}' "
             f"(e.g. '{wrong[0]}': {tuple(matched[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}); weights of another encoder?"
         )
     from torch import nn

@@ -24,6 +24,7 @@ from ..errors import MedsegError
 from ..inference.rethreshold import Thresholds
 from ..io.slides import SLIDE_SUFFIXES
 from ..steps import Cancelled
+from ..wording import counted
 from . import render
 from .session import (DEFAULT_MODEL, METRIC_HEADERS, ModelStore, compare_upload, metrics_rows, nucleus_summary,
                       remove_results, results_folder, segment_uploads)
@@ -178,7 +179,7 @@ def _run(store: ModelStore):
         results = done.results
         first = next(iter(results))
         found = sum(len(r.table["label"]) for r in results.values())
-        message = f"Segmented {len(results)} image(s): {found} nuclei."
+        message = f"Segmented {counted(len(results), 'image')}: {counted(found, 'nucleus', 'nuclei')}."
         notes = [f"{name}: {note}" for name, r in results.items() for note in r.notes]
         refused = [f"**Not segmented**, {name}: {why}" for name, why in done.refused.items()]
         message = "\n\n".join([message, *refused, *notes])
