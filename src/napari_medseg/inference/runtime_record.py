@@ -31,7 +31,7 @@ from ..io.images import atomic_write
 from ..models.export import EXPORT_VERSION, checkpoint_hash, mark_used, onnx_candidates
 
 log = logging.getLogger(__name__)
-RECORD_VERSION = 1  # bump when the record's fields change: older records are ignored
+RECORD_VERSION = 2  # bump when the record's fields or its notes' wording change: older records are checked again (2: plain-words fallback note)
 RUNTIMES = ("openvino", "onnxruntime")
 
 
