@@ -34,3 +34,33 @@ def test_metrics_table_spans_the_dock_and_shows_every_row(make_napari_viewer):
     assert table.rowViewportPosition(last) + table.rowHeight(last) <= table.viewport().height()  # no scrolling down
     classes = metrics.visible_classes.native
     assert classes.height() < 8 * classes.fontMetrics().lineSpacing()  # not the list's default ten rows and more
+
+
+def test_no_form_is_wider_than_its_dock_with_every_setting_shown(make_napari_viewer):
+    """Train's advanced settings had made its form 445 px wide in a 365 px dock (no sideways
+    scrolling): 'Choose directory' read 'Cho', the status lost the model's name, the loss plot its
+    last epoch. Now the dock keeps the form's width, and every label shows all its letters."""
+    from qtpy.QtWidgets import QApplication, QLabel, QPushButton
+
+    viewer = make_napari_viewer(show=True)
+    window = viewer.window._qt_window
+    window.resize(1600, 1000)
+    viewer.open_sample(PLUGIN, "consep")
+    docks = {name: viewer.window.add_plugin_dock_widget(PLUGIN, name) for name in ("Segment", "Train", "Metrics")}
+    for _, widget in docks.values():
+        if hasattr(widget, "show_advanced"):
+            widget.show_advanced.value = True
+    for _ in range(5):
+        QApplication.processEvents()
+    assert (window.width(), window.height()) == (1600, 1000)
+    assert viewer.window._qt_viewer.canvas.native.width() >= 0.5 * window.width()
+    for name, (dock, _) in docks.items():
+        scroll = dock.widget()
+        form = scroll.widget()
+        assert form.width() <= scroll.viewport().width(), (name, form.width(), scroll.viewport().width())
+        for label in form.findChildren(QLabel):
+            if label.isVisible() and not label.wordWrap() and label.text():
+                assert label.width() >= label.sizeHint().width(), (name, label.text(), label.width())
+        for button in form.findChildren(QPushButton):
+            if button.isVisible():
+                assert button.width() >= button.sizeHint().width() - 2, (name, button.text(), button.width())

@@ -88,7 +88,7 @@ class TrainWidget(ScrollingDock):
         self.advanced = Container(widgets=folded, labels=True)
         self.extend([*(w for w in settings if w not in folded), self.show_advanced, self.advanced,
                      *self._action_controls()])
-        self.span_full_width(self.status, self.split_note)
+        self.span_full_width(self.advanced, self.status, self.split_note)
         self.plot = self._add_plot()
         self._connect()
         follow_devices(self.device, self.native)
