@@ -76,6 +76,7 @@ def test_the_field_of_view_of_a_slide_becomes_lazy_label_pyramids(make_napari_vi
     half_width = viewer.canvas.size[1] / camera.zoom / SCALE / 2
 
     classes = widget.run(threaded=False)
+    run_folder = tmp_path / "results" / "synthetic"  # a folder of its own in the chosen one, named after the slide
     result = widget.last_slide_result
     r = result.region
     assert abs(r.y - 513) <= 1 and abs(r.height - 512) <= 1, r
@@ -87,8 +88,8 @@ def test_the_field_of_view_of_a_slide_becomes_lazy_label_pyramids(make_napari_vi
         assert layer.data[0].shape == (2560, 2560)
         assert tuple(layer.scale) == tuple(image.scale) and tuple(layer.translate) == tuple(image.translate)
         assert [str(unit) for unit in layer.units] == ["micrometer", "micrometer"]  # one unit with the slide
-        assert layer.metadata[METADATA_KEY]["results"] == str(tmp_path / "results")  # File > Save says where
-    store = zarr.open_group(str(tmp_path / "results" / "synthetic.zarr"), mode="r")
+        assert layer.metadata[METADATA_KEY]["results"] == str(run_folder)  # File > Save says where
+    store = zarr.open_group(str(run_folder / "synthetic.zarr"), mode="r")
     full = np.asarray(store["classes/0"])
     inside = full[r.slices]
     assert inside.any() and full.sum() == inside.sum()  # the model ran on the view only
@@ -104,11 +105,11 @@ def test_the_field_of_view_of_a_slide_becomes_lazy_label_pyramids(make_napari_vi
     assert np.mean(same) >= 0.95, np.mean(same)  # a nucleus across blocks is voted where it is cut
     assert f"of the region x={r.x}, y={r.y}, {r.width} x {r.height} px" in widget.status.value
     share = f"{widget._classes[1]} {100 * counts[1] / inside.size:.1f}%"
-    assert share in widget.status.value and f"results in {tmp_path / 'results'}" in widget.status.value
-    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == [
+    assert share in widget.status.value and f"results in {run_folder}" in widget.status.value
+    assert sorted(p.name for p in run_folder.iterdir()) == [
         "synthetic.zarr", "synthetic_instances.ome.tif", "synthetic_labels.ome.tif", "synthetic_nuclei.csv",
         "synthetic_nuclei.geojson"]
-    _measuring_a_pyramid_says_where_its_tables_are(viewer, classes, tmp_path / "results")
+    _measuring_a_pyramid_says_where_its_tables_are(viewer, classes, run_folder)
 
 
 def _measuring_a_pyramid_says_where_its_tables_are(viewer, classes, folder) -> None:
@@ -135,7 +136,7 @@ def test_a_polygon_on_a_slide_and_results_never_overwritten(make_napari_viewer, 
     """A polygon drawn in µm over a placed slide: its bounding box is segmented, its outside is
     background; the region comes back in memory, where it lies on the slide, and saves from the
     viewer and measures in Objects (a slide-sized pyramid of it had been 'too large to save').
-    The default results folder is new each run; a chosen one holding results is refused."""
+    Each run writes to a new folder in the results folder, the default one or one chosen."""
     monkeypatch.setenv("HOME", str(tmp_path))
     viewer = make_napari_viewer()
     image, widget = _slide_widget(viewer, slide_file, tiny_checkpoint)
@@ -180,11 +181,12 @@ def test_a_polygon_on_a_slide_and_results_never_overwritten(make_napari_viewer, 
     widget.run(threaded=False)  # the same again: a new folder, the first one untouched
     assert (tmp_path / "napari-medseg" / "results" / "synthetic-2" / "synthetic.zarr").is_dir()
 
-    widget.results_folder.value = first
-    layers = len(viewer.layers)
-    assert widget.run(threaded=False) is None
-    assert f"results folder {first} already holds results of 'synthetic'" in widget.status.value
-    assert "Choose another output folder" in widget.status.value and len(viewer.layers) == layers
+    # a chosen folder takes a new folder per run too: a second region is never refused for the first
+    mine = tmp_path / "mine"
+    widget.results_folder.value = mine
+    for name in ("synthetic", "synthetic-2"):
+        assert widget.run(threaded=False) is not None, widget.status.value
+        assert f"results in {mine / name}" in widget.status.value and (mine / name / "synthetic.zarr").is_dir()
 
 
 def test_cancelling_a_slide_run_within_a_second_leaves_nothing(make_napari_viewer, qtbot, slide_file,

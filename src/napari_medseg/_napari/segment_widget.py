@@ -99,7 +99,7 @@ class SegmentWidget(ScrollingDock):
         self.advanced = Container(widgets=self._setting_controls(), labels=True)
         self.extend([*self._input_controls(), *self._threshold_controls(), self.show_advanced, self.advanced,
                      *self._action_controls()])
-        self.span_full_width(self.status, self.legend)
+        self.span_full_width(self.advanced, self.status, self.legend)
         self._connect()
         self.reset_choices()
         self._read_chosen_model()
@@ -125,9 +125,9 @@ class SegmentWidget(ScrollingDock):
         self.shapes_layer = ComboBox(label="shapes", choices=lambda _w=None: shapes_layers(self._viewer),
                                      visible=False)
         self.results_folder = FileEdit(label="results folder", mode="d", visible=False,
-                                       tooltip=f"Where a slide's results go (zarr, OME-TIFF, GeoJSON, CSV); empty: "
-                                               f"~/{RESULTS_HOME}/<slide>, a new folder each run. A folder that "
-                                               "holds results of the slide is refused, never overwritten.")
+                                       tooltip=f"Where a slide's results go (zarr, OME-TIFF, GeoJSON, CSV): a new "
+                                               "folder <slide>, <slide>-2, ... in it each run, nothing overwritten; "
+                                               f"empty: in ~/{RESULTS_HOME}.")
         return [self.target, self.shapes_layer, self.results_folder]
 
     def _threshold_controls(self) -> list:
@@ -217,12 +217,15 @@ class SegmentWidget(ScrollingDock):
         return getattr(layer, "metadata", {}).get("slide") if layer is not None else None
 
     def _results_folder(self, slide_path: str) -> Path:
-        """The chosen results folder, else a new one under ``~/napari-medseg/results``."""
+        """A new folder for this run, named after the slide, in the chosen results folder (else in
+        ``~/napari-medseg/results``): ``<slide>``, then ``<slide>-2``, ... A chosen folder had taken
+        the files itself, and refused every next region of the slide until another was chosen."""
         text = str(self.results_folder.value or "").strip()
+        base = Path.home() / RESULTS_HOME
         if text not in ("", "."):
-            folder = Path(text).expanduser()
-            return folder if folder.is_absolute() else Path.home() / folder
-        return fresh_results_folder(Path.home() / RESULTS_HOME, file_stem(Path(slide_path)))
+            chosen = Path(text).expanduser()
+            base = chosen if chosen.is_absolute() else Path.home() / chosen
+        return fresh_results_folder(base, file_stem(Path(slide_path)))
 
     def _model_choices(self, _widget=None) -> list:
         return [DEFAULT_MODEL, *trained_models.names(), FILE_MODEL]
