@@ -12,7 +12,7 @@ import pytest
 PLUGIN = "napari-medseg"
 
 
-@pytest.mark.parametrize("noise", [0.0, 1e-9, -1e-9])
+@pytest.mark.parametrize("noise", [0.0, 1e-9, -1e-9, 3e-5, -3e-5])
 @pytest.mark.parametrize("low, high", [(0.0, 256.0), (-0.5, 255.5)])
 def test_a_drawn_square_of_256_pixels_holds_256_pixels_a_side(low, high, noise):
     """From 0 to 256 (or along pixel edges, -0.5 to 255.5), whatever float noise the canvas's
@@ -130,3 +130,21 @@ def test_a_class_map_saves_as_geojson_one_outline_per_painted_region(make_napari
     for f in features:
         region = regions == f["properties"]["label"]
         assert f["properties"]["classification"]["name"] == names[int(classes.data[region][0])]
+
+
+def test_a_512_pixel_rectangle_drawn_on_a_slide_is_512_pixels(make_napari_viewer):
+    """napari keeps shapes in float32: a rectangle drawn in µm on the 0.499 µm/px SVS from pixel
+    (600, 500), 512 px a side, came back with corners at 599.99998777 and 1012.0000132 and was
+    segmented as 513 x 513 px (medseg predict --region 600,500,512,512: 512)."""
+    from napari_medseg._napari.view_regions import drawn_shape
+
+    from conftest import DATA
+
+    slide = DATA / "slides" / "CMU-1-Small-Region.svs"
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(slide), plugin=PLUGIN)
+    um = float(layer.scale[-1])
+    corners = np.array([[500, 600], [500, 1112], [1012, 1112], [1012, 600]], float) * um
+    shapes = viewer.add_shapes([corners], shape_type="rectangle")
+    region, polygon = drawn_shape(shapes, layer)
+    assert (region.x, region.y, region.width, region.height) == (600, 500, 512, 512) and polygon is None

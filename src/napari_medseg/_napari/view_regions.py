@@ -47,8 +47,10 @@ def to_pixels(layer, world_points) -> np.ndarray:
     return np.array([np.asarray(layer.world_to_data(point), float)[-2:] for point in world_points])
 
 
-# world -> pixel conversions leave float noise (255.99999999 for 256): a box edge is read to this
-EDGE_DECIMALS = 6
+# world -> pixel conversions leave float noise: napari keeps shapes in float32, so a corner drawn
+# at pixel 600 of a 0.499 µm/px slide comes back as 599.99998777 (and about 0.01 px at the far
+# end of a 100,000 px slide): a box edge is read to this many decimals
+EDGE_DECIMALS = 2
 
 
 def pixel_box(points: np.ndarray) -> Region:
