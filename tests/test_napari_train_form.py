@@ -137,3 +137,19 @@ def test_a_regions_labels_train_on_the_images_pixels_at_its_origin(consep, tiny_
     for origin in (None, (200, 60)):
         with pytest.raises(MedsegError, match=r"shape \(141, 141\).*\(256, 256\)"):
             plan_training(replace(form, layers=replace(layers, origin=origin)))
+
+
+def test_an_instance_map_chosen_as_labels_is_named_as_one(consep, tiny_checkpoint):
+    """CoNSeP's instance map (ids up to 104) chosen as the labels to fine-tune the 5-class model on:
+    the message had asked to repaint 'class id 104' with one of the classes."""
+    image = read_image(consep / "images" / "train_19_005.png")
+    instances = tifffile.imread(consep / "instances" / "train_19_005.tif").astype(np.int32)
+    layers = PaintedLayers(image, instances, rgb=True, name="my nuclei", classes=None,
+                           placement={"scale": (1.0, 1.0), "translate": (0.0, 0.0)})
+    form = TrainForm(source=FROM_LAYERS, layers=layers, start_from=FILE_MODEL, checkpoint=str(tiny_checkpoint))
+    with pytest.raises(MedsegError) as caught:
+        plan_training(form)
+    message = str(caught.value)
+    assert f"holds {len(np.unique(instances)) - 1} ids up to {instances.max()}" in message
+    assert "looks like an instance map" in message and "not one per nucleus" in message
+    assert "paint those pixels" not in message

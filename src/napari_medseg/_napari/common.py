@@ -282,6 +282,10 @@ def class_map_top(name: str, data: np.ndarray, classes: list[str] | None = None,
         raise WidgetInputError(f"'{name}' holds id {top}: it looks like an instance map (one id per nucleus), not a "
                                f"class map (a few class ids, below {CLASS_ID_LIMIT}). {instead}".rstrip())
     if classes is not None and top >= len(classes):
+        ids = int(np.count_nonzero(np.bincount(data.ravel().astype(np.intp, copy=False))[1:]))
+        if ids > len(classes):  # more ids than classes: one per nucleus, not a few painted wrong
+            raise WidgetInputError(f"'{name}' holds {ids} ids up to {top}: it looks like an instance map (one id per "
+                                   f"nucleus), not a class map of {classes}. {instead}".rstrip())
         raise WidgetInputError(f"'{name}' holds class id {top}, but the classes are {classes} "
                                f"(ids 0 to {len(classes) - 1}); paint those pixels with one of them.")
     return top
