@@ -16,17 +16,17 @@ from psygnal import Signal
 TRAINED_PREFIX = "trained: "
 DEFAULT_MODEL = "default (shipped)"  # the model choices every widget offers besides the trained ones
 FILE_MODEL = "checkpoint file..."
-SAVED_PREFIX = "saved: "
 MODELS_DIR = Path(os.environ.get("MEDSEG_MODELS_DIR") or Path.home() / "napari-medseg" / "models")
 
 
 def saved_models(folder: Path | None = None) -> dict[str, Path]:
-    """``'saved: <run>' -> <run>/best.safetensors`` for each training run in the models folder,
-    newest first."""
+    """``'trained: <run>' -> <run>/best.safetensors`` for each training run in the models folder,
+    newest first: the name the Train widget gave it in the session that trained it (it had been
+    'saved: <run>' in later sessions, a name the Train widget's status never said)."""
     folder = Path(folder or MODELS_DIR).expanduser()
     runs = sorted(folder.glob("*/best.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True) \
         if folder.is_dir() else []
-    return {f"{SAVED_PREFIX}{p.parent.name}": p for p in runs}
+    return {f"{TRAINED_PREFIX}{p.parent.name}": p for p in runs}
 
 
 class TrainedModels:
@@ -39,9 +39,10 @@ class TrainedModels:
 
     def add(self, checkpoint: str | Path, name: str) -> str:
         """Register a checkpoint under ``'trained: <name>'`` (suffixed if that name is taken)."""
-        checkpoint = Path(checkpoint)
+        checkpoint = Path(checkpoint).resolve()
         label, n = f"{TRAINED_PREFIX}{name}", 2
-        while label in self._paths and self._paths[label] != checkpoint:
+        taken = {**saved_models(), **self._paths}  # a run of that name in the models folder is another model
+        while Path(taken.get(label, checkpoint)).resolve() != checkpoint:
             label, n = f"{TRAINED_PREFIX}{name} ({n})", n + 1
         self._paths[label] = checkpoint
         self.changed.emit()
@@ -50,7 +51,8 @@ class TrainedModels:
     def _all(self) -> dict[str, Path]:
         """This session's models, then the models folder's others (each checkpoint once)."""
         mine = set(self._paths.values())
-        return {**self._paths, **{n: p for n, p in saved_models().items() if p not in mine}}
+        others = {n: p for n, p in saved_models().items() if p.resolve() not in mine and n not in self._paths}
+        return {**self._paths, **others}
 
     def names(self) -> list[str]:
         return [name for name, path in self._all().items() if path.is_file()]
@@ -72,7 +74,13 @@ def follow_trained_models(combo) -> None:
 
     def refresh():
         try:
-            combo.reset_choices()
+            # magicgui appends a new choice at the end (after 'checkpoint file...'): remade in order
+            with combo.changed.blocked():
+                value = combo.value
+                combo.native.clear()
+                combo.reset_choices()
+                if value in combo.choices:
+                    combo.value = value
         except RuntimeError:  # "wrapped C/C++ object ... has been deleted"
             trained_models.changed.disconnect(refresh)
 

@@ -3,6 +3,8 @@ and mapped to float32 ``[0, 1]`` with statistics computed once per image."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..io.images import (ImageReadError, intensity_range, plane_layout, scale_to_unit, validate_image_array,
@@ -36,6 +38,10 @@ class ImageSource:
     def __init__(self, array, channels: int, value_range: tuple[float, float] | None | str = "auto"):
         """``value_range``: ``intensity_range``'s, given where the array is a piece of a larger
         image (a slide's block: a block of background alone would be stretched to full range)."""
+        if isinstance(array, (str, os.PathLike)):  # np.asarray would make it a 0-d array of text
+            raise ImageReadError(f"The segmenter takes an image's pixels (an array), not a file name ('{array}'): "
+                                 "read it first (napari_medseg.io.read_image), or use "
+                                 "napari_medseg.inference.segment_file, which also reads the file's pixel size.")
         self.channels = channels
         self._lazy = not isinstance(array, np.ndarray) and hasattr(array, "shape")
         if self._lazy:  # the plane is found from the shape: no pixel is read here but the statistics' sample
