@@ -88,6 +88,7 @@ def test_painted_image_is_cut_into_tiles_that_are_their_own_groups(consep):
 def test_train_from_folder_writes_model_plots_previews_and_lists_it_in_segment(make_napari_viewer, small_consep,
                                                                                 tmp_path):
     viewer = make_napari_viewer()
+    mine = viewer.add_image(np.zeros((300, 200, 3), np.uint8), name="my image")  # open while the folder trains
     segment = SegmentWidget(viewer)  # opened before training: its model list must update
     widget = TrainWidget(viewer)
     _tiny(widget, tmp_path / "models")
@@ -123,6 +124,9 @@ def test_train_from_folder_writes_model_plots_previews_and_lists_it_in_segment(m
     image_layer, labels_layer = _preview_layers(viewer)
     assert image_layer.data.shape == (256, 256, 3) and labels_layer.data.shape == (256, 256)
     assert labels_layer.metadata["medseg"]["classes"] == CONSEP_CLASSES
+    # beside the user's image, not over it (it had been put at the origin, covering it); the labels on the sample
+    assert image_layer.extent.world[0][1] > mine.extent.world[1][1]
+    np.testing.assert_allclose(labels_layer.extent.world, image_layer.extent.world)
     # listed in the Segment widget, and segmenting with it works
     assert widget.trained_name == "trained: tiny-2"
     assert widget.trained_name in segment.model_source.choices

@@ -370,7 +370,9 @@ class TrainWidget(ScrollingDock):
         layers = [l for l in self.preview_layers if l in self._viewer.layers or l in self._going_in]
         source = self._job.layer_source if self._job is not None else None
         image_layer = None if source is not None else self._preview_image(layers, p.image, f"{name} image")
-        extra = {} if source is None else dict(source.placement)  # on the painted layer (µm, moved)
+        # on the painted layer (µm, moved); a folder's sample beside the user's images, not over them
+        extra = (dict(source.placement) if source is not None
+                 else {"scale": (1.0, 1.0), "translate": tuple(image_layer.translate[-2:])})
         labels_layer = next((l for l in layers if layer_kind(l) == PREVIEW_KIND), None)
         if labels_layer is None or (labels_layer.data.shape != p.labels.shape and labels_layer not in self._going_in):
             if labels_layer is not None:
@@ -403,10 +405,21 @@ class TrainWidget(ScrollingDock):
 
         layer = next((l for l in layers if layer_kind(l) == PREVIEW_IMAGE_KIND), None)
         if layer is None:
-            return Image(image, name=name, rgb=image.shape[-1] == 3,
+            return Image(image, name=name, rgb=image.shape[-1] == 3, translate=self._beside_the_images(),
                          metadata={METADATA_KEY: {"kind": PREVIEW_IMAGE_KIND}})
         layer.data = image
         return layer
+
+    def _beside_the_images(self) -> tuple[float, float]:
+        """Where a folder sample's preview goes: right of the viewer's other layers, a 5 % gap
+        between (at the origin it had covered the user's own image, without a word)."""
+        extents = [np.asarray(l.extent.world, float)[:, -2:] for l in self._viewer.layers
+                   if layer_kind(l) not in (PREVIEW_KIND, PREVIEW_IMAGE_KIND)]
+        if not extents:
+            return (0.0, 0.0)
+        low = min(e[0, 0] for e in extents), min(e[0, 1] for e in extents)
+        high = max(e[1, 0] for e in extents), max(e[1, 1] for e in extents)
+        return (float(low[0]), float(high[1] + 0.05 * (high[1] - low[1]) + 1))
 
     def _on_failed(self, failed: TrainingFailed) -> None:
         self._job = None
