@@ -11,7 +11,6 @@ from magicgui.widgets import ComboBox, Container
 
 SCROLL_MIN_HEIGHT = 200  # px a dock keeps however many docks share the column
 DOCK_MIN_WIDTH = 400  # px: the main window gives a dock its minimum; the metrics table needs about this
-LABEL_SLACK_PX = 12  # magicgui sizes a label column by the default font's text width; napari's style draws it wider
 CHOICE_MIN_CHARS = 12  # a layer or model list may shrink to this many characters; its popup shows whole names
 
 
@@ -68,7 +67,7 @@ def _keep_form_width(scroll):
             if event.type() == QEvent.Type.LayoutRequest:
                 _fit_label_columns(watched)
                 bar = scroll.verticalScrollBar().sizeHint().width()
-                fits = watched.minimumSizeHint().width() + LABEL_SLACK_PX + bar + 2 * scroll.frameWidth()
+                fits = watched.minimumSizeHint().width() + bar + 2 * scroll.frameWidth()
                 scroll.setMinimumWidth(max(fits, DOCK_MIN_WIDTH))
             return False
 
