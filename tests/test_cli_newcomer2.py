@@ -150,3 +150,51 @@ def test_evaluate_refusals_count_in_the_right_number_and_name_predictions_of_oth
 
     gt, pred = _folders(tmp_path / "two_missing", ["train_19_005", "train_19_006", "train_19_007"], ["train_19_005"])
     assert_refused(medseg("evaluate", pred, gt), "lacks predictions for 2 images: train_19_006, train_19_007;")
+
+
+def test_evaluate_never_writes_its_json_over_an_input_or_an_existing_file(tmp_path, consep):
+    """'medseg evaluate pred gt --json gt/labels/x.tif' had written JSON over the annotation it
+    read (exit 0), and over the dataset's image or classes.json alike."""
+    import shutil
+
+    gt = tmp_path / "gt"
+    for sub in ("images", "labels", "instances"):
+        (gt / sub).mkdir(parents=True)
+    stem = "train_19_005"
+    shutil.copy(consep / "images" / f"{stem}.png", gt / "images")
+    for sub in ("labels", "instances"):
+        shutil.copy(consep / sub / f"{stem}.tif", gt / sub)
+    shutil.copy(consep / "classes.json", gt)
+    pred = tmp_path / "pred"
+    (pred / "labels").mkdir(parents=True)
+    shutil.copy(consep / "labels" / f"{stem}.tif", pred / "labels")  # the truth as a perfect prediction
+    before = {p: p.read_bytes() for p in [*gt.rglob("*.*"), *pred.rglob("*.*")]}
+    for target in (gt / "labels" / f"{stem}.tif", gt / "classes.json", pred / "labels" / f"{stem}.tif"):
+        for extra in ((), ("--overwrite",)):
+            proc = medseg("evaluate", pred, gt, "--json", target, *extra)
+            assert proc.returncode == 2, proc.stdout
+            assert f"--json {target} is a file of the input" in proc.stderr and "Choose a file elsewhere" in proc.stderr
+    assert {p: p.read_bytes() for p in before} == before  # nothing written over
+    report = tmp_path / "report.json"
+    report.write_text("mine")
+    proc = medseg("evaluate", pred, gt, "--json", report)
+    assert proc.returncode == 2 and "exists: choose another file or pass --overwrite" in proc.stderr
+    assert report.read_text() == "mine"
+    assert medseg("evaluate", pred, gt, "--json", report, "--overwrite").returncode == 0
+    assert json.loads(report.read_text())["overall"]["nucleus_dice"] == 1.0
+    assert medseg("evaluate", pred, gt, "--json", gt / "scores.json").returncode == 0  # new: replaces nothing
+
+
+def test_a_tuner_never_writes_over_the_dataset_it_read(tmp_path, consep):
+    import shutil
+
+    gt = tmp_path / "gt"
+    (gt / "images").mkdir(parents=True)
+    (gt / "labels").mkdir()
+    shutil.copy(consep / "images" / "train_19_005.png", gt / "images")
+    shutil.copy(consep / "labels" / "train_19_005.tif", gt / "labels")
+    shutil.copy(consep / "classes.json", gt)
+    before = (gt / "classes.json").read_bytes()
+    proc = medseg("tune-threshold", "default", gt, "--out", gt / "classes.json", "--all-images", "--overwrite")
+    assert proc.returncode == 2 and "is a file of the input" in proc.stderr, proc.stderr
+    assert (gt / "classes.json").read_bytes() == before

@@ -399,7 +399,10 @@ def _undefined_as_null(value):
 
 def cmd_evaluate(args) -> int:
     from .evaluation.report import evaluate_folders
+    from .io.outputs import check_file_target
 
+    if args.json:  # before the work: it had written over the ground truth it read
+        check_file_target(args.json, [args.pred_dir, args.gt_dir], "--json", args.overwrite)
     report = evaluate_folders(args.pred_dir, args.gt_dir, _instance_settings(args), progress=ProgressLine("evaluate"))
     if report.get("note"):
         print(report["note"], file=sys.stderr)
@@ -858,6 +861,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("pred_dir", help="folder with labels/<stem>.tif (as medseg predict writes)")
     p.add_argument("gt_dir", help="dataset folder with the ground truth")
     p.add_argument("--json", help="write all numbers to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists (never an input)")
     _instance_options(p)
     p.set_defaults(func=cmd_evaluate)
 

@@ -163,7 +163,7 @@ def tune_classes_checkpoint(model: str | os.PathLike, data: str | Path, out: str
     ``tune_kept_images``' result.
     """
     source = resolve_model_path(model)
-    check_checkpoint_target(source, Path(out), overwrite)
+    check_checkpoint_target(source, Path(out), overwrite, data)
     meta = read_meta(source)
     if len(meta.classes) < 3:
         raise ThresholdTuningError(f"the model has one foreground class ({meta.classes[1]}): no class to choose")

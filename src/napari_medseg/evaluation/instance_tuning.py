@@ -128,7 +128,7 @@ def tune_nuclei_checkpoint(model: str | os.PathLike, data: list[str | Path], out
     callback once the work is known (one step per image, then one per setting).
     """
     source = resolve_model_path(model)
-    check_checkpoint_target(source, Path(out), overwrite)
+    check_checkpoint_target(source, Path(out), overwrite, data)
     segmenter = Segmenter.load(source, device=device)  # PyTorch: the reference the settings are measured on
     if not all_images:
         groups = groups or model_val_groups(segmenter.meta)

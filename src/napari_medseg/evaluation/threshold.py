@@ -24,7 +24,7 @@ from ..errors import MedsegError
 from ..inference.segmenter import Segmenter
 from ..inference.settings import TileSettings
 from ..io.dataset import GROUP_PATTERN, DatasetError, open_dataset, source_group
-from ..io.outputs import remove_stale_temps
+from ..io.outputs import check_file_target, remove_stale_temps
 from ..models import load_checkpoint, resolve_model_path, save_checkpoint
 from ..models.weights import read_state_dict
 from ..steps import ProgressCallback
@@ -142,7 +142,7 @@ def tune_checkpoint(model: str | os.PathLike, data: str | Path, out: str | os.Pa
     An existing ``out`` is replaced only with ``overwrite``, and never when it is the input.
     """
     source = resolve_model_path(model)
-    check_checkpoint_target(source, Path(out), overwrite)
+    check_checkpoint_target(source, Path(out), overwrite, data)
     segmenter = Segmenter.load(source, device=device)
     segmenter.foreground_threshold = None  # tune from the model's raw probabilities
     if not all_images:
@@ -158,14 +158,17 @@ def tune_checkpoint(model: str | os.PathLike, data: str | Path, out: str | os.Pa
     return result
 
 
-def check_checkpoint_target(source: Path, out: Path, overwrite: bool) -> None:
-    """Refuses an ``out`` that is the input checkpoint, a folder, or (without ``overwrite``) an
-    existing file; removes the temp files a killed run left beside it."""
+def check_checkpoint_target(source: Path, out: Path, overwrite: bool, data=()) -> None:
+    """Refuses an ``out`` that is the input checkpoint, a folder, a file of the ``data`` folders
+    read (one dataset or several), or (without ``overwrite``) an existing file; removes the temp
+    files a killed run left beside it."""
     if out.exists() and os.path.realpath(out) == os.path.realpath(source):
         raise ThresholdTuningError(f"--out {out} is the input checkpoint: write the tuned copy to another file.")
     if out.is_dir():
         raise ThresholdTuningError(f"--out {out} is a folder: give the checkpoint file to write, "
                                    f"e.g. {out / 'tuned.safetensors'}.")
+    # a file of the data read is never replaced, --overwrite or not
+    check_file_target(out, [data] if isinstance(data, (str, os.PathLike)) else list(data), "--out", overwrite=True)
     if out.exists() and not overwrite:
         raise ThresholdTuningError(f"--out {out} exists: choose another file or pass --overwrite to replace it.")
     remove_stale_temps(out.parent)

@@ -137,6 +137,23 @@ def check_not_input(out: str | os.PathLike, inputs: list[Path], writes: tuple[st
                 f"{flag} {out} would overwrite the input {item}. Choose an empty or new folder.")
 
 
+def check_file_target(out: str | os.PathLike, inputs: list, flag: str = "--out", overwrite: bool = False) -> None:
+    """Refuses a file to write that is a folder, that would replace a file of ``inputs`` (files and
+    folders the command reads: ``medseg evaluate --json`` had written over the ground truth it
+    read, and a tuner over a dataset's classes.json), even with ``overwrite``, or (without it) that
+    exists. A new file inside an input folder is allowed: it replaces nothing."""
+    path = _resolved(Path(out))
+    if path.is_dir():
+        raise OutputFolderError(f"{flag} {out} is a folder: give the file to write.")
+    for item in inputs:
+        item = _resolved(Path(item))
+        if path.exists() and (path == item or item in path.parents):
+            raise OutputFolderError(f"{flag} {out} is {'' if path == item else 'a file of '}the input {item}: "
+                                    "writing it would replace what was read. Choose a file elsewhere.")
+    if path.exists() and not overwrite:
+        raise OutputFolderError(f"{flag} {out} exists: choose another file or pass --overwrite to replace it.")
+
+
 def check_unique_stems(files: list[Path], stem) -> None:
     """Refuses two inputs that would write the same output file (``stem(file)`` equal)."""
     seen: dict[str, Path] = {}
