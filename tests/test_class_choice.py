@@ -111,13 +111,16 @@ def test_tuning_records_weights_that_score_what_it_says_and_checks_them_image_by
     assert meta.foreground_threshold == read_meta(resolve_model_path("default")).foreground_threshold
 
     classes, samples = samples_of_groups(six_patches, None)
-    tuned, plain = (Segmenter.load(m, device="cpu", backend="torch") for m in (out, "default"))
-    plain.class_weights = None  # the shipped default carries its own: tuning starts without them
+    tuned, shipped = (Segmenter.load(m, device="cpu", backend="torch") for m in (out, "default"))
+    # 'before' is the model as shipped, with its own weights, and the search starts there (they had
+    # been dropped for all 1: a 'before' that was not the shipped model's, and its inflammatory 4 lost)
+    assert result["own_weights"] == WEIGHTS
     tuned_scores = evaluate_segmenter(tuned, classes, samples)[0]
-    plain_scores = evaluate_segmenter(plain, classes, samples)[0]
+    shipped_scores = evaluate_segmenter(shipped, classes, samples)[0]
     assert tuned_scores["mpq"] == pytest.approx(result["tuned"]["mpq"], abs=1e-9)
-    assert plain_scores["mpq"] == pytest.approx(result["before"]["mpq"], abs=1e-9)
-    assert (tuned_scores["nucleus_dice"], tuned_scores["bpq"]) == (plain_scores["nucleus_dice"], plain_scores["bpq"])
+    assert shipped_scores["mpq"] == pytest.approx(result["before"]["mpq"], abs=1e-9)
+    assert (tuned_scores["nucleus_dice"], tuned_scores["bpq"]) == (shipped_scores["nucleus_dice"],
+                                                                   shipped_scores["bpq"])
 
 
 def test_cli_tunes_on_one_source_image_and_says_there_is_none_left_to_check_on(six_patches, tmp_path, capsys):
@@ -126,6 +129,8 @@ def test_cli_tunes_on_one_source_image_and_says_there_is_none_left_to_check_on(s
                  "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "class weights: other" in printed and "(unchanged: the nuclei stay as they are)" in printed
+    assert "(the model's own: other 1.5, inflammatory 4, epithelial 1, spindle 0.5)" in printed
+    assert "on the 3 tuning images, from the model as it is: mPQ" in printed
     assert "one source image: no image left to check the choice on" in printed and f"wrote {out}" in printed
     assert read_meta(out).metrics["class_choice_tuning"]["images"] == 3
 

@@ -644,8 +644,12 @@ def cmd_tune_classes(args) -> int:
                                      tta=args.tta, device=args.device, overwrite=args.overwrite,
                                      progress_for=lambda steps: ProgressLine("tune-classes: each image, then each weight"))
     before, tuned = result["before"], result["tuned"]
-    print("class weights: " + ", ".join(f"{c} {w:g}" for c, w in zip(before["f1"], result["weights"])))
-    print(f"on the {result['images']} tuning images: mPQ {before['mpq']:.4f} -> {tuned['mpq']:.4f}, "
+    own = result["own_weights"]
+    print("class weights: " + ", ".join(f"{c} {w:g}" for c, w in zip(before["f1"], result["weights"]))
+          + ("" if all(w == 1.0 for w in own) else
+             " (the model's own: " + ", ".join(f"{c} {w:g}" for c, w in zip(before["f1"], own)) + ")"))
+    print(f"on the {counted(result['images'], 'tuning image')}, from the model as it is: "
+          f"mPQ {before['mpq']:.4f} -> {tuned['mpq']:.4f}, "
           f"class mIoU {before['miou']:.4f} -> {tuned['miou']:.4f}; bPQ {tuned['bpq']:.4f} (unchanged: the nuclei "
           "stay as they are)")
     print("  F1 per class: " + ", ".join(f"{c} {before['f1'][c]:.3f} -> {tuned['f1'][c]:.3f}" for c in before["f1"]))

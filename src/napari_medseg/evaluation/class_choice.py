@@ -93,9 +93,10 @@ def score(images: list[KeptImage], classes: list[str], weights: list[float], ins
 
 def search_weights(images: list[KeptImage], classes: list[str], instance_settings,
                    on_candidate: Callable[[], None] | None = None,
-                   grid: tuple[float, ...] = WEIGHT_GRID) -> tuple[list[float], float]:
-    """Coordinate ascent from no weights (all 1): ``(weights, mPQ)``."""
-    weights = [1.0] * (len(classes) - 1)
+                   grid: tuple[float, ...] = WEIGHT_GRID, start: list[float] | None = None) -> tuple[list[float], float]:
+    """Coordinate ascent from ``start`` (the model's own weights; none: all 1): ``(weights, mPQ)``,
+    never below the start's mPQ on ``images``."""
+    weights = list(start) if start else [1.0] * (len(classes) - 1)
     best = score(images, classes, weights, instance_settings)["mpq"]
     anchor = commonest_class(images, len(classes)) - 1
     for _ in range(ROUNDS):
@@ -130,13 +131,13 @@ def candidates_per_search(classes: list[str], grid: tuple[float, ...] = WEIGHT_G
 
 def cross_validated(images: list[KeptImage], classes: list[str], instance_settings,
                     on_candidate: Callable[[], None] | None = None,
-                    grid: tuple[float, ...] = WEIGHT_GRID) -> tuple[dict, dict]:
+                    grid: tuple[float, ...] = WEIGHT_GRID, start: list[float] | None = None) -> tuple[dict, dict]:
     """Leave one source image out: ``(numbers, weights chosen per left-out source image)``, each
     source image's classes chosen with weights searched on the others only."""
     chosen = {}
     for group in sorted({im.group for im in images}):
         chosen[group] = search_weights([im for im in images if im.group != group], classes, instance_settings,
-                                       on_candidate, grid)[0]
+                                       on_candidate, grid, start)[0]
     evaluation = PairEvaluation(classes, instance_settings)
     for im in images:
         evaluation.add(im.stem, im.labels, _chosen(im, chosen[im.group]), im.instances, im.nuclei)
@@ -191,7 +192,10 @@ def tune_kept_images(source: Path, out: str | os.PathLike, samples, device: str,
     source images, the leave-one-source-image-out numbers (``cross_validated``).
     ``progress_for(steps)`` gives the progress callback once the work is known."""
     segmenter = Segmenter.load(source, device=device)  # PyTorch: the reference the weights are measured on
-    segmenter.class_weights = None  # tune from the plain likeliest class
+    # the search starts from the model as it is (the default's weights had been dropped for all 1,
+    # its 'before' figure not the shipped model's); the network's probabilities are kept plain
+    own = list(segmenter.class_weights or [1.0] * (len(segmenter.classes) - 1))
+    segmenter.class_weights = None
     classes = segmenter.classes
     sources = len({_stem_and_group(s)[1] for s in samples})
     steps = len(samples) + candidates_per_search(classes, grid) * (1 + (sources if sources > 1 else 0))
@@ -205,13 +209,13 @@ def tune_kept_images(source: Path, out: str | os.PathLike, samples, device: str,
 
     images = keep_images(segmenter, samples, TileSettings(tta=tta), step)
     settings = segmenter.instance_settings
-    before = score(images, classes, [1.0] * (len(classes) - 1), settings)
-    weights, _ = search_weights(images, classes, settings, step, grid)
-    result = {"weights": weights, "before": _headline(before),
+    before = score(images, classes, own, settings)
+    weights, _ = search_weights(images, classes, settings, step, grid, own)
+    result = {"weights": weights, "own_weights": own, "before": _headline(before),
               "tuned": _headline(score(images, classes, weights, settings)),
               "images": len(images), "source_images": sources}
     if sources > 1:
-        numbers, per_group = cross_validated(images, classes, settings, step, grid)
+        numbers, per_group = cross_validated(images, classes, settings, step, grid, own)
         result["cross_validated"] = {**_headline(numbers), "weights": per_group}
     if progress is not None:
         progress(steps, steps)
