@@ -344,3 +344,18 @@ def shown_plane_words(viewer, layer, plane: tuple[int, ...]) -> str:
     labels = [str(label) for label in list(viewer.dims.axis_labels)[-layer.ndim:]]
     named = [label if not label.lstrip("-").isdigit() else "slider" for label in labels]
     return ", ".join(f"{named[i]} at {k} of 0-{layer.data.shape[i] - 1}" for i, k in enumerate(plane))
+
+
+# a class map's own nuclei, by the names this plugin gives them (Segment, the reader, the samples)
+# and a file pair's (<stem>_labels.tif beside <stem>_instances.tif: the README's naming)
+NUCLEI_OF = ((" segmentation", " nuclei"), (" labels", " instances"), (" ground truth", " instances"),
+             ("_labels", "_instances"))
+ANNOTATION_ENDINGS = (" ground truth", " labels", "_labels")  # a ground-truth class map's name
+
+
+def nuclei_twin_name(name: str) -> str | None:
+    """The name of the nuclei layer made (or annotated) with the class map ``name``, if named as a pair."""
+    for ending, nuclei in NUCLEI_OF:
+        if name.endswith(ending):
+            return name[: -len(ending)] + nuclei
+    return None

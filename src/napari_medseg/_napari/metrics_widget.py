@@ -26,8 +26,8 @@ from .common import (CLASS_ID_LIMIT, warm_label_visuals, WidgetInputError, class
                      numbered_classes, report_error, start_worker)
 from .dock import ScrollingDock
 from .fast_table import FastTable
-from .layers import (METADATA_KEY, class_colormap, in_memory_plane, labels_layers, layer_kind, legend_html,
-                     place, placement, recorded_polygon, region_in, wrapping_label)
+from .layers import (ANNOTATION_ENDINGS, METADATA_KEY, class_colormap, in_memory_plane, labels_layers, layer_kind,
+                     legend_html, nuclei_twin_name, place, placement, recorded_polygon, region_in, wrapping_label)
 from .table_format import fixed_decimals
 from .view_regions import inside
 
@@ -153,8 +153,9 @@ class MetricsWidget(ScrollingDock):
 
     def _pick_layers(self) -> None:
         """Boxes the user has not set: Segment's newest result as the prediction, a ground truth
-        that is another layer (a file's or sample's '<name> ground truth' / '<name> labels' first),
-        and that ground truth's own annotated nuclei ('<name> instances'). Both boxes had shown the
+        that is another layer (a file's or sample's '<name> ground truth' / '<name> labels' /
+        '<name>_labels' first), and that ground truth's own annotated nuclei ('<name> instances',
+        '<name>_instances': a file pair's had been left out, the nuclei derived). Both boxes had shown the
         first class map: 'the same layer' on the sample, and Segment's result never chosen."""
         layers = self._class_layers()
         if not layers:
@@ -169,17 +170,15 @@ class MetricsWidget(ScrollingDock):
                 others = [layer for layer in others if layer.data.shape == prediction.data.shape]
             image = prediction.name[:-len(" segmentation")] if prediction is not None and \
                 prediction.name.endswith(" segmentation") else None
-            own = [layer for layer in others if image and layer.name in (f"{image} ground truth", f"{image} labels")]
-            annotated = [layer for layer in others if layer.name.endswith((" ground truth", " labels"))]
+            own = [layer for layer in others if image and layer.name in (image + end for end in ANNOTATION_ENDINGS)]
+            annotated = [layer for layer in others if layer.name.endswith(ANNOTATION_ENDINGS)]
             truth = (own or annotated or others or [self.ground_truth.value])[0]
             self.ground_truth.value = self._auto["ground_truth"] = truth
         truth = self.ground_truth.value
         if self.gt_instances.value is self._auto["gt_instances"] and truth is not None:
-            twin = next((truth.name[:-len(end)] for end in (" ground truth", " labels") if truth.name.endswith(end)),
-                        None)
+            twin = nuclei_twin_name(truth.name) if truth.name.endswith(ANNOTATION_ENDINGS) else None
             own = [layer for _name, layer in self._instance_choices()
-                   if twin and layer is not None and layer.name == f"{twin} instances"
-                   and layer.data.shape == truth.data.shape]
+                   if twin and layer is not None and layer.name == twin and layer.data.shape == truth.data.shape]
             self.gt_instances.value = self._auto["gt_instances"] = own[0] if own else None
 
     def _pick_instances(self, *_):

@@ -20,7 +20,7 @@ from .dock import ScrollingDock
 from .fast_table import FastTable
 from .table_format import fixed_decimals
 from .layers import (METADATA_KEY, image_layers, in_memory_plane, instance_labels_kwargs, labels_layers, layer_kind,
-                     legend_html, pixel_size_um, place, placement, plane_placement, recorded_origin, recorded_polygon,
+                     legend_html, nuclei_twin_name, pixel_size_um, place, placement, plane_placement, recorded_origin, recorded_polygon,
                      region_in, region_origin,
                      shown_plane, shown_plane_words, with_origin, wrapping_label)
 
@@ -48,18 +48,6 @@ def _cell(value):
     if isinstance(value, (float, np.floating)):
         return round(float(value), 2)
     return value.item() if isinstance(value, np.generic) else value
-
-
-# a class map's own nuclei, by the names this plugin gives them (Segment, the reader, the samples)
-NUCLEI_OF = ((" segmentation", " nuclei"), (" labels", " instances"), (" ground truth", " instances"))
-
-
-def _twin_name(name: str) -> str | None:
-    """The name of the nuclei layer made with the class map ``name``, if the plugin named both."""
-    for ending, nuclei in NUCLEI_OF:
-        if name.endswith(ending):
-            return name[: -len(ending)] + nuclei
-    return None
 
 
 def _spatial_shape(layer) -> tuple | None:
@@ -226,7 +214,7 @@ class ObjectsWidget(ScrollingDock):
 
     def _own_nuclei(self):
         layer = self.class_layer.value
-        twin = _twin_name(layer.name) if layer is not None else None
+        twin = nuclei_twin_name(layer.name) if layer is not None else None
         for _name, candidate in self._instance_choices():
             if twin and candidate is not None and candidate.name == twin and candidate.data.shape == layer.data.shape:
                 return candidate
