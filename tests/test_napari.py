@@ -327,7 +327,7 @@ def test_metrics_widget_table_matches_core(make_napari_viewer):
     assert "mIoU" in widget.summary.value
 
 
-def test_metrics_widget_uses_chosen_instance_layers_until_the_prediction_is_painted(make_napari_viewer):
+def test_metrics_widget_uses_chosen_instance_layers_that_follow_the_painted_prediction(make_napari_viewer):
     from napari_medseg._napari.layers import class_labels_kwargs, instance_labels_kwargs
     from napari_medseg.evaluation.report import evaluate_maps
 
@@ -346,9 +346,15 @@ def test_metrics_widget_uses_chosen_instance_layers_until_the_prediction_is_pain
     assert given["bpq"] == pytest.approx(1.0) and given["aji"] == pytest.approx(1.0)
     expected = evaluate_maps(truth.data, truth.data, CONSEP_CLASSES, truth_instances.data, truth_instances.data)
     assert given["mpq"] == pytest.approx(expected["overall"]["mpq"])
-    # painting the class map makes the instance layer stale: the widget derives instances again
-    pred_layer.paint((10, 10), 0, refresh=True)
-    assert widget.pred_instances.value is None
+    # an annotated nucleus erased from the class map: the chosen nuclei follow the edit (that nucleus
+    # goes), they are not derived anew by a watershed of the whole map (which had moved every score)
+    nucleus = int(truth_instances.data[truth_instances.data > 0][0])
+    pred_layer.data_setitem(np.nonzero(truth_instances.data == nucleus), 0)  # as napari's tools paint
+    assert widget.pred_instances.value is inst_layer and "follows the painted prediction" in widget._instances_note
+    edited = widget.compute()["overall"]
+    expected = evaluate_maps(truth.data, pred_layer.data, CONSEP_CLASSES, truth_instances.data,
+                             np.where(truth_instances.data == nucleus, 0, truth_instances.data))
+    assert edited["bpq"] == pytest.approx(expected["overall"]["bpq"]) and 0.97 < edited["bpq"] < 1.0
 
 
 def test_metrics_widget_scores_a_nucleus_only_prediction_against_classed_truth(make_napari_viewer):

@@ -26,6 +26,7 @@ from .common import (CLASS_ID_LIMIT, warm_label_visuals, WidgetInputError, class
                      numbered_classes, report_error, start_worker)
 from .dock import ScrollingDock
 from .fast_table import FastTable
+from ..nuclei.edits import nuclei_following
 from .layers import (ANNOTATION_ENDINGS, METADATA_KEY, class_colormap, in_memory_plane, labels_layers, layer_kind,
                      legend_html, nuclei_twin_name, place, placement, recorded_polygon, region_in, wrapping_label)
 from .table_format import fixed_decimals
@@ -123,7 +124,8 @@ class MetricsWidget(ScrollingDock):
         self._watched: list = []
         self._timer = None
         self._picked = None  # the predicted nuclei ``_pick_instances`` chose (not the user)
-        self._stale = None  # a prediction painted since its nuclei were made
+        self._painted: set[int] = set()  # ids of predictions painted by hand: their nuclei follow the edits
+        self._unpainted: tuple[int, np.ndarray] | None = None  # (prediction id, its nucleus pixels when chosen)
         self.reset_choices()
         self._auto = {"prediction": self.prediction.value, "ground_truth": self.ground_truth.value,
                       "gt_instances": self.gt_instances.value}  # magicgui's first choices, not the user's
@@ -188,7 +190,7 @@ class MetricsWidget(ScrollingDock):
         nuclei shown (bPQ 0.433 against 0.418 on the CoNSeP sample)."""
         layer = self.prediction.value
         twin = layer.name.replace(" segmentation", " nuclei") if layer is not None and " segmentation" in layer.name \
-            and layer is not self._stale else None  # only Segment's results have a twin; a painted one's no longer match
+            else None  # only Segment's results have a twin (a painted one's follow its edits: ``_inputs``)
         self.pred_instances.reset_choices()  # a layer being inserted may not be among its choices yet
         for _name, candidate in self._instance_choices():
             if (twin and candidate is not None and candidate.name == twin and layer_kind(candidate) == "instances"
@@ -228,16 +230,22 @@ class MetricsWidget(ScrollingDock):
         for layer in self._watched:
             layer.events.paint.connect(self._schedule)
             layer.events.data.connect(self._schedule)
-        if self.prediction.value is not None:
-            self.prediction.value.events.paint.connect(self._prediction_painted)
+        prediction = self.prediction.value
+        if prediction is not None:
+            prediction.events.paint.connect(self._prediction_painted)
+            if self._unpainted is None or self._unpainted[0] != id(prediction):
+                # as its nuclei were made: what painting adds is told from what Segment left out
+                plain = not getattr(prediction, "multiscale", False) and isinstance(prediction.data, np.ndarray)
+                self._unpainted = (id(prediction), prediction.data > 0) if plain and id(prediction) not in \
+                    self._painted else None
 
     def _prediction_painted(self, *_):
-        """A painted class map no longer matches instances made from it: derive them anew."""
-        self._stale = self.prediction.value  # its nuclei are not picked again for it
+        """A painted class map: its nuclei follow the edits (``nuclei_following``), said in the panel."""
+        self._painted.add(id(self.prediction.value))
         if self.pred_instances.value is not None:
-            self._instances_note = (f"'{self.pred_instances.value.name}' no longer matches the painted prediction: "
-                                    "its nuclei are now derived from the class map.")
-            self.pred_instances.value = None
+            self._instances_note = (f"'{self.pred_instances.value.name}' follows the painted prediction: each nucleus "
+                                    "keeps its pixels where the prediction still has a nucleus class, and each newly "
+                                    "painted piece counts as a nucleus.")
 
     def _schedule(self, *_):
         """Debounce: many paint events in a stroke lead to one recompute."""
@@ -288,6 +296,10 @@ class MetricsWidget(ScrollingDock):
                 truth.instances = np.where(outside, 0, truth.instances)
         pred_inst = self.pred_instances.value
         pred_instances = _instance_map(pred_inst, pred_layer, pred).copy() if pred_inst is not None else None
+        if pred_instances is not None and id(pred_layer) in self._painted:
+            before = self._unpainted[1] if self._unpainted is not None and self._unpainted[0] == id(pred_layer) \
+                and self._unpainted[1].shape == pred.shape else None
+            pred_instances = nuclei_following(pred_instances, pred, before)
         return truth, pred.copy(), pred_names, pred_instances
 
     @staticmethod
