@@ -351,3 +351,29 @@ def test_a_pannuke_folds_ground_truth_is_measured_at_the_patch_shown(make_napari
     viewer.dims.set_current_step(0, 0)
     widget.table.native.selectRow(0)
     assert viewer.dims.current_step[0] == 2
+
+
+def test_a_folder_as_the_export_path_opens_the_save_dialog_there_and_an_error_is_said_once(objects, tmp_path,
+                                                                                           monkeypatch):
+    """A cleared path box reads as the folder napari started in: it had been offered for
+    'replacing' ('/tmp/walk3 exists. Replace it?'), then 'Cannot write X: Cannot write X: Is a
+    directory'. A folder is no file to write: the save dialog opens in it."""
+    from qtpy.QtWidgets import QFileDialog
+
+    viewer, widget, image, truth, instances = objects
+    widget.class_layer.value, widget.instance_layer.value = truth, instances
+    widget.measure()
+    asked, opened = [], []
+    monkeypatch.setattr(common, "confirm_replace", lambda path: asked.append(path) or True)
+    monkeypatch.setattr(QFileDialog, "getSaveFileName",
+                        lambda parent, title, where, kinds: opened.append(where) or ("", ""))
+    assert widget.export_csv(tmp_path) is None and "Nothing exported" in widget.summary.value
+    assert opened == [str(tmp_path)] and asked == []
+    monkeypatch.setattr(QFileDialog, "getSaveFileName",
+                        lambda parent, title, where, kinds: (str(tmp_path / "chosen.csv"), ""))
+    assert widget.export_csv(tmp_path) == tmp_path / "chosen.csv" and (tmp_path / "chosen.csv").is_file()
+    blocker = tmp_path / "a file"
+    blocker.write_text("mine")
+    assert widget.export_csv(blocker / "objects.csv") is None
+    assert widget.summary.value.count("Cannot write") == 1, widget.summary.value
+    assert blocker.read_text() == "mine"

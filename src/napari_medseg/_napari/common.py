@@ -380,10 +380,13 @@ def export_target(path_widget, given=None, confirm: Callable[[str], bool] | None
     from pathlib import Path
 
     text = str(given or path_widget.value or "").strip()
-    if text in ("", "."):
+    folder = Path(text).expanduser() if text not in ("", ".") else Path.home()
+    if text in ("", ".") or folder.is_dir():
+        # no file named: a cleared box reads as the folder napari started in, which had been offered
+        # for 'replacing' ('/home/me exists. Replace it?'); a folder typed is where the dialog opens
         from qtpy.QtWidgets import QFileDialog
 
-        text, _ = QFileDialog.getSaveFileName(None, "Export to", str(Path.home()), path_widget.filter or "")
+        text, _ = QFileDialog.getSaveFileName(None, "Export to", str(folder), path_widget.filter or "")
         if not text:
             return None
         path_widget.value = text  # the dialog itself asked before replacing a file
@@ -394,6 +397,12 @@ def export_target(path_widget, given=None, confirm: Callable[[str], bool] | None
     if target.exists() and not (confirm or confirm_replace)(str(target)):
         return None
     return target
+
+
+def write_failure(target, exc: OSError):
+    """What a failed export says: the writer's own message where it gave one ('Cannot write X:
+    ... Nothing was written there.'), else the system's reason (it had said 'Cannot write X' twice)."""
+    return exc if isinstance(exc, MedsegError) else f"Cannot write {target}: {exc.strerror or exc}"
 
 
 def confirm_replace(path: str) -> bool:

@@ -23,7 +23,7 @@ from ..evaluation.semantic import MetricsInputError
 from ..inference.regions import Region
 from ..io.tables import write_csv
 from .common import (CLASS_ID_LIMIT, warm_label_visuals, WidgetInputError, class_map_top, class_names, export_target,
-                     numbered_classes, report_error, start_worker)
+                     numbered_classes, report_error, start_worker, write_failure)
 from .dock import ScrollingDock
 from .fast_table import FastTable
 from ..nuclei.edits import nuclei_following
@@ -462,7 +462,7 @@ class MetricsWidget(ScrollingDock):
         try:
             written = write_csv(target, columns)
         except OSError as exc:  # a folder that is not there or not writable: the user's to fix
-            return self._fail(f"Cannot write {target}: {exc.strerror or exc}")
+            return self._fail(write_failure(target, exc))
         self.summary.value = f"Wrote the table ({len(columns['class'])} rows) to {written}"
         return written
 

@@ -15,7 +15,7 @@ from ..io.tables import write_csv
 from ..nuclei.measure import counts_per_class, nucleus_count, object_table
 from ..nuclei.watershed import InstanceSettings, semantic_to_instances
 from .common import (WidgetInputError, warm_label_visuals, class_map_top, class_names, export_target, numbered_classes,
-                     report_error, start_worker)
+                     report_error, start_worker, write_failure)
 from .dock import ScrollingDock
 from .fast_table import FastTable
 from .table_format import fixed_decimals
@@ -380,6 +380,6 @@ class ObjectsWidget(ScrollingDock):
         try:
             written = write(target)
         except OSError as exc:  # a folder that is not there or not writable: the user's to fix
-            return self._fail(f"Cannot write {target}: {exc.strerror or exc}")
+            return self._fail(write_failure(target, exc))
         self.summary.value = f"Wrote {len(self.objects['label'])} nuclei to {written}"
         return written
