@@ -124,12 +124,12 @@ def test_metrics_scores_segments_own_nuclei_by_default(make_napari_viewer):
     metrics.pred_instances.value = viewer.layers["CoNSeP instances"]  # the user's choice stays
     viewer.add_labels(np.zeros((4, 4), np.uint8), name="another")
     assert metrics.pred_instances.value.name == "CoNSeP instances"
-    # a painted prediction: its nuclei are no longer picked for it
+    # a painted prediction keeps the nuclei chosen for it, which follow the edit (they had been dropped
+    # for nuclei derived anew: every score moved, not only by the edit)
     metrics.prediction.value = prediction
+    chosen = metrics.pred_instances.value
     prediction.paint((10, 10), 3)
-    assert metrics.pred_instances.value is None
-    metrics._pick_instances()
-    assert metrics.pred_instances.value is None
+    assert metrics.pred_instances.value is chosen and "follows the painted prediction" in metrics._instances_note
 
 
 def test_the_overlay_reused_for_another_prediction_takes_its_units(make_napari_viewer, consep):

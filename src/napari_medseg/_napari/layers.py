@@ -75,6 +75,9 @@ def class_labels_kwargs(name: str, classes: list[str], colors: list | None = Non
     }
 
 
+NUCLEUS_OUTLINE_PX = 2  # a result's nuclei are outlined over the class colours, not filled
+
+
 def instance_labels_kwargs(name: str, classes: list[str] | None = None, colors: list | None = None,
                            instance_classes=None, **extra) -> dict:
     """Keyword arguments for an instance map's layer; with ``classes`` and ``instance_classes``

@@ -19,10 +19,10 @@ from .common import (WidgetInputError, warm_label_visuals, class_map_top, class_
 from .dock import ScrollingDock
 from .fast_table import FastTable
 from .table_format import fixed_decimals
-from .layers import (METADATA_KEY, image_layers, in_memory_plane, instance_labels_kwargs, labels_layers, layer_kind,
-                     legend_html, nuclei_twin_name, pixel_size_um, place, placement, plane_placement, recorded_origin, recorded_polygon,
-                     region_in, region_origin,
-                     shown_plane, shown_plane_words, with_origin, wrapping_label)
+from .layers import (METADATA_KEY, NUCLEUS_OUTLINE_PX, image_layers, in_memory_plane, instance_labels_kwargs,
+                     labels_layers, layer_kind, legend_html, nuclei_twin_name, pixel_size_um, place, placement,
+                     plane_placement, recorded_origin, recorded_polygon, region_in, region_origin, shown_plane,
+                     shown_plane_words, with_origin, wrapping_label)
 
 if TYPE_CHECKING:
     import napari
@@ -354,7 +354,7 @@ class ObjectsWidget(ScrollingDock):
             place(made, where)
             return
         made = self._viewer.add_labels(instances, **kwargs, **where)
-        made.contour = 2
+        made.contour = NUCLEUS_OUTLINE_PX
         self._derived[layer] = made
 
     def export_csv(self, path: str | Path | None = None) -> Path | None:

@@ -41,7 +41,8 @@ from ..steps import Cancelled, run_steps
 from .common import (WidgetInputError, add_layers_in_turns, device_choices, follow_devices, report_error,
                      start_worker, step_from_own_value, warm_label_visuals)
 from .dock import ScrollingDock
-from .layers import (METADATA_KEY, class_labels_kwargs, image_layers, instance_labels_kwargs, legend_html,
+from .layers import (METADATA_KEY, NUCLEUS_OUTLINE_PX, class_labels_kwargs, image_layers, instance_labels_kwargs,
+                     legend_html,
                      pick_classes_from, pixel_size_um, placement, plane_placement, replace_instances, shown_plane,
                      shown_plane_words,
                      with_origin, wrapping_label)
@@ -56,7 +57,6 @@ if TYPE_CHECKING:
 
 RETHRESHOLD_DEBOUNCE_MS = 150
 PROGRESS_INTERVAL_S = 0.2  # the bar moves at most this often (each move repaints the window)
-NUCLEUS_OUTLINE_PX = 2
 # layout passes for a new status: one per level from the label up to the dock's form (3 here), and spare
 LAYOUT_LEVELS = 8
 WHOLE_IMAGE, FIELD_OF_VIEW, SHAPE, WHOLE_SLIDE = "whole image", "field of view", "drawn shape", "whole slide"
