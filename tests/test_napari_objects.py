@@ -377,3 +377,22 @@ def test_a_folder_as_the_export_path_opens_the_save_dialog_there_and_an_error_is
     assert widget.export_csv(blocker / "objects.csv") is None
     assert widget.summary.value.count("Cannot write") == 1, widget.summary.value
     assert blocker.read_text() == "mine"
+
+
+def test_objects_opened_before_segment_measures_segments_result_after_the_run(make_napari_viewer):
+    """Objects docked on the sample (it chose the ground truth), then Segment run: Measure had
+    counted the ground truth's 104 nuclei again while Segment had just found its own; a class map
+    the user chose stays."""
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-medseg", "consep")
+    _, obj = viewer.window.add_plugin_dock_widget("napari-medseg", "Objects")
+    assert obj.class_layer.value is viewer.layers["CoNSeP ground truth"]
+    _, seg = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
+    seg.device.value = "cpu"
+    result = seg.run(threaded=False)
+    assert obj.class_layer.value is result and obj.instance_layer.value is seg.last_instances_layer
+    table = obj.measure(threaded=False)
+    assert len(table["label"]) == len(np.unique(seg.last_instances_layer.data)) - 1
+    obj.class_layer.value = viewer.layers["CoNSeP ground truth"]  # the user's choice
+    seg.run(threaded=False)
+    assert obj.class_layer.value is viewer.layers["CoNSeP ground truth"]

@@ -142,6 +142,7 @@ class ObjectsWidget(ScrollingDock):
         # (magicgui says nothing when a box is set to None, 'derive' / 'none': so compared, not signalled)
         self._auto = {"instance_layer": None, "image_layer": None}
         self._class_map_shown = None
+        self._auto_class_map = None  # the class map the widget chose (not the user): a new result replaces it
         self._derived: dict = {}  # class-map layer -> the layer of nuclei derived from it (this widget's)
         self.class_layer.changed.connect(self._on_class_map)
         self._viewer.layers.events.inserted.connect(self._on_inserted)
@@ -158,7 +159,7 @@ class ObjectsWidget(ScrollingDock):
         if not choices:
             return
         active = self._viewer.layers.selection.active
-        self.class_layer.value = active if any(active is c for c in choices) else choices[-1]
+        self.class_layer.value = self._auto_class_map = active if any(active is c for c in choices) else choices[-1]
 
     def _refill(self, *_) -> None:
         """The boxes' choices again (a layer went): a box moved off a removed layer was not the user's choice."""
@@ -180,12 +181,18 @@ class ObjectsWidget(ScrollingDock):
         else:
             self._pick_instances()
 
-    def _on_inserted(self, *_):
+    def _on_inserted(self, event=None):
         """A new layer among the choices; the class map's own nuclei where they are it. Segment adds
         its class map first and its nuclei a turn later: the class map, chosen as it came, had been
         measured with nuclei derived by a watershed (another count than Segment's). What the user
-        chose stays (also 'derive from class map')."""
+        chose stays (also 'derive from class map'). A new Segment result replaces a class map the
+        widget chose itself: opened before the run, it had measured the ground truth again (104 nuclei
+        where Segment had just found 65)."""
         self._refill()
+        new = getattr(event, "value", None)
+        if (new is not None and new.name.endswith(" segmentation") and layer_kind(new) == "classes"
+                and self.class_layer.value is self._auto_class_map and any(new is c for c in self._class_layers())):
+            self.class_layer.value = self._auto_class_map = new  # its own nuclei follow (_on_class_map)
         self._pick_instances()
 
     def _class_layers(self, _widget=None) -> list:
