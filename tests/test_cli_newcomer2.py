@@ -198,3 +198,38 @@ def test_a_tuner_never_writes_over_the_dataset_it_read(tmp_path, consep):
     proc = medseg("tune-threshold", "default", gt, "--out", gt / "classes.json", "--all-images", "--overwrite")
     assert proc.returncode == 2 and "is a file of the input" in proc.stderr, proc.stderr
     assert (gt / "classes.json").read_bytes() == before
+
+
+def test_swapped_arguments_are_said_and_help_pages_show_examples(tmp_path, consep, tiny_checkpoint):
+    """'medseg tune-threshold DATASET MODEL' had said 'Checkpoint ... is a folder, not a file', and
+    'medseg evaluate DATASET PREDICTIONS' that the predictions were no dataset folder."""
+    gt = tmp_path / "gt"
+    for sub in ("images", "labels"):
+        (gt / sub).mkdir(parents=True)
+    shutil.copy(consep / "images" / "train_19_005.png", gt / "images")
+    shutil.copy(consep / "labels" / "train_19_005.tif", gt / "labels")
+    shutil.copy(consep / "classes.json", gt)
+    pred = tmp_path / "pred"
+    (pred / "labels").mkdir(parents=True)
+    shutil.copy(consep / "labels" / "train_19_005.tif", pred / "labels")
+    proc = medseg("tune-threshold", gt, tiny_checkpoint, "--out", tmp_path / "t.safetensors")
+    assert proc.returncode == 2 and "is a dataset folder: the model comes first" in proc.stderr, proc.stderr
+    assert "medseg tune-threshold MODEL DATASET" in proc.stderr
+    proc = medseg("evaluate", gt, pred)
+    assert proc.returncode == 2 and "the two look swapped" in proc.stderr, proc.stderr
+    assert "medseg evaluate PREDICTIONS DATASET" in proc.stderr
+    for command in ("predict", "evaluate", "tune-threshold"):
+        assert "examples:\n  medseg " in medseg(command, "--help").stdout
+
+
+def test_tuning_on_one_image_says_it_is_few(tmp_path, consep, tiny_checkpoint):
+    gt = tmp_path / "gt"
+    for sub in ("images", "labels"):
+        (gt / sub).mkdir(parents=True)
+    shutil.copy(consep / "images" / "train_19_005.png", gt / "images")
+    shutil.copy(consep / "labels" / "train_19_005.tif", gt / "labels")
+    shutil.copy(consep / "classes.json", gt)
+    proc = medseg("tune-threshold", tiny_checkpoint, gt, "--all-images", "--out", tmp_path / "t.safetensors",
+                  "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "on 1 image" in proc.stdout and "caution: tuned on 1 image" in proc.stderr

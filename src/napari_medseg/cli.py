@@ -401,6 +401,10 @@ def cmd_evaluate(args) -> int:
     from .evaluation.report import evaluate_folders
     from .io.outputs import check_file_target
 
+    pred, truth = Path(args.pred_dir), Path(args.gt_dir)
+    if (pred / "images").is_dir() and not (truth / "images").is_dir() and (truth / "labels").is_dir():
+        raise MedsegError(f"{truth} has no images/ but {pred} has: the two look swapped. The predictions come "
+                          "first: medseg evaluate PREDICTIONS DATASET.")
     if args.json:  # before the work: it had written over the ground truth it read
         check_file_target(args.json, [args.pred_dir, args.gt_dir], "--json", args.overwrite)
     report = evaluate_folders(args.pred_dir, args.gt_dir, _instance_settings(args), progress=ProgressLine("evaluate"))
@@ -625,14 +629,33 @@ def cmd_average(args) -> int:
     return 0
 
 
+FEW_TUNING_IMAGES = 5  # fewer than this: a value chosen fits those images more than the next ones
+
+
+def _few_images_caution(images: int) -> None:
+    if images < FEW_TUNING_IMAGES:
+        print(f"medseg: caution: tuned on {counted(images, 'image')}; a choice made on so few may not hold on "
+              "others (tune on more images, of several source images)", file=sys.stderr)
+
+
+def _model_first(args) -> None:
+    """The tuners take the model first: a dataset folder given there is said as such (it had been
+    'Checkpoint ... is a folder, not a file')."""
+    if Path(args.model).is_dir() and (Path(args.model) / "images").is_dir():
+        raise MedsegError(f"'{args.model}' is a dataset folder: the model comes first, then the data: "
+                          f"medseg {args.command} MODEL DATASET (MODEL: 'default' or a .safetensors file).")
+
+
 def cmd_tune_threshold(args) -> int:
     from .evaluation.threshold import tune_checkpoint
 
+    _model_first(args)
     result = tune_checkpoint(args.model, args.data, args.out, groups=args.groups, all_images=args.all_images,
                              tta=args.tta, device=args.device, overwrite=args.overwrite,
-                             progress_for=lambda images: ProgressLine(f"tuning on {images} images"))
+                             progress_for=lambda images: ProgressLine(f"tuning on {counted(images, 'image')}"))
     print(f"foreground threshold {result['threshold']:.2f}: pooled nucleus Dice {result['nucleus_dice']:.4f} "
-          f"(argmax {result['argmax_nucleus_dice']:.4f}) on {result['images']} images")
+          f"(argmax {result['argmax_nucleus_dice']:.4f}) on {counted(result['images'], 'image')}")
+    _few_images_caution(result["images"])
     print(f"wrote {args.out}")
     return 0
 
@@ -640,6 +663,7 @@ def cmd_tune_threshold(args) -> int:
 def cmd_tune_classes(args) -> int:
     from .evaluation.class_choice import tune_classes_checkpoint
 
+    _model_first(args)
     result = tune_classes_checkpoint(args.model, args.data, args.out, groups=args.groups, all_images=args.all_images,
                                      tta=args.tta, device=args.device, overwrite=args.overwrite,
                                      progress_for=lambda steps: ProgressLine("tune-classes: each image, then each weight"))
@@ -666,6 +690,7 @@ def cmd_tune_classes(args) -> int:
 def cmd_tune_nuclei(args) -> int:
     from .evaluation.instance_tuning import tune_nuclei_checkpoint
 
+    _model_first(args)
     result = tune_nuclei_checkpoint(args.model, args.data, args.out, groups=args.groups, all_images=args.all_images,
                                     tta=args.tta, device=args.device, overwrite=args.overwrite,
                                     progress_for=lambda steps: ProgressLine("tune-nuclei: each image, then each setting"))
@@ -677,7 +702,8 @@ def cmd_tune_nuclei(args) -> int:
     print(f"chosen of {result['candidates']} settings (the weakest set's bPQ): "
           + ", ".join(f"{words[k]} {before['settings'][k]} -> {v}" for k, v in chosen.items()))
     for name, images in result["images"].items():
-        print(f"  {name} ({images} images): bPQ {before['bpq'][name]:.4f} -> {result['bpq'][name]:.4f}")
+        print(f"  {name} ({counted(images, 'image')}): bPQ {before['bpq'][name]:.4f} -> {result['bpq'][name]:.4f}")
+    _few_images_caution(min(result["images"].values(), default=0))
     print(f"wrote {args.out}")
     return 0
 
@@ -830,8 +856,17 @@ def _engine_options(p) -> None:
     p.add_argument("--no-amp", action="store_true", help="CUDA: run in float32 instead of float16 autocast")
 
 
+def _examples(*lines: str) -> dict:
+    """``add_parser`` arguments for a help page that ends with examples, as typed."""
+    return {"epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines),
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="segment images, folders or dataset folders")
+    p = sub.add_parser("predict", help="segment images, folders or dataset folders", **_examples(
+        "medseg predict slide_crop.tif --out results            # default model; results/labels, instances, ...",
+        "medseg predict my_images/ --out results --pixel-size 0.5  # a folder of 20x images",
+        "medseg predict CMU-1.svs --region 600,500,512,512 --out results   # a slide's region"))
     p.add_argument("inputs", nargs="+", help="image files, folders of images, or dataset folders")
     p.add_argument("--model", default="default", help="'default' (the shipped model; the default) or a .safetensors "
                                                        "checkpoint")
@@ -861,7 +896,9 @@ def _add_predict(sub) -> None:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="compare predicted label maps with ground truth")
+    p = sub.add_parser("evaluate", help="compare predicted label maps with ground truth", **_examples(
+        "medseg predict my_dataset --out results && medseg evaluate results my_dataset   # predictions first",
+        "medseg evaluate results my_dataset --json scores.json"))
     p.add_argument("pred_dir", help="folder with labels/<stem>.tif (as medseg predict writes)")
     p.add_argument("gt_dir", help="dataset folder with the ground truth")
     p.add_argument("--json", help="write all numbers to this JSON file")
@@ -925,7 +962,8 @@ def _tuning_options(p, what: str, tta: str) -> None:
 
 
 def _add_tune_threshold(sub) -> None:
-    p = sub.add_parser("tune-threshold", help="tune a model's foreground threshold on labelled images")
+    p = sub.add_parser("tune-threshold", help="tune a model's foreground threshold on labelled images", **_examples(
+        "medseg tune-threshold default my_dataset --all-images --out tuned.safetensors   # the model first"))
     p.add_argument("model", help="'default' or a .safetensors checkpoint")
     p.add_argument("data", help="dataset folder with labels/")
     _tuning_options(p, "threshold", "tune the probabilities averaged over 4 flips")
