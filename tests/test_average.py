@@ -118,7 +118,10 @@ def _val_groups(cfg) -> list[str]:
 
 def test_medseg_average_as_installed(small_consep, tmp_path):
     """The command a user runs: two checkpoints of one network with other classes are refused; a
-    model and itself average to a checkpoint with the threshold asked for."""
+    model and a copy of itself average to a checkpoint with the threshold asked for (the same file
+    twice is refused: test_a_model_averaged_with_itself_is_refused)."""
+    import shutil
+
     start_cfg = tiny_config(small_consep, tmp_path / "start", "epochs=1", "data.val_fraction=0.34")
     start = train(start_cfg).checkpoint
     binary = tiny_config(small_consep, tmp_path / "binary", "epochs=1", "data.val_fraction=0.34", "data.binary=true")
@@ -128,7 +131,8 @@ def test_medseg_average_as_installed(small_consep, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "different networks" in done.stderr, done.stderr
     assert not (tmp_path / "o.safetensors").exists()
-    done = subprocess.run([sys.executable, "-m", "napari_medseg", "average", str(start), str(start), "--weight", "0.5",
+    copy = shutil.copy(start, tmp_path / "copy.safetensors")
+    done = subprocess.run([sys.executable, "-m", "napari_medseg", "average", str(start), str(copy), "--weight", "0.5",
                            "--threshold", "0.45", "--out", str(tmp_path / "o.safetensors")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -136,9 +140,21 @@ def test_medseg_average_as_installed(small_consep, tmp_path):
     assert f"wrote {tmp_path / 'o.safetensors'}" in done.stdout
     assert read_meta(tmp_path / "o.safetensors").foreground_threshold == 0.45
     # the record names the models as the user did: 'default', not where it is installed here
-    done = subprocess.run([sys.executable, "-m", "napari_medseg", "average", "default", "default", "--weight", "0.5",
-                           "--out", str(tmp_path / "d.safetensors")], capture_output=True, text=True, timeout=300)
+    from napari_medseg.models import resolve_model_path
+
+    default_copy = shutil.copy(resolve_model_path("default"), tmp_path / "default_copy.safetensors")
+    done = subprocess.run([sys.executable, "-m", "napari_medseg", "average", "default", str(default_copy), "--weight",
+                           "0.5", "--out", str(tmp_path / "d.safetensors")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     averaged = read_meta(tmp_path / "d.safetensors").training["averaged"]
-    assert (averaged["start"], averaged["tuned"]) == ("default", "default")
+    assert (averaged["start"], averaged["tuned"]) == ("default", str(default_copy))
 
+
+
+def test_a_model_averaged_with_itself_is_refused(tmp_path):
+    """'medseg average default default --weight 0.5' had written a copy of the default without a word."""
+    from hostile import medseg
+
+    proc = medseg("average", "default", "default", "--weight", "0.5", "--out", tmp_path / "same.safetensors")
+    assert proc.returncode == 2 and "is both models" in proc.stderr, proc.stderr
+    assert not (tmp_path / "same.safetensors").exists()

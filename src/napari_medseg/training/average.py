@@ -109,6 +109,8 @@ def average_checkpoints(start_path: str | Path, tuned_path: str | Path, weight: 
     if batchnorm not in BATCHNORM:
         raise AverageError(f"batch norm '{batchnorm}': choose one of {', '.join(BATCHNORM)}.")
     fixed = _threshold_value(threshold)
+    if Path(start_path).resolve() == Path(tuned_path).resolve():  # 'medseg average default default' had copied it
+        raise AverageError(f"{start_path} is both models: average a fine-tuned model with the one it started from.")
     out = Path(out)
     if out.exists():
         raise AverageError(f"{out} exists; choose a new file (nothing is overwritten).")
