@@ -69,6 +69,16 @@ def test_metrics_panel_csv_export(sample_viewer, tmp_path):
     rows = list(csv.DictReader(path.open()))
     assert [r["class"] for r in rows][:5] == CLASSES
     assert float(rows[3]["IoU"]) == pytest.approx(widget.result["per_class"]["epithelial"]["iou"], abs=1e-4)
+    # every number of the panel beside it (the CSV had held the table alone: no bPQ, AJI, nucleus Dice)
+    numbers = json.loads((tmp_path / "m.json").read_text())
+    for key in ("nucleus_dice", "bpq", "mpq", "f1", "aji", "pixel_accuracy"):
+        assert numbers["overall"][key] == pytest.approx(widget.result["overall"][key])
+    assert numbers["compared"]["prediction"] == pred.name and numbers["compared"]["ground_truth"] == truth.name
+    assert "m.json" in widget.summary.value
+    # a numbers file of the same name that was there before a new table is left as it was
+    (tmp_path / "n.json").write_text("mine")
+    widget.export_csv(tmp_path / "n.csv")
+    assert (tmp_path / "n.json").read_text() == "mine" and "n.json exists, left as it was" in widget.summary.value
 
 
 def test_error_overlay_per_class_and_all(sample_viewer):

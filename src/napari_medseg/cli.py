@@ -385,18 +385,6 @@ def _fmt(value: float) -> str:
     return "   -  " if value != value else f"{value:6.4f}"  # NaN -> '-'
 
 
-def _undefined_as_null(value):
-    """NaN ('undefined': a zero denominator) as JSON null: NaN is not JSON, and jq, browsers and
-    most readers other than Python's refuse the whole file for it."""
-    if isinstance(value, dict):
-        return {key: _undefined_as_null(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_undefined_as_null(item) for item in value]
-    if isinstance(value, float) and value != value:
-        return None
-    return value
-
-
 def cmd_evaluate(args) -> int:
     from .evaluation.report import evaluate_folders
     from .io.outputs import check_file_target
@@ -423,7 +411,9 @@ def cmd_evaluate(args) -> int:
     if args.json:
         from .io.images import atomic_write
 
-        text = json.dumps(_undefined_as_null(report), indent=1, allow_nan=False)
+        from .evaluation.report import report_json
+
+        text = report_json(report)
         atomic_write(Path(args.json), lambda tmp: tmp.write_text(text))
         print(f"wrote {args.json}")
     return 0

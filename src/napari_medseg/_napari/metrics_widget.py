@@ -19,14 +19,16 @@ from ..errors import MedsegError
 from ..evaluation.error_maps import ERROR_COLORS, ERROR_NAMES, error_counts, error_map
 from ..evaluation.ground_truth import (NUCLEUS_CLASSES, GroundTruth, as_scored, compare_to_ground_truth,
                                        ground_truth_from_label_map, merged_classes)
+from ..evaluation.report import report_json
 from ..evaluation.semantic import MetricsInputError
 from ..inference.regions import Region
+from ..io.images import atomic_write
 from ..io.tables import write_csv
+from ..nuclei.edits import nuclei_following
 from .common import (CLASS_ID_LIMIT, warm_label_visuals, WidgetInputError, class_map_top, class_names, export_target,
                      numbered_classes, report_error, start_worker, write_failure)
 from .dock import ScrollingDock
 from .fast_table import FastTable
-from ..nuclei.edits import nuclei_following
 from .layers import (ANNOTATION_ENDINGS, METADATA_KEY, class_colormap, in_memory_plane, labels_layers, layer_kind,
                      legend_html, nuclei_twin_name, place, placement, recorded_polygon, region_in, wrapping_label)
 from .table_format import fixed_decimals
@@ -119,6 +121,7 @@ class MetricsWidget(ScrollingDock):
         self._class_legend = ""
         self._error_key = ""  # the shown overlay's colours and pixel counts (rich text, under the legend)
         self._instances_note = ""
+        self._compared: dict = {}  # the layers the shown numbers compared, and the panel's notes
         self._region_note = ""  # what part of the ground truth a region's result is scored on
         self._worker = None
         self._watched: list = []
@@ -432,6 +435,10 @@ class MetricsWidget(ScrollingDock):
         notes += [note for note in (self._region_note, self._instances_note) if note]
         if notes:
             self.summary.value = "\n".join([*notes, self.summary.value])
+        self._compared = {box: (getattr(self, box).value.name if getattr(self, box).value is not None else
+                                "derived from the class map")
+                          for box in ("prediction", "ground_truth", "gt_instances", "pred_instances")}
+        self._compared["notes"] = notes
         self._metrics_text = self.summary.value
         pred_layer = self.prediction.value
         info = pred_layer.metadata.get(METADATA_KEY, {}) if pred_layer is not None else {}
@@ -459,12 +466,27 @@ class MetricsWidget(ScrollingDock):
         if target is None:
             self.summary.value = "Nothing exported."
             return None
+        replacing = target.exists()  # the user said yes to replacing it: its numbers file goes with it
         try:
             written = write_csv(target, columns)
         except OSError as exc:  # a folder that is not there or not writable: the user's to fix
             return self._fail(write_failure(target, exc))
-        self.summary.value = f"Wrote the table ({len(columns['class'])} rows) to {written}"
+        numbers = self._write_numbers(target.with_suffix(".json"), replacing)
+        self.summary.value = f"Wrote the table ({len(columns['class'])} rows) to {written}" + numbers
         return written
+
+    def _write_numbers(self, path: Path, replacing: bool) -> str:
+        """Beside the table, every number of the panel (bPQ, AJI, nucleus Dice, pixel accuracy, mPQ+,
+        the aggregations), its notes and the layers compared, as ``medseg evaluate --json`` writes them:
+        the CSV had held the table alone. An existing file is replaced only with the table it belongs to."""
+        if path.exists() and not replacing:
+            return f"; {path.name} exists, left as it was"
+        record = {**self.result, "compared": self._compared}
+        try:
+            atomic_write(path, lambda tmp: Path(tmp).write_text(report_json(record)))
+        except OSError as exc:
+            return f"; not {path.name}: {write_failure(path, exc)}"
+        return f", and all the numbers, notes and layers compared to {path.name}"
 
     # -- overlays -----------------------------------------------------------------------
     def show_errors(self):

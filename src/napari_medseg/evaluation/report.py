@@ -8,6 +8,7 @@ derived from its class map with ``semantic_to_instances``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -58,6 +59,25 @@ def _instances_for(class_map: np.ndarray, instances: np.ndarray | None, settings
                                     f"{class_map.shape}; they must match.")
         return instances
     return semantic_to_instances(class_map, settings)
+
+
+def _undefined_as_null(value):
+    """NaN ('undefined': a zero denominator) as JSON null: NaN is not JSON, and jq, browsers and
+    most readers other than Python's refuse the whole file for it."""
+    if isinstance(value, dict):
+        return {key: _undefined_as_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_undefined_as_null(item) for item in value]
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, np.generic):
+        return _undefined_as_null(value.item())
+    return value
+
+
+def report_json(report: dict) -> str:
+    """A report as the JSON ``medseg evaluate --json`` and the Metrics panel's export write."""
+    return json.dumps(_undefined_as_null(report), indent=1, allow_nan=False)
 
 
 def _some(names: list[str], most: int = 3) -> str:
