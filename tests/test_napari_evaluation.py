@@ -100,6 +100,9 @@ def test_error_overlay_per_class_and_all(sample_viewer):
     again = widget.show_errors()
     assert again is layer and len(viewer.layers) == n_layers  # updated in place, not duplicated
     assert (again.data == 4).sum() == ((truth.data > 0) & (pred.data > 0) & (truth.data != pred.data)).sum()
+    # the overlay over the image alone: the class maps under it hidden, and said
+    assert layer.visible and not pred.visible and not truth.visible
+    assert f"Hidden under the overlay: '{pred.name}', '{truth.name}'" in widget.summary.value
 
 
 def test_hiding_classes_in_prediction_layer(sample_viewer):

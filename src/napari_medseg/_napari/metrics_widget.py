@@ -122,6 +122,7 @@ class MetricsWidget(ScrollingDock):
         self._error_key = ""  # the shown overlay's colours and pixel counts (rich text, under the legend)
         self._instances_note = ""
         self._compared: dict = {}  # the layers the shown numbers compared, and the panel's notes
+        self._hidden_by_overlay: list = []  # layers the error overlay hid (said while they stay hidden)
         self._region_note = ""  # what part of the ground truth a region's result is scored on
         self._worker = None
         self._watched: list = []
@@ -502,6 +503,17 @@ class MetricsWidget(ScrollingDock):
             return self._fail(exc)
         layer = self._put_overlay(choice or ALL_CLASSES, class_id, errors)
         self.summary.value = self._metrics_text  # the scores stay in view beside the overlay
+        # the overlay over the image alone: under it the class colours and nucleus outlines had mixed with
+        # its own (false negatives' sky blue beside spindle cyan outlines, pink over orange read as brown)
+        for shown in (self.prediction.value, self.pred_instances.value, self.gt_instances.value, self.ground_truth.value):
+            if shown is not None and shown.visible and shown is not layer:
+                shown.visible = False
+                self._hidden_by_overlay.append(shown)
+        hidden = [l for l in dict.fromkeys(self._hidden_by_overlay) if l in self._viewer.layers and not l.visible]
+        self._hidden_by_overlay = hidden
+        if hidden:
+            self.summary.value += ("\nHidden under the overlay: " + ", ".join(f"'{l.name}'" for l in hidden)
+                                   + " (tick them in the layer list to see them again).")
         return layer
 
     def _put_overlay(self, choice: str, class_id: int | None, errors: np.ndarray):
