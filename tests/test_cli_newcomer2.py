@@ -152,19 +152,22 @@ def test_evaluate_refusals_count_in_the_right_number_and_name_predictions_of_oth
     assert_refused(medseg("evaluate", pred, gt), "lacks predictions for 2 images: train_19_006, train_19_007;")
 
 
+def _one_image_dataset(consep, root, subs=("labels",)):
+    """A dataset folder of one CoNSeP patch (train_19_005): its image, the ``subs`` maps, classes.json."""
+    for sub in ("images", *subs):
+        (root / sub).mkdir(parents=True)
+    shutil.copy(consep / "images" / "train_19_005.png", root / "images")
+    for sub in subs:
+        shutil.copy(consep / sub / "train_19_005.tif", root / sub)
+    shutil.copy(consep / "classes.json", root)
+    return root
+
+
 def test_evaluate_never_writes_its_json_over_an_input_or_an_existing_file(tmp_path, consep):
     """'medseg evaluate pred gt --json gt/labels/x.tif' had written JSON over the annotation it
     read (exit 0), and over the dataset's image or classes.json alike."""
-    import shutil
-
-    gt = tmp_path / "gt"
-    for sub in ("images", "labels", "instances"):
-        (gt / sub).mkdir(parents=True)
     stem = "train_19_005"
-    shutil.copy(consep / "images" / f"{stem}.png", gt / "images")
-    for sub in ("labels", "instances"):
-        shutil.copy(consep / sub / f"{stem}.tif", gt / sub)
-    shutil.copy(consep / "classes.json", gt)
+    gt = _one_image_dataset(consep, tmp_path / "gt", ("labels", "instances"))
     pred = tmp_path / "pred"
     (pred / "labels").mkdir(parents=True)
     shutil.copy(consep / "labels" / f"{stem}.tif", pred / "labels")  # the truth as a perfect prediction
@@ -186,14 +189,7 @@ def test_evaluate_never_writes_its_json_over_an_input_or_an_existing_file(tmp_pa
 
 
 def test_a_tuner_never_writes_over_the_dataset_it_read(tmp_path, consep):
-    import shutil
-
-    gt = tmp_path / "gt"
-    (gt / "images").mkdir(parents=True)
-    (gt / "labels").mkdir()
-    shutil.copy(consep / "images" / "train_19_005.png", gt / "images")
-    shutil.copy(consep / "labels" / "train_19_005.tif", gt / "labels")
-    shutil.copy(consep / "classes.json", gt)
+    gt = _one_image_dataset(consep, tmp_path / "gt")
     before = (gt / "classes.json").read_bytes()
     proc = medseg("tune-threshold", "default", gt, "--out", gt / "classes.json", "--all-images", "--overwrite")
     assert proc.returncode == 2 and "is a file of the input" in proc.stderr, proc.stderr
@@ -203,12 +199,7 @@ def test_a_tuner_never_writes_over_the_dataset_it_read(tmp_path, consep):
 def test_swapped_arguments_are_said_and_help_pages_show_examples(tmp_path, consep, tiny_checkpoint):
     """'medseg tune-threshold DATASET MODEL' had said 'Checkpoint ... is a folder, not a file', and
     'medseg evaluate DATASET PREDICTIONS' that the predictions were no dataset folder."""
-    gt = tmp_path / "gt"
-    for sub in ("images", "labels"):
-        (gt / sub).mkdir(parents=True)
-    shutil.copy(consep / "images" / "train_19_005.png", gt / "images")
-    shutil.copy(consep / "labels" / "train_19_005.tif", gt / "labels")
-    shutil.copy(consep / "classes.json", gt)
+    gt = _one_image_dataset(consep, tmp_path / "gt")
     pred = tmp_path / "pred"
     (pred / "labels").mkdir(parents=True)
     shutil.copy(consep / "labels" / "train_19_005.tif", pred / "labels")
@@ -223,12 +214,7 @@ def test_swapped_arguments_are_said_and_help_pages_show_examples(tmp_path, conse
 
 
 def test_tuning_on_one_image_says_it_is_few(tmp_path, consep, tiny_checkpoint):
-    gt = tmp_path / "gt"
-    for sub in ("images", "labels"):
-        (gt / sub).mkdir(parents=True)
-    shutil.copy(consep / "images" / "train_19_005.png", gt / "images")
-    shutil.copy(consep / "labels" / "train_19_005.tif", gt / "labels")
-    shutil.copy(consep / "classes.json", gt)
+    gt = _one_image_dataset(consep, tmp_path / "gt")
     proc = medseg("tune-threshold", tiny_checkpoint, gt, "--all-images", "--out", tmp_path / "t.safetensors",
                   "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
