@@ -407,6 +407,8 @@ def test_erasing_a_false_nucleus_in_segments_result_scores_that_edit_only(make_n
     nuclei = seg.last_instances_layer
     _, metrics = viewer.window.add_plugin_dock_widget("napari-medseg", "Metrics")
     assert metrics.prediction.value is prediction and metrics.pred_instances.value is nuclei
+    seg.threshold.value = 0.25  # re-thresholded first: more nucleus pixels, nuclei remade with them
+    seg.rethreshold(threaded=False)
     before = metrics.compute()
     truth = metrics.gt_instances.value.data
     false = [i for i in np.unique(nuclei.data)[1:] if not truth[nuclei.data == i].any()]

@@ -229,6 +229,7 @@ class MetricsWidget(ScrollingDock):
             layer.events.paint.disconnect(self._schedule)
             layer.events.data.disconnect(self._schedule)
             layer.events.paint.disconnect(self._prediction_painted)
+            layer.events.data.disconnect(self._prediction_replaced)
         chosen = (self.prediction.value, self.ground_truth.value, self.gt_instances.value, self.pred_instances.value)
         self._watched = [l for l in {id(l): l for l in chosen if l}.values()]
         for layer in self._watched:
@@ -237,11 +238,19 @@ class MetricsWidget(ScrollingDock):
         prediction = self.prediction.value
         if prediction is not None:
             prediction.events.paint.connect(self._prediction_painted)
+            prediction.events.data.connect(self._prediction_replaced)
             if self._unpainted is None or self._unpainted[0] != id(prediction):
-                # as its nuclei were made: what painting adds is told from what Segment left out
-                plain = not getattr(prediction, "multiscale", False) and isinstance(prediction.data, np.ndarray)
-                self._unpainted = (id(prediction), prediction.data > 0) if plain and id(prediction) not in \
-                    self._painted else None
+                self._prediction_replaced()
+
+    def _prediction_replaced(self, *_):
+        """The prediction's nucleus pixels as its nuclei were made (chosen, or remade by Segment's
+        re-threshold, which remakes its nuclei too): what painting adds is told from what Segment
+        left out. Not once painted: the edits would count as made with the nuclei."""
+        prediction = self.prediction.value
+        if prediction is None or id(prediction) in self._painted:
+            return
+        plain = not getattr(prediction, "multiscale", False) and isinstance(prediction.data, np.ndarray)
+        self._unpainted = (id(prediction), prediction.data > 0) if plain else None
 
     def _prediction_painted(self, *_):
         """A painted class map: its nuclei follow the edits (``nuclei_following``), said in the panel."""
