@@ -185,7 +185,10 @@ def test_evaluate_never_writes_its_json_over_an_input_or_an_existing_file(tmp_pa
     assert report.read_text() == "mine"
     assert medseg("evaluate", pred, gt, "--json", report, "--overwrite").returncode == 0
     assert json.loads(report.read_text())["overall"]["nucleus_dice"] == 1.0
-    assert medseg("evaluate", pred, gt, "--json", gt / "scores.json").returncode == 0  # new: replaces nothing
+    assert medseg("evaluate", pred, gt, "--json", pred / "scores.json").returncode == 0  # new: replaces nothing
+    # a report beside the predictions, written before, is no input: replaced when asked
+    assert medseg("evaluate", pred, gt, "--json", pred / "scores.json").returncode == 2
+    assert medseg("evaluate", pred, gt, "--json", pred / "scores.json", "--overwrite").returncode == 0
 
 
 def test_a_tuner_never_writes_over_the_dataset_it_read(tmp_path, consep):

@@ -386,7 +386,8 @@ def _fmt(value: float) -> str:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation.report import evaluate_folders
+    from .evaluation.report import evaluate_folders, report_json
+    from .io.images import atomic_write
     from .io.outputs import check_file_target
 
     pred, truth = Path(args.pred_dir), Path(args.gt_dir)
@@ -409,10 +410,6 @@ def cmd_evaluate(args) -> int:
     # the table lists background too: say which rows the means are over
     print("mIoU and mPQ: means over the nucleus classes (background left out); F1: detection at IoU > 0.5, all nuclei")
     if args.json:
-        from .io.images import atomic_write
-
-        from .evaluation.report import report_json
-
         text = report_json(report)
         atomic_write(Path(args.json), lambda tmp: tmp.write_text(text))
         print(f"wrote {args.json}")

@@ -137,17 +137,33 @@ def check_not_input(out: str | os.PathLike, inputs: list[Path], writes: tuple[st
                 f"{flag} {out} would overwrite the input {item}. Choose an empty or new folder.")
 
 
+# what a dataset or prediction folder holds that commands read: never replaced by a command's output
+READ_FOLDERS = ("images", "labels", "instances", "probabilities")
+
+
+def _read_from(path: Path, item: Path) -> bool:
+    """Whether ``path`` is the input ``item`` or a file of it a command reads (its images, label
+    maps, nuclei, probabilities or classes.json); a report beside them is not."""
+    if path == item:
+        return True
+    if item not in path.parents:
+        return False
+    inner = path.relative_to(item).parts
+    return inner[0] in READ_FOLDERS or inner == ("classes.json",)
+
+
 def check_file_target(out: str | os.PathLike, inputs: list, flag: str = "--out", overwrite: bool = False) -> None:
-    """Refuses a file to write that is a folder, that would replace a file of ``inputs`` (files and
-    folders the command reads: ``medseg evaluate --json`` had written over the ground truth it
-    read, and a tuner over a dataset's classes.json), even with ``overwrite``, or (without it) that
-    exists. A new file inside an input folder is allowed: it replaces nothing."""
+    """Refuses a file to write that is a folder, that would replace a file of ``inputs`` the command
+    reads (``medseg evaluate --json`` had written over the ground truth it read, and a tuner over a
+    dataset's classes.json), even with ``overwrite``, or (without it) that exists. A new file in an
+    input folder, or a report there written before (``results/scores.json``), is another matter:
+    it replaces nothing read."""
     path = _resolved(Path(out))
     if path.is_dir():
         raise OutputFolderError(f"{flag} {out} is a folder: give the file to write.")
     for item in inputs:
         item = _resolved(Path(item))
-        if path.exists() and (path == item or item in path.parents):
+        if path.exists() and _read_from(path, item):
             raise OutputFolderError(f"{flag} {out} is {'' if path == item else 'a file of '}the input {item}: "
                                     "writing it would replace what was read. Choose a file elsewhere.")
     if path.exists() and not overwrite:
