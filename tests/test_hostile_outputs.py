@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,6 +95,22 @@ def test_train_into_a_finished_run_is_refused_and_says_how_to_overwrite(tmp_path
                          "--overwrite", "--resume")
     assert str(run / "best.safetensors") in err
     assert tree(run) == before
+
+
+def test_train_overwrite_leaves_no_earlier_run_file_beside_the_new_one(tmp_path, dataset, model):  # was WRONG RESULT
+    # an earlier run averaged with its start and repeated with two seeds; the new one does neither:
+    # its folder must not keep averaged.safetensors or seed_1/ as if this run had written them
+    run = tmp_path / "run"
+    (run / "seed_1").mkdir(parents=True)
+    for path in (run / "best.safetensors", run / "averaged.safetensors", run / "seed_1" / "best.safetensors"):
+        shutil.copy(model, path)
+    (run / "repeats.json").write_text("{}")
+    (run / "notes.txt").write_text("mine")  # a user's own file is never touched
+    proc = medseg("train", _config(tmp_path, dataset, run), "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert f"removed {run / 'averaged.safetensors'}" in proc.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["best.safetensors", "notes.txt", "resume.safetensors"]
+    assert (run / "best.safetensors").read_bytes() != Path(model).read_bytes()  # the new run's
 
 
 def test_tune_threshold_never_writes_over_its_input_or_an_existing_file(tmp_path, dataset, model):  # was LOSS

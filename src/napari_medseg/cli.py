@@ -498,7 +498,7 @@ class _TrainPrinter:
 
 
 def cmd_train(args) -> int:
-    from .training.checkpoints import check_fresh_run
+    from .training.checkpoints import check_fresh_run, remove_earlier_run_leftovers
     from .training.stages import load_train_stages, train_stages
 
     args.started = time.time()  # a resume file older than this is an earlier run's (--overwrite)
@@ -521,6 +521,11 @@ def cmd_train(args) -> int:
             stages[0].config.out_dir = folder
     elif not args.overwrite:
         check_fresh_run([Path(stage.config.out_dir) for stage in stages])
+    elif int(os.environ.get("RANK", "0")) == 0:  # under torchrun the first process alone
+        for stage in stages:
+            for path in remove_earlier_run_leftovers(stage.config):
+                print(f"--overwrite: removed {path}, an earlier run's file this run would not replace",
+                      file=sys.stderr)
     printer = _TrainPrinter(stages)
     if stages[0].config.repeats > 1:  # a config without stages (stages refuse repeats)
         return _train_repeats(stages[0].config, printer)
@@ -908,7 +913,8 @@ def _add_train(sub) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. --set epochs=5")
     p.add_argument("--resume", metavar="RESUME.safetensors", help="continue a run exactly from its resume file")
     p.add_argument("--overwrite", action="store_true",
-                   help="train into an out_dir that holds an earlier run's checkpoints, replacing them")
+                   help="train into an out_dir that holds an earlier run's checkpoints, replacing them "
+                        "(its files this run would not replace are removed)")
     p.add_argument("--from-stage", metavar="NAME",
                    help="configs with stages: start at this stage (the ones before it have written their checkpoints)")
     p.set_defaults(func=cmd_train)

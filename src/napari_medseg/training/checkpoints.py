@@ -14,7 +14,7 @@ import torch
 from ..errors import MedsegError
 from ..io.outputs import remove_stale_temps, temp_path
 from ..models.checkpoint import CheckpointMeta, save_checkpoint
-from .config import BEST_NAME, TrainConfig
+from .config import AVERAGED_NAME, BEST_NAME, TrainConfig
 from .distributed import DistContext, parameter_hash
 from .events import TrainingError
 from .progress import Progress
@@ -30,6 +30,38 @@ def check_fresh_run(out_dirs: list[Path]) -> None:
                 f"{out_dir} already holds a trained model ({earlier[0]}). Choose another out_dir "
                 f"(--set out_dir=...), continue that run with --resume {out_dir / 'resume.safetensors'}, "
                 "or pass --overwrite to replace it.")
+
+
+RUN_FILES = (BEST_NAME, AVERAGED_NAME, "resume.safetensors")  # what one run (or one seed of repeats) writes
+
+
+def earlier_run_leftovers(cfg: TrainConfig) -> list[Path]:
+    """The files an earlier run left in ``cfg.out_dir`` that this run will not write, so that with
+    ``--overwrite`` they would stay beside its results as if they were its own: an averaged
+    checkpoint where this run does not average, a single run's files where this one repeats with
+    other seeds (``seed_<n>/``), the seeds and summary of repeats where this one runs once."""
+    out = Path(cfg.out_dir)
+    if cfg.repeats > 1:
+        seeds = {f"seed_{cfg.seed + i}" for i in range(cfg.repeats)}
+        folders = [f for f in sorted(out.glob("seed_*")) if f.is_dir() and f.name not in seeds]
+        found = [out / name for name in RUN_FILES]
+    else:
+        folders = [f for f in sorted(out.glob("seed_*")) if f.is_dir()]
+        found = [out / "repeats.json"] + ([] if cfg.average_with_start else [out / AVERAGED_NAME])
+    found += [folder / name for folder in folders for name in RUN_FILES]
+    return [path for path in found if path.is_file()]
+
+
+def remove_earlier_run_leftovers(cfg: TrainConfig) -> list[Path]:
+    """``--overwrite``: removes ``earlier_run_leftovers`` (and the ``seed_<n>`` folders they leave
+    empty); the files it removed. Only the names a run writes are touched, never a user's own."""
+    removed = []
+    for path in earlier_run_leftovers(cfg):
+        path.unlink()
+        removed.append(path)
+        if path.parent.name.startswith("seed_") and not any(path.parent.iterdir()):
+            path.parent.rmdir()
+    return removed
 
 
 def check_output_dir(out_dir: Path, need_bytes: int = 0) -> None:
