@@ -57,7 +57,7 @@ def _segment(viewer, checkpoint=None):
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_segment_takes_the_plane_shown_of_a_stack_and_its_result_lands_there(make_napari_viewer, fold,
-                                                                             pannuke_checkpoint):
+                                                                             pannuke_checkpoint, tmp_path):
     from napari_medseg.inference import Segmenter
 
     root, images = fold
@@ -77,6 +77,18 @@ def test_segment_takes_the_plane_shown_of_a_stack_and_its_result_lands_there(mak
     for layer in (result, nuclei):  # on that plane only: on the others nothing of it shows
         assert layer.data.shape == (1, 256, 256)
         assert np.allclose(layer.data_to_world((0, 0, 0)), (3, 0, 0))
+    # saved through napari's save dialog's call (its writer chosen, the layer's name bare): the one
+    # plane is written, under the format's suffix (both had been refused as 3-D, the name left bare)
+    from npe2 import PluginManager
+
+    writers = {w.command.rsplit(".", 1)[-1]: w for w in PluginManager.instance().iter_compatible_writers(["labels"])}
+    for layer, writer, suffix in ((result, "write_label_tiff", ".tif"), (nuclei, "write_geojson", ".geojson")):
+        viewer.layers.selection = {layer}
+        bare = tmp_path / layer.name
+        assert viewer.layers.save(str(bare), selected=True, _writer=writers[writer]) == [f"{bare}{suffix}"]
+    reopened = viewer.open(tmp_path / f"{result.name}.tif", plugin=PLUGIN)[0]
+    np.testing.assert_array_equal(reopened.data, expected)
+    assert reopened.metadata["medseg"]["kind"] == "classes"
     for step in range(6):
         viewer.dims.set_current_step(0, step)
         drawn = result._slice.image.raw

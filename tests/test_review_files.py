@@ -193,7 +193,7 @@ def test_saving_a_stack_is_refused_before_it_is_computed(tmp_path):
 
     never = da.from_delayed(dask.delayed(lambda: 1 // 0)(), (2, 8, 8), np.uint8)  # computing it fails
     for write, name in ((write_labels_tiff, "stack.tif"), (write_labels_geojson, "stack.geojson")):
-        with pytest.raises(OutputWriteError, match=r"shape \(2, 8, 8\); only a 2-D Labels layer"):
+        with pytest.raises(OutputWriteError, match=r"stack of 2 maps \(2, 8, 8\); one file holds one image"):
             write(str(tmp_path / name), never, {"name": "PanNuke ground truth"})
     assert not list(tmp_path.iterdir())
 

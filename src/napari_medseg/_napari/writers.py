@@ -23,7 +23,19 @@ from .common import CLASS_ID_LIMIT, WidgetInputError, class_map_top
 from .layers import METADATA_KEY, recorded_origin
 
 
+GEOJSON_SUFFIXES = (".geojson",)  # as napari.yaml's filename_extensions, the first added where none is given
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+def with_suffix(path: str, suffixes: tuple[str, ...]) -> str:
+    """``path``, or ``path`` + the format's suffix where it ends in none of ``suffixes``: napari's
+    save dialog offers the layer's name bare, and a file saved as ``CoNSeP ground truth`` was
+    opened by no reader (napari's own writers add theirs too)."""
+    return path if str(path).lower().endswith(suffixes) else f"{path}{suffixes[0]}"
+
+
 def write_labels_geojson(path: str, data, meta: dict) -> list[str]:
+    path = with_suffix(path, GEOJSON_SUFFIXES)
     with _save_errors_shown(path, meta):
         info = meta.get("metadata", {}).get(METADATA_KEY, {})
         _not_a_pyramid(data, info)
@@ -50,6 +62,7 @@ def class_regions(class_map: np.ndarray) -> np.ndarray:
 
 
 def write_labels_tiff(path: str, data, meta: dict) -> list[str]:
+    path = with_suffix(path, TIFF_SUFFIXES)
     with _save_errors_shown(path, meta):
         _not_a_pyramid(data, meta.get("metadata", {}).get(METADATA_KEY, {}))
         write_label_map(path, _plane(data), _pixel_size_um(meta), _label_record(meta))
@@ -114,9 +127,13 @@ def _not_a_pyramid(data, info: dict) -> None:
 
 def _plane(data) -> np.ndarray:
     shape = tuple(getattr(data, "shape", np.shape(data)))
+    # Segment's result on one image of a stack (a PanNuke fold) is a stack of one plane
+    while len(shape) > 2 and shape[0] == 1:
+        data, shape = data[0], shape[1:]
     if len(shape) != 2:  # said before a lazy stack (a PanNuke fold's thousands of maps) is computed whole
-        raise WidgetInputError(f"it has shape {shape}; only a 2-D Labels layer can be saved this way "
-                               "(save one plane of a stack as its own layer).")
+        raise WidgetInputError(f"it is a stack of {int(np.prod(shape[:-2]))} maps {shape}; one file holds one "
+                               "image's map: save a Segment result of that image (one plane), or use "
+                               "`medseg convert pannuke` for a fold's ground truth.")
     labels = np.asarray(data)
     if labels.min(initial=0) < 0:
         raise WidgetInputError(f"it holds the negative id {int(labels.min())}; label ids are 0 (background) and up: "
