@@ -303,7 +303,7 @@ def _save_case(viewer, tmp_path, case: str):
         return viewer.add_labels(plane, name="neg"), tmp_path / "neg.tif", ("'neg'", "negative id -1")
     if case == "stack":
         layer = viewer.add_labels(np.stack([plane] * 2), name="stack")
-        return layer, tmp_path / "stack.geojson", ("'stack'", "shape (2, 32, 32)", "2-D")
+        return layer, tmp_path / "stack.geojson", ("'stack'", "stack of 2 maps (2, 32, 32)", "one plane")
     if case == "folder is a file":
         (tmp_path / "notes").write_text("mine")
         return viewer.add_labels(plane, name="ok"), tmp_path / "notes" / "x.tif", ("is a file, not a folder",)

@@ -92,6 +92,26 @@ def test_a_dataset_folder_image_segments_and_scores_against_its_own_ground_truth
     assert result is not None and result["overall"]["nucleus_dice"] > 0.6, metrics.summary.value
 
 
+def test_a_result_is_drawn_over_the_image_alone_and_says_what_it_hid(make_napari_viewer):
+    """Drawn over the sample's ground truth (or an earlier run), the class colours had mixed:
+    spindle cyan over the truth's gold read as inflammatory green. What goes under is hidden, named."""
+    from test_napari_results import _segment_widget_on_the_sample
+
+    viewer, segment = _segment_widget_on_the_sample(make_napari_viewer)
+    truth, truth_nuclei = viewer.layers["CoNSeP ground truth"], viewer.layers["CoNSeP instances"]
+    shown_before = [layer.name for layer in (truth, truth_nuclei) if layer.visible]
+    assert shown_before  # the sample opens with its truth in view
+    first = segment.run(threaded=False)
+    assert first is not None and first.visible and segment.last_instances_layer.visible
+    assert not truth.visible and not truth_nuclei.visible
+    assert "Hidden under the result: " + ", ".join(f"'{name}'" for name in shown_before) in segment.status.value
+    first_nuclei = segment.last_instances_layer
+    second = segment.run(threaded=False)  # again: the first run's layers go under the second's
+    assert second is not first and second.visible and segment.last_instances_layer.visible
+    assert not first.visible and not first_nuclei.visible
+    assert f"'{first.name}', '{first_nuclei.name}'" in segment.status.value
+
+
 def test_metrics_docked_first_takes_segments_result_and_the_samples_ground_truth(make_napari_viewer):
     """The sample, Metrics docked, then Segment run: both boxes had stayed on the sample's ground
     truth ('Prediction and ground truth are the same layer') and its nuclei were derived by a

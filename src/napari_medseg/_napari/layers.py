@@ -124,6 +124,26 @@ def labels_layers(viewer, exclude: tuple[str, ...] = ()) -> list:
     return [layer for layer in viewer.layers if isinstance(layer, Labels) and layer_kind(layer) not in exclude]
 
 
+def labels_under(viewer, layers) -> list:
+    """The viewer's shown Labels layers (ground truth, an earlier run's results) that ``layers``,
+    about to be added, would be drawn over: their class colours mixed with the new ones
+    (spindle cyan over a gold truth read as inflammatory green)."""
+    from napari.layers import Labels
+
+    def yx_extent(layer) -> np.ndarray:
+        return np.asarray(layer.extent.world, float)[:, -2:]
+
+    new = [yx_extent(layer) for layer in layers if layer is not None]
+    return [layer for layer in labels_layers(viewer) if layer.visible and isinstance(layer, Labels)
+            and any(np.all(yx_extent(layer)[0] <= box[1]) and np.all(box[0] <= yx_extent(layer)[1]) for box in new)]
+
+
+def hidden_words(layers, under: str) -> str:
+    """Which layers were hidden ``under`` something, and how to show them again."""
+    return (f"Hidden under {under}: " + ", ".join(f"'{layer.name}'" for layer in layers)
+            + " (tick them in the layer list to see them again).")
+
+
 def layer_classes(layer) -> list[str] | None:
     """Class names recorded on a Labels layer by this plugin, if any."""
     info = getattr(layer, "metadata", {}).get(METADATA_KEY, {})

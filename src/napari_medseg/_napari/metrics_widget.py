@@ -29,7 +29,8 @@ from .common import (CLASS_ID_LIMIT, warm_label_visuals, WidgetInputError, class
                      numbered_classes, report_error, start_worker, write_failure)
 from .dock import ScrollingDock
 from .fast_table import FastTable
-from .layers import (ANNOTATION_ENDINGS, METADATA_KEY, class_colormap, in_memory_plane, labels_layers, layer_kind,
+from .layers import (ANNOTATION_ENDINGS, METADATA_KEY, class_colormap, hidden_words, in_memory_plane, labels_layers,
+                     layer_kind,
                      legend_html, nuclei_twin_name, place, placement, recorded_polygon, region_in, wrapping_label)
 from .table_format import fixed_decimals
 from .view_regions import inside
@@ -521,8 +522,7 @@ class MetricsWidget(ScrollingDock):
         hidden = [l for l in dict.fromkeys(self._hidden_by_overlay) if l in self._viewer.layers and not l.visible]
         self._hidden_by_overlay = hidden
         if hidden:
-            self.summary.value += ("\nHidden under the overlay: " + ", ".join(f"'{l.name}'" for l in hidden)
-                                   + " (tick them in the layer list to see them again).")
+            self.summary.value += "\n" + hidden_words(hidden, "the overlay")
         return layer
 
     def _put_overlay(self, choice: str, class_id: int | None, errors: np.ndarray):

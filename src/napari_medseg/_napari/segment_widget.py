@@ -41,8 +41,8 @@ from ..steps import Cancelled, run_steps
 from .common import (WidgetInputError, add_layers_in_turns, device_choices, follow_devices, report_error,
                      start_worker, step_from_own_value, warm_label_visuals)
 from .dock import ScrollingDock
-from .layers import (METADATA_KEY, NUCLEUS_OUTLINE_PX, class_labels_kwargs, image_layers, instance_labels_kwargs,
-                     legend_html,
+from .layers import (METADATA_KEY, NUCLEUS_OUTLINE_PX, class_labels_kwargs, hidden_words, image_layers,
+                     instance_labels_kwargs, labels_under, legend_html,
                      pick_classes_from, pixel_size_um, placement, plane_placement, replace_instances, shown_plane,
                      shown_plane_words,
                      with_origin, wrapping_label)
@@ -559,9 +559,13 @@ class SegmentWidget(ScrollingDock):
         self._read_chosen_model()  # the run's model, unless another was chosen since
 
         self._summary = summary
+        # drawn over a ground truth or an earlier run, the class colours mix into others' colours
+        hidden = labels_under(self._viewer, run.layers)
+        for layer in hidden:
+            layer.visible = False
 
         def shown():
-            self.status.value = summary
+            self.status.value = summary + (f"\n\n{hidden_words(hidden, 'the result')}" if hidden else "")
             self.legend.value = legend_html(self._classes, self._colors, pickable=True)
             self._set_running(False)
             self._scroll_to_status()
