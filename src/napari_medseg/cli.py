@@ -189,6 +189,23 @@ def _port(text: str) -> int:
     return value
 
 
+def _unscaled_pixel_size_note(args) -> None:
+    """``--pixel-size UM`` for a model that records none (trained without ``pixel_size_um``): there
+    is no size to rescale to, so the images run as they are; said, not ignored without a word."""
+    from .models import read_meta, resolve_model_path
+
+    if not isinstance(args.pixel_size, float):
+        return
+    try:
+        recorded = read_meta(resolve_model_path(args.model)).pixel_size_um
+    except MedsegError:
+        return  # the model's load says what is wrong with it
+    if recorded is None:
+        print(f"medseg: note: the model records no pixel size, so --pixel-size {args.pixel_size:g} rescales nothing: "
+              "images run at their own scale (train with pixel_size_um set, or fine-tune a model that records one)",
+              file=sys.stderr)
+
+
 def _group_list(text: str) -> list[str]:
     """``--groups``: comma-separated source image names."""
     groups = [g.strip() for g in text.split(",") if g.strip()]
@@ -207,6 +224,7 @@ def cmd_predict(args) -> int:
     if args.region or args.whole_slide or any(Path(i).suffix.lower() in SLIDE_SUFFIXES for i in args.inputs):
         return _predict_slides(args)
     files = _collect_inputs(args.inputs)
+    _unscaled_pixel_size_note(args)
     out = Path(args.out)
     failures, said = 0, set()
     for done in predict_to_folder(files, out, args.model, _batch_settings(args), device=args.device,
@@ -279,6 +297,7 @@ def _predict_slides(args) -> int:
         raise MedsegError("--pixel-size none: slides are segmented at the pixel size they record; to override it "
                           "give a number (e.g. --pixel-size 0.25).")
     failed = _unreadable_slides(slides, region)  # said before the model loads (a cut-off file had waited for it)
+    _unscaled_pixel_size_note(args)
     if len(failed) == len(slides):
         print(f"medseg: {len(failed)} of {counted(len(slides), 'slide')} not segmented: {', '.join(p.name for p in failed)}",
               file=sys.stderr)
@@ -541,6 +560,7 @@ def cmd_train(args) -> int:
         if result.reason:
             print(f"stopped: {result.reason}")
         print(_result_words(stage.config, result))
+        _say_tuned_threshold(result.checkpoint)
         if done.path is not None:
             print(f"wrote {done.path}")
     return 0
@@ -583,6 +603,23 @@ def _result_words(config, result) -> str:
             pass
     how = f" (averaged with {partner}, {config.average_with_start:g} on this run)" if averaged else ""
     return f"best epoch {result.best_epoch}; checkpoint {result.checkpoint}{how}"
+
+
+def _say_tuned_threshold(checkpoint) -> None:
+    """The foreground threshold a run tuned at its end on its validation images (tune_threshold):
+    said, with the caution ``tune-threshold`` gives, where it chose it on few images."""
+    from .models import read_meta
+    from .training.threshold import TRAINING_VALIDATION_IMAGES
+
+    if checkpoint is None:
+        return
+    try:
+        tuning = read_meta(checkpoint).metrics.get("threshold_tuning") or {}
+    except MedsegError:
+        return
+    if tuning.get("data") == TRAINING_VALIDATION_IMAGES and "images" in tuning:
+        print(f"foreground threshold {tuning['threshold']:.2f}, tuned on the {counted(tuning['images'], 'validation image')}")
+        _few_images_caution(int(tuning["images"]))
 
 
 def _train_repeats(config, printer: _TrainPrinter) -> int:

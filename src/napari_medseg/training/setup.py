@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..io.dataset import GROUP_PATTERN, tile_row_step
+from ..models.config import ModelConfig
 from .config import TrainConfig, TrainConfigError
 from .data import (LabelledImage, PatchDataset, check_items, item_instances, load_dataset_folders,
                    oversample_indices, pixel_frequencies, rare_classes, split_by_group, to_binary)
@@ -52,6 +53,12 @@ class StartCheckpoint:
     foreground_threshold: float | None  # its tuned threshold, kept until the run tunes its own
     instance_settings: dict = field(default_factory=dict)  # its nucleus settings, kept (medseg tune-nuclei)
     class_choice_weights: list[float] = field(default_factory=list)  # its class weights, kept (medseg tune-classes)
+    notes: list[str] = field(default_factory=list)  # what of the config the start checkpoint overrode, said
+
+
+# the network's shape: a config that sets one of these otherwise than its start checkpoint gets
+# the checkpoint's (its weights fit no other), and is told so
+NETWORK_SHAPE_FIELDS = ("architecture", "encoder", "encoder_depth", "decoder_channels", "base_channels", "depth")
 
 
 def load_start_checkpoint(cfg: TrainConfig) -> StartCheckpoint | None:
@@ -63,13 +70,34 @@ def load_start_checkpoint(cfg: TrainConfig) -> StartCheckpoint | None:
 
     start_model, start_meta = load_checkpoint(cfg.init_checkpoint)
     wants_distance = cfg.model.distance_head
+    notes = _overridden_network(cfg.model, start_meta.model)
     # its weights replace the whole network, so the ImageNet file its own run started from (recorded
     # in its config, e.g. the shipped default's) is neither read nor needed here
     cfg.model = replace(start_meta.model, encoder_weights=None)
     cfg.model.distance_head = cfg.model.distance_head or wants_distance
     cfg.normalization = dict(start_meta.normalization)  # the weights were trained with these
+    if cfg.pixel_size_um is None:
+        # fine-tuned on images at the start's scale unless the config says otherwise: a model that
+        # lost it was run on 20x slides unscaled (304 nuclei where the default found 496)
+        cfg.pixel_size_um = start_meta.pixel_size_um
+    elif start_meta.pixel_size_um and abs(cfg.pixel_size_um / start_meta.pixel_size_um - 1) > 0.01:
+        notes.append(f"pixel size {cfg.pixel_size_um:g} µm/px (the config's) recorded, where the start checkpoint "
+                     f"was trained at {start_meta.pixel_size_um:g}")
     return StartCheckpoint(start_model.state_dict(), start_meta.classes, start_meta.foreground_threshold,
-                           dict(start_meta.instance_settings), list(start_meta.class_choice_weights))
+                           dict(start_meta.instance_settings), list(start_meta.class_choice_weights), notes)
+
+
+def _overridden_network(asked: ModelConfig, start: ModelConfig) -> list[str]:
+    """A note where the config sets the network's shape otherwise than the start checkpoint."""
+    default = ModelConfig()
+    if all(getattr(asked, name) == getattr(default, name) for name in NETWORK_SHAPE_FIELDS):
+        return []  # the config sets no network of its own
+    differ = [name for name in NETWORK_SHAPE_FIELDS if getattr(asked, name) != getattr(start, name)]
+    if not differ:
+        return []
+    said = ", ".join(f"{name} {getattr(asked, name)} -> {getattr(start, name)}" for name in differ)
+    return [f"the network is init_checkpoint's, whose weights fit no other: the config's model settings are not used "
+            f"({said})"]
 
 
 @dataclass

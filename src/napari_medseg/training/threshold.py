@@ -22,6 +22,9 @@ class TuningImage:
     labels: np.ndarray  # True where a nucleus is
 
 
+TRAINING_VALIDATION_IMAGES = "the training run's validation images"  # what a run's own tuning records
+
+
 def retune_threshold(checkpoint: Path, val_items: list[LabelledImage], device: str) -> dict:
     """Tune ``checkpoint``'s threshold on ``val_items`` (class and binary sets alike: nucleus vs
     background) and write it into the checkpoint in place (atomically). Returns the tuning."""
@@ -31,7 +34,7 @@ def retune_threshold(checkpoint: Path, val_items: list[LabelledImage], device: s
     result = tune_foreground_threshold(segmenter, images)
     groups = sorted({it.group for it in val_items})
     write_threshold(checkpoint, checkpoint, result,
-                    {"data": "the training run's validation images", "groups": groups, "images": len(images),
+                    {"data": TRAINING_VALIDATION_IMAGES, "groups": groups, "images": len(images),
                      "tta": False})
     return result
 
@@ -45,6 +48,6 @@ def retune_classes(checkpoint: Path, val_items: list[LabelledImage], device: str
     items = [it for it in val_items if not it.binary and it.instances is not None]
     if not items:
         return None
-    record = {"data": "the training run's validation images", "groups": sorted({it.group for it in items}),
+    record = {"data": TRAINING_VALIDATION_IMAGES, "groups": sorted({it.group for it in items}),
               "tta": False}
     return tune_kept_images(checkpoint, checkpoint, items, device, record)

@@ -101,7 +101,10 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
                 cfg.model)
         progress.restore(info)
     emit = (on_update or _ignore) if ctx.is_main else _ignore  # only rank 0 reports
-    emit(describe_split(data, cfg.data.group_pattern))
+    split = describe_split(data, cfg.data.group_pattern)
+    if start is not None and start.notes:  # said with the split, before the first epoch
+        split.note = " ".join([split.note, *(f"{note[0].upper()}{note[1:]}." for note in start.notes)]).strip()
+    emit(split)
     run_epochs(Run(cfg, ctx, device, model, net, loss_fn, len(data.classes), precision, loaders, optim, writer,
                    progress, emit, should_stop or (lambda: False)))
     ctx.barrier()

@@ -1,0 +1,46 @@
+"""A fine-tune as a new user runs one (``medseg train`` with ``init_checkpoint``): it keeps its
+start's pixel size, and says what of the config the start overrode and the threshold it tuned.
+Before, a fine-tuned default recorded no pixel size and ran 20x slides unscaled (304 nuclei on an
+SVS region where the default found 496), its config's network was replaced without a word, and
+``--pixel-size`` did nothing for it, silently."""
+
+from __future__ import annotations
+
+from hostile import medseg, tiny_dataset, tiny_model
+
+from napari_medseg.models import read_meta
+
+
+def _fine_tune_config(tmp_path, start, data, out):
+    path = tmp_path / "ft.yaml"
+    path.write_text(f"model: {{architecture: unet, encoder: resnet18, encoder_depth: 3}}\n"
+                    f"init_checkpoint: {start}\ndata: {{dataset: [{data}], crop_size: 16, val_fraction: 0.34}}\n"
+                    f"out_dir: {out}\nepochs: 1\nbatch_size: 2\nnum_threads: 1\ntune_threshold: true\n")
+    return path
+
+
+def test_a_fine_tune_keeps_its_starts_pixel_size_and_says_what_it_overrode(tmp_path):
+    start = tiny_model(tmp_path / "start.safetensors", pixel_size_um=0.25)
+    data = tiny_dataset(tmp_path / "data")
+    proc = medseg("train", _fine_tune_config(tmp_path, start, data, tmp_path / "ft"))
+    assert proc.returncode == 0, proc.stderr
+    meta = read_meta(tmp_path / "ft" / "best.safetensors")
+    assert meta.pixel_size_um == 0.25
+    assert meta.model.architecture == "vanilla_unet"  # the start's network: its weights fit no other
+    assert "the config's model settings are not used (architecture unet -> vanilla_unet" in proc.stderr
+    images = meta.metrics["threshold_tuning"]["images"]
+    assert f"foreground threshold {meta.foreground_threshold:.2f}, tuned on the {images} validation images" in proc.stdout
+    assert f"caution: tuned on {images} images" in proc.stderr
+
+
+def test_pixel_size_given_for_a_model_that_records_none_is_said(tmp_path):
+    data = tiny_dataset(tmp_path / "data", stems=("a_0",))
+    image = data / "images" / "a_0.png"
+    unscaled = tiny_model(tmp_path / "unscaled.safetensors")
+    proc = medseg("predict", image, "--model", unscaled, "--pixel-size", "0.5", "--out", tmp_path / "out1")
+    assert proc.returncode == 0, proc.stderr
+    assert "the model records no pixel size, so --pixel-size 0.5 rescales nothing" in proc.stderr
+    scaled = tiny_model(tmp_path / "scaled.safetensors", pixel_size_um=0.25)
+    proc = medseg("predict", image, "--model", scaled, "--pixel-size", "0.5", "--out", tmp_path / "out2")
+    assert proc.returncode == 0, proc.stderr
+    assert "rescales nothing" not in proc.stderr
