@@ -35,6 +35,16 @@ def test_predict_into_a_folder_holding_an_input_is_refused(tmp_path, model, data
     assert tree(out) == before
 
 
+def test_a_file_where_a_result_folder_goes_is_refused_before_anything_is_written(tmp_path, dataset, model):  # was HALF-WRITTEN
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "instances").write_text("x")  # a file of that name: the nuclei could not go in
+    before = tree(out)
+    assert_refused(medseg("predict", dataset / "images", "--model", model, "--out", out),
+                   f"{out / 'instances'} is a file, where the results' folder goes")
+    assert tree(out) == before  # not a class map without its nuclei, nor classes.json
+
+
 def test_two_inputs_with_one_stem_are_refused_before_anything_is_written(tmp_path, dataset, model):  # was LOSS
     other = tmp_path / "other"
     other.mkdir()

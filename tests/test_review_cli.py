@@ -260,6 +260,20 @@ def test_the_demo_refuses_a_missing_model_or_screenshot_folder_before_napari(tmp
     assert_refused(proc, f"{tmp_path / 'no'} does not exist")
 
 
+def test_the_demo_without_a_display_says_how_to_run_it(monkeypatch):
+    """Without a display Qt had aborted the process (exit 134, no message), even with --no-show."""
+    import sys
+
+    import napari_medseg._napari.demo as demo
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("displays are a Linux (X11 / Wayland) matter")
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: pytest.fail("the demo started"))
+    assert_refused(medseg("demo", "--no-show"), "needs a display", "xvfb-run -a medseg demo")
+
+
 def test_an_output_folder_under_a_file_is_called_so(tmp_path, tiny_checkpoint, consep):
     """--out FILE/sub: the file in the way is named (the writability check had said 'Permission denied')."""
     from conftest import DATA

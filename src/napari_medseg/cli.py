@@ -769,11 +769,22 @@ def cmd_demo(args) -> int:
     read_meta(resolve_model_path(args.model))
     if args.screenshot and not Path(args.screenshot).resolve().parent.is_dir():
         raise MedsegError(f"--screenshot {args.screenshot}: the folder {Path(args.screenshot).parent} does not exist.")
+    _check_display()
     # The napari face is imported only here, so the rest of the CLI runs headless.
     from ._napari.demo import run_demo
 
     run_demo(model=args.model, show=not args.no_show, screenshot=args.screenshot)
     return 0
+
+
+def _check_display() -> None:
+    """napari draws with OpenGL in a window, even with --no-show: on Linux without a display Qt
+    aborted the process (exit 134, no message). Said first, with the way round it."""
+    if not sys.platform.startswith("linux") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        return
+    raise MedsegError("the demo opens napari, which needs a display, and none is set (DISPLAY / WAYLAND_DISPLAY). "
+                      "On a machine without one run it in a virtual display: xvfb-run -a medseg demo --no-show "
+                      "--screenshot demo.png")
 
 
 def cmd_web(args) -> int:

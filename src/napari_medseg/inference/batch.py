@@ -102,6 +102,7 @@ def predict_to_folder(files: list[Path], out: str | Path, model: str | os.PathLi
     check_not_input(out, files, RESULT_FOLDERS)
     check_unique_stems(files, file_stem)
     check_writable_folder(out)  # before the model loads, and named as the user gave it (not a temp file in it)
+    check_result_folders_free(out)
     # by a runtime this machine has checked before, without torch (seconds of start-up, 0.65 GB)
     segmenter = Segmenter.load(model, device=device, backend=backend, precision=precision, recorded=True)
     if settings.foreground_threshold is not None:
@@ -150,6 +151,19 @@ def check_writable_folder(out: Path, flag: str = "--out") -> None:
     read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
     cause = OSError(errno.EROFS if read_only else errno.EACCES, os.strerror(errno.EROFS if read_only else errno.EACCES))
     raise write_error(out, cause)
+
+
+def check_result_folders_free(out: Path) -> None:
+    """Refuses an output folder where a file has the name of a folder results go in (``labels``,
+    ``instances``, ...): said before any work (it had failed after the first class map, with
+    'File exists', leaving that map without its nuclei)."""
+    for name in (*RESULT_FOLDERS, "classes.json"):
+        path = out / name
+        if path.exists() and path.is_dir() == (name == "classes.json"):
+            what = "a folder" if path.is_dir() else "a file"
+            raise write_error(out, OSError(errno.EEXIST, f"{path} is {what}, where the results' "
+                                           f"{'classes file' if name == 'classes.json' else 'folder'} goes; "
+                                           "move it or choose another --out"))
 
 
 def predict_file(segmenter: Segmenter, file: Path, out: Path, settings: BatchSettings,
