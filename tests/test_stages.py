@@ -225,6 +225,37 @@ def test_cli_runs_every_stage_then_one_again(small_consep, tmp_path, capsys):
     assert len(read_meta(tmp_path / "run" / "b" / "best.safetensors").training["history"]) >= 1
 
 
+def test_a_stage_stopped_before_its_first_epoch_says_the_command_that_starts_it_again(small_consep, tmp_path,
+                                                                                        capsys, monkeypatch):
+    """Stage b stopped before its first epoch ended: the hint had been 'run the same command
+    again', which stage a's finished folder then refused; it is b alone, and following it works."""
+    import os
+    import shlex
+    import signal
+
+    from napari_medseg import cli
+
+    path = _write(tmp_path, {**BASE, "data": {"dataset": [str(small_consep)], "crop_size": 64, "val_fraction": 0.34},
+                             "out_dir": str(tmp_path / "run"), "stages": [{"name": "a"}, {"name": "b"}]})
+    update = cli._TrainPrinter.update
+
+    def terminate_as_b_starts(self, u):
+        update(self, u)
+        if self.stage.name == "b":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(cli._TrainPrinter, "update", terminate_as_b_starts)
+    assert cli.main(["train", str(path)]) == 143
+    err = capsys.readouterr().err
+    hint = next(line for line in err.splitlines() if "start it again with: " in line)
+    assert "before stage 'b' ended its first epoch" in hint
+    words = shlex.split(hint.split("start it again with: ", 1)[1])
+    assert words[:3] == ["medseg", "train", str(path)] and words[-2:] == ["--from-stage", "b"]
+    monkeypatch.setattr(cli._TrainPrinter, "update", update)
+    assert cli.main(words[1:]) == 0
+    assert (tmp_path / "run" / "b" / "best.safetensors").is_file()
+
+
 def test_a_stage_averaged_with_its_start_is_the_next_stages_start(small_consep, tmp_path):
     """``average_with_start``: the stage's best checkpoint averaged with the stage's start (batch
     norm too, the tuned threshold kept) becomes its result, and the next stage starts from it."""

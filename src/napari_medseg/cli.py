@@ -551,7 +551,7 @@ def cmd_train(args) -> int:
     try:
         done = train_stages(stages, on_update=printer.update, on_stage=printer.stage_event)
     except (Terminated, KeyboardInterrupt):
-        _print_resume_hint(args, printer.stage)
+        _print_resume_hint(args, printer.stage, printer.stage.name == stages[0].name)
         raise
     if printer.main_rank:
         result, stage = done.results[-1], done.stages[len(done.results) - 1]
@@ -566,7 +566,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _print_resume_hint(args, stage) -> None:
+def _print_resume_hint(args, stage, first_stage: bool = True) -> None:
     """After an interrupted run: the command that continues it, with every ``--set`` it was given
     (without them the config would differ, or the run would go on in another folder)."""
     import shlex
@@ -574,16 +574,23 @@ def _print_resume_hint(args, stage) -> None:
     resume = Path(stage.config.out_dir) / "resume.safetensors"
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    if not resume.is_file() or resume.stat().st_mtime < getattr(args, "started", 0):
-        # before its first epoch ended: nothing of this run to resume (an earlier run's file would refuse it)
-        print("interrupted before the first epoch ended: nothing to resume; run the same command again",
-              file=sys.stderr)
-        return
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     # a torchrun run resumes with as many processes (the trainer refuses another number)
     start = (["torchrun", "--nproc_per_node", str(world_size), "-m", "napari_medseg"] if world_size > 1
              else ["medseg"])
     words = start + ["train", str(args.config)] + [w for kv in (args.set or []) for w in ("--set", kv)]
+    if not resume.is_file() or resume.stat().st_mtime < getattr(args, "started", 0):
+        # before its first epoch ended: nothing of this run to resume (an earlier run's file would refuse it)
+        if first_stage:
+            print("interrupted before the first epoch ended: nothing to resume; run the same command again",
+                  file=sys.stderr)
+            return
+        # the stages before it are done: the same command would be refused (their folders hold models)
+        best = Path(stage.config.out_dir) / "best.safetensors"
+        words += ["--from-stage", stage.name] + (["--overwrite"] if best.is_file() else [])
+        print(f"interrupted before stage '{stage.name}' ended its first epoch (the stages before it are done); "
+              f"start it again with: {shlex.join(words)}", file=sys.stderr)
+        return
     words += (["--from-stage", stage.name] if stage.name else []) + ["--resume", str(resume)]
     print(f"resume with: {shlex.join(words)}", file=sys.stderr)
 
