@@ -195,8 +195,12 @@ def test_a_tuner_never_writes_over_the_dataset_it_read(tmp_path, consep):
     gt = _one_image_dataset(consep, tmp_path / "gt")
     before = (gt / "classes.json").read_bytes()
     proc = medseg("tune-threshold", "default", gt, "--out", gt / "classes.json", "--all-images", "--overwrite")
-    assert proc.returncode == 2 and "is a file of the input" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "checkpoints are written as safetensors files" in proc.stderr, proc.stderr
     assert (gt / "classes.json").read_bytes() == before
+    (gt / "images" / "x.safetensors").write_bytes(b"not a checkpoint")  # a checkpoint's name, in a folder read
+    proc = medseg("tune-threshold", "default", gt, "--out", gt / "images" / "x.safetensors", "--all-images",
+                  "--overwrite")
+    assert proc.returncode == 2 and "is a file of the input" in proc.stderr, proc.stderr
 
 
 def test_swapped_arguments_are_said_and_help_pages_show_examples(tmp_path, consep, tiny_checkpoint):

@@ -158,9 +158,11 @@ SLIDE_FOLDER = DATA / "slides"
     (["predict", SLIDE_FOLDER, "--out", "o"], ["holds whole slides", "CMU-1-Small-Region.svs", "--whole-slide"]),
     (["web", "--port", "99999"], ["from 1 to 65535"]),  # was: OverflowError
     (["average", "a.safetensors", "b.safetensors", "--crops", "0"], ["at least 1"]),  # was: ValueError deep in torch
-    (["average", "default", "default", "--weight", "0.5", "--out", "o", "--config", "configs/default.yaml"],
+    (["average", "default", "default", "--weight", "0.5", "--out", "o.safetensors", "--config", "configs/default.yaml"],
      ["--config is read for --batchnorm measure or --threshold tune"]),  # was: read for nothing, said nothing
     (["evaluate", "o", DATA / "tnbc_train"], ["prediction folder", "does not exist"]),  # was: "holds no prediction"
+    (["average", "default", "default", "--out", "avdir/"], ["avdir/ is a folder", "avdir/model.safetensors"]),  # was: a file 'avdir'
+    (["tune-threshold", "default", DATA / "tnbc_train", "--out", "x.pt"], ["name it x.safetensors"]),  # was: safetensors as .pt
 ])
 def test_cli_mistakes_get_their_own_message(tmp_path, args, fragments):
-    assert_refused(medseg(*[tmp_path / a if a == "o" else a for a in args]), *fragments)
+    assert_refused(medseg(*[tmp_path / a if a in ("o", "o.safetensors") else a for a in args]), *fragments)

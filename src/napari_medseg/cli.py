@@ -206,6 +206,18 @@ def _unscaled_pixel_size_note(args) -> None:
               file=sys.stderr)
 
 
+def _checkpoint_file(text: str) -> str:
+    """``--out`` of a command that writes a checkpoint: a ``.safetensors`` file (``avdir/`` had
+    become a file named ``avdir``, and ``x.pt`` a safetensors file under a pickle's name)."""
+    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder: give the checkpoint file to write, "
+                                         f"e.g. {Path(text) / 'model.safetensors'}")
+    if Path(text).suffix.lower() != ".safetensors":
+        raise argparse.ArgumentTypeError(f"{text}: checkpoints are written as safetensors files; name it "
+                                         f"{Path(text).with_suffix('.safetensors').name}")
+    return text
+
+
 def _group_list(text: str) -> list[str]:
     """``--groups``: comma-separated source image names."""
     groups = [g.strip() for g in text.split(",") if g.strip()]
@@ -982,7 +994,7 @@ def _add_average(sub) -> None:
     p.add_argument("start", help="'default' or the .safetensors checkpoint the fine-tuning started from")
     p.add_argument("tuned", help="the fine-tuned .safetensors checkpoint")
     p.add_argument("--weight", type=float, required=True, help="the fine-tuned model's share, 0 to 1")
-    p.add_argument("--out", required=True, help="the checkpoint to write (never overwritten)")
+    p.add_argument("--out", required=True, type=_checkpoint_file, help="the checkpoint to write (never overwritten)")
     p.add_argument("--batchnorm", choices=BATCHNORM, default="average",
                    help="batch-norm statistics averaged like the weights (default) or measured on the config's "
                         "training crops")
@@ -999,7 +1011,8 @@ def _add_average(sub) -> None:
 
 def _tuning_options(p, what: str, tta: str) -> None:
     """What ``tune-threshold``, ``tune-nuclei`` and ``tune-classes`` share: the output, which images, flips, device."""
-    p.add_argument("--out", required=True, help=f"the checkpoint to write, with the {what} in its metadata")
+    p.add_argument("--out", required=True, type=_checkpoint_file,
+                   help=f"the checkpoint to write, with the {what} in its metadata")
     which = p.add_mutually_exclusive_group()  # both given: --groups had been ignored without a word
     which.add_argument("--groups", type=_group_list,
                        help="source images to tune on (comma-separated; default: the model's validation images)")
