@@ -127,7 +127,8 @@ def test_a_checkpoint_with_impossible_settings_is_refused_naming_them(forced, tm
 def test_tuning_needs_images_of_the_groups_and_never_overwrites(forced, consep, tmp_path):
     # the folder's own source images are named, as --groups takes them (it said only what was not there)
     with pytest.raises(ThresholdTuningError, match=r"belongs to the groups \['no_such_image'\]; its source images "
-                                                   rf"are {consep.name}/train_\d+, .*in all\)"):
+                                                   rf"are {consep.name}/train_\d+, .*in all\)\. Tune on all of "
+                                                   r"them with --all-images, or on some with --groups"):
         tune_nuclei_checkpoint("default", [consep], tmp_path / "x.safetensors", groups=["no_such_image"], device="cpu")
     with pytest.raises(ThresholdTuningError, match="exists: choose another file or pass --overwrite"):
         tune_nuclei_checkpoint("default", [consep], forced, groups=["train_12"], device="cpu")

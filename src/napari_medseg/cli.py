@@ -39,6 +39,10 @@ class ProgressLine:
         sys.stderr.flush()
 
 
+# image formats a microscope or an editor may leave in a folder that medseg does not read
+UNREAD_IMAGE_SUFFIXES = (".bmp", ".gif", ".webp", ".jp2", ".j2k", ".heic", ".czi", ".nd2", ".lif", ".vsi", ".dcm")
+
+
 def _collect_inputs(inputs: list[str]) -> list[Path]:
     """The image files ``inputs`` name (folders and dataset folders opened), each once."""
     from .io.dataset import is_dataset_folder
@@ -55,6 +59,11 @@ def _collect_inputs(inputs: list[str]) -> list[Path]:
             found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             slides = sorted(p.name for p in path.iterdir()
                             if p.suffix.lower() in SLIDE_SUFFIXES and p.suffix.lower() not in IMAGE_SUFFIXES)
+            others = sorted(p.name for p in path.iterdir() if p.suffix.lower() in UNREAD_IMAGE_SUFFIXES)
+            if found and others:  # left out without a word, while the same file given alone was named
+                print(f"medseg: {path} also holds {counted(len(others), 'image')} in formats not read here "
+                      f"({', '.join(others[:3])}{' ...' if len(others) > 3 else ''}), skipped: save them as PNG or "
+                      "TIFF to segment them.", file=sys.stderr)
             if found and slides:  # they had been left out without a word
                 print(f"medseg: {path} also holds {counted(len(slides), 'whole slide')} ({', '.join(slides[:3])}"
                       f"{' ...' if len(slides) > 3 else ''}), not segmented with its images: give each slide file "

@@ -55,7 +55,8 @@ def samples_of_groups(data: str | Path, groups: list[str] | None = None, group_p
             chosen[stem] = group
     if not chosen:
         raise DatasetError(f"No image of {folder.root} belongs to the groups {groups}; its source images are "
-                           f"{group_list(folder.root.name, list(seen))}.")
+                           f"{group_list(folder.root.name, list(seen))}. Tune on all of them with --all-images, "
+                           "or on some with --groups NAME,NAME.")
     return folder.classes, [replace(folder.load(stem), group=group) for stem, group in chosen.items()]
 
 
