@@ -196,13 +196,43 @@ def test_a_rerun_into_the_same_folder_leaves_no_outdated_nuclei_or_probabilities
     out, image = tmp_path / "pred", consep / "images" / "train_5_000.png"
     assert _predict_with_probabilities(image, tiny_checkpoint, out) == 0
     assert (out / "instances" / "train_5_000.tif").is_file() and (out / "probabilities" / "train_5_000.npy").is_file()
+    tables = [out / "nuclei" / "train_5_000.csv", out / "nuclei" / "train_5_000.geojson"]
+    assert all(path.is_file() for path in tables)
     capsys.readouterr()
     assert main(["predict", str(image), "--model", str(tiny_checkpoint), "--out", str(out), "--no-instances",
                  "--device", "cpu"]) == 0
     err = capsys.readouterr().err
     assert "removed instances/train_5_000.tif" in err and "removed probabilities/train_5_000.npy" in err
+    assert "removed nuclei/train_5_000.csv" in err and "removed nuclei/train_5_000.geojson" in err
     assert (out / "labels" / "train_5_000.tif").is_file()
     assert not (out / "instances" / "train_5_000.tif").exists() and not (out / "probabilities" / "train_5_000.npy").exists()
+    assert not any(path.exists() for path in tables)
+
+
+def test_each_images_nuclei_come_as_a_table_and_qupath_outlines(consep, tmp_path, capsys):
+    """Plain images had no per-nucleus table or outlines from the CLI (slides alone had them)."""
+    import csv
+
+
+    out, image = tmp_path / "pred", consep / "images" / "train_19_005.png"
+    assert main(["predict", str(image), "--out", str(out), "--pixel-size", "0.25", "--device", "cpu"]) == 0
+    assert f"each image's nuclei (a CSV table, QuPath GeoJSON outlines) to {out / 'nuclei'}" in capsys.readouterr().out
+    instances = read_label_map(out / "instances" / "train_19_005.tif")
+    classes = read_label_map(out / "labels" / "train_19_005.tif")
+    with open(out / "nuclei" / "train_19_005.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    ids = np.unique(instances[instances > 0])
+    assert len(ids) > 10 and sorted(int(r["label"]) for r in rows) == ids.tolist()
+    names = json.loads((out / "classes.json").read_text())["classes"]
+    for row in rows[:20]:  # each as measured on the maps written beside it
+        inside = instances == int(row["label"])
+        assert int(row["area"]) == inside.sum()
+        assert float(row["area_um2"]) == pytest.approx(inside.sum() * 0.25 ** 2)
+        assert row["class"] == names[np.bincount(classes[inside]).argmax()]
+        assert float(row["centroid_y"]) == pytest.approx(np.argwhere(inside)[:, 0].mean())
+    features = json.loads((out / "nuclei" / "train_19_005.geojson").read_text())["features"]
+    assert len(features) == len(rows)
+    assert {f["properties"]["classification"]["name"] for f in features} <= set(names[1:])
 
 
 @pytest.mark.parametrize("error", [RuntimeError("a bug inside the engine"), KeyboardInterrupt()])
@@ -231,7 +261,7 @@ def test_an_os_error_names_its_file(small_consep, tmp_path, capsys):
 def test_argument_values_are_checked_by_the_parser(capsys):
     assert main(["predict", "x.png", "--out", "o", "--foreground-threshold", "1.5"]) == 2
     assert "argument --foreground-threshold: expected a number between 0 and 1 or 'argmax'; got '1.5'" in capsys.readouterr().err
-    assert main(["tune-threshold", "m.safetensors", "data", "--out", "o", "--groups", " , "]) == 2
+    assert main(["tune-threshold", "m.safetensors", "data", "--out", "o.safetensors", "--groups", " , "]) == 2
     assert "argument --groups: names no source image" in capsys.readouterr().err
 
 
@@ -546,3 +576,26 @@ def test_a_folder_of_images_and_slides_says_the_slides_are_not_segmented_with_th
     (folder / "a.svs").unlink()
     _collect_inputs([str(folder)])
     assert capsys.readouterr().err == ""
+
+
+def test_an_interrupted_folder_run_says_which_results_are_whole(consep, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in a folder had printed 'interrupted' alone, with 15 of 60 results whole in OUT."""
+    import napari_medseg.inference.batch as batch
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for stem in ("train_5_000", "train_19_005", "train_2_006"):
+        shutil.copy(consep / "images" / f"{stem}.png", images)
+    real = batch.predict_file
+
+    def ctrl_c_on_the_third(segmenter, file, *args, **kwargs):
+        if Path(file).name == "train_5_000.png":  # the third in name order
+            raise KeyboardInterrupt
+        return real(segmenter, file, *args, **kwargs)
+
+    monkeypatch.setattr(batch, "predict_file", ctrl_c_on_the_third)
+    out = tmp_path / "pred"
+    assert main(["predict", str(images), "--model", str(tiny_checkpoint), "--out", str(out), "--device", "cpu"]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted at image 3 of 3 (train_5_000.png); the results of the 2 images before it are whole in {out}" in err
+    assert sorted(p.name for p in (out / "labels").iterdir()) == ["train_19_005.tif", "train_2_006.tif"]

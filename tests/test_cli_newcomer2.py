@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hostile import assert_refused, medseg
@@ -241,3 +242,18 @@ def test_a_folders_images_in_formats_not_read_are_named(tmp_path, consep, tiny_c
     assert proc.returncode == 0, proc.stderr
     assert "also holds 1 image in formats not read here (scan.bmp), skipped: save them as PNG or TIFF" in proc.stderr
     assert "notes.txt" not in proc.stderr and "wrote 1 class map" in proc.stdout
+
+
+def test_an_image_too_small_for_a_nucleus_is_said_so(tmp_path, tiny_checkpoint):
+    """An 8 x 8 image had come back empty, exit 0, with no word of its size."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, shape in (("tiny.png", (8, 8, 3)), ("strip.png", (1, 256, 3)), ("field.png", (64, 64, 3))):
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(tmp_path / name)
+    proc = medseg("predict", tmp_path / "tiny.png", tmp_path / "strip.png", tmp_path / "field.png",
+                  "--model", tiny_checkpoint, "--out", tmp_path / "out", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "tiny.png: the image is only 8 x 8 px: too small to show whole nuclei" in proc.stderr
+    assert "strip.png: the image is only 256 x 1 px" in proc.stderr
+    assert "field.png: the image is only" not in proc.stderr

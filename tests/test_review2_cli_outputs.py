@@ -95,10 +95,11 @@ def test_a_rerun_replaces_its_images_results_whole_and_names_what_else_is_there(
     common = ("--model", tiny_checkpoint, "--out", out, "--device", "cpu", "--tile", "128", "--overlap", "32")
     assert medseg("predict", a, b, "--probabilities", *common).returncode == 0
     others = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("train_2_006*")}
-    assert len(others) == 3
+    assert len(others) == 5  # class map, nuclei, probabilities, the nuclei's table and outlines
     proc = medseg("predict", a, "--no-instances", *common)
     assert proc.returncode == 0, proc.stderr
     assert "removed instances/train_2_005.tif" in proc.stderr and "removed probabilities/train_2_005.npy" in proc.stderr
+    assert "removed nuclei/train_2_005.csv" in proc.stderr and "removed nuclei/train_2_005.geojson" in proc.stderr
     assert sorted(p.name for p in out.rglob("train_2_005*")) == ["train_2_005.tif"]
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("train_2_006*")} == others
     assert "also holds earlier runs' results of 1 other image (train_2_006.tif)" in proc.stderr

@@ -247,19 +247,28 @@ def cmd_predict(args) -> int:
     files = _collect_inputs(args.inputs)
     _unscaled_pixel_size_note(args)
     out = Path(args.out)
-    failures, said = 0, set()
-    for done in predict_to_folder(files, out, args.model, _batch_settings(args), device=args.device,
-                                  source=f"medseg predict --model {args.model}",
-                                  progress_for=lambda i, n, file: ProgressLine(f"[{i}/{n}] {file.name}"),
-                                  backend=args.backend, precision=args.precision):
-        failures += _print_prediction(done, with_instances=not args.no_instances, said=said)
+    failures, said, finished = 0, set(), 0
+    try:
+        for done in predict_to_folder(files, out, args.model, _batch_settings(args), device=args.device,
+                                      source=f"medseg predict --model {args.model}",
+                                      progress_for=lambda i, n, file: ProgressLine(f"[{i}/{n}] {file.name}"),
+                                      backend=args.backend, precision=args.precision):
+            failures += _print_prediction(done, with_instances=not args.no_instances, said=said)
+            finished += 1
+    except KeyboardInterrupt:
+        if finished > failures:  # what is in OUT, whole: the interrupted image's results are not
+            print(f"medseg predict: interrupted at image {finished + 1} of {len(files)} ({files[finished].name}); the "
+                  f"results of the {counted(finished - failures, 'image')} before it are whole in {out}",
+                  file=sys.stderr)
+        raise
     if failures == len(files):  # nothing was written: not 'to OUT/labels', a folder it did not make
         what = "the file could not be read" if failures == 1 else f"none of the {failures} files could be read"
         print(f"wrote no class map: {what} (above)")
         return 1
     written = len(files) - failures
     print(f"wrote {counted(written, 'class map')} to {out / 'labels'}"
-          + ("" if args.no_instances else f" and {counted(written, 'instance map')} to {out / 'instances'}"))
+          + ("" if args.no_instances else f", {counted(written, 'instance map')} to {out / 'instances'} and each "
+             f"image's nuclei (a CSV table, QuPath GeoJSON outlines) to {out / 'nuclei'}"))
     earlier = _earlier_results(out, files)
     if earlier:  # kept (never removed: their images were not given), but 'medseg evaluate OUT' scores them too
         print(f"  {out} also holds earlier runs' results of {counted(len(earlier), 'other image')} ({', '.join(earlier[:3])}"

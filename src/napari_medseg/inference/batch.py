@@ -33,7 +33,9 @@ from .segmenter import Segmenter
 from .settings import TileSettings
 
 ARGMAX = "argmax"  # a foreground threshold that means: no threshold, the likeliest class
-RESULT_FOLDERS = ("labels", "instances", "probabilities")  # what a prediction folder holds, beside classes.json
+# what a prediction folder holds, beside classes.json: class maps, nucleus maps, probabilities, and
+# each image's nuclei as a table (CSV) and QuPath outlines (GeoJSON), as a slide run writes them
+RESULT_FOLDERS = ("labels", "instances", "probabilities", "nuclei")
 
 
 @dataclass
@@ -63,6 +65,8 @@ class FilePrediction:
     skipped: str | None = None  # why the file could not be read; nothing was written for it
     labels: Path | None = None
     instances: Path | None = None  # None also when the image is too large for instances
+    nuclei_table: Path | None = None  # nuclei/<stem>.csv: one row per nucleus (class, area, centroid, intensity)
+    nuclei_outlines: Path | None = None  # nuclei/<stem>.geojson: QuPath outlines in the image's pixels
     probabilities: Path | None = None
     shape: tuple[int, int] | None = None
     pixel_size_um: float | None = None  # the pixel size the file was segmented at (None: taken as the model's)
@@ -185,13 +189,32 @@ def predict_file(segmenter: Segmenter, file: Path, out: Path, settings: BatchSet
         record = label_record("instances", segmenter.classes, segmenter.meta.colors,
                               instance_classes=instance_classes(instances, labels))
         result.instances = write_label_map(out / "instances" / f"{stem}.tif", instances, result.pixel_size_um, record)
-    outdated = ([] if result.instances is not None else [out / "instances" / f"{stem}.tif"]) + \
+        _write_nuclei_tables(segmenter, image, labels, instances, out / "nuclei", stem, result)
+    outdated = ([] if result.instances is not None else
+                [out / "instances" / f"{stem}.tif", out / "nuclei" / f"{stem}.csv", out / "nuclei" / f"{stem}.geojson"]) + \
         ([] if result.probabilities is not None else [out / "probabilities" / f"{stem}.npy"])
     for path in outdated:
         if path.is_file():
             path.unlink()
             result.removed.append(path)
     return result
+
+
+def _write_nuclei_tables(segmenter: Segmenter, image, labels: np.ndarray, instances: np.ndarray, folder: Path,
+                         stem: str, result: FilePrediction) -> None:
+    """``nuclei/<stem>.csv`` (a row per nucleus: its class, area in px and, where the image's pixel
+    size is known, µm², centroid and mean intensity) and ``nuclei/<stem>.geojson`` (QuPath), the
+    nuclei and classes of the maps just written."""
+    from ..io.geojson import write_geojson
+    from ..io.tables import write_csv
+    from ..nuclei.measure import object_table
+
+    names, votes = segmenter.classes, instance_classes(instances, labels)
+    # intensities of an image in memory (a large TIFF read lazily is not read whole again for them)
+    pixels = image if isinstance(image, np.ndarray) else None
+    table = object_table(instances, labels, names, image=pixels, pixel_size_um=result.pixel_size_um)
+    result.nuclei_table = write_csv(folder / f"{stem}.csv", table)
+    result.nuclei_outlines = write_geojson(folder / f"{stem}.geojson", instances, votes, names, segmenter.meta.colors)
 
 
 def _segment_into(segmenter: Segmenter, image, out: Path, stem: str, settings: BatchSettings,

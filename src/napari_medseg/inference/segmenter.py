@@ -40,6 +40,16 @@ SAMPLE_TILE = Path(__file__).resolve().parents[1] / "sample_data" / "consep_trai
 
 # a colour (H&E) model on a gray image segments far worse: nucleus Dice 0.20 against 0.77 for the
 # colour original of a CoNSeP patch with the shipped model; the user should know
+# fewer model pixels than this on a side hold no whole nucleus with its surroundings (a nucleus is
+# 20-40 px across at 0.25 µm/px): an 8 x 8 image came back empty, and only 'the image is gray' was said
+SMALL_IMAGE_SIDE = 32
+
+
+def small_image_note(height: int, width: int) -> str:
+    return (f"the image is only {width} x {height} px: too small to show whole nuclei with what surrounds them; "
+            f"segment a larger field (at least {SMALL_IMAGE_SIDE} px on a side at the model's pixel size)")
+
+
 GRAY_NOTE = ("the image is gray but the model was trained on colour (H&E) images: expect poor results; "
              "segment the colour scan, or train a model on gray images")
 
@@ -224,6 +234,9 @@ class Segmenter:
                                            class_weights=self.class_weights)
         if postprocess is not None and postprocess.active:
             postprocess_class_map(labels, postprocess)
+        side = min(source.height, source.width) * factor  # at the model's pixel size
+        if side < SMALL_IMAGE_SIDE:
+            self.last_report.notes.append(small_image_note(source.height, source.width))
         if self.meta.model.in_channels == 3 and GRAY_NOTE not in self.last_report.notes and source.looks_gray():
             self.last_report.notes.append(GRAY_NOTE)
         if self.meta.model.in_channels == 3 and DARK_NOTE not in self.last_report.notes and source.looks_dark_field():

@@ -1,8 +1,9 @@
-"""A fine-tune as a new user runs one (``medseg train`` with ``init_checkpoint``): it keeps its
-start's pixel size, and says what of the config the start overrode and the threshold it tuned.
-Before, a fine-tuned default recorded no pixel size and ran 20x slides unscaled (304 nuclei on an
-SVS region where the default found 496), its config's network was replaced without a word, and
-``--pixel-size`` did nothing for it, silently."""
+"""What ``medseg train`` and ``predict`` say that a new user would otherwise not know. A fine-tune
+(``init_checkpoint``) keeps its start's pixel size and says what of the config the start overrode
+and the threshold it tuned: before, a fine-tuned default recorded no pixel size and ran 20x slides
+unscaled (304 nuclei on an SVS region where the default found 496), its config's network was
+replaced without a word, and ``--pixel-size`` did nothing for it, silently. A crop larger than
+every training image is said before the first epoch."""
 
 from __future__ import annotations
 
@@ -44,3 +45,18 @@ def test_pixel_size_given_for_a_model_that_records_none_is_said(tmp_path):
     proc = medseg("predict", image, "--model", scaled, "--pixel-size", "0.5", "--out", tmp_path / "out2")
     assert proc.returncode == 0, proc.stderr
     assert "rescales nothing" not in proc.stderr
+
+
+def test_a_crop_larger_than_every_training_image_is_said_before_the_first_epoch(tmp_path):
+    """crop_size 512 on 256² patches had been taken without a word, at 38 s an epoch for 1 s."""
+    data = tiny_dataset(tmp_path / "data")  # 32 x 32 images
+    config = tmp_path / "big_crops.yaml"
+    config.write_text(f"model: {{architecture: vanilla_unet, base_channels: 4, depth: 2}}\n"
+                      f"data: {{dataset: [{data}], crop_size: 48}}\nout_dir: {tmp_path / 'run'}\nepochs: 1\n")
+    proc = medseg("train", config)
+    assert proc.returncode == 0, proc.stderr
+    assert "data.crop_size 48 is larger than the training images (at most 32 x 32 px)" in proc.stderr
+    assert "set data.crop_size to 32 or less" in proc.stderr
+    config.write_text(config.read_text().replace("crop_size: 48", "crop_size: 32") + "save_resume: false\n")
+    proc = medseg("train", config, "--overwrite")
+    assert proc.returncode == 0 and "larger than the training images" not in proc.stderr
