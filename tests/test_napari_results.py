@@ -60,6 +60,13 @@ def test_segment_result_reads_at_a_glance_and_rethresholds(make_napari_viewer):
     # the widget's new nuclei, in place, take their own classes' colours, not those of the old ids
     assert nuclei.data is instances
     _assert_outlines_take_their_class_colour(viewer, seg, nuclei)
+    # the nuclei deleted: the class map alone follows, and the status counts no nuclei it does not show
+    viewer.layers.remove(nuclei)
+    segment.threshold.value = 0.5
+    labels, instances = segment.rethreshold(threaded=False)
+    assert seg.data is labels and instances is None
+    assert segment.status.value.startswith("Done: ") and "nuclei" not in segment.status.value.split("\n")[0]
+    assert f"'{nuclei.name}' was deleted: the new thresholds remake the class map alone" in segment.status.value
 
 
 def _assert_outlines_take_their_class_colour(viewer, seg, nuclei):

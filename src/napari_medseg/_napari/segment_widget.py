@@ -622,19 +622,22 @@ class SegmentWidget(ScrollingDock):
             return None
         # the run it remakes: a newer run's layers are never written with this one's result
         target = (self.kept, self.last_layer, self.last_instances_layer)
-        thresholds, nuclei = self.thresholds(), self.last_instances_layer is not None
+        # nuclei deleted by the user are not remade (nor counted in the status, as if they were there)
+        thresholds, nuclei = self.thresholds(), self.last_instances_layer in layers
         mask, classes, colors, report = self._mask, self._classes, self._colors, self._report
         runtime_notes = self._runtime_noted.backend.notes if self._runtime_noted is not None else ()
-        note = self._run_note
+        notes = [self._run_note] if self._run_note else []
+        if self.last_instances_layer is not None and not nuclei:
+            notes.append(f"'{self.last_instances_layer.name}' was deleted: the new thresholds remake the class map alone.")
         name = self.last_instances_layer.name if nuclei else ""
-        nuclei_asked = self.nuclei.value
+        nuclei_asked = self.nuclei.value and nuclei
 
         def prepared(labels, instances):  # in the worker: the GUI thread only swaps the arrays in
             labels, instances = _masked(labels, mask), _masked(instances, mask)
             kwargs = None if instances is None else _nuclei_kwargs(name, classes, colors, labels, instances)
             summary = result_summary(labels, instances, thresholds.nucleus, classes, nuclei_asked, report,
                                      runtime_notes)
-            return labels, instances, kwargs, with_notes(summary, [note] if note else [])
+            return labels, instances, kwargs, with_notes(summary, notes)
 
         if not threaded:
             return self._show_rethresholded(prepared(*self.kept.result(thresholds, nuclei)), target)
