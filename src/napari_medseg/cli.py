@@ -227,6 +227,14 @@ def _checkpoint_file(text: str) -> str:
     return text
 
 
+def _name_list(text: str) -> list[str]:
+    """``--classes``: comma-separated class names."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"names no class: '{text}'")
+    return names
+
+
 def _group_list(text: str) -> list[str]:
     """``--groups``: comma-separated source image names."""
     groups = [g.strip() for g in text.split(",") if g.strip()]
@@ -466,11 +474,58 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    if args.format == "geojson":
+        return _convert_geojson(args)
+    if args.image or args.classes or args.origin:
+        raise MedsegError("--image, --classes and --origin are for `medseg convert geojson`; a PanNuke fold "
+                          "holds its images and classes.")
     from .io.pannuke import convert_pannuke
 
-    out = convert_pannuke(args.fold_dir, args.out_dir, progress=ProgressLine("convert"))
+    out = convert_pannuke(args.source, args.out_dir, progress=ProgressLine("convert"))
     print(f"wrote dataset folder {out}")
     return 0
+
+
+def _convert_geojson(args) -> int:
+    from .io.geojson_read import geojson_to_dataset
+
+    if not args.image:
+        raise MedsegError("convert geojson needs --image IMAGE: the image the outlines were drawn on (its size, "
+                          "pixel size and pixels go into the dataset folder beside them).")
+    done = geojson_to_dataset(args.source, args.image, args.out_dir, _classes_of(args.classes),
+                              args.origin or (0.0, 0.0))
+    per_class = ", ".join(f"{name} {n}" for name, n in done.counts.items())
+    print(f"wrote '{done.stem}' into dataset folder {args.out_dir}: {counted(done.objects, 'outline')} ({per_class}); "
+          f"classes {', '.join(done.classes[1:])}")
+    if done.outside:
+        print(f"medseg: {counted(done.outside, 'outline')} lie wholly outside the image, not painted (outlines of a "
+              "region of a slide need its top-left corner as --origin X,Y)", file=sys.stderr)
+    if done.skipped:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in done.skipped.items())
+        print(f"medseg: skipped objects that are not areas ({kinds})", file=sys.stderr)
+    return 0
+
+
+def _classes_of(given: list[str] | None) -> list[str] | None:
+    """``--classes``: names, or one model (``default``, a checkpoint) or dataset folder whose classes
+    to take, so that the ground truth's ids are the model's (``medseg evaluate`` compares ids)."""
+    if not given or len(given) > 1 or not (given[0] == "default" or Path(given[0]).exists()):
+        return given
+    from .io.dataset import read_classes
+    from .models import read_meta, resolve_model_path
+
+    if Path(given[0]).is_dir():
+        return read_classes(Path(given[0]))[0]
+    return list(read_meta(resolve_model_path(given[0])).classes)
+
+
+def _xy(text: str) -> tuple[float, float]:
+    """``--origin X,Y``: two numbers."""
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X,Y (two numbers, e.g. 12000,8000); got {text!r}") from None
+    return x, y
 
 
 def _epoch_line(prefix: str, update) -> str:
@@ -985,10 +1040,23 @@ def _add_evaluate(sub) -> None:
 
 
 def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="convert a dataset to a dataset folder")
-    p.add_argument("format", choices=["pannuke"], help="the dataset's format")
-    p.add_argument("fold_dir", help="a PanNuke fold (images.npy, masks.npy, types.npy; flat or as downloaded)")
-    p.add_argument("out_dir", help="the dataset folder to write: a folder of its own, outside the fold")
+    p = sub.add_parser("convert", help="convert a PanNuke fold, or QuPath outlines of an image, to a dataset folder",
+                       **_examples('medseg convert pannuke "Fold 1" pannuke_fold1/',
+                                   "medseg convert geojson field_07.geojson --image field_07.png truth/ --classes default"
+                                   "   # QuPath's File > Export objects",
+                                   "medseg evaluate predictions/ truth/"))
+    p.add_argument("format", choices=["pannuke", "geojson"], help="the source's format")
+    p.add_argument("source", help="pannuke: a fold (images.npy, masks.npy, types.npy; flat or as downloaded); "
+                                  "geojson: QuPath outlines (File > Export objects, in the image's pixels)")
+    p.add_argument("out_dir", help="the dataset folder to write (pannuke: a folder of its own, outside the fold; "
+                                   "geojson: new, or one to add the image to)")
+    p.add_argument("--image", help="geojson: the image the outlines were drawn on")
+    p.add_argument("--classes", type=_name_list, metavar="A,B,...",
+                   help="geojson: the class names in their ids' order, or a model (default, a checkpoint) or "
+                        "dataset folder to take them from, as medseg evaluate compares ids (by default: background "
+                        "and the names the outlines use, sorted; an unclassified outline is 'nucleus')")
+    p.add_argument("--origin", type=_xy, metavar="X,Y",
+                   help="geojson: the image's top-left corner in the outlines' coordinates (a region of a slide)")
     p.set_defaults(func=cmd_convert)
 
 

@@ -1,0 +1,118 @@
+"""QuPath outlines back as ground truth (``medseg convert geojson``): what this package writes comes
+back exactly, QuPath's own export shapes (a list of features, cells, holes, bare class names) are
+read, and a wrong image or folder is a message with nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from hostile import assert_refused, medseg, tree
+
+from napari_medseg.io import read_label_map
+from napari_medseg.io.geojson import write_geojson
+from napari_medseg.io.geojson_read import read_outlines, rasterise
+
+CONSEP_CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle"]
+
+
+def _votes(instances, class_map):
+    from napari_medseg.nuclei.votes import instance_classes
+
+    return instance_classes(instances, class_map)
+
+
+def test_outlines_written_here_come_back_as_the_maps_they_were_traced_from(consep, tmp_path):
+    from skimage.segmentation import relabel_sequential
+
+    instances = read_label_map(consep / "instances" / "train_19_005.tif")
+    classes = read_label_map(consep / "labels" / "train_19_005.tif")
+    votes = _votes(instances, classes)
+    write_geojson(tmp_path / "n.geojson", instances, votes, CONSEP_CLASSES)
+    back, class_map, outside = rasterise(read_outlines(tmp_path / "n.geojson"), instances.shape, CONSEP_CLASSES)
+    expected = relabel_sequential(instances)[0]
+    assert outside == 0 and back.max() == expected.max() > 50
+    np.testing.assert_array_equal(back, expected)  # each nucleus, pixel for pixel, ids in the file's order
+    np.testing.assert_array_equal(class_map, np.where(instances > 0, votes[instances], 0))
+
+
+def _ring(x0, y0, x1, y1):
+    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+
+
+def test_qupaths_export_shapes_are_read(tmp_path):
+    features = [  # QuPath's older export: a bare list of features
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [_ring(2, 2, 12, 12), _ring(5, 5, 8, 8)]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [_ring(20, 0, 40, 20)]},  # the cell
+         "nucleusGeometry": {"type": "Polygon", "coordinates": [_ring(24, 4, 30, 10)]},
+         "properties": {"objectType": "cell", "classification": "Immune cells"}},
+        {"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [[_ring(0, 30, 3, 33)], [_ring(6, 30, 9, 33)]]},
+         "properties": {}},
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 1]}, "properties": {}},
+    ]
+    (tmp_path / "q.geojson").write_text(json.dumps(features))
+    outlines = read_outlines(tmp_path / "q.geojson")
+    assert outlines.skipped == {"Point": 1} and outlines.class_names() == ["Tumor", "Immune cells", "nucleus"]
+    assert outlines.colors() == {"Tumor": [200, 0, 0]}
+    classes = ["background", "Immune cells", "Tumor", "nucleus"]
+    instances, class_map, outside = rasterise(outlines, (40, 40), classes)
+    assert outside == 0
+    tumour = instances == 1  # x, y 2..12 with a hole 5..8: pixels 2..11 but 5..7
+    assert tumour.sum() == 10 * 10 - 3 * 3 and tumour[2, 2] and not tumour[6, 6] and tumour[11, 11]
+    assert (instances == 2).sum() == 36 and np.all(class_map[instances == 2] == 1)  # the nucleus, not the cell
+    assert (instances == 3).sum() == 18 and np.all(class_map[instances == 3] == 3)  # two parts, one object
+    assert np.all(class_map[tumour] == 2) and not class_map[~(instances > 0)].any()
+    # the same outlines on a region whose corner lies at (20, 0): only the cell's nucleus is on it
+    _, _, outside = rasterise(outlines, (40, 20), classes, origin=(20.0, 0.0))
+    assert outside == 2
+
+
+def test_convert_makes_a_dataset_folder_that_evaluate_scores(consep, tmp_path):
+    """The default's nuclei of a CoNSeP patch, as QuPath outlines, scored as ground truth: a
+    perfect match, since they are its own; then a second image joins the same folder."""
+    pred = tmp_path / "pred"
+    images = [consep / "images" / f"{stem}.png" for stem in ("train_19_005", "train_12_006")]
+    assert medseg("predict", *images, "--out", pred, "--device", "cpu").returncode == 0
+    truth = tmp_path / "truth"
+    for image in images:
+        proc = medseg("convert", "geojson", pred / "nuclei" / f"{image.stem}.geojson", "--image", image, truth,
+                      "--classes", "default")
+        assert proc.returncode == 0, proc.stderr
+        assert f"wrote '{image.stem}' into dataset folder {truth}" in proc.stdout
+    assert json.loads((truth / "classes.json").read_text())["classes"] == CONSEP_CLASSES
+    record = read_label_map(truth / "instances" / "train_19_005.tif")
+    assert record.max() == len(json.loads((pred / "nuclei" / "train_19_005.geojson").read_text())["features"])
+    proc = medseg("evaluate", pred, truth, "--json", tmp_path / "scores.json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "scores.json").read_text())
+    assert report["images"] == 2 and report["overall"]["bpq"] == pytest.approx(1.0)
+
+
+def test_convert_refusals_name_the_problem_and_write_nothing(consep, tmp_path):
+    image = consep / "images" / "train_19_005.png"
+    outlines = tmp_path / "far.geojson"
+    outlines.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [_ring(5000, 5000, 5010, 5010)]},
+         "properties": {"classification": {"name": "Tumor"}}}]}))
+    out = tmp_path / "truth"
+    assert_refused(medseg("convert", "geojson", outlines, tmp_path / "truth"), "needs --image IMAGE")
+    assert_refused(medseg("convert", "geojson", outlines, "--image", image, out),
+                   "none of the 1 outlines lies on 'train_19_005.png' (256 x 256 px)", "--origin X,Y")
+    assert not out.exists()
+    assert_refused(medseg("convert", "geojson", outlines, "--image", image, out, "--classes", "a,b"),
+                   "the outlines name 'Tumor', which the classes given (a, b) do not hold")
+    (tmp_path / "empty.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    assert_refused(medseg("convert", "geojson", tmp_path / "empty.geojson", "--image", image, out),
+                   "holds no outlines")
+    assert_refused(medseg("convert", "pannuke", tmp_path, out, "--image", image), "are for `medseg convert geojson`")
+    # a folder that holds the image already: refused, the folder as it was
+    shutil.copytree(consep, out, ignore=lambda d, names: [n for n in names if n.endswith((".png", ".tif"))
+                                                           and not n.startswith("train_19_005")])
+    before = tree(out)
+    near = tmp_path / "near.geojson"
+    near.write_text(outlines.read_text().replace("50", "1").replace("Tumor", "epithelial"))
+    assert_refused(medseg("convert", "geojson", near, "--image", image, out), "already holds 'train_19_005'")
+    assert tree(out) == before
