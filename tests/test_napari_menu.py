@@ -152,6 +152,22 @@ def test_labels_save_through_napari_with_both_writers(make_napari_viewer, tmp_pa
     assert {f["properties"]["classification"]["name"] for f in features} <= set(CONSEP_CLASSES[1:])
 
 
+def test_a_class_map_saved_as_outlines_says_they_are_regions_not_nuclei(make_napari_viewer, tmp_path, monkeypatch):
+    """A QuPath user saving the class map had 439 outlines for 112 nuclei, without a word."""
+    import napari.utils.notifications as notifications
+
+    said = []
+    monkeypatch.setattr(notifications, "show_info", said.append)
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "consep")
+    viewer.layers.selection = {viewer.layers["CoNSeP ground truth"]}
+    target = tmp_path / "regions.geojson"
+    assert viewer.layers.save(str(target), selected=True, plugin=PLUGIN) == [str(target)]
+    regions = len(json.loads(target.read_text())["features"])
+    assert said == [f"Saved {regions} outlines of 'CoNSeP ground truth': one per connected region of one class, not "
+                    "one per nucleus. For one outline per nucleus, save its nuclei layer ('CoNSeP instances')."]
+
+
 def test_labels_saved_on_a_scaled_image_reopen_on_it(make_napari_viewer, tmp_path):
     """A label map drawn on an image that records its pixel size (0.25 µm) keeps it when saved
     through napari, and reopens at that scale: on its image, not four times its size."""
