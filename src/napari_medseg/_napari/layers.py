@@ -140,8 +140,9 @@ def labels_under(viewer, layers) -> list:
 
 def hidden_words(layers, under: str) -> str:
     """Which layers were hidden ``under`` something, and how to show them again."""
+    them = "it" if len(layers) == 1 else "them"
     return (f"Hidden under {under}: " + ", ".join(f"'{layer.name}'" for layer in layers)
-            + " (tick them in the layer list to see them again).")
+            + f" (tick {them} in the layer list to see {them} again).")
 
 
 def layer_classes(layer) -> list[str] | None:
