@@ -264,7 +264,7 @@ def cmd_predict(args) -> int:
             failures += _print_prediction(done, with_instances=not args.no_instances, said=said)
             finished += 1
     except KeyboardInterrupt:
-        if finished > failures:  # what is in OUT, whole: the interrupted image's results are not
+        if failures < finished < len(files):  # what is in OUT, whole: the interrupted image's results are not
             print(f"medseg predict: interrupted at image {finished + 1} of {len(files)} ({files[finished].name}); the "
                   f"results of the {counted(finished - failures, 'image')} before it are whole in {out}",
                   file=sys.stderr)

@@ -38,8 +38,6 @@ from .source import DARK_NOTE, ImageSource
 SAMPLE_TILE = Path(__file__).resolve().parents[1] / "sample_data" / "consep_train_19_005.png"
 
 
-# a colour (H&E) model on a gray image segments far worse: nucleus Dice 0.20 against 0.77 for the
-# colour original of a CoNSeP patch with the shipped model; the user should know
 # fewer model pixels than this on a side hold no whole nucleus with its surroundings (a nucleus is
 # 20-40 px across at 0.25 µm/px): an 8 x 8 image came back empty, and only 'the image is gray' was said
 SMALL_IMAGE_SIDE = 32
@@ -50,6 +48,8 @@ def small_image_note(height: int, width: int) -> str:
             f"segment a larger field (at least {SMALL_IMAGE_SIDE} px on a side at the model's pixel size)")
 
 
+# a colour (H&E) model on a gray image segments far worse: nucleus Dice 0.20 against 0.77 for the
+# colour original of a CoNSeP patch with the shipped model; the user should know
 GRAY_NOTE = ("the image is gray but the model was trained on colour (H&E) images: expect poor results; "
              "segment the colour scan, or train a model on gray images")
 
