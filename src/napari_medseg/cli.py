@@ -494,15 +494,26 @@ def _convert_geojson(args) -> int:
                           "pixel size and pixels go into the dataset folder beside them).")
     done = geojson_to_dataset(args.source, args.image, args.out_dir, _classes_of(args.classes),
                               args.origin or (0.0, 0.0))
+    from .io.geojson_read import MAX_NUCLEUS_AREA_UM2, OUTSIDE, TOO_LARGE
+
     per_class = ", ".join(f"{name} {n}" for name, n in done.counts.items())
-    print(f"wrote '{done.stem}' into dataset folder {args.out_dir}: {counted(done.objects, 'outline')} ({per_class}); "
-          f"classes {', '.join(done.classes[1:])}")
-    if done.outside:
-        print(f"medseg: {counted(done.outside, 'outline')} lie wholly outside the image, not painted (outlines of a "
-              "region of a slide need its top-left corner as --origin X,Y)", file=sys.stderr)
+    print(f"wrote '{done.stem}' into dataset folder {args.out_dir}: {counted(done.objects, 'outline')}"
+          f"{f' ({per_class})' if per_class else ' (a field without nuclei)'}; classes {', '.join(done.classes[1:])}")
+    outside, large = done.left_out[OUTSIDE], done.left_out[TOO_LARGE]
+    if outside:
+        print(f"medseg: {counted(outside, 'outline')} of {done.objects + outside + large} "
+              f"{'lies' if outside == 1 else 'lie'} wholly outside the image, not painted: if most do, it is not the "
+              "image they were drawn on (outlines of a slide region need its top-left corner as --origin X,Y)",
+              file=sys.stderr)
+    if large:
+        print(f"medseg: {counted(large, 'outline')} larger than {MAX_NUCLEUS_AREA_UM2:g} µm² left out: regions "
+              "drawn around nuclei, not nuclei", file=sys.stderr)
     if done.skipped:
         kinds = ", ".join(f"{n} {kind}" for kind, n in done.skipped.items())
         print(f"medseg: skipped objects that are not areas ({kinds})", file=sys.stderr)
+    if not args.classes:
+        print("medseg: to score a model's predictions against it, the classes must be the model's: convert with "
+              "--classes default (or the model's checkpoint)", file=sys.stderr)
     return 0
 
 
@@ -524,7 +535,9 @@ def _xy(text: str) -> tuple[float, float]:
     try:
         x, y = (float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected X,Y (two numbers, e.g. 12000,8000); got {text!r}") from None
+        x = y = math.nan
+    if not (math.isfinite(x) and math.isfinite(y)):
+        raise argparse.ArgumentTypeError(f"expected X,Y (two numbers, e.g. 12000,8000); got {text!r}")
     return x, y
 
 
@@ -1053,8 +1066,9 @@ def _add_convert(sub) -> None:
     p.add_argument("--image", help="geojson: the image the outlines were drawn on")
     p.add_argument("--classes", type=_name_list, metavar="A,B,...",
                    help="geojson: the class names in their ids' order, or a model (default, a checkpoint) or "
-                        "dataset folder to take them from, as medseg evaluate compares ids (by default: background "
-                        "and the names the outlines use, sorted; an unclassified outline is 'nucleus')")
+                        "dataset folder to take them from, as medseg evaluate compares a model's classes with the "
+                        "truth's (by default: background and the names the outlines use, sorted; an unclassified "
+                        "outline is 'nucleus')")
     p.add_argument("--origin", type=_xy, metavar="X,Y",
                    help="geojson: the image's top-left corner in the outlines' coordinates (a region of a slide)")
     p.set_defaults(func=cmd_convert)
