@@ -254,10 +254,10 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, instance_settings
     n = len(gt.stems)
     report["instances"] = {"prediction": _instances_source(pred_read, n, instances_dir),
                            "ground_truth": _instances_source(gt_read, n, Path(gt_dir) / "instances")}
-    notes = [f"The ground truth names no nucleus classes: the prediction's classes {pred_classes[1:]} "
+    notes = [f"The ground truth is nucleus-only (one class, 'nucleus'): the prediction's classes {pred_classes[1:]} "
              "were merged into 'nucleus' (nucleus vs background)."] if merged else []
     if truth_merged:
-        notes.append(f"The prediction names no nucleus classes (a nucleus-only model's): the ground truth's classes "
+        notes.append(f"The prediction is nucleus-only (a nucleus-only model's): the ground truth's classes "
                      f"{gt.classes[1:]} were merged into 'nucleus' (nucleus vs background).")
     notes += [_unused_settings_note(instance_settings, pred_read < n, gt_read < n)]
     notes += [f"{without_truth}: not scored." if unscored else ""]
