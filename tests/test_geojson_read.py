@@ -98,6 +98,16 @@ def test_convert_makes_a_dataset_folder_that_evaluate_scores(consep, tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "scores.json").read_text())
     assert report["images"] == 2 and report["overall"]["bpq"] == pytest.approx(1.0)
+    # outlines corrected again (one deleted): refused without --overwrite, the entry replaced with it
+    edited = json.loads((pred / "nuclei" / "train_19_005.geojson").read_text())
+    edited["features"] = edited["features"][1:]
+    (tmp_path / "edited.geojson").write_text(json.dumps(edited))
+    again = ("convert", "geojson", tmp_path / "edited.geojson", "--image", images[0], truth)
+    assert_refused(medseg(*again), "already holds 'train_19_005'", "pass --overwrite")
+    assert read_label_map(truth / "instances" / "train_19_005.tif").max() == record.max()
+    assert medseg(*again, "--overwrite").returncode == 0
+    assert read_label_map(truth / "instances" / "train_19_005.tif").max() == record.max() - 1
+    assert sorted(p.name for p in (truth / "images").iterdir()) == ["train_12_006.png", "train_19_005.png"]
 
 
 def test_convert_refusals_name_the_problem_and_write_nothing(consep, tmp_path):

@@ -476,9 +476,9 @@ def cmd_evaluate(args) -> int:
 def cmd_convert(args) -> int:
     if args.format == "geojson":
         return _convert_geojson(args)
-    if args.image or args.classes or args.origin:
-        raise MedsegError("--image, --classes and --origin are for `medseg convert geojson`; a PanNuke fold "
-                          "holds its images and classes.")
+    if args.image or args.classes or args.origin or args.overwrite:
+        raise MedsegError("--image, --classes, --origin and --overwrite are for `medseg convert geojson`; a PanNuke "
+                          "fold holds its images and classes, and goes to a folder of its own.")
     from .io.pannuke import convert_pannuke
 
     out = convert_pannuke(args.source, args.out_dir, progress=ProgressLine("convert"))
@@ -493,7 +493,7 @@ def _convert_geojson(args) -> int:
         raise MedsegError("convert geojson needs --image IMAGE: the image the outlines were drawn on (its size, "
                           "pixel size and pixels go into the dataset folder beside them).")
     done = geojson_to_dataset(args.source, args.image, args.out_dir, _classes_of(args.classes),
-                              args.origin or (0.0, 0.0))
+                              args.origin or (0.0, 0.0), overwrite=args.overwrite)
     from .io.geojson_read import MAX_NUCLEUS_AREA_UM2, OUTSIDE, TOO_LARGE
 
     per_class = ", ".join(f"{name} {n}" for name, n in done.counts.items())
@@ -1071,6 +1071,8 @@ def _add_convert(sub) -> None:
                         "outline is 'nucleus')")
     p.add_argument("--origin", type=_xy, metavar="X,Y",
                    help="geojson: the image's top-left corner in the outlines' coordinates (a region of a slide)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="geojson: replace the image's entry in the folder (outlines corrected again)")
     p.set_defaults(func=cmd_convert)
 
 

@@ -190,12 +190,14 @@ class ConvertedOutlines:
 
 
 def geojson_to_dataset(outlines_path: str | os.PathLike, image_path: str | os.PathLike, out_dir: str | os.PathLike,
-                       classes: list[str] | None = None, origin: tuple[float, float] = (0.0, 0.0)) -> ConvertedOutlines:
+                       classes: list[str] | None = None, origin: tuple[float, float] = (0.0, 0.0),
+                       overwrite: bool = False) -> ConvertedOutlines:
     """Adds the image and its outlines to the dataset folder ``out_dir`` (made if new):
     ``images/<stem>`` (a copy), ``labels/<stem>.tif`` (classes), ``instances/<stem>.tif`` (one id
     per object) and ``classes.json``. The classes are the folder's own where it has them, else
     ``classes`` (background first), else background and the names the file uses, sorted. Nothing in the
-    folder is replaced."""
+    folder is replaced, but with ``overwrite`` this image's own three files (outlines corrected
+    again in QuPath)."""
     import shutil
 
     from ..colors import class_colors
@@ -226,10 +228,14 @@ def geojson_to_dataset(outlines_path: str | os.PathLike, image_path: str | os.Pa
     _check_classes_hold(outlines, classes, "the folder's classes" if (out / CLASSES_FILE).is_file()
                         else "the classes given")
     stem = file_stem(image_path)
+    own = {out / "images" / image_path.name, out / "labels" / f"{stem}.tif", out / "instances" / f"{stem}.tif"}
     taken = [p for sub in ("images", "labels", "instances") for p in sorted((out / sub).glob(f"{stem}.*"))]
-    if taken:
-        raise GeoJSONReadError(f"{out} already holds '{stem}' ({taken[0]}): nothing is replaced; convert into "
-                               "another folder, or rename the image.")
+    others = [p for p in taken if p not in own]  # another file of the stem (x.tif beside x.png): never replaced
+    if others or (taken and not overwrite):
+        raise GeoJSONReadError(f"{out} already holds '{stem}' ({(others or taken)[0]}): nothing is replaced; "
+                               + ("pass --overwrite to replace its image, labels and instances with these, "
+                                  if not others else "")
+                               + "convert into another folder, or rename the image.")
     size = file_pixel_size_um(image_path)
     max_area_px = MAX_NUCLEUS_AREA_UM2 / (size or ASSUMED_PIXEL_SIZE_UM) ** 2
     instances, class_map, left_out = rasterise(outlines, image.shape[:2], classes, origin, max_area_px)
@@ -251,7 +257,7 @@ def geojson_to_dataset(outlines_path: str | os.PathLike, image_path: str | os.Pa
     votes[instances[instances > 0]] = class_map[instances > 0]  # each object is painted with one class
     (out / "images").mkdir(parents=True, exist_ok=True)
     copy = temp_path(out / "images" / image_path.name)
-    try:  # the image, labels and nuclei land whole or not at all
+    try:  # the image, labels and nuclei land whole or not at all (each file by a rename)
         shutil.copyfile(image_path, copy)
         write_label_map(out / "labels" / f"{stem}.tif", class_map, size, label_record("classes", classes, colors))
         write_label_map(out / "instances" / f"{stem}.tif", instances, size,
@@ -259,8 +265,9 @@ def geojson_to_dataset(outlines_path: str | os.PathLike, image_path: str | os.Pa
         os.replace(copy, out / "images" / image_path.name)
     except BaseException:
         copy.unlink(missing_ok=True)
-        for sub in ("labels", "instances"):
-            (out / sub / f"{stem}.tif").unlink(missing_ok=True)
+        if not taken:  # a new entry goes again; a replaced one keeps what was written
+            for sub in ("labels", "instances"):
+                (out / sub / f"{stem}.tif").unlink(missing_ok=True)
         raise
     if not (out / CLASSES_FILE).is_file():
         write_classes(out, classes, source=f"medseg convert geojson {Path(outlines_path).name}")
