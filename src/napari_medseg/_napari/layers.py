@@ -128,14 +128,15 @@ def labels_under(viewer, layers) -> list:
     """The viewer's shown Labels layers (ground truth, an earlier run's results) that ``layers``,
     about to be added, would be drawn over: their class colours mixed with the new ones
     (spindle cyan over a gold truth read as inflammatory green)."""
-    from napari.layers import Labels
-
-    def yx_extent(layer) -> np.ndarray:
+    def yx_extent(layer) -> np.ndarray:  # [[top, left], [bottom, right]] in world units
         return np.asarray(layer.extent.world, float)[:, -2:]
 
+    def overlaps(a: np.ndarray, b: np.ndarray) -> bool:
+        return bool(np.all(a[0] <= b[1]) and np.all(b[0] <= a[1]))
+
     new = [yx_extent(layer) for layer in layers if layer is not None]
-    return [layer for layer in labels_layers(viewer) if layer.visible and isinstance(layer, Labels)
-            and any(np.all(yx_extent(layer)[0] <= box[1]) and np.all(box[0] <= yx_extent(layer)[1]) for box in new)]
+    return [layer for layer in labels_layers(viewer)
+            if layer.visible and any(overlaps(yx_extent(layer), box) for box in new)]
 
 
 def hidden_words(layers, under: str) -> str:

@@ -30,8 +30,8 @@ from .common import (CLASS_ID_LIMIT, warm_label_visuals, WidgetInputError, class
 from .dock import ScrollingDock
 from .fast_table import FastTable
 from .layers import (ANNOTATION_ENDINGS, METADATA_KEY, class_colormap, hidden_words, in_memory_plane, labels_layers,
-                     layer_kind,
-                     legend_html, nuclei_twin_name, place, placement, recorded_polygon, region_in, wrapping_label)
+                     layer_kind, legend_html, nuclei_twin_name, place, placement, recorded_polygon, region_in,
+                     wrapping_label)
 from .table_format import fixed_decimals
 from .view_regions import inside
 

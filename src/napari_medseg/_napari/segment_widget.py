@@ -42,10 +42,8 @@ from .common import (WidgetInputError, add_layers_in_turns, device_choices, foll
                      start_worker, step_from_own_value, warm_label_visuals)
 from .dock import ScrollingDock
 from .layers import (METADATA_KEY, NUCLEUS_OUTLINE_PX, class_labels_kwargs, hidden_words, image_layers,
-                     instance_labels_kwargs, labels_under, legend_html,
-                     pick_classes_from, pixel_size_um, placement, plane_placement, replace_instances, shown_plane,
-                     shown_plane_words,
-                     with_origin, wrapping_label)
+                     instance_labels_kwargs, labels_under, legend_html, pick_classes_from, pixel_size_um, placement,
+                     plane_placement, replace_instances, shown_plane, shown_plane_words, with_origin, wrapping_label)
 from .model_list import DEFAULT_MODEL, FILE_MODEL, follow_trained_models, trained_models
 from .view_regions import drawn_shape, field_of_view, inside, region_placement, shapes_layers
 from .torch_import import import_torch_dynamo

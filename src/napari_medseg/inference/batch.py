@@ -186,10 +186,10 @@ def predict_file(segmenter: Segmenter, file: Path, out: Path, settings: BatchSet
         return FilePrediction(result.file, skipped=str(exc))
     stem = file_stem(result.file)
     if instances is not None:
-        record = label_record("instances", segmenter.classes, segmenter.meta.colors,
-                              instance_classes=instance_classes(instances, labels))
+        votes = instance_classes(instances, labels)
+        record = label_record("instances", segmenter.classes, segmenter.meta.colors, instance_classes=votes)
         result.instances = write_label_map(out / "instances" / f"{stem}.tif", instances, result.pixel_size_um, record)
-        _write_nuclei_tables(segmenter, image, labels, instances, out / "nuclei", stem, result)
+        _write_nuclei_tables(segmenter, image, labels, instances, votes, out / "nuclei", stem, result)
     outdated = ([] if result.instances is not None else
                 [out / "instances" / f"{stem}.tif", out / "nuclei" / f"{stem}.csv", out / "nuclei" / f"{stem}.geojson"]) + \
         ([] if result.probabilities is not None else [out / "probabilities" / f"{stem}.npy"])
@@ -200,8 +200,8 @@ def predict_file(segmenter: Segmenter, file: Path, out: Path, settings: BatchSet
     return result
 
 
-def _write_nuclei_tables(segmenter: Segmenter, image, labels: np.ndarray, instances: np.ndarray, folder: Path,
-                         stem: str, result: FilePrediction) -> None:
+def _write_nuclei_tables(segmenter: Segmenter, image, labels: np.ndarray, instances: np.ndarray, votes: np.ndarray,
+                         folder: Path, stem: str, result: FilePrediction) -> None:
     """``nuclei/<stem>.csv`` (a row per nucleus: its class, area in px and, where the image's pixel
     size is known, µm², centroid and mean intensity) and ``nuclei/<stem>.geojson`` (QuPath), the
     nuclei and classes of the maps just written."""
@@ -209,7 +209,7 @@ def _write_nuclei_tables(segmenter: Segmenter, image, labels: np.ndarray, instan
     from ..io.tables import write_csv
     from ..nuclei.measure import object_table
 
-    names, votes = segmenter.classes, instance_classes(instances, labels)
+    names = segmenter.classes
     # intensities of an image in memory (a large TIFF read lazily is not read whole again for them)
     pixels = image if isinstance(image, np.ndarray) else None
     table = object_table(instances, labels, names, image=pixels, pixel_size_um=result.pixel_size_um)
