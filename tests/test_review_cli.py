@@ -188,9 +188,35 @@ def test_the_python_api_refuses_a_pixel_size_no_microscope_gives(at_40x, consep)
             at_40x.segment(image, pixel_size_um=size)
         with pytest.raises(PixelSizeError, match="not one a microscope gives"):
             at_40x.segment_nuclei(image, pixel_size_um=size)
-    assert at_40x.segment(image[:16, :16], pixel_size_um=20).shape == (16, 16)
+    assert at_40x.segment(image[:16, :16], pixel_size_um=1.1).shape == (16, 16)  # 10x: the coarsest taken
     assert at_40x.segment(image, pixel_size_um=0.05).shape == (64, 64)
     assert at_40x.segment(image, pixel_size_um=None).shape == (64, 64)
+
+
+def test_a_magnification_given_as_the_pixel_size_is_refused_at_once(at_40x, consep, tmp_path, tiny_checkpoint):
+    """20, 10 or 5 typed for a pixel size (the magnification) had passed as µm/px and enlarged a
+    512² crop 80-fold for a 40x model: 441004 tiles, a run that looked hung. Refused before the
+    first tile, naming the magnification; the CLI says the same and writes nothing."""
+    from napari_medseg.inference.rescale import PixelSizeError
+
+    image = read_image(consep / "images" / "train_2_006.png")[:64, :64]
+    for size, scan in ((20, "0.5"), (10, "1"), (5, "2")):
+        started = []
+        with pytest.raises(PixelSizeError, match=f"Was {size} the magnification\\? A {size}x scan is about {scan} µm/px"):
+            at_40x.segment_nuclei(image, pixel_size_um=size, progress=lambda done, total: started.append(done))
+        assert not started
+    with pytest.raises(PixelSizeError, match="6x coarser than the model's 0.25 µm/px") as refused:
+        at_40x.segment(image, pixel_size_um=1.6)
+    assert "Was 1.6" not in str(refused.value)
+    from napari_medseg.models import load_checkpoint, save_checkpoint
+
+    model, meta = load_checkpoint(tiny_checkpoint)
+    save_checkpoint(tmp_path / "at40x.safetensors", model, replace(meta, pixel_size_um=0.25))
+    tifffile.imwrite(tmp_path / "tile.tif", image)
+    proc = medseg("predict", tmp_path / "tile.tif", "--model", tmp_path / "at40x.safetensors", "--out", tmp_path / "out",
+                  "--pixel-size", "20")
+    assert_refused(proc, "Was 20 the magnification?")
+    assert not (tmp_path / "out").exists()
 
 
 def test_every_argument_of_every_command_says_what_it_is():

@@ -54,6 +54,14 @@ GRAY_NOTE = ("the image is gray but the model was trained on colour (H&E) images
              "segment the colour scan, or train a model on gray images")
 
 
+# model pixels per image pixel at most: a 10x image (~1.0-1.1 µm/px) for a 40x model (0.25), its
+# nuclei ~7 px across. Coarser images hold too few pixels a nucleus to cut, and enlarging them is
+# slow: 20 (a magnification taken for µm/px) had enlarged a 512² crop 80-fold, hours of tiles
+MAX_UPSCALE = 4.4
+# magnifications a user may type for a pixel size; 40 and more are already outside the plausible range
+COMMON_MAGNIFICATIONS = (2, 2.5, 4, 5, 10, 20)
+
+
 class Segmenter:
     """A loaded model with its metadata: ``segment(image) -> uint8 class map``."""
 
@@ -244,16 +252,29 @@ class Segmenter:
         return labels
 
     def scale_for(self, pixel_size_um: float | None) -> float:
-        """Model pixels per pixel of an image of ``pixel_size_um`` µm/px (1.0: the image is used as it is).
-        A size no microscope gives is refused, as ``medseg predict --pixel-size`` refuses it: 100 (a
-        magnification, or nm taken for µm) had upscaled an 8 px image 400-fold, 21 s for it."""
+        """Model pixels per pixel of an image of ``pixel_size_um`` µm/px (1.0: the image is used as it
+        is; ``None`` or 0: its pixel size is unknown, taken as the model's). A size no microscope gives
+        is refused, as ``medseg predict --pixel-size`` refuses it: 100 (a magnification, or nm taken for
+        µm) had upscaled an 8 px image 400-fold, 21 s for it; so is one more than ``MAX_UPSCALE``
+        times the model's (``PixelSizeError``, saying the magnification it may have been)."""
         size = checked_pixel_size(pixel_size_um, "image's pixel size")
-        if size is not None and self.meta.pixel_size_um and not is_plausible_pixel_size(size):
+        model_size = self.meta.pixel_size_um
+        if size is not None and model_size and not is_plausible_pixel_size(size):
             low, high = PLAUSIBLE_PIXEL_SIZE_UM
             raise PixelSizeError(f"The image's pixel size, {size:g} µm/px, is not one a microscope gives ({low:g}-"
                                  f"{high:g} µm/px): give it in µm per pixel (0.25 for 40x, 0.5 for 20x), or none "
                                  "to take the image as it is.")
-        return model_scale(size, self.meta.pixel_size_um)
+        factor = model_scale(size, model_size)
+        if factor > MAX_UPSCALE:
+            magnification = (f" Was {size:g} the magnification? A {size:g}x scan is about {10 / size:.2g} µm/px."
+                             if size in COMMON_MAGNIFICATIONS else "")
+            raise PixelSizeError(
+                f"The image's pixel size, {size:g} µm/px, is {factor:.0f}x coarser than the model's {model_size:g} "
+                f"µm/px: its nuclei are only a few pixels across, too few to cut (the image would be enlarged "
+                f"{factor:.0f}-fold). The model takes images down to {model_size * MAX_UPSCALE:.2g} µm/px (about "
+                f"10x); scan or export at a higher magnification, or give none to take the image as it is."
+                + magnification)
+        return factor
 
     def iter_probabilities(self, image, settings: TileSettings | None = None):
         """Generator: yields ``(done, total)`` tiles, returns float32 probabilities ``(C, H, W)`` in memory."""
