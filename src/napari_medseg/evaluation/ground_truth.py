@@ -131,7 +131,7 @@ def compare_to_ground_truth(pred: np.ndarray, pred_classes: list[str], truth: Gr
     (``report["classes_merged"]``: the prediction's were; ``report["note"]``: why)."""
     scored, truth, classes, why = as_scored(pred, pred_classes, truth)
     report = evaluate_maps(truth.class_map, scored, classes, gt_instances=truth.instances,
-                           pred_instances=pred_instances, instance_settings=instance_settings)
+                           pred_instances=pred_instances, instance_settings=instance_settings, truth_classes=classes)
     report["classes_merged"] = bool(why)
     read = f"The ground truth was read as {truth.reading}. " if truth.reading else ""
     report["note"] = (read + why).strip()
