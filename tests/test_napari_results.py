@@ -231,6 +231,23 @@ def test_a_result_edited_by_hand_is_not_remade_by_a_threshold_change(make_napari
     assert seg.rethreshold(threaded=False) is not None and again is not classes
 
 
+def test_a_threshold_change_after_a_run_too_large_to_keep_says_it_applies_next_time(make_napari_viewer, monkeypatch):
+    """Over KEEP_MAX_PIXELS (16 Mpx) no probabilities are kept: a 4200² image's nuclei had stayed
+    at 0.34 under a box saying 0.60, without a word. Here the limit is lowered to the sample's
+    size, so the same path is taken on a 256² image: the status says the thresholds wait."""
+    from napari_medseg.inference import rethreshold
+
+    monkeypatch.setattr(rethreshold, "KEEP_MAX_PIXELS", 256 * 256 - 1)
+    viewer, seg = _segment_widget_on_the_sample(make_napari_viewer)
+    classes = seg.run(threaded=False)
+    before = classes.data.copy()
+    assert seg.kept is None
+    seg.threshold.value = 0.8
+    assert "not remade for the new thresholds; they apply to the next run" in seg.status.value
+    assert seg.status.value.startswith("Done:")  # the run's own summary stays above the note
+    assert np.array_equal(classes.data, before)
+
+
 def test_results_land_on_an_image_moved_with_the_transform_tool(make_napari_viewer):
     """napari's Transform tool moves a layer by its affine, not its translate: the results had
     been drawn where the image was, the region's too."""

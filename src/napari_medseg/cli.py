@@ -363,7 +363,7 @@ def _predict_slides(args) -> int:
                                    settings=_tile_settings(args),
                                    instance_settings=segmenter.instance_settings_with(_given(args, INSTANCE_OPTIONS)),
                                    postprocess=PostprocessSettings(**_given(args, CLEANUP_OPTIONS)),
-                                   nuclei=not args.no_instances, tissue_settings=tissue)
+                                   nuclei=not args.no_instances, tissue_settings=tissue, flag="--out")
         except (Cancelled, OutputWriteError):  # the output folder (a full disk) fails every slide alike: stop
             raise
         except MedsegError as exc:  # a broken or odd slide: said, and the others still run

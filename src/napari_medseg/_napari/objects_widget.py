@@ -11,6 +11,7 @@ from magicgui.widgets import ComboBox, FileEdit, PushButton
 
 from ..errors import MedsegError
 from ..io.geojson import write_geojson
+from ..io.pixel_size import is_plausible_pixel_size
 from ..io.tables import write_csv
 from ..nuclei.measure import counts_per_class, nucleus_count, object_table
 from ..nuclei.watershed import InstanceSettings, semantic_to_instances
@@ -262,6 +263,8 @@ class ObjectsWidget(ScrollingDock):
                                    "are 1 and up (0 = background).")
         image = _matching(image_layer, layer, "image", plane) if image_layer is not None else None
         pixel_size = pixel_size_um(image_layer or layer)
+        if not is_plausible_pixel_size(pixel_size):  # a display scale of 100, not µm: areas in px only
+            pixel_size = None
         return layer, plane, class_map, names, instances, image, pixel_size
 
     def measure(self, add_instances_layer: bool = True, threaded: bool = False):

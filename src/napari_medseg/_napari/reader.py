@@ -216,7 +216,7 @@ def _slide_labels_layer(path: Path) -> tuple:
     recorded = None if _is_instance_path(path) else recorded_classes(path)
     record = read_label_record(path)
     if record is not None:  # saved by this plugin's writer (a large layer): what it was, where it was
-        kwargs = _recorded_labels_kwargs(file_stem(path), record, extra)
+        kwargs = _recorded_labels_kwargs(_label_layer_name(path), record, extra)
     elif _is_instance_path(path):
         kwargs = instance_labels_kwargs(_label_layer_name(path), **extra)
     elif recorded is not None:  # a slide run's: its model's classes and colours, every one named
@@ -270,7 +270,7 @@ def _labels_layer(path: Path, labels: np.ndarray) -> tuple:
     extra = _scale_kwargs(file_pixel_size_um(path))  # on its image, where both record their pixel size
     record = read_label_record(path)
     if record is not None:  # saved by this plugin's writer: what the layer was, where it was
-        kwargs = _recorded_labels_kwargs(file_stem(path), record, extra)
+        kwargs = _recorded_labels_kwargs(_label_layer_name(path), record, extra)
         return (labels if record.get("classes") and record.get("kind") != "instances" else _paintable(labels),
                 kwargs, "labels")
     # ids beyond any class map's (a '_labels' file that holds nuclei): an instance map, else a

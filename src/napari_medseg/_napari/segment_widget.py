@@ -26,11 +26,12 @@ from ..errors import MedsegError
 from ..inference.settings import BACKENDS
 from ..inference.postprocess import PostprocessSettings
 from ..inference.regions import Region
-from ..inference.rethreshold import KeptRun, Thresholds, apply_thresholds, iter_segment_keeping
+from ..inference.rethreshold import KEEP_MAX_PIXELS, KeptRun, Thresholds, apply_thresholds, iter_segment_keeping
 from ..inference.settings import BLENDS, TileSettings
 from ..inference.slide import SlideResult
 from ..inference.slide_process import SlideJob, SlideModelInfo, SlideProcess, checkpoint_stamp
 from ..io.images import file_stem
+from ..io.lazy import LAZY_MIN_PIXELS
 from ..io.pixel_size import PLAUSIBLE_PIXEL_SIZE_UM, is_plausible_pixel_size
 from ..io.slide_outputs import check_no_slide_results, fresh_results_folder, pyramid_levels, read_nucleus_classes
 from ..models import read_meta, resolve_model_path
@@ -349,8 +350,7 @@ class SegmentWidget(ScrollingDock):
         if region is not None:
             region = region.checked(tuple(image.shape[:2]), "slide" if slide is not None else "image")
         if self.target.value == WHOLE_SLIDE and slide is None:
-            raise WidgetInputError(f"'{layer.name}' was not opened as a slide (drag the slide file into napari, or "
-                                   f"open it with the napari-medseg reader); choose '{WHOLE_IMAGE}' for an image.")
+            raise WidgetInputError(_not_a_slide(layer))
         if slide is not None and self.target.value != WHOLE_IMAGE:
             return self._slide_job(key, layer, slide, region, polygon)
         return self._image_job(key, layer, image, region, polygon, plane)
@@ -597,6 +597,13 @@ class SegmentWidget(ScrollingDock):
             # nothing of a slide run is kept in memory to remake it from: said, not silently ignored
             self.status.value = with_notes(self._summary, [SLIDE_THRESHOLDS_NOTE])
             return
+        layers = self._viewer.layers
+        if (self.kept is None and self.run_button.enabled
+                and (self.last_layer in layers or self.last_instances_layer in layers)):
+            # an image over KEEP_MAX_PIXELS keeps no probabilities: a 4200² one had kept its 0.34
+            # result under a box saying 0.60, without a word
+            self.status.value = with_notes(self._summary, [LARGE_IMAGE_THRESHOLDS_NOTE])
+            return
         if self.kept is None or (self.last_layer is None and self.last_instances_layer is None):
             return
         from qtpy.QtCore import QTimer
@@ -778,6 +785,22 @@ def _labels_layers(labels, class_kwargs: dict, instances, instance_kwargs: dict 
 
 SLIDE_THRESHOLDS_NOTE = ("a slide's result is written to its results folder, not kept in memory, so it is not "
                          "remade for the new thresholds; they apply to the next run.")
+def _not_a_slide(layer) -> str:
+    """Why 'whole slide' cannot run on ``layer``: a flat image file the plugin read into memory (it
+    had been told to open it with the reader it had been opened with), or one not read by it."""
+    source = getattr(getattr(layer, "source", None), "path", None)
+    instead = f"choose '{WHOLE_IMAGE}', or the field of view or a drawn region for part of it"
+    if source and getattr(layer.source, "reader_plugin", None) == "napari-medseg":  # napari.yaml's name
+        return (f"'{layer.name}' is an image read into memory, not a slide: flat image files open as slides from "
+                f"{LAZY_MIN_PIXELS / 1e6:.0f} Mpx, pyramidal TIFFs and slide formats always; {instead} "
+                "(for a streamed run of a large flat TIFF: medseg predict, or save it as a pyramidal TIFF).")
+    return (f"'{layer.name}' was not opened as a slide (drag the slide file into napari, or open it with the "
+            f"napari-medseg reader); {instead}.")
+
+
+LARGE_IMAGE_THRESHOLDS_NOTE = (f"an image over {KEEP_MAX_PIXELS / 1e6:.0f} Mpx keeps no probabilities in memory to "
+                               "remake its result from, so it is not remade for the new thresholds; they apply to "
+                               "the next run (or segment the field of view or a region).")
 MODEL_THRESHOLD_TEXT = "model's"  # what a threshold box shows at its lowest value (the model's own)
 MODEL_MIN_NUCLEUS = -1  # the min nucleus box's value for "the model's own"
 RUNTIME_NAMES = {"torch": "PyTorch", "openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}

@@ -39,6 +39,17 @@ class Region:
     width: int
     height: int
 
+    def __post_init__(self):
+        for name in ("x", "y", "width", "height"):  # whole pixels: 600.5 had failed deep in a slice
+            value = getattr(self, name)
+            try:
+                whole = int(value)
+            except (TypeError, ValueError):
+                whole = None
+            if whole is None or isinstance(value, bool) or whole != value:
+                raise RegionError(f"A region's {name} is a whole number of level-0 pixels, got {value!r}.")
+            object.__setattr__(self, name, whole)
+
     @classmethod
     def parse(cls, text: str) -> "Region":
         """``"x,y,w,h"`` (level-0 px), as ``medseg predict --region`` takes it."""

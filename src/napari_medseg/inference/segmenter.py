@@ -12,7 +12,7 @@ drives with progress and cancel.
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -60,6 +60,13 @@ GRAY_NOTE = ("the image is gray but the model was trained on colour (H&E) images
 MAX_UPSCALE = 4.4
 # magnifications a user may type for a pixel size; 40 and more are already outside the plausible range
 COMMON_MAGNIFICATIONS = (2, 2.5, 4, 5, 10, 20)
+
+
+def _check_kind(value, kind: type, name: str, example: str) -> None:
+    """Settings passed as a dict (or anything else) are refused by name, not deep in a run."""
+    if value is not None and not isinstance(value, kind):
+        raise InferenceSettingsError(f"{name} must be of type {kind.__name__}, e.g. {example}; got a "
+                                     f"{type(value).__name__}.")
 
 
 class Segmenter:
@@ -164,6 +171,11 @@ class Segmenter:
     def instance_settings_with(self, overrides: dict | None = None) -> InstanceSettings:
         """The model's nucleus settings with ``overrides`` (field -> value) in place; raises
         ``InferenceSettingsError`` naming a value that cannot work."""
+        known = {f.name for f in fields(InstanceSettings)}
+        unknown = sorted(set(overrides or {}) - known)
+        if unknown:
+            raise InferenceSettingsError(f"Nucleus settings have no {', '.join(map(repr, unknown))}; they are "
+                                         f"{', '.join(sorted(known))}.")
         chosen = replace(self.instance_settings, **(overrides or {}))
         wrong = chosen.errors()
         if wrong:
@@ -206,6 +218,8 @@ class Segmenter:
         the model's, the network sees the image resampled to the model's pixel size (``rescale``)
         and every output is on the image's own grid. ``postprocess`` sizes are model pixels.
         """
+        _check_kind(settings, TileSettings, "settings", "TileSettings(tile_size=256)")
+        _check_kind(postprocess, PostprocessSettings, "postprocess", "PostprocessSettings(min_object_size=30)")
         settings = (settings or TileSettings()).checked(self.meta.model.output_stride)
         source = image if isinstance(image, ImageSource) else ImageSource(image, self.meta.model.in_channels)
         n = len(self.classes)
@@ -285,12 +299,20 @@ class Segmenter:
 
     def probabilities(self, image, settings: TileSettings | None = None,
                       progress: ProgressCallback | None = None, should_cancel: CancelCheck | None = None) -> np.ndarray:
+        """Float32 class probabilities ``(C, H, W)`` of the image as it is (no resampling: for
+        probabilities at an image's pixel size, ``segment(..., pixel_size_um=, probabilities_out=)``).
+        ``progress(done, total)`` is called as tiles finish; ``should_cancel()`` returning True stops
+        the run by raising ``napari_medseg.steps.Cancelled``."""
         return run_steps(self.iter_probabilities(image, settings), progress, should_cancel)
 
     def segment(self, image, settings: TileSettings | None = None,
                 progress: ProgressCallback | None = None, should_cancel: CancelCheck | None = None,
                 postprocess: PostprocessSettings | None = None, out=None, probabilities_out=None, distance_out=None,
                 pixel_size_um: float | None = None):
+        """The class map, uint8 ``(H, W)``: ids into ``self.classes``; see ``iter_segment``.
+        ``progress(done, total)`` is called as tiles finish; ``should_cancel()`` returning True stops
+        the run by raising ``napari_medseg.steps.Cancelled``. What the run noticed (a gray or
+        dark-field image, a resampling) is in ``self.last_report.notes`` until the next run."""
         return run_steps(self.iter_segment(image, settings, postprocess, out, probabilities_out, distance_out,
                                            pixel_size_um), progress, should_cancel)
 
@@ -309,6 +331,8 @@ class Segmenter:
         Sizes in ``instance_settings`` (default: the model's, ``instance_settings``) are model
         pixels, converted for an image of ``pixel_size_um``.
         """
+        _check_kind(instance_settings, InstanceSettings, "instance_settings",
+                    "segmenter.instance_settings_with({'min_size': 30})")  # before the network runs, not after
         source = image if isinstance(image, ImageSource) else ImageSource(image, self.meta.model.in_channels)
         _, instance_settings = settings_at_image_scale(self.scale_for(pixel_size_um), None,
                                                        instance_settings or self.instance_settings)
@@ -329,7 +353,9 @@ class Segmenter:
                        postprocess: PostprocessSettings | None = None,
                        instance_settings: InstanceSettings | None = None, probabilities_out=None,
                        pixel_size_um: float | None = None):
-        """``(class map, instances or None)``; see ``iter_segment_nuclei``."""
+        """``(class map, instances or None)``; see ``iter_segment_nuclei``; ``progress``,
+        ``should_cancel`` and ``last_report`` as for ``segment``. A table of the nuclei (area, µm²,
+        class, centroid): ``napari_medseg.nuclei.measure.object_table``."""
         return run_steps(self.iter_segment_nuclei(image, settings, postprocess, instance_settings, probabilities_out,
                                                   pixel_size_um), progress, should_cancel)
 

@@ -23,6 +23,7 @@ from ..colors import class_colors
 from ..errors import MedsegError
 from ..io.images import file_stem
 from ..io.outputs import write_error
+from ..io.slides import SlideError
 from ..io.slide_outputs import (CSVStream, GeoJSONStream, SlideResultFiles, create_result_store, iter_build_pyramid,
                                 iter_write_pyramid_tiff, pyramid_shapes, pyramid_steps, tiff_steps)
 from ..nuclei.measure import UNCLASSIFIED, object_table
@@ -31,7 +32,7 @@ from ..nuclei.stitch import HALO as NUCLEI_HALO
 from ..nuclei.stitch import NucleiBlock, block_grid, iter_stitched_instances
 from ..nuclei.watershed import InstanceSettings
 from ..steps import offset_steps, run_steps
-from .regions import (BLOCK, HALO, PROGRESS_PER_BLOCK, Region, TissueMask, TissueSettings, find_tissue,
+from .regions import (BLOCK, HALO, PROGRESS_PER_BLOCK, Region, RegionError, TissueMask, TissueSettings, find_tissue,
                       iter_segment_region, region_blocks, whole_slide)
 from .postprocess import PostprocessSettings
 from .rescale import settings_at_image_scale
@@ -61,7 +62,7 @@ def iter_predict_slide(segmenter, slide, out_dir: str | os.PathLike, region: Reg
                        settings: TileSettings | None = None, instance_settings: InstanceSettings | None = None,
                        tissue_settings: TissueSettings | None = None, nuclei: bool = True, block: int = BLOCK,
                        nuclei_block: int = NUCLEI_BLOCK, postprocess: PostprocessSettings | None = None,
-                       polygon: np.ndarray | None = None, flag: str = "--out"):
+                       polygon: np.ndarray | None = None, flag: str = "out_dir"):
     """Generator: yields ``(done, total)``; returns a ``SlideResult``. Files go to ``out_dir``:
     ``<slide>.zarr`` (multiscale ``classes`` and ``instances``, aligned with the slide),
     ``<slide>_labels.ome.tif`` (class map), and with ``nuclei``: ``<slide>_instances.ome.tif``,
@@ -69,7 +70,9 @@ def iter_predict_slide(segmenter, slide, out_dir: str | os.PathLike, region: Reg
 
     ``polygon``: ``(N, 2)`` level-0 ``(y, x)`` vertices; the run covers their bounding box and its
     outside is background. A folder that already holds results of this slide is refused
-    (``OutputFolderError``, naming ``flag``): results are never overwritten."""
+    (``OutputFolderError``, naming ``flag``): results are never overwritten. ``slide``: an opened
+    slide (``io.slides.open_slide``) or its path; ``region``: a ``Region`` or ``(x, y, width, height)``."""
+    slide, region = _opened(slide), _as_region(region)
     region = (region or (_bounding_region(polygon) if polygon is not None else whole_slide(slide))).checked(slide.shape)
     files = SlideResultFiles(out_dir, file_stem(slide.path), flag)  # refused here, before any work
     tissue = _within(find_tissue(slide, tissue_settings), polygon)
@@ -121,6 +124,28 @@ def _wait_for_store_writes(timeout: float = 10.0) -> None:
         sync(others_done(), timeout=timeout + 1)
     except Exception:  # waiting is a courtesy to the clean-up, never a new failure
         pass
+
+
+def _opened(slide):
+    """A path given from Python is opened here (it had failed with "'str' object has no attribute 'shape'")."""
+    if isinstance(slide, (str, os.PathLike)):
+        from ..io.slides import open_slide
+
+        return open_slide(slide)
+    if not hasattr(slide, "levels"):
+        raise SlideError(f"predict_slide takes a slide opened with napari_medseg.io.slides.open_slide (or its path), "
+                              f"got {type(slide).__name__}; for an image in memory use Segmenter.segment_nuclei.")
+    return slide
+
+
+def _as_region(region) -> Region | None:
+    if region is None or isinstance(region, Region):
+        return region
+    try:
+        return Region(*region)
+    except TypeError:
+        raise RegionError(f"A region is Region(x, y, width, height) or four numbers in level-0 px, got "
+                          f"{region!r}.") from None
 
 
 def predict_slide(segmenter, slide, out_dir, region: Region | None = None, progress=None, should_cancel=None,

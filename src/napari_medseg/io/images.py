@@ -330,7 +330,11 @@ def plane_layout(shape, dtype, name: str = "image", axes: str | None = None) -> 
     ``axes`` (a TIFF's, e.g. ``"TZCYX"``) when known: an axis other than Y, X and samples or
     channels must then have size 1, so that a 3-plane z-stack is not taken for RGB.
     """
-    shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+    try:
+        shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+    except TypeError:  # a torch tensor's dtype: 'Cannot interpret torch.uint8 as a data type' had been all
+        raise ImageReadError(f"{name}: pixels of type {dtype} are not a NumPy array's; pass a NumPy array (from a "
+                             "torch tensor: tensor.cpu().numpy(), with channels last).") from None
     if dtype == bool or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
         raise ImageReadError(f"{name}: unsupported pixel type {dtype}; expected integer or float pixels.")
     index, plane = _plane_index(shape)

@@ -11,7 +11,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..io.pixel_size import PLAUSIBLE_PIXEL_SIZE_UM, is_plausible_pixel_size
 from .votes import InstanceInputError, instance_classes, table_size_ok
+
+
+def _checked_pixel_size(value) -> float:
+    """µm per pixel for areas in µm²: 100 had made a 16 px nucleus 160000 µm², -0.25 lost its sign."""
+    try:
+        size = float(value)
+    except (TypeError, ValueError):
+        size = float("nan")
+    if not is_plausible_pixel_size(size):
+        low, high = PLAUSIBLE_PIXEL_SIZE_UM
+        raise InstanceInputError(f"Areas in µm² need the side of a pixel in µm, from {low:g} to {high:g} (0.25 for "
+                                 f"40x, 0.5 for 20x), got {value!r}; give None for areas in pixels only.")
+    return size
 
 
 def object_table(instances: np.ndarray, class_map: np.ndarray | None = None, class_names: list[str] | None = None,
@@ -20,7 +34,8 @@ def object_table(instances: np.ndarray, class_map: np.ndarray | None = None, cla
 
     The class of an object is the majority class of its pixels in ``class_map``.
     ``mean_intensity`` is per channel for RGB images (``mean_intensity_r/g/b``). With
-    ``pixel_size_um`` (the side of a pixel in µm) also ``area_um2``.
+    ``pixel_size_um`` (the side of a pixel in µm, one a microscope gives: else refused; ``None``
+    or 0: unknown) also ``area_um2``.
     """
     instances = np.asarray(instances)
     if instances.ndim != 2 or not np.issubdtype(instances.dtype, np.integer):
@@ -47,7 +62,7 @@ def object_table(instances: np.ndarray, class_map: np.ndarray | None = None, cla
         "centroid_x": table["centroid_x"],
     }
     if pixel_size_um:
-        out["area_um2"] = out["area"] * float(pixel_size_um) ** 2
+        out["area_um2"] = out["area"] * _checked_pixel_size(pixel_size_um) ** 2
     if class_map is not None:
         votes = instance_classes(instances, class_map)
         ids = votes[table["label"]]

@@ -1,0 +1,51 @@
+"""A large-image walkthrough's findings, as a user meets them through the plugin's reader and the
+Segment widget: what 'whole slide' says of a flat TIFF the reader opened in memory, and the
+names `medseg predict`'s results reopen under beside their image."""
+
+from __future__ import annotations
+
+import numpy as np
+import tifffile
+
+from hostile import medseg
+from napari_medseg.io import read_image
+
+PLUGIN = "napari-medseg"
+
+
+def test_whole_slide_on_a_flat_tiff_says_it_was_read_into_memory(make_napari_viewer, tmp_path, consep,
+                                                                   tiny_checkpoint):
+    """It had told the user to open the file with the napari-medseg reader, which they had done."""
+    from napari_medseg._napari.segment_widget import FILE_MODEL, WHOLE_SLIDE
+
+    path = tmp_path / "flat.tif"
+    tifffile.imwrite(path, read_image(consep / "images" / "train_2_000.png"))
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(path, plugin=PLUGIN)
+    _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    segment.image_layer.value = layer
+    segment.model_source.value, segment.checkpoint.value = FILE_MODEL, tiny_checkpoint
+    segment.target.value = WHOLE_SLIDE
+    assert segment.run(threaded=False) is None
+    said = segment.status.value
+    assert "'flat' is an image read into memory, not a slide" in said and "from 50 Mpx" in said
+    assert "open it with the napari-medseg reader" not in said
+    assert len(viewer.layers) == 1  # nothing half-made
+
+
+def test_predict_results_reopen_named_for_what_they_are(make_napari_viewer, tmp_path, consep, tiny_checkpoint):
+    """The class map and nuclei `medseg predict` wrote, dragged in beside their image: named
+    'flat', 'flat [1]', 'flat [2]' (which is which?) where the README promises
+    '<stem> labels' and '<stem> instances'."""
+    tifffile.imwrite(tmp_path / "flat.tif", read_image(consep / "images" / "train_2_000.png")[:96, :96])
+    proc = medseg("predict", tmp_path / "flat.tif", "--model", tiny_checkpoint, "--out", tmp_path / "out",
+                  "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    viewer = make_napari_viewer()
+    for path in (tmp_path / "flat.tif", tmp_path / "out" / "labels" / "flat.tif",
+                 tmp_path / "out" / "instances" / "flat.tif"):
+        viewer.open(path, plugin=PLUGIN)
+    assert [layer.name for layer in viewer.layers] == ["flat", "flat labels", "flat instances"]
+    classes, nuclei = viewer.layers["flat labels"], viewer.layers["flat instances"]
+    assert classes.metadata["medseg"]["classes"][0] == "background"
+    assert int(np.asarray(nuclei.data).max()) == len(np.unique(nuclei.data)) - 1  # ids as written
