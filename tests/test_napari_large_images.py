@@ -49,3 +49,19 @@ def test_predict_results_reopen_named_for_what_they_are(make_napari_viewer, tmp_
     classes, nuclei = viewer.layers["flat labels"], viewer.layers["flat instances"]
     assert classes.metadata["medseg"]["classes"][0] == "background"
     assert int(np.asarray(nuclei.data).max()) == len(np.unique(nuclei.data)) - 1  # ids as written
+
+
+def test_nuclei_saved_by_napari_own_labels_writer_reopen_as_labels(make_napari_viewer, tmp_path, monuseg):
+    """*File > Save Selected Layers* offers napari's own labels TIFF first: a nuclei layer of
+    hundreds of ids saved so had reopened through the plugin as a gray image."""
+    from napari_medseg.io import read_label_map
+
+    nuclei = read_label_map(sorted((monuseg / "instances").glob("*.tif"))[0]).astype(np.int32)
+    assert nuclei.max() > 64  # more ids than a class map holds
+    viewer = make_napari_viewer()
+    viewer.add_labels(nuclei, name="nuclei")
+    [written] = viewer.layers.save(str(tmp_path / "nuclei.tif"), selected=False, plugin="napari")
+    again = make_napari_viewer()
+    [layer] = again.open(written, plugin=PLUGIN)
+    assert layer._type_string == "labels"
+    assert np.array_equal(np.asarray(layer.data), nuclei)

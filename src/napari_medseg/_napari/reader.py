@@ -259,8 +259,11 @@ def _label_map_or_pixels(path: Path) -> tuple[np.ndarray | None, np.ndarray | No
     if read_label_record(path) is not None:  # saved from a Labels layer by this plugin
         return read_label_map(path), None
     pixels = read_image(path) if not _named_as_labels(path) else None
-    if pixels is not None and (pixels.ndim != 2 or not np.issubdtype(pixels.dtype, np.integer)
-                               or len(np.unique(pixels)) > LABEL_MAX_VALUES):
+    # 32- and 64-bit integers are ids, not a camera's counts: napari's own labels TIFF (the save
+    # dialog's first choice) of thousands of nuclei had reopened as a gray image
+    wide_ids = pixels is not None and pixels.ndim == 2 and pixels.dtype.kind in "iu" and pixels.dtype.itemsize >= 4
+    if pixels is not None and not wide_ids and (pixels.ndim != 2 or not np.issubdtype(pixels.dtype, np.integer)
+                                                or len(np.unique(pixels)) > LABEL_MAX_VALUES):
         return None, pixels
     return read_label_map(path), None
 
