@@ -65,3 +65,32 @@ def test_nuclei_saved_by_napari_own_labels_writer_reopen_as_labels(make_napari_v
     [layer] = again.open(written, plugin=PLUGIN)
     assert layer._type_string == "labels"
     assert np.array_equal(np.asarray(layer.data), nuclei)
+
+
+def test_the_status_says_when_the_tiles_are_done_and_the_nuclei_are_being_cut(make_napari_viewer, consep,
+                                                                              tiny_checkpoint):
+    """On a 36 Mpx image the watershed's whole-image steps took half the run at 99 % under
+    'Segmenting ...', as if hung, and a Cancel there seemed not to work. The status names the
+    phase when the tiles are done."""
+    from napari_medseg._napari.segment_widget import FILE_MODEL
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(read_image(consep / "images" / "train_2_000.png"), name="patch")
+    _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    segment.image_layer.value = layer
+    segment.model_source.value, segment.checkpoint.value = FILE_MODEL, tiny_checkpoint
+    segment.device.value = "cpu"
+    said = []
+    shown = segment._on_progress
+
+    def watched(step):
+        shown(step)
+        said.append((step, segment.status.value, segment._cutting_nuclei()))
+
+    segment._on_progress = watched
+    assert segment.run(threaded=False) is not None
+    tiles_done = [i for i, (_, status, _) in enumerate(said) if status.startswith("Cutting the nuclei of 'patch'")]
+    assert tiles_done, sorted({s[0] for s in said})
+    assert all(cutting for _, _, cutting in said[tiles_done[0]:])  # Cancel then says it waits for the step
+    assert not any(cutting for _, _, cutting in said[:tiles_done[0]])
+    assert segment.status.value.startswith("Done:")

@@ -37,7 +37,7 @@ from ..io.slide_outputs import check_no_slide_results, fresh_results_folder, pyr
 from ..models import read_meta, resolve_model_path
 from ..nuclei.measure import nucleus_count
 from ..nuclei.votes import instance_classes
-from ..nuclei.watershed import INSTANCE_MAX_PIXELS, InstanceSettings
+from ..nuclei.watershed import INSTANCE_MAX_PIXELS, INSTANCE_STEPS, InstanceSettings
 from ..steps import Cancelled, run_steps
 from .common import (WidgetInputError, add_layers_in_turns, device_choices, follow_devices, report_error,
                      start_worker, step_from_own_value, warm_label_visuals)
@@ -93,6 +93,7 @@ class SegmentWidget(ScrollingDock):
         self.last_layer = self.last_instances_layer = self.last_slide_result = None
         self._run_layer = None  # the image layer of the run under way (or the last one)
         self._run_image_removed = False  # it was deleted from the viewer while the run was under way
+        self._nuclei_last = False  # the run's last INSTANCE_STEPS steps cut the nuclei (an image run's)
         self._summary = ""  # the last run's status line
         self._run_note = ""  # its note of the image it segmented (a stack's plane), kept by re-thresholds
         self.advanced = Container(widgets=self._setting_controls(), labels=True)
@@ -386,6 +387,7 @@ class SegmentWidget(ScrollingDock):
                 f"{_unit_name(layer)}), which no microscope gives ({low:g}-{high:g} µm/px): set its scale to its "
                 "µm per pixel (0.25 for 40x, 0.5 for 20x), or to 1 to segment it as it is.")
 
+        self._nuclei_last = nuclei and int(np.prod(image.shape[:2])) <= INSTANCE_MAX_PIXELS
         where = region_placement(layer, region)
         name, said = layer.name, ""
         if plane is not None:  # on that plane of the stack only: its own index on the stack's axes
@@ -421,6 +423,7 @@ class SegmentWidget(ScrollingDock):
         """A slide's region (or all of it) streamed to the results folder, as ``medseg predict SLIDE``,
         in a process of its own (``inference.slide_process``: its long steps would hold the GUI's
         interpreter lock); the result layers are made in the worker, the GUI only adds them."""
+        self._nuclei_last = False  # a slide's phases say themselves
         out = self._results_folder(slide["path"])
         check_no_slide_results(out, file_stem(Path(slide["path"])), "results folder")  # before any work
         # torch threads: those set in this process where a script loaded torch, else the child's default
@@ -482,7 +485,8 @@ class SegmentWidget(ScrollingDock):
 
     def cancel(self) -> None:
         if self._worker is not None:
-            self.status.value = "Cancelling..."
+            self.status.value = ("Cancelling after the nuclei step under way (tens of seconds on a large image)..."
+                                 if self._cutting_nuclei() else "Cancelling...")
             # takes effect at the next step (a batch, a watershed step, a block or a row of tiles): the
             # job is closed in the worker, so a slide run's half-written files are removed there
             self._cancel_requested.set()
@@ -490,13 +494,24 @@ class SegmentWidget(ScrollingDock):
     def _on_progress(self, step: tuple[int, int]) -> None:
         done, total = step
         now = time.monotonic()
+        # the tiles are done; the watershed's whole-image steps take minutes on a 36 Mpx image, which
+        # had sat at 99 % under 'Segmenting' as if hung
+        nuclei_next = (self._nuclei_last and total > INSTANCE_STEPS and done == total - INSTANCE_STEPS
+                       and self._run_layer is not None and not self._cancel_requested.is_set())
         if self.progress.max != total:
             self.progress.max = total
             self.status.value = f"Segmenting '{self._run_layer.name}'..." if self._run_layer is not None else ""
-        elif done < total and now - self._progress_shown < PROGRESS_INTERVAL_S:
+        elif done < total and not nuclei_next and now - self._progress_shown < PROGRESS_INTERVAL_S:
             return  # a repaint per step would cost the viewer more than the bar tells
+        if nuclei_next:
+            self.status.value = (f"Cutting the nuclei of '{self._run_layer.name}' apart (a few whole-image steps: "
+                                 "tens of seconds each on a large image)...")
         self._progress_shown = now
         self.progress.value = done
+
+    def _cutting_nuclei(self) -> bool:
+        return self._nuclei_last and self.progress.max > INSTANCE_STEPS and \
+            self.progress.value >= self.progress.max - INSTANCE_STEPS
 
     def _on_error(self, exc: BaseException) -> None:
         if isinstance(exc, Cancelled):
