@@ -87,9 +87,11 @@ def instances_to_geojson(instances: np.ndarray, classes: np.ndarray | None = Non
     if instances.ndim != 2 or not np.issubdtype(instances.dtype, np.integer):
         raise ValueError(f"GeoJSON export needs a 2-D integer instance map, got {instances.dtype} {instances.shape}.")
     relabelled, _, inverse = relabel_sequential(instances)
+    # one table, not an ArrayMap lookup per nucleus (each maps all ids: 14730 nuclei had taken 30 s)
+    own_ids = dict(zip(inverse.in_values.tolist(), inverse.out_values.tolist()))
     features = []
     for new_id, rings in instance_polygons(relabelled, origin).items():
-        old_id = int(inverse[new_id])  # the layer's own id: its label, and the key of its class
+        old_id = int(own_ids[new_id])  # the layer's own id: its label, and the key of its class
         properties: dict = {"objectType": "detection", "label": old_id}
         c = int(classes[old_id]) if classes is not None and class_names is not None else 0
         if c > 0:  # class 0 (background): a nucleus without a class, left unclassified
