@@ -5,6 +5,7 @@ names `medseg predict`'s results reopen under beside their image."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import tifffile
 
 from hostile import medseg
@@ -94,3 +95,29 @@ def test_the_status_says_when_the_tiles_are_done_and_the_nuclei_are_being_cut(ma
     assert all(cutting for _, _, cutting in said[tiles_done[0]:])  # Cancel then says it waits for the step
     assert not any(cutting for _, _, cutting in said[:tiles_done[0]])
     assert segment.status.value.startswith("Done:")
+
+
+def test_a_result_is_never_saved_over_the_image_it_was_made_from(make_napari_viewer, tmp_path, consep):
+    """The plugin's label TIFF writer had replaced the open image's file by its nuclei (only Qt's
+    'replace?' prompt stood in the way). A layer saved back to its own file is still written."""
+    import hashlib
+
+    from napari_medseg.io import read_label_map
+
+    image_path = tmp_path / "src.tif"
+    tifffile.imwrite(image_path, read_image(consep / "images" / "train_2_000.png"))
+    before = hashlib.md5(image_path.read_bytes()).hexdigest()
+    viewer = make_napari_viewer()
+    viewer.open(image_path, plugin=PLUGIN)
+    nuclei = viewer.add_labels(read_label_map(consep / "instances" / "train_2_000.tif").astype(np.int32),
+                               name="src nuclei")
+    viewer.layers.selection = {nuclei}
+    with pytest.raises(Exception, match="is the file layer 'src' was opened from; it is not overwritten"):
+        viewer.layers.save(str(image_path), selected=True, plugin=PLUGIN)
+    assert hashlib.md5(image_path.read_bytes()).hexdigest() == before
+    # a label TIFF opened, corrected and saved back to itself
+    [written] = viewer.layers.save(str(tmp_path / "nuclei.tif"), selected=True, plugin=PLUGIN)
+    [reopened] = viewer.open(written, plugin=PLUGIN)
+    reopened.data[0, 0] = 1
+    viewer.layers.selection = {reopened}
+    assert viewer.layers.save(written, selected=True, plugin=PLUGIN) == [written]

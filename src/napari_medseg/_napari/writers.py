@@ -156,6 +156,23 @@ def _name(meta: dict) -> str:
     return meta.get("name") or "the layer"
 
 
+def _not_an_open_file(target: Path, saving: str) -> None:
+    """Refuses to write over a file another layer of an open viewer was read from: the image a
+    result was made from had been replaced by its nuclei (only Qt's 'replace?' stood in the way),
+    and a lazily read slide would then read the new file. A layer saved back to its own file (a
+    label TIFF corrected by hand) is written."""
+    from napari.viewer import Viewer
+
+    if not target.exists():
+        return
+    for viewer in list(getattr(Viewer, "_instances", ())):
+        for layer in viewer.layers:
+            source = getattr(getattr(layer, "source", None), "path", None)
+            if layer.name != saving and source and Path(source).exists() and Path(source).resolve() == target.resolve():
+                raise WidgetInputError(f"{target} is the file layer '{layer.name}' was opened from; it is not "
+                                       "overwritten. Save under another name.")
+
+
 @contextlib.contextmanager
 def _save_errors_shown(path: str, meta: dict):
     """Every refusal as an ``OutputWriteError`` that names the target ``path`` (and the layer)."""
@@ -163,6 +180,7 @@ def _save_errors_shown(path: str, meta: dict):
     try:
         if target.parent.exists() and not target.parent.is_dir():
             raise WidgetInputError(f"{target.parent} is a file, not a folder; save into a folder.")
+        _not_an_open_file(target, _name(meta))
         yield
     except OutputWriteError:
         raise  # it names the target already
