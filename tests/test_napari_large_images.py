@@ -121,3 +121,18 @@ def test_a_result_is_never_saved_over_the_image_it_was_made_from(make_napari_vie
     reopened.data[0, 0] = 1
     viewer.layers.selection = {reopened}
     assert viewer.layers.save(written, selected=True, plugin=PLUGIN) == [written]
+
+
+def test_a_bigtiff_named_btf_opens_as_its_tif_twin_does(make_napari_viewer, tmp_path, consep, tiny_checkpoint):
+    """`.btf` (also `.tf8`, `.tf2`: Bio-Formats' and QuPath's BigTIFF names) had been refused by the
+    plugin's reader and by medseg predict; the same file named `.tif` opened at its µm scale."""
+    image = read_image(consep / "images" / "train_2_000.png")
+    path = tmp_path / "big.btf"
+    tifffile.imwrite(path, image, bigtiff=True, resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
+    assert np.array_equal(read_image(path), image)
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(path, plugin=PLUGIN)
+    assert np.array_equal(np.asarray(layer.data), image) and tuple(layer.scale) == pytest.approx((0.25, 0.25))
+    proc = medseg("predict", path, "--model", tiny_checkpoint, "--out", tmp_path / "out", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "labels" / "big.tif").is_file()

@@ -33,7 +33,8 @@ import numpy as np
 from ..errors import MedsegError
 from .outputs import temp_path, write_error
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+BIGTIFF_SUFFIXES = (".btf", ".tf8", ".tf2")  # BigTIFF as Bio-Formats and QuPath name it: read as .tif
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg") + BIGTIFF_SUFFIXES
 LABEL_SUFFIXES = (".tif", ".tiff", ".png")
 
 
@@ -46,8 +47,9 @@ class LabelWriteError(MedsegError, ValueError):
 
 
 def image_suffix(path: str | os.PathLike) -> str:
-    """Lower-case suffix, treating ``.ome.tif(f)`` as ``.tif``."""
-    return Path(path).suffix.lower()
+    """Lower-case suffix; a BigTIFF's ``.btf``, ``.tf8`` or ``.tf2`` as ``.tif`` (``x.ome.tif``'s is ``.tif``)."""
+    suffix = Path(path).suffix.lower()
+    return ".tif" if suffix in BIGTIFF_SUFFIXES else suffix
 
 
 def file_stem(path: str | os.PathLike) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 # µm/px a slide scanner or microscope camera gives: from oil-immersion 100x to a 1.25x overview
 PLAUSIBLE_PIXEL_SIZE_UM = (0.05, 20.0)
-TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif")
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2", ".svs", ".ndpi", ".scn", ".bif")
 
 
 def is_plausible_pixel_size(size_um: float | None) -> bool:

@@ -22,6 +22,7 @@ import gradio as gr  # noqa: E402
 
 from ..errors import MedsegError
 from ..inference.rethreshold import Thresholds
+from ..io.images import IMAGE_SUFFIXES
 from ..io.slides import SLIDE_SUFFIXES
 from ..steps import Cancelled
 from ..wording import counted
@@ -113,7 +114,7 @@ def _switch(results: dict, name: str | None, opacity: float):
 def _inputs_column(store: ModelStore) -> SimpleNamespace:
     ui = SimpleNamespace()
     ui.files = gr.File(label="Images (PNG, JPEG, TIFF) or small whole slides (SVS, NDPI, ...)", file_count="multiple",
-                       file_types=[".png", ".jpg", ".jpeg", ".tif", ".tiff", *SLIDE_SUFFIXES], elem_id="images")
+                       file_types=[*IMAGE_SUFFIXES, *SLIDE_SUFFIXES], elem_id="images")
     ui.region = gr.Textbox(label="region x,y,w,h (px of each image, level 0 of a slide; the same for every file uploaded; empty = all of it)",
                            elem_id="region")
     ui.sample = gr.Dropdown(list(SAMPLE_FILES), value=None, label="or a shipped sample", elem_id="sample")
