@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 from ..models.checkpoint import CheckpointMeta
+from ..models.config import CUSTOM_ARCHITECTURES
 from ..wording import counted
 
 LABEL_WIDTH = 12
@@ -52,7 +53,8 @@ def _wrapped(label: str, text: str) -> list[str]:
 def _model_words(meta: CheckpointMeta) -> str:
     m = meta.model
     head = ", with a distance head (splits touching nuclei)" if m.distance_head else ""
-    return f"{m.architecture}, encoder {m.encoder}, {m.in_channels} input channels{head}"
+    network = m.network_name if m.architecture.lower() in CUSTOM_ARCHITECTURES else f"{m.architecture}, encoder {m.encoder}"
+    return f"{network}, {m.in_channels} input channels{head}"
 
 
 def _pixel_size_words(pixel_size_um: float | None) -> str:

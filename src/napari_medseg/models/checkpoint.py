@@ -253,7 +253,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"{path.name}: weights do not match a {meta.model.architecture}/{meta.model.encoder} model "
+            f"{path.name}: weights do not match a {meta.model.network_name} model "
             f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[:3]})."
         )
     for key, tensor in state.items():

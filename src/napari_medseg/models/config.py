@@ -62,6 +62,14 @@ class ModelConfig:
         return replace(self, encoder_weights=None) == replace(other, encoder_weights=None)
 
     @property
+    def network_name(self) -> str:
+        """'unet/mobilenet_v2'; a custom architecture's without the encoder it does not have
+        ('vanilla_unet', not 'vanilla_unet/resnet34': the unused default had read as its encoder)."""
+        if self.architecture.lower() in CUSTOM_ARCHITECTURES:
+            return f"{self.architecture} ({self.base_channels} base channels, depth {self.depth})"
+        return f"{self.architecture}/{self.encoder}"
+
+    @property
     def out_channels(self) -> int:
         """Network outputs: one logit per class, then the distance map's logit if it has one."""
         return self.num_classes + int(self.distance_head)
@@ -88,3 +96,27 @@ def encoder_depth_error(config: ModelConfig) -> str | None:
         return None
     return (f"model.encoder_depth {config.encoder_depth} does not work with {config.architecture}: give "
             f"{low_high[0]} to {low_high[1]} (the encoder's downsampling stages; each halves the image).")
+
+
+def ignored_settings_errors(config: ModelConfig) -> list[str]:
+    """Settings ``config``'s architecture would build without a word (a run is refused, not
+    misrecorded): decoder dropout 0.5 on an smp U-Net had trained none and recorded 0.5, a
+    missing encoder_weights file on vanilla_unet had started from random weights unsaid."""
+    arch, default = config.architecture.lower(), ModelConfig()
+    errors = []
+    if not 0 <= config.dropout < 1:
+        errors.append(f"model.dropout must lie in [0, 1), got {config.dropout}")
+    if arch in SMP_ARCHITECTURES:
+        for name in ("dropout", "base_channels", "depth"):
+            if getattr(config, name) != getattr(default, name):
+                errors.append(f"model.{name} applies to {' and '.join(CUSTOM_ARCHITECTURES)} only; {arch} (smp) "
+                              "has no such setting: remove it")
+        if arch in ("deeplabv3plus", "fpn") and config.decoder_channels is not None:
+            errors.append(f"model.decoder_channels applies to the U-Net family (unet, unetplusplus), not {arch}")
+    elif arch in CUSTOM_ARCHITECTURES:
+        for name, what in (("encoder_weights", "encoder weights"), ("decoder_channels", "decoder channels"),
+                           ("extra", "smp keyword arguments")):
+            if getattr(config, name) not in (None, {}):
+                errors.append(f"model.{name}: {arch} has no {what} (it is built from base_channels and depth, "
+                              "from random weights): remove it")
+    return errors

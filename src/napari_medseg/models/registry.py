@@ -38,6 +38,7 @@ def build_model(config: ModelConfig, keep_unused: bool = False) -> nn.Module:
 
     if config.encoder not in smp.encoders.get_encoder_names():
         raise ModelConfigError(f"Unknown encoder '{config.encoder}'. Tested: {', '.join(TESTED_ENCODERS)}.")
+    _check_extra(config, getattr(smp, SMP_ARCHITECTURES[arch]))
     kwargs = dict(config.extra)
     if arch in ("unet", "unetplusplus"):
         if config.decoder_channels is not None:
@@ -62,6 +63,23 @@ def build_model(config: ModelConfig, keep_unused: bool = False) -> nn.Module:
     if config.encoder_weights:
         load_local_encoder_weights(model, config.encoder_weights)
     return model
+
+
+# set from the config's own fields, never through model.extra
+OWN_KEYWORDS = ("encoder_name", "encoder_weights", "in_channels", "classes", "encoder_depth")
+
+
+def _check_extra(config: ModelConfig, network: type) -> None:
+    """``model.extra`` names only keyword arguments of the smp network: smp takes any keyword
+    and drops the unknown, so a misspelt 'decoder_atention_type' had built a U-Net without it."""
+    import inspect
+
+    named = [p.name for p in inspect.signature(network).parameters.values()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in OWN_KEYWORDS]
+    unknown = sorted(set(config.extra) - set(named))
+    if unknown:
+        raise ModelConfigError(f"model.extra: {network.__name__} has no {', '.join(map(repr, unknown))}; "
+                               f"its settings are {', '.join(named)}.")
 
 
 # the names of the modules a network was built without (``remove_unused_encoder_modules``)

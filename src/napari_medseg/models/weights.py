@@ -68,8 +68,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_local_encoder_weights(model: nn.Module, path: str) -> None:
     file = Path(os.path.expanduser(path))
     if not file.is_file():
+        # the shipped configs' ImageNet start is made once by a script the message had not named
+        convert = (" Make it from ../shared/weights' TFLite MobileNetV2 with scripts/convert_tflite_mobilenet.py "
+                   "(see configs/default.yaml's first lines)." if "imagenet" in str(path).lower() else "")
         raise ModelConfigError(
-            f"encoder_weights must be a local file (no downloads); '{path}' does not exist."
+            f"encoder_weights must be a local file (no downloads); '{path}' does not exist.{convert}"
         )
     state = read_state_dict(file)
     # Match by name ourselves: smp encoders override load_state_dict (returning None, some

@@ -121,9 +121,9 @@ def average_checkpoints(start_path: str | Path, tuned_path: str | Path, weight: 
     start, start_meta = load_checkpoint(start_path, dev)
     tuned, tuned_meta = load_checkpoint(tuned_path, dev)
     if not start_meta.model.same_network(tuned_meta.model) or start_meta.classes != tuned_meta.classes:
-        raise AverageError(f"{start_path} ({start_meta.model.architecture}/{start_meta.model.encoder}, "
-                           f"{len(start_meta.classes)} classes) and {tuned_path} ({tuned_meta.model.architecture}/"
-                           f"{tuned_meta.model.encoder}, {len(tuned_meta.classes)} classes) are different networks.")
+        raise AverageError(f"{start_path} ({start_meta.model.network_name}, {len(start_meta.classes)} classes) and "
+                           f"{tuned_path} ({tuned_meta.model.network_name}, {len(tuned_meta.classes)} classes) are "
+                           "different networks.")
     data = _checked_data(cfg, tuned_meta, tuned_path) if needs_data else None
     tuned.load_state_dict(interpolate(start.state_dict(), tuned.state_dict(), weight))
     seen = 0

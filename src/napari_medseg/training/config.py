@@ -12,7 +12,7 @@ import yaml
 
 from ..errors import MedsegError
 from ..io.dataset import GROUP_PATTERN
-from ..models.config import ModelConfig, encoder_depth_error
+from ..models.config import ModelConfig, encoder_depth_error, ignored_settings_errors
 from ..models.fields import type_errors
 
 
@@ -282,13 +282,16 @@ class TrainConfig:
                 bad(f"normalization mean and std must be lists of numbers, got {norm}.")
             if min(norm["std"], default=0) <= 0:
                 bad(f"normalization std must be above 0, got {norm['std']}.")
+        # crop_size 0 (whole images) had trained without any augmentation, and failed mid-run on sets
+        # of several image sizes: every training sample is a random crop
         for name, value, low in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1),
-                                 ("repeats", self.repeats, 1), ("data.crop_size", self.data.crop_size, 0),
+                                 ("repeats", self.repeats, 1), ("data.crop_size", self.data.crop_size, 1),
                                  ("quadratic_stop.window", self.quadratic_stop.window, 3)):
             if not isinstance(value, int) or value < low:
                 bad(f"{name} must be an integer of at least {low}, got {value!r}.")
-        if self.monitor not in MONITORS and f"val_{self.monitor}" not in MONITORS:
-            bad(f"monitor '{self.monitor}' is not one of {', '.join(MONITORS)}.")
+        if self.monitor not in MONITORS:  # 'loss' had passed, then failed after a whole epoch
+            meant = f" (did you mean 'val_{self.monitor}'?)" if f"val_{self.monitor}" in MONITORS else ""
+            bad(f"monitor '{self.monitor}' is not one of {', '.join(MONITORS)}{meant}.")
         if not 0 <= self.data.val_fraction < 1:
             bad(f"data.val_fraction must lie in [0, 1), got {self.data.val_fraction}.")
         if self.lr <= 0:
@@ -310,6 +313,21 @@ class TrainConfig:
                 bad(f"{name} must be at least 0 (0: {'off' if name == 'patience' else 'the default'}), got {value}.")
         if self.weight_decay < 0:
             bad(f"weight_decay must be at least 0, got {self.weight_decay}.")
+        # each had been taken and done nothing: min_delta -1 made every epoch progress (patience
+        # never stopped), factor -1 oversampled nothing
+        quad, over = self.quadratic_stop, self.oversample
+        for name, value in (("min_delta", self.min_delta), ("quadratic_stop.threshold", quad.threshold),
+                            ("quadratic_stop.patience", quad.patience), ("quadratic_stop.start", quad.start),
+                            ("oversample.factor", over.factor), ("oversample.below", over.below),
+                            ("oversample.min_share", over.min_share)):
+            if value < 0:
+                bad(f"{name} must be at least 0, got {value}.")
+        for name, value in (("oversample.below", over.below), ("oversample.min_share", over.min_share)):
+            if value > 1:
+                bad(f"{name} is a share of pixels, from 0 to 1, got {value}.")
+        if over.classes and not over.factor:
+            bad(f"oversample.classes {over.classes} are oversampled only with oversample.factor of at least 1 "
+                "(extra copies of each rich image), got 0.")
         aug = self.augment
         for name in ("brightness", "contrast", "saturation"):
             if not 0 <= getattr(aug, name) < 1:
@@ -335,6 +353,8 @@ class TrainConfig:
         depth_error = encoder_depth_error(self.model)
         if depth_error:  # before the data are read
             bad(depth_error)
+        for error in ignored_settings_errors(self.model):
+            bad(error + ".")
         if self.data.crop_size and self.data.crop_size % self.model.output_stride:
             bad(f"data.crop_size {self.data.crop_size} must be a multiple of {self.model.output_stride} for this model.")
 
@@ -463,7 +483,21 @@ def apply_overrides(data: dict, overrides) -> dict:
             if not isinstance(node, dict):
                 raise TrainConfigError(f"--set {key}: '{part}' is not a section of settings.")
         node[parts[-1]] = _parse_value(key, value)
+        if parts[0] != "on_cuda":
+            _drop_from_on_cuda(data, parts)
     return data
+
+
+def _drop_from_on_cuda(data: dict, parts: list[str]) -> None:
+    """A setting given with --set wins on every device: ``on_cuda``'s own value for it goes (a
+    tiny --set epochs=1 check had run 40 epochs of 256² crops, batch 64, on a GPU, unsaid)."""
+    node = data.get("on_cuda")
+    for part in parts[:-1]:
+        if not isinstance(node, dict):
+            return
+        node = node.get(part)
+    if isinstance(node, dict):
+        node.pop(parts[-1], None)
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:

@@ -71,6 +71,12 @@ def init_distributed(device_name: str) -> tuple[DistContext, str]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext(), device_name
+    if "RANK" not in os.environ:  # a scheduler's WORLD_SIZE without torchrun: 'KeyError: RANK' had been all
+        from ..devices import DeviceError
+
+        raise DeviceError(f"WORLD_SIZE is {world} but RANK is not set: start several processes with torchrun "
+                          "(torchrun --nproc_per_node N -m napari_medseg train CONFIG.yaml), or unset WORLD_SIZE "
+                          "for one process.")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or str(device_name).startswith("cuda")
     backend = "nccl" if use_cuda else "gloo"

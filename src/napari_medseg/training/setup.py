@@ -199,7 +199,7 @@ def describe_data(cfg: TrainConfig, in_memory: bool, data: TrainingData, crops_p
 
 def oversized_crop_note(crop_size: int | None, items: list[LabelledImage]) -> str:
     """A note where every training image is smaller than a crop on some side: each crop is
-    mostly the image's mirror image, and a step costs (crop / image)² the work (crop_size 512 on
+    mostly padding (ignored by the loss), and a step costs (crop / image)² the work (crop_size 512 on
     256² patches: 38 s an epoch for 1 s)."""
     if not crop_size or not items:
         return ""
@@ -208,8 +208,18 @@ def oversized_crop_note(crop_size: int | None, items: list[LabelledImage]) -> st
     if crop_size <= min(height, width):
         return ""
     return (f"data.crop_size {crop_size} is larger than the training images (at most {width} x {height} px): crops "
-            f"are filled out with the images' mirror images, at several times the work a step; set data.crop_size "
+            f"are padded with pixels the loss ignores, at several times the work a step; set data.crop_size "
             f"to {min(height, width)} or less.")
+
+
+def processes_note(world_size: int, batch_size: int) -> str:
+    """Under torchrun ``batch_size`` is each process's: said before the first epoch (2 processes
+    had trained batch 16 with half the steps of a run whose config says 8, at the same lr)."""
+    if world_size <= 1:
+        return ""
+    return (f"{world_size} processes: batch_size {batch_size} each, so {world_size * batch_size} crops a step and "
+            f"1/{world_size} of the steps an epoch at the same lr; for one process's optimisation give "
+            f"batch_size {max(1, batch_size // world_size)} (and the lr to match).")
 
 
 def describe_split(data: TrainingData, group_pattern: str) -> DataSplit:

@@ -1,0 +1,96 @@
+"""Settings a training run would have taken and then ignored or misused (a walkthrough that ran
+every shipped config): each is refused before the data are read, naming what to do, or, where
+it is a choice, said before the first epoch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from napari_medseg.models.config import ModelConfig, ModelConfigError
+from napari_medseg.training.config import TrainConfig, TrainConfigError
+from napari_medseg.training.stages import load_train_stages
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["epochs=1", "batch_size=4", "data.crop_size=64", "data.samples_per_epoch=16"]
+
+
+def _config(model: dict | None = None, **settings) -> TrainConfig:
+    return TrainConfig.from_dict({"model": {"num_classes": 2, **(model or {})},
+                                  "data": {"dataset": str(REPO / "tests")}, **settings})
+
+
+def test_set_wins_over_on_cuda_on_every_device():
+    """`--set epochs=1 ...` on the shipped config had become 40 epochs of 256² crops, batch 64,
+    4096 crops an epoch on a GPU (the config's on_cuda), said of the epochs only."""
+    for stage in load_train_stages(REPO / "configs" / "default.yaml", TINY):
+        on_gpu = stage.config.for_device("cuda")
+        assert (on_gpu.epochs, on_gpu.batch_size, on_gpu.data.crop_size, on_gpu.data.samples_per_epoch) == (1, 4, 64, 16)
+    first = load_train_stages(REPO / "configs" / "default.yaml", TINY)[0].config
+    # what --set did not name still follows on_cuda (the first stage's lr 0.002 is 0.001 on a GPU)
+    assert first.for_device("cuda").num_threads == 0 and first.for_device("cuda").lr == 0.001
+    assert load_train_stages(REPO / "configs" / "default.yaml", ["on_cuda.epochs=3"])[0].config.for_device("cuda").epochs == 3
+
+
+@pytest.mark.parametrize("model, says", [
+    ({"architecture": "unet", "encoder": "resnet18", "dropout": 0.5}, "model.dropout applies to vanilla_unet"),
+    ({"architecture": "deeplabv3plus", "encoder": "resnet18", "base_channels": 64}, "model.base_channels applies to"),
+    ({"architecture": "deeplabv3plus", "encoder": "resnet18", "decoder_channels": [64, 32]},
+     "model.decoder_channels applies to the U-Net family"),
+    ({"architecture": "vanilla_unet", "encoder_weights": "/nonexistent.safetensors"},
+     "model.encoder_weights: vanilla_unet has no encoder weights"),
+    ({"architecture": "attention_res_unet", "extra": {"decoder_attention_type": "scse"}},
+     "model.extra: attention_res_unet has no smp keyword arguments"),
+    ({"architecture": "vanilla_unet", "dropout": 1.5}, r"model.dropout must lie in \[0, 1\)"),
+])
+def test_model_settings_the_architecture_would_ignore_are_refused(model, says):
+    with pytest.raises(TrainConfigError, match=says):
+        _config(model)
+
+
+def test_the_shipped_configs_still_pass():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        assert load_train_stages(path, []), path
+
+
+def test_a_misspelt_smp_keyword_is_refused_when_the_network_is_built():
+    from napari_medseg.models.registry import build_model
+
+    with pytest.raises(ModelConfigError, match="Unet has no 'decoder_atention_type'; its settings are .*decoder_attention_type"):
+        build_model(ModelConfig(encoder="resnet18", encoder_depth=3, extra={"decoder_atention_type": "scse"}))
+    build_model(ModelConfig(encoder="resnet18", encoder_depth=3, extra={"decoder_attention_type": "scse"}))
+
+
+@pytest.mark.parametrize("settings, says", [
+    ({"data": {"dataset": "x", "crop_size": 0}}, "data.crop_size must be an integer of at least 1"),
+    ({"monitor": "loss"}, "did you mean 'val_loss'"),
+    ({"min_delta": -1}, "min_delta must be at least 0"),
+    ({"quadratic_stop": {"enabled": True, "patience": -1}}, "quadratic_stop.patience must be at least 0"),
+    ({"oversample": {"factor": -1}}, "oversample.factor must be at least 0"),
+    ({"oversample": {"factor": 1, "min_share": 5.0}}, "oversample.min_share is a share of pixels"),
+    ({"oversample": {"classes": [1]}}, "only with oversample.factor of at least 1"),
+])
+def test_values_that_would_do_nothing_or_fail_late_are_refused(settings, says):
+    data = {"model": {"num_classes": 2}, "data": {"dataset": "x"}, **settings}
+    with pytest.raises(TrainConfigError, match=says):
+        TrainConfig.from_dict(data)
+
+
+def test_world_size_without_torchrun_is_said(monkeypatch):
+    from napari_medseg.errors import MedsegError
+    from napari_medseg.training.distributed import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(MedsegError, match="RANK is not set: start several processes with torchrun"):
+        init_distributed("cpu")
+
+
+def test_processes_and_networks_are_described_as_they_are():
+    from napari_medseg.training.setup import processes_note
+
+    assert processes_note(1, 8) == ""
+    assert processes_note(2, 8).startswith("2 processes: batch_size 8 each, so 16 crops a step")
+    assert ModelConfig("vanilla_unet").network_name == "vanilla_unet (32 base channels, depth 4)"
+    assert ModelConfig("unet", "mobilenet_v2").network_name == "unet/mobilenet_v2"
