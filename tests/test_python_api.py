@@ -83,6 +83,8 @@ def test_wrong_kinds_of_argument_are_refused_by_name_before_the_network_runs(tin
         segmenter.instance_settings_with({"min_sise": 10})
     with pytest.raises(ImageReadError, match=r"tensor.cpu\(\).numpy\(\)"):
         segmenter.segment(torch.from_numpy(image))
+    with pytest.raises(ImageReadError, match="one image at a time, got a list of 2"):
+        segmenter.segment_nuclei([image, image])
     with pytest.raises(RegionError, match="whole number of level-0 pixels, got 600.5"):
         Region(600.5, 500, 64, 64)
     assert Region(np.int64(600), 500.0, 64, 64) == Region(600, 500, 64, 64)
