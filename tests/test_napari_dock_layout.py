@@ -64,3 +64,21 @@ def test_no_form_is_wider_than_its_dock_with_every_setting_shown(make_napari_vie
         for button in form.findChildren(QPushButton):
             if button.isVisible():
                 assert button.width() >= button.sizeHint().width() - 2, (name, button.text(), button.width())
+
+
+def test_a_dock_alone_in_its_column_keeps_its_rows_together(make_napari_viewer):
+    """Segment alone at 1600x1000: its rows had been spread down the window, a gap as tall as a
+    row between each (a walkthrough's screenshot); they stay together at the top."""
+    from qtpy.QtWidgets import QApplication
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1600, 1000)
+    viewer.open_sample(PLUGIN, "consep")
+    dock, seg = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    for _ in range(5):
+        QApplication.processEvents()
+    assert dock.height() > 700  # the column's whole height
+    image_row, model_row = (widget.native.mapTo(dock, widget.native.rect().topLeft()).y()
+                            for widget in (seg.image_layer, seg.model_source))
+    row = seg.image_layer.native.height()
+    assert model_row - image_row < 3 * (row + 12), (image_row, model_row, row)  # two rows apart, not spread

@@ -18,6 +18,11 @@ class ScrollingDock(Container):
     def __init__(self, **kwargs):
         super().__init__(scrollable=True, **kwargs)  # docks never push the window past the screen
         self.root_native_widget.setMinimumHeight(SCROLL_MIN_HEIGHT)
+        from qtpy.QtCore import Qt
+
+        # rows keep their height at the top of a tall dock: alone in its column, Segment's rows had
+        # been spread down the window with gaps as tall as the rows
+        self.root_native_widget.widget().layout().setAlignment(Qt.AlignmentFlag.AlignTop)
         self._width_keeper = _keep_form_width(self.root_native_widget)
 
     def insert(self, key, widget) -> None:
