@@ -177,6 +177,26 @@ def test_tnbc_distance_is_trusted_only_on_convex_components(sets):
     assert grad[distance >= 0].abs().max() > 0
 
 
+def test_a_binary_set_without_instance_maps_gets_its_nuclei_cut_from_its_mask(sets, tmp_path):
+    """Nucleus masks alone (a lab's commonest layout, `labels: binary`): the background's code had
+    been cut as one nucleus, the whole image, so the distance target was one blob and the set's
+    validation bPQ read 0. Now the nuclei come from the mask's nucleus pixels."""
+    from napari_medseg.training.data import item_instances
+
+    masks_only = tmp_path / "masks_only"
+    shutil.copytree(sets["monuseg_train"], masks_only)
+    shutil.rmtree(masks_only / "instances")
+    spec = [{"path": str(masks_only), "labels": "binary"}]
+    [item, *_] = load_mixed_sets(TrainConfig.from_dict({"data": {"datasets": spec}}).data.datasets, r"^(.*)$")[0]
+    nuclei = item_instances(item)
+    mask = item.labels == BINARY_NUCLEUS
+    assert nuclei.max() > 10  # a MoNuSeg crop's many nuclei, not one blob
+    # on the mask, covering it (a few annotated holes filled, as the watershed's clean-up does)
+    assert (nuclei[~mask] > 0).mean() < 0.01 and (nuclei[mask] > 0).mean() > 0.95
+    target = distance_target(item)
+    assert (target[~mask] > 0).mean() < 0.01 and target[mask].max() == 1.0
+
+
 def test_sets_are_drawn_in_proportion_to_their_weights():
     # 100 crops of set a, 10 of b, 1 of c, weighted 2 : 1 : 1
     from napari_medseg.training.data import LabelledImage

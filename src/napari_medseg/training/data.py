@@ -293,7 +293,14 @@ def item_instances(item: LabelledImage) -> np.ndarray:
 
     if item.instances is not None:
         return item.instances
-    return semantic_to_instances(item.labels, InstanceSettings(min_size=ANNOTATION_MIN_SIZE))
+    labels = item.labels
+    if item.binary:
+        from .mixed import BINARY_NUCLEUS  # here: mixed imports this module
+
+        # a binary set's background is coded 254: it had been cut as one nucleus (the whole image),
+        # the distance head trained towards one blob and the set's validation bPQ read 0
+        labels = (labels == BINARY_NUCLEUS).astype(np.uint8)
+    return semantic_to_instances(labels, InstanceSettings(min_size=ANNOTATION_MIN_SIZE))
 
 
 def distance_target(item: LabelledImage) -> np.ndarray:
