@@ -939,3 +939,11 @@ def test_dataset_folders_skip_hidden_files_and_name_near_miss_masks(tmp_path):
     (root / "labels" / "b.tif").rename(root / "labels" / "b.TIF")
     with pytest.raises(DatasetError, match=r"lacks masks for 1 image: b; b.TIF must be saved as .tif"):
         open_dataset(root)
+    # instance maps all saved as PNG beside no labels/: named (a bare AttributeError had ended training)
+    (root / "labels" / "b.TIF").rename(root / "labels" / "b.tif")
+    (root / "instances").mkdir()
+    for stem in ("a", "b"):
+        (root / "labels" / f"{stem}.tif").rename(root / "instances" / f"{stem}.png")
+    shutil.rmtree(root / "labels")  # its AppleDouble file too
+    with pytest.raises(DatasetError, match=r"instances lacks masks for 2 images: a, b; a.png, b.png must be saved as .tif"):
+        open_dataset(root, require_labels=True)

@@ -110,3 +110,22 @@ def test_a_prediction_folder_without_classes_json_is_named_when_its_ids_do_not_f
     proc = medseg("evaluate", pred_dir, truth_dir)
     assert proc.returncode == 0, proc.stderr
     assert "merged into 'nucleus'" in proc.stderr
+
+
+def test_predict_on_a_folder_leaves_out_the_masks_beside_the_images(tmp_path, tiny_checkpoint):
+    """A lab's flat export, b.png beside b_mask.png: the masks had been segmented as images too
+    (with 'dark background (fluorescence?)' notes). They are left out, and said so."""
+    from PIL import Image
+
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for stem in STEMS[:2]:
+        (folder / f"{stem}.png").symlink_to(DATA / "consep_train" / "images" / f"{stem}.png")
+        mask = (read_label_map(DATA / "consep_train" / "labels" / f"{stem}.tif") > 0).astype(np.uint8) * 255
+        Image.fromarray(mask).save(folder / f"{stem}_mask.png")
+    proc = medseg("predict", folder, "--model", tiny_checkpoint, "--out", tmp_path / "out", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "also holds 2 label maps named as such (train_19_005_mask.png, train_2_006_mask.png), not segmented" \
+        in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "out" / "labels").iterdir()) == [f"{s}.tif" for s in sorted(STEMS[:2])]
+    assert "fluorescence" not in proc.stderr

@@ -46,7 +46,7 @@ UNREAD_IMAGE_SUFFIXES = (".bmp", ".gif", ".webp", ".jp2", ".j2k", ".heic", ".czi
 def _collect_inputs(inputs: list[str]) -> list[Path]:
     """The image files ``inputs`` name (folders and dataset folders opened), each once."""
     from .io.dataset import is_dataset_folder
-    from .io.images import IMAGE_SUFFIXES
+    from .io.images import IMAGE_SUFFIXES, LABEL_NAME_ENDINGS, file_stem
 
     files: list[Path] = []
     for item in inputs:
@@ -57,6 +57,13 @@ def _collect_inputs(inputs: list[str]) -> list[Path]:
             from .io.slides import SLIDE_SUFFIXES
 
             found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            # b_mask.png beside b.png is its annotation: segmented as an image, it had drawn 'fluorescence?' notes
+            masks = [p for p in found if file_stem(p).lower().endswith(LABEL_NAME_ENDINGS)]
+            if masks and len(masks) < len(found):
+                found = [p for p in found if p not in masks]
+                print(f"medseg: {path} also holds {counted(len(masks), 'label map')} named as such "
+                      f"({', '.join(p.name for p in masks[:3])}{' ...' if len(masks) > 3 else ''}), not segmented; "
+                      "give a file by name to segment it anyway.", file=sys.stderr)
             slides = sorted(p.name for p in path.iterdir()
                             if p.suffix.lower() in SLIDE_SUFFIXES and p.suffix.lower() not in IMAGE_SUFFIXES)
             others = sorted(p.name for p in path.iterdir() if p.suffix.lower() in UNREAD_IMAGE_SUFFIXES)

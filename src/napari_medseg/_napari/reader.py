@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from ..io.dataset import CLASSES_FILE, DatasetError, is_dataset_folder, open_dataset, read_classes
-from ..io.images import IMAGE_SUFFIXES, LABEL_SUFFIXES, file_stem, read_image, read_label_map, read_label_record
+from ..io.images import (IMAGE_SUFFIXES, LABEL_NAME_ENDINGS, LABEL_SUFFIXES, file_stem, read_image, read_label_map,
+                         read_label_record)
 from ..io.pannuke import PANNUKE_CLASSES, PANNUKE_PIXEL_SIZE_UM, is_pannuke_fold, read_pannuke_fold
 from ..io.pixel_size import file_pixel_size_um
 from ..io.slide_outputs import recorded_classes
@@ -41,7 +42,6 @@ def get_reader(path):
 
 # a label map drawn or exported by hand: few distinct values (an image has hundreds)
 LABEL_MAX_VALUES = 64
-LABEL_NAME_ENDINGS = ("_labels", "_label", "_mask", "_masks", "_instances")
 LABEL_FOLDERS = ("labels", "instances", "masks")
 
 

@@ -180,9 +180,11 @@ def open_dataset(root: str | os.PathLike, require_labels: bool = False) -> Datas
         have = {p.stem for p in folder.glob("*.tif") if not p.name.startswith(".")}
         missing = [s for s in stems if s not in have]
         extra = sorted(have - set(stems))
-        if missing and (sub == "labels" or len(missing) < len(stems)):
-            # near misses: b.TIF, b.tiff, b.ome.tif, b.png for b.tif
-            others = sorted(p.name for p in folder.iterdir() if file_stem(p) in missing and p.name != f"{file_stem(p)}.tif")
+        # near misses: b.TIF, b.tiff, b.ome.tif, b.png for b.tif
+        others = sorted(p.name for p in folder.iterdir() if file_stem(p) in missing and p.name != f"{file_stem(p)}.tif")
+        # an instances/ folder may be left empty, but not filled with PNGs: they had been passed
+        # over, and a folder without labels/ had then failed with a bare AttributeError
+        if missing and (sub == "labels" or len(missing) < len(stems) or others):
             hint = (f"; {', '.join(others[:3])} must be saved as .tif (masks are read from <stem>.tif only)"
                     if others else "")
             raise DatasetError(

@@ -36,6 +36,8 @@ from .outputs import temp_path, write_error
 BIGTIFF_SUFFIXES = (".btf", ".tf8", ".tf2")  # BigTIFF as Bio-Formats and QuPath name it: read as .tif
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg") + BIGTIFF_SUFFIXES
 LABEL_SUFFIXES = (".tif", ".tiff", ".png")
+# file names that say a label map, not an image ('b_mask.png' beside 'b.png'): opened as labels, not segmented
+LABEL_NAME_ENDINGS = ("_labels", "_label", "_mask", "_masks", "_instances")
 
 
 class ImageReadError(MedsegError, ValueError):
