@@ -94,3 +94,46 @@ def test_processes_and_networks_are_described_as_they_are():
     assert processes_note(2, 8).startswith("2 processes: batch_size 8 each, so 16 crops a step")
     assert ModelConfig("vanilla_unet").network_name == "vanilla_unet (32 base channels, depth 4)"
     assert ModelConfig("unet", "mobilenet_v2").network_name == "unet/mobilenet_v2"
+
+
+def test_images_of_another_recorded_pixel_size_are_trained_at_the_runs(tmp_path):
+    """A 20x TIFF (0.5 µm/px in its tags) in a 40x run had been trained on at its own pixels, its
+    nuclei half the size, and the checkpoint said 0.25 µm/px: it is resampled x2 (labels and
+    nuclei by nearest pixel) and the note says so; PNGs (no recorded size) stay as they are."""
+    import json
+
+    import numpy as np
+    import tifffile
+
+    from conftest import DATA
+    from napari_medseg.io import read_image, read_label_map
+    from napari_medseg.training.setup import prepare_data
+
+    root = tmp_path / "lab"
+    for sub in ("images", "labels", "instances"):
+        (root / sub).mkdir(parents=True)
+    stems = {"train_2_006": "at20x", "train_5_010": "at40x"}
+    for stem, name in stems.items():
+        image = read_image(DATA / "consep_train" / "images" / f"{stem}.png")
+        labels = read_label_map(DATA / "consep_train" / "labels" / f"{stem}.tif")
+        instances = read_label_map(DATA / "consep_train" / "instances" / f"{stem}.tif")
+        if name == "at20x":  # half the pixels a side, as a 20x scan of the same field
+            image, labels, instances = image[::2, ::2], labels[::2, ::2], instances[::2, ::2]
+            tifffile.imwrite(root / "images" / f"{name}.tif", image, resolution=(1e4 / 0.5, 1e4 / 0.5),
+                             resolutionunit="CENTIMETER")
+        else:
+            (root / "images" / f"{name}.png").symlink_to(DATA / "consep_train" / "images" / f"{stem}.png")
+        tifffile.imwrite(root / "labels" / f"{name}.tif", labels)
+        tifffile.imwrite(root / "instances" / f"{name}.tif", instances)
+    (root / "classes.json").write_text(json.dumps({"classes": ["background", "other", "inflammatory", "epithelial",
+                                                               "spindle"]}))
+    cfg = TrainConfig.from_dict({"data": {"dataset": [str(root)], "val_fraction": 0}, "pixel_size_um": 0.25})
+    data = prepare_data(cfg, None, None)
+    shapes = {it.name: it.image.shape[:2] for it in data.train_items}
+    assert shapes == {"at20x": (256, 256), "at40x": (256, 256)}
+    at20x = next(it for it in data.train_items if it.name == "at20x")
+    assert at20x.labels.shape == at20x.instances.shape == (256, 256)
+    assert set(np.unique(at20x.labels)) <= set(range(5))  # ids, never blended
+    assert data.resampled == "1 image at 0.5 µm/px resampled x2 to the run's 0.25 µm/px."
+    unknown = TrainConfig.from_dict({"data": {"dataset": [str(root)], "val_fraction": 0}})
+    assert prepare_data(unknown, None, None).resampled == ""  # a run without a pixel size takes images as they are

@@ -10,7 +10,7 @@ from the same numbers.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,7 @@ class PaintedLayers:
     # (y, x) of the labels' first pixel in the image, for a region's result (Segment's drawn shape
     # or field of view) that sits on its whole image; None: the two cover the same pixels
     origin: tuple[int, int] | None = None
+    pixel_size_um: float | None = None  # the image layer's (its scale in µm): tiles are resampled to the run's
 
 
 @dataclass
@@ -206,6 +207,7 @@ def painted_tiles(form: TrainForm, start_meta: CheckpointMeta | None,
     classes = names or numbered_classes(top)
     items, regions = layer_items(image, layers.rgb, layers.labels, len(classes), in_channels,
                                  form.tile_size, layers.name)
+    items = [replace(item, pixel_size_um=layers.pixel_size_um) for item in items]  # resampled to the run's
     return (items, classes), LayerSource(layers.labels.shape, dict(layers.placement), regions)
 
 

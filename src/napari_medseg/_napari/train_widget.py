@@ -29,7 +29,7 @@ from .common import (add_layers_in_turns, device_choices, follow_devices, report
                      warm_label_visuals)
 from .dock import ScrollingDock
 from .layers import (METADATA_KEY, class_labels_kwargs, image_layers, labels_layers, layer_classes,
-                     layer_kind, place, placement, region_in, wrapping_label)
+                     layer_kind, pixel_size_um, place, placement, region_in, wrapping_label)
 from .loss_plot import LossPlot
 from .model_list import DEFAULT_MODEL, FILE_MODEL, follow_trained_models, trained_models
 from .train_form import (FROM_FOLDER, FROM_LAYERS, LOSSES, MONITORS, NEW_MODEL, PaintedLayers,
@@ -220,7 +220,8 @@ class TrainWidget(ScrollingDock):
                              name=getattr(image, "name", "image"), labels_name=getattr(labels, "name", "labels"),
                              classes=layer_classes(labels) if labels is not None else None, multiscale=multiscale,
                              placement=placement(labels, labels.ndim) if labels is not None else {},
-                             origin=_region_origin(image, image_pixels, labels, labels_pixels))
+                             origin=_region_origin(image, image_pixels, labels, labels_pixels),
+                             pixel_size_um=pixel_size_um(image) if image is not None else None)
 
     # -- actions --------------------------------------------------------------------------------
     def _make_job(self) -> TrainingJob:

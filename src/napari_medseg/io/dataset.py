@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import MedsegError
 from ..wording import counted
 from .images import IMAGE_SUFFIXES, ImageReadError, atomic_write, file_stem, read_image, read_label_map, write_label_map
+from .pixel_size import file_pixel_size_um
 
 CLASSES_FILE = "classes.json"
 DATASET_FOLDERS = ("images", "labels", "instances")
@@ -46,6 +47,7 @@ class Sample:
     labels: np.ndarray | None
     instances: np.ndarray | None = None
     group: str = ""  # its source image, where the reader was told (``samples_of_groups``)
+    pixel_size_um: float | None = None  # µm/px the image file records (``file_pixel_size_um``), if any
 
 
 @dataclass
@@ -101,7 +103,7 @@ class DatasetFolder:
                 f"{self.root.name}/labels/{stem}.tif holds class id {int(labels.max())}, but classes.json "
                 f"lists only {len(self.classes)} classes (ids 0..{len(self.classes) - 1})."
             )
-        return Sample(stem, image, labels, instances)
+        return Sample(stem, image, labels, instances, pixel_size_um=file_pixel_size_um(self.image_paths[stem]))
 
     def __iter__(self):
         for stem in self.stems:

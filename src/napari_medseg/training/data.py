@@ -80,7 +80,7 @@ def load_dataset_folders(paths: list[str], group_pattern: str, in_channels: int 
             sample = folder.load(stem)
             group = folder.group(stem, group_pattern)
             items.append(LabelledImage(stem, group, to_rgb_float(sample.image, in_channels), sample.labels.astype(np.uint8),
-                                       sample.instances))
+                                       sample.instances, pixel_size_um=sample.pixel_size_um))
             if progress is not None:
                 progress(len(items), total)
     if not items:

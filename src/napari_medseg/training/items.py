@@ -18,3 +18,4 @@ class LabelledImage:
     dataset: str = ""  # the dataset folder's name (validation reports each set on its own)
     binary: bool = False  # labels are BINARY_BACKGROUND / BINARY_NUCLEUS codes (training/mixed.py)
     distance_trust: str = "all"  # which of its instances train the distance head (DatasetSpec.distance)
+    pixel_size_um: float | None = None  # µm/px its file or layer records; None: unknown (taken as the run's)

@@ -97,7 +97,8 @@ def _item(spec: DatasetSpec, folder, stem: str, group_pattern: str, in_channels:
     labels = np.where(sample.labels > 0, BINARY_NUCLEUS, BINARY_BACKGROUND) if binary else sample.labels
     return LabelledImage(stem, f"{set_name(spec)}/{folder.group(stem, group_pattern, prefixed=False)}",
                          to_rgb_float(sample.image, in_channels), labels.astype(np.uint8), sample.instances,
-                         dataset=set_name(spec), binary=binary, distance_trust=spec.distance)
+                         dataset=set_name(spec), binary=binary, distance_trust=spec.distance,
+                         pixel_size_um=sample.pixel_size_um)
 
 
 def split_each_set(items: list[LabelledImage], val_fraction: float, seed: int) -> tuple[list, list]:

@@ -26,6 +26,7 @@ from .distributed import DistContext
 from .events import DataSplit, TrainingError
 from .losses import class_weights_from_frequencies
 from .mixed import load_mixed_sets, sampling_weights, split_each_set
+from .pixel_scale import at_pixel_size
 from .validation import ValidationSet
 
 
@@ -111,6 +112,7 @@ class TrainingData:
     rare: list[int]  # oversampled classes
     index: list[int]  # the training item of each sample of an epoch (repeats = oversampling)
     mixed: bool = False  # read from data.datasets: sampled by set weight, validated per set
+    resampled: str = ""  # which images were resampled to the run's pixel size (said before the first epoch)
 
     @property
     def has_binary_sets(self) -> bool:
@@ -131,6 +133,7 @@ def prepare_data(cfg: TrainConfig, items: tuple[list[LabelledImage], list[str]] 
     else:
         data, classes = load_dataset_folders(cfg.data.dataset, cfg.data.group_pattern, cfg.model.in_channels)
     check_items(data, classes)
+    data, resampled = at_pixel_size(data, cfg.pixel_size_um)
     if cfg.data.binary:
         data, classes = to_binary(data, classes)
     if start is not None and mixed and all(it.binary for it in data):
@@ -154,7 +157,7 @@ def prepare_data(cfg: TrainConfig, items: tuple[list[LabelledImage], list[str]] 
     weights = class_weights_for(cfg, freq, len(classes))
     rare = rare_classes(freq, cfg.oversample) if cfg.oversample.factor > 0 else []
     index = oversample_indices(train_items, rare, cfg.oversample.factor, cfg.oversample.min_share)
-    return TrainingData(classes, train_items, val_items, split_seed, freq, weights, rare, index, mixed)
+    return TrainingData(classes, train_items, val_items, split_seed, freq, weights, rare, index, mixed, resampled)
 
 
 def class_weights_for(cfg: TrainConfig, freq: np.ndarray, num_classes: int) -> np.ndarray | None:

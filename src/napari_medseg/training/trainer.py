@@ -104,7 +104,7 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
     split = describe_split(data, cfg.data.group_pattern)
     # said with the split, before the first epoch
     notes = [] if start is None else [f"{note[0].upper()}{note[1:]}." for note in start.notes]
-    split.note = " ".join([split.note, *notes, oversized_crop_note(cfg.data.crop_size, data.train_items),
+    split.note = " ".join([split.note, *notes, data.resampled, oversized_crop_note(cfg.data.crop_size, data.train_items),
                            processes_note(ctx.world_size, cfg.batch_size)]).strip()
     emit(split)
     run_epochs(Run(cfg, ctx, device, model, net, loss_fn, len(data.classes), precision, loaders, optim, writer,
