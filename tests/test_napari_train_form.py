@@ -153,3 +153,35 @@ def test_an_instance_map_chosen_as_labels_is_named_as_one(consep, tiny_checkpoin
     assert f"holds {len(np.unique(instances)) - 1} ids up to {instances.max()}" in message
     assert "looks like an instance map" in message and "not one per nucleus" in message
     assert "paint those pixels" not in message
+
+
+def test_a_nucleus_only_folder_fine_tunes_a_classed_models_nuclei(tiny_checkpoint, tmp_path):
+    """TNBC-like masks (background, nucleus) and the 5-class model to fine-tune: refused before,
+    with advice to start from a new model (the default thrown away). Now the folder trains the
+    model's nuclei, not its classes (the CLI's `labels: binary`), and the model keeps its classes;
+    the trainer reads it so."""
+    import shutil
+
+    from conftest import DATA
+    from napari_medseg.training.mixed import BINARY_NUCLEUS
+    from napari_medseg.training.setup import load_start_checkpoint, prepare_data
+
+    folder = tmp_path / "lab"
+    for sub in ("images", "labels", "instances"):
+        (folder / sub).mkdir(parents=True)
+    for stem in ("tnbc_01_1", "tnbc_02_1", "tnbc_03_1"):
+        shutil.copy(DATA / "tnbc_train" / "images" / f"{stem}.png", folder / "images")
+        for sub in ("labels", "instances"):
+            shutil.copy(DATA / "tnbc_train" / sub / f"{stem}.tif", folder / sub)
+    shutil.copy(DATA / "tnbc_train" / "classes.json", folder)
+    form = TrainForm(dataset=str(folder), start_from=FILE_MODEL, checkpoint=str(tiny_checkpoint), crop_size=64,
+                     model_name="lab")
+    cfg = plan_training(form).cfg
+    assert cfg.data.dataset == [] and [(s.path, s.labels) for s in cfg.data.datasets] == [(str(folder), "binary")]
+    data = prepare_data(cfg, None, load_start_checkpoint(cfg))
+    assert data.classes == CONSEP_CLASSES and data.has_binary_sets and cfg.model.num_classes == 5
+    assert any((it.labels == BINARY_NUCLEUS).any() for it in data.train_items)
+    # a folder of other classes than the model's (more than nucleus-only) is still refused
+    with pytest.raises(MedsegError, match="start from a new model or a model with these classes"):
+        (folder / "classes.json").write_text('{"classes": ["background", "a", "b"]}')
+        plan_training(form)

@@ -376,3 +376,34 @@ def test_fine_tunes_on_a_corrected_region_result_with_its_whole_image(make_napar
     np.testing.assert_allclose(preview.extent.world, region.extent.world)
     image.translate = (5, 5)  # no longer under the region
     assert widget.run(threaded=False) is None and "choose a Labels layer painted on this image" in widget.status.value
+
+
+def test_a_nucleus_only_folder_fine_tunes_a_classed_model_from_the_widget(make_napari_viewer, tiny_checkpoint,
+                                                                         tmp_path):
+    """A lab's nucleus masks (TNBC's kind) and a 5-class model, through Plugins > Train: it had
+    been refused ('start from a new model'); it trains the model's nuclei and keeps its classes."""
+    import shutil
+
+    from conftest import DATA
+
+    folder = tmp_path / "lab"
+    for sub in ("images", "labels", "instances"):
+        (folder / sub).mkdir(parents=True)
+    for stem in ("tnbc_01_1", "tnbc_02_1", "tnbc_03_1"):
+        shutil.copy(DATA / "tnbc_train" / "images" / f"{stem}.png", folder / "images")
+        for sub in ("labels", "instances"):
+            shutil.copy(DATA / "tnbc_train" / sub / f"{stem}.tif", folder / sub)
+    shutil.copy(DATA / "tnbc_train" / "classes.json", folder)
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Train")
+    _fast(widget, tmp_path / "models", epochs=1, name="lab")
+    widget.start_from.value = FILE_MODEL
+    widget.checkpoint.value = str(tiny_checkpoint)
+    widget.source.value = FROM_FOLDER
+    widget.dataset.value = str(folder)
+    widget.val_fraction.value = 0.34
+    done = widget.run(threaded=False)
+    assert isinstance(done, TrainingDone), widget.status.value
+    meta = read_meta(done.checkpoint)
+    assert meta.classes == CONSEP_CLASSES  # the model's classes, not the folder's two
+    assert "lab: training on 2 images" in widget.split_note.value, widget.split_note.value

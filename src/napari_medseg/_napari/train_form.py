@@ -20,7 +20,7 @@ from ..io.dataset import open_dataset
 from ..models import ModelConfig, read_meta, resolve_model_path
 from ..models.checkpoint import CheckpointMeta
 from ..training.config import LOSSES as CORE_LOSSES
-from ..training.config import AugmentConfig, DataConfig, TrainConfig
+from ..training.config import AugmentConfig, DataConfig, DatasetSpec, TrainConfig
 from ..training.items import LabelledImage
 from ..training.tiles import DEFAULT_TILE, layer_items
 from .common import CLASS_ID_LIMIT, WidgetInputError, class_map_top, numbered_classes
@@ -111,10 +111,13 @@ def plan_training(form: TrainForm) -> TrainingPlan:
         raise WidgetInputError("Choose a folder to save the model in ('save in').")
     start, start_meta = start_checkpoint(form)
     in_channels = start_meta.model.in_channels if start_meta else _MODEL.in_channels
+    mixed = []
     if form.source == FROM_FOLDER:
         classes = folder_classes(form, start, start_meta)
         datasets, val_fraction = [str(Path(form.dataset).expanduser())], form.val_fraction
         items, layer_source = None, None
+        if start_meta is not None and classes != start_meta.classes:  # nucleus-only: its nuclei, not its classes
+            mixed, datasets, classes = [DatasetSpec(datasets[0], labels="binary")], [], list(start_meta.classes)
     else:
         items, layer_source = painted_tiles(form, start_meta, in_channels)
         classes, datasets = items[1], []
@@ -128,7 +131,7 @@ def plan_training(form: TrainForm) -> TrainingPlan:
                                f"(got {form.crop_size}).")
     cfg = TrainConfig(
         model=model, init_checkpoint=str(start) if start else None, freeze_encoder=form.freeze_encoder,
-        data=DataConfig(dataset=datasets, val_fraction=val_fraction, crop_size=form.crop_size,
+        data=DataConfig(dataset=datasets, datasets=mixed, val_fraction=val_fraction, crop_size=form.crop_size,
                         crops_per_image=form.crops_per_image),
         augment=AugmentConfig() if form.augment else NO_AUGMENTATION,
         loss=form.loss, lr=float(form.lr), epochs=form.epochs, batch_size=form.batch_size, patience=form.patience,
@@ -177,9 +180,13 @@ def folder_classes(form: TrainForm, start: Path | None, start_meta: CheckpointMe
         raise WidgetInputError("Choose a dataset folder to train on (images/, labels/ and classes.json).")
     folder = Path(form.dataset).expanduser()
     classes = open_dataset(folder, require_labels=True).classes
-    if start_meta is not None and start_meta.classes != classes:
+    nucleus_only = len(classes) == 2 and start_meta is not None and len(start_meta.classes) > 2
+    if start_meta is not None and start_meta.classes != classes and not nucleus_only:
         raise WidgetInputError(f"'{start.name}' was trained for classes {start_meta.classes}, but {folder.name} "
                                f"has {classes}; start from a new model or a model with these classes.")
+    # a lab's nucleus masks fine-tune the model's nuclei (nucleus vs background, its distance head),
+    # never its class split, as the CLI's 'labels: binary' does: they had been refused, with advice to
+    # start from a new model, which throws the default away
     return classes
 
 
