@@ -485,11 +485,29 @@ def cmd_convert(args) -> int:
         return _convert_geojson(args)
     if args.image or args.classes or args.origin or args.overwrite:
         raise MedsegError("--image, --classes, --origin and --overwrite are for `medseg convert geojson`; a PanNuke "
-                          "fold holds its images and classes, and goes to a folder of its own.")
+                          "fold or a folder of masks holds its images, and goes to a folder of its own.")
+    if args.format == "masks":
+        return _convert_masks(args)
     from .io.pannuke import convert_pannuke
 
     out = convert_pannuke(args.source, args.out_dir, progress=ProgressLine("convert"))
     print(f"wrote dataset folder {out}")
+    return 0
+
+
+def _convert_masks(args) -> int:
+    from .evaluation.mask_folder import masks_to_dataset
+
+    done = masks_to_dataset(args.source, args.out_dir)
+    read = ", ".join(f"{n} as {reading}" for reading, n in done.readings.items())
+    print(f"wrote {counted(done.images, 'image')} into dataset folder {args.out_dir} (background, nucleus): masks "
+          f"read {read}")
+    if done.without_mask:
+        print(f"medseg: {counted(len(done.without_mask), 'image')} without a mask beside it left out: "
+              f"{', '.join(done.without_mask[:5])}{' ...' if len(done.without_mask) > 5 else ''}", file=sys.stderr)
+    print(f"medseg: fine-tune the default on it with data.datasets: [{{path: {args.out_dir}, labels: binary}}] "
+          f"(its nuclei, not its classes), or score predictions: medseg evaluate PREDICTIONS/ {args.out_dir}",
+          file=sys.stderr)
     return 0
 
 
@@ -1060,15 +1078,20 @@ def _add_evaluate(sub) -> None:
 
 
 def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="convert a PanNuke fold, or QuPath outlines of an image, to a dataset folder",
+    p = sub.add_parser("convert", help="convert a PanNuke fold, a folder of images and nucleus masks, or QuPath "
+                                       "outlines of an image, to a dataset folder",
                        **_examples('medseg convert pannuke "Fold 1" pannuke_fold1/',
+                                   "medseg convert masks lab_export/ lab_dataset/   # b.png beside b_mask.png",
                                    "medseg convert geojson field_07.geojson --image field_07.png truth/ --classes default"
                                    "   # QuPath's File > Export objects",
                                    "medseg evaluate predictions/ truth/"))
-    p.add_argument("format", choices=["pannuke", "geojson"], help="the source's format")
+    p.add_argument("format", choices=["pannuke", "masks", "geojson"], help="the source's format")
     p.add_argument("source", help="pannuke: a fold (images.npy, masks.npy, types.npy; flat or as downloaded); "
+                                  "masks: a folder of images, each with its mask beside it (<stem>_mask.png or "
+                                  "_masks, _labels, _label, _instances; PNG or TIFF; 0/255, 0/1 or an instance map); "
                                   "geojson: QuPath outlines (File > Export objects, in the image's pixels)")
-    p.add_argument("out_dir", help="the dataset folder to write (pannuke: a folder of its own, outside the fold; "
+    p.add_argument("out_dir", help="the dataset folder to write (pannuke: a folder of its own, outside the fold; masks: a new or "
+                                   "empty folder; "
                                    "geojson: new, or one to add the image to)")
     p.add_argument("--image", help="geojson: the image the outlines were drawn on")
     p.add_argument("--classes", type=_name_list, metavar="A,B,...",

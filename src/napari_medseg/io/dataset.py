@@ -98,6 +98,11 @@ class DatasetFolder:
                 raise DatasetError(
                     f"{self.root.name}/{name}/{stem}.tif has shape {arr.shape} but its image is {image.shape[:2]}."
                 )
+        if labels is not None and len(self.classes) == 2 and labels.size and int(labels.max()) > 1 \
+                and np.unique(labels).size <= 2:
+            # a nucleus mask saved as 0 / 255 (image editors' and most labs' export): nucleus is its one
+            # non-zero value; it had been refused as 'class id 255' even under labels: binary
+            labels = (labels > 0).astype(np.uint8)
         if labels is not None and labels.size and int(labels.max()) >= len(self.classes):
             raise DatasetError(
                 f"{self.root.name}/labels/{stem}.tif holds class id {int(labels.max())}, but classes.json "
