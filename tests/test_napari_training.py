@@ -246,7 +246,8 @@ def _set_up_bad_input(bad, viewer, widget, consep, tmp_path):
             tifffile.imwrite(folder / "images" / "a.tif", np.zeros((64, 64, 3), np.uint8))
             (folder / "labels").mkdir()
             tifffile.imwrite(folder / "labels" / "a.tif", np.zeros((64, 64), np.uint8))
-            (folder / "classes.json").write_text('{"classes": ["background", "nucleus"]}')
+            # other classes than the model's (a nucleus-only folder fine-tunes the model's nuclei instead)
+            (folder / "classes.json").write_text('{"classes": ["background", "tumour", "stroma"]}')
     elif bad == "unwritable output":
         blocker = tmp_path / "a-file"
         blocker.write_text("not a folder")
@@ -406,4 +407,5 @@ def test_a_nucleus_only_folder_fine_tunes_a_classed_model_from_the_widget(make_n
     assert isinstance(done, TrainingDone), widget.status.value
     meta = read_meta(done.checkpoint)
     assert meta.classes == CONSEP_CLASSES  # the model's classes, not the folder's two
+    assert not (done.checkpoint.parent / "resume.safetensors").exists()  # the widget never resumes: no 80 MB file
     assert "lab: training on 2 images" in widget.split_note.value, widget.split_note.value

@@ -137,6 +137,8 @@ def plan_training(form: TrainForm) -> TrainingPlan:
         loss=form.loss, lr=float(form.lr), epochs=form.epochs, batch_size=form.batch_size, patience=form.patience,
         monitor=MONITORS[form.monitor], device=form.device,
         pixel_size_um=start_meta.pixel_size_um if start_meta else None,
+        # the widget never continues a run: an 80 MB resume file beside every model had been left unused
+        save_resume=False,
     )
     cfg.check()  # the trainer's own consistency checks, before anything is made
     return TrainingPlan(cfg, items, layer_source, start_meta.foreground_threshold if start_meta else None)
