@@ -69,3 +69,39 @@ def test_a_two_class_folder_of_0_255_masks_reads_255_as_nucleus(tmp_path):
     tifffile.imwrite(root / "labels" / "tnbc_01_1.tif", mask * 255)
     (root / "classes.json").write_text(json.dumps({"classes": ["background", "nucleus"]}))
     assert np.array_equal(open_dataset(root).load("tnbc_01_1").labels, mask)
+
+
+def test_convert_masks_says_what_it_leaves_out_and_refuses_what_it_cannot_pair(tmp_path):
+    """Two masks for one image (one had been taken silently), JPEG masks, a mask of another size
+    (converted, then refused by training naming the converted file), two images of one name, a
+    lone mask and an inverted mask: each refused or said, naming the user's files."""
+    def converted(export):
+        return medseg("convert", "masks", export, tmp_path / f"out_{export.name}")
+
+    export = _export(tmp_path / "two")
+    shutil.copy(export / "tnbc_01_1_mask.png", export / "tnbc_01_1_labels.png")
+    proc = converted(export)
+    assert proc.returncode != 0 and "tnbc_01_1_labels.png, tnbc_01_1_mask.png are all masks of one image" in proc.stderr
+    assert not (tmp_path / "out_two").exists()  # nothing written
+
+    export = _export(tmp_path / "jpeg")
+    Image.open(export / "tnbc_01_1_mask.png").save(export / "tnbc_01_1_mask.jpg")
+    (export / "tnbc_01_1_mask.png").unlink()
+    assert "tnbc_01_1_mask.jpg: masks must be PNG or TIFF" in converted(export).stderr
+
+    export = _export(tmp_path / "size")
+    Image.open(export / "tnbc_01_1_mask.png").crop((0, 0, 100, 100)).save(export / "tnbc_01_1_mask.png")
+    assert "tnbc_01_1_mask.png is 100x100 px but its image tnbc_01_1.jpg is 512x512" in converted(export).stderr
+
+    export = _export(tmp_path / "case")
+    shutil.copy(export / "train_5_010.png", export / "TRAIN_5_010.tif")
+    assert "share a name: keep one of them" in converted(export).stderr
+
+    export = _export(tmp_path / "notes")
+    shutil.copy(export / "tnbc_01_1_mask.png", export / "lone_labels.png")
+    inverted = 255 - np.asarray(Image.open(export / "tnbc_02_1_mask.png"))
+    Image.fromarray(inverted).save(export / "tnbc_02_1_mask.png")
+    proc = converted(export)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 mask without an image of its name left out: lone_labels.png" in proc.stderr
+    assert "1 mask marking most of its image as nucleus (inverted?" in proc.stderr

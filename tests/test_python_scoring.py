@@ -83,6 +83,16 @@ def test_a_mask_scored_as_the_first_class_is_pointed_out():
     assert "note" not in evaluate_maps(classes, pred, CONSEP_CLASSES, truth_classes=CONSEP_CLASSES)
 
 
+def test_a_named_nucleus_mask_may_hold_255_and_a_string_is_not_a_class_list():
+    classes, instances = _classed(STEMS[0])
+    pred, _ = _shifted(classes, instances)
+    mask = (classes > 0).astype(np.uint8)
+    as_255 = evaluate_maps(mask * 255, pred, CONSEP_CLASSES, truth_classes=NUCLEUS)
+    assert as_255["overall"] == pytest.approx(evaluate_maps(mask, pred, CONSEP_CLASSES, truth_classes=NUCLEUS)["overall"])
+    with pytest.raises(MetricsInputError, match="a list of names"):
+        PairEvaluation(CONSEP_CLASSES, truth_classes="nucleus")
+
+
 def test_other_classes_are_refused_and_binary_names_need_not_match():
     with pytest.raises(MetricsInputError, match="differ from the ground truth's"):
         PairEvaluation(CONSEP_CLASSES, truth_classes=["background", "a", "b", "c", "d"])

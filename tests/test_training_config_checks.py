@@ -137,3 +137,10 @@ def test_images_of_another_recorded_pixel_size_are_trained_at_the_runs(tmp_path)
     assert data.resampled == "1 image at 0.5 µm/px resampled x2 to the run's 0.25 µm/px."
     unknown = TrainConfig.from_dict({"data": {"dataset": [str(root)], "val_fraction": 0}})
     assert prepare_data(unknown, None, None).resampled == ""  # a run without a pixel size takes images as they are
+    # 20 µm/px tags (a magnification typed as the pixel size) had enlarged a tile 80-fold: 24 GB, killed
+    image = read_image(root / "images" / "at20x.tif")
+    tifffile.imwrite(root / "images" / "at20x.tif", image, resolution=(1e4 / 20, 1e4 / 20), resolutionunit="CENTIMETER")
+    from napari_medseg.training.events import TrainingError
+
+    with pytest.raises(TrainingError, match=r"1 training image \(at20x\) records 20 µm/px, more than 4.4x coarser"):
+        prepare_data(cfg, None, None)

@@ -502,9 +502,14 @@ def _convert_masks(args) -> int:
     read = ", ".join(f"{n} as {reading}" for reading, n in done.readings.items())
     print(f"wrote {counted(done.images, 'image')} into dataset folder {args.out_dir} (background, nucleus): masks "
           f"read {read}")
-    if done.without_mask:
-        print(f"medseg: {counted(len(done.without_mask), 'image')} without a mask beside it left out: "
-              f"{', '.join(done.without_mask[:5])}{' ...' if len(done.without_mask) > 5 else ''}", file=sys.stderr)
+    for names, said in ((done.without_mask, "without a mask beside it left out"),
+                        (done.without_image, "without an image of its name left out"),
+                        (done.mostly_nucleus, "marking most of its image as nucleus (inverted? nucleus must be "
+                                              "the non-zero value)")):
+        if names:
+            what = "mask" if names is not done.without_mask else "image"
+            print(f"medseg: {counted(len(names), what)} {said}: {', '.join(names[:5])}"
+                  f"{' ...' if len(names) > 5 else ''}", file=sys.stderr)
     print(f"medseg: fine-tune the default on it with data.datasets: [{{path: {args.out_dir}, labels: binary}}] "
           f"(its nuclei, not its classes), or score predictions: medseg evaluate PREDICTIONS/ {args.out_dir}",
           file=sys.stderr)

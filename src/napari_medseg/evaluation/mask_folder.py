@@ -27,14 +27,33 @@ class MaskFolderResult:
     images: int = 0
     readings: Counter = field(default_factory=Counter)  # how the masks were read -> how many
     without_mask: list[str] = field(default_factory=list)  # images left out: no mask beside them
+    without_image: list[str] = field(default_factory=list)  # masks left out: no image of their name
+    mostly_nucleus: list[str] = field(default_factory=list)  # masks whose nucleus covers most of the image
+
+
+def _read_mask(image: Path, mask: Path, result: MaskFolderResult):
+    """The mask as ground truth, checked against its image (all read before anything is written)."""
+    from ..io.images import read_image
+
+    truth = ground_truth_from_label_map(read_label_map(mask), NUCLEUS_CLASSES)
+    shape = read_image(image).shape[:2]
+    if truth.class_map.shape != shape:  # had been written, then refused by training naming labels/<stem>.tif
+        raise DatasetError(f"{mask.name} is {truth.class_map.shape[1]}x{truth.class_map.shape[0]} px but its image "
+                           f"{image.name} is {shape[1]}x{shape[0]}: a mask must cover its image pixel for pixel.")
+    if (truth.class_map > 0).mean() > INVERTED_SHARE:
+        result.mostly_nucleus.append(mask.name)
+    return truth
+
+
+# a mask whose nucleus covers more of its image than this is likelier inverted (nucleus 0)
+INVERTED_SHARE = 0.6
 
 
 def _mask_of(stem: str, files: dict[str, Path]) -> Path | None:
-    for ending in LABEL_NAME_ENDINGS:
-        found = files.get(f"{stem}{ending}".lower())
-        if found is not None:
-            return found
-    return None
+    found = [files[key] for key in (f"{stem}{ending}".lower() for ending in LABEL_NAME_ENDINGS) if key in files]
+    if len(found) > 1:  # a_mask.png beside a_labels.png: one had been taken silently
+        raise DatasetError(f"{', '.join(p.name for p in found)} are all masks of one image: keep one of them.")
+    return found[0] if found else None
 
 
 def masks_to_dataset(source: str | Path, out_dir: str | Path) -> MaskFolderResult:
@@ -45,21 +64,29 @@ def masks_to_dataset(source: str | Path, out_dir: str | Path) -> MaskFolderResul
         raise DatasetError(f"{source} is not a folder of images and masks.")
     if out.exists() and any(out.iterdir()):
         raise DatasetError(f"{out} is not empty: convert into a new folder (nothing there is replaced).")
-    files = {file_stem(p).lower(): p for p in source.iterdir()
-             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES}
+    files: dict[str, Path] = {}
+    for p in sorted(source.iterdir()):
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES:
+            key = file_stem(p).lower()
+            if key in files:  # a.png beside A.tif: one had been dropped silently
+                raise DatasetError(f"{files[key].name} and {p.name} share a name: keep one of them.")
+            files[key] = p
     images = {key: p for key, p in files.items() if not key.endswith(LABEL_NAME_ENDINGS)}
-    masks = {key: p for key, p in files.items() if key.endswith(LABEL_NAME_ENDINGS)
-             and p.suffix.lower() in LABEL_SUFFIXES}
+    masks = {key: p for key, p in files.items() if key.endswith(LABEL_NAME_ENDINGS)}
+    lossy = [p.name for p in masks.values() if p.suffix.lower() not in LABEL_SUFFIXES]
+    if lossy:  # JPEG blurs a mask's values at every edge
+        raise DatasetError(f"{', '.join(lossy[:3])}: masks must be PNG or TIFF (JPEG changes their values).")
     if not images:
         raise DatasetError(f"{source} holds no images ({', '.join(IMAGE_SUFFIXES)}) beside masks.")
     pairs = {key: (p, _mask_of(key, masks)) for key, p in sorted(images.items())}
-    result = MaskFolderResult(without_mask=[p.name for p, mask in pairs.values() if mask is None])
+    used = {mask for _, mask in pairs.values()}
+    result = MaskFolderResult(without_mask=[p.name for p, mask in pairs.values() if mask is None],
+                              without_image=[p.name for p in masks.values() if p not in used])
     if len(result.without_mask) == len(pairs):
         raise DatasetError(f"None of the {len(pairs)} images in {source} has a mask beside it, named "
                            f"<stem>{' / <stem>'.join(LABEL_NAME_ENDINGS)} (e.g. {next(iter(pairs.values()))[0].stem}"
                            "_mask.png).")
-    truths = {image: ground_truth_from_label_map(read_label_map(mask), NUCLEUS_CLASSES)
-              for image, mask in pairs.values() if mask is not None}  # all read before anything is written
+    truths = {image: _read_mask(image, mask, result) for image, mask in pairs.values() if mask is not None}
     # a folder's instances/ holds every image's or none: masks beside instance maps get their
     # connected components (touching nuclei stay one, as TNBC's); masks alone get none, and a run
     # cuts nuclei from them where it needs them
@@ -70,7 +97,8 @@ def masks_to_dataset(source: str | Path, out_dir: str | Path) -> MaskFolderResul
         stem = file_stem(image)
         shutil.copy2(image, out / "images" / image.name)  # as it is: its pixel size tags too
         write_label_map(out / "labels" / f"{stem}.tif", (truth.class_map > 0).astype(np.uint8))
-        reading = truth.reading.split(" (")[0]
+        reading = "a class map, its classes merged into nucleus" if truth.reading.startswith("a class map") \
+            else truth.reading.split(" (")[0]
         if with_instances:
             instances = truth.instances
             if instances is None:

@@ -137,8 +137,12 @@ class PairEvaluation:
 
     def __init__(self, class_names: list[str], instance_settings: InstanceSettings | None = None,
                  truth_classes: list[str] | None = None):
+        if isinstance(truth_classes, str) or isinstance(class_names, str):  # list('nucleus') is its letters
+            raise MetricsInputError("Class names are a list of names, e.g. truth_classes=['background', 'nucleus'].")
         pred_classes = list(class_names)
         truth = pred_classes if truth_classes is None else list(truth_classes)
+        # named nucleus-only truth: any non-zero value is a nucleus (a 0 / 255 mask, an instance map)
+        self.truth_is_mask = truth_classes is not None and len(truth) == 2
         self.merge_prediction = len(truth) == 2 and len(pred_classes) > 2
         self.merge_truth = len(pred_classes) == 2 and len(truth) > 2
         both_binary = len(truth) == 2 == len(pred_classes)  # nucleus vs background, whatever the names
@@ -158,7 +162,7 @@ class PairEvaluation:
         n = len(self.class_names)
         if self.merge_prediction:
             pred = (np.asarray(pred) > 0).astype(np.uint8)
-        if self.merge_truth:
+        if self.merge_truth or self.truth_is_mask:
             gt = (np.asarray(gt) > 0).astype(np.uint8)
         gt, pred = check_label_pair(gt, pred, n)
         cm = confusion_matrix(gt, pred, n)

@@ -28,6 +28,10 @@ from .source import ImageSource
 
 # pixel sizes within 10 % of each other are taken as equal: resampling would only blur
 SCALE_TOLERANCE = 0.10
+# model pixels per image pixel at most: a 10x image (~1.0-1.1 µm/px) for a 40x model (0.25), its
+# nuclei ~7 px across. Coarser images hold too few pixels a nucleus to cut, and enlarging them is
+# slow: 20 (a magnification taken for µm/px) had enlarged a 512² crop 80-fold, hours of tiles
+MAX_UPSCALE = 4.4
 MODEL_BLOCK = 2048  # px per side of a block at the model's pixel size (~50 MB of RGB float32)
 MODEL_HALO = 64  # px of context at the model's pixel size around each block, as slides use
 PROGRESS_PER_BLOCK = 1000  # progress units per block: the bar and cancel move tile by tile

@@ -29,7 +29,8 @@ from .backends import Backend, choose_backend, recorded_backend, torch_backend
 from .blend import iter_blend
 from .run_report import RunReport
 from .postprocess import PostprocessSettings, postprocess_class_map
-from .rescale import PixelSizeError, checked_pixel_size, iter_segment_rescaled, model_scale, settings_at_image_scale
+from .rescale import (MAX_UPSCALE, PixelSizeError, checked_pixel_size, iter_segment_rescaled, model_scale,
+                      settings_at_image_scale)
 from .settings import InferenceSettingsError, TileSettings
 from .source import DARK_NOTE, ImageSource
 
@@ -54,10 +55,6 @@ GRAY_NOTE = ("the image is gray but the model was trained on colour (H&E) images
              "segment the colour scan, or train a model on gray images")
 
 
-# model pixels per image pixel at most: a 10x image (~1.0-1.1 µm/px) for a 40x model (0.25), its
-# nuclei ~7 px across. Coarser images hold too few pixels a nucleus to cut, and enlarging them is
-# slow: 20 (a magnification taken for µm/px) had enlarged a 512² crop 80-fold, hours of tiles
-MAX_UPSCALE = 4.4
 # magnifications a user may type for a pixel size; 40 and more are already outside the plausible range
 COMMON_MAGNIFICATIONS = (2, 2.5, 4, 5, 10, 20)
 

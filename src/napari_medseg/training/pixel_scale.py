@@ -12,8 +12,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..inference.rescale import SCALE_TOLERANCE, resample
+from ..inference.rescale import MAX_UPSCALE, SCALE_TOLERANCE, resample
 from ..wording import counted
+from .events import TrainingError
 from .items import LabelledImage
 
 
@@ -30,6 +31,15 @@ def at_pixel_size(items: list[LabelledImage], run_pixel_size_um: float | None) -
     which; all as they are where the run records no pixel size."""
     if not run_pixel_size_um:
         return items, ""
+    coarse = [it for it in items if it.pixel_size_um and it.pixel_size_um / run_pixel_size_um > MAX_UPSCALE]
+    if coarse:  # 20 µm/px tags on a 128² tile had enlarged it 80-fold: 24 GB, killed after minutes
+        sizes = sorted({it.pixel_size_um for it in coarse})
+        raise TrainingError(
+            f"{counted(len(coarse), 'training image')} ({', '.join(it.name for it in coarse[:3])}"
+            f"{' ...' if len(coarse) > 3 else ''}) {'records' if len(coarse) == 1 else 'record'} "
+            f"{', '.join(f'{s:g}' for s in sizes)} µm/px, more than {MAX_UPSCALE:g}x coarser than the run's "
+            f"{run_pixel_size_um:g} µm/px: too few pixels a nucleus to learn from. Train on scans of 10x or finer, "
+            "or correct the files' pixel size.")
     out, moved = [], {}
     for item in items:
         factor = (item.pixel_size_um or run_pixel_size_um) / run_pixel_size_um
