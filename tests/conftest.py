@@ -78,6 +78,21 @@ def copy_small_consep(consep: Path, out: Path) -> Path:
     return out
 
 
+def copy_small_tnbc(out: Path) -> Path:
+    """3 real TNBC fields of 3 slides (nucleus-only masks: background, nucleus) copied into a
+    dataset folder ``out``: a lab's usual annotation."""
+    import shutil
+
+    for sub in ("images", "labels", "instances"):
+        (out / sub).mkdir(parents=True)
+    for stem in ("tnbc_01_1", "tnbc_02_1", "tnbc_03_1"):
+        shutil.copy(DATA / "tnbc_train" / "images" / f"{stem}.png", out / "images")
+        for sub in ("labels", "instances"):
+            shutil.copy(DATA / "tnbc_train" / sub / f"{stem}.tif", out / sub)
+    shutil.copy(DATA / "tnbc_train" / "classes.json", out)
+    return out
+
+
 @pytest.fixture
 def small_consep(consep, tmp_path) -> Path:
     """A dataset folder of 6 real CoNSeP patches from 3 source images (a copy, safe to modify)."""

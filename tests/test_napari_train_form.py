@@ -160,20 +160,11 @@ def test_a_nucleus_only_folder_fine_tunes_a_classed_models_nuclei(tiny_checkpoin
     with advice to start from a new model (the default thrown away). Now the folder trains the
     model's nuclei, not its classes (the CLI's `labels: binary`), and the model keeps its classes;
     the trainer reads it so."""
-    import shutil
-
-    from conftest import DATA
+    from conftest import copy_small_tnbc
     from napari_medseg.training.mixed import BINARY_NUCLEUS
     from napari_medseg.training.setup import load_start_checkpoint, prepare_data
 
-    folder = tmp_path / "lab"
-    for sub in ("images", "labels", "instances"):
-        (folder / sub).mkdir(parents=True)
-    for stem in ("tnbc_01_1", "tnbc_02_1", "tnbc_03_1"):
-        shutil.copy(DATA / "tnbc_train" / "images" / f"{stem}.png", folder / "images")
-        for sub in ("labels", "instances"):
-            shutil.copy(DATA / "tnbc_train" / sub / f"{stem}.tif", folder / sub)
-    shutil.copy(DATA / "tnbc_train" / "classes.json", folder)
+    folder = copy_small_tnbc(tmp_path / "lab")
     form = TrainForm(dataset=str(folder), start_from=FILE_MODEL, checkpoint=str(tiny_checkpoint), crop_size=64,
                      model_name="lab")
     cfg = plan_training(form).cfg

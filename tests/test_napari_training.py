@@ -383,18 +383,9 @@ def test_a_nucleus_only_folder_fine_tunes_a_classed_model_from_the_widget(make_n
                                                                          tmp_path):
     """A lab's nucleus masks (TNBC's kind) and a 5-class model, through Plugins > Train: it had
     been refused ('start from a new model'); it trains the model's nuclei and keeps its classes."""
-    import shutil
+    from conftest import copy_small_tnbc
 
-    from conftest import DATA
-
-    folder = tmp_path / "lab"
-    for sub in ("images", "labels", "instances"):
-        (folder / sub).mkdir(parents=True)
-    for stem in ("tnbc_01_1", "tnbc_02_1", "tnbc_03_1"):
-        shutil.copy(DATA / "tnbc_train" / "images" / f"{stem}.png", folder / "images")
-        for sub in ("labels", "instances"):
-            shutil.copy(DATA / "tnbc_train" / sub / f"{stem}.tif", folder / sub)
-    shutil.copy(DATA / "tnbc_train" / "classes.json", folder)
+    folder = copy_small_tnbc(tmp_path / "lab")
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Train")
     _fast(widget, tmp_path / "models", epochs=1, name="lab")
