@@ -800,6 +800,8 @@ def _labels_layers(labels, class_kwargs: dict, instances, instance_kwargs: dict 
 
 SLIDE_THRESHOLDS_NOTE = ("a slide's result is written to its results folder, not kept in memory, so it is not "
                          "remade for the new thresholds; they apply to the next run.")
+
+
 def _not_a_slide(layer) -> str:
     """Why 'whole slide' cannot run on ``layer``: a flat image file the plugin read into memory (it
     had been told to open it with the reader it had been opened with), or one not read by it."""
