@@ -1095,9 +1095,8 @@ def _add_convert(sub) -> None:
                                   "masks: a folder of images, each with its mask beside it (<stem>_mask.png or "
                                   "_masks, _labels, _label, _instances; PNG or TIFF; 0/255, 0/1 or an instance map); "
                                   "geojson: QuPath outlines (File > Export objects, in the image's pixels)")
-    p.add_argument("out_dir", help="the dataset folder to write (pannuke: a folder of its own, outside the fold; masks: a new or "
-                                   "empty folder; "
-                                   "geojson: new, or one to add the image to)")
+    p.add_argument("out_dir", help="the dataset folder to write (pannuke: a folder of its own, outside the fold; "
+                                   "masks: a new or empty folder; geojson: new, or one to add the image to)")
     p.add_argument("--image", help="geojson: the image the outlines were drawn on")
     p.add_argument("--classes", type=_name_list, metavar="A,B,...",
                    help="geojson: the class names in their ids' order, or a model (default, a checkpoint) or "

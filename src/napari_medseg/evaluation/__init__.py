@@ -2,7 +2,7 @@
 a model and the classical baseline scored on the same images (benchmark), and the tuning of a
 model's operating point on labelled images (threshold)."""
 
-from importlib import import_module
+from ..lazy_names import lazy_getattr
 
 # loaded on first use, as napari_medseg.inference's names are
 _EXPORTS = {
@@ -12,8 +12,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -9,7 +9,7 @@ The names below load their module (and torch) on first use, so that reading the 
 defaults (e.g. for ``medseg --help``) stays instant.
 """
 
-from importlib import import_module
+from ..lazy_names import lazy_getattr
 
 _EXPORTS = {
     "classify": "blend", "InferenceMemoryError": "forward", "RunReport": "forward",
@@ -19,8 +19,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

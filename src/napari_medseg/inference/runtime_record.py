@@ -31,7 +31,9 @@ from ..io.images import atomic_write
 from ..models.export import EXPORT_VERSION, checkpoint_hash, mark_used, onnx_candidates
 
 log = logging.getLogger(__name__)
-RECORD_VERSION = 2  # bump when the record's fields or its notes' wording change: older records are checked again (2: plain-words fallback note)
+# bump when the record's fields or its notes' wording change: older records are checked again (2: plain-words
+# fallback note; 3: the full-precision note names the built-in check tile, not 'a test tile')
+RECORD_VERSION = 3
 RUNTIMES = ("openvino", "onnxruntime")
 
 

@@ -133,8 +133,8 @@ def _opened(slide):
 
         return open_slide(slide)
     if not hasattr(slide, "levels"):
-        raise SlideError(f"predict_slide takes a slide opened with napari_medseg.io.slides.open_slide (or its path), "
-                              f"got {type(slide).__name__}; for an image in memory use Segmenter.segment_nuclei.")
+        raise SlideError(f"predict_slide takes a slide opened with napari_medseg.io.slides.open_slide (or its "
+                         f"path), got {type(slide).__name__}; for an image in memory use Segmenter.segment_nuclei.")
     return slide
 
 

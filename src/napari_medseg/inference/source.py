@@ -42,8 +42,9 @@ class ImageSource:
             raise ImageReadError(f"The segmenter takes an image's pixels (an array), not a file name ('{array}'): "
                                  "read it first (napari_medseg.io.read_image), or use "
                                  "napari_medseg.inference.segment_file, which also reads the file's pixel size.")
+        # several images (nested lists of numbers are one image's pixels): 'save one plane per file'
+        # had been the answer
         if isinstance(array, (list, tuple)) and array and all(getattr(a, "ndim", 0) >= 2 for a in array):
-            # several images (nested lists of numbers are one image's pixels): 'save one plane per file' had been the answer
             raise ImageReadError(f"The segmenter takes one image at a time, got a {type(array).__name__} of "
                                  f"{len(array)}: call it once per image (or medseg predict FOLDER for a folder).")
         self.channels = channels

@@ -1,7 +1,7 @@
 """Nuclei: class maps split into nucleus instances, their classes, distance maps and
 measurements, and the classical (no learning) baseline."""
 
-from importlib import import_module
+from ..lazy_names import lazy_getattr
 
 # loaded on first use (scipy and scikit-image only when needed)
 _EXPORTS = {
@@ -10,8 +10,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -355,7 +355,7 @@ class TrainConfig:
             bad(depth_error)
         for error in ignored_settings_errors(self.model):
             bad(error + ".")
-        if self.data.crop_size and self.data.crop_size % self.model.output_stride:
+        if self.data.crop_size % self.model.output_stride:
             bad(f"data.crop_size {self.data.crop_size} must be a multiple of {self.model.output_stride} for this model.")
 
     def _check_run_options(self) -> None:
