@@ -130,3 +130,12 @@ def test_a_region_reaching_past_the_edge_from_a_minus_runs_clipped(tmp_path, tin
                   tmp_path / "out", "--device", "cpu", "--tile", "128", "--overlap", "32")
     assert proc.returncode == 0, proc.stderr
     assert "--region -10,0,100,100 reaches past the slide (2220x2967 px): clipped to 0,0,90,100" in proc.stderr
+
+
+def test_version_names_the_release():
+    """A bug report or a methods section needs the release a result came from."""
+    from napari_medseg import __version__
+
+    proc = medseg("--version", process=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"medseg (napari-medseg) {__version__}"

@@ -131,7 +131,8 @@ def iter_segment_rescaled(segmenter, source: ImageSource, factor: float, setting
     """Generator: yields ``(done, total)``; writes the class map into ``out`` (image-sized) and
     returns it. Each block is resampled to the model's pixel size, segmented there by
     ``segmenter.iter_segment`` (no pixel size: the native path), and its probabilities and
-    distance map resampled back to the block's own pixels, where the class is decided."""
+    distance map resampled back to the block's own pixels, where the class is decided. ``factor``:
+    network px per image px (the pixel-size scale times the network zoom); the caller says why."""
     n = len(segmenter.classes)
     pairs = block_windows(source.height, source.width, factor)
     total, report = len(pairs) * PROGRESS_PER_BLOCK, RunReport()
@@ -154,8 +155,6 @@ def iter_segment_rescaled(segmenter, source: ImageSource, factor: float, setting
         if distance_out is not None:
             distance_out[y0:y1, x0:x1] = resample(distance[None], shape)[0][core]
         yield (index + 1) * PROGRESS_PER_BLOCK, total
-    report.notes.append(f"resampled x{factor:.3g} to the model's pixel size "
-                        f"({segmenter.meta.pixel_size_um:g} µm/px) and back")
     segmenter.last_report = report
     return out
 

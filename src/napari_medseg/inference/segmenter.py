@@ -236,14 +236,19 @@ class Segmenter:
         if self.model is not None:
             self.model.to(self.device)  # back from ``release``, if it was released
         factor = self.scale_for(pixel_size_um)
-        if factor != 1.0:
+        zoom = self.network_zoom_for(settings)
+        if factor * zoom != 1.0:
             out = out if out is not None else np.zeros((source.height, source.width), np.uint8)
-            labels = yield from iter_segment_rescaled(self, source, factor, settings, out, probabilities_out,
-                                                      distance_out)
+            # the blocks run at zoom 1: the enlargement is done here, once
+            labels = yield from iter_segment_rescaled(self, source, factor * zoom, replace(settings, network_zoom=1.0),
+                                                      out, probabilities_out, distance_out)
             # gray and dark-field are said of the whole image, below: a block of glass alone had
             # called a colour image gray
             self.last_report.notes = [n for n in self.last_report.notes if n not in (GRAY_NOTE, DARK_NOTE)]
-            postprocess, _ = settings_at_image_scale(factor, postprocess)
+            if factor != 1.0:  # the model's own zoom is how it runs, not news about the image
+                self.last_report.notes.append(f"resampled x{factor:.3g} to the model's pixel size "
+                                              f"({self.meta.pixel_size_um:g} µm/px) and back")
+                postprocess, _ = settings_at_image_scale(factor, postprocess)
         else:
             runner = self.model if self.backend.name == "torch" else self.backend
             labels = yield from iter_blend(runner, source, n, settings, self.device, self._normaliser(),
@@ -261,6 +266,12 @@ class Segmenter:
         if self.meta.model.in_channels == 3 and DARK_NOTE not in self.last_report.notes and source.looks_dark_field():
             self.last_report.notes.append(DARK_NOTE)
         return labels
+
+    def network_zoom_for(self, settings: TileSettings | None = None) -> float:
+        """How much the network's input is enlarged over the model's pixel grid: ``settings``'
+        ``network_zoom`` where given, else the model's measured one."""
+        asked = settings.network_zoom if settings is not None else None
+        return float(asked if asked is not None else self.meta.network_zoom)
 
     def scale_for(self, pixel_size_um: float | None) -> float:
         """Model pixels per pixel of an image of ``pixel_size_um`` µm/px (1.0: the image is used as it

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import MedsegError
+from ..models.checkpoint import MAX_NETWORK_ZOOM, MIN_NETWORK_ZOOM
 
 BLENDS = ("gaussian", "cosine")
 AMP_DTYPES = ("float16", "bfloat16")
@@ -33,6 +34,9 @@ class TileSettings:
     amp: bool = True  # CUDA only: autocast to ``amp_dtype``; CPU always runs float32
     amp_dtype: str = "float16"
     channels_last: bool = True  # NHWC memory layout: faster convolutions on CPU and GPU
+    # the network's input enlarged this much over the model's pixel grid (its maps come back to it);
+    # None: the model's own measured choice (``CheckpointMeta.network_zoom``); 1: as trained, fastest
+    network_zoom: float | None = None
 
     def checked(self, multiple_of: int = 1) -> "TileSettings":
         """Self, if every setting can work for a model whose input must be a multiple of ``multiple_of``."""
@@ -52,6 +56,11 @@ class TileSettings:
             raise InferenceSettingsError(f"Unknown AMP dtype '{self.amp_dtype}'; choose one of: {', '.join(AMP_DTYPES)}.")
         if not 0.0 < self.background_level <= 1.0:
             raise InferenceSettingsError(f"background_level must be in (0, 1], got {self.background_level}.")
+        zoom = self.network_zoom
+        if zoom is not None and (isinstance(zoom, bool) or not isinstance(zoom, (int, float))
+                                 or not MIN_NETWORK_ZOOM <= zoom <= MAX_NETWORK_ZOOM):
+            raise InferenceSettingsError(
+                f"Network zoom must be a number from {MIN_NETWORK_ZOOM:g} to {MAX_NETWORK_ZOOM:g}, got {zoom!r}.")
         if not 0.0 <= self.max_tissue_fraction < 1.0:
             raise InferenceSettingsError(f"max_tissue_fraction must be in [0, 1), got {self.max_tissue_fraction}.")
         return self

@@ -73,6 +73,12 @@ class CheckpointMeta:
     # chosen (``inference.blend.classify``; which pixels are foreground does not change). Tuned on
     # held-out images by ``medseg tune-classes``; empty = the plain likeliest class.
     class_choice_weights: list[float] = field(default_factory=list)
+    # how much the network's input is enlarged over the model's pixel grid when it runs: a network
+    # trained with upward scale augmentation may separate small nuclei best on a finer grid. The
+    # maps come back to the model's grid, where the nuclei are cut with ``instance_settings``.
+    # Measured on held-out images (``benchmarks/tune_network_zoom.py``); 1.0 = as trained, and what
+    # a fine-tune from it records (its validation, which picks its epoch, runs at 1).
+    network_zoom: float = 1.0
     versions: dict = field(default_factory=dict)
     created: str = ""
 
@@ -152,10 +158,16 @@ def _value_errors(meta: CheckpointMeta) -> list[str]:
                      f"foreground class), got {weights!r}")
     if meta.pixel_size_um is not None and not meta.pixel_size_um > 0:
         wrong.append(f"pixel_size_um must be above 0, got {meta.pixel_size_um!r}")
+    if not _finite_numbers([meta.network_zoom]) or not MIN_NETWORK_ZOOM <= meta.network_zoom <= MAX_NETWORK_ZOOM:
+        wrong.append(f"network_zoom must lie between {MIN_NETWORK_ZOOM} and {MAX_NETWORK_ZOOM}, got {meta.network_zoom!r}")
     if meta.model.num_classes < 2 or meta.model.in_channels < 1:
         wrong.append("model.num_classes must be at least 2 and model.in_channels at least 1")
     return wrong
 
+
+# a network run on a grid more than twice as fine (or coarse) as it was trained on is no longer
+# the model that was measured; 2x already costs 4x the work
+MIN_NETWORK_ZOOM, MAX_NETWORK_ZOOM = 0.5, 2.0
 
 # the nucleus settings a checkpoint may record (nuclei.watershed.TUNED_FIELDS): marker threshold
 # strictly between 0 and 1, the two sizes whole px
