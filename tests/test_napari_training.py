@@ -400,3 +400,25 @@ def test_a_nucleus_only_folder_fine_tunes_a_classed_model_from_the_widget(make_n
     assert meta.classes == CONSEP_CLASSES  # the model's classes, not the folder's two
     assert not (done.checkpoint.parent / "resume.safetensors").exists()  # the widget never resumes: no 80 MB file
     assert "lab: training on 2 images" in widget.split_note.value, widget.split_note.value
+
+
+def test_a_folder_of_one_source_image_names_the_widgets_own_control(make_napari_viewer, consep, tmp_path):
+    """The core's refusal said 'set data.val_fraction: 0', a key the widget user never sees."""
+    import shutil
+
+    folder = tmp_path / "one_source"
+    for sub, ext in (("images", ".png"), ("labels", ".tif"), ("instances", ".tif")):
+        (folder / sub).mkdir(parents=True)
+        for stem in ("train_1_005", "train_1_006"):
+            shutil.copy(consep / sub / f"{stem}{ext}", folder / sub / f"{stem}{ext}")
+    shutil.copy(consep / "classes.json", folder / "classes.json")
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Train")
+    _tiny(widget, tmp_path / "models", epochs=1, name="one")
+    widget.source.value = FROM_FOLDER
+    widget.dataset.value = str(folder)
+    widget.run(threaded=False)
+    assert widget.result is None
+    assert "all 2 images come from one source image" in widget.status.value, widget.status.value
+    assert "set 'validation' to 0 (under 'advanced settings')" in widget.status.value
+    assert "data.val_fraction" not in widget.status.value

@@ -59,6 +59,16 @@ def _region_origin(image, image_pixels, labels, labels_pixels) -> tuple[int, int
     return None if region is None else (region[0].start, region[1].start)
 
 
+# the core's messages name config keys; in the widget, the control that sets them
+CONFIG_KEYS_AS_CONTROLS = {"set data.val_fraction: 0": "set 'validation' to 0 (under 'advanced settings')"}
+
+
+def _in_widget_words(message: str) -> str:
+    for key, control in CONFIG_KEYS_AS_CONTROLS.items():
+        message = message.replace(key, control)
+    return message
+
+
 class TrainWidget(ScrollingDock):
     """Train a model, or fine-tune one on corrected layers, with a live loss plot and Stop."""
 
@@ -425,7 +435,8 @@ class TrainWidget(ScrollingDock):
     def _on_failed(self, failed: TrainingFailed) -> None:
         self._job = None
         self._set_running(False)
-        self._fail(failed.message if failed.error is None else failed.error, prefix="Training failed: ")
+        self._fail(_in_widget_words(failed.message) if failed.error is None else failed.error,
+                   prefix="Training failed: ")
         if failed.checkpoint is not None:  # epochs before the failure saved a best checkpoint: usable
             self.trained_name = trained_models.add(failed.checkpoint, Path(failed.checkpoint).parent.name)
             self.status.value += f" Its best checkpoint is listed as '{self.trained_name}' in the Segment widget."
