@@ -28,7 +28,7 @@ def checkpoint_summary(path: Path, meta: CheckpointMeta, name: str) -> list[str]
         ("model", _model_words(meta)),
         ("classes", ", ".join(meta.classes)),
         ("pixel size", _pixel_size_words(meta.pixel_size_um)),
-        *([("network zoom", _zoom_words(meta.network_zoom))] if meta.network_zoom != 1.0 else []),
+        *([("zoom", _zoom_words(meta.network_zoom))] if meta.network_zoom != 1.0 else []),
         ("input tiles", _tile_words(meta)),
         ("weights", _weights_words(path)),
         ("files", str(path.resolve())),
@@ -59,8 +59,8 @@ def _model_words(meta: CheckpointMeta) -> str:
 
 
 def _zoom_words(zoom: float) -> str:
-    return (f"x{zoom:g}: the network runs on the image enlarged that much on the model's pixel grid (measured for "
-            f"these weights), about {zoom * zoom:.1f}x the work of x1 (medseg predict --network-zoom 1)")
+    return (f"x{zoom:g}: the network runs on the image enlarged that much on the model's pixel grid, as "
+            f"measured for these weights; about {zoom * zoom:.1f}x the work of x1 (--network-zoom 1)")
 
 
 def _pixel_size_words(pixel_size_um: float | None) -> str:
