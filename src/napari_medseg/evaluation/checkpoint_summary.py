@@ -60,7 +60,7 @@ def _model_words(meta: CheckpointMeta) -> str:
 
 def _zoom_words(zoom: float) -> str:
     return (f"x{zoom:g}: the network runs on the image enlarged that much on the model's pixel grid, as "
-            f"measured for these weights; about {zoom * zoom:.1f}x the work of x1 (--network-zoom 1)")
+            f"measured for these weights; {zoom * zoom:.1f}x the pixels of x1, or more in time (--network-zoom 1)")
 
 
 def _pixel_size_words(pixel_size_um: float | None) -> str:
