@@ -39,6 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from napari_medseg.evaluation.instance_tuning import binary_pq, model_outputs  # noqa: E402
+from napari_medseg.evaluation.semantic import confusion_matrix, semantic_metrics  # noqa: E402
 from napari_medseg.evaluation.threshold import samples_of_groups  # noqa: E402
 from tune_instances import DEFAULT_SETS, _split  # noqa: E402
 
@@ -47,9 +48,9 @@ ZOOMS = (1.0, 1.15, 1.25, 1.35, 1.5, 1.65)
 
 def pooled_dice(outputs) -> float:
     """Nucleus Dice over all pixels of a set's images (foreground vs background)."""
-    both = sum(int(((o.labels > 0) & (o.class_map > 0)).sum()) for o in outputs)
-    total = sum(int((o.labels > 0).sum() + (o.class_map > 0).sum()) for o in outputs)
-    return 2 * both / max(1, total)
+    matrix = sum(confusion_matrix((o.labels > 0).astype(np.uint8), (o.class_map > 0).astype(np.uint8), 2)
+                 for o in outputs)
+    return semantic_metrics(matrix)["nucleus_dice"]
 
 
 def chosen_zoom(scores: dict[float, dict[str, float]]) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import MedsegError
-from ..models.checkpoint import MAX_NETWORK_ZOOM, MIN_NETWORK_ZOOM
+from ..models.checkpoint import MAX_NETWORK_ZOOM, MIN_NETWORK_ZOOM, is_network_zoom
 
 BLENDS = ("gaussian", "cosine")
 AMP_DTYPES = ("float16", "bfloat16")
@@ -56,11 +56,9 @@ class TileSettings:
             raise InferenceSettingsError(f"Unknown AMP dtype '{self.amp_dtype}'; choose one of: {', '.join(AMP_DTYPES)}.")
         if not 0.0 < self.background_level <= 1.0:
             raise InferenceSettingsError(f"background_level must be in (0, 1], got {self.background_level}.")
-        zoom = self.network_zoom
-        if zoom is not None and (isinstance(zoom, bool) or not isinstance(zoom, (int, float))
-                                 or not MIN_NETWORK_ZOOM <= zoom <= MAX_NETWORK_ZOOM):
-            raise InferenceSettingsError(
-                f"Network zoom must be a number from {MIN_NETWORK_ZOOM:g} to {MAX_NETWORK_ZOOM:g}, got {zoom!r}.")
+        if self.network_zoom is not None and not is_network_zoom(self.network_zoom):
+            raise InferenceSettingsError(f"Network zoom must be a number from {MIN_NETWORK_ZOOM:g} to "
+                                         f"{MAX_NETWORK_ZOOM:g}, got {self.network_zoom!r}.")
         if not 0.0 <= self.max_tissue_fraction < 1.0:
             raise InferenceSettingsError(f"max_tissue_fraction must be in [0, 1), got {self.max_tissue_fraction}.")
         return self

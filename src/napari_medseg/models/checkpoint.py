@@ -158,7 +158,7 @@ def _value_errors(meta: CheckpointMeta) -> list[str]:
                      f"foreground class), got {weights!r}")
     if meta.pixel_size_um is not None and not meta.pixel_size_um > 0:
         wrong.append(f"pixel_size_um must be above 0, got {meta.pixel_size_um!r}")
-    if not _finite_numbers([meta.network_zoom]) or not MIN_NETWORK_ZOOM <= meta.network_zoom <= MAX_NETWORK_ZOOM:
+    if not is_network_zoom(meta.network_zoom):
         wrong.append(f"network_zoom must lie between {MIN_NETWORK_ZOOM} and {MAX_NETWORK_ZOOM}, got {meta.network_zoom!r}")
     if meta.model.num_classes < 2 or meta.model.in_channels < 1:
         wrong.append("model.num_classes must be at least 2 and model.in_channels at least 1")
@@ -168,6 +168,11 @@ def _value_errors(meta: CheckpointMeta) -> list[str]:
 # a network run on a grid more than twice as fine (or coarse) as it was trained on is no longer
 # the model that was measured; 2x already costs 4x the work
 MIN_NETWORK_ZOOM, MAX_NETWORK_ZOOM = 0.5, 2.0
+
+
+def is_network_zoom(value) -> bool:
+    """A number a model can run its network at (a checkpoint's record, a run's setting)."""
+    return _finite_numbers([value]) and MIN_NETWORK_ZOOM <= value <= MAX_NETWORK_ZOOM
 
 # the nucleus settings a checkpoint may record (nuclei.watershed.TUNED_FIELDS): marker threshold
 # strictly between 0 and 1, the two sizes whole px
