@@ -156,6 +156,16 @@ def trained_sets(meta) -> set[str]:
     return {Path(p).name for p in paths if p}
 
 
+def trained_on_held_out(meta, groups: list[str]) -> list[str]:
+    """Those of ``groups`` a checkpoint's run trained on, for a run on their set: the ones it did
+    not hold out itself (a fine-tune split with another seed had trained on its start's held-out
+    images). Nothing where it records no split (it cannot be told)."""
+    own = meta.data.get("val_groups") if isinstance(meta.data, dict) else None
+    if not isinstance(own, list) or not own:
+        return []
+    return [g for g in groups if g not in own]
+
+
 def ship_rule(per_set: dict, candidate: str, against: list[str]) -> list[str]:
     """The sets on which ``candidate`` is not above each row of ``against`` (the current default,
     the baseline) in both Dice and bPQ."""
@@ -211,12 +221,18 @@ def main_per_set(args, parser) -> int:
         rows["classical baseline"], seconds["classical baseline"] = evaluate_baseline(classes, samples)
         per_set[name] = rows
         seen[name] = [labels[m] for m, s in segmenters.items() if name in trained_sets(s.meta)]
+        leaked = {labels[m]: trained_on_held_out(s.meta, groups) for m, s in segmenters.items()
+                  if name in trained_sets(s.meta)}
+        leaked = {label: names for label, names in leaked.items() if names}
         print(f"\n{name}: {len(samples)} images of {len(groups)} held-out source images ({', '.join(groups)})")
         print("seen in training (other images of this set): " + (", ".join(seen[name]) or "none of the models"))
+        for label, names in leaked.items():
+            print(f"WARNING: {label} trained on {len(names)} of these source images ({', '.join(names)}): "
+                  "its figures here are not held out")
         for line in format_table(rows, classes if len(classes) > 2 else classes[:1]):
             print(line)
         out["sets"][name] = {"groups": groups, "images": len(samples), "seen_by": seen[name], "results": rows,
-                             "seconds": seconds}
+                             "seconds": seconds, "trained_on_held_out": leaked}
     if not per_set:
         parser.error("no set has held-out images in the split")
     names = list(next(iter(per_set.values())))

@@ -74,3 +74,18 @@ def test_the_sets_a_checkpoint_trained_on_come_from_its_config():
     single = SimpleNamespace(training={"config": {"data": {"dataset": ["../shared/data/consep_train"]}}})
     assert trained_sets(mixed) == {"consep_train", "tnbc_train"}
     assert trained_sets(single) == {"consep_train"} and trained_sets(SimpleNamespace(training={})) == set()
+
+
+def test_a_model_that_trained_on_the_splits_held_out_images_is_named():
+    """A fine-tune split with another seed trains on its start's held-out images: measured on them,
+    it would look better than it is; the table says so."""
+    from napari_medseg.models import read_meta, resolve_model_path
+
+    trained_on_held_out = _accuracy_script().trained_on_held_out
+    default = read_meta(resolve_model_path("default"))
+    consep = [g for g in default.data["val_groups"] if g.startswith("consep_train/")]
+    assert len(consep) == 4 and trained_on_held_out(default, consep) == []  # its own split
+    other_split = SimpleNamespace(data={"val_groups": ["consep_train/train_2", "consep_train/train_6",
+                                                       "consep_train/train_12"]})
+    assert trained_on_held_out(other_split, consep) == [g for g in consep if g != "consep_train/train_12"]
+    assert trained_on_held_out(SimpleNamespace(data={}), consep) == []  # no split recorded: cannot be told

@@ -60,3 +60,25 @@ def test_a_crop_larger_than_every_training_image_is_said_before_the_first_epoch(
     config.write_text(config.read_text().replace("crop_size: 48", "crop_size: 32") + "save_resume: false\n")
     proc = medseg("train", config, "--overwrite")
     assert proc.returncode == 0 and "larger than the training images" not in proc.stderr
+
+
+def test_a_fine_tune_that_trains_on_its_starts_held_out_images_says_so_and_records_it(tmp_path):
+    """A fine-tune of the default with another seed had split otherwise and trained on the default's
+    held-out source images without a word: its 'held-out' figures would then flatter it."""
+    data = tiny_dataset(tmp_path / "data", stems=("a_0", "a_1", "b_0", "c_0"))
+    start = tiny_model(tmp_path / "start.safetensors", data={"val_groups": ["data/a", "data/b"], "split_seed": 7})
+    proc = medseg("train", _fine_tune_config(tmp_path, start, data, tmp_path / "ft"))
+    assert proc.returncode == 0, proc.stderr
+    record = read_meta(tmp_path / "ft" / "best.safetensors").data
+    trained = sorted({"data/a", "data/b"} - set(record["val_groups"]))
+    assert trained and record["trains_on_start_held_out"] == trained
+    assert (f"This run trains on {len(trained)} source image{'s' if len(trained) > 1 else ''} the start checkpoint "
+            f"held out for validation ({', '.join(trained)})") in proc.stderr
+    assert "set data.split_seed: 7 to validate on the start's held-out images" in proc.stderr
+
+    # the start held out what this run validates on: nothing to say, nothing recorded
+    same = tiny_model(tmp_path / "same.safetensors", data={"val_groups": record["val_groups"], "split_seed": 0})
+    proc = medseg("train", _fine_tune_config(tmp_path, same, data, tmp_path / "ft2"))
+    assert proc.returncode == 0, proc.stderr
+    assert "held out for validation" not in proc.stderr
+    assert "trains_on_start_held_out" not in read_meta(tmp_path / "ft2" / "best.safetensors").data

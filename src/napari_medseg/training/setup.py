@@ -55,6 +55,8 @@ class StartCheckpoint:
     instance_settings: dict = field(default_factory=dict)  # its nucleus settings, kept (medseg tune-nuclei)
     class_choice_weights: list[float] = field(default_factory=list)  # its class weights, kept (medseg tune-classes)
     notes: list[str] = field(default_factory=list)  # what of the config the start checkpoint overrode, said
+    held_out: list[str] = field(default_factory=list)  # the source images its run validated on (data.val_groups)
+    split_seed: int | None = None  # the seed of that split
 
 
 # the network's shape: a config that sets one of these otherwise than its start checkpoint gets
@@ -84,8 +86,13 @@ def load_start_checkpoint(cfg: TrainConfig) -> StartCheckpoint | None:
     elif start_meta.pixel_size_um and abs(cfg.pixel_size_um / start_meta.pixel_size_um - 1) > 0.01:
         notes.append(f"pixel size {cfg.pixel_size_um:g} µm/px (the config's) recorded, where the start checkpoint "
                      f"was trained at {start_meta.pixel_size_um:g}")
+    recorded = start_meta.data if isinstance(start_meta.data, dict) else {}
+    held_out = recorded.get("val_groups")
+    split_seed = recorded.get("split_seed")
     return StartCheckpoint(start_model.state_dict(), start_meta.classes, start_meta.foreground_threshold,
-                           dict(start_meta.instance_settings), list(start_meta.class_choice_weights), notes)
+                           dict(start_meta.instance_settings), list(start_meta.class_choice_weights), notes,
+                           [g for g in held_out if isinstance(g, str)] if isinstance(held_out, list) else [],
+                           split_seed if isinstance(split_seed, int) else None)
 
 
 def _overridden_network(asked: ModelConfig, start: ModelConfig) -> list[str]:
@@ -113,6 +120,9 @@ class TrainingData:
     index: list[int]  # the training item of each sample of an epoch (repeats = oversampling)
     mixed: bool = False  # read from data.datasets: sampled by set weight, validated per set
     resampled: str = ""  # which images were resampled to the run's pixel size (said before the first epoch)
+    # source images the start checkpoint held out that this run trains on: figures measured on them
+    # afterwards are no longer held out (said before the first epoch, recorded in the checkpoint)
+    start_held_out_trained: list[str] = field(default_factory=list)
 
     @property
     def has_binary_sets(self) -> bool:
@@ -157,7 +167,23 @@ def prepare_data(cfg: TrainConfig, items: tuple[list[LabelledImage], list[str]] 
     weights = class_weights_for(cfg, freq, len(classes))
     rare = rare_classes(freq, cfg.oversample) if cfg.oversample.factor > 0 else []
     index = oversample_indices(train_items, rare, cfg.oversample.factor, cfg.oversample.min_share)
-    return TrainingData(classes, train_items, val_items, split_seed, freq, weights, rare, index, mixed, resampled)
+    trained = sorted(set(start.held_out) & {it.group for it in train_items}) if start is not None else []
+    return TrainingData(classes, train_items, val_items, split_seed, freq, weights, rare, index, mixed, resampled,
+                        trained)
+
+
+def start_held_out_note(data: TrainingData, start: StartCheckpoint | None) -> str:
+    """A warning where the run trains on source images its start checkpoint held out: a fine-tune
+    with another seed splits otherwise, and the start's held-out figures then flatter the result."""
+    trained = data.start_held_out_trained
+    if not trained:
+        return ""
+    shown = ", ".join(trained[:4]) + (f", ... ({len(trained)} in all)" if len(trained) > 4 else "")
+    keep = (f"set data.split_seed: {start.split_seed} to validate on the start's held-out images"
+            if start is not None and start.split_seed is not None else "split as the start's run did")
+    return (f"This run trains on {len(trained)} source image{'s' if len(trained) != 1 else ''} the start "
+            f"checkpoint held out for validation ({shown}); figures measured on them afterwards are not held out. "
+            f"To compare with the start, {keep}.")
 
 
 def class_weights_for(cfg: TrainConfig, freq: np.ndarray, num_classes: int) -> np.ndarray | None:
@@ -197,6 +223,7 @@ def describe_data(cfg: TrainConfig, in_memory: bool, data: TrainingData, crops_p
         "oversample": {"rare_classes": data.rare, "samples_per_epoch": len(data.index),
                        "images": len(data.train_items)},
         "crops_per_epoch": crops_per_epoch,
+        **({"trains_on_start_held_out": list(data.start_held_out_trained)} if data.start_held_out_trained else {}),
     }
 
 

@@ -33,7 +33,7 @@ from .optimisation import build_optimisation
 from .progress import Progress
 from .resume import check_same_data, check_same_processes, read_resume_for, restore
 from .setup import (TrainingData, build_loaders, configure_runtime, describe_data, describe_split,
-                    load_start_checkpoint, oversized_crop_note, prepare_data, processes_note)
+                    load_start_checkpoint, oversized_crop_note, prepare_data, processes_note, start_held_out_note)
 from .threshold import retune_classes, retune_threshold
 from .validation import validate
 
@@ -104,7 +104,8 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
     split = describe_split(data, cfg.data.group_pattern)
     # said with the split, before the first epoch
     notes = [] if start is None else [f"{note[0].upper()}{note[1:]}." for note in start.notes]
-    split.note = " ".join([split.note, *notes, data.resampled, oversized_crop_note(cfg.data.crop_size, data.train_items),
+    split.note = " ".join([split.note, *notes, start_held_out_note(data, start), data.resampled,
+                           oversized_crop_note(cfg.data.crop_size, data.train_items),
                            processes_note(ctx.world_size, cfg.batch_size)]).strip()
     emit(split)
     run_epochs(Run(cfg, ctx, device, model, net, loss_fn, len(data.classes), precision, loaders, optim, writer,
