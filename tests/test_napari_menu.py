@@ -92,6 +92,35 @@ def test_a_dataset_folder_image_segments_and_scores_against_its_own_ground_truth
     assert result is not None and result["overall"]["nucleus_dice"] > 0.6, metrics.summary.value
 
 
+def _top_shown_image(viewer):
+    """The picture one sees: the highest shown Image layer (a dataset folder's images share a place)."""
+    return [layer for layer in viewer.layers if isinstance(layer, Image) and layer.visible][-1]
+
+
+def test_a_hidden_dataset_image_segmented_is_shown_under_its_nuclei(make_napari_viewer, small_consep):
+    """A dataset folder opens with its first image shown, the others hidden; segmenting another had
+    drawn its nuclei over the first image (outlines on glass and stroma, and that image's truth
+    named as 'hidden under the result'). The segmented image is now what lies under its nuclei."""
+    viewer = make_napari_viewer()
+    viewer.open(str(small_consep), plugin=PLUGIN)
+    _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    segment.device.value = "cpu"
+    hidden = viewer.layers["train_2_005"]
+    assert not hidden.visible and _top_shown_image(viewer) is viewer.layers["train_1_005"]
+    segment.image_layer.value = hidden
+    assert segment.run(threaded=False) is not None, segment.status.value
+    assert hidden.visible and _top_shown_image(viewer) is hidden
+    assert "Shown: 'train_2_005', the segmented image (it was hidden)." in segment.status.value
+    assert "Hidden under the result: 'train_1_005 ground truth'" in segment.status.value
+
+    # an image shown above the one segmented would cover it: hidden, and named
+    lower = viewer.layers["train_1_006"]
+    segment.image_layer.value = lower
+    assert segment.run(threaded=False) is not None, segment.status.value
+    assert not hidden.visible and _top_shown_image(viewer) is lower
+    assert "'train_2_005'" in segment.status.value.split("Hidden under the result: ")[1]
+
+
 def test_a_result_is_drawn_over_the_image_alone_and_says_what_it_hid(make_napari_viewer):
     """Drawn over the sample's ground truth (or an earlier run), the class colours had mixed:
     spindle cyan over the truth's gold read as inflammatory green. What goes under is hidden, named."""

@@ -124,19 +124,35 @@ def labels_layers(viewer, exclude: tuple[str, ...] = ()) -> list:
     return [layer for layer in viewer.layers if isinstance(layer, Labels) and layer_kind(layer) not in exclude]
 
 
+def _yx_extent(layer) -> np.ndarray:
+    """``[[top, left], [bottom, right]]`` of a layer in world units."""
+    return np.asarray(layer.extent.world, float)[:, -2:]
+
+
+def _overlapping(candidates, layers) -> list:
+    """Those of ``candidates`` whose extent overlaps any of ``layers``'."""
+    def overlaps(a: np.ndarray, b: np.ndarray) -> bool:
+        return bool(np.all(a[0] <= b[1]) and np.all(b[0] <= a[1]))
+
+    boxes = [_yx_extent(layer) for layer in layers if layer is not None]
+    return [layer for layer in candidates if any(overlaps(_yx_extent(layer), box) for box in boxes)]
+
+
 def labels_under(viewer, layers) -> list:
     """The viewer's shown Labels layers (ground truth, an earlier run's results) that ``layers``,
     about to be added, would be drawn over: their class colours mixed with the new ones
     (spindle cyan over a gold truth read as inflammatory green)."""
-    def yx_extent(layer) -> np.ndarray:  # [[top, left], [bottom, right]] in world units
-        return np.asarray(layer.extent.world, float)[:, -2:]
+    return _overlapping([layer for layer in labels_layers(viewer) if layer.visible], layers)
 
-    def overlaps(a: np.ndarray, b: np.ndarray) -> bool:
-        return bool(np.all(a[0] <= b[1]) and np.all(b[0] <= a[1]))
 
-    new = [yx_extent(layer) for layer in layers if layer is not None]
-    return [layer for layer in labels_layers(viewer)
-            if layer.visible and any(overlaps(yx_extent(layer), box) for box in new)]
+def images_over(viewer, image, layers) -> list:
+    """The viewer's shown Image layers above ``image`` in the layer list that overlap ``layers``
+    (its result): they would cover the segmented image, so its nuclei would be drawn over another
+    picture (a dataset folder's first image, shown over the hidden one that was segmented)."""
+    if image not in viewer.layers:
+        return []
+    above = list(viewer.layers)[list(viewer.layers).index(image) + 1:]
+    return _overlapping([layer for layer in above if layer in image_layers(viewer) and layer.visible], layers)
 
 
 def hidden_words(layers, under: str) -> str:

@@ -42,7 +42,7 @@ from ..steps import Cancelled, run_steps
 from .common import (WidgetInputError, add_layers_in_turns, device_choices, follow_devices, report_error,
                      start_worker, step_from_own_value, warm_label_visuals)
 from .dock import ScrollingDock
-from .layers import (METADATA_KEY, NUCLEUS_OUTLINE_PX, class_labels_kwargs, hidden_words, image_layers,
+from .layers import (METADATA_KEY, NUCLEUS_OUTLINE_PX, class_labels_kwargs, hidden_words, image_layers, images_over,
                      instance_labels_kwargs, labels_under, legend_html, pick_classes_from, pixel_size_um, placement,
                      plane_placement, replace_instances, shown_plane, shown_plane_words, with_origin, wrapping_label)
 from .model_list import DEFAULT_MODEL, FILE_MODEL, follow_trained_models, trained_models
@@ -572,13 +572,19 @@ class SegmentWidget(ScrollingDock):
         self._read_chosen_model()  # the run's model, unless another was chosen since
 
         self._summary = summary
-        # drawn over a ground truth or an earlier run, the class colours mix into others' colours
-        hidden = labels_under(self._viewer, run.layers)
+        # drawn over a ground truth or an earlier run, the class colours mix into others' colours;
+        # and the nuclei go over the image they were found in, not another one shown over it
+        hidden = labels_under(self._viewer, run.layers) + images_over(self._viewer, self._run_layer, run.layers)
         for layer in hidden:
             layer.visible = False
+        shown_image = self._run_layer is not None and not self._run_layer.visible
+        if shown_image:
+            self._run_layer.visible = True
+        notes = ([f"Shown: '{self._run_layer.name}', the segmented image (it was hidden)."] if shown_image else []) \
+            + ([hidden_words(hidden, 'the result')] if hidden else [])
 
         def shown():
-            self.status.value = summary + (f"\n\n{hidden_words(hidden, 'the result')}" if hidden else "")
+            self.status.value = summary + "".join(f"\n\n{note}" for note in notes)
             self.legend.value = legend_html(self._classes, self._colors, pickable=True)
             self._set_running(False)
             self._scroll_to_status()
