@@ -301,7 +301,7 @@ def test_the_overlay_is_no_choice_of_prediction_or_ground_truth(sample_viewer):
     widget.prediction.value, widget.ground_truth.value = pred, truth
     overlay = widget.show_errors()
     widget.reset_choices()
-    names = [layer.name for layer in widget.prediction.choices] + [layer.name for layer in widget.ground_truth.choices]
+    names = [layer.name for layer in widget.prediction.choices] + [layer.name for layer in widget.ground_truth.choices if layer is not None]
     assert overlay.name not in names and pred.name in names
 
 

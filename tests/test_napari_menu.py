@@ -121,6 +121,27 @@ def test_a_hidden_dataset_image_segmented_is_shown_under_its_nuclei(make_napari_
     assert "'train_2_005'" in segment.status.value.split("Hidden under the result: ")[1]
 
 
+def test_metrics_with_no_ground_truth_leaves_the_box_empty_and_says_what_to_open(make_napari_viewer, consep):
+    """A result alone (an image of the user's, a slide's region): Metrics had chosen the result as
+    its own ground truth too, and Compute said 'Prediction and ground truth are the same layer'."""
+    viewer = make_napari_viewer()
+    viewer.open(str(consep / "images" / "train_1_005.png"), plugin=PLUGIN)
+    _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    segment.device.value = "cpu"
+    result = segment.run(threaded=False)
+    assert result is not None, segment.status.value
+    _, metrics = viewer.window.add_plugin_dock_widget(PLUGIN, "Metrics")
+    assert metrics.prediction.value is result and metrics.ground_truth.value is None
+    assert metrics.compute() is None
+    assert "No ground truth to compare 'train_1_005 segmentation' with: open one" in metrics.summary.value
+    assert "same layer" not in metrics.summary.value
+    # a ground truth opened afterwards is chosen by itself, and scores
+    viewer.open(str(consep / "labels" / "train_1_005.tif"), plugin=PLUGIN)
+    assert metrics.ground_truth.value is viewer.layers[-1] and metrics.prediction.value is result
+    scores = metrics.compute()
+    assert scores is not None and scores["overall"]["nucleus_dice"] > 0.6, metrics.summary.value
+
+
 def test_a_result_is_drawn_over_the_image_alone_and_says_what_it_hid(make_napari_viewer):
     """Drawn over the sample's ground truth (or an earlier run), the class colours had mixed:
     spindle cyan over the truth's gold read as inflammatory green. What goes under is hidden, named."""

@@ -84,7 +84,8 @@ class MetricsWidget(ScrollingDock):
         super().__init__()
         self._viewer = napari_viewer
         self.prediction = ComboBox(label="prediction", choices=self._class_layers)
-        self.ground_truth = ComboBox(label="ground truth", choices=self._class_layers)
+        # empty where no layer but the prediction could be one (a slide's region result alone)
+        self.ground_truth = ComboBox(label="ground truth", choices=self._class_layers, nullable=True)
         self.gt_instances = ComboBox(label="GT instances", choices=self._instance_choices)
         # e.g. the Segment widget's nuclei layer, seeded by the model's distance map
         self.pred_instances = ComboBox(label="predicted instances", choices=self._instance_choices)
@@ -179,7 +180,8 @@ class MetricsWidget(ScrollingDock):
                 prediction.name.endswith(" segmentation") else None
             own = [layer for layer in others if image and layer.name in (image + end for end in ANNOTATION_ENDINGS)]
             annotated = [layer for layer in others if layer.name.endswith(ANNOTATION_ENDINGS)]
-            truth = (own or annotated or others or [self.ground_truth.value])[0]
+            kept = self.ground_truth.value if self.ground_truth.value is not prediction else None
+            truth = (own or annotated or others or [kept])[0]
             self.ground_truth.value = self._auto["ground_truth"] = truth
         truth = self.ground_truth.value
         if self.gt_instances.value is self._auto["gt_instances"] and truth is not None:
@@ -277,8 +279,12 @@ class MetricsWidget(ScrollingDock):
     def _inputs(self):
         """(ground truth, prediction, its class names, predicted instances or None), checked."""
         pred_layer, gt_layer = self.prediction.value, self.ground_truth.value
-        if pred_layer is None or gt_layer is None:
+        if pred_layer is None:
             raise MetricsInputError("Choose a prediction and a ground-truth Labels layer.")
+        if gt_layer is None:
+            raise MetricsInputError(
+                f"No ground truth to compare '{pred_layer.name}' with: open one (a dataset folder, a label TIFF of "
+                "the same image) or paint one in a new Labels layer, then choose it under 'ground truth'.")
         if pred_layer is gt_layer:
             raise MetricsInputError("Prediction and ground truth are the same layer.")
         pred = in_memory_plane(pred_layer, "comparing with ground truth")
