@@ -13,7 +13,7 @@ from napari.layers import Labels
 from skimage.draw import polygon2mask
 
 from napari_medseg._napari.layers import METADATA_KEY
-from napari_medseg._napari.segment_widget import FIELD_OF_VIEW, FILE_MODEL, SHAPE, WHOLE_SLIDE, SegmentWidget
+from napari_medseg._napari.segment_widget import FIELD_OF_VIEW, FILE_MODEL, SHAPE, WHOLE_IMAGE, WHOLE_SLIDE, SegmentWidget
 from napari_medseg.inference import Segmenter
 from napari_medseg.io import read_image
 from napari_medseg.nuclei.votes import instance_classes
@@ -187,6 +187,31 @@ def test_a_polygon_on_a_slide_and_results_never_overwritten(make_napari_viewer, 
     for name in ("synthetic", "synthetic-2"):
         assert widget.run(threaded=False) is not None, widget.status.value
         assert f"results in {mine / name}" in widget.status.value and (mine / name / "synthetic.zarr").is_dir()
+
+
+def test_choosing_drawn_shape_offers_a_shapes_layer_on_the_slides_grid(make_napari_viewer, slide_file,
+                                                                          tiny_checkpoint, tmp_path, monkeypatch):
+    """napari's own new Shapes layer is in pixels: over a slide in µm it warned 'Inconsistent units
+    across layers' before anything was drawn. Choosing 'drawn shape' with nothing to draw in now
+    adds one on the slide's grid (scale, units, place), selected, in rectangle mode."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    viewer = make_napari_viewer()
+    image, widget = _slide_widget(viewer, slide_file, tiny_checkpoint)
+    widget.nuclei.value = False
+    widget.target.value = SHAPE
+    regions = viewer.layers["regions"]
+    assert widget.shapes_layer.value is regions and viewer.layers.selection.active is regions
+    assert regions.mode == "add_rectangle" and "Draw a rectangle in 'regions'" in widget.status.value
+    assert tuple(regions.scale) == tuple(image.scale) and tuple(regions.translate) == tuple(image.translate)
+    assert [str(u) for u in regions.units] == [str(u) for u in image.units]
+    regions.add_rectangles(np.array([[300.0, 1400.0], [556.0, 1656.0]]))  # drawn: in the slide's pixels
+    classes = widget.run(threaded=False)
+    assert classes is not None, widget.status.value
+    r = widget.last_slide_result.region
+    assert (r.x, r.y, r.width, r.height) == (1400, 300, 256, 256)
+    widget.target.value = WHOLE_IMAGE  # and back: a second layer is not made while one is there
+    widget.target.value = SHAPE
+    assert [layer.name for layer in viewer.layers if layer.name.startswith("regions")] == ["regions"]
 
 
 def test_cancelling_a_slide_run_within_a_second_leaves_nothing(make_napari_viewer, qtbot, slide_file,

@@ -282,3 +282,40 @@ def test_napari_opens_a_tiff_at_its_pixel_size_and_segment_uses_it(make_napari_v
     labels = segment.run(threaded=False)
     assert labels.data.shape == (96, 96) and tuple(labels.scale) == (0.5, 0.5)
     assert "resampled x2" in segment.status.value
+
+
+def test_segment_takes_a_pixel_size_typed_in_its_form_for_an_image_that_records_none(make_napari_viewer, tmp_path,
+                                                                                      cmu_crop):
+    """A 20x crop saved as PNG records no pixel size: Segment took it as the model's 40x without a
+    word (a third fewer nuclei), and a napari user had no way to say otherwise but the console.
+    Now the status says so, and a size typed in the form is used as the file's own would be,
+    recorded on the result for Objects' µm²."""
+    from PIL import Image as PILImage
+
+    PILImage.fromarray(cmu_crop).save(tmp_path / "cmu20x.png")
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(str(tmp_path / "cmu20x.png"), plugin="napari-medseg")
+    _, segment = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
+    segment.image_layer.value, segment.device.value = image, "cpu"
+    assert segment.pixel_size.native.specialValueText() == "image's own" and segment.pixel_size.value == 0
+    segment.run(threaded=False)
+    as_40x = int(segment.last_instances_layer.data.max())
+    assert "Note: The image records no pixel size, so taken as the model's 0.25 µm/px (about 40x)" in segment.status.value
+    assert "set 'pixel size' above to its µm per pixel (0.5 for 20x)" in segment.status.value
+
+    segment.pixel_size.value = CMU_PIXEL_SIZE
+    labels = segment.run(threaded=False)
+    nuclei = segment.last_instances_layer
+    assert "records no pixel size" not in segment.status.value and "resampled x2" in segment.status.value
+    assert labels.metadata["pixel_size_um"] == nuclei.metadata["pixel_size_um"] == CMU_PIXEL_SIZE
+    expected = Segmenter.load("default", device="cpu").segment_nuclei(cmu_crop, pixel_size_um=CMU_PIXEL_SIZE)[1]
+    assert int(nuclei.data.max()) == int(expected.max()) > 1.3 * as_40x  # as the API given the size
+    _, objects = viewer.window.add_plugin_dock_widget("napari-medseg", "Objects")
+    objects.class_layer.value = labels
+    table = objects.measure()
+    np.testing.assert_allclose(table["area_um2"], table["area"] * CMU_PIXEL_SIZE ** 2)
+
+    segment.pixel_size.value = 0.01  # no microscope's: refused, nothing added
+    count = len(viewer.layers)
+    assert segment.run(threaded=False) is None and len(viewer.layers) == count
+    assert "pixel size 0.01 µm/px is not one a microscope gives" in segment.status.value

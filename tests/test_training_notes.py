@@ -82,3 +82,23 @@ def test_a_fine_tune_that_trains_on_its_starts_held_out_images_says_so_and_recor
     assert proc.returncode == 0, proc.stderr
     assert "held out for validation" not in proc.stderr
     assert "trains_on_start_held_out" not in read_meta(tmp_path / "ft2" / "best.safetensors").data
+
+
+def test_images_that_record_no_pixel_size_are_said_once_to_be_taken_as_the_models(tmp_path):
+    """A 20x PNG was cut into a third fewer nuclei, taken as 40x without a word (335 for 496 on a
+    crop of the Aperio slide); now said once a run, with how to give the size."""
+    data = tiny_dataset(tmp_path / "data", stems=("a_0", "a_1"))
+    images = [data / "images" / "a_0.png", data / "images" / "a_1.png"]
+    model = tiny_model(tmp_path / "m.safetensors", pixel_size_um=0.25)
+    proc = medseg("predict", *images, "--model", model, "--out", tmp_path / "out1")
+    assert proc.returncode == 0, proc.stderr
+    note = ("2 of the 2 images record no pixel size, so taken as the model's 0.25 µm/px (about 40x); an image at 20x "
+            "(0.5 µm/px) taken so is cut into fewer, larger nuclei: give --pixel-size UM (0.5 for 20x)")
+    assert proc.stderr.count(note) == 1, proc.stderr
+    for given in ("0.5", "none"):  # said how to take them: nothing to add
+        proc = medseg("predict", *images, "--model", model, "--pixel-size", given, "--out", tmp_path / f"out_{given}")
+        assert proc.returncode == 0, proc.stderr
+        assert "record no pixel size" not in proc.stderr
+    unscaled = tiny_model(tmp_path / "unscaled.safetensors")  # a model with none: nothing taken as anything
+    proc = medseg("predict", images[0], "--model", unscaled, "--out", tmp_path / "out2")
+    assert proc.returncode == 0 and "no pixel size" not in proc.stderr, proc.stderr

@@ -263,13 +263,14 @@ def cmd_predict(args) -> int:
     files = _collect_inputs(args.inputs)
     _unscaled_pixel_size_note(args)
     out = Path(args.out)
-    failures, said, finished = 0, set(), 0
+    failures, said, finished, unsized = 0, set(), 0, 0
     try:
         for done in predict_to_folder(files, out, args.model, _batch_settings(args), device=args.device,
                                       source=f"medseg predict --model {args.model}",
                                       progress_for=lambda i, n, file: ProgressLine(f"[{i}/{n}] {file.name}"),
                                       backend=args.backend, precision=args.precision):
             failures += _print_prediction(done, with_instances=not args.no_instances, said=said)
+            unsized += done.skipped is None and done.pixel_size_um is None
             finished += 1
     except KeyboardInterrupt:
         if failures < finished < len(files):  # what is in OUT, whole: the interrupted image's results are not
@@ -282,6 +283,7 @@ def cmd_predict(args) -> int:
         print(f"wrote no class map: {what} (above)")
         return 1
     written = len(files) - failures
+    _unknown_pixel_size_note(args, unsized, written)
     print(f"wrote {counted(written, 'class map')} to {out / 'labels'}"
           + ("" if args.no_instances else f", {counted(written, 'instance map')} to {out / 'instances'} and each "
              f"image's nuclei (a CSV table, QuPath GeoJSON outlines) to {out / 'nuclei'}"))
@@ -290,6 +292,22 @@ def cmd_predict(args) -> int:
         print(f"  {out} also holds earlier runs' results of {counted(len(earlier), 'other image')} ({', '.join(earlier[:3])}"
               f"{' ...' if len(earlier) > 3 else ''}), kept as they were", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _unknown_pixel_size_note(args, unsized: int, written: int) -> None:
+    """Once a run, not under every file: images that record no pixel size (PNG and JPEG never do)
+    were taken as the model's, unless --pixel-size said how to take them."""
+    from .io.pixel_size import unknown_pixel_size_note
+    from .models import read_meta, resolve_model_path
+
+    if not unsized or args.pixel_size is not None:
+        return
+    model_size = read_meta(resolve_model_path(args.model)).pixel_size_um
+    if model_size:
+        what = "the image records" if written == 1 else f"{unsized} of the {written} images record"
+        print("medseg: note: " + unknown_pixel_size_note(
+            model_size, what, "give --pixel-size UM (0.5 for 20x), or --pixel-size none to take them as they are "
+            "without this note"), file=sys.stderr)
 
 
 def _earlier_results(out: Path, files: list[Path]) -> list[str]:

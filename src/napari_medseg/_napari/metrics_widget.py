@@ -180,8 +180,11 @@ class MetricsWidget(ScrollingDock):
                 prediction.name.endswith(" segmentation") else None
             own = [layer for layer in others if image and layer.name in (image + end for end in ANNOTATION_ENDINGS)]
             annotated = [layer for layer in others if layer.name.endswith(ANNOTATION_ENDINGS)]
+            # alone, an annotation stays the ground truth (the prediction box follows Segment's result);
+            # a result alone is no ground truth of itself: the box stays empty
+            alone = prediction if prediction is not None and prediction.name.endswith(ANNOTATION_ENDINGS) else None
             kept = self.ground_truth.value if self.ground_truth.value is not prediction else None
-            truth = (own or annotated or others or [kept])[0]
+            truth = (own or annotated or others or [kept or alone])[0]
             self.ground_truth.value = self._auto["ground_truth"] = truth
         truth = self.ground_truth.value
         if self.gt_instances.value is self._auto["gt_instances"] and truth is not None:

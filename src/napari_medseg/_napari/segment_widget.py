@@ -32,7 +32,7 @@ from ..inference.slide import SlideResult
 from ..inference.slide_process import SlideJob, SlideModelInfo, SlideProcess, checkpoint_stamp
 from ..io.images import file_stem
 from ..io.lazy import LAZY_MIN_PIXELS
-from ..io.pixel_size import PLAUSIBLE_PIXEL_SIZE_UM, is_plausible_pixel_size
+from ..io.pixel_size import PLAUSIBLE_PIXEL_SIZE_UM, is_plausible_pixel_size, unknown_pixel_size_note
 from ..io.slide_outputs import check_no_slide_results, fresh_results_folder, pyramid_levels, read_nucleus_classes
 from ..models import read_meta, resolve_model_path
 from ..nuclei.measure import nucleus_count
@@ -113,8 +113,16 @@ class SegmentWidget(ScrollingDock):
                                tooltip="auto: a GPU where there is one, else the CPU.")
         self.nuclei = CheckBox(text="nucleus instances (outlined)", value=True,
                                tooltip="Seeded by the model's distance map where it has one.")
-        return [self.image_layer, *self._target_controls(), self.model_source, self.checkpoint, self.device,
-                self.nuclei]
+        # 0 = the image's own (its layer's scale or metadata, a slide's file): a PNG or JPEG records
+        # none, and a 20x one taken as 40x is cut into fewer, larger nuclei (335 for 496)
+        self.pixel_size = FloatSpinBox(label="pixel size (µm/px)", value=0.0, min=0.0, max=PLAUSIBLE_PIXEL_SIZE_UM[1],
+                                       step=0.05, tooltip="The image's µm per pixel (0.25 at 40x, 0.5 at 20x): the "
+                                       "model sees it at its own pixel size. Lowest = what the image records (a "
+                                       "slide's file, the layer's scale); none recorded: taken as the model's.")
+        self.pixel_size.native.setDecimals(3)
+        self.pixel_size.native.setSpecialValueText(IMAGE_PIXEL_SIZE_TEXT)
+        return [self.image_layer, *self._target_controls(), self.pixel_size, self.model_source, self.checkpoint,
+                self.device, self.nuclei]
 
     def _target_controls(self) -> list:
         """What to segment, the Shapes layer of a drawn shape, and where a slide's results go."""
@@ -193,6 +201,7 @@ class SegmentWidget(ScrollingDock):
         self.show_advanced.changed.connect(lambda v: setattr(self.advanced, "visible", v))
         self.model_source.changed.connect(lambda v: setattr(self.checkpoint, "visible", v == FILE_MODEL))
         self.target.changed.connect(self._show_target_controls)
+        self.target.changed.connect(self._offer_a_shapes_layer)
         self.image_layer.changed.connect(self._show_target_controls)
         follow_trained_models(self.model_source)  # models from the Train widget
         pick_classes_from(self.legend, lambda: self.last_layer, self._viewer)  # a click on a class paints it
@@ -209,6 +218,22 @@ class SegmentWidget(ScrollingDock):
     def _show_target_controls(self, *_) -> None:
         self.shapes_layer.visible = self.target.value == SHAPE
         self.results_folder.visible = self._slide_info() is not None and self.target.value != WHOLE_IMAGE
+
+    def _offer_a_shapes_layer(self, *_) -> None:
+        """'drawn shape' chosen and nothing to draw in: a Shapes layer on the image's grid (its scale,
+        units and place), selected, in rectangle mode. napari's own new Shapes layer is in pixels: over
+        a slide in µm it warned 'Inconsistent units across layers' before the first shape was drawn."""
+        image = self.image_layer.value
+        if self.target.value != SHAPE or image is None or shapes_layers(self._viewer):
+            return
+        regions = self._viewer.add_shapes(name="regions", edge_color="yellow", face_color="transparent",
+                                          **placement(image))
+        self._viewer.layers.selection.active = regions
+        regions.mode = "add_rectangle"
+        self.shapes_layer.reset_choices()
+        self.shapes_layer.value = regions
+        self.status.value = ("Draw a rectangle in 'regions' (or a polygon, with napari's polygon tool), "
+                             "then press Segment.")
 
     # -- helpers -----------------------------------------------------------------
     def _slide_info(self) -> dict | None:
@@ -356,6 +381,18 @@ class SegmentWidget(ScrollingDock):
             return self._slide_job(key, layer, slide, region, polygon)
         return self._image_job(key, layer, image, region, polygon, plane)
 
+    def _given_pixel_size(self) -> float | None:
+        """The pixel size typed in the form (µm/px), or None for the image's own; one no microscope
+        gives is refused."""
+        size = float(self.pixel_size.value)
+        if size == 0:
+            return None
+        if not is_plausible_pixel_size(size):
+            low, high = PLAUSIBLE_PIXEL_SIZE_UM
+            raise WidgetInputError(f"pixel size {size:g} µm/px is not one a microscope gives ({low:g}-{high:g} "
+                                   "µm/px): 0.25 for 40x, 0.5 for 20x; lowest for the image's own.")
+        return size
+
     def _part(self, layer) -> tuple[Region | None, np.ndarray | None]:
         """The chosen part of ``layer`` in its level-0 px: a rectangle, and the polygon inside it."""
         if self.target.value == FIELD_OF_VIEW:
@@ -379,7 +416,8 @@ class SegmentWidget(ScrollingDock):
             image = image[region.slices]
         mask = None if polygon is None else inside(polygon, region)
         cleanup = PostprocessSettings(self.min_object_size.value, self.fill_holes.value)
-        configure, nuclei, size = self._configure(), self.nuclei.value, pixel_size_um(layer)
+        given = self._given_pixel_size()
+        configure, nuclei, size = self._configure(), self.nuclei.value, given or pixel_size_um(layer)
         if size is not None and not is_plausible_pixel_size(size):  # said in the layer's terms, not the CLI's
             low, high = PLAUSIBLE_PIXEL_SIZE_UM
             raise WidgetInputError(
@@ -414,6 +452,14 @@ class SegmentWidget(ScrollingDock):
                                      nuclei, segmenter.last_report, segmenter.backend.notes if said_before else ())
             if said:  # below the counts, as the other notes are
                 summary = with_notes(summary, [said])
+            if size is None and segmenter.meta.pixel_size_um:
+                summary = with_notes(summary, [unknown_pixel_size_note(
+                    segmenter.meta.pixel_size_um, "The image records",
+                    "set 'pixel size' above to its µm per pixel (0.5 for 20x) and segment again.")])
+            if given:  # Objects measures µm² with it, as the image layer's scale would give it
+                for kwargs in (class_kwargs, instance_kwargs):
+                    if kwargs is not None:
+                        kwargs["metadata"] = {**kwargs.get("metadata", {}), "pixel_size_um": size}
             layers = _labels_layers(*(_on_grid(a, where) for a in (labels, class_kwargs, instances, instance_kwargs)))
             return _ImageRun(labels, instances, kept, segmenter, layer, region, mask, layers, summary, said)
 
@@ -436,7 +482,8 @@ class SegmentWidget(ScrollingDock):
             tiles=asdict(self.tile_settings()), nucleus_threshold=self.threshold.value,
             marker_threshold=self._chosen_instances()[0], min_nucleus=self._chosen_instances()[1],
             nuclei=self.nuclei.value, min_object_size=self.min_object_size.value,
-            max_hole_size=self.fill_holes.value, flag="results folder", threads=threads)
+            max_hole_size=self.fill_holes.value, flag="results folder", threads=threads,
+            pixel_size_um=self._given_pixel_size())
         where, name = placement(layer), layer.name
         # a region small enough comes back as a map of its own, in memory: saved from the viewer,
         # measured by Objects, scored by Metrics, like a region of an image (a slide-sized pyramid
@@ -825,6 +872,7 @@ LARGE_IMAGE_THRESHOLDS_NOTE = (f"an image over {KEEP_MAX_PIXELS / 1e6:.0f} Mpx k
                                "remake its result from, so it is not remade for the new thresholds; they apply to "
                                "the next run (or segment the field of view or a region).")
 MODEL_THRESHOLD_TEXT = "model's"  # what a threshold box shows at its lowest value (the model's own)
+IMAGE_PIXEL_SIZE_TEXT = "image's own"  # what the pixel size box shows at 0 (what the image records)
 MODEL_MIN_NUCLEUS = -1  # the min nucleus box's value for "the model's own"
 RUNTIME_NAMES = {"torch": "PyTorch", "openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}
 
@@ -835,7 +883,8 @@ def result_summary(labels: np.ndarray, instances: np.ndarray | None, threshold: 
     in the worker: counting nuclei takes tens of ms on a 1000² image); the report's notes but
     those ``said`` already."""
     counts = np.bincount(labels.ravel(), minlength=len(classes))
-    covered = ", ".join(f"{c} {100 * n / labels.size:.1f}%" for c, n in zip(classes[1:], counts[1:]))
+    covered = "of the image's area: " + ", ".join(f"{c} {100 * n / labels.size:.1f}%"
+                                                  for c, n in zip(classes[1:], counts[1:]))
     parts = [f"{nucleus_count(instances)} nuclei"] if instances is not None else []
     if instances is None and nuclei_asked:
         parts.append(f"no nuclei layer above {INSTANCE_MAX_PIXELS / 1e6:.0f} Mpx")
@@ -932,7 +981,8 @@ def slide_summary(result: SlideResult) -> str:
         parts.append(f"{result.nuclei} nuclei" + (f" ({counts})" if counts else ""))
     shares = ", ".join(f"{name} {100 * n / max(result.region_px, 1):.1f}%" for name, n in result.class_px.items())
     parts.append(f"{shares} of the region x={r.x}, y={r.y}, {r.width} x {r.height} px")
-    parts.append(f"{result.segmented_px / 1e6:.1f} Mpx of tissue segmented")
+    # as medseg predict says it: the blocks run (glass skipped) hold more than the tissue itself
+    parts.append(f"{100 * result.tissue_fraction:.0f}% tissue ({result.segmented_px / 1e6:.1f} Mpx segmented)")
     parts.append(f"results in {result.files['store'].parent}")
     return with_notes("Done: " + "; ".join(parts), result.notes)
 

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..child_messages import log_tail, message_sender, read_messages
@@ -79,6 +79,7 @@ class SlideJob:
     max_hole_size: int = 0
     flag: str = "--out"
     threads: int | None = None  # the child's torch or runtime threads (None: their default, one per core)
+    pixel_size_um: float | None = None  # in place of the slide's own (as medseg predict --pixel-size)
 
 
 @dataclass
@@ -115,7 +116,10 @@ def run_job(job: SlideJob, progress=None, should_cancel=None, loaded: dict | Non
         segmenter, TileSettings(**job.tiles), Thresholds(job.nucleus_threshold, job.marker_threshold, job.min_nucleus))
     polygon = None if job.polygon is None else np.asarray(job.polygon, float)
     region = None if job.region is None else Region(*job.region)
-    result = predict_slide(segmenter, open_slide(job.slide), job.out_dir, region, progress, should_cancel,
+    slide = open_slide(job.slide)
+    if job.pixel_size_um:
+        slide = replace(slide, pixel_size_um=job.pixel_size_um)
+    result = predict_slide(segmenter, slide, job.out_dir, region, progress, should_cancel,
                            settings=tiles, instance_settings=instance_settings, nuclei=job.nuclei,
                            postprocess=PostprocessSettings(job.min_object_size, job.max_hole_size), polygon=polygon,
                            flag=job.flag)

@@ -21,6 +21,15 @@ def is_plausible_pixel_size(size_um: float | None) -> bool:
     return size_um is not None and low <= size_um <= high
 
 
+def unknown_pixel_size_note(model_size_um: float, what: str, how: str) -> str:
+    """Said where ``what`` (an image, several) records no pixel size and is taken as the model's:
+    on a 20x crop of the Aperio slide the default found 335 nuclei so, 496 with its 0.499 µm/px.
+    ``how``: how to give one in that face."""
+    return (f"{what} no pixel size, so taken as the model's {model_size_um:g} µm/px (about "
+            f"{10 / model_size_um:.0f}x); an image at 20x (0.5 µm/px) taken so is cut into fewer, larger nuclei: "
+            f"{how}")
+
+
 def file_pixel_size_um(path: str | os.PathLike) -> float | None:
     """µm per (level-0) pixel recorded in ``path``'s metadata, or ``None`` when it records none,
     records an implausible one (an editor's dpi) or is not a TIFF-based format."""

@@ -25,7 +25,7 @@ from ..inference.regions import Region, whole_slide
 from ..io.geojson import write_geojson
 from ..inference.rescale import model_scale
 from ..io.images import file_stem, label_record, read_image, read_label_map, to_rgb_float, write_label_map
-from ..io.pixel_size import PLAUSIBLE_PIXEL_SIZE_UM, file_pixel_size_um
+from ..io.pixel_size import PLAUSIBLE_PIXEL_SIZE_UM, file_pixel_size_um, unknown_pixel_size_note
 from ..io.slides import is_slide_path, open_slide
 from ..io.tables import write_csv
 from ..models import read_meta
@@ -228,8 +228,13 @@ def segment_upload(path: str | Path, segmenter: Segmenter, threshold: float | No
     if origin:  # in the file's pixels, as medseg predict --region writes them
         table["centroid_y"] = table["centroid_y"] + origin[0]
         table["centroid_x"] = table["centroid_x"] + origin[1]
+    notes = region_notes + image_notes(segmenter)
+    if pixel_size_um is None and segmenter.meta.pixel_size_um:
+        notes.append(unknown_pixel_size_note(segmenter.meta.pixel_size_um, "The file records",
+                                             "enter its µm per pixel under 'pixel size' (0.5 for 20x) and segment "
+                                             "again."))
     result = ImageResult(name or file_stem(path), display_rgb(image), class_map, instances, classes, colors, table,
-                         pixel_size_um, results_folder(), notes=region_notes + image_notes(segmenter), origin=origin)
+                         pixel_size_um, results_folder(), notes=notes, origin=origin)
     stem, folder = result.name, result.folder
     result.downloads = [
         write_label_map(folder / f"{stem}_labels.tif", class_map, pixel_size_um,
