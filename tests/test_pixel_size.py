@@ -300,8 +300,8 @@ def test_segment_takes_a_pixel_size_typed_in_its_form_for_an_image_that_records_
     assert segment.pixel_size.native.specialValueText() == "image's own" and segment.pixel_size.value == 0
     segment.run(threaded=False)
     as_40x = int(segment.last_instances_layer.data.max())
-    assert "Note: The image records no pixel size, so taken as the model's 0.25 µm/px (about 40x)" in segment.status.value
-    assert "set 'pixel size' above to its µm per pixel (0.5 for 20x)" in segment.status.value
+    assert "Note: The image records no pixel size: taken as the model's 0.25 µm/px (40x)" in segment.status.value
+    assert "for another magnification set 'pixel size' above (0.5 at 20x)" in segment.status.value
 
     segment.pixel_size.value = CMU_PIXEL_SIZE
     labels = segment.run(threaded=False)

@@ -92,8 +92,8 @@ def test_images_that_record_no_pixel_size_are_said_once_to_be_taken_as_the_model
     model = tiny_model(tmp_path / "m.safetensors", pixel_size_um=0.25)
     proc = medseg("predict", *images, "--model", model, "--out", tmp_path / "out1")
     assert proc.returncode == 0, proc.stderr
-    note = ("2 of the 2 images record no pixel size, so taken as the model's 0.25 µm/px (about 40x); an image at 20x "
-            "(0.5 µm/px) taken so is cut into fewer, larger nuclei: give --pixel-size UM (0.5 for 20x)")
+    note = ("2 of the 2 images record no pixel size: taken as the model's 0.25 µm/px (40x), where a 20x image gives "
+            "fewer, larger nuclei; for another magnification give --pixel-size UM (0.5 at 20x)")
     assert proc.stderr.count(note) == 1, proc.stderr
     for given in ("0.5", "none"):  # said how to take them: nothing to add
         proc = medseg("predict", *images, "--model", model, "--pixel-size", given, "--out", tmp_path / f"out_{given}")

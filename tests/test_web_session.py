@@ -185,8 +185,8 @@ def test_a_gray_upload_is_segmented_with_a_warning(store, result, consep, tmp_pa
     assert any("image is gray" in note for note in gray_result.notes)
     assert not result.notes  # the colour original at the model's pixel size: nothing to say
     # a PNG records no pixel size and none was given in the page: taken as the model's, said
-    assert any(note.startswith("The file records no pixel size, so taken as the model's 0.25 µm/px")
-               and "enter its µm per pixel under 'pixel size'" in note for note in gray_result.notes)
+    assert any(note.startswith("The file records no pixel size: taken as the model's 0.25 µm/px")
+               and "enter it under 'pixel size' (0.5 at 20x)" in note for note in gray_result.notes)
 
 
 def test_nucleus_settings_given_in_the_page_replace_the_models_own(store, result, consep):

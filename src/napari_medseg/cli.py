@@ -306,7 +306,7 @@ def _unknown_pixel_size_note(args, unsized: int, written: int) -> None:
     if model_size:
         what = "the image records" if written == 1 else f"{unsized} of the {written} images record"
         print("medseg: note: " + unknown_pixel_size_note(
-            model_size, what, "give --pixel-size UM (0.5 for 20x), or --pixel-size none to take them as they are "
+            model_size, what, "give --pixel-size UM (0.5 at 20x), or --pixel-size none to take them as they are "
             "without this note"), file=sys.stderr)
 
 

@@ -455,7 +455,7 @@ class SegmentWidget(ScrollingDock):
             if size is None and segmenter.meta.pixel_size_um:
                 summary = with_notes(summary, [unknown_pixel_size_note(
                     segmenter.meta.pixel_size_um, "The image records",
-                    "set 'pixel size' above to its µm per pixel (0.5 for 20x) and segment again.")])
+                    "set 'pixel size' above (0.5 at 20x) and segment again.")])
             if given:  # Objects measures µm² with it, as the image layer's scale would give it
                 for kwargs in (class_kwargs, instance_kwargs):
                     if kwargs is not None:

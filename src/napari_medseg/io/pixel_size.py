@@ -25,9 +25,9 @@ def unknown_pixel_size_note(model_size_um: float, what: str, how: str) -> str:
     """Said where ``what`` (an image, several) records no pixel size and is taken as the model's:
     on a 20x crop of the Aperio slide the default found 335 nuclei so, 496 with its 0.499 µm/px.
     ``how``: how to give one in that face."""
-    return (f"{what} no pixel size, so taken as the model's {model_size_um:g} µm/px (about "
-            f"{10 / model_size_um:.0f}x); an image at 20x (0.5 µm/px) taken so is cut into fewer, larger nuclei: "
-            f"{how}")
+    magnification = f"{10 / model_size_um:.0f}x"
+    return (f"{what} no pixel size: taken as the model's {model_size_um:g} µm/px ({magnification}), where a 20x "
+            f"image gives fewer, larger nuclei; for another magnification {how}")
 
 
 def file_pixel_size_um(path: str | os.PathLike) -> float | None:

@@ -231,8 +231,7 @@ def segment_upload(path: str | Path, segmenter: Segmenter, threshold: float | No
     notes = region_notes + image_notes(segmenter)
     if pixel_size_um is None and segmenter.meta.pixel_size_um:
         notes.append(unknown_pixel_size_note(segmenter.meta.pixel_size_um, "The file records",
-                                             "enter its µm per pixel under 'pixel size' (0.5 for 20x) and segment "
-                                             "again."))
+                                             "enter it under 'pixel size' (0.5 at 20x) and segment again."))
     result = ImageResult(name or file_stem(path), display_rgb(image), class_map, instances, classes, colors, table,
                          pixel_size_um, results_folder(), notes=notes, origin=origin)
     stem, folder = result.name, result.folder
