@@ -139,3 +139,22 @@ def test_version_names_the_release():
     proc = medseg("--version", process=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"medseg (napari-medseg) {__version__}"
+
+
+def test_predict_says_how_many_nuclei_each_image_holds(tmp_path, consep):
+    """The web page said '397 nuclei' of an image; medseg predict said only where it wrote the
+    files. Each image's count now comes with its classes, the same as its CSV table's rows."""
+    import csv
+
+    images = [consep / "images" / "train_12_005.png", consep / "images" / "train_19_005.png"]
+    proc = medseg("predict", *images, "--out", tmp_path / "out", "--pixel-size", "0.25")
+    assert proc.returncode == 0, proc.stderr
+    for image in images:
+        with open(tmp_path / "out" / "nuclei" / f"{image.stem}.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        by_class: dict[str, int] = {}
+        for row in rows:
+            by_class[row["class"]] = by_class.get(row["class"], 0) + 1
+        order = ["other", "inflammatory", "epithelial", "spindle"]
+        said = ", ".join(f"{c} {by_class[c]}" for c in order if c in by_class)
+        assert len(rows) > 5 and f"{image.name}: {len(rows)} nuclei ({said})" in proc.stdout.splitlines()

@@ -445,6 +445,11 @@ def _print_prediction(done, with_instances: bool, said: set | None = None) -> bo
         return True
     report = done.report
     said = set() if said is None else said
+    if done.nuclei_per_class is not None:  # as a slide's line and the web page say it
+        per_class = done.nuclei_per_class
+        print(f"{name}: {counted(sum(per_class.values()), 'nucleus', 'nuclei')}"
+              + (f" ({', '.join(f'{c} {n}' for c, n in per_class.items())})" if set(per_class) - {"all"} else ""),
+              flush=True)
     for note in done.runtime_notes:
         if note not in said:
             print(f"medseg: runtime: {note}", file=sys.stderr)

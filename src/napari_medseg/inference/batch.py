@@ -67,6 +67,7 @@ class FilePrediction:
     instances: Path | None = None  # None also when the image is too large for instances
     nuclei_table: Path | None = None  # nuclei/<stem>.csv: one row per nucleus (class, area, centroid, intensity)
     nuclei_outlines: Path | None = None  # nuclei/<stem>.geojson: QuPath outlines in the image's pixels
+    nuclei_per_class: dict[str, int] | None = None  # the table's nuclei by class (None: no table made)
     probabilities: Path | None = None
     shape: tuple[int, int] | None = None
     pixel_size_um: float | None = None  # the pixel size the file was segmented at (None: taken as the model's)
@@ -207,12 +208,14 @@ def _write_nuclei_tables(segmenter: Segmenter, image, labels: np.ndarray, instan
     nuclei and classes of the maps just written."""
     from ..io.geojson import write_geojson
     from ..io.tables import write_csv
-    from ..nuclei.measure import object_table
+    from ..nuclei.measure import counts_per_class, object_table
 
     names = segmenter.classes
     # intensities of an image in memory (a large TIFF read lazily is not read whole again for them)
     pixels = image if isinstance(image, np.ndarray) else None
     table = object_table(instances, labels, names, image=pixels, pixel_size_um=result.pixel_size_um)
+    per_class, order = counts_per_class(table), {name: i for i, name in enumerate(names)}
+    result.nuclei_per_class = dict(sorted(per_class.items(), key=lambda item: order.get(item[0], len(names))))
     result.nuclei_table = write_csv(folder / f"{stem}.csv", table)
     result.nuclei_outlines = write_geojson(folder / f"{stem}.geojson", instances, votes, names, segmenter.meta.colors)
 
