@@ -215,7 +215,8 @@ def read_meta(path: str | os.PathLike) -> CheckpointMeta:
         hint = f" such as {inside[0]}" if inside else ""
         raise CheckpointError(f"Checkpoint '{path}' is a folder, not a file: give a .safetensors checkpoint{hint}.")
     if not path.is_file():
-        raise CheckpointError(f"Checkpoint '{path}' does not exist.")
+        raise CheckpointError(f"Checkpoint '{path}' does not exist: give 'default' (the shipped model) or the path "
+                              "of a .safetensors checkpoint.")
     check_not_pickle(path)
     try:
         with safe_open(str(path), framework="numpy") as fh:
