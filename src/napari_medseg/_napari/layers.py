@@ -151,8 +151,9 @@ def images_over(viewer, image, layers) -> list:
     picture (a dataset folder's first image, shown over the hidden one that was segmented)."""
     if image not in viewer.layers:
         return []
+    shown = [layer for layer in image_layers(viewer) if layer.visible]
     above = list(viewer.layers)[list(viewer.layers).index(image) + 1:]
-    return _overlapping([layer for layer in above if layer in image_layers(viewer) and layer.visible], layers)
+    return _overlapping([layer for layer in above if layer in shown], layers)
 
 
 def hidden_words(layers, under: str) -> str:

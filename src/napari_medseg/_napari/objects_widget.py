@@ -262,9 +262,10 @@ class ObjectsWidget(ScrollingDock):
             raise WidgetInputError(f"'{inst_layer.name}' holds the negative id {int(instances.min())}; nucleus ids "
                                    "are 1 and up (0 = background).")
         image = _matching(image_layer, layer, "image", plane) if image_layer is not None else None
-        # the map's own first: Segment records a pixel size typed in its form there (the image's scale is 1)
-        recorded = layer.metadata.get("pixel_size_um") if isinstance(layer.metadata, dict) else None
-        pixel_size = float(recorded) if recorded else pixel_size_um(image_layer or layer)
+        # the map's own where it records one: Segment records a pixel size typed in its form there
+        # (the image's scale is then 1)
+        recorded = "pixel_size_um" in getattr(layer, "metadata", {})
+        pixel_size = pixel_size_um(layer if recorded or image_layer is None else image_layer)
         if not is_plausible_pixel_size(pixel_size):  # a display scale of 100, not µm: areas in px only
             pixel_size = None
         return layer, plane, class_map, names, instances, image, pixel_size
