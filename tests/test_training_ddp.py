@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from napari_medseg.models import load_checkpoint
@@ -18,13 +19,15 @@ REPO = Path(__file__).resolve().parents[1]
 EACH_CROP_ONCE = ["--set", "data.samples_per_epoch=0"]
 
 
-def test_torchrun_two_cpu_processes_train_identical_weights(small_consep, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--set", "ema_decay=0.5"]], ids=["weights", "moving_average"])
+def test_torchrun_two_cpu_processes_train_identical_weights(small_consep, tmp_path, extra):
+    """With ema_decay the best checkpoint is the weights' average: the same on every rank too."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "napari_medseg", "train", str(REPO / "configs" / "smoke.yaml"),
            "--set", f"data.dataset=[{small_consep}]", "--set", f"out_dir={run}", "--set", "data.val_fraction=0.34",
            "--set", "data.crops_per_image=2", "--set", "batch_size=2", "--set", "num_threads=1",
-           "--set", "device=cpu", "--set", "epochs=2", *EACH_CROP_ONCE]
+           "--set", "device=cpu", "--set", "epochs=2", *EACH_CROP_ONCE, *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

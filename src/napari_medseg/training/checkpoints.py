@@ -178,7 +178,7 @@ class CheckpointWriter:
                                 "The previous best checkpoint, if any, is unchanged.") from exc
 
     def save_resume(self, epoch: int, progress: Progress, model: torch.nn.Module, optimizer, scheduler,
-                    loader_generator: torch.Generator, scaler=None) -> None:
+                    loader_generator: torch.Generator, scaler=None, ema=None) -> None:
         if not self.ctx.is_main or not self.cfg.save_resume:
             return
         from .resume import save_resume
@@ -188,7 +188,7 @@ class CheckpointWriter:
                 "data": {"val_groups": self.data["val_groups"], "classes": self.classes},
                 "world_size": self.ctx.world_size, **progress.stop_rule_states()}
         try:
-            save_resume(self.resume_path, model, optimizer, scheduler, loader_generator, info, scaler)
+            save_resume(self.resume_path, model, optimizer, scheduler, loader_generator, info, scaler, ema)
         except OSError as exc:
             raise TrainingError(str(exc) if isinstance(exc, MedsegError) else
                                 f"Cannot write {self.resume_path}: {exc.strerror or exc}.") from exc

@@ -148,6 +148,10 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine (warm-up then cosine, per step) | constant | plateau (halve on val plateau)
     epochs: int = 30
     batch_size: int = 8
+    # keep an exponential moving average of the weights, moved towards them by 1 - ema_decay
+    # after every step (training.ema); validation, the best checkpoint and all after the run use
+    # it. 0 = off; 0.995 averages over the last ~200 steps
+    ema_decay: float = 0.0
     patience: int = 0  # early stop after this many epochs without improvement; 0 = off
     min_delta: float = 0.0
     monitor: str = "val_loss"  # val_loss (lower is better) or a metric name such as val_miou
@@ -296,6 +300,9 @@ class TrainConfig:
             bad(f"data.val_fraction must lie in [0, 1), got {self.data.val_fraction}.")
         if self.lr <= 0:
             bad(f"lr must be positive, got {self.lr}.")
+        if not (isinstance(self.ema_decay, (int, float)) and not isinstance(self.ema_decay, bool)
+                and 0 <= self.ema_decay < 1):
+            bad(f"ema_decay must be a number in [0, 1) (0 = off; 0.995 averages over ~200 steps), got {self.ema_decay!r}.")
         if not (isinstance(self.distance_loss_weight, (int, float)) and self.distance_loss_weight >= 0):
             bad(f"distance_loss_weight must be a number of at least 0, got {self.distance_loss_weight!r}.")
         if not (isinstance(self.distance_touch_weight, (int, float)) and not isinstance(self.distance_touch_weight, bool)

@@ -14,6 +14,7 @@ from ..nuclei.watershed import InstanceSettings
 from .checkpoints import CheckpointWriter
 from .config import TrainConfig
 from .distributed import DistContext
+from .ema import WeightAverage
 from .events import BatchDone, EpochDone, TrainingError
 from .network import Precision
 from .optimisation import Optimisation
@@ -42,6 +43,12 @@ class Run:
     progress: Progress
     emit: Callable[[object], None]
     should_stop: Callable[[], bool]
+    ema: WeightAverage | None = None  # ema_decay: the weights' moving average, validated and saved
+
+    @property
+    def kept_model(self) -> torch.nn.Module:
+        """The network validation scores and the best checkpoint holds: the average, where kept."""
+        return self.model if self.ema is None else self.ema.model
 
 
 def run_epochs(run: Run) -> None:
@@ -80,6 +87,8 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, float] | None:
                 f"The loss became {value} at epoch {epoch}, step {step}. Lower the learning rate "
                 f"(now {run.cfg.lr}) or check the labels; " + run.writer.kept_best(run.progress.best_epoch))
         lr = run.optim.step(loss)
+        if run.ema is not None:
+            run.ema.update(run.model)
         loss_sum += value
         steps_done += 1
         run.emit(BatchDone(epoch, step, steps, value, run.cfg.epochs))
@@ -103,8 +112,10 @@ def _batch_loss(run: Run, image: torch.Tensor, labels: torch.Tensor, extra: list
 def finish_epoch(run: Run, epoch: int, train_loss: float, lr: float, started: float) -> None:
     """Validate, record, step a plateau schedule, write the best checkpoint and the resume file, report."""
     run.ctx.sync_buffers(run.model)
+    if run.ema is not None:
+        run.ctx.sync_buffers(run.ema.model)
     if run.loaders.val_sets:
-        val_loss, metrics = validate_sets(run.model, run.loaders.val_sets, run.loss_fn, run.num_classes, run.device,
+        val_loss, metrics = validate_sets(run.kept_model, run.loaders.val_sets, run.loss_fn, run.num_classes, run.device,
                                           run.ctx, run.precision.autocast, run.precision.channels_last,
                                           InstanceSettings.recorded(run.writer.instance_settings))
     else:
@@ -118,8 +129,8 @@ def finish_epoch(run: Run, epoch: int, train_loss: float, lr: float, started: fl
     improved = progress.add_epoch(record, metrics)
     run.optim.after_validation(val_loss)
     if improved:
-        run.writer.save_best(run.model, epoch, record, progress.history)
+        run.writer.save_best(run.kept_model, epoch, record, progress.history)
     run.writer.save_resume(epoch, progress, run.model, run.optim.optimizer, run.optim.scheduler,
-                           run.loaders.generator, run.optim.scaler)
+                           run.loaders.generator, run.optim.scaler, run.ema)
     run.emit(EpochDone(epoch, run.cfg.epochs, train_loss, val_loss, metrics, improved, time.time() - started, lr,
                        progress.reason))

@@ -19,6 +19,7 @@ from ..errors import MedsegError
 from ..io.images import atomic_write
 from ..models.checkpoint import RESUME_KEY
 from ..models.weights import write_safetensors
+from .ema import STEPS_KEY as EMA_STEPS_KEY
 
 RESUME_VERSION = 1
 # Settings that may differ between a run and its resumption (they do not change the result; each
@@ -58,10 +59,14 @@ def _set_rng_state(tensors: dict, info: dict, loader_generator: torch.Generator)
 
 
 def save_resume(path: Path, model: torch.nn.Module, optimizer, scheduler, loader_generator: torch.Generator,
-                info: dict, scaler=None) -> Path:
+                info: dict, scaler=None, ema=None) -> Path:
     """``info``: JSON-able run state (epoch, config, history, early-stopping state, ...);
-    ``scaler``: float16 training's loss scaler, whose scale and growth count carry over."""
+    ``scaler``: float16 training's loss scaler, whose scale and growth count carry over;
+    ``ema``: the weights' moving average (``training.ema.WeightAverage``), kept where the run has one."""
     tensors = {f"model.{k}": v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    if ema is not None:
+        ema_tensors, info[EMA_STEPS_KEY] = ema.state()
+        tensors.update(ema_tensors)
     opt = optimizer.state_dict()
     for idx, entry in opt["state"].items():
         for key, value in entry.items():
@@ -123,10 +128,24 @@ def config_differences(given: dict, stored: dict, prefix: str = "") -> list[str]
     return diffs
 
 
+def _with_defaults(stored: dict, defaults: dict) -> dict:
+    """``stored`` with every setting it lacks taken from ``defaults``, nested settings too."""
+    out = dict(stored)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _with_defaults(out[key], value)
+    return out
+
+
 def read_resume_for(path: str | Path, given: dict) -> tuple[dict, dict]:
     """``read_resume``, refusing a file written by a run with other settings than ``given``."""
+    from .config import TrainConfig
+
     tensors, info = read_resume(path)
-    diffs = config_differences(given, info["config_given"])
+    # a setting added since the file was written is the setting the run had: its default ("off")
+    diffs = config_differences(given, _with_defaults(info["config_given"], TrainConfig().to_dict()))
     if diffs:
         best = Path(path).resolve().parent / "best.safetensors"
         raise ResumeError("The config differs from the run being resumed (" + "; ".join(diffs) + "). "
@@ -157,9 +176,11 @@ def check_same_data(info: dict, data: dict) -> None:
 
 
 def restore(tensors: dict, info: dict, model: torch.nn.Module, optimizer, scheduler,
-            loader_generator: torch.Generator, scaler=None, model_config=None) -> None:
+            loader_generator: torch.Generator, scaler=None, model_config=None, ema=None) -> None:
     """Put a run's state back; ``model_config``: the model's config, needed for a file written
-    before the encoder's unused stages were removed (``_older_parameter_numbers``)."""
+    before the encoder's unused stages were removed (``_older_parameter_numbers``); ``ema``: the
+    run's moving average of the weights, where it keeps one (the file holds it: ``ema_decay`` is
+    in the config it was checked against)."""
     from ..models.registry import without_removed
 
     saved = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
@@ -185,6 +206,11 @@ def restore(tensors: dict, info: dict, model: torch.nn.Module, optimizer, schedu
         scheduler.load_state_dict(info["scheduler"])
     if scaler is not None and info.get("grad_scaler"):  # a file without one: the scaler starts afresh, as it did
         scaler.load_state_dict(info["grad_scaler"])
+    if ema is not None:
+        if EMA_STEPS_KEY not in info:
+            raise ResumeError("The resume file holds no moving average of the weights, which this run's ema_decay "
+                              "keeps; resume with the settings it was written with.")
+        ema.load_state(tensors, info[EMA_STEPS_KEY])
     _set_rng_state(tensors, info["rng"], loader_generator)
 
 

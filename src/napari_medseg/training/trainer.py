@@ -25,6 +25,7 @@ from .checkpoints import CheckpointWriter, check_output_dir, estimated_bytes, re
 from .config import AVERAGED_NAME, BEST_NAME, TrainConfig, average_partner
 from .data import LabelledImage, normalization_stats
 from .distributed import DistContext, init_distributed
+from .ema import WeightAverage
 from .events import BatchDone, EpochDone, TrainingDone, TrainingError
 from .loop import USER_STOP, Run, run_epochs
 from .losses import MixedLabels, WithDistanceHead, build_loss
@@ -84,6 +85,7 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
         check_output_dir(out_dir, estimated_bytes(model, cfg.save_half, cfg.save_resume))
     precision = Precision.for_device(cfg, device)
     model, net = place_model(model, cfg, ctx, device, precision)
+    ema = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
     loss_fn = _loss_function(cfg, data, device)
     mean, std = normalization_stats(cfg.normalization)
     loaders = build_loaders(cfg, data, ctx, device, mean, std)
@@ -98,7 +100,7 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
         tensors, info = resumed
         check_same_data(info, writer.data)
         restore(tensors, info, model, optim.optimizer, optim.scheduler, loaders.generator, optim.scaler,
-                cfg.model)
+                cfg.model, ema)
         progress.restore(info)
     emit = (on_update or _ignore) if ctx.is_main else _ignore  # only rank 0 reports
     split = describe_split(data, cfg.data.group_pattern)
@@ -109,7 +111,7 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
                            processes_note(ctx.world_size, cfg.batch_size)]).strip()
     emit(split)
     run_epochs(Run(cfg, ctx, device, model, net, loss_fn, len(data.classes), precision, loaders, optim, writer,
-                   progress, emit, should_stop or (lambda: False)))
+                   progress, emit, should_stop or (lambda: False), ema))
     ctx.barrier()
     if ctx.is_main and _tunes_threshold(cfg, start) and data.val_items and progress.best_epoch > 0 \
             and progress.reason != USER_STOP:
