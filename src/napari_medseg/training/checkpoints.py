@@ -113,10 +113,11 @@ def removed_if_failed_empty(out_dir: Path):
         raise
 
 
-def estimated_bytes(model: torch.nn.Module, half: bool, with_resume: bool = True) -> int:
+def estimated_bytes(model: torch.nn.Module, half: bool, with_resume: bool = True, with_average: bool = False) -> int:
     params = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     best = params // 2 if half else params
-    resume = params * 3 if with_resume else 0  # weights + two Adam moments
+    # weights + two Adam moments (+ the weights' moving average, ema_decay)
+    resume = params * (4 if with_average else 3) if with_resume else 0
     return 2 * (best + resume) + (1 << 20)  # atomic replace: old file + new file at once
 
 

@@ -82,7 +82,7 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
         _check_averageable(model, cfg, start.weights)
     partner_copy = _partner_copy(cfg, resumed) if ctx.is_main else None
     if ctx.is_main:
-        check_output_dir(out_dir, estimated_bytes(model, cfg.save_half, cfg.save_resume))
+        check_output_dir(out_dir, estimated_bytes(model, cfg.save_half, cfg.save_resume, bool(cfg.ema_decay)))
     precision = Precision.for_device(cfg, device)
     model, net = place_model(model, cfg, ctx, device, precision)
     ema = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
