@@ -82,3 +82,26 @@ def test_a_dock_alone_in_its_column_keeps_its_rows_together(make_napari_viewer):
                             for widget in (seg.image_layer, seg.model_source))
     row = seg.image_layer.native.height()
     assert model_row - image_row < 3 * (row + 12), (image_row, model_row, row)  # two rows apart, not spread
+
+
+def test_a_layer_box_too_narrow_for_its_name_shows_the_whole_name_on_hover(make_napari_viewer):
+    """MoNuSeg's layer names outgrow Metrics' boxes, whose text is cut at the right: all four had
+    read 'TCGA-21-5786-01Z-00-DX1'. Each box's tooltip is its whole choice, and follows it."""
+    import numpy as np
+    from qtpy.QtWidgets import QApplication
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1600, 1000)
+    case = "TCGA-21-5786-01Z-00-DX1"
+    classes = np.zeros((32, 32), np.uint8)
+    classes[4:12, 4:12] = 1
+    viewer.add_labels(classes, name=f"{case} ground truth")
+    viewer.add_labels(classes.copy(), name=f"{case} classes")
+    _, metrics = viewer.window.add_plugin_dock_widget(PLUGIN, "Metrics")
+    QApplication.processEvents()
+    for box in (metrics.prediction, metrics.ground_truth):
+        native = box.native
+        assert native.toolTip() == native.currentText() and native.currentText().startswith(case), native.toolTip()
+    metrics.prediction.value = viewer.layers[f"{case} ground truth"]
+    QApplication.processEvents()
+    assert metrics.prediction.native.toolTip() == f"{case} ground truth"

@@ -34,6 +34,10 @@ class ScrollingDock(Container):
 
             box.native.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
             box.native.setMinimumContentsLength(CHOICE_MIN_CHARS)
+            # a box narrower than its choice shows the name's start only (MoNuSeg's four layers all
+            # read 'TCGA-21-5786-01Z-00-DX1'): the whole name on hover
+            box.native.setToolTip(box.native.currentText())
+            box.native.currentTextChanged.connect(box.native.setToolTip)
 
     def span_full_width(self, *widgets) -> None:
         """Give each of ``widgets`` (already in the form) the dock's whole width: a status line,
