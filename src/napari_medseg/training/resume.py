@@ -19,6 +19,7 @@ from ..errors import MedsegError
 from ..io.images import atomic_write
 from ..models.checkpoint import RESUME_KEY
 from ..models.weights import write_safetensors
+from .config import TrainConfig
 from .ema import STEPS_KEY as EMA_STEPS_KEY
 
 RESUME_VERSION = 1
@@ -141,8 +142,6 @@ def _with_defaults(stored: dict, defaults: dict) -> dict:
 
 def read_resume_for(path: str | Path, given: dict) -> tuple[dict, dict]:
     """``read_resume``, refusing a file written by a run with other settings than ``given``."""
-    from .config import TrainConfig
-
     tensors, info = read_resume(path)
     # a setting added since the file was written is the setting the run had: its default ("off")
     diffs = config_differences(given, _with_defaults(info["config_given"], TrainConfig().to_dict()))
