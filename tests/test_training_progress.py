@@ -33,7 +33,7 @@ def test_a_resumed_run_compares_with_its_best_epoch_so_far():
     first = progress("min_delta=0.05")
     for e, v in enumerate([1.00, 0.97], 1):
         first.add_epoch({"epoch": e, "val_loss": v}, {})
-    info = {"epoch": 2, "history": first.history, "best_epoch": first.best_epoch, **first.stop_rule_states()}
+    info = {"epoch": 2, "history": first.history, "best_epoch": first.best_epoch, **first.resume_state()}
     resumed = progress("min_delta=0.05")
     resumed.restore(info)
     assert not resumed.add_epoch({"epoch": 3, "val_loss": 0.98}, {})  # worse than epoch 2's 0.97
@@ -46,7 +46,7 @@ def test_a_run_that_stopped_early_stays_stopped_when_resumed_by_either_rule():
         prog.add_epoch({"epoch": e, "val_loss": v}, {})
     assert prog.reason
     resumed = progress("patience=1", "min_delta=10")
-    resumed.restore({"epoch": 2, "history": prog.history, "best_epoch": prog.best_epoch, **prog.stop_rule_states()})
+    resumed.restore({"epoch": 2, "history": prog.history, "best_epoch": prog.best_epoch, **prog.resume_state()})
     assert resumed.reason == prog.reason
     quad = ["quadratic_stop.enabled=true", "quadratic_stop.window=3", "quadratic_stop.start=3",
             "quadratic_stop.patience=0", "quadratic_stop.threshold=1e9"]
@@ -55,14 +55,14 @@ def test_a_run_that_stopped_early_stays_stopped_when_resumed_by_either_rule():
         prog.add_epoch({"epoch": e, "val_loss": v}, {})
     assert "quadratic" in prog.reason
     resumed = progress(*quad)
-    resumed.restore({"epoch": 3, "history": prog.history, "best_epoch": prog.best_epoch, **prog.stop_rule_states()})
+    resumed.restore({"epoch": 3, "history": prog.history, "best_epoch": prog.best_epoch, **prog.resume_state()})
     assert resumed.reason == prog.reason
     # a run stopped by its user, or going on, is not
     going = progress("patience=3")
     going.add_epoch({"epoch": 1, "val_loss": 1.0}, {})
     going.add_epoch({"epoch": 2, "val_loss": 1.1}, {})
     again = progress("patience=3")
-    again.restore({"epoch": 2, "history": going.history, "best_epoch": going.best_epoch, **going.stop_rule_states()})
+    again.restore({"epoch": 2, "history": going.history, "best_epoch": going.best_epoch, **going.resume_state()})
     assert again.reason == ""
 
 

@@ -152,14 +152,18 @@ class CheckpointWriter:
         return "the best checkpoint so far is kept" + (
             f" ({self.best_path}, epoch {best_epoch})." if best_epoch > 0 else " (none yet).")
 
-    def save_best(self, model: torch.nn.Module, epoch: int, record: dict, history: list[dict]) -> None:
-        """Every rank calls this (DDP records each rank's parameter hash); rank 0 writes."""
+    def save_best(self, model: torch.nn.Module, epoch: int, record: dict, history: list[dict],
+                  start_scores: dict | None = None) -> None:
+        """Every rank calls this (DDP records each rank's parameter hash); rank 0 writes.
+        ``start_scores``: the start model's validation metrics, where the monitor compared with them."""
         ctx = self.ctx
         hashes = ctx.gather_ints(int(parameter_hash(model)[:15], 16), self.device) if ctx.enabled else None
         if not ctx.is_main:
             return
         # the config that makes this model again: a resumed run's is its uninterrupted run's
         training = {"config": {**self.cfg.to_dict(), "resume": None}, "best_epoch": epoch, "history": history}
+        if start_scores is not None:
+            training["start_scores"] = start_scores
         if ctx.enabled:
             training["distributed"] = {"world_size": ctx.world_size, "backend": ctx.backend,
                                        "parameter_hash_prefixes": [f"{h:015x}" for h in hashes]}
@@ -187,7 +191,7 @@ class CheckpointWriter:
         info = {"epoch": epoch, "config_given": self.given, "history": progress.history,
                 "best_epoch": progress.best_epoch,
                 "data": {"val_groups": self.data["val_groups"], "classes": self.classes},
-                "world_size": self.ctx.world_size, **progress.stop_rule_states()}
+                "world_size": self.ctx.world_size, **progress.resume_state()}
         try:
             save_resume(self.resume_path, model, optimizer, scheduler, loader_generator, info, scaler, ema)
         except OSError as exc:

@@ -18,7 +18,7 @@ from .ema import WeightAverage
 from .events import BatchDone, EpochDone, TrainingError
 from .network import Precision
 from .optimisation import Optimisation
-from .progress import Progress
+from .progress import LEAST_GAIN, Progress, least_gain, needs_start_scores
 from .setup import Loaders, seed_epoch
 from .validation import validate_sets
 
@@ -49,6 +49,34 @@ class Run:
     def kept_model(self) -> torch.nn.Module:
         """The network validation scores and the best checkpoint holds: the average, where kept."""
         return self.model if self.ema is None else self.ema.model
+
+
+def score_start(run: Run) -> str:
+    """Where the monitor compares each epoch with the start (``val_least_gain_over_start``):
+    validate the start model once before the first epoch (a resumed run keeps the scores it was
+    started with) and say them; "" otherwise."""
+    progress = run.progress
+    if not needs_start_scores(progress.monitor) or not run.loaders.val_sets:
+        return ""
+    if progress.start_scores is None:
+        if progress.history:
+            raise TrainingError("This resume file does not hold the start model's validation scores that monitor "
+                                f"'{progress.monitor}' compares with; resume with the monitor it was run with.")
+        progress.start_scores = _validate(run)[1]
+    sets = progress.start_scores.get("sets") or {"": progress.start_scores}
+    said = "; ".join(f"{name + ' ' if name else ''}nucleus Dice {m.get('nucleus_dice', math.nan):.4f}, "
+                     f"bPQ {m.get('bpq', math.nan):.4f}" for name, m in sets.items())
+    threshold = run.writer.foreground_threshold
+    at = "" if threshold is None else f" at its foreground threshold {threshold:g}"
+    return f"The start model on the validation images{at} (each epoch is kept by its least gain over these): {said}."
+
+
+def _validate(run: Run) -> tuple[float, dict]:
+    """The kept model's validation loss and metrics, scored as the product segments with the
+    checkpoint (its foreground threshold and nucleus settings)."""
+    return validate_sets(run.kept_model, run.loaders.val_sets, run.loss_fn, run.num_classes, run.device,
+                         run.ctx, run.precision.autocast, run.precision.channels_last,
+                         InstanceSettings.recorded(run.writer.instance_settings), run.writer.foreground_threshold)
 
 
 def run_epochs(run: Run) -> None:
@@ -115,9 +143,9 @@ def finish_epoch(run: Run, epoch: int, train_loss: float, lr: float, started: fl
     if run.ema is not None:
         run.ctx.sync_buffers(run.ema.model)
     if run.loaders.val_sets:
-        val_loss, metrics = validate_sets(run.kept_model, run.loaders.val_sets, run.loss_fn, run.num_classes, run.device,
-                                          run.ctx, run.precision.autocast, run.precision.channels_last,
-                                          InstanceSettings.recorded(run.writer.instance_settings))
+        val_loss, metrics = _validate(run)
+        if run.progress.start_scores is not None:
+            metrics[LEAST_GAIN] = least_gain(metrics, run.progress.start_scores)
     else:
         val_loss, metrics = train_loss, {}
     progress = run.progress
@@ -129,7 +157,7 @@ def finish_epoch(run: Run, epoch: int, train_loss: float, lr: float, started: fl
     improved = progress.add_epoch(record, metrics)
     run.optim.after_validation(val_loss)
     if improved:
-        run.writer.save_best(run.kept_model, epoch, record, progress.history)
+        run.writer.save_best(run.kept_model, epoch, record, progress.history, progress.start_scores)
     run.writer.save_resume(epoch, progress, run.model, run.optim.optimizer, run.optim.scheduler,
                            run.loaders.generator, run.optim.scaler, run.ema)
     run.emit(EpochDone(epoch, run.cfg.epochs, train_loss, val_loss, metrics, improved, time.time() - started, lr,

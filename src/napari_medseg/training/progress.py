@@ -13,6 +13,26 @@ from .early_stopping import PatienceStop, QuadraticStop
 from .events import TrainingError
 
 WORST_SET = "worst_set_"
+LEAST_GAIN = "least_gain_over_start"
+GAIN_FIGURES = ("nucleus_dice", "bpq")  # what the shipping rule compares, set by set
+
+
+def needs_start_scores(monitor: str) -> bool:
+    return monitor == f"val_{LEAST_GAIN}"
+
+
+def least_gain(metrics: dict, start: dict) -> float:
+    """The smallest gain of any validation set's nucleus Dice or bPQ over ``start`` (the start
+    model's validation metrics, of the same form): negative where some set lost; NaN where
+    nothing is comparable."""
+    def by_set(record: dict) -> dict:
+        return record.get("sets") or {"": record}
+
+    now, before = by_set(metrics), by_set(start)
+    gains = [now[name][figure] - before[name][figure]
+             for name in now if name in before for figure in GAIN_FIGURES
+             if math.isfinite(now[name].get(figure, math.nan)) and math.isfinite(before[name].get(figure, math.nan))]
+    return float(min(gains)) if gains else math.nan
 
 
 def monitor_value(monitor: str, val_loss: float, metrics: dict) -> float:
@@ -30,6 +50,9 @@ def monitor_value(monitor: str, val_loss: float, metrics: dict) -> float:
     key = key.removeprefix(WORST_SET)
     if key not in metrics:
         raise TrainConfigError(f"monitor '{monitor}' is not a validation metric ({', '.join(sorted(metrics))}).")
+    if key == LEAST_GAIN and not math.isfinite(metrics[key]):
+        raise TrainingError(f"monitor '{monitor}' is undefined: neither the start model nor this epoch has a "
+                            "finite nucleus Dice or bPQ on the same validation set.")
     if key == "bpq" and not math.isfinite(metrics[key]):  # no validation image has a nucleus: never defined
         raise TrainingError(f"monitor '{monitor}' is undefined: the validation images hold no nucleus. "
                             "Choose another monitor or other validation images.")
@@ -46,6 +69,7 @@ class Progress:
     next_epoch: int = 1
     reason: str = ""  # why the run ends before its last epoch ("" while it goes on)
     best_value: float | None = None  # the best epoch's monitored value
+    start_scores: dict | None = None  # the start model's validation metrics, where the monitor compares with them
 
     @classmethod
     def start(cls, cfg: TrainConfig, has_validation: bool) -> "Progress":
@@ -58,6 +82,7 @@ class Progress:
         """Continue from a resume file's ``info``."""
         self.history = info["history"]
         self.best_epoch = info["best_epoch"]
+        self.start_scores = info.get("start_scores")
         self.next_epoch = info["epoch"] + 1
         best = self.best_record
         self.best_value = monitor_value(self.monitor, best["val_loss"], best) if best else None
@@ -70,8 +95,11 @@ class Progress:
         elif self.quadratic is not None and self.quadratic.flat > self.quadratic.patience:
             self.reason = self.quadratic.reason()
 
-    def stop_rule_states(self) -> dict:
-        return {"patience": self.patience.state(), "quadratic": self.quadratic.state() if self.quadratic else None}
+    def resume_state(self) -> dict:
+        """What a resume file keeps besides history and best epoch: the stopping rules' states and
+        the start model's scores (a resumed run compares with the start, not with its own weights)."""
+        return {"patience": self.patience.state(), "quadratic": self.quadratic.state() if self.quadratic else None,
+                "start_scores": self.start_scores}
 
     def add_epoch(self, record: dict, metrics: dict) -> bool:
         """Record one validated epoch and feed the stopping rules; True when it is the best so far."""

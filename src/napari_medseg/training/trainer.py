@@ -27,7 +27,7 @@ from .data import LabelledImage, normalization_stats
 from .distributed import DistContext, init_distributed
 from .ema import WeightAverage
 from .events import BatchDone, EpochDone, TrainingDone, TrainingError
-from .loop import USER_STOP, Run, run_epochs
+from .loop import USER_STOP, Run, run_epochs, score_start
 from .losses import MixedLabels, WithDistanceHead, build_loss
 from .network import Precision, build_training_model, load_growing_head, place_model
 from .optimisation import build_optimisation
@@ -103,15 +103,16 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
                 cfg.model, ema)
         progress.restore(info)
     emit = (on_update or _ignore) if ctx.is_main else _ignore  # only rank 0 reports
+    run = Run(cfg, ctx, device, model, net, loss_fn, len(data.classes), precision, loaders, optim, writer,
+              progress, emit, should_stop or (lambda: False), ema)
     split = describe_split(data, cfg.data.group_pattern)
     # said with the split, before the first epoch
     notes = [] if start is None else [f"{note[0].upper()}{note[1:]}." for note in start.notes]
     split.note = " ".join([split.note, *notes, start_held_out_note(data, start), data.resampled,
                            oversized_crop_note(cfg.data.crop_size, data.train_items),
-                           processes_note(ctx.world_size, cfg.batch_size)]).strip()
+                           processes_note(ctx.world_size, cfg.batch_size), score_start(run)]).strip()
     emit(split)
-    run_epochs(Run(cfg, ctx, device, model, net, loss_fn, len(data.classes), precision, loaders, optim, writer,
-                   progress, emit, should_stop or (lambda: False), ema))
+    run_epochs(run)
     ctx.barrier()
     if ctx.is_main and _tunes_threshold(cfg, start) and data.val_items and progress.best_epoch > 0 \
             and progress.reason != USER_STOP:

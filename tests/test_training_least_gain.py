@@ -1,0 +1,89 @@
+"""Validation scores a run as the product segments with its checkpoint (the start model's
+foreground threshold), and ``monitor: val_least_gain_over_start`` keeps the epoch that gives up
+least on any set against the model the run started from."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from napari_medseg.inference.class_decision import classify
+from napari_medseg.training import DataSplit, TrainConfig, TrainConfigError, train
+from napari_medseg.training.progress import least_gain
+from napari_medseg.training.validation import _decide
+
+from test_resume_exact import stop_in_epoch_2, tiny_config
+
+
+@pytest.mark.parametrize("threshold", [None, 0.2, 0.5, 0.8])
+def test_validation_decides_each_pixel_as_the_product_does(threshold):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 16, 16) * 3
+    decided = _decide(logits, threshold).numpy()
+    for b in range(2):
+        probs = torch.softmax(logits[b], 0).numpy()
+        np.testing.assert_array_equal(decided[b], classify(probs, threshold))
+    if threshold is not None:  # the threshold changes the decision here (not a no-op)
+        assert (decided != logits.argmax(1).numpy()).any()
+
+
+def test_least_gain_is_the_smallest_gain_of_any_set_in_dice_or_bpq():
+    start = {"sets": {"a": {"nucleus_dice": 0.80, "bpq": 0.40}, "b": {"nucleus_dice": 0.70, "bpq": 0.50},
+                      "c": {"nucleus_dice": 0.60, "bpq": math.nan}}}
+    now = {"sets": {"a": {"nucleus_dice": 0.82, "bpq": 0.43}, "b": {"nucleus_dice": 0.705, "bpq": 0.49},
+                    "c": {"nucleus_dice": 0.62, "bpq": 0.3}}}
+    assert least_gain(now, start) == pytest.approx(-0.01)  # b's bPQ; c's undefined start bPQ not compared
+    now["sets"]["b"]["bpq"] = 0.52
+    assert least_gain(now, start) == pytest.approx(0.005)  # then b's Dice
+    # a run with one validation set: its own figures
+    assert least_gain({"nucleus_dice": 0.9, "bpq": 0.3}, {"nucleus_dice": 0.8, "bpq": 0.35}) == pytest.approx(-0.05)
+    assert math.isnan(least_gain({"nucleus_dice": math.nan}, {"nucleus_dice": 0.8}))
+
+
+def test_the_monitor_needs_a_start_model():
+    with pytest.raises(TrainConfigError, match="init_checkpoint"):
+        TrainConfig.from_dict({"monitor": "val_least_gain_over_start", "data": {"dataset": ["x"]}})
+
+
+def _thresholded_copy(tiny_checkpoint, out):
+    from napari_medseg.models import load_checkpoint, save_checkpoint
+
+    model, meta = load_checkpoint(tiny_checkpoint)
+    meta.foreground_threshold = 0.3
+    return save_checkpoint(out, model, meta)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_run_keeps_the_epoch_of_least_loss_against_its_start_and_a_resume_compares_with_the_same_start(
+        small_consep, tiny_checkpoint, tmp_path):
+    from napari_medseg.models import read_meta
+
+    start = _thresholded_copy(tiny_checkpoint, tmp_path / "start.safetensors")
+    extra = ("epochs=3", "data.val_fraction=0.34", "data.crops_per_image=2", f"init_checkpoint={start}",
+             "monitor=val_least_gain_over_start", "tune_threshold=false")
+    said = []
+    whole = train(tiny_config(small_consep, tmp_path / "whole", *extra),
+                  on_update=lambda u: said.append(u) if isinstance(u, DataSplit) else None)
+    note = said[0].note
+    assert "The start model on the validation images at its foreground threshold 0.3" in note
+    meta = read_meta(whole.checkpoint)
+    start_scores = meta.training["start_scores"]
+    assert f"nucleus Dice {start_scores['nucleus_dice']:.4f}" in note
+    # every epoch's figure is its least gain over the start, and the best epoch has the largest
+    gains = [r["least_gain_over_start"] for r in whole.history]
+    for record, gain in zip(whole.history, gains):
+        assert gain == pytest.approx(min(record["nucleus_dice"] - start_scores["nucleus_dice"],
+                                         record["bpq"] - start_scores["bpq"]))
+    assert whole.best_epoch == 1 + int(np.argmax(gains))
+    assert meta.foreground_threshold == 0.3  # the threshold it was scored at stays with it (not tuned)
+
+    # stopped in epoch 2 and resumed: the start's scores come from the resume file, not from the
+    # weights the resumed run starts with, so every epoch's figure is the uninterrupted run's
+    part = train(tiny_config(small_consep, tmp_path / "part", *extra), should_stop=stop_in_epoch_2())
+    assert len(part.history) == 1
+    resumed = train(tiny_config(small_consep, tmp_path / "part", *extra, f"resume={part.resume}"))
+    assert [r["least_gain_over_start"] for r in resumed.history] == gains
+    assert read_meta(resumed.checkpoint).training["start_scores"] == start_scores
