@@ -560,6 +560,10 @@ def test_an_epoch_line_of_nucleus_only_sets_leaves_out_the_class_figures_they_ha
     assert "nan" not in line and "val_nucleus_dice 0.8100" in line and "val_bPQ 0.5200" in line
     classed = _epoch_line("", EpochDone(2, 5, 0.3, 0.4, {**binary, "miou": 0.4, "mean_dice": 0.5}, False, 12.0))
     assert "val_mIoU 0.4000" in classed and "val_mean_class_dice 0.5000" in classed
+    assert "least_gain" not in classed
+    # monitor val_least_gain_over_start: the figure the best epoch is kept by, signed
+    gained = _epoch_line("", EpochDone(2, 5, 0.3, 0.4, {**binary, "least_gain_over_start": -0.0042}, True, 12.0))
+    assert "least_gain_over_start -0.0042" in gained
 
 
 def test_a_folder_of_images_and_slides_says_the_slides_are_not_segmented_with_the_images(tmp_path, capsys):

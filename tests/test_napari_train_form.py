@@ -176,3 +176,15 @@ def test_a_nucleus_only_folder_fine_tunes_a_classed_models_nuclei(tiny_checkpoin
     with pytest.raises(MedsegError, match="start from a new model or a model with these classes"):
         (folder / "classes.json").write_text('{"classes": ["background", "a", "b"]}')
         plan_training(form)
+
+
+def test_best_by_least_loss_against_the_start_needs_a_start_model(small_consep, tiny_checkpoint):
+    from napari_medseg._napari.train_form import SMALLEST_LOSS
+    from napari_medseg._napari.common import WidgetInputError
+
+    form = TrainForm(dataset=str(small_consep), start_from=NEW_MODEL, encoder="resnet18", encoder_depth=3,
+                     crop_size=64, monitor=SMALLEST_LOSS)
+    with pytest.raises(WidgetInputError, match="choose a model to start from"):
+        plan_training(form)
+    tuned = plan_training(replace(form, start_from=FILE_MODEL, checkpoint=str(tiny_checkpoint)))
+    assert tuned.cfg.monitor == "val_least_gain_over_start" and tuned.cfg.init_checkpoint == str(tiny_checkpoint)

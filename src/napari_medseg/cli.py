@@ -607,6 +607,8 @@ def _epoch_line(prefix: str, update) -> str:
                 ("val_bPQ", "bpq"))]
     shown = "  ".join(f"{name} {value:.4f}" for name, value in figures
                       if not (name in ("val_mIoU", "val_mean_class_dice") and math.isnan(value)))
+    if "least_gain_over_start" in m:  # what monitor val_least_gain_over_start keeps the best epoch by
+        shown += f"  least_gain_over_start {m['least_gain_over_start']:+.4f}"
     return (f"{prefix}epoch {update.epoch}/{update.epochs}  train_loss {update.train_loss:.4f}  "
             f"val_loss {update.val_loss:.4f}  {shown}  "
             f"lr {update.lr:.2e}  "

@@ -34,8 +34,11 @@ LOSSES = ("ce_dice", *(name for name in CORE_LOSSES if name != "ce_dice"))  # th
 NO_AUGMENTATION = AugmentConfig(flip=False, rotate90=False, scale=None, brightness=0.0, contrast=0.0, saturation=0.0,
                                 hue=0.0, sharpness=0.0)  # random crops only
 PAINT_CLASSES = "Train on a class map: one id per class (e.g. 1 = nucleus), not one per nucleus."
+SMALLEST_LOSS = "least loss vs the start model (fine-tune)"
 MONITORS = {"validation loss": "val_loss", "validation mIoU": "val_miou", "validation mean class Dice": "val_mean_dice",
-            "validation bPQ (nuclei)": "val_bpq"}
+            "validation bPQ (nuclei)": "val_bpq",
+            # a fine-tune on a lab's own slides: keep the epoch that loses least, in nucleus Dice or bPQ, against the start
+            SMALLEST_LOSS: "val_least_gain_over_start"}
 INTERACTIVE_EPOCHS = 20  # fewer than a scripted run's default: a first look in the viewer comes sooner
 
 _TRAIN, _DATA, _MODEL = TrainConfig(), DataConfig(), ModelConfig()
@@ -129,6 +132,9 @@ def plan_training(form: TrainForm) -> TrainingPlan:
     if form.crop_size % model.output_stride:
         raise WidgetInputError(f"The crop size must be a multiple of {model.output_stride} for this model "
                                f"(got {form.crop_size}).")
+    if form.monitor == SMALLEST_LOSS and start is None:
+        raise WidgetInputError(f"'Best by: {SMALLEST_LOSS}' compares every epoch with the model training starts "
+                               "from; choose a model to start from, or another 'best by'.")
     cfg = TrainConfig(
         model=model, init_checkpoint=str(start) if start else None, freeze_encoder=form.freeze_encoder,
         data=DataConfig(dataset=datasets, datasets=mixed, val_fraction=val_fraction, crop_size=form.crop_size,
