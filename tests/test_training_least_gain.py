@@ -18,15 +18,16 @@ from napari_medseg.training.validation import _decide
 from test_resume_exact import stop_in_epoch_2, tiny_config
 
 
+@pytest.mark.parametrize("weights", [None, [4.0, 1.5, 1.0, 0.5]])
 @pytest.mark.parametrize("threshold", [None, 0.2, 0.5, 0.8])
-def test_validation_decides_each_pixel_as_the_product_does(threshold):
+def test_validation_decides_each_pixel_as_the_product_does(threshold, weights):
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 16, 16) * 3
-    decided = _decide(logits, threshold).numpy()
+    decided = _decide(logits, threshold, weights).numpy()
     for b in range(2):
         probs = torch.softmax(logits[b], 0).numpy()
-        np.testing.assert_array_equal(decided[b], classify(probs, threshold))
-    if threshold is not None:  # the threshold changes the decision here (not a no-op)
+        np.testing.assert_array_equal(decided[b], classify(probs, threshold, weights))
+    if threshold is not None or weights:  # each changes the decision here (not a no-op)
         assert (decided != logits.argmax(1).numpy()).any()
 
 

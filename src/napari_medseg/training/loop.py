@@ -68,15 +68,16 @@ def score_start(run: Run) -> str:
                      f"bPQ {m.get('bpq', math.nan):.4f}" for name, m in sets.items())
     threshold = run.writer.foreground_threshold
     at = "" if threshold is None else f" at its foreground threshold {threshold:g}"
-    return f"The start model on the validation images{at} (each epoch is kept by its least gain over these): {said}."
+    return f"The start model on the validation images{at} (the epoch kept is the one whose smallest gain over these is largest): {said}."
 
 
 def _validate(run: Run) -> tuple[float, dict]:
     """The kept model's validation loss and metrics, scored as the product segments with the
-    checkpoint (its foreground threshold and nucleus settings)."""
+    checkpoint (its foreground threshold, class weights and nucleus settings)."""
     return validate_sets(run.kept_model, run.loaders.val_sets, run.loss_fn, run.num_classes, run.device,
                          run.ctx, run.precision.autocast, run.precision.channels_last,
-                         InstanceSettings.recorded(run.writer.instance_settings), run.writer.foreground_threshold)
+                         InstanceSettings.recorded(run.writer.instance_settings), run.writer.foreground_threshold,
+                         run.writer.class_choice_weights)
 
 
 def run_epochs(run: Run) -> None:

@@ -33,7 +33,8 @@ def validate(model, loader, loss_fn, num_classes: int, device, ctx: DistContext 
              autocast=nullcontext, channels_last: bool = False,
              gt_instances: list[np.ndarray] | None = None, binary: bool = False,
              instance_settings: InstanceSettings | None = None,
-             foreground_threshold: float | None = None) -> tuple[float, dict]:
+             foreground_threshold: float | None = None,
+             class_weights: list[float] | None = None) -> tuple[float, dict]:
     """Mean loss per image and metrics from one pooled confusion matrix (summed over ranks).
 
     With ``gt_instances`` (one map per validation image, in the loader's order) also ``bpq``:
@@ -42,7 +43,8 @@ def validate(model, loader, loss_fn, num_classes: int, device, ctx: DistContext 
     averaged over images with nuclei.
     ``binary``: the labels are a binary set's codes; the matrix is nucleus vs background.
     ``foreground_threshold``: the checkpoint's, so that the run is scored as the product will
-    segment with it (``inference.class_decision.classify``); None: the argmax.
+    segment with it (``inference.class_decision.classify``); None: the argmax. ``class_weights``:
+    its class-choice weights (``medseg tune-classes``), for the same reason.
     """
     model.eval()
     scored = 2 if binary else num_classes
@@ -60,7 +62,7 @@ def validate(model, loader, loss_fn, num_classes: int, device, ctx: DistContext 
         logits = logits.float()
         loss_sum[0] += float(loss_fn(logits, labels, *extra)) * len(image)
         loss_sum[1] += len(image)
-        pred = _decide(logits[:, :num_classes], foreground_threshold)  # a distance head's channel comes after
+        pred = _decide(logits[:, :num_classes], foreground_threshold, class_weights)  # a distance head's channel comes after
         keep = labels != IGNORE_INDEX
         truth, found = ((labels == BINARY_NUCLEUS).long(), (pred > 0).long()) if binary else (labels, pred)
         cm += torch.bincount(truth[keep] * scored + found[keep], minlength=scored**2)
@@ -83,23 +85,32 @@ def validate(model, loader, loss_fn, num_classes: int, device, ctx: DistContext 
     return loss, summary
 
 
-def _decide(class_logits: torch.Tensor, foreground_threshold: float | None) -> torch.Tensor:
-    """Class ids of ``(B, C, H, W)`` logits: the argmax, or with a threshold the likeliest
-    nucleus class where ``1 - p(background)`` exceeds it (``classify``'s rule, in torch)."""
-    if foreground_threshold is None or class_logits.shape[1] < 2:
+def _decide(class_logits: torch.Tensor, foreground_threshold: float | None,
+            class_weights: list[float] | None = None) -> torch.Tensor:
+    """Class ids of ``(B, C, H, W)`` logits by ``classify``'s rule, in torch: the argmax, or with a
+    threshold the likeliest nucleus class where ``1 - p(background)`` exceeds it; ``class_weights``
+    (one per nucleus class) scale the nucleus classes' probabilities before they are compared."""
+    weighted = bool(class_weights)
+    if class_logits.shape[1] < 2 or (foreground_threshold is None and not weighted):
         return class_logits.argmax(1)
-    foreground = 1.0 - torch.softmax(class_logits, 1)[:, 0] > foreground_threshold
-    return torch.where(foreground, class_logits[:, 1:].argmax(1) + 1, 0)
+    probs = torch.softmax(class_logits, 1)
+    foreground = probs.argmax(1) > 0 if foreground_threshold is None else 1.0 - probs[:, 0] > foreground_threshold
+    nucleus = probs[:, 1:]
+    if weighted:
+        nucleus = nucleus * torch.tensor(class_weights, dtype=nucleus.dtype, device=nucleus.device).view(1, -1, 1, 1)
+    return torch.where(foreground, nucleus.argmax(1) + 1, 0)
 
 
 def validate_sets(model, sets: list[ValidationSet], loss_fn, num_classes: int, device, ctx: DistContext | None = None,
                   autocast=nullcontext, channels_last: bool = False,
                   instance_settings: InstanceSettings | None = None,
-                  foreground_threshold: float | None = None) -> tuple[float, dict]:
+                  foreground_threshold: float | None = None,
+                  class_weights: list[float] | None = None) -> tuple[float, dict]:
     """``validate`` for each set; a run's only unnamed set as it is, several sets as the mean of
     their figures (class metrics over the class sets) with each set's own under ``sets``."""
     scores = {s.name: validate(model, s.loader, loss_fn, num_classes, device, ctx, autocast, channels_last,
-                               s.instances, s.binary, instance_settings, foreground_threshold) for s in sets}
+                               s.instances, s.binary, instance_settings, foreground_threshold, class_weights)
+              for s in sets}
     if len(sets) == 1 and not sets[0].name:
         return scores[""]
     per_set = {name: {"loss": loss, **metrics} for name, (loss, metrics) in scores.items()}
