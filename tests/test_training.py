@@ -192,6 +192,8 @@ def test_all_data_config_trains_every_set_and_takes_gpu_settings_on_a_gpu():
     assert Path(first.init_checkpoint).is_file()  # the shipped weights, from the repository root
     assert second.init_checkpoint == "runs/all_data/mixed/best.safetensors"
     assert first.model.distance_head and first.model.encoder == "mobilenet_v2" and first.amp == "auto"
+    # each stage keeps the epoch that gives up least against the model it starts from
+    assert first.monitor == second.monitor == "val_least_gain_over_start"
     on_cpu, on_gpu = first.for_device("cpu"), first.for_device("cuda")
     assert on_cpu is first and (on_cpu.batch_size, on_cpu.data.crop_size, on_cpu.num_threads) == (16, 128, 2)
     assert (on_gpu.batch_size, on_gpu.data.crop_size, on_gpu.data.num_workers, on_gpu.num_threads) == (64, 256, 8, 0)
