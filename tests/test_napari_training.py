@@ -422,3 +422,28 @@ def test_a_folder_of_one_source_image_names_the_widgets_own_control(make_napari_
     assert "all 2 images come from one source image" in widget.status.value, widget.status.value
     assert "set 'validation' to 0 (under 'advanced settings')" in widget.status.value
     assert "data.val_fraction" not in widget.status.value
+
+
+def test_a_fine_tune_kept_by_least_loss_against_its_start_says_the_starts_figures(make_napari_viewer,
+                                                                                   tiny_checkpoint, small_consep,
+                                                                                   tmp_path):
+    """Plugins > Train, best by 'least loss vs the start model': the start is scored before the first
+    epoch and its figures stand under the split; the model records them."""
+    from napari_medseg._napari.train_form import SMALLEST_LOSS
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Train")
+    _fast(widget, tmp_path / "models", epochs=1, name="least")
+    widget.start_from.value = FILE_MODEL
+    widget.checkpoint.value = str(tiny_checkpoint)
+    widget.source.value = FROM_FOLDER
+    widget.dataset.value = str(small_consep)
+    widget.val_fraction.value = 0.34
+    widget.monitor.value = SMALLEST_LOSS
+    done = widget.run(threaded=False)
+    assert isinstance(done, TrainingDone), widget.status.value
+    note = widget.split_note.value
+    assert note.startswith("training on 4 images") and "\nThe start model on the validation images" in note, note
+    scores = read_meta(done.checkpoint).training["start_scores"]
+    assert f"bPQ {scores['bpq']:.4f}" in note and "Scoring" not in note
+    assert "least_gain_over_start" in done.history[0]

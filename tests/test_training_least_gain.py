@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from napari_medseg.inference.class_decision import classify
-from napari_medseg.training import DataSplit, TrainConfig, TrainConfigError, train
+from napari_medseg.training import StartScored, TrainConfig, TrainConfigError, train
 from napari_medseg.training.progress import least_gain
 from napari_medseg.training.validation import _decide
 
@@ -66,12 +66,18 @@ def test_a_run_keeps_the_epoch_of_least_loss_against_its_start_and_a_resume_comp
     extra = ("epochs=3", "data.val_fraction=0.34", "data.crops_per_image=2", f"init_checkpoint={start}",
              "monitor=val_least_gain_over_start", "tune_threshold=false")
     said = []
-    whole = train(tiny_config(small_consep, tmp_path / "whole", *extra),
-                  on_update=lambda u: said.append(u) if isinstance(u, DataSplit) else None)
-    note = said[0].note
+    whole = train(tiny_config(small_consep, tmp_path / "whole", *extra), on_update=said.append)
+    # said before the first batch: that the start is being scored, then its figures
+    scored = [i for i, u in enumerate(said) if isinstance(u, StartScored)]
+    first_batch = next(i for i, u in enumerate(said) if type(u).__name__ == "BatchDone")
+    assert len(scored) == 2 and scored[1] < first_batch and said[scored[0]].scores is None
+    assert said[scored[0]].note.startswith("Scoring the start model on the validation images at its foreground "
+                                           "threshold 0.3")
+    note = said[scored[1]].note
     assert "The start model on the validation images at its foreground threshold 0.3" in note
     meta = read_meta(whole.checkpoint)
     start_scores = meta.training["start_scores"]
+    assert said[scored[1]].scores == start_scores
     assert f"nucleus Dice {start_scores['nucleus_dice']:.4f}" in note
     # every epoch's figure is its least gain over the start, and the best epoch has the largest
     gains = [r["least_gain_over_start"] for r in whole.history]
@@ -85,6 +91,27 @@ def test_a_run_keeps_the_epoch_of_least_loss_against_its_start_and_a_resume_comp
     # weights the resumed run starts with, so every epoch's figure is the uninterrupted run's
     part = train(tiny_config(small_consep, tmp_path / "part", *extra), should_stop=stop_in_epoch_2())
     assert len(part.history) == 1
-    resumed = train(tiny_config(small_consep, tmp_path / "part", *extra, f"resume={part.resume}"))
+    again = []
+    resumed = train(tiny_config(small_consep, tmp_path / "part", *extra, f"resume={part.resume}"),
+                    on_update=again.append)
+    # not scored again (the weights are no longer the start's): the recorded figures are said
+    assert [u.scores for u in again if isinstance(u, StartScored)] == [start_scores]
     assert [r["least_gain_over_start"] for r in resumed.history] == gains
     assert read_meta(resumed.checkpoint).training["start_scores"] == start_scores
+
+
+def test_start_scores_reach_the_viewer_from_the_training_process():
+    """The Train widget trains in a child process that sends its updates as JSON lines."""
+    import json
+    from dataclasses import asdict
+
+    from napari_medseg.training.process import _plain, update_from_message
+
+    sent = StartScored("The start model ...", {"nucleus_dice": np.float32(0.8), "bpq": math.nan,
+                                               "sets": {"a": {"bpq": 0.4}}})
+    line = json.dumps({"update": "StartScored", "fields": _plain(asdict(sent))})
+    message = json.loads(line)
+    got = update_from_message(message["update"], message["fields"])
+    assert isinstance(got, StartScored) and got.note == sent.note
+    assert got.scores["nucleus_dice"] == pytest.approx(0.8) and math.isnan(got.scores["bpq"])
+    assert got.scores["sets"] == {"a": {"bpq": 0.4}}

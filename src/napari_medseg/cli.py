@@ -637,13 +637,15 @@ class _TrainPrinter:
         return f"[{self.stage.name}] " if self.stage.name else ""
 
     def update(self, update) -> None:
-        from .training import BatchDone, DataSplit, EpochDone
+        from .training import BatchDone, DataSplit, EpochDone, StartScored
 
         if isinstance(update, DataSplit):
             for line in update.lines():
                 print(f"{self._prefix()}{line}", flush=True)
             if update.note:
                 print(f"medseg train: note: {update.note}", file=sys.stderr, flush=True)
+        elif isinstance(update, StartScored):
+            print(f"{self._prefix()}{update.note}", flush=True)
         elif isinstance(update, BatchDone):
             self.bar.label = f"{self._prefix()}epoch {update.epoch}/{update.epochs or self.stage.config.epochs}"
             self.bar(update.step, update.steps)

@@ -24,7 +24,7 @@ from psygnal import Signal
 
 from ..errors import MedsegError
 from ..models import ARCHITECTURES, TESTED_ENCODERS
-from ..training.events import BatchDone, DataSplit, EpochDone, TrainingDone
+from ..training.events import BatchDone, DataSplit, EpochDone, StartScored, TrainingDone
 from .common import (add_layers_in_turns, device_choices, follow_devices, report_error, start_worker,
                      warm_label_visuals)
 from .dock import ScrollingDock
@@ -163,6 +163,7 @@ class TrainWidget(ScrollingDock):
         self.progress = ProgressBar(label="batches", value=0, min=0, max=1)
         self.status = wrapping_label(value="")
         self.split_note = wrapping_label(value="")  # what trains and what validates, and a split that looks wrong
+        self._split_text = ""  # the split's own lines, that the start model's scores are said under
         return [self.train_button, self.stop_button, self.progress, self.status, self.split_note]
 
     def _add_plot(self) -> LossPlot | None:
@@ -273,7 +274,7 @@ class TrainWidget(ScrollingDock):
         where = "" if job.cfg.data.val_fraction > 0 or self.source.value == FROM_FOLDER else \
             " (one tile: no validation, best by training loss)"
         self._training_status = f"Training into {job.cfg.out_dir}{where}"
-        self.split_note.value = ""
+        self.split_note.value = self._split_text = ""
         self.status.value = f"Loading PyTorch, the data and the model... {self._training_status}."
         self._set_running(True)
 
@@ -313,6 +314,9 @@ class TrainWidget(ScrollingDock):
             return
         if isinstance(update, DataSplit):
             self.split_note.value = "\n".join(update.lines() + ([f"Note: {update.note}"] if update.note else []))
+            self._split_text = self.split_note.value
+        elif isinstance(update, StartScored):  # under the split: first 'scoring...', then the figures
+            self.split_note.value = "\n".join(filter(None, [self._split_text, update.note]))
         elif isinstance(update, BatchDone):
             self._on_batch(update)
         elif isinstance(update, EpochDone):

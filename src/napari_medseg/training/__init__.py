@@ -4,9 +4,9 @@ The trainer (and torch with it) loads on first use of ``train``: the Train widge
 it and trains in a process of its own (``process``)."""
 
 from .config import TrainConfig, TrainConfigError, load_train_config
-from .events import BatchDone, DataSplit, EpochDone, TrainingDone, TrainingError
+from .events import BatchDone, DataSplit, EpochDone, StartScored, TrainingDone, TrainingError
 
-__all__ = ["BatchDone", "DataSplit", "EpochDone", "TrainConfig", "TrainConfigError", "TrainingDone", "TrainingError",
+__all__ = ["BatchDone", "DataSplit", "EpochDone", "StartScored", "TrainConfig", "TrainConfigError", "TrainingDone", "TrainingError",
            "load_train_config", "train"]
 
 

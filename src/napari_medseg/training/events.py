@@ -46,6 +46,15 @@ class DataSplit:
 
 
 @dataclass
+class StartScored:
+    """Sent around the validation of the start model that ``monitor: val_least_gain_over_start``
+    compares every epoch with: first with ``note`` saying it is being scored (``scores`` None),
+    then with its figures in words and as validation metrics (``scores``)."""
+    note: str
+    scores: dict | None = None
+
+
+@dataclass
 class EpochDone:
     epoch: int
     epochs: int

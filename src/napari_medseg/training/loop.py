@@ -15,7 +15,7 @@ from .checkpoints import CheckpointWriter
 from .config import TrainConfig
 from .distributed import DistContext
 from .ema import WeightAverage
-from .events import BatchDone, EpochDone, TrainingError
+from .events import BatchDone, EpochDone, StartScored, TrainingError
 from .network import Precision
 from .optimisation import Optimisation
 from .progress import LEAST_GAIN, Progress, least_gain, needs_start_scores
@@ -51,24 +51,26 @@ class Run:
         return self.model if self.ema is None else self.ema.model
 
 
-def score_start(run: Run) -> str:
+def score_start(run: Run) -> None:
     """Where the monitor compares each epoch with the start (``val_least_gain_over_start``):
-    validate the start model once before the first epoch (a resumed run keeps the scores it was
-    started with) and say them; "" otherwise."""
+    validate the start model once before the first epoch and say so before and after
+    (``StartScored``); a resumed run keeps the scores its run was started with."""
     progress = run.progress
     if not needs_start_scores(progress.monitor) or not run.loaders.val_sets:
-        return ""
+        return
+    threshold = run.writer.foreground_threshold
+    at = "" if threshold is None else f" at its foreground threshold {threshold:g}"
     if progress.start_scores is None:
         if progress.history:
             raise TrainingError("This resume file does not hold the start model's validation scores that monitor "
                                 f"'{progress.monitor}' compares with; resume with the monitor it was run with.")
+        run.emit(StartScored(f"Scoring the start model on the validation images{at}, to compare every epoch with..."))
         progress.start_scores = _validate(run)[1]
     sets = progress.start_scores.get("sets") or {"": progress.start_scores}
     said = "; ".join(f"{name + ' ' if name else ''}nucleus Dice {m.get('nucleus_dice', math.nan):.4f}, "
                      f"bPQ {m.get('bpq', math.nan):.4f}" for name, m in sets.items())
-    threshold = run.writer.foreground_threshold
-    at = "" if threshold is None else f" at its foreground threshold {threshold:g}"
-    return f"The start model on the validation images{at} (the epoch kept is the one whose smallest gain over these is largest): {said}."
+    run.emit(StartScored(f"The start model on the validation images{at} (the epoch kept is the one whose smallest "
+                         f"gain over these is largest): {said}.", progress.start_scores))
 
 
 def _validate(run: Run) -> tuple[float, dict]:

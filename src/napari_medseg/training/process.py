@@ -7,7 +7,7 @@ torch's 0.66 GB for the rest of the session. In a child the caller only waits on
 
 The child is ``python -m napari_medseg.training.process``. The caller writes one JSON line (the
 job: the config, where the labelled images and previews go), then ``stop`` lines; the child
-writes JSON lines: ``update`` (``DataSplit`` / ``BatchDone`` / ``EpochDone``), ``preview`` (the best checkpoint's
+writes JSON lines: ``update`` (``DataSplit`` / ``StartScored`` / ``BatchDone`` / ``EpochDone``), ``preview`` (the best checkpoint's
 class map of a validation sample, as a ``.npy`` file), ``done`` (``TrainingDone``) or ``failed``
 (the message, and the traceback of a bug). Arrays cross as files in a folder the caller owns;
 everything else the child prints goes to its log. stdin closing (the caller gone) stops the run
@@ -28,10 +28,10 @@ import numpy as np
 from ..child_messages import message_sender
 from ..errors import MedsegError
 from .config import TrainConfig
-from .events import BatchDone, DataSplit, EpochDone, TrainingDone
+from .events import BatchDone, DataSplit, EpochDone, StartScored, TrainingDone
 from .items import LabelledImage
 
-UPDATES = {"BatchDone": BatchDone, "EpochDone": EpochDone, "DataSplit": DataSplit}
+UPDATES = {"BatchDone": BatchDone, "EpochDone": EpochDone, "DataSplit": DataSplit, "StartScored": StartScored}
 
 
 # -- what crosses the boundary -------------------------------------------------------

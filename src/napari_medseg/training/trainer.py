@@ -110,8 +110,9 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
     notes = [] if start is None else [f"{note[0].upper()}{note[1:]}." for note in start.notes]
     split.note = " ".join([split.note, *notes, start_held_out_note(data, start), data.resampled,
                            oversized_crop_note(cfg.data.crop_size, data.train_items),
-                           processes_note(ctx.world_size, cfg.batch_size), score_start(run)]).strip()
+                           processes_note(ctx.world_size, cfg.batch_size)]).strip()
     emit(split)
+    score_start(run)
     run_epochs(run)
     ctx.barrier()
     if ctx.is_main and _tunes_threshold(cfg, start) and data.val_items and progress.best_epoch > 0 \
