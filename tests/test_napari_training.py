@@ -40,6 +40,18 @@ def _fast(widget: TrainWidget, out_dir, epochs: int, name: str) -> None:
     widget.model_name.value = name
 
 
+def _fine_tune_form(viewer, checkpoint, folder, out_dir, name: str) -> TrainWidget:
+    """Plugins > Train, filled in to fine-tune ``checkpoint`` on a dataset folder for one epoch."""
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Train")
+    _fast(widget, out_dir, epochs=1, name=name)
+    widget.start_from.value = FILE_MODEL
+    widget.checkpoint.value = str(checkpoint)
+    widget.source.value = FROM_FOLDER
+    widget.dataset.value = str(folder)
+    widget.val_fraction.value = 0.34
+    return widget
+
+
 def _painted(viewer, consep, stem="train_1_005"):
     from napari_medseg.io import read_image
 
@@ -386,14 +398,7 @@ def test_a_nucleus_only_folder_fine_tunes_a_classed_model_from_the_widget(make_n
     from conftest import copy_small_tnbc
 
     folder = copy_small_tnbc(tmp_path / "lab")
-    viewer = make_napari_viewer()
-    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Train")
-    _fast(widget, tmp_path / "models", epochs=1, name="lab")
-    widget.start_from.value = FILE_MODEL
-    widget.checkpoint.value = str(tiny_checkpoint)
-    widget.source.value = FROM_FOLDER
-    widget.dataset.value = str(folder)
-    widget.val_fraction.value = 0.34
+    widget = _fine_tune_form(make_napari_viewer(), tiny_checkpoint, folder, tmp_path / "models", "lab")
     done = widget.run(threaded=False)
     assert isinstance(done, TrainingDone), widget.status.value
     meta = read_meta(done.checkpoint)
@@ -431,14 +436,7 @@ def test_a_fine_tune_kept_by_least_loss_against_its_start_says_the_starts_figure
     epoch and its figures stand under the split; the model records them."""
     from napari_medseg._napari.train_form import SMALLEST_LOSS
 
-    viewer = make_napari_viewer()
-    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Train")
-    _fast(widget, tmp_path / "models", epochs=1, name="least")
-    widget.start_from.value = FILE_MODEL
-    widget.checkpoint.value = str(tiny_checkpoint)
-    widget.source.value = FROM_FOLDER
-    widget.dataset.value = str(small_consep)
-    widget.val_fraction.value = 0.34
+    widget = _fine_tune_form(make_napari_viewer(), tiny_checkpoint, small_consep, tmp_path / "models", "least")
     widget.monitor.value = SMALLEST_LOSS
     done = widget.run(threaded=False)
     assert isinstance(done, TrainingDone), widget.status.value
