@@ -69,8 +69,8 @@ def score_start(run: Run) -> None:
     sets = progress.start_scores.get("sets") or {"": progress.start_scores}
     said = "; ".join(f"{name + ' ' if name else ''}nucleus Dice {m.get('nucleus_dice', math.nan):.4f}, "
                      f"bPQ {m.get('bpq', math.nan):.4f}" for name, m in sets.items())
-    run.emit(StartScored(f"The start model on the validation images{at} (the epoch kept is the one whose smallest "
-                         f"gain over these is largest): {said}.", progress.start_scores))
+    run.emit(StartScored(f"The start model on the validation images{at} (every epoch is compared with "
+                         f"these; the one that loses least on any of them is kept): {said}.", progress.start_scores))
 
 
 def _validate(run: Run) -> tuple[float, dict]:
