@@ -64,7 +64,7 @@ def test_a_run_keeps_the_epoch_of_least_loss_against_its_start_and_a_resume_comp
 
     start = _thresholded_copy(tiny_checkpoint, tmp_path / "start.safetensors")
     extra = ("epochs=3", "data.val_fraction=0.34", "data.crops_per_image=2", f"init_checkpoint={start}",
-             "monitor=val_least_gain_over_start", "tune_threshold=false")
+             "monitor=val_least_gain_over_start")  # tune_threshold: auto
     said = []
     whole = train(tiny_config(small_consep, tmp_path / "whole", *extra), on_update=said.append)
     # said before the first batch: that the start is being scored, then its figures
@@ -85,7 +85,8 @@ def test_a_run_keeps_the_epoch_of_least_loss_against_its_start_and_a_resume_comp
         assert gain == pytest.approx(min(record["nucleus_dice"] - start_scores["nucleus_dice"],
                                          record["bpq"] - start_scores["bpq"]))
     assert whole.best_epoch == 1 + int(np.argmax(gains))
-    assert meta.foreground_threshold == 0.3  # the threshold it was scored at stays with it (not tuned)
+    # auto keeps the threshold the epochs were compared at (a fine-tune's threshold is otherwise re-tuned)
+    assert meta.foreground_threshold == 0.3 and "threshold_tuning" not in meta.metrics
 
     # stopped in epoch 2 and resumed: the start's scores come from the resume file, not from the
     # weights the resumed run starts with, so every epoch's figure is the uninterrupted run's
