@@ -20,7 +20,7 @@ from ..io.dataset import open_dataset
 from ..models import ModelConfig, read_meta, resolve_model_path
 from ..models.checkpoint import CheckpointMeta
 from ..training.config import LOSSES as CORE_LOSSES
-from ..training.config import AugmentConfig, DataConfig, DatasetSpec, TrainConfig
+from ..training.config import LEAST_GAIN_MONITOR, AugmentConfig, DataConfig, DatasetSpec, TrainConfig
 from ..training.items import LabelledImage
 from ..training.tiles import DEFAULT_TILE, layer_items
 from .common import CLASS_ID_LIMIT, WidgetInputError, class_map_top, numbered_classes
@@ -38,7 +38,7 @@ SMALLEST_LOSS = "least loss vs the start model (fine-tune)"
 MONITORS = {"validation loss": "val_loss", "validation mIoU": "val_miou", "validation mean class Dice": "val_mean_dice",
             "validation bPQ (nuclei)": "val_bpq",
             # a fine-tune on a lab's own slides: keep the epoch that loses least, in nucleus Dice or bPQ, against the start
-            SMALLEST_LOSS: "val_least_gain_over_start"}
+            SMALLEST_LOSS: LEAST_GAIN_MONITOR}
 INTERACTIVE_EPOCHS = 20  # fewer than a scripted run's default: a first look in the viewer comes sooner
 
 _TRAIN, _DATA, _MODEL = TrainConfig(), DataConfig(), ModelConfig()

@@ -20,13 +20,13 @@ class TrainConfigError(MedsegError, ValueError):
     """A training configuration is incomplete or contradicts itself."""
 
 
+# fine-tuning: the smallest gain over the start model of any set's nucleus Dice or bPQ, so the
+# epoch kept is the one that gives up least anywhere (training.progress)
+LEAST_GAIN_MONITOR = "val_least_gain_over_start"
 # what ``monitor`` may name: the validation loss or a number validation reports (training.validation)
 MONITORS = ("val_loss", "val_miou", "val_mean_dice", "val_nucleus_dice", "val_pixel_accuracy", "val_bpq",
             # mixed label sets: the weakest set's figure, so a gain on one set cannot hide a loss on another
-            "val_worst_set_nucleus_dice", "val_worst_set_bpq",
-            # fine-tuning: the smallest gain over the start model of any set's nucleus Dice or bPQ,
-            # so the epoch kept is the one that gives up least anywhere (training.progress)
-            "val_least_gain_over_start")
+            "val_worst_set_nucleus_dice", "val_worst_set_bpq", LEAST_GAIN_MONITOR)
 
 
 # ``medseg average`` (``average``), here so the CLI lists them without importing torch
@@ -299,8 +299,8 @@ class TrainConfig:
         if self.monitor not in MONITORS:  # 'loss' had passed, then failed after a whole epoch
             meant = f" (did you mean 'val_{self.monitor}'?)" if f"val_{self.monitor}" in MONITORS else ""
             bad(f"monitor '{self.monitor}' is not one of {', '.join(MONITORS)}{meant}.")
-        if self.monitor == "val_least_gain_over_start" and not self.init_checkpoint:
-            bad("monitor 'val_least_gain_over_start' compares every epoch with the model the run starts from; "
+        if self.monitor == LEAST_GAIN_MONITOR and not self.init_checkpoint:
+            bad(f"monitor '{LEAST_GAIN_MONITOR}' compares every epoch with the model the run starts from; "
                 "set init_checkpoint (e.g. 'default'), or choose another monitor.")
         if not 0 <= self.data.val_fraction < 1:
             bad(f"data.val_fraction must lie in [0, 1), got {self.data.val_fraction}.")

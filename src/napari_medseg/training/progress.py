@@ -8,17 +8,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .config import TrainConfig, TrainConfigError
+from .config import LEAST_GAIN_MONITOR, TrainConfig, TrainConfigError
 from .early_stopping import PatienceStop, QuadraticStop
 from .events import TrainingError
 
 WORST_SET = "worst_set_"
-LEAST_GAIN = "least_gain_over_start"
+LEAST_GAIN = LEAST_GAIN_MONITOR.removeprefix("val_")  # the figure each epoch records
 GAIN_FIGURES = ("nucleus_dice", "bpq")  # what the shipping rule compares, set by set
 
 
 def needs_start_scores(monitor: str) -> bool:
-    return monitor == f"val_{LEAST_GAIN}"
+    return monitor == LEAST_GAIN_MONITOR
 
 
 def least_gain(metrics: dict, start: dict) -> float:
