@@ -144,3 +144,26 @@ def test_images_of_another_recorded_pixel_size_are_trained_at_the_runs(tmp_path)
 
     with pytest.raises(TrainingError, match=r"1 training image \(at20x\) records 20 µm/px, more than 4.4x coarser"):
         prepare_data(cfg, None, None)
+
+
+def test_stage_setting_that_on_cuda_would_replace_is_refused(tmp_path):
+    """configs/all_data.yaml's second stage ("a lower cosine cycle", lr 0.00025) had run at the
+    top-level on_cuda's lr 0.001 on a GPU: a stage setting on_cuda would silently replace is refused,
+    with the fix; every shipped config resolves on a GPU as its stages say."""
+    config = tmp_path / "stages.yaml"
+    config.write_text("lr: 0.001\ndata: {crop_size: 128}\non_cuda: {lr: 0.002, data: {crop_size: 256}}\n"
+                      "stages:\n  - name: first\n  - name: lower\n    lr: 0.0005\n    data: {crop_size: 96}\n"
+                      "    on_cuda: {lr: 0.001}\n")
+    with pytest.raises(TrainConfigError, match=r"Stage 'lower' sets data.crop_size 96 \(on_cuda: 256\).*"
+                                               r"on_cuda: \{data: \{crop_size: \.\.\.\}\}"):
+        load_train_stages(config)
+    config.write_text(config.read_text().replace("on_cuda: {lr: 0.001}", "on_cuda: {lr: 0.001, data: {crop_size: 192}}"))
+    first, lower = load_train_stages(config)
+    assert (lower.config.lr, lower.config.data.crop_size) == (0.0005, 96)
+    on_gpu = lower.config.for_device("cuda")
+    assert (on_gpu.lr, on_gpu.data.crop_size) == (0.001, 192)
+    assert first.config.for_device("cuda").lr == 0.002
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_train_stages(path)
+    stages = load_train_stages(REPO / "configs" / "all_data.yaml")
+    assert [s.config.for_device("cuda").lr for s in stages] == [0.001, 0.0005]

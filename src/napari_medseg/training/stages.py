@@ -97,6 +97,7 @@ def load_train_stages(path: str | Path | None, overrides: list[str] = (), from_s
         for key in ("out_dir", "stages", "resume"):
             if key in spec:
                 raise TrainConfigError(f"{path}: Stage '{name}' sets '{key}', which belongs to the whole run.")
+        _check_gpu_keeps(path, name, data.get("on_cuda") or {}, spec)
         merged = apply_overrides(merge_settings(data, spec), per_stage)
         merged["out_dir"] = str(base_out / name)
         if stages and "init_checkpoint" not in spec:
@@ -119,6 +120,33 @@ def load_train_stages(path: str | Path | None, overrides: list[str] = (), from_s
                                    "(which seed's checkpoint would the next stage start from?).")
         stages.append(Stage(name, cfg))
     return stages[names.index(first):]
+
+
+def _flat(settings: dict, prefix: str = "") -> dict:
+    """``{"data": {"crop_size": 256}}`` as ``{"data.crop_size": 256}``."""
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_gpu_keeps(path, name: str, base_on_cuda: dict, spec: dict) -> None:
+    """Refuse a stage setting that the config's own ``on_cuda`` would silently replace on a GPU:
+    ``all_data.yaml``'s second stage, "a lower cosine cycle" at lr 0.00025, ran at the top-level
+    on_cuda's 0.001 there. The stage says what it wants on a GPU in its own ``on_cuda``."""
+    own = _flat({k: v for k, v in spec.items() if k != "on_cuda"})
+    gpu, stage_gpu = _flat(base_on_cuda), _flat(spec.get("on_cuda") or {})
+    lost = [key for key, value in own.items() if key in gpu and gpu[key] != value and key not in stage_gpu]
+    if lost:
+        said = ", ".join(f"{key} {own[key]!r} (on_cuda: {gpu[key]!r})" for key in lost)
+        example = "..."
+        for part in reversed(lost[0].split(".")):
+            example = f"{{{part}: {example}}}"
+        raise TrainConfigError(f"{path}: Stage '{name}' sets {said}, which the config's on_cuda would replace on a "
+                               f"CUDA GPU; say what the stage takes there in its own on_cuda (on_cuda: {example}).")
 
 
 def train_stages(stages: list[Stage], on_update=None, should_stop=None, on_stage=None, items=None) -> StagesDone:
