@@ -198,6 +198,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    """A number above 0 (minutes, say)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"takes a number above 0, not '{text}'")
+    return value
+
+
 def _port(text: str) -> int:
     """A TCP port to listen on."""
     value = _count(text)
@@ -673,7 +684,9 @@ class _TrainPrinter:
 
 
 def cmd_train(args) -> int:
+    from .training import loop as training_loop
     from .training.checkpoints import check_fresh_run, remove_earlier_run_leftovers
+    from .training.loop import TIME_LIMIT
     from .training.stages import load_train_stages, train_stages
 
     args.started = time.time()  # a resume file older than this is an earlier run's (--overwrite)
@@ -703,9 +716,13 @@ def cmd_train(args) -> int:
                       file=sys.stderr)
     printer = _TrainPrinter(stages)
     if stages[0].config.repeats > 1:  # a config without stages (stages refuse repeats)
+        if args.time_limit:
+            raise MedsegError("--time-limit stops one run; with repeats a seed cut short would skew the mean +- std: "
+                              "run the seeds one by one (--set repeats=1 --set seed=N).")
         return _train_repeats(stages[0].config, printer)
+    deadline = None if not args.time_limit else training_loop.clock() + 60 * args.time_limit
     try:
-        done = train_stages(stages, on_update=printer.update, on_stage=printer.stage_event)
+        done = train_stages(stages, on_update=printer.update, on_stage=printer.stage_event, deadline=deadline)
     except (Terminated, KeyboardInterrupt):
         _print_resume_hint(args, printer.stage, printer.stage.name == stages[0].name)
         raise
@@ -719,12 +736,15 @@ def cmd_train(args) -> int:
         _say_tuned_threshold(result.checkpoint)
         if done.path is not None:
             print(f"wrote {done.path}")
+        if (result.reason or "").startswith(TIME_LIMIT):
+            _print_resume_hint(args, stage, stage.name == stages[0].name, "stopped by --time-limit")
     return 0
 
 
-def _print_resume_hint(args, stage, first_stage: bool = True) -> None:
-    """After an interrupted run: the command that continues it, with every ``--set`` it was given
-    (without them the config would differ, or the run would go on in another folder)."""
+def _print_resume_hint(args, stage, first_stage: bool = True, what: str = "interrupted") -> None:
+    """After an interrupted run (or one ``what`` else ended early): the command that continues it,
+    with every ``--set`` it was given (without them the config would differ, or the run would go on
+    in another folder)."""
     import shlex
 
     resume = Path(stage.config.out_dir) / "resume.safetensors"
@@ -738,13 +758,13 @@ def _print_resume_hint(args, stage, first_stage: bool = True) -> None:
     if not resume.is_file() or resume.stat().st_mtime < getattr(args, "started", 0):
         # before its first epoch ended: nothing of this run to resume (an earlier run's file would refuse it)
         if first_stage:
-            print("interrupted before the first epoch ended: nothing to resume; run the same command again",
+            print(f"{what} before the first epoch ended: nothing to resume; run the same command again",
                   file=sys.stderr)
             return
         # the stages before it are done: the same command would be refused (their folders hold models)
         best = Path(stage.config.out_dir) / "best.safetensors"
         words += ["--from-stage", stage.name] + (["--overwrite"] if best.is_file() else [])
-        print(f"interrupted before stage '{stage.name}' ended its first epoch (the stages before it are done); "
+        print(f"{what} before stage '{stage.name}' ended its first epoch (the stages before it are done); "
               f"start it again with: {shlex.join(words)}", file=sys.stderr)
         return
     words += (["--from-stage", stage.name] if stage.name else []) + ["--resume", str(resume)]
@@ -1148,6 +1168,10 @@ def _add_train(sub) -> None:
     p.add_argument("config", help="the YAML config (e.g. configs/smoke.yaml)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. --set epochs=5")
     p.add_argument("--resume", metavar="RESUME.safetensors", help="continue a run exactly from its resume file")
+    p.add_argument("--time-limit", type=_positive_float, metavar="MINUTES",
+                   help="start no epoch that would end after this many minutes from now (judged by the longest "
+                        "epoch so far), e.g. a cluster job's wall time less a margin; the run ends with its best "
+                        "checkpoint and says how to continue it")
     p.add_argument("--overwrite", action="store_true",
                    help="train into an out_dir that holds an earlier run's checkpoints, replacing them "
                         "(its files this run would not replace are removed)")

@@ -1,5 +1,5 @@
 """The epochs: train on one epoch's crops, validate, keep the best checkpoint, write the resume
-file, report; until the last epoch, an early-stopping rule or the user ends the run."""
+file, report; until the last epoch, an early-stopping rule, the user or the time limit ends the run."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ from .setup import Loaders, seed_epoch
 from .validation import validate_sets
 
 USER_STOP = "stopped by user"
+# the reason a run ends at its deadline (``train(deadline=...)``, ``medseg train --time-limit``): before an
+# epoch that would not end in time, so every epoch it trained is whole and its resume file continues it
+TIME_LIMIT = "out of time"
+clock = time.time  # what a deadline is measured on (a test moves it by hand)
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Run:
     emit: Callable[[object], None]
     should_stop: Callable[[], bool]
     ema: WeightAverage | None = None  # ema_decay: the weights' moving average, validated and saved
+    deadline: float | None = None  # on ``clock``: no epoch starts that would end after it
 
     @property
     def kept_model(self) -> torch.nn.Module:
@@ -87,15 +92,28 @@ def run_epochs(run: Run) -> None:
     (a resumed run that an early-stopping rule had ended trains no further)."""
     if run.progress.reason:
         return
+    longest = 0.0  # s: the longest epoch of this process so far, validation included
     for epoch in range(run.progress.next_epoch, run.cfg.epochs + 1):
-        started = time.time()
+        if run.deadline is not None and not _fits(run, longest):
+            run.progress.reason = (f"{TIME_LIMIT}: epoch {epoch} (about {longest:.0f} s, as long as the longest "
+                                   "so far) would have ended after the time limit" if longest else
+                                   f"{TIME_LIMIT}: the time limit had passed before epoch {epoch} began")
+            return
+        started, began = time.time(), clock()
         trained = train_one_epoch(run, epoch)
         if trained is None:
             run.progress.reason = USER_STOP
             return
         finish_epoch(run, epoch, *trained, started)
+        longest = max(longest, clock() - began)
         if run.progress.reason:
             return
+
+
+def _fits(run: Run, epoch_seconds: float) -> bool:
+    """Whether an epoch as long as ``epoch_seconds`` ends before the deadline, on every rank
+    (they must agree, or one would wait for the others' gradients for ever)."""
+    return run.ctx.all_min_flag(clock() + epoch_seconds <= run.deadline, run.device)
 
 
 def train_one_epoch(run: Run, epoch: int) -> tuple[float, float] | None:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ..io.images import atomic_write
 from .config import TrainConfig, TrainConfigError, apply_overrides, merge_settings, read_config_mapping, result_name
+from .loop import TIME_LIMIT, USER_STOP
 from .trainer import TrainingDone, TrainingError, train
 
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -149,12 +150,13 @@ def _check_gpu_keeps(path, name: str, base_on_cuda: dict, spec: dict) -> None:
                                f"CUDA GPU; say what the stage takes there in its own on_cuda (on_cuda: {example}).")
 
 
-def train_stages(stages: list[Stage], on_update=None, should_stop=None, on_stage=None, items=None) -> StagesDone:
+def train_stages(stages: list[Stage], on_update=None, should_stop=None, on_stage=None, items=None,
+                 deadline: float | None = None) -> StagesDone:
     """Train ``stages`` in order; ``on_stage(index, stage, result_or_None)`` before and after each.
 
-    A stage that ends without a checkpoint (stopped before its first epoch finished) or that
-    the user stopped ends the run: the next stage would have nothing, or not the intended
-    weights, to start from.
+    A stage that ends without a checkpoint (stopped before its first epoch finished), that the
+    user stopped or that ran out of time (``deadline``, as ``train``'s) ends the run: the next
+    stage would have nothing, or not the intended weights, to start from.
     """
     done = StagesDone(list(stages))
     if not stages:
@@ -170,13 +172,13 @@ def train_stages(stages: list[Stage], on_update=None, should_stop=None, on_stage
     for index, stage in enumerate(stages):
         if on_stage is not None:
             on_stage(index, stage, None)
-        result = train(stage.config, on_update, should_stop, items)
+        result = train(stage.config, on_update, should_stop, items, deadline)
         done.results.append(result)
         if done.path is not None:
             _write_summary(done)
         if on_stage is not None:
             on_stage(index, stage, result)
-        if result.reason == "stopped by user":
+        if result.reason == USER_STOP or (result.reason or "").startswith(TIME_LIMIT):
             break
         if result.checkpoint is None and index + 1 < len(stages):
             raise TrainingError(f"Stage '{stage.name}' saved no checkpoint, so stage "

@@ -43,8 +43,11 @@ __all__ = ["BatchDone", "EpochDone", "TrainingDone", "TrainingError", "load_grow
 
 def train(cfg: TrainConfig, on_update: Callable[[object], None] | None = None,
           should_stop: Callable[[], bool] | None = None,
-          items: tuple[list[LabelledImage], list[str]] | None = None) -> TrainingDone:
+          items: tuple[list[LabelledImage], list[str]] | None = None, deadline: float | None = None) -> TrainingDone:
     """Train per ``cfg``; ``items`` = (labelled images, class names) bypasses the dataset folders.
+    ``deadline`` (on ``loop.clock``, seconds): start no epoch that would end after it, judged by
+    the longest epoch so far (the first is not judged); the run then ends as any early stop does
+    (its best checkpoint tuned, averaged as the config says) and its resume file continues it.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) this runs DistributedDataParallel; only rank 0
     reports updates and writes files.
@@ -56,13 +59,14 @@ def train(cfg: TrainConfig, on_update: Callable[[object], None] | None = None,
     kept_tidy = removed_if_failed_empty(Path(cfg.out_dir)) if ctx.is_main else contextlib.nullcontext()
     try:
         with kept_tidy:
-            return _train(copy.deepcopy(cfg), on_update, should_stop, items, ctx, device_name)
+            return _train(copy.deepcopy(cfg), on_update, should_stop, items, ctx, device_name, deadline)
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
         torch.set_num_threads(threads_before)
 
 
-def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, device_name: str) -> TrainingDone:
+def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, device_name: str,
+           deadline: float | None = None) -> TrainingDone:
     cfg.check()
     device = resolve_device(device_name)
     cfg = cfg.for_device(device.type)  # on a GPU: its on_cuda settings
@@ -104,7 +108,7 @@ def _train(cfg: TrainConfig, on_update, should_stop, items, ctx: DistContext, de
         progress.restore(info)
     emit = (on_update or _ignore) if ctx.is_main else _ignore  # only rank 0 reports
     run = Run(cfg, ctx, device, model, net, loss_fn, len(data.classes), precision, loaders, optim, writer,
-              progress, emit, should_stop or (lambda: False), ema)
+              progress, emit, should_stop or (lambda: False), ema, deadline)
     split = describe_split(data, cfg.data.group_pattern)
     # said with the split, before the first epoch
     notes = [] if start is None else [f"{note[0].upper()}{note[1:]}." for note in start.notes]
