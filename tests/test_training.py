@@ -195,7 +195,10 @@ def test_all_data_config_trains_every_set_and_takes_gpu_settings_on_a_gpu():
     # each stage keeps the epoch that gives up least against the model it starts from
     assert first.monitor == second.monitor == "val_least_gain_over_start"
     on_cpu, on_gpu = first.for_device("cpu"), first.for_device("cuda")
-    assert on_cpu is first and (on_cpu.batch_size, on_cpu.data.crop_size, on_cpu.num_threads) == (16, 128, 2)
+    assert on_cpu is first and (on_cpu.batch_size, on_cpu.data.crop_size, on_cpu.num_threads) == (16, 256, 2)
+    # the default's own last recipe, on its own split: TNBC 2 : 1 : 2, the distance loss x3, x5 where nuclei touch
+    assert [d.weight for d in first.data.datasets] == [2.0, 1.0, 2.0] and first.data.split_seed == 0
+    assert (first.distance_loss_weight, first.distance_touch_weight, first.ema_decay) == (3.0, 5.0, 0.995)
     assert (on_gpu.batch_size, on_gpu.data.crop_size, on_gpu.data.num_workers, on_gpu.num_threads) == (64, 256, 8, 0)
     assert on_gpu.data.datasets == first.data.datasets and on_gpu.augment == first.augment  # sections merge key by key
     assert on_gpu.on_cuda == {}

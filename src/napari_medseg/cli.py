@@ -775,7 +775,9 @@ def _result_words(config, result) -> str:
     """'best epoch N; checkpoint P', saying so where P is that epoch averaged with the run's start."""
     from .training.config import AVERAGED_NAME, average_partner
 
-    averaged = result.checkpoint is not None and result.checkpoint.name == AVERAGED_NAME
+    if result.checkpoint is None:  # stopped before an epoch ended (it had read 'best epoch -1; checkpoint None')
+        return "no epoch ended: no checkpoint written"
+    averaged = result.checkpoint.name == AVERAGED_NAME
     partner = average_partner(config)
     if averaged:  # what the average recorded: a start the run itself replaced is named as it was
         from .models import read_meta
