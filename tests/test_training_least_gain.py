@@ -116,3 +116,39 @@ def test_start_scores_reach_the_viewer_from_the_training_process():
     assert isinstance(got, StartScored) and got.note == sent.note
     assert got.scores["nucleus_dice"] == pytest.approx(0.8) and math.isnan(got.scores["bpq"])
     assert got.scores["sets"] == {"a": {"bpq": 0.4}}
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_compare_with_scores_another_model_as_its_checkpoint_segments(small_consep, tiny_checkpoint, tmp_path):
+    """``compare_with``: a chain of fine-tunes judged against the model it would replace (the
+    shipped one), not each stage's own start; scored at that model's own threshold."""
+    import torch
+
+    from napari_medseg.models import CheckpointMeta, ModelConfig, build_model, read_meta, save_checkpoint
+    from napari_medseg.training import TrainingError
+
+    reference = _thresholded_copy(tiny_checkpoint, tmp_path / "reference.safetensors")  # threshold 0.3
+    common = ("epochs=1", "data.val_fraction=0.34", "data.crops_per_image=2", "monitor=val_least_gain_over_start")
+    said = []
+    run = train(tiny_config(small_consep, tmp_path / "run", *common, f"init_checkpoint={tiny_checkpoint}",
+                            f"compare_with={reference}"), on_update=said.append)
+    notes = [u.note for u in said if isinstance(u, StartScored)]
+    assert notes[0].startswith(f"Scoring the model compared with ({reference}) on the validation images at its "
+                               "foreground threshold 0.3")
+    assert notes[1].startswith(f"The model compared with ({reference}) on the validation images")
+    # the reference's figures are those a run starting from it gives its own start
+    from_reference = train(tiny_config(small_consep, tmp_path / "from_reference", *common,
+                                       f"init_checkpoint={reference}"))
+    compared = read_meta(run.checkpoint).training["start_scores"]
+    assert compared == read_meta(from_reference.checkpoint).training["start_scores"]
+    assert run.history[0]["least_gain_over_start"] == pytest.approx(least_gain(run.history[0], compared))
+
+    with pytest.raises(TrainConfigError, match="compare_with names the model monitor"):
+        tiny_config(small_consep, tmp_path / "x", f"compare_with={reference}")
+    torch.manual_seed(0)
+    cfg = ModelConfig("unet", "resnet18", num_classes=3, encoder_depth=3)
+    other = save_checkpoint(tmp_path / "other.safetensors", build_model(cfg).eval(),
+                            CheckpointMeta(model=cfg, classes=["background", "a", "b"]))
+    with pytest.raises(TrainingError, match="compare_with: .* names the classes"):
+        train(tiny_config(small_consep, tmp_path / "refused", *common, f"init_checkpoint={tiny_checkpoint}",
+                          f"compare_with={other}"))

@@ -158,6 +158,10 @@ class TrainConfig:
     patience: int = 0  # early stop after this many epochs without improvement; 0 = off
     min_delta: float = 0.0
     monitor: str = "val_loss"  # val_loss (lower is better) or a metric name such as val_miou
+    # monitor val_least_gain_over_start: the checkpoint every epoch is compared with, where it is not
+    # the start ("default": the shipped model): a chain of fine-tunes judged against the model it
+    # would replace, each scored as it segments (its own threshold, class weights, nucleus settings)
+    compare_with: str | None = None
     quadratic_stop: QuadraticStopConfig = field(default_factory=QuadraticStopConfig)
     seed: int = 0
     repeats: int = 1  # train this many times with seeds seed, seed+1, ...; report mean +- std
@@ -233,7 +237,7 @@ class TrainConfig:
         for prefix, obj in (("", cfg), ("data.", cfg.data), ("augment.", cfg.augment),
                             ("oversample.", cfg.oversample), ("quadratic_stop.", cfg.quadratic_stop)):
             _coerce_floats(obj, prefix)
-        for name in ("init_checkpoint", "average_with"):
+        for name in ("init_checkpoint", "average_with", "compare_with"):
             if getattr(cfg, name) == "default":  # the shipped model, as ``--model default`` names it
                 from ..models import DEFAULT_MODEL_PATH
 
@@ -302,6 +306,9 @@ class TrainConfig:
         if self.monitor == LEAST_GAIN_MONITOR and not self.init_checkpoint:
             bad(f"monitor '{LEAST_GAIN_MONITOR}' compares every epoch with the model the run starts from; "
                 "set init_checkpoint (e.g. 'default'), or choose another monitor.")
+        if self.compare_with and self.monitor != LEAST_GAIN_MONITOR:
+            bad(f"compare_with names the model monitor '{LEAST_GAIN_MONITOR}' compares each epoch with; "
+                f"this run's monitor is '{self.monitor}'.")
         if not 0 <= self.data.val_fraction < 1:
             bad(f"data.val_fraction must lie in [0, 1), got {self.data.val_fraction}.")
         if self.lr <= 0:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..errors import MedsegError
 from ..nuclei.watershed import InstanceSettings
 from .checkpoints import CheckpointWriter
 from .config import TrainConfig
@@ -63,19 +65,55 @@ def score_start(run: Run) -> None:
     progress = run.progress
     if not needs_start_scores(progress.monitor) or not run.loaders.val_sets:
         return
-    threshold = run.writer.foreground_threshold
+    reference = run.cfg.compare_with
+    what = "the start model" if not reference else f"the model compared with ({reference})"
+    model = meta = None
+    if reference and progress.start_scores is None:
+        model, meta = _reference_model(run, reference)
+    threshold = run.writer.foreground_threshold if not reference else \
+        (meta.foreground_threshold if meta is not None else None)
     at = "" if threshold is None else f" at its foreground threshold {threshold:g}"
     if progress.start_scores is None:
         if progress.history:
             raise TrainingError("This resume file does not hold the start model's validation scores that monitor "
                                 f"'{progress.monitor}' compares with; resume with the monitor it was run with.")
-        run.emit(StartScored(f"Scoring the start model on the validation images{at}, to compare every epoch with..."))
-        progress.start_scores = _validate(run)[1]
+        run.emit(StartScored(f"Scoring {what} on the validation images{at}, to compare every epoch with..."))
+        progress.start_scores = (_validate(run) if model is None else _validate_reference(run, model, meta))[1]
     sets = progress.start_scores.get("sets") or {"": progress.start_scores}
     said = "; ".join(f"{name + ' ' if name else ''}nucleus Dice {m.get('nucleus_dice', math.nan):.4f}, "
                      f"bPQ {m.get('bpq', math.nan):.4f}" for name, m in sets.items())
-    run.emit(StartScored(f"The start model on the validation images{at} (every epoch is compared with "
+    run.emit(StartScored(f"{what[0].upper()}{what[1:]} on the validation images{at} (every epoch is compared with "
                          f"these; the one that loses least on any of them is kept): {said}.", progress.start_scores))
+
+
+def _reference_model(run: Run, path: str):
+    """``compare_with``'s network, refused where it could not be scored on this run's validation
+    images as its own checkpoint segments (other classes, another input normalisation)."""
+    from ..models.checkpoint import load_checkpoint
+
+    if not Path(path).is_file():
+        raise TrainingError(f"compare_with: '{path}' does not exist.")
+    try:
+        model, meta = load_checkpoint(path, run.device)
+    except (OSError, ValueError, MedsegError) as exc:
+        raise TrainingError(f"compare_with: cannot read '{path}': {exc}") from None
+    if meta.classes != run.writer.classes:
+        raise TrainingError(f"compare_with: '{path}' names the classes {meta.classes}, this run's data "
+                            f"{run.writer.classes}: their scores would not compare.")
+    ours = run.writer.normalization
+    if [list(map(float, meta.normalization.get(k, []))) for k in ("mean", "std")] != \
+            [list(map(float, ours[k])) for k in ("mean", "std")]:
+        raise TrainingError(f"compare_with: '{path}' takes its input normalised otherwise ({meta.normalization}) "
+                            f"than this run ({ours}); score it with benchmarks/accuracy.py instead.")
+    return model.eval(), meta
+
+
+def _validate_reference(run: Run, model: torch.nn.Module, meta) -> tuple[float, dict]:
+    """``compare_with``'s scores, as its own checkpoint segments."""
+    return validate_sets(model, run.loaders.val_sets, run.loss_fn, run.num_classes, run.device, run.ctx,
+                         run.precision.autocast, run.precision.channels_last,
+                         InstanceSettings.recorded(meta.instance_settings), meta.foreground_threshold,
+                         meta.class_choice_weights)
 
 
 def _validate(run: Run) -> tuple[float, dict]:
