@@ -74,6 +74,9 @@ def test_a_packed_stage_reads_splits_and_trains_as_the_original(gpu_kit, small_c
     script = (folder / "run.sh").read_text()
     assert "--time-limit 5" in script and "runs/gpu/first/$f" in script
     assert "pip install" in script and "--no-index" in script  # nothing is fetched there
+    import subprocess
+
+    assert subprocess.run(["bash", "-n", str(folder / "run.sh")]).returncode == 0  # it parses
     # the packed stage trains, on the same split as the original folder
     monkeypatch.chdir(tmp_path)
     original_run = train_stages(load_train_stages(config, [f"out_dir={tmp_path / 'original'}"], "first"))
