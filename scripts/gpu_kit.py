@@ -11,8 +11,8 @@ travel, and neither does ``segmentation-models-pytorch``, which its image lacks.
   CoNSeP, MoNuSeg and TNBC, well inside the colour augmentation; CoNSeP's patches were decoded from
   JPEG to begin with), its labels, instances and classes.json as they are (they decide the split
   and the scores);
-- the stage's start checkpoint (and ImageNet encoder or averaging partner) where it lies outside
-  the tree, the shipped default is read from the tree itself;
+- the stage's start checkpoint (and ImageNet encoder, averaging partner or the model it is
+  compared with) where it lies outside the tree; the shipped default is read from the tree itself;
 - ``run.yaml``: the stage's settings, paths pointing into ``.gpu``; on the GPU its ``on_cuda``
   settings apply as they would in ``medseg train``;
 - ``wheels/``: segmentation-models-pytorch as installed here (pure Python), fetched with pip;
@@ -96,7 +96,7 @@ def _build(stage, config: Path, minutes: float, building: Path, out: Path, wheel
                                    for path in settings["data"]["dataset"] or []]
     if not settings["data"]["dataset"]:
         del settings["data"]["dataset"]  # its default
-    for key in ("init_checkpoint", "average_with"):
+    for key in ("init_checkpoint", "average_with", "compare_with"):
         if settings.get(key):
             settings[key] = _file_in_tree(Path(settings[key]), building, out)
     if settings["model"].get("encoder_weights") not in (None, "", "imagenet"):

@@ -92,10 +92,19 @@ def test_a_packed_stage_reads_splits_and_trains_as_the_original(gpu_kit, small_c
     assert '"carry": [' in said and '"timeout_s": 420' in said
 
 
-def test_a_kit_that_would_not_fit_a_device_call_is_refused(gpu_kit, small_consep, tmp_path, wheels):
+def test_the_shipped_model_is_read_from_the_tree_and_a_kit_that_would_not_fit_is_refused(gpu_kit, small_consep,
+                                                                                           tmp_path, wheels):
+    config = _config(tmp_path, small_consep, init_checkpoint="default", compare_with="default",
+                     monitor="val_least_gain_over_start")
+    gpu_kit.pack(config, None, [], 5, tmp_path / "kit", wheels)
+    run_yaml = yaml.safe_load((tmp_path / "kit" / "run.yaml").read_text())
+    shipped = "src/napari_medseg/models/default/default.safetensors"  # tracked: it travels with the tree
+    assert run_yaml["init_checkpoint"] == run_yaml["compare_with"] == shipped
+    assert not (tmp_path / "kit" / "start").exists()
     config = _config(tmp_path, small_consep)
     with pytest.raises(SystemExit, match="give at most 8 minutes"):
         gpu_kit.pack(config, None, [], 9, tmp_path / "kit", wheels)
     with pytest.raises(SystemExit, match="does not exist: pack a stage whose start is a file"):
         gpu_kit.pack(config, "second", [], 5, tmp_path / "kit", wheels)  # first's result is not made yet
-    assert not (tmp_path / "kit").exists() and not (tmp_path / "kit.partial").exists()
+    assert not (tmp_path / "kit.partial").exists()
+    assert yaml.safe_load((tmp_path / "kit" / "run.yaml").read_text())["compare_with"] == shipped  # the last kit stays
