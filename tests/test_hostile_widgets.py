@@ -35,7 +35,7 @@ def _sample(viewer, sample) -> list:
 def _monuseg_unnamed(viewer):
     """MoNuSeg as napari's own reader would give it: the image, and its nuclei numbered from
     ``HUGE_ID`` on a layer without this plugin's metadata."""
-    image, _, instances = _sample(viewer, monuseg_sample)
+    image, instances, _ = _sample(viewer, monuseg_sample)
     ids = instances.data.astype(np.int64)
     ids[ids > 0] += HUGE_ID
     viewer.layers.remove(instances)
@@ -76,7 +76,7 @@ def test_metrics_scores_an_unnamed_instance_map_with_huge_ids_as_nucleus_only_gr
 
 def test_metrics_refuses_an_instance_map_as_prediction_then_takes_it_as_instances(make_napari_viewer):
     viewer = make_napari_viewer()
-    _, truth, truth_instances = _sample(viewer, consep_sample)
+    _, truth_instances, truth = _sample(viewer, consep_sample)
     nuclei = truth_instances.data.astype(np.int64)
     nuclei[nuclei > 0] += HUGE_ID
     export = viewer.add_labels(nuclei, name="nuclei export")
@@ -98,7 +98,7 @@ def test_metrics_ignores_thousands_of_reader_made_class_names(make_napari_viewer
     """A label file of nuclei recorded as a class map with a name for each id (as the reader names
     one): no menu of 200 000 classes, and the layer is refused as a class map with the reason."""
     viewer = make_napari_viewer()
-    _, truth, _ = _sample(viewer, consep_sample)
+    _, _, truth = _sample(viewer, consep_sample)
     data = np.zeros(truth.data.shape, np.int64)
     data[10:20, 10:20] = HUGE_ID
     names = ["background"] + [f"class {i}" for i in range(1, HUGE_ID + 1)]
@@ -141,7 +141,7 @@ def _metrics_case(viewer, truth, case: str):
 
 def test_metrics_bad_layers_are_named_and_keep_the_table(make_napari_viewer):
     viewer = make_napari_viewer()
-    _, truth, _ = _sample(viewer, consep_sample)
+    _, _, truth = _sample(viewer, consep_sample)
     widget = _dock(viewer, "Metrics")
     copy = viewer.add_labels(truth.data.copy(), **class_labels_kwargs("copy", CONSEP_CLASSES))
     widget.prediction.value, widget.ground_truth.value = copy, truth
@@ -160,7 +160,7 @@ def test_metrics_bad_layers_are_named_and_keep_the_table(make_napari_viewer):
 
 def test_metrics_instance_layer_of_another_image_is_named(make_napari_viewer):
     viewer = make_napari_viewer()
-    _, truth, instances = _sample(viewer, consep_sample)
+    _, instances, truth = _sample(viewer, consep_sample)
     other = viewer.add_labels(instances.data[:64, :64].copy(), **instance_labels_kwargs("other nuclei"))
     widget = _dock(viewer, "Metrics")
     widget.prediction.value, widget.ground_truth.value = truth, viewer.add_labels(truth.data.copy(), name="gt")
@@ -234,7 +234,7 @@ def _objects_case(viewer, image, truth, instances, case: str):
 
 def test_objects_bad_layers_are_named_and_add_nothing(make_napari_viewer):
     viewer = make_napari_viewer()
-    image, truth, instances = _sample(viewer, consep_sample)
+    image, instances, truth = _sample(viewer, consep_sample)
     widget = _dock(viewer, "Objects")
     # a stacked class map is measured at the image shown (test_napari_objects), no longer refused
     for case in ("negative", "instances of another image", "image of another size", "image stack"):

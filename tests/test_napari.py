@@ -49,11 +49,14 @@ def test_reader_opens_a_dataset_folder_as_layers_per_image_and_says_what_it_left
     layers = viewer.open(str(small_consep), plugin="napari-medseg")
     stems = sorted(p.stem for p in (small_consep / "images").iterdir())[:DATASET_OPEN_LIMIT]
     assert DATASET_OPEN_LIMIT == 4 and len(stems) == 4  # 6 images: 4 opened, 2 left
-    assert [layer.name for layer in layers] == [f"{s}{suffix}" for s in stems
-                                                for suffix in ("", " ground truth", " instances")]
+    # the first image's set last: on top, and its ground truth the layer napari selects (a hidden
+    # instance map had been selected, and took a newcomer's first brush stroke unseen)
+    assert [layer.name for layer in layers] == [f"{s}{suffix}" for s in reversed(stems)
+                                                for suffix in ("", " instances", " ground truth")]
     assert [type(layer).__name__ for layer in layers] == ["Image", "Labels", "Labels"] * 4
+    assert viewer.layers.selection.active is layers[-1] and layers[-1].visible
     for i, stem in enumerate(stems):  # each set holds that image's own pixels and maps
-        image, truth, instances = layers[3 * i: 3 * i + 3]
+        image, instances, truth = layers[3 * (3 - i): 3 * (3 - i) + 3]
         assert image.rgb and np.array_equal(image.data, read_image(small_consep / "images" / f"{stem}.png"))
         assert np.array_equal(truth.data, read_label_map(small_consep / "labels" / f"{stem}.tif"))
         assert np.array_equal(instances.data, read_label_map(small_consep / "instances" / f"{stem}.tif"))
@@ -64,7 +67,7 @@ def test_reader_opens_a_dataset_folder_as_layers_per_image_and_says_what_it_left
         assert (image.visible, truth.visible, instances.visible) == ((True, True, False) if i == 0 else
                                                                      (False, False, False))
         assert instances.data.max() > 10
-    truth = layers[1]
+    truth = layers[-1]
     # fixed colours: 'inflammatory' (id 2) is green, background transparent
     assert np.allclose(truth.colormap.map(np.array([2]))[0][:3], [0, 200 / 255, 0])
     assert truth.colormap.map(np.array([0]))[0][3] == 0
@@ -83,7 +86,7 @@ def test_reader_opens_a_small_dataset_folder_whole_without_a_notification(make_n
     before = len(notification_manager.records)
     layers = viewer.open(str(small_consep), plugin="napari-medseg")
     assert [layer.name for layer in layers if isinstance(layer, Image)] == [
-        "train_1_005", "train_1_006", "train_2_005", "train_2_006"]
+        "train_2_006", "train_2_005", "train_1_006", "train_1_005"]
     assert len(layers) == 12
     assert not [n for n in notification_manager.records[before:] if "Opened" in str(n.message)]
 
@@ -104,7 +107,7 @@ def test_reader_opens_pannuke_fold(make_napari_viewer, tmp_path, consep):
     np.save(tmp_path / "types.npy", np.array(["Colon"] * 3))
     viewer = make_napari_viewer()
     layers = viewer.open(str(tmp_path), plugin="napari-medseg")
-    image, classes, _ = layers
+    image, _, classes = layers
     assert image.data.shape == (3, 256, 256, 3)
     assert classes.metadata["medseg"]["classes"][1] == "neoplastic"
     from napari_medseg._napari.layers import pixel_size_um
@@ -159,11 +162,11 @@ def test_reader_declines_unknown_things(tmp_path):
 # -- sample data --------------------------------------------------------------------------
 def test_sample_data_is_real_and_consistent(make_napari_viewer):
     viewer = make_napari_viewer()
-    image, truth, instances = _add(viewer, consep_sample())
+    image, instances, truth = _add(viewer, consep_sample())
     assert image.data.shape == (256, 256, 3) and image.rgb
     assert set(np.unique(truth.data)) <= set(range(5)) and len(np.unique(truth.data)) == 5
     assert np.array_equal(truth.data > 0, instances.data > 0)
-    image2, truth2, inst2 = _add(viewer, monuseg_sample())
+    image2, inst2, truth2 = _add(viewer, monuseg_sample())
     assert image2.data.shape == (512, 512, 3) and inst2.data.max() > 50
     assert truth2.metadata["medseg"]["classes"] == ["background", "nucleus"]
 
@@ -181,7 +184,7 @@ def test_sample_data_listed_in_napari_menu():
 def test_segment_widget_default_model_on_sample(make_napari_viewer):
     assert DEFAULT_MODEL_PATH.is_file(), "the shipped default model is missing"
     viewer = make_napari_viewer()
-    image, truth, _ = _add(viewer, consep_sample())
+    image, _, truth = _add(viewer, consep_sample())
     widget = SegmentWidget(viewer)
     assert widget.image_layer.value is image  # the only image layer is preselected
     assert widget.model_source.value == DEFAULT_MODEL
@@ -306,7 +309,7 @@ def test_metrics_widget_table_matches_core(make_napari_viewer):
     from skimage.morphology import binary_dilation, disk
 
     viewer = make_napari_viewer()
-    _, truth, _ = _add(viewer, consep_sample())
+    _, _, truth = _add(viewer, consep_sample())
     # a realistic 'prediction': ground truth grown by 2 px, spindle relabelled epithelial
     pred = np.where(binary_dilation(truth.data > 0, disk(2)) & (truth.data == 0), 3, truth.data).astype(np.uint8)
     pred[truth.data == 4] = 3
@@ -332,7 +335,7 @@ def test_metrics_widget_uses_chosen_instance_layers_that_follow_the_painted_pred
     from napari_medseg.evaluation.report import evaluate_maps
 
     viewer = make_napari_viewer()
-    _, truth, truth_instances = _add(viewer, consep_sample())
+    _, truth_instances, truth = _add(viewer, consep_sample())
     pred_layer = viewer.add_labels(truth.data.copy(), **class_labels_kwargs("pred", CONSEP_CLASSES))
     # the annotated nuclei as the 'predicted' instances: instance metrics become perfect
     inst_layer = viewer.add_labels(truth_instances.data.copy(), **instance_labels_kwargs("pred nuclei"))
@@ -364,7 +367,7 @@ def test_metrics_widget_scores_a_nucleus_only_prediction_against_classed_truth(m
     from napari_medseg.evaluation.report import evaluate_maps
 
     viewer = make_napari_viewer()
-    _, truth, _ = _add(viewer, consep_sample())
+    _, _, truth = _add(viewer, consep_sample())
     binary = (np.roll(truth.data, 3, axis=0) > 0).astype(np.uint8)
     pred = viewer.add_labels(binary, **class_labels_kwargs("binary", ["background", "nucleus"]))
     widget = MetricsWidget(viewer)
@@ -382,7 +385,7 @@ def test_metrics_widget_bad_input_keeps_previous_table(make_napari_viewer, case)
     from napari_medseg._napari.layers import class_labels_kwargs
 
     viewer = make_napari_viewer()
-    _, truth, _ = _add(viewer, consep_sample())
+    _, _, truth = _add(viewer, consep_sample())
     good = viewer.add_labels(truth.data.copy(), **class_labels_kwargs("copy", CONSEP_CLASSES))
     widget = MetricsWidget(viewer)
     widget.prediction.value, widget.ground_truth.value = good, truth
@@ -412,7 +415,7 @@ def test_demo_segments_sample_and_fills_metrics(make_napari_viewer):
     viewer = make_napari_viewer()
     segment, metrics = build_demo(viewer)
     names = [layer.name for layer in viewer.layers]
-    assert names == ["CoNSeP H&E", "CoNSeP ground truth", "CoNSeP instances", "CoNSeP H&E segmentation",
+    assert names == ["CoNSeP H&E", "CoNSeP instances", "CoNSeP ground truth", "CoNSeP H&E segmentation",
                      "CoNSeP H&E nuclei"]
     assert metrics.result is not None and metrics.result["overall"]["nucleus_dice"] > 0.6
     # instance metrics against the annotated nuclei, with the nuclei the Segment widget made

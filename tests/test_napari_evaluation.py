@@ -24,11 +24,11 @@ CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle"]
 def sample_viewer(make_napari_viewer):
     viewer = make_napari_viewer()
     layers = [getattr(viewer, f"add_{kind}")(data, **kwargs) for data, kwargs, kind in consep_sample()]
-    truth = layers[1]
+    truth = layers[2]  # image, instances (hidden, under), ground truth
     pred = np.roll(truth.data, 2, axis=1)
     pred[truth.data == 4] = 3  # spindle confused with epithelial
     pred_layer = viewer.add_labels(pred, **class_labels_kwargs("prediction", CLASSES))
-    return viewer, layers[0], truth, layers[2], pred_layer
+    return viewer, layers[0], truth, layers[1], pred_layer
 
 
 def test_metrics_panel_reports_instance_metrics_with_gt_instances(sample_viewer):

@@ -52,14 +52,15 @@ def test_samples_open_from_the_file_menu(make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.open_sample(PLUGIN, "consep")
     assert [type(l).__name__ for l in viewer.layers] == ["Image", "Labels", "Labels"]
-    image, truth, instances = viewer.layers
+    image, instances, truth = viewer.layers
+    assert viewer.layers.selection.active is truth and truth.visible  # not the hidden nuclei: they took a first stroke unseen
     assert image.rgb and image.data.shape == (256, 256, 3)
     assert truth.metadata["medseg"]["classes"] == CONSEP_CLASSES
     assert np.array_equal(truth.data > 0, instances.data > 0)
     viewer.layers.clear()
     viewer.open_sample(PLUGIN, "monuseg")
-    assert [l.name for l in viewer.layers] == ["MoNuSeg H&E", "MoNuSeg ground truth", "MoNuSeg instances"]
-    assert viewer.layers[0].data.shape == (512, 512, 3) and viewer.layers[2].data.max() > 50
+    assert [l.name for l in viewer.layers] == ["MoNuSeg H&E", "MoNuSeg instances", "MoNuSeg ground truth"]
+    assert viewer.layers[0].data.shape == (512, 512, 3) and viewer.layers[1].data.max() > 50
 
 
 def test_files_open_through_the_plugin_reader(make_napari_viewer, consep, small_consep):
@@ -69,8 +70,8 @@ def test_files_open_through_the_plugin_reader(make_napari_viewer, consep, small_
     viewer.layers.clear()  # its layer would share a name with the folder's first image
     layers = viewer.open(str(small_consep), plugin=PLUGIN)  # 6 images: the first 4, each as its own set
     assert [type(l) for l in layers] == [Image, Labels, Labels] * 4
-    assert [l.name for l in layers[:3]] == ["train_1_005", "train_1_005 ground truth", "train_1_005 instances"]
-    assert layers[1].metadata["medseg"]["classes"] == CONSEP_CLASSES
+    assert [l.name for l in layers[-3:]] == ["train_1_005", "train_1_005 instances", "train_1_005 ground truth"]
+    assert layers[-1].metadata["medseg"]["classes"] == CONSEP_CLASSES
 
 
 def test_a_dataset_folder_image_segments_and_scores_against_its_own_ground_truth(make_napari_viewer, small_consep):
@@ -114,7 +115,7 @@ def test_a_hidden_dataset_image_segmented_is_shown_under_its_nuclei(make_napari_
     assert "Hidden under the result: 'train_1_005 ground truth'" in segment.status.value
 
     # an image shown above the one segmented would cover it: hidden, and named
-    lower = viewer.layers["train_1_006"]
+    lower = viewer.layers["train_2_006"]  # the folder's last image: at the bottom
     segment.image_layer.value = lower
     assert segment.run(threaded=False) is not None, segment.status.value
     assert not hidden.visible and _top_shown_image(viewer) is lower

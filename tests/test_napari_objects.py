@@ -19,7 +19,7 @@ CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle"]
 @pytest.fixture
 def objects(make_napari_viewer):
     viewer = make_napari_viewer()
-    image, truth, instances = [getattr(viewer, f"add_{kind}")(data, **kwargs) for data, kwargs, kind in consep_sample()]
+    image, instances, truth = [getattr(viewer, f"add_{kind}")(data, **kwargs) for data, kwargs, kind in consep_sample()]
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Objects")
     return viewer, widget, image, truth, instances
 
@@ -56,7 +56,7 @@ def test_area_in_square_microns_from_the_image_scale(objects):
 def test_segment_nuclei_are_the_default_and_counted_once(make_napari_viewer):
     """Objects picks '<image> nuclei' for '<image> segmentation': one count for one result."""
     viewer = make_napari_viewer()
-    truth = consep_sample()[2][0]
+    truth = consep_sample()[1][0]
     seg = viewer.add_labels((truth > 0).astype(np.uint8), **class_labels_kwargs("x segmentation", CLASSES))
     nuclei = viewer.add_labels(truth, **instance_labels_kwargs("x nuclei"))
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Objects")
@@ -252,7 +252,7 @@ def test_a_files_labels_are_measured_with_its_instances_and_image(make_napari_vi
     from napari_medseg.io.images import write_label_map
     from skimage.io import imsave
 
-    image, truth, instances = (data for data, _kwargs, _kind in consep_sample())
+    image, instances, truth = (data for data, _kwargs, _kind in consep_sample())
     for folder in ("images", "labels", "instances"):
         (tmp_path / folder).mkdir()
     imsave(tmp_path / "images" / "x.png", image, check_contrast=False)

@@ -62,7 +62,7 @@ def test_segment_takes_the_plane_shown_of_a_stack_and_its_result_lands_there(mak
 
     root, images = fold
     viewer = make_napari_viewer()
-    stack, truth, truth_nuclei = viewer.open(root, plugin=PLUGIN)
+    stack, truth_nuclei, truth = viewer.open(root, plugin=PLUGIN)
     viewer.dims.set_current_step(0, 3)  # the slider on the 4th image
     widget = _segment(viewer, pannuke_checkpoint)
     widget.image_layer.value = stack

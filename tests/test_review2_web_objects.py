@@ -16,7 +16,7 @@ PLUGIN = "napari-medseg"
 def measured(make_napari_viewer):
     """The CoNSeP sample (its H&E at 0.25 µm/px, ground truth and nucleus ids) measured in Objects."""
     viewer = make_napari_viewer()
-    image, truth, instances = [getattr(viewer, f"add_{kind}")(data, **kwargs) for data, kwargs, kind in consep_sample()]
+    image, instances, truth = [getattr(viewer, f"add_{kind}")(data, **kwargs) for data, kwargs, kind in consep_sample()]
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Objects")
     widget.class_layer.value, widget.instance_layer.value = truth, instances
     assert widget.measure() is not None, widget.summary.value

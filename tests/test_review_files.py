@@ -140,7 +140,7 @@ def test_a_dataset_folder_of_calibrated_tiffs_opens_in_micrometres(make_napari_v
         png.unlink()
     viewer = make_napari_viewer()
     layers = viewer.open(str(small_consep), plugin="napari-medseg")
-    assert [layer.name for layer in layers[:3]] == ["train_1_005", "train_1_005 ground truth", "train_1_005 instances"]
+    assert [layer.name for layer in layers[-3:]] == ["train_1_005", "train_1_005 instances", "train_1_005 ground truth"]
     for layer in layers:
         assert tuple(layer.scale) == (0.5, 0.5) and [str(u) for u in layer.units] == ["micrometer"] * 2
     assert pixel_size_um(layers[0]) == 0.5
@@ -173,7 +173,7 @@ def test_a_pannuke_fold_opens_without_copying_it(tmp_path, consep):
     start = time.perf_counter()
     layers = get_reader(str(fold))(str(fold))
     assert time.perf_counter() - start < 2.0  # 0.1 s here; ~10 s before
-    (image, _, _), (classes, _, _), (instances, _, _) = layers
+    (image, _, _), (instances, _, _), (classes, _, _) = layers
     assert image.shape == (32, 256, 256, 3) and classes.shape == instances.shape == (32, 256, 256)
     opened = read_pannuke_fold(fold)
     for i in (0, 17, 31):

@@ -12,8 +12,8 @@ SEGMENT_DOCK, METRICS_DOCK = "Segment (napari-medseg)", "Metrics (napari-medseg)
 
 
 def build_demo(viewer, model: str = "default") -> tuple[SegmentWidget, MetricsWidget]:
-    layers = [getattr(viewer, f"add_{kind}")(data, **kwargs) for data, kwargs, kind in consep_sample()]
-    image, truth, truth_instances = layers[0], layers[1], layers[2]
+    layers = {kwargs["name"]: getattr(viewer, f"add_{kind}")(data, **kwargs) for data, kwargs, kind in consep_sample()}
+    image, truth, truth_instances = layers["CoNSeP H&E"], layers["CoNSeP ground truth"], layers["CoNSeP instances"]
     truth.visible = False  # scored in Metrics; drawn, it would hide the prediction's outlines
     segment = SegmentWidget(viewer)
     viewer.window.add_dock_widget(segment, name=SEGMENT_DOCK, area="right")

@@ -332,11 +332,14 @@ DATASET_OPEN_LIMIT = 4
 
 def read_dataset_folder(path) -> list[tuple]:
     """The first ``DATASET_OPEN_LIMIT`` images, each with its class and instance maps as layers
-    named by its stem; the first set shown, the others hidden. A notification says what was left."""
+    named by its stem; the first set shown and on top, the others hidden under it. A notification
+    says what was left."""
     ds = open_dataset(path)
     stems = ds.stems[:DATASET_OPEN_LIMIT]
     samples = [ds.load(stem) for stem in stems]  # all read first: a bad file adds no layer at all
-    layers = [layer for i, s in enumerate(samples) for layer in _sample_layers(ds, s, visible=i == 0)]
+    # the shown image last, so that it is on top and its ground truth the layer napari selects (it
+    # selects the last one added: a hidden one had taken the first brush stroke)
+    layers = [layer for i, s in reversed(list(enumerate(samples))) for layer in _sample_layers(ds, s, visible=i == 0)]
     if len(ds.stems) > len(stems):
         _notify_left_out(ds, stems)
     return layers
@@ -353,12 +356,12 @@ def _sample_layers(ds, sample, visible: bool) -> list[tuple]:
         metadata["pixel_size_um"] = size
     layers = [(sample.image, image_kwargs(sample.stem, sample.image, visible=visible, metadata=metadata, **extra),
                "image")]
+    if sample.instances is not None:  # hidden, so under the ground truth (see read_dataset_folder)
+        kwargs = instance_labels_kwargs(f"{sample.stem} instances", visible=False, **extra)
+        layers.append((_paintable(sample.instances), kwargs, "labels"))
     if sample.labels is not None:
         kwargs = class_labels_kwargs(f"{sample.stem} ground truth", ds.classes, visible=visible, **extra)
         layers.append((sample.labels, kwargs, "labels"))
-    if sample.instances is not None:
-        kwargs = instance_labels_kwargs(f"{sample.stem} instances", visible=False, **extra)
-        layers.append((_paintable(sample.instances), kwargs, "labels"))
     return layers
 
 
@@ -397,8 +400,8 @@ def read_pannuke(path) -> list[tuple]:
         # a mix napari's scale bar and the plane slider do not expect; Segment and Objects read it
         (images, image_kwargs(name, images, rgb=True, metadata={"tissues": fold.tissues,
                                                                 "pixel_size_um": PANNUKE_PIXEL_SIZE_UM}), "image"),
-        (classes, class_labels_kwargs(f"{name} ground truth", PANNUKE_CLASSES), "labels"),
         (instances, instance_labels_kwargs(f"{name} instances", visible=False), "labels"),
+        (classes, class_labels_kwargs(f"{name} ground truth", PANNUKE_CLASSES), "labels"),  # last: selected
     ]
 
 

@@ -34,10 +34,12 @@ def consep_sample() -> list[tuple]:
     return [
         (image, image_kwargs("CoNSeP H&E", image, **_in_micrometres(metadata={"pixel_size_um": SAMPLE_PIXEL_SIZE_UM})),
          "image"),
-        (labels, class_labels_kwargs("CoNSeP ground truth", CONSEP_CLASSES, **_in_micrometres()), "labels"),
+        # the hidden nuclei under the shown classes: napari selects the last layer added, and a
+        # newcomer's first brush stroke went to a layer they could not see
         (instances, instance_labels_kwargs("CoNSeP instances", CONSEP_CLASSES, None,
                                            instance_classes(instances, labels), visible=False, **_in_micrometres()),
          "labels"),
+        (labels, class_labels_kwargs("CoNSeP ground truth", CONSEP_CLASSES, **_in_micrometres()), "labels"),
     ]
 
 
@@ -47,7 +49,7 @@ def monuseg_sample() -> list[tuple]:
     return [
         (image, image_kwargs("MoNuSeg H&E", image, **_in_micrometres(metadata={"pixel_size_um": SAMPLE_PIXEL_SIZE_UM})),
          "image"),
+        (instances, instance_labels_kwargs("MoNuSeg instances", visible=False, **_in_micrometres()), "labels"),
         ((instances > 0).astype(np.uint8),
          class_labels_kwargs("MoNuSeg ground truth", ["background", "nucleus"], **_in_micrometres()), "labels"),
-        (instances, instance_labels_kwargs("MoNuSeg instances", visible=False, **_in_micrometres()), "labels"),
     ]
