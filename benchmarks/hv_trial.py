@@ -179,6 +179,11 @@ def train(args) -> int:
     rng = np.random.default_rng(args.seed)
     picks = torch.multinomial(weights, steps * cfg.batch_size, replacement=True, generator=torch.Generator().manual_seed(args.seed))
     model.train()
+    average = None
+    if args.ema:
+        from napari_medseg.training.ema import WeightAverage
+
+        average = WeightAverage(model, args.ema)
     t0 = time.time()
     with torch.no_grad():  # the new rows start small: the trained channels' loss is not disturbed at first
         head.weight[new_rows] *= 0.1
@@ -198,15 +203,18 @@ def train(args) -> int:
         loss.backward()
         opt.step()
         sched.step()
+        if average is not None:
+            average.update(model)
         record = {"step": step, "loss": float(base.detach()), "hv": float(extra.detach()), "lr": sched.get_last_lr()[0],
                   "s": round(time.time() - t0, 1)}
         log.write(json.dumps(record) + "\n")
         log.flush()
         if step % 20 == 0:
             print(record, flush=True)
+        kept = model if average is None else average.model  # the average, where one is kept
         if (step + 1) % 100 == 0:
-            save(model, cfg.model, out / "last.safetensors")
-    save(model, cfg.model, out / "last.safetensors")
+            save(kept, cfg.model, out / "last.safetensors")
+    save(model if average is None else average.model, cfg.model, out / "last.safetensors")
     print(f"saved {out / 'last.safetensors'} after {time.time() - t0:.0f} s", flush=True)
     return 0
 
@@ -339,6 +347,7 @@ def main(argv=None) -> int:
     t.add_argument("--lr", type=float, default=0.0005)
     t.add_argument("--hv-weight", type=float, default=2.0)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--ema", type=float, default=0.0, help="keep the weights' moving average with this decay (0: off)")
     t.add_argument("--out", default="runs/hv")
     s = sub.add_parser("score")
     s.add_argument("--weights", help="a trial's weights (without: the default, its map channels untrained)")
