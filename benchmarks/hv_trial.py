@@ -22,12 +22,13 @@ maps' gradient says a boundary runs (``--energy`` thresholds), scored as ``accur
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,18 +66,18 @@ def hv_maps(instances: np.ndarray) -> np.ndarray:
     return out
 
 
-SOBEL5 = None
+@functools.cache
+def _sobel5() -> torch.Tensor:
+    """(2, 1, 5, 5): the x and y kernels of HoVer-Net's 5x5 Sobel."""
+    r = torch.arange(-2, 3, dtype=torch.float32)
+    h, v = torch.meshgrid(r, r, indexing="xy")
+    kx = h / (h * h + v * v).clamp(min=1)
+    return torch.stack([kx, kx.T]).unsqueeze(1)
 
 
 def map_gradients(maps: torch.Tensor) -> torch.Tensor:
     """(B, 2, H, W) -> (B, 2, H, W): d(horizontal)/dx and d(vertical)/dy, 5x5 Sobel (HoVer-Net's)."""
-    global SOBEL5
-    if SOBEL5 is None:
-        r = torch.arange(-2, 3, dtype=torch.float32)
-        h, v = torch.meshgrid(r, r, indexing="xy")
-        kx = h / (h * h + v * v).clamp(min=1)
-        SOBEL5 = torch.stack([kx, kx.T]).unsqueeze(1)
-    k = SOBEL5.to(maps)
+    k = _sobel5().to(maps)
     padded = F.pad(maps, (2, 2, 2, 2), mode="replicate")
     return torch.cat([F.conv2d(padded[:, :1], k[:1]), F.conv2d(padded[:, 1:], k[1:])], 1)
 
@@ -184,6 +185,7 @@ def train(args) -> int:
         from napari_medseg.training.ema import WeightAverage
 
         average = WeightAverage(model, args.ema)
+    kept = model if average is None else average.model  # what is saved: the average, where one is kept
     t0 = time.time()
     with torch.no_grad():  # the new rows start small: the trained channels' loss is not disturbed at first
         head.weight[new_rows] *= 0.1
@@ -211,10 +213,9 @@ def train(args) -> int:
         log.flush()
         if step % 20 == 0:
             print(record, flush=True)
-        kept = model if average is None else average.model  # the average, where one is kept
         if (step + 1) % 100 == 0:
             save(kept, cfg.model, out / "last.safetensors")
-    save(model if average is None else average.model, cfg.model, out / "last.safetensors")
+    save(kept, cfg.model, out / "last.safetensors")
     print(f"saved {out / 'last.safetensors'} after {time.time() - t0:.0f} s", flush=True)
     return 0
 
@@ -224,7 +225,7 @@ def save(model, model_cfg, path: Path) -> None:
 
     state = {k: v.detach().contiguous().float() for k, v in model.state_dict().items()}
     tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={"model": json.dumps({**model_cfg.__dict__, "extra": model_cfg.extra})})
+    save_file(state, str(tmp), metadata={"model": json.dumps(asdict(model_cfg))})
     os.replace(tmp, path)
 
 
@@ -233,12 +234,11 @@ def save(model, model_cfg, path: Path) -> None:
 def boundary_energy(maps: np.ndarray, sigma: float = 1.0) -> np.ndarray:
     """Where the maps fall steeply (one nucleus's +1 side meets the next one's -1 side): the
     larger of -d(h)/dx and -d(v)/dy, per px, from lightly smoothed maps."""
-    t = torch.from_numpy(maps[None].astype(np.float32))
     if sigma > 0:
         from scipy import ndimage as ndi
 
-        t = torch.from_numpy(np.stack([ndi.gaussian_filter(m, sigma) for m in maps])[None].astype(np.float32))
-    g = map_gradients(t)[0].numpy()
+        maps = np.stack([ndi.gaussian_filter(m, sigma) for m in maps])
+    g = map_gradients(torch.from_numpy(maps[None].astype(np.float32)))[0].numpy()
     return np.maximum(-g[0], -g[1])
 
 
