@@ -145,6 +145,41 @@ def grown_model(model_cfg, state):
     return model
 
 
+class BranchedMaps(torch.nn.Module):
+    """The shipped network, frozen, and a decoder branch of its own for the maps (HoVer-Net's
+    design: each output its own decoder), started from a copy of the network's decoder. Its
+    classes and distance map are the default's, whatever the branch learns; the logits are laid
+    out as ``grown_model``'s (classes, distance, maps)."""
+
+    def __init__(self, network: torch.nn.Module):
+        import copy
+
+        from segmentation_models_pytorch.base import SegmentationHead
+
+        super().__init__()
+        self.network = network.requires_grad_(False)
+        self.branch = copy.deepcopy(network.decoder).requires_grad_(True)
+        head_in = network.segmentation_head[0].in_channels
+        self.branch_head = SegmentationHead(in_channels=head_in, out_channels=MAP_CHANNELS, kernel_size=3)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.network.eval()  # frozen: its batch-norm statistics stay the shipped ones
+        return self
+
+    def maps(self, features):
+        return self.branch_head(self.branch(features))
+
+    def forward(self, x):
+        features = self.network.encoder(x)
+        main = self.network.segmentation_head(self.network.decoder(features))
+        return torch.cat([main, self.maps(features)], 1)
+
+
+def is_branched(state: dict) -> bool:
+    return any(k.startswith("branch.") for k in state)
+
+
 def train(args) -> int:
     from napari_medseg.training.mixed import sampling_weights
     from napari_medseg.training.network import Precision
@@ -161,16 +196,22 @@ def train(args) -> int:
     device = torch.device("cpu")
     loss_fn = _loss_function(cfg, data, device)
     num_classes = len(data.classes)
-    model = grown_model(cfg.model, start.weights)
+    if args.branch:
+        from napari_medseg.models.registry import build_model
+
+        network = build_model(replace(cfg.model, encoder_weights=None))
+        network.load_state_dict(start.weights)
+        model = BranchedMaps(network)
+    else:
+        model = grown_model(cfg.model, start.weights)
     precision = Precision.for_device(cfg, device)
     model = model.to(memory_format=torch.channels_last) if precision.channels_last else model
     mean, std = normalization_stats(cfg.normalization)
     ds = MapPatches(data.train_items, cfg.data.crop_size, cfg.augment, mean, std, cfg.distance_touch_weight)
     weights = torch.tensor(sampling_weights(data.train_items, data.index, cfg.data.datasets), dtype=torch.float64)
-    # a share of the lr for the trained network, the full lr for the new channels' rows
-    head = model.segmentation_head[0]
     new_rows = slice(num_classes + 1, num_classes + 1 + MAP_CHANNELS)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=cfg.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=cfg.weight_decay)
     steps = args.steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     out = Path(args.out)
@@ -187,19 +228,29 @@ def train(args) -> int:
         average = WeightAverage(model, args.ema)
     kept = model if average is None else average.model  # what is saved: the average, where one is kept
     t0 = time.time()
-    with torch.no_grad():  # the new rows start small: the trained channels' loss is not disturbed at first
-        head.weight[new_rows] *= 0.1
-        head.bias[new_rows] = 0
+    if not args.branch:
+        head = model.segmentation_head[0]
+        with torch.no_grad():  # the new rows start small: the trained channels' loss is not disturbed at first
+            head.weight[new_rows] *= 0.1
+            head.bias[new_rows] = 0
     for step in range(steps):
         if time.time() > deadline:
             print(f"time limit at step {step}", flush=True)
             break
         batch = [ds[(data.index[int(picks[step * cfg.batch_size + j])], int(rng.integers(2**31)))] for j in range(cfg.batch_size)]
         image, labels, distance, weight, maps, valid, nucleus = (torch.stack(t) for t in zip(*batch))
-        with precision.autocast():
-            logits = model(precision.prepare(image))
-        base = loss_fn(logits[:, :num_classes + 1].float(), labels, distance, weight)
-        extra = hv_loss(logits[:, new_rows], maps, valid, nucleus)
+        if args.branch:  # the frozen network's outputs do not change: only the maps' loss
+            with precision.autocast():
+                with torch.no_grad():
+                    features = model.network.encoder(precision.prepare(image))
+                predicted = model.maps(features)
+            base = torch.zeros(())
+        else:
+            with precision.autocast():
+                logits = model(precision.prepare(image))
+            base = loss_fn(logits[:, :num_classes + 1].float(), labels, distance, weight)
+            predicted = logits[:, new_rows]
+        extra = hv_loss(predicted, maps, valid, nucleus)
         loss = base + args.hv_weight * extra
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -291,9 +342,13 @@ def score(args) -> int:
 
     torch.set_num_threads(args.threads)
     default_model, meta = load_checkpoint(resolve_model_path("default"))
-    model = grown_model(meta.model, default_model.state_dict())
-    if args.weights:
-        model.load_state_dict(load_file(args.weights))
+    state = load_file(args.weights) if args.weights else None
+    if state is not None and is_branched(state):
+        model = BranchedMaps(default_model)
+    else:
+        model = grown_model(meta.model, default_model.state_dict())
+    if state is not None:
+        model.load_state_dict(state)
     model.eval()
     mean, std = normalization_stats(meta.normalization)
     held_out = model_val_groups(meta)
@@ -348,6 +403,8 @@ def main(argv=None) -> int:
     t.add_argument("--hv-weight", type=float, default=2.0)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--ema", type=float, default=0.0, help="keep the weights' moving average with this decay (0: off)")
+    t.add_argument("--branch", action="store_true",
+                   help="the shipped network frozen, the maps from a decoder branch of their own (from a copy of its decoder)")
     t.add_argument("--out", default="runs/hv")
     s = sub.add_parser("score")
     s.add_argument("--weights", help="a trial's weights (without: the default, its map channels untrained)")
