@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -27,14 +28,22 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def stop_in_epoch_2():
+def stop_at_training_check(n: int):
+    """A ``should_stop`` that says stop at the ``n``-th check between training batches. Validation
+    asks too (before each of its batches), and is not counted: these runs count batches."""
     calls = {"n": 0}
 
-    def stop():  # 8 crops / batch 4 = 2 steps per epoch; the 3rd check opens epoch 2
+    def stop():
+        if sys._getframe(1).f_code.co_name != "train_one_epoch":
+            return False
         calls["n"] += 1
-        return calls["n"] >= 3
+        return calls["n"] >= n
 
     return stop
+
+
+def stop_in_epoch_2():
+    return stop_at_training_check(3)  # 8 crops / batch 4 = 2 steps per epoch; the 3rd check opens epoch 2
 
 
 # DataLoader workers run in a process of their own here: a process that ever had them keeps
@@ -55,7 +64,9 @@ def weights(path):
 def same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 calls = {{"n": 0}}
-def stop():  # 8 crops / batch 4 = 2 steps per epoch; the 3rd check opens epoch 2
+def stop():  # 8 crops / batch 4 = 2 steps per epoch; the 3rd check between batches opens epoch 2
+    if sys._getframe(1).f_code.co_name != "train_one_epoch":
+        return False  # validation's checks
     calls["n"] += 1
     return calls["n"] >= 3
 extra = ("epochs=3", "data.val_fraction=0.34", "data.crops_per_image=2")

@@ -10,6 +10,8 @@ import torch
 
 from napari_medseg.training import TrainingError, load_train_config, train
 
+from test_resume_exact import stop_at_training_check
+
 TINY = ["model.architecture=unet", "model.encoder=resnet18", "model.encoder_depth=3", "data.crop_size=64",
         "batch_size=4", "lr=0.003", "num_threads=1", "data.val_fraction=0.34"]
 
@@ -49,13 +51,8 @@ def test_such_a_run_resumed_cannot_average_and_says_so(small_consep, tmp_path):
     run = tmp_path / "run"
     start = train(tiny_config(small_consep, run, "epochs=1")).checkpoint
     extra = ("epochs=2", f"init_checkpoint={start}", "average_with_start=0.5")
-    calls = {"n": 0}
-
-    def stop_in_epoch_2():  # 4 crops / batch 4 = 1 step per epoch; the 2nd check opens epoch 2
-        calls["n"] += 1
-        return calls["n"] >= 2
-
-    part = train(tiny_config(small_consep, run, *extra), should_stop=stop_in_epoch_2)
+    # 4 crops / batch 4 = 1 step per epoch; the 2nd check between batches opens epoch 2
+    part = train(tiny_config(small_consep, run, *extra), should_stop=stop_at_training_check(2))
     assert part.reason == "stopped by user"
     with pytest.raises(TrainingError, match="cannot average with it"):
         train(tiny_config(small_consep, run, *extra, f"resume={part.resume}"))

@@ -19,6 +19,8 @@ from napari_medseg.training.data import (LabelledImage, PatchDataset, load_datas
 from napari_medseg.training.early_stopping import PatienceStop, QuadraticStop, quadratic_slope
 from napari_medseg.training.losses import IGNORE_INDEX, build_loss
 
+from test_resume_exact import stop_in_epoch_2
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.architecture=unet", "model.encoder=resnet18", "model.encoder_depth=3", "data.crop_size=64",
         "batch_size=4", "lr=0.003", "num_threads=1"]
@@ -117,13 +119,7 @@ def test_resume_continues_exactly(small_consep, tmp_path):
     extra = ("epochs=3", "data.val_fraction=0.34", "data.crops_per_image=2")
     full = train(tiny_config(small_consep, tmp_path / "full", *extra))
     assert len(full.history) == 3
-    calls = {"n": 0}
-
-    def stop_in_epoch_2():  # 8 crops / batch 4 = 2 steps per epoch; the 3rd check opens epoch 2
-        calls["n"] += 1
-        return calls["n"] >= 3
-
-    part = train(tiny_config(small_consep, tmp_path / "part", *extra), should_stop=stop_in_epoch_2)
+    part = train(tiny_config(small_consep, tmp_path / "part", *extra), should_stop=stop_in_epoch_2())
     assert part.reason == "stopped by user" and len(part.history) == 1
     resumed = train(tiny_config(small_consep, tmp_path / "part", *extra, f"resume={part.resume}"))
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]

@@ -22,7 +22,7 @@ from .network import Precision
 from .optimisation import Optimisation
 from .progress import LEAST_GAIN, Progress, least_gain, needs_start_scores
 from .setup import Loaders, seed_epoch
-from .validation import validate_sets
+from .validation import ValidationStopped, validate_sets
 
 USER_STOP = "stopped by user"
 # the reason a run ends at its deadline (``train(deadline=...)``, ``medseg train --time-limit``): before an
@@ -78,7 +78,11 @@ def score_start(run: Run) -> None:
             raise TrainingError("This resume file does not hold the start model's validation scores that monitor "
                                 f"'{progress.monitor}' compares with; resume with the monitor it was run with.")
         run.emit(StartScored(f"Scoring {what} on the validation images{at}, to compare every epoch with..."))
-        progress.start_scores = (_validate(run) if model is None else _validate_reference(run, model, meta))[1]
+        try:
+            progress.start_scores = (_validate(run) if model is None else _validate_reference(run, model, meta))[1]
+        except ValidationStopped:  # nothing trained yet: the run ends with no checkpoint
+            progress.reason = USER_STOP
+            return
     sets = progress.start_scores.get("sets") or {"": progress.start_scores}
     said = "; ".join(f"{name + ' ' if name else ''}nucleus Dice {m.get('nucleus_dice', math.nan):.4f}, "
                      f"bPQ {m.get('bpq', math.nan):.4f}" for name, m in sets.items())
@@ -113,7 +117,7 @@ def _validate_reference(run: Run, model: torch.nn.Module, meta) -> tuple[float, 
     return validate_sets(model, run.loaders.val_sets, run.loss_fn, run.num_classes, run.device, run.ctx,
                          run.precision.autocast, run.precision.channels_last,
                          InstanceSettings.recorded(meta.instance_settings), meta.foreground_threshold,
-                         meta.class_choice_weights)
+                         meta.class_choice_weights, run.should_stop)
 
 
 def _validate(run: Run) -> tuple[float, dict]:
@@ -122,7 +126,7 @@ def _validate(run: Run) -> tuple[float, dict]:
     return validate_sets(run.kept_model, run.loaders.val_sets, run.loss_fn, run.num_classes, run.device,
                          run.ctx, run.precision.autocast, run.precision.channels_last,
                          InstanceSettings.recorded(run.writer.instance_settings), run.writer.foreground_threshold,
-                         run.writer.class_choice_weights)
+                         run.writer.class_choice_weights, run.should_stop)
 
 
 def run_epochs(run: Run) -> None:
@@ -202,7 +206,11 @@ def finish_epoch(run: Run, epoch: int, train_loss: float, lr: float, started: fl
     if run.ema is not None:
         run.ctx.sync_buffers(run.ema.model)
     if run.loaders.val_sets:
-        val_loss, metrics = _validate(run)
+        try:
+            val_loss, metrics = _validate(run)
+        except ValidationStopped:  # an epoch not scored is not kept: the best and resume files stay the last scored one's
+            run.progress.reason = USER_STOP
+            return
         if run.progress.start_scores is not None:
             metrics[LEAST_GAIN] = least_gain(metrics, run.progress.start_scores)
     else:

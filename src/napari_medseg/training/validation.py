@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,6 +19,11 @@ from .losses import IGNORE_INDEX
 from .mixed import BINARY_NUCLEUS
 
 CLASS_METRICS = ("miou", "mean_dice", "per_class_iou")  # about the class split: not for binary sets
+
+
+class ValidationStopped(Exception):
+    """The user stopped the run while its validation images were being scored (a pass over them
+    can take minutes on a CPU): the scores were not finished and mean nothing."""
 
 
 @dataclass
@@ -34,7 +40,8 @@ def validate(model, loader, loss_fn, num_classes: int, device, ctx: DistContext 
              gt_instances: list[np.ndarray] | None = None, binary: bool = False,
              instance_settings: InstanceSettings | None = None,
              foreground_threshold: float | None = None,
-             class_weights: list[float] | None = None) -> tuple[float, dict]:
+             class_weights: list[float] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> tuple[float, dict]:
     """Mean loss per image and metrics from one pooled confusion matrix (summed over ranks).
 
     With ``gt_instances`` (one map per validation image, in the loader's order) also ``bpq``:
@@ -44,7 +51,8 @@ def validate(model, loader, loss_fn, num_classes: int, device, ctx: DistContext 
     ``binary``: the labels are a binary set's codes; the matrix is nucleus vs background.
     ``foreground_threshold``: the checkpoint's, so that the run is scored as the product will
     segment with it (``inference.class_decision.classify``); None: the argmax. ``class_weights``:
-    its class-choice weights (``medseg tune-classes``), for the same reason.
+    its class-choice weights (``medseg tune-classes``), for the same reason. ``should_stop``: asked
+    before each batch; True raises ``ValidationStopped``.
     """
     model.eval()
     scored = 2 if binary else num_classes
@@ -53,6 +61,8 @@ def validate(model, loader, loss_fn, num_classes: int, device, ctx: DistContext 
     pq_sum = torch.zeros(2, dtype=torch.float64, device=device)
     seen = 0
     for image, labels, *extra in loader or ():
+        if should_stop is not None and should_stop():
+            raise ValidationStopped
         image, labels = image.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         extra = [t.to(device, non_blocking=True) for t in extra]
         if channels_last:
@@ -105,11 +115,13 @@ def validate_sets(model, sets: list[ValidationSet], loss_fn, num_classes: int, d
                   autocast=nullcontext, channels_last: bool = False,
                   instance_settings: InstanceSettings | None = None,
                   foreground_threshold: float | None = None,
-                  class_weights: list[float] | None = None) -> tuple[float, dict]:
+                  class_weights: list[float] | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> tuple[float, dict]:
     """``validate`` for each set; a run's only unnamed set as it is, several sets as the mean of
     their figures (class metrics over the class sets) with each set's own under ``sets``."""
     scores = {s.name: validate(model, s.loader, loss_fn, num_classes, device, ctx, autocast, channels_last,
-                               s.instances, s.binary, instance_settings, foreground_threshold, class_weights)
+                               s.instances, s.binary, instance_settings, foreground_threshold, class_weights,
+                               should_stop)
               for s in sets}
     if len(sets) == 1 and not sets[0].name:
         return scores[""]
