@@ -16,7 +16,7 @@ from napari_medseg._napari.train_widget import (DEFAULT_MODEL, FILE_MODEL, FROM_
                                                 NEW_MODEL, PREVIEW_KIND, TrainWidget)
 from napari_medseg.models import load_checkpoint, read_meta
 from napari_medseg.training.tiles import TileInputError, layer_items, tile_bounds
-from napari_medseg.training.trainer import BatchDone, TrainingDone
+from napari_medseg.training.trainer import BatchDone, EpochDone, TrainingDone
 
 CONSEP_CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle"]
 
@@ -221,6 +221,34 @@ def test_stop_after_first_batch_keeps_nothing_and_says_why(make_napari_viewer, c
     assert "no model was saved" in widget.status.value
     assert not (tmp_path / "models" / "tiny").exists()  # the empty run folder is removed
     assert set(trained_models.names()) == before and not _preview_layers(viewer)
+    assert widget.train_button.enabled and not widget.stop_button.enabled
+
+
+# -- Stop while an epoch's validation images are scored: the run ends there, the last scored epoch kept -------
+def test_stop_during_validation_ends_the_run_there_and_keeps_the_epoch_before(make_napari_viewer, consep,
+                                                                              tmp_path):
+    viewer = make_napari_viewer()
+    image, labels = _painted(viewer, consep)
+    widget = TrainWidget(viewer)
+    widget.source.value = FROM_LAYERS
+    _tiny(widget, tmp_path / "models", epochs=4)
+    widget.tile_size.value = 128  # 4 tiles: 3 to train, 1 to validate
+    widget.val_fraction.value = 0.25
+    widget.crops_per_image.value = 4
+    epochs_said = []
+
+    def on_update(update):
+        if isinstance(update, BatchDone) and update.epoch == 2 and update.step == update.steps:
+            widget.stop()  # pressed after epoch 2's last batch: its validation comes next
+        if isinstance(update, EpochDone):
+            epochs_said.append(update.epoch)
+
+    widget.update_received.connect(on_update)
+    done = widget.run(threaded=False)
+    assert done.stopped_early and done.reason == "stopped by user"
+    assert epochs_said == [1] and [r["epoch"] for r in done.history] == [1]  # epoch 2 was not scored
+    assert done.best_epoch == 1 and done.checkpoint.is_file()
+    assert "stopped by user" in widget.status.value and "best epoch 1" in widget.status.value
     assert widget.train_button.enabled and not widget.stop_button.enabled
 
 
