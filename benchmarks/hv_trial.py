@@ -10,11 +10,14 @@ sign across the line where two nuclei meet, so the maps' gradient marks that lin
 ``train``: the shipped default with two more output channels (its weights otherwise as they
 are), fine-tuned on ``configs/all_data.yaml``'s data and loss plus HoVer-Net's map loss (mean
 squared error, and that of the maps' gradients inside nuclei), for a given number of minutes.
+With ``--branch`` the shipped network stays frozen and the maps come from a decoder branch of
+their own (HoVer-Net's layout), so only the cut can change what the product would give.
 ``score``: the held-out images of each set (the default's split), one whole-image forward pass,
 nuclei cut (a) as the product cuts them (distance cores), (b) with the cores also cut where the
 maps' gradient says a boundary runs (``--energy`` thresholds), scored as ``accuracy.py`` scores.
 
     python benchmarks/hv_trial.py train --minutes 70 --out runs/hv
+    python benchmarks/hv_trial.py train --branch --minutes 45 --steps 2000 --out runs/hv_branch
     python benchmarks/hv_trial.py score --weights runs/hv/last.safetensors --training-images
     python benchmarks/hv_trial.py score --weights runs/hv/last.safetensors --energy 0.3
 """
