@@ -1,5 +1,6 @@
-"""Stop reaches a run while it scores its validation images (minutes on a CPU for the default's
-three sets), not only between training batches: the widget's Stop had waited for the whole pass."""
+"""Stop reaches a run while it scores its validation images, not only between training batches:
+the widget's Stop had waited for the whole pass (seconds for the default's held-out images on a
+CPU, longer for a folder of large images)."""
 
 from __future__ import annotations
 

@@ -22,8 +22,8 @@ CLASS_METRICS = ("miou", "mean_dice", "per_class_iou")  # about the class split:
 
 
 class ValidationStopped(Exception):
-    """The user stopped the run while its validation images were being scored (a pass over them
-    can take minutes on a CPU): the scores were not finished and mean nothing."""
+    """The user stopped the run while its validation images were being scored (a pass over a
+    folder of large images takes a while on a CPU): the scores were not finished and mean nothing."""
 
 
 @dataclass
