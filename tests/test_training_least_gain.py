@@ -31,6 +31,17 @@ def test_validation_decides_each_pixel_as_the_product_does(threshold, weights):
         assert (decided != logits.argmax(1).numpy()).any()
 
 
+def test_validation_breaks_ties_as_the_product_does():
+    """Equal scores go to the first class, as numpy's argmax in ``classify`` gives them."""
+    logits = torch.zeros(1, 5, 4, 4)
+    logits[0, 0, :2] = -1.0  # top half: the four nucleus classes tie above the background
+    for threshold in (None, 0.5):
+        decided = _decide(logits, threshold).numpy()[0]
+        np.testing.assert_array_equal(decided, classify(torch.softmax(logits[0], 0).numpy(), threshold))
+        assert (decided[:2] == 1).all()
+    assert (_decide(logits, None).numpy()[0, 2:] == 0).all()  # all five tie: the background
+
+
 def test_least_gain_is_the_smallest_gain_of_any_set_in_dice_or_bpq():
     start = {"sets": {"a": {"nucleus_dice": 0.80, "bpq": 0.40}, "b": {"nucleus_dice": 0.70, "bpq": 0.50},
                       "c": {"nucleus_dice": 0.60, "bpq": math.nan}}}
