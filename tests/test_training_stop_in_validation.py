@@ -5,6 +5,7 @@ CPU, longer for a folder of large images)."""
 from __future__ import annotations
 
 import pytest
+
 from napari_medseg.training import BatchDone, EpochDone, StartScored, train
 from napari_medseg.training.resume import read_resume
 
@@ -12,8 +13,9 @@ from test_resume_exact import tiny_config
 
 
 def _stop_when(condition):
-    """(on_update, should_stop): Stop is pressed at the first update that meets ``condition``;
-    ``checks`` counts the questions asked after it."""
+    """(said, state, on_update, should_stop): Stop is pressed at the first update that meets
+    ``condition``; ``said`` collects the updates, ``state["checks"]`` counts the questions asked
+    after the press."""
     state = {"stopped": False, "checks": 0}
 
     def on_update(update):
