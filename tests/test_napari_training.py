@@ -12,7 +12,7 @@ import tifffile
 
 from napari_medseg._napari.model_list import trained_models
 from napari_medseg._napari.segment_widget import SegmentWidget
-from napari_medseg._napari.train_widget import (DEFAULT_MODEL, FILE_MODEL, FROM_FOLDER, FROM_LAYERS,
+from napari_medseg._napari.train_widget import (DEFAULT_MODEL, STOPPING, FILE_MODEL, FROM_FOLDER, FROM_LAYERS,
                                                 NEW_MODEL, PREVIEW_KIND, TrainWidget)
 from napari_medseg.models import load_checkpoint, read_meta
 from napari_medseg.training.tiles import TileInputError, layer_items, tile_bounds
@@ -235,11 +235,12 @@ def test_stop_during_validation_ends_the_run_there_and_keeps_the_epoch_before(ma
     widget.tile_size.value = 128  # 4 tiles: 3 to train, 1 to validate
     widget.val_fraction.value = 0.25
     widget.crops_per_image.value = 4
-    epochs_said = []
+    epochs_said, said_on_stop = [], []
 
     def on_update(update):
         if isinstance(update, BatchDone) and update.epoch == 2 and update.step == update.steps:
             widget.stop()  # pressed after epoch 2's last batch: its validation comes next
+            said_on_stop.append(widget.status.value)
         if isinstance(update, EpochDone):
             epochs_said.append(update.epoch)
 
@@ -247,6 +248,8 @@ def test_stop_during_validation_ends_the_run_there_and_keeps_the_epoch_before(ma
     done = widget.run(threaded=False)
     assert done.stopped_early and done.reason == "stopped by user"
     assert epochs_said == [1] and [r["epoch"] for r in done.history] == [1]  # epoch 2 was not scored
+    # what Stop said while the run went on: the epoch under way (here: its validation) is not kept
+    assert said_on_stop == [STOPPING] and "epoch under way is not kept" in STOPPING
     assert done.best_epoch == 1 and done.checkpoint.is_file()
     assert "stopped by user" in widget.status.value and "best epoch 1" in widget.status.value
     assert widget.train_button.enabled and not widget.stop_button.enabled

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 PREVIEW_KIND = "training-preview"
 PREVIEW_IMAGE_KIND = "preview-image"
+# Stop ends a run at its next batch, of training or of validation: the epoch under way is not kept
+STOPPING = "Stopping at the next batch (the epoch under way is not kept; the best checkpoint so far stays)..."
 # folded under "advanced settings" (closed at first): the widget fits a 1000 px screen beside others
 ADVANCED = ("tile_size", "val_fraction", "architecture", "encoder", "encoder_depth", "freeze_encoder",
             "distance_head", "loss", "lr", "batch_size", "crop_size", "crops_per_image", "augment", "patience",
@@ -283,7 +285,7 @@ class TrainWidget(ScrollingDock):
         if self._job is not None and not self._job.stop_requested:
             self._job.stop()
             self.stop_button.enabled = False
-            self.status.value = "Stopping after the current batch..."
+            self.status.value = STOPPING
 
     def _on_closed(self, job: TrainingJob) -> None:
         """The dock is gone: the run ends after its batch, and its last updates touch no control
@@ -346,7 +348,7 @@ class TrainWidget(ScrollingDock):
         scores = (f", validation loss {e.val_loss:.3f}, mIoU {e.metrics.get('miou', float('nan')):.3f}, "
                   f"mean class Dice {e.metrics.get('mean_dice', float('nan')):.3f}, "
                   f"bPQ {e.metrics.get('bpq', float('nan')):.3f}") if e.metrics else ""
-        stopping = " Stopping after the current batch..." if self._job is not None and self._job.stop_requested else ""
+        stopping = f" {STOPPING}" if self._job is not None and self._job.stop_requested else ""
         self.status.value = (f"Epoch {e.epoch}/{e.epochs}: training loss {e.train_loss:.3f}{scores}"
                              f"{' (best so far, saved)' if e.best else ''} in {e.seconds:.1f} s.{stopping}"
                              f"{self._finishing(e)}")
