@@ -266,7 +266,8 @@ def test_argument_values_are_checked_by_the_parser(capsys):
 
 
 def test_options_not_given_keep_the_settings_defaults():
-    from napari_medseg.cli import _batch_settings, _instance_settings, build_parser
+    from napari_medseg.cli import build_parser
+    from napari_medseg.cli.settings import _batch_settings, _instance_settings
     from napari_medseg.inference import PostprocessSettings, TileSettings
     from napari_medseg.nuclei.watershed import InstanceSettings
 
@@ -333,28 +334,28 @@ def test_an_interrupted_train_says_how_to_resume_and_that_command_finishes_it(sm
     import shlex
     import signal
 
-    from napari_medseg import cli
+    from napari_medseg.cli import train as cli_train
     from napari_medseg.training import EpochDone
 
     run = tmp_path / "run"
     config = str(Path(__file__).parents[1] / "configs" / "smoke.yaml")
     args = ["train", config, "--set", f"data.dataset=[{small_consep}]", "--set", f"out_dir={run}",
             "--set", "data.val_fraction=0.34", "--set", "epochs=3", "--set", "data.samples_per_epoch=32"]
-    update = cli._TrainPrinter.update
+    update = cli_train._TrainPrinter.update
 
     def terminate_after_epoch_one(self, u):
         update(self, u)
         if isinstance(u, EpochDone) and u.epoch == 1:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(cli._TrainPrinter, "update", terminate_after_epoch_one)
+    monkeypatch.setattr(cli_train._TrainPrinter, "update", terminate_after_epoch_one)
     assert main(args) == 143
     err = capsys.readouterr().err
     hint = next(line for line in err.splitlines() if line.startswith("resume with: "))
     words = shlex.split(hint[len("resume with: "):])
     assert words[:3] == ["medseg", "train", config] and f"out_dir={run}" in words and "epochs=3" in words
     assert words[-2:] == ["--resume", str(run / "resume.safetensors")]
-    monkeypatch.setattr(cli._TrainPrinter, "update", update)
+    monkeypatch.setattr(cli_train._TrainPrinter, "update", update)
     assert main(words[1:]) == 0
     out = capsys.readouterr().out
     assert "epoch 3/3" in out and (run / "best.safetensors").is_file()
@@ -365,7 +366,7 @@ def test_an_interrupted_train_says_how_to_resume_and_that_command_finishes_it(sm
         update(self, u)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(cli._TrainPrinter, "update", terminate_at_once)
+    monkeypatch.setattr(cli_train._TrainPrinter, "update", terminate_at_once)
     assert main([*args, "--overwrite"]) == 143
     err = capsys.readouterr().err
     assert "nothing to resume" in err and "resume with:" not in err
@@ -511,7 +512,7 @@ def test_an_averaged_result_names_the_start_it_was_averaged_with(tmp_path, tiny_
     import dataclasses
     from types import SimpleNamespace
 
-    from napari_medseg.cli import _result_words
+    from napari_medseg.cli.train import _result_words
     from napari_medseg.models import build_model, read_meta, save_checkpoint
     from napari_medseg.training.config import AVERAGED_NAME, TrainConfig
 
@@ -533,7 +534,7 @@ def test_a_torchrun_runs_resume_hint_is_a_torchrun_command(tmp_path, monkeypatch
     import shlex
     from types import SimpleNamespace
 
-    from napari_medseg import cli
+    from napari_medseg.cli import train as cli_train
 
     resume = tmp_path / "resume.safetensors"
     resume.write_bytes(b"x")
@@ -541,18 +542,18 @@ def test_a_torchrun_runs_resume_hint_is_a_torchrun_command(tmp_path, monkeypatch
     monkeypatch.setenv("RANK", "0")
     args = SimpleNamespace(config="c.yaml", set=["epochs=3"], started=0)
     stage = SimpleNamespace(config=SimpleNamespace(out_dir=str(tmp_path)), name=None)
-    cli._print_resume_hint(args, stage)
+    cli_train._print_resume_hint(args, stage)
     hint = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("resume with: "))
     words = shlex.split(hint[len("resume with: "):])
     assert words[:7] == ["torchrun", "--nproc_per_node", "2", "-m", "napari_medseg", "train", "c.yaml"]
     assert words[-2:] == ["--resume", str(resume)]
     monkeypatch.setenv("WORLD_SIZE", "1")
-    cli._print_resume_hint(args, stage)
+    cli_train._print_resume_hint(args, stage)
     assert "resume with: medseg train c.yaml" in capsys.readouterr().err
 
 
 def test_an_epoch_line_of_nucleus_only_sets_leaves_out_the_class_figures_they_have_not():
-    from napari_medseg.cli import _epoch_line
+    from napari_medseg.cli.train import _epoch_line
     from napari_medseg.training.events import EpochDone
 
     binary = {"miou": float("nan"), "mean_dice": float("nan"), "nucleus_dice": 0.81, "bpq": 0.52}
@@ -567,7 +568,7 @@ def test_an_epoch_line_of_nucleus_only_sets_leaves_out_the_class_figures_they_ha
 
 
 def test_a_folder_of_images_and_slides_says_the_slides_are_not_segmented_with_the_images(tmp_path, capsys):
-    from napari_medseg.cli import _collect_inputs
+    from napari_medseg.cli.predict import _collect_inputs
 
     folder = tmp_path / "mixed"
     folder.mkdir()

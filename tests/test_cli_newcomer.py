@@ -107,7 +107,8 @@ def test_web_on_a_taken_port_or_an_impossible_host_is_said_plainly(taken_port, m
 def test_a_region_starting_with_a_minus_is_a_region(tmp_path, monkeypatch):
     """Before: 'argument --region: expected one argument' (only --region=-10,... worked). Now the
     value is read, and a region off the slide gets its own message, before the model loads."""
-    from napari_medseg.cli import build_parser, _negative_values_joined
+    from napari_medseg.cli import build_parser
+    from napari_medseg.cli.entry import _negative_values_joined
 
     argv = ["predict", "s.svs", "--region", "-10,0,100,100", "--out", "o"]
     assert build_parser().parse_args(_negative_values_joined(argv)).region == "-10,0,100,100"

@@ -35,12 +35,12 @@ def test_a_config_error_under_torchrun_is_printed_once(tmp_path):
 def test_a_later_rank_is_quiet_before_the_group_and_keeps_the_status(monkeypatch):
     """The second process of a node (LOCAL_RANK 1), before the processes have joined, ended by
     torchrun during its pause (the first said the error and exited): no message, the same status 2."""
-    from napari_medseg import cli
+    from napari_medseg.cli import entry as cli_main
 
     def ended_by_torchrun(seconds):
-        raise cli.Terminated()
+        raise cli_main.Terminated()
 
-    monkeypatch.setattr(cli.time, "sleep", ended_by_torchrun)
+    monkeypatch.setattr(cli_main.time, "sleep", ended_by_torchrun)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("RANK", "1")
     proc = medseg("train", str(REPO / "configs" / "smoke.yaml"), "--set", "epochs=abc")
@@ -54,13 +54,13 @@ def test_a_later_rank_failing_alone_says_its_error_after_the_pause(monkeypatch):
     """An error only the second process meets (the first waits for it to join): no one ends it in
     its pause, so it says the error itself, naming its rank. It had exited with status 2 and
     nothing on the screen."""
-    from napari_medseg import cli
+    from napari_medseg.cli import entry as cli_main
 
     pauses = []
-    monkeypatch.setattr(cli.time, "sleep", pauses.append)
+    monkeypatch.setattr(cli_main.time, "sleep", pauses.append)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("RANK", "1")
     proc = medseg("train", str(REPO / "configs" / "smoke.yaml"), "--set", "epochs=abc")
-    assert pauses == [cli.LINGER_S]
+    assert pauses == [cli_main.LINGER_S]
     assert proc.returncode == 2 and "medseg train (rank 1): error:" in proc.stderr and MESSAGE in proc.stderr
     assert proc.stderr.count(MESSAGE) == 1

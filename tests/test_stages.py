@@ -231,26 +231,27 @@ def test_a_stage_stopped_before_its_first_epoch_says_the_command_that_starts_it_
     again', which stage a's finished folder then refused; it is b alone, and following it works."""
     import shlex
 
-    from napari_medseg import cli
+    from napari_medseg.cli import main
+    from napari_medseg.cli.train import _TrainPrinter
 
     path = _write(tmp_path, {**BASE, "data": {"dataset": [str(small_consep)], "crop_size": 64, "val_fraction": 0.34},
                              "out_dir": str(tmp_path / "run"), "stages": [{"name": "a"}, {"name": "b"}]})
-    update = cli._TrainPrinter.update
+    update = _TrainPrinter.update
 
     def ctrl_c_as_b_starts(self, u):
         update(self, u)
         if self.stage.name == "b":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli._TrainPrinter, "update", ctrl_c_as_b_starts)
-    assert cli.main(["train", str(path)]) == 130
+    monkeypatch.setattr(_TrainPrinter, "update", ctrl_c_as_b_starts)
+    assert main(["train", str(path)]) == 130
     err = capsys.readouterr().err
     hint = next(line for line in err.splitlines() if "start it again with: " in line)
     assert "before stage 'b' ended its first epoch" in hint
     words = shlex.split(hint.split("start it again with: ", 1)[1])
     assert words[:3] == ["medseg", "train", str(path)] and words[-2:] == ["--from-stage", "b"]
-    monkeypatch.setattr(cli._TrainPrinter, "update", update)
-    assert cli.main(words[1:]) == 0
+    monkeypatch.setattr(_TrainPrinter, "update", update)
+    assert main(words[1:]) == 0
     assert (tmp_path / "run" / "b" / "best.safetensors").is_file()
 
 

@@ -62,7 +62,8 @@ def test_a_deadline_already_passed_trains_nothing(small_consep, tmp_path, hand_c
 @pytest.mark.usefixtures("one_torch_thread")
 def test_stages_after_the_one_out_of_time_do_not_start_and_the_cli_says_how_to_go_on(small_consep, tmp_path,
                                                                                     hand_clock, capsys):
-    from napari_medseg import cli
+    from napari_medseg.cli import main
+    from napari_medseg.cli.train import _TrainPrinter
 
     now, on_update = hand_clock
     config = tmp_path / "staged.yaml"
@@ -76,7 +77,7 @@ def test_stages_after_the_one_out_of_time_do_not_start_and_the_cli_says_how_to_g
     assert not (tmp_path / "run" / "c").exists()
 
     # the command line: minutes from now; the hint continues the stage that ran out of time
-    printer_update = cli._TrainPrinter.update
+    printer_update = _TrainPrinter.update
 
     def moving(self, update):
         printer_update(self, update)
@@ -86,8 +87,8 @@ def test_stages_after_the_one_out_of_time_do_not_start_and_the_cli_says_how_to_g
     args = ["train", str(config), "--set", f"out_dir={cli_run}", "--time-limit", str(2.5 * EPOCH_SECONDS / 60)]
     import unittest.mock
 
-    with unittest.mock.patch.object(cli._TrainPrinter, "update", moving):
-        assert cli.main(args) == 0
+    with unittest.mock.patch.object(_TrainPrinter, "update", moving):
+        assert main(args) == 0
     captured = capsys.readouterr()
     assert f"stopped: {TIME_LIMIT}: epoch 3" in captured.out
     assert f"checkpoint {cli_run / 'a' / 'best.safetensors'}" in captured.out
@@ -96,8 +97,8 @@ def test_stages_after_the_one_out_of_time_do_not_start_and_the_cli_says_how_to_g
     assert words[:3] == ["medseg", "train", str(config)]
     assert words[-4:] == ["--from-stage", "a", "--resume", str(cli_run / "a" / "resume.safetensors")]
     assert not (cli_run / "b").exists()
-    with unittest.mock.patch.object(cli._TrainPrinter, "update", moving):
-        assert cli.main(words[1:]) == 0  # as said: stage a's last epoch, then stage b
+    with unittest.mock.patch.object(_TrainPrinter, "update", moving):
+        assert main(words[1:]) == 0  # as said: stage a's last epoch, then stage b
     assert (cli_run / "b" / "best.safetensors").is_file()
 
 
