@@ -359,14 +359,14 @@ def test_after_the_warm_up_a_result_layer_imports_nothing(tmp_path):
 import sys
 import numpy as np
 from napari_medseg._napari import common
-from napari_medseg._napari.segment_widget import _labels_layers
+from napari_medseg._napari.segment_results import labels_layers
 from napari_medseg._napari.layers import class_labels_kwargs, instance_labels_kwargs
 common.warm_label_visuals()
 common._warming.join(timeout=120)
 before = set(sys.modules)
 classes = ["background", "other", "inflammatory", "epithelial", "spindle"]
 nuclei = np.arange(64, dtype=np.int32).reshape(8, 8)
-_labels_layers(np.zeros((8, 8), np.uint8), class_labels_kwargs("c", classes), nuclei,
+labels_layers(np.zeros((8, 8), np.uint8), class_labels_kwargs("c", classes), nuclei,
                instance_labels_kwargs("n", classes, None, np.arange(64) % 5))
 print(sorted(set(sys.modules) - before))
 """

@@ -570,7 +570,7 @@ def test_a_fluorescence_slide_is_said_to_be_one(tmp_path, he_slide, tiny_checkpo
                          nuclei=False)
     assert dark.notes == [DARK_NOTE]
     assert result_from_json(result_to_json(dark)).notes == [DARK_NOTE]  # as the widget's child process sends it
-    from napari_medseg._napari.segment_widget import slide_summary
+    from napari_medseg._napari.segment_results import slide_summary
 
     assert slide_summary(dark).endswith(f"\n\nNote: {DARK_NOTE}")  # the Segment widget's status, a paragraph
     bright = predict_slide(_DarkNuclei(), open_slide(he_slide[0]), tmp_path / "he", Region(1280, 256, 256, 256),

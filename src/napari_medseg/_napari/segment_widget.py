@@ -6,7 +6,8 @@ What to segment: the whole image (in memory), the field of view or a rectangle /
 a Shapes layer (a crop of an image; of a slide, a region streamed to disk), or a whole slide. A
 slide opened by the reader (``metadata['slide']``) runs ``inference.slide.iter_predict_slide`` in
 a process of its own (``inference.slide_process``: the GUI never waits on its work); the results
-land in a results folder and come back as multiscale Labels read lazily from zarr.
+land in a results folder and come back as multiscale Labels read lazily from zarr. What a run
+becomes (its Labels layers, made in the worker, and its status line) is ``segment_results``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,24 +29,23 @@ from ..inference.postprocess import PostprocessSettings
 from ..inference.regions import Region
 from ..inference.rethreshold import KEEP_MAX_PIXELS, KeptRun, Thresholds, apply_thresholds, iter_segment_keeping
 from ..inference.settings import BLENDS, TileSettings
-from ..inference.slide import SlideResult
-from ..inference.slide_process import SlideJob, SlideModelInfo, SlideProcess, checkpoint_stamp
+from ..inference.slide_process import SlideJob, SlideProcess, checkpoint_stamp
 from ..io.images import file_stem
 from ..io.lazy import LAZY_MIN_PIXELS
 from ..io.pixel_size import PLAUSIBLE_PIXEL_SIZE_UM, is_plausible_pixel_size, unknown_pixel_size_note
-from ..io.slide_outputs import check_no_slide_results, fresh_results_folder, pyramid_levels, read_nucleus_classes
+from ..io.slide_outputs import check_no_slide_results, fresh_results_folder
 from ..models import read_meta, resolve_model_path
-from ..nuclei.measure import nucleus_count
-from ..nuclei.votes import instance_classes
 from ..nuclei.watershed import INSTANCE_MAX_PIXELS, INSTANCE_STEPS, InstanceSettings
 from ..steps import Cancelled, run_steps
 from .common import (WidgetInputError, add_layers_in_turns, device_choices, follow_devices, report_error,
                      start_worker, step_from_own_value, warm_label_visuals)
 from .dock import ScrollingDock
-from .layers import (METADATA_KEY, NUCLEUS_OUTLINE_PX, class_labels_kwargs, hidden_words, image_layers, images_over,
-                     instance_labels_kwargs, labels_under, legend_html, pick_classes_from, pixel_size_um, placement,
-                     plane_placement, replace_instances, shown_plane, shown_plane_words, with_origin, wrapping_label)
+from .layers import (hidden_words, image_layers, images_over, labels_under, legend_html, pick_classes_from,
+                     pixel_size_um, placement, plane_placement, replace_instances, shown_plane, wrapping_label)
 from .model_list import DEFAULT_MODEL, FILE_MODEL, follow_trained_models, trained_models
+from .segment_results import (ImageRun, SlideRun, as_layer, labels_layers, masked, nuclei_kwargs, on_grid, plane_said,
+                              result_layer_kwargs, result_summary, slide_layer_args, slide_region_layer_args,
+                              slide_summary, with_notes)
 from .view_regions import drawn_shape, field_of_view, inside, region_placement, shapes_layers
 from .torch_import import import_torch_dynamo
 
@@ -438,10 +438,10 @@ class SegmentWidget(ScrollingDock):
             settings, instance_settings = configure(segmenter)
             labels, instances, kept = yield from iter_segment_keeping(
                 segmenter, image, settings, cleanup, instance_settings, nuclei, pixel_size_um=size)
-            labels, instances = _masked(labels, mask), _masked(instances, mask)
+            labels, instances = masked(labels, mask), masked(instances, mask)
             # the layers (colour tables, class votes, features) are made here, off the GUI
             # thread, which then only adds them
-            class_kwargs, instance_kwargs = _result_layer_kwargs(name, segmenter, labels, instances, where,
+            class_kwargs, instance_kwargs = result_layer_kwargs(name, segmenter, labels, instances, where,
                                                                  None if region is None else (region.y, region.x),
                                                                  None if polygon is None else polygon - (region.y, region.x))
             # how the runtime was chosen ('runs in full precision (float32): ...') is said once per loaded
@@ -460,8 +460,8 @@ class SegmentWidget(ScrollingDock):
                 for kwargs in (class_kwargs, instance_kwargs):
                     if kwargs is not None:
                         kwargs["metadata"] = {**kwargs.get("metadata", {}), "pixel_size_um": size}
-            layers = _labels_layers(*(_on_grid(a, where) for a in (labels, class_kwargs, instances, instance_kwargs)))
-            return _ImageRun(labels, instances, kept, segmenter, layer, region, mask, layers, summary, said)
+            layers = labels_layers(*(on_grid(a, where) for a in (labels, class_kwargs, instances, instance_kwargs)))
+            return ImageRun(labels, instances, kept, segmenter, layer, region, mask, layers, summary, said)
 
         return job
 
@@ -493,9 +493,9 @@ class SegmentWidget(ScrollingDock):
 
         def job():
             result, model = yield from self._slide_process.run(slide_job)
-            args = (_slide_region_layer_args(result, model, name, region_where, polygon) if in_memory
-                    else _slide_layer_args(result, model, name, where))
-            return _SlideRun(result, model, layer, _labels_layers(*args))
+            args = (slide_region_layer_args(result, model, name, region_where, polygon) if in_memory
+                    else slide_layer_args(result, model, name, where))
+            return SlideRun(result, model, layer, labels_layers(*args))
 
         return job
 
@@ -587,14 +587,14 @@ class SegmentWidget(ScrollingDock):
             self._segmenter_cache = None
 
     def _on_done(self, run, in_turns: bool = True):
-        """``run``: an ``_ImageRun`` (arrays in memory) or a ``_SlideRun`` (files on disk). Its
+        """``run``: an ``ImageRun`` (arrays in memory) or a ``SlideRun`` (files on disk). Its
         layers go in one per event-loop turn (``add_layers_in_turns``); the Run button comes back
         with the last. Cancel goes at once: the work is done, and a result half in the viewer
         could not be taken back by it."""
         self.cancel_button.enabled = False
         if self._run_layer is not None and self._run_layer not in self._viewer.layers:
             return self._result_dropped(run)
-        if isinstance(run, _SlideRun):
+        if isinstance(run, SlideRun):
             self._classes, self._colors = run.model.classes, run.model.colors
             self._model_threshold = run.model.foreground_threshold
             self._model_instances = InstanceSettings(**run.model.instance_settings)
@@ -643,7 +643,7 @@ class SegmentWidget(ScrollingDock):
         """The run finished after its image was deleted (past its last cancellable step): nothing
         goes into the viewer; a slide run's files stay where they were written, and are named."""
         self._set_running(False)
-        if isinstance(run, _SlideRun):
+        if isinstance(run, SlideRun):
             self.status.value = (f"Done, not added: {self._removed_words()}. Its results are in "
                                  f"{run.result.files['store'].parent}")
         else:
@@ -706,8 +706,8 @@ class SegmentWidget(ScrollingDock):
         nuclei_asked = self.nuclei.value and nuclei
 
         def prepared(labels, instances):  # in the worker: the GUI thread only swaps the arrays in
-            labels, instances = _masked(labels, mask), _masked(instances, mask)
-            kwargs = None if instances is None else _nuclei_kwargs(name, classes, colors, labels, instances)
+            labels, instances = masked(labels, mask), masked(instances, mask)
+            kwargs = None if instances is None else nuclei_kwargs(name, classes, colors, labels, instances)
             summary = result_summary(labels, instances, thresholds.nucleus, classes, nuclei_asked, report,
                                      runtime_notes)
             return labels, instances, kwargs, with_notes(summary, notes)
@@ -741,114 +741,17 @@ class SegmentWidget(ScrollingDock):
         if class_layer not in layers and instances_layer not in layers:
             return None
         if class_layer in layers:  # the user may have deleted one of the two: the other still follows
-            class_layer.data = _as_layer(labels, class_layer)
+            class_layer.data = as_layer(labels, class_layer)
         if instances is not None and instances_layer in layers:
             # new ids take their own class colours and names, not those of the old ids
-            replace_instances(instances_layer, _as_layer(instances, instances_layer), instance_kwargs)
+            replace_instances(instances_layer, as_layer(instances, instances_layer), instance_kwargs)
         self.status.value = summary
         return labels, instances
-
-
-@dataclass
-class _ImageRun:
-    """An in-memory run: its arrays, and where they sit in the image (``region``, ``mask``)."""
-
-    labels: np.ndarray
-    instances: np.ndarray | None
-    kept: KeptRun | None
-    segmenter: Segmenter
-    layer: object
-    region: Region | None
-    mask: np.ndarray | None
-    layers: tuple  # the class map's and the nuclei's Labels layers (made in the worker), or None
-    summary: str  # the status line
-    note: str = ""  # what the status says below it of the run's image (a stack's plane), re-thresholded too
-
-
-@dataclass
-class _SlideRun:
-    """A slide run: what ``iter_predict_slide`` made, on disk, and the Labels layers of its class
-    map and nuclei (``None`` without nuclei), made in the worker over the lazily read pyramids."""
-
-    result: SlideResult
-    model: SlideModelInfo
-    layer: object
-    layers: tuple
-
-
-def _slide_layer_args(result: SlideResult, model: SlideModelInfo, name: str, where: dict) -> tuple:
-    """``_labels_layers`` arguments for a slide run's zarr pyramids."""
-    import zarr
-
-    root = zarr.open_group(str(result.files["store"]), mode="r")
-    folder = str(result.files["store"].parent)  # where its exports are (File > Save points there)
-    classes = _pyramid(root["classes"])
-    class_kwargs = {"multiscale": classes["multiscale"],
-                    **class_labels_kwargs(f"{name} segmentation", model.classes, model.colors, **where)}
-    class_kwargs["metadata"][METADATA_KEY]["results"] = folder
-    if "instances" not in root:
-        return classes["data"], class_kwargs, None, None
-    nuclei = _pyramid(root["instances"])
-    votes = _slide_nucleus_classes(result.files.get("csv"), result.nuclei)
-    instance_kwargs = {"multiscale": nuclei["multiscale"],
-                       **instance_labels_kwargs(f"{name} nuclei", model.classes, model.colors, votes, **where)}
-    instance_kwargs["metadata"][METADATA_KEY]["results"] = folder
-    return classes["data"], class_kwargs, nuclei["data"], instance_kwargs
-
-
-def _slide_region_layer_args(result: SlideResult, model: SlideModelInfo, name: str, where: dict,
-                             polygon: np.ndarray | None) -> tuple:
-    """``_labels_layers`` arguments for a slide run's region read into memory from its zarr store:
-    2-D maps of the region, placed ``where`` it lies on the slide, with its origin and polygon
-    recorded (``with_origin``) as a region of an image has them."""
-    import zarr
-
-    root = zarr.open_group(str(result.files["store"]), mode="r")
-    folder = str(result.files["store"].parent)
-    region = result.region
-    origin = (region.y, region.x)
-    inside = None if polygon is None else np.asarray(polygon, float) - origin
-    level0 = lambda group: np.asarray(pyramid_levels(group)[0][region.slices])  # noqa: E731
-    class_kwargs = with_origin(class_labels_kwargs(f"{name} segmentation", model.classes, model.colors, **where),
-                               origin, inside)
-    class_kwargs["metadata"][METADATA_KEY]["results"] = folder
-    if "instances" not in root:
-        return level0(root["classes"]), class_kwargs, None, None
-    votes = _slide_nucleus_classes(result.files.get("csv"), result.nuclei)
-    instance_kwargs = with_origin(instance_labels_kwargs(f"{name} nuclei", model.classes, model.colors, votes,
-                                                         **where), origin, inside)
-    instance_kwargs["metadata"][METADATA_KEY]["results"] = folder
-    return level0(root["classes"]), class_kwargs, level0(root["instances"]).astype(np.int32), instance_kwargs
 
 
 # a slide region at most this large (level-0 px) comes back in memory (~5 bytes a pixel: its
 # class map and nuclei), a 4096 x 4096 one in 84 MB; a larger one as lazy slide-sized pyramids
 REGION_IN_MEMORY_PX = 4096 * 4096
-
-# a slide run's nuclei take their class colours up to this many (a colour-table entry each, made
-# in Python: ~0.5 s for 50,000 in the worker); beyond, napari's random colours
-SLIDE_CLASS_COLOURED_NUCLEI = 50_000
-
-
-def _slide_nucleus_classes(csv_path, count: int | None) -> np.ndarray | None:
-    """``[id] -> class index`` of a slide run's nuclei, from its per-nucleus table (the majority
-    class of each, as the GeoJSON has it); ``None`` without one or above the cap."""
-    if not count or count > SLIDE_CLASS_COLOURED_NUCLEI or csv_path is None or not Path(csv_path).is_file():
-        return None
-    # sparse ids would make a colour table far larger than the nuclei: not worth it
-    return read_nucleus_classes(csv_path, max_id=10 * SLIDE_CLASS_COLOURED_NUCLEI)
-
-
-def _labels_layers(labels, class_kwargs: dict, instances, instance_kwargs: dict | None) -> tuple:
-    """The class map's and the nuclei's Labels layers, made in the worker: building a layer (its
-    colour tables, its features) is napari's work that needs no GUI thread; adding it does."""
-    from napari.layers import Labels
-
-    nuclei = None
-    if instances is not None:
-        nuclei = Labels(instances, **instance_kwargs)
-        nuclei.contour = NUCLEUS_OUTLINE_PX
-    return Labels(labels, **class_kwargs), nuclei
 
 
 SLIDE_THRESHOLDS_NOTE = ("a slide's result is written to its results folder, not kept in memory, so it is not "
@@ -874,77 +777,6 @@ LARGE_IMAGE_THRESHOLDS_NOTE = (f"an image over {KEEP_MAX_PIXELS / 1e6:.0f} Mpx k
 MODEL_THRESHOLD_TEXT = "model's"  # what a threshold box shows at its lowest value (the model's own)
 IMAGE_PIXEL_SIZE_TEXT = "image's own"  # what the pixel size box shows at 0 (what the image records)
 MODEL_MIN_NUCLEUS = -1  # the min nucleus box's value for "the model's own"
-RUNTIME_NAMES = {"torch": "PyTorch", "openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}
-
-
-def result_summary(labels: np.ndarray, instances: np.ndarray | None, threshold: float | None,
-                   classes: list[str], nuclei_asked: bool, report, said: tuple | list = ()) -> str:
-    """What a run found: the nuclei, each class's share of the image, the threshold used (made
-    in the worker: counting nuclei takes tens of ms on a 1000² image); the report's notes but
-    those ``said`` already."""
-    counts = np.bincount(labels.ravel(), minlength=len(classes))
-    covered = "of the image's area: " + ", ".join(f"{c} {100 * n / labels.size:.1f}%"
-                                                  for c, n in zip(classes[1:], counts[1:]))
-    parts = [f"{nucleus_count(instances)} nuclei"] if instances is not None else []
-    if instances is None and nuclei_asked:
-        parts.append(f"no nuclei layer above {INSTANCE_MAX_PIXELS / 1e6:.0f} Mpx")
-    parts.append(covered)
-    if threshold is not None:
-        parts.append(f"nucleus threshold {threshold:.2f}")
-    if report.skipped_background:
-        parts.append(f"{report.skipped_background}/{report.tiles} glass tiles skipped")
-    parts.append(f"run by {RUNTIME_NAMES.get(report.backend, report.backend)} ({report.precision})")
-    return with_notes("Done: " + "; ".join(parts), [note for note in report.notes if note not in said])
-
-
-def with_notes(summary: str, notes: list[str]) -> str:
-    """A status line with what the user should know (a gray or dark-background image) each in a
-    paragraph of its own below it, where it is read, not at the end of a long line."""
-    return summary + "".join(f"\n\nNote: {note}" for note in notes)
-
-
-def plane_said(viewer, layer, plane: tuple[int, ...]) -> str:
-    """Which plane of a stack was segmented."""
-    return (f"'{layer.name}' is a stack: the image shown ({shown_plane_words(viewer, layer, plane)}) was segmented, "
-            "and its result shows on that image only. Move the slider and Segment again for another.")
-
-
-def _on_grid(value, where: dict):
-    """A 2-D result array on the grid ``where`` places it on (one plane of a stack: ``(1, H, W)``);
-    anything else (the layer settings) as it is."""
-    if isinstance(value, np.ndarray) and value.ndim < len(where["scale"]):
-        return value.reshape((1,) * (len(where["scale"]) - value.ndim) + value.shape)
-    return value
-
-
-def _as_layer(array: np.ndarray, layer) -> np.ndarray:
-    """A re-thresholded 2-D map in the shape of the layer it replaces (a stack plane's: ``(1, H, W)``)."""
-    return array.reshape(layer.data.shape) if layer.data.ndim > array.ndim else array
-
-
-def _masked(array: np.ndarray | None, mask: np.ndarray | None) -> np.ndarray | None:
-    """``array`` with the outside of a run's polygon (``mask``) as background."""
-    return array if array is None or mask is None else np.where(mask, array, 0).astype(array.dtype)
-
-
-def _result_layer_kwargs(name: str, segmenter, labels: np.ndarray, instances: np.ndarray | None,
-                         where: dict, origin: tuple[int, int] | None = None,
-                         polygon: np.ndarray | None = None) -> tuple[dict, dict | None]:
-    """The ``add_labels`` settings of a run's class map and nuclei, placed ``where`` on the canvas;
-    ``origin``: the image pixel of a region's corner, for exports, ``polygon``: the drawn polygon
-    in the region's pixels, for Metrics (``with_origin``)."""
-    classes, colors = segmenter.classes, segmenter.meta.colors
-    class_kwargs = with_origin(class_labels_kwargs(f"{name} segmentation", classes, colors, **where), origin, polygon)
-    if instances is None:
-        return class_kwargs, None
-    return class_kwargs, with_origin(_nuclei_kwargs(f"{name} nuclei", classes, colors, labels, instances, **where),
-                                     origin, polygon)
-
-
-def _nuclei_kwargs(name: str, classes: list[str], colors, labels: np.ndarray, instances: np.ndarray,
-                   **where) -> dict:
-    """The nuclei layer's settings: each nucleus in the colour and name of its majority class."""
-    return instance_labels_kwargs(name, classes, colors, instance_classes(instances, labels), **where)
 
 
 def _until_cancelled(job, cancel: threading.Event):
@@ -964,27 +796,6 @@ def _until_cancelled(job, cancel: threading.Event):
             yield step
 
     return steps
-
-
-def _pyramid(group) -> dict:
-    """A zarr multiscale group as ``add_labels`` arguments (levels read lazily)."""
-    levels = pyramid_levels(group)
-    return {"data": levels if len(levels) > 1 else levels[0], "multiscale": len(levels) > 1}
-
-
-def slide_summary(result: SlideResult) -> str:
-    """What a slide run found: nuclei per class and each class's share of the region, and where
-    its files are."""
-    r, parts = result.region, []
-    if "geojson" in result.files:
-        counts = ", ".join(f"{name} {n}" for name, n in result.counts.items())
-        parts.append(f"{result.nuclei} nuclei" + (f" ({counts})" if counts else ""))
-    shares = ", ".join(f"{name} {100 * n / max(result.region_px, 1):.1f}%" for name, n in result.class_px.items())
-    parts.append(f"{shares} of the region x={r.x}, y={r.y}, {r.width} x {r.height} px")
-    # as medseg predict says it: the blocks run (glass skipped) hold more than the tissue itself
-    parts.append(f"{100 * result.tissue_fraction:.0f}% tissue ({result.segmented_px / 1e6:.1f} Mpx segmented)")
-    parts.append(f"results in {result.files['store'].parent}")
-    return with_notes("Done: " + "; ".join(parts), result.notes)
 
 
 def _unit_name(layer) -> str:
