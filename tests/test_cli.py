@@ -267,22 +267,22 @@ def test_argument_values_are_checked_by_the_parser(capsys):
 
 def test_options_not_given_keep_the_settings_defaults():
     from napari_medseg.cli import build_parser
-    from napari_medseg.cli.settings import _batch_settings, _instance_settings
+    from napari_medseg.cli.settings import batch_settings_from, instance_settings_from
     from napari_medseg.inference import PostprocessSettings, TileSettings
     from napari_medseg.nuclei.watershed import InstanceSettings
 
-    settings = _batch_settings(build_parser().parse_args(["predict", "x.png", "--out", "o"]))
+    settings = batch_settings_from(build_parser().parse_args(["predict", "x.png", "--out", "o"]))
     assert settings.tiles == TileSettings() and settings.postprocess == PostprocessSettings()
     # no nucleus setting given: the model's own (Segmenter.instance_settings) for every file
     assert settings.nuclei and settings.instance_overrides == {} and settings.foreground_threshold is None
-    given = _batch_settings(build_parser().parse_args(
+    given = batch_settings_from(build_parser().parse_args(
         ["predict", "x.png", "--out", "o", "--tile", "128", "--blend", "cosine", "--fill-holes", "7", "--min-size", "3",
          "--no-instances"]))
     assert (given.tiles.tile_size, given.tiles.overlap, given.tiles.blend) == (128, TileSettings().overlap, "cosine")
     assert given.postprocess == PostprocessSettings(max_hole_size=7) and not given.nuclei
     assert given.instance_overrides == {"min_size": 3}
     evaluate = build_parser().parse_args(["evaluate", "p", "g", "--min-size", "3"])
-    assert _instance_settings(evaluate) == InstanceSettings(min_size=3)
+    assert instance_settings_from(evaluate) == InstanceSettings(min_size=3)
 
 
 def test_predict_a_region_of_a_real_svs_slide(tmp_path, tiny_checkpoint, capsys):

@@ -10,7 +10,7 @@ import threading
 import time
 
 from ..errors import MedsegError
-from .interrupts import Terminated, _on_sigterm
+from .interrupts import Terminated, on_sigterm
 from .parser import build_parser
 
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     handle = (threading.current_thread() is threading.main_thread()
               and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None))
     if handle:
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return _run(args)
     finally:

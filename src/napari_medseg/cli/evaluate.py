@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import MedsegError
 from ..wording import counted
-from .settings import _instance_settings
+from .settings import instance_settings_from
 from .terminal import ProgressLine
 
 
@@ -26,7 +26,8 @@ def cmd_evaluate(args) -> int:
                           "first: medseg evaluate PREDICTIONS DATASET.")
     if args.json:  # before the work: it had written over the ground truth it read
         check_file_target(args.json, [args.pred_dir, args.gt_dir], "--json", args.overwrite)
-    report = evaluate_folders(args.pred_dir, args.gt_dir, _instance_settings(args), progress=ProgressLine("evaluate"))
+    report = evaluate_folders(args.pred_dir, args.gt_dir, instance_settings_from(args),
+                              progress=ProgressLine("evaluate"))
     if report.get("note"):
         print(report["note"], file=sys.stderr)
     print(f"{'class':<14}{'IoU':>8}{'Dice':>8}{'Prec':>8}{'Recall':>8}{'PQ':>8}{'F1':>8}{'GT obj':>8}{'Pred obj':>9}")

@@ -9,6 +9,6 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is, so that every ``finally`` and temp-file cleanup runs."""
 
 
-def _on_sigterm(signum, frame) -> None:
+def on_sigterm(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
     raise Terminated()

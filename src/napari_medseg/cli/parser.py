@@ -11,8 +11,7 @@ from .evaluate import cmd_evaluate
 from .predict import cmd_predict
 from .train import cmd_train
 from .tune import cmd_tune_classes, cmd_tune_nuclei, cmd_tune_threshold
-from .values import (_checkpoint_file, _class_weights, _count, _foreground_threshold, _group_list, _name_list,
-                     _pixel_size, _port, _positive, _positive_float, _xy)
+from . import values
 
 # what `medseg --help` says first
 DESCRIPTION = ("medseg: predict, evaluate, convert, train, average, tune-threshold, tune-nuclei, tune-classes, info, "
@@ -32,15 +31,16 @@ def _instance_options(parser, model: bool = False) -> None:
         value = getattr(defaults, name)
         return f"default: the model's own (medseg tune-nuclei), else {value}" if model else f"default {value}"
 
-    group.add_argument("--min-distance", type=_count,
+    group.add_argument("--min-distance", type=values.count,
                        help=("models without a distance head: " if model else "")
                        + f"minimum distance between nucleus centres (px; {default('min_distance')})")
-    group.add_argument("--min-size", type=_count, help=f"drop objects smaller than this (px; {default('min_size')})")
+    group.add_argument("--min-size", type=values.count,
+                       help=f"drop objects smaller than this (px; {default('min_size')})")
     if model:
         group.add_argument("--marker-threshold", type=float,
                            help="models with a distance head: nucleus cores (watershed seeds) are where it exceeds "
                                 f"this ({default('marker_threshold')})")
-        group.add_argument("--min-marker-size", type=_count,
+        group.add_argument("--min-marker-size", type=values.count,
                            help=f"models with a distance head: drop seeds under this many px "
                                 f"({default('min_marker_size')})")
 
@@ -50,10 +50,10 @@ def _engine_options(p) -> None:
     from ..inference.settings import BACKENDS, BLENDS, PRECISIONS, TileSettings
 
     defaults = TileSettings()
-    p.add_argument("--tile", type=_positive,
+    p.add_argument("--tile", type=values.positive,
                    help=f"tile size in px, a multiple of the model's stride (default {defaults.tile_size})")
-    p.add_argument("--overlap", type=_count, help=f"px shared by neighbouring tiles (default {defaults.overlap})")
-    p.add_argument("--batch-size", type=_positive,
+    p.add_argument("--overlap", type=values.count, help=f"px shared by neighbouring tiles (default {defaults.overlap})")
+    p.add_argument("--batch-size", type=values.positive,
                    help=f"tiles per forward pass, halved on GPU out-of-memory (default {defaults.batch_size})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
@@ -94,22 +94,22 @@ def _add_predict(sub) -> None:
                                                        "checkpoint")
     p.add_argument("--out", required=True, help="output folder: OUT/labels/<stem>.tif")
     _engine_options(p)
-    p.add_argument("--min-object-size", type=_count, help="drop predicted objects under this many px")
-    p.add_argument("--fill-holes", type=_count, metavar="PX", help="fill holes up to this many px")
+    p.add_argument("--min-object-size", type=values.count, help="drop predicted objects under this many px")
+    p.add_argument("--fill-holes", type=values.count, metavar="PX", help="fill holes up to this many px")
     p.add_argument("--probabilities", action="store_true",
                    help="also write OUT/probabilities/<stem>.npy (float16, classes x H x W, memory-mapped)")
     p.add_argument("--no-instances", action="store_true", help="write class maps only")
-    p.add_argument("--pixel-size", type=_pixel_size, metavar="UM",
+    p.add_argument("--pixel-size", type=values.pixel_size, metavar="UM",
                    help="µm per pixel of the inputs (e.g. 0.5 for 20x): images are resampled to the model's pixel "
                         "size and results mapped back; default: what each file records (slides, OME-TIFF, "
                         "TIFF resolution), else none; 'none': ignore recorded sizes")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--region", metavar="X,Y,W,H", help="whole slides: segment this region (level-0 px)")
     where.add_argument("--whole-slide", action="store_true", help="whole slides: segment all of it (glass skipped)")
-    p.add_argument("--foreground-threshold", metavar="T", type=_foreground_threshold,
+    p.add_argument("--foreground-threshold", metavar="T", type=values.foreground_threshold,
                    help="nucleus probability above which a pixel is a nucleus (0-1), or 'argmax'; "
                         "default: the model's tuned threshold (medseg tune-threshold), argmax if it has none")
-    p.add_argument("--class-weights", metavar="W,W,...|none", type=_class_weights,
+    p.add_argument("--class-weights", metavar="W,W,...|none", type=values.class_weights,
                    help="how a nucleus pixel's class is named: one weight per class (after background) on its "
                         "probability, or 'none' for the plain likeliest class; default: the model's own "
                         "(medseg tune-classes). Which pixels are nuclei does not change")
@@ -145,12 +145,12 @@ def _add_convert(sub) -> None:
     p.add_argument("out_dir", help="the dataset folder to write (pannuke: a folder of its own, outside the fold; "
                                    "masks: a new or empty folder; geojson: new, or one to add the image to)")
     p.add_argument("--image", help="geojson: the image the outlines were drawn on")
-    p.add_argument("--classes", type=_name_list, metavar="A,B,...",
+    p.add_argument("--classes", type=values.name_list, metavar="A,B,...",
                    help="geojson: the class names in their ids' order, or a model (default, a checkpoint) or "
                         "dataset folder to take them from, as medseg evaluate compares a model's classes with the "
                         "truth's (by default: background and the names the outlines use, sorted; an unclassified "
                         "outline is 'nucleus')")
-    p.add_argument("--origin", type=_xy, metavar="X,Y",
+    p.add_argument("--origin", type=values.xy, metavar="X,Y",
                    help="geojson: the image's top-left corner in the outlines' coordinates (a region of a slide)")
     p.add_argument("--overwrite", action="store_true",
                    help="geojson: replace the image's entry in the folder (outlines corrected again)")
@@ -162,7 +162,7 @@ def _add_train(sub) -> None:
     p.add_argument("config", help="the YAML config (e.g. configs/smoke.yaml)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. --set epochs=5")
     p.add_argument("--resume", metavar="RESUME.safetensors", help="continue a run exactly from its resume file")
-    p.add_argument("--time-limit", type=_positive_float, metavar="MINUTES",
+    p.add_argument("--time-limit", type=values.positive_float, metavar="MINUTES",
                    help="start no epoch that would end after this many minutes from now (judged by the longest "
                         "epoch so far), e.g. a cluster job's wall time less a margin; the run ends with its best "
                         "checkpoint and says how to continue it")
@@ -181,7 +181,8 @@ def _add_average(sub) -> None:
     p.add_argument("start", help="'default' or the .safetensors checkpoint the fine-tuning started from")
     p.add_argument("tuned", help="the fine-tuned .safetensors checkpoint")
     p.add_argument("--weight", type=float, required=True, help="the fine-tuned model's share, 0 to 1")
-    p.add_argument("--out", required=True, type=_checkpoint_file, help="the checkpoint to write (never overwritten)")
+    p.add_argument("--out", required=True, type=values.checkpoint_file,
+                   help="the checkpoint to write (never overwritten)")
     p.add_argument("--batchnorm", choices=BATCHNORM, default="average",
                    help="batch-norm statistics averaged like the weights (default) or measured on the config's "
                         "training crops")
@@ -190,7 +191,7 @@ def _add_average(sub) -> None:
                         "tune (on the config's validation images) or a number")
     p.add_argument("--config", help="the fine-tuning's YAML config (for --batchnorm measure or --threshold tune)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config setting, as for train")
-    p.add_argument("--crops", type=_positive, default=BN_CROPS, help=f"training crops for --batchnorm measure "
+    p.add_argument("--crops", type=values.positive, default=BN_CROPS, help=f"training crops for --batchnorm measure "
                                                                f"(default {BN_CROPS})")
     p.add_argument("--device", default="cpu", help="for --batchnorm measure: cpu (default), cuda, cuda:N, mps")
     p.set_defaults(func=cmd_average)
@@ -198,10 +199,10 @@ def _add_average(sub) -> None:
 
 def _tuning_options(p, what: str, tta: str) -> None:
     """What ``tune-threshold``, ``tune-nuclei`` and ``tune-classes`` share: the output, which images, flips, device."""
-    p.add_argument("--out", required=True, type=_checkpoint_file,
+    p.add_argument("--out", required=True, type=values.checkpoint_file,
                    help=f"the checkpoint to write, with the {what} in its metadata")
     which = p.add_mutually_exclusive_group()  # both given: --groups had been ignored without a word
-    which.add_argument("--groups", type=_group_list,
+    which.add_argument("--groups", type=values.group_list,
                        help="source images to tune on (comma-separated; default: the model's validation images)")
     which.add_argument("--all-images", action="store_true", help="tune on every image of the data")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never the input model)")
@@ -262,7 +263,7 @@ def _add_web(sub) -> None:
     p = sub.add_parser("web", help="the browser front: segment, count and check nuclei in a web page")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: this machine only; 0.0.0.0 opens it to the network)")
-    p.add_argument("--port", type=_port, default=7860, help="TCP port, 1-65535 (default 7860)")
+    p.add_argument("--port", type=values.port, default=7860, help="TCP port, 1-65535 (default 7860)")
     p.add_argument("--models", metavar="DIR", help="also offer the .safetensors checkpoints found in this folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--backend", default="auto", choices=BACKENDS,

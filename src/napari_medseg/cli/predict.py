@@ -8,8 +8,8 @@ from pathlib import Path
 
 from ..errors import MedsegError
 from ..wording import counted
-from .predict_slides import _predict_slides
-from .settings import _batch_settings, _unscaled_pixel_size_note
+from .predict_slides import predict_slide_files
+from .settings import batch_settings_from, unscaled_pixel_size_note
 from .terminal import ProgressLine
 
 
@@ -72,13 +72,13 @@ def cmd_predict(args) -> int:
     # vendor slides always take the slide path; a pyramidal TIFF does with --region / --whole-slide
     # (without, it streams like any large image)
     if args.region or args.whole_slide or any(Path(i).suffix.lower() in SLIDE_SUFFIXES for i in args.inputs):
-        return _predict_slides(args)
+        return predict_slide_files(args)
     files = _collect_inputs(args.inputs)
-    _unscaled_pixel_size_note(args)
+    unscaled_pixel_size_note(args)
     out = Path(args.out)
     failures, said, finished, unsized = 0, set(), 0, 0
     try:
-        for done in predict_to_folder(files, out, args.model, _batch_settings(args), device=args.device,
+        for done in predict_to_folder(files, out, args.model, batch_settings_from(args), device=args.device,
                                       source=f"medseg predict --model {args.model}",
                                       progress_for=lambda i, n, file: ProgressLine(f"[{i}/{n}] {file.name}"),
                                       backend=args.backend, precision=args.precision):

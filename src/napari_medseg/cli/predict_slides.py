@@ -8,12 +8,12 @@ from pathlib import Path
 
 from ..errors import MedsegError
 from ..wording import counted
-from .settings import CLEANUP_OPTIONS, INSTANCE_OPTIONS, _given, _tile_settings, _unscaled_pixel_size_note
+from .settings import CLEANUP_OPTIONS, INSTANCE_OPTIONS, given_options, tile_settings_from, unscaled_pixel_size_note
 from .terminal import ProgressLine
 from .values import NO_PIXEL_SIZE
 
 
-def _predict_slides(args) -> int:
+def predict_slide_files(args) -> int:
     """Whole slides (or a region of each) into OUT: zarr pyramids, OME-TIFFs, GeoJSON, CSV."""
     from ..inference import Segmenter
     from ..inference.batch import check_writable_folder
@@ -54,7 +54,7 @@ def _predict_slides(args) -> int:
         raise MedsegError("--pixel-size none: slides are segmented at the pixel size they record; to override it "
                           "give a number (e.g. --pixel-size 0.25).")
     failed = _unreadable_slides(slides, region)  # said before the model loads (a cut-off file had waited for it)
-    _unscaled_pixel_size_note(args)
+    unscaled_pixel_size_note(args)
     if len(failed) == len(slides):
         print(f"medseg: {len(failed)} of {counted(len(slides), 'slide')} not segmented: {', '.join(p.name for p in failed)}",
               file=sys.stderr)
@@ -79,9 +79,9 @@ def _predict_slides(args) -> int:
             if args.pixel_size is not None:
                 slide = replace(slide, pixel_size_um=args.pixel_size)
             result = predict_slide(segmenter, slide, out, region, progress=ProgressLine(path.name),
-                                   settings=_tile_settings(args),
-                                   instance_settings=segmenter.instance_settings_with(_given(args, INSTANCE_OPTIONS)),
-                                   postprocess=PostprocessSettings(**_given(args, CLEANUP_OPTIONS)),
+                                   settings=tile_settings_from(args),
+                                   instance_settings=segmenter.instance_settings_with(given_options(args, INSTANCE_OPTIONS)),
+                                   postprocess=PostprocessSettings(**given_options(args, CLEANUP_OPTIONS)),
                                    nuclei=not args.no_instances, tissue_settings=tissue, flag="--out")
         except (Cancelled, OutputWriteError):  # the output folder (a full disk) fails every slide alike: stop
             raise

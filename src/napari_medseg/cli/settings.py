@@ -18,39 +18,39 @@ INSTANCE_OPTIONS = {"min_distance": "min_distance", "min_size": "min_size", "mar
                     "min_marker_size": "min_marker_size"}
 
 
-def _given(args, options: dict[str, str]) -> dict:
+def given_options(args, options: dict[str, str]) -> dict:
     """``{setting: value}`` of the ``options`` given on the command line."""
     values = {setting: getattr(args, option, None) for option, setting in options.items()}
     return {setting: value for setting, value in values.items() if value is not None}
 
 
-def _tile_settings(args):
+def tile_settings_from(args):
     from ..inference.settings import TileSettings
 
-    return TileSettings(**_given(args, TILE_OPTIONS), tta=args.tta, skip_background=not args.no_skip_background,
+    return TileSettings(**given_options(args, TILE_OPTIONS), tta=args.tta, skip_background=not args.no_skip_background,
                         amp=not args.no_amp)
 
 
-def _instance_settings(args):
+def instance_settings_from(args):
     from ..nuclei.watershed import InstanceSettings
 
-    return InstanceSettings(**_given(args, INSTANCE_OPTIONS))
+    return InstanceSettings(**given_options(args, INSTANCE_OPTIONS))
 
 
-def _batch_settings(args):
+def batch_settings_from(args):
     """``medseg predict``'s options as the settings of ``predict_to_folder``."""
     from ..inference.batch import BatchSettings
     from ..inference.postprocess import PostprocessSettings
 
-    return BatchSettings(_tile_settings(args), PostprocessSettings(**_given(args, CLEANUP_OPTIONS)),
-                         nuclei=not args.no_instances, instance_overrides=_given(args, INSTANCE_OPTIONS),
+    return BatchSettings(tile_settings_from(args), PostprocessSettings(**given_options(args, CLEANUP_OPTIONS)),
+                         nuclei=not args.no_instances, instance_overrides=given_options(args, INSTANCE_OPTIONS),
                          probabilities=args.probabilities, foreground_threshold=args.foreground_threshold,
                          class_weights=args.class_weights,
                          pixel_size_um=args.pixel_size if args.pixel_size != NO_PIXEL_SIZE else None,
                          use_file_pixel_size=args.pixel_size != NO_PIXEL_SIZE)
 
 
-def _unscaled_pixel_size_note(args) -> None:
+def unscaled_pixel_size_note(args) -> None:
     """``--pixel-size UM`` for a model that records none (trained without ``pixel_size_um``): there
     is no size to rescale to, so the images run as they are; said, not ignored without a word."""
     from ..models import read_meta, resolve_model_path

@@ -12,7 +12,7 @@ from ..errors import MedsegError
 from ..wording import counted
 from .interrupts import Terminated
 from .terminal import ProgressLine
-from .tune import _few_images_caution
+from .tune import few_images_caution
 
 
 def _epoch_line(prefix: str, update) -> str:
@@ -213,7 +213,7 @@ def _say_tuned_threshold(checkpoint) -> None:
         return
     if tuning.get("data") == TRAINING_VALIDATION_IMAGES and "images" in tuning:
         print(f"foreground threshold {tuning['threshold']:.2f}, tuned on the {counted(tuning['images'], 'validation image')}")
-        _few_images_caution(int(tuning["images"]))
+        few_images_caution(int(tuning["images"]))
 
 
 def _train_repeats(config, printer: _TrainPrinter) -> int:

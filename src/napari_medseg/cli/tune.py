@@ -13,7 +13,7 @@ from .terminal import ProgressLine
 FEW_TUNING_IMAGES = 5  # fewer than this: a value chosen fits those images more than the next ones
 
 
-def _few_images_caution(images: int) -> None:
+def few_images_caution(images: int) -> None:
     if images < FEW_TUNING_IMAGES:
         print(f"medseg: caution: tuned on {counted(images, 'image')}; a choice made on so few may not hold on "
               "others (tune on more images, of several source images)", file=sys.stderr)
@@ -36,7 +36,7 @@ def cmd_tune_threshold(args) -> int:
                              progress_for=lambda images: ProgressLine(f"tuning on {counted(images, 'image')}"))
     print(f"foreground threshold {result['threshold']:.2f}: pooled nucleus Dice {result['nucleus_dice']:.4f} "
           f"(argmax {result['argmax_nucleus_dice']:.4f}) on {counted(result['images'], 'image')}")
-    _few_images_caution(result["images"])
+    few_images_caution(result["images"])
     print(f"wrote {args.out}")
     return 0
 
@@ -84,6 +84,6 @@ def cmd_tune_nuclei(args) -> int:
           + ", ".join(f"{words[k]} {before['settings'][k]} -> {v}" for k, v in chosen.items()))
     for name, images in result["images"].items():
         print(f"  {name} ({counted(images, 'image')}): bPQ {before['bpq'][name]:.4f} -> {result['bpq'][name]:.4f}")
-    _few_images_caution(min(result["images"].values(), default=0))
+    few_images_caution(min(result["images"].values(), default=0))
     print(f"wrote {args.out}")
     return 0

@@ -24,7 +24,7 @@ def _number_or_word(text: str, word: str, accept, expected: str) -> float | str:
     return value
 
 
-def _pixel_size(text: str) -> float | str:
+def pixel_size(text: str) -> float | str:
     """``--pixel-size``: µm per pixel a microscope gives (not a magnification: 100 would upscale a
     thing 400-fold for hours), or 'none'."""
     from ..io.pixel_size import PLAUSIBLE_PIXEL_SIZE_UM
@@ -35,14 +35,14 @@ def _pixel_size(text: str) -> float | str:
                            "(e.g. 0.5 for 20x, 0.25 for 40x; not the magnification)")
 
 
-def _foreground_threshold(text: str) -> float | str:
+def foreground_threshold(text: str) -> float | str:
     """``--foreground-threshold``: a probability strictly between 0 and 1, or 'argmax'."""
     from ..inference.batch import ARGMAX
 
     return _number_or_word(text, ARGMAX, lambda v: 0 < v < 1, "a number between 0 and 1")
 
 
-def _class_weights(text: str) -> list[float]:
+def class_weights(text: str) -> list[float]:
     """``--class-weights``: 'none' (``[]``) or comma-separated numbers above 0."""
     if text == "none":
         return []
@@ -56,7 +56,7 @@ def _class_weights(text: str) -> list[float]:
     return values
 
 
-def _count(text: str) -> int:
+def count(text: str) -> int:
     """A whole number of at least 0 (pixels, tiles)."""
     try:
         value = int(text)
@@ -67,15 +67,15 @@ def _count(text: str) -> int:
     return value
 
 
-def _positive(text: str) -> int:
+def positive(text: str) -> int:
     """A whole number of at least 1."""
-    value = _count(text)
+    value = count(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"takes a whole number of at least 1, not '{text}'")
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     """A number above 0 (minutes, say)."""
     try:
         value = float(text)
@@ -86,15 +86,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _port(text: str) -> int:
+def port(text: str) -> int:
     """A TCP port to listen on."""
-    value = _count(text)
+    value = count(text)
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"takes a port from 1 to 65535, not '{text}'")
     return value
 
 
-def _checkpoint_file(text: str) -> str:
+def checkpoint_file(text: str) -> str:
     """``--out`` of a command that writes a checkpoint: a ``.safetensors`` file (``avdir/`` had
     become a file named ``avdir``, and ``x.pt`` a safetensors file under a pickle's name)."""
     if text.endswith(("/", os.sep)) or Path(text).is_dir():
@@ -106,7 +106,7 @@ def _checkpoint_file(text: str) -> str:
     return text
 
 
-def _name_list(text: str) -> list[str]:
+def name_list(text: str) -> list[str]:
     """``--classes``: comma-separated class names."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
@@ -114,7 +114,7 @@ def _name_list(text: str) -> list[str]:
     return names
 
 
-def _group_list(text: str) -> list[str]:
+def group_list(text: str) -> list[str]:
     """``--groups``: comma-separated source image names."""
     groups = [g.strip() for g in text.split(",") if g.strip()]
     if not groups:
@@ -122,7 +122,7 @@ def _group_list(text: str) -> list[str]:
     return groups
 
 
-def _xy(text: str) -> tuple[float, float]:
+def xy(text: str) -> tuple[float, float]:
     """``--origin X,Y``: two numbers."""
     try:
         x, y = (float(v) for v in text.split(","))
