@@ -15,7 +15,7 @@ Each 0.1 of zoom costs about a fifth more work (the pixel count grows with its s
 Not on training images (``--training-images`` shows why): the network has seen them enlarged by
 its own augmentation, mostly more than 1x, and rewards the zoom there. For the shipped default
 they chose 1.35 (bPQ up on all three sets: CoNSeP 0.494 -> 0.533), which held out lost on TNBC
-(0.612 -> 0.589) and MoNuSeg and cost CoNSeP's Dice (README, Default model). The validation
+(0.612 -> 0.589) and MoNuSeg and cost CoNSeP's Dice (docs/default_model_history.md). The validation
 images also chose the model's epoch: a zoom chosen on them is one more choice made on them.
 
 ``--out`` writes a copy of the model with the chosen zoom recorded (``CheckpointMeta.network_zoom``)

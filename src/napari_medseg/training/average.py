@@ -8,7 +8,7 @@ Batch-norm running statistics are averaged like the weights by default; they can
 measured again on training crops of the data (``batchnorm="measure"``), and the foreground
 threshold is the fine-tuned model's unless asked otherwise (``threshold``: ``tuned``,
 ``start``, ``tune`` on the validation images, or a number). On the all-data fine-tune both
-alternatives measured worse on CoNSeP (README, *Default model*), hence the defaults.
+alternatives measured worse on CoNSeP (docs/default_model_history.md), hence the defaults.
 
     medseg average START TUNED --weight 0.3 --out averaged.safetensors
 """
