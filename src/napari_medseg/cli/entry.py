@@ -98,23 +98,25 @@ def _run(args) -> int:
     try:
         return args.func(args)
     except MedsegError as exc:
-        message = f"medseg {args.command}{_rank_words()}: error: {exc}"
-        if _said_by_another_rank():
-            return _said_late(2, message)
-        print(message, file=sys.stderr)
-        return 2
+        return _say_error(args, str(exc))
     except BrokenPipeError:  # the reader went (``medseg info default | head``): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail too
         return 141  # as a process ended by SIGPIPE
     except OSError as exc:
-        message = f"medseg {args.command}{_rank_words()}: error: {_os_error_message(exc)}"
-        if _said_by_another_rank():
-            return _said_late(2, message)
-        print(message, file=sys.stderr)
-        return 2
+        return _say_error(args, _os_error_message(exc))
     except Terminated:
         print(f"medseg {args.command}: terminated", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
         print(f"medseg {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _say_error(args, what: str) -> int:
+    """A user's error as one line on stderr, exit status 2; under torchrun said once, by the
+    process whose turn it is (``_said_by_another_rank``)."""
+    message = f"medseg {args.command}{_rank_words()}: error: {what}"
+    if _said_by_another_rank():
+        return _said_late(2, message)
+    print(message, file=sys.stderr)
+    return 2
